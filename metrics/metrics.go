@@ -1,0 +1,84 @@
+// Package metrics holds the daemon's Prometheus metrics. One Metrics value is
+// built in main and passed to every stage; there is no global registry.
+//
+// Names are part of the product's interface (documented in README.md): change
+// them only with a note in the changelog.
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// Metrics is the set of metrics every stage reports to.
+type Metrics struct {
+	Registry *prometheus.Registry
+
+	// Ingested counts readings accepted from a source, by source kind.
+	Ingested *prometheus.CounterVec
+	// Refused counts readings refused before queuing, by reason
+	// (unknown_device, invalid, too_large, quota, ...).
+	Refused *prometheus.CounterVec
+	// Queued counts readings durably committed to the queue.
+	Queued prometheus.Counter
+	// CommitBatch observes how many readings one synced commit carried.
+	CommitBatch prometheus.Histogram
+	// Delivered counts readings a broker accepted, by broker.
+	Delivered *prometheus.CounterVec
+	// Retried counts delivery attempts that will be retried, by reason.
+	Retried *prometheus.CounterVec
+	// DeadLettered counts readings moved to the dead-letter area, by reason.
+	DeadLettered *prometheus.CounterVec
+	// DeliveryLatency observes seconds from queuing to the broker's 2xx.
+	DeliveryLatency prometheus.Histogram
+	// RequestLatency observes seconds of one uplink HTTP request, by outcome.
+	RequestLatency *prometheus.HistogramVec
+	// TokenRefreshes counts access-token fetches, by result.
+	TokenRefreshes *prometheus.CounterVec
+}
+
+// New builds the metrics on a fresh registry, with the Go and process
+// collectors.
+func New() *Metrics {
+	r := prometheus.NewRegistry()
+	m := &Metrics{
+		Registry: r,
+		Ingested: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_readings_ingested_total", Help: "Readings accepted from a source.",
+		}, []string{"source"}),
+		Refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_readings_refused_total", Help: "Readings refused before queuing, by reason.",
+		}, []string{"reason"}),
+		Queued: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "edgegate_readings_queued_total", Help: "Readings durably committed to the queue.",
+		}),
+		CommitBatch: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "edgegate_queue_commit_batch_size", Help: "Readings per synced queue commit.",
+			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512},
+		}),
+		Delivered: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_readings_delivered_total", Help: "Readings a broker accepted.",
+		}, []string{"broker"}),
+		Retried: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_delivery_retries_total", Help: "Delivery attempts that will be retried, by reason.",
+		}, []string{"reason"}),
+		DeadLettered: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_readings_dead_lettered_total", Help: "Readings moved to the dead-letter area, by reason.",
+		}, []string{"reason"}),
+		DeliveryLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "edgegate_delivery_latency_seconds", Help: "Seconds from queuing to the broker's 2xx.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 16),
+		}),
+		RequestLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "edgegate_uplink_request_seconds", Help: "Seconds of one uplink HTTP request, by outcome.",
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}, []string{"outcome"}),
+		TokenRefreshes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_token_fetches_total", Help: "Access-token fetches from the central service, by result.",
+		}, []string{"result"}),
+	}
+	r.MustRegister(m.Ingested, m.Refused, m.Queued, m.CommitBatch, m.Delivered, m.Retried,
+		m.DeadLettered, m.DeliveryLatency, m.RequestLatency, m.TokenRefreshes,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}

@@ -1,0 +1,295 @@
+// Package reading defines the Reading every source produces (MQTT, radio) and
+// the NGSI v2 rules it must satisfy before it may be signed and queued.
+//
+// The limits live here, in the type, so that no caller can forget them: a
+// Reading that passed Validate can be encoded as an NGSI v2 attribute update
+// that the Orion Broker Filter and Orion accept.
+package reading
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Limits that are part of the contract of a Reading.
+const (
+	// MaxIDLen is Orion's limit for entity ids and types.
+	MaxIDLen = 256
+	// MaxAttrs bounds the number of attributes in one reading.
+	MaxAttrs = 64
+	// MaxNameLen bounds an attribute name (Orion: 256).
+	MaxNameLen = 256
+	// MaxBodyBytes keeps a reading's NGSI body under Orion's 1 MB request
+	// limit with room for the signature attribute (which repeats the
+	// attributes base64-encoded, so a reading may take well under half).
+	MaxBodyBytes = 256 << 10
+	// MaxPayloadBytes bounds what a source may hand to Parse.
+	MaxPayloadBytes = 256 << 10
+)
+
+// Attribute types inferred for flat payloads, NGSI v2 defaults.
+const (
+	TypeNumber     = "Number"
+	TypeText       = "Text"
+	TypeBoolean    = "Boolean"
+	TypeStructured = "StructuredValue"
+)
+
+// Attribute is one named, typed value of a reading.
+type Attribute struct {
+	Name  string `json:"name"`
+	Type  string `json:"type"`
+	Value any    `json:"value"` // float64, string, bool, nil, []any or map[string]any
+}
+
+// Source says where a reading came from, for logs, status and binding checks.
+type Source struct {
+	Kind  string `json:"kind"`            // "mqtt" or "radio"
+	Topic string `json:"topic,omitempty"` // MQTT topic
+	Port  string `json:"port,omitempty"`  // radio port path
+	Node  string `json:"node,omitempty"`  // radio node id (and child)
+}
+
+// Reading is one observation of one device, before signing.
+type Reading struct {
+	Device string      // device id (the NGSI entity id)
+	Source Source      // where it came from
+	Time   time.Time   // observation time; the gateway's receive time when the device gave none
+	Attrs  []Attribute // sorted by name, unique
+}
+
+// Errors that callers branch on.
+var (
+	ErrInvalid  = errors.New("invalid reading")
+	ErrTooLarge = errors.New("reading too large")
+)
+
+// ValidID reports whether s is a valid NGSI v2 id as the broker filter
+// accepts: [A-Za-z0-9._-]{1,256}.
+func ValidID(s string) bool {
+	if len(s) == 0 || len(s) > MaxIDLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == '-':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// forbidden are the characters Orion refuses in attribute values and types.
+const forbidden = `<>"'=;()`
+
+func checkText(field, s string) error {
+	if i := strings.IndexAny(s, forbidden); i >= 0 {
+		return fmt.Errorf("%w: %s contains forbidden character %q at byte %d", ErrInvalid, field, s[i], i)
+	}
+	return nil
+}
+
+// validName reports whether an attribute name is acceptable to Orion: no
+// forbidden characters, no whitespace or control characters, bounded.
+func validName(s string) bool {
+	if len(s) == 0 || len(s) > MaxNameLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c <= ' ' || c == 0x7f || strings.IndexByte(forbidden+"&?/#", c) >= 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// Validate checks a reading against the NGSI rules: device id, attribute
+// names and types, forbidden characters in values, finite numbers, limits.
+func (r *Reading) Validate() error {
+	if !ValidID(r.Device) {
+		return fmt.Errorf("%w: device id %q must match [A-Za-z0-9._-]{1,%d}", ErrInvalid, clip(r.Device), MaxIDLen)
+	}
+	if len(r.Attrs) == 0 {
+		return fmt.Errorf("%w: no attributes", ErrInvalid)
+	}
+	if len(r.Attrs) > MaxAttrs {
+		return fmt.Errorf("%w: %d attributes, at most %d", ErrTooLarge, len(r.Attrs), MaxAttrs)
+	}
+	for i, a := range r.Attrs {
+		if !validName(a.Name) {
+			return fmt.Errorf("%w: attribute name %q is not a valid NGSI name", ErrInvalid, clip(a.Name))
+		}
+		if i > 0 && r.Attrs[i-1].Name >= a.Name {
+			return fmt.Errorf("%w: attributes not sorted or duplicated at %q", ErrInvalid, a.Name)
+		}
+		if !validName(a.Type) {
+			return fmt.Errorf("%w: attribute %s: type %q is not a valid NGSI type", ErrInvalid, a.Name, clip(a.Type))
+		}
+		if err := checkValue("attribute "+a.Name, a.Value, 0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+const maxDepth = 8
+
+func checkValue(field string, v any, depth int) error {
+	if depth > maxDepth {
+		return fmt.Errorf("%w: %s nested deeper than %d", ErrInvalid, field, maxDepth)
+	}
+	switch x := v.(type) {
+	case nil, bool:
+		return nil
+	case float64:
+		if math.IsNaN(x) || math.IsInf(x, 0) {
+			return fmt.Errorf("%w: %s is not a finite number", ErrInvalid, field)
+		}
+		return nil
+	case string:
+		return checkText(field, x)
+	case []any:
+		for i, e := range x {
+			if err := checkValue(fmt.Sprintf("%s[%d]", field, i), e, depth+1); err != nil {
+				return err
+			}
+		}
+		return nil
+	case map[string]any:
+		for k, e := range x {
+			if err := checkText(field+" key", k); err != nil {
+				return err
+			}
+			if err := checkValue(field+"."+k, e, depth+1); err != nil {
+				return err
+			}
+		}
+		return nil
+	default:
+		return fmt.Errorf("%w: %s has unsupported value type %T", ErrInvalid, field, v)
+	}
+}
+
+// Reserved top-level keys of an MQTT or JSON-lines payload that carry the
+// observation time instead of an attribute. TimeInstant is the FIWARE
+// convention; observedAt the NGSI-LD one.
+var timeKeys = []string{"TimeInstant", "observedAt"}
+
+// Parse decodes a JSON payload into the attributes and optional observation
+// time of a reading. Two forms are accepted, also mixed per attribute:
+//
+//	{"temperature": 21.5, "on": true}                         flat: types inferred
+//	{"temperature": {"value": 21.5, "type": "Float"}}          NGSI-like
+//
+// An object value is taken as NGSI-like only when it has a "value" key and no
+// keys other than "value", "type" and "metadata" (metadata is dropped);
+// any other object is a StructuredValue. A top-level "TimeInstant" or
+// "observedAt" string (RFC 3339) is the observation time.
+func Parse(payload []byte) (attrs []Attribute, observed time.Time, err error) {
+	if len(payload) > MaxPayloadBytes {
+		return nil, time.Time{}, fmt.Errorf("%w: payload of %d bytes, at most %d", ErrTooLarge, len(payload), MaxPayloadBytes)
+	}
+	var top map[string]json.RawMessage
+	if err := json.Unmarshal(payload, &top); err != nil {
+		return nil, time.Time{}, fmt.Errorf("%w: payload is not a JSON object: %v", ErrInvalid, err)
+	}
+	for _, k := range timeKeys {
+		raw, ok := top[k]
+		if !ok {
+			continue
+		}
+		delete(top, k)
+		t, err := parseTime(raw)
+		if err != nil {
+			return nil, time.Time{}, fmt.Errorf("%w: %s: %v", ErrInvalid, k, err)
+		}
+		observed = t
+	}
+	if len(top) > MaxAttrs {
+		return nil, time.Time{}, fmt.Errorf("%w: %d attributes, at most %d", ErrTooLarge, len(top), MaxAttrs)
+	}
+	attrs = make([]Attribute, 0, len(top))
+	for name, raw := range top {
+		a, err := parseAttr(name, raw)
+		if err != nil {
+			return nil, time.Time{}, err
+		}
+		attrs = append(attrs, a)
+	}
+	sort.Slice(attrs, func(i, j int) bool { return attrs[i].Name < attrs[j].Name })
+	return attrs, observed, nil
+}
+
+func parseTime(raw json.RawMessage) (time.Time, error) {
+	var s string
+	if err := json.Unmarshal(raw, &s); err != nil {
+		return time.Time{}, errors.New("must be an RFC 3339 string")
+	}
+	t, err := time.Parse(time.RFC3339Nano, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("must be RFC 3339: %q", clip(s))
+	}
+	return t.UTC(), nil
+}
+
+func parseAttr(name string, raw json.RawMessage) (Attribute, error) {
+	var v any
+	if err := json.Unmarshal(raw, &v); err != nil {
+		return Attribute{}, fmt.Errorf("%w: attribute %q: %v", ErrInvalid, clip(name), err)
+	}
+	if obj, ok := v.(map[string]any); ok {
+		if val, ok := obj["value"]; ok && ngsiShaped(obj) {
+			typ, _ := obj["type"].(string)
+			if _, present := obj["type"]; present && typ == "" {
+				return Attribute{}, fmt.Errorf("%w: attribute %q: type must be a non-empty string", ErrInvalid, clip(name))
+			}
+			if typ == "" {
+				typ = inferType(val)
+			}
+			return Attribute{Name: name, Type: typ, Value: val}, nil
+		}
+	}
+	return Attribute{Name: name, Type: inferType(v), Value: v}, nil
+}
+
+func ngsiShaped(obj map[string]any) bool {
+	for k := range obj {
+		if k != "value" && k != "type" && k != "metadata" {
+			return false
+		}
+	}
+	return true
+}
+
+func inferType(v any) string {
+	switch v.(type) {
+	case float64:
+		return TypeNumber
+	case bool:
+		return TypeBoolean
+	case string:
+		return TypeText
+	case nil:
+		return "None"
+	default:
+		return TypeStructured
+	}
+}
+
+// clip shortens untrusted input for error messages so that one bad payload
+// cannot flood a log line.
+func clip(s string) string {
+	const n = 64
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "…"
+}
