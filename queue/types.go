@@ -1,0 +1,80 @@
+// Package queue is the durable, encrypted queue between signing and the
+// uplink, on badger/v4.
+//
+// A reading is acknowledged to its source only after Append returns, which
+// is after the batch that carried it was synced to disk (group commit: one
+// fsync for many readings). It leaves the queue only through Delete, after the
+// broker answered 2xx, or DeadLetter. Readings are kept in lanes, one per
+// (broker, device), oldest first, so the uplink can deliver each device's
+// readings in order while serving devices fairly.
+package queue
+
+import (
+	"errors"
+	"time"
+)
+
+// Errors callers branch on.
+var (
+	// ErrQuota: the store reached its disk quota; the reading was not queued
+	// and must not be acknowledged to its source.
+	ErrQuota = errors.New("queue: disk quota reached")
+	// ErrClosed: the queue is shutting down; the reading was not queued.
+	ErrClosed = errors.New("queue: closed")
+)
+
+// Entry is a reading on its way into the queue.
+type Entry struct {
+	Broker      string // broker URI the reading is bound to
+	Device      string // device (entity) id
+	Type        string // entity type
+	Service     string // optional Fiware-Service
+	ServicePath string // optional Fiware-ServicePath
+	// Seal is called by the committer with the device's next sequence number
+	// and returns the body to store (the NGSI update with its signature). It
+	// runs inside the commit because the sequence number is part of the
+	// signed content. An error refuses this entry only.
+	Seal func(seq uint64) ([]byte, error)
+}
+
+// Item is a queued reading.
+type Item struct {
+	Broker      string
+	Device      string
+	Type        string
+	Service     string
+	ServicePath string
+	Seq         uint64
+	Enqueued    time.Time
+	Body        []byte
+}
+
+// Lane is the per-(broker, device) FIFO of queued readings.
+type Lane struct {
+	Broker string
+	Device string
+}
+
+// DeadLetter is a reading the broker refused permanently.
+type DeadLetter struct {
+	Item
+	Reason string
+	At     time.Time
+}
+
+// BrokerStats describes the backlog for one broker.
+type BrokerStats struct {
+	Broker string    `json:"broker"`
+	Depth  int       `json:"depth"`
+	Bytes  int64     `json:"bytes"`
+	Oldest time.Time `json:"oldest,omitzero"`
+}
+
+// Stats describes the queue as a whole.
+type Stats struct {
+	Brokers     []BrokerStats `json:"brokers"`
+	Depth       int           `json:"depth"`
+	DeadLetters int           `json:"dead_letters"`
+	DiskBytes   int64         `json:"disk_bytes"`
+	QuotaBytes  int64         `json:"quota_bytes"`
+}
