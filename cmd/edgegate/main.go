@@ -1,0 +1,145 @@
+// Command edgegate is the IoT gateway daemon and its tools, in one binary.
+//
+//	edgegate run --config FILE        run the gateway
+//	edgegate config template          print a commented configuration
+//	edgegate config check --config F  validate a configuration
+//	edgegate verify [flags] [FILE]    verify a signed reading or entity
+//	edgegate central-sim [flags]      run the simulated central service
+//	edgegate demo                     run the demo (sim central, daemon, devices)
+//	edgegate version                  print the version
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/daemon"
+)
+
+// exitError carries a process exit code through run.
+type exitError struct {
+	code int
+	err  error
+}
+
+func (e *exitError) Error() string { return e.err.Error() }
+func (e *exitError) Unwrap() error { return e.err }
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
+	stop()
+	if err == nil {
+		return
+	}
+	code := 1
+	var ee *exitError
+	if errors.As(err, &ee) {
+		code = ee.code
+	}
+	if !errors.Is(err, flag.ErrHelp) && err.Error() != "" {
+		fmt.Fprintln(os.Stderr, "edgegate:", err)
+	}
+	if errors.Is(err, flag.ErrHelp) {
+		code = 2
+	}
+	os.Exit(code)
+}
+
+const usage = `usage: edgegate <command> [flags]
+
+commands:
+  run --config FILE          run the gateway daemon
+  config template            print a commented example configuration
+  config check --config FILE validate a configuration file
+  verify [flags] [FILE|-]    verify a signed reading (compact JWS) or an NGSI entity
+  central-sim [flags]        run the simulated central service (OIDC + broker filter)
+  demo                       run the demo: simulated central, real daemon, simulated devices
+  version                    print the version
+`
+
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return &exitError{code: 2, err: errors.New("")}
+	}
+	cmd, rest := args[0], args[1:]
+	switch cmd {
+	case "run":
+		return runDaemon(ctx, rest, stderr)
+	case "config":
+		return runConfig(rest, stdout, stderr)
+	case "verify":
+		return runVerify(rest, stdin, stdout, stderr)
+	case "central-sim":
+		return runCentralSim(ctx, rest, stdout, stderr)
+	case "demo":
+		return runDemo(ctx, rest, stdout, stderr)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "edgegate", daemon.Version)
+		return nil
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(stderr, usage)
+	return &exitError{code: 2, err: fmt.Errorf("unknown command %q", cmd)}
+}
+
+func newLogger(w io.Writer, level, format string) *slog.Logger {
+	var lv slog.Level
+	_ = lv.UnmarshalText([]byte(level))
+	opts := &slog.HandlerOptions{Level: lv}
+	if format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
+}
+
+func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", "/etc/edgegate/edgegate.yaml", "configuration file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return &exitError{code: 2, err: err}
+	}
+	log := newLogger(stderr, cfg.Log.Level, cfg.Log.Format)
+	return daemon.New(cfg, log).Run(ctx)
+}
+
+func runConfig(args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		return &exitError{code: 2, err: errors.New("usage: edgegate config template | check --config FILE")}
+	}
+	switch args[0] {
+	case "template":
+		_, err := io.WriteString(stdout, config.Template)
+		return err
+	case "check":
+		fs := flag.NewFlagSet("config check", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		path := fs.String("config", "/etc/edgegate/edgegate.yaml", "configuration file")
+		if err := fs.Parse(args[1:]); err != nil {
+			return err
+		}
+		cfg, err := config.Load(*path)
+		if err != nil {
+			return &exitError{code: 2, err: err}
+		}
+		fmt.Fprintf(stdout, "%s: valid (%d devices, mqtt %s)\n", *path, len(cfg.Devices), cfg.MQTT.Mode)
+		return nil
+	}
+	return &exitError{code: 2, err: fmt.Errorf("unknown config command %q (template, check)", args[0])}
+}

@@ -1,0 +1,546 @@
+// Package config is edgegate's typed, strict configuration: one YAML file,
+// every key known, every value checked, every error naming the key (as a
+// dotted path), its line and the bad value. Defaults live in one place
+// (Default). Secrets are never values of this file: they are files it points
+// to (client secret, MQTT password) or the encrypted store.
+package config
+
+import (
+	_ "embed"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Template is the commented example printed by `edgegate config template`.
+//
+//go:embed template.yaml
+var Template string
+
+// Config is the whole configuration of the daemon.
+type Config struct {
+	Gateway     Gateway  `yaml:"gateway"`
+	StateDir    string   `yaml:"state_dir"`
+	Store       Store    `yaml:"store"`
+	MQTT        MQTT     `yaml:"mqtt"`
+	Central     Central  `yaml:"central"`
+	Uplink      Uplink   `yaml:"uplink"`
+	DevicesFile string   `yaml:"devices_file"`
+	Devices     []Device `yaml:"devices"`
+	Metrics     Metrics  `yaml:"metrics"`
+	Log         Log      `yaml:"log"`
+
+	// Path is the file the configuration was read from.
+	Path string `yaml:"-"`
+}
+
+// Gateway identifies this gateway.
+type Gateway struct {
+	ID string `yaml:"id"`
+}
+
+// Store configures the encrypted, durable store.
+type Store struct {
+	KeyFile    string   `yaml:"key_file"`
+	Credential string   `yaml:"credential"`
+	Quota      ByteSize `yaml:"quota"`
+	MaxBatch   int      `yaml:"max_batch"`
+}
+
+// MQTT configures the local MQTT link.
+type MQTT struct {
+	Mode     string   `yaml:"mode"`
+	Topic    string   `yaml:"topic"`
+	Embedded Embedded `yaml:"embedded"`
+	External External `yaml:"external"`
+}
+
+// Embedded configures the broker inside the daemon.
+type Embedded struct {
+	Listen string `yaml:"listen"`
+}
+
+// External configures the connection to an external broker (Mosquitto).
+type External struct {
+	URL          string        `yaml:"url"`
+	ClientID     string        `yaml:"client_id"`
+	Username     string        `yaml:"username"`
+	PasswordFile string        `yaml:"password_file"`
+	CAFile       string        `yaml:"ca_file"`
+	Inflight     int           `yaml:"inflight"`
+	Keepalive    time.Duration `yaml:"keepalive"`
+}
+
+// Central configures the gateway's account at the central service.
+type Central struct {
+	TokenURL         string   `yaml:"token_url"`
+	ClientID         string   `yaml:"client_id"`
+	ClientSecretFile string   `yaml:"client_secret_file"`
+	Scopes           []string `yaml:"scopes"`
+	CAFile           string   `yaml:"ca_file"`
+}
+
+// Uplink configures delivery to the brokers.
+type Uplink struct {
+	Concurrency        int           `yaml:"concurrency"`
+	SendKeys           bool          `yaml:"send_keys"`
+	SignatureAttribute string        `yaml:"signature_attribute"`
+	FiwareService      string        `yaml:"fiware_service"`
+	FiwareServicePath  string        `yaml:"fiware_service_path"`
+	CAFile             string        `yaml:"ca_file"`
+	RequestTimeout     time.Duration `yaml:"request_timeout"`
+	MinBackoff         time.Duration `yaml:"min_backoff"`
+	MaxBackoff         time.Duration `yaml:"max_backoff"`
+}
+
+// Device is a device known to the gateway until policy sync provides them.
+type Device struct {
+	ID          string `yaml:"id"`
+	Type        string `yaml:"type"`
+	Owner       string `yaml:"owner"`
+	K1          string `yaml:"k1"`
+	K2          string `yaml:"k2"`
+	Broker      string `yaml:"broker"`
+	Service     string `yaml:"fiware_service"`
+	ServicePath string `yaml:"fiware_service_path"`
+}
+
+// Metrics configures the loopback-only metrics listener.
+type Metrics struct {
+	Listen string `yaml:"listen"`
+}
+
+// Log configures logging.
+type Log struct {
+	Level  string `yaml:"level"`
+	Format string `yaml:"format"`
+}
+
+// Modes of the local MQTT link.
+const (
+	ModeEmbedded = "embedded"
+	ModeExternal = "external"
+)
+
+// DeviceToken is the placeholder of the device id in an MQTT topic pattern.
+const DeviceToken = "{device}"
+
+// Default returns the configuration every file starts from.
+func Default() Config {
+	return Config{
+		StateDir: "/var/lib/edgegate",
+		Store:    Store{Credential: "store-key", Quota: 512 << 20, MaxBatch: 256},
+		MQTT: MQTT{
+			Mode:     ModeEmbedded,
+			Topic:    "devices/{device}/telemetry",
+			Embedded: Embedded{Listen: "127.0.0.1:1883"},
+			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second},
+		},
+		Uplink: Uplink{
+			Concurrency: 4, SignatureAttribute: "signature",
+			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
+		},
+		Metrics: Metrics{Listen: "127.0.0.1:9464"},
+		Log:     Log{Level: "info", Format: "text"},
+	}
+}
+
+// MaxFileBytes bounds a configuration or devices file.
+const MaxFileBytes = 4 << 20
+
+// Load reads, decodes and validates a configuration file. Relative paths in
+// it are taken relative to the file's directory.
+func Load(path string) (*Config, error) {
+	data, err := readBounded(path)
+	if err != nil {
+		return nil, fmt.Errorf("load config: %w", err)
+	}
+	c := Default()
+	if err := decodeYAML(data, &c); err != nil {
+		return nil, fmt.Errorf("load config %s: %w", path, err)
+	}
+	c.Path = path
+	c.resolvePaths(filepath.Dir(path))
+	if hasKeys(c.Devices) {
+		if err := privateFile(path); err != nil {
+			return nil, fmt.Errorf("load config: devices carry k1/k2: %w", err)
+		}
+	}
+	if c.DevicesFile != "" {
+		devs, err := LoadDevices(c.DevicesFile)
+		if err != nil {
+			return nil, fmt.Errorf("load config %s: %w", path, err)
+		}
+		c.Devices = append(c.Devices, devs...)
+	}
+	if err := c.Validate(); err != nil {
+		return nil, fmt.Errorf("load config %s: %w", path, err)
+	}
+	return &c, nil
+}
+
+// devicesDoc is the shape of a devices file.
+type devicesDoc struct {
+	Devices []Device `yaml:"devices"`
+}
+
+// LoadDevices reads a devices file (`devices:` list). It holds K1/K2, so it
+// must not be readable by other users.
+func LoadDevices(path string) ([]Device, error) {
+	data, err := readBounded(path)
+	if err != nil {
+		return nil, fmt.Errorf("load devices: %w", err)
+	}
+	var d devicesDoc
+	if err := decodeYAML(data, &d); err != nil {
+		return nil, fmt.Errorf("load devices %s: %w", path, err)
+	}
+	if hasKeys(d.Devices) {
+		if err := privateFile(path); err != nil {
+			return nil, fmt.Errorf("load devices: %w", err)
+		}
+	}
+	return d.Devices, nil
+}
+
+func decodeYAML(data []byte, out any) error {
+	var n yaml.Node
+	if err := yaml.Unmarshal(data, &n); err != nil {
+		return fmt.Errorf("parse YAML: %w", err)
+	}
+	return decodeStrict(&n, out)
+}
+
+func readBounded(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if st.Size() > MaxFileBytes {
+		return nil, fmt.Errorf("%s is %d bytes, at most %d", path, st.Size(), MaxFileBytes)
+	}
+	buf := make([]byte, st.Size())
+	if _, err := f.ReadAt(buf, 0); err != nil && st.Size() > 0 {
+		return nil, err
+	}
+	return buf, nil
+}
+
+func hasKeys(ds []Device) bool {
+	for _, d := range ds {
+		if d.K1 != "" || d.K2 != "" {
+			return true
+		}
+	}
+	return false
+}
+
+// privateFile refuses a file that other users may read.
+func privateFile(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if st.Mode().Perm()&0o007 != 0 {
+		return fmt.Errorf("%s holds secrets but has mode %04o; run: chmod o-rwx %s", path, st.Mode().Perm(), path)
+	}
+	return nil
+}
+
+func (c *Config) resolvePaths(dir string) {
+	abs := func(p *string) {
+		if *p != "" && !filepath.IsAbs(*p) {
+			*p = filepath.Join(dir, *p)
+		}
+	}
+	abs(&c.StateDir)
+	abs(&c.Store.KeyFile)
+	abs(&c.MQTT.External.PasswordFile)
+	abs(&c.MQTT.External.CAFile)
+	abs(&c.Central.ClientSecretFile)
+	abs(&c.Central.CAFile)
+	abs(&c.Uplink.CAFile)
+	abs(&c.DevicesFile)
+}
+
+// KeyFile is the store key file in use: the configured one or
+// state_dir/store.key.
+func (c *Config) KeyFile() string {
+	if c.Store.KeyFile != "" {
+		return c.Store.KeyFile
+	}
+	return filepath.Join(c.StateDir, "store.key")
+}
+
+// QueueDir is where the durable queue lives.
+func (c *Config) QueueDir() string { return filepath.Join(c.StateDir, "queue") }
+
+// Validate checks every value; the first problem is returned as a
+// *FieldError naming the key.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(key, value, msg string) { errs = append(errs, &FieldError{Key: key, Value: value, Msg: msg}) }
+
+	if c.Gateway.ID != "" && !validID(c.Gateway.ID) {
+		bad("gateway.id", c.Gateway.ID, "must match [A-Za-z0-9._-]{1,256}")
+	}
+	if c.StateDir == "" {
+		bad("state_dir", "", "must be set")
+	}
+	if c.Store.Quota < 0 {
+		bad("store.quota", c.Store.Quota.String(), "must not be negative")
+	}
+	if c.Store.MaxBatch < 1 || c.Store.MaxBatch > 4096 {
+		bad("store.max_batch", strconv.Itoa(c.Store.MaxBatch), "must be between 1 and 4096")
+	}
+	if c.Store.Credential != "" && strings.ContainsAny(c.Store.Credential, "/\\") {
+		bad("store.credential", c.Store.Credential, "must be a credential name, not a path")
+	}
+
+	switch c.MQTT.Mode {
+	case ModeEmbedded:
+		if err := loopbackAddr(c.MQTT.Embedded.Listen); err != nil {
+			bad("mqtt.embedded.listen", c.MQTT.Embedded.Listen, err.Error())
+		}
+	case ModeExternal:
+		u, err := url.Parse(c.MQTT.External.URL)
+		switch {
+		case c.MQTT.External.URL == "":
+			bad("mqtt.external.url", "", "must be set when mqtt.mode is external")
+		case err != nil || u.Host == "":
+			bad("mqtt.external.url", c.MQTT.External.URL, "must be a URL such as tls://broker:8883")
+		case u.Scheme != "tls" && u.Scheme != "ssl" && u.Scheme != "mqtts" && u.Scheme != "tcp" && u.Scheme != "mqtt":
+			bad("mqtt.external.url", c.MQTT.External.URL, "must use tls://, mqtts:// or (loopback only) tcp://")
+		case (u.Scheme == "tcp" || u.Scheme == "mqtt") && !isLoopbackHost(u.Hostname()):
+			bad("mqtt.external.url", c.MQTT.External.URL, "plain tcp:// is allowed only to a loopback broker; use tls://")
+		}
+		if c.MQTT.External.ClientID == "" {
+			bad("mqtt.external.client_id", "", "must be set (a persistent session needs a fixed client id)")
+		}
+		if c.MQTT.External.Inflight < 1 || c.MQTT.External.Inflight > 65535 {
+			bad("mqtt.external.inflight", strconv.Itoa(c.MQTT.External.Inflight), "must be between 1 and 65535")
+		}
+		if c.MQTT.External.Keepalive < time.Second {
+			bad("mqtt.external.keepalive", c.MQTT.External.Keepalive.String(), "must be at least 1s")
+		}
+	default:
+		bad("mqtt.mode", c.MQTT.Mode, "must be embedded or external")
+	}
+	if err := checkTopic(c.MQTT.Topic); err != nil {
+		bad("mqtt.topic", c.MQTT.Topic, err.Error())
+	}
+
+	if c.Central.TokenURL == "" {
+		bad("central.token_url", "", "must be set")
+	} else if err := httpsURL(c.Central.TokenURL); err != nil {
+		bad("central.token_url", c.Central.TokenURL, err.Error())
+	}
+	if c.Central.ClientID == "" {
+		bad("central.client_id", "", "must be set")
+	}
+	if c.Central.ClientSecretFile == "" {
+		bad("central.client_secret_file", "", "must be set (the secret lives in that file, never in this one)")
+	}
+
+	if c.Uplink.Concurrency < 1 || c.Uplink.Concurrency > 64 {
+		bad("uplink.concurrency", strconv.Itoa(c.Uplink.Concurrency), "must be between 1 and 64")
+	}
+	if c.Uplink.SignatureAttribute == "" || !validID(c.Uplink.SignatureAttribute) {
+		bad("uplink.signature_attribute", c.Uplink.SignatureAttribute, "must be a valid NGSI attribute name")
+	}
+	if c.Uplink.RequestTimeout < 100*time.Millisecond {
+		bad("uplink.request_timeout", c.Uplink.RequestTimeout.String(), "must be at least 100ms")
+	}
+	if c.Uplink.MinBackoff <= 0 {
+		bad("uplink.min_backoff", c.Uplink.MinBackoff.String(), "must be positive")
+	}
+	if c.Uplink.MaxBackoff < c.Uplink.MinBackoff {
+		bad("uplink.max_backoff", c.Uplink.MaxBackoff.String(), "must not be below uplink.min_backoff")
+	}
+	if c.Uplink.FiwareServicePath != "" && !strings.HasPrefix(c.Uplink.FiwareServicePath, "/") {
+		bad("uplink.fiware_service_path", c.Uplink.FiwareServicePath, "must start with /")
+	}
+
+	seen := map[string]bool{}
+	for i, d := range c.Devices {
+		key := fmt.Sprintf("devices[%d]", i)
+		switch {
+		case !validID(d.ID):
+			bad(key+".id", d.ID, "must match [A-Za-z0-9._-]{1,256}")
+		case seen[d.ID]:
+			bad(key+".id", d.ID, "is given twice")
+		}
+		seen[d.ID] = true
+		if !validID(d.Type) {
+			bad(key+".type", d.Type, "must match [A-Za-z0-9._-]{1,256}")
+		}
+		if d.Owner == "" {
+			bad(key+".owner", "", "must be set")
+		}
+		// The keys themselves never go into an error message.
+		if d.K1 == "" {
+			bad(key+".k1", "", "must be set")
+		}
+		if d.K2 == "" {
+			bad(key+".k2", "", "must be set")
+		}
+		if d.K1 != "" && d.K1 == d.K2 {
+			bad(key+".k2", "", "must differ from k1")
+		}
+		if err := httpsURL(d.Broker); err != nil {
+			bad(key+".broker", d.Broker, err.Error())
+		}
+		if d.ServicePath != "" && !strings.HasPrefix(d.ServicePath, "/") {
+			bad(key+".fiware_service_path", d.ServicePath, "must start with /")
+		}
+	}
+
+	if c.Metrics.Listen != "" {
+		if err := loopbackAddr(c.Metrics.Listen); err != nil {
+			bad("metrics.listen", c.Metrics.Listen, err.Error())
+		}
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", c.Log.Level, "must be debug, info, warn or error")
+	}
+	switch c.Log.Format {
+	case "text", "json":
+	default:
+		bad("log.format", c.Log.Format, "must be text or json")
+	}
+	return errors.Join(errs...)
+}
+
+func validID(s string) bool {
+	if len(s) == 0 || len(s) > 256 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return false
+		}
+	}
+	return true
+}
+
+func httpsURL(s string) error {
+	u, err := url.Parse(s)
+	if s == "" || err != nil || u.Host == "" {
+		return errors.New("must be an https:// URL")
+	}
+	if u.Scheme != "https" {
+		return errors.New("must use https:// (TLS is always verified)")
+	}
+	if u.User != nil {
+		return errors.New("must not carry credentials")
+	}
+	return nil
+}
+
+func loopbackAddr(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return errors.New("must be host:port")
+	}
+	if _, err := strconv.ParseUint(port, 10, 16); err != nil {
+		return errors.New("must have a numeric port")
+	}
+	if !isLoopbackHost(host) {
+		return errors.New("must be a loopback address (127.0.0.1 or ::1)")
+	}
+	return nil
+}
+
+func isLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// checkTopic requires exactly one {device} level and no wildcards.
+func checkTopic(t string) error {
+	if t == "" {
+		return errors.New("must be set")
+	}
+	n := 0
+	for _, level := range strings.Split(t, "/") {
+		switch {
+		case level == DeviceToken:
+			n++
+		case strings.ContainsAny(level, "+#{}"):
+			return fmt.Errorf("level %q: only the whole-level placeholder {device} is allowed, no wildcards", level)
+		}
+	}
+	if n != 1 {
+		return errors.New("must contain {device} exactly once, as a whole level")
+	}
+	return nil
+}
+
+// ByteSize is a size in bytes, written as 512MiB, 1GB, 64k or a number.
+type ByteSize int64
+
+// UnmarshalYAML parses sizes with units.
+func (b *ByteSize) UnmarshalYAML(n *yaml.Node) error {
+	v, err := ParseByteSize(n.Value)
+	if err != nil {
+		return err
+	}
+	*b = v
+	return nil
+}
+
+// ParseByteSize parses "512MiB", "1GB", "64k", "1000".
+func ParseByteSize(s string) (ByteSize, error) {
+	s = strings.TrimSpace(s)
+	units := []struct {
+		suffix string
+		mult   int64
+	}{
+		{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+		{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+		{"k", 1 << 10}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1},
+	}
+	mult := int64(1)
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suffix) {
+			s, mult = strings.TrimSpace(strings.TrimSuffix(s, u.suffix)), u.mult
+			break
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 || (mult > 1 && n > (1<<62)/mult) {
+		return 0, errors.New("must be a size such as 512MiB, 2GB or 1000000")
+	}
+	return ByteSize(n * mult), nil
+}
+
+func (b ByteSize) String() string {
+	switch {
+	case b >= 1<<30 && b%(1<<30) == 0:
+		return fmt.Sprintf("%dGiB", b>>30)
+	case b >= 1<<20 && b%(1<<20) == 0:
+		return fmt.Sprintf("%dMiB", b>>20)
+	case b >= 1<<10 && b%(1<<10) == 0:
+		return fmt.Sprintf("%dKiB", b>>10)
+	}
+	return strconv.FormatInt(int64(b), 10)
+}

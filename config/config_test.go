@@ -1,0 +1,164 @@
+package config
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func writeFile(t *testing.T, dir, name, body string, mode os.FileMode) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, []byte(body), mode); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func TestTemplateLoadsBack(t *testing.T) {
+	dir := t.TempDir()
+	p := writeFile(t, dir, "edgegate.yaml", Template, 0o640)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatalf("Load(template) = %v", err)
+	}
+	if c.MQTT.Mode != ModeEmbedded || c.MQTT.Topic != "devices/{device}/telemetry" {
+		t.Errorf("template mqtt = %+v", c.MQTT)
+	}
+	if c.Store.Quota != 512<<20 {
+		t.Errorf("template store.quota = %v, want 512MiB", c.Store.Quota)
+	}
+	if c.Uplink.MaxBackoff != 30*time.Second {
+		t.Errorf("template uplink.max_backoff = %v", c.Uplink.MaxBackoff)
+	}
+	if c.Gateway.ID != "gw-example-01" {
+		t.Errorf("gateway.id = %q", c.Gateway.ID)
+	}
+}
+
+const base = `
+state_dir: state
+central:
+  token_url: https://127.0.0.1:1/token
+  client_id: gw
+  client_secret_file: secret
+`
+
+func TestBadConfigNamesTheKey(t *testing.T) {
+	tests := []struct {
+		name, extra string
+		want        []string
+	}{
+		{"unknown top key", "mqttt:\n  mode: embedded\n", []string{"mqttt", "is not a known key", "did you mean mqtt?"}},
+		{"unknown nested key", "mqtt:\n  embedded:\n    listn: 127.0.0.1:1\n", []string{"mqtt.embedded.listn", "not a known key"}},
+		{"bad mode", "mqtt:\n  mode: cloud\n", []string{"mqtt.mode", "embedded or external", `"cloud"`}},
+		{"bad duration", "uplink:\n  max_backoff: soon\n", []string{"uplink.max_backoff", `"soon"`, "duration"}},
+		{"bad int", "uplink:\n  concurrency: many\n", []string{"uplink.concurrency", `"many"`, "whole number"}},
+		{"out of range", "uplink:\n  concurrency: 0\n", []string{"uplink.concurrency", "between 1 and 64", `"0"`}},
+		{"bad size", "store:\n  quota: lots\n", []string{"store.quota", `"lots"`}},
+		{"public listener", "mqtt:\n  embedded:\n    listen: 0.0.0.0:1883\n", []string{"mqtt.embedded.listen", "loopback"}},
+		{"topic without device", "mqtt:\n  topic: devices/telemetry\n", []string{"mqtt.topic", "{device}"}},
+		{"topic wildcard", "mqtt:\n  topic: devices/{device}/#\n", []string{"mqtt.topic", "wildcards"}},
+		{"plain http token url", "central:\n  token_url: http://x/token\n  client_id: gw\n  client_secret_file: s\n", nil},
+		{"external without url", "mqtt:\n  mode: external\n", []string{"mqtt.external.url", "must be set"}},
+		{"external plain remote", "mqtt:\n  mode: external\n  external:\n    url: tcp://10.1.2.3:1883\n", []string{"mqtt.external.url", "loopback"}},
+		{"list instead of map", "uplink: [1, 2]\n", []string{"uplink", "mapping"}},
+		{"bad log level", "log:\n  level: loud\n", []string{"log.level", `"loud"`}},
+		{"device bad id", "devices:\n  - id: 'bad id'\n    type: T\n    owner: a\n    k1: x\n    k2: y\n    broker: https://b\n", []string{"devices[0].id", `"bad id"`}},
+		{"device same keys", "devices:\n  - id: d\n    type: T\n    owner: a\n    k1: same-secret-k\n    k2: same-secret-k\n    broker: https://b\n", []string{"devices[0].k2", "differ"}},
+		{"device http broker", "devices:\n  - id: d\n    type: T\n    owner: a\n    k1: x\n    k2: y\n    broker: http://b\n", []string{"devices[0].broker", "https"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			body := base + tt.extra
+			if tt.name == "plain http token url" {
+				body = "state_dir: s\n" + tt.extra
+				tt.want = []string{"central.token_url", "https", `"http://x/token"`}
+			}
+			p := writeFile(t, dir, "c.yaml", body, 0o600)
+			_, err := Load(p)
+			if err == nil {
+				t.Fatalf("Load(%q) = nil error, want one naming %v", tt.extra, tt.want)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("Load error = %q, want it to contain %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestUnknownKeyHasLine(t *testing.T) {
+	dir := t.TempDir()
+	p := writeFile(t, dir, "c.yaml", base+"uplink:\n  concurency: 3\n", 0o600)
+	_, err := Load(p)
+	var fe *FieldError
+	if !errors.As(err, &fe) {
+		t.Fatalf("Load error %v is not a FieldError", err)
+	}
+	if fe.Key != "uplink.concurency" || fe.Line != 8 {
+		t.Errorf("FieldError = %+v, want key uplink.concurency at line 8", fe)
+	}
+}
+
+func TestDevicesFileMustBePrivate(t *testing.T) {
+	dir := t.TempDir()
+	devs := "devices:\n  - id: d1\n    type: T\n    owner: alice\n    k1: canary-k1-aaaa\n    k2: canary-k2-bbbb\n    broker: https://127.0.0.1:9/b\n"
+	writeFile(t, dir, "devices.yaml", devs, 0o644)
+	p := writeFile(t, dir, "c.yaml", base+"devices_file: devices.yaml\n", 0o644)
+	_, err := Load(p)
+	if err == nil || !strings.Contains(err.Error(), "chmod") {
+		t.Fatalf("Load with world-readable devices file = %v, want a chmod hint", err)
+	}
+	if strings.Contains(err.Error(), "canary") {
+		t.Fatalf("error leaks a key: %v", err)
+	}
+	if err := os.Chmod(filepath.Join(dir, "devices.yaml"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c, err := Load(p)
+	if err != nil {
+		t.Fatalf("Load = %v", err)
+	}
+	if len(c.Devices) != 1 || c.Devices[0].ID != "d1" || c.Devices[0].K1 != "canary-k1-aaaa" {
+		t.Fatalf("devices = %+v", c.Devices)
+	}
+	if c.StateDir != filepath.Join(dir, "state") {
+		t.Errorf("state_dir = %q, want it relative to the config file", c.StateDir)
+	}
+}
+
+func TestKeysNeverInErrors(t *testing.T) {
+	dir := t.TempDir()
+	body := base + "devices:\n  - id: d\n    type: T\n    owner: ''\n    k1: canary-k1-zzzz\n    k2: canary-k2-yyyy\n    broker: ftp://x\n"
+	p := writeFile(t, dir, "c.yaml", body, 0o600)
+	_, err := Load(p)
+	if err == nil {
+		t.Fatal("want an error")
+	}
+	if strings.Contains(err.Error(), "canary") {
+		t.Fatalf("error leaks a key: %v", err)
+	}
+}
+
+func TestParseByteSize(t *testing.T) {
+	tests := []struct {
+		in   string
+		want ByteSize
+		ok   bool
+	}{
+		{"512MiB", 512 << 20, true}, {"1GB", 1e9, true}, {"64k", 64 << 10, true},
+		{"1000", 1000, true}, {"2 GiB", 2 << 30, true}, {"-1", 0, false}, {"lots", 0, false}, {"", 0, false},
+	}
+	for _, tt := range tests {
+		got, err := ParseByteSize(tt.in)
+		if (err == nil) != tt.ok || got != tt.want {
+			t.Errorf("ParseByteSize(%q) = %v, %v; want %v, ok=%v", tt.in, got, err, tt.want, tt.ok)
+		}
+	}
+}

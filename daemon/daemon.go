@@ -1,0 +1,356 @@
+// Package daemon wires the stages of `edgegate run` — sources, pipeline,
+// queue, uplink — and stops them in order: producers first, then the queue
+// (which commits what it holds), then the network, then the store.
+package daemon
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/mqtt"
+	"github.com/edgegate/edgegate/pipeline"
+	"github.com/edgegate/edgegate/policy"
+	"github.com/edgegate/edgegate/queue"
+	"github.com/edgegate/edgegate/storekey"
+	centralsync "github.com/edgegate/edgegate/sync"
+	"github.com/edgegate/edgegate/uplink"
+)
+
+// Version is stamped at build time.
+var Version = "dev"
+
+// stopTimeout bounds each stage's shutdown.
+const stopTimeout = 20 * time.Second
+
+// Daemon is one running gateway.
+type Daemon struct {
+	cfg     *config.Config
+	log     *slog.Logger
+	metrics *metrics.Metrics
+	gateway string
+}
+
+// New prepares a daemon from a validated configuration.
+func New(cfg *config.Config, log *slog.Logger) *Daemon {
+	gw := cfg.Gateway.ID
+	if gw == "" {
+		gw = DefaultGatewayID()
+	}
+	return &Daemon{cfg: cfg, log: log, metrics: metrics.New(), gateway: gw}
+}
+
+// DefaultGatewayID is "edgegate-" and the host name, reduced to the
+// characters an NGSI id allows.
+func DefaultGatewayID() string {
+	h, _ := os.Hostname()
+	var b strings.Builder
+	for _, r := range h {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '_' || r == '-' {
+			b.WriteRune(r)
+		}
+	}
+	if b.Len() == 0 {
+		return "edgegate"
+	}
+	return "edgegate-" + b.String()
+}
+
+// stage is one long-running part of the daemon.
+type stage struct {
+	name   string
+	cancel context.CancelFunc
+	done   chan error
+}
+
+func start(name string, run func(context.Context) error, errs chan<- error) *stage {
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &stage{name: name, cancel: cancel, done: make(chan error, 1)}
+	go func() {
+		err := run(ctx)
+		if err != nil {
+			err = fmt.Errorf("%s: %w", name, err)
+		}
+		s.done <- err
+		if err != nil || ctx.Err() == nil {
+			// A stage that ends on its own stops the daemon.
+			if err == nil {
+				err = fmt.Errorf("%s stopped unexpectedly", name)
+			}
+			select {
+			case errs <- err:
+			default:
+			}
+		}
+	}()
+	return s
+}
+
+func (s *stage) stop(log *slog.Logger) error {
+	s.cancel()
+	select {
+	case err := <-s.done:
+		s.done <- err // keep it for a second stop
+		return err
+	case <-time.After(stopTimeout):
+		log.Error("stage did not stop in time", "stage", s.name, "timeout", stopTimeout)
+		return fmt.Errorf("%s: did not stop within %s", s.name, stopTimeout)
+	}
+}
+
+// Run runs the gateway until ctx is done (SIGTERM), then stops it in order.
+func (d *Daemon) Run(ctx context.Context) error {
+	cfg, log := d.cfg, d.log
+
+	key, keySource, err := storekey.Load(cfg.Store.Credential, cfg.KeyFile(), os.Getenv)
+	if err != nil {
+		return fmt.Errorf("load store key: %w", err)
+	}
+	log.Info("store key loaded", "source", keySource)
+
+	regs := make([]policy.Registration, 0, len(cfg.Devices))
+	for _, dv := range cfg.Devices {
+		svc, path := dv.Service, dv.ServicePath
+		if svc == "" {
+			svc = cfg.Uplink.FiwareService
+		}
+		if path == "" {
+			path = cfg.Uplink.FiwareServicePath
+		}
+		regs = append(regs, policy.Registration{
+			ID: dv.ID, Type: dv.Type, Owner: dv.Owner, Broker: strings.TrimRight(dv.Broker, "/"),
+			Service: svc, ServicePath: path, K1: dv.K1, K2: dv.K2,
+		})
+	}
+	pol, err := policy.New(0, "config", regs)
+	if err != nil {
+		return err
+	}
+	engine := policy.NewEngine(pol)
+
+	secret, err := readSecretFile(cfg.Central.ClientSecretFile)
+	if err != nil {
+		return fmt.Errorf("read central.client_secret_file: %w", err)
+	}
+	centralCAs, err := loadPool(cfg.Central.CAFile)
+	if err != nil {
+		return fmt.Errorf("load central.ca_file: %w", err)
+	}
+	brokerCAs, err := loadPool(cfg.Uplink.CAFile)
+	if err != nil {
+		return fmt.Errorf("load uplink.ca_file: %w", err)
+	}
+
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create state_dir: %w", err)
+	}
+	q, err := queue.Open(queue.Options{
+		Dir: cfg.QueueDir(), Key: key, QuotaBytes: int64(cfg.Store.Quota), MaxBatch: cfg.Store.MaxBatch,
+		Logger: log.With("component", "queue"), Metrics: d.metrics,
+	})
+	clear(key)
+	if err != nil {
+		return fmt.Errorf("open queue: %w", err)
+	}
+	defer func() {
+		if err := q.Close(); err != nil {
+			log.Error("close queue", "err", err)
+		}
+	}()
+
+	tokens := centralsync.NewTokenSource(centralsync.ClientCredentials{
+		TokenURL: cfg.Central.TokenURL, ClientID: cfg.Central.ClientID, ClientSecret: secret,
+		Scopes: cfg.Central.Scopes, HTTPClient: uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2),
+		Metrics: d.metrics, Logger: log.With("component", "tokens"),
+	})
+	up := uplink.New(q, tokens, engine, uplink.Options{
+		Concurrency: cfg.Uplink.Concurrency, SendKeys: cfg.Uplink.SendKeys,
+		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
+		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.Concurrency),
+		Logger:     log.With("component", "uplink"), Metrics: d.metrics,
+	})
+	pipe := pipeline.New(engine, q, pipeline.Options{
+		Gateway: d.gateway, SignatureAttr: cfg.Uplink.SignatureAttribute,
+		Logger: log.With("component", "pipeline"), Metrics: d.metrics,
+	})
+	topic, err := mqtt.ParseTopic(cfg.MQTT.Topic)
+	if err != nil {
+		return err
+	}
+
+	errs := make(chan error, 8)
+	queueStage := start("queue", q.Run, errs)
+	uplinkStage := start("uplink", up.Run, errs)
+
+	var metricsStage *stage
+	var metricsAddr string
+	if cfg.Metrics.Listen != "" {
+		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
+		if err != nil {
+			_ = uplinkStage.stop(log)
+			_ = queueStage.stop(log)
+			return fmt.Errorf("listen metrics.listen %s: %w", cfg.Metrics.Listen, err)
+		}
+		metricsAddr = ln.Addr().String()
+		metricsStage = start("metrics", func(ctx context.Context) error { return d.serveMetrics(ctx, ln) }, errs)
+	}
+
+	var ingest *stage
+	var mqttAddr string
+	switch cfg.MQTT.Mode {
+	case config.ModeEmbedded:
+		b, err := mqtt.NewBroker(pipe, mqtt.BrokerOptions{Listen: cfg.MQTT.Embedded.Listen, Topic: topic, Logger: log})
+		if err != nil {
+			err = fmt.Errorf("start embedded broker on mqtt.embedded.listen %s: %w", cfg.MQTT.Embedded.Listen, err)
+			d.stopAll(nil, metricsStage, uplinkStage, queueStage)
+			return err
+		}
+		ready := make(chan struct{})
+		ingest = start("mqtt-broker", func(ctx context.Context) error {
+			return b.Run(ctx, func() { close(ready) })
+		}, errs)
+		select {
+		case <-ready:
+			mqttAddr = b.Addr()
+		case err := <-errs:
+			d.stopAll(ingest, metricsStage, uplinkStage, queueStage)
+			return err
+		}
+	case config.ModeExternal:
+		tlsCfg, password, err := externalCredentials(cfg.MQTT.External)
+		if err != nil {
+			d.stopAll(nil, metricsStage, uplinkStage, queueStage)
+			return err
+		}
+		c := mqtt.NewClient(pipe, mqtt.ClientOptions{
+			URL: cfg.MQTT.External.URL, ClientID: cfg.MQTT.External.ClientID,
+			Username: cfg.MQTT.External.Username, Password: password, TLS: tlsCfg,
+			Topic: topic, Inflight: cfg.MQTT.External.Inflight, Keepalive: cfg.MQTT.External.Keepalive,
+			Logger: log,
+		})
+		ingest = start("mqtt-ingest", c.Run, errs)
+		mqttAddr = cfg.MQTT.External.URL
+	}
+
+	log.Info("edgegate ready", "version", Version, "gateway", d.gateway, "devices", pol.Len(),
+		"mqtt", mqttAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+		log.Info("stopping")
+	case runErr = <-errs:
+		log.Error("stage failed; stopping", "err", runErr)
+	}
+	if err := d.stopAll(ingest, metricsStage, uplinkStage, queueStage); err != nil && runErr == nil {
+		runErr = err
+	}
+	log.Info("stopped")
+	return runErr
+}
+
+// stopAll stops producers first, then the queue (committing what it holds),
+// then the network side.
+func (d *Daemon) stopAll(ingest, metricsStage, uplinkStage, queueStage *stage) error {
+	var errs []error
+	for _, s := range []*stage{ingest, queueStage, uplinkStage, metricsStage} {
+		if s == nil {
+			continue
+		}
+		if err := s.stop(d.log); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (d *Daemon) serveMetrics(ctx context.Context, ln net.Listener) error {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain")
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 10 * time.Second, IdleTimeout: 60 * time.Second}
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+	}()
+	if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// readSecretFile reads a secret from a file only its owner can read.
+func readSecretFile(path string) (string, error) {
+	st, err := os.Stat(path)
+	if err != nil {
+		return "", err
+	}
+	if st.Mode().Perm()&0o077 != 0 {
+		return "", fmt.Errorf("%s has mode %04o; a secret file must be private: chmod 600 %s", path, st.Mode().Perm(), path)
+	}
+	if st.Size() > 64<<10 {
+		return "", fmt.Errorf("%s is too large for a secret (%d bytes)", path, st.Size())
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return "", fmt.Errorf("%s is empty", path)
+	}
+	return s, nil
+}
+
+func loadPool(path string) (*x509.CertPool, error) {
+	if path == "" {
+		return nil, nil // system roots
+	}
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", path)
+	}
+	return pool, nil
+}
+
+func externalCredentials(e config.External) (*tls.Config, string, error) {
+	var tlsCfg *tls.Config
+	if strings.HasPrefix(e.URL, "tls://") || strings.HasPrefix(e.URL, "ssl://") || strings.HasPrefix(e.URL, "mqtts://") {
+		pool, err := loadPool(e.CAFile)
+		if err != nil {
+			return nil, "", fmt.Errorf("load mqtt.external.ca_file: %w", err)
+		}
+		tlsCfg = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	}
+	var password string
+	if e.PasswordFile != "" {
+		p, err := readSecretFile(e.PasswordFile)
+		if err != nil {
+			return nil, "", fmt.Errorf("read mqtt.external.password_file: %w", err)
+		}
+		password = p
+	}
+	return tlsCfg, password, nil
+}
