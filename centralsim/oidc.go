@@ -1,0 +1,331 @@
+package centralsim
+
+import (
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+	"github.com/lestrrat-go/jwx/v2/jwk"
+	"github.com/lestrrat-go/jwx/v2/jws"
+	"github.com/lestrrat-go/jwx/v2/jwt"
+)
+
+// maxTokenBytes bounds a bearer token before it is parsed.
+const maxTokenBytes = 16 << 10
+
+// maxFormBytes bounds a token request body.
+const maxFormBytes = 64 << 10
+
+type refreshGrant struct {
+	client  string
+	expires time.Time
+}
+
+func tlsConfig(cert tls.Certificate) *tls.Config {
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+}
+
+func (s *Server) initSigningKey() error {
+	raw, err := generateRSA()
+	if err != nil {
+		return fmt.Errorf("signing key: %w", err)
+	}
+	key, err := jwk.FromRaw(raw)
+	if err != nil {
+		return fmt.Errorf("signing key: %w", err)
+	}
+	if err := jwk.AssignKeyID(key); err != nil {
+		return fmt.Errorf("signing key id: %w", err)
+	}
+	if err := key.Set(jwk.AlgorithmKey, jwa.RS256); err != nil {
+		return fmt.Errorf("signing key: %w", err)
+	}
+	pub, err := jwk.PublicKeyOf(key)
+	if err != nil {
+		return fmt.Errorf("signing key: %w", err)
+	}
+	if err := pub.Set(jwk.KeyUsageKey, "sig"); err != nil {
+		return fmt.Errorf("signing key: %w", err)
+	}
+	set := jwk.NewSet()
+	if err := set.AddKey(pub); err != nil {
+		return fmt.Errorf("signing key: %w", err)
+	}
+	s.signKey, s.publicJWKS = key, set
+	return nil
+}
+
+func (s *Server) handleDiscovery(w http.ResponseWriter, r *http.Request) {
+	iss := s.Issuer()
+	writeJSON(w, http.StatusOK, map[string]any{
+		"issuer":                                iss,
+		"authorization_endpoint":                iss + "/protocol/openid-connect/auth",
+		"token_endpoint":                        s.TokenURL(),
+		"jwks_uri":                              s.JWKSURL(),
+		"grant_types_supported":                 []string{"client_credentials", "refresh_token"},
+		"response_types_supported":              []string{"code"},
+		"subject_types_supported":               []string{"public"},
+		"id_token_signing_alg_values_supported": []string{"RS256"},
+		"token_endpoint_auth_methods_supported": []string{"client_secret_basic", "client_secret_post"},
+		"scopes_supported":                      []string{"openid", "offline_access"},
+		"claims_supported":                      []string{"iss", "sub", "aud", "exp", "iat", "azp", "preferred_username"},
+	})
+}
+
+func (s *Server) handleJWKS(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, http.StatusOK, s.publicJWKS)
+}
+
+// oauthError writes an RFC 6749 §5.2 error.
+func oauthError(w http.ResponseWriter, status int, code, desc string) {
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, status, map[string]string{"error": code, "error_description": desc})
+}
+
+func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		w.Header().Set("Allow", http.MethodPost)
+		oauthError(w, http.StatusMethodNotAllowed, "invalid_request", "HTTP method not allowed")
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
+	if err := r.ParseForm(); err != nil {
+		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed form body")
+		return
+	}
+	form := r.PostForm
+	id, secret, basic := r.BasicAuth()
+	if basic {
+		// RFC 6749 §2.3.1: both parts are form-urlencoded inside Basic.
+		var e1, e2 error
+		id, e1 = url.QueryUnescape(id)
+		secret, e2 = url.QueryUnescape(secret)
+		if e1 != nil || e2 != nil {
+			oauthError(w, http.StatusBadRequest, "invalid_request", "malformed client credentials")
+			return
+		}
+	} else {
+		id, secret = form.Get("client_id"), form.Get("client_secret")
+	}
+	client, ok := s.authenticateClient(id, secret)
+	if !ok {
+		if basic {
+			w.Header().Set("WWW-Authenticate", `Basic realm="`+s.opts.Realm+`"`)
+		}
+		s.log.Info("token refused", "client_id", id, "reason", "invalid client credentials")
+		oauthError(w, http.StatusUnauthorized, "invalid_client", "Invalid client or Invalid client credentials")
+		return
+	}
+	switch gt := form.Get("grant_type"); gt {
+	case "client_credentials":
+		s.issueTokens(w, client, client.Offline)
+	case "refresh_token":
+		rt := form.Get("refresh_token")
+		if rt == "" {
+			oauthError(w, http.StatusBadRequest, "invalid_request", "Missing parameter: refresh_token")
+			return
+		}
+		if !s.useRefreshToken(rt, client.ID) {
+			s.log.Info("token refused", "client_id", client.ID, "reason", "invalid refresh token")
+			oauthError(w, http.StatusBadRequest, "invalid_grant", "Invalid refresh token")
+			return
+		}
+		s.issueTokens(w, client, true)
+	case "":
+		oauthError(w, http.StatusBadRequest, "invalid_request", "Missing form parameter: grant_type")
+	default:
+		oauthError(w, http.StatusBadRequest, "unsupported_grant_type", "Unsupported grant_type")
+	}
+}
+
+// authenticateClient compares in constant time, and does the same work for
+// an unknown client id as for a known one.
+func (s *Server) authenticateClient(id, secret string) (Client, bool) {
+	c, known := s.clients[id]
+	want := c.Secret
+	if !known {
+		want = "\x00unknown client\x00"
+	}
+	a, b := sha256.Sum256([]byte(secret)), sha256.Sum256([]byte(want))
+	match := subtle.ConstantTimeCompare(a[:], b[:]) == 1
+	return c, known && match && id != ""
+}
+
+func (s *Server) issueTokens(w http.ResponseWriter, c Client, withRefresh bool) {
+	at, err := s.IssueAccessToken(c.Username, s.opts.TokenTTL, c.ID)
+	if err != nil {
+		s.log.Error("sign access token", "err", err)
+		oauthError(w, http.StatusInternalServerError, "server_error", "cannot sign token")
+		return
+	}
+	resp := map[string]any{
+		"access_token":       at,
+		"token_type":         "Bearer",
+		"expires_in":         int(s.opts.TokenTTL / time.Second),
+		"refresh_expires_in": 0,
+		"not-before-policy":  0,
+		"scope":              "profile email",
+	}
+	if withRefresh {
+		rt, err := randomToken(32)
+		if err != nil {
+			oauthError(w, http.StatusInternalServerError, "server_error", "cannot make refresh token")
+			return
+		}
+		now := s.now()
+		s.mu.Lock()
+		for k, g := range s.refresh { // prune
+			if !now.Before(g.expires) {
+				delete(s.refresh, k)
+			}
+		}
+		s.refresh[rt] = refreshGrant{client: c.ID, expires: now.Add(s.opts.RefreshTTL)}
+		s.mu.Unlock()
+		resp["refresh_token"] = rt
+		resp["refresh_expires_in"] = int(s.opts.RefreshTTL / time.Second)
+		resp["scope"] = "profile email offline_access"
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	w.Header().Set("Pragma", "no-cache")
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// useRefreshToken checks that rt was issued to client and has not expired.
+// Like Keycloak's default (no refresh token rotation), it stays valid.
+func (s *Server) useRefreshToken(rt, client string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	g, ok := s.refresh[rt]
+	if !ok {
+		return false
+	}
+	if !s.now().Before(g.expires) {
+		delete(s.refresh, rt)
+		return false
+	}
+	return g.client == client
+}
+
+// RevokeRefreshTokens forgets every refresh token of a client (a logout or
+// a session reset on the real platform).
+func (s *Server) RevokeRefreshTokens(clientID string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, g := range s.refresh {
+		if g.client == clientID {
+			delete(s.refresh, k)
+		}
+	}
+}
+
+// IssueAccessToken signs an access token for username that expires after
+// ttl (negative: already expired). azp is the first of azp, else "test".
+func (s *Server) IssueAccessToken(username string, ttl time.Duration, azp ...string) (string, error) {
+	if username == "" {
+		return "", errors.New("issue access token: empty username")
+	}
+	party := "test"
+	if len(azp) > 0 && azp[0] != "" {
+		party = azp[0]
+	}
+	jti, err := randomToken(16)
+	if err != nil {
+		return "", fmt.Errorf("issue access token: %w", err)
+	}
+	now := s.now().Truncate(time.Second)
+	iat := now
+	if ttl < 0 {
+		iat = now.Add(ttl - time.Minute)
+	}
+	tok, err := jwt.NewBuilder().
+		Issuer(s.Issuer()).
+		Audience([]string{s.opts.Audience}).
+		Subject(subjectOf(username)).
+		IssuedAt(iat).
+		Expiration(now.Add(ttl)).
+		JwtID(jti).
+		Claim("azp", party).
+		Claim("typ", "Bearer").
+		Claim("preferred_username", username).
+		Claim("scope", "profile email").
+		Build()
+	if err != nil {
+		return "", fmt.Errorf("issue access token: %w", err)
+	}
+	hdr := jws.NewHeaders()
+	if err := hdr.Set(jws.KeyIDKey, s.signKey.KeyID()); err != nil {
+		return "", fmt.Errorf("issue access token: %w", err)
+	}
+	if err := hdr.Set(jws.TypeKey, "JWT"); err != nil {
+		return "", fmt.Errorf("issue access token: %w", err)
+	}
+	b, err := jwt.Sign(tok, jwt.WithKey(jwa.RS256, s.signKey, jws.WithProtectedHeaders(hdr)))
+	if err != nil {
+		return "", fmt.Errorf("issue access token: %w", err)
+	}
+	return string(b), nil
+}
+
+// subjectOf is a stable, opaque subject per account, like Keycloak's user ids.
+func subjectOf(username string) string {
+	h := sha256.Sum256([]byte("edgegate/centralsim/sub\x00" + username))
+	return base64.RawURLEncoding.EncodeToString(h[:16])
+}
+
+// verifyAccessToken checks an "Authorization: Bearer" header the way the
+// filter does (signature with the realm key, pinned RS256, exp, iss) and
+// returns the token's user: preferred_username, else "username".
+func (s *Server) verifyAccessToken(r *http.Request) (string, error) {
+	h := r.Header.Get("Authorization")
+	const prefix = "bearer "
+	if len(h) <= len(prefix) || !strings.EqualFold(h[:len(prefix)], prefix) {
+		return "", errors.New("no bearer token")
+	}
+	raw := strings.TrimSpace(h[len(prefix):])
+	if len(raw) > maxTokenBytes {
+		return "", errors.New("bearer token too large")
+	}
+	pub, ok := s.publicJWKS.Key(0)
+	if !ok {
+		return "", errors.New("no verification key")
+	}
+	tok, err := jwt.Parse([]byte(raw),
+		jwt.WithKey(jwa.RS256, pub),
+		jwt.WithValidate(true),
+		jwt.WithIssuer(s.Issuer()),
+		jwt.WithClock(jwt.ClockFunc(s.now)),
+		jwt.WithRequiredClaim("exp"),
+	)
+	if err != nil {
+		return "", fmt.Errorf("verify access token: %w", err)
+	}
+	for _, name := range []string{"preferred_username", "username"} {
+		if v, ok := tok.Get(name); ok {
+			if u, ok := v.(string); ok && u != "" {
+				return u, nil
+			}
+		}
+	}
+	return "", errors.New("access token names no user")
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, err := json.Marshal(v)
+	if err != nil {
+		http.Error(w, `{"error":"InternalError"}`, http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Content-Length", fmt.Sprint(len(b)+1))
+	w.WriteHeader(status)
+	w.Write(append(b, '\n'))
+}

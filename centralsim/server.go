@@ -1,0 +1,329 @@
+// Package centralsim is a simulated central service: the parts of the real
+// platform that an edgegate gateway talks to, with the same contracts, so
+// that the gateway cannot tell the difference.
+//
+//   - an OpenID Connect provider with Keycloak's paths (discovery, JWKS,
+//     token endpoint with the client_credentials and refresh_token grants);
+//   - an Orion Broker Filter in front of an in-memory NGSI v2 entity store,
+//     with the filter's 401 answers and Orion's own 400/404/422;
+//   - fault injection, and an admin surface under /_sim/ for tests that drive
+//     the real binary from another process.
+//
+// Beyond the real platform, the broker verifies the signature attribute of
+// every accepted update with the device's key and records a verdict, so that
+// tests and the demo can show end-to-end integrity.
+//
+// It is used by `edgegate central-sim`, by `make demo` and by tests. Nothing
+// in the gateway's own code path may import it.
+package centralsim
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"regexp"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/pki"
+	"github.com/lestrrat-go/jwx/v2/jwk"
+)
+
+// Defaults of Options.
+const (
+	DefaultRealm      = "edgegate"
+	DefaultAudience   = "edgegate"
+	DefaultTokenTTL   = 5 * time.Minute
+	DefaultRefreshTTL = 24 * time.Hour
+	// BrokerPath is where the broker filter is mounted, after URL().
+	BrokerPath = "/orion-filter/orion-1"
+)
+
+// Delegation kinds, as the platform's personal-data service names them.
+const (
+	KindReadAccess = "READ_ACCESS"
+	KindReadWrite  = "READ_WRITE"
+	KindWriteOnly  = "WRITE_ONLY"
+	KindModify     = "MODIFY"
+)
+
+// Device is a registered IoT device: an ownership record and, behind the
+// broker, an NGSI entity created with every model attribute.
+type Device struct {
+	ID    string   `json:"id"`
+	Type  string   `json:"type"`
+	Owner string   `json:"owner"`
+	K1    string   `json:"k1,omitempty"`
+	K2    string   `json:"k2,omitempty"`
+	Attrs []string `json:"attrs,omitempty"` // model attributes; empty = accept any
+}
+
+// Client is an OAuth2 confidential client with a service account.
+type Client struct {
+	ID       string `json:"id"`
+	Secret   string `json:"secret"`
+	Username string `json:"username"` // the service account's preferred_username
+	Offline  bool   `json:"offline"`  // client_credentials also returns a refresh token
+}
+
+// Delegation lets User access Device; Kind is one of the Kind constants.
+type Delegation struct {
+	Device string `json:"device"`
+	User   string `json:"user"`
+	Kind   string `json:"kind"`
+}
+
+// Options configure a Server. Zero values take the defaults above.
+type Options struct {
+	Realm         string
+	Audience      string
+	SignatureAttr string
+	Clients       []Client
+	Devices       []Device
+	Delegations   []Delegation
+	CheckKeys     bool // the filter also requires k1/k2 query parameters
+	TokenTTL      time.Duration
+	RefreshTTL    time.Duration
+	Logger        *slog.Logger
+	Now           func() time.Time
+}
+
+// Server is a running (or ready to run) simulated central service.
+type Server struct {
+	opts    Options
+	log     *slog.Logger
+	now     func() time.Time
+	clients map[string]Client
+
+	ca         *pki.CA
+	signKey    jwk.Key // private, with kid and alg
+	publicJWKS jwk.Set
+	adminToken string
+
+	closing  chan struct{} // closed by Close: ends injected delays
+	inflight atomic.Int64  // requests being served
+
+	mu        sync.Mutex
+	devices   map[string]Device
+	entities  map[string]*entity
+	delegs    []Delegation
+	updates   []Update
+	refusals  []Refusal
+	refresh   map[string]refreshGrant
+	seen      map[seenKey]bool
+	fault     *Fault
+	faultLeft int
+
+	startOnce sync.Once
+	srv       *http.Server
+	url       string
+	served    chan error
+}
+
+var realmRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
+
+// New validates opts and builds a Server with its own CA and token signing
+// key. It does not listen; call Start.
+func New(opts Options) (*Server, error) {
+	if opts.Realm == "" {
+		opts.Realm = DefaultRealm
+	}
+	if !realmRE.MatchString(opts.Realm) {
+		return nil, fmt.Errorf("centralsim: realm must match %s: %q", realmRE, opts.Realm)
+	}
+	if opts.Audience == "" {
+		opts.Audience = DefaultAudience
+	}
+	if opts.SignatureAttr == "" {
+		opts.SignatureAttr = envelope.DefaultSignatureAttr
+	}
+	if opts.TokenTTL == 0 {
+		opts.TokenTTL = DefaultTokenTTL
+	}
+	if opts.TokenTTL < 0 {
+		return nil, fmt.Errorf("centralsim: token_ttl must be positive: %v", opts.TokenTTL)
+	}
+	if opts.RefreshTTL == 0 {
+		opts.RefreshTTL = DefaultRefreshTTL
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	s := &Server{
+		opts:     opts,
+		log:      opts.Logger.With("component", "centralsim"),
+		now:      opts.Now,
+		clients:  make(map[string]Client),
+		closing:  make(chan struct{}),
+		devices:  make(map[string]Device),
+		entities: make(map[string]*entity),
+		refresh:  make(map[string]refreshGrant),
+		seen:     make(map[seenKey]bool),
+	}
+	for i, c := range opts.Clients {
+		switch {
+		case c.ID == "":
+			return nil, fmt.Errorf("centralsim: clients[%d].id is empty", i)
+		case c.Secret == "":
+			return nil, fmt.Errorf("centralsim: clients[%d].secret is empty", i)
+		case c.Username == "":
+			return nil, fmt.Errorf("centralsim: clients[%d].username is empty", i)
+		}
+		if _, dup := s.clients[c.ID]; dup {
+			return nil, fmt.Errorf("centralsim: clients[%d].id is a duplicate: %q", i, c.ID)
+		}
+		s.clients[c.ID] = c
+	}
+	for i, d := range opts.Devices {
+		if err := validDevice(d); err != nil {
+			return nil, fmt.Errorf("centralsim: devices[%d]: %w", i, err)
+		}
+		if _, dup := s.devices[d.ID]; dup {
+			return nil, fmt.Errorf("centralsim: devices[%d].id is a duplicate: %q", i, d.ID)
+		}
+		s.addDeviceLocked(d)
+	}
+	for i, dl := range opts.Delegations {
+		if err := validDelegation(dl); err != nil {
+			return nil, fmt.Errorf("centralsim: delegations[%d]: %w", i, err)
+		}
+	}
+	s.delegs = append([]Delegation(nil), opts.Delegations...)
+
+	var err error
+	if s.ca, err = pki.NewCA("edgegate central-sim CA", s.now()); err != nil {
+		return nil, fmt.Errorf("centralsim: %w", err)
+	}
+	if err := s.initSigningKey(); err != nil {
+		return nil, fmt.Errorf("centralsim: %w", err)
+	}
+	if s.adminToken, err = randomToken(32); err != nil {
+		return nil, fmt.Errorf("centralsim: admin token: %w", err)
+	}
+	return s, nil
+}
+
+// Start listens on addr (e.g. "127.0.0.1:0") and serves HTTPS with a
+// certificate from the server's own CA, until Close.
+func (s *Server) Start(addr string) error {
+	err := errors.New("centralsim: already started")
+	s.startOnce.Do(func() { err = s.start(addr) })
+	return err
+}
+
+func (s *Server) start(addr string) error {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return fmt.Errorf("centralsim: listen %s: %w", addr, err)
+	}
+	host, _, _ := net.SplitHostPort(ln.Addr().String())
+	hosts := []string{"127.0.0.1", "::1", "localhost"}
+	if ip := net.ParseIP(host); ip != nil && !ip.IsUnspecified() && !ip.IsLoopback() {
+		hosts = append(hosts, host)
+	}
+	if hn, err := os.Hostname(); err == nil && hn != "" {
+		hosts = append(hosts, hn)
+	}
+	cert, err := s.ca.IssueServer(s.now(), hosts...)
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("centralsim: %w", err)
+	}
+	s.srv = &http.Server{
+		Handler:           s.routes(),
+		TLSConfig:         tlsConfig(cert),
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      60 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		// Handshake failures of clients that do not trust the CA are expected
+		// in tests; keep them at debug level.
+		ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+	}
+	hostForURL := host
+	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+		hostForURL = "127.0.0.1"
+	}
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	s.url = "https://" + net.JoinHostPort(hostForURL, port)
+	s.served = make(chan error, 1)
+	go func() { s.served <- s.srv.ServeTLS(ln, "", "") }()
+	s.log.Info("central-sim listening", "url", s.url, "issuer", s.Issuer(), "broker", s.BrokerURL())
+	return nil
+}
+
+// Close stops serving: injected delays end at once, in-flight requests get
+// up to five seconds, then connections are closed.
+func (s *Server) Close() error {
+	select {
+	case <-s.closing:
+		return nil
+	default:
+		close(s.closing)
+	}
+	if s.srv == nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err := s.srv.Shutdown(ctx)
+	if err != nil {
+		err = s.srv.Close()
+	}
+	if serr := <-s.served; serr != nil && !errors.Is(serr, http.ErrServerClosed) && err == nil {
+		err = serr
+	}
+	return err
+}
+
+// URL is the base URL, e.g. "https://127.0.0.1:43567"; empty before Start.
+func (s *Server) URL() string { return s.url }
+
+// Issuer is the OIDC issuer: {URL}/auth/realms/{realm}.
+func (s *Server) Issuer() string { return s.url + s.realmPath() }
+
+// TokenURL is the OAuth2 token endpoint.
+func (s *Server) TokenURL() string { return s.Issuer() + "/protocol/openid-connect/token" }
+
+// JWKSURL is the realm's key set.
+func (s *Server) JWKSURL() string { return s.Issuer() + "/protocol/openid-connect/certs" }
+
+// BrokerURL is the base of the NGSI v2 API behind the filter: PATCH
+// {BrokerURL}/v2/entities/{id}/attrs?elementid=...&type=...
+func (s *Server) BrokerURL() string { return s.url + BrokerPath }
+
+// CACertPEM is the PEM of the CA that issued the server certificate.
+func (s *Server) CACertPEM() []byte { return append([]byte(nil), s.ca.CertPEM...) }
+
+// CAPool is a pool holding only that CA.
+func (s *Server) CAPool() *x509.CertPool { return s.ca.Pool() }
+
+// AdminToken is the Bearer token of the /_sim/ admin surface.
+func (s *Server) AdminToken() string { return s.adminToken }
+
+func (s *Server) realmPath() string { return "/auth/realms/" + s.opts.Realm }
+
+func randomToken(n int) (string, error) {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	return base64.RawURLEncoding.EncodeToString(b), nil
+}
+
+func generateRSA() (*rsa.PrivateKey, error) { return rsa.GenerateKey(rand.Reader, 2048) }

@@ -1,0 +1,640 @@
+package centralsim
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/edgegate/edgegate/envelope"
+	"golang.org/x/oauth2"
+	"golang.org/x/oauth2/clientcredentials"
+)
+
+const (
+	devTemp   = "urn:ngsi-ld:Device:temp-1"
+	devFree   = "urn:ngsi-ld:Device:free-1" // no model attributes, no keys
+	devType   = "Thermometer"
+	k1, k2    = "k1-secret-aaaa", "k2-secret-bbbb"
+	gwSecret  = "gw-client-secret-zzzz"
+	offSecret = "offline-client-secret-yyyy"
+)
+
+// syncBuffer is a log sink safe for concurrent writes.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type fixture struct {
+	sim  *Server
+	http *http.Client
+	logs *syncBuffer
+}
+
+func testOptions(logs io.Writer) Options {
+	return Options{
+		Clients: []Client{
+			{ID: "gw-1", Secret: gwSecret, Username: "alice"},
+			{ID: "gw-off", Secret: offSecret, Username: "alice", Offline: true},
+		},
+		Devices: []Device{
+			{ID: devTemp, Type: devType, Owner: "alice", K1: k1, K2: k2, Attrs: []string{"temperature", "humidity"}},
+			{ID: devFree, Type: devType, Owner: "alice"},
+		},
+		Delegations: []Delegation{
+			{Device: devTemp, User: "reader", Kind: KindReadAccess},
+			{Device: devTemp, User: "writer", Kind: KindReadWrite},
+			{Device: devTemp, User: "wonly", Kind: KindWriteOnly},
+			{Device: devTemp, User: "modifier", Kind: KindModify},
+		},
+		Logger: slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
+	}
+}
+
+func newFixture(t *testing.T, mutate ...func(*Options)) *fixture {
+	t.Helper()
+	logs := &syncBuffer{}
+	opts := testOptions(logs)
+	for _, m := range mutate {
+		m(&opts)
+	}
+	sim, err := New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sim.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: sim.CAPool()}, ForceAttemptHTTP2: true}
+	f := &fixture{sim: sim, http: &http.Client{Transport: tr, Timeout: 10 * time.Second}, logs: logs}
+	t.Cleanup(func() {
+		tr.CloseIdleConnections()
+		if err := sim.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+		for _, secret := range []string{gwSecret, offSecret, k1, k2, sim.AdminToken()} {
+			if strings.Contains(logs.String(), secret) {
+				t.Errorf("logs contain a secret %q", secret)
+			}
+		}
+	})
+	return f
+}
+
+func (f *fixture) token(t *testing.T, user string, ttl time.Duration) string {
+	t.Helper()
+	tok, err := f.sim.IssueAccessToken(user, ttl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tok
+}
+
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (r response) message(t *testing.T) string {
+	t.Helper()
+	var m struct {
+		Result  *bool  `json:"result"`
+		Message string `json:"message"`
+	}
+	if err := json.Unmarshal(r.body, &m); err != nil || m.Result == nil || *m.Result {
+		t.Fatalf("body %s is not a filter refusal", r.body)
+	}
+	return m.Message
+}
+
+func (f *fixture) do(t *testing.T, method, rawURL, bearer string, body []byte) (response, error) {
+	t.Helper()
+	req, err := http.NewRequest(method, rawURL, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if bearer != "" {
+		req.Header.Set("Authorization", "Bearer "+bearer)
+	}
+	resp, err := f.http.Do(req)
+	if err != nil {
+		return response{}, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return response{status: resp.StatusCode, header: resp.Header, body: b}, err
+}
+
+func (f *fixture) mustDo(t *testing.T, method, rawURL, bearer string, body []byte) response {
+	t.Helper()
+	r, err := f.do(t, method, rawURL, bearer, body)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, rawURL, err)
+	}
+	return r
+}
+
+func (f *fixture) patchURL(id string, extra url.Values) string {
+	q := url.Values{"elementid": {id}, "type": {devType}}
+	for k, v := range extra {
+		q[k] = v
+	}
+	return f.sim.BrokerURL() + "/v2/entities/" + url.PathEscape(id) + "/attrs?" + q.Encode()
+}
+
+func (f *fixture) getURL(id string) string {
+	return f.sim.BrokerURL() + "/v2/entities/" + url.PathEscape(id) + "?" + url.Values{"elementid": {id}, "type": {devType}}.Encode()
+}
+
+// sealed builds a signed NGSI body for device id with the given keys.
+func sealed(t *testing.T, id, key1, key2 string, seq uint64, temp float64) ([]byte, envelope.Claims) {
+	t.Helper()
+	key, err := envelope.DeriveHS256(id, key1, key2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := envelope.Claims{
+		Version: envelope.Version, Gateway: "gw-test", Device: id, Seq: seq,
+		Time:  time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC),
+		Attrs: map[string]envelope.Attr{"temperature": {Type: "Number", Value: temp}},
+	}
+	compact, err := envelope.Seal(key, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := envelope.Body(c, compact, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return body, c
+}
+
+func TestDiscoveryJWKSAndClientCredentials(t *testing.T) {
+	f := newFixture(t)
+	r := f.mustDo(t, "GET", f.sim.Issuer()+"/.well-known/openid-configuration", "", nil)
+	if r.status != 200 {
+		t.Fatalf("discovery status %d", r.status)
+	}
+	var disc struct {
+		Issuer        string   `json:"issuer"`
+		TokenEndpoint string   `json:"token_endpoint"`
+		JWKSURI       string   `json:"jwks_uri"`
+		Grants        []string `json:"grant_types_supported"`
+	}
+	if err := json.Unmarshal(r.body, &disc); err != nil {
+		t.Fatal(err)
+	}
+	if disc.Issuer != f.sim.URL()+"/auth/realms/edgegate" || disc.TokenEndpoint != f.sim.TokenURL() {
+		t.Fatalf("discovery = %+v", disc)
+	}
+	for _, g := range []string{"client_credentials", "refresh_token"} {
+		if !strings.Contains(strings.Join(disc.Grants, " "), g) {
+			t.Errorf("grant_types_supported %v lacks %s", disc.Grants, g)
+		}
+	}
+
+	ctx := context.WithValue(context.Background(), oauth2.HTTPClient, f.http)
+	for _, style := range []oauth2.AuthStyle{oauth2.AuthStyleInHeader, oauth2.AuthStyleInParams} {
+		cc := clientcredentials.Config{ClientID: "gw-1", ClientSecret: gwSecret, TokenURL: disc.TokenEndpoint, AuthStyle: style}
+		tok, err := cc.Token(ctx)
+		if err != nil {
+			t.Fatalf("auth style %v: %v", style, err)
+		}
+		if tok.RefreshToken != "" {
+			t.Errorf("non-offline client got a refresh token")
+		}
+		claims := verifyWithJWKS(t, f, disc.JWKSURI, tok.AccessToken)
+		want := map[string]any{"iss": disc.Issuer, "azp": "gw-1", "preferred_username": "alice"}
+		for k, v := range want {
+			if claims[k] != v {
+				t.Errorf("claim %s = %v, want %v", k, claims[k], v)
+			}
+		}
+		if aud, _ := claims["aud"].([]any); len(aud) != 1 || aud[0] != "edgegate" {
+			if claims["aud"] != "edgegate" {
+				t.Errorf("aud = %v, want edgegate", claims["aud"])
+			}
+		}
+		exp, _ := claims["exp"].(float64)
+		iat, _ := claims["iat"].(float64)
+		if exp-iat != DefaultTokenTTL.Seconds() || claims["jti"] == "" || claims["sub"] == "" {
+			t.Errorf("exp-iat = %v, jti %v, sub %v", exp-iat, claims["jti"], claims["sub"])
+		}
+		// The token opens the broker.
+		body, _ := sealed(t, devTemp, k1, k2, 1, 20)
+		if r := f.mustDo(t, "PATCH", f.patchURL(devTemp, nil), tok.AccessToken, body); r.status != 204 {
+			t.Fatalf("PATCH with a fresh token: %d %s", r.status, r.body)
+		}
+	}
+
+	tests := []struct {
+		name, id, secret string
+		style            oauth2.AuthStyle
+	}{
+		{"wrong secret basic", "gw-1", "nope", oauth2.AuthStyleInHeader},
+		{"wrong secret form", "gw-1", "nope", oauth2.AuthStyleInParams},
+		{"unknown client", "ghost", gwSecret, oauth2.AuthStyleInHeader},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cc := clientcredentials.Config{ClientID: tt.id, ClientSecret: tt.secret, TokenURL: f.sim.TokenURL(), AuthStyle: tt.style}
+			_, err := cc.Token(ctx)
+			var re *oauth2.RetrieveError
+			if !errors.As(err, &re) || re.Response.StatusCode != 401 || re.ErrorCode != "invalid_client" {
+				t.Fatalf("Token() err = %v, want 401 invalid_client", err)
+			}
+		})
+	}
+	form := url.Values{"grant_type": {"password"}, "client_id": {"gw-1"}, "client_secret": {gwSecret}}
+	resp, err := f.http.PostForm(f.sim.TokenURL(), form)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 400 || !strings.Contains(string(b), `"unsupported_grant_type"`) {
+		t.Fatalf("password grant: %d %s", resp.StatusCode, b)
+	}
+}
+
+func TestRefreshToken(t *testing.T) {
+	f := newFixture(t)
+	post := func(form url.Values) (int, map[string]any) {
+		resp, err := f.http.PostForm(f.sim.TokenURL(), form)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var m map[string]any
+		if err := json.NewDecoder(resp.Body).Decode(&m); err != nil {
+			t.Fatal(err)
+		}
+		return resp.StatusCode, m
+	}
+	st, m := post(url.Values{"grant_type": {"client_credentials"}, "client_id": {"gw-off"}, "client_secret": {offSecret}})
+	rt, _ := m["refresh_token"].(string)
+	if st != 200 || rt == "" {
+		t.Fatalf("offline client_credentials: %d %v", st, m)
+	}
+	st, m = post(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}, "client_id": {"gw-off"}, "client_secret": {offSecret}})
+	if st != 200 || m["access_token"] == nil || m["refresh_token"] == nil {
+		t.Fatalf("refresh: %d %v", st, m)
+	}
+	st, m = post(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}, "client_id": {"gw-1"}, "client_secret": {gwSecret}})
+	if st != 400 || m["error"] != "invalid_grant" {
+		t.Fatalf("refresh by another client: %d %v", st, m)
+	}
+	st, m = post(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {"made-up"}, "client_id": {"gw-off"}, "client_secret": {offSecret}})
+	if st != 400 || m["error"] != "invalid_grant" {
+		t.Fatalf("unknown refresh token: %d %v", st, m)
+	}
+	f.sim.RevokeRefreshTokens("gw-off")
+	st, m = post(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}, "client_id": {"gw-off"}, "client_secret": {offSecret}})
+	if st != 400 || m["error"] != "invalid_grant" {
+		t.Fatalf("revoked refresh token: %d %v", st, m)
+	}
+}
+
+func TestRefreshTokenExpires(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Now()
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	f := newFixture(t, func(o *Options) { o.Now = clock; o.RefreshTTL = time.Hour })
+	ctx := context.WithValue(context.Background(), oauth2.HTTPClient, f.http)
+	cc := clientcredentials.Config{ClientID: "gw-off", ClientSecret: offSecret, TokenURL: f.sim.TokenURL()}
+	tok, err := cc.Token(ctx)
+	if err != nil || tok.RefreshToken == "" {
+		t.Fatalf("Token() = %v, %v", tok, err)
+	}
+	mu.Lock()
+	now = now.Add(2 * time.Hour)
+	mu.Unlock()
+	// The access token has expired too: the filter says so.
+	body, _ := sealed(t, devTemp, k1, k2, 1, 20)
+	if r := f.mustDo(t, "PATCH", f.patchURL(devTemp, nil), tok.AccessToken, body); r.status != 401 || r.message(t) != MsgAccessTokenNotValid {
+		t.Fatalf("PATCH with an expired token: %d %s", r.status, r.body)
+	}
+	resp, err := f.http.PostForm(f.sim.TokenURL(), url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tok.RefreshToken}, "client_id": {"gw-off"}, "client_secret": {offSecret}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 400 {
+		t.Fatalf("expired refresh token: status %d, want 400", resp.StatusCode)
+	}
+}
+
+func TestPatchAuthorization(t *testing.T) {
+	f := newFixture(t)
+	other, err := New(Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign, err := other.IssueAccessToken("alice", time.Minute) // signed by another key, other issuer
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name    string
+		bearer  string
+		url     string
+		status  int
+		message string
+	}{
+		{"owner", f.token(t, "alice", time.Minute), f.patchURL(devTemp, nil), 204, ""},
+		{"READ_WRITE delegate", f.token(t, "writer", time.Minute), f.patchURL(devTemp, nil), 204, ""},
+		{"WRITE_ONLY delegate", f.token(t, "wonly", time.Minute), f.patchURL(devTemp, nil), 204, ""},
+		{"MODIFY delegate", f.token(t, "modifier", time.Minute), f.patchURL(devTemp, nil), 204, ""},
+		{"READ_ACCESS delegate", f.token(t, "reader", time.Minute), f.patchURL(devTemp, nil), 401, MsgCredentialsNotValid},
+		{"stranger", f.token(t, "mallory", time.Minute), f.patchURL(devTemp, nil), 401, MsgCredentialsNotValid},
+		{"expired token", f.token(t, "alice", -time.Second), f.patchURL(devTemp, nil), 401, MsgAccessTokenNotValid},
+		{"no token", "", f.patchURL(devTemp, nil), 401, MsgAccessTokenNotValid},
+		{"garbage token", "not.a.jwt", f.patchURL(devTemp, nil), 401, MsgAccessTokenNotValid},
+		{"foreign token", foreign, f.patchURL(devTemp, nil), 401, MsgAccessTokenNotValid},
+		{"no elementid", f.token(t, "alice", time.Minute), f.sim.BrokerURL() + "/v2/entities/" + devTemp + "/attrs?type=" + devType, 401, MsgMissingElementID},
+		{"elementid of another entity", f.token(t, "alice", time.Minute), f.patchURL(devTemp, url.Values{"elementid": {devFree}}), 401, MsgElementIDNotValid},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			body, _ := sealed(t, devTemp, k1, k2, uint64(i+1), 20)
+			r := f.mustDo(t, "PATCH", tt.url, tt.bearer, body)
+			if r.status != tt.status {
+				t.Fatalf("status = %d (%s), want %d", r.status, r.body, tt.status)
+			}
+			if tt.message != "" {
+				if got := r.message(t); got != tt.message {
+					t.Fatalf("message = %q, want %q", got, tt.message)
+				}
+			}
+		})
+	}
+	var refused, accepted int
+	for _, rf := range f.sim.Refusals() {
+		if rf.Status == 401 && !rf.Fault {
+			refused++
+		}
+		if strings.Contains(rf.Path, "k1") || rf.Message == "" {
+			t.Errorf("refusal %+v", rf)
+		}
+	}
+	accepted = len(f.sim.Updates())
+	if refused != 8 || accepted != 4 {
+		t.Fatalf("refusals %d, updates %d; want 8 and 4", refused, accepted)
+	}
+	if u := f.sim.Updates()[1]; u.User != "writer" || u.Device != devTemp {
+		t.Fatalf("update = %+v", u)
+	}
+}
+
+func TestGetEntity(t *testing.T) {
+	f := newFixture(t)
+	body, _ := sealed(t, devTemp, k1, k2, 1, 21.5)
+	if r := f.mustDo(t, "PATCH", f.patchURL(devTemp, nil), f.token(t, "alice", time.Minute), body); r.status != 204 {
+		t.Fatalf("PATCH: %d %s", r.status, r.body)
+	}
+	tests := []struct {
+		user   string
+		status int
+	}{
+		{"alice", 200}, {"reader", 200}, {"writer", 200}, {"modifier", 200}, {"wonly", 401}, {"mallory", 401},
+	}
+	for _, tt := range tests {
+		t.Run(tt.user, func(t *testing.T) {
+			r := f.mustDo(t, "GET", f.getURL(devTemp), f.token(t, tt.user, time.Minute), nil)
+			if r.status != tt.status {
+				t.Fatalf("GET as %s: %d %s, want %d", tt.user, r.status, r.body, tt.status)
+			}
+			if tt.status != 200 {
+				if m := r.message(t); m != MsgCredentialsNotValid {
+					t.Fatalf("message %q", m)
+				}
+				return
+			}
+			var e map[string]json.RawMessage
+			if err := json.Unmarshal(r.body, &e); err != nil {
+				t.Fatal(err)
+			}
+			if string(e["id"]) != `"`+devTemp+`"` || string(e["type"]) != `"`+devType+`"` {
+				t.Fatalf("entity %s", r.body)
+			}
+			var temp struct {
+				Type     string                     `json:"type"`
+				Value    float64                    `json:"value"`
+				Metadata map[string]json.RawMessage `json:"metadata"`
+			}
+			if err := json.Unmarshal(e["temperature"], &temp); err != nil || temp.Type != "Number" || temp.Value != 21.5 || temp.Metadata["TimeInstant"] == nil {
+				t.Fatalf("temperature = %s (%v)", e["temperature"], err)
+			}
+			if _, ok := e["humidity"]; !ok {
+				t.Fatal("model attribute humidity missing from the entity")
+			}
+			// What the broker returns still verifies end to end.
+			key, _ := envelope.DeriveHS256(devTemp, k1, k2)
+			if _, err := envelope.VerifyAttrs(r.body, key, ""); err != nil {
+				t.Fatalf("entity read back does not verify: %v", err)
+			}
+		})
+	}
+	if r := f.mustDo(t, "GET", f.sim.BrokerURL()+"/v2/entities/"+devTemp+"?elementid="+devTemp+"&type=Other", f.token(t, "alice", time.Minute), nil); r.status != 404 {
+		t.Fatalf("GET wrong type: %d", r.status)
+	}
+}
+
+func TestCheckKeys(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.CheckKeys = true })
+	tok := f.token(t, "alice", time.Minute)
+	tests := []struct {
+		name   string
+		q      url.Values
+		status int
+	}{
+		{"right keys", url.Values{"k1": {k1}, "k2": {k2}}, 204},
+		{"wrong k2", url.Values{"k1": {k1}, "k2": {"nope"}}, 401},
+		{"no keys", nil, 401},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			body, _ := sealed(t, devTemp, k1, k2, uint64(i+1), 20)
+			r := f.mustDo(t, "PATCH", f.patchURL(devTemp, tt.q), tok, body)
+			if r.status != tt.status {
+				t.Fatalf("status %d (%s), want %d", r.status, r.body, tt.status)
+			}
+			if tt.status == 401 && r.message(t) != MsgCredentialsNotValid {
+				t.Fatalf("message %s", r.body)
+			}
+		})
+	}
+	// A device without keys can never be written when keys are checked.
+	if r := f.mustDo(t, "PATCH", f.patchURL(devFree, url.Values{"k1": {""}, "k2": {""}}), tok, []byte(`{"x":{"type":"Number","value":1}}`)); r.status != 401 {
+		t.Fatalf("keyless device: %d", r.status)
+	}
+}
+
+func TestOrionErrors(t *testing.T) {
+	f := newFixture(t)
+	tok := f.token(t, "alice", time.Minute)
+	good, _ := sealed(t, devTemp, k1, k2, 1, 20)
+	tests := []struct {
+		name   string
+		url    string
+		body   string
+		status int
+		code   string
+		desc   string
+	}{
+		{"invalid JSON", f.patchURL(devTemp, nil), `{"temperature":`, 400, "ParseError", orionParseErrorDesc},
+		{"not an object", f.patchURL(devTemp, nil), `[1,2]`, 400, "ParseError", orionParseErrorDesc},
+		{"attribute not an object", f.patchURL(devTemp, nil), `{"temperature":20}`, 400, "BadRequest", ""},
+		{"wrong type", f.patchURL(devTemp, url.Values{"type": {"Other"}}), string(good), 404, "NotFound", orionNotFoundDesc},
+		{"attribute outside the model", f.patchURL(devTemp, nil), `{"pressure":{"type":"Number","value":1},"temperature":{"type":"Number","value":2}}`, 422, "Unprocessable", orionAttrsMissingDesc + "[ pressure ]"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			r := f.mustDo(t, "PATCH", tt.url, tok, []byte(tt.body))
+			var oe orionError
+			if err := json.Unmarshal(r.body, &oe); err != nil {
+				t.Fatalf("body %s: %v", r.body, err)
+			}
+			if r.status != tt.status || oe.Error != tt.code || (tt.desc != "" && oe.Description != tt.desc) {
+				t.Fatalf("got %d %+v, want %d %s %q", r.status, oe, tt.status, tt.code, tt.desc)
+			}
+		})
+	}
+	// Any attribute goes when the device declares no model.
+	if r := f.mustDo(t, "PATCH", f.patchURL(devFree, nil), tok, []byte(`{"pressure":{"type":"Number","value":1}}`)); r.status != 204 {
+		t.Fatalf("free device: %d %s", r.status, r.body)
+	}
+	// Owned, but the entity is gone from the broker: Orion's 404.
+	f.sim.RemoveEntity(devTemp)
+	r := f.mustDo(t, "PATCH", f.patchURL(devTemp, nil), tok, good)
+	if r.status != 404 || !strings.Contains(string(r.body), orionNotFoundDesc) {
+		t.Fatalf("removed entity: %d %s", r.status, r.body)
+	}
+	// Unregistered: the filter refuses before Orion is asked.
+	f.sim.RemoveDevice(devFree)
+	r = f.mustDo(t, "PATCH", f.patchURL(devFree, nil), tok, []byte(`{"pressure":{"type":"Number","value":1}}`))
+	if r.status != 401 || r.message(t) != MsgCredentialsNotValid {
+		t.Fatalf("removed device: %d %s", r.status, r.body)
+	}
+	if n := len(f.sim.Updates()); n != 1 {
+		t.Fatalf("%d updates recorded, want 1", n)
+	}
+}
+
+func TestSignatureVerdicts(t *testing.T) {
+	f := newFixture(t)
+	tok := f.token(t, "alice", time.Minute)
+
+	valid, _ := sealed(t, devTemp, k1, k2, 7, 20)
+	wrongKey, _ := sealed(t, devTemp, k1, "another-k2", 8, 20)
+	otherDevice, _ := sealed(t, devFree, k1, k2, 9, 20) // devFree's reading, devTemp's keys do not derive its key
+	tampered := bytes.Replace(valid, []byte(`"value":20`), []byte(`"value":99`), 1)
+	if bytes.Equal(tampered, valid) {
+		t.Fatalf("could not tamper with %s", valid)
+	}
+	tests := []struct {
+		name    string
+		body    []byte
+		verdict string
+		seq     uint64
+	}{
+		{"valid", valid, VerdictValid, 7},
+		{"replayed", valid, VerdictValid, 7},
+		{"tampered", tampered, VerdictTampered, 7},
+		{"wrong key", wrongKey, VerdictWrongKey, 0},
+		{"other device's key", otherDevice, VerdictWrongKey, 0},
+		{"unsigned", []byte(`{"temperature":{"type":"Number","value":1}}`), VerdictUnsigned, 0},
+		{"malformed", []byte(`{"temperature":{"type":"Number","value":1},"signature":{"type":"string","value":"abc"}}`), VerdictMalformed, 0},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if r := f.mustDo(t, "PATCH", f.patchURL(devTemp, nil), tok, tt.body); r.status != 204 {
+				t.Fatalf("status %d %s", r.status, r.body)
+			}
+			ups := f.sim.Updates()
+			if len(ups) != i+1 {
+				t.Fatalf("%d updates, want %d", len(ups), i+1)
+			}
+			u := ups[i]
+			if u.Verdict != tt.verdict || u.Seq != tt.seq || u.User != "alice" {
+				t.Fatalf("update = %+v, want verdict %q seq %d", u, tt.verdict, tt.seq)
+			}
+			if tt.seq != 0 && u.Gateway != "gw-test" {
+				t.Fatalf("gateway = %q", u.Gateway)
+			}
+			if tt.name == "replayed" != u.Duplicate {
+				t.Fatalf("duplicate = %v", u.Duplicate)
+			}
+			if !bytes.Contains(u.Attrs["temperature"], []byte(`"value"`)) {
+				t.Fatalf("attrs as received: %v", u.Attrs)
+			}
+		})
+	}
+	sum := f.sim.Summary()
+	if got := sum.Devices[devTemp]; got[VerdictValid] != 2 || got[VerdictWrongKey] != 2 || got[VerdictTampered] != 1 {
+		t.Fatalf("summary %+v", sum)
+	}
+}
+
+func TestCustomSignatureAttr(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.SignatureAttr = "edgegateSig" })
+	key, _ := envelope.DeriveHS256(devFree, "a", "b")
+	f.sim.AddDevice(Device{ID: devFree, Type: devType, Owner: "alice", K1: "a", K2: "b"})
+	c := envelope.Claims{Version: envelope.Version, Gateway: "g", Device: devFree, Seq: 1, Time: time.Now().UTC(), Attrs: map[string]envelope.Attr{"t": {Type: "Number", Value: 1.0}}}
+	compact, _ := envelope.Seal(key, c)
+	body, _ := envelope.Body(c, compact, "edgegateSig")
+	if r := f.mustDo(t, "PATCH", f.patchURL(devFree, nil), f.token(t, "alice", time.Minute), body); r.status != 204 {
+		t.Fatalf("%d %s", r.status, r.body)
+	}
+	if u := f.sim.Updates()[0]; u.Verdict != VerdictValid {
+		t.Fatalf("verdict %q (%s)", u.Verdict, u.Detail)
+	}
+}
+
+func TestNewRejectsBadOptions(t *testing.T) {
+	tests := []struct {
+		name string
+		opts Options
+		want string
+	}{
+		{"client without secret", Options{Clients: []Client{{ID: "a", Username: "u"}}}, "clients[0].secret"},
+		{"duplicate device", Options{Devices: []Device{{ID: "d", Type: "T", Owner: "o"}, {ID: "d", Type: "T", Owner: "o"}}}, "devices[1].id"},
+		{"half keys", Options{Devices: []Device{{ID: "d", Type: "T", Owner: "o", K1: "x"}}}, "k1 and k2"},
+		{"bad kind", Options{Delegations: []Delegation{{Device: "d", User: "u", Kind: "READ"}}}, "delegations[0]: kind"},
+		{"bad realm", Options{Realm: "a/b"}, "realm"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := New(tt.opts)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("New() err = %v, want mention of %q", err, tt.want)
+			}
+		})
+	}
+}

@@ -1,0 +1,204 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/pki"
+	"gopkg.in/yaml.v3"
+)
+
+// centralSimConfig is the YAML file of `edgegate central-sim --config`.
+// Unknown keys are errors. It holds client secrets and K1/K2: keep it 0600.
+type centralSimConfig struct {
+	Realm         string                 `yaml:"realm"`
+	Audience      string                 `yaml:"audience"`
+	SignatureAttr string                 `yaml:"signature_attr"`
+	CheckKeys     bool                   `yaml:"check_keys"`
+	TokenTTL      time.Duration          `yaml:"token_ttl"`
+	RefreshTTL    time.Duration          `yaml:"refresh_ttl"`
+	Clients       []centralSimClient     `yaml:"clients"`
+	Devices       []centralSimDevice     `yaml:"devices"`
+	Delegations   []centralSimDelegation `yaml:"delegations"`
+}
+
+type centralSimClient struct {
+	ID       string `yaml:"id"`
+	Secret   string `yaml:"secret"`
+	Username string `yaml:"username"`
+	Offline  bool   `yaml:"offline"`
+}
+
+type centralSimDevice struct {
+	ID    string   `yaml:"id"`
+	Type  string   `yaml:"type"`
+	Owner string   `yaml:"owner"`
+	K1    string   `yaml:"k1"`
+	K2    string   `yaml:"k2"`
+	Attrs []string `yaml:"attrs"`
+}
+
+type centralSimDelegation struct {
+	Device string `yaml:"device"`
+	User   string `yaml:"user"`
+	Kind   string `yaml:"kind"`
+}
+
+// parseCentralSimConfig decodes a config strictly (unknown keys name
+// themselves in the error) into server options.
+func parseCentralSimConfig(data []byte) (centralsim.Options, error) {
+	var c centralSimConfig
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) {
+		return centralsim.Options{}, err
+	}
+	var extra any
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return centralsim.Options{}, errors.New("more than one YAML document")
+	}
+	if c.TokenTTL < 0 {
+		return centralsim.Options{}, fmt.Errorf("token_ttl must be positive: %v", c.TokenTTL)
+	}
+	if c.RefreshTTL < 0 {
+		return centralsim.Options{}, fmt.Errorf("refresh_ttl must be positive: %v", c.RefreshTTL)
+	}
+	o := centralsim.Options{
+		Realm: c.Realm, Audience: c.Audience, SignatureAttr: c.SignatureAttr,
+		CheckKeys: c.CheckKeys, TokenTTL: c.TokenTTL, RefreshTTL: c.RefreshTTL,
+	}
+	for _, x := range c.Clients {
+		o.Clients = append(o.Clients, centralsim.Client{ID: x.ID, Secret: x.Secret, Username: x.Username, Offline: x.Offline})
+	}
+	for _, x := range c.Devices {
+		o.Devices = append(o.Devices, centralsim.Device{ID: x.ID, Type: x.Type, Owner: x.Owner, K1: x.K1, K2: x.K2, Attrs: x.Attrs})
+	}
+	for _, x := range c.Delegations {
+		o.Delegations = append(o.Delegations, centralsim.Delegation{Device: x.Device, User: x.User, Kind: x.Kind})
+	}
+	return o, nil
+}
+
+// runCentralSim is `edgegate central-sim [flags]`: serve the simulated
+// central service until ctx is cancelled. args exclude the subcommand name.
+func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("central-sim", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	listen := fs.String("listen", "127.0.0.1:8443", "`address` to serve HTTPS on")
+	configPath := fs.String("config", "", "YAML `file`: realm, audience, signature_attr, check_keys, token_ttl, refresh_ttl, clients, devices, delegations")
+	caOut := fs.String("ca-out", "", "write the CA certificate (PEM) to `file`")
+	tokenOut := fs.String("admin-token-out", "", "write the /_sim/ admin token to `file` (0600); without it the token is printed")
+	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: edgegate central-sim [flags]\n\nServe a simulated central service (OIDC provider, Orion Broker Filter, NGSI v2 broker) for demos and tests.\n\nflags:")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("central-sim: unexpected arguments: %q", fs.Args())
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
+		return fmt.Errorf("central-sim: --log-level: %w", err)
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+
+	var opts centralsim.Options
+	if *configPath != "" {
+		data, err := os.ReadFile(*configPath)
+		if err != nil {
+			return fmt.Errorf("central-sim: read config: %w", err)
+		}
+		if opts, err = parseCentralSimConfig(data); err != nil {
+			return fmt.Errorf("central-sim: config %s: %w", *configPath, err)
+		}
+		if fi, err := os.Stat(*configPath); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			logger.Warn("config file holds secrets but is readable by others", "file", *configPath, "mode", fi.Mode().Perm().String())
+		}
+	} else {
+		logger.Warn("no --config: no clients and no devices; add devices with POST /_sim/devices")
+	}
+	opts.Logger = logger
+
+	sim, err := centralsim.New(opts)
+	if err != nil {
+		return fmt.Errorf("central-sim: %w", err)
+	}
+	if err := sim.Start(*listen); err != nil {
+		return fmt.Errorf("central-sim: %w", err)
+	}
+	defer func() {
+		if err := sim.Close(); err != nil {
+			logger.Warn("close", "err", err)
+		}
+	}()
+	if *caOut != "" {
+		if err := pki.WriteCertPEM(*caOut, sim.CACertPEM()); err != nil {
+			return fmt.Errorf("central-sim: --ca-out: %w", err)
+		}
+	}
+	if *tokenOut != "" {
+		if err := writeCentralSimSecret(*tokenOut, []byte(sim.AdminToken()+"\n")); err != nil {
+			return fmt.Errorf("central-sim: --admin-token-out: %w", err)
+		}
+	}
+	// Shell-sourceable, one per line, for `make demo` and scripts.
+	fmt.Fprintf(stdout, "ISSUER=%s\n", sim.Issuer())
+	fmt.Fprintf(stdout, "TOKEN_URL=%s\n", sim.TokenURL())
+	fmt.Fprintf(stdout, "JWKS_URL=%s\n", sim.JWKSURL())
+	fmt.Fprintf(stdout, "BROKER_URL=%s\n", sim.BrokerURL())
+	fmt.Fprintf(stdout, "ADMIN_URL=%s/_sim\n", sim.URL())
+	if *caOut != "" {
+		fmt.Fprintf(stdout, "CA_FILE=%s\n", *caOut)
+	}
+	if *tokenOut != "" {
+		fmt.Fprintf(stdout, "ADMIN_TOKEN_FILE=%s\n", *tokenOut)
+	} else {
+		fmt.Fprintf(stdout, "ADMIN_TOKEN=%s\n", sim.AdminToken())
+	}
+
+	<-ctx.Done()
+	logger.Info("central-sim stopping")
+	return nil // cancellation is how it stops, not an error
+}
+
+// writeCentralSimSecret writes data to path atomically with mode 0600.
+func writeCentralSimSecret(path string, data []byte) (err error) {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	if err = f.Chmod(0o600); err != nil {
+		return err
+	}
+	if _, err = f.Write(data); err != nil {
+		return err
+	}
+	if err = f.Sync(); err != nil {
+		return err
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	return os.Rename(f.Name(), path)
+}

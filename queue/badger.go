@@ -1,0 +1,79 @@
+package queue
+
+import (
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/dgraph-io/badger/v4/options"
+)
+
+// badgerOptions tunes badger for a 1 GB Raspberry Pi with encryption on.
+//
+// Memory ceiling (anonymous memory badger can hold at once, worst case):
+//
+//	term                                   size        why
+//	memtables: NumMemtables(2) x arena     2 x 10.5 MB skiplist arena = MemTableSize(8 MB)
+//	                                                   + maxBatchSize(1.2 MB) + maxBatchCount x node
+//	block cache (ristretto)                8 MB        BlockCacheSize
+//	index cache (ristretto)                4 MB        IndexCacheSize, required with encryption
+//	L0 flush table builder                 ~8 MB       builds one table from a full memtable
+//	compactions: NumCompactors(2) x ~2 x   ~8 MB       each builds BaseTableSize(2 MB) tables,
+//	  BaseTableSize x ~2                               double-buffered
+//	write channel + our batch              ~1 MB       MaxBatch(256) x ~1 KB readings, twice
+//	----------------------------------------------------
+//	total                                  ~50 MB
+//
+// File-backed mappings come on top but are page cache the kernel can drop:
+// each memtable WAL is mmapped at 2 x MemTableSize (16 MB), the active value
+// log at 2 x ValueLogFileSize (128 MB of address space, sparse on disk). On
+// 32-bit ARM the address space, not RAM, is the limit, hence 64 MB vlog files.
+func badgerOptions(dir string, key []byte, logger *slog.Logger) badger.Options {
+	return badger.DefaultOptions(dir).
+		// Durability comes from db.Sync after each group commit.
+		WithSyncWrites(false).
+		WithEncryptionKey(key).
+		// Data keys are rotated under the master key; ten days keeps the
+		// registry small (~37 keys a year) while limiting what one data key
+		// protects.
+		WithEncryptionKeyRotationDuration(10*24*time.Hour).
+		WithIndexCacheSize(4<<20).
+		WithBlockCacheSize(8<<20).
+		WithMemTableSize(8<<20).
+		WithNumMemtables(2).
+		WithNumLevelZeroTables(2).
+		WithNumLevelZeroTablesStall(4).
+		WithValueLogFileSize(64<<20).
+		// Readings are a few hundred bytes: they stay inline in the LSM and
+		// never need value-log GC; only unusually large bodies go to the vlog.
+		WithValueThreshold(1<<10).
+		WithNumCompactors(2).
+		WithNumGoroutines(2).
+		WithCompression(options.Snappy).
+		// badger's metrics live in package-level expvars keyed by directory;
+		// we measure the directory ourselves instead.
+		WithMetricsEnabled(false).
+		// Safe: the committer is the only writer of s/ keys and of new q/
+		// keys, and Delete/DeadLetter/PurgeDevice are serialised by
+		// Queue.mutMu, so no two transactions ever race on one key.
+		WithDetectConflicts(false).
+		// Not WithLoggingLevel: it replaces the logger with badger's stderr
+		// one. badgerLogger does the level filtering itself.
+		WithLogger(badgerLogger{logger.With("component", "badger")})
+}
+
+// badgerLogger forwards badger's WARNING and ERROR lines to slog. Info and
+// debug lines are dropped: badger logs every compaction at INFO, which would
+// wear an SD card through journald.
+type badgerLogger struct{ l *slog.Logger }
+
+func (b badgerLogger) Errorf(f string, a ...any) {
+	b.l.Error(strings.TrimSpace(fmt.Sprintf(f, a...)))
+}
+func (b badgerLogger) Warningf(f string, a ...any) {
+	b.l.Warn(strings.TrimSpace(fmt.Sprintf(f, a...)))
+}
+func (badgerLogger) Infof(string, ...any)  {}
+func (badgerLogger) Debugf(string, ...any) {}

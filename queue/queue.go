@@ -1,0 +1,972 @@
+package queue
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+
+	"github.com/edgegate/edgegate/metrics"
+)
+
+// ErrNotFound: the item is not (or no longer) in its lane.
+var ErrNotFound = errors.New("queue: item not queued")
+
+// Options configures Open.
+type Options struct {
+	Dir string // badger directory
+	// Key is the 32-byte AES-256 store key (badger EncryptionKey); required.
+	Key []byte
+	// QuotaBytes refuses Append with ErrQuota once the store's allocated size
+	// on disk (every file under Dir, refreshed every second by Run) reaches
+	// it; 0 = none.
+	QuotaBytes int64
+	MaxBatch   int              // entries per group commit, default 256
+	Logger     *slog.Logger     // nil = discard
+	Metrics    *metrics.Metrics // nil ok
+	// GCInterval is how often Run runs value-log GC; default 5 minutes.
+	GCInterval time.Duration
+}
+
+// Queue is the durable queue. Open it, run Run in one goroutine, call the
+// other methods from any goroutine, and Close it after Run returned.
+//
+// Ownership: the committer (Run) owns counters and is the only writer of s/
+// keys and new q/ keys. mutMu serialises the removers (Delete, DeadLetter,
+// PurgeDevice). commitMu is held by the committer from its write to the
+// publication of the written items, so PurgeDevice never sees an item that
+// the lane index does not know about yet. mu guards the lane index.
+type Queue struct {
+	db       *badger.DB
+	dir      string
+	log      *slog.Logger
+	met      *metrics.Metrics
+	quota    int64
+	maxBatch int
+	gcEvery  time.Duration
+
+	reqs     chan *request
+	stopping chan struct{} // closed when Run begins to stop
+	closeMu  sync.RWMutex  // Append holds R while sending; Run takes W to set closed
+	closed   bool
+	running  atomic.Bool
+	disk     atomic.Int64 // allocated bytes under dir
+
+	// Committer-owned.
+	counters map[string]uint64 // device -> last seq assigned and committed
+	floor    map[string]uint64 // device -> highest seq found in q/ at Open
+	pending  []record          // committed but whose Sync failed: not yet visible
+
+	commitMu sync.Mutex
+	mutMu    sync.Mutex
+
+	mu      sync.RWMutex
+	lanes   map[string]*laneState // key: string(lane prefix)
+	dead    int
+	changed chan struct{}
+}
+
+// laneState is the in-memory index of one lane. count and oldest are exact.
+// bytes is the sum of value sizes: exact for values kept inline in the LSM
+// (< 1 KB); for larger values, rebuilt on Open and subtracted on removal
+// with badger's ValueSize, which estimates the varint header and can be off
+// by a byte or so per item. It is clamped at zero.
+type laneState struct {
+	lane   Lane
+	count  int
+	bytes  int64
+	oldest time.Time
+	// visible is the highest seq that is synced: Peek never returns an item
+	// above it, so the uplink never sends a reading that a crash could
+	// still take back (its seq would then be reused for another reading).
+	visible uint64
+}
+
+type request struct {
+	ctx   context.Context
+	entry Entry
+	done  chan result // buffered 1: the committer never blocks answering
+}
+
+type result struct {
+	item Item
+	err  error
+}
+
+type record struct {
+	req      *request
+	item     Item
+	key, val []byte
+}
+
+// Open opens or creates the store and rebuilds the lane index.
+func Open(opts Options) (*Queue, error) {
+	if len(opts.Key) != 32 {
+		return nil, fmt.Errorf("open queue: store key must be 32 bytes, got %d", len(opts.Key))
+	}
+	if opts.Dir == "" {
+		return nil, errors.New("open queue: no directory")
+	}
+	if opts.MaxBatch <= 0 {
+		opts.MaxBatch = 256
+	}
+	if opts.GCInterval <= 0 {
+		opts.GCInterval = 5 * time.Minute
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	log = log.With("component", "queue")
+	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+		return nil, fmt.Errorf("open queue: create directory: %w", err)
+	}
+	db, err := badger.Open(badgerOptions(opts.Dir, opts.Key, log))
+	if err != nil {
+		return nil, fmt.Errorf("open queue: %w", mapDiskFull(err))
+	}
+	q := &Queue{
+		db:       db,
+		dir:      opts.Dir,
+		log:      log,
+		met:      opts.Metrics,
+		quota:    opts.QuotaBytes,
+		maxBatch: opts.MaxBatch,
+		gcEvery:  opts.GCInterval,
+		reqs:     make(chan *request, opts.MaxBatch),
+		stopping: make(chan struct{}),
+		counters: make(map[string]uint64),
+		floor:    make(map[string]uint64),
+		lanes:    make(map[string]*laneState),
+		changed:  make(chan struct{}),
+	}
+	if err := q.rebuild(); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open queue: rebuild index: %w", err)
+	}
+	q.refreshSize()
+	return q, nil
+}
+
+// rebuild fills the lane index with a key-only scan of q/ and d/; it reads
+// one value per lane (the first) to learn the broker URI and oldest time.
+func (q *Queue) rebuild() error {
+	return q.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.PrefetchValues = false
+		io.Prefix = prefixQueue
+		it := txn.NewIterator(io)
+		defer it.Close()
+		var cur *laneState
+		var curPrefix []byte
+		for it.Rewind(); it.Valid(); it.Next() {
+			bi := it.Item()
+			prefix, device, seq, err := parseItemKey(bi.Key())
+			if err != nil {
+				return err
+			}
+			if cur == nil || !bytes.Equal(prefix, curPrefix) {
+				curPrefix = append(curPrefix[:0], prefix...)
+				var it0 Item
+				if err := bi.Value(func(v []byte) error { return decodeItem(v, &it0) }); err != nil {
+					return fmt.Errorf("read %x: %w", bi.Key(), err)
+				}
+				cur = &laneState{lane: Lane{Broker: it0.Broker, Device: device}, oldest: it0.Enqueued}
+				q.lanes[string(prefix)] = cur
+			}
+			cur.count++
+			cur.bytes += bi.ValueSize()
+			cur.visible = seq
+			if seq > q.floor[device] {
+				q.floor[device] = seq
+			}
+		}
+		it.Close()
+
+		io.Prefix = prefixDead
+		dit := txn.NewIterator(io)
+		defer dit.Close()
+		for dit.Rewind(); dit.Valid(); dit.Next() {
+			q.dead++
+		}
+		return nil
+	})
+}
+
+// Close closes the store. Call it after Run returned.
+func (q *Queue) Close() error {
+	if err := q.db.Close(); err != nil {
+		return fmt.Errorf("close queue: %w", err)
+	}
+	return nil
+}
+
+// Append queues e and returns after the batch carrying it is committed and
+// synced. Errors: ErrQuota (also for a full disk), ErrClosed, the Seal error
+// (wrapped), the caller's ctx error, or a store error. On any error the
+// reading must not be acknowledged to its source.
+func (q *Queue) Append(ctx context.Context, e Entry) (Item, error) {
+	switch {
+	case e.Seal == nil:
+		return Item{}, errors.New("append: entry has no Seal")
+	case e.Broker == "":
+		return Item{}, errors.New("append: entry has no broker")
+	case !validDevice(e.Device):
+		return Item{}, fmt.Errorf("append: invalid device id %q", e.Device)
+	}
+	if q.quota > 0 && q.disk.Load() >= q.quota {
+		return Item{}, fmt.Errorf("append: %d of %d bytes used: %w", q.disk.Load(), q.quota, ErrQuota)
+	}
+	req := &request{ctx: ctx, entry: e, done: make(chan result, 1)}
+	q.closeMu.RLock()
+	if q.closed {
+		q.closeMu.RUnlock()
+		return Item{}, ErrClosed
+	}
+	select {
+	case q.reqs <- req:
+	case <-q.stopping:
+		q.closeMu.RUnlock()
+		return Item{}, ErrClosed
+	case <-ctx.Done():
+		q.closeMu.RUnlock()
+		return Item{}, fmt.Errorf("append: %w", ctx.Err())
+	}
+	q.closeMu.RUnlock()
+	select {
+	case r := <-req.done:
+		return r.item, r.err
+	case <-ctx.Done():
+		// The committer may still commit it: not acknowledged, so at worst
+		// a duplicate with its own seq later.
+		return Item{}, fmt.Errorf("append: %w", ctx.Err())
+	}
+}
+
+// Run is the committer loop, with value-log GC and size refresh on the side.
+// It returns nil when ctx is cancelled, after failing the Appends still
+// waiting with ErrClosed.
+func (q *Queue) Run(ctx context.Context) error {
+	if !q.running.CompareAndSwap(false, true) {
+		return errors.New("run queue: already run")
+	}
+	hkCtx, hkCancel := context.WithCancel(ctx)
+	hkDone := make(chan struct{})
+	go func() {
+		defer close(hkDone)
+		q.housekeep(hkCtx)
+	}()
+	defer func() {
+		hkCancel()
+		<-hkDone
+	}()
+
+	retry := time.NewTicker(time.Second)
+	defer retry.Stop()
+	batch := make([]*request, 0, q.maxBatch)
+	for {
+		// Cancellation wins over waiting Appends (select picks at random).
+		if ctx.Err() != nil {
+			q.stop()
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			continue
+		case <-retry.C:
+			if len(q.pending) > 0 {
+				q.retrySync()
+			}
+		case r := <-q.reqs:
+			batch = append(batch[:0], r)
+		drain:
+			for len(batch) < q.maxBatch {
+				select {
+				case r := <-q.reqs:
+					batch = append(batch, r)
+				default:
+					break drain
+				}
+			}
+			q.commit(batch)
+			clear(batch) // drop references to bodies
+		}
+	}
+}
+
+// stop refuses new Appends and fails the queued ones.
+func (q *Queue) stop() {
+	close(q.stopping) // wakes senders blocked on a full channel, so they drop closeMu
+	q.closeMu.Lock()
+	q.closed = true
+	q.closeMu.Unlock()
+	for {
+		select {
+		case r := <-q.reqs:
+			r.done <- result{err: ErrClosed}
+		default:
+			return
+		}
+	}
+}
+
+// housekeep refreshes the disk size every second and runs value-log GC
+// every gcEvery. It runs in its own goroutine so a long GC never delays a
+// commit.
+func (q *Queue) housekeep(ctx context.Context) {
+	size := time.NewTicker(time.Second)
+	defer size.Stop()
+	gc := time.NewTicker(q.gcEvery)
+	defer gc.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-size.C:
+			q.refreshSize()
+		case <-gc.C:
+			q.runGC(ctx)
+			q.refreshSize()
+		}
+	}
+}
+
+// runGC rewrites value-log files while badger finds some worth it, at most
+// 16 files a round so a round stays bounded.
+func (q *Queue) runGC(ctx context.Context) {
+	for range 16 {
+		if ctx.Err() != nil {
+			return
+		}
+		err := q.db.RunValueLogGC(0.5)
+		if err != nil {
+			if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) {
+				q.log.Warn("value-log GC failed", "err", err)
+			}
+			return
+		}
+	}
+}
+
+// refreshSize measures the allocated size of every file in the store
+// directory (LSM tables, value logs, WALs, manifest).
+func (q *Queue) refreshSize() {
+	var total int64
+	_ = filepath.WalkDir(q.dir, func(_ string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return nil // a file removed by compaction mid-walk is not an error
+		}
+		if fi, err := d.Info(); err == nil {
+			total += allocated(fi)
+		}
+		return nil
+	})
+	q.disk.Store(total)
+}
+
+// nextSeq returns the next sequence number for device without consuming it.
+func (q *Queue) nextSeq(device string) (uint64, error) {
+	last, ok := q.counters[device]
+	if !ok {
+		err := q.db.View(func(txn *badger.Txn) error {
+			bi, err := txn.Get(seqKey(device))
+			if errors.Is(err, badger.ErrKeyNotFound) {
+				return nil
+			}
+			if err != nil {
+				return err
+			}
+			return bi.Value(func(v []byte) error {
+				if len(v) != 8 {
+					return errBadValue
+				}
+				last = binary.BigEndian.Uint64(v)
+				return nil
+			})
+		})
+		if err != nil {
+			return 0, fmt.Errorf("load sequence of %q: %w", device, err)
+		}
+		// A counter can never be below a queued item's seq; guard anyway so
+		// a damaged counter cannot make us reuse a seq.
+		last = max(last, q.floor[device])
+		q.counters[device] = last
+	}
+	return last + 1, nil
+}
+
+// commit seals, writes, syncs and answers one batch.
+func (q *Queue) commit(batch []*request) {
+	q.commitMu.Lock()
+	defer q.commitMu.Unlock()
+
+	// No monotonic reading: the Item returned equals the one Peek decodes.
+	now := time.Now().Round(0)
+	recs := make([]record, 0, len(batch))
+	for _, r := range batch {
+		if err := r.ctx.Err(); err != nil {
+			r.done <- result{err: fmt.Errorf("append: %w", err)}
+			continue
+		}
+		e := r.entry
+		seq, err := q.nextSeq(e.Device)
+		if err != nil {
+			r.done <- result{err: fmt.Errorf("append: %w", err)}
+			continue
+		}
+		body, err := e.Seal(seq)
+		if err != nil {
+			r.done <- result{err: fmt.Errorf("append: seal reading: %w", err)}
+			continue
+		}
+		q.counters[e.Device] = seq
+		it := Item{Broker: e.Broker, Device: e.Device, Type: e.Type, Service: e.Service,
+			ServicePath: e.ServicePath, Seq: seq, Enqueued: now, Body: body}
+		recs = append(recs, record{req: r, item: it,
+			key: itemKey(prefixQueue, e.Broker, e.Device, seq), val: encodeItem(&it)})
+	}
+	if len(recs) == 0 {
+		return
+	}
+
+	n, werr := q.write(recs)
+	if werr != nil {
+		werr = fmt.Errorf("append: commit batch: %w", mapDiskFull(werr))
+		q.log.Error("queue commit failed", "committed", n, "failed", len(recs)-n, "err", werr)
+		// Seqs of the failed records were not committed: forget the
+		// in-memory counters so the next batch reloads them from disk,
+		// gap-free.
+		clear(q.counters)
+		for _, rc := range recs[n:] {
+			rc.req.done <- result{err: werr}
+		}
+	}
+	done := recs[:n]
+	if n == 0 {
+		return
+	}
+	if err := q.db.Sync(); err != nil {
+		err = fmt.Errorf("append: sync batch: %w", mapDiskFull(err))
+		q.log.Error("queue sync failed", "items", n, "err", err)
+		// The items are committed (their seqs are spent) but not durable:
+		// keep them invisible until a later Sync succeeds.
+		for i := range done {
+			done[i].req.done <- result{err: err}
+			done[i].req = nil
+		}
+		q.pending = append(q.pending, done...)
+		return
+	}
+	if len(q.pending) > 0 {
+		done = append(q.pending, done...)
+		q.pending = nil
+	}
+	q.publish(done)
+	for _, rc := range done {
+		if rc.req != nil {
+			rc.req.done <- result{item: rc.item}
+		}
+	}
+	if q.met != nil {
+		q.met.Queued.Add(float64(len(done)))
+		q.met.CommitBatch.Observe(float64(len(done)))
+	}
+}
+
+// retrySync makes pending records visible once a Sync succeeds.
+func (q *Queue) retrySync() {
+	q.commitMu.Lock()
+	defer q.commitMu.Unlock()
+	if err := q.db.Sync(); err != nil {
+		q.log.Warn("queue sync retry failed", "items", len(q.pending), "err", err)
+		return
+	}
+	q.publish(q.pending)
+	q.pending = nil
+}
+
+// write commits recs in as few transactions as badger allows, each carrying
+// the counters of its own items, and returns how many leading records were
+// committed.
+func (q *Queue) write(recs []record) (int, error) {
+	err := q.writeTxn(recs)
+	if errors.Is(err, badger.ErrTxnTooBig) && len(recs) > 1 {
+		mid := len(recs) / 2
+		n, err := q.write(recs[:mid])
+		if err != nil {
+			return n, err
+		}
+		m, err := q.write(recs[mid:])
+		return n + m, err
+	}
+	if err != nil {
+		return 0, err
+	}
+	return len(recs), nil
+}
+
+func (q *Queue) writeTxn(recs []record) error {
+	txn := q.db.NewTransaction(true)
+	defer txn.Discard()
+	last := make(map[string]uint64)
+	for i := range recs {
+		if err := txn.Set(recs[i].key, recs[i].val); err != nil {
+			return err
+		}
+		last[recs[i].item.Device] = recs[i].item.Seq // seqs rise within a batch
+	}
+	for dev, seq := range last {
+		if err := txn.Set(seqKey(dev), binary.BigEndian.AppendUint64(nil, seq)); err != nil {
+			return err
+		}
+	}
+	return txn.Commit()
+}
+
+// publish adds synced records to the lane index and wakes Changed waiters.
+func (q *Queue) publish(recs []record) {
+	if len(recs) == 0 {
+		return
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, rc := range recs {
+		p := string(rc.key[:len(rc.key)-8])
+		ls := q.lanes[p]
+		if ls == nil {
+			ls = &laneState{lane: Lane{Broker: rc.item.Broker, Device: rc.item.Device}, oldest: rc.item.Enqueued}
+			q.lanes[p] = ls
+		}
+		ls.count++
+		ls.bytes += int64(len(rc.val))
+		ls.visible = max(ls.visible, rc.item.Seq)
+	}
+	close(q.changed)
+	q.changed = make(chan struct{})
+}
+
+// Changed returns a channel closed at the next commit that adds items.
+// Callers re-call it after each wake-up, before looking at the lanes, so no
+// commit falls between the look and the wait.
+func (q *Queue) Changed() <-chan struct{} {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	return q.changed
+}
+
+// Brokers returns the brokers with non-empty lanes, sorted.
+func (q *Queue) Brokers() []string {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	var out []string
+	for _, ls := range q.lanes {
+		if !slices.Contains(out, ls.lane.Broker) {
+			out = append(out, ls.lane.Broker)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// Lanes returns the non-empty lanes of broker, sorted by device.
+func (q *Queue) Lanes(broker string) []Lane {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	var out []Lane
+	for _, ls := range q.lanes {
+		if ls.lane.Broker == broker {
+			out = append(out, ls.lane)
+		}
+	}
+	slices.SortFunc(out, func(a, b Lane) int { return strings.Compare(a.Device, b.Device) })
+	return out
+}
+
+// Peek returns up to max items of lane l, oldest first. It returns only
+// synced items.
+func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
+	if max <= 0 || !validDevice(l.Device) {
+		return nil, nil
+	}
+	prefix := lanePrefix(prefixQueue, l.Broker, l.Device)
+	q.mu.RLock()
+	ls := q.lanes[string(prefix)]
+	var visible uint64
+	if ls != nil {
+		visible = ls.visible
+	}
+	q.mu.RUnlock()
+	if visible == 0 {
+		return nil, nil
+	}
+	var out []Item
+	err := q.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.Prefix = prefix
+		io.PrefetchSize = min(max, 100)
+		it := txn.NewIterator(io)
+		defer it.Close()
+		for it.Rewind(); it.Valid() && len(out) < max; it.Next() {
+			bi := it.Item()
+			_, device, seq, err := parseItemKey(bi.Key())
+			if err != nil {
+				return err
+			}
+			if seq > visible {
+				break
+			}
+			item := Item{Device: device, Seq: seq}
+			if err := bi.Value(func(v []byte) error { return decodeItem(v, &item) }); err != nil {
+				return fmt.Errorf("decode %s/%d: %w", device, seq, err)
+			}
+			out = append(out, item)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("peek lane %s: %w", l.Device, err)
+	}
+	return out, nil
+}
+
+// removal is one item taken out of a lane.
+type removal struct {
+	prefix string
+	bytes  int64
+}
+
+// Delete removes delivered items. Items already gone are skipped, so a
+// repeated Delete is harmless. Not synced: a delete lost in a crash only
+// makes the item be delivered again.
+func (q *Queue) Delete(items []Item) error {
+	if len(items) == 0 {
+		return nil
+	}
+	q.mutMu.Lock()
+	defer q.mutMu.Unlock()
+	removed, err := q.deleteTxn(items)
+	// Index what was removed even on error: a split delete may have
+	// committed its first half.
+	if uerr := q.unindex(removed); err == nil {
+		err = uerr
+	}
+	if err != nil {
+		return fmt.Errorf("delete items: %w", err)
+	}
+	return nil
+}
+
+// deleteTxn deletes items in one transaction, or several if badger finds it
+// too big, and reports what it removed. Callers hold mutMu.
+func (q *Queue) deleteTxn(items []Item) ([]removal, error) {
+	var removed []removal
+	err := q.db.Update(func(txn *badger.Txn) error {
+		removed = removed[:0]
+		for _, it := range items {
+			if !validDevice(it.Device) {
+				continue
+			}
+			key := itemKey(prefixQueue, it.Broker, it.Device, it.Seq)
+			bi, err := txn.Get(key)
+			if errors.Is(err, badger.ErrKeyNotFound) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			size := bi.ValueSize()
+			if err := txn.Delete(key); err != nil {
+				return err
+			}
+			removed = append(removed, removal{prefix: string(key[:len(key)-8]), bytes: size})
+		}
+		return nil
+	})
+	if errors.Is(err, badger.ErrTxnTooBig) && len(items) > 1 {
+		a, err := q.deleteTxn(items[:len(items)/2])
+		if err != nil {
+			return a, err
+		}
+		b, err := q.deleteTxn(items[len(items)/2:])
+		return append(a, b...), err
+	}
+	if err != nil {
+		return nil, err // nothing of this transaction was committed
+	}
+	return removed, nil
+}
+
+// unindex applies removals to the lane index and re-reads the oldest time of
+// each lane that still has items. Callers hold mutMu.
+func (q *Queue) unindex(removed []removal) error {
+	if len(removed) == 0 {
+		return nil
+	}
+	touched := make(map[string]bool)
+	q.mu.Lock()
+	for _, r := range removed {
+		ls := q.lanes[r.prefix]
+		if ls == nil {
+			continue
+		}
+		ls.count--
+		ls.bytes = max(0, ls.bytes-r.bytes)
+		if ls.count <= 0 {
+			delete(q.lanes, r.prefix)
+			delete(touched, r.prefix)
+			continue
+		}
+		touched[r.prefix] = true
+	}
+	q.mu.Unlock()
+	for p := range touched {
+		oldest, err := q.firstEnqueued([]byte(p))
+		if err != nil {
+			return fmt.Errorf("re-read lane head: %w", err)
+		}
+		q.mu.Lock()
+		if ls := q.lanes[p]; ls != nil && !oldest.IsZero() {
+			ls.oldest = oldest
+		}
+		q.mu.Unlock()
+	}
+	return nil
+}
+
+// firstEnqueued returns the enqueue time of the first item under prefix.
+func (q *Queue) firstEnqueued(prefix []byte) (time.Time, error) {
+	var t time.Time
+	err := q.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.PrefetchValues = false
+		io.Prefix = prefix
+		it := txn.NewIterator(io)
+		defer it.Close()
+		it.Rewind()
+		if !it.Valid() {
+			return nil
+		}
+		return it.Item().Value(func(v []byte) error {
+			var err error
+			t, err = enqueuedOf(v)
+			return err
+		})
+	})
+	return t, err
+}
+
+// DeadLetter moves it out of its lane into the dead-letter area, with the
+// reason and the time, in one synced transaction. It returns ErrNotFound if
+// the item is not queued.
+func (q *Queue) DeadLetter(it Item, reason string) error {
+	if !validDevice(it.Device) {
+		return fmt.Errorf("dead-letter: invalid device id %q: %w", it.Device, ErrNotFound)
+	}
+	q.mutMu.Lock()
+	defer q.mutMu.Unlock()
+	key := itemKey(prefixQueue, it.Broker, it.Device, it.Seq)
+	var size int64
+	err := q.db.Update(func(txn *badger.Txn) error {
+		bi, err := txn.Get(key)
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return ErrNotFound
+		}
+		if err != nil {
+			return err
+		}
+		size = bi.ValueSize()
+		// The stored copy is the truth, not the caller's.
+		d := DeadLetter{Item: Item{Device: it.Device, Seq: it.Seq}, Reason: reason, At: time.Now()}
+		if err := bi.Value(func(v []byte) error { return decodeItem(v, &d.Item) }); err != nil {
+			return err
+		}
+		if err := txn.Set(itemKey(prefixDead, it.Broker, it.Device, it.Seq), encodeDead(&d)); err != nil {
+			return err
+		}
+		return txn.Delete(key)
+	})
+	if err != nil {
+		return fmt.Errorf("dead-letter %s/%d: %w", it.Device, it.Seq, mapDiskFull(err))
+	}
+	q.mu.Lock()
+	q.dead++
+	q.mu.Unlock()
+	if err := q.unindex([]removal{{prefix: string(key[:len(key)-8]), bytes: size}}); err != nil {
+		return err
+	}
+	if err := q.db.Sync(); err != nil {
+		return fmt.Errorf("dead-letter %s/%d: sync: %w", it.Device, it.Seq, mapDiskFull(err))
+	}
+	return nil
+}
+
+// DeadLetters calls fn for each dead letter, in key order (broker hash,
+// device, seq), until fn returns an error or ctx is done.
+func (q *Queue) DeadLetters(ctx context.Context, fn func(DeadLetter) error) error {
+	err := q.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.Prefix = prefixDead
+		it := txn.NewIterator(io)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			bi := it.Item()
+			_, device, seq, err := parseItemKey(bi.Key())
+			if err != nil {
+				return err
+			}
+			d := DeadLetter{Item: Item{Device: device, Seq: seq}}
+			if err := bi.Value(func(v []byte) error { return decodeDead(v, &d) }); err != nil {
+				return fmt.Errorf("decode dead letter %s/%d: %w", device, seq, err)
+			}
+			if err := fn(d); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("list dead letters: %w", err)
+	}
+	return nil
+}
+
+// Stats returns per-broker depth, bytes and oldest item, the dead-letter
+// count, the disk usage and the quota.
+func (q *Queue) Stats() Stats {
+	q.mu.RLock()
+	defer q.mu.RUnlock()
+	byBroker := make(map[string]*BrokerStats)
+	st := Stats{DeadLetters: q.dead, DiskBytes: q.disk.Load(), QuotaBytes: q.quota}
+	for _, ls := range q.lanes {
+		b := byBroker[ls.lane.Broker]
+		if b == nil {
+			b = &BrokerStats{Broker: ls.lane.Broker}
+			byBroker[ls.lane.Broker] = b
+		}
+		b.Depth += ls.count
+		b.Bytes += ls.bytes
+		if b.Oldest.IsZero() || ls.oldest.Before(b.Oldest) {
+			b.Oldest = ls.oldest
+		}
+		st.Depth += ls.count
+	}
+	for _, b := range byBroker {
+		st.Brokers = append(st.Brokers, *b)
+	}
+	slices.SortFunc(st.Brokers, func(a, b BrokerStats) int { return strings.Compare(a.Broker, b.Broker) })
+	return st
+}
+
+// LastSeq returns the last sequence number committed for device (0 = none).
+func (q *Queue) LastSeq(device string) (uint64, error) {
+	if !validDevice(device) {
+		return 0, fmt.Errorf("last seq: invalid device id %q", device)
+	}
+	var last uint64
+	err := q.db.View(func(txn *badger.Txn) error {
+		bi, err := txn.Get(seqKey(device))
+		if errors.Is(err, badger.ErrKeyNotFound) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		return bi.Value(func(v []byte) error {
+			if len(v) != 8 {
+				return errBadValue
+			}
+			last = binary.BigEndian.Uint64(v)
+			return nil
+		})
+	})
+	if err != nil {
+		return 0, fmt.Errorf("last seq of %q: %w", device, err)
+	}
+	return last, nil
+}
+
+// PurgeDevice drops every queued item of device, in every lane, and returns
+// how many. The device's sequence counter is kept, so its seqs are never
+// reused. Dead letters are kept (they are evidence); see the data purge
+// command for those.
+func (q *Queue) PurgeDevice(device string) (int, error) {
+	if !validDevice(device) {
+		return 0, fmt.Errorf("purge device: invalid device id %q", device)
+	}
+	// commitMu: no committed-but-unpublished item of this device can exist
+	// while we scan, so the index stays exact.
+	q.commitMu.Lock()
+	defer q.commitMu.Unlock()
+	q.mutMu.Lock()
+	defer q.mutMu.Unlock()
+
+	var keys [][]byte
+	err := q.db.View(func(txn *badger.Txn) error {
+		io := badger.DefaultIteratorOptions
+		io.PrefetchValues = false
+		io.Prefix = prefixQueue
+		it := txn.NewIterator(io)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			k := it.Item().Key()
+			if _, d, _, err := parseItemKey(k); err == nil && d == device {
+				keys = append(keys, it.Item().KeyCopy(nil))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("purge device %q: scan: %w", device, err)
+	}
+	wb := q.db.NewWriteBatch()
+	defer wb.Cancel()
+	for _, k := range keys {
+		if err := wb.Delete(k); err != nil {
+			return 0, fmt.Errorf("purge device %q: %w", device, err)
+		}
+	}
+	if err := wb.Flush(); err != nil {
+		return 0, fmt.Errorf("purge device %q: %w", device, err)
+	}
+	// Drop records of the device waiting for a successful Sync too.
+	q.pending = slices.DeleteFunc(q.pending, func(r record) bool { return r.item.Device == device })
+	q.mu.Lock()
+	for p, ls := range q.lanes {
+		if ls.lane.Device == device {
+			delete(q.lanes, p)
+		}
+	}
+	q.mu.Unlock()
+	if err := q.db.Sync(); err != nil {
+		return len(keys), fmt.Errorf("purge device %q: sync: %w", device, err)
+	}
+	return len(keys), nil
+}
+
+// mapDiskFull wraps a "no space left on device" error so it also matches
+// ErrQuota: callers then treat a full disk like the quota (not acknowledged,
+// retried later).
+func mapDiskFull(err error) error {
+	if err == nil {
+		return nil
+	}
+	if errors.Is(err, syscall.ENOSPC) || strings.Contains(err.Error(), "no space left on device") {
+		return fmt.Errorf("%w: %w", ErrQuota, err)
+	}
+	return err
+}

@@ -1,0 +1,553 @@
+package uplink
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"net/http"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/queue"
+)
+
+// Source is what the uplink needs from the queue.
+type Source interface {
+	Brokers() []string
+	// Lanes returns the non-empty lanes (one per device) of a broker.
+	Lanes(broker string) []queue.Lane
+	// Peek returns up to max items of a lane, oldest first, without
+	// removing them.
+	Peek(l queue.Lane, max int) ([]queue.Item, error)
+	// Delete removes items the broker accepted (2xx).
+	Delete(items []queue.Item) error
+	// DeadLetter moves an item the broker refused for good aside.
+	DeadLetter(it queue.Item, reason string) error
+	// Changed returns a channel closed at the next commit that adds items.
+	Changed() <-chan struct{}
+}
+
+// Tokens supplies the bearer token (centralsync.TokenSource).
+type Tokens interface {
+	Token(ctx context.Context) (string, error)
+	// Invalidate tells the source that the broker refused this token.
+	Invalidate(bad string)
+}
+
+// Keys supplies a device's K1/K2, sent only when Options.SendKeys is set.
+type Keys interface {
+	DeviceKeys(device string) (k1, k2 string, ok bool)
+}
+
+// Options tune the uplink; zero values mean the defaults.
+type Options struct {
+	// Concurrency is the number of requests in flight per broker
+	// (default 4).
+	Concurrency int
+	// SendKeys adds the device's k1/k2 to the query, for filters that
+	// enable them.
+	SendKeys bool
+	// MinBackoff and MaxBackoff bound the retry delay (200ms, 30s).
+	MinBackoff, MaxBackoff time.Duration
+	// HTTPClient defaults to NewHTTPClient(nil, 30s, Concurrency).
+	HTTPClient *http.Client
+	Logger     *slog.Logger     // nil: discard
+	Metrics    *metrics.Metrics // may be nil
+	Now        func() time.Time // nil: time.Now
+	// ShutdownGrace is how long requests in flight may still run once
+	// Run's context is cancelled (default 2s); after that they are cut
+	// off and the readings stay queued.
+	ShutdownGrace time.Duration
+}
+
+const (
+	defaultConcurrency   = 4
+	defaultMinBackoff    = 200 * time.Millisecond
+	defaultMaxBackoff    = 30 * time.Second
+	defaultShutdownGrace = 2 * time.Second
+	// backstop: how often dispatchers look at the queue even without a
+	// Changed signal, in case one was missed.
+	backstop = 5 * time.Second
+	// logEvery limits repeated warnings to one per lane (dead letters) or
+	// per broker (retries) per interval: an SD card wears out.
+	logEvery = 30 * time.Second
+	// maxBodyRead is how much of a response is read for classification;
+	// maxBodyDrain how much more is discarded to keep the connection.
+	maxBodyRead  = 4 << 10
+	maxBodyDrain = 64 << 10
+)
+
+// Uplink delivers queued readings to their brokers.
+type Uplink struct {
+	src  Source
+	tok  Tokens
+	keys Keys
+	opts Options
+	log  *slog.Logger
+}
+
+// New builds an Uplink; it does not contact anything until Run. keys may
+// be nil when SendKeys is off.
+func New(src Source, tok Tokens, keys Keys, opts Options) *Uplink {
+	if opts.Concurrency <= 0 {
+		opts.Concurrency = defaultConcurrency
+	}
+	if opts.MinBackoff <= 0 {
+		opts.MinBackoff = defaultMinBackoff
+	}
+	if opts.MaxBackoff <= 0 {
+		opts.MaxBackoff = defaultMaxBackoff
+	}
+	opts.MaxBackoff = max(opts.MaxBackoff, opts.MinBackoff)
+	if opts.HTTPClient == nil {
+		opts.HTTPClient = NewHTTPClient(nil, 30*time.Second, opts.Concurrency)
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.ShutdownGrace <= 0 {
+		opts.ShutdownGrace = defaultShutdownGrace
+	}
+	return &Uplink{src: src, tok: tok, keys: keys, opts: opts, log: opts.Logger.With("component", "uplink")}
+}
+
+// Run delivers until ctx is cancelled, then waits for requests in flight
+// (at most ShutdownGrace, then they are cut off) and returns nil.
+func (u *Uplink) Run(ctx context.Context) error {
+	// Requests outlive ctx by the grace period so that a reading the
+	// broker is applying right now is not needlessly sent twice.
+	reqCtx, cancelReq := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelReq()
+	stop := context.AfterFunc(ctx, func() { time.AfterFunc(u.opts.ShutdownGrace, cancelReq) })
+	defer stop()
+
+	var wg sync.WaitGroup // owns the dispatchers
+	started := make(map[string]bool)
+	tick := time.NewTicker(backstop)
+	defer tick.Stop()
+	for {
+		// Take the signal before looking, so a commit in between is seen.
+		changed := u.src.Changed()
+		for _, b := range u.src.Brokers() {
+			if started[b] {
+				continue
+			}
+			started[b] = true
+			d, err := u.newDispatcher(b)
+			if err != nil {
+				// Its readings stay queued until the registration is fixed.
+				u.log.Error("broker not served", "err", err)
+				continue
+			}
+			wg.Go(func() { d.run(ctx, reqCtx) })
+		}
+		select {
+		case <-ctx.Done():
+			wg.Wait()
+			return nil
+		case <-changed:
+		case <-tick.C:
+		}
+	}
+}
+
+// dispatcher serves one broker. All its fields but results are owned by
+// its run goroutine; workers only read the immutable ones.
+type dispatcher struct {
+	u      *Uplink
+	broker string // as in the queue
+	base   string // broker without trailing slash
+	label  string // broker for logs and metrics: no user info or query
+	log    *slog.Logger
+	bo     *backoff
+	// epoch counts broker-wide failures counted by bo; a failure of a
+	// request started in an older epoch reports the same outage and does
+	// not escalate the backoff again.
+	epoch    uint64
+	lanes    []queue.Lane // sorted by device
+	busy     map[queue.Lane]bool
+	inflight int
+	cursor   string // device of the lane dispatched last (round-robin)
+	results  chan result
+	changed  <-chan struct{} // the queue's signal for the next commit
+	gen      uint64          // counts refreshes
+
+	badToken    [sha256.Size]byte // hash of the last token the broker refused
+	badStreak   int               // refused tokens since the last success
+	failing     bool              // in a run of failures (for the recovery log)
+	lastWarn    time.Time         // broker-level retry warnings
+	warnSkipped int
+	laneWarn    map[queue.Lane]time.Time
+}
+
+type job struct {
+	lane  queue.Lane
+	epoch uint64
+	gen   uint64 // refresh generation when started
+}
+
+type result struct {
+	job
+	v       verdict
+	empty   bool   // the lane had nothing left
+	aborted bool   // cut off by shutdown: not a failure
+	token   string // the token refused, for invalidToken
+	item    queue.Item
+	err     error // for retry: what went wrong, already secret-free
+}
+
+func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
+	p, err := url.Parse(broker)
+	if err != nil {
+		return nil, fmt.Errorf("parse broker URI: %w", errors.Unwrap(err)) // url.Error repeats the URI
+	}
+	p.User, p.RawQuery, p.Fragment = nil, "", ""
+	label := p.String()
+	if p.Scheme != "https" || p.Host == "" {
+		return nil, fmt.Errorf("broker %q: want an https:// URI", label)
+	}
+	return &dispatcher{
+		u:        u,
+		broker:   broker,
+		base:     strings.TrimRight(broker, "/"),
+		label:    label,
+		log:      u.log.With("broker", label),
+		bo:       newBackoff(u.opts.MinBackoff, u.opts.MaxBackoff, u.opts.Now),
+		busy:     make(map[queue.Lane]bool),
+		results:  make(chan result, u.opts.Concurrency),
+		laneWarn: make(map[queue.Lane]time.Time),
+	}, nil
+}
+
+func (d *dispatcher) run(ctx, reqCtx context.Context) {
+	var workers sync.WaitGroup // owns the per-request goroutines
+	defer workers.Wait()
+	tick := time.NewTicker(backstop)
+	defer tick.Stop()
+	d.refresh()
+	for {
+		d.fill(reqCtx, &workers)
+		var wake <-chan time.Time
+		var timer *time.Timer
+		if d.inflight < d.u.opts.Concurrency && len(d.lanes) > 0 {
+			if r := d.bo.remaining(); r > 0 {
+				timer = time.NewTimer(r) // only while backing off
+				wake = timer.C
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case r := <-d.results:
+			d.handle(r)
+		case <-d.changed:
+			d.refresh()
+		case <-tick.C:
+			d.refresh()
+		case <-wake:
+		}
+		if timer != nil {
+			timer.Stop()
+		}
+		if ctx.Err() != nil {
+			// Stop starting requests; wait for those in flight, which
+			// end within the shutdown grace.
+			for d.inflight > 0 {
+				d.handle(<-d.results)
+			}
+			return
+		}
+	}
+}
+
+// refresh reloads the broker's lanes from the queue. It takes the Changed
+// signal first, so a commit that lands while it looks is not missed.
+func (d *dispatcher) refresh() {
+	d.changed = d.u.src.Changed()
+	d.gen++
+	d.lanes = append(d.lanes[:0], d.u.src.Lanes(d.broker)...)
+	slices.SortFunc(d.lanes, func(a, b queue.Lane) int { return strings.Compare(a.Device, b.Device) })
+}
+
+// fill starts requests for idle lanes, round-robin from the lane after the
+// one started last, until Concurrency requests are in flight.
+func (d *dispatcher) fill(reqCtx context.Context, workers *sync.WaitGroup) {
+	n := len(d.lanes)
+	if n == 0 || d.inflight >= d.u.opts.Concurrency || d.bo.remaining() > 0 {
+		return
+	}
+	start, _ := slices.BinarySearchFunc(d.lanes, d.cursor, func(l queue.Lane, dev string) int {
+		return strings.Compare(l.Device, dev)
+	})
+	if start < n && d.lanes[start].Device == d.cursor {
+		start++
+	}
+	for i := 0; i < n && d.inflight < d.u.opts.Concurrency; i++ {
+		l := d.lanes[(start+i)%n]
+		if d.busy[l] {
+			continue
+		}
+		d.busy[l] = true
+		d.inflight++
+		d.cursor = l.Device
+		j := job{lane: l, epoch: d.epoch, gen: d.gen}
+		workers.Go(func() { d.results <- d.attempt(reqCtx, j) })
+	}
+}
+
+// handle applies a finished attempt to the dispatcher's state.
+func (d *dispatcher) handle(r result) {
+	d.inflight--
+	delete(d.busy, r.lane)
+	switch {
+	case r.aborted:
+		return
+	case r.empty:
+		if r.gen != d.gen {
+			return // the lanes were reloaded meanwhile; trust the reload
+		}
+		d.lanes = slices.DeleteFunc(d.lanes, func(l queue.Lane) bool { return l == r.lane })
+		return
+	}
+	m := d.u.opts.Metrics
+	switch r.v.kind {
+	case delivered, permanent:
+		if r.v.kind == permanent {
+			d.warnDeadLetter(r)
+		}
+		d.badStreak = 0
+		if r.epoch == d.epoch {
+			d.bo.success()
+			if d.failing {
+				d.failing = false
+				d.log.Info("delivery recovered")
+			}
+		}
+	case invalidToken:
+		if m != nil {
+			m.Retried.WithLabelValues(r.v.reason).Inc()
+		}
+		h := sha256.Sum256([]byte(r.token))
+		if d.badStreak > 0 && h == d.badToken {
+			return // concurrent requests with the same stale token
+		}
+		d.badToken = h
+		d.badStreak++
+		// The first refusal is an expired or revoked token: retry at once
+		// with a new one. A new token refused too means something else is
+		// wrong; stop hammering.
+		if d.badStreak > 1 {
+			d.failed(r, errors.New("the broker refused a freshly fetched access token"))
+		}
+	case retry:
+		if m != nil {
+			m.Retried.WithLabelValues(r.v.reason).Inc()
+		}
+		d.failed(r, r.err)
+	}
+}
+
+// failed backs the whole broker off after a failed attempt.
+func (d *dispatcher) failed(r result, cause error) {
+	var delay time.Duration
+	if r.epoch == d.epoch {
+		delay = d.bo.fail(r.v.retryAfter)
+		d.epoch++
+	} else {
+		d.bo.extend(r.v.retryAfter)
+		delay = d.bo.remaining()
+	}
+	d.failing = true
+	now := d.u.opts.Now()
+	if now.Sub(d.lastWarn) < logEvery {
+		d.warnSkipped++
+		return
+	}
+	attrs := []any{"reason", r.v.reason, "device", r.lane.Device, "retry_in", delay.Round(time.Millisecond)}
+	if cause != nil {
+		attrs = append(attrs, "err", cause.Error())
+	}
+	if d.warnSkipped > 0 {
+		attrs = append(attrs, "similar_since_last", d.warnSkipped)
+	}
+	d.log.Warn("delivery failed; backing off", attrs...)
+	d.lastWarn, d.warnSkipped = now, 0
+}
+
+// warnDeadLetter logs a dead letter, at most once per lane per logEvery.
+func (d *dispatcher) warnDeadLetter(r result) {
+	now := d.u.opts.Now()
+	if last, ok := d.laneWarn[r.lane]; ok && now.Sub(last) < logEvery {
+		return
+	}
+	if len(d.laneWarn) > 1024 { // bound the map: forget quiet lanes
+		maps.DeleteFunc(d.laneWarn, func(_ queue.Lane, t time.Time) bool { return now.Sub(t) >= logEvery })
+	}
+	d.laneWarn[r.lane] = now
+	d.log.Warn("reading dead-lettered", "device", r.lane.Device, "seq", r.item.Seq, "reason", r.v.reason)
+}
+
+// attempt sends the head item of a lane once and settles it with the
+// queue when the broker's answer is final. It runs on its own goroutine
+// and touches only immutable dispatcher fields.
+func (d *dispatcher) attempt(ctx context.Context, j job) result {
+	u := d.u
+	r := result{job: j}
+	items, err := u.src.Peek(j.lane, 1)
+	if err != nil {
+		r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("peek queue: %w", err)
+		return r
+	}
+	if len(items) == 0 {
+		r.empty = true
+		return r
+	}
+	it := items[0]
+	r.item = it
+
+	tok, err := u.tok.Token(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			r.aborted = true
+			return r
+		}
+		// Central is down or refuses us: keep the data, retry later.
+		r.v, r.err = verdict{kind: retry, reason: "token"}, err
+		return r
+	}
+	var k1, k2 string
+	if u.opts.SendKeys && u.keys != nil {
+		k1, k2, _ = u.keys.DeviceKeys(it.Device)
+	}
+	req, err := d.request(ctx, it, tok, k1, k2)
+	if err != nil {
+		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok, k1, k2))
+		return r
+	}
+
+	start := u.opts.Now()
+	resp, err := u.opts.HTTPClient.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			r.aborted = true
+			return r
+		}
+		reason := "network"
+		var ne net.Error
+		if errors.As(err, &ne) && ne.Timeout() {
+			reason = "timeout"
+		}
+		u.observeRequest(reason, start)
+		r.v, r.err = verdict{kind: retry, reason: reason}, netError(err, tok, k1, k2)
+		return r
+	}
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxBodyRead))
+	// Drain a little more so the connection can be reused, then let go.
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxBodyDrain))
+	resp.Body.Close()
+	now := u.opts.Now()
+	r.v = classify(resp.StatusCode, resp.Header, body, now)
+	r.v.reason = scrub(r.v.reason, tok, k1, k2) // the broker may echo our query
+
+	m := u.opts.Metrics
+	switch r.v.kind {
+	case delivered:
+		u.observeRequest("delivered", start)
+		if err := u.src.Delete([]queue.Item{it}); err != nil {
+			// Sent but still queued: it will be sent again (a duplicate
+			// the broker can recognise by seq), never lost.
+			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("delete delivered reading: %w", err)
+			return r
+		}
+		if m != nil {
+			m.Delivered.WithLabelValues(d.label).Inc()
+			m.DeliveryLatency.Observe(now.Sub(it.Enqueued).Seconds())
+		}
+	case permanent:
+		u.observeRequest("rejected", start)
+		if err := u.src.DeadLetter(it, r.v.reason); err != nil {
+			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("dead-letter reading: %w", err)
+			return r
+		}
+		if m != nil {
+			m.DeadLettered.WithLabelValues(r.v.class).Inc()
+		}
+	case invalidToken:
+		u.observeRequest("invalid_token", start)
+		u.tok.Invalidate(tok)
+		r.token = tok
+	case retry:
+		u.observeRequest("retry", start)
+		r.err = fmt.Errorf("broker answered %s", resp.Status)
+	}
+	return r
+}
+
+// request builds the filter's PATCH for one reading.
+func (d *dispatcher) request(ctx context.Context, it queue.Item, tok, k1, k2 string) (*http.Request, error) {
+	q := url.Values{"elementid": {it.Device}}
+	if it.Type != "" {
+		q.Set("type", it.Type)
+	}
+	if k1 != "" || k2 != "" {
+		q.Set("k1", k1)
+		q.Set("k2", k2)
+	}
+	target := d.base + "/v2/entities/" + url.PathEscape(it.Device) + "/attrs?" + q.Encode()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPatch, target, bytes.NewReader(it.Body))
+	if err != nil {
+		return nil, fmt.Errorf("build request for device %q: %w", it.Device, err)
+	}
+	req.Header.Set("Authorization", "Bearer "+tok)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("User-Agent", "edgegate-uplink")
+	if it.Service != "" {
+		req.Header.Set("Fiware-Service", it.Service)
+	}
+	if it.ServicePath != "" {
+		req.Header.Set("Fiware-ServicePath", it.ServicePath)
+	}
+	return req, nil
+}
+
+func (u *Uplink) observeRequest(outcome string, start time.Time) {
+	if m := u.opts.Metrics; m != nil {
+		m.RequestLatency.WithLabelValues(outcome).Observe(u.opts.Now().Sub(start).Seconds())
+	}
+}
+
+// netError makes a transport error safe to log: url.Error's text carries
+// the full URL, with k1/k2 in its query.
+func netError(err error, secrets ...string) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		err = ue.Err
+	}
+	return errors.New(scrub(err.Error(), secrets...))
+}
+
+// scrub removes secrets from a string that is about to be logged or
+// stored, in case something echoed them.
+func scrub(s string, secrets ...string) string {
+	for _, sec := range secrets {
+		if len(sec) >= 4 {
+			s = strings.ReplaceAll(s, sec, "[redacted]")
+			if esc := url.QueryEscape(sec); esc != sec {
+				s = strings.ReplaceAll(s, esc, "[redacted]")
+			}
+		}
+	}
+	return s
+}

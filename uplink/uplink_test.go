@@ -1,0 +1,567 @@
+package uplink
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/edgegate/edgegate/queue"
+)
+
+func TestDeliverRequestShape(t *testing.T) {
+	tests := []struct {
+		name   string
+		suffix string // appended to the broker URI
+		device string
+	}{
+		{"no trailing slash", "/orion-filter/orion-1", "dev-1"},
+		{"trailing slash", "/orion-filter/orion-1/", "dev-1"},
+		{"device needing escapes", "", "room 1/temp?x&y"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newBroker(t, nil)
+			q := newFakeQueue()
+			bURI := b.URL + tt.suffix
+			q.add(bURI, tt.device, 2)
+			q.mu.Lock()
+			l := queue.Lane{Broker: bURI, Device: tt.device}
+			q.lanes[l][0].Service, q.lanes[l][0].ServicePath = "tenant", "/site/a"
+			q.mu.Unlock()
+			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			h.stop(t)
+
+			reqs := b.requests()
+			if len(reqs) != 2 {
+				t.Fatalf("requests = %d, want 2", len(reqs))
+			}
+			r := reqs[0]
+			wantPath := strings.TrimSuffix(tt.suffix, "/") + "/v2/entities/" + tt.device + "/attrs"
+			if r.method != http.MethodPatch || r.path != wantPath {
+				t.Errorf("request = %s %s, want PATCH %s", r.method, r.path, wantPath)
+			}
+			if strings.Contains(r.rawPath, "//v2") {
+				t.Errorf("raw path %q has a double slash", r.rawPath)
+			}
+			if got := r.query["elementid"]; !slices.Equal(got, []string{tt.device}) {
+				t.Errorf("elementid = %q, want %q", got, tt.device)
+			}
+			if got := r.query["type"]; !slices.Equal(got, []string{"Sensor"}) {
+				t.Errorf("type = %q, want Sensor", got)
+			}
+			if _, ok := r.query["k1"]; ok {
+				t.Error("k1 sent without SendKeys")
+			}
+			if got := r.header.Get("Authorization"); got != "Bearer "+tokenCanary+"1" {
+				t.Errorf("Authorization = %q", got)
+			}
+			if got := r.header.Get("Content-Type"); got != "application/json" {
+				t.Errorf("Content-Type = %q", got)
+			}
+			if got, got2 := r.header.Get("Fiware-Service"), r.header.Get("Fiware-ServicePath"); got != "tenant" || got2 != "/site/a" {
+				t.Errorf("Fiware-Service, -ServicePath = %q, %q; want tenant, /site/a", got, got2)
+			}
+			if r := reqs[1]; r.header.Get("Fiware-Service") != "" || r.header.Values("Fiware-ServicePath") != nil {
+				t.Errorf("Fiware headers sent for an item without them: %v", r.header)
+			}
+			if r.body != `{"seq":{"type":"Integer","value":0}}` {
+				t.Errorf("body = %q", r.body)
+			}
+			if v := counter(t, h.m.Delivered.WithLabelValues(bURI)); v != 2 {
+				t.Errorf("Delivered = %v, want 2", v)
+			}
+		})
+	}
+}
+
+func TestSendKeys(t *testing.T) {
+	for _, send := range []bool{false, true} {
+		t.Run("SendKeys="+strconv.FormatBool(send), func(t *testing.T) {
+			b := newBroker(t, nil)
+			q := newFakeQueue()
+			q.add(b.URL, "with-keys", 1)
+			q.add(b.URL, "without-keys", 1)
+			keys := fakeKeys{"with-keys": {k1Canary, k2Canary}}
+			h := start(t, q, &fakeTokens{}, keys, b.pool(), Options{SendKeys: send})
+			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			h.stop(t)
+			for _, r := range b.requests() {
+				_, has1 := r.query["k1"]
+				_, has2 := r.query["k2"]
+				want := send && r.device == "with-keys"
+				if has1 != want || has2 != want {
+					t.Errorf("device %s: k1/k2 present = %v/%v, want %v", r.device, has1, has2, want)
+				}
+				if want && (r.query["k1"][0] != k1Canary || r.query["k2"][0] != k2Canary) {
+					t.Errorf("device %s: k1/k2 = %q/%q", r.device, r.query["k1"], r.query["k2"])
+				}
+			}
+		})
+	}
+}
+
+// A broker that echoes the request URL in its refusal must not get the
+// keys into the dead-letter reason or the logs.
+func TestSecretsNotEchoed(t *testing.T) {
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		orion(w, http.StatusBadRequest, `{"error":"BadRequest","description":"bad url `+r.URL.String()+` auth `+r.Header.Get("Authorization")+`"}`)
+	})
+	q := newFakeQueue()
+	q.add(b.URL, "d", 1)
+	h := start(t, q, &fakeTokens{}, fakeKeys{"d": {k1Canary, k2Canary}}, b.pool(), Options{SendKeys: true})
+	eventually(t, "dead letter", func() bool { return len(q.deadLetters()) == 1 })
+	h.stop(t)
+	reason := q.deadLetters()[0].reason
+	for _, c := range []string{tokenCanary, k1Canary, k2Canary} {
+		if strings.Contains(reason, c) {
+			t.Errorf("reason %q contains %q", reason, c)
+		}
+	}
+}
+
+func TestPerDeviceOrderUnderConcurrencyAndRetries(t *testing.T) {
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		switch n % 7 {
+		case 3:
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case 5:
+			orion(w, http.StatusUnauthorized, `{"result":false,"message":"Network problems"}`)
+		default:
+			w.WriteHeader(http.StatusNoContent)
+		}
+	})
+	q := newFakeQueue()
+	const devices, per = 6, 40
+	for d := range devices {
+		q.add(b.URL, "dev-"+strconv.Itoa(d), per)
+	}
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Concurrency: 4, MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if len(b.overlap) > 0 {
+		t.Errorf("devices with two requests in flight: %v", b.overlap)
+	}
+	// The seqs each device's requests carried never go backwards, and
+	// every seq was sent.
+	last := map[string]int{}
+	for _, r := range b.reqs {
+		var seq int
+		_, _ = strings.CutPrefix(r.body, "")
+		i := strings.LastIndex(r.body, ":")
+		seq, _ = strconv.Atoi(strings.TrimSuffix(r.body[i+1:], "}}"))
+		prev, ok := last[r.device]
+		if ok && seq != prev && seq != prev+1 {
+			t.Errorf("device %s: seq %d after %d", r.device, seq, prev)
+		}
+		if !ok && seq != 0 {
+			t.Errorf("device %s: first seq %d, want 0", r.device, seq)
+		}
+		last[r.device] = seq
+	}
+	for d := range devices {
+		if got := last["dev-"+strconv.Itoa(d)]; got != per-1 {
+			t.Errorf("dev-%d: last seq %d, want %d", d, got, per-1)
+		}
+	}
+	if v := counter(t, h.m.Retried.WithLabelValues("5xx")); v == 0 {
+		t.Error("Retried{5xx} = 0, want > 0")
+	}
+}
+
+func TestRetryThenDeliver(t *testing.T) {
+	tests := []struct {
+		name   string
+		first  func(w http.ResponseWriter)
+		reason string
+	}{
+		{"503", func(w http.ResponseWriter) { w.WriteHeader(http.StatusServiceUnavailable) }, "5xx"},
+		{"408", func(w http.ResponseWriter) { w.WriteHeader(http.StatusRequestTimeout) }, "408"},
+		{"401 Network problems", func(w http.ResponseWriter) {
+			orion(w, 401, `{"result":false,"message":"Network problems"}`)
+		}, "401_transient"},
+		{"401 Configuration error", func(w http.ResponseWriter) {
+			orion(w, 401, `{"result":false,"message":"Configuration error"}`)
+		}, "401_transient"},
+		{"401 Trouble in", func(w http.ResponseWriter) {
+			orion(w, 401, `{"result":false,"message":"Trouble in contacting the ownership service"}`)
+		}, "401_transient"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				if n == 1 {
+					tt.first(w)
+					return
+				}
+				w.WriteHeader(http.StatusNoContent)
+			})
+			q := newFakeQueue()
+			q.add(b.URL, "d", 1)
+			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			h.stop(t)
+			if n := len(b.requests()); n != 2 {
+				t.Errorf("requests = %d, want 2", n)
+			}
+			if len(q.deadLetters()) != 0 {
+				t.Errorf("dead letters: %v", q.deadLetters())
+			}
+			if v := counter(t, h.m.Retried.WithLabelValues(tt.reason)); v != 1 {
+				t.Errorf("Retried{%s} = %v, want 1", tt.reason, v)
+			}
+			if v := counter(t, h.m.Delivered.WithLabelValues(b.URL)); v != 1 {
+				t.Errorf("Delivered = %v, want 1", v)
+			}
+		})
+	}
+}
+
+func TestRetryAfterHonoured(t *testing.T) {
+	tests := []struct {
+		name  string
+		value func() string
+	}{
+		{"seconds", func() string { return "1" }},
+		{"HTTP-date", func() string { return time.Now().Add(2 * time.Second).UTC().Format(http.TimeFormat) }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				if n == 1 {
+					w.Header().Set("Retry-After", tt.value())
+					w.WriteHeader(http.StatusTooManyRequests)
+					return
+				}
+				w.WriteHeader(http.StatusNoContent)
+			})
+			q := newFakeQueue()
+			q.add(b.URL, "d", 1)
+			q.add(b.URL, "e", 1)
+			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Concurrency: 1})
+			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			h.stop(t)
+			reqs := b.requests()
+			if len(reqs) != 3 {
+				t.Fatalf("requests = %d, want 3", len(reqs))
+			}
+			// The whole broker waited, not only the lane that got the 429.
+			if gap := reqs[1].at.Sub(reqs[0].at); gap < 900*time.Millisecond {
+				t.Errorf("next request %v after the 429, want ≥ ~1s (MaxBackoff is 100ms)", gap)
+			}
+		})
+	}
+}
+
+func TestInvalidTokenRefreshed(t *testing.T) {
+	tests := []struct {
+		name   string
+		refuse func(w http.ResponseWriter)
+	}{
+		{"filter message", func(w http.ResponseWriter) {
+			orion(w, 401, `{"result":false,"message":"The passed access token is not valid"}`)
+		}},
+		{"WWW-Authenticate", func(w http.ResponseWriter) {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="x", error="invalid_token", error_description="expired"`)
+			w.WriteHeader(401)
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				if r.Header.Get("Authorization") == "Bearer "+tokenCanary+"1" {
+					tt.refuse(w)
+					return
+				}
+				w.WriteHeader(http.StatusNoContent)
+			})
+			q := newFakeQueue()
+			q.add(b.URL, "d", 3)
+			tok := &fakeTokens{}
+			h := start(t, q, tok, nil, b.pool(), Options{MinBackoff: 5 * time.Second, MaxBackoff: 10 * time.Second})
+			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			h.stop(t)
+			if got := tok.invalidations(); !slices.Equal(got, []string{tokenCanary + "1"}) {
+				t.Errorf("Invalidate calls = %q, want [%s1]", got, tokenCanary)
+			}
+			if n := len(b.requests()); n != 4 {
+				t.Errorf("requests = %d, want 4", n)
+			}
+			// A 5s MinBackoff would have timed the test out: the retry was prompt.
+		})
+	}
+}
+
+func TestRepeatedInvalidTokenBacksOff(t *testing.T) {
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		orion(w, 401, `{"result":false,"message":"The passed access token is not valid"}`)
+	})
+	q := newFakeQueue()
+	q.add(b.URL, "d", 1)
+	tok := &fakeTokens{}
+	h := start(t, q, tok, nil, b.pool(), Options{MinBackoff: 300 * time.Millisecond, MaxBackoff: time.Second})
+	eventually(t, "two invalidations", func() bool { return len(tok.invalidations()) >= 2 })
+	time.Sleep(200 * time.Millisecond) // observation window, not synchronisation
+	h.stop(t)
+	if n := len(b.requests()); n > 3 {
+		t.Errorf("requests = %d in the first ~200ms after the second refusal, want ≤ 3 (backing off)", n)
+	}
+	if q.depth() != 1 || len(q.deadLetters()) != 0 {
+		t.Errorf("depth %d, dead letters %d; want the reading kept", q.depth(), len(q.deadLetters()))
+	}
+}
+
+func TestPermanentDeadLettered(t *testing.T) {
+	tests := []struct {
+		name       string
+		status     int
+		body       string
+		wantReason string
+		class      string
+	}{
+		{"404 Orion", 404, `{"error":"NotFound","description":"The requested entity has not been found. Check type and id"}`,
+			"404 Not Found: The requested entity has not been found. Check type and id", "4xx"},
+		{"422 Orion", 422, `{"error":"Unprocessable","description":"one or more of the attributes in the request do not exist"}`,
+			"422 Unprocessable Entity: one or more of the attributes in the request do not exist", "4xx"},
+		{"401 ownership", 401, `{"result":false,"message":"Missing ownership or delegation for this device"}`,
+			"401: Missing ownership or delegation for this device", "401"},
+		{"400 plain", 400, "bad request", "400 Bad Request: bad request", "4xx"},
+		{"413 long body clipped", 413, strings.Repeat("x", 5000), "413 Request Entity Too Large: " + strings.Repeat("x", maxReasonText) + "…", "4xx"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				if n == 1 {
+					orion(w, tt.status, tt.body)
+					return
+				}
+				w.WriteHeader(http.StatusNoContent)
+			})
+			q := newFakeQueue()
+			q.add(b.URL, "d", 2)
+			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			h.stop(t)
+			dl := q.deadLetters()
+			if len(dl) != 1 || dl[0].it.Seq != 0 {
+				t.Fatalf("dead letters = %v, want seq 0 only", dl)
+			}
+			if dl[0].reason != tt.wantReason {
+				t.Errorf("reason = %q, want %q", dl[0].reason, tt.wantReason)
+			}
+			if n := len(b.requests()); n != 2 {
+				t.Errorf("requests = %d, want 2 (no retry of the refused reading)", n)
+			}
+			if v := counter(t, h.m.DeadLettered.WithLabelValues(tt.class)); v != 1 {
+				t.Errorf("DeadLettered{%s} = %v, want 1", tt.class, v)
+			}
+			if !strings.Contains(h.logs.String(), "dead-lettered") {
+				t.Error("no warning logged")
+			}
+		})
+	}
+}
+
+func TestDeadLetterLogRateLimited(t *testing.T) {
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		orion(w, 404, `{"error":"NotFound","description":"gone"}`)
+	})
+	q := newFakeQueue()
+	q.add(b.URL, "d", 20)
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+	if n := strings.Count(h.logs.String(), "dead-lettered"); n != 1 {
+		t.Errorf("dead-letter log lines = %d, want 1", n)
+	}
+}
+
+func TestServerDownThenUp(t *testing.T) {
+	// Reserve a port, then leave it closed: connection refused.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+
+	var served atomic.Int64
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		served.Add(1)
+		w.WriteHeader(http.StatusNoContent)
+	}))
+	// httptest serves one fixed certificate; take the pool from a twin
+	// so the client can be built before the broker is up.
+	twin := newBroker(t, nil)
+
+	q := newFakeQueue()
+	bURI := "https://" + addr
+	q.add(bURI, "a", 5)
+	q.add(bURI, "b", 5)
+	h := start(t, q, &fakeTokens{}, nil, twin.pool(), Options{})
+	eventually(t, "network retries", func() bool { return counter(t, h.m.Retried.WithLabelValues("network")) >= 3 })
+	if q.depth() != 10 {
+		t.Fatalf("depth while broker down = %d, want 10", q.depth())
+	}
+
+	l, err = net.Listen("tcp", addr)
+	if err != nil {
+		t.Skipf("port %s taken meanwhile: %v", addr, err)
+	}
+	srv.Listener = l
+	srv.StartTLS()
+	defer srv.Close()
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+	if n := served.Load(); n != 10 {
+		t.Errorf("broker got %d requests, want 10", n)
+	}
+	if len(q.deadLetters()) != 0 {
+		t.Errorf("dead letters: %v", q.deadLetters())
+	}
+}
+
+func TestTokenFailureRetried(t *testing.T) {
+	b := newBroker(t, nil)
+	q := newFakeQueue()
+	q.add(b.URL, "d", 1)
+	h := start(t, q, &fakeTokens{failFirst: 2}, nil, b.pool(), Options{})
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+	if v := counter(t, h.m.Retried.WithLabelValues("token")); v != 2 {
+		t.Errorf("Retried{token} = %v, want 2", v)
+	}
+	if !strings.Contains(h.logs.String(), "backing off") {
+		t.Error("token failure not logged")
+	}
+}
+
+func TestFairness(t *testing.T) {
+	for _, conc := range []int{1, 4} {
+		t.Run("Concurrency="+strconv.Itoa(conc), func(t *testing.T) {
+			b := newBroker(t, nil)
+			q := newFakeQueue()
+			q.add(b.URL, "a-backlog", 1000)
+			q.add(b.URL, "b-single", 1)
+			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Concurrency: conc})
+			eventually(t, "small lane delivered", func() bool {
+				return !slices.ContainsFunc(q.Lanes(b.URL), func(l queue.Lane) bool { return l.Device == "b-single" })
+			})
+			h.stop(t)
+			reqs := b.requests()
+			i := slices.IndexFunc(reqs, func(r seen) bool { return r.device == "b-single" })
+			if i < 0 || i > 2 {
+				t.Errorf("small lane served as request #%d, want among the first 3", i+1)
+			}
+		})
+	}
+}
+
+func TestNewBrokerWakesWithoutPolling(t *testing.T) {
+	b1, b2 := newBroker(t, nil), newBroker(t, nil)
+	q := newFakeQueue()
+	h := start(t, q, &fakeTokens{}, nil, b1.pool(), Options{})
+	// Both brokers appear after Run started; the backstop is 5s, so a
+	// delivery well within that came from Changed.
+	t0 := time.Now()
+	q.add(b1.URL, "d", 1)
+	q.add(b2.URL, "d", 1)
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	if el := time.Since(t0); el > 3*time.Second {
+		t.Errorf("delivery took %v; woken by the backstop, not Changed?", el)
+	}
+	q.add(b1.URL, "d", 1) // and again, on an idle dispatcher
+	eventually(t, "queue drained again", func() bool { return q.depth() == 0 })
+	h.stop(t)
+	if len(b1.requests()) != 2 || len(b2.requests()) != 1 {
+		t.Errorf("requests = %d, %d; want 2, 1", len(b1.requests()), len(b2.requests()))
+	}
+}
+
+func TestShutdownBoundedWhileRequestsHang(t *testing.T) {
+	release := make(chan struct{})
+	defer close(release)
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	})
+	q := newFakeQueue()
+	for _, d := range []string{"a", "b", "c"} {
+		q.add(b.URL, d, 2)
+	}
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{ShutdownGrace: 200 * time.Millisecond})
+	eventually(t, "requests hanging", func() bool { return len(b.requests()) == 3 })
+	t0 := time.Now()
+	h.stop(t)
+	if el := time.Since(t0); el > 2*time.Second {
+		t.Errorf("Run took %v to return, want ≈ ShutdownGrace (200ms)", el)
+	}
+	if q.depth() != 6 {
+		t.Errorf("depth = %d, want 6 (nothing deleted)", q.depth())
+	}
+	if counter(t, h.m.Retried.WithLabelValues("network"))+counter(t, h.m.Retried.WithLabelValues("timeout")) != 0 {
+		t.Error("a cut-off request at shutdown was counted as a failure")
+	}
+}
+
+func TestHTTP2(t *testing.T) {
+	b := &broker{inflight: make(map[string]int)}
+	b.Server = httptest.NewUnstartedServer(http.HandlerFunc(b.serve))
+	b.EnableHTTP2 = true
+	b.StartTLS()
+	defer b.Close()
+	q := newFakeQueue()
+	q.add(b.URL, "d", 3)
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+	for _, r := range b.requests() {
+		if r.proto != 2 {
+			t.Errorf("proto = HTTP/%d, want 2", r.proto)
+		}
+	}
+}
+
+func TestRefusesUnverifiedAndPlainBrokers(t *testing.T) {
+	b := newBroker(t, nil)
+	plain := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { w.WriteHeader(204) }))
+	defer plain.Close()
+	q := newFakeQueue()
+	q.add(b.URL, "d", 1)     // TLS, but the client lacks its CA: system roots
+	q.add(plain.URL, "d", 1) // http://: never served
+	h := start(t, q, &fakeTokens{}, nil, nil, Options{})
+	eventually(t, "TLS failures", func() bool { return counter(t, h.m.Retried.WithLabelValues("network")) >= 2 })
+	h.stop(t)
+	if q.depth() != 2 || len(b.requests()) != 0 {
+		t.Errorf("depth = %d, broker requests = %d; want 2, 0", q.depth(), len(b.requests()))
+	}
+	if !strings.Contains(h.logs.String(), "want an https:// URI") {
+		t.Error("plain broker not reported")
+	}
+}
+
+func TestStoreFailureKeepsReading(t *testing.T) {
+	b := newBroker(t, nil)
+	q := newFakeQueue()
+	q.add(b.URL, "d", 1)
+	q.peekErr = context.DeadlineExceeded
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+	eventually(t, "store retries", func() bool { return counter(t, h.m.Retried.WithLabelValues("store")) >= 2 })
+	q.mu.Lock()
+	q.peekErr = nil
+	q.mu.Unlock()
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+}
