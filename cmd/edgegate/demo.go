@@ -108,11 +108,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err != nil {
 		return err
 	}
-	daemonCtx, stopDaemon := context.WithCancel(context.Background())
-	defer stopDaemon()
-	cmd := exec.CommandContext(daemonCtx, exe, "run", "--config", cfgPath)
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 30 * time.Second
+	cmd := exec.Command(exe, "run", "--config", cfgPath)
 	logs, err := cmd.StderrPipe()
 	if err != nil {
 		return err
@@ -120,17 +116,32 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start daemon: %w", err)
 	}
+	exited := make(chan error, 1)
+	stopDaemon := sync.OnceValue(func() error {
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case err := <-exited:
+			return err
+		case <-time.After(30 * time.Second):
+			_ = cmd.Process.Kill()
+			return errors.New("did not stop within 30s of SIGTERM; killed")
+		}
+	})
 	ready := make(chan string, 1)
 	logDone := make(chan struct{})
 	go func() {
 		defer close(logDone)
 		followDaemonLog(logs, filepath.Join(work, "daemon.log"), out, ready)
+		exited <- cmd.Wait()
 	}()
+	defer stopDaemon()
 	var mqttAddr string
 	select {
 	case mqttAddr = <-ready:
 	case <-time.After(30 * time.Second):
 		return errors.New("daemon did not become ready within 30s; see its log above")
+	case err := <-exited:
+		return fmt.Errorf("daemon exited before it was ready: %v", err)
 	case <-ctx.Done():
 		return nil
 	}
@@ -174,8 +185,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		time.Sleep(100 * time.Millisecond)
 	}
 	out.printf("▶ stopping the daemon (SIGTERM)")
-	stopDaemon()
-	werr := cmd.Wait()
+	werr := stopDaemon()
 	<-logDone
 	if werr != nil {
 		out.printf("  daemon exited: %v", werr)
