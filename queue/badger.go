@@ -38,17 +38,17 @@ func badgerOptions(dir string, key []byte, logger *slog.Logger) badger.Options {
 		// Data keys are rotated under the master key; ten days keeps the
 		// registry small (~37 keys a year) while limiting what one data key
 		// protects.
-		WithEncryptionKeyRotationDuration(10*24*time.Hour).
-		WithIndexCacheSize(4<<20).
-		WithBlockCacheSize(8<<20).
-		WithMemTableSize(8<<20).
+		WithEncryptionKeyRotationDuration(10 * 24 * time.Hour).
+		WithIndexCacheSize(4 << 20).
+		WithBlockCacheSize(8 << 20).
+		WithMemTableSize(8 << 20).
 		WithNumMemtables(2).
 		WithNumLevelZeroTables(2).
 		WithNumLevelZeroTablesStall(4).
-		WithValueLogFileSize(64<<20).
+		WithValueLogFileSize(64 << 20).
 		// Readings are a few hundred bytes: they stay inline in the LSM and
 		// never need value-log GC; only unusually large bodies go to the vlog.
-		WithValueThreshold(1<<10).
+		WithValueThreshold(1 << 10).
 		WithNumCompactors(2).
 		WithNumGoroutines(2).
 		WithCompression(options.Snappy).

@@ -92,6 +92,11 @@ type laneState struct {
 	// above it, so the uplink never sends a reading that a crash could
 	// still take back (its seq would then be reused for another reading).
 	visible uint64
+	// head is a lower bound of the lane's live seqs (usually the first).
+	// Reads seek to it instead of scanning from the lane prefix, because
+	// the tombstones of delivered items stay in the LSM until compaction
+	// and a drain would otherwise re-walk all of them on every Peek.
+	head uint64
 }
 
 type request struct {
@@ -183,7 +188,7 @@ func (q *Queue) rebuild() error {
 				if err := bi.Value(func(v []byte) error { return decodeItem(v, &it0) }); err != nil {
 					return fmt.Errorf("read %x: %w", bi.Key(), err)
 				}
-				cur = &laneState{lane: Lane{Broker: it0.Broker, Device: device}, oldest: it0.Enqueued}
+				cur = &laneState{lane: Lane{Broker: it0.Broker, Device: device}, oldest: it0.Enqueued, head: seq}
 				q.lanes[string(prefix)] = cur
 			}
 			cur.count++
@@ -546,7 +551,7 @@ func (q *Queue) publish(recs []record) {
 		p := string(rc.key[:len(rc.key)-8])
 		ls := q.lanes[p]
 		if ls == nil {
-			ls = &laneState{lane: Lane{Broker: rc.item.Broker, Device: rc.item.Device}, oldest: rc.item.Enqueued}
+			ls = &laneState{lane: Lane{Broker: rc.item.Broker, Device: rc.item.Device}, oldest: rc.item.Enqueued, head: rc.item.Seq}
 			q.lanes[p] = ls
 		}
 		ls.count++
@@ -603,9 +608,9 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 	prefix := lanePrefix(prefixQueue, l.Broker, l.Device)
 	q.mu.RLock()
 	ls := q.lanes[string(prefix)]
-	var visible uint64
+	var visible, head uint64
 	if ls != nil {
-		visible = ls.visible
+		visible, head = ls.visible, ls.head
 	}
 	q.mu.RUnlock()
 	if visible == 0 {
@@ -618,7 +623,7 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 		io.PrefetchSize = min(max, 100)
 		it := txn.NewIterator(io)
 		defer it.Close()
-		for it.Rewind(); it.Valid() && len(out) < max; it.Next() {
+		for it.Seek(binary.BigEndian.AppendUint64(prefix, head)); it.Valid() && len(out) < max; it.Next() {
 			bi := it.Item()
 			_, device, seq, err := parseItemKey(bi.Key())
 			if err != nil {
@@ -714,7 +719,7 @@ func (q *Queue) unindex(removed []removal) error {
 	if len(removed) == 0 {
 		return nil
 	}
-	touched := make(map[string]bool)
+	touched := make(map[string]uint64) // prefix -> head to seek from
 	q.mu.Lock()
 	for _, r := range removed {
 		ls := q.lanes[r.prefix]
@@ -728,43 +733,47 @@ func (q *Queue) unindex(removed []removal) error {
 			delete(touched, r.prefix)
 			continue
 		}
-		touched[r.prefix] = true
+		touched[r.prefix] = ls.head
 	}
 	q.mu.Unlock()
-	for p := range touched {
-		oldest, err := q.firstEnqueued([]byte(p))
+	for p, from := range touched {
+		seq, oldest, err := q.firstLive([]byte(p), from)
 		if err != nil {
 			return fmt.Errorf("re-read lane head: %w", err)
 		}
 		q.mu.Lock()
-		if ls := q.lanes[p]; ls != nil && !oldest.IsZero() {
-			ls.oldest = oldest
+		if ls := q.lanes[p]; ls != nil && seq != 0 {
+			ls.oldest, ls.head = oldest, seq
 		}
 		q.mu.Unlock()
 	}
 	return nil
 }
 
-// firstEnqueued returns the enqueue time of the first item under prefix.
-func (q *Queue) firstEnqueued(prefix []byte) (time.Time, error) {
+// firstLive returns the seq and enqueue time of the first item under prefix
+// at or after seq from (0, zero time if none).
+func (q *Queue) firstLive(prefix []byte, from uint64) (uint64, time.Time, error) {
 	var t time.Time
+	var seq uint64
 	err := q.db.View(func(txn *badger.Txn) error {
 		io := badger.DefaultIteratorOptions
 		io.PrefetchValues = false
 		io.Prefix = prefix
 		it := txn.NewIterator(io)
 		defer it.Close()
-		it.Rewind()
+		it.Seek(binary.BigEndian.AppendUint64(prefix, from))
 		if !it.Valid() {
 			return nil
 		}
+		k := it.Item().Key()
+		seq = binary.BigEndian.Uint64(k[len(k)-8:])
 		return it.Item().Value(func(v []byte) error {
 			var err error
 			t, err = enqueuedOf(v)
 			return err
 		})
 	})
-	return t, err
+	return seq, t, err
 }
 
 // DeadLetter moves it out of its lane into the dead-letter area, with the
