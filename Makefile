@@ -37,3 +37,5 @@ fuzz:
 
 clean:
 	rm -rf bin dist
+
+include packaging.mk

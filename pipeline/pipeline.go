@@ -63,6 +63,9 @@ func (o Outcome) String() string {
 const (
 	ReasonInvalid  = "invalid"
 	ReasonTooLarge = "too_large"
+	// ReasonQuota counts attempts held back by the disk quota; the reading
+	// is not lost, its source keeps it and retries.
+	ReasonQuota = "quota"
 )
 
 // Options configures a Pipeline.
@@ -155,6 +158,10 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 		if sealErr != nil {
 			p.refuse(ctx, reasonOf(sealErr), msg, sealErr.Error())
 			return Refused, nil
+		}
+		if errors.Is(err, queue.ErrQuota) && p.m != nil {
+			// Counted per attempt: the source holds the reading and retries.
+			p.m.Refused.WithLabelValues(ReasonQuota).Inc()
 		}
 		return 0, fmt.Errorf("queue reading of %s: %w", dev.ID, err)
 	}

@@ -7,12 +7,12 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -229,6 +229,7 @@ func newBroker(t testing.TB, respond func(w http.ResponseWriter, r *http.Request
 	t.Helper()
 	b := &broker{respond: respond, inflight: make(map[string]int)}
 	b.Server = httptest.NewUnstartedServer(http.HandlerFunc(b.serve))
+	b.Config.ErrorLog = log.New(io.Discard, "", 0) // handshake noise from refused clients
 	b.StartTLS()
 	t.Cleanup(b.Close)
 	return b
@@ -277,16 +278,17 @@ type harness struct {
 	m      *metrics.Metrics
 	logs   *syncBuffer
 	cancel context.CancelFunc
-	done   chan error
+	done   chan struct{} // closed when Run returned
+	runErr error
 }
 
 func (h *harness) stop(t testing.TB) {
 	t.Helper()
 	h.cancel()
 	select {
-	case err := <-h.done:
-		if err != nil {
-			t.Errorf("Run = %v, want nil", err)
+	case <-h.done:
+		if h.runErr != nil {
+			t.Errorf("Run = %v, want nil", h.runErr)
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Run did not return after cancel")
@@ -296,7 +298,7 @@ func (h *harness) stop(t testing.TB) {
 // start runs the uplink; opts gets test defaults where zero.
 func start(t testing.TB, q *fakeQueue, tok *fakeTokens, keys Keys, pool *x509.CertPool, opts Options) *harness {
 	t.Helper()
-	h := &harness{q: q, tok: tok, m: metrics.New(), logs: &syncBuffer{}, done: make(chan error, 1)}
+	h := &harness{q: q, tok: tok, m: metrics.New(), logs: &syncBuffer{}, done: make(chan struct{})}
 	if opts.HTTPClient == nil {
 		opts.HTTPClient = NewHTTPClient(pool, 5*time.Second, 8)
 	}
@@ -311,7 +313,7 @@ func start(t testing.TB, q *fakeQueue, tok *fakeTokens, keys Keys, pool *x509.Ce
 	u := New(q, tok, keys, opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
-	go func() { h.done <- u.Run(ctx) }()
+	go func() { h.runErr = u.Run(ctx); close(h.done) }()
 	t.Cleanup(func() {
 		cancel()
 		<-h.done
@@ -373,5 +375,3 @@ func orion(w http.ResponseWriter, status int, body string) {
 	w.WriteHeader(status)
 	io.WriteString(w, body)
 }
-
-var _ atomic.Int64 // (atomic is used by tests in other files)

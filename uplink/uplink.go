@@ -134,6 +134,9 @@ func (u *Uplink) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { time.AfterFunc(u.opts.ShutdownGrace, cancelReq) })
 	defer stop()
 
+	// Last: drop kept-alive connections so no transport goroutine outlives Run.
+	defer u.opts.HTTPClient.CloseIdleConnections()
+
 	var wg sync.WaitGroup // owns the dispatchers
 	started := make(map[string]bool)
 	tick := time.NewTicker(backstop)

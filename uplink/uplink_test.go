@@ -5,9 +5,11 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -157,7 +159,6 @@ func TestPerDeviceOrderUnderConcurrencyAndRetries(t *testing.T) {
 	last := map[string]int{}
 	for _, r := range b.reqs {
 		var seq int
-		_, _ = strings.CutPrefix(r.body, "")
 		i := strings.LastIndex(r.body, ":")
 		seq, _ = strconv.Atoi(strings.TrimSuffix(r.body[i+1:], "}}"))
 		prev, ok := last[r.device]
@@ -449,7 +450,23 @@ func TestTokenFailureRetried(t *testing.T) {
 func TestFairness(t *testing.T) {
 	for _, conc := range []int{1, 4} {
 		t.Run("Concurrency="+strconv.Itoa(conc), func(t *testing.T) {
-			b := newBroker(t, nil)
+			// With several workers, arrival order at the broker also
+			// depends on connection setup, so there the backlog's
+			// requests are held until the small lane's request arrives:
+			// a starving scheduler would never send it.
+			smallSeen := make(chan struct{})
+			var once sync.Once
+			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				if r.URL.Query().Get("elementid") == "b-single" {
+					once.Do(func() { close(smallSeen) })
+				} else if conc > 1 {
+					select {
+					case <-smallSeen:
+					case <-time.After(5 * time.Second):
+					}
+				}
+				w.WriteHeader(http.StatusNoContent)
+			})
 			q := newFakeQueue()
 			q.add(b.URL, "a-backlog", 1000)
 			q.add(b.URL, "b-single", 1)
@@ -564,4 +581,46 @@ func TestStoreFailureKeepsReading(t *testing.T) {
 	q.mu.Unlock()
 	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
+}
+
+func TestNoGoroutineLeak(t *testing.T) {
+	before := runtime.NumGoroutine()
+	func() {
+		b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+			if n%3 == 0 {
+				w.WriteHeader(http.StatusServiceUnavailable)
+				return
+			}
+			w.WriteHeader(http.StatusNoContent)
+		})
+		q := newFakeQueue()
+		for _, d := range []string{"a", "b", "c", "d", "e"} {
+			q.add(b.URL, d, 10)
+		}
+		h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond})
+		eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+		h.stop(t)
+		b.Close()
+	}()
+	eventually(t, "goroutines to exit", func() bool { return runtime.NumGoroutine() <= before })
+}
+
+func TestFairnessManyLanes(t *testing.T) {
+	b := newBroker(t, nil)
+	q := newFakeQueue()
+	for i := range 8 {
+		q.add(b.URL, "a-backlog-"+strconv.Itoa(i), 100)
+	}
+	q.add(b.URL, "z-single", 1)
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Concurrency: 2})
+	eventually(t, "small lane delivered", func() bool {
+		return !slices.ContainsFunc(q.Lanes(b.URL), func(l queue.Lane) bool { return l.Device == "z-single" })
+	})
+	h.stop(t)
+	// Round-robin over 9 lanes: the small lane's turn is the 9th start,
+	// give or take the two workers' interleaving.
+	i := slices.IndexFunc(b.requests(), func(r seen) bool { return r.device == "z-single" })
+	if i < 0 || i > 11 {
+		t.Errorf("small lane served as request #%d, want within the first round (≤ 12)", i+1)
+	}
 }

@@ -1,0 +1,18 @@
+#!/bin/sh
+# Prints the Debian changelog entry for VERSION (a native package: one
+# entry per build, made from the commit), dated SOURCE_DATE_EPOCH so that
+# the same commit gives the same changelog.gz.
+# usage: packaging/changelog.sh VERSION MAINTAINER
+set -eu
+cd "$(dirname "$0")/.."
+version=$1 maintainer=$2
+commit=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+subject=$(git log -1 --format=%s 2>/dev/null | cut -c1-40 || echo "local build")
+date=$(LC_ALL=C date -u -R -d "@${SOURCE_DATE_EPOCH:-0}")
+cat <<CL
+edgegate ($version) unstable; urgency=medium
+
+  * Built from commit $commit: $subject
+
+ -- $maintainer  $date
+CL

@@ -1,0 +1,188 @@
+package radio
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"sync"
+)
+
+// stateFileName holds the MySensors controller state that must survive a
+// restart: which node ids each port's network has used, so that an id is
+// never handed out twice.
+const stateFileName = "radio-nodes.json"
+
+type stateFile struct {
+	Version int                  `json:"version"`
+	Ports   map[string]portState `json:"ports"`
+}
+
+type portState struct {
+	IDs []int `json:"ids"` // ids given out or seen on this port, sorted
+}
+
+// nodeIDs is the one owner of the persisted node ids of every port. It
+// writes the file atomically (temp, fsync, rename, fsync dir) before an id
+// is handed out, so a crash cannot hand the same id to two nodes.
+type nodeIDs struct {
+	path string // "" keeps the ids in memory only
+
+	mu   sync.Mutex
+	used map[string]*[256]bool
+}
+
+func loadNodeIDs(dir string) (*nodeIDs, error) {
+	s := &nodeIDs{used: map[string]*[256]bool{}}
+	if dir == "" {
+		return s, nil
+	}
+	s.path = filepath.Join(dir, stateFileName)
+	b, err := os.ReadFile(s.path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return s, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read radio state: %w", err)
+	}
+	var f stateFile
+	if err := json.Unmarshal(b, &f); err != nil {
+		return nil, fmt.Errorf("parse radio state %s: %w", s.path, err)
+	}
+	for port, ps := range f.Ports {
+		u := new([256]bool)
+		for _, id := range ps.IDs {
+			if id >= 1 && id <= MaxNodeID {
+				u[id] = true
+			}
+		}
+		s.used[port] = u
+	}
+	return s, nil
+}
+
+func (s *nodeIDs) usedOf(port string) *[256]bool {
+	u := s.used[port]
+	if u == nil {
+		u = new([256]bool)
+		s.used[port] = u
+	}
+	return u
+}
+
+// markSeen records that node id is in use on port; it persists only when
+// the id is new.
+func (s *nodeIDs) markSeen(port string, id int) error {
+	if id < 1 || id > MaxNodeID {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	u := s.usedOf(port)
+	if u[id] {
+		return nil
+	}
+	u[id] = true
+	if err := s.saveLocked(); err != nil {
+		u[id] = false
+		return err
+	}
+	return nil
+}
+
+// allocate hands out a fresh id for port: one above the highest used, or
+// the lowest free one once 254 is taken. It is persisted before it returns.
+func (s *nodeIDs) allocate(port string) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	u := s.usedOf(port)
+	id := 0
+	for i := MaxNodeID; i >= 1; i-- {
+		if u[i] {
+			if i < MaxNodeID {
+				id = i + 1
+			}
+			break
+		}
+		if i == 1 {
+			id = 1
+		}
+	}
+	if id == 0 {
+		for i := 1; i <= MaxNodeID; i++ {
+			if !u[i] {
+				id = i
+				break
+			}
+		}
+	}
+	if id == 0 {
+		return 0, fmt.Errorf("allocate node id on %s: all %d ids used", port, MaxNodeID)
+	}
+	u[id] = true
+	if err := s.saveLocked(); err != nil {
+		u[id] = false
+		return 0, err
+	}
+	return id, nil
+}
+
+func (s *nodeIDs) saveLocked() error {
+	if s.path == "" {
+		return nil
+	}
+	f := stateFile{Version: 1, Ports: map[string]portState{}}
+	for port, u := range s.used {
+		var ids []int
+		for i, ok := range u {
+			if ok {
+				ids = append(ids, i)
+			}
+		}
+		slices.Sort(ids)
+		f.Ports[port] = portState{IDs: ids}
+	}
+	b, err := json.MarshalIndent(f, "", "  ")
+	if err != nil {
+		return fmt.Errorf("encode radio state: %w", err)
+	}
+	return writeFileAtomic(s.path, append(b, '\n'))
+}
+
+// writeFileAtomic replaces path with data: a temp file in the same
+// directory, fsynced, renamed over path, and the directory fsynced, so that
+// after a crash the file is either the old or the new version.
+func writeFileAtomic(path string, data []byte) error {
+	dir := filepath.Dir(path)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name()) // no-op after the rename
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return fmt.Errorf("sync %s: %w", path, err)
+	}
+	if err := tmp.Close(); err != nil {
+		return fmt.Errorf("close %s: %w", path, err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return fmt.Errorf("rename into %s: %w", path, err)
+	}
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("open dir of %s: %w", path, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("sync dir of %s: %w", path, err)
+	}
+	return nil
+}

@@ -1,0 +1,132 @@
+package uplink
+
+import (
+	"context"
+	"net/http"
+	"testing"
+	"time"
+)
+
+func TestClassify(t *testing.T) {
+	now := time.Date(2025, 1, 1, 12, 0, 0, 0, time.UTC)
+	h := func(kv ...string) http.Header {
+		hd := http.Header{}
+		for i := 0; i < len(kv); i += 2 {
+			hd.Add(kv[i], kv[i+1])
+		}
+		return hd
+	}
+	tests := []struct {
+		name   string
+		status int
+		header http.Header
+		body   string
+		want   verdict
+	}{
+		{"204", 204, nil, "", verdict{kind: delivered}},
+		{"200", 200, nil, "{}", verdict{kind: delivered}},
+		{"500", 500, nil, "", verdict{kind: retry, reason: "5xx"}},
+		{"503 Retry-After", 503, h("Retry-After", "7"), "", verdict{kind: retry, reason: "5xx", retryAfter: 7 * time.Second}},
+		{"408", 408, nil, "", verdict{kind: retry, reason: "408"}},
+		{"429 seconds", 429, h("Retry-After", "3"), "", verdict{kind: retry, reason: "429", retryAfter: 3 * time.Second}},
+		{"429 date", 429, h("Retry-After", "Wed, 01 Jan 2025 12:00:10 GMT"), "", verdict{kind: retry, reason: "429", retryAfter: 10 * time.Second}},
+		{"429 huge capped", 429, h("Retry-After", "999999"), "", verdict{kind: retry, reason: "429", retryAfter: maxRetryAfter}},
+		{"401 network", 401, nil, `{"result":false,"message":"Network problems"}`, verdict{kind: retry, reason: "401_transient"}},
+		{"401 config", 401, nil, `{"result":false,"message":"Configuration error"}`, verdict{kind: retry, reason: "401_transient"}},
+		{"401 trouble", 401, nil, `{"result":false,"message":"Trouble in reaching the directory"}`, verdict{kind: retry, reason: "401_transient"}},
+		{"401 invalid token", 401, nil, `{"result":false,"message":"The passed access token is not valid"}`, verdict{kind: invalidToken, reason: "invalid_token"}},
+		{"401 bearer header", 401, h("WWW-Authenticate", `Bearer error="invalid_token"`), "", verdict{kind: invalidToken, reason: "invalid_token"}},
+		{"401 ownership", 401, nil, `{"result":false,"message":"You are not the owner"}`, verdict{kind: permanent, class: "401", reason: "401: You are not the owner"}},
+		{"401 bare", 401, nil, "", verdict{kind: permanent, class: "401", reason: "401"}},
+		{"404 orion", 404, nil, `{"error":"NotFound","description":"no entity"}`, verdict{kind: permanent, class: "4xx", reason: "404 Not Found: no entity"}},
+		{"422 error only", 422, nil, `{"error":"Unprocessable"}`, verdict{kind: permanent, class: "4xx", reason: "422 Unprocessable Entity: Unprocessable"}},
+		{"400 control chars", 400, nil, "a\nb", verdict{kind: permanent, class: "4xx", reason: "400 Bad Request: a b"}},
+		{"302 not followed", 302, nil, "", verdict{kind: retry, reason: "3xx"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			hd := tt.header
+			if hd == nil {
+				hd = http.Header{}
+			}
+			if got := classify(tt.status, hd, []byte(tt.body), now); got != tt.want {
+				t.Errorf("classify(%d, %q) = %+v, want %+v", tt.status, tt.body, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	now := time.Date(2025, 1, 1, 12, 0, 0, 0, time.UTC)
+	tests := []struct {
+		in   string
+		want time.Duration
+	}{
+		{"", 0}, {"0", 0}, {"-5", 0}, {"12", 12 * time.Second}, {"junk", 0},
+		{"Wed, 01 Jan 2025 11:59:00 GMT", 0}, // in the past
+		{"Wed, 01 Jan 2025 12:01:00 GMT", time.Minute},
+		{"Wed, 01 Jan 2025 18:00:00 GMT", maxRetryAfter},
+	}
+	for _, tt := range tests {
+		if got := parseRetryAfter(tt.in, now); got != tt.want {
+			t.Errorf("parseRetryAfter(%q) = %v, want %v", tt.in, got, tt.want)
+		}
+	}
+}
+
+func TestBackoff(t *testing.T) {
+	clock := time.Unix(1000, 0)
+	now := func() time.Time { return clock }
+	for _, r := range []float64{0, 0.999} {
+		b := newBackoff(200*time.Millisecond, 30*time.Second, now)
+		b.rand = func() float64 { return r }
+		prevHi := time.Duration(0)
+		for i := range 12 {
+			d := b.fail(0)
+			hi := min(200*time.Millisecond<<i, 30*time.Second)
+			if d < hi/2 || d > hi {
+				t.Errorf("rand=%v failure %d: delay %v, want in [%v, %v]", r, i+1, d, hi/2, hi)
+			}
+			if hi < prevHi {
+				t.Errorf("delay bound shrank at failure %d", i+1)
+			}
+			prevHi = hi
+			if got := b.remaining(); got != d {
+				t.Errorf("remaining = %v, want %v", got, d)
+			}
+			clock = clock.Add(d)
+			if got := b.remaining(); got != 0 {
+				t.Errorf("remaining after waiting = %v, want 0", got)
+			}
+		}
+		b.success()
+		if d := b.fail(0); d > 200*time.Millisecond {
+			t.Errorf("after success: delay %v, want ≤ 200ms", d)
+		}
+		// A server's Retry-After wins over a shorter backoff.
+		clock = clock.Add(time.Hour)
+		if d := b.fail(5 * time.Second); d != 5*time.Second {
+			t.Errorf("fail(5s) = %v, want 5s", d)
+		}
+		// extend never shortens.
+		b.extend(time.Second)
+		if got := b.remaining(); got != 5*time.Second {
+			t.Errorf("after extend(1s): remaining %v, want 5s", got)
+		}
+	}
+}
+
+func TestBackoffWaitHonoursContext(t *testing.T) {
+	b := newBackoff(time.Hour, time.Hour, time.Now)
+	b.fail(0)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := b.wait(ctx); err == nil {
+		t.Error("wait returned nil while ctx ended before the backoff")
+	}
+	b2 := newBackoff(time.Millisecond, time.Millisecond, time.Now)
+	b2.fail(0)
+	if err := b2.wait(context.Background()); err != nil {
+		t.Errorf("wait = %v, want nil", err)
+	}
+}
