@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/edgegate/edgegate/centralsim"
 )
 
@@ -116,8 +118,9 @@ func TestMosquittoEndToEnd(t *testing.T) {
 	waitFor(t, 20*time.Second, "the mosquitto_pub reading", func() bool { return delivered(sim)[a.ID][1000] == 1 })
 }
 
-// TestSIGKILLLosesNoAckedReading kills the daemon mid-stream, restarts it,
-// and checks that every reading acknowledged to a device reached the broker.
+// TestSIGKILLLosesNoAckedReading kills the daemon mid-stream (SIGKILL, and
+// SIGTERM in between), restarts it, and checks that every reading
+// acknowledged to a device reached the broker.
 func TestSIGKILLLosesNoAckedReading(t *testing.T) {
 	devs := []testDevice{dev("k-1", "alice"), dev("k-2", "alice"), dev("k-3", "alice")}
 	sim := startSim(t, devs...)
@@ -166,7 +169,13 @@ func TestSIGKILLLosesNoAckedReading(t *testing.T) {
 		// Kill at a random point once some readings went through.
 		target := int64(100 + rand.IntN(200))
 		waitFor(t, 30*time.Second, "readings to flow", func() bool { return sent.Load() >= target })
-		g.kill()
+		if cycle == 1 {
+			if err := g.term(); err != nil {
+				t.Fatalf("SIGTERM under load: exit %v, want 0", err)
+			}
+		} else {
+			g.kill()
+		}
 		close(stop)
 		wg.Wait()
 	}
@@ -187,7 +196,7 @@ func TestSIGKILLLosesNoAckedReading(t *testing.T) {
 		}
 		return true
 	})
-	t.Logf("%d acknowledged readings over %d SIGKILLs, all delivered", total, cycles)
+	t.Logf("%d acknowledged readings over %d SIGKILL/SIGTERM cycles, all delivered", total, cycles)
 	// Nothing invented: every delivered reading was sent by its device.
 	for dv, m := range delivered(sim) {
 		for i := range m {
@@ -364,4 +373,42 @@ func assertNoSecrets(t *testing.T, s string, devs ...testDevice) {
 			t.Fatalf("a secret appears in the output")
 		}
 	}
+}
+
+// TestQuotaHoldsReadingsUnacknowledged: over the disk quota the daemon does
+// not acknowledge a reading, so the device keeps it; once space returns
+// (here: a restart with a larger quota) the device's resend is delivered.
+func TestQuotaHoldsReadingsUnacknowledged(t *testing.T) {
+	a := dev("q-1", "alice")
+	sim := startSim(t, a)
+	dir := t.TempDir()
+	port := freePort(t)
+	mq := "mqtt:\n  mode: embedded\n  embedded:\n    listen: 127.0.0.1:" + port + "\n"
+	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{MQTT: mq, Store: "store:\n  quota: 1\n"}, a)
+	g := startGateway(t, cfg)
+
+	p := newPublisher(t, "tcp://"+g.MQTT, a.ID, func(o *paho.ClientOptions) {
+		o.SetClientID("quota-device").SetCleanSession(false).SetAutoReconnect(true).
+			SetConnectRetry(true).SetConnectRetryInterval(200 * time.Millisecond).SetMaxReconnectInterval(time.Second)
+	})
+	tok := p.client.Publish("devices/q-1/telemetry", 1, false, `{"n": 1, "temperature": 20}`)
+	if tok.WaitTimeout(2 * time.Second) {
+		t.Fatalf("reading acknowledged over quota (err %v); it must be held", tok.Error())
+	}
+	waitFor(t, 10*time.Second, "the quota refusal to be counted", func() bool {
+		v := scrape(t, g.Metrics, `edgegate_readings_refused_total{reason="quota"}`)
+		return v != "" && v != "0"
+	})
+	if len(sim.Updates()) != 0 {
+		t.Fatal("a reading over quota reached the broker")
+	}
+	if err := g.term(); err != nil {
+		t.Fatalf("SIGTERM exit = %v", err)
+	}
+	writeGatewayConfig(t, dir, sim, gatewayConfig{MQTT: mq, Store: "store:\n  quota: 64MiB\n"}, a)
+	startGateway(t, cfg)
+	if !tok.WaitTimeout(20*time.Second) || tok.Error() != nil {
+		t.Fatalf("the device's resend was not acknowledged after space returned: %v", tok.Error())
+	}
+	waitFor(t, 20*time.Second, "the held reading at the broker", func() bool { return delivered(sim)[a.ID][1] == 1 })
 }

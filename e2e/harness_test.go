@@ -84,6 +84,7 @@ func startSim(t *testing.T, devices ...testDevice) *centralsim.Server {
 // gatewayConfig is what a test varies in the daemon's configuration.
 type gatewayConfig struct {
 	MQTT  string // the mqtt: section; default embedded on 127.0.0.1:0
+	Store string // the store: section
 	Extra string // more top-level YAML
 }
 
@@ -108,12 +109,14 @@ func writeGatewayConfig(t *testing.T, dir string, sim *centralsim.Server, gc gat
 	if mq == "" {
 		mq = "mqtt:\n  mode: embedded\n  embedded:\n    listen: 127.0.0.1:0\n"
 	}
+	store := gc.Store
+	if store == "" {
+		store = "store:\n  max_batch: 128\n"
+	}
 	cfg := fmt.Sprintf(`gateway:
   id: gw-e2e
 state_dir: state
-store:
-  max_batch: 128
-%s
+%s%s
 central:
   token_url: %s
   client_id: %s
@@ -130,7 +133,7 @@ metrics:
 log:
   format: json
   level: debug
-%s`, mq, sim.TokenURL(), gwClientID, gc.Extra)
+%s`, store, mq, sim.TokenURL(), gwClientID, gc.Extra)
 	p := filepath.Join(dir, "edgegate.yaml")
 	must(os.WriteFile(p, []byte(cfg), 0o600))
 	return p

@@ -100,10 +100,27 @@ func (c *msController) node(id int) *msNode {
 
 // handle processes one decoded message. res.replies and res.payload are
 // appended to the slices passed in res (so a caller can reuse buffers). An
-// error means the frame is bad (counted, skipped); res is then empty.
+// error means the frame is bad (counted, skipped): a bad frame neither
+// creates a node nor marks its id as used.
 func (c *msController) handle(m MSMessage, res *msResult) error {
-	now := c.now()
 	res.event, res.child, res.warn = "", 0, nil
+	c.mu.Lock()
+	_, known := c.nodes[m.Node]
+	err := c.handleLocked(m, res)
+	if err != nil && !known {
+		delete(c.nodes, m.Node)
+	}
+	c.mu.Unlock()
+	if err == nil && !m.Ack && m.Node != NodeAuto {
+		// A failure to persist only weakens the no-reuse guarantee for
+		// this id; the message is still good.
+		res.warn = c.ids.markSeen(c.port, m.Node)
+	}
+	return err
+}
+
+func (c *msController) handleLocked(m MSMessage, res *msResult) error {
+	now := c.now()
 	if m.Ack {
 		// The echo of a message the controller sent (serial API: incoming
 		// ack=1 "is an ack message"); never a new reading.
@@ -129,12 +146,6 @@ func (c *msController) handle(m MSMessage, res *msResult) error {
 		}
 		return fmt.Errorf("%w: node %d (no id yet) sent command %d", ErrBadField, m.Node, m.Command)
 	}
-	// A failure to persist only weakens the no-reuse guarantee for this
-	// id; the message is still good.
-	res.warn = c.ids.markSeen(c.port, m.Node)
-
-	c.mu.Lock()
-	defer c.mu.Unlock()
 	n := c.node(m.Node)
 	n.lastSeen = now
 

@@ -48,6 +48,7 @@ func TestControllerProtocol(t *testing.T) {
 		{in: "1;255;3;0;0;187", err: ErrBadValue},
 		{in: "1;0;1;0;99;1", err: ErrBadValue},
 		{in: "255;0;1;0;0;21.5", err: ErrBadField},
+		{in: "99;0;1;0;0;warm", err: ErrBadValue}, // bad frames do not create nodes
 		// A node that never presented: reading, and a request to present.
 		{in: "7;0;1;0;2;1", event: evReading, child: 0, replies: "7;255;3;0;19;\n", payload: `{"status":{"value":true,"type":"Boolean"}}`},
 		{in: "7;0;1;0;2;0", event: evReading, child: 0, payload: `{"status":{"value":false,"type":"Boolean"}}`},

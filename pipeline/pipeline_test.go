@@ -1,0 +1,158 @@
+package pipeline
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/policy"
+	"github.com/edgegate/edgegate/queue"
+	"github.com/edgegate/edgegate/reading"
+)
+
+func counter(t *testing.T, c prometheus.Collector) float64 {
+	t.Helper()
+	ch := make(chan prometheus.Metric, 1)
+	c.Collect(ch)
+	var m dto.Metric
+	if err := (<-ch).Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	return m.GetCounter().GetValue()
+}
+
+// openQueue runs a real queue in a temp dir for the test.
+func openQueue(t *testing.T, quota int64) *queue.Queue {
+	t.Helper()
+	q, err := queue.Open(queue.Options{Dir: t.TempDir(), Key: bytes.Repeat([]byte{7}, 32), QuotaBytes: quota})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- q.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		q.Close()
+	})
+	return q
+}
+
+func testPolicy(t *testing.T) *policy.Engine {
+	t.Helper()
+	p, err := policy.New(1, "test", []policy.Registration{
+		{ID: "th-1", Type: "T", Owner: "alice", Broker: "https://broker.example/f", K1: "canary-k1", K2: "canary-k2"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return policy.NewEngine(p)
+}
+
+func TestSubmit(t *testing.T) {
+	q := openQueue(t, 0)
+	m := metrics.New()
+	var logs bytes.Buffer
+	p := New(testPolicy(t), q, Options{Gateway: "gw-1", Metrics: m,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	ctx := context.Background()
+	mqttSrc := reading.Source{Kind: "mqtt", Topic: "devices/x/telemetry"}
+	tests := []struct {
+		name, device, payload string
+		want                  Outcome
+		reason                string
+	}{
+		{"flat reading", "th-1", `{"temperature": 21.5}`, Queued, ""},
+		{"ngsi-like reading", "th-1", `{"temperature": {"value": 22, "type": "Float"}, "TimeInstant": "2026-11-26T05:00:00Z"}`, Queued, ""},
+		{"unknown device", "rogue", `{"temperature": 1}`, Refused, policy.ReasonUnknownDevice},
+		{"not json", "th-1", `temperature=1`, Refused, ReasonInvalid},
+		{"forbidden character", "th-1", `{"label": "<script>"}`, Refused, ReasonInvalid},
+		{"attribute named like the signature", "th-1", `{"signature": "x"}`, Refused, ReasonInvalid},
+		{"oversized", "th-1", `{"x":"` + strings.Repeat("a", reading.MaxPayloadBytes) + `"}`, Refused, ReasonTooLarge},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := 0.0
+			if tt.reason != "" {
+				before = counter(t, m.Refused.WithLabelValues(tt.reason))
+			}
+			got, err := p.Submit(ctx, Message{Device: tt.device, Source: mqttSrc, Payload: []byte(tt.payload), Received: time.Now()})
+			if err != nil || got != tt.want {
+				t.Fatalf("Submit(%s) = %v, %v; want %v", tt.name, got, err, tt.want)
+			}
+			if tt.reason != "" {
+				if after := counter(t, m.Refused.WithLabelValues(tt.reason)); after != before+1 {
+					t.Errorf("refused{%s} went %v → %v, want +1", tt.reason, before, after)
+				}
+			}
+		})
+	}
+
+	// What was queued is signed, in order, and verifiable with the key.
+	items, err := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(items) != 2 {
+		t.Fatalf("queued %d items, want 2", len(items))
+	}
+	key, _ := envelope.DeriveHS256("th-1", "canary-k1", "canary-k2")
+	for i, it := range items {
+		c, err := envelope.VerifyAttrs(it.Body, key, "")
+		if err != nil {
+			t.Fatalf("item %d does not verify: %v", i, err)
+		}
+		if c.Seq != uint64(i+1) || c.Gateway != "gw-1" || it.Type != "T" {
+			t.Errorf("item %d: seq %d gateway %q type %q", i, c.Seq, c.Gateway, it.Type)
+		}
+	}
+	if c, _ := envelope.VerifyAttrs(items[1].Body, key, ""); !c.Time.Equal(time.Date(2026, 11, 26, 5, 0, 0, 0, time.UTC)) {
+		t.Errorf("observation time = %v, want the payload's TimeInstant", c.Time)
+	}
+	if got := counter(t, m.Ingested.WithLabelValues("mqtt")); got != 2 {
+		t.Errorf("ingested{mqtt} = %v, want 2", got)
+	}
+	if strings.Contains(logs.String(), "canary") {
+		t.Fatal("a device key reached the log")
+	}
+	if !strings.Contains(logs.String(), "rogue") {
+		t.Errorf("the refusal of an unknown device is not logged:\n%s", logs.String())
+	}
+}
+
+func TestSubmitQuotaIsNotARefusal(t *testing.T) {
+	q := openQueue(t, 1) // one byte: every append is over quota
+	m := metrics.New()
+	p := New(testPolicy(t), q, Options{Gateway: "gw-1", Metrics: m})
+	_, err := p.Submit(context.Background(), Message{Device: "th-1", Source: reading.Source{Kind: "mqtt"}, Payload: []byte(`{"t":1}`)})
+	if !errors.Is(err, queue.ErrQuota) {
+		t.Fatalf("Submit over quota = %v, want an error wrapping queue.ErrQuota (so the source keeps the reading)", err)
+	}
+	if got := counter(t, m.Refused.WithLabelValues(ReasonQuota)); got != 1 {
+		t.Errorf("refused{quota} = %v, want 1", got)
+	}
+}
+
+func TestRefusalLogIsRateLimited(t *testing.T) {
+	q := openQueue(t, 0)
+	var logs bytes.Buffer
+	p := New(testPolicy(t), q, Options{Gateway: "gw", Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	for range 100 {
+		if out, err := p.Submit(context.Background(), Message{Device: "rogue", Payload: []byte(`{"t":1}`)}); err != nil || out != Refused {
+			t.Fatalf("Submit = %v, %v", out, err)
+		}
+	}
+	if n := strings.Count(logs.String(), "reading refused"); n != 1 {
+		t.Fatalf("100 refusals of one device logged %d lines, want 1", n)
+	}
+}
