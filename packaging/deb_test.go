@@ -18,7 +18,10 @@ const pkgTimeout = 2 * time.Minute
 func buildDeb(t *testing.T, outDir string) string {
 	t.Helper()
 	bin := hostBinary(t)
-	env := []string{"DEB_VERSION=1.2.3+test", "SOURCE_DATE_EPOCH=1790000000"}
+	// Every input pinned, git's included: the lead may commit while the
+	// test runs.
+	env := []string{"DEB_VERSION=1.2.3+test", "SOURCE_DATE_EPOCH=1790000000",
+		"DEB_COMMIT=0123456789ab", "DEB_SUBJECT=test build"}
 	out := run(t, pkgTimeout, repoRoot(t), env, "packaging/deb.sh", "amd64", bin, bin, outDir)
 	deb := strings.TrimSpace(string(out))
 	if filepath.Base(deb) != "edgegate_1.2.3+test_amd64.deb" {
@@ -162,7 +165,7 @@ func TestDebPackage(t *testing.T) {
 			t.Error("the packaged unit differs from systemd/edgegate.service")
 		}
 		cl := run(t, time.Minute, "", nil, "sh", "-c", `gzip -dc "$0"`, filepath.Join(data, "usr/share/doc/edgegate/changelog.gz"))
-		if !bytes.HasPrefix(cl, []byte("edgegate (1.2.3+test) unstable; urgency=medium\n")) {
+		if !bytes.HasPrefix(cl, []byte("edgegate (1.2.3+test) unstable; urgency=medium\n\n  * Built from commit 0123456789ab: test build\n")) {
 			t.Errorf("changelog does not start with this version's entry:\n%s", cl)
 		}
 	})

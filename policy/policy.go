@@ -1,20 +1,99 @@
 // Package policy holds the ownership policy the gateway enforces — which
-// devices exist, who owns them, where their data goes — and the decisions
-// taken on it. A Policy is immutable once built; the Engine swaps the one in
-// force atomically, so a decision on the hot path is one map lookup with no
-// lock.
+// devices exist, who owns them, who else may read or write their data,
+// where their data goes, which radio node is which device — and the
+// decisions taken on it.
 //
-// Today the policy is built from the devices of the configuration file; the
-// signed, versioned bundles synced from the central service replace that
-// source without changing the decisions' interface.
+// A Policy is immutable once compiled; the Engine swaps the one in force
+// atomically, so a decision on the hot path is a map lookup with no lock.
+// A policy comes from the configuration file (version 0), from the platform's
+// Ownership API, or from a signed bundle of central ops; sync/ fetches and
+// verifies, this package compiles and decides.
 package policy
 
 import (
+	"errors"
 	"fmt"
+	"net/url"
+	"sort"
+	"strconv"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/reading"
 )
+
+// Kind is a delegation kind, as the platform names them.
+type Kind string
+
+// The platform's delegation kinds.
+const (
+	ReadAccess Kind = "READ_ACCESS"
+	ReadWrite  Kind = "READ_WRITE"
+	WriteOnly  Kind = "WRITE_ONLY"
+	Modify     Kind = "MODIFY"
+)
+
+// Valid reports whether k is one of the platform's kinds.
+func (k Kind) Valid() bool {
+	switch k {
+	case ReadAccess, ReadWrite, WriteOnly, Modify:
+		return true
+	}
+	return false
+}
+
+// Reads reports whether the kind grants reading the device's data.
+// WRITE_ONLY grants no read.
+func (k Kind) Reads() bool { return k == ReadAccess || k == ReadWrite || k == Modify }
+
+// Writes reports whether the kind grants writing the device's data.
+func (k Kind) Writes() bool { return k == ReadWrite || k == WriteOnly || k == Modify }
+
+// Delegation grants a user access to a device's data.
+type Delegation struct {
+	Device string `json:"device"`
+	User   string `json:"user"`
+	Kind   Kind   `json:"kind"`
+}
+
+// RadioBinding ties a device to a radio source. Child -1 means any child of
+// the node; Node -1 means the whole port (JSON-lines radios name the device
+// in each frame).
+type RadioBinding struct {
+	Port  string `json:"port"`
+	Node  int    `json:"node"`
+	Child int    `json:"child"`
+}
+
+// Registration is one device as a policy source describes it.
+type Registration struct {
+	ID          string        `json:"id"`
+	Type        string        `json:"type"`
+	Owner       string        `json:"owner"`
+	Broker      string        `json:"broker"`
+	K1          string        `json:"k1"`
+	K2          string        `json:"k2"`
+	Service     string        `json:"fiware_service,omitempty"`
+	ServicePath string        `json:"fiware_service_path,omitempty"`
+	Radio       *RadioBinding `json:"radio,omitempty"`
+}
+
+// Document is a whole policy: the payload of a signed bundle and the form
+// in which the policy in force is cached.
+type Document struct {
+	Format      int            `json:"v"`
+	Gateway     string         `json:"gateway,omitempty"`
+	Version     uint64         `json:"version"`
+	IssuedAt    time.Time      `json:"issued_at"`
+	ExpiresAt   time.Time      `json:"expires_at,omitzero"`
+	Devices     []Registration `json:"devices"`
+	Delegations []Delegation   `json:"delegations,omitempty"`
+}
+
+// DocumentFormat is the Format of Documents this package understands.
+const DocumentFormat = 1
 
 // Device is a registered device as the gateway knows it.
 type Device struct {
@@ -24,6 +103,7 @@ type Device struct {
 	Broker      string // base URI of the broker (filter) its data goes to
 	Service     string // optional Fiware-Service
 	ServicePath string // optional Fiware-ServicePath
+	Radio       *RadioBinding
 
 	k1, k2 string
 	key    envelope.Key
@@ -37,37 +117,148 @@ func (d *Device) String() string {
 	return fmt.Sprintf("device %s (type %s, owner %s)", d.ID, d.Type, d.Owner)
 }
 
-// Registration is what a source of policy provides for one device.
-type Registration struct {
-	ID, Type, Owner, Broker, Service, ServicePath string
-	K1, K2                                        string
+// same reports whether two registrations describe the same device with the
+// same owner, destination and keys.
+func (d *Device) same(o *Device) bool {
+	return d.ID == o.ID && d.Owner == o.Owner && d.Broker == o.Broker && d.Type == o.Type &&
+		d.k1 == o.k1 && d.k2 == o.k2 && d.Service == o.Service && d.ServicePath == o.ServicePath
 }
 
-// Policy is one immutable version of the ownership policy.
+type radioKey struct {
+	port        string
+	node, child int
+}
+
+// Policy is one immutable, compiled version of the ownership policy.
 type Policy struct {
-	Version uint64
-	Source  string // where it came from, for status and logs
+	Version   uint64
+	IssuedAt  time.Time
+	ExpiresAt time.Time // zero: no expiry (the configuration file)
+	Source    string    // "config", "ownership-api", "bundle"
+	Digest    string    // sha256 of the signed bundle, when there is one
+
 	devices map[string]*Device
+	reads   map[string]map[string]bool // user → devices they may read
+	writes  map[string]map[string]bool // user → devices they may write (besides owners)
+	radio   map[radioKey]string
+	doc     Document
 }
 
-// New builds a policy and derives every device's signing key once.
+// Errors callers branch on.
+var (
+	ErrInvalid  = errors.New("invalid policy")
+	ErrRollback = errors.New("policy version is not newer than the one in force")
+	ErrExpired  = errors.New("policy has expired")
+)
+
+// New compiles a policy from registrations only (the configuration file).
 func New(version uint64, source string, regs []Registration) (*Policy, error) {
-	p := &Policy{Version: version, Source: source, devices: make(map[string]*Device, len(regs))}
-	for _, r := range regs {
+	return Compile(Document{Format: DocumentFormat, Version: version, Devices: regs}, source, "")
+}
+
+// Compile checks a document field by field and builds the policy, deriving
+// every device's signing key once. Errors name the device and the field.
+func Compile(doc Document, source, digest string) (*Policy, error) {
+	if doc.Format != DocumentFormat {
+		return nil, fmt.Errorf("%w: format %d, want %d", ErrInvalid, doc.Format, DocumentFormat)
+	}
+	if !doc.ExpiresAt.IsZero() && !doc.ExpiresAt.After(doc.IssuedAt) {
+		return nil, fmt.Errorf("%w: expires_at %s is not after issued_at %s", ErrInvalid,
+			doc.ExpiresAt.Format(time.RFC3339), doc.IssuedAt.Format(time.RFC3339))
+	}
+	p := &Policy{
+		Version: doc.Version, IssuedAt: doc.IssuedAt, ExpiresAt: doc.ExpiresAt, Source: source, Digest: digest,
+		devices: make(map[string]*Device, len(doc.Devices)),
+		reads:   map[string]map[string]bool{}, writes: map[string]map[string]bool{},
+		radio: map[radioKey]string{}, doc: doc,
+	}
+	for i, r := range doc.Devices {
+		where := fmt.Sprintf("devices[%d]", i)
+		if err := checkRegistration(r); err != nil {
+			return nil, fmt.Errorf("%w: %s: %v", ErrInvalid, where, err)
+		}
 		if _, dup := p.devices[r.ID]; dup {
-			return nil, fmt.Errorf("build policy: device %q registered twice", r.ID)
+			return nil, fmt.Errorf("%w: %s: device %q registered twice", ErrInvalid, where, r.ID)
 		}
 		key, err := envelope.DeriveHS256(r.ID, r.K1, r.K2)
 		if err != nil {
-			return nil, fmt.Errorf("build policy: device %q: %w", r.ID, err)
+			return nil, fmt.Errorf("%w: %s (%s): %v", ErrInvalid, where, r.ID, err)
 		}
-		p.devices[r.ID] = &Device{
+		d := &Device{
 			ID: r.ID, Type: r.Type, Owner: r.Owner, Broker: r.Broker,
-			Service: r.Service, ServicePath: r.ServicePath,
+			Service: r.Service, ServicePath: r.ServicePath, Radio: r.Radio,
 			k1: r.K1, k2: r.K2, key: key,
+		}
+		p.devices[r.ID] = d
+		p.grant(p.reads, r.Owner, r.ID)
+		if b := r.Radio; b != nil {
+			k := radioKey{b.Port, b.Node, b.Child}
+			if other, taken := p.radio[k]; taken {
+				return nil, fmt.Errorf("%w: %s (%s): radio %s node %d child %d is already bound to %s",
+					ErrInvalid, where, r.ID, b.Port, b.Node, b.Child, other)
+			}
+			p.radio[k] = r.ID
+		}
+	}
+	for i, dl := range doc.Delegations {
+		where := fmt.Sprintf("delegations[%d]", i)
+		switch {
+		case !dl.Kind.Valid():
+			return nil, fmt.Errorf("%w: %s: kind %q is not one of READ_ACCESS, READ_WRITE, WRITE_ONLY, MODIFY", ErrInvalid, where, dl.Kind)
+		case dl.User == "":
+			return nil, fmt.Errorf("%w: %s: user is empty", ErrInvalid, where)
+		case p.devices[dl.Device] == nil:
+			// A delegation of a device this gateway does not serve is
+			// harmless; keep the policy usable.
+			continue
+		}
+		if dl.Kind.Reads() {
+			p.grant(p.reads, dl.User, dl.Device)
+		}
+		if dl.Kind.Writes() {
+			p.grant(p.writes, dl.User, dl.Device)
 		}
 	}
 	return p, nil
+}
+
+func (p *Policy) grant(m map[string]map[string]bool, user, device string) {
+	if m[user] == nil {
+		m[user] = map[string]bool{}
+	}
+	m[user][device] = true
+}
+
+func checkRegistration(r Registration) error {
+	switch {
+	case !reading.ValidID(r.ID):
+		return fmt.Errorf("id %q must match [A-Za-z0-9._-]{1,256}", clip(r.ID))
+	case !reading.ValidID(r.Type):
+		return fmt.Errorf("device %s: type %q must match [A-Za-z0-9._-]{1,256}", r.ID, clip(r.Type))
+	case r.Owner == "":
+		return fmt.Errorf("device %s: owner is empty", r.ID)
+	case r.K1 == "" || r.K2 == "":
+		return fmt.Errorf("device %s: k1 and k2 must both be set", r.ID)
+	case r.K1 == r.K2:
+		return fmt.Errorf("device %s: k1 and k2 must differ", r.ID)
+	}
+	u, err := url.Parse(r.Broker)
+	if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil {
+		return fmt.Errorf("device %s: broker %q must be an https:// URL", r.ID, clip(r.Broker))
+	}
+	if b := r.Radio; b != nil {
+		if b.Port == "" || b.Node < -1 || b.Node > 254 || b.Child < -1 || b.Child > 254 {
+			return fmt.Errorf("device %s: radio binding %+v: port must be set, node and child in -1..254", r.ID, *b)
+		}
+	}
+	return nil
+}
+
+func clip(s string) string {
+	if len(s) > 64 {
+		return s[:64] + "…"
+	}
+	return s
 }
 
 // Len is the number of registered devices.
@@ -79,9 +270,72 @@ func (p *Policy) Device(id string) (*Device, bool) {
 	return d, ok
 }
 
+// Devices lists the devices, sorted by id.
+func (p *Policy) Devices() []*Device {
+	out := make([]*Device, 0, len(p.devices))
+	for _, d := range p.devices {
+		out = append(out, d)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// Document returns the document the policy was compiled from (it holds
+// K1/K2: only for the encrypted cache).
+func (p *Policy) Document() Document { return p.doc }
+
+// CanRead reports whether user may read the device's data: the owner, or a
+// delegate with a read kind (READ_ACCESS, READ_WRITE, MODIFY).
+func (p *Policy) CanRead(user, device string) bool { return p.reads[user][device] }
+
+// CanWrite reports whether user may write the device's data: the owner, or
+// a delegate with a write kind (READ_WRITE, WRITE_ONLY, MODIFY).
+func (p *Policy) CanWrite(user, device string) bool {
+	if d, ok := p.devices[device]; ok && d.Owner == user {
+		return true
+	}
+	return p.writes[user][device]
+}
+
+// Readable lists the devices user may read, sorted.
+func (p *Policy) Readable(user string) []string {
+	out := make([]string, 0, len(p.reads[user]))
+	for d := range p.reads[user] {
+		out = append(out, d)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// RadioDevice resolves a radio source to its device: first the exact child,
+// then the node (child -1), then the port (node -1).
+func (p *Policy) RadioDevice(port string, node, child int) (string, bool) {
+	for _, k := range []radioKey{{port, node, child}, {port, node, -1}, {port, -1, -1}} {
+		if d, ok := p.radio[k]; ok {
+			return d, true
+		}
+	}
+	return "", false
+}
+
+// Expired reports whether the policy is past its expiry plus grace at now.
+func (p *Policy) Expired(now time.Time, grace time.Duration) bool {
+	return !p.ExpiresAt.IsZero() && now.After(p.ExpiresAt.Add(grace))
+}
+
+// Describe is a one-line, secret-free summary for logs and status.
+func (p *Policy) Describe() string {
+	s := "version " + strconv.FormatUint(p.Version, 10) + " from " + p.Source + ", " + strconv.Itoa(len(p.devices)) + " devices"
+	if !p.ExpiresAt.IsZero() {
+		s += ", expires " + p.ExpiresAt.UTC().Format(time.RFC3339)
+	}
+	return s
+}
+
 // Reasons for refusal, also the values of the "reason" metric label.
 const (
 	ReasonUnknownDevice = "unknown_device"
+	ReasonUnboundNode   = "unbound_node"
 )
 
 // Decision is the answer to "may this reading be accepted?".
@@ -91,9 +345,24 @@ type Decision struct {
 	Device *Device // set when Allow
 }
 
+// Change describes what changed between two policies, for the stages that
+// must act at once (purge a revoked device's queue, close its sessions,
+// re-check subscriptions).
+type Change struct {
+	Old, New *Policy
+	// Revoked devices are gone from the new policy.
+	Revoked []string
+	// Rebound devices changed owner, broker, type or keys: data collected
+	// under the old registration must not be delivered under the new one.
+	Rebound []string
+}
+
 // Engine holds the policy in force.
 type Engine struct {
 	cur atomic.Pointer[Policy]
+
+	mu        sync.Mutex // serialises Apply and the listeners
+	listeners []func(Change)
 }
 
 // NewEngine starts with p in force.
@@ -106,8 +375,46 @@ func NewEngine(p *Policy) *Engine {
 // Current is the policy in force.
 func (e *Engine) Current() *Policy { return e.cur.Load() }
 
-// Apply puts p in force.
-func (e *Engine) Apply(p *Policy) { e.cur.Store(p) }
+// OnChange registers fn to be called, in order, after every change of the
+// policy in force. fn runs with the engine's apply lock held: keep it short
+// and never call Apply from it.
+func (e *Engine) OnChange(fn func(Change)) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.listeners = append(e.listeners, fn)
+}
+
+// Apply puts p in force. A policy with a version not above the one in force
+// is refused with ErrRollback, except that any versioned policy replaces
+// the configuration file's (version 0) and force skips the check (the local
+// configuration reloaded by the operator).
+func (e *Engine) Apply(p *Policy, force bool) (Change, error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	old := e.cur.Load()
+	if !force && old != nil && old.Version > 0 && p.Version <= old.Version {
+		return Change{}, fmt.Errorf("%w: offered %d, in force %d", ErrRollback, p.Version, old.Version)
+	}
+	ch := Change{Old: old, New: p}
+	if old != nil {
+		for id, d := range old.devices {
+			nd, ok := p.devices[id]
+			switch {
+			case !ok:
+				ch.Revoked = append(ch.Revoked, id)
+			case !d.same(nd):
+				ch.Rebound = append(ch.Rebound, id)
+			}
+		}
+		sort.Strings(ch.Revoked)
+		sort.Strings(ch.Rebound)
+	}
+	e.cur.Store(p)
+	for _, fn := range e.listeners {
+		fn(ch)
+	}
+	return ch, nil
+}
 
 // DecideIngest decides whether a reading of the device may be accepted.
 func (e *Engine) DecideIngest(device string) Decision {
@@ -118,6 +425,11 @@ func (e *Engine) DecideIngest(device string) Decision {
 	return Decision{Allow: true, Device: d}
 }
 
+// BindRadio resolves a radio source to its device (child -1: any).
+func (e *Engine) BindRadio(port string, node, child int) (string, bool) {
+	return e.cur.Load().RadioDevice(port, node, child)
+}
+
 // DeviceKeys returns K1/K2 of a registered device, for brokers that still
 // check them as query parameters.
 func (e *Engine) DeviceKeys(device string) (k1, k2 string, ok bool) {
@@ -126,4 +438,14 @@ func (e *Engine) DeviceKeys(device string) (k1, k2 string, ok bool) {
 		return "", "", false
 	}
 	return d.k1, d.k2, true
+}
+
+// RadioPort returns the port a device is bound to, for radios whose frames
+// name the device (JSON lines).
+func (e *Engine) RadioPort(device string) (string, bool) {
+	d, ok := e.cur.Load().devices[device]
+	if !ok || d.Radio == nil {
+		return "", false
+	}
+	return d.Radio.Port, true
 }

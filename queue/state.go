@@ -1,0 +1,66 @@
+package queue
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/dgraph-io/badger/v4"
+)
+
+// prefixState holds small named records of other stages (the policy in
+// force, its version floor, tokens) in the same encrypted store, so that
+// one key protects everything and one fsync discipline applies.
+var prefixState = []byte("x/")
+
+// MaxStateBytes bounds one state record.
+const MaxStateBytes = 16 << 20
+
+func stateKey(name string) []byte {
+	return append(append([]byte(nil), prefixState...), name...)
+}
+
+// GetState reads a named state record; ok is false when there is none.
+func (q *Queue) GetState(name string) (value []byte, ok bool, err error) {
+	err = q.db.View(func(txn *badger.Txn) error {
+		it, err := txn.Get(stateKey(name))
+		if err != nil {
+			return err
+		}
+		value, err = it.ValueCopy(nil)
+		return err
+	})
+	if errors.Is(err, badger.ErrKeyNotFound) {
+		return nil, false, nil
+	}
+	if err != nil {
+		return nil, false, fmt.Errorf("read state %q: %w", name, err)
+	}
+	return value, true, nil
+}
+
+// PutState writes a named state record and syncs it to disk before
+// returning.
+func (q *Queue) PutState(name string, value []byte) error {
+	if len(value) > MaxStateBytes {
+		return fmt.Errorf("write state %q: %d bytes, at most %d", name, len(value), MaxStateBytes)
+	}
+	if err := q.db.Update(func(txn *badger.Txn) error {
+		return txn.Set(stateKey(name), value)
+	}); err != nil {
+		return fmt.Errorf("write state %q: %w", name, mapDiskFull(err))
+	}
+	if err := q.db.Sync(); err != nil {
+		return fmt.Errorf("sync state %q: %w", name, mapDiskFull(err))
+	}
+	return nil
+}
+
+// DeleteState removes a named state record (synced).
+func (q *Queue) DeleteState(name string) error {
+	if err := q.db.Update(func(txn *badger.Txn) error {
+		return txn.Delete(stateKey(name))
+	}); err != nil {
+		return fmt.Errorf("delete state %q: %w", name, err)
+	}
+	return q.db.Sync()
+}
