@@ -33,6 +33,7 @@ type Config struct {
 	MQTT        MQTT     `yaml:"mqtt"`
 	Central     Central  `yaml:"central"`
 	Uplink      Uplink   `yaml:"uplink"`
+	Radio       Radio    `yaml:"radio"`
 	DevicesFile string   `yaml:"devices_file"`
 	Devices     []Device `yaml:"devices"`
 	Metrics     Metrics  `yaml:"metrics"`
@@ -103,14 +104,47 @@ type Uplink struct {
 
 // Device is a device known to the gateway until policy sync provides them.
 type Device struct {
-	ID          string `yaml:"id"`
-	Type        string `yaml:"type"`
-	Owner       string `yaml:"owner"`
-	K1          string `yaml:"k1"`
-	K2          string `yaml:"k2"`
-	Broker      string `yaml:"broker"`
-	Service     string `yaml:"fiware_service"`
-	ServicePath string `yaml:"fiware_service_path"`
+	ID          string        `yaml:"id"`
+	Type        string        `yaml:"type"`
+	Owner       string        `yaml:"owner"`
+	K1          string        `yaml:"k1"`
+	K2          string        `yaml:"k2"`
+	Broker      string        `yaml:"broker"`
+	Service     string        `yaml:"fiware_service"`
+	ServicePath string        `yaml:"fiware_service_path"`
+	Radio       *RadioBinding `yaml:"radio"`
+}
+
+// RadioBinding ties a device to a radio source: a port, and on a MySensors
+// port a node and optionally one child sensor. Absent node or child: any.
+type RadioBinding struct {
+	Port  string `yaml:"port"`
+	Node  *int   `yaml:"node"`
+	Child *int   `yaml:"child"`
+}
+
+// NodeOrAny and ChildOrAny give -1 for "any".
+func (b *RadioBinding) NodeOrAny() int  { return orAny(b.Node) }
+func (b *RadioBinding) ChildOrAny() int { return orAny(b.Child) }
+
+func orAny(p *int) int {
+	if p == nil {
+		return -1
+	}
+	return *p
+}
+
+// Radio configures the serial radio links.
+type Radio struct {
+	Ports []RadioPort `yaml:"ports"`
+}
+
+// RadioPort is one radio module on a serial port.
+type RadioPort struct {
+	Path        string        `yaml:"path"`
+	Baud        int           `yaml:"baud"`
+	Codec       string        `yaml:"codec"`
+	ReadTimeout time.Duration `yaml:"read_timeout"`
 }
 
 // Metrics configures the loopback-only metrics listener.
@@ -374,6 +408,29 @@ func (c *Config) Validate() error {
 		bad("uplink.fiware_service_path", c.Uplink.FiwareServicePath, "must start with /")
 	}
 
+	ports := map[string]bool{}
+	for i, p := range c.Radio.Ports {
+		key := fmt.Sprintf("radio.ports[%d]", i)
+		switch {
+		case p.Path == "" || !filepath.IsAbs(p.Path):
+			bad(key+".path", p.Path, "must be an absolute device path such as /dev/ttyUSB0")
+		case ports[p.Path]:
+			bad(key+".path", p.Path, "is given twice")
+		}
+		ports[p.Path] = true
+		if p.Baud != 0 && (p.Baud < 1200 || p.Baud > 4000000) {
+			bad(key+".baud", strconv.Itoa(p.Baud), "must be between 1200 and 4000000")
+		}
+		switch p.Codec {
+		case "", "mysensors", "jsonlines":
+		default:
+			bad(key+".codec", p.Codec, "must be mysensors or jsonlines")
+		}
+		if p.ReadTimeout != 0 && (p.ReadTimeout < 100*time.Millisecond || p.ReadTimeout > 25500*time.Millisecond) {
+			bad(key+".read_timeout", p.ReadTimeout.String(), "must be between 100ms and 25.5s")
+		}
+	}
+
 	seen := map[string]bool{}
 	for i, d := range c.Devices {
 		key := fmt.Sprintf("devices[%d]", i)
@@ -405,6 +462,18 @@ func (c *Config) Validate() error {
 		}
 		if d.ServicePath != "" && !strings.HasPrefix(d.ServicePath, "/") {
 			bad(key+".fiware_service_path", d.ServicePath, "must start with /")
+		}
+		if r := d.Radio; r != nil {
+			switch {
+			case !ports[r.Port]:
+				bad(key+".radio.port", r.Port, "must be one of radio.ports[].path")
+			case r.NodeOrAny() < -1 || r.NodeOrAny() > 254:
+				bad(key+".radio.node", strconv.Itoa(r.NodeOrAny()), "must be between 0 and 254")
+			case r.ChildOrAny() < -1 || r.ChildOrAny() > 255:
+				bad(key+".radio.child", strconv.Itoa(r.ChildOrAny()), "must be between 0 and 255")
+			case r.Child != nil && r.Node == nil:
+				bad(key+".radio.child", strconv.Itoa(*r.Child), "needs radio.node")
+			}
 		}
 	}
 

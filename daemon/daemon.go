@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -24,6 +25,8 @@ import (
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/queue"
+	"github.com/edgegate/edgegate/radio"
+	"github.com/edgegate/edgegate/sdnotify"
 	"github.com/edgegate/edgegate/storekey"
 	centralsync "github.com/edgegate/edgegate/sync"
 	"github.com/edgegate/edgegate/uplink"
@@ -129,9 +132,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if path == "" {
 			path = cfg.Uplink.FiwareServicePath
 		}
+		var rb *policy.RadioBinding
+		if dv.Radio != nil {
+			rb = &policy.RadioBinding{Port: dv.Radio.Port, Node: dv.Radio.NodeOrAny(), Child: dv.Radio.ChildOrAny()}
+		}
 		regs = append(regs, policy.Registration{
 			ID: dv.ID, Type: dv.Type, Owner: dv.Owner, Broker: strings.TrimRight(dv.Broker, "/"),
-			Service: svc, ServicePath: path, K1: dv.K1, K2: dv.K2,
+			Service: svc, ServicePath: path, K1: dv.K1, K2: dv.K2, Radio: rb,
 		})
 	}
 	pol, err := policy.New(0, "config", regs)
@@ -175,13 +182,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 		Scopes: cfg.Central.Scopes, HTTPClient: uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2),
 		Metrics: d.metrics, Logger: log.With("component", "tokens"),
 	})
-	up := uplink.New(q, tokens, engine, uplink.Options{
+	// The systemd watchdog's view of the pipeline: the committer and the
+	// uplink loops are timed through the queue interfaces they use.
+	mon := newStallMonitor(stallWindow, time.Now)
+	up := uplink.New(watchedSource{Source: q, mon: mon}, tokens, engine, uplink.Options{
 		Concurrency: cfg.Uplink.Concurrency, SendKeys: cfg.Uplink.SendKeys,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
 		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.Concurrency),
 		Logger:     log.With("component", "uplink"), Metrics: d.metrics,
 	})
-	pipe := pipeline.New(engine, q, pipeline.Options{
+	pipe := pipeline.New(engine, watchedAppender{Appender: q, mon: mon}, pipeline.Options{
 		Gateway: d.gateway, SignatureAttr: cfg.Uplink.SignatureAttribute,
 		Logger: log.With("component", "pipeline"), Metrics: d.metrics,
 	})
@@ -225,7 +235,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		case <-ready:
 			mqttAddr = b.Addr()
 		case err := <-errs:
-			d.stopAll(ingest, metricsStage, uplinkStage, queueStage)
+			d.stopAll([]*stage{ingest}, metricsStage, uplinkStage, queueStage)
 			return err
 		}
 	case config.ModeExternal:
@@ -244,8 +254,36 @@ func (d *Daemon) Run(ctx context.Context) error {
 		mqttAddr = cfg.MQTT.External.URL
 	}
 
+	var radioStage *stage
+	if len(cfg.Radio.Ports) > 0 {
+		ports := make([]radio.PortConfig, 0, len(cfg.Radio.Ports))
+		for _, p := range cfg.Radio.Ports {
+			ports = append(ports, radio.PortConfig{Path: p.Path, Baud: p.Baud, Codec: p.Codec, ReadTimeout: p.ReadTimeout})
+		}
+		mgr, err := radio.NewManager(ports, pipe, engine, radio.Options{
+			StateDir: filepath.Join(cfg.StateDir, "radio"), Logger: log.With("component", "radio"), Metrics: d.metrics,
+		})
+		if err != nil {
+			d.stopAll([]*stage{ingest}, metricsStage, uplinkStage, queueStage)
+			return fmt.Errorf("configure radio.ports: %w", err)
+		}
+		radioStage = start("radio", mgr.Run, errs)
+	}
+
 	log.Info("edgegate ready", "version", Version, "gateway", d.gateway, "devices", pol.Len(),
 		"mqtt", mqttAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir)
+	// Under systemd (Type=notify) start-up ends here, not at exec: units
+	// ordered after edgegate wait until every stage is up.
+	notify := sdnotify.FromEnv(os.Getenv)
+	if err := notify.Ready(); err != nil {
+		log.Warn("tell systemd we are ready", "err", err)
+	}
+	var watchdog *stage
+	if interval, ok := notify.WatchdogInterval(os.Getenv, os.Getpid()); ok {
+		watchdog = start("watchdog", func(ctx context.Context) error {
+			return notify.Watchdog(ctx, interval, mon.healthy, log.With("component", "watchdog"))
+		}, errs)
+	}
 
 	var runErr error
 	select {
@@ -254,7 +292,16 @@ func (d *Daemon) Run(ctx context.Context) error {
 	case runErr = <-errs:
 		log.Error("stage failed; stopping", "err", runErr)
 	}
-	if err := d.stopAll(ingest, metricsStage, uplinkStage, queueStage); err != nil && runErr == nil {
+	// systemd shows "deactivating" and stops enforcing WatchdogSec= while
+	// the stages drain; the keep-alives stop first, so a slow drain is not
+	// mistaken for a stuck pipeline by our own monitor.
+	if err := notify.Stopping(); err != nil {
+		log.Warn("tell systemd we are stopping", "err", err)
+	}
+	if watchdog != nil {
+		_ = watchdog.stop(log)
+	}
+	if err := d.stopAll([]*stage{radioStage, ingest}, metricsStage, uplinkStage, queueStage); err != nil && runErr == nil {
 		runErr = err
 	}
 	log.Info("stopped")
@@ -263,9 +310,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 // stopAll stops producers first, then the queue (committing what it holds),
 // then the network side.
-func (d *Daemon) stopAll(ingest, metricsStage, uplinkStage, queueStage *stage) error {
+func (d *Daemon) stopAll(producers []*stage, metricsStage, uplinkStage, queueStage *stage) error {
 	var errs []error
-	for _, s := range []*stage{ingest, queueStage, uplinkStage, metricsStage} {
+	for _, s := range append(producers, queueStage, uplinkStage, metricsStage) {
 		if s == nil {
 			continue
 		}

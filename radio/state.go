@@ -40,6 +40,9 @@ func loadNodeIDs(dir string) (*nodeIDs, error) {
 	if dir == "" {
 		return s, nil
 	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create radio state directory: %w", err)
+	}
 	s.path = filepath.Join(dir, stateFileName)
 	b, err := os.ReadFile(s.path)
 	if errors.Is(err, fs.ErrNotExist) {

@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"math"
 	"os"
 	"os/exec"
@@ -26,12 +27,14 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/radio"
 )
 
 // demoDevice is one simulated device of the demo.
 type demoDevice struct {
 	id, typ, owner  string
 	registered      bool // known to the gateway
+	radioNode       int  // > 0: a MySensors node on the demo's radio link
 	k1, k2          string
 	attrs           []string
 	published, acks int
@@ -67,6 +70,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	} else if err := os.MkdirAll(work, 0o700); err != nil {
 		return err
 	}
+	if abs, err := filepath.Abs(work); err == nil {
+		work = abs
+	}
 	out := &lineWriter{w: stdout}
 
 	// The gateway runs under alice's account; bob's meter is registered at
@@ -76,6 +82,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		{id: "th-garden", typ: "TemperatureSensor", owner: "alice", registered: true, attrs: []string{"temperature"}},
 		{id: "meter-bob", typ: "PowerMeter", owner: "bob", registered: true, attrs: []string{"power"}},
 		{id: "rogue-7", typ: "TemperatureSensor", owner: "mallory", registered: false, attrs: []string{"temperature"}},
+		{id: "th-attic", typ: "TemperatureSensor", owner: "alice", registered: true, radioNode: 1},
 	}
 	var simDevices []centralsim.Device
 	for _, d := range devices {
@@ -100,7 +107,22 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	defer sim.Close()
 	out.printf("▶ simulated central service at %s (OIDC issuer %s)", sim.URL(), sim.Issuer())
 
-	cfgPath, err := writeDemoConfig(work, sim, secret, devices)
+	// A MySensors serial gateway on a pseudo-terminal, with two nodes: node
+	// 1 is bound to th-attic, node 2 asks for an id and stays unbound
+	// (pending) — and some garbage on the line.
+	link := filepath.Join(work, "ttyRADIO0")
+	rsim, err := radio.NewSim(radio.SimOptions{Link: link, Nodes: 2, FirstID: 1, AutoID: 1,
+		Interval: 2 * time.Second, Garbage: true, Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		return fmt.Errorf("start simulated radio: %w", err)
+	}
+	defer rsim.Close()
+	radioCtx, stopRadio := context.WithCancel(context.Background())
+	defer stopRadio()
+	go func() { _ = rsim.Run(radioCtx) }()
+	out.printf("▶ simulated MySensors radio gateway on %s (node 1 = th-attic, node 2 unregistered)", link)
+
+	cfgPath, err := writeDemoConfig(work, sim, secret, devices, link)
 	if err != nil {
 		return err
 	}
@@ -146,7 +168,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return nil
 	}
 	out.printf("▶ edgegate daemon (pid %d) ready, local MQTT broker on %s", cmd.Process.Pid, mqttAddr)
-	out.printf("▶ devices: th-kitchen, th-garden (alice's), meter-bob (bob's, not delegated to alice), rogue-7 (not registered)")
+	out.printf("▶ MQTT devices: th-kitchen, th-garden (alice's), meter-bob (bob's, not delegated to alice), rogue-7 (not registered)")
 	if *seconds > 0 {
 		out.printf("▶ running for %ds (DEMO_SECONDS); Ctrl-C stops earlier", *seconds)
 	} else {
@@ -155,6 +177,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 	var wg sync.WaitGroup
 	for _, d := range devices {
+		if d.radioNode > 0 {
+			continue // the radio simulator speaks for it
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -178,6 +203,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	tick.Stop()
 	wg.Wait()
+	stopRadio()
 
 	// Let the queue drain what was acknowledged, then stop the daemon.
 	drainUntil := time.Now().Add(5 * time.Second)
@@ -212,7 +238,7 @@ func uuidLike() string {
 	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
-func writeDemoConfig(work string, sim *centralsim.Server, secret string, devices []*demoDevice) (string, error) {
+func writeDemoConfig(work string, sim *centralsim.Server, secret string, devices []*demoDevice, radioLink string) (string, error) {
 	write := func(name, body string) (string, error) {
 		p := filepath.Join(work, name)
 		return p, os.WriteFile(p, []byte(body), 0o600)
@@ -231,6 +257,9 @@ func writeDemoConfig(work string, sim *centralsim.Server, secret string, devices
 		}
 		fmt.Fprintf(&b, "  - id: %s\n    type: %s\n    owner: %s\n    k1: %s\n    k2: %s\n    broker: %s\n",
 			d.id, d.typ, d.owner, d.k1, d.k2, sim.BrokerURL())
+		if d.radioNode > 0 {
+			fmt.Fprintf(&b, "    radio:\n      port: %s\n      node: %d\n", radioLink, d.radioNode)
+		}
 	}
 	if _, err := write("devices.yaml", b.String()); err != nil {
 		return "", err
@@ -251,12 +280,16 @@ uplink:
   ca_file: central-ca.pem
   min_backoff: 100ms
   max_backoff: 2s
+radio:
+  ports:
+    - path: %s
+      codec: mysensors
 devices_file: devices.yaml
 metrics:
   listen: 127.0.0.1:0
 log:
   format: json
-`, sim.TokenURL())
+`, sim.TokenURL(), radioLink)
 	return write("edgegate.yaml", cfg)
 }
 
@@ -296,7 +329,7 @@ func followDaemonLog(r io.Reader, path string, out *lineWriter, ready chan<- str
 		}
 		if level == "WARN" || level == "ERROR" {
 			var extra []string
-			for _, k := range []string{"device", "reason", "broker", "detail", "err"} {
+			for _, k := range []string{"device", "port", "node", "reason", "broker", "detail", "err"} {
 				if v, ok := rec[k]; ok && v != "" {
 					extra = append(extra, fmt.Sprintf("%s=%v", k, v))
 				}
@@ -414,8 +447,16 @@ func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice)
 			outcome = "refused by the gateway: not registered"
 		case refused[d.id] > 0:
 			outcome = "refused by the broker filter (" + refusedWhy[d.id] + "): dead-lettered"
+		case d.radioNode > 0 && atBroker[d.id] == 0:
+			outcome = "nothing received from the radio yet"
+		case d.radioNode > 0:
+			outcome = "delivered, signed (radio → gateway → broker)"
 		case atBroker[d.id] < d.acks:
 			outcome = "partly delivered (still queued)"
+		}
+		if d.radioNode > 0 {
+			fmt.Fprintf(tw, "  %s\t%s\t(radio node %d)\t-\t%d\t%d\t%s\n", d.id, d.owner, d.radioNode, atBroker[d.id], valid[d.id], outcome)
+			continue
 		}
 		fmt.Fprintf(tw, "  %s\t%s\t%d\t%d\t%d\t%d\t%s\n", d.id, d.owner, d.published, d.acks, atBroker[d.id], valid[d.id], outcome)
 	}

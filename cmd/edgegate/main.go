@@ -5,6 +5,7 @@
 //	edgegate config check --config F  validate a configuration
 //	edgegate verify [flags] [FILE]    verify a signed reading or entity
 //	edgegate central-sim [flags]      run the simulated central service
+//	edgegate radio-sim --link PATH    run a simulated MySensors radio gateway
 //	edgegate demo                     run the demo (sim central, daemon, devices)
 //	edgegate version                  print the version
 package main
@@ -62,6 +63,7 @@ commands:
   config check --config FILE validate a configuration file
   verify [flags] [FILE|-]    verify a signed reading (compact JWS) or an NGSI entity
   central-sim [flags]        run the simulated central service (OIDC + broker filter)
+  radio-sim --link PATH      run a simulated MySensors serial gateway on a pseudo-terminal
   demo                       run the demo: simulated central, real daemon, simulated devices
   version                    print the version
 `
@@ -81,6 +83,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return runVerify(rest, stdin, stdout, stderr)
 	case "central-sim":
 		return runCentralSim(ctx, rest, stdout, stderr)
+	case "radio-sim":
+		return runRadioSim(ctx, rest, stdout, stderr)
 	case "demo":
 		return runDemo(ctx, rest, stdout, stderr)
 	case "version", "--version":
