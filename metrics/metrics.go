@@ -35,6 +35,18 @@ type Metrics struct {
 	RequestLatency *prometheus.HistogramVec
 	// TokenRefreshes counts access-token fetches, by result.
 	TokenRefreshes *prometheus.CounterVec
+	// PolicyApplied counts policies put in force, by source.
+	PolicyApplied *prometheus.CounterVec
+	// PolicyRefused counts policies refused, by reason (bad_signature,
+	// unknown_key, rollback, expired, malformed, oversized, fetch).
+	PolicyRefused *prometheus.CounterVec
+	// PolicyVersion is the version of the policy in force.
+	PolicyVersion prometheus.Gauge
+	// PolicyExpiry is the expiry of the policy in force, unix seconds (0: none).
+	PolicyExpiry prometheus.Gauge
+	// AccessDenied counts local MQTT access refusals, by action
+	// (connect, publish, subscribe, deliver) and reason.
+	AccessDenied *prometheus.CounterVec
 }
 
 // New builds the metrics on a fresh registry, with the Go and process
@@ -76,7 +88,23 @@ func New() *Metrics {
 		TokenRefreshes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "edgegate_token_fetches_total", Help: "Access-token fetches from the central service, by result.",
 		}, []string{"result"}),
+		PolicyApplied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_policy_applied_total", Help: "Policies put in force, by source.",
+		}, []string{"source"}),
+		PolicyRefused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_policy_refused_total", Help: "Policies refused, by reason.",
+		}, []string{"reason"}),
+		PolicyVersion: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "edgegate_policy_version", Help: "Version of the policy in force.",
+		}),
+		PolicyExpiry: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "edgegate_policy_expiry_timestamp_seconds", Help: "Expiry of the policy in force (0: none).",
+		}),
+		AccessDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_mqtt_access_denied_total", Help: "Local MQTT access refusals, by action and reason.",
+		}, []string{"action", "reason"}),
 	}
+	r.MustRegister(m.PolicyApplied, m.PolicyRefused, m.PolicyVersion, m.PolicyExpiry, m.AccessDenied)
 	r.MustRegister(m.Ingested, m.Refused, m.Queued, m.CommitBatch, m.Delivered, m.Retried,
 		m.DeadLettered, m.DeliveryLatency, m.RequestLatency, m.TokenRefreshes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
