@@ -66,7 +66,11 @@ type MQTT struct {
 
 // Embedded configures the broker inside the daemon.
 type Embedded struct {
-	Listen string `yaml:"listen"`
+	Listen    string   `yaml:"listen"`
+	TLSListen string   `yaml:"tls_listen"`
+	CertFile  string   `yaml:"cert_file"`
+	KeyFile   string   `yaml:"key_file"`
+	TLSNames  []string `yaml:"tls_names"`
 }
 
 // External configures the connection to an external broker (Mosquitto).
@@ -82,6 +86,9 @@ type External struct {
 
 // Central configures the gateway's account at the central service.
 type Central struct {
+	Issuer           string   `yaml:"issuer"`
+	Audience         string   `yaml:"audience"`
+	JWKSURL          string   `yaml:"jwks_url"`
 	TokenURL         string   `yaml:"token_url"`
 	ClientID         string   `yaml:"client_id"`
 	ClientSecretFile string   `yaml:"client_secret_file"`
@@ -302,6 +309,8 @@ func (c *Config) resolvePaths(dir string) {
 	}
 	abs(&c.StateDir)
 	abs(&c.Store.KeyFile)
+	abs(&c.MQTT.Embedded.CertFile)
+	abs(&c.MQTT.Embedded.KeyFile)
 	abs(&c.MQTT.External.PasswordFile)
 	abs(&c.MQTT.External.CAFile)
 	abs(&c.Central.ClientSecretFile)
@@ -346,8 +355,22 @@ func (c *Config) Validate() error {
 
 	switch c.MQTT.Mode {
 	case ModeEmbedded:
-		if err := loopbackAddr(c.MQTT.Embedded.Listen); err != nil {
-			bad("mqtt.embedded.listen", c.MQTT.Embedded.Listen, err.Error())
+		e := c.MQTT.Embedded
+		if e.Listen != "" {
+			if err := loopbackAddr(e.Listen); err != nil {
+				bad("mqtt.embedded.listen", e.Listen, err.Error()+"; devices on the network use tls_listen")
+			}
+		}
+		if e.TLSListen != "" {
+			if _, port, err := net.SplitHostPort(e.TLSListen); err != nil || port == "" {
+				bad("mqtt.embedded.tls_listen", e.TLSListen, "must be host:port, such as [::]:8883")
+			}
+		}
+		if e.Listen == "" && e.TLSListen == "" {
+			bad("mqtt.embedded", "", "needs listen (loopback) or tls_listen, or both")
+		}
+		if (e.CertFile == "") != (e.KeyFile == "") {
+			bad("mqtt.embedded.key_file", e.KeyFile, "must be given together with cert_file")
 		}
 	case ModeExternal:
 		u, err := url.Parse(c.MQTT.External.URL)
@@ -377,6 +400,19 @@ func (c *Config) Validate() error {
 		bad("mqtt.topic", c.MQTT.Topic, err.Error())
 	}
 
+	if c.Central.Issuer != "" {
+		if err := httpsURL(c.Central.Issuer); err != nil {
+			bad("central.issuer", c.Central.Issuer, err.Error())
+		}
+		if c.Central.Audience == "" {
+			bad("central.audience", "", "must be set with central.issuer (tokens of applications must be meant for the gateway)")
+		}
+	}
+	if c.Central.JWKSURL != "" {
+		if err := httpsURL(c.Central.JWKSURL); err != nil {
+			bad("central.jwks_url", c.Central.JWKSURL, err.Error())
+		}
+	}
 	if c.Central.TokenURL == "" {
 		bad("central.token_url", "", "must be set")
 	} else if err := httpsURL(c.Central.TokenURL); err != nil {

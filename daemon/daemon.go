@@ -19,6 +19,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/edgegate/edgegate/accesstoken"
 	"github.com/edgegate/edgegate/config"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/mqtt"
@@ -218,22 +219,55 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	var ingest *stage
-	var mqttAddr string
+	var mqttAddr, mqttTLSAddr string
 	switch cfg.MQTT.Mode {
 	case config.ModeEmbedded:
-		b, err := mqtt.NewBroker(pipe, mqtt.BrokerOptions{Listen: cfg.MQTT.Embedded.Listen, Topic: topic, Logger: log})
+		e := cfg.MQTT.Embedded
+		bo := mqtt.BrokerOptions{Listen: e.Listen, TLSListen: e.TLSListen, Topic: topic, Policy: engine,
+			Metrics: d.metrics, Logger: log}
+		if e.TLSListen != "" {
+			bo.TLS, err = localTLS(q, e.CertFile, e.KeyFile, e.TLSNames, filepath.Join(cfg.StateDir, "tls", "ca.pem"), time.Now())
+			if err != nil {
+				d.stopAll(nil, metricsStage, uplinkStage, queueStage)
+				return err
+			}
+		}
+		if cfg.Central.Issuer != "" {
+			v, err := accesstoken.New(accesstoken.Options{
+				Issuer: cfg.Central.Issuer, Audience: cfg.Central.Audience, JWKSURL: cfg.Central.JWKSURL,
+				HTTPClient: uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2), Store: q,
+			})
+			if err != nil {
+				d.stopAll(nil, metricsStage, uplinkStage, queueStage)
+				return err
+			}
+			bo.Tokens = v
+			// Fresh keys when the central service is reachable; the cached
+			// ones serve meanwhile, and offline.
+			go func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+				defer cancel()
+				if err := v.Refresh(ctx); err != nil {
+					log.Warn("SSO signing keys not refreshed; using the cached ones", "keys", v.Keys(), "err", err)
+				}
+			}()
+		}
+		b, err := mqtt.NewBroker(pipe, bo)
 		if err != nil {
-			err = fmt.Errorf("start embedded broker on mqtt.embedded.listen %s: %w", cfg.MQTT.Embedded.Listen, err)
+			err = fmt.Errorf("start embedded broker (mqtt.embedded): %w", err)
 			d.stopAll(nil, metricsStage, uplinkStage, queueStage)
 			return err
 		}
+		engine.OnChange(func(ch policy.Change) {
+			b.CloseDeviceSessions(append(append([]string(nil), ch.Revoked...), ch.Rebound...))
+		})
 		ready := make(chan struct{})
 		ingest = start("mqtt-broker", func(ctx context.Context) error {
 			return b.Run(ctx, func() { close(ready) })
 		}, errs)
 		select {
 		case <-ready:
-			mqttAddr = b.Addr()
+			mqttAddr, mqttTLSAddr = b.Addr(), b.TLSAddr()
 		case err := <-errs:
 			d.stopAll([]*stage{ingest}, metricsStage, uplinkStage, queueStage)
 			return err
@@ -271,7 +305,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	log.Info("edgegate ready", "version", Version, "gateway", d.gateway, "devices", pol.Len(),
-		"mqtt", mqttAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir)
+		"mqtt", mqttAddr, "mqtt_tls", mqttTLSAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir)
 	// Under systemd (Type=notify) start-up ends here, not at exec: units
 	// ordered after edgegate wait until every stage is up.
 	notify := sdnotify.FromEnv(os.Getenv)

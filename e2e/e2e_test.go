@@ -27,18 +27,17 @@ func TestEmbeddedEndToEnd(t *testing.T) {
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{}, a, b))
 
 	const n = 50
-	pa := newPublisher(t, "tcp://"+g.MQTT, a.ID)
-	pb := newPublisher(t, "tcp://"+g.MQTT, b.ID)
-	rogue := newPublisher(t, "tcp://"+g.MQTT, "rogue-1")
+	pa := newPublisher(t, "tcp://"+g.MQTT, a)
+	pb := newPublisher(t, "tcp://"+g.MQTT, b)
 	for i := 1; i <= n; i++ {
 		if !pa.publish(i) || !pb.publish(i) {
 			t.Fatalf("reading %d not acknowledged", i)
 		}
 	}
-	// The unknown device is acknowledged (so it does not loop) but refused.
+	// An unregistered device cannot even log in to the embedded broker.
 	for i := 1; i <= 3; i++ {
-		if !rogue.publish(i) {
-			t.Fatalf("unknown device's reading %d not acknowledged; it would be resent forever", i)
+		if _, err := connect("tcp://"+g.MQTT, "rogue", "rogue-1", "guess"); err == nil {
+			t.Fatal("an unregistered device logged in")
 		}
 	}
 	waitFor(t, 20*time.Second, "all readings at the broker", func() bool {
@@ -61,8 +60,8 @@ func TestEmbeddedEndToEnd(t *testing.T) {
 		}
 		last[u.Device] = u.Seq
 	}
-	if got := scrape(t, g.Metrics, `edgegate_readings_refused_total{reason="unknown_device"}`); got != "3" {
-		t.Errorf("refused{unknown_device} = %q, want 3", got)
+	if got := scrape(t, g.Metrics, `edgegate_mqtt_access_denied_total{action="connect",reason="unknown_device"}`); got != "3" {
+		t.Errorf("access denied{connect,unknown_device} = %q, want 3", got)
 	}
 	if !strings.Contains(g.log.String(), "rogue-1") {
 		t.Errorf("the refusal of rogue-1 is not logged")
@@ -86,7 +85,7 @@ func TestMosquittoEndToEnd(t *testing.T) {
 		return strings.Contains(g.log.String(), "subscribed to the local broker")
 	})
 	const n = 40
-	p := newPublisher(t, mq.URL, a.ID, mq.tlsOpt)
+	p := newPublisher(t, mq.URL, a, mq.tlsOpt)
 	for i := 1; i <= n; i++ {
 		if !p.publish(i) {
 			t.Fatalf("reading %d not acknowledged by mosquitto", i)
@@ -142,7 +141,7 @@ func TestSIGKILLLosesNoAckedReading(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				p := newPublisher(t, "tcp://"+g.MQTT, d.ID)
+				p := newPublisher(t, "tcp://"+g.MQTT, d)
 				for {
 					select {
 					case <-stop:
@@ -217,7 +216,7 @@ func TestBrokerOutageLosesNothing(t *testing.T) {
 	sim := startSim(t, a)
 	dir := t.TempDir()
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{}, a))
-	p := newPublisher(t, "tcp://"+g.MQTT, a.ID)
+	p := newPublisher(t, "tcp://"+g.MQTT, a)
 
 	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultDown})
 	for i := 1; i <= 30; i++ {
@@ -266,7 +265,7 @@ func TestVerifyCommand(t *testing.T) {
 	sim := startSim(t, a)
 	dir := t.TempDir()
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{}, a))
-	p := newPublisher(t, "tcp://"+g.MQTT, a.ID)
+	p := newPublisher(t, "tcp://"+g.MQTT, a)
 	if !p.publish(7) {
 		t.Fatal("not acknowledged")
 	}
@@ -387,7 +386,7 @@ func TestQuotaHoldsReadingsUnacknowledged(t *testing.T) {
 	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{MQTT: mq, Store: "store:\n  quota: 1\n"}, a)
 	g := startGateway(t, cfg)
 
-	p := newPublisher(t, "tcp://"+g.MQTT, a.ID, func(o *paho.ClientOptions) {
+	p := newPublisher(t, "tcp://"+g.MQTT, a, func(o *paho.ClientOptions) {
 		o.SetClientID("quota-device").SetCleanSession(false).SetAutoReconnect(true).
 			SetConnectRetry(true).SetConnectRetryInterval(200 * time.Millisecond).SetMaxReconnectInterval(time.Second)
 	})

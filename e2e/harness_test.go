@@ -22,6 +22,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/envelope"
 )
 
 var binary string
@@ -269,20 +270,43 @@ type publisher struct {
 	device string
 }
 
-func newPublisher(t *testing.T, brokerURL, device string, opts ...func(*paho.ClientOptions)) *publisher {
+// newPublisher connects device d with its credentials (username = device
+// id, password derived from K1/K2).
+func newPublisher(t *testing.T, brokerURL string, d testDevice, opts ...func(*paho.ClientOptions)) *publisher {
 	t.Helper()
-	o := paho.NewClientOptions().AddBroker(brokerURL).SetClientID("pub-" + device + fmt.Sprint(time.Now().UnixNano())).
+	c, err := connect(brokerURL, "pub-"+d.ID+fmt.Sprint(time.Now().UnixNano()), d.ID, devicePassword(t, d), opts...)
+	if err != nil {
+		t.Fatalf("connect %s to %s: %v", d.ID, brokerURL, err)
+	}
+	t.Cleanup(func() { c.Disconnect(100) })
+	return &publisher{t: t, client: c, device: d.ID}
+}
+
+func devicePassword(t *testing.T, d testDevice) string {
+	t.Helper()
+	pw, err := envelope.DeriveMQTTPassword(d.ID, d.K1, d.K2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pw
+}
+
+// connect opens an MQTT 3.1.1 session; the error says why it was refused.
+func connect(brokerURL, clientID, user, password string, opts ...func(*paho.ClientOptions)) (paho.Client, error) {
+	o := paho.NewClientOptions().AddBroker(brokerURL).SetClientID(clientID).SetUsername(user).SetPassword(password).
 		SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).SetWriteTimeout(5 * time.Second)
 	for _, f := range opts {
 		f(o)
 	}
 	c := paho.NewClient(o)
 	tok := c.Connect()
-	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
-		t.Fatalf("connect %s to %s: %v", device, brokerURL, tok.Error())
+	if !tok.WaitTimeout(10 * time.Second) {
+		return nil, fmt.Errorf("connect timed out")
 	}
-	t.Cleanup(func() { c.Disconnect(100) })
-	return &publisher{t: t, client: c, device: device}
+	if err := tok.Error(); err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
 // publish sends reading n with QoS 1 and reports whether it was acknowledged.

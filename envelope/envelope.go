@@ -17,6 +17,13 @@
 //	                  salt   = "edgegate/reading-key/v1",
 //	                  info   = device id, length = 32 bytes)
 //
+// The MQTT password of a device on the gateway's local broker is derived
+// the same way, with its own label, so it reveals neither K1/K2 nor the
+// signing key:
+//
+//	password = base64url(HKDF-SHA256(secret = K1 || 0x00 || K2,
+//	                     salt = "edgegate/mqtt-password/v1", info = device id, 24 bytes))
+//
 // The key id placed in the protected header is "hs256-" followed by the
 // unpadded base64url of the first 9 bytes of SHA-256("edgegate/kid/v1" || key):
 // it names the key without revealing it, so a verifier can tell "signed with
@@ -81,6 +88,21 @@ func DeriveHS256(deviceID, k1, k2 string) (Key, error) {
 	h.Write(secret)
 	kid := "hs256-" + base64.RawURLEncoding.EncodeToString(h.Sum(nil)[:9])
 	return Key{id: kid, alg: jwa.HS256, secret: secret}, nil
+}
+
+// DeriveMQTTPassword derives a device's password on the local MQTT broker
+// from its K1 and K2 (32 base64url characters).
+func DeriveMQTTPassword(deviceID, k1, k2 string) (string, error) {
+	if k1 == "" || k2 == "" {
+		return "", errors.New("derive MQTT password: k1 and k2 must both be set")
+	}
+	ikm := make([]byte, 0, len(k1)+1+len(k2))
+	ikm = append(append(append(ikm, k1...), 0), k2...)
+	b, err := hkdf.Key(sha256.New, ikm, []byte("edgegate/mqtt-password/v1"), deviceID, 24)
+	if err != nil {
+		return "", fmt.Errorf("derive MQTT password: %w", err)
+	}
+	return base64.RawURLEncoding.EncodeToString(b), nil
 }
 
 // ID is the key id placed in the JWS protected header.

@@ -3,15 +3,17 @@ package mqtt
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
-	"github.com/mochi-mqtt/server/v2/hooks/auth"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/ratelog"
 	"github.com/edgegate/edgegate/reading"
@@ -24,9 +26,14 @@ type Submitter interface {
 
 // BrokerOptions configures the embedded broker.
 type BrokerOptions struct {
-	Listen string // loopback host:port; port 0 picks one
-	Topic  Topic
-	Logger *slog.Logger
+	Listen    string      // plain listener, loopback host:port (port 0 picks one); empty: none
+	TLSListen string      // TLS listener for the local network; empty: none
+	TLS       *tls.Config // the gateway's certificate, for TLSListen
+	Topic     Topic
+	Policy    Policy        // who may log in, publish and read
+	Tokens    TokenVerifier // application access tokens; nil refuses applications
+	Metrics   *metrics.Metrics
+	Logger    *slog.Logger
 	// SubmitTimeout bounds one attempt to queue a reading (default 30s).
 	SubmitTimeout time.Duration
 	// RetryInterval is the wait between attempts while the queue refuses
@@ -36,10 +43,12 @@ type BrokerOptions struct {
 
 // Broker is the MQTT broker embedded in the daemon.
 type Broker struct {
-	srv  *mochi.Server
-	tcp  *listeners.TCP
-	hook *ingestHook
-	log  *slog.Logger
+	srv    *mochi.Server
+	tcp    *listeners.TCP
+	tlsL   *listeners.TCP
+	hook   *ingestHook
+	access *accessHook
+	log    *slog.Logger
 }
 
 // NewBroker builds the embedded broker; Run starts it.
@@ -69,23 +78,83 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
 		limited: ratelog.New(log, 10*time.Second)}
 	hook.ctx, hook.cancel = context.WithCancel(context.Background())
-	// Device and application authentication arrive with the ACL work; until
-	// then the broker listens on loopback only (config enforces it).
-	if err := srv.AddHook(new(auth.AllowHook), nil); err != nil {
-		return nil, fmt.Errorf("add auth hook: %w", err)
+	if opts.Policy == nil {
+		return nil, errors.New("embedded broker: no policy for access control")
+	}
+	access := newAccessHook(opts.Policy, opts.Tokens, opts.Topic, log.With("component", "mqtt-access"), opts.Metrics)
+	if err := srv.AddHook(access, nil); err != nil {
+		return nil, fmt.Errorf("add access hook: %w", err)
 	}
 	if err := srv.AddHook(hook, nil); err != nil {
 		return nil, fmt.Errorf("add ingest hook: %w", err)
 	}
-	tcp := listeners.NewTCP(listeners.Config{ID: "local", Address: opts.Listen})
-	if err := srv.AddListener(tcp); err != nil {
-		return nil, fmt.Errorf("listen on %s: %w", opts.Listen, err)
+	b := &Broker{srv: srv, hook: hook, access: access, log: log}
+	if opts.Listen != "" {
+		b.tcp = listeners.NewTCP(listeners.Config{ID: "local", Address: opts.Listen})
+		if err := srv.AddListener(b.tcp); err != nil {
+			return nil, fmt.Errorf("listen on %s: %w", opts.Listen, err)
+		}
 	}
-	return &Broker{srv: srv, tcp: tcp, hook: hook, log: log}, nil
+	if opts.TLSListen != "" {
+		if opts.TLS == nil {
+			return nil, errors.New("embedded broker: TLS listener without a certificate")
+		}
+		b.tlsL = listeners.NewTCP(listeners.Config{ID: "tls", Address: opts.TLSListen, TLSConfig: opts.TLS})
+		if err := srv.AddListener(b.tlsL); err != nil {
+			_ = srv.Close()
+			return nil, fmt.Errorf("listen (TLS) on %s: %w", opts.TLSListen, err)
+		}
+	}
+	if b.tcp == nil && b.tlsL == nil {
+		return nil, errors.New("embedded broker: no listener configured")
+	}
+	return b, nil
 }
 
-// Addr is the address the broker listens on.
-func (b *Broker) Addr() string { return b.tcp.Address() }
+// Addr is the address of the plain (loopback) listener, or "".
+func (b *Broker) Addr() string {
+	if b.tcp == nil {
+		return ""
+	}
+	return b.tcp.Address()
+}
+
+// TLSAddr is the address of the TLS listener, or "".
+func (b *Broker) TLSAddr() string {
+	if b.tlsL == nil {
+		return ""
+	}
+	return b.tlsL.Address()
+}
+
+// CloseDeviceSessions disconnects the sessions of the given devices (revoked,
+// or re-registered with other keys) at once.
+func (b *Broker) CloseDeviceSessions(devices []string) int {
+	if len(devices) == 0 {
+		return 0
+	}
+	set := make(map[string]bool, len(devices))
+	for _, d := range devices {
+		set[d] = true
+	}
+	n := 0
+	for _, cl := range b.access.sessions(func(p *principal) bool { return set[p.device] }) {
+		_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+		b.log.Info("closed the session of a revoked device", "client", clipName(cl.ID))
+		n++
+	}
+	return n
+}
+
+// closeExpired disconnects applications whose token expired.
+func (b *Broker) closeExpired() {
+	now := b.access.now()
+	for _, cl := range b.access.sessions(func(p *principal) bool {
+		return p.user != "" && !p.expires.IsZero() && now.After(p.expires)
+	}) {
+		_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
+	}
+}
 
 // Run serves until ctx is done, then stops accepting, ends the held
 // publishes (unacknowledged, so their senders keep them) and closes every
@@ -94,11 +163,20 @@ func (b *Broker) Run(ctx context.Context, ready func()) error {
 	if err := b.srv.Serve(); err != nil {
 		return fmt.Errorf("serve MQTT: %w", err)
 	}
-	b.log.Info("local MQTT broker listening", "addr", b.Addr())
+	b.log.Info("local MQTT broker listening", "plain", b.Addr(), "tls", b.TLSAddr())
 	if ready != nil {
 		ready()
 	}
-	<-ctx.Done()
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	for done := false; !done; {
+		select {
+		case <-ctx.Done():
+			done = true
+		case <-tick.C:
+			b.closeExpired()
+		}
+	}
 	b.hook.cancel()
 	if err := b.srv.Close(); err != nil {
 		return fmt.Errorf("close MQTT broker: %w", err)

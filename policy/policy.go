@@ -11,6 +11,7 @@
 package policy
 
 import (
+	"crypto/subtle"
 	"errors"
 	"fmt"
 	"net/url"
@@ -107,6 +108,7 @@ type Device struct {
 
 	k1, k2 string
 	key    envelope.Key
+	mqttPw []byte // derived MQTT password
 }
 
 // Key is the device's reading-signing key.
@@ -184,10 +186,14 @@ func Compile(doc Document, source, digest string) (*Policy, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: %s (%s): %v", ErrInvalid, where, r.ID, err)
 		}
+		pw, err := envelope.DeriveMQTTPassword(r.ID, r.K1, r.K2)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s (%s): %v", ErrInvalid, where, r.ID, err)
+		}
 		d := &Device{
 			ID: r.ID, Type: r.Type, Owner: r.Owner, Broker: r.Broker,
 			Service: r.Service, ServicePath: r.ServicePath, Radio: r.Radio,
-			k1: r.K1, k2: r.K2, key: key,
+			k1: r.K1, k2: r.K2, key: key, mqttPw: []byte(pw),
 		}
 		p.devices[r.ID] = d
 		p.grant(p.reads, r.Owner, r.ID)
@@ -429,6 +435,20 @@ func (e *Engine) DecideIngest(device string) Decision {
 func (e *Engine) BindRadio(port string, node, child int) (string, bool) {
 	return e.cur.Load().RadioDevice(port, node, child)
 }
+
+// CheckDevicePassword reports, in constant time with respect to the
+// password, whether pw is the registered device's MQTT password.
+func (e *Engine) CheckDevicePassword(device string, pw []byte) bool {
+	d, ok := e.cur.Load().devices[device]
+	if !ok {
+		// Compare anyway so that timing does not tell registered ids apart.
+		subtle.ConstantTimeCompare(pw, dummyPassword[:])
+		return false
+	}
+	return subtle.ConstantTimeCompare(pw, d.mqttPw) == 1
+}
+
+var dummyPassword [32]byte
 
 // DeviceKeys returns K1/K2 of a registered device, for brokers that still
 // check them as query parameters.

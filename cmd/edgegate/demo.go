@@ -35,6 +35,7 @@ type demoDevice struct {
 	id, typ, owner  string
 	registered      bool // known to the gateway
 	radioNode       int  // > 0: a MySensors node on the demo's radio link
+	loginRefused    bool
 	k1, k2          string
 	attrs           []string
 	published, acks int
@@ -340,11 +341,15 @@ func followDaemonLog(r io.Reader, path string, out *lineWriter, ready chan<- str
 }
 
 func runDemoDevice(ctx context.Context, addr string, d *demoDevice, out *lineWriter) {
+	// Devices log in with their id and the password derived from K1/K2.
+	pw, _ := envelope.DeriveMQTTPassword(d.id, d.k1, d.k2)
 	opts := paho.NewClientOptions().AddBroker("tcp://" + addr).SetClientID("demo-" + d.id).
+		SetUsername(d.id).SetPassword(pw).
 		SetConnectTimeout(5 * time.Second).SetAutoReconnect(true).SetCleanSession(false)
 	c := paho.NewClient(opts)
 	if t := c.Connect(); !t.WaitTimeout(10*time.Second) || t.Error() != nil {
-		out.printf("  device %s could not connect: %v", d.id, t.Error())
+		out.printf("  device %s: login refused by the gateway's broker (%v)", d.id, t.Error())
+		d.loginRefused = true
 		return
 	}
 	defer c.Disconnect(250)
@@ -443,6 +448,8 @@ func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice)
 	for _, d := range devices {
 		outcome := "delivered, signed"
 		switch {
+		case !d.registered && d.loginRefused:
+			outcome = "refused by the gateway at login: not registered"
 		case !d.registered:
 			outcome = "refused by the gateway: not registered"
 		case refused[d.id] > 0:
