@@ -411,3 +411,84 @@ func TestQuotaHoldsReadingsUnacknowledged(t *testing.T) {
 	}
 	waitFor(t, 20*time.Second, "the held reading at the broker", func() bool { return delivered(sim)[a.ID][1] == 1 })
 }
+
+// TestMosquittoACLExample runs Mosquitto with the README's ACL example
+// (packaging/mosquitto/edgegate.acl) and password logins: the gateway reads
+// every device; a device publishes only its own readings; an application
+// user reads only what the ACL lists.
+func TestMosquittoACLExample(t *testing.T) {
+	if _, err := exec.LookPath("mosquitto_passwd"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("mosquitto_passwd missing; .ci/run installs mosquitto")
+		}
+		t.Skip("mosquitto not installed")
+	}
+	kitchen, other := dev("th-kitchen", "alice"), dev("th-other", "alice")
+	dir := t.TempDir()
+	passwd := filepath.Join(dir, "edgegate.passwd")
+	users := map[string]string{"edgegate": "gateway-canary-pw", "alice": "alice-pw",
+		kitchen.ID: devicePassword(t, kitchen), other.ID: devicePassword(t, other)}
+	for u, p := range users {
+		args := []string{"-b", passwd, u, p}
+		if _, err := os.Stat(passwd); err != nil {
+			args = append([]string{"-c"}, args...)
+		}
+		if out, err := exec.Command("mosquitto_passwd", args...).CombinedOutput(); err != nil {
+			t.Fatalf("mosquitto_passwd: %v %s", err, out)
+		}
+	}
+	acl, err := os.ReadFile("../packaging/mosquitto/edgegate.acl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	aclFile := filepath.Join(dir, "edgegate.acl")
+	os.WriteFile(aclFile, acl, 0o600)
+	mq := startMosquitto(t, "allow_anonymous false", "password_file "+passwd, "acl_file "+aclFile)
+
+	sim := startSim(t, kitchen, other)
+	gwDir := t.TempDir()
+	os.WriteFile(filepath.Join(gwDir, "mqtt-password"), []byte(users["edgegate"]), 0o600)
+	mqttCfg := "mqtt:\n  mode: external\n  external:\n    url: " + mq.URL + "\n    client_id: edgegate-acl\n    username: edgegate\n    password_file: mqtt-password\n    ca_file: " + mq.CAFile + "\n"
+	g := startGateway(t, writeGatewayConfig(t, gwDir, sim, gatewayConfig{MQTT: mqttCfg}, kitchen, other))
+	waitFor(t, 15*time.Second, "the daemon to subscribe", func() bool {
+		return strings.Contains(g.log.String(), "subscribed to the local broker")
+	})
+	alice, err := connect(mq.URL, "alice-app", "alice", users["alice"], mq.tlsOpt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer alice.Disconnect(50)
+	var mu sync.Mutex
+	seen := map[string]int{}
+	alice.Subscribe("devices/+/telemetry", 1, func(_ paho.Client, m paho.Message) {
+		mu.Lock()
+		seen[m.Topic()]++
+		mu.Unlock()
+	}).WaitTimeout(5 * time.Second)
+
+	pk := newPublisher(t, mq.URL, kitchen, mq.tlsOpt)
+	po := newPublisher(t, mq.URL, other, mq.tlsOpt)
+	// th-kitchen tries to publish as th-other: Mosquitto drops it.
+	pk.client.Publish("devices/th-other/telemetry", 1, false, `{"n": 666, "temperature": 1}`).WaitTimeout(5 * time.Second)
+	for i := 1; i <= 5; i++ {
+		if !pk.publish(i) || !po.publish(i) {
+			t.Fatalf("reading %d not acknowledged", i)
+		}
+	}
+	waitFor(t, 20*time.Second, "both devices' readings through the gateway", func() bool {
+		d := delivered(sim)
+		return len(d[kitchen.ID]) == 5 && len(d[other.ID]) == 5
+	})
+	if delivered(sim)[other.ID][666] != 0 {
+		t.Fatal("a reading forged by another device went through")
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if seen["devices/th-kitchen/telemetry"] != 5 || seen["devices/th-other/telemetry"] != 0 {
+		t.Fatalf("alice's application saw %v; want th-kitchen's 5 readings and none of th-other", seen)
+	}
+	assertNoSecrets(t, g.log.String(), kitchen, other)
+	if strings.Contains(g.log.String(), users["edgegate"]) {
+		t.Fatal("the gateway's MQTT password reached the log")
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -41,7 +42,7 @@ func freePort(t *testing.T) string {
 // startMosquitto runs mosquitto with persistence and a TLS listener; it is
 // stopped when the test ends. The test is skipped outside CI when mosquitto
 // is not installed (.ci/run installs it).
-func startMosquitto(t *testing.T) *mosquitto {
+func startMosquitto(t *testing.T, extraConf ...string) *mosquitto {
 	t.Helper()
 	bin, err := exec.LookPath("mosquitto")
 	if err != nil {
@@ -85,12 +86,16 @@ func startMosquitto(t *testing.T) *mosquitto {
 	var port string
 	for attempt := 0; attempt < 3; attempt++ {
 		port = freePort(t)
-		conf := fmt.Sprintf(`user root
+		anon := "allow_anonymous true"
+		if len(extraConf) > 0 {
+			anon = ""
+		}
+		conf := fmt.Sprintf(anon+`
+user root
 listener %s 127.0.0.1
 cafile %s
 certfile %s
 keyfile %s
-allow_anonymous true
 persistence true
 persistence_location %s/
 autosave_interval 1
@@ -99,7 +104,8 @@ max_inflight_messages 64
 log_dest stderr
 log_type error
 log_type warning
-`, port, caFile, certFile, keyFile, filepath.Join(dir, "data"))
+%s
+`, port, caFile, certFile, keyFile, filepath.Join(dir, "data"), strings.Join(extraConf, "\n"))
 		confFile := write("mosquitto.conf", []byte(conf))
 		cmd = exec.Command(bin, "-c", confFile)
 		logf, _ := os.Create(filepath.Join(dir, "mosquitto.log"))
