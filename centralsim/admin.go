@@ -32,6 +32,7 @@ func (s *Server) routes() http.Handler {
 	admin("POST /_sim/devices", s.handleAdminAddDevice)
 	admin("DELETE /_sim/devices/{id}", s.handleAdminRemoveDevice)
 	admin("PUT /_sim/delegations", s.handleAdminSetDelegations)
+	s.syncRoutes(mux, admin)
 	return s.logRequests(mux)
 }
 

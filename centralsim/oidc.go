@@ -285,18 +285,35 @@ func subjectOf(username string) string {
 // filter does (signature with the realm key, pinned RS256, exp, iss) and
 // returns the token's user: preferred_username, else "username".
 func (s *Server) verifyAccessToken(r *http.Request) (string, error) {
+	raw, err := bearerToken(r)
+	if err != nil {
+		return "", err
+	}
+	user, _, err := s.verifyToken(raw)
+	return user, err
+}
+
+// bearerToken extracts the token of an "Authorization: Bearer" header.
+func bearerToken(r *http.Request) (string, error) {
 	h := r.Header.Get("Authorization")
 	const prefix = "bearer "
 	if len(h) <= len(prefix) || !strings.EqualFold(h[:len(prefix)], prefix) {
 		return "", errors.New("no bearer token")
 	}
-	raw := strings.TrimSpace(h[len(prefix):])
+	return strings.TrimSpace(h[len(prefix):]), nil
+}
+
+// verifyToken checks a raw access token as the filter does and returns its
+// user and its authorized party (azp: the OAuth client it was issued to).
+// It is shared by the filter, the ownership and personal-data APIs, the
+// policy endpoints and the MQTT broker's authentication.
+func (s *Server) verifyToken(raw string) (user, azp string, err error) {
 	if len(raw) > maxTokenBytes {
-		return "", errors.New("bearer token too large")
+		return "", "", errors.New("bearer token too large")
 	}
 	pub, ok := s.publicJWKS.Key(0)
 	if !ok {
-		return "", errors.New("no verification key")
+		return "", "", errors.New("no verification key")
 	}
 	tok, err := jwt.Parse([]byte(raw),
 		jwt.WithKey(jwa.RS256, pub),
@@ -306,16 +323,19 @@ func (s *Server) verifyAccessToken(r *http.Request) (string, error) {
 		jwt.WithRequiredClaim("exp"),
 	)
 	if err != nil {
-		return "", fmt.Errorf("verify access token: %w", err)
+		return "", "", fmt.Errorf("verify access token: %w", err)
+	}
+	if v, ok := tok.Get("azp"); ok {
+		azp, _ = v.(string)
 	}
 	for _, name := range []string{"preferred_username", "username"} {
 		if v, ok := tok.Get(name); ok {
 			if u, ok := v.(string); ok && u != "" {
-				return u, nil
+				return u, azp, nil
 			}
 		}
 	}
-	return "", errors.New("access token names no user")
+	return "", "", errors.New("access token names no user")
 }
 
 func writeJSON(w http.ResponseWriter, status int, v any) {

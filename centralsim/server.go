@@ -6,6 +6,11 @@
 //     token endpoint with the client_credentials and refresh_token grants);
 //   - an Orion Broker Filter in front of an in-memory NGSI v2 entity store,
 //     with the filter's 401 answers and Orion's own 400/404/422;
+//   - the platform's Ownership API and the personal-data service's
+//     delegation lists (ownership.go);
+//   - the central side of policy sync: signed policy bundles per gateway, the
+//     policy-signing key set, an MQTT push broker and signed apply receipts
+//     (policybundle.go, pushbroker.go, receipts.go);
 //   - fault injection, and an admin surface under /_sim/ for tests that drive
 //     the real binary from another process.
 //
@@ -37,6 +42,7 @@ import (
 
 	"github.com/edgegate/edgegate/envelope"
 	"github.com/edgegate/edgegate/pki"
+	"github.com/edgegate/edgegate/policy"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 )
 
@@ -67,6 +73,9 @@ type Device struct {
 	K1    string   `json:"k1,omitempty"`
 	K2    string   `json:"k2,omitempty"`
 	Attrs []string `json:"attrs,omitempty"` // model attributes; empty = accept any
+	// Radio binds the device to a radio source at its gateway; it is
+	// carried into policy bundles.
+	Radio *policy.RadioBinding `json:"radio,omitempty"`
 }
 
 // Client is an OAuth2 confidential client with a service account.
@@ -97,6 +106,33 @@ type Options struct {
 	RefreshTTL    time.Duration
 	Logger        *slog.Logger
 	Now           func() time.Time
+
+	// Policy sync (see policybundle.go).
+
+	// BrokerName names the broker in the Ownership API's elementId
+	// ("<Organization>:<BrokerName>:<device>") and elementDetails; default
+	// DefaultBrokerName. The filter's path stays BrokerPath.
+	BrokerName string
+	// Organization is the first part of every elementId; default
+	// DefaultOrganization.
+	Organization string
+	// PolicyTTL is the lifetime of a policy bundle; default DefaultPolicyTTL.
+	PolicyTTL time.Duration
+	// PolicyKeyAlg is the policy-signing algorithm: "ES256" (default),
+	// "EdDSA" or "RS256".
+	PolicyKeyAlg string
+	// BundleAllDevices puts every registered device in every gateway's
+	// bundle; by default a bundle holds only the devices owned by the
+	// gateway account's user.
+	BundleAllDevices bool
+	// Gateways maps an OAuth client id to the gateway it is the account of.
+	// When empty, a gateway is bound to the first client that uses it
+	// (trust on first use); when set, only these bindings are accepted.
+	Gateways map[string]string
+	// MQTT starts the push broker (TLS, same CA) with Start.
+	MQTT bool
+	// MQTTListen is the push broker's address; default "127.0.0.1:0".
+	MQTTListen string
 }
 
 // Server is a running (or ready to run) simulated central service.
@@ -129,6 +165,9 @@ type Server struct {
 	srv       *http.Server
 	url       string
 	served    chan error
+
+	ps   syncState   // policy-sync state, under mu
+	push *pushBroker // nil unless Options.MQTT
 }
 
 var realmRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
@@ -174,6 +213,9 @@ func New(opts Options) (*Server, error) {
 		refresh:  make(map[string]refreshGrant),
 		seen:     make(map[seenKey]bool),
 	}
+	if err := s.initSyncState(); err != nil {
+		return nil, fmt.Errorf("centralsim: %w", err)
+	}
 	for i, c := range opts.Clients {
 		switch {
 		case c.ID == "":
@@ -203,6 +245,7 @@ func New(opts Options) (*Server, error) {
 		}
 	}
 	s.delegs = append([]Delegation(nil), opts.Delegations...)
+	s.noteDelegationsLocked()
 
 	var err error
 	if s.ca, err = pki.NewCA("edgegate central-sim CA", s.now()); err != nil {
@@ -261,6 +304,12 @@ func (s *Server) start(addr string) error {
 	}
 	_, port, _ := net.SplitHostPort(ln.Addr().String())
 	s.url = "https://" + net.JoinHostPort(hostForURL, port)
+	if s.opts.MQTT {
+		if s.push, err = s.startPushBroker(cert); err != nil {
+			ln.Close()
+			return fmt.Errorf("centralsim: %w", err)
+		}
+	}
 	s.served = make(chan error, 1)
 	go func() { s.served <- s.srv.ServeTLS(ln, "", "") }()
 	s.log.Info("central-sim listening", "url", s.url, "issuer", s.Issuer(), "broker", s.BrokerURL())
@@ -275,6 +324,9 @@ func (s *Server) Close() error {
 		return nil
 	default:
 		close(s.closing)
+	}
+	if s.push != nil {
+		s.push.close()
 	}
 	if s.srv == nil {
 		return nil

@@ -94,6 +94,9 @@ func validDevice(d Device) error {
 			return fmt.Errorf("attrs: invalid attribute name %q", a)
 		}
 	}
+	if b := d.Radio; b != nil && (b.Port == "" || b.Node < -1 || b.Node > 254 || b.Child < -1 || b.Child > 254) {
+		return fmt.Errorf("radio: port must be set, node and child in -1..254: %+v", *b)
+	}
 	return nil
 }
 
@@ -115,7 +118,12 @@ func validDelegation(dl Delegation) error {
 // entity with every model attribute (value null), unless it exists.
 func (s *Server) addDeviceLocked(d Device) {
 	d.Attrs = slices.Clone(d.Attrs)
+	if d.Radio != nil {
+		r := *d.Radio
+		d.Radio = &r
+	}
 	s.devices[d.ID] = d
+	s.noteRegistrationLocked(d)
 	if e, ok := s.entities[d.ID]; ok && e.typ == d.Type {
 		return
 	}
@@ -151,9 +159,13 @@ func (s *Server) AddDeviceChecked(d Device) error {
 func (s *Server) RemoveDevice(id string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if _, ok := s.devices[id]; ok {
+		s.noteRemovalLocked(id)
+	}
 	delete(s.devices, id)
 	delete(s.entities, id)
 	s.delegs = slices.DeleteFunc(s.delegs, func(d Delegation) bool { return d.Device == id })
+	s.noteDelegationsLocked()
 }
 
 // RemoveEntity deletes only the entity in the broker, keeping ownership: the
@@ -178,6 +190,7 @@ func (s *Server) SetDelegations(ds []Delegation) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.delegs = keep
+	s.noteDelegationsLocked()
 }
 
 // Entity returns the entity in NGSI v2 normalized form (a copy).

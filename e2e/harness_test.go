@@ -294,7 +294,8 @@ func devicePassword(t *testing.T, d testDevice) string {
 // connect opens an MQTT 3.1.1 session; the error says why it was refused.
 func connect(brokerURL, clientID, user, password string, opts ...func(*paho.ClientOptions)) (paho.Client, error) {
 	o := paho.NewClientOptions().AddBroker(brokerURL).SetClientID(clientID).SetUsername(user).SetPassword(password).
-		SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).SetWriteTimeout(5 * time.Second)
+		SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).SetWriteTimeout(5 * time.Second).
+		SetProtocolVersion(4) // no silent fallback to MQTT 3.1 after a refusal
 	for _, f := range opts {
 		f(o)
 	}

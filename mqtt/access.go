@@ -51,16 +51,16 @@ type TokenVerifier interface {
 
 // Denial reasons (metric label values).
 const (
-	denyAnonymous    = "anonymous"
-	denyBadPassword  = "bad_password"
-	denyBadToken     = "bad_token"
+	denyAnonymous     = "anonymous"
+	denyBadPassword   = "bad_password"
+	denyBadToken      = "bad_token"
 	denyUnknownDevice = "unknown_device"
-	denyNotOwnTopic  = "not_own_topic"
-	denyNotReadable  = "not_readable"
-	denyOutside      = "outside_namespace"
-	denyExpired      = "token_expired"
-	denyAppPublish   = "app_publish"
-	denyUnauthorized = "unauthenticated"
+	denyNotOwnTopic   = "not_own_topic"
+	denyNotReadable   = "not_readable"
+	denyOutside       = "outside_namespace"
+	denyExpired       = "token_expired"
+	denyAppPublish    = "app_publish"
+	denyUnauthorized  = "unauthenticated"
 )
 
 type principal struct {

@@ -73,7 +73,10 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	caps.MaximumSessionExpiryInterval = 24 * 60 * 60
 	srv := mochi.New(&mochi.Options{
 		Capabilities: caps,
-		Logger:       log.With("component", "mqtt-broker"),
+		// mochi logs every refused login and dropped connection at warn
+		// level, unthrottled; the access hook logs refusals itself,
+		// rate-limited, so mochi keeps errors only.
+		Logger: slog.New(minLevel{log.Handler(), slog.LevelError}).With("component", "mqtt-broker"),
 	})
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
 		limited: ratelog.New(log, 10*time.Second)}
@@ -243,3 +246,18 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		}
 	}
 }
+
+// minLevel drops records below a level.
+type minLevel struct {
+	slog.Handler
+	min slog.Level
+}
+
+func (m minLevel) Enabled(ctx context.Context, l slog.Level) bool {
+	return l >= m.min && m.Handler.Enabled(ctx, l)
+}
+
+func (m minLevel) WithAttrs(a []slog.Attr) slog.Handler {
+	return minLevel{m.Handler.WithAttrs(a), m.min}
+}
+func (m minLevel) WithGroup(g string) slog.Handler { return minLevel{m.Handler.WithGroup(g), m.min} }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/pki"
+	"github.com/edgegate/edgegate/policy"
 	"gopkg.in/yaml.v3"
 )
 
@@ -29,6 +30,13 @@ type centralSimConfig struct {
 	Clients       []centralSimClient     `yaml:"clients"`
 	Devices       []centralSimDevice     `yaml:"devices"`
 	Delegations   []centralSimDelegation `yaml:"delegations"`
+	// Policy sync.
+	BrokerName       string            `yaml:"broker_name"`
+	Organization     string            `yaml:"organization"`
+	PolicyTTL        time.Duration     `yaml:"policy_ttl"`
+	PolicyKeyAlg     string            `yaml:"policy_key_alg"`
+	BundleAllDevices bool              `yaml:"bundle_all_devices"`
+	Gateways         map[string]string `yaml:"gateways"` // client id -> gateway id
 }
 
 type centralSimClient struct {
@@ -45,6 +53,11 @@ type centralSimDevice struct {
 	K1    string   `yaml:"k1"`
 	K2    string   `yaml:"k2"`
 	Attrs []string `yaml:"attrs"`
+	Radio *struct {
+		Port  string `yaml:"port"`
+		Node  int    `yaml:"node"`
+		Child int    `yaml:"child"`
+	} `yaml:"radio"`
 }
 
 type centralSimDelegation struct {
@@ -72,15 +85,24 @@ func parseCentralSimConfig(data []byte) (centralsim.Options, error) {
 	if c.RefreshTTL < 0 {
 		return centralsim.Options{}, fmt.Errorf("refresh_ttl must be positive: %v", c.RefreshTTL)
 	}
+	if c.PolicyTTL < 0 {
+		return centralsim.Options{}, fmt.Errorf("policy_ttl must be positive: %v", c.PolicyTTL)
+	}
 	o := centralsim.Options{
 		Realm: c.Realm, Audience: c.Audience, SignatureAttr: c.SignatureAttr,
 		CheckKeys: c.CheckKeys, TokenTTL: c.TokenTTL, RefreshTTL: c.RefreshTTL,
+		BrokerName: c.BrokerName, Organization: c.Organization, PolicyTTL: c.PolicyTTL,
+		PolicyKeyAlg: c.PolicyKeyAlg, BundleAllDevices: c.BundleAllDevices, Gateways: c.Gateways,
 	}
 	for _, x := range c.Clients {
 		o.Clients = append(o.Clients, centralsim.Client{ID: x.ID, Secret: x.Secret, Username: x.Username, Offline: x.Offline})
 	}
 	for _, x := range c.Devices {
-		o.Devices = append(o.Devices, centralsim.Device{ID: x.ID, Type: x.Type, Owner: x.Owner, K1: x.K1, K2: x.K2, Attrs: x.Attrs})
+		d := centralsim.Device{ID: x.ID, Type: x.Type, Owner: x.Owner, K1: x.K1, K2: x.K2, Attrs: x.Attrs}
+		if x.Radio != nil {
+			d.Radio = &policy.RadioBinding{Port: x.Radio.Port, Node: x.Radio.Node, Child: x.Radio.Child}
+		}
+		o.Devices = append(o.Devices, d)
 	}
 	for _, x := range c.Delegations {
 		o.Delegations = append(o.Delegations, centralsim.Delegation{Device: x.Device, User: x.User, Kind: x.Kind})
@@ -94,12 +116,14 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs := flag.NewFlagSet("central-sim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1:8443", "`address` to serve HTTPS on")
-	configPath := fs.String("config", "", "YAML `file`: realm, audience, signature_attr, check_keys, token_ttl, refresh_ttl, clients, devices, delegations")
+	configPath := fs.String("config", "", "YAML `file`: realm, audience, signature_attr, check_keys, token_ttl, refresh_ttl, clients, devices, delegations, broker_name, organization, policy_ttl, policy_key_alg, bundle_all_devices, gateways")
 	caOut := fs.String("ca-out", "", "write the CA certificate (PEM) to `file`")
 	tokenOut := fs.String("admin-token-out", "", "write the /_sim/ admin token to `file` (0600); without it the token is printed")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
+	withMQTT := fs.Bool("mqtt", false, "also run the policy push broker (MQTT over TLS, same CA)")
+	mqttListen := fs.String("mqtt-listen", "127.0.0.1:0", "`address` of the push broker (with --mqtt)")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: edgegate central-sim [flags]\n\nServe a simulated central service (OIDC provider, Orion Broker Filter, NGSI v2 broker) for demos and tests.\n\nflags:")
+		fmt.Fprintln(stderr, "usage: edgegate central-sim [flags]\n\nServe a simulated central service (OIDC provider, Orion Broker Filter, NGSI v2 broker, Ownership API, personal-data delegations, signed policy bundles, policy push broker) for demos and tests.\n\nflags:")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -133,6 +157,7 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 		logger.Warn("no --config: no clients and no devices; add devices with POST /_sim/devices")
 	}
 	opts.Logger = logger
+	opts.MQTT, opts.MQTTListen = *withMQTT, *mqttListen
 
 	sim, err := centralsim.New(opts)
 	if err != nil {
@@ -162,6 +187,10 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fmt.Fprintf(stdout, "JWKS_URL=%s\n", sim.JWKSURL())
 	fmt.Fprintf(stdout, "BROKER_URL=%s\n", sim.BrokerURL())
 	fmt.Fprintf(stdout, "ADMIN_URL=%s/_sim\n", sim.URL())
+	fmt.Fprintf(stdout, "POLICY_KEYS_URL=%s\n", sim.PolicyKeysURL())
+	if *withMQTT {
+		fmt.Fprintf(stdout, "MQTT_URL=%s\n", sim.MQTTURL())
+	}
 	if *caOut != "" {
 		fmt.Fprintf(stdout, "CA_FILE=%s\n", *caOut)
 	}

@@ -1,0 +1,791 @@
+package centralsync
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"mime"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwk"
+
+	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/policy"
+	"github.com/edgegate/edgegate/ratelog"
+	"github.com/edgegate/edgegate/reading"
+)
+
+// Policy sources (Options.Source, Policy.Source, the receipt's "source"
+// and the "source" label of metrics.PolicyApplied).
+const (
+	SourceBundle    = "bundle"
+	SourceOwnership = "ownership-api"
+)
+
+// Names of the state records this package owns in the encrypted store.
+const (
+	StatePolicy  = "policy"         // cachedPolicy (JSON): the policy last put in force
+	StateFloor   = "policy-floor"   // {"version":N}: no policy at or below N is accepted
+	StateReceipt = "policy-receipt" // digest of the last policy central acknowledged
+)
+
+// Media types and header values on the wire.
+const (
+	mediaJOSE   = "application/jose"
+	ReceiptType = "edgegate-receipt+jws"
+)
+
+// Defaults.
+const (
+	DefaultPollInterval = 5 * time.Minute
+	defaultHTTPTimeout  = 30 * time.Second
+	mqttWait            = 15 * time.Second // every paho wait
+	tokenWait           = 15 * time.Second
+	maxBackoff          = 5 * time.Minute
+	pushQueue           = 4
+)
+
+// Fetch results (SyncStatus.LastFetchResult).
+const (
+	resultApplied     = "applied"
+	resultNotModified = "not_modified"
+	resultUnchanged   = "unchanged"
+	resultRefused     = "refused"
+)
+
+const levelWarn = slog.LevelWarn
+
+// StateStore is the encrypted store's named-record interface (queue.Queue).
+type StateStore interface {
+	GetState(name string) ([]byte, bool, error)
+	PutState(name string, v []byte) error
+}
+
+// Tokens hands out the gateway account's access token (*TokenSource).
+type Tokens interface {
+	Token(ctx context.Context) (string, error)
+	Invalidate(token string)
+}
+
+// Signer signs receipts with the gateway's identity key
+// (*identity.Identity): EdDSA, protected header kid = RFC 7638 thumbprint,
+// jwk = the public key, plus extra.
+type Signer interface {
+	Sign(payload []byte, extra map[string]any) (string, error)
+}
+
+// Options configures a Syncer. Zero durations take the defaults.
+type Options struct {
+	Gateway string // this gateway's id: URLs, MQTT topic and client id, bundle "gateway"
+	Source  string // SourceBundle (default) or SourceOwnership
+
+	Engine  *policy.Engine
+	Store   StateStore
+	Tokens  Tokens
+	Signer  Signer           // nil: no receipts
+	Metrics *metrics.Metrics // nil: none
+	Logger  *slog.Logger     // nil: discard
+
+	// CentralURL is the central service's base, e.g. https://central.example;
+	// the bundle is at {CentralURL}/edgegate/v1/gateways/{gw}/policy and
+	// receipts go to {CentralURL}/edgegate/v1/gateways/{gw}/receipts.
+	// Required for SourceBundle; empty with SourceOwnership: no receipts.
+	CentralURL string
+	// HTTPClient does every request; nil: one with a 30s timeout and the
+	// system roots. Pass one with the central service's roots.
+	HTTPClient *http.Client
+
+	// Keys is central ops' pinned JWKS (required for SourceBundle).
+	Keys           jwk.Set
+	MaxBundleBytes int           // default DefaultMaxBundleBytes; also bounds other answers
+	ClockSkew      time.Duration // default DefaultClockSkew
+
+	Ownership OwnershipOptions // SourceOwnership only
+
+	PollInterval time.Duration // default 5 min, jittered ±20%
+
+	// MQTTURL is central's broker, tls://host:8883 (or ssl://, mqtts://);
+	// empty: no push channel.
+	MQTTURL string
+	// MQTTUsername is the gateway's OAuth client id; the password is a
+	// fresh access token at every connect.
+	MQTTUsername string
+	MQTTTLS      *tls.Config // nil: system roots
+
+	Now func() time.Time // nil: time.Now
+}
+
+// Refusal is the last refused offer, for status. Detail is secret-free.
+type Refusal struct {
+	Reason string    `json:"reason"`
+	At     time.Time `json:"at"`
+	Via    string    `json:"via"` // poll, push, offer
+	Detail string    `json:"detail"`
+}
+
+// SyncStatus is a snapshot for `edgegate status`.
+type SyncStatus struct {
+	Source            string         `json:"source"`
+	Version           uint64         `json:"version"` // of the policy this syncer put in force (or loaded); 0: none
+	Digest            string         `json:"digest,omitempty"`
+	AppliedAt         time.Time      `json:"applied_at,omitzero"`
+	ExpiresAt         time.Time      `json:"expires_at,omitzero"`
+	Floor             uint64         `json:"floor"`
+	LastFetch         time.Time      `json:"last_fetch,omitzero"`
+	LastFetchResult   string         `json:"last_fetch_result,omitempty"`
+	LastRefusal       *Refusal       `json:"last_refusal,omitempty"`
+	PushConnected     bool           `json:"push_connected"`
+	LastReceipt       time.Time      `json:"last_receipt,omitzero"`
+	LastReceiptResult string         `json:"last_receipt_result,omitempty"`
+	ReceiptPending    bool           `json:"receipt_pending"`
+	Skipped           map[string]int `json:"skipped,omitempty"` // ownership rows left out, by reason
+}
+
+// cachedPolicy is the StatePolicy record. It holds K1/K2: it lives only in
+// the encrypted store.
+type cachedPolicy struct {
+	Source    string          `json:"source"`
+	Digest    string          `json:"digest"`
+	AppliedAt time.Time       `json:"applied_at"`
+	Document  policy.Document `json:"document"`
+}
+
+type floorRecord struct {
+	Version uint64 `json:"version"`
+}
+
+// Receipt is the payload of a receipt JWS.
+type Receipt struct {
+	Gateway       string `json:"gateway"`
+	PolicyVersion uint64 `json:"policy_version"`
+	BundleDigest  string `json:"bundle_digest"`
+	Source        string `json:"source"`
+	AppliedAt     string `json:"applied_at"` // RFC 3339
+}
+
+type pendingReceipt struct {
+	digest string
+	body   []byte // the compact JWS
+}
+
+// Syncer keeps the gateway's policy in step with the central service:
+// pull (poll with ETag), push (MQTT), verify, persist, apply, acknowledge.
+type Syncer struct {
+	o        Options
+	verifier *Verifier // nil unless SourceBundle
+	client   *http.Client
+	maxBody  int64
+	log      *slog.Logger
+	limited  *ratelog.Limiter
+	now      func() time.Time
+
+	nudge       chan struct{} // cap 1: poll now
+	pushed      chan []byte   // bundles from the push channel
+	receiptWake chan struct{} // cap 1
+
+	loadOnce sync.Once
+	loadErr  error
+
+	receiptMin time.Duration // first receipt retry delay; tests shorten it
+
+	// applyMu serialises offers: verify against the floor, persist, apply.
+	applyMu sync.Mutex
+
+	mu      sync.Mutex // guards the fields below
+	floor   uint64
+	etag    string
+	cur     cachedPolicy // what this syncer last put in force (Document unused)
+	st      SyncStatus
+	pending *pendingReceipt
+}
+
+// New checks the options and builds a Syncer. It does no I/O: call
+// LoadCached before the stages that enforce the policy start, then Run.
+func New(o Options) (*Syncer, error) {
+	if !reading.ValidID(o.Gateway) {
+		return nil, fmt.Errorf("policy sync: gateway id %q must match [A-Za-z0-9._-]{1,256}", clip(o.Gateway))
+	}
+	if o.Engine == nil || o.Store == nil || o.Tokens == nil {
+		return nil, errors.New("policy sync: engine, store and tokens are required")
+	}
+	if o.Source == "" {
+		o.Source = SourceBundle
+	}
+	if o.MaxBundleBytes <= 0 {
+		o.MaxBundleBytes = DefaultMaxBundleBytes
+	}
+	if o.PollInterval <= 0 {
+		o.PollInterval = DefaultPollInterval
+	}
+	if o.CentralURL != "" {
+		if err := checkHTTPS("central URL", o.CentralURL); err != nil {
+			return nil, err
+		}
+	}
+	s := &Syncer{
+		o: o, client: o.HTTPClient, maxBody: int64(o.MaxBundleBytes), log: o.Logger, now: o.Now,
+		nudge: make(chan struct{}, 1), pushed: make(chan []byte, pushQueue), receiptWake: make(chan struct{}, 1),
+		receiptMin: time.Second,
+	}
+	switch o.Source {
+	case SourceBundle:
+		if o.CentralURL == "" {
+			return nil, errors.New("policy sync: source bundle needs the central URL")
+		}
+		v, err := NewVerifier(VerifierOptions{Keys: o.Keys, Gateway: o.Gateway, MaxBytes: o.MaxBundleBytes, Skew: o.ClockSkew, Now: o.Now})
+		if err != nil {
+			return nil, fmt.Errorf("policy sync: %w", err)
+		}
+		s.verifier = v
+	case SourceOwnership:
+		ow := o.Ownership
+		if err := checkHTTPS("ownership URL", ow.OwnershipURL); err != nil {
+			return nil, err
+		}
+		if ow.DataManagerURL != "" {
+			if err := checkHTTPS("datamanager URL", ow.DataManagerURL); err != nil {
+				return nil, err
+			}
+			if ow.Username == "" {
+				return nil, errors.New("policy sync: ownership.username is required to read delegations")
+			}
+		}
+		if len(ow.Brokers) == 0 {
+			return nil, errors.New("policy sync: ownership.brokers maps no context broker")
+		}
+		for name, u := range ow.Brokers {
+			if err := checkHTTPS("broker "+strconv.Quote(name), u); err != nil {
+				return nil, err
+			}
+		}
+		if ow.DefaultType != "" && !reading.ValidID(ow.DefaultType) {
+			return nil, fmt.Errorf("policy sync: ownership.default_type %q must match [A-Za-z0-9._-]{1,256}", clip(ow.DefaultType))
+		}
+	default:
+		return nil, fmt.Errorf("policy sync: source must be %q or %q: %q", SourceBundle, SourceOwnership, clip(o.Source))
+	}
+	if o.MQTTURL != "" {
+		u, err := url.Parse(o.MQTTURL)
+		if err != nil || (u.Scheme != "tls" && u.Scheme != "ssl" && u.Scheme != "mqtts") || u.Host == "" || u.User != nil {
+			return nil, fmt.Errorf("policy sync: MQTT URL %q must be tls://host:port (the password is an access token)", redactURL(o.MQTTURL))
+		}
+		if o.MQTTUsername == "" {
+			return nil, errors.New("policy sync: MQTT username (the gateway's client id) is required")
+		}
+	}
+	if s.client == nil {
+		s.client = &http.Client{Timeout: defaultHTTPTimeout}
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	s.log = s.log.With("component", "policy-sync", "source", o.Source)
+	s.limited = ratelog.New(s.log, 30*time.Second)
+	if s.now == nil {
+		s.now = time.Now
+	}
+	s.st.Source = o.Source
+	return s, nil
+}
+
+func checkHTTPS(what, raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil || u.RawQuery != "" {
+		return fmt.Errorf("policy sync: %s %q must be an https:// URL without credentials or query", what, redactURL(raw))
+	}
+	return nil
+}
+
+// LoadCached reads the version floor and the cached policy from the store
+// and puts the policy in force, before any network. Call it before the
+// stages that enforce the policy start; Run calls it if it was not. It is
+// safe to call more than once (only the first call does anything).
+func (s *Syncer) LoadCached() error {
+	s.loadOnce.Do(func() { s.loadErr = s.loadCached() })
+	return s.loadErr
+}
+
+func (s *Syncer) loadCached() error {
+	s.applyMu.Lock()
+	defer s.applyMu.Unlock()
+	var floor floorRecord
+	if b, ok, err := s.o.Store.GetState(StateFloor); err != nil {
+		return fmt.Errorf("load policy floor: %w", err)
+	} else if ok {
+		if err := json.Unmarshal(b, &floor); err != nil {
+			return fmt.Errorf("load policy floor: %s", jsonErr(err))
+		}
+	}
+	s.mu.Lock()
+	s.floor = max(s.floor, floor.Version)
+	s.st.Floor = s.floor
+	s.mu.Unlock()
+
+	b, ok, err := s.o.Store.GetState(StatePolicy)
+	if err != nil {
+		return fmt.Errorf("load cached policy: %w", err)
+	}
+	if !ok {
+		return nil
+	}
+	var c cachedPolicy
+	if err := json.Unmarshal(b, &c); err != nil {
+		return fmt.Errorf("load cached policy: %s", jsonErr(err))
+	}
+	p, err := policy.Compile(c.Document, c.Source, c.Digest)
+	if err != nil {
+		return fmt.Errorf("load cached policy: %w", err)
+	}
+	// The floor is written after the policy: a crash in between leaves
+	// the floor behind the cached version, never ahead of it.
+	s.mu.Lock()
+	s.floor = max(s.floor, p.Version)
+	s.st.Floor = s.floor
+	s.mu.Unlock()
+	if _, err := s.o.Engine.Apply(p, false); err != nil {
+		return fmt.Errorf("apply cached policy: %w", err)
+	}
+	s.setCurrent(c, p)
+	s.log.Info("cached policy in force", "policy", p.Describe(), "digest", c.Digest)
+
+	if acked, ok, err := s.o.Store.GetState(StateReceipt); err == nil && (!ok || string(acked) != c.Digest) {
+		s.queueReceipt(p, c.Source, c.Digest, c.AppliedAt)
+	}
+	return nil
+}
+
+func (s *Syncer) setCurrent(c cachedPolicy, p *policy.Policy) {
+	s.mu.Lock()
+	s.cur = cachedPolicy{Source: c.Source, Digest: c.Digest, AppliedAt: c.AppliedAt}
+	s.st.Version, s.st.Digest, s.st.AppliedAt, s.st.ExpiresAt = p.Version, c.Digest, c.AppliedAt, p.ExpiresAt
+	s.mu.Unlock()
+	if m := s.o.Metrics; m != nil {
+		m.PolicyVersion.Set(float64(p.Version))
+		exp := 0.0
+		if !p.ExpiresAt.IsZero() {
+			exp = float64(p.ExpiresAt.Unix())
+		}
+		m.PolicyExpiry.Set(exp)
+	}
+}
+
+// Offer verifies a compact JWS bundle and, if it passes, puts it in force.
+// The same bundle as the one in force is a no-op. A refusal leaves the
+// policy in force unchanged and is returned as a *RefusalError (also
+// logged, counted and kept for status). via names the channel for status.
+func (s *Syncer) Offer(ctx context.Context, raw []byte, via string) error {
+	if s.verifier == nil {
+		return fmt.Errorf("policy sync: source %s takes no bundles", s.o.Source)
+	}
+	s.applyMu.Lock()
+	defer s.applyMu.Unlock()
+	_, err := s.offer(ctx, raw, via)
+	return err
+}
+
+func (s *Syncer) offer(ctx context.Context, raw []byte, via string) (string, error) {
+	if len(raw) <= s.o.MaxBundleBytes {
+		s.mu.Lock()
+		same := s.cur.Source == SourceBundle && s.cur.Digest == Digest(raw)
+		s.mu.Unlock()
+		if same {
+			return resultUnchanged, nil
+		}
+	}
+	s.mu.Lock()
+	floor := s.floor
+	s.mu.Unlock()
+	vf, err := s.verifier.Verify(raw, floor)
+	if err != nil {
+		var re *RefusalError
+		if errors.As(err, &re) {
+			return resultRefused, s.refused(ctx, via, re)
+		}
+		return "", err
+	}
+	if err := s.apply(ctx, vf.Policy, vf.Document, SourceBundle, vf.Digest); err != nil {
+		return "", err
+	}
+	return resultApplied, nil
+}
+
+// refused logs (rate-limited), counts and records a refusal; it returns re.
+func (s *Syncer) refused(ctx context.Context, via string, re *RefusalError) error {
+	if m := s.o.Metrics; m != nil {
+		m.PolicyRefused.WithLabelValues(re.Reason).Inc()
+	}
+	s.mu.Lock()
+	s.st.LastRefusal = &Refusal{Reason: re.Reason, At: s.now(), Via: via, Detail: re.Detail}
+	s.mu.Unlock()
+	s.limited.Log(ctx, levelWarn, "refused-"+re.Reason, "policy refused; the policy in force stays",
+		"reason", re.Reason, "via", via, "detail", re.Detail)
+	return re
+}
+
+// apply persists (policy, then floor), puts the policy in force, updates
+// metrics and status, and queues the receipt. Called with applyMu held.
+func (s *Syncer) apply(ctx context.Context, p *policy.Policy, doc policy.Document, source, digest string) error {
+	if cur := s.o.Engine.Current(); cur != nil && cur.Version > 0 && p.Version <= cur.Version {
+		return s.refused(ctx, "apply", refuse(ReasonRollback, "version %d, in force %d", p.Version, cur.Version))
+	}
+	c := cachedPolicy{Source: source, Digest: digest, AppliedAt: s.now().UTC().Truncate(time.Second), Document: doc}
+	b, err := json.Marshal(c)
+	if err != nil {
+		return fmt.Errorf("persist policy: %w", err)
+	}
+	if err := s.o.Store.PutState(StatePolicy, b); err != nil {
+		return fmt.Errorf("persist policy version %d: %w", p.Version, err)
+	}
+	s.mu.Lock()
+	floor := max(s.floor, p.Version)
+	s.mu.Unlock()
+	fb, _ := json.Marshal(floorRecord{Version: floor})
+	if err := s.o.Store.PutState(StateFloor, fb); err != nil {
+		return fmt.Errorf("persist policy floor %d: %w", floor, err)
+	}
+	s.mu.Lock()
+	s.floor = floor
+	s.st.Floor = floor
+	s.mu.Unlock()
+	ch, err := s.o.Engine.Apply(p, false)
+	if err != nil {
+		if errors.Is(err, policy.ErrRollback) {
+			return s.refused(ctx, "apply", refuse(ReasonRollback, "%v", err))
+		}
+		return fmt.Errorf("apply policy version %d: %w", p.Version, err)
+	}
+	if m := s.o.Metrics; m != nil {
+		m.PolicyApplied.WithLabelValues(source).Inc()
+	}
+	s.setCurrent(c, p)
+	s.log.Info("policy applied", "policy", p.Describe(), "digest", digest,
+		"revoked", len(ch.Revoked), "rebound", len(ch.Rebound))
+	s.queueReceipt(p, source, digest, c.AppliedAt)
+	return nil
+}
+
+// queueReceipt signs a receipt for the policy now in force and hands it to
+// the receipt loop; it replaces any receipt not yet delivered (central
+// only needs to know the latest).
+func (s *Syncer) queueReceipt(p *policy.Policy, source, digest string, appliedAt time.Time) {
+	if s.o.Signer == nil || s.o.CentralURL == "" {
+		return
+	}
+	payload, _ := json.Marshal(Receipt{
+		Gateway: s.o.Gateway, PolicyVersion: p.Version, BundleDigest: digest, Source: source,
+		AppliedAt: appliedAt.UTC().Format(time.RFC3339),
+	})
+	compact, err := s.o.Signer.Sign(payload, map[string]any{"typ": ReceiptType})
+	if err != nil {
+		s.log.Error("sign policy receipt", "err", err)
+		return
+	}
+	s.mu.Lock()
+	s.pending = &pendingReceipt{digest: digest, body: []byte(compact)}
+	s.st.ReceiptPending = true
+	s.mu.Unlock()
+	select {
+	case s.receiptWake <- struct{}{}:
+	default:
+	}
+}
+
+// Nudge asks Run to poll now (the push channel's {"type":"sync"}).
+func (s *Syncer) Nudge() {
+	select {
+	case s.nudge <- struct{}{}:
+	default:
+	}
+}
+
+// Status is a snapshot of the syncer's state.
+func (s *Syncer) Status() SyncStatus {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.st
+	if st.LastRefusal != nil {
+		r := *st.LastRefusal
+		st.LastRefusal = &r
+	}
+	if st.Skipped != nil {
+		m := make(map[string]int, len(st.Skipped))
+		for k, v := range st.Skipped {
+			m[k] = v
+		}
+		st.Skipped = m
+	}
+	return st
+}
+
+// Run polls, listens to the push channel and delivers receipts until ctx
+// ends. Cancellation is not an error.
+func (s *Syncer) Run(ctx context.Context) error {
+	if err := s.LoadCached(); err != nil {
+		s.log.Error("cached policy not loaded; the policy in force stays", "err", err)
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	wg.Go(func() { s.receiptLoop(ctx) })
+	if s.o.MQTTURL != "" {
+		wg.Go(func() { s.pushLoop(ctx) })
+	}
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	retry := newBackoff(5*time.Second, s.o.PollInterval)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case raw := <-s.pushed:
+			s.applyMu.Lock()
+			_, err := s.offer(ctx, raw, "push")
+			s.applyMu.Unlock()
+			var re *RefusalError
+			if err != nil && !errors.As(err, &re) {
+				s.limited.Log(ctx, slog.LevelError, "push-apply", "pushed policy not applied", "err", err)
+			}
+			continue
+		case <-timer.C:
+		case <-s.nudge:
+		}
+		next := jitter(s.o.PollInterval)
+		if err := s.poll(ctx); err != nil && ctx.Err() == nil {
+			s.limited.Log(ctx, levelWarn, "poll", "policy fetch failed; the policy in force stays", "err", err)
+			next = min(next, retry.next())
+		} else {
+			retry.reset()
+		}
+		timer.Reset(next)
+	}
+}
+
+// poll fetches from the configured source once.
+func (s *Syncer) poll(ctx context.Context) error {
+	s.applyMu.Lock()
+	defer s.applyMu.Unlock()
+	var result string
+	var err error
+	if s.o.Source == SourceOwnership {
+		result, err = s.ownershipOffer(ctx)
+	} else {
+		result, err = s.pollBundle(ctx)
+	}
+	var re *RefusalError
+	switch {
+	case errors.As(err, &re):
+		result, err = resultRefused+": "+re.Reason, nil
+	case err != nil:
+		if ctx.Err() != nil {
+			return nil
+		}
+		if m := s.o.Metrics; m != nil {
+			m.PolicyRefused.WithLabelValues(ReasonFetch).Inc()
+		}
+		result = "error: " + clip(err.Error())
+	}
+	s.mu.Lock()
+	s.st.LastFetch, s.st.LastFetchResult = s.now(), result
+	s.mu.Unlock()
+	return err
+}
+
+func (s *Syncer) bundleURL() string {
+	return strings.TrimRight(s.o.CentralURL, "/") + "/edgegate/v1/gateways/" + url.PathEscape(s.o.Gateway) + "/policy"
+}
+
+func (s *Syncer) receiptURL() string {
+	return strings.TrimRight(s.o.CentralURL, "/") + "/edgegate/v1/gateways/" + url.PathEscape(s.o.Gateway) + "/receipts"
+}
+
+func (s *Syncer) pollBundle(ctx context.Context) (string, error) {
+	hdr := http.Header{"Accept": {mediaJOSE}}
+	s.mu.Lock()
+	if s.etag != "" {
+		hdr.Set("If-None-Match", s.etag)
+	}
+	s.mu.Unlock()
+	target := s.bundleURL()
+	resp, body, err := s.do(ctx, http.MethodGet, target, nil, hdr)
+	if err != nil {
+		return "", err
+	}
+	switch resp.StatusCode {
+	case http.StatusNotModified:
+		return resultNotModified, nil
+	case http.StatusOK:
+	default:
+		return "", fmt.Errorf("GET %s: status %d", redactURL(target), resp.StatusCode)
+	}
+	if mt, _, err := mime.ParseMediaType(resp.Header.Get("Content-Type")); err != nil || mt != mediaJOSE {
+		return "", s.refused(ctx, "poll", refuse(ReasonMalformed, "content type %q, want %s", clip(resp.Header.Get("Content-Type")), mediaJOSE))
+	}
+	result, err := s.offer(ctx, body, "poll")
+	if err == nil {
+		// Remember the ETag only for a bundle now in force: a refused one
+		// is fetched (and refused) again rather than hidden behind a 304.
+		s.mu.Lock()
+		s.etag = resp.Header.Get("ETag")
+		s.mu.Unlock()
+	}
+	return result, err
+}
+
+// do sends one request with the gateway's token; on a 401 it invalidates
+// the token and tries once more. The body is read up to maxBody+1 bytes.
+// Errors name the URL (which never carries credentials), not the token.
+func (s *Syncer) do(ctx context.Context, method, target string, body []byte, hdr http.Header) (*http.Response, []byte, error) {
+	for attempt := 0; ; attempt++ {
+		tok, err := s.o.Tokens.Token(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		var rd io.Reader
+		if body != nil {
+			rd = bytes.NewReader(body)
+		}
+		req, err := http.NewRequestWithContext(ctx, method, target, rd)
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s %s: %w", method, redactURL(target), err)
+		}
+		for k, v := range hdr {
+			req.Header[k] = v
+		}
+		req.Header.Set("Authorization", "Bearer "+tok)
+		resp, err := s.client.Do(req)
+		if err != nil {
+			var ue *url.Error
+			if errors.As(err, &ue) {
+				err = ue.Err
+			}
+			return nil, nil, fmt.Errorf("%s %s: %w", method, redactURL(target), err)
+		}
+		b, err := io.ReadAll(io.LimitReader(resp.Body, s.maxBody+1))
+		resp.Body.Close()
+		if err != nil {
+			return nil, nil, fmt.Errorf("%s %s: read answer: %w", method, redactURL(target), err)
+		}
+		if resp.StatusCode == http.StatusUnauthorized && attempt == 0 {
+			s.o.Tokens.Invalidate(tok)
+			continue
+		}
+		return resp, b, nil
+	}
+}
+
+// receiptLoop delivers the pending receipt, retrying with backoff while
+// central is unreachable. Enforcement never waits for it.
+func (s *Syncer) receiptLoop(ctx context.Context) {
+	bo := newBackoff(s.receiptMin, maxBackoff)
+	var retry <-chan time.Time
+	var timer *time.Timer
+	defer func() {
+		if timer != nil {
+			timer.Stop()
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-s.receiptWake:
+			bo.reset()
+		case <-retry:
+		}
+		retry = nil
+		s.mu.Lock()
+		pr := s.pending
+		s.mu.Unlock()
+		if pr == nil {
+			continue
+		}
+		result, err := s.postReceipt(ctx, pr)
+		if ctx.Err() != nil {
+			return
+		}
+		s.mu.Lock()
+		s.st.LastReceipt, s.st.LastReceiptResult = s.now(), result
+		done := err == nil || errors.Is(err, errPermanent)
+		if done && s.pending == pr {
+			s.pending = nil
+			s.st.ReceiptPending = false
+		}
+		s.mu.Unlock()
+		switch {
+		case err == nil:
+			if perr := s.o.Store.PutState(StateReceipt, []byte(pr.digest)); perr != nil {
+				s.log.Warn("record policy receipt", "err", perr)
+			}
+			bo.reset()
+		case done:
+			s.limited.Log(ctx, levelWarn, "receipt-permanent", "policy receipt refused by central; not retried", "err", err)
+		default:
+			// A newer receipt wakes the loop itself; this one is retried.
+			s.limited.Log(ctx, levelWarn, "receipt", "policy receipt not delivered; will retry", "err", err)
+			if timer == nil {
+				timer = time.NewTimer(bo.next())
+			} else {
+				timer.Reset(bo.next())
+			}
+			retry = timer.C
+		}
+	}
+}
+
+var errPermanent = errors.New("permanent")
+
+func (s *Syncer) postReceipt(ctx context.Context, pr *pendingReceipt) (string, error) {
+	target := s.receiptURL()
+	resp, _, err := s.do(ctx, http.MethodPost, target, pr.body, http.Header{"Content-Type": {mediaJOSE}})
+	if err != nil {
+		return "error: " + clip(err.Error()), err
+	}
+	switch c := resp.StatusCode; {
+	case c >= 200 && c < 300:
+		return "delivered " + pr.digest, nil
+	case c == http.StatusRequestTimeout || c == http.StatusTooManyRequests || c == http.StatusUnauthorized || c >= 500:
+		return "status " + strconv.Itoa(c), fmt.Errorf("POST %s: status %d", redactURL(target), c)
+	default:
+		return "refused: status " + strconv.Itoa(c), fmt.Errorf("POST %s: status %d: %w", redactURL(target), c, errPermanent)
+	}
+}
+
+// backoff is a jittered exponential backoff, not safe for concurrent use.
+type backoff struct {
+	min, max, cur time.Duration
+}
+
+func newBackoff(lo, hi time.Duration) *backoff {
+	if hi < lo {
+		hi = lo
+	}
+	return &backoff{min: lo, max: hi}
+}
+
+func (b *backoff) reset() { b.cur = 0 }
+
+func (b *backoff) next() time.Duration {
+	if b.cur == 0 {
+		b.cur = b.min
+	} else {
+		b.cur = min(b.cur*2, b.max)
+	}
+	return jitter(b.cur)
+}
+
+// jitter spreads d over ±20% so that a fleet does not poll in step.
+func jitter(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}
