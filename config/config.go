@@ -33,6 +33,7 @@ type Config struct {
 	MQTT        MQTT     `yaml:"mqtt"`
 	Central     Central  `yaml:"central"`
 	Uplink      Uplink   `yaml:"uplink"`
+	Policy      Policy   `yaml:"policy"`
 	Radio       Radio    `yaml:"radio"`
 	DevicesFile string   `yaml:"devices_file"`
 	Devices     []Device `yaml:"devices"`
@@ -141,6 +142,33 @@ func orAny(p *int) int {
 	return *p
 }
 
+// Policy sources.
+const (
+	PolicyConfig    = "config"        // the devices of this file
+	PolicyBundle    = "bundle"        // signed bundles from central ops
+	PolicyOwnership = "ownership-api" // the platform's Ownership API and delegations
+)
+
+// Policy configures where the ownership policy comes from.
+type Policy struct {
+	Source       string        `yaml:"source"`
+	CentralURL   string        `yaml:"central_url"`
+	KeysFile     string        `yaml:"keys_file"`
+	PollInterval time.Duration `yaml:"poll_interval"`
+	PushURL      string        `yaml:"push_url"`
+	ExpiryGrace  time.Duration `yaml:"expiry_grace"`
+	Ownership    Ownership     `yaml:"ownership"`
+}
+
+// Ownership configures the Ownership API source.
+type Ownership struct {
+	URL            string            `yaml:"url"`
+	DataManagerURL string            `yaml:"datamanager_url"`
+	Username       string            `yaml:"username"`
+	DefaultType    string            `yaml:"default_type"`
+	Brokers        map[string]string `yaml:"brokers"`
+}
+
 // Radio configures the serial radio links.
 type Radio struct {
 	Ports []RadioPort `yaml:"ports"`
@@ -189,6 +217,7 @@ func Default() Config {
 			Concurrency: 4, SignatureAttribute: "signature",
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
+		Policy:  Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour},
 		Metrics: Metrics{Listen: "127.0.0.1:9464"},
 		Log:     Log{Level: "info", Format: "text"},
 	}
@@ -317,6 +346,7 @@ func (c *Config) resolvePaths(dir string) {
 	abs(&c.Central.CAFile)
 	abs(&c.Uplink.CAFile)
 	abs(&c.DevicesFile)
+	abs(&c.Policy.KeysFile)
 }
 
 // KeyFile is the store key file in use: the configured one or
@@ -442,6 +472,63 @@ func (c *Config) Validate() error {
 	}
 	if c.Uplink.FiwareServicePath != "" && !strings.HasPrefix(c.Uplink.FiwareServicePath, "/") {
 		bad("uplink.fiware_service_path", c.Uplink.FiwareServicePath, "must start with /")
+	}
+
+	switch c.Policy.Source {
+	case PolicyConfig:
+	case PolicyBundle, PolicyOwnership:
+		if len(c.Devices) > 0 {
+			bad("devices", "", "must be empty when policy.source is "+c.Policy.Source+" (the devices come from the central service)")
+		}
+		if c.Policy.PollInterval < 10*time.Second {
+			bad("policy.poll_interval", c.Policy.PollInterval.String(), "must be at least 10s")
+		}
+		if c.Policy.ExpiryGrace < 0 {
+			bad("policy.expiry_grace", c.Policy.ExpiryGrace.String(), "must not be negative")
+		}
+		if c.Policy.PushURL != "" {
+			u, err := url.Parse(c.Policy.PushURL)
+			if err != nil || (u.Scheme != "tls" && u.Scheme != "ssl" && u.Scheme != "mqtts") || u.Host == "" {
+				bad("policy.push_url", c.Policy.PushURL, "must be tls://host:port (the central MQTT broker)")
+			}
+		}
+	default:
+		bad("policy.source", c.Policy.Source, "must be config, bundle or ownership-api")
+	}
+	if c.Policy.Source == PolicyBundle {
+		if err := httpsURL(c.Policy.CentralURL); err != nil {
+			bad("policy.central_url", c.Policy.CentralURL, err.Error())
+		}
+		if c.Policy.KeysFile == "" {
+			bad("policy.keys_file", "", "must be set: the central policy-signing keys pinned at pairing (a JWKS)")
+		}
+	}
+	if c.Policy.Source == PolicyOwnership {
+		o := c.Policy.Ownership
+		if err := httpsURL(o.URL); err != nil {
+			bad("policy.ownership.url", o.URL, err.Error())
+		}
+		if o.DataManagerURL != "" {
+			if err := httpsURL(o.DataManagerURL); err != nil {
+				bad("policy.ownership.datamanager_url", o.DataManagerURL, err.Error())
+			}
+		}
+		if o.Username == "" {
+			bad("policy.ownership.username", "", "must be set (the gateway account's username)")
+		}
+		if len(o.Brokers) == 0 {
+			bad("policy.ownership.brokers", "", "must map at least one context broker name to its https filter URL")
+		}
+		for name, u := range o.Brokers {
+			if err := httpsURL(u); err != nil {
+				bad("policy.ownership.brokers."+name, u, err.Error())
+			}
+		}
+		if c.Policy.CentralURL != "" {
+			if err := httpsURL(c.Policy.CentralURL); err != nil {
+				bad("policy.central_url", c.Policy.CentralURL, err.Error())
+			}
+		}
 	}
 
 	ports := map[string]bool{}

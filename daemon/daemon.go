@@ -21,6 +21,7 @@ import (
 
 	"github.com/edgegate/edgegate/accesstoken"
 	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/identity"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/mqtt"
 	"github.com/edgegate/edgegate/pipeline"
@@ -41,10 +42,11 @@ const stopTimeout = 20 * time.Second
 
 // Daemon is one running gateway.
 type Daemon struct {
-	cfg     *config.Config
-	log     *slog.Logger
-	metrics *metrics.Metrics
-	gateway string
+	cfg      *config.Config
+	log      *slog.Logger
+	metrics  *metrics.Metrics
+	gateway  string
+	identity *identity.Identity // set when a policy source needs it
 }
 
 // New prepares a daemon from a validated configuration.
@@ -178,15 +180,27 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 	}()
 
+	centralClient := uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2)
 	tokens := centralsync.NewTokenSource(centralsync.ClientCredentials{
 		TokenURL: cfg.Central.TokenURL, ClientID: cfg.Central.ClientID, ClientSecret: secret,
-		Scopes: cfg.Central.Scopes, HTTPClient: uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2),
+		Scopes: cfg.Central.Scopes, HTTPClient: centralClient,
 		Metrics: d.metrics, Logger: log.With("component", "tokens"),
 	})
+	engine.OnChange(policyEffects(q, d.metrics, log.With("component", "policy")))
+	var syncer *centralsync.Syncer
+	if cfg.Policy.Source != config.PolicyConfig {
+		// The cached policy is in force before any source or network starts.
+		syncer, d.identity, err = newSyncer(cfg, d.gateway, engine, q, tokens, centralClient, centralCAs, d.metrics, log)
+		if err != nil {
+			return err
+		}
+	}
 	// The systemd watchdog's view of the pipeline: the committer and the
 	// uplink loops are timed through the queue interfaces they use.
 	mon := newStallMonitor(stallWindow, time.Now)
-	up := uplink.New(watchedSource{Source: q, mon: mon}, tokens, engine, uplink.Options{
+	gated := &gatedSource{Source: q, engine: engine, grace: cfg.Policy.ExpiryGrace, now: time.Now,
+		log: log.With("component", "policy")}
+	up := uplink.New(watchedSource{Source: gated, mon: mon}, tokens, engine, uplink.Options{
 		Concurrency: cfg.Uplink.Concurrency, SendKeys: cfg.Uplink.SendKeys,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
 		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.Concurrency),
@@ -204,14 +218,17 @@ func (d *Daemon) Run(ctx context.Context) error {
 	errs := make(chan error, 8)
 	queueStage := start("queue", q.Run, errs)
 	uplinkStage := start("uplink", up.Run, errs)
+	var syncStage *stage
+	if syncer != nil {
+		syncStage = start("policy-sync", syncer.Run, errs)
+	}
 
 	var metricsStage *stage
 	var metricsAddr string
 	if cfg.Metrics.Listen != "" {
 		ln, err := net.Listen("tcp", cfg.Metrics.Listen)
 		if err != nil {
-			_ = uplinkStage.stop(log)
-			_ = queueStage.stop(log)
+			d.stopAll(nil, queueStage, uplinkStage, syncStage)
 			return fmt.Errorf("listen metrics.listen %s: %w", cfg.Metrics.Listen, err)
 		}
 		metricsAddr = ln.Addr().String()
@@ -228,7 +245,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		if e.TLSListen != "" {
 			bo.TLS, err = localTLS(q, e.CertFile, e.KeyFile, e.TLSNames, filepath.Join(cfg.StateDir, "tls", "ca.pem"), time.Now())
 			if err != nil {
-				d.stopAll(nil, metricsStage, uplinkStage, queueStage)
+				d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)
 				return err
 			}
 		}
@@ -238,7 +255,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 				HTTPClient: uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2), Store: q,
 			})
 			if err != nil {
-				d.stopAll(nil, metricsStage, uplinkStage, queueStage)
+				d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)
 				return err
 			}
 			bo.Tokens = v
@@ -255,7 +272,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		b, err := mqtt.NewBroker(pipe, bo)
 		if err != nil {
 			err = fmt.Errorf("start embedded broker (mqtt.embedded): %w", err)
-			d.stopAll(nil, metricsStage, uplinkStage, queueStage)
+			d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)
 			return err
 		}
 		engine.OnChange(func(ch policy.Change) {
@@ -269,13 +286,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 		case <-ready:
 			mqttAddr, mqttTLSAddr = b.Addr(), b.TLSAddr()
 		case err := <-errs:
-			d.stopAll([]*stage{ingest}, metricsStage, uplinkStage, queueStage)
+			d.stopAll([]*stage{ingest}, queueStage, uplinkStage, syncStage, metricsStage)
 			return err
 		}
 	case config.ModeExternal:
 		tlsCfg, password, err := externalCredentials(cfg.MQTT.External)
 		if err != nil {
-			d.stopAll(nil, metricsStage, uplinkStage, queueStage)
+			d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)
 			return err
 		}
 		c := mqtt.NewClient(pipe, mqtt.ClientOptions{
@@ -298,7 +315,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			StateDir: filepath.Join(cfg.StateDir, "radio"), Logger: log.With("component", "radio"), Metrics: d.metrics,
 		})
 		if err != nil {
-			d.stopAll([]*stage{ingest}, metricsStage, uplinkStage, queueStage)
+			d.stopAll([]*stage{ingest}, queueStage, uplinkStage, syncStage, metricsStage)
 			return fmt.Errorf("configure radio.ports: %w", err)
 		}
 		radioStage = start("radio", mgr.Run, errs)
@@ -335,7 +352,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if watchdog != nil {
 		_ = watchdog.stop(log)
 	}
-	if err := d.stopAll([]*stage{radioStage, ingest}, metricsStage, uplinkStage, queueStage); err != nil && runErr == nil {
+	if err := d.stopAll([]*stage{radioStage, ingest}, queueStage, uplinkStage, syncStage, metricsStage); err != nil && runErr == nil {
 		runErr = err
 	}
 	log.Info("stopped")
@@ -344,9 +361,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 // stopAll stops producers first, then the queue (committing what it holds),
 // then the network side.
-func (d *Daemon) stopAll(producers []*stage, metricsStage, uplinkStage, queueStage *stage) error {
+func (d *Daemon) stopAll(producers []*stage, queueStage *stage, network ...*stage) error {
 	var errs []error
-	for _, s := range append(producers, queueStage, uplinkStage, metricsStage) {
+	for _, s := range append(append(producers, queueStage), network...) {
 		if s == nil {
 			continue
 		}
