@@ -64,7 +64,7 @@ func TestLoadGeneratesOnceAndPersists(t *testing.T) {
 type mapStore map[string][]byte
 
 func (m mapStore) GetState(n string) ([]byte, bool, error) { v, ok := m[n]; return v, ok, nil }
-func (m mapStore) PutState(n string, v []byte) error    { m[n] = append([]byte(nil), v...); return nil }
+func (m mapStore) PutState(n string, v []byte) error       { m[n] = append([]byte(nil), v...); return nil }
 
 func TestLoadRefusesCorruptSeed(t *testing.T) {
 	st := mapStore{StateName: []byte("short")}

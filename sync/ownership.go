@@ -19,9 +19,10 @@ import (
 )
 
 // The Snap4City Ownership API and the personal-data service (datamanager),
-// as the platform's own clients use them (IoT Directory's api/common.php,
-// the datamanager's DelegationController; see the package README section
-// in the report):
+// as the platform's own code uses them (public sources, github.com/disit/
+// snap4city: the IoT Directory's PHP API, functions getOwnerShipDevice,
+// getDelegatorDevice and getDelegatedObject; the datamanager's Java
+// DelegationController, getDelegatorV2):
 //
 //   - GET {ownership}/ownership-api/v1/list/?type=IOTID answers the devices
 //     the token's user owns: rows with username (the owner), elementId

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"runtime"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -193,5 +195,27 @@ func TestPushRefusedCredentialsInvalidateToken(t *testing.T) {
 	e.tokens.mu.Unlock()
 	if len(inv) == 0 || inv[0] != polToken {
 		t.Fatalf("invalidated %d tokens, want the refused one", len(inv))
+	}
+}
+
+// After Run returns, none of the syncer's goroutines (poll loop, push
+// session, paho handlers it owns, receipt loop) is left.
+func TestRunLeavesNoGoroutines(t *testing.T) {
+	e := newPolEnv(t)
+	e.central.setBundle(e.ops.sign(t, polDoc(1, time.Now())))
+	b := newPolBroker(t, e, polToken)
+	s := e.pushSyncer(b)
+	stop := e.run(s)
+	waitPushConnected(t, s)
+	waitFor(t, 5*time.Second, "a receipt", func() bool { return len(e.central.receiptBodies()) == 1 })
+	stop()
+	waitFor(t, 5*time.Second, "syncer and paho goroutines gone", func() bool {
+		buf := make([]byte, 1<<20)
+		stacks := string(buf[:runtime.Stack(buf, true)])
+		return !strings.Contains(stacks, "centralsync.(*Syncer)") && !strings.Contains(stacks, "paho%2emqtt%2egolang") &&
+			!strings.Contains(stacks, "eclipse/paho.mqtt.golang.(*client)")
+	})
+	if s.Status().PushConnected {
+		t.Fatal("status still says connected")
 	}
 }

@@ -26,6 +26,24 @@ import (
 	"github.com/edgegate/edgegate/reading"
 )
 
+// Wire formats (the simulated central service implements the other side):
+//
+//	GET  {central}/edgegate/v1/gateways/{gw}/policy
+//	     Authorization: Bearer <gateway account token>; If-None-Match: <last ETag>
+//	     200 Content-Type: application/jose, ETag, body: compact JWS (ES256 or
+//	     EdDSA, kid of a pinned key, typ edgegate-policy+jws optional), payload:
+//	     a policy.Document; 304 unchanged; 401 once: token invalidated, retried.
+//	POST {central}/edgegate/v1/gateways/{gw}/receipts
+//	     Authorization: Bearer; Content-Type: application/jose; body: compact
+//	     JWS, EdDSA, header kid = RFC 7638 thumbprint, jwk = public key, typ
+//	     edgegate-receipt+jws; payload Receipt. 2xx delivered; 401, 408, 429,
+//	     5xx and network errors retried with backoff; other 4xx dropped.
+//	MQTT tls://…, client id edgegate-{gw}, username = the gateway's OAuth
+//	     client id, password = a fresh access token per connection, clean
+//	     session, SUBSCRIBE edgegate/gateways/{gw}/policy QoS 1; a message is
+//	     a compact JWS bundle or {"type":"sync"} (poll now). After every
+//	     (re)connect the gateway polls once.
+
 // Policy sources (Options.Source, Policy.Source, the receipt's "source"
 // and the "source" label of metrics.PolicyApplied).
 const (
@@ -202,12 +220,13 @@ type Syncer struct {
 	// applyMu serialises offers: verify against the floor, persist, apply.
 	applyMu sync.Mutex
 
-	mu      sync.Mutex // guards the fields below
-	floor   uint64
-	etag    string
-	cur     cachedPolicy // what this syncer last put in force (Document unused)
-	st      SyncStatus
-	pending *pendingReceipt
+	mu          sync.Mutex // guards the fields below
+	floor       uint64
+	floorLoaded bool
+	etag        string
+	cur         cachedPolicy // what this syncer last put in force (Document unused)
+	st          SyncStatus
+	pending     *pendingReceipt
 }
 
 // New checks the options and builds a Syncer. It does no I/O: call
@@ -290,7 +309,7 @@ func New(o Options) (*Syncer, error) {
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
-	s.log = s.log.With("component", "policy-sync", "source", o.Source)
+	s.log = s.log.With("component", "policy-sync", "source", o.Source, "gateway", o.Gateway)
 	s.limited = ratelog.New(s.log, 30*time.Second)
 	if s.now == nil {
 		s.now = time.Now
@@ -307,6 +326,32 @@ func checkHTTPS(what, raw string) error {
 	return nil
 }
 
+// loadFloor reads the persisted version floor. Until it has been read, no
+// offer is considered: a floor of 0 would let an old, unexpired bundle
+// roll the policy back. Called with applyMu held.
+func (s *Syncer) loadFloor() error {
+	s.mu.Lock()
+	loaded := s.floorLoaded
+	s.mu.Unlock()
+	if loaded {
+		return nil
+	}
+	var floor floorRecord
+	if b, ok, err := s.o.Store.GetState(StateFloor); err != nil {
+		return fmt.Errorf("load policy floor: %w", err)
+	} else if ok {
+		if err := json.Unmarshal(b, &floor); err != nil {
+			return fmt.Errorf("load policy floor: %s", jsonErr(err))
+		}
+	}
+	s.mu.Lock()
+	s.floor = max(s.floor, floor.Version)
+	s.st.Floor = s.floor
+	s.floorLoaded = true
+	s.mu.Unlock()
+	return nil
+}
+
 // LoadCached reads the version floor and the cached policy from the store
 // and puts the policy in force, before any network. Call it before the
 // stages that enforce the policy start; Run calls it if it was not. It is
@@ -319,19 +364,9 @@ func (s *Syncer) LoadCached() error {
 func (s *Syncer) loadCached() error {
 	s.applyMu.Lock()
 	defer s.applyMu.Unlock()
-	var floor floorRecord
-	if b, ok, err := s.o.Store.GetState(StateFloor); err != nil {
-		return fmt.Errorf("load policy floor: %w", err)
-	} else if ok {
-		if err := json.Unmarshal(b, &floor); err != nil {
-			return fmt.Errorf("load policy floor: %s", jsonErr(err))
-		}
+	if err := s.loadFloor(); err != nil {
+		return err
 	}
-	s.mu.Lock()
-	s.floor = max(s.floor, floor.Version)
-	s.st.Floor = s.floor
-	s.mu.Unlock()
-
 	b, ok, err := s.o.Store.GetState(StatePolicy)
 	if err != nil {
 		return fmt.Errorf("load cached policy: %w", err)
@@ -390,6 +425,9 @@ func (s *Syncer) Offer(ctx context.Context, raw []byte, via string) error {
 	}
 	s.applyMu.Lock()
 	defer s.applyMu.Unlock()
+	if err := s.loadFloor(); err != nil {
+		return err
+	}
 	_, err := s.offer(ctx, raw, via)
 	return err
 }
@@ -550,9 +588,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case raw := <-s.pushed:
-			s.applyMu.Lock()
-			_, err := s.offer(ctx, raw, "push")
-			s.applyMu.Unlock()
+			err := s.Offer(ctx, raw, "push")
 			var re *RefusalError
 			if err != nil && !errors.As(err, &re) {
 				s.limited.Log(ctx, slog.LevelError, "push-apply", "pushed policy not applied", "err", err)
@@ -576,6 +612,12 @@ func (s *Syncer) Run(ctx context.Context) error {
 func (s *Syncer) poll(ctx context.Context) error {
 	s.applyMu.Lock()
 	defer s.applyMu.Unlock()
+	if err := s.loadFloor(); err != nil {
+		s.mu.Lock()
+		s.st.LastFetch, s.st.LastFetchResult = s.now(), "error: "+clip(err.Error())
+		s.mu.Unlock()
+		return err
+	}
 	var result string
 	var err error
 	if s.o.Source == SourceOwnership {

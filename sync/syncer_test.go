@@ -9,6 +9,7 @@ import (
 	"errors"
 	"net/http"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -333,5 +334,126 @@ func TestJitterWithinTwentyPercent(t *testing.T) {
 		if d := jitter(time.Minute); d < 48*time.Second || d > 72*time.Second {
 			t.Fatalf("jitter(1m) = %s", d)
 		}
+	}
+}
+
+// Canaries: keys and tokens go through every path that logs, errs or
+// reports (refusals, skipped rows, failed fetches, 401s); none comes out.
+func TestNoSecretsInLogsErrorsOrStatus(t *testing.T) {
+	e := newPolEnv(t)
+	now := time.Now()
+	ctx := context.Background()
+
+	// Bundle source: refusals of documents full of keys.
+	s := e.syncer(nil)
+	sameKeys := polDoc(7, now)
+	sameKeys.Devices[0].K2 = sameKeys.Devices[0].K1
+	for _, raw := range [][]byte{
+		e.ops.sign(t, sameKeys),
+		signRaw(t, jwa.ES256, e.ops.ecKey, e.ops.ecKid, []byte(`{"v":1,"version":"`+polK1+`"}`)),
+		signRaw(t, jwa.ES256, e.ops.ecKey, e.ops.ecKid, []byte(`{"v":1,"devices":[{"id":"`+polK2)),
+	} {
+		e.note(s.Offer(ctx, raw, "offer"))
+	}
+	// A stale token, then central gone.
+	e.tokens.mu.Lock()
+	e.tokens.tok = "at-CANARY-stale"
+	e.tokens.mu.Unlock()
+	e.central.setBundle(e.ops.sign(t, polDoc(8, now)))
+	e.note(s.poll(ctx))
+	e.srv.Close()
+	e.note(s.poll(ctx))
+
+	// Ownership source: rows with broken details and refused keys.
+	api := &ownershipAPI{rows: ownershipRowsJSON, dels: delegatorJSON}
+	srv := e.tlsServer(api)
+	e.tokens.mu.Lock()
+	e.tokens.tok = polToken
+	e.tokens.mu.Unlock()
+	so := e.syncer(func(o *Options) {
+		o.Source = SourceOwnership
+		o.Keys = nil
+		o.Ownership = OwnershipOptions{OwnershipURL: srv.URL, DataManagerURL: srv.URL + "/datamanager/api",
+			Username: "alice", Brokers: polBrokers, DefaultType: "IoTDevice"}
+	})
+	e.note(so.poll(ctx))
+	api.set(`[{"username":"alice","elementId":"x","elementDetails":"` + polK1 + `"}, 42]`)
+	e.note(so.poll(ctx))
+
+	for _, st := range []SyncStatus{s.Status(), so.Status()} {
+		b, _ := json.Marshal(st)
+		for _, c := range append(polCanaries, "at-CANARY-stale") {
+			if strings.Contains(string(b), c) {
+				t.Fatalf("status %s shows %q", b, c)
+			}
+		}
+	}
+	logs := e.logs.String()
+	for _, want := range []string{"policy refused", "ownership row skipped", polGateway} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("logs lack %q: the canary check would be vacuous", want)
+		}
+	}
+	if errs := strings.Join(errTexts(e.errs), "\n"); !strings.Contains(errs, "malformed") || !strings.Contains(errs, "connect") {
+		t.Errorf("errors %q lack the refusal and the failed fetch", errs)
+	}
+	if strings.Contains(logs, "at-CANARY-stale") {
+		t.Fatal("stale token in the logs")
+	}
+	// e's cleanup checks the logs and every noted error for the canaries.
+}
+
+func errTexts(errs []error) []string {
+	var out []string
+	for _, err := range errs {
+		if err != nil {
+			out = append(out, err.Error())
+		}
+	}
+	return out
+}
+
+// flakyFloorStore fails reading the floor until healed.
+type flakyFloorStore struct {
+	StateStore
+	mu     sync.Mutex
+	broken bool
+}
+
+func (f *flakyFloorStore) GetState(name string) ([]byte, bool, error) {
+	f.mu.Lock()
+	broken := f.broken
+	f.mu.Unlock()
+	if broken && name == StateFloor {
+		return nil, false, errors.New("disk on fire")
+	}
+	return f.StateStore.GetState(name)
+}
+
+// Without the floor, no offer is considered: an old, unexpired bundle
+// must not get in while the store cannot say what the floor is.
+func TestUnreadableFloorBlocksOffers(t *testing.T) {
+	e := newPolEnv(t)
+	now := time.Now()
+	s := e.syncer(nil)
+	if err := s.Offer(context.Background(), e.ops.sign(t, polDoc(5, now)), "offer"); err != nil {
+		t.Fatal(err)
+	}
+	e.restart()
+	fs := &flakyFloorStore{StateStore: e.store, broken: true}
+	s2 := e.syncer(func(o *Options) { o.Store = fs })
+	if err := s2.LoadCached(); err == nil {
+		t.Fatal("LoadCached with an unreadable floor = nil error")
+	}
+	old := e.ops.sign(t, polDoc(4, now))
+	if err := e.note(s2.Offer(context.Background(), old, "offer")); err == nil || e.engine.Current().Version != 0 {
+		t.Fatalf("Offer without a floor = %v, version %d", err, e.engine.Current().Version)
+	}
+	fs.mu.Lock()
+	fs.broken = false
+	fs.mu.Unlock()
+	var re *RefusalError
+	if err := e.note(s2.Offer(context.Background(), old, "offer")); !errors.As(err, &re) || re.Reason != ReasonRollback {
+		t.Fatalf("Offer once the floor is readable = %v, want rollback", err)
 	}
 }
