@@ -72,6 +72,11 @@ type Embedded struct {
 	CertFile  string   `yaml:"cert_file"`
 	KeyFile   string   `yaml:"key_file"`
 	TLSNames  []string `yaml:"tls_names"`
+	// DeviceRate and DeviceBurst pace each device (readings/s); a device
+	// over its rate waits for its PUBACK, nothing is dropped.
+	DeviceRate  float64 `yaml:"device_rate"`
+	DeviceBurst int     `yaml:"device_burst"`
+	MaxClients  int     `yaml:"max_clients"`
 }
 
 // External configures the connection to an external broker (Mosquitto).
@@ -210,7 +215,7 @@ func Default() Config {
 		MQTT: MQTT{
 			Mode:     ModeEmbedded,
 			Topic:    "devices/{device}/telemetry",
-			Embedded: Embedded{Listen: "127.0.0.1:1883"},
+			Embedded: Embedded{Listen: "127.0.0.1:1883", DeviceRate: 50, DeviceBurst: 100, MaxClients: 256},
 			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second},
 		},
 		Uplink: Uplink{
@@ -398,6 +403,15 @@ func (c *Config) Validate() error {
 		}
 		if e.Listen == "" && e.TLSListen == "" {
 			bad("mqtt.embedded", "", "needs listen (loopback) or tls_listen, or both")
+		}
+		if e.DeviceRate < 0 {
+			bad("mqtt.embedded.device_rate", strconv.FormatFloat(e.DeviceRate, 'g', -1, 64), "must not be negative (0: unlimited)")
+		}
+		if e.DeviceBurst < 1 || e.DeviceBurst > 100000 {
+			bad("mqtt.embedded.device_burst", strconv.Itoa(e.DeviceBurst), "must be between 1 and 100000")
+		}
+		if e.MaxClients < 1 || e.MaxClients > 100000 {
+			bad("mqtt.embedded.max_clients", strconv.Itoa(e.MaxClients), "must be between 1 and 100000")
 		}
 		if (e.CertFile == "") != (e.KeyFile == "") {
 			bad("mqtt.embedded.key_file", e.KeyFile, "must be given together with cert_file")

@@ -241,7 +241,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	case config.ModeEmbedded:
 		e := cfg.MQTT.Embedded
 		bo := mqtt.BrokerOptions{Listen: e.Listen, TLSListen: e.TLSListen, Topic: topic, Policy: engine,
-			Metrics: d.metrics, Logger: log}
+			Metrics: d.metrics, Logger: log, DeviceRate: e.DeviceRate, DeviceBurst: e.DeviceBurst, MaxClients: e.MaxClients}
 		if e.TLSListen != "" {
 			bo.TLS, err = localTLS(q, e.CertFile, e.KeyFile, e.TLSNames, filepath.Join(cfg.StateDir, "tls", "ca.pem"), time.Now())
 			if err != nil {

@@ -105,7 +105,7 @@ func reg(id, owner string) policy.Registration {
 // newAccessEnv runs the embedded broker with the real pipeline and queue;
 // alice owns a1 and a2, bob owns b1; carol reads a1 (READ_ACCESS), dave has
 // WRITE_ONLY on a1.
-func newAccessEnv(t *testing.T) *accessEnv {
+func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
 	t.Helper()
 	devs := []policy.Registration{reg("a1", "alice"), reg("a2", "alice"), reg("b1", "bob")}
 	p, err := policy.Compile(policy.Document{Format: 1, Version: 1, IssuedAt: time.Now(), Devices: devs,
@@ -131,8 +131,12 @@ func newAccessEnv(t *testing.T) *accessEnv {
 	}
 	topic, _ := ParseTopic("devices/{device}/telemetry")
 	var logs syncBuf
-	b, err := NewBroker(pipe, BrokerOptions{Listen: "127.0.0.1:0", Topic: topic, Policy: engine, Tokens: v, Metrics: m,
-		Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	bo := BrokerOptions{Listen: "127.0.0.1:0", Topic: topic, Policy: engine, Tokens: v, Metrics: m,
+		Logger: slog.New(slog.NewTextHandler(&logs, nil))}
+	for _, f := range tune {
+		f(&bo)
+	}
+	b, err := NewBroker(pipe, bo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -534,5 +538,40 @@ func TestMosquittoClients(t *testing.T) {
 	o, err := sub("carol", expired, "devices/a1/telemetry").CombinedOutput()
 	if err == nil || !strings.Contains(strings.ToLower(string(o)), "not authori") {
 		t.Fatalf("mosquitto_sub with an expired token: %v %s, want a refusal", err, o)
+	}
+}
+
+// TestFloodDoesNotStarveOthers: a device flooding the broker is paced to
+// its rate (its PUBACKs wait, nothing is dropped) while another device's
+// readings go through at once.
+func TestFloodDoesNotStarveOthers(t *testing.T) {
+	e := newAccessEnv(t, func(o *BrokerOptions) { o.DeviceRate = 20; o.DeviceBurst = 5 })
+	flood, quiet := e.device("a1"), e.device("a2")
+	const floodN = 40
+	start := time.Now()
+	toks := make([]paho.Token, floodN)
+	for i := range toks {
+		toks[i] = flood.Publish("devices/a1/telemetry", 1, false, `{"temperature": 1}`)
+	}
+	// While the flood is being paced, the quiet device is served at once.
+	var worst time.Duration
+	for range 5 {
+		t0 := time.Now()
+		if !publish(t, quiet, "a2") {
+			t.Fatal("quiet device's reading not acknowledged")
+		}
+		worst = max(worst, time.Since(t0))
+	}
+	if worst > 500*time.Millisecond {
+		t.Errorf("quiet device waited up to %v behind the flood", worst)
+	}
+	for i, tok := range toks {
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("flood reading %d not acknowledged: nothing may be dropped", i)
+		}
+	}
+	// 40 readings at 20/s after a burst of 5 take at least (40-5)/20 s.
+	if took := time.Since(start); took < 1500*time.Millisecond {
+		t.Errorf("flood of %d acknowledged in %v: not paced to 20/s", floodN, took)
 	}
 }

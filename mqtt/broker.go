@@ -39,6 +39,12 @@ type BrokerOptions struct {
 	// RetryInterval is the wait between attempts while the queue refuses
 	// (disk quota) — the reading is held unacknowledged meanwhile.
 	RetryInterval time.Duration
+	// DeviceRate paces each device (readings per second, 0: unlimited)
+	// with a burst of DeviceBurst; a device over its rate waits.
+	DeviceRate  float64
+	DeviceBurst int
+	// MaxClients bounds concurrent connections (0: 256).
+	MaxClients int
 }
 
 // Broker is the MQTT broker embedded in the daemon.
@@ -71,6 +77,10 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	caps.MaximumClientWritesPending = 1024
 	// The broker keeps no session state across restarts; don't promise more.
 	caps.MaximumSessionExpiryInterval = 24 * 60 * 60
+	if opts.MaxClients <= 0 {
+		opts.MaxClients = 256
+	}
+	caps.MaximumClients = int64(opts.MaxClients)
 	srv := mochi.New(&mochi.Options{
 		Capabilities: caps,
 		// mochi logs every refused login and dropped connection at warn
@@ -79,7 +89,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 		Logger: slog.New(minLevel{log.Handler(), slog.LevelError}).With("component", "mqtt-broker"),
 	})
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
-		limited: ratelog.New(log, 10*time.Second)}
+		limited: ratelog.New(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now)}
 	hook.ctx, hook.cancel = context.WithCancel(context.Background())
 	if opts.Policy == nil {
 		return nil, errors.New("embedded broker: no policy for access control")
@@ -197,6 +207,7 @@ type ingestHook struct {
 	timeout time.Duration
 	retry   time.Duration
 	limited *ratelog.Limiter
+	pace    *deviceLimiter
 	ctx     context.Context // cancelled when the broker stops
 	cancel  context.CancelFunc
 }
@@ -212,6 +223,9 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 	device, ok := h.topic.Match(pk.TopicName)
 	if !ok {
 		return pk, nil
+	}
+	if err := h.pace.wait(h.ctx, device); err != nil {
+		return pk, packets.ErrRejectPacket // shutting down: no PUBACK, the device resends
 	}
 	msg := pipeline.Message{
 		Device:   device,
