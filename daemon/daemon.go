@@ -13,8 +13,10 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -42,12 +44,17 @@ const stopTimeout = 20 * time.Second
 
 // Daemon is one running gateway.
 type Daemon struct {
+	engine   *policy.Engine
 	cfg      *config.Config
 	log      *slog.Logger
 	metrics  *metrics.Metrics
 	gateway  string
 	identity *identity.Identity // set when a policy source needs it
+	levels   *slog.LevelVar     // the log level, changed by a reload
 }
+
+// SetLevelVar lets a reload change the log level of the daemon's logger.
+func (d *Daemon) SetLevelVar(v *slog.LevelVar) { d.levels = v }
 
 // New prepares a daemon from a validated configuration.
 func New(cfg *config.Config, log *slog.Logger) *Daemon {
@@ -126,29 +133,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	log.Info("store key loaded", "source", keySource)
 
-	regs := make([]policy.Registration, 0, len(cfg.Devices))
-	for _, dv := range cfg.Devices {
-		svc, path := dv.Service, dv.ServicePath
-		if svc == "" {
-			svc = cfg.Uplink.FiwareService
-		}
-		if path == "" {
-			path = cfg.Uplink.FiwareServicePath
-		}
-		var rb *policy.RadioBinding
-		if dv.Radio != nil {
-			rb = &policy.RadioBinding{Port: dv.Radio.Port, Node: dv.Radio.NodeOrAny(), Child: dv.Radio.ChildOrAny()}
-		}
-		regs = append(regs, policy.Registration{
-			ID: dv.ID, Type: dv.Type, Owner: dv.Owner, Broker: strings.TrimRight(dv.Broker, "/"),
-			Service: svc, ServicePath: path, K1: dv.K1, K2: dv.K2, Radio: rb,
-		})
-	}
-	pol, err := policy.New(0, "config", regs)
+	pol, err := configPolicy(cfg)
 	if err != nil {
 		return err
 	}
 	engine := policy.NewEngine(pol)
+	d.engine = engine
 
 	secret, err := readSecretFile(cfg.Central.ClientSecretFile)
 	if err != nil {
@@ -336,12 +326,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}, errs)
 	}
 
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	var runErr error
-	select {
-	case <-ctx.Done():
-		log.Info("stopping")
-	case runErr = <-errs:
-		log.Error("stage failed; stopping", "err", runErr)
+	for running := true; running; {
+		select {
+		case <-ctx.Done():
+			log.Info("stopping")
+			running = false
+		case runErr = <-errs:
+			log.Error("stage failed; stopping", "err", runErr)
+			running = false
+		case <-hup:
+			d.reload()
+		}
 	}
 	// systemd shows "deactivating" and stops enforcing WatchdogSec= while
 	// the stages drain; the keep-alives stop first, so a slow drain is not
@@ -451,4 +450,84 @@ func externalCredentials(e config.External) (*tls.Config, string, error) {
 		password = p
 	}
 	return tlsCfg, password, nil
+}
+
+// configPolicy builds the version-0 policy of the configuration's devices.
+func configPolicy(cfg *config.Config) (*policy.Policy, error) {
+	regs := make([]policy.Registration, 0, len(cfg.Devices))
+	for _, dv := range cfg.Devices {
+		svc, path := dv.Service, dv.ServicePath
+		if svc == "" {
+			svc = cfg.Uplink.FiwareService
+		}
+		if path == "" {
+			path = cfg.Uplink.FiwareServicePath
+		}
+		var rb *policy.RadioBinding
+		if dv.Radio != nil {
+			rb = &policy.RadioBinding{Port: dv.Radio.Port, Node: dv.Radio.NodeOrAny(), Child: dv.Radio.ChildOrAny()}
+		}
+		regs = append(regs, policy.Registration{
+			ID: dv.ID, Type: dv.Type, Owner: dv.Owner, Broker: strings.TrimRight(dv.Broker, "/"),
+			Service: svc, ServicePath: path, K1: dv.K1, K2: dv.K2, Radio: rb,
+		})
+	}
+	return policy.New(0, config.PolicyConfig, regs)
+}
+
+// reload re-reads the configuration on SIGHUP. A bad file is refused and the
+// running configuration kept. The devices (with policy.source config) and the
+// log level apply at once, without restarting any stage, so nothing queued
+// or in flight is lost or sent twice; every other change is reported as
+// needing a restart and is not applied.
+func (d *Daemon) reload() {
+	log := d.log
+	next, err := config.Load(d.cfg.Path)
+	if err != nil {
+		log.Error("configuration reload refused; the running configuration stays", "err", err)
+		return
+	}
+	if d.levels != nil {
+		var lv slog.Level
+		if lv.UnmarshalText([]byte(next.Log.Level)) == nil {
+			d.levels.Set(lv)
+		}
+	}
+	var restart []string
+	if next.StateDir != d.cfg.StateDir {
+		restart = append(restart, "state_dir")
+	}
+	if fmt.Sprint(next.MQTT) != fmt.Sprint(d.cfg.MQTT) {
+		restart = append(restart, "mqtt")
+	}
+	if fmt.Sprint(next.Central) != fmt.Sprint(d.cfg.Central) {
+		restart = append(restart, "central")
+	}
+	if fmt.Sprint(next.Uplink) != fmt.Sprint(d.cfg.Uplink) {
+		restart = append(restart, "uplink")
+	}
+	if fmt.Sprint(next.Radio) != fmt.Sprint(d.cfg.Radio) {
+		restart = append(restart, "radio")
+	}
+	if fmt.Sprint(next.Policy) != fmt.Sprint(d.cfg.Policy) || fmt.Sprint(next.Store) != fmt.Sprint(d.cfg.Store) {
+		restart = append(restart, "policy/store")
+	}
+	if next.Policy.Source == config.PolicyConfig && d.cfg.Policy.Source == config.PolicyConfig {
+		p, err := configPolicy(next)
+		if err != nil {
+			log.Error("configuration reload refused; the running configuration stays", "err", err)
+			return
+		}
+		ch, _ := d.engine.Apply(p, true)
+		log.Info("configuration reloaded", "devices", p.Len(), "revoked", len(ch.Revoked), "changed", len(ch.Rebound))
+	} else {
+		log.Info("configuration reloaded")
+	}
+	if len(restart) > 0 {
+		log.Warn("configuration changes that need a restart were not applied", "sections", strings.Join(restart, ","))
+	}
+	// Keep the running values of what was not applied.
+	keep := *d.cfg
+	keep.Devices, keep.DevicesFile, keep.Log = next.Devices, next.DevicesFile, next.Log
+	d.cfg = &keep
 }

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -490,5 +491,50 @@ func TestMosquittoACLExample(t *testing.T) {
 	assertNoSecrets(t, g.log.String(), kitchen, other)
 	if strings.Contains(g.log.String(), users["edgegate"]) {
 		t.Fatal("the gateway's MQTT password reached the log")
+	}
+}
+
+// TestReloadOnSIGHUP: a new device in the devices file takes effect on
+// SIGHUP without a restart (nothing in flight lost); a broken file is
+// refused and the running configuration kept.
+func TestReloadOnSIGHUP(t *testing.T) {
+	a, b := dev("r-1", "alice"), dev("r-2", "alice")
+	sim := startSim(t, a, b)
+	dir := t.TempDir()
+	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{}, a)
+	g := startGateway(t, cfg)
+	pa := newPublisher(t, "tcp://"+g.MQTT, a)
+	if _, err := connect("tcp://"+g.MQTT, "b-early", b.ID, devicePassword(t, b)); err == nil {
+		t.Fatal("b logged in before it was registered")
+	}
+	for i := 1; i <= 20; i++ {
+		if !pa.publish(i) {
+			t.Fatal("not acknowledged")
+		}
+	}
+	writeGatewayConfig(t, dir, sim, gatewayConfig{}, a, b)
+	if err := g.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the reload", func() bool { return strings.Contains(g.log.String(), "configuration reloaded") })
+	pb := newPublisher(t, "tcp://"+g.MQTT, b)
+	if !pb.publish(1) || !pa.publish(21) {
+		t.Fatal("not acknowledged after the reload")
+	}
+	// A broken file is refused; the daemon keeps running with the old one.
+	os.WriteFile(cfg, []byte("state_dir: s\nmqtt:\n  mode: nonsense\n"), 0o600)
+	g.cmd.Process.Signal(syscall.SIGHUP)
+	waitFor(t, 10*time.Second, "the refused reload", func() bool {
+		return strings.Contains(g.log.String(), "configuration reload refused")
+	})
+	if !pa.publish(22) || !pb.publish(2) {
+		t.Fatal("not acknowledged after a refused reload")
+	}
+	waitFor(t, 20*time.Second, "every reading once", func() bool {
+		d := delivered(sim)
+		return len(d[a.ID]) == 22 && len(d[b.ID]) == 2
+	})
+	if dups := duplicates(sim, a.ID); dups != 0 {
+		t.Errorf("%d duplicates across reloads", dups)
 	}
 }

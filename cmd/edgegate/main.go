@@ -98,14 +98,16 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	return &exitError{code: 2, err: fmt.Errorf("unknown command %q", cmd)}
 }
 
-func newLogger(w io.Writer, level, format string) *slog.Logger {
+func newLogger(w io.Writer, level, format string) (*slog.Logger, *slog.LevelVar) {
 	var lv slog.Level
 	_ = lv.UnmarshalText([]byte(level))
-	opts := &slog.HandlerOptions{Level: lv}
+	v := new(slog.LevelVar)
+	v.Set(lv)
+	opts := &slog.HandlerOptions{Level: v}
 	if format == "json" {
-		return slog.New(slog.NewJSONHandler(w, opts))
+		return slog.New(slog.NewJSONHandler(w, opts)), v
 	}
-	return slog.New(slog.NewTextHandler(w, opts))
+	return slog.New(slog.NewTextHandler(w, opts)), v
 }
 
 func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
@@ -119,8 +121,10 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
-	log := newLogger(stderr, cfg.Log.Level, cfg.Log.Format)
-	return daemon.New(cfg, log).Run(ctx)
+	log, levels := newLogger(stderr, cfg.Log.Level, cfg.Log.Format)
+	d := daemon.New(cfg, log)
+	d.SetLevelVar(levels)
+	return d.Run(ctx)
 }
 
 func runConfig(args []string, stdout, stderr io.Writer) error {
