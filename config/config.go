@@ -96,6 +96,7 @@ type Central struct {
 	Audience         string   `yaml:"audience"`
 	JWKSURL          string   `yaml:"jwks_url"`
 	TokenURL         string   `yaml:"token_url"`
+	Credentials      string   `yaml:"credentials"`
 	ClientID         string   `yaml:"client_id"`
 	ClientSecretFile string   `yaml:"client_secret_file"`
 	Scopes           []string `yaml:"scopes"`
@@ -146,6 +147,12 @@ func orAny(p *int) int {
 	}
 	return *p
 }
+
+// How the gateway authenticates to the central service.
+const (
+	CredentialsSecretFile = "secret_file" // client credentials, the secret in client_secret_file
+	CredentialsPaired     = "paired"      // written by edgegate pair: refresh token and key in the store
+)
 
 // Policy sources.
 const (
@@ -465,8 +472,14 @@ func (c *Config) Validate() error {
 	if c.Central.ClientID == "" {
 		bad("central.client_id", "", "must be set")
 	}
-	if c.Central.ClientSecretFile == "" {
-		bad("central.client_secret_file", "", "must be set (the secret lives in that file, never in this one)")
+	switch c.Central.Credentials {
+	case "", CredentialsSecretFile:
+		if c.Central.ClientSecretFile == "" {
+			bad("central.client_secret_file", "", "must be set (the secret lives in that file, never in this one)")
+		}
+	case CredentialsPaired:
+	default:
+		bad("central.credentials", c.Central.Credentials, "must be secret_file or paired")
 	}
 
 	if c.Uplink.Concurrency < 1 || c.Uplink.Concurrency > 64 {

@@ -140,9 +140,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 	engine := policy.NewEngine(pol)
 	d.engine = engine
 
-	secret, err := readSecretFile(cfg.Central.ClientSecretFile)
-	if err != nil {
-		return fmt.Errorf("read central.client_secret_file: %w", err)
+	var secret string
+	if cfg.Central.Credentials != config.CredentialsPaired {
+		if secret, err = readSecretFile(cfg.Central.ClientSecretFile); err != nil {
+			return fmt.Errorf("read central.client_secret_file: %w", err)
+		}
 	}
 	centralCAs, err := loadPool(cfg.Central.CAFile)
 	if err != nil {
@@ -171,11 +173,29 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}()
 
 	centralClient := uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2)
-	tokens := centralsync.NewTokenSource(centralsync.ClientCredentials{
-		TokenURL: cfg.Central.TokenURL, ClientID: cfg.Central.ClientID, ClientSecret: secret,
-		Scopes: cfg.Central.Scopes, HTTPClient: centralClient,
-		Metrics: d.metrics, Logger: log.With("component", "tokens"),
-	})
+	var tokens *centralsync.TokenSource
+	if cfg.Central.Credentials == config.CredentialsPaired {
+		// The refresh token from pairing; requests signed with the
+		// gateway's key where the provider allows (no shared secret).
+		id, err := identity.Load(q)
+		if err != nil {
+			return fmt.Errorf("load gateway identity: %w", err)
+		}
+		tokens, err = centralsync.NewPairedTokenSource(centralsync.PairedOptions{
+			Store: q, Identity: id, HTTPClient: centralClient,
+			ClientCredentials: centralsync.ClientCredentials{Metrics: d.metrics, Logger: log.With("component", "tokens")},
+		})
+		if err != nil {
+			return fmt.Errorf("central.credentials paired: %w (run edgegate pair)", err)
+		}
+		d.identity = id
+	} else {
+		tokens = centralsync.NewTokenSource(centralsync.ClientCredentials{
+			TokenURL: cfg.Central.TokenURL, ClientID: cfg.Central.ClientID, ClientSecret: secret,
+			Scopes: cfg.Central.Scopes, HTTPClient: centralClient,
+			Metrics: d.metrics, Logger: log.With("component", "tokens"),
+		})
+	}
 	engine.OnChange(policyEffects(q, d.metrics, log.With("component", "policy")))
 	var syncer *centralsync.Syncer
 	if cfg.Policy.Source != config.PolicyConfig {

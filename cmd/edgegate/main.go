@@ -61,6 +61,9 @@ commands:
   run --config FILE          run the gateway daemon
   config template            print a commented example configuration
   config check --config FILE validate a configuration file
+  pair --central URL [flags] pair with the central service (device grant, QR code)
+  unpair [--config FILE]     revoke the tokens and wipe the pairing
+  device add|list|remove     register devices in the central IoT directory
   verify [flags] [FILE|-]    verify a signed reading (compact JWS) or an NGSI entity
   central-sim [flags]        run the simulated central service (OIDC + broker filter)
   radio-sim --link PATH      run a simulated MySensors serial gateway on a pseudo-terminal
@@ -83,6 +86,12 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return runVerify(rest, stdin, stdout, stderr)
 	case "central-sim":
 		return runCentralSim(ctx, rest, stdout, stderr)
+	case "pair":
+		return runPair(ctx, rest, stdin, stdout, stderr)
+	case "unpair":
+		return runUnpair(ctx, rest, stdin, stdout, stderr)
+	case "device":
+		return runDevice(ctx, rest, stdin, stdout, stderr)
 	case "radio-sim":
 		return runRadioSim(ctx, rest, stdout, stderr)
 	case "demo":

@@ -1,0 +1,231 @@
+package centralsim
+
+import (
+	"encoding/json"
+	"net/http"
+	"net/url"
+	"regexp"
+	"strconv"
+	"strings"
+
+	"github.com/edgegate/edgegate/policy"
+)
+
+// The IoT Directory's device API, as `edgegate device` uses it:
+//
+//	GET|POST /iot-directory/api/device.php?action=insert&id=..&type=..&contextbroker=..&kind=..
+//	         &format=..&model=..&producer=..&latitude=..&longitude=..&k1=..&k2=..&frequency=..
+//	         &attributes=[{"value_name":..,"data_type":..,"value_type":..},..]
+//	         [&edgegateway_type=edgegate&edgegateway_uri=edgegate://GW/radio?port=..&node=..&child=..]
+//	GET|POST ...?action=delete&id=..&contextbroker=..
+//	GET|POST ...?action=get_all_device
+//
+// Authorization: Bearer (the real API also takes the token as a
+// parameter; a token in a URL ends up in logs, so this one does not).
+// Like the real one it answers HTTP 200 with {"status":"ko","msg":..,
+// "error_msg":..} for most failures: clients must read the status.
+//
+// A device inserted with edgegateway_type "edgegate" is bound to that
+// gateway and its local source; it joins the owner's next policy bundle,
+// and the gateway is nudged over the push broker when there is one.
+
+// EdgeGatewayType is the edgegateway_type of edgegate gateways.
+const EdgeGatewayType = "edgegate"
+
+var deviceIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,256}$`)
+
+type directoryAttr struct {
+	ValueName string `json:"value_name"`
+	DataType  string `json:"data_type"`
+	ValueType string `json:"value_type"`
+}
+
+// DirectoryDevice is a row of action=get_all_device (keys left out).
+type DirectoryDevice struct {
+	ID              string   `json:"id"`
+	DeviceType      string   `json:"devicetype"`
+	ContextBroker   string   `json:"contextBroker"`
+	Owner           string   `json:"username"`
+	EdgegatewayType string   `json:"edgegateway_type"`
+	EdgegatewayURI  string   `json:"edgegateway_uri"`
+	Attributes      []string `json:"attributes"`
+}
+
+func directoryKO(w http.ResponseWriter, msg, detail string) {
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ko", "msg": msg, "error_msg": detail})
+}
+
+func (s *Server) handleIoTDirectory(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodGet && r.Method != http.MethodPost {
+		w.Header().Set("Allow", "GET, POST")
+		w.WriteHeader(http.StatusMethodNotAllowed)
+		return
+	}
+	user, _, ok := s.tokenUser(w, r)
+	if !ok {
+		return
+	}
+	r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
+	if err := r.ParseForm(); err != nil {
+		directoryKO(w, "Bad request", "malformed form body")
+		return
+	}
+	f := r.Form
+	switch f.Get("action") {
+	case "insert":
+		s.directoryInsert(w, user, f)
+	case "delete":
+		s.directoryDelete(w, user, f)
+	case "get_all_device":
+		s.directoryList(w, user)
+	default:
+		directoryKO(w, "Unknown action", "action must be insert, delete or get_all_device")
+	}
+}
+
+func (s *Server) directoryInsert(w http.ResponseWriter, user string, f url.Values) {
+	var missing []string
+	for _, p := range []string{"id", "type", "contextbroker", "kind", "format", "model", "producer",
+		"latitude", "longitude", "k1", "k2", "frequency", "attributes"} {
+		if f.Get(p) == "" {
+			missing = append(missing, p)
+		}
+	}
+	if len(missing) > 0 {
+		directoryKO(w, "Missing Parameters", "Problem in insert device (Missing parameters: "+strings.Join(missing, ", ")+" )")
+		return
+	}
+	id, typ, cb := f.Get("id"), f.Get("type"), f.Get("contextbroker")
+	if cb != s.opts.BrokerName {
+		directoryKO(w, "Unrecognized contextbroker/protocol", "Problem in insert device (Unrecognized contextbroker/protocol)")
+		return
+	}
+	if !deviceIDRE.MatchString(id) || !deviceIDRE.MatchString(typ) {
+		directoryKO(w, "Invalid id or type", "Problem in insert device (id and type must match "+deviceIDRE.String()+")")
+		return
+	}
+	for _, p := range []string{"latitude", "longitude", "frequency"} {
+		if _, err := strconv.ParseFloat(f.Get(p), 64); err != nil {
+			directoryKO(w, "Invalid "+p, "Problem in insert device ("+p+" must be a number)")
+			return
+		}
+	}
+	k1, k2 := f.Get("k1"), f.Get("k2")
+	if k1 == k2 {
+		directoryKO(w, "Invalid keys", "Problem in insert device (k1 and k2 must differ)")
+		return
+	}
+	var attrs []directoryAttr
+	if err := json.Unmarshal([]byte(f.Get("attributes")), &attrs); err != nil {
+		directoryKO(w, "Invalid attributes", "Problem in insert device (attributes must be a JSON array)")
+		return
+	}
+	d := Device{ID: id, Type: typ, Owner: user, K1: k1, K2: k2}
+	for _, a := range attrs {
+		d.Attrs = append(d.Attrs, a.ValueName)
+	}
+	var gw string
+	if f.Get("edgegateway_type") == EdgeGatewayType {
+		var rb *policy.RadioBinding
+		var err error
+		gw, rb, err = parseEdgeURI(f.Get("edgegateway_uri"))
+		if err != nil {
+			directoryKO(w, "Invalid edgegateway_uri", "Problem in insert device ("+err.Error()+")")
+			return
+		}
+		d.Radio = rb
+	}
+	if err := validDevice(d); err != nil {
+		directoryKO(w, "Invalid device", "Problem in insert device ("+err.Error()+")")
+		return
+	}
+	s.mu.Lock()
+	if _, dup := s.devices[id]; dup {
+		s.mu.Unlock()
+		directoryKO(w, "Device already exists", "Problem in insert device (id "+id+" already registered on "+cb+")")
+		return
+	}
+	s.addDeviceLocked(d)
+	s.mu.Unlock()
+	s.log.Info("device inserted", "device", id, "owner", user, "gateway", gw)
+	nudged := false
+	if gw != "" && s.push != nil {
+		nudged = s.Push(gw, false) == nil
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "msg": "Device inserted", "nudged": nudged})
+}
+
+func (s *Server) directoryDelete(w http.ResponseWriter, user string, f url.Values) {
+	id := f.Get("id")
+	if id == "" || f.Get("contextbroker") == "" {
+		directoryKO(w, "Missing Parameters", "Problem in delete device (Missing parameters: id, contextbroker)")
+		return
+	}
+	s.mu.Lock()
+	d, ok := s.devices[id]
+	s.mu.Unlock()
+	if !ok || f.Get("contextbroker") != s.opts.BrokerName {
+		directoryKO(w, "Unrecognized device", "Problem in delete device (Unrecognized device)")
+		return
+	}
+	if d.Owner != user {
+		directoryKO(w, "Not ownership or enough right to delete", "Problem in delete device ()")
+		return
+	}
+	s.RemoveDevice(id)
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "msg": "Device deleted"})
+}
+
+func (s *Server) directoryList(w http.ResponseWriter, user string) {
+	s.mu.Lock()
+	out := []DirectoryDevice{}
+	for _, id := range sortedKeys(s.devices) {
+		d := s.devices[id]
+		if d.Owner != user {
+			continue
+		}
+		row := DirectoryDevice{ID: d.ID, DeviceType: d.Type, ContextBroker: s.opts.BrokerName, Owner: d.Owner,
+			Attributes: append([]string{}, d.Attrs...)}
+		if d.Radio != nil {
+			row.EdgegatewayType = EdgeGatewayType
+			row.EdgegatewayURI = "radio?" + url.Values{"port": {d.Radio.Port}, "node": {strconv.Itoa(d.Radio.Node)},
+				"child": {strconv.Itoa(d.Radio.Child)}}.Encode()
+		}
+		out = append(out, row)
+	}
+	s.mu.Unlock()
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "content": out})
+}
+
+// parseEdgeURI reads edgegate://GW/radio?port=P&node=N&child=C or
+// edgegate://GW/mqtt. Absent node or child: any (-1).
+func parseEdgeURI(raw string) (gw string, rb *policy.RadioBinding, err error) {
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme != "edgegate" || !gatewayIDRE.MatchString(u.Host) {
+		return "", nil, errString("edgegateway_uri must be edgegate://GATEWAY/radio?... or edgegate://GATEWAY/mqtt")
+	}
+	switch u.Path {
+	case "/mqtt":
+		return u.Host, nil, nil
+	case "/radio":
+	default:
+		return "", nil, errString("edgegateway_uri path must be /radio or /mqtt")
+	}
+	q := u.Query()
+	rb = &policy.RadioBinding{Port: q.Get("port"), Node: -1, Child: -1}
+	for name, p := range map[string]*int{"node": &rb.Node, "child": &rb.Child} {
+		if v := q.Get(name); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return "", nil, errString("edgegateway_uri " + name + " must be a number")
+			}
+			*p = n
+		}
+	}
+	return u.Host, rb, nil
+}
+
+type errString string
+
+func (e errString) Error() string { return string(e) }
