@@ -29,13 +29,13 @@ test-short: lint
 demo: build
 	DEMO_SECONDS=$(DEMO_SECONDS) ./$(BIN) demo
 
-bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./envelope ./queue ./uplink
+bench: bench-e2e
 
-fuzz:
-	$(GO) test -run '^$$' -fuzz FuzzParse -fuzztime $(FUZZTIME) ./reading
+fuzz: fuzz-all
 
 clean:
 	rm -rf bin dist
 
 include packaging.mk
+include chaos.mk
+include bench.mk

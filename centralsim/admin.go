@@ -15,12 +15,13 @@ const maxAdminBody = 1 << 20
 func (s *Server) routes() http.Handler {
 	mux := http.NewServeMux()
 	realm := s.realmPath()
-	mux.HandleFunc("GET "+realm+"/.well-known/openid-configuration", s.handleDiscovery)
+	mux.HandleFunc("GET "+realm+"/.well-known/openid-configuration", s.handleDiscoveryPairing)
 	mux.HandleFunc("GET "+realm+"/protocol/openid-connect/certs", s.handleJWKS)
-	mux.Handle(realm+"/protocol/openid-connect/token", s.withFaults(TargetToken, http.HandlerFunc(s.handleToken)))
+	mux.Handle(realm+"/protocol/openid-connect/token", s.withFaults(TargetToken, http.HandlerFunc(s.handleTokenPairing)))
 
 	mux.Handle("PATCH "+BrokerPath+"/v2/entities/{id}/attrs", s.withFaults(TargetBroker, http.HandlerFunc(s.handlePatchAttrs)))
 	mux.Handle("GET "+BrokerPath+"/v2/entities/{id}", s.withFaults(TargetBroker, http.HandlerFunc(s.handleGetEntity)))
+	mux.Handle("POST "+BrokerPath+"/v2/op/update", s.withFaults(TargetBroker, http.HandlerFunc(s.handleBatchUpdate)))
 
 	admin := func(pattern string, h http.HandlerFunc) { mux.Handle(pattern, s.adminOnly(h)) }
 	admin("GET /_sim/updates", s.handleAdminUpdates)
@@ -33,6 +34,7 @@ func (s *Server) routes() http.Handler {
 	admin("DELETE /_sim/devices/{id}", s.handleAdminRemoveDevice)
 	admin("PUT /_sim/delegations", s.handleAdminSetDelegations)
 	s.syncRoutes(mux, admin)
+	s.pairingRoutes(mux, admin) // pairing.go, iotdirectory.go
 	return s.logRequests(mux)
 }
 

@@ -169,13 +169,9 @@ func (s *Server) handlePatchAttrs(w http.ResponseWriter, r *http.Request) {
 	if claims.Version != 0 { // signature verified: the claims can be trusted
 		u.Gateway, u.Seq = claims.Gateway, claims.Seq
 	}
-	if verdict == VerdictValid {
-		k := seenKey{ref.Device, claims.Seq}
-		u.Duplicate = s.seen[k]
-		s.seen[k] = true
-	}
-	s.updates = append(s.updates, u)
+	s.recordLocked(&u)
 	s.mu.Unlock()
+	s.notify(u)
 
 	s.log.Debug("update accepted", "device", u.Device, "user", u.User, "gateway", u.Gateway, "seq", u.Seq, "verdict", u.Verdict)
 	w.WriteHeader(http.StatusNoContent)
@@ -193,6 +189,11 @@ func parseAttrs(body []byte) (parsedAttrs, string, string) {
 	if err := json.Unmarshal(body, &raw); err != nil || raw == nil {
 		return parsedAttrs{}, "ParseError", orionParseErrorDesc
 	}
+	return parseAttrMap(raw)
+}
+
+// parseAttrMap is parseAttrs on an already split object.
+func parseAttrMap(raw map[string]json.RawMessage) (parsedAttrs, string, string) {
 	if len(raw) == 0 {
 		return parsedAttrs{}, "BadRequest", "empty payload"
 	}

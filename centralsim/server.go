@@ -133,6 +133,20 @@ type Options struct {
 	MQTT bool
 	// MQTTListen is the push broker's address; default "127.0.0.1:0".
 	MQTTListen string
+
+	// Load tests (see record.go).
+
+	// OnUpdate, when set, is called with every accepted update (PATCH or
+	// one entity of an op/update), after the store's lock is released, on
+	// the request's goroutine. It must be safe for concurrent use.
+	OnUpdate func(Update)
+	// DiscardUpdates keeps accepted updates out of Updates and Summary (the
+	// entity store and duplicate detection still see them), so that a long
+	// load test does not grow the simulator without bound.
+	DiscardUpdates bool
+
+	// Pairing configures the device grant and pairing surface (pairing.go).
+	Pairing PairingOptions
 }
 
 // Server is a running (or ready to run) simulated central service.
@@ -166,8 +180,9 @@ type Server struct {
 	url       string
 	served    chan error
 
-	ps   syncState   // policy-sync state, under mu
-	push *pushBroker // nil unless Options.MQTT
+	ps   syncState    // policy-sync state, under mu
+	pair pairingState // pairing state, under its own lock (pairing.go)
+	push *pushBroker  // nil unless Options.MQTT
 }
 
 var realmRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)

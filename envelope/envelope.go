@@ -70,6 +70,7 @@ type Key struct {
 	id     string
 	alg    jwa.SignatureAlgorithm
 	secret []byte
+	hdr    string // base64url of the protected header, rendered once per key
 }
 
 // DeriveHS256 derives the HS256 reading key of a device from its K1 and K2.
@@ -87,7 +88,7 @@ func DeriveHS256(deviceID, k1, k2 string) (Key, error) {
 	h.Write([]byte("edgegate/kid/v1"))
 	h.Write(secret)
 	kid := "hs256-" + base64.RawURLEncoding.EncodeToString(h.Sum(nil)[:9])
-	return Key{id: kid, alg: jwa.HS256, secret: secret}, nil
+	return Key{id: kid, alg: jwa.HS256, secret: secret, hdr: headerB64(string(jwa.HS256), kid)}, nil
 }
 
 // DeriveMQTTPassword derives a device's password on the local MQTT broker
@@ -140,25 +141,40 @@ func ClaimsOf(gateway string, seq uint64, r *reading.Reading) Claims {
 }
 
 // Seal signs the claims and returns the compact JWS.
+//
+// The compact serialization is assembled here, in one buffer, around jwx's
+// HMAC signer (jws.NewSigner): the protected header is rendered once per
+// key and the claims by hand (encode.go). The result is exactly what
+// jws.Sign produces for the same header and payload; Open verifies it
+// through jwx.
 func Seal(k Key, c Claims) (string, error) {
 	if len(k.secret) == 0 {
 		return "", errors.New("seal envelope: no key")
 	}
-	payload, err := json.Marshal(c)
+	hdr := k.hdr
+	if hdr == "" {
+		hdr = headerB64(string(k.alg), k.id)
+	}
+	signer, err := jws.NewSigner(k.alg)
 	if err != nil {
 		return "", fmt.Errorf("seal envelope: %w", err)
 	}
-	hdr := jws.NewHeaders()
-	if err := hdr.Set(jws.KeyIDKey, k.id); err != nil {
-		return "", fmt.Errorf("seal envelope: %w", err)
-	}
-	if err := hdr.Set(jws.TypeKey, "edgegate-reading+jws"); err != nil {
-		return "", fmt.Errorf("seal envelope: %w", err)
-	}
-	out, err := jws.Sign(payload, jws.WithKey(k.alg, k.secret, jws.WithProtectedHeaders(hdr)))
+	payload, err := appendClaims(make([]byte, 0, 256+64*len(c.Attrs)), &c)
 	if err != nil {
 		return "", fmt.Errorf("seal envelope: %w", err)
 	}
+	enc := base64.RawURLEncoding
+	const sigLen = 64 // base64url of a SHA-512 HMAC, the longest HS* signature
+	out := make([]byte, 0, len(hdr)+1+enc.EncodedLen(len(payload))+1+sigLen)
+	out = append(out, hdr...)
+	out = append(out, '.')
+	out = enc.AppendEncode(out, payload)
+	sig, err := signer.Sign(out, k.secret)
+	if err != nil {
+		return "", fmt.Errorf("seal envelope: %w", err)
+	}
+	out = append(out, '.')
+	out = enc.AppendEncode(out, sig)
 	return string(out), nil
 }
 
@@ -225,14 +241,10 @@ type ngsiAttr struct {
 	Metadata map[string]json.RawMessage `json:"metadata,omitempty"`
 }
 
-type timeMeta struct {
-	Type  string `json:"type"`
-	Value string `json:"value"`
-}
-
 // Body renders the NGSI v2 attribute update for a sealed reading: every
 // attribute with its observation time as TimeInstant metadata, plus the
-// signature attribute (type "string", value the compact JWS).
+// signature attribute (type "string", value the compact JWS). Attributes
+// are in name order, as json.Marshal of a map renders them.
 func Body(c Claims, compact, sigAttr string) ([]byte, error) {
 	if sigAttr == "" {
 		sigAttr = DefaultSignatureAttr
@@ -240,20 +252,34 @@ func Body(c Claims, compact, sigAttr string) ([]byte, error) {
 	if _, clash := c.Attrs[sigAttr]; clash {
 		return nil, fmt.Errorf("render NGSI body: %w: attribute %q is reserved for the signature", reading.ErrInvalid, sigAttr)
 	}
-	ts, err := json.Marshal(timeMeta{Type: "DateTime", Value: c.Time.UTC().Format(time.RFC3339Nano)})
-	if err != nil {
-		return nil, fmt.Errorf("render NGSI body: %w", err)
+	meta := make([]byte, 0, 96)
+	meta = append(meta, `,"metadata":{"TimeInstant":{"type":"DateTime","value":`...)
+	meta = appendString(meta, c.Time.UTC().Format(time.RFC3339Nano))
+	meta = append(meta, "}}}"...)
+	b := make([]byte, 0, len(compact)+64+(len(meta)+64)*len(c.Attrs))
+	b = append(b, '{')
+	var err error
+	for i, name := range sortedNames(c.Attrs, sigAttr) {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = appendString(b, name)
+		if name == sigAttr {
+			b = append(b, `:{"type":"string","value":`...)
+			b = appendString(b, compact)
+			b = append(b, '}')
+			continue
+		}
+		a := c.Attrs[name]
+		b = append(b, `:{"type":`...)
+		b = appendString(b, a.Type)
+		b = append(b, `,"value":`...)
+		if b, err = appendValue(b, a.Value); err != nil {
+			return nil, fmt.Errorf("render NGSI body: %w", err)
+		}
+		b = append(b, meta...)
 	}
-	meta := map[string]json.RawMessage{"TimeInstant": ts}
-	out := make(map[string]ngsiAttr, len(c.Attrs)+1)
-	for name, a := range c.Attrs {
-		out[name] = ngsiAttr{Type: a.Type, Value: a.Value, Metadata: meta}
-	}
-	out[sigAttr] = ngsiAttr{Type: "string", Value: compact}
-	b, err := json.Marshal(out)
-	if err != nil {
-		return nil, fmt.Errorf("render NGSI body: %w", err)
-	}
+	b = append(b, '}')
 	if len(b) > reading.MaxBodyBytes*4 {
 		return nil, fmt.Errorf("render NGSI body: %w: %d bytes", reading.ErrTooLarge, len(b))
 	}

@@ -14,6 +14,7 @@ import (
 //	q/ <h8> <device> 0x00 <seq8>   a queued item
 //	s/ <device>                    last sequence number assigned to the device (8-byte big endian)
 //	d/ <h8> <device> 0x00 <seq8>   a dead letter
+//	k/ <device> 0x00               the device's data key (datakey.go)
 //
 // h8 is the first 8 bytes of FNV-1a-64 of the broker URI: it keeps keys short
 // and fixed-width while the full URI is stored in the value. seq8 is big
@@ -21,6 +22,9 @@ import (
 // return the lane oldest first. Device ids are [A-Za-z0-9._-] and therefore
 // never contain 0x00, so "a" 0x00 can never be a prefix of "ab" 0x00: one lane
 // prefix selects exactly one lane.
+//
+// Values are written as version 2 (bodies sealed with the device's data
+// key; see datakey.go). Version 1, below, is still read.
 //
 // Queued value (version 1):
 //
@@ -144,9 +148,10 @@ func decodeItem(val []byte, it *Item) error {
 	return nil
 }
 
-// enqueuedOf reads only the enqueue time of a queued value.
+// enqueuedOf reads only the enqueue time of a queued value (version 1 or
+// 2: both start with it, outside any seal).
 func enqueuedOf(val []byte) (time.Time, error) {
-	if len(val) < 9 || val[0] != valueVersion1 {
+	if len(val) < 9 || (val[0] != valueVersion1 && val[0] != valueVersion2) {
 		return time.Time{}, errBadValue
 	}
 	return time.Unix(0, int64(binary.BigEndian.Uint64(val[1:9]))), nil

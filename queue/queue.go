@@ -44,8 +44,8 @@ type Options struct {
 // other methods from any goroutine, and Close it after Run returned.
 //
 // Ownership: the committer (Run) owns counters and is the only writer of s/
-// keys and new q/ keys. mutMu serialises the removers (Delete, DeadLetter,
-// PurgeDevice). commitMu is held by the committer from its write to the
+// keys, new q/ keys and new k/ keys. mutMu serialises the removers (Delete,
+// DeadLetter, PurgeDevice, EraseDevice) and the state writers. commitMu is held by the committer from its write to the
 // publication of the written items, so PurgeDevice never sees an item that
 // the lane index does not know about yet. mu guards the lane index.
 type Queue struct {
@@ -71,6 +71,12 @@ type Queue struct {
 
 	commitMu sync.Mutex
 	mutMu    sync.Mutex
+
+	// keyMu guards keys, the cache of every data key in the store (see
+	// datakey.go): loaded at Open, added to by the committer, removed from
+	// by EraseDevice.
+	keyMu sync.RWMutex
+	keys  map[string]*dataKey
 
 	mu      sync.RWMutex
 	lanes   map[string]*laneState // key: string(lane prefix)
@@ -114,6 +120,7 @@ type record struct {
 	req      *request
 	item     Item
 	key, val []byte
+	dk       *dataKey // the device's data key, stored with the item if new
 }
 
 // Open opens or creates the store and rebuilds the lane index.
@@ -156,6 +163,7 @@ func Open(opts Options) (*Queue, error) {
 		floor:    make(map[string]uint64),
 		lanes:    make(map[string]*laneState),
 		changed:  make(chan struct{}),
+		keys:     make(map[string]*dataKey),
 	}
 	if err := q.rebuild(); err != nil {
 		db.Close()
@@ -165,10 +173,14 @@ func Open(opts Options) (*Queue, error) {
 	return q, nil
 }
 
-// rebuild fills the lane index with a key-only scan of q/ and d/; it reads
-// one value per lane (the first) to learn the broker URI and oldest time.
+// rebuild loads the data keys and fills the lane index with a key-only scan
+// of q/ and d/; it reads the clear header of one value per lane (the first)
+// to learn the broker URI and oldest time.
 func (q *Queue) rebuild() error {
 	return q.db.View(func(txn *badger.Txn) error {
+		if err := q.loadDataKeys(txn); err != nil {
+			return err
+		}
 		io := badger.DefaultIteratorOptions
 		io.PrefetchValues = false
 		io.Prefix = prefixQueue
@@ -184,11 +196,16 @@ func (q *Queue) rebuild() error {
 			}
 			if cur == nil || !bytes.Equal(prefix, curPrefix) {
 				curPrefix = append(curPrefix[:0], prefix...)
-				var it0 Item
-				if err := bi.Value(func(v []byte) error { return decodeItem(v, &it0) }); err != nil {
+				var oldest time.Time
+				var broker string
+				if err := bi.Value(func(v []byte) error {
+					var err error
+					oldest, broker, err = itemHeader(v)
+					return err
+				}); err != nil {
 					return fmt.Errorf("read %x: %w", bi.Key(), err)
 				}
-				cur = &laneState{lane: Lane{Broker: it0.Broker, Device: device}, oldest: it0.Enqueued, head: seq}
+				cur = &laneState{lane: Lane{Broker: broker, Device: device}, oldest: oldest, head: seq}
 				q.lanes[string(prefix)] = cur
 			}
 			cur.count++
@@ -357,7 +374,9 @@ func (q *Queue) runGC(ctx context.Context) {
 		}
 		err := q.db.RunValueLogGC(0.5)
 		if err != nil {
-			if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) {
+			// ErrBlockedWrites: EraseDevice is compacting; try next round.
+			if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) &&
+				!errors.Is(err, badger.ErrBlockedWrites) {
 				q.log.Warn("value-log GC failed", "err", err)
 			}
 			return
@@ -420,13 +439,25 @@ func (q *Queue) commit(batch []*request) {
 	// No monotonic reading: the Item returned equals the one Peek decodes.
 	now := time.Now().Round(0)
 	recs := make([]record, 0, len(batch))
-	for _, r := range batch {
+	nonce, err := nonces(len(batch))
+	if err != nil {
+		for _, r := range batch {
+			r.done <- result{err: fmt.Errorf("append: %w", err)}
+		}
+		return
+	}
+	for i, r := range batch {
 		if err := r.ctx.Err(); err != nil {
 			r.done <- result{err: fmt.Errorf("append: %w", err)}
 			continue
 		}
 		e := r.entry
 		seq, err := q.nextSeq(e.Device)
+		if err != nil {
+			r.done <- result{err: fmt.Errorf("append: %w", err)}
+			continue
+		}
+		dk, err := q.commitKey(e.Device)
 		if err != nil {
 			r.done <- result{err: fmt.Errorf("append: %w", err)}
 			continue
@@ -439,8 +470,9 @@ func (q *Queue) commit(batch []*request) {
 		q.counters[e.Device] = seq
 		it := Item{Broker: e.Broker, Device: e.Device, Type: e.Type, Service: e.Service,
 			ServicePath: e.ServicePath, Seq: seq, Enqueued: now, Body: body}
-		recs = append(recs, record{req: r, item: it,
-			key: itemKey(prefixQueue, e.Broker, e.Device, seq), val: encodeItem(&it)})
+		recs = append(recs, record{req: r, item: it, dk: dk,
+			key: itemKey(prefixQueue, e.Broker, e.Device, seq),
+			val: sealItem(&it, dk.aead, nonce[i*nonceSize:(i+1)*nonceSize])})
 	}
 	if len(recs) == 0 {
 		return
@@ -522,22 +554,39 @@ func (q *Queue) write(recs []record) (int, error) {
 	return len(recs), nil
 }
 
+// writeTxn also stores the data key of each device whose key is new, in
+// the transaction of its first item: an item is never committed without
+// its key.
 func (q *Queue) writeTxn(recs []record) error {
 	txn := q.db.NewTransaction(true)
 	defer txn.Discard()
 	last := make(map[string]uint64)
+	var newKeys []*dataKey
 	for i := range recs {
 		if err := txn.Set(recs[i].key, recs[i].val); err != nil {
 			return err
 		}
-		last[recs[i].item.Device] = recs[i].item.Seq // seqs rise within a batch
+		dev := recs[i].item.Device
+		if dk := recs[i].dk; dk != nil && !dk.persisted && !slices.Contains(newKeys, dk) {
+			if err := txn.Set(dataKeyKey(dev), dk.raw); err != nil {
+				return err
+			}
+			newKeys = append(newKeys, dk)
+		}
+		last[dev] = recs[i].item.Seq // seqs rise within a batch
 	}
 	for dev, seq := range last {
 		if err := txn.Set(seqKey(dev), binary.BigEndian.AppendUint64(nil, seq)); err != nil {
 			return err
 		}
 	}
-	return txn.Commit()
+	if err := txn.Commit(); err != nil {
+		return err
+	}
+	for _, dk := range newKeys {
+		dk.persisted, dk.raw = true, nil
+	}
+	return nil
 }
 
 // publish adds synced records to the lane index and wakes Changed waiters.
@@ -633,7 +682,7 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 				break
 			}
 			item := Item{Device: device, Seq: seq}
-			if err := bi.Value(func(v []byte) error { return decodeItem(v, &item) }); err != nil {
+			if err := bi.Value(func(v []byte) error { return q.decodeItemValue(v, &item) }); err != nil {
 				return fmt.Errorf("decode %s/%d: %w", device, seq, err)
 			}
 			out = append(out, item)
@@ -798,10 +847,20 @@ func (q *Queue) DeadLetter(it Item, reason string) error {
 		size = bi.ValueSize()
 		// The stored copy is the truth, not the caller's.
 		d := DeadLetter{Item: Item{Device: it.Device, Seq: it.Seq}, Reason: reason, At: time.Now()}
-		if err := bi.Value(func(v []byte) error { return decodeItem(v, &d.Item) }); err != nil {
+		if err := bi.Value(func(v []byte) error { return q.decodeItemValue(v, &d.Item) }); err != nil {
 			return err
 		}
-		if err := txn.Set(itemKey(prefixDead, it.Broker, it.Device, it.Seq), encodeDead(&d)); err != nil {
+		// Re-sealed with a fresh nonce under the device's key; a version 1
+		// item of a device that never got a key stays version 1.
+		val := encodeDead(&d)
+		if aead, err := q.readKey(it.Device); err == nil {
+			nonce, err := nonces(1)
+			if err != nil {
+				return err
+			}
+			val = sealDead(&d, aead, nonce)
+		}
+		if err := txn.Set(itemKey(prefixDead, it.Broker, it.Device, it.Seq), val); err != nil {
 			return err
 		}
 		return txn.Delete(key)
@@ -839,7 +898,7 @@ func (q *Queue) DeadLetters(ctx context.Context, fn func(DeadLetter) error) erro
 				return err
 			}
 			d := DeadLetter{Item: Item{Device: device, Seq: seq}}
-			if err := bi.Value(func(v []byte) error { return decodeDead(v, &d) }); err != nil {
+			if err := bi.Value(func(v []byte) error { return q.decodeDeadValue(v, &d) }); err != nil {
 				return fmt.Errorf("decode dead letter %s/%d: %w", device, seq, err)
 			}
 			if err := fn(d); err != nil {

@@ -261,12 +261,13 @@ func TestDeleteDeadLetterStatsConsistency(t *testing.T) {
 			if b.Depth != wantDepth[b.Broker] {
 				t.Errorf("Stats broker %s depth = %d, want %d", b.Broker, b.Depth, wantDepth[b.Broker])
 			}
-			// bytes must equal what Peek returns, re-encoded.
+			// bytes must equal what Peek returns, re-encoded (version 2:
+			// the version 1 layout plus a nonce and a GCM tag).
 			var bytes int64
 			var oldest time.Time
 			for _, l := range q.Lanes(b.Broker) {
 				for _, it := range peekAll(t, q.Queue, l) {
-					bytes += int64(len(encodeItem(&it)))
+					bytes += int64(len(encodeItem(&it)) + nonceSize + 16)
 					if oldest.IsZero() || it.Enqueued.Before(oldest) {
 						oldest = it.Enqueued
 					}

@@ -44,6 +44,10 @@ func (q *Queue) PutState(name string, value []byte) error {
 	if len(value) > MaxStateBytes {
 		return fmt.Errorf("write state %q: %d bytes, at most %d", name, len(value), MaxStateBytes)
 	}
+	// mutMu: EraseDevice blocks badger's writes while it compacts; a state
+	// write then would fail with ErrBlockedWrites instead of waiting.
+	q.mutMu.Lock()
+	defer q.mutMu.Unlock()
 	if err := q.db.Update(func(txn *badger.Txn) error {
 		return txn.Set(stateKey(name), value)
 	}); err != nil {
@@ -57,6 +61,8 @@ func (q *Queue) PutState(name string, value []byte) error {
 
 // DeleteState removes a named state record (synced).
 func (q *Queue) DeleteState(name string) error {
+	q.mutMu.Lock()
+	defer q.mutMu.Unlock()
 	if err := q.db.Update(func(txn *badger.Txn) error {
 		return txn.Delete(stateKey(name))
 	}); err != nil {

@@ -68,7 +68,26 @@ type Options struct {
 	// Run's context is cancelled (default 2s); after that they are cut
 	// off and the readings stay queued.
 	ShutdownGrace time.Duration
+
+	// Mode is ModeFilter (default): one PATCH per reading, the only write
+	// the Orion Broker Filter allows; or ModeBatch: many readings of many
+	// devices per POST /v2/op/update, for brokers reached without the
+	// filter (batch.go).
+	Mode string
+	// BatchSize bounds the readings in one batch (default 256).
+	BatchSize int
+	// BatchBytes bounds a batch's body (default 512 KiB; Orion refuses
+	// bodies over 1 MB by default).
+	BatchBytes int
+	// PerDevice bounds one device's readings in one batch (default 32).
+	PerDevice int
 }
+
+// Delivery modes (Options.Mode).
+const (
+	ModeFilter = "filter"
+	ModeBatch  = "batch"
+)
 
 const (
 	defaultConcurrency   = 4
@@ -120,6 +139,18 @@ func New(src Source, tok Tokens, keys Keys, opts Options) *Uplink {
 	}
 	if opts.ShutdownGrace <= 0 {
 		opts.ShutdownGrace = defaultShutdownGrace
+	}
+	if opts.Mode == "" {
+		opts.Mode = ModeFilter
+	}
+	if opts.BatchSize <= 0 {
+		opts.BatchSize = defaultBatchSize
+	}
+	if opts.BatchBytes <= 0 {
+		opts.BatchBytes = defaultBatchBytes
+	}
+	if opts.PerDevice <= 0 {
+		opts.PerDevice = defaultPerDevice
 	}
 	return &Uplink{src: src, tok: tok, keys: keys, opts: opts, log: opts.Logger.With("component", "uplink")}
 }
@@ -179,9 +210,13 @@ type dispatcher struct {
 	// epoch counts broker-wide failures counted by bo; a failure of a
 	// request started in an older epoch reports the same outage and does
 	// not escalate the backoff again.
-	epoch    uint64
-	lanes    []queue.Lane // sorted by device
-	busy     map[queue.Lane]bool
+	epoch uint64
+	lanes []queue.Lane // sorted by device
+	busy  map[queue.Lane]bool
+	// solo: lanes of a batch the broker refused for good; each is sent
+	// alone, one reading at a time, until its head is settled, so that
+	// only the offending reading is dead-lettered (batch mode).
+	solo     map[queue.Lane]bool
 	inflight int
 	cursor   string // device of the lane dispatched last (round-robin)
 	results  chan result
@@ -200,16 +235,31 @@ type job struct {
 	lane  queue.Lane
 	epoch uint64
 	gen   uint64 // refresh generation when started
+	// batch mode: every lane of the batch (lane is the first); solo: one
+	// reading of one lane.
+	lanes []queue.Lane
+	solo  bool
+}
+
+// allLanes returns the lanes the job holds busy.
+func (j job) allLanes() []queue.Lane {
+	if j.lanes != nil {
+		return j.lanes
+	}
+	return []queue.Lane{j.lane}
 }
 
 type result struct {
 	job
 	v       verdict
-	empty   bool   // the lane had nothing left
+	empty   bool   // nothing was sent: every lane had nothing left
 	aborted bool   // cut off by shutdown: not a failure
 	token   string // the token refused, for invalidToken
 	item    queue.Item
 	err     error // for retry: what went wrong, already secret-free
+	// batch mode: lanes found empty, and the readings sent.
+	empties []queue.Lane
+	items   []queue.Item
 }
 
 func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
@@ -230,6 +280,7 @@ func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
 		log:      u.log.With("broker", label),
 		bo:       newBackoff(u.opts.MinBackoff, u.opts.MaxBackoff, u.opts.Now),
 		busy:     make(map[queue.Lane]bool),
+		solo:     make(map[queue.Lane]bool),
 		results:  make(chan result, u.opts.Concurrency),
 		laneWarn: make(map[queue.Lane]time.Time),
 	}, nil
@@ -297,6 +348,10 @@ func (d *dispatcher) fill(reqCtx context.Context, workers *sync.WaitGroup) {
 	if start < n && d.lanes[start].Device == d.cursor {
 		start++
 	}
+	if d.u.opts.Mode == ModeBatch {
+		d.fillBatches(reqCtx, workers, start)
+		return
+	}
 	for i := 0; i < n && d.inflight < d.u.opts.Concurrency; i++ {
 		l := d.lanes[(start+i)%n]
 		if d.busy[l] {
@@ -313,21 +368,36 @@ func (d *dispatcher) fill(reqCtx context.Context, workers *sync.WaitGroup) {
 // handle applies a finished attempt to the dispatcher's state.
 func (d *dispatcher) handle(r result) {
 	d.inflight--
-	delete(d.busy, r.lane)
-	switch {
-	case r.aborted:
+	for _, l := range r.allLanes() {
+		delete(d.busy, l)
+	}
+	if r.aborted {
 		return
-	case r.empty:
-		if r.gen != d.gen {
-			return // the lanes were reloaded meanwhile; trust the reload
-		}
-		d.lanes = slices.DeleteFunc(d.lanes, func(l queue.Lane) bool { return l == r.lane })
+	}
+	empties := r.empties
+	if r.empty && r.lanes == nil {
+		empties = []queue.Lane{r.lane}
+	}
+	// Unless the lanes were reloaded meanwhile: then trust the reload.
+	if len(empties) > 0 && r.gen == d.gen {
+		d.lanes = slices.DeleteFunc(d.lanes, func(l queue.Lane) bool { return slices.Contains(empties, l) })
+	}
+	if r.empty {
 		return
 	}
 	m := d.u.opts.Metrics
 	switch r.v.kind {
 	case delivered, permanent:
-		if r.v.kind == permanent {
+		if r.solo {
+			delete(d.solo, r.lane) // its head is settled
+		}
+		if r.v.kind == permanent && len(r.items) > 1 {
+			// A batch refused for good: send each of its lanes alone, so
+			// that the broker's verdict names one reading.
+			for _, l := range r.lanes {
+				d.solo[l] = true
+			}
+		} else if r.v.kind == permanent {
 			d.warnDeadLetter(r)
 		}
 		d.badStreak = 0

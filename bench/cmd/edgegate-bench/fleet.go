@@ -1,0 +1,177 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/edgegate/edgegate/envelope"
+)
+
+// device is one simulated device, registered at the gateway and the sim.
+type device struct {
+	ID, Type, Owner, K1, K2 string
+}
+
+func makeDevices(n int) []device {
+	out := make([]device, n)
+	for i := range out {
+		id := fmt.Sprintf("bench-%03d", i)
+		out[i] = device{ID: id, Type: "BenchSensor", Owner: "alice", K1: "k1-bench-" + id, K2: "k2-bench-" + id}
+	}
+	return out
+}
+
+// fleet is M connected MQTT clients, one per device.
+type fleet struct {
+	devs    []device
+	clients []paho.Client
+}
+
+// connectFleet connects every device to url; withCreds logs in with the
+// device id and its derived password (embedded broker).
+func connectFleet(url string, devs []device, withCreds bool) (*fleet, error) {
+	f := &fleet{devs: devs}
+	for _, d := range devs {
+		o := paho.NewClientOptions().AddBroker(url).SetClientID("pub-" + d.ID + "-" + strconv.FormatInt(time.Now().UnixNano(), 36)).
+			SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).SetWriteTimeout(10 * time.Second).
+			SetProtocolVersion(4).SetCleanSession(true).SetKeepAlive(60 * time.Second)
+		if withCreds {
+			pw, err := envelope.DeriveMQTTPassword(d.ID, d.K1, d.K2)
+			if err != nil {
+				f.close()
+				return nil, err
+			}
+			o.SetUsername(d.ID).SetPassword(pw)
+		}
+		c := paho.NewClient(o)
+		tok := c.Connect()
+		if !tok.WaitTimeout(10 * time.Second) {
+			f.close()
+			return nil, fmt.Errorf("connect %s: timed out", d.ID)
+		}
+		if err := tok.Error(); err != nil {
+			f.close()
+			return nil, fmt.Errorf("connect %s: %w", d.ID, err)
+		}
+		f.clients = append(f.clients, c)
+	}
+	return f, nil
+}
+
+func (f *fleet) close() {
+	for _, c := range f.clients {
+		c.Disconnect(100)
+	}
+	f.clients = nil
+}
+
+// payload is a flat reading with the publish time in unix nanos.
+func payload(n int) []byte {
+	return fmt.Appendf(nil, `{"temperature":{"value":%d.5,"type":"Number"},"humidity":%d,"n":%d,"t0":%d}`,
+		20+n%10, 40+n%20, n, time.Now().UnixNano())
+}
+
+type publishResult struct {
+	Sent, Acked, Failed int
+	Elapsed             time.Duration
+}
+
+// publish sends total readings, spread evenly over the devices, QoS 1,
+// with at most window unacknowledged per device. rate > 0 paces the
+// fleet to that many readings per second (open loop: the schedule does not
+// slip when the gateway is slow, but the window still bounds what is in
+// flight); rate 0 is as fast as the acknowledgements allow. maxDur bounds
+// the whole run.
+func (f *fleet) publish(ctx context.Context, total int, rate float64, window int, maxDur time.Duration) publishResult {
+	ctx, cancel := context.WithTimeout(ctx, maxDur)
+	defer cancel()
+	m := len(f.clients)
+	var sent, acked, failed atomic.Int64
+	start := time.Now()
+	var wg sync.WaitGroup
+	for i, c := range f.clients {
+		share := total / m
+		if i < total%m {
+			share++
+		}
+		topic := "devices/" + f.devs[i].ID + "/telemetry"
+		var interval time.Duration
+		if rate > 0 {
+			interval = time.Duration(float64(time.Second) * float64(m) / rate)
+		}
+		offset := time.Duration(i) * interval / time.Duration(max(m, 1))
+		wg.Go(func() {
+			toks := make(chan paho.Token, window)
+			var inner sync.WaitGroup
+			inner.Go(func() {
+				for tok := range toks {
+					if tok.WaitTimeout(30*time.Second) && tok.Error() == nil {
+						acked.Add(1)
+					} else {
+						failed.Add(1)
+					}
+				}
+			})
+			defer func() { close(toks); inner.Wait() }()
+			for k := 0; k < share; k++ {
+				if interval > 0 {
+					due := start.Add(offset + time.Duration(k)*interval)
+					if d := time.Until(due); d > 0 {
+						t := time.NewTimer(d)
+						select {
+						case <-t.C:
+						case <-ctx.Done():
+							t.Stop()
+							return
+						}
+					}
+				}
+				if ctx.Err() != nil {
+					return
+				}
+				tok := c.Publish(topic, 1, false, payload(k*m+i))
+				sent.Add(1)
+				select {
+				case toks <- tok:
+				case <-ctx.Done():
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	return publishResult{Sent: int(sent.Load()), Acked: int(acked.Load()), Failed: int(failed.Load()), Elapsed: time.Since(start)}
+}
+
+// subscribe connects a plain subscriber to filter with QoS 1 and counts
+// what it receives.
+func subscribe(url, user, password, filter string) (paho.Client, *atomic.Int64, *atomic.Int64, error) {
+	var n atomic.Int64
+	var lastNs atomic.Int64
+	o := paho.NewClientOptions().AddBroker(url).SetClientID("bench-sub-" + strconv.FormatInt(time.Now().UnixNano(), 36)).
+		SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).SetProtocolVersion(4).SetCleanSession(true).
+		SetOrderMatters(false).SetMessageChannelDepth(4096)
+	if user != "" {
+		o.SetUsername(user).SetPassword(password)
+	}
+	c := paho.NewClient(o)
+	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		return nil, nil, nil, errors.Join(errors.New("subscriber connect failed"), tok.Error())
+	}
+	tok := c.Subscribe(filter, 1, func(_ paho.Client, m paho.Message) {
+		n.Add(1)
+		lastNs.Store(time.Now().UnixNano())
+	})
+	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+		c.Disconnect(100)
+		return nil, nil, nil, errors.Join(errors.New("subscribe failed"), tok.Error())
+	}
+	return c, &n, &lastNs, nil
+}

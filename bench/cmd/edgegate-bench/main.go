@@ -1,0 +1,192 @@
+// Command edgegate-bench is the reproducible end-to-end benchmark of
+// edgegate (issue 10): simulated MQTT devices -> a real broker (embedded or
+// Mosquitto) -> the real daemon binary -> the simulated broker filter over
+// HTTPS, plus the broker's own limit, a backlog with the uplink down, policy
+// scale, the radio path and the package micro-benchmarks. It prints a
+// table and writes bench/results.json. Run it with `make bench` from the
+// repository root. Everything is on loopback; every process it starts, it
+// stops; every load loop is bounded in count and time.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"time"
+)
+
+type config struct {
+	Quick      bool
+	Devices    int
+	Readings   int           // per sustained-rate measurement
+	Paced      time.Duration // per latency measurement
+	BacklogLo  int
+	BacklogHi  int
+	Window     int // unacknowledged publishes per device
+	Out        string
+	ProfileDir string
+	Skip       map[string]bool
+}
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "gateway" {
+		if err := runGateway(os.Args[2:]); err != nil {
+			fmt.Fprintln(os.Stderr, "gateway:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "edgegate-bench:", err)
+		os.Exit(1)
+	}
+}
+
+func envInt(name string, def int) int {
+	if v, err := strconv.Atoi(os.Getenv(name)); err == nil && v > 0 {
+		return v
+	}
+	return def
+}
+
+func run() error {
+	var cfg config
+	out := flag.String("out", "bench/results.json", "results file")
+	skip := flag.String("skip", "", "comma-separated sections to skip: e2e,backlog,policy,radio,micro")
+	flag.Parse()
+	cfg.Quick = os.Getenv("BENCH_QUICK") == "1"
+	cfg.Devices = envInt("BENCH_DEVICES", 16)
+	cfg.Window = 32
+	if cfg.Quick {
+		cfg.Readings, cfg.Paced, cfg.BacklogLo, cfg.BacklogHi = 2000, 2*time.Second, 5000, 15000
+	} else {
+		cfg.Readings, cfg.Paced, cfg.BacklogLo, cfg.BacklogHi = 15000, 8*time.Second, 100000, 300000
+	}
+	cfg.Readings = envInt("BENCH_READINGS", cfg.Readings)
+	cfg.BacklogHi = envInt("BENCH_BACKLOG", cfg.BacklogHi)
+	cfg.BacklogLo = min(cfg.BacklogLo, cfg.BacklogHi)
+	cfg.Out = *out
+	cfg.ProfileDir = filepath.Join(filepath.Dir(cfg.Out), "profiles")
+	cfg.Skip = map[string]bool{}
+	for _, s := range splitComma(*skip) {
+		cfg.Skip[s] = true
+	}
+
+	work, err := os.MkdirTemp("", "edgegate-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	if err := os.MkdirAll(cfg.ProfileDir, 0o755); err != nil {
+		return err
+	}
+
+	res := &results{
+		Machine: machine{CPU: cpuModel(), Cores: runtime.NumCPU(), GoVersion: runtime.Version(), OS: runtime.GOOS + "/" + runtime.GOARCH},
+		Started: time.Now().UTC(), Quick: cfg.Quick, Devices: cfg.Devices, Readings: cfg.Readings,
+		PacedSeconds: cfg.Paced.Seconds(),
+	}
+	step := func(name string) {
+		fmt.Fprintf(os.Stderr, "== %s (%s)\n", name, time.Since(res.Started).Round(time.Second))
+	}
+
+	step("build the daemon")
+	bin := filepath.Join(work, "edgegate")
+	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -buildid=", "-o", bin, "./cmd/edgegate")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return fmt.Errorf("build edgegate: %w", err)
+	}
+	if fi, err := os.Stat(bin); err == nil {
+		res.BinaryBytes = fi.Size()
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	ctx := context.Background()
+
+	if !cfg.Skip["e2e"] {
+		scenarios := []scenario{
+			{Name: "embedded, daemon, filter", Broker: "embedded", Gateway: "daemon", Mode: "filter"},
+			{Name: "mosquitto, daemon, filter", Broker: "mosquitto", Gateway: "daemon", Mode: "filter"},
+			{Name: "mosquitto, in-process, batch", Broker: "mosquitto", Gateway: "in-process", Mode: "batch", Profile: "batch"},
+		}
+		if !cfg.Quick {
+			scenarios = append(scenarios,
+				scenario{Name: "embedded, in-process, batch", Broker: "embedded", Gateway: "in-process", Mode: "batch"},
+				scenario{Name: "mosquitto, in-process, filter", Broker: "mosquitto", Gateway: "in-process", Mode: "filter", Profile: "filter"})
+		}
+		for _, sc := range scenarios {
+			step("end to end: " + sc.Name)
+			r, err := runScenario(ctx, cfg, sc, bin, self, work)
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "  %s: %v\n", sc.Name, err)
+				r.Error = err.Error()
+			}
+			res.E2E = append(res.E2E, r)
+			printE2E(os.Stderr, r)
+		}
+	}
+	if !cfg.Skip["backlog"] {
+		step(fmt.Sprintf("backlog %d vs %d with the uplink down, then drain", cfg.BacklogLo, cfg.BacklogHi))
+		for _, mode := range []string{"filter", "batch"} {
+			b, err := runBacklog(ctx, cfg, bin, self, work, mode)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "  backlog:", err)
+				b.Error = err.Error()
+			}
+			res.Backlog = append(res.Backlog, b)
+			if cfg.Quick {
+				break
+			}
+		}
+	}
+	if !cfg.Skip["policy"] {
+		step("policy scale")
+		res.Policy = runPolicy(cfg)
+	}
+	if !cfg.Skip["radio"] {
+		step("radio: MySensors frames through a pty into the queue")
+		r, err := runRadio(ctx, cfg, work)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "  radio:", err)
+			r.Error = err.Error()
+		}
+		res.Radio = r
+	}
+	if !cfg.Skip["micro"] {
+		step("go test -bench (codecs, signing, queue, uplink)")
+		res.Micro = runMicro(cfg)
+	}
+	res.Profiles = topProfiles(cfg)
+	res.Elapsed = time.Since(res.Started).Round(time.Second).String()
+	b, _ := json.MarshalIndent(res, "", "  ")
+	if err := os.WriteFile(cfg.Out, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	printTable(os.Stdout, res)
+	fmt.Fprintf(os.Stderr, "wrote %s (%s)\n", cfg.Out, res.Elapsed)
+	return nil
+}
+
+func splitComma(s string) []string {
+	var out []string
+	start := 0
+	for i := 0; i <= len(s); i++ {
+		if i == len(s) || s[i] == ',' {
+			if i > start {
+				out = append(out, s[start:i])
+			}
+			start = i + 1
+		}
+	}
+	return out
+}

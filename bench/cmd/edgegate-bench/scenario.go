@@ -1,0 +1,317 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/edgegate/edgegate/centralsim"
+)
+
+type scenario struct {
+	Name    string
+	Broker  string // embedded | mosquitto
+	Gateway string // daemon | in-process
+	Mode    string // uplink mode: filter | batch
+	Profile string // CPU profile name (in-process only)
+}
+
+type e2eResult struct {
+	scenario
+	LimitRate      float64 `json:"limit_readings_per_s"`     // broker -> plain subscriber
+	Sustained      float64 `json:"sustained_readings_per_s"` // publish -> broker 2xx
+	Fraction       float64 `json:"fraction_of_limit"`
+	PublishAckRate float64 `json:"publish_ack_per_s"` // PUBACKs (= durably queued) per second
+	HalfRate       float64 `json:"half_rate"`
+	P50Half        float64 `json:"p50_ms_at_half"`
+	P99Half        float64 `json:"p99_ms_at_half"`
+	FullRate       float64 `json:"full_rate"`
+	P50Full        float64 `json:"p50_ms_at_full"`
+	P99Full        float64 `json:"p99_ms_at_full"`
+	CPUPer1000     float64 `json:"cpu_ms_per_1000"`
+	PeakRSSMB      float64 `json:"peak_rss_mb"`
+	Duplicates     int     `json:"duplicates"`
+	Invalid        int     `json:"invalid_signatures"`
+	Error          string  `json:"error,omitempty"`
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// measureLimit publishes n readings from the same devices and payloads to
+// a plain subscriber of the broker and returns the subscriber's rate.
+func measureLimit(ctx context.Context, cfg config, url string, devs []device, creds bool, subUser, subPw string) (float64, error) {
+	sub, n, last, err := subscribe(url, subUser, subPw, "devices/+/telemetry")
+	if err != nil {
+		return 0, err
+	}
+	defer sub.Disconnect(100)
+	f, err := connectFleet(url, devs, creds)
+	if err != nil {
+		return 0, err
+	}
+	defer f.close()
+	start := time.Now()
+	f.publish(ctx, cfg.Readings, 0, cfg.Window, 2*time.Minute)
+	deadline := time.Now().Add(30 * time.Second)
+	for n.Load() < int64(cfg.Readings) && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	got := n.Load()
+	el := time.Unix(0, last.Load()).Sub(start)
+	if got == 0 || el <= 0 {
+		return 0, errors.New("subscriber received nothing")
+	}
+	return float64(got) / el.Seconds(), nil
+}
+
+func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work string) (r e2eResult, err error) {
+	r.scenario = sc
+	dir, err := os.MkdirTemp(work, "e2e-")
+	if err != nil {
+		return r, err
+	}
+	devs := makeDevices(cfg.Devices)
+	s := newSink()
+	sim, err := newSim(devs, s)
+	if err != nil {
+		return r, err
+	}
+	defer sim.Close()
+	ca := filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(ca, sim.CACertPEM(), 0o600); err != nil {
+		return r, err
+	}
+
+	// The limit: the broker alone, same clients and payloads.
+	var mq *mosquittoProc
+	switch sc.Broker {
+	case "mosquitto":
+		if mq, err = startMosquitto(dir); err != nil {
+			return r, err
+		}
+		defer mq.stop()
+		if r.LimitRate, err = measureLimit(ctx, cfg, mq.URL, devs, false, "", ""); err != nil {
+			return r, fmt.Errorf("mosquitto limit: %w", err)
+		}
+	default:
+		srv, url, err := startMochi()
+		if err != nil {
+			return r, err
+		}
+		r.LimitRate, err = measureLimit(ctx, cfg, url, devs, false, "", "")
+		srv.Close()
+		if err != nil {
+			return r, fmt.Errorf("embedded broker limit: %w", err)
+		}
+	}
+
+	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: sim.BrokerURL(), TokenURL: sim.TokenURL(), ClientID: benchClientID,
+		Secret: benchSecret, CAFile: ca, Mode: sc.Mode, MaxBatch: 256, Concurrency: 4}
+	if mq != nil {
+		g.ExternalURL = mq.URL
+	}
+	var p *proc
+	if sc.Gateway == "daemon" {
+		p, err = startDaemon(bin, g)
+	} else {
+		prof := ""
+		if sc.Profile != "" {
+			prof = filepath.Join(cfg.ProfileDir, sc.Profile+".pprof")
+		}
+		p, err = startInProcess(self, g, prof)
+	}
+	if err != nil {
+		return r, err
+	}
+	defer func() {
+		if serr := p.stop(); serr != nil && err == nil {
+			err = fmt.Errorf("stop gateway: %w", serr)
+		}
+	}()
+	mqttURL := p.MQTT
+	if mq != nil {
+		mqttURL = mq.URL
+	}
+	f, err := connectFleet(mqttURL, devs, mq == nil)
+	if err != nil {
+		return r, err
+	}
+	defer f.close()
+
+	// Warm up: tokens, TLS, the external subscription (readings published
+	// before it exists would be lost with persistence off).
+	warm := time.Now().Add(60 * time.Second)
+	for s.count() == 0 && time.Now().Before(warm) {
+		f.publish(ctx, len(devs), 0, 1, 10*time.Second)
+		s.waitFor(1, time.Now().Add(2*time.Second))
+	}
+	if !s.waitFor(len(devs), warm) {
+		return r, errors.New("warm-up readings did not reach the broker within 60s")
+	}
+
+	pid := p.pid()
+	_ = resetHWM(pid)
+	// Sustained rate: N readings as fast as acknowledgements allow.
+	s.reset(false)
+	cpu0, _ := procCPU(pid)
+	start := time.Now()
+	pr := f.publish(ctx, cfg.Readings, 0, cfg.Window, 3*time.Minute)
+	r.PublishAckRate = float64(pr.Acked) / pr.Elapsed.Seconds()
+	if !s.waitFor(pr.Acked, time.Now().Add(3*time.Minute)) {
+		return r, fmt.Errorf("only %d of %d acknowledged readings reached the broker", s.count(), pr.Acked)
+	}
+	cpu1, _ := procCPU(pid)
+	st := s.stats()
+	r.Sustained = float64(st.N) / st.Last.Sub(start).Seconds()
+	r.CPUPer1000 = ms(cpu1-cpu0) * 1000 / float64(st.N)
+	r.Duplicates, r.Invalid = st.Dups, st.Invalid
+	if r.LimitRate > 0 {
+		r.Fraction = r.Sustained / r.LimitRate
+	}
+
+	// Latency at half and full sustained rate.
+	for _, frac := range []float64{0.5, 1} {
+		rate := r.Sustained * frac
+		total := int(rate * cfg.Paced.Seconds())
+		s.reset(true)
+		pr := f.publish(ctx, total, rate, cfg.Window, cfg.Paced+time.Minute)
+		s.waitFor(pr.Acked, time.Now().Add(2*time.Minute))
+		st := s.stats()
+		r.Duplicates += st.Dups
+		r.Invalid += st.Invalid
+		if frac == 0.5 {
+			r.HalfRate, r.P50Half, r.P99Half = rate, ms(st.P50), ms(st.P99)
+		} else {
+			r.FullRate, r.P50Full, r.P99Full = rate, ms(st.P50), ms(st.P99)
+		}
+	}
+	hwm, _, _ := procMem(pid)
+	r.PeakRSSMB = float64(hwm) / (1 << 20)
+	return r, nil
+}
+
+type backlogResult struct {
+	Mode          string  `json:"uplink_mode"`
+	Gateway       string  `json:"gateway"`
+	Lo            int     `json:"lo"`
+	Hi            int     `json:"hi"`
+	IngestRate    float64 `json:"ingest_readings_per_s"` // queued (PUBACKed) with the uplink down
+	RSSLoMB       float64 `json:"rss_mb_at_lo"`
+	RSSHiMB       float64 `json:"rss_mb_at_hi"`
+	PeakLoMB      float64 `json:"peak_rss_mb_to_lo"`
+	PeakHiMB      float64 `json:"peak_rss_mb_lo_to_hi"`
+	DiskPerLo     float64 `json:"disk_bytes_per_reading_at_lo"`
+	DiskPerHi     float64 `json:"disk_bytes_per_reading_at_hi"`
+	DrainRate     float64 `json:"drain_readings_per_s"`
+	PeakDrainMB   float64 `json:"peak_rss_mb_drain"`
+	DrainComplete bool    `json:"drain_complete"`
+	Error         string  `json:"error,omitempty"`
+}
+
+// runBacklog queues readings with the broker down (the sim closes every
+// connection), measures memory and disk at lo and hi queued, then brings
+// the broker back and measures the drain.
+func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (b backlogResult, err error) {
+	b.Mode, b.Lo, b.Hi = mode, cfg.BacklogLo, cfg.BacklogHi
+	dir, err := os.MkdirTemp(work, "backlog-")
+	if err != nil {
+		return b, err
+	}
+	defer os.RemoveAll(dir)
+	devs := makeDevices(cfg.Devices)
+	s := newSink()
+	sim, err := newSim(devs, s)
+	if err != nil {
+		return b, err
+	}
+	defer sim.Close()
+	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultDown, Target: centralsim.TargetBroker})
+	ca := filepath.Join(dir, "ca.pem")
+	if err := os.WriteFile(ca, sim.CACertPEM(), 0o600); err != nil {
+		return b, err
+	}
+	// Readings come in through Mosquitto: the embedded broker's ingest
+	// holds one reading per device per commit, which would make queuing
+	// 300k readings take minutes (see the end-to-end figures).
+	mq, err := startMosquitto(dir)
+	if err != nil {
+		return b, err
+	}
+	defer mq.stop()
+	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: sim.BrokerURL(), TokenURL: sim.TokenURL(), ClientID: benchClientID,
+		Secret: benchSecret, CAFile: ca, Mode: mode, MaxBatch: 256, Concurrency: 4, ExternalURL: mq.URL}
+	var p *proc
+	if mode == "filter" {
+		b.Gateway = "daemon"
+		p, err = startDaemon(bin, g)
+	} else {
+		b.Gateway = "in-process"
+		p, err = startInProcess(self, g, "")
+	}
+	if err != nil {
+		return b, err
+	}
+	defer func() {
+		if serr := p.stop(); serr != nil && err == nil {
+			err = fmt.Errorf("stop gateway: %w", serr)
+		}
+	}()
+	f, err := connectFleet(mq.URL, devs, false)
+	if err != nil {
+		return b, err
+	}
+	defer f.close()
+	pid := p.pid()
+	qdir := filepath.Join(dir, "state", "queue")
+
+	start := time.Now()
+	pr := f.publish(ctx, b.Lo, 0, cfg.Window, 10*time.Minute)
+	waitQueued(qdir, pid)
+	hwm, rss, _ := procMem(pid)
+	b.RSSLoMB, b.PeakLoMB = float64(rss)/(1<<20), float64(hwm)/(1<<20)
+	b.DiskPerLo = float64(diskUsage(qdir)) / float64(max(pr.Acked, 1))
+	_ = resetHWM(pid)
+	pr2 := f.publish(ctx, b.Hi-b.Lo, 0, cfg.Window, 20*time.Minute)
+	queued := pr.Acked + pr2.Acked
+	waitQueued(qdir, pid)
+	b.IngestRate = float64(queued) / time.Since(start).Seconds()
+	hwm, rss, _ = procMem(pid)
+	b.RSSHiMB, b.PeakHiMB = float64(rss)/(1<<20), float64(hwm)/(1<<20)
+	b.DiskPerHi = float64(diskUsage(qdir)) / float64(max(queued, 1))
+	if queued < b.Hi {
+		return b, fmt.Errorf("only %d of %d readings queued", queued, b.Hi)
+	}
+
+	_ = resetHWM(pid)
+	s.reset(false)
+	sim.ClearFault()
+	t0 := time.Now()
+	b.DrainComplete = s.waitFor(queued, t0.Add(10*time.Minute))
+	st := s.stats()
+	b.DrainRate = float64(st.N) / st.Last.Sub(t0).Seconds()
+	hwm, _, _ = procMem(pid)
+	b.PeakDrainMB = float64(hwm) / (1 << 20)
+	if !b.DrainComplete {
+		return b, fmt.Errorf("drain incomplete after 10 minutes: %d of %d", st.N, queued)
+	}
+	return b, nil
+}
+
+// waitQueued lets the gateway take in what Mosquitto still holds: it waits
+// (30s at most) until the queue directory stops growing.
+func waitQueued(qdir string, pid int) {
+	prev := int64(-1)
+	for range 60 {
+		cur := diskUsage(qdir)
+		c, _ := procCPU(pid)
+		time.Sleep(500 * time.Millisecond)
+		c2, _ := procCPU(pid)
+		if cur == prev && c2-c < 50*time.Millisecond {
+			return
+		}
+		prev = cur
+	}
+}

@@ -1,0 +1,46 @@
+# Chaos suite and fuzzing (issue 11). Included from the Makefile.
+#
+#   make chaos            the long chaos run: CHAOS_CYCLES SIGKILL cycles and
+#                         every fault scenario, against the real binary
+#   make fuzz             every fuzz target for FUZZTIME each (default 20s)
+#   make fuzz-strict      the same, with known product defects failing
+#
+# Crashers land in <pkg>/testdata/fuzz/<Target>/; commit them: `go test`
+# runs them as regression tests from then on.
+
+CHAOS_CYCLES  ?= 50
+CHAOS_TIMEOUT ?= 60m
+FUZZTIME      ?= 20s
+
+# package:target pairs; keep in step with the *_fuzz_test.go files.
+FUZZ_TARGETS := \
+	./reading:FuzzParse \
+	./reading:FuzzParseSealBody \
+	./config:FuzzLoad \
+	./sync:FuzzVerifyBundle \
+	./sync:FuzzOwnershipRows \
+	./uplink:FuzzClassify \
+	./accesstoken:FuzzVerify \
+	./envelope:FuzzOpen \
+	./envelope:FuzzVerifyAttrs \
+	./mqtt:FuzzTopicMatch \
+	./radio:FuzzMySensors \
+	./radio:FuzzJSONLines
+
+.PHONY: chaos chaos-short fuzz-all fuzz-strict
+
+chaos:
+	CHAOS_CYCLES=$(CHAOS_CYCLES) $(GO) test -count=1 -v -run 'Chaos' -timeout $(CHAOS_TIMEOUT) ./e2e
+
+chaos-short:
+	$(GO) test -count=1 -v -run 'Chaos' -timeout 10m ./e2e
+
+fuzz-all:
+	@set -e; for pt in $(FUZZ_TARGETS); do \
+	  pkg=$${pt%%:*}; fn=$${pt##*:}; \
+	  echo "== $$pkg $$fn ($(FUZZTIME))"; \
+	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg; \
+	done
+
+fuzz-strict:
+	EDGEGATE_FUZZ_STRICT=1 $(MAKE) fuzz-all

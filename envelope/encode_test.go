@@ -1,0 +1,98 @@
+package envelope
+
+import (
+	"encoding/json"
+	"math"
+	"testing"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jws"
+)
+
+// referenceSeal and referenceBody are the straightforward encoding/json and
+// jws.Sign implementations the hand-rolled encoders replace.
+func referenceSeal(t *testing.T, k Key, c Claims) string {
+	t.Helper()
+	payload, err := json.Marshal(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hdr := jws.NewHeaders()
+	_ = hdr.Set(jws.KeyIDKey, k.id)
+	_ = hdr.Set(jws.TypeKey, "edgegate-reading+jws")
+	out, err := jws.Sign(payload, jws.WithKey(k.alg, k.secret, jws.WithProtectedHeaders(hdr)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(out)
+}
+
+func referenceBody(t *testing.T, c Claims, compact, sigAttr string) []byte {
+	t.Helper()
+	type attr struct {
+		Type     string                     `json:"type"`
+		Value    any                        `json:"value"`
+		Metadata map[string]json.RawMessage `json:"metadata,omitempty"`
+	}
+	ts, _ := json.Marshal(map[string]string{"type": "DateTime", "value": c.Time.UTC().Format(time.RFC3339Nano)})
+	meta := map[string]json.RawMessage{"TimeInstant": ts}
+	out := map[string]attr{sigAttr: {Type: "string", Value: compact}}
+	for n, a := range c.Attrs {
+		out[n] = attr{Type: a.Type, Value: a.Value, Metadata: meta}
+	}
+	b, err := json.Marshal(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestEncodersMatchEncodingJSON(t *testing.T) {
+	k := testKey(t, "th-1", "k1-aaa", "k2-bbb")
+	tests := []struct {
+		name  string
+		attrs map[string]Attr
+	}{
+		{"numbers", map[string]Attr{"t": {"Number", 21.5}, "h": {"Number", 40.0}, "z": {"Number", 0.0}}},
+		{"float formats", map[string]Attr{"a": {"Number", 1e21}, "b": {"Number", 1e-7}, "c": {"Number", -123456789.125}, "d": {"Number", math.MaxFloat64}, "e": {"Number", 5e-324}}},
+		{"strings", map[string]Attr{"s": {"Text", "plain"}, "u": {"Text", "héllo \u2028 <b>&\"\\\n\x01"}, "bad": {"Text", "\xff\xfe"}}},
+		{"bool and null", map[string]Attr{"on": {"Boolean", true}, "off": {"Boolean", false}, "n": {"None", nil}}},
+		{"structured", map[string]Attr{"loc": {"StructuredValue", map[string]any{"z": []any{1.5, "x", nil, map[string]any{"b": true, "a": 2.0}}, "a": "b"}}}},
+		{"other types", map[string]Attr{"i": {"Number", 42}, "n": {"Number", json.Number("3.25")}}},
+		{"none", map[string]Attr{}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c := Claims{Version: Version, Gateway: "gw-1", Device: "th-1", Seq: 7,
+				Time: time.Date(2026, 11, 26, 5, 0, 0, 123456789, time.UTC), Attrs: tt.attrs}
+			got, err := Seal(k, c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := referenceSeal(t, k, c); got != want {
+				t.Errorf("Seal = %s\nwant %s", got, want)
+			}
+			if _, err := Open(got, k); err != nil {
+				t.Errorf("Open(Seal) = %v", err)
+			}
+			body, err := Body(c, got, "signature")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want := referenceBody(t, c, got, "signature"); string(body) != string(want) {
+				t.Errorf("Body = %s\nwant %s", body, want)
+			}
+		})
+	}
+}
+
+func TestSealRefusesWhatJSONRefuses(t *testing.T) {
+	k := testKey(t, "th-1", "k1-aaa", "k2-bbb")
+	c := Claims{Version: Version, Device: "th-1", Time: time.Now(), Attrs: map[string]Attr{"x": {"Number", math.NaN()}}}
+	if _, err := Seal(k, c); err == nil {
+		t.Error("Seal with NaN = nil error, want one")
+	}
+	if _, err := Body(c, "a.b.c", ""); err == nil {
+		t.Error("Body with NaN = nil error, want one")
+	}
+}

@@ -1,0 +1,191 @@
+package uplink
+
+import (
+	"encoding/json"
+	"net/http"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+type batchEntityJSON struct {
+	ID   string `json:"id"`
+	Type string `json:"type"`
+	Seq  struct {
+		Value int `json:"value"`
+	} `json:"seq"`
+}
+
+func decodeBatch(t *testing.T, body string) (string, []batchEntityJSON) {
+	t.Helper()
+	var b struct {
+		ActionType string            `json:"actionType"`
+		Entities   []batchEntityJSON `json:"entities"`
+	}
+	if err := json.Unmarshal([]byte(body), &b); err != nil {
+		t.Fatalf("batch body %q: %v", body, err)
+	}
+	return b.ActionType, b.Entities
+}
+
+func TestBatchRequestShapeAndOrder(t *testing.T) {
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		switch n % 5 {
+		case 2:
+			w.WriteHeader(http.StatusServiceUnavailable)
+		case 4:
+			orion(w, http.StatusUnauthorized, `{"result":false,"message":"Network problems"}`)
+		default:
+			w.WriteHeader(http.StatusNoContent)
+		}
+	})
+	q := newFakeQueue()
+	const devices, per = 10, 50
+	for d := range devices {
+		q.add(b.URL, "dev-"+strconv.Itoa(d), per)
+	}
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Mode: ModeBatch, Concurrency: 3, PerDevice: 7, BatchSize: 40,
+		MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+
+	// A device's readings: each request carries a run of consecutive seqs
+	// continuing (or, after a failure, repeating) the previous request's.
+	last := map[string]int{}
+	for i, r := range b.requests() {
+		if r.method != http.MethodPost || r.path != "/v2/op/update" {
+			t.Fatalf("request %d: %s %s, want POST /v2/op/update", i, r.method, r.path)
+		}
+		if got := r.header.Get("Authorization"); !strings.HasPrefix(got, "Bearer "+tokenCanary) {
+			t.Errorf("Authorization = %q", got)
+		}
+		action, ents := decodeBatch(t, r.body)
+		if action != "append" || len(ents) == 0 || len(ents) > 40 {
+			t.Fatalf("request %d: actionType %q with %d entities", i, action, len(ents))
+		}
+		perDev := map[string]int{}
+		first := map[string]int{}
+		for _, e := range ents {
+			if e.Type != "Sensor" {
+				t.Errorf("entity %s type %q", e.ID, e.Type)
+			}
+			perDev[e.ID]++
+			if _, ok := first[e.ID]; !ok {
+				first[e.ID] = e.Seq.Value
+			} else if e.Seq.Value != first[e.ID]+perDev[e.ID]-1 {
+				t.Errorf("request %d: %s seq %d out of order", i, e.ID, e.Seq.Value)
+			}
+		}
+		for dev, n := range perDev {
+			if n > 7 {
+				t.Errorf("request %d: %d readings of %s, want at most 7", i, n, dev)
+			}
+			if prev, ok := last[dev]; ok && first[dev] > prev+1 {
+				t.Errorf("device %s: seq %d after %d (gap)", dev, first[dev], prev)
+			}
+			last[dev] = first[dev] + n - 1
+		}
+	}
+	for d := range devices {
+		if got := last["dev-"+strconv.Itoa(d)]; got != per-1 {
+			t.Errorf("dev-%d: last seq %d, want %d", d, got, per-1)
+		}
+	}
+	if v := counter(t, h.m.Delivered.WithLabelValues(b.URL)); v != devices*per {
+		t.Errorf("Delivered = %v, want %d", v, devices*per)
+	}
+}
+
+func TestBatchNoDeviceInTwoRequests(t *testing.T) {
+	// Slow answers, so that overlapping requests would be seen.
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		time.Sleep(5 * time.Millisecond)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	var mu = &b.mu
+	inflight := map[string]int{}
+	var overlap []string
+	inner := b.respond
+	b.respond = func(w http.ResponseWriter, r *http.Request, n int) {
+		body := b.requests()[n-1].body
+		_, ents := decodeBatch(t, body)
+		devs := map[string]bool{}
+		for _, e := range ents {
+			devs[e.ID] = true
+		}
+		mu.Lock()
+		for d := range devs {
+			inflight[d]++
+			if inflight[d] > 1 {
+				overlap = append(overlap, d)
+			}
+		}
+		mu.Unlock()
+		inner(w, r, n)
+		mu.Lock()
+		for d := range devs {
+			inflight[d]--
+		}
+		mu.Unlock()
+	}
+	q := newFakeQueue()
+	for d := range 8 {
+		q.add(b.URL, "dev-"+strconv.Itoa(d), 30)
+	}
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, PerDevice: 3})
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+	mu.Lock()
+	defer mu.Unlock()
+	if len(overlap) > 0 {
+		t.Errorf("devices in two requests at once: %v", overlap)
+	}
+}
+
+func TestBatchPermanentSplitsThenDeadLettersOne(t *testing.T) {
+	// The broker refuses any request carrying bad/1.
+	var b *broker
+	b = newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		_, ents := decodeBatch(t, b.requests()[n-1].body)
+		for _, e := range ents {
+			if e.ID == "bad" && e.Seq.Value == 1 {
+				orion(w, http.StatusUnprocessableEntity, `{"error":"Unprocessable","description":"nope"}`)
+				return
+			}
+		}
+		w.WriteHeader(http.StatusNoContent)
+	})
+	q := newFakeQueue()
+	q.add(b.URL, "bad", 3)
+	q.add(b.URL, "good", 3)
+	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Mode: ModeBatch, Concurrency: 1})
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+	dl := q.deadLetters()
+	if len(dl) != 1 || dl[0].it.Device != "bad" || dl[0].it.Seq != 1 {
+		t.Fatalf("dead letters = %+v, want bad/1 only", dl)
+	}
+	if !strings.HasPrefix(dl[0].reason, "422") {
+		t.Errorf("reason = %q", dl[0].reason)
+	}
+}
+
+func TestBatchBody(t *testing.T) {
+	q := newFakeQueue()
+	q.add("https://b", "d1", 2)
+	its, _ := q.Peek(q.Lanes("https://b")[0], 2)
+	its[1].Type = `We"ird`
+	got, err := batchBody(its, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `{"actionType":"append","entities":[{"id":"d1","type":"Sensor","seq":{"type":"Integer","value":0}},{"id":"d1","type":"We\"ird","seq":{"type":"Integer","value":1}}]}`
+	if string(got) != want {
+		t.Errorf("batchBody = %s\nwant %s", got, want)
+	}
+	its[0].Body = []byte("[1]")
+	if _, err := batchBody(its, 0); err == nil {
+		t.Error("batchBody of a non-object = nil error")
+	}
+}
