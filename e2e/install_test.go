@@ -1,0 +1,143 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/edgegate/edgegate/centralsim"
+)
+
+// TestInstallerFlow is what an installer does on a fresh gateway, with the
+// real binary: `edgegate pair` (device authorization grant, approved at the
+// central service as user alice), `edgegate device add`, then
+// `edgegate run` with the configuration pair wrote — no client secret on
+// the gateway — and the device's readings arrive signed at the broker.
+func TestInstallerFlow(t *testing.T) {
+	sim, err := centralsim.New(centralsim.Options{
+		Pairing:  centralsim.PairingOptions{Interval: time.Second},
+		Gateways: map[string]string{centralsim.DefaultPairingClientID: "gw-install"},
+		Clients:  []centralsim.Client{{ID: centralsim.DefaultPairingClientID, Secret: "unused-secret-canary", Username: "alice"}},
+		MQTT:     true,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sim.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	defer sim.Close()
+	dir := t.TempDir()
+	ca := filepath.Join(dir, "central-ca.pem")
+	os.WriteFile(ca, sim.CACertPEM(), 0o644)
+	cfg := filepath.Join(dir, "etc", "edgegate.yaml")
+	state := filepath.Join(dir, "state")
+
+	// 1. pair: the installer reads the code and approves it on a phone.
+	pair := exec.Command(binary, "pair", "--central", sim.URL(), "--ca", ca, "--config", cfg,
+		"--state-dir", state, "--gateway-id", "gw-install")
+	pair.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
+	stdout, _ := pair.StdoutPipe()
+	var errOut bytes.Buffer
+	pair.Stderr = &errOut
+	if err := pair.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer pair.Process.Kill()
+	var shown bytes.Buffer
+	code := make(chan string, 1)
+	go func() {
+		re := regexp.MustCompile(`^\s+([B-Z]{4}-[B-Z]{4})\s*$`)
+		sc := bufio.NewScanner(io.TeeReader(stdout, &shown))
+		for sc.Scan() {
+			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+				select {
+				case code <- m[1]:
+				default:
+				}
+			}
+		}
+	}()
+	select {
+	case c := <-code:
+		if err := sim.ApproveDevice(c, "alice"); err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("pair showed no user code:\n%s\n%s", shown.String(), errOut.String())
+	}
+	waitExit(t, pair, 30*time.Second, &errOut)
+	out := shown.String()
+	for _, want := range []string{"enter the code", "█", "identity", "next steps"} {
+		if !strings.Contains(strings.ToLower(out), strings.ToLower(want)) {
+			t.Errorf("pair output lacks %q:\n%s", want, out)
+		}
+	}
+
+	// 2. device add, keys written for provisioning the device.
+	keys := filepath.Join(dir, "th-hall.keys")
+	add := exec.Command(binary, "device", "add", "--config", cfg, "--type", "TemperatureSensor", "--keys-out", keys,
+		"--attr", "temperature:float", "--attr", "n:integer", "th-hall")
+	add.Env = pair.Env
+	if o, err := add.CombinedOutput(); err != nil {
+		t.Fatalf("device add: %v\n%s", err, o)
+	}
+	kb, _ := os.ReadFile(keys)
+	k1 := regexp.MustCompile(`k1: (\S+)`).FindSubmatch(kb)
+	k2 := regexp.MustCompile(`k2: (\S+)`).FindSubmatch(kb)
+	if k1 == nil || k2 == nil {
+		t.Fatalf("keys file: %q", kb)
+	}
+	d := testDevice{ID: "th-hall", Type: "TemperatureSensor", Owner: "alice", K1: string(k1[1]), K2: string(k2[1])}
+
+	// 3. run with the configuration pair wrote (ports made ephemeral and
+	// logs machine-readable for the test).
+	body, err := os.ReadFile(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.NewReplacer("listen: 127.0.0.1:1883", "listen: 127.0.0.1:0",
+		"listen: 127.0.0.1:9464", "listen: 127.0.0.1:0", "format: text", "format: json").Replace(string(body))
+	if strings.Contains(text, "client_secret") {
+		t.Errorf("the paired configuration refers to a client secret:\n%s", text)
+	}
+	os.WriteFile(cfg, []byte(text), 0o640)
+	g := startGateway(t, cfg)
+	waitFor(t, 20*time.Second, "th-hall to log in with the synced policy", func() bool {
+		c, err := connect("tcp://"+g.MQTT, "probe", d.ID, devicePassword(t, d))
+		if err != nil {
+			return false
+		}
+		c.Disconnect(10)
+		return true
+	})
+	p := newPublisher(t, "tcp://"+g.MQTT, d)
+	for i := 1; i <= 3; i++ {
+		if !p.publish(i) {
+			t.Fatal("not acknowledged")
+		}
+	}
+	waitFor(t, 20*time.Second, "th-hall's readings at the broker", func() bool { return len(delivered(sim)[d.ID]) == 3 })
+	assertNoSecrets(t, g.log.String(), d)
+}
+
+func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration, errOut *bytes.Buffer) {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("%s: %v\n%s", cmd.Args[1], err, errOut.String())
+		}
+	case <-time.After(d):
+		t.Fatalf("%s did not finish", cmd.Args[1])
+	}
+}
