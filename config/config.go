@@ -38,6 +38,7 @@ type Config struct {
 	DevicesFile string   `yaml:"devices_file"`
 	Devices     []Device `yaml:"devices"`
 	Metrics     Metrics  `yaml:"metrics"`
+	Admin       Admin    `yaml:"admin"`
 	Log         Log      `yaml:"log"`
 
 	// Path is the file the configuration was read from.
@@ -54,6 +55,7 @@ type Store struct {
 	KeyFile    string   `yaml:"key_file"`
 	Credential string   `yaml:"credential"`
 	Quota      ByteSize `yaml:"quota"`
+	MinFree    ByteSize `yaml:"min_free"`
 	MaxBatch   int      `yaml:"max_batch"`
 }
 
@@ -199,6 +201,11 @@ type Metrics struct {
 	Listen string `yaml:"listen"`
 }
 
+// Admin configures the local admin API (a unix socket, never a port).
+type Admin struct {
+	Socket string `yaml:"socket"`
+}
+
 // Log configures logging.
 type Log struct {
 	Level  string `yaml:"level"`
@@ -218,7 +225,7 @@ const DeviceToken = "{device}"
 func Default() Config {
 	return Config{
 		StateDir: "/var/lib/edgegate",
-		Store:    Store{Credential: "store-key", Quota: 512 << 20, MaxBatch: 256},
+		Store:    Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256},
 		MQTT: MQTT{
 			Mode:     ModeEmbedded,
 			Topic:    "devices/{device}/telemetry",
@@ -231,6 +238,7 @@ func Default() Config {
 		},
 		Policy:  Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour},
 		Metrics: Metrics{Listen: "127.0.0.1:9464"},
+		Admin:   Admin{Socket: "/run/edgegate/admin.sock"},
 		Log:     Log{Level: "info", Format: "text"},
 	}
 }
@@ -359,6 +367,7 @@ func (c *Config) resolvePaths(dir string) {
 	abs(&c.Uplink.CAFile)
 	abs(&c.DevicesFile)
 	abs(&c.Policy.KeysFile)
+	abs(&c.Admin.Socket)
 }
 
 // KeyFile is the store key file in use: the configured one or
@@ -387,6 +396,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Store.Quota < 0 {
 		bad("store.quota", c.Store.Quota.String(), "must not be negative")
+	}
+	if c.Store.MinFree < 0 {
+		bad("store.min_free", c.Store.MinFree.String(), "must not be negative")
 	}
 	if c.Store.MaxBatch < 1 || c.Store.MaxBatch > 4096 {
 		bad("store.max_batch", strconv.Itoa(c.Store.MaxBatch), "must be between 1 and 4096")
@@ -631,6 +643,9 @@ func (c *Config) Validate() error {
 		if err := loopbackAddr(c.Metrics.Listen); err != nil {
 			bad("metrics.listen", c.Metrics.Listen, err.Error())
 		}
+	}
+	if c.Admin.Socket == "" || !filepath.IsAbs(c.Admin.Socket) {
+		bad("admin.socket", c.Admin.Socket, "must be an absolute path")
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

@@ -16,12 +16,15 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/edgegate/edgegate/accesstoken"
+	"github.com/edgegate/edgegate/admin"
+	"github.com/edgegate/edgegate/audit"
 	"github.com/edgegate/edgegate/config"
 	"github.com/edgegate/edgegate/identity"
 	"github.com/edgegate/edgegate/metrics"
@@ -126,6 +129,20 @@ func (s *stage) stop(log *slog.Logger) error {
 // Run runs the gateway until ctx is done (SIGTERM), then stops it in order.
 func (d *Daemon) Run(ctx context.Context) error {
 	cfg, log := d.cfg, d.log
+	// A factory reset stops the daemon; the state is wiped once the store
+	// is closed (this defer runs after the store's).
+	ctx, resetStop := context.WithCancel(ctx)
+	defer resetStop()
+	var wipe atomic.Bool
+	defer func() {
+		if wipe.Load() {
+			if err := wipeState(cfg.StateDir); err != nil {
+				log.Error("factory reset: wipe the state directory", "err", err)
+				return
+			}
+			log.Warn("factory reset: state, keys and credentials wiped; the gateway is unpaired")
+		}
+	}()
 
 	key, keySource, err := storekey.Load(cfg.Store.Credential, cfg.KeyFile(), os.Getenv)
 	if err != nil {
@@ -159,8 +176,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return fmt.Errorf("create state_dir: %w", err)
 	}
 	q, err := queue.Open(queue.Options{
-		Dir: cfg.QueueDir(), Key: key, QuotaBytes: int64(cfg.Store.Quota), MaxBatch: cfg.Store.MaxBatch,
-		Logger: log.With("component", "queue"), Metrics: d.metrics,
+		Dir: cfg.QueueDir(), Key: key, QuotaBytes: int64(cfg.Store.Quota), MinFreeBytes: int64(cfg.Store.MinFree),
+		MaxBatch: cfg.Store.MaxBatch,
+		Logger:   log.With("component", "queue"), Metrics: d.metrics,
 	})
 	clear(key)
 	if err != nil {
@@ -196,7 +214,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 			Metrics: d.metrics, Logger: log.With("component", "tokens"),
 		})
 	}
+	red := audit.NewRedactor()
+	red.Add(secret)
+	for _, dv := range cfg.Devices {
+		red.Add(dv.K1, dv.K2)
+	}
+	aud, err := audit.New(audit.Options{Path: filepath.Join(cfg.StateDir, "audit.log"), Logger: log.With("component", "audit"), Redactor: red})
+	if err != nil {
+		return fmt.Errorf("open the audit log: %w", err)
+	}
+	defer aud.Close()
 	engine.OnChange(policyEffects(q, d.metrics, log.With("component", "policy")))
+	engine.OnChange(func(ch policy.Change) {
+		aud.Record(context.Background(), audit.Event{Kind: audit.PolicyApplied, Cause: ch.New.Source,
+			Detail: fmt.Sprintf("%s; revoked %d, changed %d", ch.New.Describe(), len(ch.Revoked), len(ch.Rebound))})
+	})
 	var syncer *centralsync.Syncer
 	if cfg.Policy.Source != config.PolicyConfig {
 		// The cached policy is in force before any source or network starts.
@@ -216,9 +248,21 @@ func (d *Daemon) Run(ctx context.Context) error {
 		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.Concurrency),
 		Logger:     log.With("component", "uplink"), Metrics: d.metrics,
 	})
+	stats := newDeviceStats()
+	count := stats.observe(func(id string) bool { _, ok := engine.Current().Device(id); return ok })
 	pipe := pipeline.New(engine, watchedAppender{Appender: q, mon: mon}, pipeline.Options{
 		Gateway: d.gateway, SignatureAttr: cfg.Uplink.SignatureAttribute,
 		Logger: log.With("component", "pipeline"), Metrics: d.metrics,
+		Observe: func(device string, out pipeline.Outcome, reason string) {
+			count(device, out == pipeline.Queued)
+			if out == pipeline.Refused {
+				kind := audit.Kind(reason)
+				if reason == policy.ReasonUnknownDevice {
+					kind = audit.UnknownDevice
+				}
+				aud.Record(context.Background(), audit.Event{Kind: kind, Cause: reason, Device: device})
+			}
+		},
 	})
 	topic, err := mqtt.ParseTopic(cfg.MQTT.Topic)
 	if err != nil {
@@ -251,7 +295,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	case config.ModeEmbedded:
 		e := cfg.MQTT.Embedded
 		bo := mqtt.BrokerOptions{Listen: e.Listen, TLSListen: e.TLSListen, Topic: topic, Policy: engine,
-			Metrics: d.metrics, Logger: log, DeviceRate: e.DeviceRate, DeviceBurst: e.DeviceBurst, MaxClients: e.MaxClients}
+			Metrics: d.metrics, Logger: log, DeviceRate: e.DeviceRate, DeviceBurst: e.DeviceBurst, MaxClients: e.MaxClients,
+			OnDeny: func(action, reason, who string) {
+				aud.Record(context.Background(), audit.Event{Kind: audit.ACLDenied, Cause: action + "/" + reason, User: who})
+			}}
 		if e.TLSListen != "" {
 			bo.TLS, err = localTLS(q, e.CertFile, e.KeyFile, e.TLSNames, filepath.Join(cfg.StateDir, "tls", "ca.pem"), time.Now())
 			if err != nil {
@@ -316,6 +363,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	var radioStage *stage
+	var radioMgr *radio.Manager
 	if len(cfg.Radio.Ports) > 0 {
 		ports := make([]radio.PortConfig, 0, len(cfg.Radio.Ports))
 		for _, p := range cfg.Radio.Ports {
@@ -329,9 +377,25 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return fmt.Errorf("configure radio.ports: %w", err)
 		}
 		radioStage = start("radio", mgr.Run, errs)
+		radioMgr = mgr
 	}
 
-	log.Info("edgegate ready", "version", Version, "gateway", d.gateway, "devices", pol.Len(),
+	backend := &adminBackend{d: d, q: q, engine: engine, syncer: syncer, radio: radioMgr, mon: mon, stats: stats,
+		paired: cfg.Central.Credentials == config.CredentialsPaired, mqttTLS: mqttTLSAddr,
+		reset: func() {
+			aud.Record(context.Background(), audit.Event{Kind: audit.FactoryReset, Cause: "admin"})
+			d.revokePairing(q)
+			wipe.Store(true)
+			resetStop()
+		}}
+	adm, err := admin.Listen(admin.ServerOptions{Socket: d.adminSocket(), Backend: backend, Audit: aud, Logger: log.With("component", "admin")})
+	if err != nil {
+		d.stopAll([]*stage{radioStage, ingest}, queueStage, uplinkStage, syncStage, metricsStage)
+		return fmt.Errorf("open the admin socket: %w", err)
+	}
+	adminStage := start("admin", adm.Run, errs)
+
+	log.Info("edgegate ready", "version", Version, "admin", adm.Addr(), "gateway", d.gateway, "devices", pol.Len(),
 		"mqtt", mqttAddr, "mqtt_tls", mqttTLSAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir)
 	// Under systemd (Type=notify) start-up ends here, not at exec: units
 	// ordered after edgegate wait until every stage is up.
@@ -371,7 +435,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if watchdog != nil {
 		_ = watchdog.stop(log)
 	}
-	if err := d.stopAll([]*stage{radioStage, ingest}, queueStage, uplinkStage, syncStage, metricsStage); err != nil && runErr == nil {
+	if err := d.stopAll([]*stage{adminStage, radioStage, ingest}, queueStage, uplinkStage, syncStage, metricsStage); err != nil && runErr == nil {
 		runErr = err
 	}
 	log.Info("stopped")
@@ -550,4 +614,42 @@ func (d *Daemon) reload() {
 	keep := *d.cfg
 	keep.Devices, keep.DevicesFile, keep.Log = next.Devices, next.DevicesFile, next.Log
 	d.cfg = &keep
+}
+
+// adminSocket is admin.socket, or the systemd RuntimeDirectory's admin.sock
+// when the default is kept.
+func (d *Daemon) adminSocket() string {
+	if d.cfg.Admin.Socket != "" && d.cfg.Admin.Socket != admin.DefaultSocket {
+		return d.cfg.Admin.Socket
+	}
+	if rd := os.Getenv("RUNTIME_DIRECTORY"); rd != "" {
+		return filepath.Join(rd, "admin.sock")
+	}
+	if st, err := os.Stat(filepath.Dir(admin.DefaultSocket)); err == nil && st.IsDir() {
+		return admin.DefaultSocket
+	}
+	// Not under systemd (a test, a demo, a manual run): next to the state.
+	return filepath.Join(d.cfg.StateDir, "admin.sock")
+}
+
+// revokePairing revokes the paired refresh token at the provider, where it
+// supports revocation, before a factory reset wipes it.
+func (d *Daemon) revokePairing(q *queue.Queue) {
+	if d.cfg.Central.Credentials != config.CredentialsPaired {
+		return
+	}
+	creds, err := centralsync.LoadCredentials(q)
+	if err != nil {
+		return
+	}
+	var signer centralsync.AssertionSigner
+	if d.identity != nil {
+		signer, _ = centralsync.SignerFor(creds, d.identity)
+	}
+	ca, _ := loadPool(d.cfg.Central.CAFile)
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	if err := centralsync.Revoke(ctx, uplink.NewHTTPClient(ca, 10*time.Second, 1), creds, signer); err != nil {
+		d.log.Warn("factory reset: the refresh token could not be revoked at the provider", "err", err)
+	}
 }

@@ -33,9 +33,15 @@ type Options struct {
 	// on disk (every file under Dir, refreshed every second by Run) reaches
 	// it; 0 = none.
 	QuotaBytes int64
-	MaxBatch   int              // entries per group commit, default 256
-	Logger     *slog.Logger     // nil = discard
-	Metrics    *metrics.Metrics // nil ok
+	// MinFreeBytes refuses Append with ErrQuota while the filesystem has
+	// less free space than this. Badger writes its memtable through a
+	// sparse memory map: running out of space there is a SIGBUS, not an
+	// error, so the store must stop writing well before the disk is full.
+	// 0 = no floor.
+	MinFreeBytes int64
+	MaxBatch     int              // entries per group commit, default 256
+	Logger       *slog.Logger     // nil = discard
+	Metrics      *metrics.Metrics // nil ok
 	// GCInterval is how often Run runs value-log GC; default 5 minutes.
 	GCInterval time.Duration
 }
@@ -54,6 +60,8 @@ type Queue struct {
 	log      *slog.Logger
 	met      *metrics.Metrics
 	quota    int64
+	minFree  int64
+	free     atomic.Int64 // free bytes of the filesystem, refreshed with disk
 	maxBatch int
 	gcEvery  time.Duration
 
@@ -155,6 +163,7 @@ func Open(opts Options) (*Queue, error) {
 		log:      log,
 		met:      opts.Metrics,
 		quota:    opts.QuotaBytes,
+		minFree:  opts.MinFreeBytes,
 		maxBatch: opts.MaxBatch,
 		gcEvery:  opts.GCInterval,
 		reqs:     make(chan *request, opts.MaxBatch),
@@ -250,6 +259,9 @@ func (q *Queue) Append(ctx context.Context, e Entry) (Item, error) {
 	}
 	if q.quota > 0 && q.disk.Load() >= q.quota {
 		return Item{}, fmt.Errorf("append: %d of %d bytes used: %w", q.disk.Load(), q.quota, ErrQuota)
+	}
+	if free := q.free.Load(); q.minFree > 0 && free >= 0 && free < q.minFree {
+		return Item{}, fmt.Errorf("append: %d bytes free on the disk, at least %d kept free: %w", free, q.minFree, ErrQuota)
 	}
 	req := &request{ctx: ctx, entry: e, done: make(chan result, 1)}
 	q.closeMu.RLock()
@@ -398,6 +410,7 @@ func (q *Queue) refreshSize() {
 		return nil
 	})
 	q.disk.Store(total)
+	q.free.Store(freeBytes(q.dir))
 }
 
 // nextSeq returns the next sequence number for device without consuming it.
@@ -436,6 +449,19 @@ func (q *Queue) commit(batch []*request) {
 	q.commitMu.Lock()
 	defer q.commitMu.Unlock()
 
+	// Look at the disk right before writing: a disk filled by someone else
+	// within the last second must not reach badger's memory-mapped
+	// memtable, where running out of space is a crash, not an error.
+	if q.minFree > 0 {
+		free := freeBytes(q.dir)
+		q.free.Store(free)
+		if free >= 0 && free < q.minFree {
+			for _, r := range batch {
+				r.done <- result{err: fmt.Errorf("append: %d bytes free on the disk, at least %d kept free: %w", free, q.minFree, ErrQuota)}
+			}
+			return
+		}
+	}
 	// No monotonic reading: the Item returned equals the one Peek decodes.
 	now := time.Now().Round(0)
 	recs := make([]record, 0, len(batch))
