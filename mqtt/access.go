@@ -87,6 +87,7 @@ type accessHook struct {
 	limited *ratelog.Limiter
 	m       *metrics.Metrics
 	now     func() time.Time
+	onDeny  func(action, reason, who string)
 
 	mu         sync.Mutex
 	principals map[*mochi.Client]*principal
@@ -109,6 +110,9 @@ func (h *accessHook) Provides(b byte) bool {
 func (h *accessHook) deny(action, reason, who string, args ...any) {
 	if h.m != nil {
 		h.m.AccessDenied.WithLabelValues(action, reason).Inc()
+	}
+	if h.onDeny != nil {
+		h.onDeny(action, reason, who)
 	}
 	h.limited.Log(context.Background(), slog.LevelWarn, action+"/"+reason+"/"+who, "local MQTT access denied",
 		append([]any{"action", action, "reason", reason, "who", who}, args...)...)

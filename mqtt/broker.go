@@ -45,6 +45,8 @@ type BrokerOptions struct {
 	DeviceBurst int
 	// MaxClients bounds concurrent connections (0: 256).
 	MaxClients int
+	// OnDeny, when set, is told of every access refusal (the audit log).
+	OnDeny func(action, reason, who string)
 }
 
 // Broker is the MQTT broker embedded in the daemon.
@@ -95,6 +97,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 		return nil, errors.New("embedded broker: no policy for access control")
 	}
 	access := newAccessHook(opts.Policy, opts.Tokens, opts.Topic, log.With("component", "mqtt-access"), opts.Metrics)
+	access.onDeny = opts.OnDeny
 	if err := srv.AddHook(access, nil); err != nil {
 		return nil, fmt.Errorf("add access hook: %w", err)
 	}

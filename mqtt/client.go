@@ -47,8 +47,10 @@ type Client struct {
 
 	ctx    context.Context // cancelled when Run is stopping
 	cancel context.CancelFunc
-	sem    chan struct{}
 	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	lanes map[string]chan paho.Message // per device, in arrival order
 }
 
 // NewClient builds the ingest client; Run connects it.
@@ -71,7 +73,7 @@ func NewClient(sub Submitter, opts ClientOptions) *Client {
 		opts.RetryInterval = time.Second
 	}
 	c := &Client{sub: sub, opts: opts, log: log, limited: ratelog.New(log, 10*time.Second),
-		sem: make(chan struct{}, opts.Inflight)}
+		lanes: map[string]chan paho.Message{}}
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }
@@ -94,7 +96,10 @@ func (c *Client) Run(ctx context.Context) error {
 		SetClientID(c.opts.ClientID).
 		SetCleanSession(false).
 		SetAutoAckDisabled(true).
-		SetOrderMatters(false).
+		// paho hands messages over in arrival order; dispatch keeps each
+		// device's order through its own lane while devices proceed in
+		// parallel.
+		SetOrderMatters(true).
 		SetResumeSubs(true).
 		SetAutoReconnect(true).
 		SetConnectRetry(true).
@@ -114,12 +119,12 @@ func (c *Client) Run(ctx context.Context) error {
 	}
 	// Messages of the persistent session can arrive before Subscribe
 	// returns; the default handler takes them.
-	po.SetDefaultPublishHandler(c.handle)
+	po.SetDefaultPublishHandler(c.dispatch)
 	po.SetOnConnectHandler(func(cl paho.Client) {
 		// Subscribe on every connection: harmless with a kept session, and
 		// required on the first one or after the broker lost its state.
 		go func() {
-			if err := waitToken(cl.Subscribe(filter, 1, c.handle), 10*time.Second); err != nil {
+			if err := waitToken(cl.Subscribe(filter, 1, c.dispatch), 10*time.Second); err != nil {
 				c.log.Error("subscribe failed; reconnecting", "filter", filter, "err", err)
 				cl.Disconnect(0) // auto-reconnect tries again
 				return
@@ -138,7 +143,9 @@ func (c *Client) Run(ctx context.Context) error {
 	// connected; no wait needed here: ctx decides how long we try.
 	cl.Connect()
 	<-ctx.Done()
+	c.mu.Lock()
 	c.cancel()
+	c.mu.Unlock()
 	done := make(chan struct{})
 	go func() { c.wg.Wait(); close(done) }()
 	select {
@@ -151,22 +158,53 @@ func (c *Client) Run(ctx context.Context) error {
 	return nil
 }
 
-func (c *Client) handle(_ paho.Client, m paho.Message) {
-	c.wg.Add(1)
-	defer c.wg.Done()
+// dispatch runs on paho's router, in arrival order: it hands the message to
+// its device's lane and returns at once. How many messages wait in lanes is
+// bounded by the broker's in-flight window for this client (Mosquitto's
+// max_inflight_messages): the broker sends no more until we acknowledge.
+func (c *Client) dispatch(_ paho.Client, m paho.Message) {
 	if c.ctx.Err() != nil {
 		return // shutting down: not acknowledged, the broker redelivers
 	}
-	select {
-	case c.sem <- struct{}{}:
-	case <-c.ctx.Done():
-		return
-	}
-	defer func() { <-c.sem }()
-
 	device, ok := c.opts.Topic.Match(m.Topic())
 	if !ok {
 		m.Ack() // not a reading topic (a broad subscription elsewhere); nothing to keep
+		return
+	}
+	c.mu.Lock()
+	if c.ctx.Err() != nil { // checked under mu: Run cancels under mu before it waits
+		c.mu.Unlock()
+		return
+	}
+	lane, ok := c.lanes[device]
+	if !ok {
+		lane = make(chan paho.Message, 4096)
+		c.lanes[device] = lane
+		c.wg.Add(1)
+		go c.drainLane(device, lane)
+	}
+	c.mu.Unlock()
+	select {
+	case lane <- m:
+	case <-c.ctx.Done():
+	}
+}
+
+// drainLane submits one device's readings in order; it ends with Run.
+func (c *Client) drainLane(device string, lane chan paho.Message) {
+	defer c.wg.Done()
+	for {
+		select {
+		case <-c.ctx.Done():
+			return // what is left stays unacknowledged: the broker redelivers
+		case m := <-lane:
+			c.handle(device, m)
+		}
+	}
+}
+
+func (c *Client) handle(device string, m paho.Message) {
+	if c.ctx.Err() != nil {
 		return
 	}
 	msg := pipeline.Message{
