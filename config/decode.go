@@ -91,7 +91,11 @@ func decodeValue(n *yaml.Node, v reflect.Value, path string) error {
 		seen := map[string]bool{}
 		for i := 0; i+1 < len(n.Content); i += 2 {
 			k, val := n.Content[i], n.Content[i+1]
-			key := join(path, k.Value)
+			name := k.Value
+			if name == "" || k.Kind != yaml.ScalarNode {
+				name = `""`
+			}
+			key := join(path, name)
 			idx, ok := fields[k.Value]
 			if !ok {
 				return &FieldError{Key: key, Line: k.Line, Msg: "is not a known key" + suggest(k.Value, fields)}

@@ -20,6 +20,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/edgegate/edgegate/accesstoken"
@@ -175,11 +176,25 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create state_dir: %w", err)
 	}
-	q, err := queue.Open(queue.Options{
+	qopts := queue.Options{
 		Dir: cfg.QueueDir(), Key: key, QuotaBytes: int64(cfg.Store.Quota), MinFreeBytes: int64(cfg.Store.MinFree),
 		MaxBatch: cfg.Store.MaxBatch,
 		Logger:   log.With("component", "queue"), Metrics: d.metrics,
-	})
+	}
+	q, err := queue.Open(qopts)
+	if err != nil && corrupt(err) {
+		// A corrupt store is moved aside whole, never repaired in place
+		// or deleted: what it holds stays there for recovery, and the
+		// gateway keeps working with an empty store.
+		moved := cfg.QueueDir() + ".quarantined-" + time.Now().UTC().Format("20060102T150405Z")
+		if rerr := os.Rename(cfg.QueueDir(), moved); rerr != nil {
+			clear(key)
+			return fmt.Errorf("open queue: %w (and it could not be quarantined: %v)", err, rerr)
+		}
+		log.Error("the store is corrupt: quarantined; starting with an empty store. The readings queued in it, the cached policy and the pairing are kept in the quarantined copy; they are not delivered. Pair again if this gateway was paired.",
+			"err", err, "quarantined", moved)
+		q, err = queue.Open(qopts)
+	}
 	clear(key)
 	if err != nil {
 		return fmt.Errorf("open queue: %w", err)
@@ -652,4 +667,16 @@ func (d *Daemon) revokePairing(q *queue.Queue) {
 	if err := centralsync.Revoke(ctx, uplink.NewHTTPClient(ca, 10*time.Second, 1), creds, signer); err != nil {
 		d.log.Warn("factory reset: the refresh token could not be revoked at the provider", "err", err)
 	}
+}
+
+// corrupt tells a damaged store from the failures that quarantining must
+// not hide: the wrong key (its data is intact), a lock held by another
+// process, a permission problem.
+func corrupt(err error) bool {
+	switch {
+	case errors.Is(err, badger.ErrEncryptionKeyMismatch), errors.Is(err, os.ErrPermission):
+		return false
+	}
+	msg := err.Error()
+	return !strings.Contains(msg, "Cannot acquire directory lock") && !strings.Contains(msg, "resource temporarily unavailable")
 }

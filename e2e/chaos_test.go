@@ -935,7 +935,12 @@ wait:
 		outcome = fmt.Sprintf("started, %d of %d acknowledged readings never delivered within 30s", miss, h.ackedCount())
 	}
 	t.Logf("chaos result: corrupted store: corrupted %s; acked %d, delivered %d; %s", strings.Join(what, ", "), v.Acked, v.Delivered, outcome)
-	if !exited && miss > 0 {
+	quarantined := strings.Contains(log, "quarantined")
+	if !exited && miss > 0 && quarantined {
+		// Not silent: the store was moved aside whole with a loud error;
+		// the acknowledged readings it held are kept there for recovery.
+		t.Logf("the corrupted store was quarantined with %d acknowledged readings kept in it", miss)
+	} else if !exited && miss > 0 {
 		clear := strings.Contains(strings.ToLower(log), "corrupt") || strings.Contains(strings.ToLower(log), "checksum")
 		if !clear {
 			t.Errorf("silent loss: the daemon started on a corrupted store and %d acknowledged readings never arrived, with no error in its log:\n%s", miss, tail(log, 20))
