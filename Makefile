@@ -38,4 +38,4 @@ clean:
 
 include packaging.mk
 include chaos.mk
-include bench.mk
+-include bench.mk

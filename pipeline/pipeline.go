@@ -75,6 +75,9 @@ type Options struct {
 	Logger        *slog.Logger
 	Metrics       *metrics.Metrics
 	Now           func() time.Time
+	// Observe, when set, is told the outcome of every settled message
+	// (reason is set for a refusal): status counters and the audit log.
+	Observe func(device string, out Outcome, reason string)
 }
 
 // Pipeline turns messages into queued, signed readings.
@@ -87,6 +90,7 @@ type Pipeline struct {
 	limited *ratelog.Limiter
 	m       *metrics.Metrics
 	now     func() time.Time
+	observe func(device string, out Outcome, reason string)
 }
 
 // New builds a pipeline.
@@ -105,7 +109,7 @@ func New(pol Decider, q Appender, opts Options) *Pipeline {
 	}
 	return &Pipeline{
 		policy: pol, queue: q, gw: opts.Gateway, sigAttr: sigAttr,
-		log: log, limited: ratelog.New(log, 30*time.Second), m: opts.Metrics, now: now,
+		log: log, limited: ratelog.New(log, 30*time.Second), m: opts.Metrics, now: now, observe: opts.Observe,
 	}
 }
 
@@ -168,6 +172,9 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 	if p.m != nil {
 		p.m.Ingested.WithLabelValues(msg.Source.Kind).Inc()
 	}
+	if p.observe != nil {
+		p.observe(dev.ID, Queued, "")
+	}
 	return Queued, nil
 }
 
@@ -181,6 +188,9 @@ func reasonOf(err error) string {
 func (p *Pipeline) refuse(ctx context.Context, reason string, msg Message, why string) {
 	if p.m != nil {
 		p.m.Refused.WithLabelValues(reason).Inc()
+	}
+	if p.observe != nil {
+		p.observe(msg.Device, Refused, reason)
 	}
 	dev := msg.Device
 	if len(dev) > 64 {

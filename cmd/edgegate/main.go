@@ -61,6 +61,10 @@ commands:
   run --config FILE          run the gateway daemon
   config template            print a commented example configuration
   config check --config FILE validate a configuration file
+  status [--json]            show the running gateway (admin socket)
+  doctor                     check the installation; exit 0 only when all is well
+  data export|erase          export or erase a device's or an owner's data
+  factory-reset              wipe state and credentials, back to unpaired
   pair --central URL [flags] pair with the central service (device grant, QR code)
   unpair [--config FILE]     revoke the tokens and wipe the pairing
   device add|list|remove     register devices in the central IoT directory
@@ -86,6 +90,14 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return runVerify(rest, stdin, stdout, stderr)
 	case "central-sim":
 		return runCentralSim(ctx, rest, stdout, stderr)
+	case "status":
+		return runStatus(ctx, rest, stdout, stderr)
+	case "doctor":
+		return runDoctor(ctx, rest, stdout, stderr)
+	case "data":
+		return runData(ctx, rest, stdin, stdout, stderr)
+	case "factory-reset":
+		return runFactoryReset(ctx, rest, stdin, stdout, stderr)
 	case "pair":
 		return runPair(ctx, rest, stdin, stdout, stderr)
 	case "unpair":
