@@ -66,16 +66,16 @@ func (s *deviceStats) get(device string) deviceCount {
 
 // adminBackend answers the local admin API from the running daemon.
 type adminBackend struct {
-	d       *Daemon
-	q       *queue.Queue
-	engine  *policy.Engine
-	syncer  *centralsync.Syncer // nil with policy.source config
-	radio   *radio.Manager      // nil without radio ports
-	mon     *stallMonitor
-	stats   *deviceStats
-	reset   func() // asks the daemon to stop and wipe its state
-	paired  bool
-	mqttTLS string
+	d         *Daemon
+	q         *queue.Queue
+	engine    *policy.Engine
+	syncer    *centralsync.Syncer // nil with policy.source config
+	radio     *radio.Manager      // nil without radio ports
+	mon       *stallMonitor
+	stats     *deviceStats
+	reset     func() // asks the daemon to stop and wipe its state
+	paired    bool
+	mqttAddrs string
 }
 
 func (b *adminBackend) Status(ctx context.Context) admin.Status {
@@ -109,7 +109,7 @@ func (b *adminBackend) Status(ctx context.Context) admin.Status {
 		health = err.Error()
 	}
 	st.Stages = append(st.Stages, admin.StageStatus{Name: "queue and uplink", Healthy: health == "making progress", Detail: health})
-	st.Stages = append(st.Stages, admin.StageStatus{Name: "local MQTT broker", Healthy: true, Detail: b.d.cfg.MQTT.Mode + " " + b.mqttTLS})
+	st.Stages = append(st.Stages, admin.StageStatus{Name: "local MQTT broker", Healthy: true, Detail: b.d.cfg.MQTT.Mode + ", " + b.mqttAddrs})
 	if b.radio != nil {
 		for _, ps := range b.radio.Ports() {
 			detail := fmt.Sprintf("%s, %d frames ok, %d bad, %d reconnects", ps.Codec, ps.FramesOK, ps.FramesBad, ps.Reconnects)

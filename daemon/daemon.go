@@ -229,6 +229,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			Metrics: d.metrics, Logger: log.With("component", "tokens"),
 		})
 	}
+	if d.identity == nil {
+		// The gateway's stable id, shown by status even before pairing.
+		if d.identity, err = identity.Load(q); err != nil {
+			return fmt.Errorf("load gateway identity: %w", err)
+		}
+	}
 	red := audit.NewRedactor()
 	red.Add(secret)
 	for _, dv := range cfg.Devices {
@@ -396,7 +402,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	backend := &adminBackend{d: d, q: q, engine: engine, syncer: syncer, radio: radioMgr, mon: mon, stats: stats,
-		paired: cfg.Central.Credentials == config.CredentialsPaired, mqttTLS: mqttTLSAddr,
+		// Provisioned either way: paired (refresh token) or a client secret.
+		paired:    cfg.Central.Credentials == config.CredentialsPaired || cfg.Central.ClientSecretFile != "",
+		mqttAddrs: strings.TrimSpace(mqttAddr + " " + mqttTLSAddr),
 		reset: func() {
 			aud.Record(context.Background(), audit.Event{Kind: audit.FactoryReset, Cause: "admin"})
 			d.revokePairing(q)

@@ -33,6 +33,8 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
+	// Readable by all: a test runs the CLI as an unprivileged user.
+	_ = os.Chmod(dir, 0o755)
 	binary = filepath.Join(dir, "edgegate")
 	build := exec.Command("go", "build", "-o", binary, "../cmd/edgegate")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
