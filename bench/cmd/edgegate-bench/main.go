@@ -22,16 +22,18 @@ import (
 )
 
 type config struct {
-	Quick      bool
-	Devices    int
-	Readings   int           // per sustained-rate measurement
-	Paced      time.Duration // per latency measurement
-	BacklogLo  int
-	BacklogHi  int
-	Window     int // unacknowledged publishes per device
-	Out        string
-	ProfileDir string
-	Skip       map[string]bool
+	Quick     bool
+	Devices   int
+	Readings  int           // per sustained-rate measurement
+	Paced     time.Duration // per latency measurement
+	BacklogLo int
+	BacklogHi int
+	Window    int // unacknowledged publishes per device
+	// DrainWindow bounds the backlog drain measurement.
+	DrainWindow time.Duration
+	Out         string
+	ProfileDir  string
+	Skip        map[string]bool
 }
 
 func main() {
@@ -63,6 +65,10 @@ func run() error {
 	cfg.Quick = os.Getenv("BENCH_QUICK") == "1"
 	cfg.Devices = envInt("BENCH_DEVICES", 16)
 	cfg.Window = 32
+	cfg.DrainWindow = 60 * time.Second
+	if cfg.Quick {
+		cfg.DrainWindow = 15 * time.Second
+	}
 	if cfg.Quick {
 		cfg.Readings, cfg.Paced, cfg.BacklogLo, cfg.BacklogHi = 2000, 2*time.Second, 5000, 15000
 	} else {

@@ -92,3 +92,23 @@ func cpuModel() string {
 	}
 	return "unknown"
 }
+
+// procRSSParts returns RssAnon and RssFile (+RssShmem) of pid, in bytes:
+// anonymous memory is what the process holds; file-backed pages (mmapped
+// badger tables and logs) are page cache the kernel can drop under pressure.
+func procRSSParts(pid int) (anon, file int64) {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, line := range strings.Split(string(b), "\n") {
+		for _, k := range []string{"RssAnon:", "RssFile:", "RssShmem:"} {
+			if v, ok := strings.CutPrefix(line, k); ok {
+				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+				if k == "RssAnon:" {
+					anon = kb << 10
+				} else {
+					file += kb << 10
+				}
+			}
+		}
+	}
+	return anon, file
+}

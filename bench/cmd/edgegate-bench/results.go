@@ -53,13 +53,17 @@ func printTable(w io.Writer, res *results) {
 	}
 	tw.Flush()
 	fmt.Fprintln(w)
-	fmt.Fprintln(tw, "| backlog (uplink down) | queued | ingest /s | RSS MB lo → hi | peak MB lo / hi | disk B/reading lo / hi | drain /s | peak MB drain |")
+	fmt.Fprintln(tw, "| backlog (uplink down) | queued | ingest /s | RSS MB lo → hi | peak MB lo / hi | disk B/reading lo / hi | drain /s (drained) | peak MB drain |")
 	fmt.Fprintln(tw, "|---|---|---|---|---|---|---|---|")
 	for _, b := range res.Backlog {
-		fmt.Fprintf(tw, "| %s, %s | %d → %d | %.0f | %.1f → %.1f | %.1f / %.1f | %.0f / %.0f | %.0f | %.1f |%s\n",
-			b.Mode, b.Gateway, b.Lo, b.Hi, b.IngestRate, b.RSSLoMB, b.RSSHiMB, b.PeakLoMB, b.PeakHiMB, b.DiskPerLo, b.DiskPerHi, b.DrainRate, b.PeakDrainMB, errNote(b.Error))
+		fmt.Fprintf(tw, "| %s, %s | %d → %d | %.0f | %.1f → %.1f | %.1f / %.1f | %.0f / %.0f | %.0f (%d) | %.1f |%s\n",
+			b.Mode, b.Gateway, b.Lo, b.Hi, b.IngestRate, b.RSSLoMB, b.RSSHiMB, b.PeakLoMB, b.PeakHiMB, b.DiskPerLo, b.DiskPerHi, b.DrainRate, b.Drained, b.PeakDrainMB, errNote(b.Error))
 	}
 	tw.Flush()
+	for _, b := range res.Backlog {
+		fmt.Fprintf(w, "  %s: RSS = anonymous %.1f → %.1f MB + file-backed (mmapped badger files) %.1f → %.1f MB\n",
+			b.Mode, b.AnonLoMB, b.AnonHiMB, b.FileLoMB, b.FileHiMB)
+	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(tw, "| policy devices | compile (policy.New) ms | DecideIngest ns | unknown device ns | heap MB |")
 	fmt.Fprintln(tw, "|---|---|---|---|---|")

@@ -208,6 +208,11 @@ type backlogResult struct {
 	DrainRate     float64 `json:"drain_readings_per_s"`
 	PeakDrainMB   float64 `json:"peak_rss_mb_drain"`
 	DrainComplete bool    `json:"drain_complete"`
+	Drained       int     `json:"drained_in_window"`
+	AnonLoMB      float64 `json:"rss_anon_mb_at_lo"`
+	AnonHiMB      float64 `json:"rss_anon_mb_at_hi"`
+	FileLoMB      float64 `json:"rss_file_mb_at_lo"`
+	FileHiMB      float64 `json:"rss_file_mb_at_hi"`
 	Error         string  `json:"error,omitempty"`
 }
 
@@ -272,6 +277,8 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	waitQueued(qdir, pid)
 	hwm, rss, _ := procMem(pid)
 	b.RSSLoMB, b.PeakLoMB = float64(rss)/(1<<20), float64(hwm)/(1<<20)
+	anon, file := procRSSParts(pid)
+	b.AnonLoMB, b.FileLoMB = float64(anon)/(1<<20), float64(file)/(1<<20)
 	b.DiskPerLo = float64(diskUsage(qdir)) / float64(max(pr.Acked, 1))
 	_ = resetHWM(pid)
 	pr2 := f.publish(ctx, b.Hi-b.Lo, 0, cfg.Window, 20*time.Minute)
@@ -280,6 +287,8 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	b.IngestRate = float64(queued) / time.Since(start).Seconds()
 	hwm, rss, _ = procMem(pid)
 	b.RSSHiMB, b.PeakHiMB = float64(rss)/(1<<20), float64(hwm)/(1<<20)
+	anon, file = procRSSParts(pid)
+	b.AnonHiMB, b.FileHiMB = float64(anon)/(1<<20), float64(file)/(1<<20)
 	b.DiskPerHi = float64(diskUsage(qdir)) / float64(max(queued, 1))
 	if queued < b.Hi {
 		return b, fmt.Errorf("only %d of %d readings queued", queued, b.Hi)
@@ -289,14 +298,21 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	s.reset(false)
 	sim.ClearFault()
 	t0 := time.Now()
-	b.DrainComplete = s.waitFor(queued, t0.Add(10*time.Minute))
+	// The drain rate is measured over a bounded window (the whole backlog
+	// of a slow mode would take minutes); what is left is dropped with the
+	// state directory.
+	b.DrainComplete = s.waitFor(queued, t0.Add(cfg.DrainWindow))
 	st := s.stats()
-	b.DrainRate = float64(st.N) / st.Last.Sub(t0).Seconds()
+	b.Drained = st.N
+	if st.N > 0 {
+		end := st.Last
+		if !b.DrainComplete {
+			end = time.Now()
+		}
+		b.DrainRate = float64(st.N) / end.Sub(t0).Seconds()
+	}
 	hwm, _, _ = procMem(pid)
 	b.PeakDrainMB = float64(hwm) / (1 << 20)
-	if !b.DrainComplete {
-		return b, fmt.Errorf("drain incomplete after 10 minutes: %d of %d", st.N, queued)
-	}
 	return b, nil
 }
 
