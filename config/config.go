@@ -107,6 +107,8 @@ type Central struct {
 
 // Uplink configures delivery to the brokers.
 type Uplink struct {
+	Mode               string        `yaml:"mode"`
+	BatchSize          int           `yaml:"batch_size"`
 	Concurrency        int           `yaml:"concurrency"`
 	SendKeys           bool          `yaml:"send_keys"`
 	SignatureAttribute string        `yaml:"signature_attribute"`
@@ -233,7 +235,7 @@ func Default() Config {
 			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second},
 		},
 		Uplink: Uplink{
-			Concurrency: 4, SignatureAttribute: "signature",
+			Mode: "filter", BatchSize: 256, Concurrency: 4, SignatureAttribute: "signature",
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
 		Policy:  Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour},
@@ -494,6 +496,14 @@ func (c *Config) Validate() error {
 		bad("central.credentials", c.Central.Credentials, "must be secret_file or paired")
 	}
 
+	switch c.Uplink.Mode {
+	case "filter", "batch":
+	default:
+		bad("uplink.mode", c.Uplink.Mode, "must be filter (one PATCH per reading, what the Orion Broker Filter accepts) or batch (POST /v2/op/update, for brokers reached directly)")
+	}
+	if c.Uplink.BatchSize < 1 || c.Uplink.BatchSize > 1000 {
+		bad("uplink.batch_size", strconv.Itoa(c.Uplink.BatchSize), "must be between 1 and 1000")
+	}
 	if c.Uplink.Concurrency < 1 || c.Uplink.Concurrency > 64 {
 		bad("uplink.concurrency", strconv.Itoa(c.Uplink.Concurrency), "must be between 1 and 64")
 	}

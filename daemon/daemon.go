@@ -264,6 +264,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	gated := &gatedSource{Source: q, engine: engine, grace: cfg.Policy.ExpiryGrace, now: time.Now,
 		log: log.With("component", "policy")}
 	up := uplink.New(watchedSource{Source: gated, mon: mon}, tokens, engine, uplink.Options{
+		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize,
 		Concurrency: cfg.Uplink.Concurrency, SendKeys: cfg.Uplink.SendKeys,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
 		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.Concurrency),
