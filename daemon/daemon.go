@@ -308,7 +308,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return fmt.Errorf("listen metrics.listen %s: %w", cfg.Metrics.Listen, err)
 		}
 		metricsAddr = ln.Addr().String()
-		metricsStage = start("metrics", func(ctx context.Context) error { return d.serveMetrics(ctx, ln) }, errs)
+		metricsStage = start("metrics", func(ctx context.Context) error { return d.serveMetrics(ctx, ln, mon.healthy) }, errs)
 	}
 
 	var ingest *stage
@@ -481,11 +481,18 @@ func (d *Daemon) stopAll(producers []*stage, queueStage *stage, network ...*stag
 	return errors.Join(errs...)
 }
 
-func (d *Daemon) serveMetrics(ctx context.Context, ln net.Listener) error {
+func (d *Daemon) serveMetrics(ctx context.Context, ln net.Listener, healthy func() error) error {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(d.metrics.Registry, promhttp.HandlerOpts{}))
+	// The same verdict as the systemd watchdog's: the committer and the
+	// uplink loops make progress.
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "text/plain")
+		if err := healthy(); err != nil {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte("unhealthy: " + err.Error() + "\n"))
+			return
+		}
 		_, _ = w.Write([]byte("ok\n"))
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -164,4 +165,53 @@ func assertAbsent(t *testing.T, dir, s string) {
 	if files == 0 {
 		t.Fatalf("no files under %s", dir)
 	}
+}
+
+// TestFactoryReset: `edgegate factory-reset --yes` stops the daemon and
+// wipes its state (queue, keys, identity, caches); it starts again as new,
+// with another identity.
+func TestFactoryReset(t *testing.T) {
+	a := dev("fr-1", "alice")
+	sim := startSim(t, a)
+	dir := t.TempDir()
+	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{}, a)
+	g := startGateway(t, cfg)
+	resp, err := http.Get("http://" + g.Metrics + "/healthz")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("/healthz = %d, want 200", resp.StatusCode)
+	}
+	sock := filepath.Join(dir, "state", "admin.sock")
+	var before struct {
+		ID string `json:"identity_thumbprint"`
+	}
+	json.Unmarshal([]byte(run(t, 0, "status", "--json", "--socket", sock)), &before)
+	p := newPublisher(t, "tcp://"+g.MQTT, a)
+	if !p.publish(1) {
+		t.Fatal("not acknowledged")
+	}
+	run(t, 0, "factory-reset", "--yes", "--socket", sock)
+	select {
+	case <-g.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the daemon did not stop after a factory reset")
+	}
+	entries, _ := os.ReadDir(filepath.Join(dir, "state"))
+	for _, e := range entries {
+		if e.Name() != "audit.log" && e.Name() != "admin.sock" {
+			t.Errorf("left in the state directory after a factory reset: %s", e.Name())
+		}
+	}
+	g2 := startGateway(t, cfg)
+	var after struct {
+		ID string `json:"identity_thumbprint"`
+	}
+	json.Unmarshal([]byte(run(t, 0, "status", "--json", "--socket", sock)), &after)
+	if before.ID == "" || after.ID == before.ID {
+		t.Errorf("identity before %q, after %q: want a new one", before.ID, after.ID)
+	}
+	g2.term()
 }
