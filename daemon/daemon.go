@@ -55,6 +55,7 @@ type Daemon struct {
 	gateway  string
 	identity *identity.Identity // set when a policy source needs it
 	levels   *slog.LevelVar     // the log level, changed by a reload
+	clock    *clock
 }
 
 // SetLevelVar lets a reload change the log level of the daemon's logger.
@@ -66,7 +67,7 @@ func New(cfg *config.Config, log *slog.Logger) *Daemon {
 	if gw == "" {
 		gw = DefaultGatewayID()
 	}
-	return &Daemon{cfg: cfg, log: log, metrics: metrics.New(), gateway: gw}
+	return &Daemon{cfg: cfg, log: log, metrics: metrics.New(), gateway: gw, clock: newClock(os.Getenv)}
 }
 
 // DefaultGatewayID is "edgegate-" and the host name, reduced to the
@@ -216,7 +217,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		tokens, err = centralsync.NewPairedTokenSource(centralsync.PairedOptions{
 			Store: q, Identity: id, HTTPClient: centralClient,
-			ClientCredentials: centralsync.ClientCredentials{Metrics: d.metrics, Logger: log.With("component", "tokens")},
+			ClientCredentials: centralsync.ClientCredentials{Metrics: d.metrics, Logger: log.With("component", "tokens"), Now: d.clock.Now},
 		})
 		if err != nil {
 			return fmt.Errorf("central.credentials paired: %w (run edgegate pair)", err)
@@ -226,7 +227,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		tokens = centralsync.NewTokenSource(centralsync.ClientCredentials{
 			TokenURL: cfg.Central.TokenURL, ClientID: cfg.Central.ClientID, ClientSecret: secret,
 			Scopes: cfg.Central.Scopes, HTTPClient: centralClient,
-			Metrics: d.metrics, Logger: log.With("component", "tokens"),
+			Metrics: d.metrics, Logger: log.With("component", "tokens"), Now: d.clock.Now,
 		})
 	}
 	if d.identity == nil {
@@ -253,7 +254,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	var syncer *centralsync.Syncer
 	if cfg.Policy.Source != config.PolicyConfig {
 		// The cached policy is in force before any source or network starts.
-		syncer, d.identity, err = newSyncer(cfg, d.gateway, engine, q, tokens, centralClient, centralCAs, d.metrics, log)
+		syncer, d.identity, err = newSyncer(cfg, d.gateway, engine, q, tokens, centralClient, centralCAs, d.metrics, log, d.clock.Now)
 		if err != nil {
 			return err
 		}
@@ -261,20 +262,20 @@ func (d *Daemon) Run(ctx context.Context) error {
 	// The systemd watchdog's view of the pipeline: the committer and the
 	// uplink loops are timed through the queue interfaces they use.
 	mon := newStallMonitor(stallWindow, time.Now)
-	gated := &gatedSource{Source: q, engine: engine, grace: cfg.Policy.ExpiryGrace, now: time.Now,
+	gated := &gatedSource{Source: q, engine: engine, grace: cfg.Policy.ExpiryGrace, now: d.clock.Now,
 		log: log.With("component", "policy")}
 	up := uplink.New(watchedSource{Source: gated, mon: mon}, tokens, engine, uplink.Options{
 		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize,
 		Concurrency: cfg.Uplink.Concurrency, SendKeys: cfg.Uplink.SendKeys,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
 		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.Concurrency),
-		Logger:     log.With("component", "uplink"), Metrics: d.metrics,
+		Logger:     log.With("component", "uplink"), Metrics: d.metrics, Now: d.clock.Now,
 	})
 	stats := newDeviceStats()
 	count := stats.observe(func(id string) bool { _, ok := engine.Current().Device(id); return ok })
 	pipe := pipeline.New(engine, watchedAppender{Appender: q, mon: mon}, pipeline.Options{
 		Gateway: d.gateway, SignatureAttr: cfg.Uplink.SignatureAttribute,
-		Logger: log.With("component", "pipeline"), Metrics: d.metrics,
+		Logger: log.With("component", "pipeline"), Metrics: d.metrics, Now: d.clock.Now,
 		Observe: func(device string, out pipeline.Outcome, reason string) {
 			count(device, out == pipeline.Queued)
 			if out == pipeline.Refused {
@@ -317,7 +318,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	case config.ModeEmbedded:
 		e := cfg.MQTT.Embedded
 		bo := mqtt.BrokerOptions{Listen: e.Listen, TLSListen: e.TLSListen, Topic: topic, Policy: engine,
-			Metrics: d.metrics, Logger: log, DeviceRate: e.DeviceRate, DeviceBurst: e.DeviceBurst, MaxClients: e.MaxClients,
+			Metrics: d.metrics, Logger: log, Now: d.clock.Now, DeviceRate: e.DeviceRate, DeviceBurst: e.DeviceBurst, MaxClients: e.MaxClients,
 			OnDeny: func(action, reason, who string) {
 				aud.Record(context.Background(), audit.Event{Kind: audit.ACLDenied, Cause: action + "/" + reason, User: who})
 			}}
@@ -332,6 +333,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			v, err := accesstoken.New(accesstoken.Options{
 				Issuer: cfg.Central.Issuer, Audience: cfg.Central.Audience, JWKSURL: cfg.Central.JWKSURL,
 				HTTPClient: uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2), Store: q,
+				Now: d.clock.Now,
 			})
 			if err != nil {
 				d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)

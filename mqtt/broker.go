@@ -47,6 +47,8 @@ type BrokerOptions struct {
 	MaxClients int
 	// OnDeny, when set, is told of every access refusal (the audit log).
 	OnDeny func(action, reason, who string)
+	// Now is the wall clock for token expiry (default time.Now).
+	Now func() time.Time
 }
 
 // Broker is the MQTT broker embedded in the daemon.
@@ -98,6 +100,9 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	}
 	access := newAccessHook(opts.Policy, opts.Tokens, opts.Topic, log.With("component", "mqtt-access"), opts.Metrics)
 	access.onDeny = opts.OnDeny
+	if opts.Now != nil {
+		access.now = opts.Now
+	}
 	if err := srv.AddHook(access, nil); err != nil {
 		return nil, fmt.Errorf("add access hook: %w", err)
 	}
