@@ -115,6 +115,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 		ups[i] = Update{Device: e.id, User: user, Attrs: attrs, Verdict: verdict, Detail: detail}
 		if claims.Version != 0 {
 			ups[i].Gateway, ups[i].Seq = claims.Gateway, claims.Seq
+			ups[i].Alg, ups[i].KeyID = s.keyOfSignature(attrs)
 		}
 	}
 

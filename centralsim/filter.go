@@ -168,6 +168,7 @@ func (s *Server) handlePatchAttrs(w http.ResponseWriter, r *http.Request) {
 	}
 	if claims.Version != 0 { // signature verified: the claims can be trusted
 		u.Gateway, u.Seq = claims.Gateway, claims.Seq
+		u.Alg, u.KeyID = s.keyOfSignature(attrs.raw)
 	}
 	s.recordLocked(&u)
 	s.mu.Unlock()
@@ -223,14 +224,14 @@ func (s *Server) verdictOf(dev Device, body []byte, raw map[string]json.RawMessa
 	if _, signed := raw[s.opts.SignatureAttr]; !signed {
 		return VerdictUnsigned, "", envelope.Claims{}
 	}
-	if dev.K1 == "" || dev.K2 == "" {
-		return VerdictNoKey, "device has no K1/K2", envelope.Claims{}
-	}
-	key, err := envelope.DeriveHS256(dev.ID, dev.K1, dev.K2)
+	keys, err := deviceVerifyKeys(dev)
 	if err != nil {
-		return VerdictNoKey, "cannot derive the device key", envelope.Claims{}
+		return VerdictNoKey, err.Error(), envelope.Claims{}
 	}
-	c, err := envelope.VerifyAttrs(body, key, s.opts.SignatureAttr)
+	if len(keys) == 0 {
+		return VerdictNoKey, "device has no K1/K2 and no public key", envelope.Claims{}
+	}
+	c, err := envelope.VerifyAttrsWith(body, keys, s.opts.SignatureAttr)
 	switch {
 	case err == nil && c.Device != dev.ID:
 		return VerdictTampered, fmt.Sprintf("entity %q carries a reading of device %q", dev.ID, c.Device), c

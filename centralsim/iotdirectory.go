@@ -49,6 +49,8 @@ type DirectoryDevice struct {
 	EdgegatewayType string   `json:"edgegateway_type"`
 	EdgegatewayURI  string   `json:"edgegateway_uri"`
 	Attributes      []string `json:"attributes"`
+	Signing         string   `json:"signing,omitempty"`   // edgegate: who signs
+	PublicKey       string   `json:"publickey,omitempty"` // the newest public key (JWK)
 }
 
 func directoryKO(w http.ResponseWriter, msg, detail string) {
@@ -74,12 +76,14 @@ func (s *Server) handleIoTDirectory(w http.ResponseWriter, r *http.Request) {
 	switch f.Get("action") {
 	case "insert":
 		s.directoryInsert(w, user, f)
+	case "update":
+		s.directoryUpdate(w, user, f)
 	case "delete":
 		s.directoryDelete(w, user, f)
 	case "get_all_device":
 		s.directoryList(w, user)
 	default:
-		directoryKO(w, "Unknown action", "action must be insert, delete or get_all_device")
+		directoryKO(w, "Unknown action", "action must be insert, update, delete or get_all_device")
 	}
 }
 
@@ -120,7 +124,12 @@ func (s *Server) directoryInsert(w http.ResponseWriter, user string, f url.Value
 		directoryKO(w, "Invalid attributes", "Problem in insert device (attributes must be a JSON array)")
 		return
 	}
-	d := Device{ID: id, Type: typ, Owner: user, K1: k1, K2: k2}
+	pubs, err := parsePublicKeyParam(f.Get("publickey"))
+	if err != nil {
+		directoryKO(w, "Invalid publickey", "Problem in insert device (publickey: "+err.Error()+")")
+		return
+	}
+	d := Device{ID: id, Type: typ, Owner: user, K1: k1, K2: k2, PublicKeys: pubs}
 	for _, a := range attrs {
 		d.Attrs = append(d.Attrs, a.ValueName)
 	}
@@ -134,6 +143,7 @@ func (s *Server) directoryInsert(w http.ResponseWriter, user string, f url.Value
 			return
 		}
 		d.Radio = rb
+		d.Signing = edgeSigning(f.Get("edgegateway_uri"))
 	}
 	if err := validDevice(d); err != nil {
 		directoryKO(w, "Invalid device", "Problem in insert device ("+err.Error()+")")
@@ -185,7 +195,10 @@ func (s *Server) directoryList(w http.ResponseWriter, user string) {
 			continue
 		}
 		row := DirectoryDevice{ID: d.ID, DeviceType: d.Type, ContextBroker: s.opts.BrokerName, Owner: d.Owner,
-			Attributes: append([]string{}, d.Attrs...)}
+			Attributes: append([]string{}, d.Attrs...), Signing: d.Signing}
+		if len(d.PublicKeys) > 0 {
+			row.PublicKey = string(d.PublicKeys[0])
+		}
 		if d.Radio != nil {
 			row.EdgegatewayType = EdgeGatewayType
 			row.EdgegatewayURI = "radio?" + url.Values{"port": {d.Radio.Port}, "node": {strconv.Itoa(d.Radio.Node)},
@@ -229,3 +242,63 @@ func parseEdgeURI(raw string) (gw string, rb *policy.RadioBinding, err error) {
 type errString string
 
 func (e errString) Error() string { return string(e) }
+
+// edgeSigning reads the "signing" parameter of an edgegateway_uri
+// (edgegate://GW/mqtt?signing=device): who signs the device's readings.
+func edgeSigning(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return ""
+	}
+	return u.Query().Get("signing")
+}
+
+// directoryUpdate is action=update as key rotation uses it: id,
+// contextbroker and a new publickey, which goes in front of the device's
+// keys (the old ones stay, for older readings). The real directory's
+// update takes the whole device; only the key is changed here.
+func (s *Server) directoryUpdate(w http.ResponseWriter, user string, f url.Values) {
+	id := f.Get("id")
+	if id == "" || f.Get("contextbroker") == "" || f.Get("publickey") == "" {
+		directoryKO(w, "Missing Parameters", "Problem in update device (Missing parameters: id, contextbroker, publickey)")
+		return
+	}
+	pubs, err := parsePublicKeyParam(f.Get("publickey"))
+	if err != nil || len(pubs) != 1 {
+		directoryKO(w, "Invalid publickey", "Problem in update device (publickey must be one public key)")
+		return
+	}
+	s.mu.Lock()
+	d, ok := s.devices[id]
+	s.mu.Unlock()
+	if !ok || f.Get("contextbroker") != s.opts.BrokerName {
+		directoryKO(w, "Unrecognized device", "Problem in update device (Unrecognized device)")
+		return
+	}
+	if d.Owner != user {
+		directoryKO(w, "Not ownership or enough right to update", "Problem in update device ()")
+		return
+	}
+	if err := s.RotateDeviceKey(id, pubs[0]); err != nil {
+		directoryKO(w, "Invalid device", "Problem in update device ("+err.Error()+")")
+		return
+	}
+	s.log.Info("device key rotated", "device", id, "owner", user)
+	// The directory does not keep which gateway serves a device: nudge
+	// every gateway it knows.
+	nudged := false
+	if s.push != nil {
+		for _, gw := range sortedKeys(invert(s.opts.Gateways)) {
+			nudged = s.Push(gw, false) == nil || nudged
+		}
+	}
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "msg": "Device updated", "nudged": nudged})
+}
+
+func invert(m map[string]string) map[string]string {
+	out := make(map[string]string, len(m))
+	for k, v := range m {
+		out[v] = k
+	}
+	return out
+}

@@ -63,6 +63,12 @@ type ElementDetails struct {
 	K2            string `json:"k2"`
 	ContextBroker string `json:"contextbroker"`
 	Type          string `json:"type"`
+	// PublicKey is the device's newest public key (a JWK), as the platform
+	// keeps it; PublicKeys (an edgegate extension) is the JWK Set of all
+	// of them, newest first, so older readings stay verifiable.
+	PublicKey  string `json:"publickey,omitempty"`
+	PublicKeys string `json:"publickeys,omitempty"`
+	Signing    string `json:"signing,omitempty"`
 }
 
 // DelegationRow is a row of the personal-data service's delegation lists,
@@ -142,7 +148,13 @@ func (s *Server) OwnershipRows(user string) []OwnershipRow {
 		if r.device.Owner != user {
 			continue
 		}
-		det := ElementDetails{K1: r.device.K1, K2: r.device.K2, ContextBroker: s.opts.BrokerName, Type: r.device.Type}
+		det := ElementDetails{K1: r.device.K1, K2: r.device.K2, ContextBroker: s.opts.BrokerName, Type: r.device.Type,
+			Signing: r.device.Signing}
+		if len(r.device.PublicKeys) > 0 {
+			det.PublicKey = string(r.device.PublicKeys[0])
+			set, _ := json.Marshal(map[string]any{"keys": r.device.PublicKeys})
+			det.PublicKeys = string(set)
+		}
 		b, _ := json.Marshal(det) // plain strings: cannot fail
 		if r.id%2 == 1 {
 			b, _ = json.Marshal(string(b))

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/http"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -337,7 +338,8 @@ func (s *Server) policyContentLocked(user string) ([]policy.Registration, []poli
 		if user != "" && d.Owner != user {
 			continue
 		}
-		r := policy.Registration{ID: d.ID, Type: d.Type, Owner: d.Owner, Broker: s.BrokerURL(), K1: d.K1, K2: d.K2}
+		r := policy.Registration{ID: d.ID, Type: d.Type, Owner: d.Owner, Broker: s.BrokerURL(), K1: d.K1, K2: d.K2,
+			Signing: d.Signing, PublicKeys: slices.Clone(d.PublicKeys)}
 		if d.Radio != nil {
 			b := *d.Radio
 			r.Radio = &b

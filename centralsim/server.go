@@ -28,6 +28,7 @@ import (
 	"crypto/rsa"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -76,6 +77,14 @@ type Device struct {
 	// Radio binds the device to a radio source at its gateway; it is
 	// carried into policy bundles.
 	Radio *policy.RadioBinding `json:"radio,omitempty"`
+	// Signing is who signs the device's readings (policy.SigningHS256,
+	// SigningGateway, SigningDevice; "" = HS256), from the edgegateway_uri
+	// "signing" parameter of the directory insert; carried into bundles.
+	Signing string `json:"signing,omitempty"`
+	// PublicKeys are the device's public keys (JWKs), newest first: the
+	// platform's elementDetails.publickey (the newest) and the keys the
+	// filter verifies with. Old keys stay after a rotation.
+	PublicKeys []json.RawMessage `json:"public_keys,omitempty"`
 }
 
 // Client is an OAuth2 confidential client with a service account.

@@ -27,6 +27,8 @@ type Update struct {
 	User      string                     `json:"user"`
 	Gateway   string                     `json:"gateway,omitempty"` // from the verified claims
 	Seq       uint64                     `json:"seq,omitempty"`     // from the verified claims
+	KeyID     string                     `json:"kid,omitempty"`     // the key that verified
+	Alg       string                     `json:"alg,omitempty"`     // its algorithm
 	Attrs     map[string]json.RawMessage `json:"attrs"`             // as received
 	Verdict   string                     `json:"verdict"`
 	Detail    string                     `json:"detail,omitempty"` // why the verdict is not "valid"
@@ -89,6 +91,9 @@ func validDevice(d Device) error {
 	case (d.K1 == "") != (d.K2 == ""):
 		return errors.New("k1 and k2 must be both set or both empty")
 	}
+	if _, err := deviceVerifyKeys(d); err != nil {
+		return err
+	}
 	for _, a := range d.Attrs {
 		if a == "" || a == "id" || a == "type" {
 			return fmt.Errorf("attrs: invalid attribute name %q", a)
@@ -118,6 +123,7 @@ func validDelegation(dl Delegation) error {
 // entity with every model attribute (value null), unless it exists.
 func (s *Server) addDeviceLocked(d Device) {
 	d.Attrs = slices.Clone(d.Attrs)
+	d.PublicKeys = slices.Clone(d.PublicKeys)
 	if d.Radio != nil {
 		r := *d.Radio
 		d.Radio = &r

@@ -34,6 +34,7 @@ type Config struct {
 	Central     Central  `yaml:"central"`
 	Uplink      Uplink   `yaml:"uplink"`
 	Policy      Policy   `yaml:"policy"`
+	Pipeline    Pipeline `yaml:"pipeline"`
 	Radio       Radio    `yaml:"radio"`
 	DevicesFile string   `yaml:"devices_file"`
 	Devices     []Device `yaml:"devices"`
@@ -131,6 +132,10 @@ type Device struct {
 	Service     string        `yaml:"fiware_service"`
 	ServicePath string        `yaml:"fiware_service_path"`
 	Radio       *RadioBinding `yaml:"radio"`
+	// Signing: hs256 (from K1/K2, the default), gateway (the gateway's
+	// key for the device, in the store) or device (the device signs).
+	Signing    string   `yaml:"signing"`
+	PublicKeys []string `yaml:"public_keys"` // JWK, JWK Set or PEM; newest first
 }
 
 // RadioBinding ties a device to a radio source: a port, and on a MySensors
@@ -183,6 +188,15 @@ type Ownership struct {
 	Username       string            `yaml:"username"`
 	DefaultType    string            `yaml:"default_type"`
 	Brokers        map[string]string `yaml:"brokers"`
+}
+
+// Pipeline configures checks on every reading.
+type Pipeline struct {
+	// MaxClockSkew refuses a reading observed further in the future;
+	// MaxAge one observed longer ago (0: off). Both are skipped while the
+	// gateway's clock is obviously unsynchronised.
+	MaxClockSkew time.Duration `yaml:"max_clock_skew"`
+	MaxAge       time.Duration `yaml:"max_age"`
 }
 
 // Radio configures the serial radio links.
@@ -238,10 +252,11 @@ func Default() Config {
 			Mode: "filter", BatchSize: 256, Concurrency: 4, SignatureAttribute: "signature",
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
-		Policy:  Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour},
-		Metrics: Metrics{Listen: "127.0.0.1:9464"},
-		Admin:   Admin{Socket: "/run/edgegate/admin.sock"},
-		Log:     Log{Level: "info", Format: "text"},
+		Pipeline: Pipeline{MaxClockSkew: 5 * time.Minute},
+		Policy:   Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour},
+		Metrics:  Metrics{Listen: "127.0.0.1:9464"},
+		Admin:    Admin{Socket: "/run/edgegate/admin.sock"},
+		Log:      Log{Level: "info", Format: "text"},
 	}
 }
 
@@ -635,6 +650,14 @@ func (c *Config) Validate() error {
 		if d.ServicePath != "" && !strings.HasPrefix(d.ServicePath, "/") {
 			bad(key+".fiware_service_path", d.ServicePath, "must start with /")
 		}
+		switch d.Signing {
+		case "", "hs256", "gateway", "device":
+		default:
+			bad(key+".signing", d.Signing, "must be hs256, gateway or device")
+		}
+		if (d.Signing == "gateway" || d.Signing == "device") && len(d.PublicKeys) == 0 {
+			bad(key+".public_keys", "", "must list the device's public key(s) when signing is "+d.Signing)
+		}
 		if r := d.Radio; r != nil {
 			switch {
 			case !ports[r.Port]:
@@ -656,6 +679,12 @@ func (c *Config) Validate() error {
 	}
 	if c.Admin.Socket == "" || !filepath.IsAbs(c.Admin.Socket) {
 		bad("admin.socket", c.Admin.Socket, "must be an absolute path")
+	}
+	if c.Pipeline.MaxClockSkew < 0 {
+		bad("pipeline.max_clock_skew", c.Pipeline.MaxClockSkew.String(), "must not be negative (0: off)")
+	}
+	if c.Pipeline.MaxAge < 0 {
+		bad("pipeline.max_age", c.Pipeline.MaxAge.String(), "must not be negative (0: off)")
 	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":

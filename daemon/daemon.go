@@ -7,6 +7,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -27,6 +28,7 @@ import (
 	"github.com/edgegate/edgegate/admin"
 	"github.com/edgegate/edgegate/audit"
 	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/devkey"
 	"github.com/edgegate/edgegate/identity"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/mqtt"
@@ -276,7 +278,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	pipe := pipeline.New(engine, watchedAppender{Appender: q, mon: mon}, pipeline.Options{
 		Gateway: d.gateway, SignatureAttr: cfg.Uplink.SignatureAttribute,
 		Logger: log.With("component", "pipeline"), Metrics: d.metrics, Now: d.clock.Now,
+		// Private keys of gateway-signed devices, from the encrypted store.
+		SigningKeys:  devkey.NewRing(q),
+		MaxClockSkew: cfg.Pipeline.MaxClockSkew, MaxAge: cfg.Pipeline.MaxAge,
 		Observe: func(device string, out pipeline.Outcome, reason string) {
+			if out == pipeline.Duplicate {
+				return // a redelivery recognised by (device, seq): neither queued nor refused
+			}
 			count(device, out == pipeline.Queued)
 			if out == pipeline.Refused {
 				kind := audit.Kind(reason)
@@ -584,9 +592,18 @@ func configPolicy(cfg *config.Config) (*policy.Policy, error) {
 		if dv.Radio != nil {
 			rb = &policy.RadioBinding{Port: dv.Radio.Port, Node: dv.Radio.NodeOrAny(), Child: dv.Radio.ChildOrAny()}
 		}
+		var keys []json.RawMessage
+		for i, k := range dv.PublicKeys {
+			ks, err := policy.ParsePublicKeys([]byte(k))
+			if err != nil {
+				return nil, fmt.Errorf("devices[%s].public_keys[%d]: %w", dv.ID, i, err)
+			}
+			keys = append(keys, ks...)
+		}
 		regs = append(regs, policy.Registration{
 			ID: dv.ID, Type: dv.Type, Owner: dv.Owner, Broker: strings.TrimRight(dv.Broker, "/"),
 			Service: svc, ServicePath: path, K1: dv.K1, K2: dv.K2, Radio: rb,
+			Signing: dv.Signing, PublicKeys: keys,
 		})
 	}
 	return policy.New(0, config.PolicyConfig, regs)

@@ -28,10 +28,47 @@
 // unpadded base64url of the first 9 bytes of SHA-256("edgegate/kid/v1" || key):
 // it names the key without revealing it, so a verifier can tell "signed with
 // another key" from "changed after signing".
+//
+// # Asymmetric keys and device-signed readings
+//
+// A device may instead have EdDSA (Ed25519) or ES256 (ECDSA P-256) keys
+// (keys.go): GenerateKey, ParseKey/ParseKeys (JWK, JWK Set, PEM),
+// PublicJWK. Their kid is the RFC 7638 thumbprint of the public key. The
+// private key is held either by the gateway (in its encrypted store) or by
+// the device itself. A device that signs its own readings sends, as its
+// MQTT payload, a compact JWS in exactly the format Seal produces:
+//
+//	protected header  {"alg":"EdDSA","kid":"<RFC 7638 thumbprint>","typ":"edgegate-reading+jws"}
+//	                  (alg EdDSA or ES256, the kid of a key registered for the device)
+//	payload           {"v":1,"gw":"","dev":"<device id>","seq":<n>,"t":"<RFC 3339 time>",
+//	                   "attrs":{"<name>":{"type":"<NGSI type>","value":<JSON value>},...}}
+//
+// "gw" is empty: the device, not a gateway, vouches for the content. "seq"
+// starts at 1 and rises with every reading, across the device's reboots
+// (keep it in flash, or start from a clock-derived value); the gateway
+// refuses a seq not above the last one it accepted, and recognises an
+// unchanged retransmission as a duplicate. The gateway forwards the JWS
+// untouched as the signature attribute, with the NGSI attributes taken from
+// the verified claims, so a verifier needs only the device's public key.
+//
+// # Verifying, for a platform-side service
+//
+// OpenWith verifies a compact JWS and VerifyAttrsWith an NGSI update body
+// or an entity read back from a broker, each against a device's keys: the
+// key is chosen by the header's kid and the algorithm is pinned to that
+// key, so "alg":"none", an HS256 signature made with a public key as the
+// secret, and any other algorithm confusion are ErrWrongKey. Pass a
+// device's public keys, newest first and older ones kept after a rotation,
+// as ParseKeys reads them from the platform's elementDetails.publickey, a
+// JWK Set or PEM; pass DeriveHS256(id, k1, k2) for a device signed with
+// HS256. Verdicts: ErrMalformed, ErrWrongKey, ErrTampered (errors.Is).
+// Claims.Gateway is empty for a reading the device signed itself. See
+// ExampleVerifyAttrsWith.
 package envelope
 
 import (
 	"bytes"
+	"crypto"
 	"crypto/hkdf"
 	"crypto/sha256"
 	"encoding/base64"
@@ -69,8 +106,10 @@ var (
 type Key struct {
 	id     string
 	alg    jwa.SignatureAlgorithm
-	secret []byte
-	hdr    string // base64url of the protected header, rendered once per key
+	secret []byte           // HS256
+	priv   crypto.Signer    // EdDSA, ES256: nil for a verification-only key
+	pub    crypto.PublicKey // EdDSA, ES256 (see keys.go)
+	hdr    string           // base64url of the protected header, rendered once per key
 }
 
 // DeriveHS256 derives the HS256 reading key of a device from its K1 and K2.
@@ -148,7 +187,8 @@ func ClaimsOf(gateway string, seq uint64, r *reading.Reading) Claims {
 // jws.Sign produces for the same header and payload; Open verifies it
 // through jwx.
 func Seal(k Key, c Claims) (string, error) {
-	if len(k.secret) == 0 {
+	signKey := k.signingKey()
+	if signKey == nil {
 		return "", errors.New("seal envelope: no key")
 	}
 	hdr := k.hdr
@@ -164,12 +204,12 @@ func Seal(k Key, c Claims) (string, error) {
 		return "", fmt.Errorf("seal envelope: %w", err)
 	}
 	enc := base64.RawURLEncoding
-	const sigLen = 64 // base64url of a SHA-512 HMAC, the longest HS* signature
+	const sigLen = 86 // base64url of a SHA-512 HMAC or a 64-byte EdDSA/ES256 signature
 	out := make([]byte, 0, len(hdr)+1+enc.EncodedLen(len(payload))+1+sigLen)
 	out = append(out, hdr...)
 	out = append(out, '.')
 	out = enc.AppendEncode(out, payload)
-	sig, err := signer.Sign(out, k.secret)
+	sig, err := signer.Sign(out, signKey)
 	if err != nil {
 		return "", fmt.Errorf("seal envelope: %w", err)
 	}
@@ -182,6 +222,14 @@ func Seal(k Key, c Claims) (string, error) {
 // key, and returns its claims. The verdict is ErrMalformed, ErrWrongKey or
 // ErrTampered.
 func Open(compact string, k Key) (Claims, error) {
+	return OpenWith(compact, []Key{k})
+}
+
+// OpenWith verifies a compact JWS with the one of keys whose id is the
+// header's "kid" (a device's keys, newest first, old ones kept for older
+// readings), the algorithm pinned to that key. No key with that id, or an
+// "alg" other than the key's, is ErrWrongKey.
+func OpenWith(compact string, keys []Key) (Claims, error) {
 	if len(compact) > MaxEnvelopeBytes {
 		return Claims{}, fmt.Errorf("%w: %d bytes, at most %d", ErrMalformed, len(compact), MaxEnvelopeBytes)
 	}
@@ -194,14 +242,25 @@ func Open(compact string, k Key) (Claims, error) {
 		return Claims{}, fmt.Errorf("%w: %d signatures, want 1", ErrMalformed, len(sigs))
 	}
 	hdr := sigs[0].ProtectedHeaders()
+	k, found := Key{}, false
+	for _, c := range keys {
+		if c.id == hdr.KeyID() {
+			k, found = c, true
+			break
+		}
+	}
+	if !found {
+		ids := make([]string, len(keys))
+		for i, c := range keys {
+			ids[i] = c.id
+		}
+		return Claims{}, fmt.Errorf("%w: key id %q, given keys %q", ErrWrongKey, hdr.KeyID(), ids)
+	}
 	if hdr.Algorithm() != k.alg {
 		// Covers "none" and algorithm confusion: the key decides the algorithm.
 		return Claims{}, fmt.Errorf("%w: algorithm %q, key is %s", ErrWrongKey, hdr.Algorithm(), k.alg)
 	}
-	if hdr.KeyID() != k.id {
-		return Claims{}, fmt.Errorf("%w: key id %q, given key is %q", ErrWrongKey, hdr.KeyID(), k.id)
-	}
-	payload, err := jws.Verify([]byte(compact), jws.WithKey(k.alg, k.secret))
+	payload, err := jws.Verify([]byte(compact), jws.WithKey(k.alg, k.verifyKey()))
 	if err != nil {
 		return Claims{}, fmt.Errorf("%w: signature does not match the content", ErrTampered)
 	}
@@ -291,6 +350,12 @@ func Body(c Claims, compact, sigAttr string) ([]byte, error) {
 // are ignored) — against the envelope in its signature attribute. Every
 // signed attribute must be present with the signed type and value.
 func VerifyAttrs(doc []byte, k Key, sigAttr string) (Claims, error) {
+	return VerifyAttrsWith(doc, []Key{k}, sigAttr)
+}
+
+// VerifyAttrsWith is VerifyAttrs with the key chosen among keys by "kid"
+// (see OpenWith).
+func VerifyAttrsWith(doc []byte, keys []Key, sigAttr string) (Claims, error) {
 	if sigAttr == "" {
 		sigAttr = DefaultSignatureAttr
 	}
@@ -313,7 +378,7 @@ func VerifyAttrs(doc []byte, k Key, sigAttr string) (Claims, error) {
 	if !ok {
 		return Claims{}, fmt.Errorf("%w: attribute %q is not a string", ErrMalformed, sigAttr)
 	}
-	c, err := Open(compact, k)
+	c, err := OpenWith(compact, keys)
 	if err != nil {
 		return Claims{}, err
 	}

@@ -248,7 +248,7 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		out, err := h.sub.Submit(ctx, msg)
 		cancel()
 		if err == nil {
-			if out == pipeline.Refused {
+			if out == pipeline.Refused || out == pipeline.Duplicate {
 				// Acknowledged so the device does not resend it forever, but
 				// not delivered to local subscribers.
 				return pk, packets.CodeSuccessIgnore

@@ -35,6 +35,10 @@ type Message struct {
 	Source   reading.Source
 	Payload  []byte
 	Received time.Time
+	// DeviceSeq is the device's own sequence number when the source frames
+	// carry one (e.g. the "seq" of a radio JSON line); 0 = none. A
+	// device-signed reading's seq comes from its signed claims instead.
+	DeviceSeq uint64
 }
 
 // Outcome of a Submit that returned no error: either way the source must
@@ -47,6 +51,9 @@ const (
 	// Refused: permanently refused (unknown device, invalid); counted and
 	// logged, never forwarded. Acknowledge it so that it does not loop.
 	Refused
+	// Duplicate: a redelivery of a reading already queued (same device and
+	// device seq, same content); counted, not queued again. Acknowledge it.
+	Duplicate
 )
 
 func (o Outcome) String() string {
@@ -55,6 +62,8 @@ func (o Outcome) String() string {
 		return "queued"
 	case Refused:
 		return "refused"
+	case Duplicate:
+		return "duplicate"
 	}
 	return "unknown"
 }
@@ -66,7 +75,27 @@ const (
 	// ReasonQuota counts attempts held back by the disk quota; the reading
 	// is not lost, its source keeps it and retries.
 	ReasonQuota = "quota"
+	// ReasonBadSignature: a reading of a device-signed device whose
+	// signature does not verify with the device's registered keys (or that
+	// is not signed at all).
+	ReasonBadSignature = "bad_signature"
+	// ReasonReplay: a device seq not above the last accepted one.
+	ReasonReplay = "replay"
+	// ReasonStale: an observation time outside the accepted window.
+	ReasonStale = "stale"
+	// ReasonDuplicate counts redeliveries recognised by (device, seq).
+	ReasonDuplicate = "duplicate"
+	// ReasonNoSigningKey counts attempts held back because the gateway
+	// does not hold the private key of a gateway-signed device; the
+	// reading is not acknowledged, its source keeps it.
+	ReasonNoSigningKey = "no_signing_key"
 )
+
+// KeyResolver gives the private keys the gateway holds for devices whose
+// readings it signs with an asymmetric key (policy.SigningGateway).
+type KeyResolver interface {
+	SigningKey(device, kid string) (envelope.Key, bool)
+}
 
 // Options configures a Pipeline.
 type Options struct {
@@ -78,6 +107,18 @@ type Options struct {
 	// Observe, when set, is told the outcome of every settled message
 	// (reason is set for a refusal): status counters and the audit log.
 	Observe func(device string, out Outcome, reason string)
+	// SigningKeys resolves the private keys of gateway-signed devices
+	// (policy.SigningGateway); nil = none held.
+	SigningKeys KeyResolver
+	// MaxClockSkew refuses (ReasonStale) a reading observed more than this
+	// after the gateway's now; 0 = no check.
+	MaxClockSkew time.Duration
+	// MaxAge refuses (ReasonStale) a reading observed more than this
+	// before the gateway's now; 0 = no check. Both checks are skipped
+	// while the gateway's clock is implausible (before 2025: a Raspberry
+	// Pi without a real-time clock before time sync), so an unsynchronised
+	// gateway never refuses, and so loses, good readings.
+	MaxAge time.Duration
 }
 
 // Pipeline turns messages into queued, signed readings.
@@ -91,6 +132,9 @@ type Pipeline struct {
 	m       *metrics.Metrics
 	now     func() time.Time
 	observe func(device string, out Outcome, reason string)
+	keys    KeyResolver
+	skew    time.Duration
+	maxAge  time.Duration
 }
 
 // New builds a pipeline.
@@ -110,6 +154,7 @@ func New(pol Decider, q Appender, opts Options) *Pipeline {
 	return &Pipeline{
 		policy: pol, queue: q, gw: opts.Gateway, sigAttr: sigAttr,
 		log: log, limited: ratelog.New(log, 30*time.Second), m: opts.Metrics, now: now, observe: opts.Observe,
+		keys: opts.SigningKeys, skew: opts.MaxClockSkew, maxAge: opts.MaxAge,
 	}
 }
 
@@ -124,6 +169,9 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 		return Refused, nil
 	}
 	dev := dec.Device
+	if dev.Signing() == policy.SigningDevice {
+		return p.submitDeviceSigned(ctx, msg, dev)
+	}
 	attrs, observed, err := reading.Parse(msg.Payload)
 	if err != nil {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
@@ -140,14 +188,32 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
 		return Refused, nil
 	}
+	if why := p.outsideWindow(r.Time); why != "" {
+		p.refuse(ctx, ReasonStale, msg, why)
+		return Refused, nil
+	}
+	key := dev.Key()
+	if dev.Signing() == policy.SigningGateway {
+		var ok bool
+		if p.keys != nil {
+			key, ok = p.keys.SigningKey(dev.ID, dev.SigningKeyID())
+		}
+		if !ok {
+			if p.m != nil {
+				p.m.Refused.WithLabelValues(ReasonNoSigningKey).Inc()
+			}
+			return 0, fmt.Errorf("queue reading of %s: %w", dev.ID, ErrNoSigningKey)
+		}
+	}
 
 	var sealErr error
 	entry := queue.Entry{
 		Broker: dev.Broker, Device: dev.ID, Type: dev.Type,
 		Service: dev.Service, ServicePath: dev.ServicePath,
+		DeviceSeq: msg.DeviceSeq, DeviceDigest: digestOf(msg.Payload),
 		Seal: func(seq uint64) ([]byte, error) {
 			claims := envelope.ClaimsOf(p.gw, seq, &r)
-			jws, err := envelope.Seal(dev.Key(), claims)
+			jws, err := envelope.Seal(key, claims)
 			if err == nil {
 				var body []byte
 				if body, err = envelope.Body(claims, jws, p.sigAttr); err == nil {
@@ -158,9 +224,27 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 			return nil, err
 		},
 	}
+	return p.append(ctx, msg, dev, entry, &sealErr)
+}
+
+// append queues a sealed entry and settles the message.
+func (p *Pipeline) append(ctx context.Context, msg Message, dev *policy.Device, entry queue.Entry, sealErr *error) (Outcome, error) {
 	if _, err := p.queue.Append(ctx, entry); err != nil {
-		if sealErr != nil {
-			p.refuse(ctx, reasonOf(sealErr), msg, sealErr.Error())
+		if *sealErr != nil {
+			p.refuse(ctx, reasonOf(*sealErr), msg, (*sealErr).Error())
+			return Refused, nil
+		}
+		if errors.Is(err, queue.ErrDuplicate) {
+			if p.m != nil {
+				p.m.Refused.WithLabelValues(ReasonDuplicate).Inc()
+			}
+			if p.observe != nil {
+				p.observe(dev.ID, Duplicate, ReasonDuplicate)
+			}
+			return Duplicate, nil
+		}
+		if errors.Is(err, queue.ErrReplay) {
+			p.refuse(ctx, ReasonReplay, msg, err.Error())
 			return Refused, nil
 		}
 		if errors.Is(err, queue.ErrQuota) && p.m != nil {

@@ -12,6 +12,7 @@ package policy
 
 import (
 	"crypto/subtle"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net/url"
@@ -79,6 +80,13 @@ type Registration struct {
 	Service     string        `json:"fiware_service,omitempty"`
 	ServicePath string        `json:"fiware_service_path,omitempty"`
 	Radio       *RadioBinding `json:"radio,omitempty"`
+	// Signing says who signs the device's readings: SigningHS256 (also
+	// ""), SigningGateway or SigningDevice (see keys.go).
+	Signing string `json:"signing,omitempty"`
+	// PublicKeys are the device's public keys as JWKs, newest first: the
+	// newest signs (SigningGateway), all verify (older readings stay
+	// verifiable after a rotation).
+	PublicKeys []json.RawMessage `json:"public_keys,omitempty"`
 }
 
 // Document is a whole policy: the payload of a signed bundle and the form
@@ -106,9 +114,11 @@ type Device struct {
 	ServicePath string // optional Fiware-ServicePath
 	Radio       *RadioBinding
 
-	k1, k2 string
-	key    envelope.Key
-	mqttPw []byte // derived MQTT password
+	k1, k2  string
+	key     envelope.Key
+	mqttPw  []byte // derived MQTT password
+	signing string
+	pubKeys []envelope.Key // newest first; verification only
 }
 
 // Key is the device's reading-signing key.
@@ -190,10 +200,15 @@ func Compile(doc Document, source, digest string) (*Policy, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%w: %s (%s): %v", ErrInvalid, where, r.ID, err)
 		}
+		signing, pubKeys, err := compileKeys(r)
+		if err != nil {
+			return nil, fmt.Errorf("%w: %s (%s): %v", ErrInvalid, where, r.ID, err)
+		}
 		d := &Device{
 			ID: r.ID, Type: r.Type, Owner: r.Owner, Broker: r.Broker,
 			Service: r.Service, ServicePath: r.ServicePath, Radio: r.Radio,
 			k1: r.K1, k2: r.K2, key: key, mqttPw: []byte(pw),
+			signing: signing, pubKeys: pubKeys,
 		}
 		p.devices[r.ID] = d
 		p.grant(p.reads, r.Owner, r.ID)

@@ -73,9 +73,10 @@ type Queue struct {
 	disk     atomic.Int64 // allocated bytes under dir
 
 	// Committer-owned.
-	counters map[string]uint64 // device -> last seq assigned and committed
-	floor    map[string]uint64 // device -> highest seq found in q/ at Open
-	pending  []record          // committed but whose Sync failed: not yet visible
+	counters map[string]uint64     // device -> last seq assigned and committed
+	floor    map[string]uint64     // device -> highest seq found in q/ at Open
+	marks    map[string]deviceMark // device -> device seq mark (devseq.go)
+	pending  []record              // committed but whose Sync failed: not yet visible
 
 	commitMu sync.Mutex
 	mutMu    sync.Mutex
@@ -129,6 +130,7 @@ type record struct {
 	item     Item
 	key, val []byte
 	dk       *dataKey // the device's data key, stored with the item if new
+	mark     []byte   // the device's seq mark after this item (devseq.go), or nil
 }
 
 // Open opens or creates the store and rebuilds the lane index.
@@ -170,6 +172,7 @@ func Open(opts Options) (*Queue, error) {
 		stopping: make(chan struct{}),
 		counters: make(map[string]uint64),
 		floor:    make(map[string]uint64),
+		marks:    make(map[string]deviceMark),
 		lanes:    make(map[string]*laneState),
 		changed:  make(chan struct{}),
 		keys:     make(map[string]*dataKey),
@@ -478,6 +481,18 @@ func (q *Queue) commit(batch []*request) {
 			continue
 		}
 		e := r.entry
+		var mark deviceMark
+		if e.DeviceSeq != 0 {
+			m, err := q.deviceMarkOf(e.Device)
+			if err == nil {
+				err = m.check(e.DeviceSeq, e.DeviceDigest)
+			}
+			if err != nil {
+				r.done <- result{err: fmt.Errorf("append: %w", err)}
+				continue
+			}
+			mark = m.accept(e.DeviceSeq, e.DeviceDigest)
+		}
 		seq, err := q.nextSeq(e.Device)
 		if err != nil {
 			r.done <- result{err: fmt.Errorf("append: %w", err)}
@@ -494,11 +509,16 @@ func (q *Queue) commit(batch []*request) {
 			continue
 		}
 		q.counters[e.Device] = seq
+		var markVal []byte
+		if e.DeviceSeq != 0 {
+			q.marks[e.Device] = mark
+			markVal = mark.encode()
+		}
 		it := Item{Broker: e.Broker, Device: e.Device, Type: e.Type, Service: e.Service,
 			ServicePath: e.ServicePath, Seq: seq, Enqueued: now, Body: body}
 		recs = append(recs, record{req: r, item: it, dk: dk,
 			key: itemKey(prefixQueue, e.Broker, e.Device, seq),
-			val: sealItem(&it, dk.aead, nonce[i*nonceSize:(i+1)*nonceSize])})
+			val: sealItem(&it, dk.aead, nonce[i*nonceSize:(i+1)*nonceSize]), mark: markVal})
 	}
 	if len(recs) == 0 {
 		return
@@ -510,8 +530,9 @@ func (q *Queue) commit(batch []*request) {
 		q.log.Error("queue commit failed", "committed", n, "failed", len(recs)-n, "err", werr)
 		// Seqs of the failed records were not committed: forget the
 		// in-memory counters so the next batch reloads them from disk,
-		// gap-free.
+		// gap-free; so are the device seq marks.
 		clear(q.counters)
+		clear(q.marks)
 		for _, rc := range recs[n:] {
 			rc.req.done <- result{err: werr}
 		}
@@ -587,6 +608,7 @@ func (q *Queue) writeTxn(recs []record) error {
 	txn := q.db.NewTransaction(true)
 	defer txn.Discard()
 	last := make(map[string]uint64)
+	marks := make(map[string][]byte)
 	var newKeys []*dataKey
 	for i := range recs {
 		if err := txn.Set(recs[i].key, recs[i].val); err != nil {
@@ -600,6 +622,14 @@ func (q *Queue) writeTxn(recs []record) error {
 			newKeys = append(newKeys, dk)
 		}
 		last[dev] = recs[i].item.Seq // seqs rise within a batch
+		if recs[i].mark != nil {
+			marks[dev] = recs[i].mark // the later mark includes the earlier
+		}
+	}
+	for dev, m := range marks {
+		if err := txn.Set(markKey(dev), m); err != nil {
+			return err
+		}
 	}
 	for dev, seq := range last {
 		if err := txn.Set(seqKey(dev), binary.BigEndian.AppendUint64(nil, seq)); err != nil {

@@ -35,6 +35,17 @@ type Entry struct {
 	// runs inside the commit because the sequence number is part of the
 	// signed content. An error refuses this entry only.
 	Seal func(seq uint64) ([]byte, error)
+	// DeviceSeq, when not 0, is the device's own sequence number of the
+	// reading. The committer refuses the entry with ErrDuplicate when
+	// (DeviceSeq, DeviceDigest) is among the device's recently accepted
+	// ones, and with ErrReplay when DeviceSeq is otherwise not above the
+	// highest accepted; it stores the new high-water mark in the same
+	// transaction as the item (see devseq.go).
+	DeviceSeq uint64
+	// DeviceDigest names the content sent under DeviceSeq (e.g. the first
+	// 8 bytes of SHA-256 of the device's JWS), to tell a redelivery from a
+	// replay of different content.
+	DeviceDigest [8]byte
 }
 
 // Item is a queued reading.

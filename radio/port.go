@@ -438,9 +438,12 @@ func (p *port) submitLoop(ctx context.Context) {
 			if err == nil {
 				bo.reset()
 				p.mu.Lock()
-				if out == pipeline.Refused {
+				switch out {
+				case pipeline.Refused:
 					p.st.Refused++
-				} else {
+				case pipeline.Duplicate:
+					p.st.Duplicates++
+				default:
 					p.st.Submitted++
 				}
 				p.mu.Unlock()

@@ -47,6 +47,13 @@ type DeviceSpec struct {
 	RadioPort  string // "" = MQTT
 	RadioNode  int    // -1 any
 	RadioChild int    // -1 any
+	// Signing is who signs the device's readings ("" or "hs256",
+	// "gateway", "device"); carried in the edgegateway_uri as
+	// ?signing=... when not HS256.
+	Signing string
+	// PublicKey is the device's public key (a JWK), sent as the
+	// directory's "publickey" (the platform's elementDetails.publickey).
+	PublicKey string
 }
 
 // EdgeURI is the edgegateway_uri of the binding.
@@ -61,6 +68,11 @@ func (d *DeviceSpec) EdgeURI() string {
 		if d.RadioChild >= 0 {
 			q.Set("child", strconv.Itoa(d.RadioChild))
 		}
+		u.RawQuery = q.Encode()
+	}
+	if d.Signing != "" && d.Signing != "hs256" {
+		q := u.Query()
+		q.Set("signing", d.Signing)
 		u.RawQuery = q.Encode()
 	}
 	return u.String()
@@ -119,6 +131,9 @@ func (c *Directory) Insert(ctx context.Context, d DeviceSpec) (nudged bool, err 
 		"k1":        {d.K1}, "k2": {d.K2}, "attributes": {string(attrs)},
 		"mac": {""}, "visibility": {"private"},
 	}
+	if d.PublicKey != "" {
+		f.Set("publickey", d.PublicKey)
+	}
 	if d.Gateway != "" {
 		f.Set("edgegateway_type", EdgeGatewayType)
 		f.Set("edgegateway_uri", d.EdgeURI())
@@ -130,6 +145,18 @@ func (c *Directory) Insert(ctx context.Context, d DeviceSpec) (nudged bool, err 
 		return false, err
 	}
 	return out.Nudged, nil
+}
+
+// UpdatePublicKey registers a new public key (a JWK) for a device, as key
+// rotation does (action=update): the central service puts it in front of
+// the device's keys and keeps the older ones for older readings.
+func (c *Directory) UpdatePublicKey(ctx context.Context, id, contextBroker, publicKey string) (nudged bool, err error) {
+	var out struct {
+		Nudged bool `json:"nudged"`
+	}
+	err = c.call(ctx, "key update of device "+id, url.Values{"action": {"update"}, "id": {id},
+		"contextbroker": {contextBroker}, "publickey": {publicKey}}, &out)
+	return out.Nudged, err
 }
 
 // Delete removes a device.
@@ -145,6 +172,8 @@ type ListedDevice struct {
 	EdgegatewayType string   `json:"edgegateway_type"`
 	EdgegatewayURI  string   `json:"edgegateway_uri"`
 	Attributes      []string `json:"attributes"`
+	Signing         string   `json:"signing,omitempty"`
+	PublicKey       string   `json:"publickey,omitempty"`
 }
 
 // List returns the account's devices.

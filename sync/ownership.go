@@ -211,6 +211,27 @@ func buildOwnershipDocument(rows []ownershipRow, dels []delegationRow, o Ownersh
 		reg := policy.Registration{
 			ID: deviceIDOf(r.ElementID, r.ElementName), Type: typ, Owner: r.Username, Broker: broker,
 			K1: detailString(det, "k1"), K2: detailString(det, "k2"),
+			Signing: detailString(det, "signing"),
+		}
+		// The platform keeps a device's public key as elementDetails.publickey
+		// (a JWK or PEM); publickeys (a JWK Set, newest first) keeps the
+		// older ones of a rotated device.
+		for _, field := range []string{"publickeys", "publickey"} {
+			v, ok := det[field]
+			if !ok || v == nil {
+				continue
+			}
+			raw, err := json.Marshal(v)
+			if s, isStr := v.(string); isStr {
+				raw, err = []byte(s), nil
+			}
+			if err != nil {
+				continue
+			}
+			if keys, err := policy.ParsePublicKeys(raw); err == nil {
+				reg.PublicKeys = keys
+				break
+			}
 		}
 		if seen[reg.ID] {
 			skipped = append(skipped, skip{skipDuplicate, name})

@@ -27,6 +27,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/radio"
 )
 
@@ -36,6 +37,7 @@ type demoDevice struct {
 	registered      bool // known to the gateway
 	radioNode       int  // > 0: a MySensors node on the demo's radio link
 	loginRefused    bool
+	revoked         bool // by central ops, mid-run
 	k1, k2          string
 	attrs           []string
 	published, acks int
@@ -85,11 +87,17 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		{id: "rogue-7", typ: "TemperatureSensor", owner: "mallory", registered: false, attrs: []string{"temperature"}},
 		{id: "th-attic", typ: "TemperatureSensor", owner: "alice", registered: true, radioNode: 1},
 	}
+	// The radio link's path is part of th-attic's registration.
+	link := filepath.Join(work, "ttyRADIO0")
 	var simDevices []centralsim.Device
 	for _, d := range devices {
 		d.k1, d.k2 = uuidLike(), uuidLike()
 		if d.registered {
-			simDevices = append(simDevices, centralsim.Device{ID: d.id, Type: d.typ, Owner: d.owner, K1: d.k1, K2: d.k2})
+			sd := centralsim.Device{ID: d.id, Type: d.typ, Owner: d.owner, K1: d.k1, K2: d.k2}
+			if d.radioNode > 0 {
+				sd.Radio = &policy.RadioBinding{Port: link, Node: d.radioNode, Child: -1}
+			}
+			simDevices = append(simDevices, sd)
 		}
 	}
 	secret := randomHex(24)
@@ -98,6 +106,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		Devices:   simDevices,
 		CheckKeys: false,
 		TokenTTL:  2 * time.Minute,
+		// Central ops' side of the policy: signed bundles for this gateway
+		// (every registered device, so that bob's meter shows the broker
+		// filter's refusal), pushed over the central MQTT broker.
+		Gateways:         map[string]string{"edgegate-demo": "gw-demo-01"},
+		BundleAllDevices: true,
+		MQTT:             true,
 	})
 	if err != nil {
 		return fmt.Errorf("create simulated central: %w", err)
@@ -111,7 +125,6 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// A MySensors serial gateway on a pseudo-terminal, with two nodes: node
 	// 1 is bound to th-attic, node 2 asks for an id and stays unbound
 	// (pending) — and some garbage on the line.
-	link := filepath.Join(work, "ttyRADIO0")
 	rsim, err := radio.NewSim(radio.SimOptions{Link: link, Nodes: 2, FirstID: 1, AutoID: 1,
 		Interval: 2 * time.Second, Garbage: true, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
@@ -123,7 +136,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	go func() { _ = rsim.Run(radioCtx) }()
 	out.printf("▶ simulated MySensors radio gateway on %s (node 1 = th-attic, node 2 unregistered)", link)
 
-	cfgPath, err := writeDemoConfig(work, sim, secret, devices, link)
+	cfgPath, err := writeDemoConfig(work, sim, secret, link)
 	if err != nil {
 		return err
 	}
@@ -151,10 +164,11 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		}
 	})
 	ready := make(chan string, 1)
+	applied := make(chan string, 4)
 	logDone := make(chan struct{})
 	go func() {
 		defer close(logDone)
-		followDaemonLog(logs, filepath.Join(work, "daemon.log"), out, ready)
+		followDaemonLog(logs, filepath.Join(work, "daemon.log"), out, ready, applied)
 		exited <- cmd.Wait()
 	}()
 	defer stopDaemon()
@@ -169,6 +183,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		return nil
 	}
 	out.printf("▶ edgegate daemon (pid %d) ready, local MQTT broker on %s", cmd.Process.Pid, mqttAddr)
+	select {
+	case pol := <-applied:
+		out.printf("▶ signed policy from central ops verified and applied: %s", pol)
+	case <-time.After(20 * time.Second):
+		out.printf("  (no policy applied yet after 20s; devices will be refused until one arrives)")
+	case <-ctx.Done():
+	}
 	out.printf("▶ MQTT devices: th-kitchen, th-garden (alice's), meter-bob (bob's, not delegated to alice), rogue-7 (not registered)")
 	if *seconds > 0 {
 		out.printf("▶ running for %ds (DEMO_SECONDS); Ctrl-C stops earlier", *seconds)
@@ -189,11 +210,35 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	seen := 0
 	tick := time.NewTicker(500 * time.Millisecond)
+	revokeAt := time.Now().Add(15 * time.Second)
+	if *seconds > 0 {
+		revokeAt = time.Now().Add(time.Duration(*seconds) * time.Second * 6 / 10)
+	}
+	revoked := false
 	for done := false; !done; {
 		select {
 		case <-ctx.Done():
 			done = true
 		case <-tick.C:
+		}
+		if !revoked && time.Now().After(revokeAt) {
+			revoked = true
+			out.printf("▶ central ops revoke th-garden and push the new signed policy to the gateway")
+			sim.RemoveDevice("th-garden")
+			if err := sim.Push("gw-demo-01", true); err != nil {
+				out.printf("  push failed: %v", err)
+			}
+			for _, d := range devices {
+				if d.id == "th-garden" {
+					d.revoked = true
+				}
+			}
+			select {
+			case pol := <-applied:
+				out.printf("  gateway applied %s; th-garden's session is closed and its logins refused", pol)
+			case <-time.After(10 * time.Second):
+				out.printf("  (the gateway has not applied the pushed policy within 10s)")
+			}
 		}
 		ups := sim.Updates()
 		for _, u := range ups[seen:] {
@@ -239,7 +284,7 @@ func uuidLike() string {
 	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
 
-func writeDemoConfig(work string, sim *centralsim.Server, secret string, devices []*demoDevice, radioLink string) (string, error) {
+func writeDemoConfig(work string, sim *centralsim.Server, secret string, radioLink string) (string, error) {
 	write := func(name, body string) (string, error) {
 		p := filepath.Join(work, name)
 		return p, os.WriteFile(p, []byte(body), 0o600)
@@ -250,19 +295,12 @@ func writeDemoConfig(work string, sim *centralsim.Server, secret string, devices
 	if _, err := write("client-secret", secret+"\n"); err != nil {
 		return "", err
 	}
-	var b strings.Builder
-	b.WriteString("devices:\n")
-	for _, d := range devices {
-		if !d.registered {
-			continue
-		}
-		fmt.Fprintf(&b, "  - id: %s\n    type: %s\n    owner: %s\n    k1: %s\n    k2: %s\n    broker: %s\n",
-			d.id, d.typ, d.owner, d.k1, d.k2, sim.BrokerURL())
-		if d.radioNode > 0 {
-			fmt.Fprintf(&b, "    radio:\n      port: %s\n      node: %d\n", radioLink, d.radioNode)
-		}
+	// The keys central ops sign policies with, as pairing pins them.
+	keys, err := json.Marshal(sim.PolicyKeys())
+	if err != nil {
+		return "", err
 	}
-	if _, err := write("devices.yaml", b.String()); err != nil {
+	if _, err := write("policy-keys.json", string(keys)); err != nil {
 		return "", err
 	}
 	cfg := fmt.Sprintf(`gateway:
@@ -281,22 +319,27 @@ uplink:
   ca_file: central-ca.pem
   min_backoff: 100ms
   max_backoff: 2s
+policy:
+  source: bundle
+  central_url: %s
+  keys_file: policy-keys.json
+  poll_interval: 30s
+  push_url: %s
 radio:
   ports:
     - path: %s
       codec: mysensors
-devices_file: devices.yaml
 metrics:
   listen: 127.0.0.1:0
 log:
   format: json
-`, sim.TokenURL(), radioLink)
+`, sim.TokenURL(), sim.URL(), sim.MQTTURL(), radioLink)
 	return write("edgegate.yaml", cfg)
 }
 
 // followDaemonLog copies the daemon's JSON log to a file, reports the MQTT
 // address once it is ready, and echoes warnings and errors compactly.
-func followDaemonLog(r io.Reader, path string, out *lineWriter, ready chan<- string) {
+func followDaemonLog(r io.Reader, path string, out *lineWriter, ready, applied chan<- string) {
 	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
 	if err != nil {
 		f = nil
@@ -320,6 +363,14 @@ func followDaemonLog(r io.Reader, path string, out *lineWriter, ready chan<- str
 		}
 		msg, _ := rec["msg"].(string)
 		level, _ := rec["level"].(string)
+		if msg == "policy applied" {
+			pol, _ := rec["policy"].(string)
+			select {
+			case applied <- pol:
+			default:
+			}
+			continue
+		}
 		if msg == "edgegate ready" {
 			addr, _ := rec["mqtt"].(string)
 			select {
@@ -330,7 +381,10 @@ func followDaemonLog(r io.Reader, path string, out *lineWriter, ready chan<- str
 		}
 		if level == "WARN" || level == "ERROR" {
 			var extra []string
-			for _, k := range []string{"device", "port", "node", "reason", "broker", "detail", "err"} {
+			if msg == "audit" {
+				continue // the same events are logged by the stages themselves
+			}
+			for _, k := range []string{"device", "port", "node", "reason", "who", "broker", "detail", "err"} {
 				if v, ok := rec[k]; ok && v != "" {
 					extra = append(extra, fmt.Sprintf("%s=%v", k, v))
 				}
@@ -448,6 +502,8 @@ func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice)
 	for _, d := range devices {
 		outcome := "delivered, signed"
 		switch {
+		case d.revoked:
+			outcome = "revoked by central ops mid-run (pushed policy): session closed, later readings refused"
 		case !d.registered && d.loginRefused:
 			outcome = "refused by the gateway at login: not registered"
 		case !d.registered:
@@ -468,6 +524,12 @@ func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice)
 		fmt.Fprintf(tw, "  %s\t%s\t%d\t%d\t%d\t%d\t%s\n", d.id, d.owner, d.published, d.acks, atBroker[d.id], valid[d.id], outcome)
 	}
 	tw.Flush()
+
+	if rs := sim.Receipts(); len(rs) > 0 {
+		r := rs[len(rs)-1]
+		out.printf("  central holds %d signed receipt(s) from the gateway; the last: policy v%d applied, signature valid=%v, gateway key %s…",
+			len(rs), r.PolicyVersion, r.Valid, clipID(r.Thumbprint))
+	}
 
 	// Prove the signature end to end: verify the stored entity with only the
 	// device's keys, then tamper with it.
@@ -506,4 +568,11 @@ func (l *lineWriter) printf(format string, args ...any) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	fmt.Fprintf(l.w, format+"\n", args...)
+}
+
+func clipID(s string) string {
+	if len(s) > 12 {
+		return s[:12]
+	}
+	return s
 }

@@ -10,21 +10,39 @@ import (
 	"strings"
 	"text/tabwriter"
 
+	"github.com/edgegate/edgegate/devkey"
+	"github.com/edgegate/edgegate/envelope"
 	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
-const deviceUsage = `usage: edgegate device add|list|remove [flags]
+const deviceUsage = `usage: edgegate device add|list|remove|rotate-key [flags]
 
   device add --config FILE --type TYPE [flags] ID
              [--radio-port P --radio-node N [--radio-child C] | --mqtt]
+             [--signing hs256|ed25519|es256|device [--public-key FILE]]
   device list --config FILE
   device remove --config FILE ID
+  device rotate-key --config FILE [--alg ed25519|es256 | --public-key FILE] ID
 
 Registers devices in the central IoT directory for the paired account.
 K1/K2 are generated (random UUIDs) unless given through EDGEGATE_K1 and
 EDGEGATE_K2; they are never printed (--keys-out FILE writes them, 0600,
 for provisioning the device).
+
+--signing says who signs the device's readings:
+  hs256    the gateway, HS256 with a key derived from K1/K2 (the default:
+           what the platform's verifiers know; anyone with K1/K2 can forge)
+  ed25519  the gateway, with an Ed25519 key it generates now and keeps in
+  es256    its encrypted store (ES256: ECDSA P-256); the public key is
+           registered (publickey); verifiers need no secret
+  device   the device signs each reading itself (a compact JWS payload);
+           its public key comes from --public-key (JWK or PEM), or a new
+           Ed25519 key is generated and its private JWK written to
+           --keys-out for provisioning the device
+rotate-key registers a new key (the old ones stay, for older readings): a
+new gateway-held key, or the device's new public key (--public-key).
 `
 
 func runDevice(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
@@ -65,6 +83,7 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 	broker := fs.String("broker", "orion-1", "context broker name at the IoT directory")
 	var (
 		typ, model, producer, kind, format, radioPort, keysOut *string
+		signing, pubKeyFile, rotAlg                            *string
 		lat, lon                                               *float64
 		freq, node, child                                      *int
 		useMQTT                                                *bool
@@ -86,10 +105,16 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 		useMQTT = fs.Bool("mqtt", false, "bind to the local MQTT link (the default without --radio-port)")
 		keysOut = fs.String("keys-out", "", "write the device's K1/K2 to this file (mode 0600)")
 		fs.Var(&attrs, "attr", "attribute name:data_type[:value_type[:unit]] (repeatable; default value:float)")
+		signing = fs.String("signing", "hs256", "who signs readings: hs256, ed25519, es256 (gateway-held keys) or device")
+		pubKeyFile = fs.String("public-key", "", "with --signing device: the device's public key (JWK or PEM)")
+	case "rotate-key":
+		rotAlg = fs.String("alg", "", "gateway-held key: ed25519 or es256 (default: the current key's)")
+		pubKeyFile = fs.String("public-key", "", "device-signed device: its new public key (JWK or PEM)")
+		keysOut = fs.String("keys-out", "", "device-signed device without --public-key: write the new private key here (0600)")
 	case "list", "remove":
 	default:
 		fmt.Fprint(stderr, deviceUsage)
-		return &exitError{code: 2, err: fmt.Errorf("device: unknown command %q (add, list, remove)", sub)}
+		return &exitError{code: 2, err: fmt.Errorf("device: unknown command %q (add, list, remove, rotate-key)", sub)}
 	}
 	if err := fs.Parse(rest); err != nil {
 		return err
@@ -136,6 +161,17 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 		spec = centralsync.DeviceSpec{ID: id, Type: *typ, ContextBroker: *broker, Kind: *kind, Format: *format,
 			Model: *model, Producer: *producer, Latitude: *lat, Longitude: *lon, Frequency: *freq,
 			K1: k1, K2: k2, Attributes: attrs, RadioPort: *radioPort, RadioNode: *node, RadioChild: *child}
+		switch *signing {
+		case "hs256", "ed25519", "es256", "device":
+		default:
+			return &exitError{code: 2, err: fmt.Errorf("device add: --signing %q: want hs256, ed25519, es256 or device", *signing)}
+		}
+		if *pubKeyFile != "" && *signing != "device" {
+			return &exitError{code: 2, err: errors.New("device add: --public-key goes with --signing device")}
+		}
+		if *signing == "device" && *pubKeyFile == "" && *keysOut == "" {
+			return &exitError{code: 2, err: errors.New("device add: --signing device needs --public-key FILE, or --keys-out FILE to receive a new key")}
+		}
 	}
 
 	sf, ca, err := loadPairedSettings(*cfgPath)
@@ -168,18 +204,36 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 	switch sub {
 	case "add":
 		spec.Gateway = cred.Gateway
+		sk, err := deviceSigningKey(*signing, *pubKeyFile)
+		if err != nil {
+			return &exitError{code: 2, err: fmt.Errorf("device add: %w", err)}
+		}
+		spec.Signing, spec.PublicKey = sk.mode, sk.publicJWK
 		if *keysOut != "" {
 			// Before the insert: a device registered with keys nobody kept
 			// would have to be removed again.
 			data := fmt.Sprintf("# keys of device %s (K1/K2 of the IoT directory)\nk1: %s\nk2: %s\n", id, spec.K1, spec.K2)
+			if sk.devicePrivate != "" {
+				data += fmt.Sprintf("# the device's private signing key (JWK, kid %s): provision it, then delete this file\nprivate_key: '%s'\n", sk.key.ID(), sk.devicePrivate)
+			}
 			if err := writeFileAtomic(*keysOut, []byte(data), 0o600); err != nil {
 				return fmt.Errorf("device add: --keys-out: %w", err)
+			}
+		}
+		if sk.mode == policy.SigningGateway {
+			// The private key is in the store before the public one is
+			// registered: a registered key nobody holds cannot sign.
+			if err := devkey.Put(q, id, []envelope.Key{sk.key}); err != nil {
+				return fmt.Errorf("device add: store the device key: %w", err)
 			}
 		}
 		nudged, err := dir.Insert(ctx, spec)
 		if err != nil {
 			if *keysOut != "" {
 				os.Remove(*keysOut)
+			}
+			if sk.mode == policy.SigningGateway {
+				_ = devkey.Delete(q, id)
 			}
 			return fmt.Errorf("device add: %w", err)
 		}
@@ -192,6 +246,7 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 		if *keysOut != "" {
 			fmt.Fprintf(stdout, " (written to %s)", *keysOut)
 		}
+		fmt.Fprintf(stdout, "\n  signing      %s", sk.describe())
 		if nudged {
 			fmt.Fprintf(stdout, "\n  policy       the gateway was told to sync now; the device is in its next policy bundle\n")
 		} else {
@@ -201,7 +256,12 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 		if err := dir.Delete(ctx, id, *broker); err != nil {
 			return fmt.Errorf("device remove: %w", err)
 		}
+		if err := devkey.Delete(q, id); err != nil {
+			return fmt.Errorf("device remove: forget the device key: %w", err)
+		}
 		fmt.Fprintf(stdout, "Removed device %s; the gateway stops accepting it with its next policy bundle.\n", id)
+	case "rotate-key":
+		return rotateKey(ctx, q, dir, id, *broker, *rotAlg, *pubKeyFile, *keysOut, stdout)
 	case "list":
 		devs, err := dir.List(ctx)
 		if err != nil {
