@@ -140,6 +140,11 @@ type Options struct {
 	Gateways map[string]string
 	// MQTT starts the push broker (TLS, same CA) with Start.
 	MQTT bool
+	// TrustTokensOf makes this server's broker filter also accept access
+	// tokens issued by another simulated central service: a second broker
+	// behind the same single sign-on, for tests that check that a device's
+	// data reaches its own broker and no other.
+	TrustTokensOf *Server
 	// MQTTListen is the push broker's address; default "127.0.0.1:0".
 	MQTTListen string
 
