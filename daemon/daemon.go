@@ -256,7 +256,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	var syncer *centralsync.Syncer
 	if cfg.Policy.Source != config.PolicyConfig {
 		// The cached policy is in force before any source or network starts.
-		syncer, d.identity, err = newSyncer(cfg, d.gateway, engine, q, tokens, centralClient, centralCAs, d.metrics, log, d.clock.Now)
+		syncer, d.identity, err = newSyncer(cfg, d.gateway, engine, q, tokens, centralClient, centralCAs, d.metrics, log, d.clock.Now,
+			func(reason, via, detail string) {
+				aud.Record(context.Background(), audit.Event{Kind: audit.PolicyRefused, Cause: reason, Detail: via + ": " + detail})
+			})
 		if err != nil {
 			return err
 		}

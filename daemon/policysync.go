@@ -24,7 +24,8 @@ import (
 // newSyncer builds the policy syncer for a bundle or Ownership API source,
 // and puts the cached policy in force before any network.
 func newSyncer(cfg *config.Config, gw string, engine *policy.Engine, q *queue.Queue, tokens centralsync.Tokens,
-	client *http.Client, centralCAs *x509.CertPool, m *metrics.Metrics, log *slog.Logger, now func() time.Time) (*centralsync.Syncer, *identity.Identity, error) {
+	client *http.Client, centralCAs *x509.CertPool, m *metrics.Metrics, log *slog.Logger, now func() time.Time,
+	onRefusal func(reason, via, detail string)) (*centralsync.Syncer, *identity.Identity, error) {
 	id, err := identity.Load(q)
 	if err != nil {
 		return nil, nil, fmt.Errorf("load gateway identity: %w", err)
@@ -32,7 +33,7 @@ func newSyncer(cfg *config.Config, gw string, engine *policy.Engine, q *queue.Qu
 	o := centralsync.Options{
 		Gateway: gw, Engine: engine, Store: q, Tokens: tokens, Signer: id, Metrics: m,
 		Logger: log.With("component", "policy-sync"), CentralURL: cfg.Policy.CentralURL, HTTPClient: client,
-		PollInterval: cfg.Policy.PollInterval, Now: now,
+		PollInterval: cfg.Policy.PollInterval, Now: now, OnRefusal: onRefusal,
 		MQTTURL: cfg.Policy.PushURL, MQTTUsername: cfg.Central.ClientID,
 		MQTTTLS: &tls.Config{RootCAs: centralCAs, MinVersion: tls.VersionTLS12},
 	}

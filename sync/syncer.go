@@ -142,6 +142,9 @@ type Options struct {
 	MQTTTLS      *tls.Config // nil: system roots
 
 	Now func() time.Time // nil: time.Now
+
+	// OnRefusal, when set, is told of every refused policy (the audit log).
+	OnRefusal func(reason, via, detail string)
 }
 
 // Refusal is the last refused offer, for status. Detail is secret-free.
@@ -468,6 +471,9 @@ func (s *Syncer) refused(ctx context.Context, via string, re *RefusalError) erro
 	s.mu.Unlock()
 	s.limited.Log(ctx, levelWarn, "refused-"+re.Reason, "policy refused; the policy in force stays",
 		"reason", re.Reason, "via", via, "detail", re.Detail)
+	if s.o.OnRefusal != nil {
+		s.o.OnRefusal(re.Reason, via, re.Detail)
+	}
 	return re
 }
 
