@@ -188,10 +188,6 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
 		return Refused, nil
 	}
-	if why := p.outsideWindow(r.Time); why != "" {
-		p.refuse(ctx, ReasonStale, msg, why)
-		return Refused, nil
-	}
 	key := dev.Key()
 	if dev.Signing() == policy.SigningGateway {
 		var ok bool
