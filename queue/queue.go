@@ -420,23 +420,8 @@ func (q *Queue) refreshSize() {
 func (q *Queue) nextSeq(device string) (uint64, error) {
 	last, ok := q.counters[device]
 	if !ok {
-		err := q.db.View(func(txn *badger.Txn) error {
-			bi, err := txn.Get(seqKey(device))
-			if errors.Is(err, badger.ErrKeyNotFound) {
-				return nil
-			}
-			if err != nil {
-				return err
-			}
-			return bi.Value(func(v []byte) error {
-				if len(v) != 8 {
-					return errBadValue
-				}
-				last = binary.BigEndian.Uint64(v)
-				return nil
-			})
-		})
-		if err != nil {
+		var err error
+		if last, err = q.storedSeq(device); err != nil {
 			return 0, fmt.Errorf("load sequence of %q: %w", device, err)
 		}
 		// A counter can never be below a queued item's seq; guard anyway so
@@ -1001,8 +986,16 @@ func (q *Queue) LastSeq(device string) (uint64, error) {
 	if !validDevice(device) {
 		return 0, fmt.Errorf("last seq: invalid device id %q", device)
 	}
-	var last uint64
-	err := q.db.View(func(txn *badger.Txn) error {
+	last, err := q.storedSeq(device)
+	if err != nil {
+		return 0, fmt.Errorf("last seq of %q: %w", device, err)
+	}
+	return last, nil
+}
+
+// storedSeq reads a device's persisted counter (0 = none).
+func (q *Queue) storedSeq(device string) (last uint64, err error) {
+	err = q.db.View(func(txn *badger.Txn) error {
 		bi, err := txn.Get(seqKey(device))
 		if errors.Is(err, badger.ErrKeyNotFound) {
 			return nil
@@ -1018,10 +1011,7 @@ func (q *Queue) LastSeq(device string) (uint64, error) {
 			return nil
 		})
 	})
-	if err != nil {
-		return 0, fmt.Errorf("last seq of %q: %w", device, err)
-	}
-	return last, nil
+	return last, err
 }
 
 // PurgeDevice drops every queued item of device, in every lane, and returns
