@@ -445,12 +445,22 @@ func (s *Syncer) offer(ctx context.Context, raw []byte, via string) (string, err
 		}
 	}
 	s.mu.Lock()
-	floor := s.floor
+	floor, cur := s.floor, s.cur
 	s.mu.Unlock()
 	vf, err := s.verifier.Verify(raw, floor)
+	var re *RefusalError
+	if errors.As(err, &re) && re.Reason == ReasonRollback && floor > 0 && cur.Source == SourceBundle {
+		// ES256 signatures are randomised: central serving the policy in
+		// force again gives other bytes with the same version. Same
+		// version and same content is no change; anything else at or
+		// below the floor stays a rollback.
+		if again, err2 := s.verifier.Verify(raw, floor-1); err2 == nil &&
+			again.Document.Version == floor && sameDocument(again.Document, s.o.Engine.Current().Document()) {
+			return resultUnchanged, nil
+		}
+	}
 	if err != nil {
-		var re *RefusalError
-		if errors.As(err, &re) {
+		if re != nil {
 			return resultRefused, s.refused(ctx, via, re)
 		}
 		return "", err
@@ -836,4 +846,11 @@ func (b *backoff) next() time.Duration {
 // jitter spreads d over ±20% so that a fleet does not poll in step.
 func jitter(d time.Duration) time.Duration {
 	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
+}
+
+// sameDocument compares two policy documents by their JSON form.
+func sameDocument(a, b policy.Document) bool {
+	ja, errA := json.Marshal(a)
+	jb, errB := json.Marshal(b)
+	return errA == nil && errB == nil && bytes.Equal(ja, jb)
 }

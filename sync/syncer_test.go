@@ -1,6 +1,7 @@
 package centralsync
 
 import (
+	"bytes"
 	"context"
 	"crypto/ed25519"
 	"crypto/rand"
@@ -455,5 +456,38 @@ func TestUnreadableFloorBlocksOffers(t *testing.T) {
 	var re *RefusalError
 	if err := e.note(s2.Offer(context.Background(), old, "offer")); !errors.As(err, &re) || re.Reason != ReasonRollback {
 		t.Fatalf("Offer once the floor is readable = %v, want rollback", err)
+	}
+}
+
+// TestSameVersionResignedIsNoChange: central serving the policy in force
+// again, signed anew (ES256 signatures are randomised), is no change and
+// no refusal; the same version with other content is a rollback.
+func TestSameVersionResignedIsNoChange(t *testing.T) {
+	e := newPolEnv(t)
+	now := time.Now()
+	s := e.syncer(nil)
+	if err := s.LoadCached(); err != nil {
+		t.Fatal(err)
+	}
+	doc := polDoc(7, now)
+	first := e.ops.sign(t, doc)
+	if err := s.Offer(context.Background(), first, "offer"); err != nil {
+		t.Fatal(err)
+	}
+	again := e.ops.sign(t, doc)
+	if bytes.Equal(first, again) {
+		t.Fatal("the test needs two different signatures of one document")
+	}
+	if err := s.Offer(context.Background(), again, "poll"); err != nil {
+		t.Fatalf("the policy in force, signed anew = %v, want no change", err)
+	}
+	if r := s.Status().LastRefusal; r != nil {
+		t.Fatalf("refusal recorded: %+v", r)
+	}
+	changed := doc
+	changed.Delegations = nil
+	var re *RefusalError
+	if err := s.Offer(context.Background(), e.ops.sign(t, changed), "poll"); !errors.As(err, &re) || re.Reason != ReasonRollback {
+		t.Fatalf("same version, other content = %v, want rollback", err)
 	}
 }
