@@ -83,6 +83,20 @@ type watchedAppender struct {
 	mon *stallMonitor
 }
 
+func (w watchedAppender) Enqueue(ctx context.Context, e queue.Entry) (func(context.Context) (queue.Item, error), error) {
+	w.mon.appendStarted()
+	wait, err := w.Appender.Enqueue(ctx, e)
+	if err != nil {
+		w.mon.appendDone()
+		return nil, err
+	}
+	var once sync.Once
+	return func(ctx context.Context) (queue.Item, error) {
+		defer once.Do(w.mon.appendDone)
+		return wait(ctx)
+	}, nil
+}
+
 func (w watchedAppender) Append(ctx context.Context, e queue.Entry) (queue.Item, error) {
 	w.mon.appendStarted()
 	defer w.mon.appendDone()

@@ -22,6 +22,11 @@ func (a *sealingAppender) Append(_ context.Context, e queue.Entry) (queue.Item, 
 	return queue.Item{Seq: a.seq, Body: body}, err
 }
 
+func (a *sealingAppender) Enqueue(ctx context.Context, e queue.Entry) (func(context.Context) (queue.Item, error), error) {
+	it, err := a.Append(ctx, e)
+	return func(context.Context) (queue.Item, error) { return it, err }, nil
+}
+
 // BenchmarkSubmitSigning: Submit per reading (policy, parse or verify,
 // sign, render the NGSI body) per signing mode, on one core, without the
 // queue's disk write. The difference to hs256 is what the signature costs.

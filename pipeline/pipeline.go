@@ -22,6 +22,7 @@ import (
 // Appender is what the pipeline needs of the queue.
 type Appender interface {
 	Append(ctx context.Context, e queue.Entry) (queue.Item, error)
+	Enqueue(ctx context.Context, e queue.Entry) (func(context.Context) (queue.Item, error), error)
 }
 
 // Decider is what the pipeline needs of the policy.
@@ -158,24 +159,47 @@ func New(pol Decider, q Appender, opts Options) *Pipeline {
 	}
 }
 
-// Submit takes one message through the pipeline. A nil error means the
-// message is settled (Queued or Refused) and must be acknowledged; an error
-// means it was not queued (quota reached, shutting down, store failure) and
-// must NOT be acknowledged, so that its sender or broker keeps it.
+// Pending waits for the outcome of a message handed to Start.
+type Pending func(ctx context.Context) (Outcome, error)
+
+func done(out Outcome, err error) Pending {
+	return func(context.Context) (Outcome, error) { return out, err }
+}
+
+// Submit takes one message through the pipeline and waits for its outcome.
+// A nil error means the message is settled (Queued, Refused or Duplicate)
+// and must be acknowledged; an error means it was not queued (quota
+// reached, shutting down, store failure) and must NOT be acknowledged, so
+// that its sender or broker keeps it.
 func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
+	return p.start(ctx, msg)(ctx)
+}
+
+// Start takes a message as far as the queue and returns at once; the
+// Pending it returns waits for the outcome, with the meaning Submit's result
+// has. Messages Started one after another by one goroutine are committed in
+// that order, so a source may keep several in flight and acknowledge them
+// in order as their outcomes arrive. ctx must stay alive until the wait.
+func (p *Pipeline) Start(ctx context.Context, msg Message) Pending {
+	return p.start(ctx, msg)
+}
+
+// start runs the checks in the caller's goroutine and hands the reading to
+// the queue; refusals are settled at once.
+func (p *Pipeline) start(ctx context.Context, msg Message) Pending {
 	dec := p.policy.DecideIngest(msg.Device)
 	if !dec.Allow {
 		p.refuse(ctx, dec.Reason, msg, "reading from a device that is not registered")
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	dev := dec.Device
 	if dev.Signing() == policy.SigningDevice {
-		return p.submitDeviceSigned(ctx, msg, dev)
+		return p.startDeviceSigned(ctx, msg, dev)
 	}
 	attrs, observed, err := reading.Parse(msg.Payload)
 	if err != nil {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	if observed.IsZero() {
 		observed = msg.Received
@@ -186,7 +210,7 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 	r := reading.Reading{Device: dev.ID, Source: msg.Source, Time: observed.UTC(), Attrs: attrs}
 	if err := r.Validate(); err != nil {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	key := dev.Key()
 	if dev.Signing() == policy.SigningGateway {
@@ -198,7 +222,7 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 			if p.m != nil {
 				p.m.Refused.WithLabelValues(ReasonNoSigningKey).Inc()
 			}
-			return 0, fmt.Errorf("queue reading of %s: %w", dev.ID, ErrNoSigningKey)
+			return done(0, fmt.Errorf("queue reading of %s: %w", dev.ID, ErrNoSigningKey))
 		}
 	}
 
@@ -220,12 +244,25 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 			return nil, err
 		},
 	}
-	return p.append(ctx, msg, dev, entry, &sealErr)
+	return p.enqueue(ctx, msg, dev, entry, &sealErr)
 }
 
 // append queues a sealed entry and settles the message.
-func (p *Pipeline) append(ctx context.Context, msg Message, dev *policy.Device, entry queue.Entry, sealErr *error) (Outcome, error) {
-	if _, err := p.queue.Append(ctx, entry); err != nil {
+// enqueue hands the entry to the queue and returns what waits for it.
+func (p *Pipeline) enqueue(ctx context.Context, msg Message, dev *policy.Device, entry queue.Entry, sealErr *error) Pending {
+	wait, err := p.queue.Enqueue(ctx, entry)
+	if err != nil {
+		return done(p.settle(ctx, msg, dev, sealErr, err))
+	}
+	return func(ctx context.Context) (Outcome, error) {
+		_, err := wait(ctx)
+		// sealErr was written by the committer before it answered wait.
+		return p.settle(ctx, msg, dev, sealErr, err)
+	}
+}
+
+func (p *Pipeline) settle(ctx context.Context, msg Message, dev *policy.Device, sealErr *error, err error) (Outcome, error) {
+	if err != nil {
 		if *sealErr != nil {
 			p.refuse(ctx, reasonOf(*sealErr), msg, (*sealErr).Error())
 			return Refused, nil

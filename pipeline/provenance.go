@@ -54,33 +54,33 @@ func digestOf(b []byte) [8]byte {
 // registered public keys (the key chosen by kid, the algorithm pinned to
 // the key). The NGSI attributes come from the verified claims and the
 // device's own JWS is forwarded untouched as the signature attribute.
-func (p *Pipeline) submitDeviceSigned(ctx context.Context, msg Message, dev *policy.Device) (Outcome, error) {
+func (p *Pipeline) startDeviceSigned(ctx context.Context, msg Message, dev *policy.Device) Pending {
 	payload := bytes.TrimSpace(msg.Payload)
 	if len(payload) > reading.MaxPayloadBytes {
 		p.refuse(ctx, ReasonTooLarge, msg, fmt.Sprintf("payload of %d bytes, at most %d", len(payload), reading.MaxPayloadBytes))
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	if len(payload) > 0 && payload[0] == '{' {
 		p.refuse(ctx, ReasonBadSignature, msg, "unsigned reading from a device that signs its readings")
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	compact := string(payload)
 	claims, err := envelope.OpenWith(compact, dev.PublicKeys())
 	if err != nil {
 		p.refuse(ctx, ReasonBadSignature, msg, err.Error())
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	if claims.Device != dev.ID {
 		p.refuse(ctx, ReasonBadSignature, msg, fmt.Sprintf("signed for device %q", claims.Device))
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	if claims.Seq == 0 {
 		p.refuse(ctx, ReasonInvalid, msg, "device-signed reading without a seq (it must start at 1)")
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	if claims.Time.IsZero() {
 		p.refuse(ctx, ReasonInvalid, msg, "device-signed reading without a time")
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	r := reading.Reading{Device: dev.ID, Source: msg.Source, Time: claims.Time.UTC(), Attrs: make([]reading.Attribute, 0, len(claims.Attrs))}
 	for name, a := range claims.Attrs {
@@ -89,11 +89,11 @@ func (p *Pipeline) submitDeviceSigned(ctx context.Context, msg Message, dev *pol
 	slices.SortFunc(r.Attrs, func(a, b reading.Attribute) int { return strings.Compare(a.Name, b.Name) })
 	if err := r.Validate(); err != nil {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	if why := p.outsideWindow(r.Time); why != "" {
 		p.refuse(ctx, ReasonStale, msg, why)
-		return Refused, nil
+		return done(Refused, nil)
 	}
 	var sealErr error
 	entry := queue.Entry{
@@ -110,5 +110,5 @@ func (p *Pipeline) submitDeviceSigned(ctx context.Context, msg Message, dev *pol
 			return body, err
 		},
 	}
-	return p.append(ctx, msg, dev, entry, &sealErr)
+	return p.enqueue(ctx, msg, dev, entry, &sealErr)
 }

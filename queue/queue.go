@@ -252,44 +252,59 @@ func (q *Queue) Close() error {
 // (wrapped), the caller's ctx error, or a store error. On any error the
 // reading must not be acknowledged to its source.
 func (q *Queue) Append(ctx context.Context, e Entry) (Item, error) {
+	wait, err := q.Enqueue(ctx, e)
+	if err != nil {
+		return Item{}, err
+	}
+	return wait(ctx)
+}
+
+// Enqueue hands an entry to the committer and returns without waiting for
+// the commit; wait blocks until the batch that carried it was synced (or
+// failed). Entries enqueued by one goroutine are committed in that order,
+// so a source can keep several readings in flight and still acknowledge
+// them in order.
+func (q *Queue) Enqueue(ctx context.Context, e Entry) (wait func(context.Context) (Item, error), err error) {
 	switch {
 	case e.Seal == nil:
-		return Item{}, errors.New("append: entry has no Seal")
+		return nil, errors.New("append: entry has no Seal")
 	case e.Broker == "":
-		return Item{}, errors.New("append: entry has no broker")
+		return nil, errors.New("append: entry has no broker")
 	case !validDevice(e.Device):
-		return Item{}, fmt.Errorf("append: invalid device id %q", e.Device)
+		return nil, fmt.Errorf("append: invalid device id %q", e.Device)
 	}
 	if q.quota > 0 && q.disk.Load() >= q.quota {
-		return Item{}, fmt.Errorf("append: %d of %d bytes used: %w", q.disk.Load(), q.quota, ErrQuota)
+		return nil, fmt.Errorf("append: %d of %d bytes used: %w", q.disk.Load(), q.quota, ErrQuota)
 	}
 	if free := q.free.Load(); q.minFree > 0 && free >= 0 && free < q.minFree {
-		return Item{}, fmt.Errorf("append: %d bytes free on the disk, at least %d kept free: %w", free, q.minFree, ErrQuota)
+		return nil, fmt.Errorf("append: %d bytes free on the disk, at least %d kept free: %w", free, q.minFree, ErrQuota)
 	}
 	req := &request{ctx: ctx, entry: e, done: make(chan result, 1)}
 	q.closeMu.RLock()
 	if q.closed {
 		q.closeMu.RUnlock()
-		return Item{}, ErrClosed
+		return nil, ErrClosed
 	}
 	select {
 	case q.reqs <- req:
 	case <-q.stopping:
 		q.closeMu.RUnlock()
-		return Item{}, ErrClosed
+		return nil, ErrClosed
 	case <-ctx.Done():
 		q.closeMu.RUnlock()
-		return Item{}, fmt.Errorf("append: %w", ctx.Err())
+		return nil, fmt.Errorf("append: %w", ctx.Err())
 	}
 	q.closeMu.RUnlock()
-	select {
-	case r := <-req.done:
-		return r.item, r.err
-	case <-ctx.Done():
-		// The committer may still commit it: not acknowledged, so at worst
-		// a duplicate with its own seq later.
-		return Item{}, fmt.Errorf("append: %w", ctx.Err())
-	}
+	return func(ctx context.Context) (Item, error) {
+		select {
+		case r := <-req.done:
+			return r.item, r.err
+		case <-ctx.Done():
+			// The committer may still commit it: not acknowledged, so at
+			// worst a duplicate with its own seq later.
+			return Item{}, fmt.Errorf("append: %w", ctx.Err())
+		}
+	}, nil
 }
 
 // Run is the committer loop, with value-log GC and size refresh on the side.

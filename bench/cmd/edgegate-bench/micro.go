@@ -103,6 +103,20 @@ func (c *countingAppender) Append(ctx context.Context, e queue.Entry) (queue.Ite
 	return it, err
 }
 
+func (c *countingAppender) Enqueue(ctx context.Context, e queue.Entry) (func(context.Context) (queue.Item, error), error) {
+	wait, err := c.q.Enqueue(ctx, e)
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) (queue.Item, error) {
+		it, err := wait(ctx)
+		if err == nil {
+			c.n.Add(1)
+		}
+		return it, err
+	}, nil
+}
+
 // runRadio writes MySensors set frames of several bound nodes into a
 // simulated radio gateway's pty; radio.Manager reads them through
 // tarm/serial and submits each through the pipeline into a real queue.
