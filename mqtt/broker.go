@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -87,14 +88,21 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	caps.MaximumClients = int64(opts.MaxClients)
 	srv := mochi.New(&mochi.Options{
 		Capabilities: caps,
+		// The inline client publishes pipelined readings to local
+		// subscribers once they are committed.
+		InlineClient: true,
 		// mochi logs every refused login and dropped connection at warn
 		// level, unthrottled; the access hook logs refusals itself,
 		// rate-limited, so mochi keeps errors only.
 		Logger: slog.New(minLevel{log.Handler(), slog.LevelError}).With("component", "mqtt-broker"),
 	})
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
+		ackers:  map[*mochi.Client]*acker{},
 		limited: ratelog.New(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now)}
 	hook.ctx, hook.cancel = context.WithCancel(context.Background())
+	if st, ok := sub.(Starter); ok {
+		hook.starter, hook.srv = st, srv
+	}
 	if opts.Policy == nil {
 		return nil, errors.New("embedded broker: no policy for access control")
 	}
@@ -199,7 +207,12 @@ func (b *Broker) Run(ctx context.Context, ready func()) error {
 		}
 	}
 	b.hook.cancel()
-	if err := b.srv.Close(); err != nil {
+	err := b.srv.Close()
+	// Readings handed to the queue are resolved before the queue stops.
+	if !b.hook.stopAckers(b.hook.timeout + 5*time.Second) {
+		b.log.Error("readings still being committed when the broker stopped; they stay unacknowledged")
+	}
+	if err != nil {
 		return fmt.Errorf("close MQTT broker: %w", err)
 	}
 	return nil
@@ -218,16 +231,25 @@ type ingestHook struct {
 	pace    *deviceLimiter
 	ctx     context.Context // cancelled when the broker stops
 	cancel  context.CancelFunc
+
+	starter Starter       // nil: every publish is queued synchronously
+	srv     *mochi.Server // local delivery of pipelined readings
+	mu      sync.Mutex
+	ackers  map[*mochi.Client]*acker
+	wg      sync.WaitGroup
 }
 
 func (h *ingestHook) ID() string { return "edgegate-ingest" }
 
 func (h *ingestHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnPublish}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnPublish, mochi.OnDisconnect}, []byte{b})
 }
 
 // OnPublish runs on the publishing client's goroutine, before its PUBACK.
 func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	if cl.Net.Inline {
+		return pk, nil // our own delivery of a reading already queued
+	}
 	device, ok := h.topic.Match(pk.TopicName)
 	if !ok {
 		return pk, nil
@@ -240,6 +262,19 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		Source:   reading.Source{Kind: "mqtt", Topic: pk.TopicName},
 		Payload:  pk.Payload,
 		Received: time.Now(),
+	}
+	if h.starter != nil && pk.FixedHeader.Qos > 0 {
+		// Pipelined: hand it over in arrival order; the connection's acker
+		// sends the PUBACK (and delivers it locally) once it is synced.
+		msg.Payload = clonePayload(pk.Payload)
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
+		it := &inflight{topic: pk.TopicName, payload: msg.Payload, retain: pk.FixedHeader.Retain,
+			id: pk.PacketID, msg: msg, ctx: ctx, cancel: cancel}
+		it.wait = h.starter.Start(ctx, msg)
+		if !h.ackerFor(cl).push(it) {
+			cancel()
+		}
+		return pk, packets.ErrRejectPacket
 	}
 	for {
 		// An attempt in progress finishes even during shutdown, so that

@@ -1,0 +1,177 @@
+package mqtt
+
+import (
+	"bytes"
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+
+	mochi "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/edgegate/edgegate/pipeline"
+)
+
+// Starter is the pipelined side of the pipeline: hand a reading over now,
+// learn its outcome later.
+type Starter interface {
+	Start(ctx context.Context, msg pipeline.Message) pipeline.Pending
+}
+
+// window is how many QoS 1 readings of one connection may wait for their
+// commit at once (the MQTT 5 receive maximum the broker announces).
+const window = 64
+
+// An acker acknowledges one connection's QoS 1 publishes in the order they
+// arrived, each once its reading is committed — so a device may keep many
+// publishes in flight (one group commit then carries many of them) while a
+// PUBACK still means "synced to disk".
+//
+// The hook hands each publish to the pipeline on the connection's own
+// goroutine, in arrival order (so they are committed in that order) and
+// tells mochi to send nothing (packets.ErrRejectPacket); the acker then
+// writes the PUBACK and delivers the reading to local subscribers.
+type acker struct {
+	h    *ingestHook
+	cl   *mochi.Client
+	q    chan *inflight
+	stop chan struct{} // closed when the connection or the broker ends
+	once sync.Once
+}
+
+type inflight struct {
+	topic   string
+	payload []byte
+	retain  bool
+	id      uint16
+	msg     pipeline.Message
+	wait    pipeline.Pending
+	ctx     context.Context
+	cancel  context.CancelFunc
+}
+
+// ackerFor returns the connection's acker, starting it on first use.
+func (h *ingestHook) ackerFor(cl *mochi.Client) *acker {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if a, ok := h.ackers[cl]; ok {
+		return a
+	}
+	a := &acker{h: h, cl: cl, q: make(chan *inflight, window), stop: make(chan struct{})}
+	h.ackers[cl] = a
+	h.wg.Add(1)
+	go a.run()
+	return a
+}
+
+// push queues a publish for acknowledgement; false when the connection is
+// ending (the publish stays unacknowledged: the device resends it).
+func (a *acker) push(it *inflight) bool {
+	select {
+	case <-a.stop:
+		return false
+	default:
+	}
+	select {
+	case a.q <- it:
+		return true
+	case <-a.stop:
+		return false
+	}
+}
+
+func (a *acker) close() { a.once.Do(func() { close(a.stop) }) }
+
+func (a *acker) run() {
+	defer a.h.wg.Done()
+	for {
+		select {
+		case it := <-a.q:
+			a.settle(it)
+		case <-a.stop:
+			// Resolve what was handed over, in order: what commits is
+			// acknowledged if the connection still takes it, the rest stays
+			// unacknowledged and the device resends it.
+			for {
+				select {
+				case it := <-a.q:
+					a.settle(it)
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+func (a *acker) settle(it *inflight) {
+	h := a.h
+	defer it.cancel()
+	out, err := it.wait(it.ctx)
+	for err != nil {
+		// Not queued (disk quota, shutting down): hold it, unacknowledged,
+		// and try again, as the device cannot be told to slow down. Later
+		// publishes of this connection wait behind it.
+		h.limited.Log(h.ctx, slog.LevelWarn, "hold", "reading not queued; holding it unacknowledged",
+			"device", it.msg.Device, "err", err)
+		t := time.NewTimer(h.retry)
+		select {
+		case <-h.ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		if a.cl.Closed() {
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
+		out, err = h.sub.Submit(ctx, it.msg)
+		cancel()
+	}
+	if !a.cl.Closed() {
+		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: it.id}
+		if err := a.cl.WritePacket(ack); err != nil {
+			h.limited.Log(h.ctx, slog.LevelDebug, "ack", "PUBACK not written", "device", it.msg.Device, "err", err)
+		}
+	}
+	if out == pipeline.Queued && h.srv != nil {
+		// Local subscribers get it once it is safe; refused and duplicate
+		// readings are acknowledged but never delivered.
+		if err := h.srv.Publish(it.topic, it.payload, it.retain, 1); err != nil {
+			h.limited.Log(h.ctx, slog.LevelWarn, "deliver", "local delivery failed", "device", it.msg.Device, "err", err)
+		}
+	}
+}
+
+// OnDisconnect ends the connection's acker once what it holds is resolved.
+func (h *ingestHook) OnDisconnect(cl *mochi.Client, _ error, _ bool) {
+	h.mu.Lock()
+	a, ok := h.ackers[cl]
+	delete(h.ackers, cl)
+	h.mu.Unlock()
+	if ok {
+		a.close()
+	}
+}
+
+// stopAckers ends every acker and waits (bounded) until the readings they
+// hold are resolved, before the queue behind them stops.
+func (h *ingestHook) stopAckers(limit time.Duration) bool {
+	h.mu.Lock()
+	for cl, a := range h.ackers {
+		a.close()
+		delete(h.ackers, cl)
+	}
+	h.mu.Unlock()
+	done := make(chan struct{})
+	go func() { h.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-time.After(limit):
+		return false
+	}
+}
+
+func clonePayload(b []byte) []byte { return bytes.Clone(b) }
