@@ -104,7 +104,11 @@ func (c *Client) Run(ctx context.Context) error {
 		SetAutoReconnect(true).
 		SetConnectRetry(true).
 		SetConnectRetryInterval(2 * time.Second).
-		SetMaxReconnectInterval(30 * time.Second).
+		// paho doubles its reconnect wait and does not reset it after a
+		// healthy session (the chaos suite saw 1, 1, 2, 4, 8 s across
+		// Mosquitto restarts): keep the ceiling low, a local broker is
+		// cheap to retry.
+		SetMaxReconnectInterval(5 * time.Second).
 		SetKeepAlive(c.opts.Keepalive).
 		SetPingTimeout(10 * time.Second).
 		SetConnectTimeout(10 * time.Second).
