@@ -406,6 +406,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}
 		mgr, err := radio.NewManager(ports, pipe, engine, radio.Options{
 			StateDir: filepath.Join(cfg.StateDir, "radio"), Logger: log.With("component", "radio"), Metrics: d.metrics,
+			// Opening a tty is cheap: look for a replugged radio often.
+			MaxBackoff: 5 * time.Second,
 		})
 		if err != nil {
 			d.stopAll([]*stage{ingest}, queueStage, uplinkStage, syncStage, metricsStage)

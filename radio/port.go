@@ -123,7 +123,10 @@ func (p *port) run(ctx context.Context) {
 		}
 		p.fail(err)
 		p.limited.Log(ctx, slog.LevelWarn, "gone:"+p.cfg.Path, "radio port lost; reopening", "err", err)
-		if time.Since(start) > p.opts.MaxBackoff {
+		// A session that worked for a while resets the backoff, so a port
+		// unplugged now and then comes back at once, not after the wait
+		// its earlier flaps built up.
+		if time.Since(start) > min(5*time.Second, p.opts.MaxBackoff) {
 			bo.reset()
 		}
 		if !bo.wait(ctx) {
