@@ -3,6 +3,7 @@
 #   BENCH_QUICK=1 make bench            smoke test (~2 minutes)
 #   BENCH_BACKLOG=1000000 make bench    backlog of 1M readings instead of 300k
 #   BENCH_SKIP=micro,radio make bench   skip sections: e2e, backlog, policy, radio, micro
+#   BENCH_CONCURRENCY=16 make bench     uplink.concurrency for the runs (default 4)
 BENCH_SKIP ?=
 
 .PHONY: bench-e2e

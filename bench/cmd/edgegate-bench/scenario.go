@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/edgegate/edgegate/centralsim"
@@ -109,7 +110,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 	}
 
 	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: sim.BrokerURL(), TokenURL: sim.TokenURL(), ClientID: benchClientID,
-		Secret: benchSecret, CAFile: ca, Mode: sc.Mode, MaxBatch: 256, Concurrency: 4}
+		Secret: benchSecret, CAFile: ca, Mode: sc.Mode, MaxBatch: 256, Concurrency: benchConcurrency()}
 	if mq != nil {
 		g.ExternalURL = mq.URL
 	}
@@ -247,7 +248,7 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	}
 	defer mq.stop()
 	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: sim.BrokerURL(), TokenURL: sim.TokenURL(), ClientID: benchClientID,
-		Secret: benchSecret, CAFile: ca, Mode: mode, MaxBatch: 256, Concurrency: 4, ExternalURL: mq.URL}
+		Secret: benchSecret, CAFile: ca, Mode: mode, MaxBatch: 256, Concurrency: benchConcurrency(), ExternalURL: mq.URL}
 	var p *proc
 	if mode == "filter" {
 		b.Gateway = "daemon"
@@ -330,4 +331,13 @@ func waitQueued(qdir string, pid int) {
 		}
 		prev = cur
 	}
+}
+
+// benchConcurrency is uplink.concurrency for the runs: BENCH_CONCURRENCY,
+// else the daemon's default (4).
+func benchConcurrency() int {
+	if n, err := strconv.Atoi(os.Getenv("BENCH_CONCURRENCY")); err == nil && n > 0 {
+		return n
+	}
+	return 4
 }
