@@ -18,17 +18,9 @@ import (
 func TestTwoBrokersNoMisrouting(t *testing.T) {
 	a, b := dev("br-a", "alice"), dev("br-b", "alice")
 	simA := startSim(t, a)
-	simB, err := centralsim.New(centralsim.Options{
-		Devices:       []centralsim.Device{{ID: b.ID, Type: b.Type, Owner: b.Owner, K1: b.K1, K2: b.K2}},
-		TrustTokensOf: simA,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := simB.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { simB.Close() })
+	simB := startSimWith(t, func(o *centralsim.Options) {
+		o.Clients, o.TrustTokensOf = nil, simA // a broker only, behind simA's sign-on
+	}, b)
 
 	dir := t.TempDir()
 	cfg := writeGatewayConfig(t, dir, simA, gatewayConfig{}, a, b)

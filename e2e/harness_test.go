@@ -5,16 +5,15 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/edgegate/edgegate/internal/syncbuf"
 	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -65,15 +64,25 @@ const (
 // as user "alice".
 func startSim(t *testing.T, devices ...testDevice) *centralsim.Server {
 	t.Helper()
+	return startSimWith(t, nil, devices...)
+}
+
+// startSimWith is startSim with options changed by tune (nil: none).
+func startSimWith(t *testing.T, tune func(*centralsim.Options), devices ...testDevice) *centralsim.Server {
+	t.Helper()
 	var ds []centralsim.Device
 	for _, d := range devices {
 		ds = append(ds, centralsim.Device{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2})
 	}
-	sim, err := centralsim.New(centralsim.Options{
+	o := centralsim.Options{
 		Clients:  []centralsim.Client{{ID: gwClientID, Secret: gwSecret, Username: "alice"}},
 		Devices:  ds,
 		TokenTTL: time.Minute,
-	})
+	}
+	if tune != nil {
+		tune(&o)
+	}
+	sim, err := centralsim.New(o)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -153,22 +162,7 @@ type gateway struct {
 	Metrics string
 }
 
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
-}
+type syncBuffer = syncbuf.Buffer
 
 // startGateway runs `edgegate run` and waits for its ready line.
 func startGateway(t *testing.T, cfgPath string) *gateway {

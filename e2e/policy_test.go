@@ -12,29 +12,18 @@ import (
 	"github.com/edgegate/edgegate/centralsim"
 )
 
+// withPush binds the gateway account to gateway gw-e2e and starts the
+// central push broker: what policy bundles need.
+func withPush(o *centralsim.Options) {
+	o.Gateways = map[string]string{gwClientID: "gw-e2e"}
+	o.MQTT = true
+}
+
 // startPolicySim starts the simulated central service with the push broker
 // and the gateway account bound to gateway gw-e2e.
 func startPolicySim(t *testing.T, devices ...testDevice) *centralsim.Server {
 	t.Helper()
-	var ds []centralsim.Device
-	for _, d := range devices {
-		ds = append(ds, centralsim.Device{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2})
-	}
-	sim, err := centralsim.New(centralsim.Options{
-		Clients:  []centralsim.Client{{ID: gwClientID, Secret: gwSecret, Username: "alice"}},
-		Devices:  ds,
-		Gateways: map[string]string{gwClientID: "gw-e2e"},
-		MQTT:     true,
-		TokenTTL: time.Minute,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sim.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sim.Close() })
-	return sim
+	return startSimWith(t, withPush, devices...)
 }
 
 func bundleConfig(t *testing.T, dir string, sim *centralsim.Server, centralURL string) string {

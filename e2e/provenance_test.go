@@ -29,21 +29,10 @@ func TestDeviceSignedProvenance(t *testing.T) {
 		t.Fatal(err)
 	}
 	pub, _ := devKey.PublicJWK()
-	sim, err := centralsim.New(centralsim.Options{
-		Clients: []centralsim.Client{{ID: gwClientID, Secret: gwSecret, Username: "alice"}},
-		Devices: []centralsim.Device{{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2,
-			Signing: policy.SigningDevice, PublicKeys: []json.RawMessage{pub}}},
-		Gateways: map[string]string{gwClientID: "gw-e2e"},
-		MQTT:     true,
-		TokenTTL: time.Minute,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sim.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sim.Close() })
+	sim := startSimWith(t, func(o *centralsim.Options) {
+		withPush(o)
+		o.Devices[0].Signing, o.Devices[0].PublicKeys = policy.SigningDevice, []json.RawMessage{pub}
+	}, d)
 	dir := t.TempDir()
 	cfg := bundleConfig(t, dir, sim, sim.URL())
 	g := startGateway(t, cfg)

@@ -10,6 +10,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"github.com/edgegate/edgegate/internal/syncbuf"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -168,13 +169,7 @@ func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
 	return env
 }
 
-type syncBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
-func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
+type syncBuf = syncbuf.Buffer
 
 var clientSeq sync.Map
 

@@ -1,16 +1,15 @@
 package sdnotify
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
+	"github.com/edgegate/edgegate/internal/syncbuf"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -182,23 +181,7 @@ func TestWatchdogArguments(t *testing.T) {
 	}
 }
 
-// syncBuffer is a log sink the watchdog goroutine and the test share.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = syncbuf.Buffer
 
 // TestWatchdogStopsPingingWhenUnhealthy is the property the unit relies
 // on: keep-alives flow while the health check passes, and none at all

@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"strconv"
 	"sync"
@@ -177,64 +175,7 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 		req.Header.Set("Fiware-ServicePath", svcPath)
 	}
 
-	start := u.opts.Now()
-	resp, err := u.opts.HTTPClient.Do(req)
-	if err != nil {
-		if ctx.Err() != nil {
-			r.aborted = true
-			return r
-		}
-		reason := "network"
-		var ne net.Error
-		if errors.As(err, &ne) && ne.Timeout() {
-			reason = "timeout"
-		}
-		u.observeRequest(reason, start)
-		r.v, r.err = verdict{kind: retry, reason: reason}, netError(err, tok)
-		return r
-	}
-	rb, _ := io.ReadAll(io.LimitReader(resp.Body, maxBodyRead))
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxBodyDrain))
-	resp.Body.Close()
-	now := u.opts.Now()
-	r.v = classify(resp.StatusCode, resp.Header, rb, now)
-	r.v.reason = scrub(r.v.reason, tok)
-
-	m := u.opts.Metrics
-	switch r.v.kind {
-	case delivered:
-		u.observeRequest("delivered", start)
-		if err := u.src.Delete(items); err != nil {
-			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("delete delivered readings: %w", err)
-			return r
-		}
-		if m != nil {
-			m.Delivered.WithLabelValues(d.label).Add(float64(len(items)))
-			for _, it := range items {
-				m.DeliveryLatency.Observe(now.Sub(it.Enqueued).Seconds())
-			}
-		}
-	case permanent:
-		u.observeRequest("rejected", start)
-		if len(items) > 1 {
-			return r // handle() splits the batch
-		}
-		if err := u.src.DeadLetter(items[0], r.v.reason); err != nil {
-			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("dead-letter reading: %w", err)
-			return r
-		}
-		if m != nil {
-			m.DeadLettered.WithLabelValues(r.v.class).Inc()
-		}
-	case invalidToken:
-		u.observeRequest("invalid_token", start)
-		u.tok.Invalidate(tok)
-		r.token = tok
-	case retry:
-		u.observeRequest("retry", start)
-		r.err = fmt.Errorf("broker answered %s", resp.Status)
-	}
-	return r
+	return d.exchange(ctx, r, req, items, tok, tok)
 }
 
 // batchBody renders the op/update body: each stored body (an NGSI

@@ -1,11 +1,11 @@
 package uplink
 
 import (
-	"bytes"
 	"context"
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/edgegate/edgegate/internal/syncbuf"
 	"io"
 	"log"
 	"log/slog"
@@ -343,22 +343,7 @@ func eventually(t testing.TB, what string, cond func() bool) {
 	}
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
+type syncBuffer = syncbuf.Buffer
 
 func counter(t testing.TB, c interface{ Write(*dto.Metric) error }) float64 {
 	t.Helper()

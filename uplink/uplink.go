@@ -510,6 +510,16 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 		return r
 	}
 
+	return d.exchange(ctx, r, req, []queue.Item{it}, tok, tok, k1, k2)
+}
+
+// exchange sends one request carrying items (one reading, or a batch) and
+// settles them from the answer: delete on 2xx, dead-letter a single
+// reading refused for good (a refused batch is split by the caller),
+// invalidate a refused token, or retry. secrets are scrubbed from every
+// reason and error (the broker may echo our query).
+func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, items []queue.Item, tok string, secrets ...string) result {
+	u := d.u
 	start := u.opts.Now()
 	resp, err := u.opts.HTTPClient.Do(req)
 	if err != nil {
@@ -523,7 +533,7 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 			reason = "timeout"
 		}
 		u.observeRequest(reason, start)
-		r.v, r.err = verdict{kind: retry, reason: reason}, netError(err, tok, k1, k2)
+		r.v, r.err = verdict{kind: retry, reason: reason}, netError(err, secrets...)
 		return r
 	}
 	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxBodyRead))
@@ -532,25 +542,30 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 	resp.Body.Close()
 	now := u.opts.Now()
 	r.v = classify(resp.StatusCode, resp.Header, body, now)
-	r.v.reason = scrub(r.v.reason, tok, k1, k2) // the broker may echo our query
+	r.v.reason = scrub(r.v.reason, secrets...)
 
 	m := u.opts.Metrics
 	switch r.v.kind {
 	case delivered:
 		u.observeRequest("delivered", start)
-		if err := u.src.Delete([]queue.Item{it}); err != nil {
-			// Sent but still queued: it will be sent again (a duplicate
-			// the broker can recognise by seq), never lost.
-			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("delete delivered reading: %w", err)
+		if err := u.src.Delete(items); err != nil {
+			// Sent but still queued: sent again later (a duplicate the
+			// broker can recognise by seq), never lost.
+			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("delete delivered readings: %w", err)
 			return r
 		}
 		if m != nil {
-			m.Delivered.WithLabelValues(d.label).Inc()
-			m.DeliveryLatency.Observe(now.Sub(it.Enqueued).Seconds())
+			m.Delivered.WithLabelValues(d.label).Add(float64(len(items)))
+			for _, it := range items {
+				m.DeliveryLatency.Observe(now.Sub(it.Enqueued).Seconds())
+			}
 		}
 	case permanent:
 		u.observeRequest("rejected", start)
-		if err := u.src.DeadLetter(it, r.v.reason); err != nil {
+		if len(items) > 1 {
+			return r // the caller splits the batch to find the refused reading
+		}
+		if err := u.src.DeadLetter(items[0], r.v.reason); err != nil {
 			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("dead-letter reading: %w", err)
 			return r
 		}
