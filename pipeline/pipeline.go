@@ -227,10 +227,17 @@ func (p *Pipeline) start(ctx context.Context, msg Message) Pending {
 	}
 
 	var sealErr error
+	var digest [8]byte
+	if msg.DeviceSeq != 0 {
+		// Only readings that carry their own sequence are checked for
+		// redelivery: no hash on the hot path of the others.
+		digest = digestOf(msg.Payload)
+	}
 	entry := queue.Entry{
-		Broker: dev.Broker, Device: dev.ID, Type: dev.Type,
+		DeviceDigest: digest,
+		Broker:       dev.Broker, Device: dev.ID, Type: dev.Type,
 		Service: dev.Service, ServicePath: dev.ServicePath,
-		DeviceSeq: msg.DeviceSeq, DeviceDigest: digestOf(msg.Payload),
+		DeviceSeq: msg.DeviceSeq,
 		Seal: func(seq uint64) ([]byte, error) {
 			claims := envelope.ClaimsOf(p.gw, seq, &r)
 			jws, err := envelope.Seal(key, claims)

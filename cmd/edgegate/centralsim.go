@@ -7,7 +7,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"time"
@@ -135,11 +134,10 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if fs.NArg() > 0 {
 		return fmt.Errorf("central-sim: unexpected arguments: %q", fs.Args())
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return fmt.Errorf("central-sim: --log-level: %w", err)
+	logger, err := toolLogger(stderr, *logLevel)
+	if err != nil {
+		return fmt.Errorf("central-sim: %w", err)
 	}
-	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 
 	var opts centralsim.Options
 	if *configPath != "" {

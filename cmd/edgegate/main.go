@@ -131,6 +131,17 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, *slog.LevelVar)
 	return slog.New(slog.NewTextHandler(w, opts)), v
 }
 
+// toolLogger is the text logger of the simulator commands, at a level given
+// on their command line (an unknown level is an error, not a silent info).
+func toolLogger(w io.Writer, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level: %w", err)
+	}
+	log, _ := newLogger(w, level, "text")
+	return log, nil
+}
+
 func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(stderr)

@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"time"
 
 	"github.com/edgegate/edgegate/radio"
@@ -49,11 +48,10 @@ func runRadioSim(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if *interval <= 0 {
 		return fmt.Errorf("radio-sim: --interval must be positive: %s", *interval)
 	}
-	var level slog.Level
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		return fmt.Errorf("radio-sim: --log-level: %w", err)
+	logger, err := toolLogger(stderr, *logLevel)
+	if err != nil {
+		return fmt.Errorf("radio-sim: %w", err)
 	}
-	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	sim, err := radio.NewSim(radio.SimOptions{Link: *link, Nodes: *nodes, FirstID: *firstID, AutoID: *autoID,
 		Interval: *interval, Garbage: *garbage, Seed: *seed, Logger: logger})
 	if err != nil {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"os"
@@ -14,23 +13,6 @@ import (
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/radio"
 )
-
-type radioSimBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *radioSimBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *radioSimBuffer) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 type radioSimSub struct {
 	mu      sync.Mutex
@@ -63,7 +45,7 @@ func (b radioSimBinder) BindRadio(port string, node, child int) (string, bool) {
 // including the node that asks for its id, and cleans up on cancel.
 func TestRunRadioSim(t *testing.T) {
 	link := filepath.Join(t.TempDir(), "ttyRADIO")
-	var stdout, stderr radioSimBuffer
+	var stdout, stderr lockedBuffer
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
@@ -119,7 +101,7 @@ func TestRunRadioSim(t *testing.T) {
 }
 
 func TestRunRadioSimUsage(t *testing.T) {
-	var stdout, stderr radioSimBuffer
+	var stdout, stderr lockedBuffer
 	err := runRadioSim(context.Background(), nil, &stdout, &stderr)
 	if err == nil || !strings.Contains(err.Error(), "--link") {
 		t.Fatalf("runRadioSim() without --link = %v", err)
