@@ -36,6 +36,8 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
 	"github.com/lestrrat-go/jwx/v2/jwt"
+
+	"github.com/edgegate/edgegate/logtext"
 )
 
 // MaxTokenBytes bounds what Verify parses.
@@ -367,12 +369,7 @@ func compatible(k jwk.Key, alg string) bool {
 	return false
 }
 
-func clip(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "…"
-	}
-	return s
-}
+func clip(s string) string { return logtext.Clip(s, 64) }
 
 // scrub keeps library errors short; they never contain the token itself.
 func scrub(err error) string {

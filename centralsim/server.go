@@ -41,10 +41,11 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/lestrrat-go/jwx/v2/jwk"
+
 	"github.com/edgegate/edgegate/envelope"
 	"github.com/edgegate/edgegate/pki"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/lestrrat-go/jwx/v2/jwk"
 )
 
 // Defaults of Options.

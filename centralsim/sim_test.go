@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"errors"
-	"github.com/edgegate/edgegate/internal/syncbuf"
 	"io"
 	"log/slog"
 	"net/http"
@@ -16,9 +15,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/envelope"
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
+
+	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/syncbuf"
 )
 
 const (

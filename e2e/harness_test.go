@@ -7,7 +7,6 @@ import (
 	"bufio"
 	"encoding/json"
 	"fmt"
-	"github.com/edgegate/edgegate/internal/syncbuf"
 	"io"
 	"net/http"
 	"os"
@@ -22,6 +21,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/syncbuf"
 )
 
 var binary string

@@ -78,9 +78,10 @@ import (
 	"reflect"
 	"time"
 
-	"github.com/edgegate/edgegate/reading"
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jws"
+
+	"github.com/edgegate/edgegate/reading"
 )
 
 // Version of the envelope claims format.

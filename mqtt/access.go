@@ -12,6 +12,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/edgegate/edgegate/accesstoken"
+	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/ratelog"
@@ -286,9 +287,4 @@ func (t Topic) classifyFilter(filter string) (device string, wildcard, inside bo
 	return device, wildcard, true
 }
 
-func clipName(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "…"
-	}
-	return s
-}
+func clipName(s string) string { return logtext.Clip(s, 64) }

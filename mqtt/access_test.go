@@ -10,7 +10,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"github.com/edgegate/edgegate/internal/syncbuf"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -27,6 +26,7 @@ import (
 
 	"github.com/edgegate/edgegate/accesstoken"
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/syncbuf"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/policy"

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/reading"
 )
 
@@ -275,12 +276,7 @@ func checkRegistration(r Registration) error {
 	return nil
 }
 
-func clip(s string) string {
-	if len(s) > 64 {
-		return s[:64] + "…"
-	}
-	return s
-}
+func clip(s string) string { return logtext.Clip(s, 64) }
 
 // Len is the number of registered devices.
 func (p *Policy) Len() int { return len(p.devices) }

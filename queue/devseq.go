@@ -4,8 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-
-	"github.com/dgraph-io/badger/v4"
 )
 
 // Device sequence numbers (replay protection).
@@ -110,18 +108,9 @@ func (q *Queue) deviceMarkOf(device string) (deviceMark, error) {
 		return m, nil
 	}
 	var m deviceMark
-	err := q.db.View(func(txn *badger.Txn) error {
-		bi, err := txn.Get(markKey(device))
-		if errors.Is(err, badger.ErrKeyNotFound) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		return bi.Value(func(v []byte) error {
-			m, err = decodeMark(v)
-			return err
-		})
+	err := q.readValue(markKey(device), func(v []byte) (err error) {
+		m, err = decodeMark(v)
+		return err
 	})
 	if err != nil {
 		return deviceMark{}, fmt.Errorf("load device sequence mark of %q: %w", device, err)
@@ -137,19 +126,10 @@ func (q *Queue) LastDeviceSeq(device string) (uint64, error) {
 		return 0, fmt.Errorf("last device seq: invalid device id %q", device)
 	}
 	var high uint64
-	err := q.db.View(func(txn *badger.Txn) error {
-		bi, err := txn.Get(markKey(device))
-		if errors.Is(err, badger.ErrKeyNotFound) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-		return bi.Value(func(v []byte) error {
-			m, err := decodeMark(v)
-			high = m.high
-			return err
-		})
+	err := q.readValue(markKey(device), func(v []byte) error {
+		m, err := decodeMark(v)
+		high = m.high
+		return err
 	})
 	if err != nil {
 		return 0, fmt.Errorf("last device seq of %q: %w", device, err)

@@ -1010,23 +1010,29 @@ func (q *Queue) LastSeq(device string) (uint64, error) {
 
 // storedSeq reads a device's persisted counter (0 = none).
 func (q *Queue) storedSeq(device string) (last uint64, err error) {
-	err = q.db.View(func(txn *badger.Txn) error {
-		bi, err := txn.Get(seqKey(device))
+	err = q.readValue(seqKey(device), func(v []byte) error {
+		if len(v) != 8 {
+			return errBadValue
+		}
+		last = binary.BigEndian.Uint64(v)
+		return nil
+	})
+	return last, err
+}
+
+// readValue calls fn with the value stored under key; a missing key is no
+// error and no call.
+func (q *Queue) readValue(key []byte, fn func(v []byte) error) error {
+	return q.db.View(func(txn *badger.Txn) error {
+		bi, err := txn.Get(key)
 		if errors.Is(err, badger.ErrKeyNotFound) {
 			return nil
 		}
 		if err != nil {
 			return err
 		}
-		return bi.Value(func(v []byte) error {
-			if len(v) != 8 {
-				return errBadValue
-			}
-			last = binary.BigEndian.Uint64(v)
-			return nil
-		})
+		return bi.Value(fn)
 	})
-	return last, err
 }
 
 // PurgeDevice drops every queued item of device, in every lane, and returns

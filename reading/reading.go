@@ -14,6 +14,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/edgegate/edgegate/logtext"
 )
 
 // Limits that are part of the contract of a Reading.
@@ -286,10 +288,4 @@ func inferType(v any) string {
 
 // clip shortens untrusted input for error messages so that one bad payload
 // cannot flood a log line.
-func clip(s string) string {
-	const n = 64
-	if len(s) <= n {
-		return s
-	}
-	return s[:n] + "…"
-}
+func clip(s string) string { return logtext.Clip(s, 64) }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/edgegate/edgegate/internal/syncbuf"
 	"log/slog"
 	"net"
 	"os"
@@ -13,6 +12,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/edgegate/edgegate/internal/syncbuf"
 )
 
 // listen opens a real unixgram socket standing in for systemd's notify

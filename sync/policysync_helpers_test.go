@@ -18,11 +18,10 @@ import (
 	"testing"
 	"time"
 
-	dto "github.com/prometheus/client_model/go"
-
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/edgegate/edgegate/identity"
 	"github.com/edgegate/edgegate/metrics"

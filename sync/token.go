@@ -7,13 +7,13 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
-	"strings"
 	"sync"
 	"time"
 
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
 
+	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/metrics"
 )
 
@@ -284,18 +284,7 @@ type FetchError struct {
 func (e *FetchError) Error() string { return "fetch access token from " + e.URL + ": " + e.msg }
 func (e *FetchError) Unwrap() error { return e.err }
 
-func clip(s string) string {
-	s = strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f {
-			return ' '
-		}
-		return r
-	}, s)
-	if len(s) > maxErrText {
-		s = strings.ToValidUTF8(s[:maxErrText], "") + "…"
-	}
-	return s
-}
+func clip(s string) string { return logtext.Clip(s, maxErrText) }
 
 // redactURL drops user info and query from a URL so it can be logged.
 func redactURL(raw string) string {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/edgegate/edgegate/internal/syncbuf"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -17,6 +16,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/edgegate/edgegate/internal/syncbuf"
 	"github.com/edgegate/edgegate/metrics"
 )
 

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/edgegate/edgegate/logtext"
 )
 
 // Outcome classes of one delivery attempt.
@@ -149,15 +151,4 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 
 // clipText makes broker text fit a log line and a dead-letter record:
 // control characters become spaces, at most maxReasonText bytes.
-func clipText(s string) string {
-	s = strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f {
-			return ' '
-		}
-		return r
-	}, s)
-	if len(s) > maxReasonText {
-		s = strings.ToValidUTF8(s[:maxReasonText], "") + "…"
-	}
-	return s
-}
+func clipText(s string) string { return logtext.Clip(s, maxReasonText) }

@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"github.com/edgegate/edgegate/internal/syncbuf"
 	"io"
 	"log"
 	"log/slog"
@@ -18,6 +17,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/edgegate/edgegate/internal/syncbuf"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/queue"
 )

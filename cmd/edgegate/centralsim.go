@@ -11,10 +11,11 @@ import (
 	"path/filepath"
 	"time"
 
+	"gopkg.in/yaml.v3"
+
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/pki"
 	"github.com/edgegate/edgegate/policy"
-	"gopkg.in/yaml.v3"
 )
 
 // centralSimConfig is the YAML file of `edgegate central-sim --config`.
