@@ -250,6 +250,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer aud.Close()
 	engine.OnChange(policyEffects(q, d.metrics, log.With("component", "policy")))
 	engine.OnChange(func(ch policy.Change) {
+		// Keys that arrive with a synced policy are redacted from the audit
+		// log as well as those of the configuration file.
+		for _, d := range ch.New.Devices() {
+			if k1, k2, ok := engine.DeviceKeys(d.ID); ok {
+				red.Add(k1, k2)
+			}
+		}
 		aud.Record(context.Background(), audit.Event{Kind: audit.PolicyApplied, Cause: ch.New.Source,
 			Detail: fmt.Sprintf("%s; revoked %d, changed %d", ch.New.Describe(), len(ch.Revoked), len(ch.Rebound))})
 	})
