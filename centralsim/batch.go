@@ -1,7 +1,6 @@
 package centralsim
 
 import (
-	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -22,7 +21,6 @@ type batchRequest struct {
 type batchEntity struct {
 	id, typ string
 	dev     Device
-	body    []byte // the entity object, id and type included
 	attrs   parsedAttrs
 }
 
@@ -108,7 +106,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 	ups := make([]Update, len(ents))
 	for i := range ents {
 		e := &ents[i]
-		verdict, detail, claims := s.verdictOf(e.dev, e.body, e.attrs.raw)
+		verdict, detail, claims := s.verdictOf(e.dev, e.attrs.raw)
 		attrs := e.attrs.raw
 		delete(attrs, "id")
 		delete(attrs, "type")
@@ -181,6 +179,5 @@ func parseBatchEntity(raw json.RawMessage) (batchEntity, string, string) {
 		attrs.raw["type"] = t
 	}
 	e.attrs = attrs
-	e.body = bytes.Clone(raw)
 	return e, "", ""
 }

@@ -123,7 +123,7 @@ func (s *Server) handlePatchAttrs(w http.ResponseWriter, r *http.Request) {
 	wantType := r.URL.Query().Get("type")
 
 	// Verify outside the lock: it is the slow part.
-	verdict, detail, claims := s.verdictOf(dev, body, attrs.raw)
+	verdict, detail, claims := s.verdictOf(dev, attrs.raw)
 
 	s.mu.Lock()
 	e, ok := s.entities[ref.Device]
@@ -220,7 +220,7 @@ func parseAttrMap(raw map[string]json.RawMessage) (parsedAttrs, string, string) 
 
 // verdictOf checks the signature attribute of an update with the device's
 // key. claims.Version is non-zero only when the signature verified.
-func (s *Server) verdictOf(dev Device, body []byte, raw map[string]json.RawMessage) (string, string, envelope.Claims) {
+func (s *Server) verdictOf(dev Device, raw map[string]json.RawMessage) (string, string, envelope.Claims) {
 	if _, signed := raw[s.opts.SignatureAttr]; !signed {
 		return VerdictUnsigned, "", envelope.Claims{}
 	}
@@ -231,7 +231,7 @@ func (s *Server) verdictOf(dev Device, body []byte, raw map[string]json.RawMessa
 	if len(keys) == 0 {
 		return VerdictNoKey, "device has no K1/K2 and no public key", envelope.Claims{}
 	}
-	c, err := envelope.VerifyAttrsWith(body, keys, s.opts.SignatureAttr)
+	c, err := envelope.VerifyAttrMap(raw, keys, s.opts.SignatureAttr)
 	switch {
 	case err == nil && c.Device != dev.ID:
 		return VerdictTampered, fmt.Sprintf("entity %q carries a reading of device %q", dev.ID, c.Device), c

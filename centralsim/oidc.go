@@ -311,6 +311,9 @@ func (s *Server) verifyToken(raw string) (user, azp string, err error) {
 	if len(raw) > maxTokenBytes {
 		return "", "", errors.New("bearer token too large")
 	}
+	if t, ok := s.tokens.get(raw, s.now()); ok {
+		return t.user, t.azp, nil
+	}
 	tok, err := s.parseToken(raw)
 	if err != nil && s.opts.TrustTokensOf != nil {
 		// A second broker behind the same single sign-on.
@@ -327,6 +330,7 @@ func (s *Server) verifyToken(raw string) (user, azp string, err error) {
 	for _, name := range []string{"preferred_username", "username"} {
 		if v, ok := tok.Get(name); ok {
 			if u, ok := v.(string); ok && u != "" {
+				s.tokens.put(raw, cachedToken{user: u, azp: azp, exp: tok.Expiration()})
 				return u, azp, nil
 			}
 		}

@@ -175,6 +175,7 @@ type Server struct {
 	signKey    jwk.Key // private, with kid and alg
 	publicJWKS jwk.Set
 	adminToken string
+	tokens     tokenCache // verified access tokens (tokencache.go)
 
 	closing  chan struct{} // closed by Close: ends injected delays
 	inflight atomic.Int64  // requests being served

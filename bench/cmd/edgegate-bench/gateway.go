@@ -170,6 +170,8 @@ central:
   client_secret_file: client-secret
   ca_file: %s
 uplink:
+  mode: %s
+  batch_size: %d
   ca_file: %s
   concurrency: %d
   min_backoff: 50ms
@@ -181,9 +183,16 @@ metrics:
 log:
   format: json
   level: info
-`, g.MaxBatch, mq, g.TokenURL, g.ClientID, g.CAFile, g.CAFile, g.Concurrency)
+`, g.MaxBatch, mq, g.TokenURL, g.ClientID, g.CAFile, uplinkMode(g.Mode), g.MaxBatch, g.CAFile, g.Concurrency)
 	p := filepath.Join(g.Dir, "edgegate.yaml")
 	return p, os.WriteFile(p, []byte(cfg), 0o600)
+}
+
+func uplinkMode(m string) string {
+	if m == "" {
+		return "filter"
+	}
+	return m
 }
 
 // startDaemon runs the real binary.

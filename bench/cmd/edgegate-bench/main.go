@@ -17,7 +17,9 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"runtime/pprof"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -119,18 +121,38 @@ func run() error {
 	}
 	ctx := context.Background()
 
+	if path := os.Getenv("BENCH_SELF_PROFILE"); path != "" {
+		// A CPU profile of this process: the simulated central service
+		// and the publishing devices.
+		f, err := os.Create(path)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
 	if !cfg.Skip["e2e"] {
 		scenarios := []scenario{
 			{Name: "embedded, daemon, filter", Broker: "embedded", Gateway: "daemon", Mode: "filter"},
-			{Name: "mosquitto, daemon, filter", Broker: "mosquitto", Gateway: "daemon", Mode: "filter"},
-			{Name: "mosquitto, in-process, batch", Broker: "mosquitto", Gateway: "in-process", Mode: "batch", Profile: "batch"},
+			{Name: "embedded, daemon, batch", Broker: "embedded", Gateway: "daemon", Mode: "batch"},
+			{Name: "mosquitto, daemon, batch", Broker: "mosquitto", Gateway: "daemon", Mode: "batch"},
 		}
 		if !cfg.Quick {
+			// The in-process gateway is the daemon's wiring in a process
+			// that writes a CPU profile (bench/profiles).
 			scenarios = append(scenarios,
-				scenario{Name: "embedded, in-process, batch", Broker: "embedded", Gateway: "in-process", Mode: "batch"},
-				scenario{Name: "mosquitto, in-process, filter", Broker: "mosquitto", Gateway: "in-process", Mode: "filter", Profile: "filter"})
+				scenario{Name: "mosquitto, daemon, filter", Broker: "mosquitto", Gateway: "daemon", Mode: "filter"},
+				scenario{Name: "embedded, in-process, batch (profiled)", Broker: "embedded", Gateway: "in-process", Mode: "batch", Profile: "batch"},
+				scenario{Name: "embedded, in-process, filter (profiled)", Broker: "embedded", Gateway: "in-process", Mode: "filter", Profile: "filter"})
 		}
+		only := os.Getenv("BENCH_ONLY") // a substring of the scenario names to run
 		for _, sc := range scenarios {
+			if only != "" && !strings.Contains(sc.Name, only) {
+				continue
+			}
 			step("end to end: " + sc.Name)
 			r, err := runScenario(ctx, cfg, sc, bin, self, work)
 			if err != nil {

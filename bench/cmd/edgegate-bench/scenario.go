@@ -33,10 +33,19 @@ type e2eResult struct {
 	P50Full        float64 `json:"p50_ms_at_full"`
 	P99Full        float64 `json:"p99_ms_at_full"`
 	CPUPer1000     float64 `json:"cpu_ms_per_1000"`
-	PeakRSSMB      float64 `json:"peak_rss_mb"`
-	Duplicates     int     `json:"duplicates"`
-	Invalid        int     `json:"invalid_signatures"`
-	Error          string  `json:"error,omitempty"`
+	// Where the rest of the machine's CPU went over the sustained run, per
+	// 1,000 readings: the bench process (the simulated central service,
+	// which verifies every signature, and the publishing devices) and
+	// Mosquitto. Everything shares the same 2 cores.
+	SimPubCPUPer1000    float64 `json:"sim_and_publishers_cpu_ms_per_1000"`
+	MosquittoCPUPer1000 float64 `json:"mosquitto_cpu_ms_per_1000,omitempty"`
+	// GatewayCores is the gateway's CPU over the sustained run divided by
+	// its wall time: 1.0 is one core busy.
+	GatewayCores float64 `json:"gateway_cores"`
+	PeakRSSMB    float64 `json:"peak_rss_mb"`
+	Duplicates   int     `json:"duplicates"`
+	Invalid      int     `json:"invalid_signatures"`
+	Error        string  `json:"error,omitempty"`
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
@@ -158,6 +167,11 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 	// Sustained rate: N readings as fast as acknowledgements allow.
 	s.reset(false)
 	cpu0, _ := procCPU(pid)
+	self0, _ := procCPU(os.Getpid())
+	var mq0 time.Duration
+	if mq != nil {
+		mq0, _ = procCPU(mq.pid())
+	}
 	start := time.Now()
 	pr := f.publish(ctx, cfg.Readings, 0, cfg.Window, 3*time.Minute)
 	r.PublishAckRate = float64(pr.Acked) / pr.Elapsed.Seconds()
@@ -165,9 +179,17 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 		return r, fmt.Errorf("only %d of %d acknowledged readings reached the broker", s.count(), pr.Acked)
 	}
 	cpu1, _ := procCPU(pid)
+	self1, _ := procCPU(os.Getpid())
 	st := s.stats()
-	r.Sustained = float64(st.N) / st.Last.Sub(start).Seconds()
+	wall := st.Last.Sub(start)
+	r.Sustained = float64(st.N) / wall.Seconds()
 	r.CPUPer1000 = ms(cpu1-cpu0) * 1000 / float64(st.N)
+	r.GatewayCores = (cpu1 - cpu0).Seconds() / wall.Seconds()
+	r.SimPubCPUPer1000 = ms(self1-self0) * 1000 / float64(st.N)
+	if mq != nil {
+		mq1, _ := procCPU(mq.pid())
+		r.MosquittoCPUPer1000 = ms(mq1-mq0) * 1000 / float64(st.N)
+	}
 	r.Duplicates, r.Invalid = st.Dups, st.Invalid
 	if r.LimitRate > 0 {
 		r.Fraction = r.Sustained / r.LimitRate
@@ -249,14 +271,8 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	defer mq.stop()
 	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: sim.BrokerURL(), TokenURL: sim.TokenURL(), ClientID: benchClientID,
 		Secret: benchSecret, CAFile: ca, Mode: mode, MaxBatch: 256, Concurrency: benchConcurrency(), ExternalURL: mq.URL}
-	var p *proc
-	if mode == "filter" {
-		b.Gateway = "daemon"
-		p, err = startDaemon(bin, g)
-	} else {
-		b.Gateway = "in-process"
-		p, err = startInProcess(self, g, "")
-	}
+	b.Gateway = "daemon"
+	p, err := startDaemon(bin, g)
 	if err != nil {
 		return b, err
 	}
