@@ -723,12 +723,37 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 	}
 	var out []Item
 	err := q.db.View(func(txn *badger.Txn) error {
+		// Lanes are dense (a device's seqs are consecutive and delivered
+		// from the head), so point reads from the head find the items
+		// without building an iterator over every table, which cost more
+		// than the read itself (one Peek per reading in filter mode).
+		seq := head
+		key := make([]byte, 0, len(prefix)+8)
+		for seq <= visible && len(out) < max {
+			key = binary.BigEndian.AppendUint64(append(key[:0], prefix...), seq)
+			bi, err := txn.Get(key)
+			if errors.Is(err, badger.ErrKeyNotFound) {
+				break // a gap (dead letter, purge, stale head): iterate
+			}
+			if err != nil {
+				return err
+			}
+			item := Item{Device: l.Device, Seq: seq}
+			if err := bi.Value(func(v []byte) error { return q.decodeItemValue(v, &item) }); err != nil {
+				return fmt.Errorf("decode %s/%d: %w", l.Device, seq, err)
+			}
+			out = append(out, item)
+			seq++
+		}
+		if len(out) >= max || seq > visible {
+			return nil
+		}
 		io := badger.DefaultIteratorOptions
 		io.Prefix = prefix
-		io.PrefetchSize = min(max, 100)
+		io.PrefetchSize = min(max-len(out), 100)
 		it := txn.NewIterator(io)
 		defer it.Close()
-		for it.Seek(binary.BigEndian.AppendUint64(prefix, head)); it.Valid() && len(out) < max; it.Next() {
+		for it.Seek(binary.BigEndian.AppendUint64(prefix, seq)); it.Valid() && len(out) < max; it.Next() {
 			bi := it.Item()
 			_, device, seq, err := parseItemKey(bi.Key())
 			if err != nil {
@@ -754,6 +779,7 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 // removal is one item taken out of a lane.
 type removal struct {
 	prefix string
+	seq    uint64
 	bytes  int64
 }
 
@@ -800,7 +826,7 @@ func (q *Queue) deleteTxn(items []Item) ([]removal, error) {
 			if err := txn.Delete(key); err != nil {
 				return err
 			}
-			removed = append(removed, removal{prefix: string(key[:len(key)-8]), bytes: size})
+			removed = append(removed, removal{prefix: string(key[:len(key)-8]), seq: it.Seq, bytes: size})
 		}
 		return nil
 	})
@@ -824,7 +850,14 @@ func (q *Queue) unindex(removed []removal) error {
 	if len(removed) == 0 {
 		return nil
 	}
-	touched := make(map[string]uint64) // prefix -> head to seek from
+	// Per lane still holding items: its head before, and the seqs removed.
+	type span struct {
+		from     uint64 // the head to seek from
+		lo, hi   uint64 // smallest and largest seq removed
+		n        uint64 // how many removed
+		headGone bool   // the head itself was removed
+	}
+	touched := make(map[string]*span)
 	q.mu.Lock()
 	for _, r := range removed {
 		ls := q.lanes[r.prefix]
@@ -838,11 +871,27 @@ func (q *Queue) unindex(removed []removal) error {
 			delete(touched, r.prefix)
 			continue
 		}
-		touched[r.prefix] = ls.head
+		sp := touched[r.prefix]
+		if sp == nil {
+			sp = &span{from: ls.head, lo: r.seq, hi: r.seq}
+			touched[r.prefix] = sp
+		}
+		sp.lo, sp.hi, sp.n = min(sp.lo, r.seq), max(sp.hi, r.seq), sp.n+1
+		sp.headGone = sp.headGone || r.seq == ls.head
 	}
 	q.mu.Unlock()
-	for p, from := range touched {
-		seq, oldest, err := q.firstLive([]byte(p), from)
+	for p, sp := range touched {
+		if !sp.headGone {
+			continue // removed from the middle: the head and its time stand
+		}
+		// The usual case: the head and the items right after it were
+		// delivered, [head, hi] with nothing left between, so the new head
+		// is hi+1 if it exists: one point read instead of an iterator.
+		from := sp.from
+		if sp.lo == sp.from && sp.hi-sp.lo+1 == sp.n {
+			from = sp.hi + 1
+		}
+		seq, oldest, err := q.laneHead([]byte(p), from)
 		if err != nil {
 			return fmt.Errorf("re-read lane head: %w", err)
 		}
@@ -853,6 +902,31 @@ func (q *Queue) unindex(removed []removal) error {
 		q.mu.Unlock()
 	}
 	return nil
+}
+
+// laneHead is firstLive with a point read of from first: after a delivery
+// the next item is usually exactly there.
+func (q *Queue) laneHead(prefix []byte, from uint64) (uint64, time.Time, error) {
+	var t time.Time
+	err := q.db.View(func(txn *badger.Txn) error {
+		bi, err := txn.Get(binary.BigEndian.AppendUint64(bytes.Clone(prefix), from))
+		if err != nil {
+			return err
+		}
+		return bi.Value(func(v []byte) error {
+			var err error
+			t, err = enqueuedOf(v)
+			return err
+		})
+	})
+	switch {
+	case err == nil:
+		return from, t, nil
+	case errors.Is(err, badger.ErrKeyNotFound):
+		return q.firstLive(prefix, from)
+	default:
+		return 0, time.Time{}, err
+	}
 }
 
 // firstLive returns the seq and enqueue time of the first item under prefix
@@ -927,7 +1001,7 @@ func (q *Queue) DeadLetter(it Item, reason string) error {
 	q.mu.Lock()
 	q.dead++
 	q.mu.Unlock()
-	if err := q.unindex([]removal{{prefix: string(key[:len(key)-8]), bytes: size}}); err != nil {
+	if err := q.unindex([]removal{{prefix: string(key[:len(key)-8]), seq: it.Seq, bytes: size}}); err != nil {
 		return err
 	}
 	if err := q.db.Sync(); err != nil {

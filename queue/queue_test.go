@@ -669,3 +669,64 @@ func TestOpenRefusesBadKey(t *testing.T) {
 		t.Error("Open with another key = nil, want error")
 	}
 }
+
+// TestPeekAndHeadAcrossGaps: Peek reads a lane by point reads from its head
+// and falls back to an iterator at a gap; the head (and the oldest time in
+// Stats) follows deliveries from the head and removals in the middle.
+func TestPeekAndHeadAcrossGaps(t *testing.T) {
+	q := start(t, Options{})
+	b := "https://a.example/v2"
+	l := Lane{b, "d1"}
+	var items []Item
+	for range 6 {
+		items = append(items, mustAppend(t, q, entry(b, "d1")))
+		time.Sleep(2 * time.Millisecond) // distinct enqueue times
+	}
+	oldest := func() time.Time {
+		t.Helper()
+		st := q.Stats()
+		if len(st.Brokers) != 1 {
+			t.Fatalf("Stats brokers = %+v", st.Brokers)
+		}
+		return st.Brokers[0].Oldest
+	}
+	if err := q.DeadLetter(items[2], "middle"); err != nil { // seq 3
+		t.Fatal(err)
+	}
+	if got, err := q.Peek(l, 2); err != nil || !slices.Equal(seqs(got), []uint64{1, 2}) {
+		t.Fatalf("Peek(2) = %v, %v, want [1 2]", seqs(got), err)
+	}
+	if got := seqs(peekAll(t, q.Queue, l)); !slices.Equal(got, []uint64{1, 2, 4, 5, 6}) {
+		t.Fatalf("Peek across the gap = %v, want [1 2 4 5 6]", got)
+	}
+	if !oldest().Equal(items[0].Enqueued) {
+		t.Errorf("oldest = %v, want item 1's %v", oldest(), items[0].Enqueued)
+	}
+	if err := q.Delete(items[:2]); err != nil { // delivered from the head, up to the gap
+		t.Fatal(err)
+	}
+	if got, err := q.Peek(l, 1); err != nil || !slices.Equal(seqs(got), []uint64{4}) {
+		t.Fatalf("Peek(1) after delivering 1-2 = %v, %v, want [4]", seqs(got), err)
+	}
+	if !oldest().Equal(items[3].Enqueued) {
+		t.Errorf("oldest after delivering 1-2 = %v, want item 4's %v", oldest(), items[3].Enqueued)
+	}
+	if err := q.Delete(items[4:5]); err != nil { // seq 5, in the middle
+		t.Fatal(err)
+	}
+	if got := seqs(peekAll(t, q.Queue, l)); !slices.Equal(got, []uint64{4, 6}) {
+		t.Fatalf("Peek after removing 5 = %v, want [4 6]", got)
+	}
+	if !oldest().Equal(items[3].Enqueued) {
+		t.Errorf("oldest after removing 5 = %v, want item 4's", oldest())
+	}
+	if err := q.Delete(items[3:4]); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := q.Peek(l, 3); err != nil || !slices.Equal(seqs(got), []uint64{6}) {
+		t.Fatalf("Peek after delivering 4 = %v, %v, want [6]", seqs(got), err)
+	}
+	if !oldest().Equal(items[5].Enqueued) {
+		t.Errorf("oldest = %v, want item 6's %v", oldest(), items[5].Enqueued)
+	}
+}

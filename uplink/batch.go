@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
-	"sync"
 
 	"github.com/edgegate/edgegate/queue"
 )
@@ -51,7 +50,7 @@ const (
 // fillBatches starts batch jobs for idle lanes, round-robin from start,
 // spreading the idle lanes over the free request slots so that requests
 // overlap (pipelining) instead of one batch taking every lane.
-func (d *dispatcher) fillBatches(reqCtx context.Context, workers *sync.WaitGroup, start int) {
+func (d *dispatcher) fillBatches(start int) {
 	n := len(d.lanes)
 	free := d.u.opts.Concurrency - d.inflight
 	var idle []queue.Lane
@@ -62,7 +61,7 @@ func (d *dispatcher) fillBatches(reqCtx context.Context, workers *sync.WaitGroup
 		}
 		if d.solo[l] {
 			if free > 0 {
-				d.startBatch(reqCtx, workers, []queue.Lane{l}, true)
+				d.startBatch([]queue.Lane{l}, true)
 				free--
 			}
 			continue
@@ -76,20 +75,20 @@ func (d *dispatcher) fillBatches(reqCtx context.Context, workers *sync.WaitGroup
 	per = min(per, d.u.opts.BatchSize)
 	for len(idle) > 0 && free > 0 {
 		k := min(per, len(idle))
-		d.startBatch(reqCtx, workers, idle[:k:k], false)
+		d.startBatch(idle[:k:k], false)
 		idle = idle[k:]
 		free--
 	}
 }
 
-func (d *dispatcher) startBatch(reqCtx context.Context, workers *sync.WaitGroup, lanes []queue.Lane, solo bool) {
+func (d *dispatcher) startBatch(lanes []queue.Lane, solo bool) {
 	for _, l := range lanes {
 		d.busy[l] = true
 	}
 	d.inflight++
 	d.cursor = lanes[len(lanes)-1].Device
 	j := job{lane: lanes[0], lanes: lanes, solo: solo, epoch: d.epoch, gen: d.gen}
-	workers.Go(func() { d.results <- d.attemptBatch(reqCtx, j) })
+	d.jobs <- j // never blocks: at most Concurrency jobs are in flight
 }
 
 // attemptBatch sends the head readings of the job's lanes in one op/update

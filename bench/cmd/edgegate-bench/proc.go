@@ -112,3 +112,39 @@ func procRSSParts(pid int) (anon, file int64) {
 	}
 	return anon, file
 }
+
+// rssSampler polls RssAnon and RssFile of pid every 50 ms and keeps their
+// peaks: VmHWM alone cannot tell the daemon's own memory from the page
+// cache of its mmapped store files.
+type rssSampler struct {
+	stop               chan struct{}
+	done               chan struct{}
+	peakAnon, peakFile int64
+}
+
+func sampleRSS(pid int) *rssSampler {
+	s := &rssSampler{stop: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(s.done)
+		t := time.NewTicker(50 * time.Millisecond)
+		defer t.Stop()
+		for {
+			a, f := procRSSParts(pid)
+			s.peakAnon, s.peakFile = max(s.peakAnon, a), max(s.peakFile, f)
+			select {
+			case <-s.stop:
+				return
+			case <-t.C:
+			}
+		}
+	}()
+	return s
+}
+
+// peaks stops the sampler and returns the peak anonymous and file-backed
+// RSS in MB.
+func (s *rssSampler) peaks() (anonMB, fileMB float64) {
+	close(s.stop)
+	<-s.done
+	return float64(s.peakAnon) / (1 << 20), float64(s.peakFile) / (1 << 20)
+}

@@ -33,8 +33,8 @@ type results struct {
 }
 
 func printE2E(w io.Writer, r e2eResult) {
-	fmt.Fprintf(w, "  limit %.0f/s, sustained %.0f/s (%.0f%%), PUBACK %.0f/s, p50/p99 %.1f/%.1f ms at %.0f/s, %.1f/%.1f ms at %.0f/s, CPU %.0f ms/1000 (%.2f cores; sim+publishers %.0f, mosquitto %.0f ms/1000), peak RSS %.1f MB, dups %d, invalid %d\n",
-		r.LimitRate, r.Sustained, 100*r.Fraction, r.PublishAckRate, r.P50Half, r.P99Half, r.HalfRate, r.P50Full, r.P99Full, r.FullRate, r.CPUPer1000, r.GatewayCores, r.SimPubCPUPer1000, r.MosquittoCPUPer1000, r.PeakRSSMB, r.Duplicates, r.Invalid)
+	fmt.Fprintf(w, "  limit %.0f/s, sustained %.0f/s (%.0f%%), PUBACK %.0f/s, p50/p99 %.1f/%.1f ms at %.0f/s, %.1f/%.1f ms at %.0f/s, CPU %.0f ms/1000 (%.2f cores; sim+publishers %.0f, mosquitto %.0f ms/1000), peak RSS %.1f MB (anonymous %.1f, file-backed %.1f), dups %d, invalid %d\n",
+		r.LimitRate, r.Sustained, 100*r.Fraction, r.PublishAckRate, r.P50Half, r.P99Half, r.HalfRate, r.P50Full, r.P99Full, r.FullRate, r.CPUPer1000, r.GatewayCores, r.SimPubCPUPer1000, r.MosquittoCPUPer1000, r.PeakRSSMB, r.PeakAnonMB, r.PeakFileMB, r.Duplicates, r.Invalid)
 }
 
 func printTable(w io.Writer, res *results) {

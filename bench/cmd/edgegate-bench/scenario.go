@@ -43,9 +43,13 @@ type e2eResult struct {
 	// its wall time: 1.0 is one core busy.
 	GatewayCores float64 `json:"gateway_cores"`
 	PeakRSSMB    float64 `json:"peak_rss_mb"`
-	Duplicates   int     `json:"duplicates"`
-	Invalid      int     `json:"invalid_signatures"`
-	Error        string  `json:"error,omitempty"`
+	// Peaks of the two parts of RSS, sampled every 50 ms: the daemon's own
+	// memory (anonymous) and mapped page cache of the store's files.
+	PeakAnonMB float64 `json:"peak_rss_anon_mb"`
+	PeakFileMB float64 `json:"peak_rss_file_mb"`
+	Duplicates int     `json:"duplicates"`
+	Invalid    int     `json:"invalid_signatures"`
+	Error      string  `json:"error,omitempty"`
 }
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
@@ -164,6 +168,12 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 
 	pid := p.pid()
 	_ = resetHWM(pid)
+	sampler := sampleRSS(pid)
+	defer func() {
+		if sampler != nil {
+			sampler.peaks()
+		}
+	}()
 	// Sustained rate: N readings as fast as acknowledgements allow.
 	s.reset(false)
 	cpu0, _ := procCPU(pid)
@@ -213,6 +223,8 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 	}
 	hwm, _, _ := procMem(pid)
 	r.PeakRSSMB = float64(hwm) / (1 << 20)
+	r.PeakAnonMB, r.PeakFileMB = sampler.peaks()
+	sampler = nil
 	return r, nil
 }
 
