@@ -42,7 +42,7 @@ type Options struct {
 	MaxBatch     int              // entries per group commit, default 256
 	Logger       *slog.Logger     // nil = discard
 	Metrics      *metrics.Metrics // nil ok
-	// GCInterval is how often Run runs value-log GC; default 5 minutes.
+	// GCInterval is how often Run runs value-log GC; default 1 minute.
 	GCInterval time.Duration
 }
 
@@ -145,7 +145,7 @@ func Open(opts Options) (*Queue, error) {
 		opts.MaxBatch = 256
 	}
 	if opts.GCInterval <= 0 {
-		opts.GCInterval = 5 * time.Minute
+		opts.GCInterval = time.Minute
 	}
 	log := opts.Logger
 	if log == nil {
@@ -382,12 +382,19 @@ func (q *Queue) housekeep(ctx context.Context) {
 	defer size.Stop()
 	gc := time.NewTicker(q.gcEvery)
 	defer gc.Stop()
+	pageOut := true // until the kernel says it cannot (pageout_linux.go)
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-size.C:
 			q.refreshSize()
+			if pageOut {
+				var err error
+				if _, pageOut, err = pageOutOldLogs(q.dir); err != nil {
+					q.log.Debug("page out closed value logs", "err", err)
+				}
+			}
 		case <-gc.C:
 			q.runGC(ctx)
 			q.refreshSize()
@@ -395,11 +402,14 @@ func (q *Queue) housekeep(ctx context.Context) {
 	}
 }
 
-// runGC rewrites value-log files while badger finds some worth it, at most
-// 16 files a round so a round stays bounded.
+// runGC rewrites value-log files while badger finds some worth it. With
+// 8 MB logs a busy minute leaves many, mostly dead (delivered readings):
+// a round goes on until nothing is worth rewriting, bounded to 1,024
+// files and 20 seconds so that it always ends.
 func (q *Queue) runGC(ctx context.Context) {
-	for range 16 {
-		if ctx.Err() != nil {
+	deadline := time.Now().Add(20 * time.Second)
+	for range 1024 {
+		if ctx.Err() != nil || time.Now().After(deadline) {
 			return
 		}
 		err := q.db.RunValueLogGC(0.5)

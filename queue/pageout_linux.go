@@ -1,0 +1,102 @@
+//go:build linux
+
+package queue
+
+import (
+	"bufio"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// pageOutOldLogs asks the kernel to reclaim this process's pages of the
+// store's closed value-log files: every *.vlog under dir mapped shared,
+// except the newest (the one badger appends to).
+//
+// Why. badger maps each value-log file whole and keeps it mapped until
+// value-log GC deletes it, so every page it wrote stays resident in the
+// daemon's RSS: under full load the file-backed part grew by the volume
+// written (75 MB of a 111 MB peak in edgegate-bench), and a closed log is
+// read again only to drain a backlog. Those pages are page cache the
+// kernel could drop anyway; MADV_PAGEOUT drops them now.
+//
+// Safety. MADV_PAGEOUT is a hint that never changes memory contents: if a
+// file is unmapped between reading /proc/self/maps and the call, and the
+// range reused by another mapping, that mapping's pages are at worst
+// reclaimed (written back or, for anonymous memory, swapped out if there
+// is swap) and read back on the next access. MADV_DONTNEED, which would
+// zero anonymous memory in that race, is deliberately not used.
+//
+// It returns the bytes of address space advised and whether the kernel
+// supports the advice (EINVAL before Linux 5.4).
+func pageOutOldLogs(dir string) (advised int64, supported bool, err error) {
+	f, err := os.Open("/proc/self/maps")
+	if err != nil {
+		return 0, true, err
+	}
+	defer f.Close()
+	type mapping struct {
+		lo, hi uintptr
+		fid    uint64
+	}
+	var logs []mapping
+	var newest uint64
+	prefix := filepath.Clean(dir) + "/"
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 0, 4096), 1<<16)
+	for sc.Scan() {
+		// lo-hi perms offset dev inode path
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 6 || len(fields[1]) != 4 || fields[1][3] != 's' {
+			continue
+		}
+		path := strings.Join(fields[5:], " ")
+		name, ok := strings.CutPrefix(path, prefix)
+		if !ok || strings.Contains(name, "/") {
+			continue
+		}
+		num, ok := strings.CutSuffix(name, ".vlog")
+		if !ok {
+			continue
+		}
+		fid, err := strconv.ParseUint(num, 10, 64)
+		if err != nil {
+			continue
+		}
+		lo, hi, ok := strings.Cut(fields[0], "-")
+		if !ok {
+			continue
+		}
+		l, err1 := strconv.ParseUint(lo, 16, 64)
+		h, err2 := strconv.ParseUint(hi, 16, 64)
+		if err1 != nil || err2 != nil || h <= l {
+			continue
+		}
+		logs = append(logs, mapping{lo: uintptr(l), hi: uintptr(h), fid: fid})
+		newest = max(newest, fid)
+	}
+	if err := sc.Err(); err != nil {
+		return 0, true, err
+	}
+	for _, m := range logs {
+		if m.fid == newest {
+			continue
+		}
+		_, _, errno := unix.Syscall(unix.SYS_MADVISE, m.lo, m.hi-m.lo, unix.MADV_PAGEOUT)
+		switch {
+		case errno == 0:
+			advised += int64(m.hi - m.lo)
+		case errno == unix.EINVAL:
+			return advised, false, nil
+		case errno == unix.ENOMEM:
+			// Unmapped meanwhile (GC deleted the file): nothing to do.
+		default:
+			return advised, true, errors.New("madvise: " + errno.Error())
+		}
+	}
+	return advised, true, nil
+}
