@@ -207,10 +207,8 @@ func parseAttrMap(raw map[string]json.RawMessage) (parsedAttrs, string, string) 
 		if len(v) == 0 || v[0] != '{' {
 			return parsedAttrs{}, "BadRequest", "attribute must be a JSON object, unless keyValues option is used"
 		}
-		dec := json.NewDecoder(bytes.NewReader(v))
-		dec.UseNumber()
 		var a ngsiAttr
-		if err := dec.Decode(&a); err != nil {
+		if err := json.Unmarshal(v, &a); err != nil {
 			return parsedAttrs{}, "BadRequest", "attribute " + name + ": invalid JSON type"
 		}
 		out.parsed[name] = a

@@ -62,8 +62,11 @@ type entity struct {
 }
 
 type ngsiAttr struct {
-	Type     string                     `json:"type"`
-	Value    any                        `json:"value"`
+	Type string `json:"type"`
+	// Value is kept as sent (numbers exactly as written, as Orion
+	// returns them) and parsed by nobody: decoding every value cost the
+	// simulator more than verifying the reading's signature.
+	Value    json.RawMessage            `json:"value"`
 	Metadata map[string]json.RawMessage `json:"metadata"`
 }
 

@@ -57,7 +57,7 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		{"bad mode", "mqtt:\n  mode: cloud\n", []string{"mqtt.mode", "embedded or external", `"cloud"`}},
 		{"bad duration", "uplink:\n  max_backoff: soon\n", []string{"uplink.max_backoff", `"soon"`, "duration"}},
 		{"bad int", "uplink:\n  concurrency: many\n", []string{"uplink.concurrency", `"many"`, "whole number"}},
-		{"out of range", "uplink:\n  concurrency: 0\n", []string{"uplink.concurrency", "between 1 and 64", `"0"`}},
+		{"out of range", "uplink:\n  concurrency: 65\n", []string{"uplink.concurrency", "between 1 and 64", `"65"`}},
 		{"bad size", "store:\n  quota: lots\n", []string{"store.quota", `"lots"`}},
 		{"public listener", "mqtt:\n  embedded:\n    listen: 0.0.0.0:1883\n", []string{"mqtt.embedded.listen", "loopback"}},
 		{"topic without device", "mqtt:\n  topic: devices/telemetry\n", []string{"mqtt.topic", "{device}"}},
@@ -159,6 +159,27 @@ func TestParseByteSize(t *testing.T) {
 		got, err := ParseByteSize(tt.in)
 		if (err == nil) != tt.ok || got != tt.want {
 			t.Errorf("ParseByteSize(%q) = %v, %v; want %v, ok=%v", tt.in, got, err, tt.want, tt.ok)
+		}
+	}
+}
+
+func TestUplinkConcurrencyByMode(t *testing.T) {
+	for _, tt := range []struct {
+		yaml string
+		want int
+	}{
+		{"", 16},
+		{"uplink:\n  mode: batch\n", 4},
+		{"uplink:\n  mode: batch\n  concurrency: 9\n", 9},
+		{"uplink:\n  concurrency: 2\n", 2},
+	} {
+		dir := t.TempDir()
+		c, err := Load(writeFile(t, dir, "c.yaml", base+tt.yaml, 0o600))
+		if err != nil {
+			t.Fatalf("%q: %v", tt.yaml, err)
+		}
+		if got := c.Uplink.EffectiveConcurrency(); got != tt.want {
+			t.Errorf("%q: EffectiveConcurrency = %d, want %d", tt.yaml, got, tt.want)
 		}
 	}
 }

@@ -11,11 +11,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -278,9 +280,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		log: log.With("component", "policy")}
 	up := uplink.New(watchedSource{Source: gated, mon: mon}, tokens, engine, uplink.Options{
 		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize,
-		Concurrency: cfg.Uplink.Concurrency, SendKeys: cfg.Uplink.SendKeys,
+		Concurrency: cfg.Uplink.EffectiveConcurrency(), SendKeys: cfg.Uplink.SendKeys,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
-		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.Concurrency),
+		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.EffectiveConcurrency()),
 		Logger:     log.With("component", "uplink"), Metrics: d.metrics, Now: d.clock.Now,
 	})
 	stats := newDeviceStats()
@@ -442,7 +444,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	adminStage := start("admin", adm.Run, errs)
 
 	log.Info("edgegate ready", "version", Version, "admin", adm.Addr(), "gateway", d.gateway, "devices", pol.Len(),
-		"mqtt", mqttAddr, "mqtt_tls", mqttTLSAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir)
+		"mqtt", mqttAddr, "mqtt_tls", mqttTLSAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir,
+		"memory_limit", memoryLimit())
 	// Under systemd (Type=notify) start-up ends here, not at exec: units
 	// ordered after edgegate wait until every stage is up.
 	notify := sdnotify.FromEnv(os.Getenv)
@@ -726,4 +729,13 @@ func corrupt(err error) bool {
 	}
 	msg := err.Error()
 	return !strings.Contains(msg, "Cannot acquire directory lock") && !strings.Contains(msg, "resource temporarily unavailable")
+}
+
+// memoryLimit renders the Go runtime's soft memory limit in force.
+func memoryLimit() string {
+	n := debug.SetMemoryLimit(-1) // -1 reads it
+	if n == math.MaxInt64 {
+		return "none"
+	}
+	return config.ByteSize(n).String()
 }

@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
 	"github.com/edgegate/edgegate/config"
@@ -154,6 +155,9 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		return &exitError{code: 2, err: err}
 	}
 	log, levels := newLogger(stderr, cfg.Log.Level, cfg.Log.Format)
+	if os.Getenv("GOMEMLIMIT") == "" && cfg.MemoryLimit > 0 {
+		debug.SetMemoryLimit(int64(cfg.MemoryLimit))
+	}
 	d := daemon.New(cfg, log)
 	d.SetLevelVar(levels)
 	return d.Run(ctx)

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/centralsim"
+	egconfig "github.com/edgegate/edgegate/config"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/mqtt"
 	"github.com/edgegate/edgegate/pipeline"
@@ -96,6 +97,9 @@ func startProc(cmd *exec.Cmd, readyMark string, addrOf func(string) string) (*pr
 				case ready <- line:
 				default:
 				}
+			}
+			if gcLog != nil && strings.HasPrefix(line, "gc ") {
+				fmt.Fprintln(gcLog, line)
 			}
 			if strings.Contains(line, `"level":"ERROR"`) || strings.Contains(line, "level=ERROR") || strings.Contains(line, "panic") {
 				select {
@@ -173,7 +177,7 @@ uplink:
   mode: %s
   batch_size: %d
   ca_file: %s
-  concurrency: %d
+  concurrency: %d # 0: the default of the mode
   min_backoff: 50ms
   max_backoff: 500ms
   request_timeout: 10s
@@ -195,6 +199,16 @@ func uplinkMode(m string) string {
 	return m
 }
 
+// gcLog receives the daemon's GC trace when BENCH_DAEMON_GCTRACE names a
+// file (GODEBUG=gctrace=1 for the daemon only).
+var gcLog *os.File
+
+func init() {
+	if p := os.Getenv("BENCH_DAEMON_GCTRACE"); p != "" {
+		gcLog, _ = os.Create(p)
+	}
+}
+
 // startDaemon runs the real binary.
 func startDaemon(bin string, g gwSpec) (*proc, error) {
 	cfg, err := writeDaemonConfig(g)
@@ -203,6 +217,9 @@ func startDaemon(bin string, g gwSpec) (*proc, error) {
 	}
 	cmd := exec.Command(bin, "run", "--config", cfg)
 	cmd.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
+	if gcLog != nil {
+		cmd.Env = append(cmd.Env, "GODEBUG=gctrace=1")
+	}
 	return startProc(cmd, `"msg":"edgegate ready"`, func(line string) string {
 		var rec map[string]any
 		_ = json.Unmarshal([]byte(line), &rec)
@@ -289,9 +306,10 @@ func runGateway(args []string) error {
 	defer q.Close()
 	tokens := centralsync.NewTokenSource(centralsync.ClientCredentials{TokenURL: g.TokenURL, ClientID: g.ClientID,
 		ClientSecret: g.Secret, HTTPClient: uplink.NewHTTPClient(pool, 10*time.Second, 2), Metrics: m, Logger: log})
-	up := uplink.New(q, tokens, engine, uplink.Options{Mode: g.Mode, Concurrency: g.Concurrency,
+	conc := egconfig.Uplink{Mode: g.Mode, Concurrency: g.Concurrency}.EffectiveConcurrency()
+	up := uplink.New(q, tokens, engine, uplink.Options{Mode: g.Mode, Concurrency: conc,
 		MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond,
-		HTTPClient: uplink.NewHTTPClient(pool, 10*time.Second, g.Concurrency), Logger: log, Metrics: m})
+		HTTPClient: uplink.NewHTTPClient(pool, 10*time.Second, conc), Logger: log, Metrics: m})
 	pipe := pipeline.New(engine, q, pipeline.Options{Gateway: "gw-bench", Logger: log, Metrics: m})
 	topic, err := mqtt.ParseTopic("devices/{device}/telemetry")
 	if err != nil {

@@ -362,10 +362,10 @@ func waitQueued(qdir string, pid int) {
 }
 
 // benchConcurrency is uplink.concurrency for the runs: BENCH_CONCURRENCY,
-// else the daemon's default (4).
+// else 0, the daemon's default for the mode (16 filter, 4 batch).
 func benchConcurrency() int {
 	if n, err := strconv.Atoi(os.Getenv("BENCH_CONCURRENCY")); err == nil && n > 0 {
 		return n
 	}
-	return 4
+	return 0
 }
