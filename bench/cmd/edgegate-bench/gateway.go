@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"os/signal"
 	"path/filepath"
+	"runtime/debug"
 	"runtime/pprof"
 	"strings"
 	"syscall"
@@ -280,6 +281,10 @@ func runGateway(args []string) error {
 		defer pprof.StopCPUProfile()
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// The daemon's default memory_limit.
+		debug.SetMemoryLimit(int64(egconfig.Default().MemoryLimit))
+	}
 	m := metrics.New()
 	regs := make([]policy.Registration, 0, len(g.Devices))
 	for _, d := range g.Devices {
