@@ -73,7 +73,7 @@ func TestPageOutOldLogs(t *testing.T) {
 			waits = waits[:0]
 		}
 	}
-	// The queue's housekeeping pages closed logs out every second: within
+	// The queue's housekeeping pages closed logs out four times a second: within
 	// a few seconds only the log being written stays resident.
 	closed := func(m map[string]int64) (sum int64, newest string) {
 		for name := range m {
