@@ -74,7 +74,7 @@ func run() error {
 	if cfg.Quick {
 		cfg.Readings, cfg.Paced, cfg.BacklogLo, cfg.BacklogHi = 2000, 2*time.Second, 5000, 15000
 	} else {
-		cfg.Readings, cfg.Paced, cfg.BacklogLo, cfg.BacklogHi = 15000, 8*time.Second, 100000, 300000
+		cfg.Readings, cfg.Paced, cfg.BacklogLo, cfg.BacklogHi = 15000, 8*time.Second, 100000, 1000000
 	}
 	cfg.Readings = envInt("BENCH_READINGS", cfg.Readings)
 	cfg.BacklogHi = envInt("BENCH_BACKLOG", cfg.BacklogHi)

@@ -39,6 +39,10 @@ type e2eResult struct {
 	// Mosquitto. Everything shares the same 2 cores.
 	SimPubCPUPer1000    float64 `json:"sim_and_publishers_cpu_ms_per_1000"`
 	MosquittoCPUPer1000 float64 `json:"mosquitto_cpu_ms_per_1000,omitempty"`
+	// LimitClientsCPUPer1000 is this process's CPU in the limit run (the
+	// 16 publishers and the plain subscriber; for the embedded limit, the
+	// bare broker too) per 1,000 readings: what the devices alone cost.
+	LimitClientsCPUPer1000 float64 `json:"limit_run_clients_cpu_ms_per_1000"`
 	// GatewayCores is the gateway's CPU over the sustained run divided by
 	// its wall time: 1.0 is one core busy.
 	GatewayCores float64 `json:"gateway_cores"`
@@ -54,31 +58,36 @@ type e2eResult struct {
 
 func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 
-// measureLimit publishes n readings from the same devices and payloads to
-// a plain subscriber of the broker and returns the subscriber's rate.
-func measureLimit(ctx context.Context, cfg config, url string, devs []device, creds bool, subUser, subPw string) (float64, error) {
+// measureLimitCPU publishes the readings from the same devices and
+// payloads to a plain subscriber of the broker and returns the
+// subscriber's rate, and the CPU this process (the publishers and the
+// subscriber; for the embedded limit, the bare broker too) spent per 1,000
+// readings.
+func measureLimitCPU(ctx context.Context, cfg config, url string, devs []device, creds bool, subUser, subPw string) (float64, float64, error) {
 	sub, n, last, err := subscribe(url, subUser, subPw, "devices/+/telemetry")
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer sub.Disconnect(100)
 	f, err := connectFleet(url, devs, creds)
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	defer f.close()
+	cpu0, _ := procCPU(os.Getpid())
 	start := time.Now()
 	f.publish(ctx, cfg.Readings, 0, cfg.Window, 2*time.Minute)
 	deadline := time.Now().Add(30 * time.Second)
 	for n.Load() < int64(cfg.Readings) && time.Now().Before(deadline) {
 		time.Sleep(20 * time.Millisecond)
 	}
+	cpu1, _ := procCPU(os.Getpid())
 	got := n.Load()
 	el := time.Unix(0, last.Load()).Sub(start)
 	if got == 0 || el <= 0 {
-		return 0, errors.New("subscriber received nothing")
+		return 0, 0, errors.New("subscriber received nothing")
 	}
-	return float64(got) / el.Seconds(), nil
+	return float64(got) / el.Seconds(), ms(cpu1-cpu0) * 1000 / float64(got), nil
 }
 
 func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work string) (r e2eResult, err error) {
@@ -107,7 +116,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 			return r, err
 		}
 		defer mq.stop()
-		if r.LimitRate, err = measureLimit(ctx, cfg, mq.URL, devs, false, "", ""); err != nil {
+		if r.LimitRate, r.LimitClientsCPUPer1000, err = measureLimitCPU(ctx, cfg, mq.URL, devs, false, "", ""); err != nil {
 			return r, fmt.Errorf("mosquitto limit: %w", err)
 		}
 	default:
@@ -115,7 +124,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 		if err != nil {
 			return r, err
 		}
-		r.LimitRate, err = measureLimit(ctx, cfg, url, devs, false, "", "")
+		r.LimitRate, r.LimitClientsCPUPer1000, err = measureLimitCPU(ctx, cfg, url, devs, false, "", "")
 		srv.Close()
 		if err != nil {
 			return r, fmt.Errorf("embedded broker limit: %w", err)
