@@ -11,12 +11,12 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"runtime/debug"
-	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -55,11 +55,12 @@ const (
 
 // proc is a running gateway process.
 type proc struct {
-	cmd  *exec.Cmd
-	done chan struct{}
-	err  error
-	MQTT string
-	logs *strings.Builder
+	cmd   *exec.Cmd
+	done  chan struct{}
+	err   error
+	MQTT  string
+	ready string // the line that said the gateway is ready
+	logs  *strings.Builder
 }
 
 func (p *proc) pid() int { return p.cmd.Process.Pid }
@@ -123,7 +124,7 @@ func startProc(cmd *exec.Cmd, readyMark string, addrOf func(string) string) (*pr
 	}()
 	select {
 	case line := <-ready:
-		p.MQTT = addrOf(line)
+		p.MQTT, p.ready = addrOf(line), line
 		return p, nil
 	case <-p.done:
 		return nil, fmt.Errorf("gateway exited before it was ready: %v", p.err)
@@ -232,6 +233,36 @@ func startDaemon(bin string, g gwSpec) (*proc, error) {
 	})
 }
 
+// queuedTotal reads edgegate_readings_queued_total from the daemon's
+// metrics endpoint (named in its ready line): readings durably committed.
+func (p *proc) queuedTotal() (int64, error) {
+	var rec map[string]any
+	if err := json.Unmarshal([]byte(p.ready), &rec); err != nil {
+		return 0, fmt.Errorf("ready line: %w", err)
+	}
+	addr, _ := rec["metrics"].(string)
+	if addr == "" {
+		return 0, errors.New("the daemon names no metrics address")
+	}
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	var total float64
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "edgegate_readings_queued_total"); ok {
+			var f float64
+			if _, err := fmt.Sscan(strings.TrimSpace(v[strings.IndexByte(v, ' ')+1:]), &f); err == nil {
+				total += f
+			}
+		}
+	}
+	return int64(total), sc.Err()
+}
+
 // startInProcess runs this program's `gateway` subcommand: the daemon's
 // wiring with the uplink in g.Mode, and a CPU profile when asked.
 func startInProcess(self string, g gwSpec, cpuprofile string) (*proc, error) {
@@ -270,15 +301,11 @@ func runGateway(args []string) error {
 		return err
 	}
 	if *cpuprofile != "" {
-		f, err := os.Create(*cpuprofile)
+		stop, err := startCPUProfile(*cpuprofile)
 		if err != nil {
 			return err
 		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
+		defer stop()
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	if os.Getenv("GOMEMLIMIT") == "" {

@@ -17,7 +17,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"runtime/pprof"
 	"strconv"
 	"strings"
 	"time"
@@ -124,15 +123,11 @@ func run() error {
 	if path := os.Getenv("BENCH_SELF_PROFILE"); path != "" {
 		// A CPU profile of this process: the simulated central service
 		// and the publishing devices.
-		f, err := os.Create(path)
+		stop, err := startCPUProfile(path)
 		if err != nil {
 			return err
 		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
+		defer stop()
 	}
 	if !cfg.Skip["e2e"] {
 		scenarios := []scenario{

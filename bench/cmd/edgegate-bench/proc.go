@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"syscall"
@@ -147,4 +148,20 @@ func (s *rssSampler) peaks() (anonMB, fileMB float64) {
 	close(s.stop)
 	<-s.done
 	return float64(s.peakAnon) / (1 << 20), float64(s.peakFile) / (1 << 20)
+}
+
+// startCPUProfile writes a CPU profile of this process to path until stop.
+func startCPUProfile(path string) (stop func(), err error) {
+	f, err := os.Create(path)
+	if err != nil {
+		return nil, err
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return func() {
+		pprof.StopCPUProfile()
+		f.Close()
+	}, nil
 }
