@@ -2,5 +2,5 @@
 
 package queue
 
-// pageOutOldLogs is Linux only (see pageout_linux.go).
-func pageOutOldLogs(string) (int64, bool, error) { return 0, false, nil }
+// pageOutStore is Linux only (see pageout_linux.go).
+func pageOutStore(string) (int64, bool, error) { return 0, false, nil }

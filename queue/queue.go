@@ -397,7 +397,7 @@ func (q *Queue) housekeep(ctx context.Context) {
 		case <-pageOutTick.C:
 			if pageOut {
 				var err error
-				if _, pageOut, err = pageOutOldLogs(q.dir); err != nil {
+				if _, pageOut, err = pageOutStore(q.dir); err != nil {
 					q.log.Debug("page out closed value logs", "err", err)
 				}
 			}

@@ -238,26 +238,32 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 }
 
 type backlogResult struct {
-	Mode          string  `json:"uplink_mode"`
-	Gateway       string  `json:"gateway"`
-	Lo            int     `json:"lo"`
-	Hi            int     `json:"hi"`
-	IngestRate    float64 `json:"ingest_readings_per_s"` // queued (PUBACKed) with the uplink down
-	RSSLoMB       float64 `json:"rss_mb_at_lo"`
-	RSSHiMB       float64 `json:"rss_mb_at_hi"`
-	PeakLoMB      float64 `json:"peak_rss_mb_to_lo"`
-	PeakHiMB      float64 `json:"peak_rss_mb_lo_to_hi"`
-	DiskPerLo     float64 `json:"disk_bytes_per_reading_at_lo"`
-	DiskPerHi     float64 `json:"disk_bytes_per_reading_at_hi"`
-	DrainRate     float64 `json:"drain_readings_per_s"`
-	PeakDrainMB   float64 `json:"peak_rss_mb_drain"`
-	DrainComplete bool    `json:"drain_complete"`
-	Drained       int     `json:"drained_in_window"`
-	AnonLoMB      float64 `json:"rss_anon_mb_at_lo"`
-	AnonHiMB      float64 `json:"rss_anon_mb_at_hi"`
-	FileLoMB      float64 `json:"rss_file_mb_at_lo"`
-	FileHiMB      float64 `json:"rss_file_mb_at_hi"`
-	Error         string  `json:"error,omitempty"`
+	Mode        string  `json:"uplink_mode"`
+	Gateway     string  `json:"gateway"`
+	Lo          int     `json:"lo"`
+	Hi          int     `json:"hi"`
+	IngestRate  float64 `json:"ingest_readings_per_s"` // queued (PUBACKed) with the uplink down
+	RSSLoMB     float64 `json:"rss_mb_at_lo"`
+	RSSHiMB     float64 `json:"rss_mb_at_hi"`
+	PeakLoMB    float64 `json:"peak_rss_mb_to_lo"`
+	PeakHiMB    float64 `json:"peak_rss_mb_lo_to_hi"`
+	DiskPerLo   float64 `json:"disk_bytes_per_reading_at_lo"`
+	DiskPerHi   float64 `json:"disk_bytes_per_reading_at_hi"`
+	DrainRate   float64 `json:"drain_readings_per_s"`
+	PeakDrainMB float64 `json:"peak_rss_mb_drain"`
+	// Sampled peaks (every 50 ms) of the two parts of RSS while queuing
+	// from lo to hi, and while draining.
+	PeakAnonHiMB    float64 `json:"peak_rss_anon_mb_lo_to_hi"`
+	PeakFileHiMB    float64 `json:"peak_rss_file_mb_lo_to_hi"`
+	PeakAnonDrainMB float64 `json:"peak_rss_anon_mb_drain"`
+	PeakFileDrainMB float64 `json:"peak_rss_file_mb_drain"`
+	DrainComplete   bool    `json:"drain_complete"`
+	Drained         int     `json:"drained_in_window"`
+	AnonLoMB        float64 `json:"rss_anon_mb_at_lo"`
+	AnonHiMB        float64 `json:"rss_anon_mb_at_hi"`
+	FileLoMB        float64 `json:"rss_file_mb_at_lo"`
+	FileHiMB        float64 `json:"rss_file_mb_at_hi"`
+	Error           string  `json:"error,omitempty"`
 }
 
 // runBacklog queues readings with the broker down (the sim closes every
@@ -315,10 +321,12 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	b.AnonLoMB, b.FileLoMB = float64(anon)/(1<<20), float64(file)/(1<<20)
 	b.DiskPerLo = float64(diskUsage(qdir)) / float64(max(pr.Acked, 1))
 	_ = resetHWM(pid)
+	ingest := sampleRSS(pid)
 	pr2 := f.publish(ctx, b.Hi-b.Lo, 0, cfg.Window, 20*time.Minute)
 	queued := pr.Acked + pr2.Acked
 	waitQueued(qdir, pid)
 	b.IngestRate = float64(queued) / time.Since(start).Seconds()
+	b.PeakAnonHiMB, b.PeakFileHiMB = ingest.peaks()
 	hwm, rss, _ = procMem(pid)
 	b.RSSHiMB, b.PeakHiMB = float64(rss)/(1<<20), float64(hwm)/(1<<20)
 	anon, file = procRSSParts(pid)
@@ -336,6 +344,7 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 
 	_ = resetHWM(pid)
 	s.reset(false)
+	drain := sampleRSS(pid)
 	sim.ClearFault()
 	t0 := time.Now()
 	// The drain rate is measured over a bounded window (the whole backlog
@@ -353,6 +362,7 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	}
 	hwm, _, _ = procMem(pid)
 	b.PeakDrainMB = float64(hwm) / (1 << 20)
+	b.PeakAnonDrainMB, b.PeakFileDrainMB = drain.peaks()
 	return b, nil
 }
 
