@@ -73,8 +73,8 @@ func printTable(w io.Writer, res *results) {
 	}
 	tw.Flush()
 	for _, b := range res.Backlog {
-		fmt.Fprintf(w, "  %s: RSS = anonymous %.1f → %.1f MB + file-backed (binary, mapped store files) %.1f → %.1f MB; sampled peaks anonymous / file-backed: %.1f / %.1f MB queuing, %.1f / %.1f MB draining\n",
-			b.Mode, b.AnonLoMB, b.AnonHiMB, b.FileLoMB, b.FileHiMB, b.PeakAnonHiMB, b.PeakFileHiMB, b.PeakAnonDrainMB, b.PeakFileDrainMB)
+		fmt.Fprintf(w, "  %s: RSS = anonymous %.1f → %.1f MB + file-backed (binary, mapped store files) %.1f → %.1f MB; sampled peaks anonymous / file-backed: %.1f / %.1f MB queuing to %d, %.1f / %.1f MB queuing on to %d, %.1f / %.1f MB draining\n",
+			b.Mode, b.AnonLoMB, b.AnonHiMB, b.FileLoMB, b.FileHiMB, b.PeakAnonLoMB, b.PeakFileLoMB, b.Lo, b.PeakAnonHiMB, b.PeakFileHiMB, b.Hi, b.PeakAnonDrainMB, b.PeakFileDrainMB)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintln(tw, "| policy devices | compile (policy.New) ms | DecideIngest ns | unknown device ns | heap MB |")

@@ -252,7 +252,11 @@ type backlogResult struct {
 	DrainRate   float64 `json:"drain_readings_per_s"`
 	PeakDrainMB float64 `json:"peak_rss_mb_drain"`
 	// Sampled peaks (every 50 ms) of the two parts of RSS while queuing
-	// from lo to hi, and while draining.
+	// the first lo readings, while queuing from lo to hi (the same ingest
+	// load with 10 times the backlog: flat means these match), and while
+	// draining.
+	PeakAnonLoMB    float64 `json:"peak_rss_anon_mb_to_lo"`
+	PeakFileLoMB    float64 `json:"peak_rss_file_mb_to_lo"`
 	PeakAnonHiMB    float64 `json:"peak_rss_anon_mb_lo_to_hi"`
 	PeakFileHiMB    float64 `json:"peak_rss_file_mb_lo_to_hi"`
 	PeakAnonDrainMB float64 `json:"peak_rss_anon_mb_drain"`
@@ -313,8 +317,10 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	qdir := filepath.Join(dir, "state", "queue")
 
 	start := time.Now()
+	toLo := sampleRSS(pid)
 	pr := f.publish(ctx, b.Lo, 0, cfg.Window, 10*time.Minute)
 	waitQueued(qdir, pid)
+	b.PeakAnonLoMB, b.PeakFileLoMB = toLo.peaks()
 	hwm, rss, _ := procMem(pid)
 	b.RSSLoMB, b.PeakLoMB = float64(rss)/(1<<20), float64(hwm)/(1<<20)
 	anon, file := procRSSParts(pid)
