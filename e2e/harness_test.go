@@ -160,6 +160,8 @@ type gateway struct {
 	waitErr error
 	MQTT    string // embedded broker address, or the external URL
 	Metrics string
+	// MemoryLimit is the Go soft memory limit the daemon runs with.
+	MemoryLimit string
 }
 
 type syncBuffer = syncbuf.Buffer
@@ -207,6 +209,7 @@ func startGateway(t *testing.T, cfgPath string) *gateway {
 	case rec := <-ready:
 		g.MQTT, _ = rec["mqtt"].(string)
 		g.Metrics, _ = rec["metrics"].(string)
+		g.MemoryLimit, _ = rec["memory_limit"].(string)
 	case <-g.done:
 		t.Fatalf("daemon exited before it was ready: %v\n%s", g.waitErr, g.log.String())
 	case <-time.After(30 * time.Second):
