@@ -36,7 +36,8 @@ import (
 // zero anonymous memory in that race, is deliberately not used.
 //
 // It returns the bytes of address space advised and whether the kernel
-// supports the advice (EINVAL before Linux 5.4).
+// supports the advice (EINVAL before Linux 5.4; EPERM under a seccomp
+// filter without madvise).
 func pageOutStore(dir string) (advised int64, supported bool, err error) {
 	f, err := os.Open("/proc/self/maps")
 	if err != nil {
@@ -100,7 +101,8 @@ func pageOutStore(dir string) (advised int64, supported bool, err error) {
 		switch {
 		case errno == 0:
 			advised += int64(m.hi - m.lo)
-		case errno == unix.EINVAL:
+		case errno == unix.EINVAL, errno == unix.EPERM:
+			// Before Linux 5.4, or filtered by seccomp: stop trying.
 			return advised, false, nil
 		case errno == unix.ENOMEM:
 			// Unmapped meanwhile (GC deleted the file): nothing to do.
