@@ -400,6 +400,9 @@ func (q *Queue) housekeep(ctx context.Context) {
 				if _, pageOut, err = pageOutStore(q.dir); err != nil {
 					q.log.Debug("page out closed value logs", "err", err)
 				}
+				if !pageOut {
+					q.log.Info("paging out the store's mapped files is not available here (MADV_PAGEOUT needs Linux 5.4); the resident size will include them")
+				}
 			}
 		case <-gc.C:
 			q.runGC(ctx)
