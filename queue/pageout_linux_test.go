@@ -50,7 +50,24 @@ func vlogRSS(t *testing.T, dir string) map[string]int64 {
 // files, then checks that the closed ones leave this process's RSS while
 // the one being written stays, and that every reading still reads back.
 func TestPageOutOldLogs(t *testing.T) {
-	dir := t.TempDir()
+	t.Run("absolute", func(t *testing.T) {
+		dir := t.TempDir()
+		testPageOut(t, dir, dir)
+	})
+	t.Run("through a symlink", func(t *testing.T) {
+		// /proc/self/maps names the resolved path, not the one opened.
+		real := t.TempDir()
+		link := filepath.Join(t.TempDir(), "state")
+		if err := os.Symlink(real, link); err != nil {
+			t.Fatal(err)
+		}
+		testPageOut(t, link, real)
+	})
+}
+
+// testPageOut opens the store at dir (which resolves to real) and checks
+// the page-out.
+func testPageOut(t *testing.T, dir, real string) {
 	q := start(t, Options{Dir: dir, MaxBatch: 256})
 	body := []byte(strings.Repeat("x", 2000)) // above the value threshold: into the vlog
 	e := Entry{Broker: "https://a.example/v2", Device: "d1", Type: "Sensor",
@@ -92,7 +109,7 @@ func TestPageOutOldLogs(t *testing.T) {
 	var resident int64
 	var newest string
 	for range 50 {
-		rss = vlogRSS(t, dir)
+		rss = vlogRSS(t, real)
 		if resident, newest = closed(rss); len(rss) >= 2 && resident < 1<<20 {
 			break
 		}

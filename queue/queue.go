@@ -383,6 +383,14 @@ func (q *Queue) housekeep(ctx context.Context) {
 	gc := time.NewTicker(q.gcEvery)
 	defer gc.Stop()
 	pageOut := true // until the kernel says it cannot (pageout_linux.go)
+	// /proc/self/maps names files by their absolute, resolved path.
+	mapDir := q.dir
+	if abs, err := filepath.Abs(q.dir); err == nil {
+		mapDir = abs
+		if real, err := filepath.EvalSymlinks(abs); err == nil {
+			mapDir = real
+		}
+	}
 	// A full 8 MB value log is written in under a second at full load:
 	// page the closed ones out four times a second (reading
 	// /proc/self/maps and a few madvise calls: tens of microseconds).
@@ -397,7 +405,7 @@ func (q *Queue) housekeep(ctx context.Context) {
 		case <-pageOutTick.C:
 			if pageOut {
 				var err error
-				if _, pageOut, err = pageOutStore(q.dir); err != nil {
+				if _, pageOut, err = pageOutStore(mapDir); err != nil {
 					q.log.Debug("page out closed value logs", "err", err)
 				}
 				if !pageOut {
