@@ -173,7 +173,7 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 	)
 	if err != nil {
 		if errors.Is(err, jwt.ErrTokenExpired()) {
-			return Claims{}, fmt.Errorf("%w", ErrExpired)
+			return Claims{}, ErrExpired
 		}
 		return Claims{}, fmt.Errorf("%w: %v", ErrInvalid, scrub(err))
 	}

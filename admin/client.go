@@ -41,7 +41,7 @@ func (e *APIError) Is(target error) bool {
 }
 
 // Client talks to the daemon over its admin socket. Every call is bounded
-// by its ctx; status and reload also by a 10 s timeout of their own.
+// by its ctx; status and reload also by a timeout of their own (10 s, 30 s).
 type Client struct {
 	socket string
 	hc     *http.Client

@@ -57,7 +57,7 @@ func Problems(st Status) []string {
 		}
 	}
 	if q.DeadLetters > 0 {
-		out = append(out, plural(q.DeadLetters, "dead letter", "dead letters")+" (refused by a broker for good)")
+		out = append(out, Plural(q.DeadLetters, "dead letter", "dead letters")+" (refused by a broker for good)")
 	}
 	return out
 }
@@ -135,7 +135,7 @@ func WriteStatus(w io.Writer, st Status) error {
 	tw.Flush()
 
 	q := st.Queue
-	fmt.Fprintf(&b, "\nQueue  %s, %s on disk", plural(q.Depth, "reading", "readings"), Bytes(q.DiskBytes))
+	fmt.Fprintf(&b, "\nQueue  %s, %s on disk", Plural(q.Depth, "reading", "readings"), Bytes(q.DiskBytes))
 	if q.QuotaBytes > 0 {
 		fmt.Fprintf(&b, " of %s (%d%%)", Bytes(q.QuotaBytes), q.DiskBytes*100/q.QuotaBytes)
 	}
@@ -191,7 +191,7 @@ func WriteStatus(w io.Writer, st Status) error {
 	if len(probs) == 0 {
 		b.WriteString("\nNo problems.\n")
 	} else {
-		fmt.Fprintf(&b, "\n%s %s:\n", problemMark, plural(len(probs), "problem", "problems"))
+		fmt.Fprintf(&b, "\n%s %s:\n", problemMark, Plural(len(probs), "problem", "problems"))
 		for _, p := range probs {
 			fmt.Fprintf(&b, "%s   %s\n", problemMark, p)
 		}
@@ -266,7 +266,8 @@ func Count(n int) string {
 	return b.String()
 }
 
-func plural(n int, one, many string) string {
+// Plural renders a count with its noun: "1 device", "12,345 devices".
+func Plural(n int, one, many string) string {
 	if n == 1 {
 		return "1 " + one
 	}

@@ -15,10 +15,10 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/edgegate/edgegate/audit"
+	"github.com/edgegate/edgegate/logtext"
 )
 
 // ErrNotFound is for backends to wrap when a selector matches nothing; the
@@ -271,6 +271,9 @@ const (
 	TrailerError  = "Edgegate-Export-Error"
 )
 
+// maxTrailerError bounds the error message of an interrupted export.
+const maxTrailerError = 1 << 10
+
 func (s *Server) export(w http.ResponseWriter, r *http.Request) {
 	sel, ok := readSelector(w, r)
 	if !ok {
@@ -295,7 +298,9 @@ func (s *Server) export(w http.ResponseWriter, r *http.Request) {
 			writeError(w, errorStatus(err), err.Error())
 			return
 		}
-		w.Header().Set(TrailerError, oneLine(err.Error()))
+		// One header line, and short enough to stay under the client's
+		// header limits.
+		w.Header().Set(TrailerError, logtext.Clip(err.Error(), maxTrailerError))
 		return
 	}
 	ev.Detail += fmt.Sprintf("%d records of %d devices", rep.Records, len(rep.Devices))
@@ -382,15 +387,6 @@ func errorStatus(err error) int {
 		return http.StatusServiceUnavailable
 	}
 	return http.StatusInternalServerError
-}
-
-func oneLine(s string) string {
-	return strings.Map(func(r rune) rune {
-		if r < 0x20 || r == 0x7f {
-			return ' '
-		}
-		return r
-	}, s)
 }
 
 type apiError struct {

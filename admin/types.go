@@ -24,6 +24,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"time"
 )
 
@@ -86,7 +87,7 @@ func validName(s, extra string) bool {
 		c := s[i]
 		switch {
 		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '.', c == '_', c == '-':
-		case extra != "" && (c == extra[0] || (len(extra) > 1 && c == extra[1])):
+		case strings.IndexByte(extra, c) >= 0:
 		default:
 			return false
 		}

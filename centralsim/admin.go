@@ -80,7 +80,7 @@ func decodeAdmin(w http.ResponseWriter, r *http.Request, v any) bool {
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAdminBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "bad_request", "description": err.Error()})
+		apiError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return false
 	}
 	return true
@@ -92,7 +92,7 @@ func (s *Server) handleAdminSetFault(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err := s.SetFaultChecked(f); err != nil {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "bad_request", "description": err.Error()})
+		apiError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -109,7 +109,7 @@ func (s *Server) handleAdminAddDevice(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if err := s.AddDeviceChecked(d); err != nil {
-		writeJSON(w, http.StatusBadRequest, map[string]string{"error": "bad_request", "description": err.Error()})
+		apiError(w, http.StatusBadRequest, "bad_request", err.Error())
 		return
 	}
 	s.log.Info("device added", "device", d.ID, "owner", d.Owner)
@@ -129,7 +129,7 @@ func (s *Server) handleAdminSetDelegations(w http.ResponseWriter, r *http.Reques
 	}
 	for _, d := range ds {
 		if err := validDelegation(d); err != nil {
-			writeJSON(w, http.StatusBadRequest, map[string]string{"error": "bad_request", "description": err.Error()})
+			apiError(w, http.StatusBadRequest, "bad_request", err.Error())
 			return
 		}
 	}

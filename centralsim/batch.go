@@ -2,9 +2,6 @@ package centralsim
 
 import (
 	"encoding/json"
-	"errors"
-	"fmt"
-	"io"
 	"net/http"
 )
 
@@ -46,14 +43,8 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	ref.User = user
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBatchBytes))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			s.refuseOrion(w, ref, http.StatusRequestEntityTooLarge, "RequestEntityTooLarge", fmt.Sprintf("payload size: %d, max size supported: %d", tooBig.Limit+1, maxBatchBytes))
-			return
-		}
-		s.refuseOrion(w, ref, http.StatusBadRequest, "ParseError", orionParseErrorDesc)
+	body, ok := s.readOrionBody(w, r, ref, maxBatchBytes)
+	if !ok {
 		return
 	}
 	var req batchRequest
@@ -125,16 +116,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 			ent = &entity{id: ents[i].id, typ: ents[i].dev.Type, attrs: map[string]ngsiAttr{}}
 			s.entities[ents[i].id] = ent
 		}
-		for name, a := range ents[i].attrs.parsed {
-			old := ent.attrs[name]
-			if a.Type == "" {
-				a.Type = old.Type
-			}
-			if a.Metadata == nil {
-				a.Metadata = old.Metadata
-			}
-			ent.attrs[name] = a
-		}
+		ent.update(ents[i].attrs.parsed)
 		ups[i].Time = now
 		s.recordLocked(&ups[i])
 	}

@@ -197,24 +197,12 @@ func (s *Server) withFaults(target string, next http.Handler) http.Handler {
 		case FaultStatus:
 			ref.Status, ref.Message = f.Status, "fault status"
 			s.refuse(ref)
-			body := f.Body
-			if body == "" {
-				body = http.StatusText(f.Status)
-			}
-			w.Header().Set("Content-Type", contentTypeOf(body))
-			w.WriteHeader(f.Status)
-			w.Write([]byte(body))
+			writeFaultBody(w, f.Status, f.Body)
 		case FaultTooMany:
 			ref.Status, ref.Message = http.StatusTooManyRequests, "fault too-many"
 			s.refuse(ref)
 			w.Header().Set("Retry-After", strconv.Itoa(f.RetryAfter))
-			body := f.Body
-			if body == "" {
-				body = http.StatusText(http.StatusTooManyRequests)
-			}
-			w.Header().Set("Content-Type", contentTypeOf(body))
-			w.WriteHeader(http.StatusTooManyRequests)
-			w.Write([]byte(body))
+			writeFaultBody(w, http.StatusTooManyRequests, f.Body)
 		case FaultTransient401:
 			ref.Status, ref.Message = http.StatusUnauthorized, MsgNetworkProblems
 			s.refuse(ref)
@@ -232,6 +220,16 @@ func (s *Server) withFaults(target string, next http.Handler) http.Handler {
 			writeJSON(w, http.StatusUnauthorized, filterResult{Result: false, Message: MsgAccessTokenNotValid})
 		}
 	})
+}
+
+// writeFaultBody answers status with body, or the status text when empty.
+func writeFaultBody(w http.ResponseWriter, status int, body string) {
+	if body == "" {
+		body = http.StatusText(status)
+	}
+	w.Header().Set("Content-Type", contentTypeOf(body))
+	w.WriteHeader(status)
+	w.Write([]byte(body))
 }
 
 func contentTypeOf(body string) string {

@@ -105,14 +105,8 @@ func (s *Server) handlePatchAttrs(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxUpdateBytes))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			s.refuseOrion(w, ref, http.StatusRequestEntityTooLarge, "RequestEntityTooLarge", fmt.Sprintf("payload size: %d, max size supported: %d", tooBig.Limit+1, maxUpdateBytes))
-			return
-		}
-		s.refuseOrion(w, ref, http.StatusBadRequest, "ParseError", orionParseErrorDesc)
+	body, ok := s.readOrionBody(w, r, ref, maxUpdateBytes)
+	if !ok {
 		return
 	}
 	attrs, code, desc := parseAttrs(body)
@@ -148,16 +142,7 @@ func (s *Server) handlePatchAttrs(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	for name, a := range attrs.parsed {
-		old := e.attrs[name]
-		if a.Type == "" {
-			a.Type = old.Type
-		}
-		if a.Metadata == nil {
-			a.Metadata = old.Metadata
-		}
-		e.attrs[name] = a
-	}
+	e.update(attrs.parsed)
 	u := Update{
 		Device:  ref.Device,
 		User:    ref.User,
@@ -176,6 +161,22 @@ func (s *Server) handlePatchAttrs(w http.ResponseWriter, r *http.Request) {
 
 	s.log.Debug("update accepted", "device", u.Device, "user", u.User, "gateway", u.Gateway, "seq", u.Seq, "verdict", u.Verdict)
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// readOrionBody reads a request body of at most limit bytes; on failure it
+// has answered as Orion does.
+func (s *Server) readOrionBody(w http.ResponseWriter, r *http.Request, ref Refusal, limit int64) ([]byte, bool) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
+	if err == nil {
+		return body, true
+	}
+	var tooBig *http.MaxBytesError
+	if errors.As(err, &tooBig) {
+		s.refuseOrion(w, ref, http.StatusRequestEntityTooLarge, "RequestEntityTooLarge", fmt.Sprintf("payload size: %d, max size supported: %d", tooBig.Limit+1, limit))
+	} else {
+		s.refuseOrion(w, ref, http.StatusBadRequest, "ParseError", orionParseErrorDesc)
+	}
+	return nil, false
 }
 
 type parsedAttrs struct {

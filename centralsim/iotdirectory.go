@@ -135,15 +135,12 @@ func (s *Server) directoryInsert(w http.ResponseWriter, user string, f url.Value
 	}
 	var gw string
 	if f.Get("edgegateway_type") == EdgeGatewayType {
-		var rb *policy.RadioBinding
 		var err error
-		gw, rb, err = parseEdgeURI(f.Get("edgegateway_uri"))
+		gw, d.Radio, d.Signing, err = parseEdgeURI(f.Get("edgegateway_uri"))
 		if err != nil {
 			directoryKO(w, "Invalid edgegateway_uri", "Problem in insert device ("+err.Error()+")")
 			return
 		}
-		d.Radio = rb
-		d.Signing = edgeSigning(f.Get("edgegateway_uri"))
 	}
 	if err := validDevice(d); err != nil {
 		directoryKO(w, "Invalid device", "Problem in insert device ("+err.Error()+")")
@@ -171,19 +168,28 @@ func (s *Server) directoryDelete(w http.ResponseWriter, user string, f url.Value
 		directoryKO(w, "Missing Parameters", "Problem in delete device (Missing parameters: id, contextbroker)")
 		return
 	}
-	s.mu.Lock()
-	d, ok := s.devices[id]
-	s.mu.Unlock()
-	if !ok || f.Get("contextbroker") != s.opts.BrokerName {
-		directoryKO(w, "Unrecognized device", "Problem in delete device (Unrecognized device)")
-		return
-	}
-	if d.Owner != user {
-		directoryKO(w, "Not ownership or enough right to delete", "Problem in delete device ()")
+	if !s.directoryOwned(w, user, id, f.Get("contextbroker"), "delete") {
 		return
 	}
 	s.RemoveDevice(id)
 	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "msg": "Device deleted"})
+}
+
+// directoryOwned checks that id is a device of user on this broker; when it
+// is not, it has answered as the directory does to op (delete, update).
+func (s *Server) directoryOwned(w http.ResponseWriter, user, id, contextBroker, op string) bool {
+	s.mu.Lock()
+	d, ok := s.devices[id]
+	s.mu.Unlock()
+	if !ok || contextBroker != s.opts.BrokerName {
+		directoryKO(w, "Unrecognized device", "Problem in "+op+" device (Unrecognized device)")
+		return false
+	}
+	if d.Owner != user {
+		directoryKO(w, "Not ownership or enough right to "+op, "Problem in "+op+" device ()")
+		return false
+	}
+	return true
 }
 
 func (s *Server) directoryList(w http.ResponseWriter, user string) {
@@ -212,46 +218,38 @@ func (s *Server) directoryList(w http.ResponseWriter, user string) {
 }
 
 // parseEdgeURI reads edgegate://GW/radio?port=P&node=N&child=C or
-// edgegate://GW/mqtt. Absent node or child: any (-1).
-func parseEdgeURI(raw string) (gw string, rb *policy.RadioBinding, err error) {
+// edgegate://GW/mqtt. Absent node or child: any (-1). The "signing"
+// parameter (edgegate://GW/mqtt?signing=device) says who signs the
+// device's readings.
+func parseEdgeURI(raw string) (gw string, rb *policy.RadioBinding, signing string, err error) {
 	u, err := url.Parse(raw)
 	if err != nil || u.Scheme != "edgegate" || !gatewayIDRE.MatchString(u.Host) {
-		return "", nil, errString("edgegateway_uri must be edgegate://GATEWAY/radio?... or edgegate://GATEWAY/mqtt")
-	}
-	switch u.Path {
-	case "/mqtt":
-		return u.Host, nil, nil
-	case "/radio":
-	default:
-		return "", nil, errString("edgegateway_uri path must be /radio or /mqtt")
+		return "", nil, "", errString("edgegateway_uri must be edgegate://GATEWAY/radio?... or edgegate://GATEWAY/mqtt")
 	}
 	q := u.Query()
+	switch u.Path {
+	case "/mqtt":
+		return u.Host, nil, q.Get("signing"), nil
+	case "/radio":
+	default:
+		return "", nil, "", errString("edgegateway_uri path must be /radio or /mqtt")
+	}
 	rb = &policy.RadioBinding{Port: q.Get("port"), Node: -1, Child: -1}
 	for name, p := range map[string]*int{"node": &rb.Node, "child": &rb.Child} {
 		if v := q.Get(name); v != "" {
 			n, err := strconv.Atoi(v)
 			if err != nil {
-				return "", nil, errString("edgegateway_uri " + name + " must be a number")
+				return "", nil, "", errString("edgegateway_uri " + name + " must be a number")
 			}
 			*p = n
 		}
 	}
-	return u.Host, rb, nil
+	return u.Host, rb, q.Get("signing"), nil
 }
 
 type errString string
 
 func (e errString) Error() string { return string(e) }
-
-// edgeSigning reads the "signing" parameter of an edgegateway_uri
-// (edgegate://GW/mqtt?signing=device): who signs the device's readings.
-func edgeSigning(raw string) string {
-	u, err := url.Parse(raw)
-	if err != nil {
-		return ""
-	}
-	return u.Query().Get("signing")
-}
 
 // directoryUpdate is action=update as key rotation uses it: id,
 // contextbroker and a new publickey, which goes in front of the device's
@@ -268,15 +266,7 @@ func (s *Server) directoryUpdate(w http.ResponseWriter, user string, f url.Value
 		directoryKO(w, "Invalid publickey", "Problem in update device (publickey must be one public key)")
 		return
 	}
-	s.mu.Lock()
-	d, ok := s.devices[id]
-	s.mu.Unlock()
-	if !ok || f.Get("contextbroker") != s.opts.BrokerName {
-		directoryKO(w, "Unrecognized device", "Problem in update device (Unrecognized device)")
-		return
-	}
-	if d.Owner != user {
-		directoryKO(w, "Not ownership or enough right to update", "Problem in update device ()")
+	if !s.directoryOwned(w, user, id, f.Get("contextbroker"), "update") {
 		return
 	}
 	if err := s.RotateDeviceKey(id, pubs[0]); err != nil {
@@ -285,20 +275,21 @@ func (s *Server) directoryUpdate(w http.ResponseWriter, user string, f url.Value
 	}
 	s.log.Info("device key rotated", "device", id, "owner", user)
 	// The directory does not keep which gateway serves a device: nudge
-	// every gateway it knows.
+	// every gateway bound to an account, by Options.Gateways or on first
+	// use (Options.Gateways alone misses the latter).
 	nudged := false
 	if s.push != nil {
-		for _, gw := range sortedKeys(invert(s.opts.Gateways)) {
+		s.mu.Lock()
+		var gws []string
+		for _, gw := range sortedKeys(s.ps.gateways) {
+			if s.ps.gateways[gw].client != "" {
+				gws = append(gws, gw)
+			}
+		}
+		s.mu.Unlock()
+		for _, gw := range gws {
 			nudged = s.Push(gw, false) == nil || nudged
 		}
 	}
 	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "msg": "Device updated", "nudged": nudged})
-}
-
-func invert(m map[string]string) map[string]string {
-	out := make(map[string]string, len(m))
-	for k, v := range m {
-		out[v] = k
-	}
-	return out
 }

@@ -64,9 +64,11 @@ func (s *Server) initSigningKey() error {
 	return nil
 }
 
-func (s *Server) handleDiscovery(w http.ResponseWriter, r *http.Request) {
+// discoveryDoc is the realm's OpenID configuration without the pairing
+// surface (handleDiscoveryPairing adds it).
+func (s *Server) discoveryDoc() map[string]any {
 	iss := s.Issuer()
-	writeJSON(w, http.StatusOK, map[string]any{
+	return map[string]any{
 		"issuer":                                iss,
 		"authorization_endpoint":                iss + "/protocol/openid-connect/auth",
 		"token_endpoint":                        s.TokenURL(),
@@ -78,7 +80,7 @@ func (s *Server) handleDiscovery(w http.ResponseWriter, r *http.Request) {
 		"token_endpoint_auth_methods_supported": []string{"client_secret_basic", "client_secret_post"},
 		"scopes_supported":                      []string{"openid", "offline_access"},
 		"claims_supported":                      []string{"iss", "sub", "aud", "exp", "iat", "azp", "preferred_username"},
-	})
+	}
 }
 
 func (s *Server) handleJWKS(w http.ResponseWriter, r *http.Request) {
@@ -97,24 +99,14 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 		oauthError(w, http.StatusMethodNotAllowed, "invalid_request", "HTTP method not allowed")
 		return
 	}
-	r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
-	if err := r.ParseForm(); err != nil {
-		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed form body")
+	form, ok := parseTokenForm(w, r)
+	if !ok {
 		return
 	}
-	form := r.PostForm
-	id, secret, basic := r.BasicAuth()
-	if basic {
-		// RFC 6749 §2.3.1: both parts are form-urlencoded inside Basic.
-		var e1, e2 error
-		id, e1 = url.QueryUnescape(id)
-		secret, e2 = url.QueryUnescape(secret)
-		if e1 != nil || e2 != nil {
-			oauthError(w, http.StatusBadRequest, "invalid_request", "malformed client credentials")
-			return
-		}
-	} else {
-		id, secret = form.Get("client_id"), form.Get("client_secret")
+	id, secret, basic, err := clientCredentials(r)
+	if err != nil {
+		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed client credentials")
+		return
 	}
 	client, ok := s.authenticateClient(id, secret)
 	if !ok {
@@ -145,6 +137,34 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	default:
 		oauthError(w, http.StatusBadRequest, "unsupported_grant_type", "Unsupported grant_type")
 	}
+}
+
+// parseTokenForm bounds and parses the form body of a request to an OAuth
+// endpoint; on failure it has answered.
+func parseTokenForm(w http.ResponseWriter, r *http.Request) (url.Values, bool) {
+	r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
+	if err := r.ParseForm(); err != nil {
+		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed form body")
+		return nil, false
+	}
+	return r.PostForm, true
+}
+
+// clientCredentials returns a confidential client's id and secret: from
+// HTTP Basic, where RFC 6749 §2.3.1 form-urlencodes both parts, else from
+// the (already decoded) form. The form must be parsed.
+func clientCredentials(r *http.Request) (id, secret string, basic bool, err error) {
+	id, secret, basic = r.BasicAuth()
+	if !basic {
+		return r.PostForm.Get("client_id"), r.PostForm.Get("client_secret"), false, nil
+	}
+	var e1, e2 error
+	id, e1 = url.QueryUnescape(id)
+	secret, e2 = url.QueryUnescape(secret)
+	if e1 != nil || e2 != nil {
+		return "", "", true, errors.New("malformed client credentials")
+	}
+	return id, secret, true, nil
 }
 
 // authenticateClient compares in constant time, and does the same work for

@@ -1,15 +1,12 @@
 package centralsim
 
 import (
-	"crypto"
 	"crypto/rand"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"math/big"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"slices"
 	"strings"
@@ -49,7 +46,7 @@ const (
 	DefaultDeviceInterval  = 5 * time.Second
 	// maxAssertionLife bounds exp - now of a client assertion.
 	maxAssertionLife = 10 * time.Minute
-	// EdgeGatewayType is the ownership row's elementType of a gateway.
+	// ElementTypeAppID is the ownership row's elementType of a gateway.
 	ElementTypeAppID = "AppID"
 )
 
@@ -141,17 +138,6 @@ func (s *Server) pairingOpts() PairingOptions {
 	return o
 }
 
-func (p *pairingState) init() {
-	if p.codes == nil {
-		p.codes = map[string]*deviceCode{}
-		p.users = map[string]string{}
-		p.refresh = map[string]*pairGrant{}
-		p.keys = map[string]pairedKey{}
-		p.jtis = map[string]time.Time{}
-		p.apps = map[string]*appRow{}
-	}
-}
-
 // Paths of the pairing surface.
 func (s *Server) DeviceAuthURL() string   { return s.Issuer() + "/protocol/openid-connect/auth/device" }
 func (s *Server) RevocationURL() string   { return s.Issuer() + "/protocol/openid-connect/revoke" }
@@ -173,13 +159,7 @@ func (s *Server) pairingRoutes(mux *http.ServeMux, admin func(string, http.Handl
 // handleDiscoveryPairing is the discovery document with the pairing
 // endpoints and methods added.
 func (s *Server) handleDiscoveryPairing(w http.ResponseWriter, r *http.Request) {
-	rec := httptest.NewRecorder()
-	s.handleDiscovery(rec, r)
-	var doc map[string]any
-	if err := json.Unmarshal(rec.Body.Bytes(), &doc); err != nil {
-		oauthError(w, http.StatusInternalServerError, "server_error", "discovery")
-		return
-	}
+	doc := s.discoveryDoc()
 	o := s.pairingOpts()
 	doc["device_authorization_endpoint"] = s.DeviceAuthURL()
 	grants := []string{"client_credentials", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"}
@@ -209,15 +189,12 @@ func (s *Server) handleTokenPairing(w http.ResponseWriter, r *http.Request) {
 		s.handleToken(w, r)
 		return
 	}
-	r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
-	if err := r.ParseForm(); err != nil {
-		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed form body")
+	form, ok := parseTokenForm(w, r)
+	if !ok {
 		return
 	}
-	form := r.PostForm
 	gt := form.Get("grant_type")
 	s.pair.mu.Lock()
-	s.pair.init()
 	_, pairedRefresh := s.pair.refresh[form.Get("refresh_token")]
 	s.pair.mu.Unlock()
 	switch {
@@ -275,7 +252,7 @@ func (s *Server) clientAuth(form url.Values, allowNew bool) (client, thumb strin
 		if err != nil {
 			return "", "", nil, errors.New("bad jwk in assertion header")
 		}
-		if tp, err := thumbprintOf(key); err != nil || tp != kid {
+		if tp, err := Thumbprint(key); err != nil || tp != kid {
 			return "", "", nil, errors.New("assertion kid is not the thumbprint of its jwk")
 		}
 	default:
@@ -310,7 +287,6 @@ func (s *Server) clientAuth(form url.Values, allowNew bool) (client, thumb strin
 	}
 	s.pair.mu.Lock()
 	defer s.pair.mu.Unlock()
-	s.pair.init()
 	for j, exp := range s.pair.jtis {
 		if now.After(exp.Add(time.Minute)) {
 			delete(s.pair.jtis, j)
@@ -335,22 +311,13 @@ func algOf(k jwk.Key) (jwa.SignatureAlgorithm, bool) {
 	return "", false
 }
 
-func thumbprintOf(k jwk.Key) (string, error) {
-	tp, err := k.Thumbprint(crypto.SHA256)
-	if err != nil {
-		return "", err
-	}
-	return base64.RawURLEncoding.EncodeToString(tp), nil
-}
-
 // handleDeviceAuth is the device authorization endpoint (RFC 8628 §3.1).
 func (s *Server) handleDeviceAuth(w http.ResponseWriter, r *http.Request) {
-	r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
-	if err := r.ParseForm(); err != nil {
-		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed form body")
+	form, ok := parseTokenForm(w, r)
+	if !ok {
 		return
 	}
-	client, thumb, key, err := s.clientAuth(r.PostForm, true)
+	client, thumb, key, err := s.clientAuth(form, true)
 	if err != nil {
 		s.log.Info("device authorization refused", "err", err)
 		oauthError(w, http.StatusUnauthorized, "invalid_client", "Invalid client or Invalid client credentials")
@@ -365,14 +332,13 @@ func (s *Server) handleDeviceAuth(w http.ResponseWriter, r *http.Request) {
 	}
 	now := s.now()
 	s.pair.mu.Lock()
-	s.pair.init()
 	for k, c := range s.pair.codes { // prune
 		if now.After(c.expires.Add(time.Minute)) {
 			delete(s.pair.users, c.userCode)
 			delete(s.pair.codes, k)
 		}
 	}
-	s.pair.codes[dc] = &deviceCode{userCode: uc, client: client, scope: strings.Fields(r.PostForm.Get("scope")),
+	s.pair.codes[dc] = &deviceCode{userCode: uc, client: client, scope: strings.Fields(form.Get("scope")),
 		expires: now.Add(o.DeviceCodeTTL), key: key, thumb: thumb}
 	s.pair.users[uc] = dc
 	s.pair.mu.Unlock()
@@ -415,7 +381,6 @@ func (s *Server) deviceToken(w http.ResponseWriter, form url.Values) {
 	o := s.pairingOpts()
 	now := s.now()
 	s.pair.mu.Lock()
-	s.pair.init()
 	dc := form.Get("device_code")
 	c, ok := s.pair.codes[dc]
 	if !ok || c.client != client {
@@ -537,25 +502,22 @@ func (s *Server) handleRevoke(w http.ResponseWriter, r *http.Request) {
 		http.NotFound(w, r)
 		return
 	}
-	r.Body = http.MaxBytesReader(w, r.Body, maxFormBytes)
-	if err := r.ParseForm(); err != nil {
-		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed form body")
+	form, ok := parseTokenForm(w, r)
+	if !ok {
 		return
 	}
-	form := r.PostForm
 	tok := form.Get("token")
 	if tok == "" {
 		oauthError(w, http.StatusBadRequest, "invalid_request", "Missing token")
 		return
 	}
 	// A confidential client with a secret (client_credentials mode).
-	id, secret, basic := r.BasicAuth()
-	if !basic && form.Get("client_secret") != "" {
-		id, secret = form.Get("client_id"), form.Get("client_secret")
+	id, secret, _, err := clientCredentials(r)
+	if err != nil {
+		oauthError(w, http.StatusBadRequest, "invalid_request", "malformed client credentials")
+		return
 	}
 	if secret != "" {
-		id, _ = url.QueryUnescape(id)
-		secret, _ = url.QueryUnescape(secret)
 		c, ok := s.authenticateClient(id, secret)
 		if !ok {
 			oauthError(w, http.StatusUnauthorized, "invalid_client", "Invalid client or Invalid client credentials")
@@ -575,7 +537,6 @@ func (s *Server) handleRevoke(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.pair.mu.Lock()
-	s.pair.init()
 	if g, ok := s.pair.refresh[tok]; ok && g.client == client && g.thumb == thumb {
 		delete(s.pair.refresh, tok)
 		s.log.Info("refresh token revoked", "client_id", client)
@@ -599,7 +560,6 @@ func (s *Server) decideDevice(userCode, user string, deny bool) error {
 	}
 	s.pair.mu.Lock()
 	defer s.pair.mu.Unlock()
-	s.pair.init()
 	c, ok := s.pair.codes[s.pair.users[strings.ToUpper(strings.TrimSpace(userCode))]]
 	if !ok || !s.now().Before(c.expires) {
 		return fmt.Errorf("centralsim: no pending device authorization with user code %q", userCode)
@@ -705,7 +665,7 @@ func (s *Server) handleRegisterApp(w http.ResponseWriter, r *http.Request) {
 			k, err = jwk.PublicKeyOf(k)
 		}
 		if err == nil {
-			thumb, err = thumbprintOf(k)
+			thumb, err = Thumbprint(k)
 		}
 		if err != nil {
 			apiError(w, http.StatusBadRequest, "bad_request", "elementDetails.jwk is not a public JWK")
@@ -725,7 +685,6 @@ func (s *Server) handleRegisterApp(w http.ResponseWriter, r *http.Request) {
 	}
 	now := s.now().UTC()
 	s.pair.mu.Lock()
-	s.pair.init()
 	a, exists := s.pair.apps[req.ElementID]
 	if exists && a.user != user {
 		s.pair.mu.Unlock()
@@ -740,7 +699,7 @@ func (s *Server) handleRegisterApp(w http.ResponseWriter, r *http.Request) {
 	a.row.Username, a.row.ElementID, a.row.ElementType = user, req.ElementID, ElementTypeAppID
 	a.row.ElementName, a.row.ElementURL, a.row.ElementDetails = req.ElementName, req.ElementURL, req.ElementDetails
 	if akey != nil && azp == s.pairingOpts().ClientID {
-		if tp, err := thumbprintOf(akey); err == nil {
+		if tp, err := Thumbprint(akey); err == nil {
 			if _, had := s.pair.keys[tp]; !had {
 				s.pair.keys[tp] = pairedKey{key: akey, client: azp, user: user}
 			}

@@ -243,6 +243,14 @@ func New(opts Options) (*Server, error) {
 		entities: make(map[string]*entity),
 		refresh:  make(map[string]refreshGrant),
 		seen:     make(map[seenKey]bool),
+		pair: pairingState{
+			codes:   make(map[string]*deviceCode),
+			users:   make(map[string]string),
+			refresh: make(map[string]*pairGrant),
+			keys:    make(map[string]pairedKey),
+			jtis:    make(map[string]time.Time),
+			apps:    make(map[string]*appRow),
+		},
 	}
 	if err := s.initSyncState(); err != nil {
 		return nil, fmt.Errorf("centralsim: %w", err)
@@ -304,7 +312,7 @@ func (s *Server) start(addr string) error {
 	if err != nil {
 		return fmt.Errorf("centralsim: listen %s: %w", addr, err)
 	}
-	host, _, _ := net.SplitHostPort(ln.Addr().String())
+	host, port, _ := net.SplitHostPort(ln.Addr().String())
 	hosts := []string{"127.0.0.1", "::1", "localhost"}
 	if ip := net.ParseIP(host); ip != nil && !ip.IsUnspecified() && !ip.IsLoopback() {
 		hosts = append(hosts, host)
@@ -333,7 +341,6 @@ func (s *Server) start(addr string) error {
 	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
 		hostForURL = "127.0.0.1"
 	}
-	_, port, _ := net.SplitHostPort(ln.Addr().String())
 	s.url = "https://" + net.JoinHostPort(hostForURL, port)
 	if s.opts.MQTT {
 		if s.push, err = s.startPushBroker(cert); err != nil {

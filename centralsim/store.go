@@ -83,6 +83,21 @@ func (e *entity) normalized() map[string]any {
 	return out
 }
 
+// update applies an update's attributes; one sent without a type or
+// metadata keeps the ones it had, as Orion does.
+func (e *entity) update(attrs map[string]ngsiAttr) {
+	for name, a := range attrs {
+		old := e.attrs[name]
+		if a.Type == "" {
+			a.Type = old.Type
+		}
+		if a.Metadata == nil {
+			a.Metadata = old.Metadata
+		}
+		e.attrs[name] = a
+	}
+}
+
 func validDevice(d Device) error {
 	switch {
 	case d.ID == "":

@@ -105,10 +105,11 @@ func (b *adminBackend) Status(ctx context.Context) admin.Status {
 			Detail: "expired beyond its grace: readings are held, not forwarded"})
 	}
 	health := "making progress"
-	if err := b.mon.healthy(); err != nil {
+	err := b.mon.healthy()
+	if err != nil {
 		health = err.Error()
 	}
-	st.Stages = append(st.Stages, admin.StageStatus{Name: "queue and uplink", Healthy: health == "making progress", Detail: health})
+	st.Stages = append(st.Stages, admin.StageStatus{Name: "queue and uplink", Healthy: err == nil, Detail: health})
 	st.Stages = append(st.Stages, admin.StageStatus{Name: "local MQTT broker", Healthy: true, Detail: b.d.cfg.MQTT.Mode + ", " + b.mqttAddrs})
 	if b.radio != nil {
 		for _, ps := range b.radio.Ports() {

@@ -23,13 +23,9 @@ import (
 
 // newSyncer builds the policy syncer for a bundle or Ownership API source,
 // and puts the cached policy in force before any network.
-func newSyncer(cfg *config.Config, gw string, engine *policy.Engine, q *queue.Queue, tokens centralsync.Tokens,
+func newSyncer(cfg *config.Config, gw string, id *identity.Identity, engine *policy.Engine, q *queue.Queue, tokens centralsync.Tokens,
 	client *http.Client, centralCAs *x509.CertPool, m *metrics.Metrics, log *slog.Logger, now func() time.Time,
-	onRefusal func(reason, via, detail string)) (*centralsync.Syncer, *identity.Identity, error) {
-	id, err := identity.Load(q)
-	if err != nil {
-		return nil, nil, fmt.Errorf("load gateway identity: %w", err)
-	}
+	onRefusal func(reason, via, detail string)) (*centralsync.Syncer, error) {
 	o := centralsync.Options{
 		Gateway: gw, Engine: engine, Store: q, Tokens: tokens, Signer: id, Metrics: m,
 		Logger: log.With("component", "policy-sync"), CentralURL: cfg.Policy.CentralURL, HTTPClient: client,
@@ -42,11 +38,11 @@ func newSyncer(cfg *config.Config, gw string, engine *policy.Engine, q *queue.Qu
 		o.Source = centralsync.SourceBundle
 		raw, err := os.ReadFile(cfg.Policy.KeysFile)
 		if err != nil {
-			return nil, nil, fmt.Errorf("read policy.keys_file: %w", err)
+			return nil, fmt.Errorf("read policy.keys_file: %w", err)
 		}
 		set, err := jwk.Parse(raw)
 		if err != nil {
-			return nil, nil, fmt.Errorf("parse policy.keys_file %s: %w", cfg.Policy.KeysFile, err)
+			return nil, fmt.Errorf("parse policy.keys_file %s: %w", cfg.Policy.KeysFile, err)
 		}
 		o.Keys = set
 	case config.PolicyOwnership:
@@ -59,10 +55,10 @@ func newSyncer(cfg *config.Config, gw string, engine *policy.Engine, q *queue.Qu
 	}
 	s, err := centralsync.New(o)
 	if err != nil {
-		return nil, nil, fmt.Errorf("configure policy sync: %w", err)
+		return nil, fmt.Errorf("configure policy sync: %w", err)
 	}
 	if err := s.LoadCached(); err != nil {
-		return nil, nil, fmt.Errorf("load the cached policy: %w", err)
+		return nil, fmt.Errorf("load the cached policy: %w", err)
 	}
 	cur := engine.Current()
 	if cur.Version == 0 {
@@ -70,7 +66,7 @@ func newSyncer(cfg *config.Config, gw string, engine *policy.Engine, q *queue.Qu
 	} else {
 		log.Info("cached policy in force", "policy", cur.Describe())
 	}
-	return s, id, nil
+	return s, nil
 }
 
 // policyEffects acts on policy changes at once: the queued readings of a

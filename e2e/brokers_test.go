@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -22,15 +21,13 @@ func TestTwoBrokersNoMisrouting(t *testing.T) {
 		o.Clients, o.TrustTokensOf = nil, simA // a broker only, behind simA's sign-on
 	}, b)
 
+	b.Broker = simB.BrokerURL()
+
 	dir := t.TempDir()
 	cfg := writeGatewayConfig(t, dir, simA, gatewayConfig{}, a, b)
-	// One CA bundle for both brokers; b bound to broker B.
+	// One CA bundle for both brokers.
 	ca := append(append([]byte(nil), simA.CACertPEM()...), simB.CACertPEM()...)
 	os.WriteFile(filepath.Join(dir, "ca.pem"), ca, 0o600)
-	devs := fmt.Sprintf("devices:\n  - id: %s\n    type: %s\n    owner: %s\n    k1: %s\n    k2: %s\n    broker: %s\n"+
-		"  - id: %s\n    type: %s\n    owner: %s\n    k1: %s\n    k2: %s\n    broker: %s\n",
-		a.ID, a.Type, a.Owner, a.K1, a.K2, simA.BrokerURL(), b.ID, b.Type, b.Owner, b.K1, b.K2, simB.BrokerURL())
-	os.WriteFile(filepath.Join(dir, "devices.yaml"), []byte(devs), 0o600)
 
 	acked := map[string][]int{}
 	n := 0

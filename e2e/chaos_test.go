@@ -265,16 +265,31 @@ type loader struct {
 }
 
 // startLoad publishes from each device, one reading at a time (QoS 1,
-// waiting for the PUBACK up to ackWait), every interval (0: as fast as
+// waiting for the PUBACK up to 5s), every interval (0: as fast as
 // possible). A device goroutine ends when its connection is lost.
 func startLoad(t *testing.T, brokerURL string, h *history, interval time.Duration, devs ...testDevice) *loader {
 	t.Helper()
+	return startLoadVia(func(d testDevice) (paho.Client, error) {
+		return connect(brokerURL, fmt.Sprintf("chaos-%s-%d", d.ID, rand.Int64()), d.ID, devicePasswordOf(d))
+	}, h, interval, devs...)
+}
+
+// startLoadTLS is startLoad against Mosquitto over TLS.
+func startLoadTLS(t *testing.T, mq *restartableMosquitto, h *history, interval time.Duration, devs ...testDevice) *loader {
+	t.Helper()
+	return startLoadVia(func(d testDevice) (paho.Client, error) {
+		return connect(mq.URL, fmt.Sprintf("chaos-%s-%d", d.ID, rand.Int64()), d.ID, "x", mq.tlsOpt)
+	}, h, interval, devs...)
+}
+
+// startLoadVia is startLoad with each device's session opened by dial.
+func startLoadVia(dial func(testDevice) (paho.Client, error), h *history, interval time.Duration, devs ...testDevice) *loader {
 	l := &loader{stop: make(chan struct{})}
 	for _, d := range devs {
 		l.wg.Add(1)
 		go func() {
 			defer l.wg.Done()
-			c, err := connect(brokerURL, fmt.Sprintf("chaos-%s-%d", d.ID, rand.Int64()), d.ID, devicePasswordOf(d))
+			c, err := dial(d)
 			if err != nil {
 				return
 			}
@@ -295,7 +310,7 @@ func startLoad(t *testing.T, brokerURL string, h *history, interval time.Duratio
 					}
 				}
 				n := h.take(d.ID)
-				tok := c.Publish("devices/"+d.ID+"/telemetry", 1, false, chaosBody(n))
+				tok := c.Publish("devices/"+d.ID+"/telemetry", 1, false, readingBody(n))
 				if tok.WaitTimeout(5*time.Second) && tok.Error() == nil {
 					h.ack(d.ID, n)
 					l.sent.Add(1)
@@ -316,12 +331,10 @@ func (l *loader) halt() {
 	l.wg.Wait()
 }
 
-func chaosBody(n int) string {
-	return fmt.Sprintf(`{"n": %d, "temperature": {"value": %d.5, "type": "Number"}}`, n, 20+n%10)
-}
-
+// devicePasswordOf is devicePassword for a goroutine other than the
+// test's, where t.Fatal may not be called.
 func devicePasswordOf(d testDevice) string {
-	pw, _ := envelopeMQTTPassword(d)
+	pw, _ := envelope.DeriveMQTTPassword(d.ID, d.K1, d.K2)
 	return pw
 }
 
@@ -386,31 +399,6 @@ func assertNoLeak(t *testing.T, g *gateway, stateDir string, devs ...testDevice)
 	t.Logf("secrets: %d canaries × 5 encodings checked in log, /metrics and %d state files", len(secrets), files)
 }
 
-// chaosSim starts a simulated central with short-lived tokens if ttl > 0.
-func chaosSim(t *testing.T, ttl time.Duration, devices ...testDevice) *centralsim.Server {
-	t.Helper()
-	var ds []centralsim.Device
-	for _, d := range devices {
-		ds = append(ds, centralsim.Device{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2})
-	}
-	if ttl == 0 {
-		ttl = time.Minute
-	}
-	sim, err := centralsim.New(centralsim.Options{
-		Clients:  []centralsim.Client{{ID: gwClientID, Secret: gwSecret, Username: "alice"}},
-		Devices:  ds,
-		TokenTTL: ttl,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sim.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sim.Close() })
-	return sim
-}
-
 // TestChaos runs every scenario as a subtest.
 func TestChaos(t *testing.T) {
 	t.Run("SIGKILL", chaosSIGKILL)
@@ -438,7 +426,7 @@ func TestChaos(t *testing.T) {
 // with a slow broker so that the queue holds a backlog at each kill.
 func chaosSIGKILL(t *testing.T) {
 	devs := chaosDevices("kill", 3)
-	sim := chaosSim(t, 0, devs...)
+	sim := startSim(t, devs...)
 	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultSlow, Delay: 10 * time.Millisecond})
 	dir := t.TempDir()
 	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{}, devs...)
@@ -460,10 +448,8 @@ func chaosSIGKILL(t *testing.T) {
 		l.halt()
 	}
 	sim.ClearFault()
-	heal := time.Now()
 	g := startGateway(t, cfg)
 	d := drain(t, h, 120*time.Second, sim)
-	_ = heal
 	v := judge(h, map[*centralsim.Server][]string{sim: ids(devs)})
 	sort.Slice(readyTimes, func(i, j int) bool { return readyTimes[i] < readyTimes[j] })
 	report(t, "SIGKILL", v, fmt.Sprintf("cycles %d, restart-to-ready median %v max %v, drain after last restart %v",
@@ -486,7 +472,7 @@ func ids(ds []testDevice) []string {
 // when the daemon is killed: those acknowledged must all arrive.
 func chaosInFlight(t *testing.T) {
 	devs := chaosDevices("infl", 2)
-	sim := chaosSim(t, 0, devs...)
+	sim := startSim(t, devs...)
 	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultDown})
 	dir := t.TempDir()
 	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{}, devs...)
@@ -503,7 +489,7 @@ func chaosInFlight(t *testing.T) {
 			}
 			for i := 0; i < 300; i++ {
 				n := h.take(d.ID)
-				tok := cl.Publish("devices/"+d.ID+"/telemetry", 1, false, chaosBody(n))
+				tok := cl.Publish("devices/"+d.ID+"/telemetry", 1, false, readingBody(n))
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
@@ -535,7 +521,7 @@ func chaosInFlight(t *testing.T) {
 // queue holds everything and drains after each fault heals.
 func chaosBrokerFaults(t *testing.T) {
 	devs := chaosDevices("flt", 3)
-	sim := chaosSim(t, 0, devs...)
+	sim := startSim(t, devs...)
 	dir := t.TempDir()
 	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{}, devs...)
 	g := startGateway(t, cfg)
@@ -579,7 +565,7 @@ func chaosBrokerFaults(t *testing.T) {
 // and drains.
 func chaosTokenExpiry(t *testing.T) {
 	devs := chaosDevices("tok", 2)
-	sim := chaosSim(t, 3*time.Second, devs...)
+	sim := startSimWith(t, func(o *centralsim.Options) { o.TokenTTL = 3 * time.Second }, devs...)
 	dir := t.TempDir()
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{}, devs...))
 	h := newHistory()
@@ -602,13 +588,8 @@ func chaosFlood(t *testing.T) {
 	devs := chaosDevices("fld", 4)
 	var mu sync.Mutex
 	arrived := map[string]time.Time{}
-	var ds []centralsim.Device
-	for _, d := range devs {
-		ds = append(ds, centralsim.Device{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2})
-	}
-	sim, err := centralsim.New(centralsim.Options{
-		Clients: []centralsim.Client{{ID: gwClientID, Secret: gwSecret, Username: "alice"}}, Devices: ds, TokenTTL: time.Minute,
-		OnUpdate: func(u centralsim.Update) {
+	sim := startSimWith(t, func(o *centralsim.Options) {
+		o.OnUpdate = func(u centralsim.Update) {
 			if n, ok := nOf(u); ok {
 				mu.Lock()
 				k := fmt.Sprintf("%s/%d", u.Device, n)
@@ -617,15 +598,8 @@ func chaosFlood(t *testing.T) {
 				}
 				mu.Unlock()
 			}
-		},
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := sim.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { sim.Close() })
+		}
+	}, devs...)
 	dir := t.TempDir()
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{}, devs...))
 	h := newHistory()
@@ -676,14 +650,7 @@ func chaosRevocation(t *testing.T) {
 	sim := startPolicySim(t, a, b)
 	dir := t.TempDir()
 	g := startGateway(t, bundleConfig(t, dir, sim, sim.URL()))
-	waitFor(t, 20*time.Second, "the synced policy to admit a", func() bool {
-		c, err := connect("tcp://"+g.MQTT, "probe", a.ID, devicePasswordOf(a))
-		if err != nil {
-			return false
-		}
-		c.Disconnect(10)
-		return true
-	})
+	waitLogin(t, g, a)
 	h := newHistory()
 	la := startLoad(t, "tcp://"+g.MQTT, h, 10*time.Millisecond, a)
 	lb := startLoad(t, "tcp://"+g.MQTT, h, 0, b)
@@ -700,7 +667,7 @@ func chaosRevocation(t *testing.T) {
 		n := h.take(b.ID)
 		h.forbid(b.ID, n)
 		if c, err := connect("tcp://"+g.MQTT, fmt.Sprintf("b-again-%d", i), b.ID, devicePasswordOf(b)); err == nil {
-			c.Publish("devices/"+b.ID+"/telemetry", 1, false, chaosBody(n)).WaitTimeout(2 * time.Second)
+			c.Publish("devices/"+b.ID+"/telemetry", 1, false, readingBody(n)).WaitTimeout(2 * time.Second)
 			c.Disconnect(10)
 			t.Errorf("revoked device %s logged in again", b.ID)
 		}
@@ -739,7 +706,7 @@ func chaosDiskFull(t *testing.T) {
 		t.Skip("mount needs root")
 	}
 	devs := chaosDevices("disk", 2)
-	sim := chaosSim(t, 0, devs...)
+	sim := startSim(t, devs...)
 	dir := t.TempDir()
 	state := filepath.Join(dir, "state")
 	if err := os.MkdirAll(state, 0o700); err != nil {
@@ -786,7 +753,6 @@ func chaosDiskFull(t *testing.T) {
 		t.Errorf("the daemon died with the disk full: %v\n%s", g.waitErr, crashSummary(g.log.String()))
 	}
 	// A publish now must be held, not acknowledged.
-	held := newHistory()
 	var heldTok paho.Token
 	var heldN int
 	if aliveWhileFull {
@@ -800,8 +766,7 @@ func chaosDiskFull(t *testing.T) {
 		}
 		defer c.Disconnect(50)
 		heldN = h.take(devs[0].ID)
-		_ = held
-		heldTok = c.Publish("devices/"+devs[0].ID+"/telemetry", 1, false, chaosBody(heldN))
+		heldTok = c.Publish("devices/"+devs[0].ID+"/telemetry", 1, false, readingBody(heldN))
 		if heldTok.WaitTimeout(2*time.Second) && heldTok.Error() == nil {
 			t.Logf("a reading was acknowledged with the disk full (the queue may still have had room in its files)")
 			h.ack(devs[0].ID, heldN)
@@ -836,7 +801,7 @@ func chaosDiskFull(t *testing.T) {
 // acknowledged reading — never lose them silently.
 func chaosCorruptStore(t *testing.T) {
 	devs := chaosDevices("crpt", 1)
-	sim := chaosSim(t, 0, devs...)
+	sim := startSim(t, devs...)
 	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultDown})
 	dir := t.TempDir()
 	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{}, devs...)
@@ -969,25 +934,16 @@ func lastErrorLine(log string) string {
 // and the port resumes at the same path.
 func chaosSerial(t *testing.T) {
 	devs := chaosDevices("rad", 1) // a port-wide binding belongs to one device
-	sim := chaosSim(t, 0, devs...)
+	sim := startSim(t, devs...)
 	dir := t.TempDir()
 	link := filepath.Join(dir, "ttyRADIO0")
+	devs[0].RadioPort = link
 	rs, err := radio.NewSim(radio.SimOptions{Link: link, Silent: true, Seed: 11})
 	if err != nil {
 		t.Skipf("no pseudo-terminal for the radio sim: %v", err)
 	}
 	t.Cleanup(func() { rs.Close() })
-	// Devices bound to the port; written into devices.yaml by hand.
 	cfgPath := writeGatewayConfig(t, dir, sim, gatewayConfig{Extra: "radio:\n  ports:\n    - path: " + link + "\n      codec: jsonlines\n      read_timeout: 100ms\n"}, devs...)
-	var b strings.Builder
-	b.WriteString("devices:\n")
-	for _, d := range devs {
-		fmt.Fprintf(&b, "  - id: %s\n    type: %s\n    owner: %s\n    k1: %s\n    k2: %s\n    broker: %s\n    radio:\n      port: %s\n",
-			d.ID, d.Type, d.Owner, d.K1, d.K2, sim.BrokerURL(), link)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "devices.yaml"), []byte(b.String()), 0o600); err != nil {
-		t.Fatal(err)
-	}
 	g := startGateway(t, cfgPath)
 	h := newHistory()
 	write := func(d testDevice) {
@@ -1045,7 +1001,7 @@ func chaosSerial(t *testing.T) {
 func chaosMosquitto(t *testing.T) {
 	mq := startRestartableMosquitto(t)
 	devs := chaosDevices("mq", 2)
-	sim := chaosSim(t, 0, devs...)
+	sim := startSim(t, devs...)
 	dir := t.TempDir()
 	mqttCfg := "mqtt:\n  mode: external\n  external:\n    url: " + mq.URL + "\n    client_id: edgegate-chaos\n    ca_file: " + mq.CAFile + "\n"
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{MQTT: mqttCfg}, devs...))
@@ -1071,39 +1027,6 @@ func chaosMosquitto(t *testing.T) {
 	v := judge(h, map[*centralsim.Server][]string{sim: ids(devs)})
 	report(t, "mosquitto restart", v, fmt.Sprintf("cycles %d (SIGTERM), resubscribed after %v, drain %v", cycles, resub, d.Round(time.Millisecond)))
 	assertNoLeak(t, g, filepath.Join(dir, "state"), devs...)
-}
-
-// startLoadTLS is startLoad against Mosquitto over TLS.
-func startLoadTLS(t *testing.T, mq *restartableMosquitto, h *history, interval time.Duration, devs ...testDevice) *loader {
-	t.Helper()
-	l := &loader{stop: make(chan struct{})}
-	for _, d := range devs {
-		l.wg.Add(1)
-		go func() {
-			defer l.wg.Done()
-			c, err := connect(mq.URL, fmt.Sprintf("chaos-%s-%d", d.ID, rand.Int64()), d.ID, "x", mq.tlsOpt)
-			if err != nil {
-				return
-			}
-			defer c.Disconnect(50)
-			for {
-				select {
-				case <-l.stop:
-					return
-				case <-time.After(interval):
-				}
-				n := h.take(d.ID)
-				tok := c.Publish("devices/"+d.ID+"/telemetry", 1, false, chaosBody(n))
-				if tok.WaitTimeout(5*time.Second) && tok.Error() == nil {
-					h.ack(d.ID, n)
-					l.sent.Add(1)
-				} else if !c.IsConnected() {
-					return
-				}
-			}
-		}()
-	}
-	return l
 }
 
 // restartableMosquitto is a Mosquitto that can be stopped and started at
@@ -1223,7 +1146,7 @@ func killListener(port string) error {
 				}
 				deadline := time.Now().Add(5 * time.Second)
 				for time.Now().Before(deadline) {
-					if c, err := netDial("127.0.0.1:" + port); err != nil {
+					if c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 200*time.Millisecond); err != nil {
 						return nil
 					} else {
 						c.Close()
@@ -1235,12 +1158,4 @@ func killListener(port string) error {
 		}
 	}
 	return errors.New("listener is not a mosquitto of this test")
-}
-
-func envelopeMQTTPassword(d testDevice) (string, error) {
-	return envelope.DeriveMQTTPassword(d.ID, d.K1, d.K2)
-}
-
-func netDial(addr string) (net.Conn, error) {
-	return net.DialTimeout("tcp", addr, 200*time.Millisecond)
 }

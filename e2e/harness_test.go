@@ -49,6 +49,10 @@ func TestMain(m *testing.M) {
 // testDevice is a device registered both at the gateway and the central.
 type testDevice struct {
 	ID, Type, Owner, K1, K2 string
+	// Broker, when set, is the broker the gateway sends the device's
+	// readings to, instead of the sim's; RadioPort binds the device to a
+	// JSON-lines radio port.
+	Broker, RadioPort string
 }
 
 func dev(id, owner string) testDevice {
@@ -113,8 +117,15 @@ func writeGatewayConfig(t *testing.T, dir string, sim *centralsim.Server, gc gat
 	var b strings.Builder
 	b.WriteString("devices:\n")
 	for _, d := range devices {
+		broker := d.Broker
+		if broker == "" {
+			broker = sim.BrokerURL()
+		}
 		fmt.Fprintf(&b, "  - id: %s\n    type: %s\n    owner: %s\n    k1: %s\n    k2: %s\n    broker: %s\n",
-			d.ID, d.Type, d.Owner, d.K1, d.K2, sim.BrokerURL())
+			d.ID, d.Type, d.Owner, d.K1, d.K2, broker)
+		if d.RadioPort != "" {
+			fmt.Fprintf(&b, "    radio:\n      port: %s\n", d.RadioPort)
+		}
 	}
 	must(os.WriteFile(filepath.Join(dir, "devices.yaml"), []byte(b.String()), 0o600))
 	mq := gc.MQTT
@@ -311,9 +322,28 @@ func connect(brokerURL, clientID, user, password string, opts ...func(*paho.Clie
 
 // publish sends reading n with QoS 1 and reports whether it was acknowledged.
 func (p *publisher) publish(n int) bool {
-	body := fmt.Sprintf(`{"n": %d, "temperature": {"value": %d.5, "type": "Number"}}`, n, 20+n%10)
-	tok := p.client.Publish("devices/"+p.device+"/telemetry", 1, false, body)
+	tok := p.client.Publish("devices/"+p.device+"/telemetry", 1, false, readingBody(n))
 	return tok.WaitTimeout(5*time.Second) && tok.Error() == nil
+}
+
+// readingBody is reading n of a device: its counter attribute "n" and a
+// temperature.
+func readingBody(n int) string {
+	return fmt.Sprintf(`{"n": %d, "temperature": {"value": %d.5, "type": "Number"}}`, n, 20+n%10)
+}
+
+// waitLogin waits until device d can log in to the gateway's embedded
+// broker: once the policy synced from the central admits it.
+func waitLogin(t *testing.T, g *gateway, d testDevice) {
+	t.Helper()
+	waitFor(t, 20*time.Second, d.ID+" to log in with the synced policy", func() bool {
+		c, err := connect("tcp://"+g.MQTT, "probe-"+d.ID, d.ID, devicePassword(t, d))
+		if err != nil {
+			return false
+		}
+		c.Disconnect(10)
+		return true
+	})
 }
 
 // delivered returns, per device, the set of counters n that reached the
@@ -321,19 +351,14 @@ func (p *publisher) publish(n int) bool {
 func delivered(sim *centralsim.Server) map[string]map[int]int {
 	out := map[string]map[int]int{}
 	for _, u := range sim.Updates() {
-		if u.Verdict != "valid" {
-			continue
-		}
-		var a struct {
-			Value float64 `json:"value"`
-		}
-		if err := json.Unmarshal(u.Attrs["n"], &a); err != nil {
+		n, ok := nOf(u)
+		if u.Verdict != centralsim.VerdictValid || !ok {
 			continue
 		}
 		if out[u.Device] == nil {
 			out[u.Device] = map[int]int{}
 		}
-		out[u.Device][int(a.Value)]++
+		out[u.Device][n]++
 	}
 	return out
 }

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"io"
 	"os"
 	"os/exec"
@@ -44,18 +43,21 @@ func TestInstallerFlow(t *testing.T) {
 	pair := exec.Command(binary, "pair", "--central", sim.URL(), "--ca", ca, "--config", cfg,
 		"--state-dir", state, "--gateway-id", "gw-install")
 	pair.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
-	stdout, _ := pair.StdoutPipe()
-	var errOut bytes.Buffer
-	pair.Stderr = &errOut
+	// Both are read while pair still runs. Its output goes through a pipe
+	// rather than StdoutPipe, whose reader Wait would close under the
+	// scanner with the last lines unread.
+	var shown, errOut syncBuffer
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	pair.Stdout, pair.Stderr = io.MultiWriter(&shown, pw), &errOut
 	if err := pair.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer pair.Process.Kill()
-	var shown bytes.Buffer
 	code := make(chan string, 1)
 	go func() {
 		re := regexp.MustCompile(`^\s+([B-Z]{4}-[B-Z]{4})\s*$`)
-		sc := bufio.NewScanner(io.TeeReader(stdout, &shown))
+		sc := bufio.NewScanner(pr)
 		for sc.Scan() {
 			if m := re.FindStringSubmatch(sc.Text()); m != nil {
 				select {
@@ -64,6 +66,7 @@ func TestInstallerFlow(t *testing.T) {
 				}
 			}
 		}
+		_, _ = io.Copy(io.Discard, pr)
 	}()
 	select {
 	case c := <-code:
@@ -110,14 +113,7 @@ func TestInstallerFlow(t *testing.T) {
 	}
 	os.WriteFile(cfg, []byte(text), 0o640)
 	g := startGateway(t, cfg)
-	waitFor(t, 20*time.Second, "th-hall to log in with the synced policy", func() bool {
-		c, err := connect("tcp://"+g.MQTT, "probe", d.ID, devicePassword(t, d))
-		if err != nil {
-			return false
-		}
-		c.Disconnect(10)
-		return true
-	})
+	waitLogin(t, g, d)
 	p := newPublisher(t, "tcp://"+g.MQTT, d)
 	for i := 1; i <= 3; i++ {
 		if !p.publish(i) {
@@ -128,7 +124,7 @@ func TestInstallerFlow(t *testing.T) {
 	assertNoSecrets(t, g.log.String(), d)
 }
 
-func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration, errOut *bytes.Buffer) {
+func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration, errOut *syncBuffer) {
 	t.Helper()
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()

@@ -55,14 +55,7 @@ func TestPolicyBundleSyncPushAndRevocation(t *testing.T) {
 
 	// The first poll brings the bundle; then a's readings flow.
 	var pa *publisher
-	waitFor(t, 20*time.Second, "device a to log in with the synced policy", func() bool {
-		c, err := connect("tcp://"+g.MQTT, "probe-a", a.ID, devicePassword(t, a))
-		if err != nil {
-			return false
-		}
-		c.Disconnect(10)
-		return true
-	})
+	waitLogin(t, g, a)
 	pa = newPublisher(t, "tcp://"+g.MQTT, a)
 	pb := newPublisher(t, "tcp://"+g.MQTT, b)
 	for i := 1; i <= 5; i++ {

@@ -36,14 +36,7 @@ func TestDeviceSignedProvenance(t *testing.T) {
 	dir := t.TempDir()
 	cfg := bundleConfig(t, dir, sim, sim.URL())
 	g := startGateway(t, cfg)
-	waitFor(t, 20*time.Second, "the device to log in with the synced policy", func() bool {
-		c, err := connect("tcp://"+g.MQTT, "probe", d.ID, devicePassword(t, d))
-		if err != nil {
-			return false
-		}
-		c.Disconnect(10)
-		return true
-	})
+	waitLogin(t, g, d)
 	p := newPublisher(t, "tcp://"+g.MQTT, d)
 	sign := func(k envelope.Key, seq uint64, n int) string {
 		t.Helper()

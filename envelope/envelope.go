@@ -117,9 +117,7 @@ func DeriveHS256(deviceID, k1, k2 string) (Key, error) {
 	if k1 == "" || k2 == "" {
 		return Key{}, errors.New("derive key: k1 and k2 must both be set")
 	}
-	ikm := make([]byte, 0, len(k1)+1+len(k2))
-	ikm = append(append(append(ikm, k1...), 0), k2...)
-	secret, err := hkdf.Key(sha256.New, ikm, []byte("edgegate/reading-key/v1"), deviceID, 32)
+	secret, err := deriveFromK1K2("edgegate/reading-key/v1", deviceID, k1, k2, 32)
 	if err != nil {
 		return Key{}, fmt.Errorf("derive key: %w", err)
 	}
@@ -136,13 +134,19 @@ func DeriveMQTTPassword(deviceID, k1, k2 string) (string, error) {
 	if k1 == "" || k2 == "" {
 		return "", errors.New("derive MQTT password: k1 and k2 must both be set")
 	}
-	ikm := make([]byte, 0, len(k1)+1+len(k2))
-	ikm = append(append(append(ikm, k1...), 0), k2...)
-	b, err := hkdf.Key(sha256.New, ikm, []byte("edgegate/mqtt-password/v1"), deviceID, 24)
+	b, err := deriveFromK1K2("edgegate/mqtt-password/v1", deviceID, k1, k2, 24)
 	if err != nil {
 		return "", fmt.Errorf("derive MQTT password: %w", err)
 	}
 	return base64.RawURLEncoding.EncodeToString(b), nil
+}
+
+// deriveFromK1K2 is HKDF-SHA256 over K1 || 0x00 || K2 with salt label and
+// info the device id (see the package documentation).
+func deriveFromK1K2(label, deviceID, k1, k2 string, n int) ([]byte, error) {
+	ikm := make([]byte, 0, len(k1)+1+len(k2))
+	ikm = append(append(append(ikm, k1...), 0), k2...)
+	return hkdf.Key(sha256.New, ikm, []byte(label), deviceID, n)
 }
 
 // ID is the key id placed in the JWS protected header.

@@ -1,7 +1,6 @@
 package mqtt
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"sync"
@@ -109,25 +108,9 @@ func (a *acker) settle(it *inflight) {
 	h := a.h
 	defer it.cancel()
 	out, err := it.wait(it.ctx)
-	for err != nil {
-		// Not queued (disk quota, shutting down): hold it, unacknowledged,
-		// and try again, as the device cannot be told to slow down. Later
-		// publishes of this connection wait behind it.
-		h.limited.Log(h.ctx, slog.LevelWarn, "hold", "reading not queued; holding it unacknowledged",
-			"device", it.msg.Device, "err", err)
-		t := time.NewTimer(h.retry)
-		select {
-		case <-h.ctx.Done():
-			t.Stop()
-			return
-		case <-t.C:
-		}
-		if a.cl.Closed() {
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
-		out, err = h.sub.Submit(ctx, it.msg)
-		cancel()
+	// Later publishes of this connection wait behind a held one.
+	if out, err = h.hold(a.cl, it.msg, out, err); err != nil {
+		return
 	}
 	if !a.cl.Closed() {
 		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: it.id}
@@ -173,5 +156,3 @@ func (h *ingestHook) stopAckers(limit time.Duration) bool {
 		return false
 	}
 }
-
-func clonePayload(b []byte) []byte { return bytes.Clone(b) }

@@ -266,7 +266,7 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 	if h.starter != nil && pk.FixedHeader.Qos > 0 {
 		// Pipelined: hand it over in arrival order; the connection's acker
 		// sends the PUBACK (and delivers it locally) once it is synced.
-		msg.Payload = clonePayload(pk.Payload)
+		msg.Payload = bytes.Clone(pk.Payload)
 		ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
 		it := &inflight{topic: pk.TopicName, payload: msg.Payload, retain: pk.FixedHeader.Retain,
 			id: pk.PacketID, msg: msg, ctx: ctx, cancel: cancel}
@@ -276,32 +276,48 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		}
 		return pk, packets.ErrRejectPacket
 	}
-	for {
-		// An attempt in progress finishes even during shutdown, so that
-		// what is committed gets its PUBACK; only the waiting stops.
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
-		out, err := h.sub.Submit(ctx, msg)
-		cancel()
-		if err == nil {
-			if out == pipeline.Refused || out == pipeline.Duplicate {
-				// Acknowledged so the device does not resend it forever, but
-				// not delivered to local subscribers.
-				return pk, packets.CodeSuccessIgnore
-			}
-			return pk, nil
-		}
-		h.limited.Log(h.ctx, slog.LevelWarn, "hold", "reading not queued; holding it unacknowledged", "device", device, "err", err)
+	out, err := h.submit(msg)
+	if out, err = h.hold(cl, msg, out, err); err != nil {
+		return pk, packets.ErrRejectPacket // no PUBACK: the device resends it
+	}
+	if out == pipeline.Refused || out == pipeline.Duplicate {
+		// Acknowledged so the device does not resend it forever, but
+		// not delivered to local subscribers.
+		return pk, packets.CodeSuccessIgnore
+	}
+	return pk, nil
+}
+
+// submit makes one attempt to queue msg. An attempt in progress finishes
+// even during shutdown, so that what is committed gets its PUBACK; only
+// the waiting between attempts stops.
+func (h *ingestHook) submit(msg pipeline.Message) (pipeline.Outcome, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
+	defer cancel()
+	return h.sub.Submit(ctx, msg)
+}
+
+// hold takes the outcome of a first attempt to queue msg; while it was not
+// queued (disk quota, shutting down), it holds the reading unacknowledged
+// and tries again every retry interval, as the device cannot be told to
+// slow down. It returns the first settled outcome, or the last error once
+// the broker stops or the connection closes.
+func (h *ingestHook) hold(cl *mochi.Client, msg pipeline.Message, out pipeline.Outcome, err error) (pipeline.Outcome, error) {
+	for err != nil {
+		h.limited.Log(h.ctx, slog.LevelWarn, "hold", "reading not queued; holding it unacknowledged", "device", msg.Device, "err", err)
 		t := time.NewTimer(h.retry)
 		select {
 		case <-h.ctx.Done():
 			t.Stop()
-			return pk, packets.ErrRejectPacket // no PUBACK: the device resends it
+			return 0, err
 		case <-t.C:
 		}
 		if cl.Closed() {
-			return pk, packets.ErrRejectPacket
+			return 0, err
 		}
+		out, err = h.submit(msg)
 	}
+	return out, nil
 }
 
 // minLevel drops records below a level.

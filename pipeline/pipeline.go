@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/queue"
@@ -111,10 +112,12 @@ type Options struct {
 	// SigningKeys resolves the private keys of gateway-signed devices
 	// (policy.SigningGateway); nil = none held.
 	SigningKeys KeyResolver
-	// MaxClockSkew refuses (ReasonStale) a reading observed more than this
-	// after the gateway's now; 0 = no check.
+	// MaxClockSkew refuses (ReasonStale) a device-signed reading observed
+	// more than this after the gateway's now; 0 = no check. Readings the
+	// gateway stamps or signs are never refused for their time: a jump of
+	// the gateway's clock must not cost data.
 	MaxClockSkew time.Duration
-	// MaxAge refuses (ReasonStale) a reading observed more than this
+	// MaxAge refuses (ReasonStale) a device-signed reading observed more than this
 	// before the gateway's now; 0 = no check. Both checks are skipped
 	// while the gateway's clock is implausible (before 2025: a Raspberry
 	// Pi without a real-time clock before time sync), so an unsynchronised
@@ -172,7 +175,7 @@ func done(out Outcome, err error) Pending {
 // reached, shutting down, store failure) and must NOT be acknowledged, so
 // that its sender or broker keeps it.
 func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
-	return p.start(ctx, msg)(ctx)
+	return p.Start(ctx, msg)(ctx)
 }
 
 // Start takes a message as far as the queue and returns at once; the
@@ -180,13 +183,8 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 // has. Messages Started one after another by one goroutine are committed in
 // that order, so a source may keep several in flight and acknowledge them
 // in order as their outcomes arrive. ctx must stay alive until the wait.
+// The checks run in the caller's goroutine; refusals are settled at once.
 func (p *Pipeline) Start(ctx context.Context, msg Message) Pending {
-	return p.start(ctx, msg)
-}
-
-// start runs the checks in the caller's goroutine and hands the reading to
-// the queue; refusals are settled at once.
-func (p *Pipeline) start(ctx context.Context, msg Message) Pending {
 	dec := p.policy.DecideIngest(msg.Device)
 	if !dec.Allow {
 		p.refuse(ctx, dec.Reason, msg, "reading from a device that is not registered")
@@ -254,7 +252,6 @@ func (p *Pipeline) start(ctx context.Context, msg Message) Pending {
 	return p.enqueue(ctx, msg, dev, entry, &sealErr)
 }
 
-// append queues a sealed entry and settles the message.
 // enqueue hands the entry to the queue and returns what waits for it.
 func (p *Pipeline) enqueue(ctx context.Context, msg Message, dev *policy.Device, entry queue.Entry, sealErr *error) Pending {
 	wait, err := p.queue.Enqueue(ctx, entry)
@@ -316,10 +313,7 @@ func (p *Pipeline) refuse(ctx context.Context, reason string, msg Message, why s
 	if p.observe != nil {
 		p.observe(msg.Device, Refused, reason)
 	}
-	dev := msg.Device
-	if len(dev) > 64 {
-		dev = dev[:64] + "…"
-	}
+	dev := logtext.Clip(msg.Device, 64)
 	p.limited.Log(ctx, slog.LevelWarn, reason+"/"+dev, "reading refused",
 		"reason", reason, "device", dev, "source", msg.Source.Kind, "topic", msg.Source.Topic,
 		"port", msg.Source.Port, "detail", why)

@@ -49,7 +49,7 @@ func digestOf(b []byte) [8]byte {
 	return [8]byte(h[:8])
 }
 
-// submitDeviceSigned takes a reading the device signed itself: the payload
+// startDeviceSigned takes a reading the device signed itself: the payload
 // is a compact JWS of envelope claims, verified with the device's
 // registered public keys (the key chosen by kid, the algorithm pinned to
 // the key). The NGSI attributes come from the verified claims and the

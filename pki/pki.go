@@ -11,11 +11,9 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/sha1"
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/asn1"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -55,10 +53,6 @@ func NewCA(commonName string, now time.Time) (*CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("new CA: %w", err)
 	}
-	ski, err := keyID(key.Public())
-	if err != nil {
-		return nil, fmt.Errorf("new CA: %w", err)
-	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{CommonName: commonName, Organization: []string{"edgegate"}},
@@ -68,7 +62,9 @@ func NewCA(commonName string, now time.Time) (*CA, error) {
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		MaxPathLenZero:        true,
-		SubjectKeyId:          ski,
+		// SubjectKeyId left empty: CreateCertificate derives it for a CA
+		// from the public key, and copies it into every certificate the CA
+		// issues as AuthorityKeyId.
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
 	if err != nil {
@@ -101,13 +97,12 @@ func (ca *CA) IssueServer(now time.Time, hosts ...string) (tls.Certificate, erro
 		return tls.Certificate{}, fmt.Errorf("issue server certificate: %w", err)
 	}
 	tmpl := &x509.Certificate{
-		SerialNumber:   serial,
-		Subject:        pkix.Name{CommonName: hosts[0], Organization: []string{"edgegate"}},
-		NotBefore:      now.Add(-backdate),
-		NotAfter:       now.Add(serverValidity),
-		KeyUsage:       x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:    []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		AuthorityKeyId: ca.Cert.SubjectKeyId,
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: hosts[0], Organization: []string{"edgegate"}},
+		NotBefore:    now.Add(-backdate),
+		NotAfter:     now.Add(serverValidity),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
 	for _, h := range hosts {
 		h = strings.TrimSpace(h)
@@ -200,21 +195,4 @@ func randomSerial() (*big.Int, error) {
 		return nil, fmt.Errorf("serial number: %w", err)
 	}
 	return n.Add(n, big.NewInt(1)), nil // never zero
-}
-
-// keyID is the RFC 5280 method-1 key identifier (SHA-1 of the public key bits).
-func keyID(pub crypto.PublicKey) ([]byte, error) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return nil, fmt.Errorf("key id: %w", err)
-	}
-	var spki struct {
-		Algorithm pkix.AlgorithmIdentifier
-		PublicKey asn1.BitString
-	}
-	if _, err := asn1.Unmarshal(der, &spki); err != nil {
-		return nil, fmt.Errorf("key id: %w", err)
-	}
-	sum := sha1.Sum(spki.PublicKey.Bytes)
-	return sum[:], nil
 }

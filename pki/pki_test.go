@@ -98,6 +98,9 @@ func TestIssueServerUsages(t *testing.T) {
 	if err == nil {
 		t.Fatal("server certificate verified for clientAuth")
 	}
+	if len(ca.Cert.SubjectKeyId) == 0 || !bytes.Equal(cert.Leaf.AuthorityKeyId, ca.Cert.SubjectKeyId) {
+		t.Fatalf("key ids: CA subject %x, leaf authority %x", ca.Cert.SubjectKeyId, cert.Leaf.AuthorityKeyId)
+	}
 	if got := cert.Leaf.NotAfter.Sub(now); got > 366*24*time.Hour || got < 364*24*time.Hour {
 		t.Fatalf("validity %v, want about a year", got)
 	}

@@ -5,7 +5,6 @@ package qr
 
 import (
 	"fmt"
-	"io"
 	"strings"
 
 	qrcode "github.com/skip2/go-qrcode"
@@ -41,9 +40,6 @@ func render(bm [][]bool) string {
 		for c := 0; c < size; c++ {
 			top := !dark(r, c)
 			bot := r+1 < size && !dark(r+1, c)
-			if r+1 >= size {
-				bot = false
-			}
 			switch {
 			case top && bot:
 				b.WriteString("█")
@@ -58,14 +54,4 @@ func render(bm [][]bool) string {
 		b.WriteByte('\n')
 	}
 	return b.String()
-}
-
-// Write writes Terminal(text) to w.
-func Write(w io.Writer, text string) error {
-	s, err := Terminal(text)
-	if err != nil {
-		return err
-	}
-	_, err = io.WriteString(w, s)
-	return err
 }

@@ -1153,18 +1153,10 @@ func (q *Queue) PurgeDevice(device string) (int, error) {
 
 	var keys [][]byte
 	err := q.db.View(func(txn *badger.Txn) error {
-		io := badger.DefaultIteratorOptions
-		io.PrefetchValues = false
-		io.Prefix = prefixQueue
-		it := txn.NewIterator(io)
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			k := it.Item().Key()
-			if _, d, _, err := parseItemKey(k); err == nil && d == device {
-				keys = append(keys, it.Item().KeyCopy(nil))
-			}
-		}
-		return nil
+		return eachOfDevice(txn, prefixQueue, device, func(_ []byte, _ uint64, bi *badger.Item) error {
+			keys = append(keys, bi.KeyCopy(nil))
+			return nil
+		})
 	})
 	if err != nil {
 		return 0, fmt.Errorf("purge device %q: scan: %w", device, err)

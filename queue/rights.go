@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -50,42 +51,27 @@ func (q *Queue) ExportDevice(ctx context.Context, device string, fn func(Held) e
 	}
 	err := q.db.View(func(txn *badger.Txn) error {
 		for _, fam := range [][]byte{prefixQueue, prefixDead} {
-			io := badger.DefaultIteratorOptions
-			io.PrefetchValues = false
-			io.Prefix = fam
-			it := txn.NewIterator(io)
-			err := func() error {
-				defer it.Close()
-				for it.Rewind(); it.Valid(); it.Next() {
-					if err := ctx.Err(); err != nil {
-						return err
-					}
-					bi := it.Item()
-					_, d, seq, err := parseItemKey(bi.Key())
-					if err != nil || d != device {
-						continue
-					}
-					h := Held{Item: Item{Device: d, Seq: seq}, Dead: fam[0] == prefixDead[0]}
-					err = bi.Value(func(v []byte) error {
-						if !h.Dead {
-							return q.decodeItemValue(v, &h.Item)
-						}
-						dl := DeadLetter{Item: h.Item}
-						if err := q.decodeDeadValue(v, &dl); err != nil {
-							return err
-						}
-						h.Item, h.Reason, h.At = dl.Item, dl.Reason, dl.At
-						return nil
-					})
-					if err != nil {
-						return fmt.Errorf("decode %s/%d: %w", d, seq, err)
-					}
-					if err := fn(h); err != nil {
-						return err
-					}
+			err := eachOfDevice(txn, fam, device, func(_ []byte, seq uint64, bi *badger.Item) error {
+				if err := ctx.Err(); err != nil {
+					return err
 				}
-				return nil
-			}()
+				h := Held{Item: Item{Device: device, Seq: seq}, Dead: fam[0] == prefixDead[0]}
+				err := bi.Value(func(v []byte) error {
+					if !h.Dead {
+						return q.decodeItemValue(v, &h.Item)
+					}
+					dl := DeadLetter{Item: h.Item}
+					if err := q.decodeDeadValue(v, &dl); err != nil {
+						return err
+					}
+					h.Item, h.Reason, h.At = dl.Item, dl.Reason, dl.At
+					return nil
+				})
+				if err != nil {
+					return fmt.Errorf("decode %s/%d: %w", device, seq, err)
+				}
+				return fn(h)
+			})
 			if err != nil {
 				return err
 			}
@@ -124,38 +110,23 @@ func (q *Queue) EraseDevice(device string) (EraseReport, error) {
 	var keys, prefixes [][]byte
 	err := q.db.View(func(txn *badger.Txn) error {
 		for _, fam := range [][]byte{prefixQueue, prefixDead} {
-			io := badger.DefaultIteratorOptions
-			io.PrefetchValues = false
-			io.Prefix = fam
-			it := txn.NewIterator(io)
-			err := func() error {
-				defer it.Close()
-				for it.Rewind(); it.Valid(); it.Next() {
-					bi := it.Item()
-					prefix, d, _, err := parseItemKey(bi.Key())
-					if err != nil || d != device {
-						continue
-					}
-					if len(prefixes) == 0 || !slicesContainsBytes(prefixes, prefix) {
-						prefixes = append(prefixes, append([]byte(nil), prefix...))
-					}
-					keys = append(keys, bi.KeyCopy(nil))
-					if fam[0] == prefixDead[0] {
-						rep.DeadLetters++
-					} else {
-						rep.Queued++
-					}
-					if err := bi.Value(func(v []byte) error {
-						if len(v) > 0 && v[0] == valueVersion1 {
-							rep.Unsealed++
-						}
-						return nil
-					}); err != nil {
-						return err
-					}
+			err := eachOfDevice(txn, fam, device, func(prefix []byte, _ uint64, bi *badger.Item) error {
+				if !slices.ContainsFunc(prefixes, func(p []byte) bool { return bytes.Equal(p, prefix) }) {
+					prefixes = append(prefixes, bytes.Clone(prefix))
 				}
-				return nil
-			}()
+				keys = append(keys, bi.KeyCopy(nil))
+				if fam[0] == prefixDead[0] {
+					rep.DeadLetters++
+				} else {
+					rep.Queued++
+				}
+				return bi.Value(func(v []byte) error {
+					if len(v) > 0 && v[0] == valueVersion1 {
+						rep.Unsealed++
+					}
+					return nil
+				})
+			})
 			if err != nil {
 				return err
 			}
@@ -238,8 +209,26 @@ func (q *Queue) EraseDevice(device string) (EraseReport, error) {
 	return rep, nil
 }
 
-func slicesContainsBytes(list [][]byte, b []byte) bool {
-	return slices.ContainsFunc(list, func(x []byte) bool { return string(x) == string(b) })
+// eachOfDevice calls fn, in key order, for every key of device in the
+// family fam (prefixQueue or prefixDead), with its lane prefix (a sub-slice
+// of the key, valid during the call) and seq. Values are not prefetched.
+func eachOfDevice(txn *badger.Txn, fam []byte, device string, fn func(prefix []byte, seq uint64, bi *badger.Item) error) error {
+	io := badger.DefaultIteratorOptions
+	io.PrefetchValues = false
+	io.Prefix = fam
+	it := txn.NewIterator(io)
+	defer it.Close()
+	for it.Rewind(); it.Valid(); it.Next() {
+		bi := it.Item()
+		prefix, d, seq, err := parseItemKey(bi.Key())
+		if err != nil || d != device {
+			continue
+		}
+		if err := fn(prefix, seq, bi); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // ExportRecord is one line of ExportNDJSON. Body is the stored body

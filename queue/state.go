@@ -1,7 +1,7 @@
 package queue
 
 import (
-	"errors"
+	"bytes"
 	"fmt"
 
 	"github.com/dgraph-io/badger/v4"
@@ -21,21 +21,14 @@ func stateKey(name string) []byte {
 
 // GetState reads a named state record; ok is false when there is none.
 func (q *Queue) GetState(name string) (value []byte, ok bool, err error) {
-	err = q.db.View(func(txn *badger.Txn) error {
-		it, err := txn.Get(stateKey(name))
-		if err != nil {
-			return err
-		}
-		value, err = it.ValueCopy(nil)
-		return err
+	err = q.readValue(stateKey(name), func(v []byte) error {
+		value, ok = bytes.Clone(v), true
+		return nil
 	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return nil, false, nil
-	}
 	if err != nil {
 		return nil, false, fmt.Errorf("read state %q: %w", name, err)
 	}
-	return value, true, nil
+	return value, ok, nil
 }
 
 // PutState writes a named state record and syncs it to disk before

@@ -74,7 +74,6 @@ type binding struct {
 type fakeBinder struct {
 	mu sync.Mutex
 	b  map[binding]string
-	// ports, when set, makes it a DeviceBinder.
 }
 
 func (f *fakeBinder) BindRadio(port string, node, child int) (string, bool) {
@@ -164,6 +163,21 @@ func runSim(t *testing.T, opts SimOptions) *Sim {
 		}
 	})
 	return s
+}
+
+// runSilentPort runs a silent sim at link and a Manager with the one port
+// pc on it, and waits until the port is open. stop is runManager's.
+func runSilentPort(t *testing.T, link string, pc PortConfig, sub Submitter, bind Binder, bound time.Duration) (*Sim, *Manager, func()) {
+	t.Helper()
+	sim := runSim(t, SimOptions{Link: link, Silent: true})
+	pc.Path = link
+	m, err := NewManager([]PortConfig{pc}, sub, bind, testOpts(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := runManager(t, m, bound)
+	waitFor(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
+	return sim, m, stop
 }
 
 func testOpts(t *testing.T) Options {
@@ -319,16 +333,10 @@ func TestManagerMissingPortThenAppears(t *testing.T) {
 func TestManagerHostileTraffic(t *testing.T) {
 	checkNoLeak(t)
 	link := filepath.Join(t.TempDir(), "ttyHOSTILE")
-	sim := runSim(t, SimOptions{Link: link, Silent: true})
 	sub := &fakeSub{}
 	bind := &fakeBinder{}
 	bind.set(link, 1, -1, "th-1")
-	m, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, bind, testOpts(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	runManager(t, m, 2*time.Second)
-	waitFor(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
+	sim, m, _ := runSilentPort(t, link, PortConfig{ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
 
 	trace := traceBytes(t, "mysensors-hostile.trace") // 2 good readings, 11 bad lines
 	// Byte by byte first: framing must not depend on read boundaries.
@@ -358,15 +366,9 @@ func TestManagerHostileTraffic(t *testing.T) {
 func TestManagerJSONLines(t *testing.T) {
 	checkNoLeak(t)
 	link := filepath.Join(t.TempDir(), "ttyJSON")
-	sim := runSim(t, SimOptions{Link: link, Silent: true})
 	sub := &fakeSub{}
 	bind := &fakeDeviceBinder{ports: map[string]string{"th-1": link, "elsewhere": "/dev/ttyOTHER"}}
-	m, err := NewManager([]PortConfig{{Path: link, Codec: CodecJSONLines, ReadTimeout: 100 * time.Millisecond}}, sub, bind, testOpts(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	runManager(t, m, 2*time.Second)
-	waitFor(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
+	sim, m, _ := runSilentPort(t, link, PortConfig{Codec: CodecJSONLines, ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
 	// jsonlines.trace: th-1 seq 1 (with time), seq 2, seq 2 again (dup),
 	// door-3 (unbound), th-1 with empty attrs (the pipeline's to refuse),
 	// then 6 bad lines; plus "elsewhere" (bound to another port) and an
@@ -412,16 +414,10 @@ func TestJSONLinesPlainBinder(t *testing.T) {
 func TestManagerSubmitRetry(t *testing.T) {
 	checkNoLeak(t)
 	link := filepath.Join(t.TempDir(), "ttyRETRY")
-	sim := runSim(t, SimOptions{Link: link, Silent: true})
 	sub := &fakeSub{failFirst: 3}
 	bind := &fakeBinder{}
 	bind.set(link, 1, -1, "th-1")
-	m, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, bind, testOpts(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	runManager(t, m, 2*time.Second)
-	waitFor(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
+	sim, _, _ := runSilentPort(t, link, PortConfig{ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
 	if err := sim.Inject([]byte("1;0;1;0;0;1\n1;0;1;0;0;2\n1;0;1;0;0;3\n")); err != nil {
 		t.Fatal(err)
 	}
@@ -437,16 +433,10 @@ func TestManagerSubmitRetry(t *testing.T) {
 func TestManagerShutdownBounded(t *testing.T) {
 	checkNoLeak(t)
 	link := filepath.Join(t.TempDir(), "ttySTOP")
-	sim := runSim(t, SimOptions{Link: link, Silent: true})
 	sub := &fakeSub{failFirst: 1 << 30}
 	bind := &fakeBinder{}
 	bind.set(link, 1, -1, "th-1")
-	m, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 2 * time.Second}}, sub, bind, testOpts(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	stop := runManager(t, m, 3*time.Second)
-	waitFor(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
+	sim, m, stop := runSilentPort(t, link, PortConfig{ReadTimeout: 2 * time.Second}, sub, bind, 3*time.Second)
 	if err := sim.Inject([]byte("1;0;1;0;0;1\n1;0;1;0;0;2\n")); err != nil {
 		t.Fatal(err)
 	}

@@ -333,7 +333,7 @@ func (p *port) frameMySensors(l Line) {
 		return
 	}
 	p.enqueue(pipeline.Message{Device: dev, Source: reading.Source{Kind: "radio", Port: p.cfg.Path, Node: label},
-		Payload: bytes.Clone(res.payload), Received: p.now()}, l)
+		Payload: bytes.Clone(res.payload), Received: p.now()})
 }
 
 func (p *port) nodeLabel(node, child int) string {
@@ -397,7 +397,7 @@ func (p *port) frameJSON(l Line) {
 		return
 	}
 	p.enqueue(pipeline.Message{Device: jl.Device, Source: reading.Source{Kind: "radio", Port: p.cfg.Path},
-		Payload: jl.pipelinePayload(), Received: now}, l)
+		Payload: jl.pipelinePayload(), Received: now})
 }
 
 // boundJSON reports whether device may speak through this JSON-lines port:
@@ -414,7 +414,7 @@ func (p *port) boundJSON(device string) bool {
 
 // enqueue hands msg to the submit goroutine, waiting while it is full: the
 // serial link has no way to make a node resend.
-func (p *port) enqueue(msg pipeline.Message, l Line) {
+func (p *port) enqueue(msg pipeline.Message) {
 	select {
 	case p.readings <- msg:
 	case <-p.readCtx.Done():

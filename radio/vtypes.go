@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"unicode/utf8"
 
+	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/reading"
 )
 
@@ -139,11 +140,5 @@ func appendAttrPayload(dst []byte, vt vtype, payload []byte) ([]byte, error) {
 	return dst, nil
 }
 
-// clipText shortens untrusted bytes for an error message.
-func clipText(b []byte) string {
-	const n = 32
-	if len(b) <= n {
-		return string(b)
-	}
-	return string(b[:n]) + "…"
-}
+// clipText shortens untrusted bytes for an error message or a log line.
+func clipText(b []byte) string { return logtext.Clip(string(b), 32) }

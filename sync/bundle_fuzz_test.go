@@ -48,20 +48,6 @@ func fuzzDoc(v uint64) policy.Document {
 	}
 }
 
-func fuzzSign(f *testing.F, alg jwa.SignatureAlgorithm, key any, kid string, payload []byte) []byte {
-	f.Helper()
-	hdr := jws.NewHeaders()
-	if kid != "" {
-		_ = hdr.Set(jws.KeyIDKey, kid)
-	}
-	_ = hdr.Set(jws.TypeKey, BundleType)
-	out, err := jws.Sign(payload, jws.WithKey(alg, key, jws.WithProtectedHeaders(hdr)))
-	if err != nil {
-		f.Fatalf("sign: %v", err)
-	}
-	return out
-}
-
 // FuzzVerifyBundle: arbitrary bytes never verify unless central ops signed
 // exactly that document; every refusal is a *RefusalError with a known
 // reason and no key material in its text.
@@ -71,20 +57,7 @@ func FuzzVerifyBundle(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
-	set := jwk.NewSet()
-	for kid, raw := range map[string]any{fuzzEdKid: ed.Public(), fuzzEcKid: &ec.PublicKey} {
-		k, err := jwk.FromRaw(raw)
-		if err != nil {
-			f.Fatal(err)
-		}
-		alg := jwa.ES256
-		if kid == fuzzEdKid {
-			alg = jwa.EdDSA
-		}
-		_ = k.Set(jwk.KeyIDKey, kid)
-		_ = k.Set(jwk.AlgorithmKey, alg)
-		_ = set.AddKey(k)
-	}
+	set := polSet(f, map[string]any{fuzzEdKid: ed.Public(), fuzzEcKid: &ec.PublicKey})
 	v, err := NewVerifier(VerifierOptions{Keys: set, Gateway: fuzzGW,
 		Now: func() time.Time { return time.Date(2026, 6, 1, 0, 0, 0, 0, time.UTC) }})
 	if err != nil {
@@ -97,31 +70,27 @@ func FuzzVerifyBundle(f *testing.F) {
 
 	good := docJSON(fuzzDoc(7))
 	add(good)
-	edBundle := fuzzSign(f, jwa.EdDSA, ed, fuzzEdKid, good)
-	ecBundle := fuzzSign(f, jwa.ES256, ec, fuzzEcKid, good)
-	enc := base64.RawURLEncoding
+	edBundle := signRaw(f, jwa.EdDSA, ed, fuzzEdKid, good)
+	ecBundle := signRaw(f, jwa.ES256, ec, fuzzEcKid, good)
 	parts := bytes.Split(edBundle, []byte("."))
-	forge := func(hdr string, payload []byte, sig []byte) []byte {
-		return []byte(enc.EncodeToString([]byte(hdr)) + "." + enc.EncodeToString(payload) + "." + enc.EncodeToString(sig))
-	}
 	pubJWK, _ := jwk.FromRaw(&ec.PublicKey)
 	pubJSON, _ := json.Marshal(pubJWK)
 	for _, s := range [][]byte{
 		edBundle,
 		ecBundle,
-		forge(`{"alg":"none","kid":"`+fuzzEdKid+`"}`, good, nil),                                                 // alg: none
-		forge(`{"alg":"none"}`, good, nil),                                                                       // alg: none, no kid
-		forge(`{"alg":"HS256","kid":"`+fuzzEcKid+`"}`, good, pubJSON),                                            // confusion (bogus MAC)
-		fuzzSign(f, jwa.HS256, pubJSON, fuzzEcKid, good),                                                         // HMAC keyed with the public JWK
-		fuzzSign(f, jwa.EdDSA, ed, fuzzEcKid, good),                                                              // EdDSA under the ES256 kid
+		forged(map[string]any{"alg": "none", "kid": fuzzEdKid}, good, nil),                                       // alg: none
+		forged(map[string]any{"alg": "none"}, good, nil),                                                         // alg: none, no kid
+		forged(map[string]any{"alg": "HS256", "kid": fuzzEcKid}, good, pubJSON),                                  // confusion (bogus MAC)
+		signRaw(f, jwa.HS256, pubJSON, fuzzEcKid, good),                                                          // HMAC keyed with the public JWK
+		signRaw(f, jwa.EdDSA, ed, fuzzEcKid, good),                                                               // EdDSA under the ES256 kid
 		[]byte(`{"payload":"` + string(parts[1]) + `","signatures":[{"signature":"` + string(parts[2]) + `"}]}`), // JSON JWS, no protected header
 		[]byte(`{"payload":"` + string(parts[1]) + `","protected":"` + string(parts[0]) + `","signature":"` + string(parts[2]) + `"}`),
-		edBundle[:len(edBundle)/2],                                                // truncated
-		edBundle[:len(edBundle)-1],                                                // truncated signature
-		bytes.Join([][]byte{parts[0], parts[1]}, []byte(".")),                     // no signature part
-		append(append([]byte{}, edBundle...), '.'),                                // four parts
-		fuzzSign(f, jwa.EdDSA, ed, fuzzEdKid, append(good, []byte(`{"v":1}`)...)), // trailing document
-		fuzzSign(f, jwa.EdDSA, ed, fuzzEdKid, []byte(`{"v":1,"version":9,"issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z","gateway":"other-gw","devices":[]}`)),
+		edBundle[:len(edBundle)/2],                                               // truncated
+		edBundle[:len(edBundle)-1],                                               // truncated signature
+		bytes.Join([][]byte{parts[0], parts[1]}, []byte(".")),                    // no signature part
+		append(append([]byte{}, edBundle...), '.'),                               // four parts
+		signRaw(f, jwa.EdDSA, ed, fuzzEdKid, append(good, []byte(`{"v":1}`)...)), // trailing document
+		signRaw(f, jwa.EdDSA, ed, fuzzEdKid, []byte(`{"v":1,"version":9,"issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z","gateway":"other-gw","devices":[]}`)),
 		{}, []byte("."), []byte(".."), []byte("   \n"),
 	} {
 		f.Add(s)

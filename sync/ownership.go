@@ -137,8 +137,7 @@ func jsonErr(err error) string {
 	}
 	var te *json.UnmarshalTypeError
 	if errors.As(err, &te) {
-		e := te
-		return fmt.Sprintf("field %q: unexpected %s", e.Field, e.Value)
+		return fmt.Sprintf("field %q: unexpected %s", te.Field, te.Value)
 	}
 	return "invalid JSON"
 }

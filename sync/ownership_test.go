@@ -173,18 +173,21 @@ func (a *ownershipAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// ownershipSyncer reads both platform APIs at base (an ownershipAPI).
+func (e *polEnv) ownershipSyncer(base string) *Syncer {
+	return e.syncer(func(o *Options) {
+		o.Source = SourceOwnership
+		o.Keys = nil
+		o.Ownership = OwnershipOptions{OwnershipURL: base, DataManagerURL: base + "/datamanager/api", Username: "alice",
+			Brokers: polBrokers, DefaultType: "IoTDevice"}
+	})
+}
+
 func TestOwnershipSourceEndToEnd(t *testing.T) {
 	e := newPolEnv(t)
 	api := &ownershipAPI{rows: ownershipRowsJSON, dels: delegatorJSON}
 	srv := e.tlsServer(api)
-	s := e.syncer(func(o *Options) {
-		o.Source = SourceOwnership
-		o.Keys = nil
-		o.Ownership = OwnershipOptions{
-			OwnershipURL: srv.URL, DataManagerURL: srv.URL + "/datamanager/api", Username: "alice",
-			Brokers: polBrokers, DefaultType: "IoTDevice",
-		}
-	})
+	s := e.ownershipSyncer(srv.URL)
 	if err := s.LoadCached(); err != nil {
 		t.Fatal(err)
 	}
@@ -218,12 +221,7 @@ func TestOwnershipSourceEndToEnd(t *testing.T) {
 	}
 	// A restart keeps the local version monotonic and the policy cached.
 	e.restart()
-	s2 := e.syncer(func(o *Options) {
-		o.Source = SourceOwnership
-		o.Keys = nil
-		o.Ownership = OwnershipOptions{OwnershipURL: srv.URL, DataManagerURL: srv.URL + "/datamanager/api", Username: "alice",
-			Brokers: polBrokers, DefaultType: "IoTDevice"}
-	})
+	s2 := e.ownershipSyncer(srv.URL)
 	if err := s2.LoadCached(); err != nil || e.engine.Current().Version != 2 {
 		t.Fatalf("LoadCached = %v, version %d", err, e.engine.Current().Version)
 	}

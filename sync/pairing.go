@@ -435,8 +435,6 @@ func NewPairedTokenSource(o PairedOptions) (*TokenSource, error) {
 	}
 	cfg := o.ClientCredentials
 	cfg.TokenURL = c.TokenURL
-	auth := &ClientAuth{ClientID: c.ClientID, Signer: signer, Audience: []string{c.TokenURL, c.Issuer}, Now: cfg.Now}
-	hc := HTTPClientWithAuth(o.HTTPClient, auth)
 	switch c.Grant {
 	case GrantClientCredentials:
 		cfg.ClientID, cfg.ClientSecret, cfg.Scopes, cfg.HTTPClient = c.ClientID, c.ClientSecret, c.Scopes, o.HTTPClient
@@ -445,7 +443,8 @@ func NewPairedTokenSource(o PairedOptions) (*TokenSource, error) {
 	default:
 		return nil, fmt.Errorf("paired token source: unknown grant %q", c.Grant)
 	}
-	r := &refresher{store: o.Store, creds: c, hc: hc,
+	auth := &ClientAuth{ClientID: c.ClientID, Signer: signer, Audience: []string{c.TokenURL, c.Issuer}, Now: cfg.Now}
+	r := &refresher{store: o.Store, creds: c, hc: HTTPClientWithAuth(o.HTTPClient, auth),
 		conf: &oauth2.Config{ClientID: c.ClientID, Endpoint: oauth2.Endpoint{TokenURL: c.TokenURL, AuthStyle: oauth2.AuthStyleInParams}}}
 	if cfg.Logger != nil {
 		r.log = cfg.Logger

@@ -69,7 +69,7 @@ func newPolOps(t *testing.T) *polOps {
 }
 
 // polSet builds a JWKS of public keys, alg from the key type.
-func polSet(t *testing.T, keys map[string]any) jwk.Set {
+func polSet(t testing.TB, keys map[string]any) jwk.Set {
 	t.Helper()
 	set := jwk.NewSet()
 	for kid, raw := range keys {
@@ -91,7 +91,7 @@ func polSet(t *testing.T, keys map[string]any) jwk.Set {
 }
 
 // signRaw signs payload with key under alg, with kid in the header.
-func signRaw(t *testing.T, alg jwa.SignatureAlgorithm, key any, kid string, payload []byte) []byte {
+func signRaw(t testing.TB, alg jwa.SignatureAlgorithm, key any, kid string, payload []byte) []byte {
 	t.Helper()
 	hdr := jws.NewHeaders()
 	if kid != "" {
@@ -137,6 +137,8 @@ func (p *polTokens) Token(ctx context.Context) (string, error) {
 	return p.tok, ctx.Err()
 }
 
+func (p *polTokens) set(tok string) { p.mu.Lock(); p.tok = tok; p.mu.Unlock() }
+
 func (p *polTokens) Invalidate(bad string) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -145,8 +147,6 @@ func (p *polTokens) Invalidate(bad string) {
 		p.tok = polOtherToken
 	}
 }
-
-func (p *polTokens) current() string { p.mu.Lock(); defer p.mu.Unlock(); return p.tok }
 
 // polCentral is the central service's policy endpoints.
 type polCentral struct {
@@ -157,8 +157,6 @@ type polCentral struct {
 	gets       atomic.Int64
 	notMod     atomic.Int64
 	posts      atomic.Int64
-	auths      []string
-	seen       chan struct{} // a GET was answered (cap 64, best effort)
 }
 
 func (c *polCentral) setBundle(b []byte) { c.mu.Lock(); c.bundle = b; c.mu.Unlock() }
@@ -175,9 +173,6 @@ func (c *polCentral) receiptBodies() [][]byte {
 }
 
 func (c *polCentral) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	c.mu.Lock()
-	c.auths = append(c.auths, r.Header.Get("Authorization"))
-	c.mu.Unlock()
 	tok := strings.TrimPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if tok != polToken && tok != polOtherToken {
 		http.Error(w, "no", http.StatusUnauthorized)
@@ -185,12 +180,6 @@ func (c *polCentral) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	switch {
 	case r.Method == http.MethodGet && r.URL.Path == "/edgegate/v1/gateways/"+polGateway+"/policy":
-		defer func() {
-			select {
-			case c.seen <- struct{}{}:
-			default:
-			}
-		}()
 		c.gets.Add(1)
 		c.mu.Lock()
 		b := c.bundle
@@ -258,7 +247,7 @@ func newPolEnv(t *testing.T) *polEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &polEnv{t: t, ca: ca, ops: newPolOps(t), central: &polCentral{receiptsOK: true, seen: make(chan struct{}, 64)},
+	e := &polEnv{t: t, ca: ca, ops: newPolOps(t), central: &polCentral{receiptsOK: true},
 		dir: t.TempDir(), tokens: &polTokens{tok: polToken}, logs: &syncBuffer{}}
 	e.srv = e.tlsServer(e.central)
 	e.client = &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: ca.Pool()}}}
@@ -365,13 +354,7 @@ func (e *polEnv) note(err error) error { e.errs = append(e.errs, err); return er
 
 func (e *polEnv) checkNoSecrets() {
 	e.t.Helper()
-	texts := []string{e.logs.String()}
-	for _, err := range e.errs {
-		if err != nil {
-			texts = append(texts, err.Error())
-		}
-	}
-	for _, txt := range texts {
+	for _, txt := range append([]string{e.logs.String()}, errTexts(e.errs)...) {
 		for _, c := range polCanaries {
 			if strings.Contains(txt, c) {
 				e.t.Errorf("secret %q leaked into %q", c, clipTest(txt, c))

@@ -166,9 +166,7 @@ func TestPushReconnectsWithFreshToken(t *testing.T) {
 	waitPushConnected(t, s)
 	// The token expires (the source now hands out a new one) and the
 	// broker drops the session.
-	e.tokens.mu.Lock()
-	e.tokens.tok = polOtherToken
-	e.tokens.mu.Unlock()
+	e.tokens.set(polOtherToken)
 	cl, ok := b.srv.Clients.Get("edgegate-" + polGateway)
 	if !ok {
 		t.Fatal("gateway not connected at the broker")

@@ -349,7 +349,6 @@ func (s *Syncer) loadFloor() error {
 	}
 	s.mu.Lock()
 	s.floor = max(s.floor, floor.Version)
-	s.st.Floor = s.floor
 	s.floorLoaded = true
 	s.mu.Unlock()
 	return nil
@@ -389,7 +388,6 @@ func (s *Syncer) loadCached() error {
 	// the floor behind the cached version, never ahead of it.
 	s.mu.Lock()
 	s.floor = max(s.floor, p.Version)
-	s.st.Floor = s.floor
 	s.mu.Unlock()
 	if _, err := s.o.Engine.Apply(p, false); err != nil {
 		return fmt.Errorf("apply cached policy: %w", err)
@@ -510,7 +508,6 @@ func (s *Syncer) apply(ctx context.Context, p *policy.Policy, doc policy.Documen
 	}
 	s.mu.Lock()
 	s.floor = floor
-	s.st.Floor = floor
 	s.mu.Unlock()
 	ch, err := s.o.Engine.Apply(p, false)
 	if err != nil {
@@ -568,6 +565,7 @@ func (s *Syncer) Status() SyncStatus {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.st
+	st.Floor = s.floor
 	if st.LastRefusal != nil {
 		r := *st.LastRefusal
 		st.LastRefusal = &r
@@ -660,12 +658,9 @@ func (s *Syncer) poll(ctx context.Context) error {
 	return err
 }
 
-func (s *Syncer) bundleURL() string {
-	return strings.TrimRight(s.o.CentralURL, "/") + "/edgegate/v1/gateways/" + url.PathEscape(s.o.Gateway) + "/policy"
-}
-
-func (s *Syncer) receiptURL() string {
-	return strings.TrimRight(s.o.CentralURL, "/") + "/edgegate/v1/gateways/" + url.PathEscape(s.o.Gateway) + "/receipts"
+// gatewayURL is {central}/edgegate/v1/gateways/{gw}/{resource}.
+func (s *Syncer) gatewayURL(resource string) string {
+	return strings.TrimRight(s.o.CentralURL, "/") + "/edgegate/v1/gateways/" + url.PathEscape(s.o.Gateway) + "/" + resource
 }
 
 func (s *Syncer) pollBundle(ctx context.Context) (string, error) {
@@ -675,7 +670,7 @@ func (s *Syncer) pollBundle(ctx context.Context) (string, error) {
 		hdr.Set("If-None-Match", s.etag)
 	}
 	s.mu.Unlock()
-	target := s.bundleURL()
+	target := s.gatewayURL("policy")
 	resp, body, err := s.do(ctx, http.MethodGet, target, nil, hdr)
 	if err != nil {
 		return "", err
@@ -724,11 +719,7 @@ func (s *Syncer) do(ctx context.Context, method, target string, body []byte, hdr
 		req.Header.Set("Authorization", "Bearer "+tok)
 		resp, err := s.client.Do(req)
 		if err != nil {
-			var ue *url.Error
-			if errors.As(err, &ue) {
-				err = ue.Err
-			}
-			return nil, nil, fmt.Errorf("%s %s: %w", method, redactURL(target), err)
+			return nil, nil, fmt.Errorf("%s %s: %w", method, redactURL(target), unwrapURL(err))
 		}
 		b, err := io.ReadAll(io.LimitReader(resp.Body, s.maxBody+1))
 		resp.Body.Close()
@@ -805,7 +796,7 @@ func (s *Syncer) receiptLoop(ctx context.Context) {
 var errPermanent = errors.New("permanent")
 
 func (s *Syncer) postReceipt(ctx context.Context, pr *pendingReceipt) (string, error) {
-	target := s.receiptURL()
+	target := s.gatewayURL("receipts")
 	resp, _, err := s.do(ctx, http.MethodPost, target, pr.body, http.Header{"Content-Type": {mediaJOSE}})
 	if err != nil {
 		return "error: " + clip(err.Error()), err

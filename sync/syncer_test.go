@@ -357,9 +357,7 @@ func TestNoSecretsInLogsErrorsOrStatus(t *testing.T) {
 		e.note(s.Offer(ctx, raw, "offer"))
 	}
 	// A stale token, then central gone.
-	e.tokens.mu.Lock()
-	e.tokens.tok = "at-CANARY-stale"
-	e.tokens.mu.Unlock()
+	e.tokens.set("at-CANARY-stale")
 	e.central.setBundle(e.ops.sign(t, polDoc(8, now)))
 	e.note(s.poll(ctx))
 	e.srv.Close()
@@ -368,15 +366,8 @@ func TestNoSecretsInLogsErrorsOrStatus(t *testing.T) {
 	// Ownership source: rows with broken details and refused keys.
 	api := &ownershipAPI{rows: ownershipRowsJSON, dels: delegatorJSON}
 	srv := e.tlsServer(api)
-	e.tokens.mu.Lock()
-	e.tokens.tok = polToken
-	e.tokens.mu.Unlock()
-	so := e.syncer(func(o *Options) {
-		o.Source = SourceOwnership
-		o.Keys = nil
-		o.Ownership = OwnershipOptions{OwnershipURL: srv.URL, DataManagerURL: srv.URL + "/datamanager/api",
-			Username: "alice", Brokers: polBrokers, DefaultType: "IoTDevice"}
-	})
+	e.tokens.set(polToken)
+	so := e.ownershipSyncer(srv.URL)
 	e.note(so.poll(ctx))
 	api.set(`[{"username":"alice","elementId":"x","elementDetails":"` + polK1 + `"}, 42]`)
 	e.note(so.poll(ctx))

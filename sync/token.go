@@ -266,10 +266,7 @@ func (t *TokenSource) fetchError(err error) error {
 		// No Unwrap: the RetrieveError carries the raw body.
 		return &FetchError{URL: t.tokenURL, msg: msg}
 	}
-	var ue *url.Error
-	if errors.As(err, &ue) {
-		err = ue.Err // the URL is ours already; drop the duplicate
-	}
+	err = unwrapURL(err) // the URL is ours already; drop the duplicate
 	return &FetchError{URL: t.tokenURL, msg: err.Error(), err: err}
 }
 

@@ -1,7 +1,6 @@
 package uplink
 
 import (
-	"context"
 	"math/rand/v2"
 	"time"
 )
@@ -55,19 +54,3 @@ func (b *backoff) success() { b.failures = 0 }
 
 // remaining is how long until the next attempt is allowed; ≤ 0 means now.
 func (b *backoff) remaining() time.Duration { return b.until.Sub(b.now()) }
-
-// wait blocks until the next attempt is allowed or ctx ends.
-func (b *backoff) wait(ctx context.Context) error {
-	d := b.remaining()
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
-}

@@ -153,8 +153,8 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 		// accepted; send it alone so that it is dead-lettered.
 		r.v = verdict{kind: permanent, class: "4xx", reason: "stored body: " + err.Error()}
 		if len(items) == 1 {
-			if err := u.src.DeadLetter(items[0], r.v.reason); err != nil {
-				r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("dead-letter reading: %w", err)
+			if err := u.deadLetter(items[0], r.v); err != nil {
+				r.v, r.err = verdict{kind: retry, reason: "store"}, err
 			}
 		}
 		return r
@@ -164,16 +164,7 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
 		return r
 	}
-	req.Header.Set("Authorization", "Bearer "+tok)
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("User-Agent", "edgegate-uplink")
-	if svc != "" {
-		req.Header.Set("Fiware-Service", svc)
-	}
-	if svcPath != "" {
-		req.Header.Set("Fiware-ServicePath", svcPath)
-	}
-
+	setHeaders(req, tok, svc, svcPath)
 	return d.exchange(ctx, r, req, items, tok, tok)
 }
 

@@ -1,7 +1,6 @@
 package uplink
 
 import (
-	"context"
 	"net/http"
 	"testing"
 	"time"
@@ -113,20 +112,5 @@ func TestBackoff(t *testing.T) {
 		if got := b.remaining(); got != 5*time.Second {
 			t.Errorf("after extend(1s): remaining %v, want 5s", got)
 		}
-	}
-}
-
-func TestBackoffWaitHonoursContext(t *testing.T) {
-	b := newBackoff(time.Hour, time.Hour, time.Now)
-	b.fail(0)
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
-	defer cancel()
-	if err := b.wait(ctx); err == nil {
-		t.Error("wait returned nil while ctx ended before the backoff")
-	}
-	b2 := newBackoff(time.Millisecond, time.Millisecond, time.Now)
-	b2.fail(0)
-	if err := b2.wait(context.Background()); err != nil {
-		t.Errorf("wait = %v, want nil", err)
 	}
 }

@@ -585,12 +585,9 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 		if len(items) > 1 {
 			return r // the caller splits the batch to find the refused reading
 		}
-		if err := u.src.DeadLetter(items[0], r.v.reason); err != nil {
-			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("dead-letter reading: %w", err)
+		if err := u.deadLetter(items[0], r.v); err != nil {
+			r.v, r.err = verdict{kind: retry, reason: "store"}, err
 			return r
-		}
-		if m != nil {
-			m.DeadLettered.WithLabelValues(r.v.class).Inc()
 		}
 	case invalidToken:
 		u.observeRequest("invalid_token", start)
@@ -598,7 +595,7 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 		r.token = tok
 	case retry:
 		u.observeRequest("retry", start)
-		r.err = fmt.Errorf("broker answered %s", resp.Status)
+		r.err = errors.New(scrub("broker answered "+resp.Status, secrets...))
 	}
 	return r
 }
@@ -618,16 +615,34 @@ func (d *dispatcher) request(ctx context.Context, it queue.Item, tok, k1, k2 str
 	if err != nil {
 		return nil, fmt.Errorf("build request for device %q: %w", it.Device, err)
 	}
+	setHeaders(req, tok, it.Service, it.ServicePath)
+	return req, nil
+}
+
+// setHeaders sets the headers of every request to a broker: the bearer
+// token and the tenant of the readings carried.
+func setHeaders(req *http.Request, tok, service, servicePath string) {
 	req.Header.Set("Authorization", "Bearer "+tok)
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("User-Agent", "edgegate-uplink")
-	if it.Service != "" {
-		req.Header.Set("Fiware-Service", it.Service)
+	if service != "" {
+		req.Header.Set("Fiware-Service", service)
 	}
-	if it.ServicePath != "" {
-		req.Header.Set("Fiware-ServicePath", it.ServicePath)
+	if servicePath != "" {
+		req.Header.Set("Fiware-ServicePath", servicePath)
 	}
-	return req, nil
+}
+
+// deadLetter moves a reading the broker refused for good aside, and
+// counts it.
+func (u *Uplink) deadLetter(it queue.Item, v verdict) error {
+	if err := u.src.DeadLetter(it, v.reason); err != nil {
+		return fmt.Errorf("dead-letter reading: %w", err)
+	}
+	if m := u.opts.Metrics; m != nil {
+		m.DeadLettered.WithLabelValues(v.class).Inc()
+	}
+	return nil
 }
 
 func (u *Uplink) observeRequest(outcome string, start time.Time) {

@@ -151,7 +151,7 @@ func runDataExport(ctx context.Context, args []string, stdout, stderr io.Writer)
 		dest = *output
 	}
 	fmt.Fprintf(stderr, "exported %s of %s (%s) to %s\n", admin.Count(rep.Records)+" records",
-		pluralize(len(rep.Devices), "device", "devices"), strings.Join(rep.Devices, ", "), dest)
+		admin.Plural(len(rep.Devices), "device", "devices"), strings.Join(rep.Devices, ", "), dest)
 	return nil
 }
 
@@ -187,7 +187,7 @@ func runDataErase(ctx context.Context, args []string, stdin io.Reader, stdout, s
 	}
 	for _, d := range rep.Devices {
 		fmt.Fprintf(stdout, "erased %s: %s, %s", d.Device,
-			pluralize(d.Queued, "queued reading", "queued readings"), pluralize(d.DeadLetters, "dead letter", "dead letters"))
+			admin.Plural(d.Queued, "queued reading", "queued readings"), admin.Plural(d.DeadLetters, "dead letter", "dead letters"))
 		if d.KeyDestroyed {
 			fmt.Fprint(stdout, "; data key destroyed")
 		}
@@ -197,7 +197,7 @@ func runDataErase(ctx context.Context, args []string, stdin io.Reader, stdout, s
 		fmt.Fprintln(stdout)
 		if d.Unsealed > 0 {
 			fmt.Fprintf(stdout, "  note: %s predate per-device keys: deleted, but old store files may hold them until compaction\n",
-				pluralize(d.Unsealed, "reading", "readings"))
+				admin.Plural(d.Unsealed, "reading", "readings"))
 		}
 	}
 	return nil
@@ -234,13 +234,6 @@ func confirmed(stdin io.Reader, want string) bool {
 		return false
 	}
 	return strings.TrimSpace(line) == want
-}
-
-func pluralize(n int, one, many string) string {
-	if n == 1 {
-		return "1 " + one
-	}
-	return admin.Count(n) + " " + many
 }
 
 func isTerminal(w io.Writer) bool {
@@ -411,7 +404,7 @@ func doctor(ctx context.Context, env *doctorEnv, checks []doctorCheck, stdout io
 		}
 	}
 	if failed > 0 {
-		return &exitError{code: 1, err: fmt.Errorf("%s failed", pluralize(failed, "check", "checks"))}
+		return &exitError{code: 1, err: fmt.Errorf("%s failed", admin.Plural(failed, "check", "checks"))}
 	}
 	fmt.Fprintln(stdout, "all checks passed")
 	return nil

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -176,7 +175,7 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 		}
 	}
 	if *tokenOut != "" {
-		if err := writeCentralSimSecret(*tokenOut, []byte(sim.AdminToken()+"\n")); err != nil {
+		if err := writeFileAtomic(*tokenOut, []byte(sim.AdminToken()+"\n"), 0o600); err != nil {
 			return fmt.Errorf("central-sim: --admin-token-out: %w", err)
 		}
 	}
@@ -202,31 +201,4 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 	<-ctx.Done()
 	logger.Info("central-sim stopping")
 	return nil // cancellation is how it stops, not an error
-}
-
-// writeCentralSimSecret writes data to path atomically with mode 0600.
-func writeCentralSimSecret(path string, data []byte) (err error) {
-	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(f.Name())
-		}
-	}()
-	if err = f.Chmod(0o600); err != nil {
-		return err
-	}
-	if _, err = f.Write(data); err != nil {
-		return err
-	}
-	if err = f.Sync(); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
-		return err
-	}
-	return os.Rename(f.Name(), path)
 }

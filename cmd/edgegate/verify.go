@@ -68,16 +68,14 @@ func runVerify(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	}
 	data = bytes.TrimSpace(data)
 	isDoc := len(data) > 0 && data[0] == '{'
+	compact := string(data)
+	if isDoc {
+		compact = signatureOf(data, *attr)
+	}
 
 	// The device id chooses the key; the verification then binds it.
 	id := *device
 	if id == "" {
-		var compact string
-		if isDoc {
-			compact = signatureOf(data, *attr)
-		} else {
-			compact = string(data)
-		}
 		c, err := envelope.Peek(compact)
 		if err != nil {
 			return &exitError{code: 2, err: fmt.Errorf("malformed: %w (give --device to choose the key)", err)}
@@ -90,13 +88,10 @@ func runVerify(args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	}
 
 	var claims envelope.Claims
-	var compact string
 	if isDoc {
 		claims, err = envelope.VerifyAttrsWith(data, keys, *attr)
-		compact = signatureOf(data, *attr)
 	} else {
-		claims, err = envelope.OpenWith(string(data), keys)
-		compact = string(data)
+		claims, err = envelope.OpenWith(compact, keys)
 	}
 	switch {
 	case err == nil && claims.Device != id:

@@ -150,17 +150,14 @@ func (f *fleet) publish(ctx context.Context, total int, rate float64, window int
 	return publishResult{Sent: int(sent.Load()), Acked: int(acked.Load()), Failed: int(failed.Load()), Elapsed: time.Since(start)}
 }
 
-// subscribe connects a plain subscriber to filter with QoS 1 and counts
-// what it receives.
-func subscribe(url, user, password, filter string) (paho.Client, *atomic.Int64, *atomic.Int64, error) {
+// subscribe connects a plain anonymous subscriber to filter with QoS 1 and
+// counts what it receives.
+func subscribe(url, filter string) (paho.Client, *atomic.Int64, *atomic.Int64, error) {
 	var n atomic.Int64
 	var lastNs atomic.Int64
 	o := paho.NewClientOptions().AddBroker(url).SetClientID("bench-sub-" + strconv.FormatInt(time.Now().UnixNano(), 36)).
 		SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).SetProtocolVersion(4).SetCleanSession(true).
 		SetOrderMatters(false).SetMessageChannelDepth(4096)
-	if user != "" {
-		o.SetUsername(user).SetPassword(password)
-	}
 	c := paho.NewClient(o)
 	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		return nil, nil, nil, errors.Join(errors.New("subscriber connect failed"), tok.Error())

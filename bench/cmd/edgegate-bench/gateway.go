@@ -23,6 +23,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	egconfig "github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/mqtt"
 	"github.com/edgegate/edgegate/pipeline"
@@ -119,7 +120,7 @@ func startProc(cmd *exec.Cmd, readyMark string, addrOf func(string) string) (*pr
 	}()
 	go func() {
 		for l := range logs {
-			fmt.Fprintln(os.Stderr, "  gateway:", clip(l, 300))
+			fmt.Fprintln(os.Stderr, "  gateway:", logtext.Clip(l, 300))
 		}
 	}()
 	select {
@@ -133,13 +134,6 @@ func startProc(cmd *exec.Cmd, readyMark string, addrOf func(string) string) (*pr
 		<-p.done
 		return nil, errors.New("gateway not ready within 60s")
 	}
-}
-
-func clip(s string, n int) string {
-	if len(s) > n {
-		return s[:n] + "…"
-	}
-	return s
 }
 
 // writeDaemonConfig writes the real daemon's configuration, as e2e's

@@ -66,14 +66,12 @@ func run() error {
 	cfg.Quick = os.Getenv("BENCH_QUICK") == "1"
 	cfg.Devices = envInt("BENCH_DEVICES", 16)
 	cfg.Window = 32
-	cfg.DrainWindow = 60 * time.Second
-	if cfg.Quick {
-		cfg.DrainWindow = 15 * time.Second
-	}
 	if cfg.Quick {
 		cfg.Readings, cfg.Paced, cfg.BacklogLo, cfg.BacklogHi = 2000, 2*time.Second, 5000, 15000
+		cfg.DrainWindow = 15 * time.Second
 	} else {
 		cfg.Readings, cfg.Paced, cfg.BacklogLo, cfg.BacklogHi = 15000, 8*time.Second, 100000, 1000000
+		cfg.DrainWindow = 60 * time.Second
 	}
 	cfg.Readings = envInt("BENCH_READINGS", cfg.Readings)
 	cfg.BacklogHi = envInt("BENCH_BACKLOG", cfg.BacklogHi)
@@ -161,7 +159,7 @@ func run() error {
 	if !cfg.Skip["backlog"] {
 		step(fmt.Sprintf("backlog %d vs %d with the uplink down, then drain", cfg.BacklogLo, cfg.BacklogHi))
 		for _, mode := range []string{"filter", "batch"} {
-			b, err := runBacklog(ctx, cfg, bin, self, work, mode)
+			b, err := runBacklog(ctx, cfg, bin, work, mode)
 			if err != nil {
 				fmt.Fprintln(os.Stderr, "  backlog:", err)
 				b.Error = err.Error()

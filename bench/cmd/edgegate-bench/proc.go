@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
 	"io/fs"
 	"os"
@@ -38,28 +37,29 @@ func procCPU(pid int) (time.Duration, error) {
 	return time.Duration(ut+st) * time.Second / clockTicks, nil
 }
 
-// procMem returns VmHWM (peak RSS) and VmRSS of pid, in bytes.
-func procMem(pid int) (hwm, rss int64, err error) {
-	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
+// procStatus returns the sizes in /proc/<pid>/status (the "NNN kB"
+// fields: VmHWM, RssAnon, ...) in bytes, by name.
+func procStatus(pid int) (map[string]int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		line := sc.Text()
-		for _, k := range []string{"VmHWM:", "VmRSS:"} {
-			if v, ok := strings.CutPrefix(line, k); ok {
-				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-				if k == "VmHWM:" {
-					hwm = kb << 10
-				} else {
-					rss = kb << 10
-				}
+	out := map[string]int64{}
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		if kb, ok := strings.CutSuffix(strings.TrimSpace(v), " kB"); ok {
+			if n, err := strconv.ParseInt(kb, 10, 64); err == nil {
+				out[k] = n << 10
 			}
 		}
 	}
-	return hwm, rss, sc.Err()
+	return out, nil
+}
+
+// procMem returns VmHWM (peak RSS) and VmRSS of pid, in bytes.
+func procMem(pid int) (hwm, rss int64, err error) {
+	st, err := procStatus(pid)
+	return st["VmHWM"], st["VmRSS"], err
 }
 
 // resetHWM resets VmHWM to the current RSS (clear_refs 5, Linux >= 4.0).
@@ -98,20 +98,8 @@ func cpuModel() string {
 // anonymous memory is what the process holds; file-backed pages (mmapped
 // badger tables and logs) are page cache the kernel can drop under pressure.
 func procRSSParts(pid int) (anon, file int64) {
-	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	for _, line := range strings.Split(string(b), "\n") {
-		for _, k := range []string{"RssAnon:", "RssFile:", "RssShmem:"} {
-			if v, ok := strings.CutPrefix(line, k); ok {
-				kb, _ := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-				if k == "RssAnon:" {
-					anon = kb << 10
-				} else {
-					file += kb << 10
-				}
-			}
-		}
-	}
-	return anon, file
+	st, _ := procStatus(pid)
+	return st["RssAnon"], st["RssFile"] + st["RssShmem"]
 }
 
 // rssSampler polls RssAnon and RssFile of pid every 50 ms and keeps their

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+
+	"github.com/edgegate/edgegate/logtext"
 )
 
 type machine struct {
@@ -45,7 +47,7 @@ func printTable(w io.Writer, res *results) {
 	fmt.Fprintln(tw, "|---|---|---|---|---|---|---|---|")
 	for _, r := range res.E2E {
 		if r.Error != "" {
-			fmt.Fprintf(tw, "| %s | error: %s |\n", r.Name, clip(r.Error, 80))
+			fmt.Fprintf(tw, "| %s | error: %s |\n", r.Name, logtext.Clip(r.Error, 80))
 			continue
 		}
 		fmt.Fprintf(tw, "| %s | %.0f | %.0f | %.0f%% | %.1f / %.1f | %.1f / %.1f | %.0f | %.1f |\n",
@@ -103,5 +105,5 @@ func errNote(e string) string {
 	if e == "" {
 		return ""
 	}
-	return " (error: " + clip(e, 100) + ")"
+	return " (error: " + logtext.Clip(e, 100) + ")"
 }

@@ -63,13 +63,13 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // subscriber's rate, and the CPU this process (the publishers and the
 // subscriber; for the embedded limit, the bare broker too) spent per 1,000
 // readings.
-func measureLimitCPU(ctx context.Context, cfg config, url string, devs []device, creds bool, subUser, subPw string) (float64, float64, error) {
-	sub, n, last, err := subscribe(url, subUser, subPw, "devices/+/telemetry")
+func measureLimitCPU(ctx context.Context, cfg config, url string, devs []device) (float64, float64, error) {
+	sub, n, last, err := subscribe(url, "devices/+/telemetry")
 	if err != nil {
 		return 0, 0, err
 	}
 	defer sub.Disconnect(100)
-	f, err := connectFleet(url, devs, creds)
+	f, err := connectFleet(url, devs, false)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -116,7 +116,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 			return r, err
 		}
 		defer mq.stop()
-		if r.LimitRate, r.LimitClientsCPUPer1000, err = measureLimitCPU(ctx, cfg, mq.URL, devs, false, "", ""); err != nil {
+		if r.LimitRate, r.LimitClientsCPUPer1000, err = measureLimitCPU(ctx, cfg, mq.URL, devs); err != nil {
 			return r, fmt.Errorf("mosquitto limit: %w", err)
 		}
 	default:
@@ -124,7 +124,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 		if err != nil {
 			return r, err
 		}
-		r.LimitRate, r.LimitClientsCPUPer1000, err = measureLimitCPU(ctx, cfg, url, devs, false, "", "")
+		r.LimitRate, r.LimitClientsCPUPer1000, err = measureLimitCPU(ctx, cfg, url, devs)
 		srv.Close()
 		if err != nil {
 			return r, fmt.Errorf("embedded broker limit: %w", err)
@@ -273,7 +273,7 @@ type backlogResult struct {
 // runBacklog queues readings with the broker down (the sim closes every
 // connection), measures memory and disk at lo and hi queued, then brings
 // the broker back and measures the drain.
-func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (b backlogResult, err error) {
+func runBacklog(ctx context.Context, cfg config, bin, work, mode string) (b backlogResult, err error) {
 	b.Mode, b.Lo, b.Hi = mode, cfg.BacklogLo, cfg.BacklogHi
 	dir, err := os.MkdirTemp(work, "backlog-")
 	if err != nil {
@@ -372,8 +372,10 @@ func runBacklog(ctx context.Context, cfg config, bin, self, work, mode string) (
 	return b, nil
 }
 
-// waitQueued lets the gateway take in what Mosquitto still holds: it waits
-// (30s at most) until the queue directory stops growing.
+// waitQueued waits (30s at most) until the queue directory stops growing
+// and the daemon is idle: a reading is PUBACKed once durably queued, but
+// the store may still be busy (flushes, compactions) after the last one,
+// and disk and memory are measured once it settles.
 func waitQueued(qdir string, pid int) {
 	prev := int64(-1)
 	for range 60 {
