@@ -3,6 +3,22 @@
 // where their data goes, which radio node is which device — and the
 // decisions taken on it.
 //
+// Who may read or write a device's data (MayRead, MayWrite), as the stock
+// Snap4City filter and datamanager decide it (OrionBrokerFilter
+// AccessTokenAuthenticationFilter.checkAuthorizationWithAccessToken,
+// datamanager AccessServiceImpl.checkDelegationAccess):
+//
+//   - its owner, always;
+//   - a user with a direct delegation: reads need READ_ACCESS, READ_WRITE
+//     or MODIFY, writes READ_WRITE, WRITE_ONLY or MODIFY;
+//   - a member of a group the device is delegated to, with the same kinds
+//     (Delegation.Group: the platform's groupnameDelegated, an LDAP DN;
+//     membership comes from the caller, e.g. the "groups" claim of an SSO
+//     token; see groupKeys for how names are matched);
+//   - anyone SIGNED IN when the device is delegated to ANONYMOUS (Public):
+//     public read for a read kind, and, as stock does, public write for a
+//     write kind. Nobody unauthenticated is ever allowed.
+//
 // A Policy is immutable once compiled; the Engine swaps the one in force
 // atomically, so a decision on the hot path is a map lookup with no lock.
 // A policy comes from the configuration file (version 0), from the platform's
@@ -18,6 +34,7 @@ import (
 	"net/url"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -54,11 +71,22 @@ func (k Kind) Reads() bool { return k == ReadAccess || k == ReadWrite || k == Mo
 // Writes reports whether the kind grants writing the device's data.
 func (k Kind) Writes() bool { return k == ReadWrite || k == WriteOnly || k == Modify }
 
-// Delegation grants a user access to a device's data.
+// Public is the user a delegation to everyone names: the platform's
+// usernameDelegated "ANONYMOUS" (datamanager AccessServiceImpl.
+// checkDelegationAccess answers PUBLIC for it, with the delegation's kind).
+const Public = "ANONYMOUS"
+
+// Delegation grants a user, a group or everyone access to a device's data.
+// Exactly one of User and Group is set; User Public is everyone signed in.
 type Delegation struct {
 	Device string `json:"device"`
-	User   string `json:"user"`
-	Kind   Kind   `json:"kind"`
+	// User is kept without omitempty so that documents without group
+	// delegations serialise (and digest) exactly as before groups existed.
+	User string `json:"user"`
+	Kind Kind   `json:"kind"`
+	// Group is the platform's groupnameDelegated: an LDAP DN such as
+	// "cn=staff,ou=Firenze,dc=ldap,dc=org" or an organization "ou=Firenze,...".
+	Group string `json:"group,omitempty"`
 }
 
 // RadioBinding ties a device to a radio source. Child -1 means any child of
@@ -153,7 +181,11 @@ type Policy struct {
 	devices map[string]*Device
 	reads   map[string]map[string]bool // user → devices they may read
 	writes  map[string]map[string]bool // user → devices they may write (besides owners)
-	radio   map[radioKey]string
+	// Group grants, keyed by groupKey (the exact group name and its short
+	// form), and public grants (ANONYMOUS delegations).
+	groupReads, groupWrites   map[string]map[string]bool
+	publicReads, publicWrites map[string]bool
+	radio                     map[radioKey]string
 	doc     Document
 }
 
@@ -183,6 +215,8 @@ func Compile(doc Document, source, digest string) (*Policy, error) {
 		Version: doc.Version, IssuedAt: doc.IssuedAt, ExpiresAt: doc.ExpiresAt, Source: source, Digest: digest,
 		devices: make(map[string]*Device, len(doc.Devices)),
 		reads:   map[string]map[string]bool{}, writes: map[string]map[string]bool{},
+		groupReads: map[string]map[string]bool{}, groupWrites: map[string]map[string]bool{},
+		publicReads: map[string]bool{}, publicWrites: map[string]bool{},
 		radio: map[radioKey]string{}, doc: doc,
 	}
 	for i, r := range doc.Devices {
@@ -227,18 +261,42 @@ func Compile(doc Document, source, digest string) (*Policy, error) {
 		switch {
 		case !dl.Kind.Valid():
 			return nil, fmt.Errorf("%w: %s: kind %q is not one of READ_ACCESS, READ_WRITE, WRITE_ONLY, MODIFY", ErrInvalid, where, dl.Kind)
-		case dl.User == "":
-			return nil, fmt.Errorf("%w: %s: user is empty", ErrInvalid, where)
+		case dl.User == "" && dl.Group == "":
+			return nil, fmt.Errorf("%w: %s: user and group are both empty", ErrInvalid, where)
+		case dl.User != "" && dl.Group != "":
+			return nil, fmt.Errorf("%w: %s: user and group are both set", ErrInvalid, where)
 		case p.devices[dl.Device] == nil:
 			// A delegation of a device this gateway does not serve is
 			// harmless; keep the policy usable.
 			continue
 		}
-		if dl.Kind.Reads() {
-			p.grant(p.reads, dl.User, dl.Device)
-		}
-		if dl.Kind.Writes() {
-			p.grant(p.writes, dl.User, dl.Device)
+		switch {
+		case dl.User == Public:
+			if dl.Kind.Reads() {
+				p.publicReads[dl.Device] = true
+			}
+			if dl.Kind.Writes() {
+				// Stock grants it too: the filter writes for a PUBLIC
+				// answer whose kind is a write kind
+				// (AccessTokenAuthenticationFilter.checkAuthorizationWithAccessToken).
+				p.publicWrites[dl.Device] = true
+			}
+		case dl.Group != "":
+			for _, k := range groupKeys(dl.Group) {
+				if dl.Kind.Reads() {
+					p.grant(p.groupReads, k, dl.Device)
+				}
+				if dl.Kind.Writes() {
+					p.grant(p.groupWrites, k, dl.Device)
+				}
+			}
+		default:
+			if dl.Kind.Reads() {
+				p.grant(p.reads, dl.User, dl.Device)
+			}
+			if dl.Kind.Writes() {
+				p.grant(p.writes, dl.User, dl.Device)
+			}
 		}
 	}
 	return p, nil
@@ -301,20 +359,111 @@ func (p *Policy) Devices() []*Device {
 // K1/K2: only for the encrypted cache).
 func (p *Policy) Document() Document { return p.doc }
 
-// CanRead reports whether user may read the device's data: the owner, or a
-// delegate with a read kind (READ_ACCESS, READ_WRITE, MODIFY).
-func (p *Policy) CanRead(user, device string) bool { return p.reads[user][device] }
+// CanRead reports whether the signed-in user may read the device's data,
+// not counting group delegations (MayRead with no groups).
+func (p *Policy) CanRead(user, device string) bool { return p.MayRead(user, nil, device) }
 
-// CanWrite reports whether user may write the device's data: the owner, or
-// a delegate with a write kind (READ_WRITE, WRITE_ONLY, MODIFY).
-func (p *Policy) CanWrite(user, device string) bool {
+// CanWrite reports whether the signed-in user may write the device's data,
+// not counting group delegations (MayWrite with no groups).
+func (p *Policy) CanWrite(user, device string) bool { return p.MayWrite(user, nil, device) }
+
+// MayRead reports whether a signed-in user, member of groups, may read the
+// device's data: the owner, a direct delegation with a read kind
+// (READ_ACCESS, READ_WRITE, MODIFY), a group delegation with a read kind to
+// one of groups, or a public (ANONYMOUS) delegation with a read kind. An
+// empty user (nobody signed in) may read nothing, public devices included.
+// Each test is a map lookup: O(1 + len(groups)).
+func (p *Policy) MayRead(user string, groups []string, device string) bool {
+	if user == "" {
+		return false
+	}
+	if p.reads[user][device] || p.publicReads[device] {
+		return true
+	}
+	return p.groupGrant(p.groupReads, groups, device)
+}
+
+// MayWrite is MayRead for writes: the owner, or a direct, group or public
+// delegation with a write kind (READ_WRITE, WRITE_ONLY, MODIFY).
+func (p *Policy) MayWrite(user string, groups []string, device string) bool {
+	if user == "" {
+		return false
+	}
 	if d, ok := p.devices[device]; ok && d.Owner == user {
 		return true
 	}
-	return p.writes[user][device]
+	if p.writes[user][device] || p.publicWrites[device] {
+		return true
+	}
+	return p.groupGrant(p.groupWrites, groups, device)
 }
 
-// Readable lists the devices user may read, sorted.
+func (p *Policy) groupGrant(m map[string]map[string]bool, groups []string, device string) bool {
+	if len(m) == 0 {
+		return false
+	}
+	for _, g := range groups {
+		for _, k := range tokenGroupKeys(g) {
+			if m[k][device] {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// groupKeys are the keys a delegation's group is indexed under: the exact
+// name (as the platform stores it, lower-cased: LDAP names are
+// case-insensitive) and, for an LDAP DN, the value of its first RDN
+// ("cn=staff,ou=Firenze,dc=ldap,dc=org" → "staff"), which is what a Keycloak
+// group-membership mapper puts in a token ("/staff", or "staff" without
+// full path). A DN's short name can match a same-named group of another
+// organization: Keycloak's LDAP group mapper carries no OU either, so the
+// gateway cannot tell them apart from a token.
+func groupKeys(group string) []string {
+	g := strings.ToLower(strings.TrimSpace(group))
+	keys := []string{"=" + g}
+	short := dnShortName(g)
+	if short == "" && !strings.Contains(g, "=") {
+		short = g[strings.LastIndexByte(g, '/')+1:]
+	}
+	if short != "" {
+		keys = append(keys, short)
+	}
+	return keys
+}
+
+// tokenGroupKeys are the keys a group from a token is looked up under: an
+// exact DN, or a Keycloak group path ("/parent/staff" → "staff").
+func tokenGroupKeys(group string) []string {
+	g := strings.ToLower(strings.TrimSpace(group))
+	if g == "" {
+		return nil
+	}
+	if strings.Contains(g, "=") {
+		return []string{"=" + g}
+	}
+	if i := strings.LastIndexByte(g, '/'); i >= 0 {
+		g = g[i+1:]
+	}
+	if g == "" {
+		return nil
+	}
+	return []string{g}
+}
+
+// dnShortName is the value of a DN's first RDN, "" when s is not a DN.
+func dnShortName(s string) string {
+	first, _, _ := strings.Cut(s, ",")
+	k, v, ok := strings.Cut(first, "=")
+	if !ok || (k != "cn" && k != "ou") {
+		return ""
+	}
+	return strings.TrimSpace(v)
+}
+
+// Readable lists the devices user may read through ownership or a direct
+// delegation (not groups, not public), sorted.
 func (p *Policy) Readable(user string) []string {
 	out := make([]string, 0, len(p.reads[user]))
 	for d := range p.reads[user] {
@@ -431,6 +580,27 @@ func (e *Engine) Apply(p *Policy, force bool) (Change, error) {
 		fn(ch)
 	}
 	return ch, nil
+}
+
+// Renew puts in force a copy of the policy in force with expiresAt as its
+// expiry, provided the policy in force is still version with digest: a
+// source that re-read the same content (no new version) extends the
+// lifetime of what it last confirmed. It returns the renewed policy, or
+// false when another policy is in force or expiresAt would not be after
+// its IssuedAt. Listeners are not called: nothing a listener acts on
+// (devices, owners, keys, delegations) changed.
+func (e *Engine) Renew(version uint64, digest string, expiresAt time.Time) (*Policy, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	cur := e.cur.Load()
+	if cur == nil || cur.Version != version || cur.Digest != digest || !expiresAt.After(cur.IssuedAt) {
+		return nil, false
+	}
+	np := *cur // the maps are immutable once compiled: sharing them is safe
+	np.ExpiresAt = expiresAt
+	np.doc.ExpiresAt = expiresAt
+	e.cur.Store(&np)
+	return &np, true
 }
 
 // DecideIngest decides whether a reading of the device may be accepted.

@@ -18,11 +18,11 @@ func doc(version uint64, regs []Registration, dl ...Delegation) Document {
 
 func TestAccessByKind(t *testing.T) {
 	p, err := Compile(doc(1, []Registration{reg("d1", "alice"), reg("d2", "bob")},
-		Delegation{"d1", "carol", ReadAccess},
-		Delegation{"d1", "dave", WriteOnly},
-		Delegation{"d1", "erin", ReadWrite},
-		Delegation{"d1", "fred", Modify},
-		Delegation{"ghost", "carol", ReadAccess}, // a device not served here: ignored
+		Delegation{Device: "d1", User: "carol", Kind: ReadAccess},
+		Delegation{Device: "d1", User: "dave", Kind: WriteOnly},
+		Delegation{Device: "d1", User: "erin", Kind: ReadWrite},
+		Delegation{Device: "d1", User: "fred", Kind: Modify},
+		Delegation{Device: "ghost", User: "carol", Kind: ReadAccess}, // a device not served here: ignored
 	), "bundle", "")
 	if err != nil {
 		t.Fatal(err)
@@ -74,7 +74,7 @@ func TestCompileNamesTheBadField(t *testing.T) {
 		{"same keys", doc(1, bad(func(r *Registration) { r.K2 = r.K1 })), "must differ"},
 		{"http broker", doc(1, bad(func(r *Registration) { r.Broker = "http://x" })), "https"},
 		{"duplicate", doc(1, []Registration{reg("d1", "a"), reg("d1", "b")}), "registered twice"},
-		{"bad kind", doc(1, []Registration{reg("d1", "a")}, Delegation{"d1", "u", "OWN"}), `delegations[0]: kind "OWN"`},
+		{"bad kind", doc(1, []Registration{reg("d1", "a")}, Delegation{Device: "d1", User: "u", Kind: "OWN"}), `delegations[0]: kind "OWN"`},
 		{"radio clash", doc(1, []Registration{
 			func() Registration { r := reg("d1", "a"); r.Radio = &RadioBinding{"/dev/ttyUSB0", 3, -1}; return r }(),
 			func() Registration { r := reg("d2", "a"); r.Radio = &RadioBinding{"/dev/ttyUSB0", 3, -1}; return r }(),
@@ -218,5 +218,105 @@ func BenchmarkDecideIngest(b *testing.B) {
 				i++
 			}
 		})
+	}
+}
+
+func TestGroupAndPublicDelegations(t *testing.T) {
+	p, err := Compile(doc(1, []Registration{reg("d1", "alice"), reg("d2", "alice"), reg("d3", "alice"), reg("d4", "alice")},
+		Delegation{Device: "d1", Group: "cn=staff,ou=Firenze,dc=ldap,dc=org", Kind: ReadAccess},
+		Delegation{Device: "d2", Group: "cn=ops,dc=ldap,dc=org", Kind: ReadWrite},
+		Delegation{Device: "d3", User: Public, Kind: ReadAccess},
+		Delegation{Device: "d4", User: Public, Kind: ReadWrite},
+		Delegation{Device: "d4", Group: "field", Kind: WriteOnly},
+	), "ownership-api", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name, user   string
+		groups       []string
+		device       string
+		read, writes bool
+	}{
+		{"owner", "alice", nil, "d1", true, true},
+		{"group member by DN", "bob", []string{"cn=staff,ou=Firenze,dc=ldap,dc=org"}, "d1", true, false},
+		{"group member by DN, other case", "bob", []string{"CN=Staff,OU=Firenze,DC=ldap,DC=org"}, "d1", true, false},
+		{"group member by Keycloak path", "bob", []string{"/staff"}, "d1", true, false},
+		{"group member by nested Keycloak path", "bob", []string{"/org/staff"}, "d1", true, false},
+		{"group member by plain name", "bob", []string{"staff"}, "d1", true, false},
+		{"member of another DN with the same cn", "bob", []string{"cn=staff,ou=Bologna,dc=ldap,dc=org"}, "d1", false, false},
+		{"non-member", "bob", []string{"/visitors"}, "d1", false, false},
+		{"no groups", "bob", nil, "d1", false, false},
+		{"group READ_WRITE", "carol", []string{"/ops"}, "d2", true, true},
+		{"group WRITE_ONLY grants no read", "dave", []string{"field"}, "d4", true, true}, // d4 is also public READ_WRITE
+		{"public read, any signed-in user", "mallory", nil, "d3", true, false},
+		{"public read, not signed in", "", nil, "d3", false, false},
+		{"public READ_WRITE, as stock", "mallory", nil, "d4", true, true},
+		{"public READ_WRITE, not signed in", "", nil, "d4", false, false},
+		{"owner not signed in", "", []string{"/staff"}, "d1", false, false},
+		{"unknown device", "bob", []string{"/staff"}, "ghost", false, false},
+	}
+	for _, tt := range tests {
+		if got := p.MayRead(tt.user, tt.groups, tt.device); got != tt.read {
+			t.Errorf("%s: MayRead(%q, %q, %s) = %v, want %v", tt.name, tt.user, tt.groups, tt.device, got, tt.read)
+		}
+		if got := p.MayWrite(tt.user, tt.groups, tt.device); got != tt.writes {
+			t.Errorf("%s: MayWrite(%q, %q, %s) = %v, want %v", tt.name, tt.user, tt.groups, tt.device, got, tt.writes)
+		}
+	}
+	// A WRITE_ONLY group grant alone gives no read.
+	q, err := Compile(doc(1, []Registration{reg("d1", "alice")}, Delegation{Device: "d1", Group: "field", Kind: WriteOnly}), "x", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if q.MayRead("dave", []string{"/field"}, "d1") || !q.MayWrite("dave", []string{"/field"}, "d1") {
+		t.Error("WRITE_ONLY group delegation: want write, no read")
+	}
+}
+
+func TestDelegationNeedsExactlyOneOfUserAndGroup(t *testing.T) {
+	for _, dl := range []Delegation{
+		{Device: "d1", Kind: ReadAccess},
+		{Device: "d1", User: "bob", Group: "staff", Kind: ReadAccess},
+	} {
+		_, err := Compile(doc(1, []Registration{reg("d1", "alice")}, dl), "x", "")
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "delegations[0]: user and group") {
+			t.Errorf("%+v: err = %v", dl, err)
+		}
+	}
+}
+
+func TestRenewExtendsOnlyTheSamePolicy(t *testing.T) {
+	d := doc(3, []Registration{reg("d1", "alice")})
+	d.ExpiresAt = d.IssuedAt.Add(time.Hour)
+	p, err := Compile(d, "ownership-api", "sha256:aa")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := NewEngine(p)
+	called := 0
+	e.OnChange(func(Change) { called++ })
+	later := d.IssuedAt.Add(5 * time.Hour)
+	if _, ok := e.Renew(3, "sha256:bb", later); ok {
+		t.Fatal("renewed a policy with another digest")
+	}
+	if _, ok := e.Renew(2, "sha256:aa", later); ok {
+		t.Fatal("renewed a policy with another version")
+	}
+	if _, ok := e.Renew(3, "sha256:aa", d.IssuedAt); ok {
+		t.Fatal("renewed to an expiry not after issued_at")
+	}
+	np, ok := e.Renew(3, "sha256:aa", later)
+	if !ok || e.Current() != np || !np.ExpiresAt.Equal(later) || !np.Document().ExpiresAt.Equal(later) {
+		t.Fatalf("Renew = %v, %v", np, ok)
+	}
+	if np.Version != 3 || np.Len() != 1 || !np.CanWrite("alice", "d1") || called != 0 {
+		t.Fatalf("renewed policy %s, listeners called %d", np.Describe(), called)
+	}
+	if !p.ExpiresAt.Equal(d.IssuedAt.Add(time.Hour)) {
+		t.Fatal("Renew changed the old policy")
+	}
+	if np.Expired(d.IssuedAt.Add(2*time.Hour), 0) || !np.Expired(later.Add(time.Minute), 0) {
+		t.Fatal("expiry not moved")
 	}
 }
