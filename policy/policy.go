@@ -186,7 +186,7 @@ type Policy struct {
 	groupReads, groupWrites   map[string]map[string]bool
 	publicReads, publicWrites map[string]bool
 	radio                     map[radioKey]string
-	doc     Document
+	doc                       Document
 }
 
 // Errors callers branch on.
