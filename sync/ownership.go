@@ -8,9 +8,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -20,23 +22,36 @@ import (
 
 // The Snap4City Ownership API and the personal-data service (datamanager),
 // as the platform's own code uses them (public sources, github.com/disit/
-// snap4city: the IoT Directory's PHP API, functions getOwnerShipDevice,
-// getDelegatorDevice and getDelegatedObject; the datamanager's Java
-// DelegationController, getDelegatorV2):
+// snap4city and github.com/disit/iot-directory):
 //
 //   - GET {ownership}/ownership-api/v1/list/?type=IOTID answers the devices
-//     the token's user owns: rows with username (the owner), elementId
-//     ("Organization:broker:name"), elementType, elementName, elementDetails
-//     (an object, or the same object JSON-encoded as a string, holding k1,
-//     k2, contextbroker, sometimes edgegateway_type/_uri) and deleted (null
-//     while live). The platform's clients skip rows with deleted set.
+//     the token's user owns (Ownership-API/v1/list/index.php): rows with
+//     username (the owner), elementId ("Organization:broker:name"),
+//     elementType, elementName, elementDetails (an object, or the same
+//     object JSON-encoded as a string, holding k1, k2, contextbroker,
+//     sometimes edgegateway_type/_uri; never an entity type) and deleted
+//     (null while live). The platform's clients skip rows with deleted set.
 //   - GET {datamanager}/v2/username/{user}/delegator answers the delegations
 //     {user} has GIVEN (usernameDelegator = user; usernameDelegated, or
-//     groupnameDelegated for a group; elementId; elementType; kind). The
-//     "delegated" endpoint is the other direction (delegations {user} has
-//     RECEIVED). "Who may read the devices this account owns" is therefore
-//     "delegator"; v2 also returns group delegations (usernameDelegated
-//     null), which v1 strips.
+//     groupnameDelegated for a group with usernameDelegated absent, or
+//     "ANONYMOUS" for everyone; elementId; elementType; kind). v1 strips
+//     the group ones (PersonalDataManager UserController.getDelegatorV1).
+//   - GET {datamanager}/v2/username/{user}/delegated answers the delegations
+//     {user} has RECEIVED: those naming the user AND those to every LDAP
+//     group and organizational unit the user belongs to
+//     (DelegationDAOImpl.getDelegationDelegatedByUsername adds
+//     "groupnameDelegated IN getGroupAndOUnames(user)"); none → 204. Its
+//     optional groupname=G does NOT select delegations to G: it keeps those
+//     whose DELEGATOR is a member of G, so the gateway makes one call and
+//     gets its group delegations with it. delegationDetails, when set, is a
+//     JSON string holding the device's k1/k2 (the filter reads them there,
+//     AccessTokenAuthenticationFilter.enrichDelegatedCredentials, and so
+//     does the IoT Directory's get_all_device, common.php
+//     getUserDelegatedDevice). The filter lets the delegate write with
+//     READ_WRITE, WRITE_ONLY or MODIFY (checkAuthorizationWithAccessToken):
+//     those devices are the gateway's to serve, owned by the delegator.
+//   - Delegation rows of deleted delegations are not returned unless
+//     deleted=true is asked (never here); a deleteTime is still honoured.
 
 // OwnershipOptions configures the "ownership-api" source.
 type OwnershipOptions struct {
@@ -44,21 +59,40 @@ type OwnershipOptions struct {
 	// https://www.snap4city.org (the path /ownership-api/v1/list/ is added).
 	OwnershipURL string
 	// DataManagerURL is the base of the personal-data service up to its
-	// /api, e.g. https://www.snap4city.org/datamanager/api (the path
-	// /v2/username/{user}/delegator is added). Empty: no delegations.
+	// /api, e.g. https://www.snap4city.org/datamanager/api (the paths
+	// /v2/username/{user}/delegator and .../delegated are added). Empty:
+	// no delegations, given or received.
 	DataManagerURL string
 	// Username is the gateway account's username: the owner whose
-	// delegations are read.
+	// delegations are read, and the delegate of received ones.
 	Username string
 	// Brokers maps the platform's context broker names (elementDetails'
-	// contextbroker) to the https base URI of that broker's filter. A row
-	// naming a broker not listed here is skipped.
+	// contextbroker, or the middle part of a delegated elementId) to the
+	// https base URI of that broker's filter. A row naming a broker not
+	// listed here is skipped.
 	Brokers map[string]string
-	// DefaultType is the entity type of a device whose elementDetails has
-	// none (the Ownership API usually carries none). Empty: such rows are
-	// skipped.
+	// DefaultType is the entity type of a device for which neither the
+	// registry nor elementDetails has one (stock rows carry none). Empty:
+	// such devices are kept out of the policy and reported (Unusable).
 	DefaultType string
+	// Registry is the gateway's own device registry (filled by `edgegate
+	// device add/bind`): the entity type, radio binding, signing mode and,
+	// for devices delegated without keys, K1/K2 of a device by id. nil: none.
+	// Its answers take precedence over elementDetails for type, binding
+	// and signing; Broker and Owner always come from the platform.
+	Registry interface {
+		Lookup(id string) (policy.Registration, bool)
+	}
+	// MaxAge is how long a policy read from this source stays valid after
+	// the last successful sync (its ExpiresAt); past ExpiresAt plus the
+	// expiry grace the gateway holds every reading, as for an expired
+	// bundle. Zero: DefaultOwnershipMaxAge.
+	MaxAge time.Duration
 }
+
+// DefaultOwnershipMaxAge is the default OwnershipOptions.MaxAge: a day
+// without a successful sync, then the expiry grace.
+const DefaultOwnershipMaxAge = 24 * time.Hour
 
 // Skip reasons of ownership rows and delegation rows (SyncStatus.Skipped).
 const (
@@ -69,11 +103,31 @@ const (
 	skipNoType        = "no_type"
 	skipInvalid       = "invalid"
 	skipDuplicate     = "duplicate"
-	skipGroup         = "group_delegation"
 	skipUnknownKind   = "unknown_kind"
 	skipNotOwner      = "not_owner"
 	skipUnknownDevice = "unknown_device"
+	skipNoDelegate    = "no_delegate"           // a delegation naming neither a user nor a group
+	skipReadOnly      = "read_only_delegation"  // received without a write kind: not the gateway's to write
+	skipNotToAccount  = "not_delegated_to_us"   // a received row naming another user
+	skipKeysMissing   = "delegated_keys_missing" // received with a write kind, K1/K2 nowhere
 )
+
+// UnusableDevice is a device the platform gives this gateway's account that
+// the gateway cannot serve until someone supplies what is missing; `edgegate
+// status` and `config check` list them with the command that fixes it.
+// Nothing in it is secret.
+type UnusableDevice struct {
+	ID      string   `json:"id"`
+	Element string   `json:"element"` // the platform's elementId
+	Owner   string   `json:"owner"`
+	Reason  string   `json:"reason"`  // no_type, delegated_keys_missing
+	Missing []string `json:"missing"` // "entity type", "K1/K2", "radio binding (optional: ...)"
+	Fix     string   `json:"fix"`
+}
+
+// BindCommand is the command that records what the platform lacks about a
+// device in the gateway's registry.
+const BindCommand = "edgegate device bind"
 
 type ownershipRow struct {
 	Username       string          `json:"username"`
@@ -91,7 +145,15 @@ type delegationRow struct {
 	ElementID          string          `json:"elementId"`
 	ElementType        string          `json:"elementType"`
 	Kind               string          `json:"kind"`
+	DelegationDetails  json.RawMessage `json:"delegationDetails"`
 	DeleteTime         json.RawMessage `json:"deleteTime"`
+}
+
+// ownershipInput is what the platform answered, one slice per endpoint.
+type ownershipInput struct {
+	Rows     []ownershipRow  // /ownership-api/v1/list/?type=IOTID
+	Given    []delegationRow // /v2/username/{user}/delegator
+	Received []delegationRow // /v2/username/{user}/delegated
 }
 
 // skip is one row left out of the document; Detail names the element,
@@ -166,131 +228,99 @@ func deviceIDOf(elementID, elementName string) string {
 	return elementName
 }
 
-// buildOwnershipDocument turns the two APIs' rows into a policy document
-// (Version and IssuedAt left to the caller). It is pure: parsing and
-// mapping here, I/O in ownershipSource.
-func buildOwnershipDocument(rows []ownershipRow, dels []delegationRow, o OwnershipOptions) (policy.Document, []skip) {
-	doc := policy.Document{Format: policy.DocumentFormat}
-	var skipped []skip
-	elementToID := map[string]string{} // accepted rows only
-	owners := map[string]string{}      // device id → owner
-	seen := map[string]bool{}
-	for _, r := range rows {
-		name := r.ElementID
-		switch {
-		case isSet(r.Deleted):
-			skipped = append(skipped, skip{skipDeleted, name})
-			continue
-		case r.ElementType != "" && r.ElementType != "IOTID":
-			skipped = append(skipped, skip{skipElementType, name + " (" + clip(r.ElementType) + ")"})
-			continue
-		}
-		det, err := parseDetails(r.ElementDetails)
-		if err != nil {
-			skipped = append(skipped, skip{skipDetails, name + ": " + err.Error()})
-			continue
-		}
-		cb := detailString(det, "contextbroker")
-		broker, ok := o.Brokers[cb]
-		if !ok {
-			skipped = append(skipped, skip{skipUnknownBroker, name + ": broker " + clip(cb)})
-			continue
-		}
-		typ := detailString(det, "type")
-		if typ == "" {
-			typ = detailString(det, "entityType")
-		}
-		if typ == "" {
-			typ = o.DefaultType
-		}
-		if typ == "" {
-			skipped = append(skipped, skip{skipNoType, name})
-			continue
-		}
-		reg := policy.Registration{
-			ID: deviceIDOf(r.ElementID, r.ElementName), Type: typ, Owner: r.Username, Broker: broker,
-			K1: detailString(det, "k1"), K2: detailString(det, "k2"),
-			Signing: detailString(det, "signing"),
-		}
-		// The platform keeps a device's public key as elementDetails.publickey
-		// (a JWK or PEM); publickeys (a JWK Set, newest first) keeps the
-		// older ones of a rotated device.
-		for _, field := range []string{"publickeys", "publickey"} {
-			v, ok := det[field]
-			if !ok || v == nil {
-				continue
-			}
-			raw, err := json.Marshal(v)
-			if s, isStr := v.(string); isStr {
-				raw, err = []byte(s), nil
-			}
+// brokerOfElement is the context broker named by an IOTID elementId
+// ("Organization:broker:name" → broker; device.php builds it as
+// organization:contextBroker:id), "" when it names none.
+func brokerOfElement(elementID string) string {
+	if parts := strings.SplitN(elementID, ":", 3); len(parts) == 3 {
+		return parts[1]
+	}
+	return ""
+}
+
+// ownEdgeBinding reads the binding an elementDetails' edgegateway_uri
+// gives, edgegate://GW/radio?port=P&node=N&child=C or edgegate://GW/mqtt
+// (the form DeviceSpec.EdgeURI writes at registration), when it names
+// this gateway; ok is false for another gateway or another form.
+func ownEdgeBinding(det map[string]any, gateway string) (rb *policy.RadioBinding, signing string, ok bool) {
+	if detailString(det, "edgegateway_type") != EdgeGatewayType {
+		return nil, "", false
+	}
+	u, err := url.Parse(detailString(det, "edgegateway_uri"))
+	if err != nil || u.Scheme != "edgegate" || u.Host == "" || u.Host != gateway {
+		return nil, "", false
+	}
+	q := u.Query()
+	switch u.Path {
+	case "/mqtt":
+		return nil, q.Get("signing"), true
+	case "/radio":
+	default:
+		return nil, "", false
+	}
+	rb = &policy.RadioBinding{Port: q.Get("port"), Node: -1, Child: -1}
+	for name, p := range map[string]*int{"node": &rb.Node, "child": &rb.Child} {
+		if v := q.Get(name); v != "" {
+			n, err := strconv.Atoi(v)
 			if err != nil {
-				continue
+				return nil, "", false
 			}
-			if keys, err := policy.ParsePublicKeys(raw); err == nil {
-				reg.PublicKeys = keys
-				break
-			}
+			*p = n
 		}
-		if seen[reg.ID] {
-			skipped = append(skipped, skip{skipDuplicate, name})
-			continue
-		}
-		// One bad row must not cost the whole policy: check it alone,
-		// with the same rules the whole document will be compiled under.
-		if !reading.ValidID(reg.ID) {
-			skipped = append(skipped, skip{skipInvalid, name + ": device id"})
-			continue
-		}
-		if _, err := policy.New(1, SourceOwnership, []policy.Registration{reg}); err != nil {
-			skipped = append(skipped, skip{skipInvalid, name + ": " + rowError(err)})
-			continue
-		}
-		seen[reg.ID] = true
-		doc.Devices = append(doc.Devices, reg)
-		elementToID[r.ElementID] = reg.ID
-		owners[reg.ID] = reg.Owner
 	}
-	dseen := map[policy.Delegation]bool{}
-	for _, d := range dels {
-		name := d.ElementID
-		switch {
-		case isSet(d.DeleteTime):
-			skipped = append(skipped, skip{skipDeleted, "delegation " + name})
-			continue
-		case d.ElementType != "" && d.ElementType != "IOTID":
-			skipped = append(skipped, skip{skipElementType, "delegation " + name})
-			continue
-		case d.UsernameDelegated == "":
-			// A group delegation: the gateway knows users, not groups.
-			skipped = append(skipped, skip{skipGroup, "delegation " + name + " to group " + clip(d.GroupnameDelegated)})
-			continue
-		}
-		kind := policy.Kind(d.Kind)
-		if kind == "" {
-			// Delegations made before kinds existed are read grants.
-			kind = policy.ReadAccess
-		}
-		if !kind.Valid() {
-			skipped = append(skipped, skip{skipUnknownKind, "delegation " + name + ": kind " + clip(d.Kind)})
-			continue
-		}
-		id, ok := elementToID[d.ElementID]
-		if !ok {
-			skipped = append(skipped, skip{skipUnknownDevice, "delegation " + name})
-			continue
-		}
-		if !strings.EqualFold(d.UsernameDelegator, owners[id]) {
-			skipped = append(skipped, skip{skipNotOwner, "delegation " + name + " by " + clip(d.UsernameDelegator)})
-			continue
-		}
-		dl := policy.Delegation{Device: id, User: d.UsernameDelegated, Kind: kind}
-		if dseen[dl] {
-			continue
-		}
-		dseen[dl] = true
-		doc.Delegations = append(doc.Delegations, dl)
+	return rb, q.Get("signing"), true
+}
+
+// delegatedKeys reads k1/k2 from a delegation's delegationDetails: a JSON
+// string holding an object (the datamanager's serializer writes it with
+// writeStringField), or, leniently, the object itself.
+func delegatedKeys(raw json.RawMessage) (k1, k2 string) {
+	if !isSet(raw) {
+		return "", ""
 	}
+	det, err := parseDetails(raw)
+	if err != nil {
+		return "", ""
+	}
+	return detailString(det, "k1"), detailString(det, "k2")
+}
+
+// bindFix is the command an installer runs to supply what is missing.
+func bindFix(id string, missing []string) string {
+	cmd := BindCommand + " " + id
+	for _, m := range missing {
+		switch m {
+		case missingType:
+			cmd += " --type TYPE"
+		case missingKeys:
+			cmd += " --k1 K1 --k2 K2"
+		}
+	}
+	return cmd + " [--radio-port PORT --radio-node N --radio-child C]"
+}
+
+const (
+	missingType  = "entity type"
+	missingKeys  = "K1/K2"
+	missingRadio = "radio binding (optional: without one the device reaches the gateway over MQTT only)"
+)
+
+// buildOwnershipDocument turns the platform's answers into a policy
+// document (Version, IssuedAt and ExpiresAt left to the caller). It is
+// pure: parsing and mapping here, I/O in fetchOwnership. gateway is this
+// gateway's id (for edgegateway_uri bindings).
+func buildOwnershipDocument(in ownershipInput, o OwnershipOptions, gateway string) (policy.Document, []skip, []UnusableDevice) {
+	b := &docBuilder{o: o, gateway: gateway, elementToID: map[string]string{}, owners: map[string]string{},
+		seen: map[string]bool{}, dseen: map[policy.Delegation]bool{}}
+	for _, r := range in.Rows {
+		b.owned(r)
+	}
+	b.received(in.Received)
+	for _, d := range in.Given {
+		b.given(d)
+	}
+	doc := b.doc
+	doc.Format = policy.DocumentFormat
 	sort.Slice(doc.Devices, func(i, j int) bool { return doc.Devices[i].ID < doc.Devices[j].ID })
 	sort.Slice(doc.Delegations, func(i, j int) bool {
 		a, b := doc.Delegations[i], doc.Delegations[j]
@@ -300,9 +330,319 @@ func buildOwnershipDocument(rows []ownershipRow, dels []delegationRow, o Ownersh
 		if a.User != b.User {
 			return a.User < b.User
 		}
+		if a.Group != b.Group {
+			return a.Group < b.Group
+		}
 		return a.Kind < b.Kind
 	})
-	return doc, skipped
+	sort.Slice(b.unusable, func(i, j int) bool { return b.unusable[i].ID < b.unusable[j].ID })
+	return doc, b.skipped, b.unusable
+}
+
+type docBuilder struct {
+	o           OwnershipOptions
+	gateway     string
+	doc         policy.Document
+	skipped     []skip
+	unusable    []UnusableDevice
+	elementToID map[string]string // accepted owned rows only
+	owners      map[string]string // device id → owner
+	seen        map[string]bool   // device ids in the document
+	dseen       map[policy.Delegation]bool
+}
+
+func (b *docBuilder) skip(reason, detail string) { b.skipped = append(b.skipped, skip{reason, detail}) }
+
+func (b *docBuilder) lookup(id string) (policy.Registration, bool) {
+	if b.o.Registry == nil || !reading.ValidID(id) {
+		return policy.Registration{}, false
+	}
+	return b.o.Registry.Lookup(id)
+}
+
+// owned maps one Ownership API row.
+func (b *docBuilder) owned(r ownershipRow) {
+	name := r.ElementID
+	switch {
+	case isSet(r.Deleted):
+		b.skip(skipDeleted, name)
+		return
+	case r.ElementType != "" && r.ElementType != "IOTID":
+		b.skip(skipElementType, name+" ("+clip(r.ElementType)+")")
+		return
+	}
+	det, err := parseDetails(r.ElementDetails)
+	if err != nil {
+		b.skip(skipDetails, name+": "+err.Error())
+		return
+	}
+	cb := detailString(det, "contextbroker")
+	broker, ok := b.o.Brokers[cb]
+	if !ok {
+		b.skip(skipUnknownBroker, name+": broker "+clip(cb))
+		return
+	}
+	reg := policy.Registration{
+		ID: deviceIDOf(r.ElementID, r.ElementName), Owner: r.Username, Broker: broker,
+		K1: detailString(det, "k1"), K2: detailString(det, "k2"),
+		Signing: detailString(det, "signing"),
+	}
+	// Precedence for type, binding and signing: the gateway's registry,
+	// then elementDetails, then the configured default type.
+	local, inRegistry := b.lookup(reg.ID)
+	reg.Type = detailString(det, "type")
+	if reg.Type == "" {
+		reg.Type = detailString(det, "entityType")
+	}
+	if rb, sig, ok := ownEdgeBinding(det, b.gateway); ok {
+		reg.Radio = rb
+		if sig != "" {
+			reg.Signing = sig
+		}
+	}
+	// The platform keeps a device's public key as elementDetails.publickey
+	// (a JWK or PEM); publickeys (a JWK Set, newest first) keeps the
+	// older ones of a rotated device.
+	for _, field := range []string{"publickeys", "publickey"} {
+		v, ok := det[field]
+		if !ok || v == nil {
+			continue
+		}
+		raw, err := json.Marshal(v)
+		if s, isStr := v.(string); isStr {
+			raw, err = []byte(s), nil
+		}
+		if err != nil {
+			continue
+		}
+		if keys, err := policy.ParsePublicKeys(raw); err == nil {
+			reg.PublicKeys = keys
+			break
+		}
+	}
+	if inRegistry {
+		overlay(&reg, local, false)
+	}
+	if reg.Type == "" {
+		reg.Type = b.o.DefaultType
+	}
+	if b.add(reg, name, r.ElementID, false) {
+		b.elementToID[r.ElementID] = reg.ID
+	}
+}
+
+// overlay puts the registry's type, binding and signing over what the
+// platform said; K1/K2 only where the platform gave none (withKeys) —
+// the platform's keys are the ones its filter checks.
+func overlay(reg *policy.Registration, local policy.Registration, withKeys bool) {
+	if local.Type != "" {
+		reg.Type = local.Type
+	}
+	if local.Radio != nil {
+		rb := *local.Radio
+		reg.Radio = &rb
+	}
+	if local.Signing != "" {
+		reg.Signing = local.Signing
+		if len(local.PublicKeys) > 0 {
+			reg.PublicKeys = local.PublicKeys
+		}
+	}
+	if withKeys || (reg.K1 == "" && reg.K2 == "") {
+		if local.K1 != "" && local.K2 != "" {
+			reg.K1, reg.K2 = local.K1, local.K2
+		}
+	}
+	if local.Service != "" {
+		reg.Service, reg.ServicePath = local.Service, local.ServicePath
+	}
+}
+
+// add checks one registration alone, with the same rules the whole
+// document will be compiled under (one bad row must not cost the whole
+// policy), and adds it; a device without a type or keys is reported.
+func (b *docBuilder) add(reg policy.Registration, name, element string, delegated bool) bool {
+	if !reading.ValidID(reg.ID) {
+		b.skip(skipInvalid, name+": device id")
+		return false
+	}
+	if b.seen[reg.ID] {
+		b.skip(skipDuplicate, name)
+		return false
+	}
+	var missing []string
+	reason := ""
+	if reg.Type == "" {
+		missing, reason = append(missing, missingType), skipNoType
+	}
+	if delegated && (reg.K1 == "" || reg.K2 == "") {
+		missing = append(missing, missingKeys)
+		if reason == "" {
+			reason = skipKeysMissing
+		}
+	}
+	if reason != "" {
+		if reg.Radio == nil {
+			missing = append(missing, missingRadio)
+		}
+		b.skip(reason, name)
+		b.unusable = append(b.unusable, UnusableDevice{ID: reg.ID, Element: clip(element), Owner: clip(reg.Owner),
+			Reason: reason, Missing: missing, Fix: bindFix(reg.ID, missing)})
+		return false
+	}
+	if _, err := policy.New(1, SourceOwnership, []policy.Registration{reg}); err != nil {
+		b.skip(skipInvalid, name+": "+rowError(err))
+		return false
+	}
+	b.seen[reg.ID] = true
+	b.owners[reg.ID] = reg.Owner
+	b.doc.Devices = append(b.doc.Devices, reg)
+	return true
+}
+
+// delegationKind is a row's kind; delegations made before kinds existed
+// are read grants (the filter's CheckCredential defaults to READ_ACCESS).
+func delegationKind(d delegationRow) (policy.Kind, bool) {
+	kind := policy.Kind(d.Kind)
+	if kind == "" {
+		kind = policy.ReadAccess
+	}
+	return kind, kind.Valid()
+}
+
+// received maps the delegations the account received: a device delegated
+// with a write kind is one the gateway may write at the filter, owned by
+// its delegator. Several rows for one element (a direct and a group
+// delegation, say) are merged: any write kind makes it usable, and keys
+// come from whichever row carries them.
+func (b *docBuilder) received(rows []delegationRow) {
+	type merged struct {
+		first  delegationRow
+		kind   policy.Kind
+		k1, k2 string
+	}
+	byElement := map[string]*merged{}
+	var order []string
+	for _, d := range rows {
+		name := "received " + d.ElementID
+		switch {
+		case isSet(d.DeleteTime):
+			b.skip(skipDeleted, name)
+			continue
+		case d.ElementType != "" && d.ElementType != "IOTID":
+			b.skip(skipElementType, name)
+			continue
+		case d.UsernameDelegated == "" && d.GroupnameDelegated == "":
+			b.skip(skipNoDelegate, name)
+			continue
+		case d.UsernameDelegated != "" && !strings.EqualFold(d.UsernameDelegated, b.o.Username):
+			// The endpoint answers the account's and its groups' only;
+			// anything else (ANONYMOUS included) is not a grant to us.
+			b.skip(skipNotToAccount, name+" to "+clip(d.UsernameDelegated))
+			continue
+		}
+		kind, ok := delegationKind(d)
+		if !ok {
+			b.skip(skipUnknownKind, name+": kind "+clip(d.Kind))
+			continue
+		}
+		if !kind.Writes() {
+			b.skip(skipReadOnly, name+" ("+string(kind)+")")
+			continue
+		}
+		m := byElement[d.ElementID]
+		if m == nil {
+			m = &merged{first: d, kind: kind}
+			byElement[d.ElementID] = m
+			order = append(order, d.ElementID)
+		} else if m.kind == policy.WriteOnly && kind != policy.WriteOnly {
+			m.kind = kind // a kind that also reads is the wider grant
+		}
+		if m.k1 == "" || m.k2 == "" {
+			m.k1, m.k2 = delegatedKeys(d.DelegationDetails)
+		}
+	}
+	for _, el := range order {
+		m := byElement[el]
+		name := "received " + el
+		cbName := brokerOfElement(el)
+		broker, ok := b.o.Brokers[cbName]
+		if !ok {
+			b.skip(skipUnknownBroker, name+": broker "+clip(cbName))
+			continue
+		}
+		id := deviceIDOf(el, "")
+		if b.seen[id] {
+			// Owned (or already taken): the ownership row wins.
+			if b.owners[id] != m.first.UsernameDelegator {
+				b.skip(skipDuplicate, name)
+			}
+			continue
+		}
+		reg := policy.Registration{ID: id, Owner: m.first.UsernameDelegator, Broker: broker, K1: m.k1, K2: m.k2}
+		if local, ok := b.lookup(id); ok {
+			overlay(&reg, local, false)
+		}
+		if reg.Type == "" {
+			reg.Type = b.o.DefaultType
+		}
+		if reg.Owner == "" {
+			b.skip(skipInvalid, name+": no usernameDelegator")
+			continue
+		}
+		if !b.add(reg, name, el, true) {
+			continue
+		}
+		// The account's own grant, so that the policy says why the
+		// gateway may write a device it does not own.
+		b.delegate(policy.Delegation{Device: id, User: b.o.Username, Kind: m.kind})
+	}
+}
+
+func (b *docBuilder) delegate(dl policy.Delegation) {
+	if b.dseen[dl] {
+		return
+	}
+	b.dseen[dl] = true
+	b.doc.Delegations = append(b.doc.Delegations, dl)
+}
+
+// given maps one delegation the account gave of a device it owns: to a
+// user, to a group (groupnameDelegated, usernameDelegated absent) or to
+// everyone (ANONYMOUS). They decide who may read (or write) on the
+// gateway's local broker.
+func (b *docBuilder) given(d delegationRow) {
+	name := "delegation " + d.ElementID
+	switch {
+	case isSet(d.DeleteTime):
+		b.skip(skipDeleted, name)
+		return
+	case d.ElementType != "" && d.ElementType != "IOTID":
+		b.skip(skipElementType, name)
+		return
+	case d.UsernameDelegated == "" && d.GroupnameDelegated == "":
+		b.skip(skipNoDelegate, name)
+		return
+	}
+	kind, ok := delegationKind(d)
+	if !ok {
+		b.skip(skipUnknownKind, name+": kind "+clip(d.Kind))
+		return
+	}
+	id, ok := b.elementToID[d.ElementID]
+	if !ok {
+		b.skip(skipUnknownDevice, name)
+		return
+	}
+	if !strings.EqualFold(d.UsernameDelegator, b.owners[id]) {
+		b.skip(skipNotOwner, name+" by "+clip(d.UsernameDelegator))
+		return
+	}
+	dl := policy.Delegation{Device: id, User: d.UsernameDelegated, Kind: kind}
+	if d.UsernameDelegated == "" {
+		dl = policy.Delegation{Device: id, Group: d.GroupnameDelegated, Kind: kind}
+	}
+	b.delegate(dl)
 }
 
 // rowError is the part of a compile error that names the field, without
@@ -327,25 +667,29 @@ func contentDigest(doc policy.Document) string {
 	return "sha256:" + hex.EncodeToString(sum[:])
 }
 
-// fetchOwnership reads both APIs and builds the document.
-func (s *Syncer) fetchOwnership(ctx context.Context) (policy.Document, []skip, error) {
+// fetchOwnership reads the Ownership API and, with a datamanager, the
+// delegations the account gave and received, and builds the document.
+func (s *Syncer) fetchOwnership(ctx context.Context) (policy.Document, []skip, []UnusableDevice, error) {
 	o := s.o.Ownership
+	var in ownershipInput
 	listURL := strings.TrimRight(o.OwnershipURL, "/") + "/ownership-api/v1/list/?type=IOTID"
-	var rows []ownershipRow
-	if err := s.getJSON(ctx, listURL, &rows); err != nil {
-		return policy.Document{}, nil, fmt.Errorf("ownership list: %w", err)
+	if err := s.getJSON(ctx, listURL, &in.Rows); err != nil {
+		return policy.Document{}, nil, nil, fmt.Errorf("ownership list: %w", err)
 	}
-	var dels []delegationRow
 	if o.DataManagerURL != "" {
 		q := url.Values{"sourceRequest": {"edgegate"}, "elementType": {"IOTID"}}
-		delURL := strings.TrimRight(o.DataManagerURL, "/") + "/v2/username/" + url.PathEscape(o.Username) +
-			"/delegator?" + q.Encode()
-		if err := s.getJSON(ctx, delURL, &dels); err != nil {
-			return policy.Document{}, nil, fmt.Errorf("delegations: %w", err)
+		base := strings.TrimRight(o.DataManagerURL, "/") + "/v2/username/" + url.PathEscape(o.Username)
+		if err := s.getJSON(ctx, base+"/delegator?"+q.Encode(), &in.Given); err != nil {
+			return policy.Document{}, nil, nil, fmt.Errorf("delegations given: %w", err)
+		}
+		// One call: the datamanager adds the delegations to the
+		// account's groups itself (see the comment at the top).
+		if err := s.getJSON(ctx, base+"/delegated?"+q.Encode(), &in.Received); err != nil {
+			return policy.Document{}, nil, nil, fmt.Errorf("delegations received: %w", err)
 		}
 	}
-	doc, skipped := buildOwnershipDocument(rows, dels, o)
-	return doc, skipped, nil
+	doc, skipped, unusable := buildOwnershipDocument(in, o, s.o.Gateway)
+	return doc, skipped, unusable, nil
 }
 
 // getJSON GETs a JSON array with the gateway's token into v.
@@ -371,27 +715,49 @@ func (s *Syncer) getJSON(ctx context.Context, target string, v any) error {
 // ownershipOffer fetches, and applies a new version when the content
 // changed. It is called with s.applyMu held.
 func (s *Syncer) ownershipOffer(ctx context.Context) (string, error) {
-	doc, skipped, err := s.fetchOwnership(ctx)
+	doc, skipped, unusable, err := s.fetchOwnership(ctx)
 	if err != nil {
 		return "", err
 	}
 	counts := map[string]int{}
 	for _, sk := range skipped {
 		counts[sk.Reason]++
-		s.limited.Log(ctx, levelWarn, "ownership-skip-"+sk.Reason, "ownership row skipped",
+		level := levelWarn
+		if sk.Reason == skipReadOnly {
+			// Routine: a device shared with the account to look at.
+			level = slog.LevelDebug
+		}
+		s.limited.Log(ctx, level, "ownership-skip-"+sk.Reason, "ownership row skipped",
 			"reason", sk.Reason, "element", sk.Detail)
 	}
+	for _, u := range unusable {
+		s.limited.Log(ctx, levelWarn, "ownership-unusable-"+u.ID, "device not served until the gateway's registry completes it",
+			"device", u.ID, "missing", strings.Join(u.Missing, ", "), "fix", u.Fix)
+	}
+	// The lifetime runs from this successful read of the platform.
+	now := s.now().UTC().Truncate(time.Second)
+	expires := now.Add(s.o.Ownership.MaxAge)
 	digest := contentDigest(doc)
 	s.mu.Lock()
 	s.st.Skipped = counts
+	s.st.Unusable = unusable
 	unchanged := s.cur.Source == SourceOwnership && s.cur.Digest == digest
 	floor := s.floor
 	s.mu.Unlock()
 	if unchanged {
-		return resultUnchanged, nil
+		renewed, err := s.renewOwnership(digest, expires)
+		if err != nil {
+			return "", err
+		}
+		if renewed {
+			return resultUnchanged, nil
+		}
+		// Another policy is in force (the configuration was reloaded):
+		// put this content in force again, as a new version.
 	}
 	doc.Version = floor + 1
-	doc.IssuedAt = s.now().UTC().Truncate(time.Second)
+	doc.IssuedAt = now
+	doc.ExpiresAt = expires
 	p, err := policy.Compile(doc, SourceOwnership, digest)
 	if err != nil {
 		// Rows were checked one by one; only a cross-row conflict gets here.
@@ -401,4 +767,27 @@ func (s *Syncer) ownershipOffer(ctx context.Context) (string, error) {
 		return "", err
 	}
 	return resultApplied, nil
+}
+
+// renewOwnership extends the policy in force, when it is the one with this
+// content, to expire at expires: same version, same content, a new
+// lifetime, persisted so that a restart keeps it. Called with applyMu held.
+func (s *Syncer) renewOwnership(digest string, expires time.Time) (bool, error) {
+	np, ok := s.o.Engine.Renew(s.o.Engine.Current().Version, digest, expires)
+	if !ok {
+		return false, nil
+	}
+	s.mu.Lock()
+	c := s.cur
+	s.mu.Unlock()
+	c.Document = np.Document()
+	s.setCurrent(c, np)
+	b, err := json.Marshal(c)
+	if err != nil {
+		return true, fmt.Errorf("persist renewed policy: %w", err)
+	}
+	if err := s.o.Store.PutState(StatePolicy, b); err != nil {
+		return true, fmt.Errorf("persist renewed policy version %d: %w", np.Version, err)
+	}
+	return true, nil
 }

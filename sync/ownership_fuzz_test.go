@@ -24,6 +24,7 @@ func FuzzOwnershipRows(f *testing.F) {
 	f.Add([]byte(`[{"elementId":"a:b:c:d:<script>","elementDetails":{"k1":"`+fuzzK1+`","k2":"`+fuzzK1+`","contextbroker":"orion-1"}}]`), []byte(`[{"usernameDelegator":"ALICE","usernameDelegated":"bob","elementId":"a:b:c:d:<script>"}]`))
 	f.Add([]byte(`[{"elementId":"`+strings.Repeat("x", 300)+`","elementDetails":{"contextbroker":"orion-1","k1":"a","k2":"b"}}]`), []byte(`"`))
 	f.Add([]byte(`{"rows":[]}`), []byte(`[1,2,3]`))
+	f.Add([]byte(`[]`), []byte(`[{"usernameDelegator":"bob","usernameDelegated":"alice","elementId":"O:orion-1:y","elementType":"IOTID","kind":"READ_WRITE","delegationDetails":"{\"k1\":\"`+fuzzK1+`\",\"k2\":\"`+fuzzK2+`\"}"},{"usernameDelegator":"bob","groupnameDelegated":"cn=g","elementId":"O:orion-1:z","kind":"MODIFY"}]`))
 	opts := OwnershipOptions{Username: "alice", Brokers: map[string]string{"orion-1": "https://broker.example:8443"}, DefaultType: "Sensor"}
 	f.Fuzz(func(t *testing.T, rowsJSON, delsJSON []byte) {
 		var rows []ownershipRow
@@ -36,7 +37,7 @@ func FuzzOwnershipRows(f *testing.F) {
 			checkJSONErrQuiet(t, jsonErr(err), delsJSON)
 			dels = nil
 		}
-		doc, skipped := buildOwnershipDocument(rows, dels, opts)
+		doc, skipped, unusable := buildOwnershipDocument(ownershipInput{Rows: rows, Given: dels, Received: dels}, opts, "gw-1")
 		for _, d := range doc.Devices {
 			if !reading.ValidID(d.ID) {
 				t.Fatalf("device id %q in the document", d.ID)
@@ -57,19 +58,28 @@ func FuzzOwnershipRows(f *testing.F) {
 		for _, d := range dels {
 			public.WriteString(d.UsernameDelegator + d.UsernameDelegated + d.GroupnameDelegated + d.ElementID + d.Kind + "\x00")
 		}
+		var keys []string
 		for _, r := range rows {
-			det, err := parseDetails(r.ElementDetails)
-			if err != nil {
+			if det, err := parseDetails(r.ElementDetails); err == nil {
+				keys = append(keys, detailString(det, "k1"), detailString(det, "k2"))
+			}
+		}
+		for _, d := range dels {
+			k1, k2 := delegatedKeys(d.DelegationDetails)
+			keys = append(keys, k1, k2)
+		}
+		for _, k := range keys {
+			if len(k) < 6 || strings.Contains(public.String(), k) {
 				continue
 			}
-			for _, k := range []string{detailString(det, "k1"), detailString(det, "k2")} {
-				if len(k) < 6 || strings.Contains(public.String(), k) {
-					continue
+			for _, s := range skipped {
+				if strings.Contains(s.Detail, k) {
+					t.Fatalf("skip %s detail %q quotes a device key", s.Reason, s.Detail)
 				}
-				for _, s := range skipped {
-					if strings.Contains(s.Detail, k) {
-						t.Fatalf("skip %s detail %q quotes a device key", s.Reason, s.Detail)
-					}
+			}
+			for _, u := range unusable {
+				if b, _ := json.Marshal(u); strings.Contains(string(b), k) {
+					t.Fatalf("unusable %s quotes a device key", u.ID)
 				}
 			}
 		}

@@ -58,7 +58,11 @@ func TestBuildOwnershipDocument(t *testing.T) {
 	if err := json.Unmarshal([]byte(delegatorJSON), &dels); err != nil {
 		t.Fatal(err)
 	}
-	doc, skipped := buildOwnershipDocument(rows, dels, OwnershipOptions{Brokers: polBrokers, DefaultType: "IoTDevice"})
+	doc, skipped, unusable := buildOwnershipDocument(ownershipInput{Rows: rows, Given: dels},
+		OwnershipOptions{Username: "alice", Brokers: polBrokers, DefaultType: "IoTDevice"}, polGateway)
+	if len(unusable) != 0 {
+		t.Fatalf("unusable = %+v", unusable)
+	}
 	wantDevices := []policy.Registration{
 		{ID: "th-garden", Type: "Thermometer", Owner: "alice", Broker: polBrokerURL, K1: polK1 + "g", K2: polK2 + "g"},
 		{ID: "th-kitchen", Type: "IoTDevice", Owner: "alice", Broker: polBrokerURL, K1: polK1, K2: polK2},
@@ -67,6 +71,7 @@ func TestBuildOwnershipDocument(t *testing.T) {
 		t.Fatalf("devices = %+v\nwant %+v", doc.Devices, wantDevices)
 	}
 	wantDels := []policy.Delegation{
+		{Device: "th-garden", Group: "cn=staff", Kind: policy.ReadAccess},
 		{Device: "th-garden", User: "dave", Kind: policy.WriteOnly},
 		{Device: "th-garden", User: "erin", Kind: policy.Modify},
 		{Device: "th-garden", User: "frank", Kind: policy.ReadAccess}, // no kind: a read grant
@@ -87,7 +92,7 @@ func TestBuildOwnershipDocument(t *testing.T) {
 	}
 	wantCounts := map[string]int{
 		skipDeleted: 1, skipUnknownBroker: 1, skipDetails: 1, skipInvalid: 1, skipDuplicate: 1,
-		skipGroup: 1, skipUnknownKind: 1, skipUnknownDevice: 1, skipElementType: 1, skipNotOwner: 1,
+		skipUnknownKind: 1, skipUnknownDevice: 1, skipElementType: 1, skipNotOwner: 1,
 	}
 	if !reflect.DeepEqual(counts, wantCounts) {
 		t.Fatalf("skipped = %v\nwant %v", counts, wantCounts)
@@ -124,9 +129,15 @@ func TestBuildOwnershipNoDefaultType(t *testing.T) {
 	if err := json.Unmarshal([]byte(ownershipRowsJSON), &rows); err != nil {
 		t.Fatal(err)
 	}
-	doc, skipped := buildOwnershipDocument(rows[:2], nil, OwnershipOptions{Brokers: polBrokers})
+	doc, skipped, unusable := buildOwnershipDocument(ownershipInput{Rows: rows[:2]}, OwnershipOptions{Brokers: polBrokers}, polGateway)
 	if len(doc.Devices) != 1 || doc.Devices[0].ID != "th-garden" || len(skipped) != 1 || skipped[0].Reason != skipNoType {
 		t.Fatalf("devices %+v skipped %+v", doc.Devices, skipped)
+	}
+	want := []UnusableDevice{{ID: "th-kitchen", Element: "Organization:orion-1:th-kitchen", Owner: "alice", Reason: skipNoType,
+		Missing: []string{missingType, missingRadio},
+		Fix:     "edgegate device bind th-kitchen --type TYPE [--radio-port PORT --radio-node N --radio-child C]"}}
+	if !reflect.DeepEqual(unusable, want) {
+		t.Fatalf("unusable = %+v\nwant %+v", unusable, want)
 	}
 }
 
@@ -143,12 +154,26 @@ func TestDeviceIDOf(t *testing.T) {
 	}
 }
 
-// ownershipAPI serves both platform endpoints on one TLS server.
+// ownershipAPI serves the platform endpoints on one TLS server, answering
+// as stock does: the datamanager answers 204 with no body for no
+// delegations (UserController.getDelegatorV2/getDelegatedV2); fail makes
+// every answer a 500 (the platform down).
 type ownershipAPI struct {
-	mu    sync.Mutex
-	rows  string
-	dels  string
-	calls []string
+	mu       sync.Mutex
+	rows     string
+	dels     string // given: /delegator
+	received string // /delegated
+	fail     bool
+	calls    []string
+}
+
+// writeDelegations answers a datamanager list: 204 for an empty one.
+func writeDelegations(w http.ResponseWriter, list string) {
+	if t := strings.TrimSpace(list); t == "" || t == "[]" {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	w.Write([]byte(list))
 }
 
 func (a *ownershipAPI) set(rows string) { a.mu.Lock(); a.rows = rows; a.mu.Unlock() }
@@ -161,13 +186,19 @@ func (a *ownershipAPI) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.calls = append(a.calls, r.URL.RequestURI())
+	if a.fail {
+		http.Error(w, "down", http.StatusInternalServerError)
+		return
+	}
 	w.Header().Set("Content-Type", "application/json")
+	dm := r.URL.Query().Get("sourceRequest") == "edgegate" && r.URL.Query().Get("elementType") == "IOTID"
 	switch {
 	case r.URL.Path == "/ownership-api/v1/list/" && r.URL.Query().Get("type") == "IOTID":
 		w.Write([]byte(a.rows))
-	case r.URL.Path == "/datamanager/api/v2/username/alice/delegator" &&
-		r.URL.Query().Get("sourceRequest") == "edgegate" && r.URL.Query().Get("elementType") == "IOTID":
-		w.Write([]byte(a.dels))
+	case r.URL.Path == "/datamanager/api/v2/username/alice/delegator" && dm:
+		writeDelegations(w, a.dels)
+	case r.URL.Path == "/datamanager/api/v2/username/alice/delegated" && dm:
+		writeDelegations(w, a.received)
 	default:
 		http.NotFound(w, r)
 	}
@@ -207,7 +238,7 @@ func TestOwnershipSourceEndToEnd(t *testing.T) {
 	if err := e.note(s.poll(ctx)); err != nil {
 		t.Fatal(err)
 	}
-	if e.engine.Current() != p || s.Status().LastFetchResult != resultUnchanged {
+	if c := e.engine.Current(); c.Version != p.Version || c.Digest != p.Digest || s.Status().LastFetchResult != resultUnchanged {
 		t.Fatalf("unchanged rows gave %s (%s)", e.engine.Current().Describe(), s.Status().LastFetchResult)
 	}
 	// A device revoked at the platform: version 2, th-garden gone.

@@ -171,6 +171,10 @@ type SyncStatus struct {
 	LastReceiptResult string         `json:"last_receipt_result,omitempty"`
 	ReceiptPending    bool           `json:"receipt_pending"`
 	Skipped           map[string]int `json:"skipped,omitempty"` // ownership rows left out, by reason
+	// Unusable are the devices the platform gives the account that the
+	// gateway cannot serve yet (no entity type, delegated without keys),
+	// with the command that fixes each.
+	Unusable []UnusableDevice `json:"unusable,omitempty"`
 }
 
 // cachedPolicy is the StatePolicy record. It holds K1/K2: it lives only in
@@ -290,6 +294,12 @@ func New(o Options) (*Syncer, error) {
 			if err := checkHTTPS("broker "+strconv.Quote(name), u); err != nil {
 				return nil, err
 			}
+		}
+		switch {
+		case ow.MaxAge == 0:
+			s.o.Ownership.MaxAge = DefaultOwnershipMaxAge
+		case ow.MaxAge < time.Minute:
+			return nil, fmt.Errorf("policy sync: ownership max age %s must be at least 1m", ow.MaxAge)
 		}
 		if ow.DefaultType != "" && !reading.ValidID(ow.DefaultType) {
 			return nil, fmt.Errorf("policy sync: ownership.default_type %q must match [A-Za-z0-9._-]{1,256}", clip(ow.DefaultType))
@@ -570,6 +580,7 @@ func (s *Syncer) Status() SyncStatus {
 		r := *st.LastRefusal
 		st.LastRefusal = &r
 	}
+	st.Unusable = append([]UnusableDevice(nil), st.Unusable...)
 	if st.Skipped != nil {
 		m := make(map[string]int, len(st.Skipped))
 		for k, v := range st.Skipped {
