@@ -672,7 +672,9 @@ func contentDigest(doc policy.Document) string {
 func (s *Syncer) fetchOwnership(ctx context.Context) (policy.Document, []skip, []UnusableDevice, error) {
 	o := s.o.Ownership
 	var in ownershipInput
-	listURL := strings.TrimRight(o.OwnershipURL, "/") + "/ownership-api/v1/list/?type=IOTID"
+	// onlyMine: a RootAdmin account gets every user's rows without it
+	// (Ownership-API/v1/list/index.php); ordinary users get theirs anyway.
+	listURL := strings.TrimRight(o.OwnershipURL, "/") + "/ownership-api/v1/list/?type=IOTID&onlyMine=true"
 	if err := s.getJSON(ctx, listURL, &in.Rows); err != nil {
 		return policy.Document{}, nil, nil, fmt.Errorf("ownership list: %w", err)
 	}
