@@ -84,7 +84,15 @@ type Claims struct {
 	Subject  string
 	ClientID string // azp
 	Expiry   time.Time
+	// Groups is the token's "groups" claim: Keycloak adds it when the
+	// realm (or the client) has a "Group Membership" mapper, as group
+	// paths ("/staff", "/org/staff") or, with "full path" off, names.
+	// Absent: no groups.
+	Groups []string
 }
+
+// MaxGroups bounds the groups taken from a token.
+const MaxGroups = 64
 
 // Verifier verifies access tokens against the cached key set.
 type Verifier struct {
@@ -186,6 +194,9 @@ func (v *Verifier) Verify(ctx context.Context, token string) (Claims, error) {
 	}
 	if azp, ok := tok.Get("azp"); ok {
 		c.ClientID, _ = azp.(string)
+	}
+	if g, ok := tok.Get("groups"); ok {
+		c.Groups = groupsClaim(g)
 	}
 	if c.User == "" {
 		return Claims{}, fmt.Errorf("%w: no preferred_username or sub", ErrInvalid)
@@ -374,4 +385,29 @@ func clip(s string) string { return logtext.Clip(s, 64) }
 // scrub keeps library errors short; they never contain the token itself.
 func scrub(err error) string {
 	return clip(err.Error())
+}
+
+// groupsClaim reads a "groups" claim: an array of strings (a lone string
+// is taken as one group); other values are ignored, and at most MaxGroups
+// are kept.
+func groupsClaim(v any) []string {
+	var out []string
+	add := func(x any) {
+		if s, ok := x.(string); ok && s != "" && len(out) < MaxGroups {
+			out = append(out, s)
+		}
+	}
+	switch g := v.(type) {
+	case []any:
+		for _, x := range g {
+			add(x)
+		}
+	case []string:
+		for _, x := range g {
+			add(x)
+		}
+	case string:
+		add(g)
+	}
+	return out
 }

@@ -28,8 +28,11 @@ import (
 //     password = an access token of the central single sign-on, verified
 //     offline (package accesstoken). It may publish nothing in the device
 //     namespace and subscribe to device topics: a filter naming one device
-//     is accepted only when its user may read that device (owner, or a
-//     READ_ACCESS / READ_WRITE / MODIFY delegation); a filter with a
+//     is accepted only when its user may read that device (policy.MayRead:
+//     the owner, a READ_ACCESS / READ_WRITE / MODIFY delegation to the
+//     user, the same to a group the token says the user belongs to, or a
+//     public delegation to ANONYMOUS — public means any SIGNED-IN
+//     application, never an anonymous client); a filter with a
 //     wildcard at the device level (devices/+/telemetry, devices/#, #) is
 //     accepted, and every message is then checked at delivery against the
 //     policy in force — so a withdrawn delegation stops deliveries at once,
@@ -37,6 +40,12 @@ import (
 //     the user may read. Topics outside the device namespace are never
 //     delivered to applications. Deliveries stop when the token expires,
 //     and the session is closed soon after.
+//   - Group membership comes from the token's "groups" claim. Keycloak puts
+//     one there only when the realm (or the client scope) has a "Group
+//     Membership" mapper; without it group delegations grant nothing here
+//     (the platform's own check asks its LDAP instead, which the gateway
+//     cannot reach offline). Groups are fixed for the session: a changed
+//     membership counts from the next login (the next token).
 //   - Anonymous logins are refused.
 
 // Policy is what access control needs of the policy.
@@ -67,6 +76,7 @@ const (
 type principal struct {
 	device  string    // set for a device
 	user    string    // set for an application
+	groups  []string  // the application token's groups claim
 	expires time.Time // application token expiry
 }
 
@@ -150,7 +160,7 @@ func (h *accessHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) 
 		h.deny("connect", denyBadToken, who, "remote", cl.Net.Remote, "err", err)
 		return false
 	}
-	h.set(cl, &principal{user: c.User, expires: c.Expiry})
+	h.set(cl, &principal{user: c.User, groups: c.Groups, expires: c.Expiry})
 	h.log.Info("application connected", "user", c.User, "client", clipName(cl.ID))
 	return true
 }
@@ -216,7 +226,7 @@ func (h *accessHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool
 		return false
 	case wildcard:
 		return true // each delivery is checked with its concrete topic
-	case !h.pol.Current().CanRead(p.user, dev):
+	case !h.pol.Current().MayRead(p.user, p.groups, dev):
 		h.deny("read", denyNotReadable, p.user, "device", clipName(dev))
 		return false
 	}

@@ -570,3 +570,102 @@ func TestFloodDoesNotStarveOthers(t *testing.T) {
 		t.Errorf("flood of %d acknowledged in %v: not paced to 20/s", floodN, took)
 	}
 }
+
+// appWithGroups logs an application in with a token carrying a Keycloak
+// "groups" claim (group paths, as the Group Membership mapper writes them).
+func (e *accessEnv) appWithGroups(user string, groups ...string) paho.Client {
+	e.t.Helper()
+	c, err := e.dial(user, e.sso.token(e.t, user, func(tk jwt.Token) { tk.Set("groups", groups) }))
+	if err != nil {
+		e.t.Fatalf("application of %s login: %v", user, err)
+	}
+	return c
+}
+
+// TestAppGroupAndPublicAccess: a2 is delegated READ_ACCESS to the LDAP
+// group cn=staff (as the platform stores groupnameDelegated), b1 to
+// ANONYMOUS. Members read a2, non-members do not; every signed-in
+// application reads b1; a client without a token reads nothing.
+func TestAppGroupAndPublicAccess(t *testing.T) {
+	e := newAccessEnv(t)
+	next := e.engine.Current().Document()
+	next.Version++
+	next.Delegations = append(next.Delegations,
+		policy.Delegation{Device: "a2", Group: "cn=staff,ou=Firenze,dc=ldap,dc=disit,dc=org", Kind: policy.ReadAccess},
+		policy.Delegation{Device: "b1", User: policy.Public, Kind: policy.ReadAccess})
+	p, err := policy.Compile(next, "test", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.engine.Apply(p, false); err != nil {
+		t.Fatal(err)
+	}
+	a1, a2, b1 := e.device("a1"), e.device("a2"), e.device("b1")
+	alice, carol := e.app("alice"), e.app("carol")
+	erin := e.appWithGroups("erin", "/staff")
+	frank := e.appWithGroups("frank", "/visitors")
+	subs := []struct {
+		who    string
+		c      paho.Client
+		filter string
+		ok     bool
+	}{
+		{"owner alice → a2", alice, "devices/a2/telemetry", true},
+		{"direct delegate carol → a1", carol, "devices/a1/telemetry", true},
+		{"group member erin → a2", erin, "devices/a2/telemetry", true},
+		{"non-member frank → a2", frank, "devices/a2/telemetry", false},
+		{"no groups carol → a2", carol, "devices/a2/telemetry", false},
+		{"member erin → a1 (not delegated to the group)", erin, "devices/a1/telemetry", false},
+		{"any signed-in frank → public b1", frank, "devices/b1/telemetry", true},
+		{"any signed-in erin → public b1", erin, "devices/b1/telemetry", true},
+	}
+	for _, s := range subs {
+		code, _ := subscribe(t, s.c, s.filter)
+		if (code != 0x80) != s.ok {
+			t.Errorf("%s: SUBACK 0x%02x, want granted=%v", s.who, code, s.ok)
+		}
+	}
+	// Wildcards deliver by the same rules.
+	_, erinAll := subscribe(t, erin, "devices/+/telemetry")
+	_, frankAll := subscribe(t, frank, "devices/+/telemetry")
+	_, aliceAll := subscribe(t, alice, "devices/+/telemetry")
+	for _, d := range []struct {
+		c  paho.Client
+		id string
+	}{{a1, "a1"}, {a2, "a2"}} {
+		if !publish(t, d.c, d.id) {
+			t.Fatalf("%s's reading not acknowledged", d.id)
+		}
+	}
+	e.settle(t, b1, "b1", erinAll, frankAll, aliceAll)
+	for _, c := range []struct {
+		name, topic string
+		in          *inbox
+		want        int
+	}{
+		{"erin a2 (group)", "devices/a2/telemetry", erinAll, 1},
+		{"erin a1", "devices/a1/telemetry", erinAll, 0},
+		{"frank a2 (not a member)", "devices/a2/telemetry", frankAll, 0},
+		{"frank a1", "devices/a1/telemetry", frankAll, 0},
+		{"alice a1 (owner)", "devices/a1/telemetry", aliceAll, 1},
+	} {
+		if n := c.in.count(c.topic); n != c.want {
+			t.Errorf("%s: %d readings, want %d", c.name, n, c.want)
+		}
+	}
+	if got := testCounter(t, e.m, "deliver", denyNotReadable) + testCounter(t, e.m, "read", denyNotReadable); got < 1 {
+		t.Errorf("denied{read,not_readable} = %v", got)
+	}
+	// Public means signed in: a client that is neither a device nor holds
+	// a token cannot log in, so it reads nothing.
+	for _, pw := range []string{"", "not-a-token"} {
+		if c, err := e.dial("guest", pw); err == nil {
+			c.Disconnect(0)
+			t.Errorf("a client without a token (password %q) logged in", pw)
+		}
+	}
+	if c, err := e.dial("", ""); err == nil {
+		c.Disconnect(0)
+		t.Error("an anonymous client logged in")
+	}
+}
