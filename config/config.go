@@ -210,6 +210,9 @@ type Ownership struct {
 	Username       string            `yaml:"username"`
 	DefaultType    string            `yaml:"default_type"`
 	Brokers        map[string]string `yaml:"brokers"`
+	// MaxAge is the policy's lifetime after the last successful sync: its
+	// expiry, past which (plus policy.expiry_grace) nothing is forwarded.
+	MaxAge time.Duration `yaml:"max_age"`
 }
 
 // Pipeline configures checks on every reading.
@@ -276,10 +279,11 @@ func Default() Config {
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
 		Pipeline: Pipeline{MaxClockSkew: 5 * time.Minute},
-		Policy:   Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour},
-		Metrics:  Metrics{Listen: "127.0.0.1:9464"},
-		Admin:    Admin{Socket: "/run/edgegate/admin.sock"},
-		Log:      Log{Level: "info", Format: "text"},
+		Policy: Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour,
+			Ownership: Ownership{MaxAge: 24 * time.Hour}},
+		Metrics: Metrics{Listen: "127.0.0.1:9464"},
+		Admin:   Admin{Socket: "/run/edgegate/admin.sock"},
+		Log:     Log{Level: "info", Format: "text"},
 	}
 }
 
@@ -608,6 +612,12 @@ func (c *Config) Validate() error {
 		}
 		if len(o.Brokers) == 0 {
 			bad("policy.ownership.brokers", "", "must map at least one context broker name to its https filter URL")
+		}
+		switch {
+		case o.MaxAge < time.Minute:
+			bad("policy.ownership.max_age", o.MaxAge.String(), "must be at least 1m")
+		case o.MaxAge < c.Policy.PollInterval:
+			bad("policy.ownership.max_age", o.MaxAge.String(), "must not be below policy.poll_interval (every sync would find the policy expired)")
 		}
 		for name, u := range o.Brokers {
 			if err := httpsURL(u); err != nil {

@@ -183,3 +183,28 @@ func TestUplinkConcurrencyByMode(t *testing.T) {
 		}
 	}
 }
+
+func TestOwnershipMaxAge(t *testing.T) {
+	const own = "policy:\n  source: ownership-api\n  ownership:\n    url: https://own.example\n    username: gw-account\n    brokers:\n      orion-1: https://broker.example/orion-filter/orion-1\n"
+	dir := t.TempDir()
+	c, err := Load(writeFile(t, dir, "c.yaml", base+own, 0o600))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Policy.Ownership.MaxAge != 24*time.Hour {
+		t.Errorf("default policy.ownership.max_age = %v, want 24h", c.Policy.Ownership.MaxAge)
+	}
+	c, err = Load(writeFile(t, dir, "c2.yaml", base+own+"    max_age: 2h\n", 0o600))
+	if err != nil || c.Policy.Ownership.MaxAge != 2*time.Hour {
+		t.Fatalf("max_age 2h: %v, %v", err, c)
+	}
+	for _, tt := range []struct{ extra, want string }{
+		{"    max_age: 30s\n", "at least 1m"},
+		{"    max_age: 2m\n", "policy.poll_interval"},
+	} {
+		_, err := Load(writeFile(t, dir, "c3.yaml", base+own+tt.extra, 0o600))
+		if err == nil || !strings.Contains(err.Error(), "policy.ownership.max_age") || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%q: err = %v, want policy.ownership.max_age ... %s", tt.extra, err, tt.want)
+		}
+	}
+}

@@ -50,7 +50,7 @@ func newSyncer(cfg *config.Config, gw string, id *identity.Identity, engine *pol
 		ow := cfg.Policy.Ownership
 		o.Ownership = centralsync.OwnershipOptions{
 			OwnershipURL: ow.URL, DataManagerURL: ow.DataManagerURL, Username: ow.Username,
-			Brokers: ow.Brokers, DefaultType: ow.DefaultType,
+			Brokers: ow.Brokers, DefaultType: ow.DefaultType, MaxAge: ow.MaxAge,
 		}
 	}
 	s, err := centralsync.New(o)

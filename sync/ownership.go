@@ -106,9 +106,9 @@ const (
 	skipUnknownKind   = "unknown_kind"
 	skipNotOwner      = "not_owner"
 	skipUnknownDevice = "unknown_device"
-	skipNoDelegate    = "no_delegate"           // a delegation naming neither a user nor a group
-	skipReadOnly      = "read_only_delegation"  // received without a write kind: not the gateway's to write
-	skipNotToAccount  = "not_delegated_to_us"   // a received row naming another user
+	skipNoDelegate    = "no_delegate"            // a delegation naming neither a user nor a group
+	skipReadOnly      = "read_only_delegation"   // received without a write kind: not the gateway's to write
+	skipNotToAccount  = "not_delegated_to_us"    // a received row naming another user
 	skipKeysMissing   = "delegated_keys_missing" // received with a write kind, K1/K2 nowhere
 )
 
