@@ -47,6 +47,9 @@ func Problems(st Status) []string {
 			out = append(out, "policy expires in "+Duration(e.Sub(now)))
 		}
 	}
+	for _, u := range st.Policy.Unusable {
+		out = append(out, "device "+u.ID+" not served: missing "+strings.Join(u.Missing, ", ")+" (run: "+u.Fix+")")
+	}
 	q := st.Queue
 	if q.QuotaBytes > 0 && float64(q.DiskBytes) >= quotaWarn*float64(q.QuotaBytes) {
 		out = append(out, fmt.Sprintf("store at %d%% of its quota", q.DiskBytes*100/q.QuotaBytes))
@@ -106,6 +109,10 @@ func WriteStatus(w io.Writer, st Status) error {
 	fmt.Fprintf(tw, "Policy\t%s\n", pol)
 	if r := p.LastRefusal; r != nil {
 		fmt.Fprintf(tw, "\tlast refused %s: %s (v%d)\n", Ago(now.Sub(r.At)), r.Reason, r.Version)
+	}
+	for _, u := range p.Unusable {
+		fmt.Fprintf(tw, "\t%s device %s not served: missing %s\n", problemMark, u.ID, strings.Join(u.Missing, ", "))
+		fmt.Fprintf(tw, "\t   fix: %s\n", u.Fix)
 	}
 	tw.Flush()
 

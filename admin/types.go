@@ -120,6 +120,17 @@ type PolicyStatus struct {
 	// AgeSeconds is Now - AppliedAt (filled by the server when zero).
 	AgeSeconds  float64  `json:"age_seconds"`
 	LastRefusal *Refusal `json:"last_refusal,omitempty"`
+	// Unusable are devices the platform gives the gateway's account that
+	// are not served until the gateway's registry completes them.
+	Unusable []UnusableDevice `json:"unusable,omitempty"`
+}
+
+// UnusableDevice is a device left out of the policy for want of something
+// only the installer can supply (an entity type, delegated K1/K2).
+type UnusableDevice struct {
+	ID      string   `json:"id"`
+	Missing []string `json:"missing"`
+	Fix     string   `json:"fix"` // the command that supplies it
 }
 
 // Refusal is a policy bundle that was refused.

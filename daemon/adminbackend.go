@@ -92,6 +92,9 @@ func (b *adminBackend) Status(ctx context.Context) admin.Status {
 		if r := ss.LastRefusal; r != nil {
 			st.Policy.LastRefusal = &admin.Refusal{At: r.At, Reason: r.Reason}
 		}
+		for _, u := range ss.Unusable {
+			st.Policy.Unusable = append(st.Policy.Unusable, admin.UnusableDevice{ID: u.ID, Missing: u.Missing, Fix: u.Fix})
+		}
 		st.Stages = append(st.Stages, admin.StageStatus{Name: "central (policy sync)",
 			Healthy: !strings.HasPrefix(ss.LastFetchResult, "error"),
 			Detail:  syncDetail(ss)})

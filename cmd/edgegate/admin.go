@@ -688,3 +688,28 @@ func diskVerdict(dir string, free, total int64) checkResult {
 	}
 	return pass(detail)
 }
+
+// checkPlatformDevices lists the devices the platform gives the account
+// that the running daemon cannot serve (no entity type anywhere, delegated
+// without K1/K2), with the command that fixes each. Only the daemon knows
+// them (from its last sync); without it, say so. They do not make the file
+// invalid: the exit status stays 0.
+func checkPlatformDevices(socket string, stdout io.Writer) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c := admin.NewClient(socket)
+	defer c.CloseIdle()
+	st, err := c.Status(ctx)
+	if err != nil {
+		fmt.Fprintf(stdout, "platform devices: not checked, the daemon is not reachable at %s (edgegate status lists devices it cannot serve)\n", socket)
+		return
+	}
+	if len(st.Policy.Unusable) == 0 {
+		fmt.Fprintln(stdout, "platform devices: every device of the last sync is served")
+		return
+	}
+	fmt.Fprintf(stdout, "platform devices: %s not served:\n", admin.Plural(len(st.Policy.Unusable), "device", "devices"))
+	for _, u := range st.Policy.Unusable {
+		fmt.Fprintf(stdout, "!! %s: missing %s\n   fix: %s\n", u.ID, strings.Join(u.Missing, ", "), u.Fix)
+	}
+}

@@ -175,6 +175,7 @@ func runConfig(args []string, stdout, stderr io.Writer) error {
 		fs := flag.NewFlagSet("config check", flag.ContinueOnError)
 		fs.SetOutput(stderr)
 		path := fs.String("config", "/etc/edgegate/edgegate.yaml", "configuration file")
+		socket := fs.String("socket", "", "the running daemon's admin socket (default: admin.socket of the file)")
 		if err := fs.Parse(args[1:]); err != nil {
 			return err
 		}
@@ -183,6 +184,12 @@ func runConfig(args []string, stdout, stderr io.Writer) error {
 			return &exitError{code: 2, err: err}
 		}
 		fmt.Fprintf(stdout, "%s: valid (%d devices, mqtt %s)\n", *path, len(cfg.Devices), cfg.MQTT.Mode)
+		if cfg.Policy.Source == config.PolicyOwnership {
+			if *socket == "" {
+				*socket = cfg.Admin.Socket
+			}
+			checkPlatformDevices(*socket, stdout)
+		}
 		return nil
 	}
 	return &exitError{code: 2, err: fmt.Errorf("unknown config command %q (template, check)", args[0])}
