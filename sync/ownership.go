@@ -110,6 +110,7 @@ const (
 	skipReadOnly      = "read_only_delegation"   // received without a write kind: not the gateway's to write
 	skipNotToAccount  = "not_delegated_to_us"    // a received row naming another user
 	skipKeysMissing   = "delegated_keys_missing" // received with a write kind, K1/K2 nowhere
+	skipRadioConflict = "radio_conflict"         // bound to a radio source another device already has
 )
 
 // UnusableDevice is a device the platform gives this gateway's account that
@@ -311,7 +312,7 @@ const (
 // gateway's id (for edgegateway_uri bindings).
 func buildOwnershipDocument(in ownershipInput, o OwnershipOptions, gateway string) (policy.Document, []skip, []UnusableDevice) {
 	b := &docBuilder{o: o, gateway: gateway, elementToID: map[string]string{}, owners: map[string]string{},
-		seen: map[string]bool{}, dseen: map[policy.Delegation]bool{}}
+		seen: map[string]bool{}, radio: map[policy.RadioBinding]string{}, dseen: map[policy.Delegation]bool{}}
 	for _, r := range in.Rows {
 		b.owned(r)
 	}
@@ -348,6 +349,7 @@ type docBuilder struct {
 	elementToID map[string]string // accepted owned rows only
 	owners      map[string]string // device id → owner
 	seen        map[string]bool   // device ids in the document
+	radio       map[policy.RadioBinding]string
 	dseen       map[policy.Delegation]bool
 }
 
@@ -493,6 +495,15 @@ func (b *docBuilder) add(reg policy.Registration, name, element string, delegate
 	if _, err := policy.New(1, SourceOwnership, []policy.Registration{reg}); err != nil {
 		b.skip(skipInvalid, name+": "+rowError(err))
 		return false
+	}
+	if rb := reg.Radio; rb != nil {
+		// Two bindings of one radio source would make the whole document
+		// fail to compile: the first device keeps it.
+		if other, taken := b.radio[*rb]; taken {
+			b.skip(skipRadioConflict, name+": radio source already bound to "+other)
+			return false
+		}
+		b.radio[*rb] = reg.ID
 	}
 	b.seen[reg.ID] = true
 	b.owners[reg.ID] = reg.Owner

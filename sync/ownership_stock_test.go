@@ -456,3 +456,23 @@ func TestOwnershipMaxAgeOptions(t *testing.T) {
 		t.Fatalf("max age 1s: %v", err)
 	}
 }
+
+// Two devices bound to one radio source: the first keeps it, the second is
+// left out with a reason, and the rest of the policy stands.
+func TestOwnershipRadioConflictCostsOneDevice(t *testing.T) {
+	rb := &policy.RadioBinding{Port: "/dev/ttyUSB0", Node: 5, Child: -1}
+	in := ownershipInput{Rows: decodeList[ownershipRow](t,
+		ownedRow("first", `{"k1":"`+polK1+`1","k2":"`+polK2+`1","contextbroker":"orion-1"}`),
+		ownedRow("second", `{"k1":"`+polK1+`2","k2":"`+polK2+`2","contextbroker":"orion-1"}`),
+		ownedRow("third", `{"k1":"`+polK1+`3","k2":"`+polK2+`3","contextbroker":"orion-1"}`))}
+	reg := mapRegistry{"first": {ID: "first", Radio: rb}, "second": {ID: "second", Radio: rb}}
+	doc, skipped, _ := buildOwnershipDocument(in, OwnershipOptions{Username: "alice", Brokers: polBrokers, DefaultType: "T", Registry: reg}, polGateway)
+	if len(doc.Devices) != 2 || doc.Devices[0].ID != "first" || doc.Devices[1].ID != "third" ||
+		len(skipped) != 1 || skipped[0].Reason != skipRadioConflict || !strings.Contains(skipped[0].Detail, "first") {
+		t.Fatalf("devices %+v skipped %+v", doc.Devices, skipped)
+	}
+	doc.Version = 1
+	if _, err := policy.Compile(doc, SourceOwnership, ""); err != nil {
+		t.Fatal(err)
+	}
+}
