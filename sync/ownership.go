@@ -302,7 +302,7 @@ func bindFix(id string, missing []string) string {
 
 const (
 	missingType  = "entity type"
-	missingKeys  = "K1/K2"
+	missingKeys  = "K1/K2 (delegated to this account; the delegation carries none: ask the owner)"
 	missingRadio = "radio binding (optional: without one the device reaches the gateway over MQTT only)"
 )
 
@@ -423,7 +423,7 @@ func (b *docBuilder) owned(r ownershipRow) {
 		}
 	}
 	if inRegistry {
-		overlay(&reg, local, false)
+		overlay(&reg, local)
 	}
 	if reg.Type == "" {
 		reg.Type = b.o.DefaultType
@@ -434,9 +434,9 @@ func (b *docBuilder) owned(r ownershipRow) {
 }
 
 // overlay puts the registry's type, binding and signing over what the
-// platform said; K1/K2 only where the platform gave none (withKeys) —
-// the platform's keys are the ones its filter checks.
-func overlay(reg *policy.Registration, local policy.Registration, withKeys bool) {
+// platform said; K1/K2 only where the platform gave none: the platform's
+// keys are the ones its filter checks.
+func overlay(reg *policy.Registration, local policy.Registration) {
 	if local.Type != "" {
 		reg.Type = local.Type
 	}
@@ -450,7 +450,7 @@ func overlay(reg *policy.Registration, local policy.Registration, withKeys bool)
 			reg.PublicKeys = local.PublicKeys
 		}
 	}
-	if withKeys || (reg.K1 == "" && reg.K2 == "") {
+	if reg.K1 == "" && reg.K2 == "" {
 		if local.K1 != "" && local.K2 != "" {
 			reg.K1, reg.K2 = local.K1, local.K2
 		}
@@ -592,7 +592,7 @@ func (b *docBuilder) received(rows []delegationRow) {
 		}
 		reg := policy.Registration{ID: id, Owner: m.first.UsernameDelegator, Broker: broker, K1: m.k1, K2: m.k2}
 		if local, ok := b.lookup(id); ok {
-			overlay(&reg, local, false)
+			overlay(&reg, local)
 		}
 		if reg.Type == "" {
 			reg.Type = b.o.DefaultType
