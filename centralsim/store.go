@@ -137,6 +137,13 @@ func (s *Server) addDeviceLocked(d Device) {
 	s.devices[d.ID] = d
 	s.noteRegistrationLocked(d)
 	if e, ok := s.entities[entKey("", d.ID)]; ok && e.typ == d.Type {
+		// Re-registered: newly declared attributes join the entity, the
+		// values written so far stay.
+		for _, a := range d.Attrs {
+			if _, has := e.attrs[a]; !has {
+				e.attrs[a] = ngsiAttr{Type: typeText, Value: json.RawMessage(`""`)}
+			}
+		}
 		return
 	}
 	attrs := make(map[string]string, len(d.Attrs))
@@ -287,36 +294,6 @@ func (s *Server) Summary() Summary {
 		sum.Fault = &f
 	}
 	return sum
-}
-
-// canAccess reports whether user may write (or read) device: owner, or a
-// delegation of a kind that grants it. Caller holds s.mu.
-func (s *Server) canAccessLocked(device, user string, write bool) bool {
-	d, ok := s.devices[device]
-	if !ok {
-		return false
-	}
-	if d.Owner == user {
-		return true
-	}
-	for _, dl := range s.delegs {
-		if dl.Device != device || dl.User != user {
-			continue
-		}
-		switch dl.Kind {
-		case KindReadWrite, KindModify:
-			return true
-		case KindWriteOnly:
-			if write {
-				return true
-			}
-		case KindReadAccess:
-			if !write {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 func (s *Server) refuse(r Refusal) {
