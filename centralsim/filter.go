@@ -122,6 +122,11 @@ func (t *trustedIssuer) keySet(ctx context.Context) (jwk.Set, error) {
 // without default checks, then isExpired) and names its user
 // (preferred_username, else "username").
 func (s *Server) filterUser(ctx context.Context, raw string) (string, error) {
+	// Keycloak's JWSInput base64url-decodes the parts as they are: a
+	// space left by a sloppy cut (two spaces after "Bearer") fails there.
+	if strings.IndexFunc(raw, func(r rune) bool { return !isJWSChar(r) }) >= 0 {
+		return "", errors.New("access token is not a compact JWS")
+	}
 	user, _, err := s.verifyToken(raw)
 	if err == nil {
 		return user, nil
@@ -149,6 +154,10 @@ func (s *Server) filterUser(ctx context.Context, raw string) (string, error) {
 		return "", errors.New("access token names no user")
 	}
 	return "", err
+}
+
+func isJWSChar(r rune) bool {
+	return r == '.' || r == '-' || r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z'
 }
 
 // parseWithSet verifies raw with the key of set named by its "kid", the
