@@ -48,8 +48,12 @@ const (
 	MsgTroubleDelegation = "Trouble in getDelegatedCredentials, see logs"
 )
 
-// FilterPrefixes are the two mounts of the filter: {base}{prefix}{broker}/v2/...
-var FilterPrefixes = []string{"/orion-filter/", "/orionfilter/"}
+// The two mounts of the filter in a Snap4City deploy's nginx:
+// {base}{prefix}{broker}/v2/... (SNAP4CITY.md).
+const (
+	FilterPrefix    = "/orion-filter/"
+	FilterPrefixAlt = "/orionfilter/"
+)
 
 // DirectPath is where the bare Orion is mounted, after URL(): a broker
 // reached on a private network, without the filter and without auth.
@@ -600,7 +604,7 @@ func (s *Server) orionFaultBehindFilter(c orionCall) bool {
 	return true
 }
 
-// directHandler serves the bare Orion at DirectPath: no filter, no auth.
+// directRoutes serves the bare Orion at DirectPath: no filter, no auth.
 func (s *Server) directRoutes(mux *http.ServeMux) {
 	wrap := func(h func(http.ResponseWriter, *http.Request)) http.Handler {
 		return s.withFaults(TargetOrion, http.HandlerFunc(h))
@@ -619,7 +623,7 @@ func (s *Server) directRoutes(mux *http.ServeMux) {
 
 // brokerRoutes mounts the filter (both prefixes) and the bare Orion.
 func (s *Server) brokerRoutes(mux *http.ServeMux) {
-	for _, p := range FilterPrefixes {
+	for _, p := range []string{FilterPrefix, FilterPrefixAlt} {
 		base := p + s.opts.BrokerName
 		mux.Handle(base+"/", s.withFaults(TargetBroker, s.filterHandler(base)))
 	}

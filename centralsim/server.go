@@ -4,8 +4,9 @@
 //
 //   - an OpenID Connect provider with Keycloak's paths (discovery, JWKS,
 //     token endpoint with the client_credentials and refresh_token grants);
-//   - an Orion Broker Filter in front of an in-memory NGSI v2 entity store,
-//     with the filter's 401 answers and Orion's own 400/404/422;
+//   - the Orion Broker Filter in front of an in-memory Orion 3.12, answer
+//     for answer (filter.go, filtercache.go, orion.go; README.md lists
+//     what is simulated), and the same Orion bare at DirectBrokerURL;
 //   - the platform's Ownership API and the personal-data service's
 //     delegation lists (ownership.go);
 //   - the central side of policy sync: signed policy bundles per gateway, the
@@ -75,7 +76,7 @@ type Device struct {
 	Owner string   `json:"owner"`
 	K1    string   `json:"k1,omitempty"`
 	K2    string   `json:"k2,omitempty"`
-	Attrs []string `json:"attrs,omitempty"` // model attributes; empty = accept any
+	Attrs []string `json:"attrs,omitempty"` // model attributes: the entity's, with latitude and longitude; Orion updates only these
 	// Radio binds the device to a radio source at its gateway; it is
 	// carried into policy bundles.
 	Radio *policy.RadioBinding `json:"radio,omitempty"`
