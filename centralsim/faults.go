@@ -192,6 +192,9 @@ func (s *Server) withFaults(target string, next http.Handler) http.Handler {
 			return
 		}
 		ref := Refusal{Method: r.Method, Path: r.URL.Path, Device: r.PathValue("id"), Fault: true}
+		if ref.Device == "" {
+			ref.Device = v2DeviceID(r.URL.Path) // the filter's routes have no pattern
+		}
 		switch f.Mode {
 		case FaultSlow:
 			t := time.NewTimer(f.Delay)
