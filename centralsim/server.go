@@ -113,13 +113,11 @@ type Options struct {
 	Clients       []Client
 	Devices       []Device
 	Delegations   []Delegation
-	// CheckKeys is the former name of K1K2Auth. Deprecated: stock has no
-	// "token and keys" check; it now means K1K2Auth.
-	CheckKeys  bool
-	TokenTTL   time.Duration
-	RefreshTTL time.Duration
-	Logger     *slog.Logger
-	Now        func() time.Time
+	CheckKeys     bool // Deprecated: means K1K2Auth (stock has no "token and keys" check)
+	TokenTTL      time.Duration
+	RefreshTTL    time.Duration
+	Logger        *slog.Logger
+	Now           func() time.Time
 
 	// Policy sync (see policybundle.go).
 
