@@ -19,9 +19,7 @@ func (s *Server) routes() http.Handler {
 	mux.HandleFunc("GET "+realm+"/protocol/openid-connect/certs", s.handleJWKS)
 	mux.Handle(realm+"/protocol/openid-connect/token", s.withFaults(TargetToken, http.HandlerFunc(s.handleTokenPairing)))
 
-	mux.Handle("PATCH "+BrokerPath+"/v2/entities/{id}/attrs", s.withFaults(TargetBroker, http.HandlerFunc(s.handlePatchAttrs)))
-	mux.Handle("GET "+BrokerPath+"/v2/entities/{id}", s.withFaults(TargetBroker, http.HandlerFunc(s.handleGetEntity)))
-	mux.Handle("POST "+BrokerPath+"/v2/op/update", s.withFaults(TargetBroker, http.HandlerFunc(s.handleBatchUpdate)))
+	s.brokerRoutes(mux) // filter.go: the Orion Broker Filter and the bare Orion
 
 	admin := func(pattern string, h http.HandlerFunc) { mux.Handle(pattern, s.adminOnly(h)) }
 	admin("GET /_sim/updates", s.handleAdminUpdates)
@@ -33,6 +31,7 @@ func (s *Server) routes() http.Handler {
 	admin("POST /_sim/devices", s.handleAdminAddDevice)
 	admin("DELETE /_sim/devices/{id}", s.handleAdminRemoveDevice)
 	admin("PUT /_sim/delegations", s.handleAdminSetDelegations)
+	admin("DELETE /_sim/filter-cache", s.handleAdminClearFilterCache)
 	s.syncRoutes(mux, admin)
 	s.pairingRoutes(mux, admin) // pairing.go, iotdirectory.go
 	return s.logRequests(mux)
@@ -134,6 +133,12 @@ func (s *Server) handleAdminSetDelegations(w http.ResponseWriter, r *http.Reques
 		}
 	}
 	s.SetDelegations(ds)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// handleAdminClearFilterCache empties the filter's cache (a filter restart).
+func (s *Server) handleAdminClearFilterCache(w http.ResponseWriter, r *http.Request) {
+	s.ClearFilterCache()
 	w.WriteHeader(http.StatusNoContent)
 }
 

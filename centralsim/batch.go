@@ -10,156 +10,230 @@ import (
 // below it, and does (uplink.Options.BatchBytes).
 const maxBatchBytes = maxUpdateBytes
 
-type batchRequest struct {
-	ActionType string            `json:"actionType"`
-	Entities   []json.RawMessage `json:"entities"`
-}
+// orionDefaultEntityType is the type Orion gives an entity created without
+// one (DEFAULT_ENTITY_TYPE, src/lib/common/defaultValues.h).
+const orionDefaultEntityType = "Thing"
 
 type batchEntity struct {
 	id, typ string
-	dev     Device
-	attrs   parsedAttrs
+	attrs   []orionAttr
+	v       verdict
 }
 
-// handleBatchUpdate is POST /v2/op/update with actionType "append" (or
-// "update", "appendStrict"): NGSI v2 batch update, as a gateway uses it
-// against a broker it reaches without the filter.
+// handleBatchUpdate is POST /v2/op/update on the bare Orion (DirectPath):
+// the Orion Broker Filter has no such route, so only a gateway that reaches
+// its broker directly batches. Semantics of Orion 3.12
+// (src/lib/jsonParseV2/parseBatchUpdate.cpp, MongoCommonUpdate.cpp and the
+// functional tests 0000_update_error_responses/error_responses_09*):
 //
-// The checks are the filter's and Orion's, per entity: Bearer token,
-// ownership (or a write delegation) of every entity, entity existence and
-// type, attribute syntax; then each entity's signature attribute is
-// verified like a PATCH's. The batch is all or nothing here: one refused
-// entity refuses the whole request and nothing is applied (real Orion
-// applies the entities before a failing one; a gateway that retries a
-// refused batch entity by entity, as edgegate's uplink does, is correct
-// under both). Entities are applied in array order, each recorded as one
-// Update, so several entities with the same id in one batch are several
-// updates, in order — as Orion processes them.
+//   - "append": a missing entity is created (type "Thing" when none is
+//     given); attributes are added or updated;
+//   - "appendStrict": as append, but attributes that exist are not
+//     touched and reported (422 Unprocessable "one or more of the
+//     attributes in the request already exist: …");
+//   - "update": existing entities and attributes only; the rest is
+//     reported "do not exist: …" with 404 NotFound (no entity exists),
+//     422 Unprocessable (nothing written) or 422 PartialUpdate (some
+//     written: those WERE applied);
+//   - "delete" and "replace" answer 501 (not simulated).
+//
+// Entities are processed in array order; each one with something applied
+// is recorded as one Update, with the verdict of its signatures.
 func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 	ref := Refusal{Method: r.Method, Path: r.URL.Path}
-	user, err := s.verifyAccessToken(r)
-	if err != nil {
-		s.refuseFilter(w, ref, MsgAccessTokenNotValid)
+	fail := func(f *orionFail) { s.refuseOrion(w, ref, f.status, f.code, f.desc) }
+	t, f := tenantOf(r)
+	if f != nil {
+		fail(f)
 		return
 	}
-	ref.User = user
-	body, ok := s.readOrionBody(w, r, ref, maxBatchBytes)
-	if !ok {
+	body, f := readBody(w, r, maxBatchBytes)
+	if f == nil {
+		f = orionContentType(r, len(body))
+	}
+	if f != nil {
+		fail(f)
 		return
 	}
-	var req batchRequest
+	var req struct {
+		ActionType json.RawMessage   `json:"actionType"`
+		Entities   []json.RawMessage `json:"entities"`
+	}
 	if err := json.Unmarshal(body, &req); err != nil {
-		s.refuseOrion(w, ref, http.StatusBadRequest, "ParseError", orionParseErrorDesc)
+		fail(parseFail())
 		return
 	}
-	switch req.ActionType {
+	var action string
+	if json.Unmarshal(req.ActionType, &action) != nil {
+		fail(badRequest("invalid JSON type for actionType"))
+		return
+	}
+	switch action {
 	case "append", "appendStrict", "update":
+	case "delete", "replace":
+		s.notSimulated(w, ref, "op/update "+action+" actions")
+		return
 	default:
-		s.refuseOrion(w, ref, http.StatusBadRequest, "BadRequest", "invalid update action type: "+req.ActionType)
+		// Sic: Orion's text says "appendStric".
+		fail(badRequest("invalid update action type: right ones are: append, appendStric, delete, replace, update"))
 		return
 	}
 	if len(req.Entities) == 0 {
-		s.refuseOrion(w, ref, http.StatusBadRequest, "BadRequest", "empty entities vector")
+		fail(badRequest(orionEmptyEntities))
 		return
 	}
 	ents := make([]batchEntity, 0, len(req.Entities))
 	for _, raw := range req.Entities {
-		e, code, desc := parseBatchEntity(raw)
-		if code != "" {
+		e, f := parseBatchEntity(raw)
+		if f != nil {
 			ref.Device = e.id
-			s.refuseOrion(w, ref, http.StatusBadRequest, code, desc)
+			fail(f)
 			return
 		}
 		ents = append(ents, e)
 	}
 
-	// Filter checks: ownership of every entity.
-	s.mu.Lock()
-	for i := range ents {
-		e := &ents[i]
-		if !s.canAccessLocked(e.id, user, true) {
-			s.mu.Unlock()
-			ref.Device = e.id
-			s.refuseFilter(w, ref, MsgCredentialsNotValid)
-			return
-		}
-		e.dev = s.devices[e.id]
-		if ent, ok := s.entities[e.id]; !ok || (e.typ != "" && ent.typ != e.typ) {
-			s.mu.Unlock()
-			ref.Device = e.id
-			s.refuseOrion(w, ref, http.StatusNotFound, "NotFound", orionNotFoundDesc)
-			return
-		}
-	}
-	s.mu.Unlock()
-
 	// Verify outside the lock: it is the slow part.
-	ups := make([]Update, len(ents))
 	for i := range ents {
-		e := &ents[i]
-		verdict, detail, claims := s.verdictOf(e.dev, e.attrs.raw)
-		attrs := e.attrs.raw
-		delete(attrs, "id")
-		delete(attrs, "type")
-		ups[i] = Update{Device: e.id, User: user, Attrs: attrs, Verdict: verdict, Detail: detail}
-		if claims.Version != 0 {
-			ups[i].Gateway, ups[i].Seq = claims.Gateway, claims.Seq
-			ups[i].Alg, ups[i].KeyID = s.keyOfSignature(attrs)
-		}
+		s.mu.Lock()
+		dev := s.devices[ents[i].id]
+		s.mu.Unlock()
+		ents[i].v = s.verdictOf(dev, ents[i].id, ents[i].attrs)
 	}
 
-	s.mu.Lock()
-	now := s.now()
-	for i := range ents {
-		ent := s.entities[ents[i].id]
-		if ent == nil { // removed meanwhile: Orion's append would create it
-			ent = &entity{id: ents[i].id, typ: ents[i].dev.Type, attrs: map[string]ngsiAttr{}}
-			s.entities[ents[i].id] = ent
+	var (
+		ups        []Update
+		desc       string // Orion's accumulated description
+		anyEntity  bool   // some entity existed (or was created)
+		anyApplied bool
+		anyFailed  bool
+	)
+	addDesc := func(first, next string) {
+		if desc == "" {
+			desc = first
+		} else {
+			desc += next
 		}
-		ent.update(ents[i].attrs.parsed)
-		ups[i].Time = now
-		s.recordLocked(&ups[i])
+	}
+	s.mu.Lock()
+	for _, be := range ents {
+		key := entKey(t.service, be.id)
+		e, ok := s.entities[key]
+		if ok && (be.typ != "" && e.typ != be.typ || e.servicePath != t.updatePath()) {
+			ok = false
+		}
+		name := enStr(be.id, be.typ)
+		var res applyResult
+		switch action {
+		case "update":
+			if !ok {
+				anyFailed = true
+				addDesc(orionDoNotExist+name+" - [entity itself]", ", "+name+" [entity itself]")
+				continue
+			}
+			res = updateExistingLocked(e, be.attrs)
+			if len(res.missing) > 0 {
+				anyFailed = true
+				addDesc(orionDoNotExist+name+" - "+notExistList(res.missing), ", "+name+" - "+notExistList(res.missing))
+			}
+		default: // append, appendStrict
+			if !ok {
+				typ := be.typ
+				if typ == "" {
+					typ = orionDefaultEntityType
+				}
+				e = &entity{id: be.id, typ: typ, servicePath: t.updatePath(), attrs: map[string]ngsiAttr{}}
+				s.entities[key] = e
+			}
+			attrs := be.attrs
+			if action == "appendStrict" {
+				var fresh []orionAttr
+				var exist []string
+				for _, a := range attrs {
+					if _, dup := e.attrs[a.name]; dup {
+						exist = append(exist, a.name)
+					} else {
+						fresh = append(fresh, a)
+					}
+				}
+				if len(exist) > 0 {
+					anyFailed = true
+					addDesc("one or more of the attributes in the request already exist: "+name+" - "+notExistList(exist), ", "+name+" - "+notExistList(exist))
+				}
+				attrs = fresh
+			}
+			res = appendLocked(e, attrs)
+		}
+		anyEntity = true
+		if len(res.applied) > 0 {
+			anyApplied = true
+			u := s.newUpdate(be.id, "", res.applied, be.v)
+			s.recordLocked(u)
+			ups = append(ups, *u)
+		}
 	}
 	s.mu.Unlock()
 	for _, u := range ups {
 		s.notify(u)
 	}
-	s.log.Debug("batch update accepted", "user", user, "entities", len(ents))
-	w.WriteHeader(http.StatusNoContent)
+	s.log.Debug("batch update", "action", action, "entities", len(ents), "recorded", len(ups))
+	switch {
+	case !anyFailed:
+		w.WriteHeader(http.StatusNoContent)
+	case !anyEntity:
+		fail(&orionFail{http.StatusNotFound, orionErrNotFound, desc})
+	case !anyApplied:
+		fail(&orionFail{http.StatusUnprocessableEntity, orionErrUnprocess, desc})
+	default:
+		fail(&orionFail{http.StatusUnprocessableEntity, orionErrPartial, desc})
+	}
 }
 
 // parseBatchEntity parses one entity of an op/update: "id", optional
-// "type", and NGSI attributes.
-func parseBatchEntity(raw json.RawMessage) (batchEntity, string, string) {
-	var m map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &m); err != nil || m == nil {
-		return batchEntity{}, "ParseError", orionParseErrorDesc
+// "type", and NGSI attributes (parseEntityObject.cpp, then each attribute
+// as parseContextAttribute).
+func parseBatchEntity(raw json.RawMessage) (batchEntity, *orionFail) {
+	names, vals, ok := orderedMembers(raw)
+	if !ok {
+		return batchEntity{}, parseFail()
 	}
 	var e batchEntity
-	if err := json.Unmarshal(m["id"], &e.id); err != nil || e.id == "" {
-		return batchEntity{}, "BadRequest", "entity id is missing or not a string"
-	}
-	if t, ok := m["type"]; ok {
-		if err := json.Unmarshal(t, &e.typ); err != nil {
-			return e, "BadRequest", "entity type is not a string"
+	var an []string
+	var av []json.RawMessage
+	hasID := false
+	for i, n := range names {
+		switch n {
+		case "id":
+			if jsonKind(vals[i]) != "String" {
+				return e, badRequest(orionJTypeEntID)
+			}
+			_ = json.Unmarshal(vals[i], &e.id)
+			hasID = true
+		case "type":
+			if jsonKind(vals[i]) != "String" {
+				return e, badRequest(orionJTypeEntType)
+			}
+			_ = json.Unmarshal(vals[i], &e.typ)
+			if e.typ == "" {
+				return e, badRequest("entity type length: 0, min length supported: 1")
+			}
+			if forbiddenIDChars(e.typ) {
+				return e, badRequest(orionCharEntType)
+			}
+		default:
+			an, av = append(an, n), append(av, vals[i])
 		}
 	}
-	// Parse the attributes alone, then put id and type back for the
-	// signature check (VerifyAttrs matches the entity id with the claims).
-	attrsOnly := make(map[string]json.RawMessage, len(m))
-	for k, v := range m {
-		if k != "id" && k != "type" {
-			attrsOnly[k] = v
-		}
+	if !hasID || e.id == "" {
+		return e, badRequest(orionEmptyEntityID)
 	}
-	attrs, code, desc := parseAttrMap(attrsOnly)
-	if code != "" {
-		return e, code, desc
+	if forbiddenIDChars(e.id) {
+		return e, badRequest(orionCharEntID)
 	}
-	attrs.raw["id"] = m["id"]
-	if t, ok := m["type"]; ok {
-		attrs.raw["type"] = t
+	attrs, f := parseAttrList(an, av)
+	if f != nil {
+		return e, f
 	}
 	e.attrs = attrs
-	return e, "", ""
+	return e, nil
 }

@@ -30,12 +30,13 @@ func TestBatchUpdate(t *testing.T) {
 	f := newFixture(t, func(o *Options) {
 		o.OnUpdate = func(u Update) { mu.Lock(); seen = append(seen, u); mu.Unlock() }
 	})
-	url := f.sim.BrokerURL() + "/v2/op/update"
+	// The bare Orion: no filter, no token.
+	url := f.sim.DirectBrokerURL() + "/v2/op/update"
 	b1, _ := sealed(t, devTemp, k1, k2, 1, 20.5)
 	b2, _ := sealed(t, devTemp, k1, k2, 2, 21.5)
 	bad, _ := sealed(t, devTemp, k1, "wrong", 3, 22.5)
 
-	r := f.mustDo(t, "POST", url, f.token(t, "alice", time.Minute), batchOf(t, []string{devTemp, devTemp, devTemp}, [][]byte{b1, b2, bad}))
+	r := f.mustDo(t, "POST", url, "", batchOf(t, []string{devTemp, devTemp, devTemp}, [][]byte{b1, b2, bad}))
 	if r.status != 204 {
 		t.Fatalf("POST op/update = %d %s, want 204", r.status, r.body)
 	}
@@ -47,6 +48,9 @@ func TestBatchUpdate(t *testing.T) {
 		if ups[i].Verdict != want {
 			t.Errorf("update %d verdict = %q (%s), want %q", i, ups[i].Verdict, ups[i].Detail, want)
 		}
+		if ups[i].User != "" {
+			t.Errorf("update %d user = %q: the bare Orion knows no user", i, ups[i].User)
+		}
 	}
 	if ups[0].Seq != 1 || ups[1].Seq != 2 {
 		t.Errorf("seqs = %d, %d, want 1, 2 in array order", ups[0].Seq, ups[1].Seq)
@@ -56,36 +60,72 @@ func TestBatchUpdate(t *testing.T) {
 		t.Errorf("OnUpdate calls = %d, want 3", len(seen))
 	}
 	mu.Unlock()
+	if e, _ := f.sim.Entity(devTemp); e["temperature"].(map[string]any)["value"] != 22.5 {
+		t.Errorf("temperature = %v, want the last entity's 22.5", e["temperature"])
+	}
 
 	// A second copy of seq 1 is a duplicate.
-	f.mustDo(t, "POST", url, f.token(t, "alice", time.Minute), batchOf(t, []string{devTemp}, [][]byte{b1}))
+	f.mustDo(t, "POST", url, "", batchOf(t, []string{devTemp}, [][]byte{b1}))
 	if ups := f.sim.Updates(); !ups[len(ups)-1].Duplicate {
 		t.Error("repeated (device, seq) not marked duplicate")
 	}
 
+	// append creates a missing entity (Orion's default type when none).
+	r = f.mustDo(t, "POST", url, "", []byte(`{"actionType":"append","entities":[{"id":"new-1","x":{"type":"Number","value":1}}]}`))
+	if e, ok := f.sim.Entity("new-1"); r.status != 204 || !ok || e["type"] != "Thing" {
+		t.Fatalf("append of a new entity: %d %s, entity %v", r.status, r.body, e)
+	}
+
+	// Orion 3.12's answers (error_responses_09b_batch_update_update.test).
 	tests := []struct {
-		name, user string
-		body       []byte
+		name       string
+		body       string
 		status     int
+		code, desc string
+		recorded   int
 	}{
-		{"stranger", "mallory", batchOf(t, []string{devTemp}, [][]byte{b1}), 401},
-		{"read-only delegate", "reader", batchOf(t, []string{devTemp}, [][]byte{b1}), 401},
-		{"one unknown entity refuses all", "alice", batchOf(t, []string{devTemp, "nope"}, [][]byte{b1, b2}), 401},
-		{"not JSON", "alice", []byte("{"), 400},
-		{"bad action", "alice", []byte(`{"actionType":"delete","entities":[{"id":"x"}]}`), 400},
-		{"empty", "alice", []byte(`{"actionType":"append","entities":[]}`), 400},
+		{"update: no entity exists", `{"actionType":"update","entities":[{"id":"F","type":"T","A":{"value":1}},{"id":"G","type":"T","A":{"value":1}}]}`,
+			404, "NotFound", "do not exist: F/T - [entity itself], G/T [entity itself]", 0},
+		{"update: nothing written", `{"actionType":"update","entities":[{"id":"new-1","type":"Thing","C":{"value":1},"D":{"value":1}},{"id":"G","type":"T","A":{"value":1}}]}`,
+			422, "Unprocessable", "do not exist: new-1/Thing - [ C, D ], G/T [entity itself]", 0},
+		{"update: partial", `{"actionType":"update","entities":[{"id":"new-1","type":"Thing","x":{"value":2},"D":{"value":1}},{"id":"G","type":"T","A":{"value":1}}]}`,
+			422, "PartialUpdate", "do not exist: new-1/Thing - [ D ], G/T [entity itself]", 1},
+		{"appendStrict: existing attribute", `{"actionType":"appendStrict","entities":[{"id":"new-1","x":{"value":3},"y":{"value":1}}]}`,
+			422, "PartialUpdate", "one or more of the attributes in the request already exist: new-1 - [ x ]", 1},
+		{"not JSON", `{`, 400, "ParseError", orionParseErrorDesc, 0},
+		{"bad action", `{"actionType":"upsert","entities":[{"id":"x"}]}`, 400, "BadRequest", "invalid update action type: right ones are: append, appendStric, delete, replace, update", 0},
+		{"delete is not simulated", `{"actionType":"delete","entities":[{"id":"x"}]}`, 501, "NotImplemented", "", 0},
+		{"empty", `{"actionType":"append","entities":[]}`, 400, "BadRequest", "empty entities vector", 0},
+		{"entity without id", `{"actionType":"append","entities":[{"type":"T"}]}`, 400, "BadRequest", "entity id length: 0, min length supported: 1", 0},
+		{"forbidden value", `{"actionType":"append","entities":[{"id":"new-1","x":{"value":"a<b"}}]}`, 400, "BadRequest", OrionInvalidValueChars, 0},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			before := len(f.sim.Updates())
-			r := f.mustDo(t, "POST", url, f.token(t, tt.user, time.Minute), tt.body)
-			if r.status != tt.status {
-				t.Errorf("status = %d %s, want %d", r.status, r.body, tt.status)
+			r := f.mustDo(t, "POST", url, "", []byte(tt.body))
+			oe := orionErr(t, r)
+			if r.status != tt.status || oe.Error != tt.code || (tt.desc != "" && oe.Description != tt.desc) {
+				t.Errorf("got %d %+v, want %d %s %q", r.status, oe, tt.status, tt.code, tt.desc)
 			}
-			if got := len(f.sim.Updates()); got != before {
-				t.Errorf("updates %d -> %d: a refused batch applied something", before, got)
+			if got := len(f.sim.Updates()) - before; got != tt.recorded {
+				t.Errorf("%d updates recorded, want %d", got, tt.recorded)
 			}
 		})
+	}
+	if e, _ := f.sim.Entity("new-1"); e["x"].(map[string]any)["value"] != 2.0 || e["y"] == nil {
+		t.Errorf("after the partial update and appendStrict: %v", e)
+	}
+
+	// The filter has no op/update: Spring's 404 once the filter let the
+	// request through, its 401 when no elementid names an element.
+	alice := f.token(t, "alice", time.Minute)
+	r = f.mustDo(t, "POST", f.sim.BrokerURL()+"/v2/op/update", alice, batchOf(t, []string{devTemp}, [][]byte{b1}))
+	if r.status != 401 || r.message(t) != MsgMissingElementID {
+		t.Errorf("op/update through the filter: %d %s", r.status, r.body)
+	}
+	r = f.mustDo(t, "POST", f.sim.BrokerURL()+"/v2/op/update?elementid="+devTemp, alice, batchOf(t, []string{devTemp}, [][]byte{b1}))
+	if st, _ := springErr(t, r); r.status != 404 || st != 404 {
+		t.Errorf("op/update through the filter with an elementid: %d %s", r.status, r.body)
 	}
 }
 

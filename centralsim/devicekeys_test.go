@@ -18,7 +18,7 @@ func TestDeviceSignedVerdicts(t *testing.T) {
 	oldKey, _ := envelope.GenerateKey(envelope.AlgEdDSA)
 	newKey, _ := envelope.GenerateKey(envelope.AlgES256)
 	pub, _ := oldKey.PublicJWK()
-	if err := f.sim.AddDeviceChecked(Device{ID: devFree, Type: devType, Owner: "alice", K1: "a", K2: "b",
+	if err := f.sim.AddDeviceChecked(Device{ID: devFree, Type: devType, Owner: "alice", K1: "a", K2: "b", Attrs: []string{"t"},
 		Signing: policy.SigningDevice, PublicKeys: []json.RawMessage{pub}}); err != nil {
 		t.Fatal(err)
 	}
@@ -30,8 +30,7 @@ func TestDeviceSignedVerdicts(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		b, _ := envelope.Body(c, compact, "")
-		return b
+		return signedBody(t, c, compact)
 	}
 	hs, _ := envelope.DeriveHS256(devFree, "a", "b")
 	oldReading := body(oldKey, 1)

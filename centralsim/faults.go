@@ -21,7 +21,10 @@ const (
 	FaultStatus FaultMode = "status"
 	// FaultTooMany answers 429 with Retry-After: RetryAfter seconds.
 	FaultTooMany FaultMode = "too-many"
-	// FaultTransient401 answers the filter's 401 for a back-end failure.
+	// FaultTransient401 answers the filter's 401 for a back-end 4xx
+	// ("Trouble in getOwnerCredentials, see logs"). To provoke it the way
+	// stock does, fail the back-end instead: Target TargetOwnership or
+	// TargetDelegation with FaultStatus.
 	FaultTransient401 FaultMode = "transient-401"
 	// FaultInvalidToken answers 401 "The passed access token is not valid"
 	// even for good tokens (on the token endpoint: invalid_client).
@@ -32,6 +35,17 @@ const (
 const (
 	TargetBroker = "broker" // the broker filter (default)
 	TargetToken  = "token"  // the OAuth2 token endpoint
+	// TargetOwnership fails the filter's ownership check (backend.go) with
+	// Status: a 4xx makes the filter answer 401 "Trouble in
+	// getOwnerCredentials, see logs", a 5xx a 500. Only FaultStatus.
+	TargetOwnership = "ownership-check"
+	// TargetDelegation fails the filter's delegation check (access/check)
+	// likewise: 401 "Trouble in getDelegatedCredentials, see logs" or 500.
+	TargetDelegation = "delegation-check"
+	// TargetOrion fails Orion itself: the bare Orion (DirectBrokerURL)
+	// answers the fault as it is; behind the filter an Orion 4xx passes
+	// through and anything else becomes a 500 (OrionController.proxyRequest).
+	TargetOrion = "orion"
 )
 
 // Fault is an injected failure for the next Count requests to Target, or
@@ -87,9 +101,13 @@ func (f *Fault) validate() error {
 	switch f.Target {
 	case "":
 		f.Target = TargetBroker
-	case TargetBroker, TargetToken:
+	case TargetBroker, TargetToken, TargetOrion:
+	case TargetOwnership, TargetDelegation:
+		if f.Mode != FaultStatus {
+			return fmt.Errorf("fault target %q takes only mode %q: %q", f.Target, FaultStatus, f.Mode)
+		}
 	default:
-		return fmt.Errorf("fault target must be %q or %q: %q", TargetBroker, TargetToken, f.Target)
+		return fmt.Errorf("fault target must be one of %q, %q, %q, %q, %q: %q", TargetBroker, TargetToken, TargetOwnership, TargetDelegation, TargetOrion, f.Target)
 	}
 	if f.Count < 0 {
 		return fmt.Errorf("fault count must be >= 0: %d", f.Count)
@@ -174,6 +192,9 @@ func (s *Server) withFaults(target string, next http.Handler) http.Handler {
 			return
 		}
 		ref := Refusal{Method: r.Method, Path: r.URL.Path, Device: r.PathValue("id"), Fault: true}
+		if ref.Device == "" {
+			ref.Device = v2DeviceID(r.URL.Path) // the filter's routes have no pattern
+		}
 		switch f.Mode {
 		case FaultSlow:
 			t := time.NewTimer(f.Delay)
@@ -204,9 +225,9 @@ func (s *Server) withFaults(target string, next http.Handler) http.Handler {
 			w.Header().Set("Retry-After", strconv.Itoa(f.RetryAfter))
 			writeFaultBody(w, http.StatusTooManyRequests, f.Body)
 		case FaultTransient401:
-			ref.Status, ref.Message = http.StatusUnauthorized, MsgNetworkProblems
+			ref.Status, ref.Message = http.StatusUnauthorized, MsgTroubleOwner
 			s.refuse(ref)
-			writeJSON(w, http.StatusUnauthorized, filterResult{Result: false, Message: MsgNetworkProblems})
+			writeJSON(w, http.StatusUnauthorized, filterResult{Result: false, Message: MsgTroubleOwner})
 		case FaultInvalidToken:
 			ref.Status = http.StatusUnauthorized
 			if target == TargetToken {

@@ -198,7 +198,7 @@ func TestDelegationLists(t *testing.T) {
 		t.Errorf("after SetDelegations: %+v (kept %+v)", given2, keep)
 	}
 	dave := f.token(t, "dave", time.Minute)
-	getGarden := f.sim.BrokerURL() + "/v2/entities/th-garden?elementid=th-garden"
+	getGarden := f.sim.BrokerURL() + "/v2/entities/th-garden?type=Thermometer"
 	if r := f.mustDo(t, "GET", getGarden, dave, nil); r.status != 200 {
 		t.Errorf("delegate dave reading th-garden: %d %s", r.status, r.body)
 	}

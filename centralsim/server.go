@@ -4,8 +4,9 @@
 //
 //   - an OpenID Connect provider with Keycloak's paths (discovery, JWKS,
 //     token endpoint with the client_credentials and refresh_token grants);
-//   - an Orion Broker Filter in front of an in-memory NGSI v2 entity store,
-//     with the filter's 401 answers and Orion's own 400/404/422;
+//   - the Orion Broker Filter in front of an in-memory Orion 3.12, answer
+//     for answer (filter.go, filtercache.go, orion.go; README.md lists
+//     what is simulated), and the same Orion bare at DirectBrokerURL;
 //   - the platform's Ownership API and the personal-data service's
 //     delegation lists (ownership.go);
 //   - the central side of policy sync: signed policy bundles per gateway, the
@@ -54,8 +55,9 @@ const (
 	DefaultAudience   = "edgegate"
 	DefaultTokenTTL   = 5 * time.Minute
 	DefaultRefreshTTL = 24 * time.Hour
-	// BrokerPath is where the broker filter is mounted, after URL().
-	BrokerPath = "/orion-filter/orion-1"
+	// BrokerPath is where the broker filter is mounted, after URL(), with
+	// the default broker name (BrokerURL follows Options.BrokerName).
+	BrokerPath = "/orion-filter/" + DefaultBrokerName
 )
 
 // Delegation kinds, as the platform's personal-data service names them.
@@ -74,7 +76,7 @@ type Device struct {
 	Owner string   `json:"owner"`
 	K1    string   `json:"k1,omitempty"`
 	K2    string   `json:"k2,omitempty"`
-	Attrs []string `json:"attrs,omitempty"` // model attributes; empty = accept any
+	Attrs []string `json:"attrs,omitempty"` // model attributes: the entity's, with latitude and longitude; Orion updates only these
 	// Radio binds the device to a radio source at its gateway; it is
 	// carried into policy bundles.
 	Radio *policy.RadioBinding `json:"radio,omitempty"`
@@ -111,7 +113,7 @@ type Options struct {
 	Clients       []Client
 	Devices       []Device
 	Delegations   []Delegation
-	CheckKeys     bool // the filter also requires k1/k2 query parameters
+	CheckKeys     bool // Deprecated: means K1K2Auth (stock has no "token and keys" check)
 	TokenTTL      time.Duration
 	RefreshTTL    time.Duration
 	Logger        *slog.Logger
@@ -162,6 +164,22 @@ type Options struct {
 
 	// Pairing configures the device grant and pairing surface (pairing.go).
 	Pairing PairingOptions
+
+	// Broker filter (filter.go)
+
+	// K1K2Auth lets a request WITHOUT an Authorization header through on
+	// the device's k1/k2 query parameters (spring.auth.k1k2.enabled of the
+	// Orion Broker Filter; false in its deploy, as here). With an
+	// Authorization header k1/k2 are never consulted.
+	K1K2Auth bool
+	// FilterCacheTTL is how long the filter caches an ownership or
+	// delegation answer, positive or negative; default
+	// DefaultFilterCacheTTL (filtercache.go).
+	FilterCacheTTL time.Duration
+	// TrustIssuers are OpenID providers besides the realm whose access
+	// tokens the filter accepts (a third-party OP in front of the same
+	// accounts); the user is the token's preferred_username, else username.
+	TrustIssuers []TrustedIssuer
 }
 
 // Server is a running (or ready to run) simulated central service.
@@ -175,7 +193,9 @@ type Server struct {
 	signKey    jwk.Key // private, with kid and alg
 	publicJWKS jwk.Set
 	adminToken string
-	tokens     tokenCache // verified access tokens (tokencache.go)
+	tokens     tokenCache  // verified access tokens (tokencache.go)
+	fcache     filterCache // the broker filter's checks (filtercache.go)
+	trusted    []*trustedIssuer
 
 	closing  chan struct{} // closed by Close: ends injected delays
 	inflight atomic.Int64  // requests being served
@@ -253,6 +273,9 @@ func New(opts Options) (*Server, error) {
 		},
 	}
 	if err := s.initSyncState(); err != nil {
+		return nil, fmt.Errorf("centralsim: %w", err)
+	}
+	if err := s.initFilter(); err != nil {
 		return nil, fmt.Errorf("centralsim: %w", err)
 	}
 	for i, c := range opts.Clients {
@@ -393,9 +416,9 @@ func (s *Server) TokenURL() string { return s.Issuer() + "/protocol/openid-conne
 // JWKSURL is the realm's key set.
 func (s *Server) JWKSURL() string { return s.Issuer() + "/protocol/openid-connect/certs" }
 
-// BrokerURL is the base of the NGSI v2 API behind the filter: PATCH
-// {BrokerURL}/v2/entities/{id}/attrs?elementid=...&type=...
-func (s *Server) BrokerURL() string { return s.url + BrokerPath }
+// BrokerURL is the base of the NGSI v2 API behind the filter, e.g.
+// https://127.0.0.1:P/orion-filter/orion-1: PATCH {BrokerURL}/v2/entities/{id}/attrs.
+func (s *Server) BrokerURL() string { return s.url + "/orion-filter/" + s.opts.BrokerName }
 
 // CACertPEM is the PEM of the CA that issued the server certificate.
 func (s *Server) CACertPEM() []byte { return append([]byte(nil), s.ca.CertPEM...) }

@@ -158,7 +158,8 @@ func (f *fixture) getURL(id string) string {
 	return f.sim.BrokerURL() + "/v2/entities/" + url.PathEscape(id) + "?" + url.Values{"elementid": {id}, "type": {devType}}.Encode()
 }
 
-// sealed builds a signed NGSI body for device id with the given keys.
+// sealed builds a signed NGSI body for device id with the given keys, in
+// the form the gateway writes through the filter (signedBody).
 func sealed(t *testing.T, id, key1, key2 string, seq uint64, temp float64) ([]byte, envelope.Claims) {
 	t.Helper()
 	key, err := envelope.DeriveHS256(id, key1, key2)
@@ -174,11 +175,7 @@ func sealed(t *testing.T, id, key1, key2 string, seq uint64, temp float64) ([]by
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, err := envelope.Body(c, compact, "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return body, c
+	return signedBody(t, c, compact), c
 }
 
 func TestDiscoveryJWKSAndClientCredentials(t *testing.T) {
@@ -360,10 +357,12 @@ func TestPatchAuthorization(t *testing.T) {
 		{"READ_ACCESS delegate", f.token(t, "reader", time.Minute), f.patchURL(devTemp, nil), 401, MsgCredentialsNotValid},
 		{"stranger", f.token(t, "mallory", time.Minute), f.patchURL(devTemp, nil), 401, MsgCredentialsNotValid},
 		{"expired token", f.token(t, "alice", -time.Second), f.patchURL(devTemp, nil), 401, MsgAccessTokenNotValid},
-		{"no token", "", f.patchURL(devTemp, nil), 401, MsgAccessTokenNotValid},
+		// No Authorization header and k1/k2 off (the deploy): refused.
+		{"no token", "", f.patchURL(devTemp, nil), 401, MsgCredentialsNotValid},
 		{"garbage token", "not.a.jwt", f.patchURL(devTemp, nil), 401, MsgAccessTokenNotValid},
 		{"foreign token", foreign, f.patchURL(devTemp, nil), 401, MsgAccessTokenNotValid},
-		{"no elementid", f.token(t, "alice", time.Minute), f.sim.BrokerURL() + "/v2/entities/" + devTemp + "/attrs?type=" + devType, 401, MsgMissingElementID},
+		// The element id comes from the path; elementid is optional.
+		{"no elementid", f.token(t, "alice", time.Minute), f.sim.BrokerURL() + "/v2/entities/" + devTemp + "/attrs", 204, ""},
 		{"elementid of another entity", f.token(t, "alice", time.Minute), f.patchURL(devTemp, url.Values{"elementid": {devFree}}), 401, MsgElementIDNotValid},
 	}
 	for i, tt := range tests {
@@ -390,8 +389,8 @@ func TestPatchAuthorization(t *testing.T) {
 		}
 	}
 	accepted = len(f.sim.Updates())
-	if refused != 8 || accepted != 4 {
-		t.Fatalf("refusals %d, updates %d; want 8 and 4", refused, accepted)
+	if refused != 7 || accepted != 5 {
+		t.Fatalf("refusals %d, updates %d; want 7 and 5", refused, accepted)
 	}
 	if u := f.sim.Updates()[1]; u.User != "writer" || u.Device != devTemp {
 		t.Fatalf("update = %+v", u)
@@ -441,50 +440,67 @@ func TestGetEntity(t *testing.T) {
 				t.Fatal("model attribute humidity missing from the entity")
 			}
 			// What the broker returns still verifies end to end.
-			key, _ := envelope.DeriveHS256(devTemp, k1, k2)
-			if _, err := envelope.VerifyAttrs(r.body, key, ""); err != nil {
-				t.Fatalf("entity read back does not verify: %v", err)
+			if v := readBackVerdict(t, f, r.body, devTemp); v.verdict != VerdictValid {
+				t.Fatalf("entity read back: %s (%s)", v.verdict, v.detail)
 			}
 		})
 	}
-	if r := f.mustDo(t, "GET", f.sim.BrokerURL()+"/v2/entities/"+devTemp+"?elementid="+devTemp+"&type=Other", f.token(t, "alice", time.Minute), nil); r.status != 404 {
-		t.Fatalf("GET wrong type: %d", r.status)
+	if r := f.mustDo(t, "GET", f.sim.BrokerURL()+"/v2/entities/"+devTemp+"?elementid="+devTemp+"&type=Other", f.token(t, "alice", time.Minute), nil); r.status != 404 || orionErr(t, r).Description != orionNotFoundDesc {
+		t.Fatalf("GET wrong type: %d %s", r.status, r.body)
+	}
+	// type is a required parameter of the filter's GET mapping.
+	r := f.mustDo(t, "GET", f.sim.BrokerURL()+"/v2/entities/"+devTemp, f.token(t, "alice", time.Minute), nil)
+	if st, msg := springErr(t, r); r.status != 400 || st != 400 || msg != "Required String parameter 'type' is not present" {
+		t.Fatalf("GET without type: %d %s", r.status, r.body)
 	}
 }
 
-func TestCheckKeys(t *testing.T) {
-	f := newFixture(t, func(o *Options) { o.CheckKeys = true })
+// TestK1K2Auth: without an Authorization header, k1/k2 are used only
+// where the deploy enables them (spring.auth.k1k2.enabled); with a header
+// they are never consulted.
+func TestK1K2Auth(t *testing.T) {
+	f := newFixture(t, func(o *Options) { o.K1K2Auth = true })
 	tok := f.token(t, "alice", time.Minute)
 	tests := []struct {
 		name   string
+		bearer string
 		q      url.Values
 		status int
+		msg    string
 	}{
-		{"right keys", url.Values{"k1": {k1}, "k2": {k2}}, 204},
-		{"wrong k2", url.Values{"k1": {k1}, "k2": {"nope"}}, 401},
-		{"no keys", nil, 401},
+		{"right keys, no token", "", url.Values{"k1": {k1}, "k2": {k2}}, 204, ""},
+		{"wrong k2, no token", "", url.Values{"k1": {k1}, "k2": {"nope-nope-nope"}}, 401, MsgOwnerCredsNotValid},
+		{"keys shorter than 10", "", url.Values{"k1": {"short"}, "k2": {"short"}}, 401, MsgCredentialsNotValid},
+		{"no keys, no token", "", nil, 401, MsgCredentialsNotValid},
+		{"token and wrong keys: keys ignored", tok, url.Values{"k1": {"wrong-wrong-wrong"}, "k2": {"wrong-wrong-wrong"}}, 204, ""},
+		{"stranger's token and right keys: keys ignored", f.token(t, "mallory", time.Minute), url.Values{"k1": {k1}, "k2": {k2}}, 401, MsgCredentialsNotValid},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			body, _ := sealed(t, devTemp, k1, k2, uint64(i+1), 20)
-			r := f.mustDo(t, "PATCH", f.patchURL(devTemp, tt.q), tok, body)
+			r := f.mustDo(t, "PATCH", f.patchURL(devTemp, tt.q), tt.bearer, body)
 			if r.status != tt.status {
 				t.Fatalf("status %d (%s), want %d", r.status, r.body, tt.status)
 			}
-			if tt.status == 401 && r.message(t) != MsgCredentialsNotValid {
-				t.Fatalf("message %s", r.body)
+			if tt.msg != "" && r.message(t) != tt.msg {
+				t.Fatalf("message %s, want %q", r.body, tt.msg)
 			}
 		})
 	}
-	// A device without keys can never be written when keys are checked.
-	if r := f.mustDo(t, "PATCH", f.patchURL(devFree, url.Values{"k1": {""}, "k2": {""}}), tok, []byte(`{"x":{"type":"Number","value":1}}`)); r.status != 401 {
-		t.Fatalf("keyless device: %d", r.status)
+	// Off (the default): k1/k2 alone are refused.
+	off := newFixture(t)
+	body, _ := sealed(t, devTemp, k1, k2, 1, 20)
+	if r := off.mustDo(t, "PATCH", off.patchURL(devTemp, url.Values{"k1": {k1}, "k2": {k2}}), "", body); r.status != 401 || r.message(t) != MsgCredentialsNotValid {
+		t.Fatalf("k1/k2 with K1K2Auth off: %d %s", r.status, r.body)
 	}
 }
 
 func TestOrionErrors(t *testing.T) {
-	f := newFixture(t)
-	tok := f.token(t, "alice", time.Minute)
+	var mu sync.Mutex
+	now := time.Now()
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	f := newFixture(t, func(o *Options) { o.Now = clock })
+	tok := f.token(t, "alice", time.Hour)
 	good, _ := sealed(t, devTemp, k1, k2, 1, 20)
 	tests := []struct {
 		name   string
@@ -496,40 +512,50 @@ func TestOrionErrors(t *testing.T) {
 	}{
 		{"invalid JSON", f.patchURL(devTemp, nil), `{"temperature":`, 400, "ParseError", orionParseErrorDesc},
 		{"not an object", f.patchURL(devTemp, nil), `[1,2]`, 400, "ParseError", orionParseErrorDesc},
-		{"attribute not an object", f.patchURL(devTemp, nil), `{"temperature":20}`, 400, "BadRequest", ""},
-		{"wrong type", f.patchURL(devTemp, url.Values{"type": {"Other"}}), string(good), 404, "NotFound", orionNotFoundDesc},
-		{"attribute outside the model", f.patchURL(devTemp, nil), `{"pressure":{"type":"Number","value":1},"temperature":{"type":"Number","value":2}}`, 422, "Unprocessable", orionAttrsMissingDesc + "[ pressure ]"},
+		{"attribute not an object", f.patchURL(devTemp, nil), `{"temperature":20}`, 400, "BadRequest", "attribute must be a JSON object, unless keyValues option is used"},
+		// The filter forwards the PATCH without its query: a wrong type
+		// never reaches Orion, and the missing attribute is named with the
+		// id alone.
+		{"attribute outside the model", f.patchURL(devTemp, url.Values{"type": {"Other"}}), `{"pressure":{"type":"Number","value":1},"temperature":{"type":"Number","value":2}}`,
+			422, "PartialUpdate", "do not exist: " + devTemp + " - [ pressure ]"},
+		{"no attribute exists", f.patchURL(devFree, nil), `{"pressure":{"type":"Number","value":1},"wind":{"type":"Number","value":1}}`,
+			422, "Unprocessable", "do not exist: " + devFree + " - [ pressure, wind ]"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			r := f.mustDo(t, "PATCH", tt.url, tok, []byte(tt.body))
-			var oe orionError
-			if err := json.Unmarshal(r.body, &oe); err != nil {
-				t.Fatalf("body %s: %v", r.body, err)
-			}
+			oe := orionErr(t, r)
 			if r.status != tt.status || oe.Error != tt.code || (tt.desc != "" && oe.Description != tt.desc) {
 				t.Fatalf("got %d %+v, want %d %s %q", r.status, oe, tt.status, tt.code, tt.desc)
 			}
 		})
 	}
-	// Any attribute goes when the device declares no model.
-	if r := f.mustDo(t, "PATCH", f.patchURL(devFree, nil), tok, []byte(`{"pressure":{"type":"Number","value":1}}`)); r.status != 204 {
-		t.Fatalf("free device: %d %s", r.status, r.body)
+	// The partial update WAS applied.
+	if e, _ := f.sim.Entity(devTemp); e["temperature"].(map[string]any)["value"] != 2.0 || e["pressure"] != nil {
+		t.Fatalf("after PartialUpdate: %v", e)
+	}
+	if n := len(f.sim.Updates()); n != 1 {
+		t.Fatalf("%d updates recorded, want 1 (the applied part of the 422)", n)
 	}
 	// Owned, but the entity is gone from the broker: Orion's 404.
 	f.sim.RemoveEntity(devTemp)
 	r := f.mustDo(t, "PATCH", f.patchURL(devTemp, nil), tok, good)
-	if r.status != 404 || !strings.Contains(string(r.body), orionNotFoundDesc) {
+	if r.status != 404 || orionErr(t, r).Description != orionNotFoundDesc {
 		t.Fatalf("removed entity: %d %s", r.status, r.body)
 	}
-	// Unregistered: the filter refuses before Orion is asked.
+	// Unregistered: the filter's cached ownership still lets the request
+	// through to Orion until the cache elapses; then the filter refuses.
 	f.sim.RemoveDevice(devFree)
-	r = f.mustDo(t, "PATCH", f.patchURL(devFree, nil), tok, []byte(`{"pressure":{"type":"Number","value":1}}`))
-	if r.status != 401 || r.message(t) != MsgCredentialsNotValid {
-		t.Fatalf("removed device: %d %s", r.status, r.body)
+	body := []byte(`{"latitude":{"type":"float","value":1}}`)
+	if r := f.mustDo(t, "PATCH", f.patchURL(devFree, nil), tok, body); r.status != 404 {
+		t.Fatalf("removed device, cached ownership: %d %s", r.status, r.body)
 	}
-	if n := len(f.sim.Updates()); n != 1 {
-		t.Fatalf("%d updates recorded, want 1", n)
+	mu.Lock()
+	now = now.Add(DefaultFilterCacheTTL + time.Second)
+	mu.Unlock()
+	r = f.mustDo(t, "PATCH", f.patchURL(devFree, nil), tok, body)
+	if r.status != 401 || r.message(t) != MsgCredentialsNotValid {
+		t.Fatalf("removed device after the cache elapsed: %d %s", r.status, r.body)
 	}
 }
 
@@ -544,24 +570,39 @@ func TestSignatureVerdicts(t *testing.T) {
 	if bytes.Equal(tampered, valid) {
 		t.Fatalf("could not tamper with %s", valid)
 	}
+	// An attribute added beside the signed one, without a signature.
+	var m map[string]json.RawMessage
+	_ = json.Unmarshal(valid, &m)
+	m["humidity"] = json.RawMessage(`{"type":"Number","value":50}`)
+	smuggled, _ := json.Marshal(m)
+	// The former form: the signature as its own attribute, which the
+	// entity lacks (422 PartialUpdate), the rest applied and verified.
+	key, _ := envelope.DeriveHS256(devTemp, k1, k2)
+	c := envelope.Claims{Version: envelope.Version, Gateway: "gw-test", Device: devTemp, Seq: 10, Time: time.Now().UTC(),
+		Attrs: map[string]envelope.Attr{"temperature": {Type: "Number", Value: 23.0}}}
+	compact, _ := envelope.Seal(key, c)
+	legacy, _ := envelope.Body(c, compact, "")
 	tests := []struct {
 		name    string
 		body    []byte
+		status  int
 		verdict string
 		seq     uint64
 	}{
-		{"valid", valid, VerdictValid, 7},
-		{"replayed", valid, VerdictValid, 7},
-		{"tampered", tampered, VerdictTampered, 7},
-		{"wrong key", wrongKey, VerdictWrongKey, 0},
-		{"other device's key", otherDevice, VerdictWrongKey, 0},
-		{"unsigned", []byte(`{"temperature":{"type":"Number","value":1}}`), VerdictUnsigned, 0},
-		{"malformed", []byte(`{"temperature":{"type":"Number","value":1},"signature":{"type":"string","value":"abc"}}`), VerdictMalformed, 0},
+		{"valid", valid, 204, VerdictValid, 7},
+		{"replayed", valid, 204, VerdictValid, 7},
+		{"tampered", tampered, 204, VerdictTampered, 0},
+		{"wrong key", wrongKey, 204, VerdictWrongKey, 0},
+		{"other device's key", otherDevice, 204, VerdictWrongKey, 0},
+		{"unsigned", []byte(`{"temperature":{"type":"Number","value":1}}`), 204, VerdictUnsigned, 0},
+		{"malformed", []byte(`{"temperature":{"type":"Number","value":1,"metadata":{"signature":{"type":"string","value":"abc"}}}}`), 204, VerdictMalformed, 0},
+		{"unsigned attribute beside signed ones", smuggled, 204, VerdictTampered, 0},
+		{"signature attribute (former form)", legacy, 422, VerdictValid, 10},
 	}
 	for i, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if r := f.mustDo(t, "PATCH", f.patchURL(devTemp, nil), tok, tt.body); r.status != 204 {
-				t.Fatalf("status %d %s", r.status, r.body)
+			if r := f.mustDo(t, "PATCH", f.patchURL(devTemp, nil), tok, tt.body); r.status != tt.status {
+				t.Fatalf("status %d %s, want %d", r.status, r.body, tt.status)
 			}
 			ups := f.sim.Updates()
 			if len(ups) != i+1 {
@@ -571,8 +612,8 @@ func TestSignatureVerdicts(t *testing.T) {
 			if u.Verdict != tt.verdict || u.Seq != tt.seq || u.User != "alice" {
 				t.Fatalf("update = %+v, want verdict %q seq %d", u, tt.verdict, tt.seq)
 			}
-			if tt.seq != 0 && u.Gateway != "gw-test" {
-				t.Fatalf("gateway = %q", u.Gateway)
+			if tt.seq != 0 && (u.Gateway != "gw-test" || u.KeyID != key.ID()) {
+				t.Fatalf("gateway = %q, kid %q", u.Gateway, u.KeyID)
 			}
 			if tt.name == "replayed" != u.Duplicate {
 				t.Fatalf("duplicate = %v", u.Duplicate)
@@ -580,10 +621,13 @@ func TestSignatureVerdicts(t *testing.T) {
 			if !bytes.Contains(u.Attrs["temperature"], []byte(`"value"`)) {
 				t.Fatalf("attrs as received: %v", u.Attrs)
 			}
+			if _, ok := u.Attrs["signature"]; ok {
+				t.Fatalf("attribute that was not applied recorded: %v", u.Attrs)
+			}
 		})
 	}
 	sum := f.sim.Summary()
-	if got := sum.Devices[devTemp]; got[VerdictValid] != 2 || got[VerdictWrongKey] != 2 || got[VerdictTampered] != 1 {
+	if got := sum.Devices[devTemp]; got[VerdictValid] != 3 || got[VerdictWrongKey] != 2 || got[VerdictTampered] != 2 {
 		t.Fatalf("summary %+v", sum)
 	}
 }
@@ -591,10 +635,10 @@ func TestSignatureVerdicts(t *testing.T) {
 func TestCustomSignatureAttr(t *testing.T) {
 	f := newFixture(t, func(o *Options) { o.SignatureAttr = "edgegateSig" })
 	key, _ := envelope.DeriveHS256(devFree, "a", "b")
-	f.sim.AddDevice(Device{ID: devFree, Type: devType, Owner: "alice", K1: "a", K2: "b"})
+	f.sim.AddDevice(Device{ID: devFree, Type: devType, Owner: "alice", K1: "a", K2: "b", Attrs: []string{"t"}})
 	c := envelope.Claims{Version: envelope.Version, Gateway: "g", Device: devFree, Seq: 1, Time: time.Now().UTC(), Attrs: map[string]envelope.Attr{"t": {Type: "Number", Value: 1.0}}}
 	compact, _ := envelope.Seal(key, c)
-	body, _ := envelope.Body(c, compact, "edgegateSig")
+	body := signedBodyAs(t, c, compact, "edgegateSig")
 	if r := f.mustDo(t, "PATCH", f.patchURL(devFree, nil), f.token(t, "alice", time.Minute), body); r.status != 204 {
 		t.Fatalf("%d %s", r.status, r.body)
 	}

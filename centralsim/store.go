@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 )
 
@@ -55,10 +56,11 @@ type seenKey struct {
 	seq    uint64
 }
 
-// entity is an NGSI v2 entity in normalized form.
+// entity is an NGSI v2 entity in normalized form (orion.go).
 type entity struct {
-	id, typ string
-	attrs   map[string]ngsiAttr
+	id, typ     string
+	servicePath string // Fiware-ServicePath it was created in
+	attrs       map[string]ngsiAttr
 }
 
 type ngsiAttr struct {
@@ -81,21 +83,6 @@ func (e *entity) normalized() map[string]any {
 	}
 	out["id"], out["type"] = e.id, e.typ
 	return out
-}
-
-// update applies an update's attributes; one sent without a type or
-// metadata keeps the ones it had, as Orion does.
-func (e *entity) update(attrs map[string]ngsiAttr) {
-	for name, a := range attrs {
-		old := e.attrs[name]
-		if a.Type == "" {
-			a.Type = old.Type
-		}
-		if a.Metadata == nil {
-			a.Metadata = old.Metadata
-		}
-		e.attrs[name] = a
-	}
 }
 
 func validDevice(d Device) error {
@@ -137,8 +124,9 @@ func validDelegation(dl Delegation) error {
 	return fmt.Errorf("kind must be one of %s, %s, %s, %s: %q", KindReadAccess, KindReadWrite, KindWriteOnly, KindModify, dl.Kind)
 }
 
-// addDeviceLocked registers d and, like the IoT Directory, creates its
-// entity with every model attribute (value null), unless it exists.
+// addDeviceLocked registers d and, like the IoT Directory's insert,
+// creates its entity in the default tenant with latitude, longitude and
+// every model attribute (createEntityLocked), unless it exists.
 func (s *Server) addDeviceLocked(d Device) {
 	d.Attrs = slices.Clone(d.Attrs)
 	d.PublicKeys = slices.Clone(d.PublicKeys)
@@ -148,14 +136,21 @@ func (s *Server) addDeviceLocked(d Device) {
 	}
 	s.devices[d.ID] = d
 	s.noteRegistrationLocked(d)
-	if e, ok := s.entities[d.ID]; ok && e.typ == d.Type {
+	if e, ok := s.entities[entKey("", d.ID)]; ok && e.typ == d.Type {
+		// Re-registered: newly declared attributes join the entity, the
+		// values written so far stay.
+		for _, a := range d.Attrs {
+			if _, has := e.attrs[a]; !has {
+				e.attrs[a] = ngsiAttr{Type: typeText, Value: json.RawMessage(`""`)}
+			}
+		}
 		return
 	}
-	e := &entity{id: d.ID, typ: d.Type, attrs: make(map[string]ngsiAttr)}
+	attrs := make(map[string]string, len(d.Attrs))
 	for _, a := range d.Attrs {
-		e.attrs[a] = ngsiAttr{Type: "Text", Value: nil}
+		attrs[a] = typeText
 	}
-	s.entities[d.ID] = e
+	s.createEntityLocked("", d.ID, d.Type, attrs)
 }
 
 // AddDevice registers a device (replacing one with the same id) and creates
@@ -187,17 +182,27 @@ func (s *Server) RemoveDevice(id string) {
 		s.noteRemovalLocked(id)
 	}
 	delete(s.devices, id)
-	delete(s.entities, id)
+	delete(s.entities, entKey("", id))
 	s.delegs = slices.DeleteFunc(s.delegs, func(d Delegation) bool { return d.Device == id })
 	s.noteDelegationsLocked()
 }
 
-// RemoveEntity deletes only the entity in the broker, keeping ownership: the
-// filter then lets requests through and Orion answers 404.
+// RemoveEntity deletes only the entity in the broker (default tenant),
+// keeping ownership: the filter then lets requests through and Orion
+// answers 404.
 func (s *Server) RemoveEntity(id string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	delete(s.entities, id)
+	delete(s.entities, entKey("", id))
+}
+
+// CreateEntity creates (or replaces) an entity in tenant service ("" =
+// default) as the IoT Directory's insert does: latitude, longitude and
+// attrs (name to type), every value "".
+func (s *Server) CreateEntity(service, id, typ string, attrs map[string]string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.createEntityLocked(strings.ToLower(service), id, typ, attrs)
 }
 
 // SetDelegations replaces every delegation. Invalid ones are logged and
@@ -217,11 +222,17 @@ func (s *Server) SetDelegations(ds []Delegation) {
 	s.noteDelegationsLocked()
 }
 
-// Entity returns the entity in NGSI v2 normalized form (a copy).
+// Entity returns the entity of the default tenant in NGSI v2 normalized
+// form (a copy).
 func (s *Server) Entity(id string) (map[string]any, bool) {
+	return s.TenantEntity("", id)
+}
+
+// TenantEntity is Entity in tenant service (Fiware-Service).
+func (s *Server) TenantEntity(service, id string) (map[string]any, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	e, ok := s.entities[id]
+	e, ok := s.entities[entKey(strings.ToLower(service), id)]
 	if !ok {
 		return nil, false
 	}
@@ -283,36 +294,6 @@ func (s *Server) Summary() Summary {
 		sum.Fault = &f
 	}
 	return sum
-}
-
-// canAccess reports whether user may write (or read) device: owner, or a
-// delegation of a kind that grants it. Caller holds s.mu.
-func (s *Server) canAccessLocked(device, user string, write bool) bool {
-	d, ok := s.devices[device]
-	if !ok {
-		return false
-	}
-	if d.Owner == user {
-		return true
-	}
-	for _, dl := range s.delegs {
-		if dl.Device != device || dl.User != user {
-			continue
-		}
-		switch dl.Kind {
-		case KindReadWrite, KindModify:
-			return true
-		case KindWriteOnly:
-			if write {
-				return true
-			}
-		case KindReadAccess:
-			if !write {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 func (s *Server) refuse(r Refusal) {

@@ -412,7 +412,10 @@ func runGateway(args []string) error {
 func newSim(devs []device, s *sink) (*centralsim.Server, error) {
 	var ds []centralsim.Device
 	for _, d := range devs {
-		ds = append(ds, centralsim.Device{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2})
+		// The attributes the fleet's payload carries (fleet.go): stock Orion
+		// updates only attributes the device's entity declares.
+		ds = append(ds, centralsim.Device{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2,
+			Attrs: []string{"temperature", "humidity", "n", "t0"}})
 	}
 	sim, err := centralsim.New(centralsim.Options{
 		Clients:        []centralsim.Client{{ID: benchClientID, Secret: benchSecret, Username: "alice"}},

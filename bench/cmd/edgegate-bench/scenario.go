@@ -131,7 +131,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 		}
 	}
 
-	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: sim.BrokerURL(), TokenURL: sim.TokenURL(), ClientID: benchClientID,
+	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: brokerURLFor(sim, sc.Mode), TokenURL: sim.TokenURL(), ClientID: benchClientID,
 		Secret: benchSecret, CAFile: ca, Mode: sc.Mode, MaxBatch: 256, Concurrency: benchConcurrency()}
 	if mq != nil {
 		g.ExternalURL = mq.URL
@@ -287,7 +287,7 @@ func runBacklog(ctx context.Context, cfg config, bin, work, mode string) (b back
 		return b, err
 	}
 	defer sim.Close()
-	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultDown, Target: centralsim.TargetBroker})
+	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultDown, Target: faultTarget(mode)})
 	ca := filepath.Join(dir, "ca.pem")
 	if err := os.WriteFile(ca, sim.CACertPEM(), 0o600); err != nil {
 		return b, err
@@ -296,7 +296,7 @@ func runBacklog(ctx context.Context, cfg config, bin, work, mode string) (b back
 	// durably queued: with Mosquitto in between, a PUBACK is Mosquitto's,
 	// and what it holds beyond max_queued_messages (persistence off) it
 	// drops, so the publishers' count said more than the gateway had.
-	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: sim.BrokerURL(), TokenURL: sim.TokenURL(), ClientID: benchClientID,
+	g := gwSpec{Dir: dir, Devices: devs, BrokerURL: brokerURLFor(sim, mode), TokenURL: sim.TokenURL(), ClientID: benchClientID,
 		Secret: benchSecret, CAFile: ca, Mode: mode, MaxBatch: 256, Concurrency: benchConcurrency()}
 	b.Gateway = "daemon"
 	p, err := startDaemon(bin, g)
@@ -397,4 +397,22 @@ func benchConcurrency() int {
 		return n
 	}
 	return 0
+}
+
+// brokerURLFor is where a gateway in uplink mode sends: through the Orion
+// Broker Filter (PATCH per reading, the stock route) in filter mode; to the
+// bare Orion in batch mode, since the filter has no POST /v2/op/update.
+func brokerURLFor(sim *centralsim.Server, mode string) string {
+	if mode == "batch" {
+		return sim.DirectBrokerURL()
+	}
+	return sim.BrokerURL()
+}
+
+// faultTarget is the simulator's fault target in front of that broker.
+func faultTarget(mode string) string {
+	if mode == "batch" {
+		return centralsim.TargetOrion
+	}
+	return centralsim.TargetBroker
 }
