@@ -293,7 +293,11 @@ func (s *Server) directoryInsert(res dirResult, user, org string, f url.Values) 
 
 	// canBeRegistered.
 	bad := false
-	miss := func(text string) { bad = true; res.add("error_msg", text); res.add("msg", "\n "+strings.TrimSuffix(text, ". ")) }
+	miss := func(text string) {
+		bad = true
+		res.add("error_msg", text)
+		res.add("msg", "\n "+strings.TrimSuffix(text, ". "))
+	}
 	if id == "" {
 		miss("id not specified. ")
 	}
@@ -578,13 +582,14 @@ func (s *Server) directoryUpdate(res dirResult, user, role string, f url.Values)
 	res.add("msg", "\n Device "+cb+"/"+id+" correctly updated")
 	s.log.Info("device updated", "device", id, "by", user, "key_rotated", len(pubs) == 1)
 	if len(pubs) == 1 && s.push != nil {
-		s.nudgeBoundGateways()
+		res["nudged"] = s.nudgeBoundGateways() // the companion's answer
 	}
 }
 
 // nudgeBoundGateways nudges every gateway bound to an account (the
-// directory does not keep which gateway serves a device).
-func (s *Server) nudgeBoundGateways() {
+// directory does not keep which gateway serves a device); it reports
+// whether any was nudged.
+func (s *Server) nudgeBoundGateways() bool {
 	s.mu.Lock()
 	var gws []string
 	for _, gw := range sortedKeys(s.ps.gateways) {
@@ -593,9 +598,11 @@ func (s *Server) nudgeBoundGateways() {
 		}
 	}
 	s.mu.Unlock()
+	nudged := false
 	for _, gw := range gws {
-		_ = s.Push(gw, false)
+		nudged = s.Push(gw, false) == nil || nudged
 	}
+	return nudged
 }
 
 // directoryList is action=get_all_device: the devices the user owns, those
