@@ -387,10 +387,13 @@ func (s *Server) directoryInsert(res dirResult, user, org string, f url.Values) 
 
 	// registerOwnerShipDevice: any refusal still answers ok.
 	u := s.deviceURI(id)
-	row, err := s.registerLocked(user, registration{ElementID: s.ElementID(id), ElementType: ElementTypeIOTID,
-		ElementName: id, ElementURL: &u, ElementDetails: s.deviceDetails(d, dd.edgeType, dd.edgeURI)})
+	var row ownRow
+	var err error
 	if f := s.ps.backendFaults[BackendOwnershipRegister]; f != nil {
 		err = f // the register call alone failed (e.g. a concurrent insert took the last slot)
+	} else {
+		row, err = s.registerLocked(user, registration{ElementID: s.ElementID(id), ElementType: ElementTypeIOTID,
+			ElementName: id, ElementURL: &u, ElementDetails: s.deviceDetails(d, dd.edgeType, dd.edgeURI)})
 	}
 	if err != nil {
 		s.log.Info("device ownership not registered", "device", id, "owner", user, "err", err)

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"net/url"
 	"slices"
 	"sort"
 	"strconv"
@@ -521,12 +522,32 @@ func (s *Server) noteDelegationsLocked() {
 	s.ps.delegMeta = keep
 }
 
-// elementOf is the element id a delegation targets.
+// elementOf is the element id a delegation targets: a device of this
+// server by its id, else an element id as given.
 func (s *Server) elementOf(dl Delegation) string {
-	if strings.Contains(dl.Device, ":") {
-		return dl.Device
+	if _, ok := s.devices[dl.Device]; ok || strings.Count(dl.Device, ":") < 2 {
+		return s.ElementID(dl.Device)
 	}
-	return s.ElementID(dl.Device)
+	return dl.Device
+}
+
+// phpQuery parses a query string as PHP does: pairs split on "&" only, so
+// a ";" stays in the value (the Ownership API's "type=IOTID;AppID").
+func phpQuery(raw string) url.Values {
+	out := url.Values{}
+	for _, pair := range strings.Split(raw, "&") {
+		if pair == "" {
+			continue
+		}
+		k, v, _ := strings.Cut(pair, "=")
+		k, err1 := url.QueryUnescape(k)
+		v, err2 := url.QueryUnescape(v)
+		if err1 != nil || err2 != nil {
+			continue
+		}
+		out.Add(k, v)
+	}
+	return out
 }
 
 // ownerLocked is the user of the element's active ownership row.
@@ -661,10 +682,7 @@ var errNoUsername = errors.New("no username found")
 // ownershipUser authenticates an Ownership API request as session.php
 // does; on failure it has answered.
 func (s *Server) ownershipUser(w http.ResponseWriter, r *http.Request) (string, bool) {
-	tok := r.URL.Query().Get("accessToken")
-	if tok == "" {
-		tok = r.PostFormValue("accessToken")
-	}
+	tok := phpQuery(r.URL.RawQuery).Get("accessToken")
 	if tok == "" {
 		h := r.Header.Get("Authorization")
 		if len(h) > 8 && strings.EqualFold(h[:7], "bearer ") {
@@ -731,7 +749,7 @@ func (s *Server) handleOwnershipList(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	q := r.URL.Query()
+	q := phpQuery(r.URL.RawQuery)
 	_, includeDeleted := q["includeDeleted"]
 	onlyMine := q.Get("onlyMine") == "true"
 	var types, ids []string
@@ -867,7 +885,7 @@ func (s *Server) handleOwnershipLimits(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	q := r.URL.Query()
+	q := phpQuery(r.URL.RawQuery)
 	typ := strings.TrimSpace(q.Get("type"))
 	if typ == "" {
 		typ = "DashboardID;AppID;IOTID;DAAppID"
@@ -915,7 +933,7 @@ func (s *Server) handleOwnershipDelete(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	q := r.URL.Query()
+	q := phpQuery(r.URL.RawQuery)
 	if _, ok := q["type"]; !ok {
 		writeText(w, http.StatusBadRequest, "")
 		return
