@@ -20,24 +20,29 @@ import (
 )
 
 // Pairing: the parts of the central service that `edgegate pair` uses, with
-// Keycloak's paths where Keycloak has them:
+// Keycloak's paths:
 //
 //	POST {issuer}/protocol/openid-connect/auth/device   device authorization (RFC 8628)
-//	POST {issuer}/protocol/openid-connect/token         + device_code grant, private_key_jwt (RFC 7523)
+//	POST {issuer}/protocol/openid-connect/token         + device_code grant
 //	POST {issuer}/protocol/openid-connect/revoke        token revocation (RFC 7009)
 //	GET  {issuer}/device                                the verification page (a stub: see ApproveDevice)
-//	POST /ownership-api/v1/register/                    an edge gateway's AppID row (Bearer)
 //	GET|POST /_sim/device?user_code=..&user=..&action=approve|deny   (admin) what a user does in the browser
 //
+// An edge gateway's AppID row is a stock Ownership API register
+// (ownership.go): an ordinary user's AppID limit is 0, so it is refused
+// unless the user is an AreaManager or ToolAdmin.
+//
 // The pairing client (PairingOptions.ClientID) is a public client for the
-// device grant. A gateway proves possession of its key from the first
-// request: a client assertion whose JWS header carries the public key (jwk)
-// and its RFC 7638 thumbprint (kid). The user's approval binds that key to
-// the grant; the refresh tokens of the grant are then usable only with a
-// client assertion signed by the same key (private_key_jwt), and rotate on
-// every use (Keycloak's "Revoke Refresh Token"), so a copied refresh token
-// is worth nothing without the gateway's key. A gateway that sends no
-// assertion gets unbound, rotating refresh tokens (a plain public client).
+// device grant; that much is Keycloak. With Options.Companion only (the
+// companion's pairing extension, not Keycloak's), a gateway may prove
+// possession of its key from the first request: a client assertion whose
+// JWS header carries the public key (jwk) and its RFC 7638 thumbprint
+// (kid). The user's approval binds that key to the grant; the refresh
+// tokens of the grant are then usable only with a client assertion signed
+// by the same key (private_key_jwt), and rotate on every use (Keycloak's
+// "Revoke Refresh Token"), so a copied refresh token is worth nothing
+// without the gateway's key. A gateway that sends no assertion gets
+// unbound, rotating refresh tokens (a plain public client).
 
 // Defaults of PairingOptions.
 const (
@@ -153,7 +158,7 @@ func (s *Server) handleDiscoveryPairing(w http.ResponseWriter, r *http.Request) 
 	doc := s.discoveryDoc()
 	o := s.pairingOpts()
 	doc["device_authorization_endpoint"] = s.DeviceAuthURL()
-	grants := []string{"client_credentials", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"}
+	grants := []string{"client_credentials", "refresh_token", "password", "urn:ietf:params:oauth:grant-type:device_code"}
 	doc["grant_types_supported"] = grants
 	methods := []string{"client_secret_basic", "client_secret_post", "none"}
 	if !o.NoPrivateKeyJWT && s.opts.Companion {
