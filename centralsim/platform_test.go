@@ -336,6 +336,31 @@ func TestDatamanager(t *testing.T) {
 		t.Errorf("without elementType: %d", r.status)
 	}
 
+	// The admin surface adds and removes one delegation at a time.
+	admin := f.sim.AdminToken()
+	dl := []byte(`{"device":"` + temp + `","user":"carol","kind":"READ_WRITE"}`)
+	if r := f.mustDo(t, "POST", f.sim.URL()+"/_sim/delegations", admin, dl); r.status != 204 {
+		t.Fatalf("add delegation: %d %s", r.status, r.body)
+	}
+	if a := decodeJSON[AccessCheck](t, f.get(t, check(temp), tok("carol"))); !a.Result || *a.Message != AccessDelegated || a.Kind != KindReadWrite {
+		t.Errorf("after adding: %+v", a)
+	}
+	if r := f.mustDo(t, "POST", f.sim.URL()+"/_sim/delegations", admin, []byte(`{"device":"x","kind":"READ_WRITE"}`)); r.status != 400 {
+		t.Errorf("delegation without a target: %d %s", r.status, r.body)
+	}
+	if r := f.mustDo(t, "POST", f.sim.URL()+"/_sim/delegations", tok("alice"), dl); r.status != 401 {
+		t.Errorf("add delegation without the admin token: %d", r.status)
+	}
+	if r := f.mustDo(t, "DELETE", f.sim.URL()+"/_sim/delegations", admin, dl); r.status != 204 {
+		t.Fatalf("delete delegation: %d %s", r.status, r.body)
+	}
+	if a := decodeJSON[AccessCheck](t, f.get(t, check(temp), tok("carol"))); a.Result {
+		t.Errorf("after deleting: %+v", a)
+	}
+	if r := f.mustDo(t, "DELETE", f.sim.URL()+"/_sim/delegations", admin, dl); r.status != 404 {
+		t.Errorf("delete again: %d", r.status)
+	}
+
 	// The filter's in-process back ends see the same.
 	ctx := context.Background()
 	if owned, err := f.sim.backendOwnership(ctx, "alice", temp); !owned || err != nil {
@@ -528,6 +553,11 @@ func TestIoTDirectory(t *testing.T) {
 	}
 	if res := f.directory(t, alice, del); res["msg"] != "Unrecognized device" {
 		t.Errorf("second delete = %v", res)
+	}
+	for _, secret := range []string{"dk1-d-1", "dk2-d-1", "new-k1", alice} {
+		if strings.Contains(f.logs.String(), secret) {
+			t.Errorf("logs contain a secret %q", secret)
+		}
 	}
 }
 
