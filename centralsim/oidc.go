@@ -105,7 +105,11 @@ var keycloakInvalidToken = map[string]string{"error": "invalid_token", "error_de
 func (s *Server) handleUserinfo(w http.ResponseWriter, r *http.Request) {
 	raw, err := bearerToken(r)
 	if err != nil && r.Method == http.MethodPost {
-		if form, ok := parseTokenForm(w, r); ok && form.Get("access_token") != "" {
+		form, ok := parseTokenForm(w, r)
+		if !ok {
+			return // answered
+		}
+		if form.Get("access_token") != "" {
 			raw, err = form.Get("access_token"), nil
 		}
 	}
