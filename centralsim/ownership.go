@@ -285,8 +285,8 @@ func (s *Server) groupDNs(name string) []string {
 // datamanager stores groupname_delegated, or a bare group or organization
 // name (a convenience of the simulator).
 func (s *Server) inGroup(name, group string) bool {
-	if group == "" {
-		return false
+	if group == "" || name == AnonymousUser {
+		return false // ANONYMOUS is no LDAP entry
 	}
 	dns := s.groupDNs(name)
 	if slices.Contains(dns, group) {
