@@ -667,3 +667,45 @@ func TestTrustedIssuer(t *testing.T) {
 		t.Errorf("untrusted issuer: %d %s", r.status, r.body)
 	}
 }
+
+// TestDeviceGrantOffline: Keycloak's device authorization grant for the
+// public pairing client, without the companion's key binding; scope
+// offline_access yields an offline refresh token.
+func TestDeviceGrantOffline(t *testing.T) {
+	f := newFixture(t, platformOptions, func(o *Options) { o.Pairing.Interval = time.Second })
+	post := func(u string, form url.Values) map[string]any {
+		t.Helper()
+		resp, err := f.http.PostForm(u, form)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var m map[string]any
+		if err := json.NewDecoder(resp.Body).Decode(&m); err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	da := post(f.sim.DeviceAuthURL(), url.Values{"client_id": {DefaultPairingClientID}, "scope": {"openid offline_access"}})
+	code, _ := da["device_code"].(string)
+	if code == "" {
+		t.Fatalf("device authorization = %v", da)
+	}
+	if err := f.sim.ApproveDevice(da["user_code"].(string), "carol"); err != nil {
+		t.Fatal(err)
+	}
+	tok := post(f.sim.TokenURL(), url.Values{"grant_type": {grantDeviceCode}, "client_id": {DefaultPairingClientID}, "device_code": {code}})
+	if tok["refresh_token"] == nil || tok["refresh_expires_in"] != float64(0) || !strings.Contains(tok["scope"].(string), "offline_access") {
+		t.Fatalf("device token = %v", tok)
+	}
+	ui := decodeJSON[map[string]any](t, f.mustDo(t, "GET", f.sim.UserinfoURL(), tok["access_token"].(string), nil))
+	if ui["preferred_username"] != "carol" {
+		t.Errorf("userinfo = %v", ui)
+	}
+	// A client assertion is the companion's extension: refused here.
+	bad := post(f.sim.DeviceAuthURL(), url.Values{"client_id": {DefaultPairingClientID},
+		"client_assertion_type": {assertionTypeJWTBrr}, "client_assertion": {"a.b.c"}})
+	if bad["error"] != "invalid_client" {
+		t.Errorf("assertion without the companion = %v", bad)
+	}
+}
