@@ -17,6 +17,8 @@ func (s *Server) routes() http.Handler {
 	realm := s.realmPath()
 	mux.HandleFunc("GET "+realm+"/.well-known/openid-configuration", s.handleDiscoveryPairing)
 	mux.HandleFunc("GET "+realm+"/protocol/openid-connect/certs", s.handleJWKS)
+	mux.HandleFunc("GET "+realm+"/protocol/openid-connect/userinfo", s.handleUserinfo)
+	mux.HandleFunc("POST "+realm+"/protocol/openid-connect/userinfo", s.handleUserinfo)
 	mux.Handle(realm+"/protocol/openid-connect/token", s.withFaults(TargetToken, http.HandlerFunc(s.handleTokenPairing)))
 
 	s.brokerRoutes(mux) // filter.go: the Orion Broker Filter and the bare Orion

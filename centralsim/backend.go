@@ -3,118 +3,99 @@ package centralsim
 import (
 	"context"
 	"fmt"
-	"strings"
+	"net/http"
 )
 
-// The two back-end calls the Orion Broker Filter makes for a request with
-// an access token (AccessTokenAuthenticationFilter.java, disit/snap4city):
-//
-//   - getOwnershipCC: GET {ownership_endpoint}?type=IOTID&accessToken=..&elementId=..
-//     (the Ownership API's list): owned when any row comes back;
-//   - getDelegationCC: GET {delegation_endpoint}/v3/apps/{element}/access/check
-//     ?accessToken=..&sourceRequest=orionbrokerfilter&elementType=IOTID&elementID=..
-//     (the data manager): {"result":bool,"kind":..,"message":..}.
-//
-// Here they are in-process over the simulator's data. This file is the
-// seam another part of the simulator replaces with the real Ownership API
-// and data manager; the filter depends only on these two signatures.
+// The two back-end calls the Orion Broker Filter makes for a request it
+// has not cached (OrionBrokerFilter AccessTokenAuthenticationFilter:
+// getOwnerCredentials, then getDelegatedCredentials), served in-process
+// from the same table and delegations as the HTTP APIs (ownership.go).
 
-// BackendError is a back-end answer other than 2xx. The filter maps a 4xx
-// (HttpClientErrorException) to a 401 "Trouble in get…Credentials, see
-// logs" and a 5xx (HttpServerErrorException, not caught) to a 500.
-type BackendError struct {
-	Status int
-}
+// Back ends a fault can be injected on.
+const (
+	BackendOwnership   = "ownership"   // the Ownership API
+	BackendDatamanager = "datamanager" // the datamanager (delegations, access check)
+	// BackendOwnershipRegister fails only the IoT Directory's register
+	// call, after its limits check passed: what a concurrent insert that
+	// took the last slot does to a stock insert.
+	BackendOwnershipRegister = "ownership-register"
+)
+
+// BackendError is a failure of the ownership or datamanager back end: the
+// HTTP status it answered. The filter turns a 4xx into its 401 "Trouble
+// in get...Credentials, see logs" and a 5xx into a 500.
+type BackendError struct{ Status int }
 
 func (e *BackendError) Error() string {
-	return fmt.Sprintf("back-end answered HTTP %d", e.Status)
+	return fmt.Sprintf("back end answered %d %s", e.Status, http.StatusText(e.Status))
 }
 
-// Delegation kinds of the data manager's access/check beyond the
-// delegation kinds (Kind*): who the answer comes from.
-const (
-	checkOwner  = "OWNER"
-	checkPublic = "PUBLIC"
-	// AnonymousUser is the delegated user of a public delegation.
-	AnonymousUser = "ANONYMOUS"
-)
-
-// deviceOfElement returns the device id of an elementId of this broker
-// ("{Organization}:{BrokerName}:{id}"), or "" for another broker's.
-func (s *Server) deviceOfElement(elementID string) string {
-	id, ok := strings.CutPrefix(elementID, s.opts.Organization+":"+s.opts.BrokerName+":")
-	if !ok {
-		return ""
-	}
-	return id
-}
-
-// backendOwnership reports whether user has an Ownership API row for
-// elementID (rows with deleted set are not listed: Ownership-API list).
-func (s *Server) backendOwnership(ctx context.Context, user, elementID string) (owned bool, err error) {
-	if err := s.backendFault(ctx, TargetOwnership); err != nil {
-		return false, err
-	}
-	id := s.deviceOfElement(elementID)
+// backendFault returns the failure injected on target (BackendOwnership or
+// BackendDatamanager), or nil. The HTTP handlers of that back end answer
+// it too.
+func (s *Server) backendFault(target string) *BackendError {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if f := s.ps.backendFaults[target]; f != nil {
+		e := *f
+		return &e
+	}
+	return nil
+}
+
+// setBackendFault makes target fail with status until cleared (status 0).
+// faults.go may drive it from a Fault.
+func (s *Server) setBackendFault(target string, status int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if status == 0 {
+		delete(s.ps.backendFaults, target)
+		return
+	}
+	s.ps.backendFaults[target] = &BackendError{Status: status}
+}
+
+// backendOwnership is GET /ownership-api/v1/list/?type=IOTID&elementId=
+// as user sees it: owned when an active IOTID row of the element belongs
+// to user, or exists at all for a RootAdmin (list/index.php).
+func (s *Server) backendOwnership(ctx context.Context, user, elementID string) (owned bool, err error) {
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	if f := s.backendFault(BackendOwnership); f != nil {
+		return false, f
+	}
+	if f, ok := s.takeFault(TargetOwnership); ok { // a one-shot fault (faults.go)
+		return false, &BackendError{Status: f.Status}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	root := s.mainRole(user) == RoleRootAdmin
 	for _, r := range s.ps.rows {
-		if r.device.ID == id && r.deleted.IsZero() && r.device.Owner == user {
+		if r.elementID == elementID && r.elementType == ElementTypeIOTID && r.deleted.IsZero() && (root || r.username == user) {
 			return true, nil
 		}
 	}
 	return false, nil
 }
 
-// backendAccessCheck is the data manager's access/check for user on
-// elementID: result true with the delegation's kind when user holds a
-// delegation (the strongest if several), true with message PUBLIC when the
-// element is delegated to ANONYMOUS, false otherwise.
+// backendAccessCheck is GET /datamanager/api/v3/apps/{elementID}/access/check
+// ?elementType=IOTID for user (AccessServiceImpl.checkAccessFromApp):
+// result, the delegation kind, and public when the answer came from a
+// delegation to ANONYMOUS.
 func (s *Server) backendAccessCheck(ctx context.Context, user, elementID string) (result bool, kind string, public bool, err error) {
-	if err := s.backendFault(ctx, TargetDelegation); err != nil {
+	if err := ctx.Err(); err != nil {
 		return false, "", false, err
 	}
-	id := s.deviceOfElement(elementID)
+	if f := s.backendFault(BackendDatamanager); f != nil {
+		return false, "", false, f
+	}
+	if f, ok := s.takeFault(TargetDelegation); ok { // a one-shot fault (faults.go)
+		return false, "", false, &BackendError{Status: f.Status}
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	dev, ok := s.devices[id]
-	if !ok {
-		return false, KindReadAccess, false, nil
-	}
-	if dev.Owner == user {
-		return true, checkOwner, false, nil
-	}
-	rank := map[string]int{KindReadAccess: 1, KindWriteOnly: 2, KindReadWrite: 3, KindModify: 4}
-	for _, dl := range s.delegs {
-		if dl.Device != id {
-			continue
-		}
-		switch dl.User {
-		case user:
-			if rank[dl.Kind] > rank[kind] {
-				result, kind = true, dl.Kind
-			}
-		case AnonymousUser:
-			public = true
-		}
-	}
-	if !result && public {
-		return true, KindReadAccess, true, nil
-	}
-	if !result {
-		kind = KindReadAccess // the filter's default when the answer names none
-	}
-	return result, kind, public, nil
-}
-
-// backendFault returns the injected failure of a back-end call, if any.
-func (s *Server) backendFault(ctx context.Context, target string) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	f, ok := s.takeFault(target)
-	if !ok {
-		return nil
-	}
-	return &BackendError{Status: f.Status}
+	res := s.accessCheckLocked(user, elementID, ElementTypeIOTID)
+	public = res.Message != nil && *res.Message == AccessPublic
+	return res.Result, res.Kind, public, nil
 }

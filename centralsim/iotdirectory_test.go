@@ -23,7 +23,10 @@ func TestDirectoryUpdateNudgesGatewaysBoundOnFirstUse(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		q := url.Values{"action": {"update"}, "id": {"th-garden"}, "contextbroker": {DefaultBrokerName}, "publickey": {string(pub)}}
+		q := url.Values{"action": {"update"}, "nodered": {"yes"}, "id": {"th-garden"}, "type": {"Thermometer"},
+			"contextbroker": {DefaultBrokerName}, "gb_old_cb": {DefaultBrokerName}, "kind": {"sensor"}, "format": {"json"},
+			"model": {"custom"}, "producer": {"acme"}, "latitude": {"43.77"}, "longitude": {"11.25"},
+			"k1": {"kk1-garden"}, "k2": {"kk2-garden"}, "frequency": {"600"}, "publickey": {string(pub)}}
 		r := f.mustDo(t, "GET", f.sim.URL()+"/iot-directory/api/device.php?"+q.Encode(), alice, nil)
 		res := decodeJSON[struct {
 			Status string `json:"status"`

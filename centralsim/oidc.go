@@ -1,6 +1,8 @@
 package centralsim
 
 import (
+	"context"
+	"crypto/sha1"
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/tls"
@@ -8,8 +10,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -27,6 +31,8 @@ const maxFormBytes = 64 << 10
 
 type refreshGrant struct {
 	client  string
+	user    string
+	offline bool
 	expires time.Time
 }
 
@@ -79,8 +85,66 @@ func (s *Server) discoveryDoc() map[string]any {
 		"id_token_signing_alg_values_supported": []string{"RS256"},
 		"token_endpoint_auth_methods_supported": []string{"client_secret_basic", "client_secret_post"},
 		"scopes_supported":                      []string{"openid", "offline_access"},
-		"claims_supported":                      []string{"iss", "sub", "aud", "exp", "iat", "azp", "preferred_username"},
+		"claims_supported":                      []string{"iss", "sub", "aud", "exp", "iat", "azp", "preferred_username", "roles"},
+		"userinfo_endpoint":                     s.UserinfoURL(),
 	}
+}
+
+// UserinfoURL is the realm's OpenID Connect userinfo endpoint.
+func (s *Server) UserinfoURL() string { return s.Issuer() + "/protocol/openid-connect/userinfo" }
+
+// keycloakInvalidToken is Keycloak's userinfo answer to a bad token
+// (UserInfoEndpoint: 401 invalid_token), which the Ownership API's
+// session.php echoes.
+var keycloakInvalidToken = map[string]string{"error": "invalid_token", "error_description": "Token verification failed"}
+
+// handleUserinfo is GET|POST {issuer}/protocol/openid-connect/userinfo
+// (OpenID Connect Core §5.3): the claims of a valid access token's user,
+// with "username" and "roles" as Snap4City's realm maps them (the
+// Ownership API reads username, else preferred_username, and roles).
+func (s *Server) handleUserinfo(w http.ResponseWriter, r *http.Request) {
+	raw, err := bearerToken(r)
+	if err != nil && r.Method == http.MethodPost {
+		form, ok := parseTokenForm(w, r)
+		if !ok {
+			return // answered
+		}
+		if form.Get("access_token") != "" {
+			raw, err = form.Get("access_token"), nil
+		}
+	}
+	user := ""
+	if err == nil {
+		user, _, err = s.verifyToken(raw)
+	}
+	if err != nil {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="`+s.opts.Realm+`", error="invalid_token", error_description="Token verification failed"`)
+		writeJSON(w, http.StatusUnauthorized, keycloakInvalidToken)
+		return
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, http.StatusOK, s.userinfoClaims(user))
+}
+
+func (s *Server) userinfoClaims(user string) map[string]any {
+	c := map[string]any{
+		"sub": subjectOf(user), "preferred_username": user, "username": user,
+		"email_verified": false, "roles": s.userRoles(user),
+	}
+	if u, known := s.platformUser(user); known && len(u.Groups) > 0 {
+		c["groups"] = u.Groups
+	}
+	return c
+}
+
+// clientUser is the user of a client's client_credentials tokens:
+// Keycloak's service account "service-account-{client_id}", unless the
+// client maps another preferred_username (Client.Username).
+func clientUser(c Client) string {
+	if c.Username != "" {
+		return c.Username
+	}
+	return "service-account-" + c.ID
 }
 
 func (s *Server) handleJWKS(w http.ResponseWriter, r *http.Request) {
@@ -119,19 +183,31 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	}
 	switch gt := form.Get("grant_type"); gt {
 	case "client_credentials":
-		s.issueTokens(w, client, client.Offline)
+		s.issueTokens(w, client, clientUser(client), client.Offline, client.Offline)
+	case "password":
+		// Keycloak's "direct access grants" (RFC 6749 §4.3) for a user
+		// with a password in Options.Users.
+		u, known := s.platformUser(form.Get("username"))
+		if !known || u.Password == "" || !secretEqual(form.Get("password"), u.Password) {
+			s.log.Info("token refused", "client_id", client.ID, "reason", "invalid user credentials")
+			oauthError(w, http.StatusUnauthorized, "invalid_grant", "Invalid user credentials")
+			return
+		}
+		offline := slices.Contains(strings.Fields(form.Get("scope")), "offline_access")
+		s.issueTokens(w, client, u.Username, true, offline)
 	case "refresh_token":
 		rt := form.Get("refresh_token")
 		if rt == "" {
 			oauthError(w, http.StatusBadRequest, "invalid_request", "Missing parameter: refresh_token")
 			return
 		}
-		if !s.useRefreshToken(rt, client.ID) {
+		g, ok := s.useRefreshToken(rt, client.ID)
+		if !ok {
 			s.log.Info("token refused", "client_id", client.ID, "reason", "invalid refresh token")
 			oauthError(w, http.StatusBadRequest, "invalid_grant", "Invalid refresh token")
 			return
 		}
-		s.issueTokens(w, client, true)
+		s.issueTokens(w, client, g.user, true, g.offline)
 	case "":
 		oauthError(w, http.StatusBadRequest, "invalid_request", "Missing form parameter: grant_type")
 	default:
@@ -180,8 +256,11 @@ func (s *Server) authenticateClient(id, secret string) (Client, bool) {
 	return c, known && match && id != ""
 }
 
-func (s *Server) issueTokens(w http.ResponseWriter, c Client, withRefresh bool) {
-	at, err := s.IssueAccessToken(c.Username, s.opts.TokenTTL, c.ID)
+// issueTokens answers a token response for user; offline (first of the
+// optional flags) makes the refresh token an offline token (scope
+// offline_access): it does not expire with the session.
+func (s *Server) issueTokens(w http.ResponseWriter, c Client, user string, withRefresh bool, offline ...bool) {
+	at, err := s.IssueAccessToken(user, s.opts.TokenTTL, c.ID)
 	if err != nil {
 		s.log.Error("sign access token", "err", err)
 		oauthError(w, http.StatusInternalServerError, "server_error", "cannot sign token")
@@ -208,11 +287,16 @@ func (s *Server) issueTokens(w http.ResponseWriter, c Client, withRefresh bool) 
 				delete(s.refresh, k)
 			}
 		}
-		s.refresh[rt] = refreshGrant{client: c.ID, expires: now.Add(s.opts.RefreshTTL)}
+		off := len(offline) > 0 && offline[0]
+		g := refreshGrant{client: c.ID, user: user, offline: off, expires: now.Add(s.opts.RefreshTTL)}
+		s.refresh[rt] = g
 		s.mu.Unlock()
 		resp["refresh_token"] = rt
 		resp["refresh_expires_in"] = int(s.opts.RefreshTTL / time.Second)
-		resp["scope"] = "profile email offline_access"
+		if off {
+			resp["refresh_expires_in"] = 0 // Keycloak: an offline token has no session expiry
+			resp["scope"] = "profile email offline_access"
+		}
 	}
 	w.Header().Set("Cache-Control", "no-store")
 	w.Header().Set("Pragma", "no-cache")
@@ -221,18 +305,18 @@ func (s *Server) issueTokens(w http.ResponseWriter, c Client, withRefresh bool) 
 
 // useRefreshToken checks that rt was issued to client and has not expired.
 // Like Keycloak's default (no refresh token rotation), it stays valid.
-func (s *Server) useRefreshToken(rt, client string) bool {
+func (s *Server) useRefreshToken(rt, client string) (refreshGrant, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	g, ok := s.refresh[rt]
 	if !ok {
-		return false
+		return refreshGrant{}, false
 	}
 	if !s.now().Before(g.expires) {
 		delete(s.refresh, rt)
-		return false
+		return refreshGrant{}, false
 	}
-	return g.client == client
+	return g, g.client == client
 }
 
 // RevokeRefreshTokens forgets every refresh token of a client (a logout or
@@ -277,6 +361,11 @@ func (s *Server) IssueAccessToken(username string, ttl time.Duration, azp ...str
 		Claim("typ", "Bearer").
 		Claim("preferred_username", username).
 		Claim("scope", "profile email").
+		// Snap4City's realm maps the roles to a "roles" claim (read by the
+		// IoT Directory's get_user_info); Keycloak's own place is
+		// realm_access.roles.
+		Claim("roles", s.userRoles(username)).
+		Claim("realm_access", map[string]any{"roles": s.userRoles(username)}).
 		Build()
 	if err != nil {
 		return "", fmt.Errorf("issue access token: %w", err)
@@ -383,4 +472,102 @@ func (s *Server) parseToken(raw string) (jwt.Token, error) {
 		jwt.WithClock(jwt.ClockFunc(s.now)),
 		jwt.WithRequiredClaim("exp"),
 	)
+}
+
+// resolveUser finds the user of an access token as the platform's APIs do
+// through the provider's userinfo: a token of this realm (or of
+// TrustTokensOf) is verified here; a token of a trusted third-party issuer
+// (Options.TrustIssuers) is sent to that provider's userinfo endpoint,
+// found in its discovery document, and its answer's "username", else
+// "preferred_username", is the user.
+func (s *Server) resolveUser(ctx context.Context, raw string) (string, error) {
+	user, _, err := s.verifyToken(raw)
+	if err == nil {
+		return user, nil
+	}
+	iss := unverifiedIssuer(raw)
+	for _, t := range s.opts.TrustIssuers {
+		if iss != "" && t.Issuer == iss {
+			return s.externalUserinfo(ctx, t.Issuer, raw)
+		}
+	}
+	return "", err
+}
+
+// unverifiedIssuer reads the iss claim without verifying: it only picks
+// which provider to ask.
+func unverifiedIssuer(raw string) string {
+	tok, err := jwt.ParseInsecure([]byte(raw))
+	if err != nil {
+		return ""
+	}
+	return tok.Issuer()
+}
+
+// maxProviderBody bounds what a third-party provider may send.
+const maxProviderBody = 64 << 10
+
+func (s *Server) externalUserinfo(ctx context.Context, issuer, raw string) (string, error) {
+	hc := s.opts.PlatformHTTPClient
+	if hc == nil {
+		hc = &http.Client{Timeout: 10 * time.Second}
+	}
+	get := func(u string, bearer bool, v any) error {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+		if err != nil {
+			return err
+		}
+		req.Header.Set("Accept", "application/json")
+		if bearer {
+			req.Header.Set("Authorization", "Bearer "+raw)
+		}
+		resp, err := hc.Do(req)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(io.LimitReader(resp.Body, maxProviderBody))
+		if err != nil {
+			return err
+		}
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("%s answered %d", u, resp.StatusCode)
+		}
+		return json.Unmarshal(b, v)
+	}
+	var disc struct {
+		Issuer   string `json:"issuer"`
+		Userinfo string `json:"userinfo_endpoint"`
+	}
+	if err := get(strings.TrimSuffix(issuer, "/")+"/.well-known/openid-configuration", false, &disc); err != nil {
+		return "", fmt.Errorf("trusted issuer discovery: %w", err)
+	}
+	if disc.Issuer != issuer || disc.Userinfo == "" {
+		// OpenID Connect Discovery §4.3: the issuer must match exactly.
+		return "", fmt.Errorf("trusted issuer discovery: issuer %q does not match %q or no userinfo_endpoint", disc.Issuer, issuer)
+	}
+	var ui struct {
+		Username          string `json:"username"`
+		PreferredUsername string `json:"preferred_username"`
+	}
+	if err := get(disc.Userinfo, true, &ui); err != nil {
+		return "", fmt.Errorf("trusted issuer userinfo: %w", err)
+	}
+	if ui.Username != "" {
+		return ui.Username, nil
+	}
+	if ui.PreferredUsername != "" {
+		return ui.PreferredUsername, nil
+	}
+	return "", errNoUsername
+}
+
+func sha1Hex(v string) string {
+	h := sha1.Sum([]byte(v))
+	return fmt.Sprintf("%x", h)
+}
+
+// readBounded reads a request body of at most limit bytes.
+func readBounded(w http.ResponseWriter, r *http.Request, limit int64) ([]byte, error) {
+	return io.ReadAll(http.MaxBytesReader(w, r.Body, limit))
 }

@@ -20,24 +20,29 @@ import (
 )
 
 // Pairing: the parts of the central service that `edgegate pair` uses, with
-// Keycloak's paths where Keycloak has them:
+// Keycloak's paths:
 //
 //	POST {issuer}/protocol/openid-connect/auth/device   device authorization (RFC 8628)
-//	POST {issuer}/protocol/openid-connect/token         + device_code grant, private_key_jwt (RFC 7523)
+//	POST {issuer}/protocol/openid-connect/token         + device_code grant
 //	POST {issuer}/protocol/openid-connect/revoke        token revocation (RFC 7009)
 //	GET  {issuer}/device                                the verification page (a stub: see ApproveDevice)
-//	POST /ownership-api/v1/register/                    an edge gateway's AppID row (Bearer)
 //	GET|POST /_sim/device?user_code=..&user=..&action=approve|deny   (admin) what a user does in the browser
 //
+// An edge gateway's AppID row is a stock Ownership API register
+// (ownership.go): an ordinary user's AppID limit is 0, so it is refused
+// unless the user is an AreaManager or ToolAdmin.
+//
 // The pairing client (PairingOptions.ClientID) is a public client for the
-// device grant. A gateway proves possession of its key from the first
-// request: a client assertion whose JWS header carries the public key (jwk)
-// and its RFC 7638 thumbprint (kid). The user's approval binds that key to
-// the grant; the refresh tokens of the grant are then usable only with a
-// client assertion signed by the same key (private_key_jwt), and rotate on
-// every use (Keycloak's "Revoke Refresh Token"), so a copied refresh token
-// is worth nothing without the gateway's key. A gateway that sends no
-// assertion gets unbound, rotating refresh tokens (a plain public client).
+// device grant; that much is Keycloak. With Options.Companion only (the
+// companion's pairing extension, not Keycloak's), a gateway may prove
+// possession of its key from the first request: a client assertion whose
+// JWS header carries the public key (jwk) and its RFC 7638 thumbprint
+// (kid). The user's approval binds that key to the grant; the refresh
+// tokens of the grant are then usable only with a client assertion signed
+// by the same key (private_key_jwt), and rotate on every use (Keycloak's
+// "Revoke Refresh Token"), so a copied refresh token is worth nothing
+// without the gateway's key. A gateway that sends no assertion gets
+// unbound, rotating refresh tokens (a plain public client).
 
 // Defaults of PairingOptions.
 const (
@@ -85,8 +90,6 @@ type pairingState struct {
 	refresh map[string]*pairGrant  // refresh token → grant
 	keys    map[string]pairedKey   // thumbprint → key registered at pairing
 	jtis    map[string]time.Time   // assertion ids seen, until their exp
-	apps    map[string]*appRow     // elementId → AppID row
-	nextApp int64
 }
 
 type deviceCode struct {
@@ -114,11 +117,6 @@ type pairedKey struct {
 	key    jwk.Key
 	client string
 	user   string
-}
-
-type appRow struct {
-	row  OwnershipRow
-	user string
 }
 
 func (s *Server) pairingOpts() PairingOptions {
@@ -149,8 +147,6 @@ func (s *Server) pairingRoutes(mux *http.ServeMux, admin func(string, http.Handl
 	mux.Handle("POST "+realm+"/protocol/openid-connect/auth/device", s.withFaults(TargetToken, http.HandlerFunc(s.handleDeviceAuth)))
 	mux.Handle("POST "+realm+"/protocol/openid-connect/revoke", s.withFaults(TargetToken, http.HandlerFunc(s.handleRevoke)))
 	mux.HandleFunc("GET "+realm+"/device", s.handleVerificationPage)
-	mux.HandleFunc("POST /ownership-api/v1/register/{$}", s.handleRegisterApp)
-	mux.HandleFunc("POST /ownership-api/v1/register", s.handleRegisterApp)
 	mux.HandleFunc("/iot-directory/api/device.php", s.handleIoTDirectory)
 	admin("GET /_sim/device", s.handleAdminDevice)
 	admin("POST /_sim/device", s.handleAdminDevice)
@@ -162,10 +158,10 @@ func (s *Server) handleDiscoveryPairing(w http.ResponseWriter, r *http.Request) 
 	doc := s.discoveryDoc()
 	o := s.pairingOpts()
 	doc["device_authorization_endpoint"] = s.DeviceAuthURL()
-	grants := []string{"client_credentials", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"}
+	grants := []string{"client_credentials", "refresh_token", "password", "urn:ietf:params:oauth:grant-type:device_code"}
 	doc["grant_types_supported"] = grants
 	methods := []string{"client_secret_basic", "client_secret_post", "none"}
-	if !o.NoPrivateKeyJWT {
+	if !o.NoPrivateKeyJWT && s.opts.Companion {
 		methods = append(methods, "private_key_jwt")
 		doc["token_endpoint_auth_signing_alg_values_supported"] = o.AssertionAlgs
 	}
@@ -225,7 +221,9 @@ func (s *Server) clientAuth(form url.Values, allowNew bool) (client, thumb strin
 		}
 		return client, "", nil, nil
 	}
-	if o.NoPrivateKeyJWT {
+	if o.NoPrivateKeyJWT || !s.opts.Companion {
+		// Keys asserted in the JWS header and bound at the device grant
+		// are the companion's pairing extension, not Keycloak's.
 		return "", "", nil, errors.New("private_key_jwt is not enabled")
 	}
 	if form.Get("client_assertion_type") != assertionTypeJWTBrr {
@@ -613,121 +611,67 @@ func (s *Server) handleVerificationPage(w http.ResponseWriter, r *http.Request) 
 		r.URL.Query().Get("user_code"), s.URL())
 }
 
-// appRegistration is the body of POST /ownership-api/v1/register/ for an
-// edge gateway, as the platform's IoT edge (Node-RED) sends it.
-type appRegistration struct {
-	ElementID      string          `json:"elementId"`
-	ElementType    string          `json:"elementType"`
-	ElementName    string          `json:"elementName"`
-	ElementURL     string          `json:"elementUrl"`
-	ElementDetails json.RawMessage `json:"elementDetails"`
-}
-
-// handleRegisterApp records an edge gateway as an AppID ownership row of
-// the token's user, and pins its identity key (elementDetails.jwk).
-func (s *Server) handleRegisterApp(w http.ResponseWriter, r *http.Request) {
-	user, azp, ok := s.tokenUser(w, r)
-	if !ok {
-		return
-	}
-	var req appRegistration
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxAdminBody))
-	if err := dec.Decode(&req); err != nil {
-		apiError(w, http.StatusBadRequest, "bad_request", "body must be a JSON object")
+// noteAppRegistration runs the companion's side of a stock AppID
+// registration (an edge gateway, as Snap4City's IoT edge registers one):
+// with Options.Companion, elementDetails.jwk pins the gateway's identity
+// key and elementDetails.assertion_jwk registers its client assertion key.
+// Stock stores both as opaque details.
+func (s *Server) noteAppRegistration(user string, row ownRow, obj map[string]json.RawMessage) {
+	if !s.opts.Companion || row.details == nil {
 		return
 	}
 	var details struct {
-		EdgegatewayType string          `json:"edgegateway_type"`
-		JWK             json.RawMessage `json:"jwk"`
-		AssertionJWK    json.RawMessage `json:"assertion_jwk"`
+		JWK          json.RawMessage `json:"jwk"`
+		AssertionJWK json.RawMessage `json:"assertion_jwk"`
 	}
-	if len(req.ElementDetails) > 0 {
-		if err := json.Unmarshal(req.ElementDetails, &details); err != nil {
-			apiError(w, http.StatusBadRequest, "bad_request", "elementDetails must be an object")
-			return
-		}
-	}
-	switch {
-	case req.ElementType != ElementTypeAppID:
-		apiError(w, http.StatusBadRequest, "bad_request", "elementType must be AppID")
-		return
-	case !gatewayIDRE.MatchString(req.ElementID):
-		apiError(w, http.StatusBadRequest, "bad_request", "elementId must match "+gatewayIDRE.String())
-		return
-	case details.EdgegatewayType == "":
-		apiError(w, http.StatusBadRequest, "bad_request", "elementDetails.edgegateway_type is required")
+	if json.Unmarshal(row.details, &details) != nil {
 		return
 	}
-	var thumb string
 	if len(details.JWK) > 0 {
 		k, err := jwk.ParseKey(details.JWK)
 		if err == nil {
 			k, err = jwk.PublicKeyOf(k)
 		}
+		var thumb string
 		if err == nil {
 			thumb, err = Thumbprint(k)
 		}
+		if err == nil && gatewayIDRE.MatchString(row.elementID) {
+			err = s.PinGatewayKey(row.elementID, thumb)
+		}
 		if err != nil {
-			apiError(w, http.StatusBadRequest, "bad_request", "elementDetails.jwk is not a public JWK")
-			return
+			s.log.Warn("edge gateway identity key not pinned", "gateway", row.elementID, "err", err)
 		}
 	}
-	var akey jwk.Key
 	if len(details.AssertionJWK) > 0 {
 		k, err := jwk.ParseKey(details.AssertionJWK)
+		var akey jwk.Key
 		if err == nil {
 			akey, err = jwk.PublicKeyOf(k)
 		}
-		if _, ok := algOf(akey); err != nil || !ok {
-			apiError(w, http.StatusBadRequest, "bad_request", "elementDetails.assertion_jwk must be an Ed25519 or P-256 public JWK")
-			return
-		}
-	}
-	now := s.now().UTC()
-	s.pair.mu.Lock()
-	a, exists := s.pair.apps[req.ElementID]
-	if exists && a.user != user {
-		s.pair.mu.Unlock()
-		apiError(w, http.StatusForbidden, "forbidden", "elementId is registered to another user")
-		return
-	}
-	if !exists {
-		s.pair.nextApp++
-		a = &appRow{user: user, row: OwnershipRow{ID: s.pair.nextApp, Created: now.Format("2006-01-02 15:04:05")}}
-		s.pair.apps[req.ElementID] = a
-	}
-	a.row.Username, a.row.ElementID, a.row.ElementType = user, req.ElementID, ElementTypeAppID
-	a.row.ElementName, a.row.ElementURL, a.row.ElementDetails = req.ElementName, req.ElementURL, req.ElementDetails
-	if akey != nil && azp == s.pairingOpts().ClientID {
-		if tp, err := Thumbprint(akey); err == nil {
-			if _, had := s.pair.keys[tp]; !had {
-				s.pair.keys[tp] = pairedKey{key: akey, client: azp, user: user}
+		if _, ok := algOf(akey); err == nil && ok {
+			if tp, err := Thumbprint(akey); err == nil {
+				s.pair.mu.Lock()
+				if _, had := s.pair.keys[tp]; !had {
+					s.pair.keys[tp] = pairedKey{key: akey, client: s.pairingOpts().ClientID, user: user}
+				}
+				s.pair.mu.Unlock()
 			}
 		}
 	}
-	row := a.row
-	s.pair.mu.Unlock()
-	if thumb != "" {
-		if err := s.PinGatewayKey(req.ElementID, thumb); err != nil {
-			apiError(w, http.StatusBadRequest, "bad_request", err.Error())
-			return
-		}
-	}
-	s.log.Info("edge gateway registered", "gateway", req.ElementID, "user", user, "thumbprint", thumb)
-	writeJSON(w, http.StatusOK, row)
+	s.log.Info("edge gateway registered", "gateway", row.elementID, "user", user)
 }
 
-// AppRows returns the AppID rows (registered gateways) of user.
+// AppRows returns the active AppID rows (registered gateways) of user.
 func (s *Server) AppRows(user string) []OwnershipRow {
-	s.pair.mu.Lock()
-	defer s.pair.mu.Unlock()
+	s.mu.Lock()
+	defer s.mu.Unlock()
 	var out []OwnershipRow
-	for _, a := range s.pair.apps {
-		if a.user == user {
-			out = append(out, a.row)
+	for _, r := range s.ps.rows {
+		if r.username == user && r.elementType == ElementTypeAppID && r.deleted.IsZero() {
+			out = append(out, rowJSON(r, false))
 		}
 	}
-	slices.SortFunc(out, func(a, b OwnershipRow) int { return int(a.ID - b.ID) })
 	return out
 }
 

@@ -79,8 +79,14 @@ var gatewayIDRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,128}$`)
 
 // syncState is the policy-sync state of a Server, under Server.mu.
 type syncState struct {
-	rows        []ownershipRow
-	nextRowID   int64
+	// The platform (ownership.go, iotdirectory.go, backend.go).
+	rows          []ownRow // the Ownership API's table
+	nextRowID     int64
+	users         map[string]User       // by lower-case username
+	dirDevices    map[string]*dirDevice // the IoT Directory's columns, by device id
+	backendFaults map[string]*BackendError
+
+	// Delegations' ids (ownership.go) and the companion's state.
 	delegMeta   map[Delegation]delegationMeta
 	nextDelegID int64
 
@@ -292,7 +298,7 @@ func (s *Server) bundleLocked(gw string) (policy.Document, error) {
 		if st == nil || st.client == "" {
 			return policy.Document{}, fmt.Errorf("%w: %q", ErrUnknownGateway, gw)
 		}
-		user = s.clients[st.client].Username
+		user = clientUser(s.clients[st.client])
 	}
 	if st == nil {
 		st = &gatewayState{}
@@ -356,9 +362,12 @@ func (s *Server) policyContentLocked(user string) ([]policy.Registration, []poli
 	var dls []policy.Delegation
 	seen := map[Delegation]bool{}
 	for _, dl := range s.delegs {
-		if !in[dl.Device] || seen[dl] {
+		// Bundles carry user delegations of this server's devices only.
+		dev := strings.TrimPrefix(dl.Device, s.opts.Organization+":"+s.opts.BrokerName+":")
+		if !in[dev] || seen[dl] || dl.User == "" {
 			continue
 		}
+		dl.Device = dev
 		seen[dl] = true
 		dls = append(dls, policy.Delegation{Device: dl.Device, User: dl.User, Kind: policy.Kind(dl.Kind)})
 	}
@@ -517,4 +526,27 @@ func (s *Server) handleAdminRotate(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	writeJSON(w, http.StatusOK, map[string]string{"kid": kid})
+}
+
+// apiError answers the companion's and the admin surface's errors.
+func apiError(w http.ResponseWriter, status int, code, desc string) {
+	if status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Bearer error="invalid_token"`)
+	}
+	writeJSON(w, status, map[string]string{"error": code, "description": desc})
+}
+
+// tokenUser verifies the Bearer token of a companion request and returns
+// its user and client; on failure it has answered 401.
+func (s *Server) tokenUser(w http.ResponseWriter, r *http.Request) (user, azp string, ok bool) {
+	raw, err := bearerToken(r)
+	if err == nil {
+		user, azp, err = s.verifyToken(raw)
+	}
+	if err != nil {
+		s.log.Info("api refused", "path", r.URL.Path, "status", http.StatusUnauthorized, "err", err)
+		apiError(w, http.StatusUnauthorized, "unauthorized", MsgAccessTokenNotValid)
+		return "", "", false
+	}
+	return user, azp, true
 }

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"testing"
@@ -44,6 +43,7 @@ func syncOptions(o *Options) {
 		Delegation{Device: "meter-bob", User: "alice", Kind: KindReadAccess},
 	)
 	o.Gateways = map[string]string{"gw-1": gwAlpha, "gw-bob": gwBeta}
+	o.Companion = true // bundles, receipts and push are the companion's
 }
 
 func (f *fixture) clientToken(t *testing.T, user, client string) string {
@@ -62,149 +62,6 @@ func decodeJSON[T any](t *testing.T, r response) T {
 		t.Fatalf("decode %s: %v", r.body, err)
 	}
 	return v
-}
-
-func TestOwnershipList(t *testing.T) {
-	f := newFixture(t, syncOptions)
-	listURL := f.sim.URL() + "/ownership-api/v1/list/?type=IOTID"
-	alice := f.token(t, "alice", time.Minute)
-
-	rows := decodeJSON[[]OwnershipRow](t, f.mustDo(t, "GET", listURL, alice, nil))
-	want := []string{devTemp, devFree, "th-kitchen", "th-garden"}
-	if len(rows) != len(want) {
-		t.Fatalf("alice's rows = %+v, want %d rows", rows, len(want))
-	}
-	details := map[string]ElementDetails{}
-	kinds := map[string]int{}
-	for i, r := range rows {
-		if r.ElementName != want[i] || r.Username != "alice" || r.ElementType != "IOTID" || r.Deleted != nil {
-			t.Errorf("row %d = %+v", i, r)
-		}
-		if r.ElementID != "Organization:orion-1:"+want[i] || r.ElementURL != f.sim.BrokerURL() {
-			t.Errorf("row %d: elementId %q elementUrl %q", i, r.ElementID, r.ElementURL)
-		}
-		if _, err := time.Parse(time.RFC3339, r.Created); err != nil {
-			t.Errorf("row %d: created %q: %v", i, r.Created, err)
-		}
-		raw := []byte(r.ElementDetails)
-		if raw[0] == '"' { // a JSON-encoded string, as the platform serves some rows
-			var s string
-			if err := json.Unmarshal(raw, &s); err != nil {
-				t.Fatal(err)
-			}
-			raw = []byte(s)
-			kinds["string"]++
-			if r.ID%2 != 1 {
-				t.Errorf("row %d: string details on an even id", r.ID)
-			}
-		} else {
-			kinds["object"]++
-		}
-		var d ElementDetails
-		if err := json.Unmarshal(raw, &d); err != nil {
-			t.Fatalf("row %d details %s: %v", r.ID, r.ElementDetails, err)
-		}
-		details[r.ElementName] = d
-	}
-	if kinds["string"] == 0 || kinds["object"] == 0 {
-		t.Errorf("details kinds = %v, want both", kinds)
-	}
-	if d := details["th-kitchen"]; d != (ElementDetails{K1: "kk1-kitchen", K2: "kk2-kitchen", ContextBroker: "orion-1", Type: "Thermometer"}) {
-		t.Errorf("th-kitchen details = %+v", d)
-	}
-	// The list is stable: same rows, same forms.
-	again := f.mustDo(t, "GET", listURL, alice, nil)
-	if b, _ := json.Marshal(rows); string(b) != strings.TrimSpace(string(again.body)) {
-		t.Errorf("second list differs:\n%s\n%s", b, again.body)
-	}
-
-	// Removed: the row stays, with deleted set; a transfer opens a new row.
-	f.sim.RemoveDevice("th-garden")
-	f.sim.AddDevice(Device{ID: "th-kitchen", Type: "Thermometer", Owner: "bob", K1: "n1", K2: "n2"})
-	rows = decodeJSON[[]OwnershipRow](t, f.mustDo(t, "GET", listURL, alice, nil))
-	deleted := map[string]bool{}
-	for _, r := range rows {
-		if r.Deleted != nil {
-			if _, err := time.Parse(time.RFC3339, *r.Deleted); err != nil {
-				t.Errorf("deleted %q: %v", *r.Deleted, err)
-			}
-			deleted[r.ElementName] = true
-		}
-	}
-	if len(rows) != 4 || !deleted["th-garden"] || !deleted["th-kitchen"] || deleted[devTemp] {
-		t.Errorf("after removal and transfer: %+v", rows)
-	}
-	bobRows := decodeJSON[[]OwnershipRow](t, f.mustDo(t, "GET", listURL, f.token(t, "bob", time.Minute), nil))
-	if len(bobRows) != 2 || bobRows[1].ElementName != "th-kitchen" || bobRows[1].Deleted != nil || bobRows[1].ID <= rows[3].ID {
-		t.Errorf("bob's rows = %+v", bobRows)
-	}
-
-	if r := f.mustDo(t, "GET", strings.Replace(listURL, "IOTID", "AppID", 1), alice, nil); r.status != 200 || strings.TrimSpace(string(r.body)) != "[]" {
-		t.Errorf("type=AppID: %d %s", r.status, r.body)
-	}
-	for name, tok := range map[string]string{"none": "", "garbage": "x.y.z", "expired": f.token(t, "alice", -time.Minute)} {
-		if r := f.mustDo(t, "GET", listURL, tok, nil); r.status != 401 {
-			t.Errorf("%s token: %d %s", name, r.status, r.body)
-		}
-	}
-}
-
-func TestDelegationLists(t *testing.T) {
-	f := newFixture(t, syncOptions)
-	dmURL := func(user, list string) string {
-		return f.sim.URL() + "/datamanager/api/v2/username/" + url.PathEscape(user) + "/" + list + "?sourceRequest=edgegate&elementType=IOTID"
-	}
-	alice := f.token(t, "alice", time.Minute)
-
-	given := decodeJSON[[]DelegationRow](t, f.mustDo(t, "GET", dmURL("alice", "delegator"), alice, nil))
-	if len(given) != 5 {
-		t.Fatalf("alice gave %+v, want 5", given)
-	}
-	for _, d := range given {
-		if d.UsernameDelegator != "alice" || d.ElementType != "IOTID" || d.DeleteTime != nil || d.InsertTime <= 0 || d.ID == 0 {
-			t.Errorf("given: %+v", d)
-		}
-	}
-	received := decodeJSON[[]DelegationRow](t, f.mustDo(t, "GET", dmURL("alice", "delegated"), alice, nil))
-	if len(received) != 1 || received[0].UsernameDelegator != "bob" || received[0].ElementID != "Organization:orion-1:meter-bob" || received[0].Kind != KindReadAccess {
-		t.Fatalf("alice received %+v", received)
-	}
-	carol := f.token(t, "carol", time.Minute)
-	got := f.mustDo(t, "GET", dmURL("carol", "delegated"), carol, nil)
-	var raw []map[string]any
-	if err := json.Unmarshal(got.body, &raw); err != nil || len(raw) != 1 {
-		t.Fatalf("carol received %s", got.body)
-	}
-	for _, k := range []string{"id", "usernameDelegator", "usernameDelegated", "elementId", "elementType", "kind", "insertTime", "deleteTime"} {
-		if _, ok := raw[0][k]; !ok {
-			t.Errorf("row lacks %q: %v", k, raw[0])
-		}
-	}
-
-	// The path user must be the token's user; sourceRequest is required.
-	if r := f.mustDo(t, "GET", dmURL("alice", "delegated"), carol, nil); r.status != 401 {
-		t.Errorf("carol reading alice's list: %d", r.status)
-	}
-	if r := f.mustDo(t, "GET", strings.Replace(dmURL("alice", "delegator"), "sourceRequest=edgegate&", "", 1), alice, nil); r.status != 400 {
-		t.Errorf("without sourceRequest: %d", r.status)
-	}
-
-	// Changing the delegations keeps the ids of those that stay, and the
-	// filter follows the same store.
-	keep := given[0]
-	f.sim.SetDelegations([]Delegation{{Device: devTemp, User: "reader", Kind: KindReadAccess}, {Device: "th-garden", User: "dave", Kind: KindReadWrite}})
-	given2 := decodeJSON[[]DelegationRow](t, f.mustDo(t, "GET", dmURL("alice", "delegator"), alice, nil))
-	if len(given2) != 2 || given2[0] != keep || given2[1].ID <= given[len(given)-1].ID || given2[1].UsernameDelegated != "dave" {
-		t.Errorf("after SetDelegations: %+v (kept %+v)", given2, keep)
-	}
-	dave := f.token(t, "dave", time.Minute)
-	getGarden := f.sim.BrokerURL() + "/v2/entities/th-garden?type=Thermometer"
-	if r := f.mustDo(t, "GET", getGarden, dave, nil); r.status != 200 {
-		t.Errorf("delegate dave reading th-garden: %d %s", r.status, r.body)
-	}
-	if r := f.mustDo(t, "GET", getGarden, carol, nil); r.status != 401 {
-		t.Errorf("carol (no delegation) reading th-garden: %d", r.status)
-	}
 }
 
 // verifyBundle checks a compact JWS against the JWKS served over HTTPS,

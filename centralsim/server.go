@@ -1,17 +1,25 @@
-// Package centralsim is a simulated central service: the parts of the real
-// platform that an edgegate gateway talks to, with the same contracts, so
-// that the gateway cannot tell the difference.
+// Package centralsim is a simulated central service: the parts of a stock
+// Snap4City platform that an edgegate gateway talks to, with the same
+// contracts, so that the gateway cannot tell the difference. The platform's
+// public source is the contract; README.md lists each behaviour with the
+// stock file it copies.
 //
-//   - an OpenID Connect provider with Keycloak's paths (discovery, JWKS,
-//     token endpoint with the client_credentials and refresh_token grants);
+//   - an OpenID Connect provider with Keycloak's paths (realm "master":
+//     discovery, JWKS, token endpoint with the client_credentials,
+//     refresh_token, password and device_code grants, userinfo, RFC 7009
+//     revocation) (oidc.go, pairing.go);
 //   - the Orion Broker Filter in front of an in-memory Orion 3.12, answer
-//     for answer (filter.go, filtercache.go, orion.go; README.md lists
-//     what is simulated), and the same Orion bare at DirectBrokerURL;
-//   - the platform's Ownership API and the personal-data service's
-//     delegation lists (ownership.go);
-//   - the central side of policy sync: signed policy bundles per gateway, the
-//     policy-signing key set, an MQTT push broker and signed apply receipts
-//     (policybundle.go, pushbroker.go, receipts.go);
+//     for answer (filter.go, filtercache.go, orion.go), and the same Orion
+//     bare at DirectBrokerURL;
+//   - the platform's Ownership API (list, register, limits, delete) and the
+//     datamanager's delegation lists and access check (ownership.go);
+//   - the IoT Directory's device.php (iotdirectory.go);
+//   - with Options.Companion only: the central side of edgegate's own policy
+//     sync, which stock Snap4City lacks: signed policy bundles per gateway,
+//     the policy-signing key set, an MQTT push broker and signed apply
+//     receipts (policybundle.go, pushbroker.go, receipts.go). They model the
+//     future edgegate-central companion service (a separate issue), not
+//     the platform;
 //   - fault injection, and an admin surface under /_sim/ for tests that drive
 //     the real binary from another process.
 //
@@ -51,7 +59,12 @@ import (
 
 // Defaults of Options.
 const (
-	DefaultRealm      = "edgegate"
+	// DefaultRealm is the realm of the public Snap4City platform
+	// (https://www.snap4city.org/auth/realms/master); stock components
+	// hard-code it (e.g. the IoT Directory's device.php and the
+	// datamanager's AccessTokenAuthenticationFilter build
+	// ".../auth/realms/master/protocol/openid-connect/...").
+	DefaultRealm      = "master"
 	DefaultAudience   = "edgegate"
 	DefaultTokenTTL   = 5 * time.Minute
 	DefaultRefreshTTL = 24 * time.Hour
@@ -92,17 +105,64 @@ type Device struct {
 
 // Client is an OAuth2 confidential client with a service account.
 type Client struct {
-	ID       string `json:"id"`
-	Secret   string `json:"secret"`
-	Username string `json:"username"` // the service account's preferred_username
-	Offline  bool   `json:"offline"`  // client_credentials also returns a refresh token
+	ID     string `json:"id"`
+	Secret string `json:"secret"`
+	// Username is the preferred_username of the client's tokens. Empty (the
+	// stock case): Keycloak's service-account user "service-account-{id}",
+	// which owns nothing on the platform. Set, it models a realm that maps
+	// a hard-coded preferred_username onto the client's tokens (a Keycloak
+	// "hardcoded claim" mapper: a non-default realm configuration).
+	Username string `json:"username,omitempty"`
+	Offline  bool   `json:"offline"` // client_credentials also returns a refresh token
 }
 
-// Delegation lets User access Device; Kind is one of the Kind constants.
+// AnonymousUser is the datamanager's delegation target that makes an
+// element public (AccessServiceImpl.checkDelegationAccess: PUBLIC).
+const AnonymousUser = "ANONYMOUS"
+
+// Delegation lets User (or every member of Group) access Device; Kind is
+// one of the Kind constants. Device is a device id of this server or any
+// element id ("{organization}:{broker}:{device}" for an IoT device).
+// User AnonymousUser makes the element public.
 type Delegation struct {
 	Device string `json:"device"`
-	User   string `json:"user"`
-	Kind   string `json:"kind"`
+	User   string `json:"user,omitempty"`
+	// Group is the datamanager's groupname_delegated: an LDAP group
+	// ("cn=G,ou=Org,dc=...") or organization ("ou=Org,dc=...") DN, or a
+	// bare group or organization name, matched against User.Groups and
+	// User.Organization.
+	Group string `json:"group,omitempty"`
+	Kind  string `json:"kind"`
+	// Delegator is the username_delegator; default: the element's owner.
+	Delegator string `json:"delegator,omitempty"`
+}
+
+// Platform roles, as Snap4City's Keycloak puts them in the "roles" claim
+// (and Keycloak in realm_access.roles), in the order the Ownership API's
+// session.php picks the main role.
+const (
+	RoleRootAdmin   = "RootAdmin"
+	RoleToolAdmin   = "ToolAdmin"
+	RoleAreaManager = "AreaManager"
+	RoleManager     = "Manager"
+	RoleObserver    = "Observer"
+)
+
+// User is an account of the platform: Keycloak user plus the LDAP entries
+// (organization, groups) the Ownership API, the datamanager and the IoT
+// Directory read.
+type User struct {
+	Username string `json:"username"`
+	// Password enables the resource owner password grant for this user.
+	Password string `json:"password,omitempty"`
+	// Role is one of the Role constants; default RoleManager.
+	Role string `json:"role,omitempty"`
+	// Groups are LDAP group names (cn) the user is a member of.
+	Groups []string `json:"groups,omitempty"`
+	// Organization is the LDAP organizational unit; default
+	// Options.Organization. "-" means none (the IoT Directory then answers
+	// "Organization not found ...").
+	Organization string `json:"organization,omitempty"`
 }
 
 // Options configure a Server. Zero values take the defaults above.
@@ -176,10 +236,27 @@ type Options struct {
 	// delegation answer, positive or negative; default
 	// DefaultFilterCacheTTL (filtercache.go).
 	FilterCacheTTL time.Duration
-	// TrustIssuers are OpenID providers besides the realm whose access
-	// tokens the filter accepts (a third-party OP in front of the same
-	// accounts); the user is the token's preferred_username, else username.
+
+	// Platform (ownership.go, iotdirectory.go)
+
+	// Users are the platform's accounts. When empty, every username is an
+	// implicit user (role Manager, organization Options.Organization); when
+	// set, a username not listed has no organization and no role.
+	Users []User
+	// Limits replace the Ownership API's limits table; nil: StockLimits.
+	Limits []Limit
+	// TrustIssuers are third-party OpenID providers: the Ownership API
+	// resolves the user of their tokens through the provider's userinfo
+	// endpoint (found in its discovery document).
 	TrustIssuers []TrustedIssuer
+	// PlatformHTTPClient makes the calls to trusted third-party providers;
+	// default: one that trusts the system roots.
+	PlatformHTTPClient *http.Client
+	// Companion mounts the edgegate-only endpoints that stock Snap4City
+	// lacks (policy keys, signed bundles, receipts, the MQTT push broker,
+	// pairing's key pinning): they model the future edgegate-central
+	// companion. Default false: a stock platform.
+	Companion bool
 }
 
 // Server is a running (or ready to run) simulated central service.
@@ -269,7 +346,6 @@ func New(opts Options) (*Server, error) {
 			refresh: make(map[string]*pairGrant),
 			keys:    make(map[string]pairedKey),
 			jtis:    make(map[string]time.Time),
-			apps:    make(map[string]*appRow),
 		},
 	}
 	if err := s.initSyncState(); err != nil {
@@ -284,13 +360,17 @@ func New(opts Options) (*Server, error) {
 			return nil, fmt.Errorf("centralsim: clients[%d].id is empty", i)
 		case c.Secret == "":
 			return nil, fmt.Errorf("centralsim: clients[%d].secret is empty", i)
-		case c.Username == "":
-			return nil, fmt.Errorf("centralsim: clients[%d].username is empty", i)
 		}
 		if _, dup := s.clients[c.ID]; dup {
 			return nil, fmt.Errorf("centralsim: clients[%d].id is a duplicate: %q", i, c.ID)
 		}
 		s.clients[c.ID] = c
+	}
+	if opts.MQTT && !opts.Companion {
+		return nil, errors.New("centralsim: the MQTT push broker is a companion extension: set Companion too")
+	}
+	if err := s.initPlatform(); err != nil {
+		return nil, fmt.Errorf("centralsim: %w", err)
 	}
 	for i, d := range opts.Devices {
 		if err := validDevice(d); err != nil {

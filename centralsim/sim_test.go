@@ -193,7 +193,7 @@ func TestDiscoveryJWKSAndClientCredentials(t *testing.T) {
 	if err := json.Unmarshal(r.body, &disc); err != nil {
 		t.Fatal(err)
 	}
-	if disc.Issuer != f.sim.URL()+"/auth/realms/edgegate" || disc.TokenEndpoint != f.sim.TokenURL() {
+	if disc.Issuer != f.sim.URL()+"/auth/realms/master" || disc.TokenEndpoint != f.sim.TokenURL() {
 		t.Fatalf("discovery = %+v", disc)
 	}
 	for _, g := range []string{"client_credentials", "refresh_token"} {
@@ -261,8 +261,19 @@ func TestDiscoveryJWKSAndClientCredentials(t *testing.T) {
 	}
 	b, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
+	// Direct access grants need a user with a password (Options.Users).
+	if resp.StatusCode != 401 || !strings.Contains(string(b), `"invalid_grant"`) {
+		t.Fatalf("password grant without user credentials: %d %s", resp.StatusCode, b)
+	}
+	form.Set("grant_type", "implicit")
+	resp, err = f.http.PostForm(f.sim.TokenURL(), form)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
 	if resp.StatusCode != 400 || !strings.Contains(string(b), `"unsupported_grant_type"`) {
-		t.Fatalf("password grant: %d %s", resp.StatusCode, b)
+		t.Fatalf("implicit grant: %d %s", resp.StatusCode, b)
 	}
 }
 

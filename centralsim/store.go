@@ -114,8 +114,10 @@ func validDelegation(dl Delegation) error {
 	switch {
 	case dl.Device == "":
 		return errors.New("device is empty")
-	case dl.User == "":
-		return errors.New("user is empty")
+	case dl.User == "" && dl.Group == "":
+		return errors.New("user and group are both empty")
+	case dl.User != "" && dl.Group != "":
+		return errors.New("user and group are both set: a delegation has one target")
 	}
 	switch dl.Kind {
 	case KindReadAccess, KindReadWrite, KindWriteOnly, KindModify:

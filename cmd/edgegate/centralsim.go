@@ -36,6 +36,26 @@ type centralSimConfig struct {
 	PolicyKeyAlg     string            `yaml:"policy_key_alg"`
 	BundleAllDevices bool              `yaml:"bundle_all_devices"`
 	Gateways         map[string]string `yaml:"gateways"` // client id -> gateway id
+	// Platform.
+	Users     []centralSimUser  `yaml:"users"`
+	Limits    []centralSimLimit `yaml:"limits"` // replaces the stock limits table
+	Companion bool              `yaml:"companion"`
+}
+
+type centralSimUser struct {
+	Username     string   `yaml:"username"`
+	Password     string   `yaml:"password"`
+	Role         string   `yaml:"role"`
+	Groups       []string `yaml:"groups"`
+	Organization string   `yaml:"organization"`
+}
+
+type centralSimLimit struct {
+	Organization string `yaml:"organization"`
+	Username     string `yaml:"username"`
+	Role         string `yaml:"role"`
+	ElementType  string `yaml:"element_type"`
+	MaxCount     int    `yaml:"max_count"`
 }
 
 type centralSimClient struct {
@@ -60,9 +80,11 @@ type centralSimDevice struct {
 }
 
 type centralSimDelegation struct {
-	Device string `yaml:"device"`
-	User   string `yaml:"user"`
-	Kind   string `yaml:"kind"`
+	Device    string `yaml:"device"` // a device id or an element id
+	User      string `yaml:"user"`   // or ANONYMOUS
+	Group     string `yaml:"group"`
+	Kind      string `yaml:"kind"`
+	Delegator string `yaml:"delegator"`
 }
 
 // parseCentralSimConfig decodes a config strictly (unknown keys name
@@ -92,6 +114,15 @@ func parseCentralSimConfig(data []byte) (centralsim.Options, error) {
 		CheckKeys: c.CheckKeys, TokenTTL: c.TokenTTL, RefreshTTL: c.RefreshTTL,
 		BrokerName: c.BrokerName, Organization: c.Organization, PolicyTTL: c.PolicyTTL,
 		PolicyKeyAlg: c.PolicyKeyAlg, BundleAllDevices: c.BundleAllDevices, Gateways: c.Gateways,
+		Companion: c.Companion,
+	}
+	for _, x := range c.Users {
+		o.Users = append(o.Users, centralsim.User{Username: x.Username, Password: x.Password, Role: x.Role,
+			Groups: x.Groups, Organization: x.Organization})
+	}
+	for _, x := range c.Limits {
+		o.Limits = append(o.Limits, centralsim.Limit{Organization: x.Organization, Username: x.Username, Role: x.Role,
+			ElementType: x.ElementType, MaxCount: x.MaxCount})
 	}
 	for _, x := range c.Clients {
 		o.Clients = append(o.Clients, centralsim.Client{ID: x.ID, Secret: x.Secret, Username: x.Username, Offline: x.Offline})
@@ -104,7 +135,8 @@ func parseCentralSimConfig(data []byte) (centralsim.Options, error) {
 		o.Devices = append(o.Devices, d)
 	}
 	for _, x := range c.Delegations {
-		o.Delegations = append(o.Delegations, centralsim.Delegation{Device: x.Device, User: x.User, Kind: x.Kind})
+		o.Delegations = append(o.Delegations, centralsim.Delegation{Device: x.Device, User: x.User, Group: x.Group,
+			Kind: x.Kind, Delegator: x.Delegator})
 	}
 	return o, nil
 }
@@ -115,14 +147,15 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs := flag.NewFlagSet("central-sim", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	listen := fs.String("listen", "127.0.0.1:8443", "`address` to serve HTTPS on")
-	configPath := fs.String("config", "", "YAML `file`: realm, audience, signature_attr, check_keys, token_ttl, refresh_ttl, clients, devices, delegations, broker_name, organization, policy_ttl, policy_key_alg, bundle_all_devices, gateways")
+	configPath := fs.String("config", "", "YAML `file`: realm, audience, signature_attr, check_keys, token_ttl, refresh_ttl, clients, devices, delegations, broker_name, organization, policy_ttl, policy_key_alg, bundle_all_devices, gateways, users, limits, companion")
 	caOut := fs.String("ca-out", "", "write the CA certificate (PEM) to `file`")
 	tokenOut := fs.String("admin-token-out", "", "write the /_sim/ admin token to `file` (0600); without it the token is printed")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
-	withMQTT := fs.Bool("mqtt", false, "also run the policy push broker (MQTT over TLS, same CA)")
+	companion := fs.Bool("companion", false, "also serve the edgegate companion's endpoints that stock Snap4City lacks (policy keys, signed bundles, receipts)")
+	withMQTT := fs.Bool("mqtt", false, "also run the companion's policy push broker (MQTT over TLS, same CA); implies --companion")
 	mqttListen := fs.String("mqtt-listen", "127.0.0.1:0", "`address` of the push broker (with --mqtt)")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: edgegate central-sim [flags]\n\nServe a simulated central service (OIDC provider, Orion Broker Filter, NGSI v2 broker, Ownership API, personal-data delegations, signed policy bundles, policy push broker) for demos and tests.\n\nflags:")
+		fmt.Fprintln(stderr, "usage: edgegate central-sim [flags]\n\nServe a simulated stock Snap4City platform (Keycloak-like OIDC provider, Orion Broker Filter, NGSI v2 broker, Ownership API, datamanager delegations, IoT Directory device.php) for demos and tests; with --companion also the edgegate companion's signed policy bundles, receipts and (--mqtt) push broker.\n\nflags:")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -156,6 +189,7 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	opts.Logger = logger
 	opts.MQTT, opts.MQTTListen = *withMQTT, *mqttListen
+	opts.Companion = opts.Companion || *companion || *withMQTT
 
 	sim, err := centralsim.New(opts)
 	if err != nil {
@@ -185,7 +219,10 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fmt.Fprintf(stdout, "JWKS_URL=%s\n", sim.JWKSURL())
 	fmt.Fprintf(stdout, "BROKER_URL=%s\n", sim.BrokerURL())
 	fmt.Fprintf(stdout, "ADMIN_URL=%s/_sim\n", sim.URL())
-	fmt.Fprintf(stdout, "POLICY_KEYS_URL=%s\n", sim.PolicyKeysURL())
+	fmt.Fprintf(stdout, "USERINFO_URL=%s\n", sim.UserinfoURL())
+	if opts.Companion {
+		fmt.Fprintf(stdout, "POLICY_KEYS_URL=%s\n", sim.PolicyKeysURL())
+	}
 	if *withMQTT {
 		fmt.Fprintf(stdout, "MQTT_URL=%s\n", sim.MQTTURL())
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"io"
 	"net/http"
 	"net/url"
@@ -104,6 +105,36 @@ func TestRunCentralSim(t *testing.T) {
 		t.Fatalf("printed %v", vars)
 	}
 
+	// A stock platform: userinfo answers the client's service account, and
+	// the companion's endpoints are not there.
+	if vars["USERINFO_URL"] == "" || vars["POLICY_KEYS_URL"] != "" {
+		t.Fatalf("printed %v", vars)
+	}
+	var tokResp struct {
+		AccessToken string `json:"access_token"`
+	}
+	if err := json.Unmarshal(body, &tokResp); err != nil {
+		t.Fatal(err)
+	}
+	uireq, _ := http.NewRequest("GET", vars["USERINFO_URL"], nil)
+	uireq.Header.Set("Authorization", "Bearer "+tokResp.AccessToken)
+	if resp, err = client.Do(uireq); err != nil {
+		t.Fatal(err)
+	}
+	body, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 200 || !strings.Contains(string(body), `"preferred_username":"alice"`) {
+		t.Fatalf("userinfo: %d %s", resp.StatusCode, body)
+	}
+	base := strings.TrimSuffix(vars["ADMIN_URL"], "/_sim")
+	if resp, err = client.Get(base + "/edgegate/v1/policy-keys"); err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 404 {
+		t.Fatalf("policy keys without --companion: %d, want 404", resp.StatusCode)
+	}
+
 	req, _ := http.NewRequest("GET", vars["ADMIN_URL"]+"/summary", nil)
 	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(adminTok)))
 	resp, err = client.Do(req)
@@ -154,6 +185,22 @@ func TestCentralSimConfigErrors(t *testing.T) {
 	}
 	if o.TokenTTL != 2*time.Minute || !o.CheckKeys || len(o.Clients) != 1 || o.Devices[0].K2 != "key-two" || o.Delegations[0].Kind != "READ_ACCESS" {
 		t.Fatalf("options %+v", o)
+	}
+	o, err = parseCentralSimConfig([]byte(`
+companion: true
+users:
+  - {username: root, role: RootAdmin, groups: [ops], organization: Florence, password: pw}
+limits:
+  - {organization: any, username: any, role: any, element_type: IOTID, max_count: 1}
+delegations:
+  - {device: "Florence:orion-1:th-1", group: ops, kind: READ_WRITE, delegator: root}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !o.Companion || len(o.Users) != 1 || o.Users[0].Role != "RootAdmin" || o.Users[0].Groups[0] != "ops" ||
+		o.Limits[0].MaxCount != 1 || o.Limits[0].ElementType != "IOTID" || o.Delegations[0].Group != "ops" || o.Delegations[0].Delegator != "root" {
+		t.Fatalf("platform options %+v", o)
 	}
 	if _, err := parseCentralSimConfig(nil); err != nil {
 		t.Fatalf("empty config: %v", err)

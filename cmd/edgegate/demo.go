@@ -112,6 +112,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		Gateways:         map[string]string{"edgegate-demo": "gw-demo-01"},
 		BundleAllDevices: true,
 		MQTT:             true,
+		Companion:        true, // bundles and push are the companion's, not stock Snap4City's
 	})
 	if err != nil {
 		return fmt.Errorf("create simulated central: %w", err)
