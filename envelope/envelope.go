@@ -344,12 +344,17 @@ func VerifyAttrMap(raw map[string]json.RawMessage, keys []Key, sigAttr string) (
 	if sigAttr == "" {
 		sigAttr = DefaultSignatureAttr
 	}
-	if _, legacy := raw[sigAttr]; !legacy {
+	sigRaw, ok := raw[sigAttr]
+	if !ok {
 		return verifyUpdate(raw, keys, sigAttr)
 	}
 	var sig ngsiAttr
-	if err := json.Unmarshal(raw[sigAttr], &sig); err != nil {
+	if err := json.Unmarshal(sigRaw, &sig); err != nil {
 		return Claims{}, fmt.Errorf("%w: attribute %q: %v", ErrMalformed, sigAttr, err)
+	}
+	if _, signed := sig.Metadata[sigAttr]; signed {
+		// A reading's own attribute that happens to share the name.
+		return verifyUpdate(raw, keys, sigAttr)
 	}
 	compact, ok := sig.Value.(string)
 	if !ok {
