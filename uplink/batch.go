@@ -59,6 +59,9 @@ func (d *dispatcher) fillBatches(start int) {
 		if d.busy[l] {
 			continue
 		}
+		if held, _ := d.refusalState(l, d.u.opts.Now()); held {
+			continue
+		}
 		if d.solo[l] {
 			if free > 0 {
 				d.startBatch([]queue.Lane{l}, true)
@@ -88,6 +91,9 @@ func (d *dispatcher) startBatch(lanes []queue.Lane, solo bool) {
 	d.inflight++
 	d.cursor = lanes[len(lanes)-1].Device
 	j := job{lane: lanes[0], lanes: lanes, solo: solo, epoch: d.epoch, gen: d.gen}
+	if solo {
+		_, j.expired = d.refusalState(lanes[0], d.u.opts.Now())
+	}
 	d.jobs <- j // never blocks: at most Concurrency jobs are in flight
 }
 
@@ -165,7 +171,7 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 		return r
 	}
 	setHeaders(req, tok, svc, svcPath)
-	return d.exchange(ctx, r, req, items, tok, tok)
+	return d.exchange(ctx, r, req, items, tok)
 }
 
 // batchBody renders the op/update body: each stored body (an NGSI
