@@ -273,6 +273,7 @@ func (b *broker) pool() *x509.CertPool {
 
 // harness runs an Uplink against a fake queue and tokens.
 type harness struct {
+	u      *Uplink
 	q      *fakeQueue
 	tok    *fakeTokens
 	m      *metrics.Metrics
@@ -311,6 +312,7 @@ func start(t testing.TB, q *fakeQueue, tok *fakeTokens, pool *x509.CertPool, opt
 	opts.Metrics = h.m
 	opts.Logger = slog.New(slog.NewTextHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	u := New(q, tok, opts)
+	h.u = u
 	ctx, cancel := context.WithCancel(context.Background())
 	h.cancel = cancel
 	go func() { h.runErr = u.Run(ctx); close(h.done) }()
