@@ -127,16 +127,32 @@ func TestRefusalWindow(t *testing.T) {
 	eventually(t, "the other device delivered and the refused one tried", func() bool {
 		return len(q.Lanes(b.URL)) == 1 && b.requestsFor("fresh", first) >= 1
 	})
-	for _, step := range []time.Duration{time.Minute, 3 * time.Minute} { // t = 1m, 4m
-		n := b.requestsFor("fresh", first)
-		clk.advance(step)
-		eventually(t, "a retry within the window", func() bool { return b.requestsFor("fresh", first) > n })
-		if dl := q.deadLetters(); len(dl) != 0 {
-			t.Fatalf("dead-lettered within the window: %v", dl)
+	// The gateway's clock moves on while it waits (200ms of fake time per
+	// poll), but never past limit from the first refusal.
+	start := clk.Now()
+	ticking := func(what string, limit time.Duration, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("timed out waiting for %s", what)
+			}
+			if clk.Now().Sub(start) < limit {
+				clk.advance(200 * time.Millisecond)
+			}
+			time.Sleep(5 * time.Millisecond)
 		}
 	}
-	clk.advance(61 * time.Second) // t = 5m01s: past uplink.refusal_window
-	eventually(t, "dead letter after the window", func() bool { return len(q.deadLetters()) == 1 })
+	for _, at := range []time.Duration{time.Minute, 4 * time.Minute} {
+		n := b.requestsFor("fresh", first)
+		clk.advance(at - clk.Now().Sub(start))
+		ticking("a retry within the window", 5*time.Minute-time.Second, func() bool { return b.requestsFor("fresh", first) > n })
+		if dl := q.deadLetters(); len(dl) != 0 {
+			t.Fatalf("dead-lettered within the window (at %s): %v", clk.Now().Sub(start), dl)
+		}
+	}
+	clk.advance(5*time.Minute + time.Second - clk.Now().Sub(start)) // past uplink.refusal_window
+	ticking("dead letter after the window", time.Hour, func() bool { return len(q.deadLetters()) == 1 })
 	reason := q.deadLetters()[0].reason
 	if !strings.Contains(reason, "does not have any ownerships") || !strings.Contains(reason, "uplink.refusal_window 5m0s") {
 		t.Errorf("reason = %q", reason)
