@@ -452,7 +452,9 @@ func (d *dispatcher) handle(r result) {
 		d.holdRefused(r)
 	case delivered, permanent:
 		if r.v.kind == delivered {
-			delete(d.refusals, r.lane) // accepted again: a new refusal starts a new window
+			for _, l := range r.allLanes() {
+				delete(d.refusals, l) // accepted again: a new refusal starts a new window
+			}
 		} else if st := d.refusals[r.lane]; st != nil && r.expired {
 			st.last = d.u.opts.Now() // still refused: later readings go at once
 		}
