@@ -105,7 +105,9 @@ type KeyResolver interface {
 
 // Options configures a Pipeline.
 type Options struct {
-	Gateway       string // gateway id signed into every envelope
+	Gateway string // gateway id signed into every envelope
+	// SignatureAttr names the metadata that carries the envelope on every
+	// attribute (envelope.Body); default envelope.DefaultSignatureAttr.
 	SignatureAttr string
 	Logger        *slog.Logger
 	Metrics       *metrics.Metrics
