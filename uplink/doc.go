@@ -1,9 +1,9 @@
 // Package uplink delivers queued readings to the proxied NGSI v2 brokers
 // (the Snap4City Orion Broker Filter in front of Orion) over HTTPS.
 //
-// Each reading is one PATCH /v2/entities/{device}/attrs (?type=T, nothing
-// else: the filter takes the id from the path and drops the query, and no
-// secret ever goes into a URL). A reading leaves the queue only after the
+// Each reading is one PATCH /v2/entities/{device}/attrs?elementid={device}&type=T
+// (elementid for filters built before 2026, which read the id from it;
+// no secret ever goes into a URL). A reading leaves the queue only after the
 // broker accepted it (Delete) or refused it for good (DeadLetter);
 // everything else is retried with backoff, so nothing is lost across
 // broker or central outages. Delivery is at-least-once: a request cut off

@@ -658,17 +658,22 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 	return r
 }
 
-// request builds the filter's PATCH for one reading. The filter takes the
-// element id from the path and forwards the PATCH without its query
-// (AccessTokenAuthenticationFilter.java; SNAP4CITY.md), so no "elementid"
-// is sent (one that differed from the path would be refused); "type" is
-// kept, harmless there and used by a broker reached directly. Nothing
-// secret ever goes into the URL.
+// request builds the filter's PATCH for one reading:
+// {base}/v2/entities/{id}/attrs?elementid={id}&type={type}. The current
+// filter takes the element id from the path and accepts an elementid
+// query only when it equals it (AccessTokenAuthenticationFilter.java,
+// extractV2DeviceId, since disit/snap4city d24945e, 2026-01-21); filters
+// built before that read it from the query alone and answer 401 "Missing
+// parameter: elementid" without it, so it is sent, always equal to the
+// path. "type" is harmless there (dropped on forwarding) and used by a
+// broker reached directly. Nothing secret ever goes into the URL: no
+// k1/k2, which the filter ignores when a bearer token is sent.
 func (d *dispatcher) request(ctx context.Context, it queue.Item, tok string) (*http.Request, error) {
-	target := d.base + "/v2/entities/" + url.PathEscape(it.Device) + "/attrs"
+	q := url.Values{"elementid": {it.Device}}
 	if it.Type != "" {
-		target += "?" + url.Values{"type": {it.Type}}.Encode()
+		q.Set("type", it.Type)
 	}
+	target := d.base + "/v2/entities/" + url.PathEscape(it.Device) + "/attrs?" + q.Encode()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPatch, target, bytes.NewReader(it.Body))
 	if err != nil {
 		return nil, fmt.Errorf("build request for device %q: %w", it.Device, err)

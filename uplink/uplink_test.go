@@ -53,10 +53,10 @@ func TestDeliverRequestShape(t *testing.T) {
 			if strings.Contains(r.rawPath, "//v2") {
 				t.Errorf("raw path %q has a double slash", r.rawPath)
 			}
-			// The filter takes the id from the path and drops the query:
-			// only the harmless type, never elementid or k1/k2.
-			if len(r.query) != 1 || !slices.Equal(r.query["type"], []string{"Sensor"}) {
-				t.Errorf("query = %v, want type=Sensor only", r.query)
+			// elementid equal to the path (older filters need it), the
+			// harmless type, and nothing else: never k1/k2.
+			if len(r.query) != 2 || !slices.Equal(r.query["type"], []string{"Sensor"}) || !slices.Equal(r.query["elementid"], []string{tt.device}) {
+				t.Errorf("query = %v, want elementid=%s&type=Sensor only", r.query, tt.device)
 			}
 			if got := r.header.Get("Authorization"); got != "Bearer "+tokenCanary+"1" {
 				t.Errorf("Authorization = %q", got)
