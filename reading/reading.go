@@ -26,9 +26,12 @@ const (
 	MaxAttrs = 64
 	// MaxNameLen bounds an attribute name (Orion: 256).
 	MaxNameLen = 256
-	// MaxBodyBytes keeps a reading's NGSI body under Orion's 1 MB request
-	// limit with room for the signature attribute (which repeats the
-	// attributes base64-encoded, so a reading may take well under half).
+	// MaxBodyBytes bounds a reading's attributes. Its NGSI body must also
+	// fit Orion's 1 MiB request limit (envelope.MaxBodyBytes, 4x this)
+	// with the signature metadata on every attribute, each repeating the
+	// whole reading base64-encoded: a reading of n attributes fits when
+	// about (n+1) x 4/3 x its size stays under 1 MiB; envelope.Body
+	// refuses the others as too large.
 	MaxBodyBytes = 256 << 10
 	// MaxPayloadBytes bounds what a source may hand to Parse.
 	MaxPayloadBytes = 256 << 10
