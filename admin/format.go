@@ -62,6 +62,12 @@ func Problems(st Status) []string {
 	if q.DeadLetters > 0 {
 		out = append(out, Plural(q.DeadLetters, "dead letter", "dead letters")+" (refused by a broker for good)")
 	}
+	for _, d := range st.Devices {
+		if len(d.MissingAttrs) > 0 {
+			out = append(out, fmt.Sprintf("device %s sends attributes its entity lacks, not stored: %s (add them to the device's model)",
+				d.ID, strings.Join(d.MissingAttrs, ", ")))
+		}
+	}
 	return out
 }
 
@@ -174,6 +180,11 @@ func WriteStatus(w io.Writer, st Status) error {
 			fmt.Fprintf(tw, "   %s\t%s\t%s\t%s\t%s\n", d.ID, orDash(d.Owner), seen, Count(int(d.Ingested)), Count(int(d.Refused)))
 		}
 		tw.Flush()
+		for _, d := range st.Devices {
+			if len(d.MissingAttrs) > 0 {
+				fmt.Fprintf(&b, "%s %s: not in its entity at the broker (not stored): %s\n", problemMark, d.ID, strings.Join(d.MissingAttrs, ", "))
+			}
+		}
 	}
 
 	if len(st.PendingNodes) > 0 {

@@ -591,3 +591,21 @@ func TestPeerNotAllowed(t *testing.T) {
 		t.Errorf("root Status = %v", err)
 	}
 }
+
+// Attributes a device sends that its entity lacks (Orion 422
+// PartialUpdate) are shown under the device table and as a problem.
+func TestWriteStatusMissingAttributes(t *testing.T) {
+	st := sampleStatus()
+	st.Devices[0].MissingAttrs = []string{"rssi", "voltage"}
+	var b strings.Builder
+	if err := WriteStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	want := "!! " + st.Devices[0].ID + ": not in its entity at the broker (not stored): rssi, voltage"
+	if !strings.Contains(b.String(), want) {
+		t.Errorf("status lacks %q:\n%s", want, b.String())
+	}
+	if !slices.ContainsFunc(Problems(st), func(p string) bool { return strings.Contains(p, "rssi, voltage") }) {
+		t.Errorf("Problems = %q, want the missing attributes", Problems(st))
+	}
+}

@@ -176,6 +176,10 @@ type DeviceStatus struct {
 	LastSeen time.Time `json:"last_seen,omitzero"`
 	Ingested uint64    `json:"ingested"`
 	Refused  uint64    `json:"refused"`
+	// MissingAttrs: attributes the device sends that its entity at the
+	// broker lacks (Orion 422 PartialUpdate/Unprocessable): not stored
+	// until they are added to the device's model.
+	MissingAttrs []string `json:"missing_attributes,omitempty"`
 }
 
 // RadioNode is a radio node heard on a port but bound to no device yet.

@@ -115,15 +115,27 @@ type Uplink struct {
 	BatchSize int    `yaml:"batch_size"`
 	// Concurrency is the requests in flight per broker; 0: by mode
 	// (EffectiveConcurrency).
-	Concurrency        int           `yaml:"concurrency"`
-	SendKeys           bool          `yaml:"send_keys"`
-	SignatureAttribute string        `yaml:"signature_attribute"`
-	FiwareService      string        `yaml:"fiware_service"`
-	FiwareServicePath  string        `yaml:"fiware_service_path"`
-	CAFile             string        `yaml:"ca_file"`
-	RequestTimeout     time.Duration `yaml:"request_timeout"`
-	MinBackoff         time.Duration `yaml:"min_backoff"`
-	MaxBackoff         time.Duration `yaml:"max_backoff"`
+	Concurrency int `yaml:"concurrency"`
+	// SendKeys is the removed uplink.send_keys, still read so that an
+	// existing file with "send_keys: false" loads; true is refused. The
+	// stock filter never consults k1/k2 when a bearer token is sent
+	// (AccessTokenAuthenticationFilter.java), and secrets never go into
+	// URLs.
+	SendKeys bool `yaml:"send_keys"`
+	// SignatureAttribute names the metadata, on every attribute written,
+	// that carries the reading's signed envelope (the key keeps its name
+	// so existing files load; there is no separate attribute any more).
+	SignatureAttribute string `yaml:"signature_attribute"`
+	// RefusalWindow: how long the filter's refusal of a device the policy
+	// lists (or Orion's "no entity") is retried, from the device's first
+	// refusal, before its readings are dead-lettered; 0 = at once.
+	RefusalWindow     time.Duration `yaml:"refusal_window"`
+	FiwareService     string        `yaml:"fiware_service"`
+	FiwareServicePath string        `yaml:"fiware_service_path"`
+	CAFile            string        `yaml:"ca_file"`
+	RequestTimeout    time.Duration `yaml:"request_timeout"`
+	MinBackoff        time.Duration `yaml:"min_backoff"`
+	MaxBackoff        time.Duration `yaml:"max_backoff"`
 }
 
 // EffectiveConcurrency is Concurrency, or when 0 the default of the mode:
@@ -275,7 +287,7 @@ func Default() Config {
 			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second},
 		},
 		Uplink: Uplink{
-			Mode: "filter", BatchSize: 256, SignatureAttribute: "signature",
+			Mode: "filter", BatchSize: 256, SignatureAttribute: "signature", RefusalWindow: 5 * time.Minute,
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
 		Pipeline: Pipeline{MaxClockSkew: 5 * time.Minute},
@@ -552,8 +564,14 @@ func (c *Config) Validate() error {
 	if c.Uplink.Concurrency < 0 || c.Uplink.Concurrency > 64 {
 		bad("uplink.concurrency", strconv.Itoa(c.Uplink.Concurrency), "must be between 1 and 64 (0 or absent: 16 in filter mode, 4 in batch mode)")
 	}
-	if c.Uplink.SignatureAttribute == "" || !validID(c.Uplink.SignatureAttribute) {
-		bad("uplink.signature_attribute", c.Uplink.SignatureAttribute, "must be a valid NGSI attribute name")
+	if c.Uplink.SignatureAttribute == "" || !validID(c.Uplink.SignatureAttribute) || c.Uplink.SignatureAttribute == "TimeInstant" {
+		bad("uplink.signature_attribute", c.Uplink.SignatureAttribute, "must be a valid NGSI metadata name other than TimeInstant")
+	}
+	if c.Uplink.SendKeys {
+		bad("uplink.send_keys", "true", "was removed: device keys are never put in URLs, and the Orion Broker Filter ignores k1/k2 when a token is sent; delete the line")
+	}
+	if c.Uplink.RefusalWindow < 0 || c.Uplink.RefusalWindow > 24*time.Hour {
+		bad("uplink.refusal_window", c.Uplink.RefusalWindow.String(), "must be between 0 (dead-letter at once) and 24h; the filter caches a refusal for 3m, so keep it above that")
 	}
 	if c.Uplink.RequestTimeout < 100*time.Millisecond {
 		bad("uplink.request_timeout", c.Uplink.RequestTimeout.String(), "must be at least 100ms")

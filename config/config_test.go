@@ -34,6 +34,9 @@ func TestTemplateLoadsBack(t *testing.T) {
 	if c.Uplink.MaxBackoff != 30*time.Second {
 		t.Errorf("template uplink.max_backoff = %v", c.Uplink.MaxBackoff)
 	}
+	if c.Uplink.RefusalWindow != 5*time.Minute {
+		t.Errorf("template uplink.refusal_window = %v, want 5m (above the filter's 3-minute cache)", c.Uplink.RefusalWindow)
+	}
 	if c.Gateway.ID != "gw-example-01" {
 		t.Errorf("gateway.id = %q", c.Gateway.ID)
 	}
@@ -59,6 +62,9 @@ func TestBadConfigNamesTheKey(t *testing.T) {
 		{"bad int", "uplink:\n  concurrency: many\n", []string{"uplink.concurrency", `"many"`, "whole number"}},
 		{"out of range", "uplink:\n  concurrency: 65\n", []string{"uplink.concurrency", "between 1 and 64", `"65"`}},
 		{"bad size", "store:\n  quota: lots\n", []string{"store.quota", `"lots"`}},
+		{"send_keys removed", "uplink:\n  send_keys: true\n", []string{"uplink.send_keys", "removed", "never put in URLs"}},
+		{"negative refusal window", "uplink:\n  refusal_window: -1s\n", []string{"uplink.refusal_window", `"-1s"`, "between 0"}},
+		{"signature named TimeInstant", "uplink:\n  signature_attribute: TimeInstant\n", []string{"uplink.signature_attribute", "other than TimeInstant"}},
 		{"public listener", "mqtt:\n  embedded:\n    listen: 0.0.0.0:1883\n", []string{"mqtt.embedded.listen", "loopback"}},
 		{"topic without device", "mqtt:\n  topic: devices/telemetry\n", []string{"mqtt.topic", "{device}"}},
 		{"topic wildcard", "mqtt:\n  topic: devices/{device}/#\n", []string{"mqtt.topic", "wildcards"}},
@@ -160,6 +166,19 @@ func TestParseByteSize(t *testing.T) {
 		if (err == nil) != tt.ok || got != tt.want {
 			t.Errorf("ParseByteSize(%q) = %v, %v; want %v, ok=%v", tt.in, got, err, tt.want, tt.ok)
 		}
+	}
+}
+
+// A file written for an older gateway ("send_keys: false") still loads;
+// refusal_window 0 (dead-letter at once) is accepted.
+func TestUplinkOldAndZeroKeys(t *testing.T) {
+	p := writeFile(t, t.TempDir(), "c.yaml", base+"uplink:\n  send_keys: false\n  refusal_window: 0s\n", 0o600)
+	c, err := Load(p)
+	if err != nil {
+		t.Fatalf("Load = %v", err)
+	}
+	if c.Uplink.RefusalWindow != 0 {
+		t.Errorf("refusal_window = %v, want 0", c.Uplink.RefusalWindow)
 	}
 }
 

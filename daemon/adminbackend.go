@@ -17,6 +17,7 @@ import (
 	"github.com/edgegate/edgegate/queue"
 	"github.com/edgegate/edgegate/radio"
 	centralsync "github.com/edgegate/edgegate/sync"
+	"github.com/edgegate/edgegate/uplink"
 )
 
 // deviceStats counts, per registered device, what the pipeline did with its
@@ -73,7 +74,8 @@ type adminBackend struct {
 	radio     *radio.Manager      // nil without radio ports
 	mon       *stallMonitor
 	stats     *deviceStats
-	reset     func() // asks the daemon to stop and wipe its state
+	missing   func() []uplink.DeviceMissing // attributes the devices' entities lack
+	reset     func()                        // asks the daemon to stop and wipe its state
 	paired    bool
 	mqttAddrs string
 }
@@ -135,10 +137,16 @@ func (b *adminBackend) Status(ctx context.Context) admin.Status {
 	for _, bs := range qs.Brokers {
 		st.Queue.Brokers = append(st.Queue.Brokers, admin.BrokerQueue{Broker: bs.Broker, Depth: bs.Depth, Bytes: bs.Bytes, Oldest: bs.Oldest})
 	}
+	missing := map[string]uplink.DeviceMissing{}
+	if b.missing != nil {
+		for _, m := range b.missing() {
+			missing[m.Device] = m
+		}
+	}
 	for _, dv := range p.Devices() {
 		c := b.stats.get(dv.ID)
 		st.Devices = append(st.Devices, admin.DeviceStatus{ID: dv.ID, Owner: dv.Owner, LastSeen: c.lastSeen,
-			Ingested: c.ingested, Refused: c.refused})
+			Ingested: c.ingested, Refused: c.refused, MissingAttrs: missing[dv.ID].Attrs})
 	}
 	sort.Slice(st.Devices, func(i, j int) bool { return st.Devices[i].ID < st.Devices[j].ID })
 	return st

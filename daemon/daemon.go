@@ -271,9 +271,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 	mon := newStallMonitor(stallWindow, time.Now)
 	gated := &gatedSource{Source: q, engine: engine, grace: cfg.Policy.ExpiryGrace, now: d.clock.Now,
 		log: log.With("component", "policy")}
-	up := uplink.New(watchedSource{Source: gated, mon: mon}, tokens, engine, uplink.Options{
+	refusalWindow := cfg.Uplink.RefusalWindow
+	if refusalWindow == 0 {
+		refusalWindow = uplink.NoRefusalWindow // 0 in the file: dead-letter at once
+	}
+	up := uplink.New(watchedSource{Source: gated, mon: mon}, tokens, uplink.Options{
 		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize,
-		Concurrency: cfg.Uplink.EffectiveConcurrency(), SendKeys: cfg.Uplink.SendKeys,
+		Concurrency: cfg.Uplink.EffectiveConcurrency(), RefusalWindow: refusalWindow,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
 		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.EffectiveConcurrency()),
 		Logger:     log.With("component", "uplink"), Metrics: d.metrics, Now: d.clock.Now,
@@ -422,6 +426,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 
 	backend := &adminBackend{d: d, q: q, engine: engine, syncer: syncer, radio: radioMgr, mon: mon, stats: stats,
+		missing: up.MissingAttributes,
 		// Provisioned either way: paired (refresh token) or a client secret.
 		paired:    cfg.Central.Credentials == config.CredentialsPaired || cfg.Central.ClientSecretFile != "",
 		mqttAddrs: strings.TrimSpace(mqttAddr + " " + mqttTLSAddr),

@@ -34,9 +34,10 @@ func referenceBody(t *testing.T, c Claims, compact, sigAttr string) []byte {
 		Value    any                        `json:"value"`
 		Metadata map[string]json.RawMessage `json:"metadata,omitempty"`
 	}
-	ts, _ := json.Marshal(map[string]string{"type": "DateTime", "value": c.Time.UTC().Format(time.RFC3339Nano)})
-	meta := map[string]json.RawMessage{"TimeInstant": ts}
-	out := map[string]attr{sigAttr: {Type: "string", Value: compact}}
+	ts, _ := json.Marshal(map[string]string{"type": "DateTime", "value": c.Time.UTC().Format("2006-01-02T15:04:05.999Z07:00")})
+	sig, _ := json.Marshal(map[string]string{"type": "Text", "value": compact})
+	meta := map[string]json.RawMessage{"TimeInstant": ts, sigAttr: sig}
+	out := map[string]attr{}
 	for n, a := range c.Attrs {
 		out[n] = attr{Type: a.Type, Value: a.Value, Metadata: meta}
 	}
@@ -75,9 +76,19 @@ func TestEncodersMatchEncodingJSON(t *testing.T) {
 			if _, err := Open(got, k); err != nil {
 				t.Errorf("Open(Seal) = %v", err)
 			}
+			if len(c.Attrs) == 0 {
+				if _, err := Body(c, got, "signature"); err == nil {
+					t.Error("Body without attributes = nil error, want one (Orion refuses an empty update)")
+				}
+				return
+			}
 			body, err := Body(c, got, "signature")
 			if err != nil {
 				t.Fatal(err)
+			}
+			// A signature metadata name that sorts before TimeInstant.
+			if b2, err := Body(c, got, "Asig"); err != nil || string(b2) != string(referenceBody(t, c, got, "Asig")) {
+				t.Errorf("Body(Asig) = %s, %v\nwant %s", b2, err, referenceBody(t, c, got, "Asig"))
 			}
 			if want := referenceBody(t, c, got, "signature"); string(body) != string(want) {
 				t.Errorf("Body = %s\nwant %s", body, want)

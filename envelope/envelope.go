@@ -48,13 +48,29 @@
 // (keep it in flash, or start from a clock-derived value); the gateway
 // refuses a seq not above the last one it accepted, and recognises an
 // unchanged retransmission as a duplicate. The gateway forwards the JWS
-// untouched as the signature attribute, with the NGSI attributes taken from
-// the verified claims, so a verifier needs only the device's public key.
+// untouched as the signature metadata of every attribute, with the NGSI
+// attributes taken from the verified claims, so a verifier needs only the
+// device's public key.
+//
+// # Provenance in a stock Orion
+//
+// Body renders a reading as the PATCH /v2/entities/{id}/attrs body that
+// stock Orion accepts: each attribute carries two metadata, TimeInstant
+// (the observation time, DateTime) and "signature" (type Text, the compact
+// JWS of the whole reading). There is no separate signature attribute:
+// Orion only updates attributes the entity already has and answers 422
+// PartialUpdate for the others, whereas it stores metadata with the
+// attributes it updates (orion-api.md). Each attribute therefore carries
+// the proof of the reading that last wrote it, and an entity read back —
+// whose attributes may come from different readings — is verified
+// attribute by attribute (VerifyEntity): verified, unsigned, tampered or
+// wrong key, with the seq and time of the signing reading.
 //
 // # Verifying, for a platform-side service
 //
-// OpenWith verifies a compact JWS and VerifyAttrsWith an NGSI update body
-// or an entity read back from a broker, each against a device's keys: the
+// OpenWith verifies a compact JWS, VerifyAttrsWith one reading's NGSI
+// update body and VerifyEntity an entity read back from a broker (GET
+// /v2/entities/{id}, normalized), each against a device's keys: the
 // key is chosen by the header's kid and the algorithm is pinned to that
 // key, so "alg":"none", an HS256 signature made with a public key as the
 // secret, and any other algorithm confusion are ErrWrongKey. Pass a
@@ -63,7 +79,7 @@
 // JWK Set or PEM; pass DeriveHS256(id, k1, k2) for a device signed with
 // HS256. Verdicts: ErrMalformed, ErrWrongKey, ErrTampered (errors.Is).
 // Claims.Gateway is empty for a reading the device signed itself. See
-// ExampleVerifyAttrsWith.
+// ExampleVerifyAttrsWith and ExampleVerifyEntity.
 package envelope
 
 import (
@@ -74,7 +90,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"reflect"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v2/jwa"
@@ -89,7 +104,9 @@ const Version = 1
 // MaxEnvelopeBytes bounds what Open parses, before any decoding.
 const MaxEnvelopeBytes = 1 << 20
 
-// DefaultSignatureAttr is the NGSI attribute that carries the compact JWS.
+// DefaultSignatureAttr is the name of the metadata, on every attribute,
+// that carries the compact JWS (and of the attribute that carried it in
+// the older form VerifyAttrs still reads).
 const DefaultSignatureAttr = "signature"
 
 // Verdicts callers branch on (errors.Is).
@@ -291,62 +308,13 @@ func Peek(compact string) (Claims, error) {
 	return c, nil
 }
 
-// ngsiAttr is an NGSI v2 attribute as sent to and read back from a broker.
-type ngsiAttr struct {
-	Type     string                     `json:"type"`
-	Value    any                        `json:"value"`
-	Metadata map[string]json.RawMessage `json:"metadata,omitempty"`
-}
-
-// Body renders the NGSI v2 attribute update for a sealed reading: every
-// attribute with its observation time as TimeInstant metadata, plus the
-// signature attribute (type "string", value the compact JWS). Attributes
-// are in name order, as json.Marshal of a map renders them.
-func Body(c Claims, compact, sigAttr string) ([]byte, error) {
-	if sigAttr == "" {
-		sigAttr = DefaultSignatureAttr
-	}
-	if _, clash := c.Attrs[sigAttr]; clash {
-		return nil, fmt.Errorf("render NGSI body: %w: attribute %q is reserved for the signature", reading.ErrInvalid, sigAttr)
-	}
-	meta := make([]byte, 0, 96)
-	meta = append(meta, `,"metadata":{"TimeInstant":{"type":"DateTime","value":`...)
-	meta = appendString(meta, c.Time.UTC().Format(time.RFC3339Nano))
-	meta = append(meta, "}}}"...)
-	b := make([]byte, 0, len(compact)+64+(len(meta)+64)*len(c.Attrs))
-	b = append(b, '{')
-	var err error
-	for i, name := range sortedNames(c.Attrs, sigAttr) {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		b = appendString(b, name)
-		if name == sigAttr {
-			b = append(b, `:{"type":"string","value":`...)
-			b = appendString(b, compact)
-			b = append(b, '}')
-			continue
-		}
-		a := c.Attrs[name]
-		b = append(b, `:{"type":`...)
-		b = appendString(b, a.Type)
-		b = append(b, `,"value":`...)
-		if b, err = appendValue(b, a.Value); err != nil {
-			return nil, fmt.Errorf("render NGSI body: %w", err)
-		}
-		b = append(b, meta...)
-	}
-	b = append(b, '}')
-	if len(b) > reading.MaxBodyBytes*4 {
-		return nil, fmt.Errorf("render NGSI body: %w: %d bytes", reading.ErrTooLarge, len(b))
-	}
-	return b, nil
-}
-
-// VerifyAttrs checks NGSI attributes — an update body or an entity read back
-// from a broker (key-values other than attributes, such as "id" and "type",
-// are ignored) — against the envelope in its signature attribute. Every
-// signed attribute must be present with the signed type and value.
+// VerifyAttrs checks one reading's NGSI update body against its envelope.
+// Two forms are read: the current one, where every attribute carries the
+// compact JWS in its sigAttr metadata (Body), and the older one, where a
+// top-level sigAttr attribute carried it. Key-values other than attributes,
+// such as "id" and "type", are ignored, except that an "id" must be the
+// signed device. For an entity read back from a broker, whose attributes
+// may come from different readings, use VerifyEntity.
 func VerifyAttrs(doc []byte, k Key, sigAttr string) (Claims, error) {
 	return VerifyAttrsWith(doc, []Key{k}, sigAttr)
 }
@@ -354,9 +322,6 @@ func VerifyAttrs(doc []byte, k Key, sigAttr string) (Claims, error) {
 // VerifyAttrsWith is VerifyAttrs with the key chosen among keys by "kid"
 // (see OpenWith).
 func VerifyAttrsWith(doc []byte, keys []Key, sigAttr string) (Claims, error) {
-	if sigAttr == "" {
-		sigAttr = DefaultSignatureAttr
-	}
 	if len(doc) > 4*MaxEnvelopeBytes {
 		return Claims{}, fmt.Errorf("%w: document of %d bytes", ErrMalformed, len(doc))
 	}
@@ -370,17 +335,26 @@ func VerifyAttrsWith(doc []byte, keys []Key, sigAttr string) (Claims, error) {
 // VerifyAttrMap is VerifyAttrsWith on a document already split into its
 // members, for a verifier that has parsed it anyway (a broker checking
 // every update): the document is not parsed a second time.
+//
+// In the current form every attribute must carry the same JWS and match
+// what it signs; signed attributes absent from the body are allowed (the
+// gateway leaves out values Orion would refuse). In the older form every
+// signed attribute must be present.
 func VerifyAttrMap(raw map[string]json.RawMessage, keys []Key, sigAttr string) (Claims, error) {
 	if sigAttr == "" {
 		sigAttr = DefaultSignatureAttr
 	}
 	sigRaw, ok := raw[sigAttr]
 	if !ok {
-		return Claims{}, fmt.Errorf("%w: no %q attribute", ErrMalformed, sigAttr)
+		return verifyUpdate(raw, keys, sigAttr)
 	}
 	var sig ngsiAttr
 	if err := json.Unmarshal(sigRaw, &sig); err != nil {
 		return Claims{}, fmt.Errorf("%w: attribute %q: %v", ErrMalformed, sigAttr, err)
+	}
+	if _, signed := sig.Metadata[sigAttr]; signed {
+		// A reading's own attribute that happens to share the name.
+		return verifyUpdate(raw, keys, sigAttr)
 	}
 	compact, ok := sig.Value.(string)
 	if !ok {
@@ -390,11 +364,8 @@ func VerifyAttrMap(raw map[string]json.RawMessage, keys []Key, sigAttr string) (
 	if err != nil {
 		return Claims{}, err
 	}
-	if id, ok := raw["id"]; ok {
-		var s string
-		if json.Unmarshal(id, &s) == nil && s != c.Device {
-			return c, fmt.Errorf("%w: entity %q carries a reading of device %q", ErrTampered, s, c.Device)
-		}
+	if err := checkID(raw, c); err != nil {
+		return c, err
 	}
 	for name, want := range c.Attrs {
 		got, ok := raw[name]
@@ -415,24 +386,76 @@ func VerifyAttrMap(raw map[string]json.RawMessage, keys []Key, sigAttr string) (
 	return c, nil
 }
 
-// sameValue compares JSON values after a round trip, so that both sides have
-// the types encoding/json produces.
-func sameValue(a, b any) bool {
-	// Both sides usually come from encoding/json already (float64, string,
-	// map[string]any...): equal as they are, no round trip needed.
-	if reflect.DeepEqual(a, b) {
-		return true
-	}
-	norm := func(v any) any {
-		bs, err := json.Marshal(v)
-		if err != nil {
-			return v
+// checkID refuses a document whose "id" is not the signed device.
+func checkID(raw map[string]json.RawMessage, c Claims) error {
+	if id, ok := raw["id"]; ok {
+		var s string
+		if json.Unmarshal(id, &s) == nil && s != c.Device {
+			return fmt.Errorf("%w: entity %q carries a reading of device %q", ErrTampered, s, c.Device)
 		}
-		var out any
-		if json.Unmarshal(bs, &out) != nil {
-			return v
-		}
-		return out
 	}
-	return reflect.DeepEqual(norm(a), norm(b))
+	return nil
+}
+
+// verifyUpdate checks an update body of the current form (Body): one
+// reading, so one JWS, on every attribute.
+func verifyUpdate(raw map[string]json.RawMessage, keys []Key, sigMeta string) (Claims, error) {
+	var compact, unsigned string
+	names := make([]string, 0, len(raw))
+	for name, v := range raw {
+		if name == "id" || name == "type" {
+			continue
+		}
+		names = append(names, name)
+		var a ngsiAttr
+		if err := json.Unmarshal(v, &a); err != nil {
+			return Claims{}, fmt.Errorf("%w: attribute %q: %v", ErrMalformed, name, err)
+		}
+		sig, ok := a.Metadata[sigMeta]
+		if !ok {
+			unsigned = name
+			continue
+		}
+		var m ngsiMeta
+		_ = json.Unmarshal(sig, &m)
+		s, ok := m.Value.(string)
+		if !ok || s == "" {
+			return Claims{}, fmt.Errorf("%w: attribute %q: metadata %q is not a string", ErrMalformed, name, sigMeta)
+		}
+		if compact != "" && s != compact {
+			return Claims{}, fmt.Errorf("%w: attributes of one update carry different signatures", ErrTampered)
+		}
+		compact = s
+	}
+	if compact == "" {
+		return Claims{}, fmt.Errorf("%w: no attribute carries a %q metadata", ErrMalformed, sigMeta)
+	}
+	if unsigned != "" {
+		// Beside signed ones: added or replaced after signing.
+		return Claims{}, fmt.Errorf("%w: attribute %q carries no signature", ErrTampered, unsigned)
+	}
+	c, err := OpenWith(compact, keys)
+	if err != nil {
+		return Claims{}, err
+	}
+	if err := checkID(raw, c); err != nil {
+		return c, err
+	}
+	for _, name := range names {
+		var a ngsiAttr
+		_ = json.Unmarshal(raw[name], &a) // parsed above
+		want, ok := c.Attrs[name]
+		switch {
+		case !ok:
+			return c, fmt.Errorf("%w: attribute %q is not signed by reading seq %d", ErrTampered, name, c.Seq)
+		case a.Type != want.Type:
+			return c, fmt.Errorf("%w: attribute %q has type %q, signed %q", ErrTampered, name, a.Type, want.Type)
+		case !sameValue(a.Value, want.Value):
+			return c, fmt.Errorf("%w: attribute %q has a value other than the signed one", ErrTampered, name)
+		}
+		if d := timeMismatch(a.Metadata[TimeInstantMeta], c.Time); d != "" {
+			return c, fmt.Errorf("%w: attribute %q: %s", ErrTampered, name, d)
+		}
+	}
+	return c, nil
 }

@@ -170,3 +170,59 @@ func FuzzVerifyAttrs(f *testing.F) {
 		}
 	})
 }
+
+// FuzzVerifyEntity: any document is refused as a whole (ErrMalformed) or
+// yields one verdict per attribute; nothing panics; an attribute is
+// verified only in entity fz-1, for a name a reading the key signed
+// carries, by that reading.
+func FuzzVerifyEntity(f *testing.F) {
+	k, compacts, _ := fuzzSeeds(f)
+	signed := map[string]Attr{}
+	for _, c := range compacts {
+		claims, err := Open(c, k)
+		if err != nil {
+			f.Fatal(err)
+		}
+		for n, a := range claims.Attrs {
+			signed[n] = a // both readings sign the same values
+		}
+		body, err := Body(claims, c, "")
+		if err != nil {
+			f.Fatal(err)
+		}
+		entity := append([]byte(`{"id":"fz-1","type":"T",`), body[1:]...)
+		f.Add(entity)
+		f.Add(append([]byte(`{"id":"other",`), body[1:]...))
+		f.Add(bytes.Replace(entity, []byte(`"value":21.5`), []byte(`"value":22.5`), 1))
+		f.Add(bytes.Replace(entity, []byte(`"temperature"`), []byte(`"label2"`), 1))
+		for _, a := range attackEnvelopes(c) {
+			f.Add([]byte(`{"id":"fz-1","n":{"type":"Number","value":1,"metadata":{"signature":{"type":"Text","value":"` +
+				strings.ReplaceAll(a, `"`, `\"`) + `"}}}}`))
+		}
+	}
+	f.Add([]byte(`{"id":"fz-1","a":{"type":"Number","value":1,"metadata":{"signature":{"type":"Text","value":1}}}}`))
+	f.Add([]byte(`{"id":"fz-1","a":null,"b":[],"c":{"metadata":null}}`))
+	f.Add([]byte(`{"id":1}`))
+	f.Add([]byte(`[]`))
+	f.Fuzz(func(t *testing.T, doc []byte) {
+		rep, err := VerifyEntity(doc, []Key{k}, "")
+		if err != nil {
+			checkVerdict(t, err, string(doc))
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("a whole-document error other than ErrMalformed: %v", err)
+			}
+			return
+		}
+		for _, a := range rep.Attrs {
+			if a.Verdict == "" {
+				t.Fatalf("attribute %q has no verdict", a.Name)
+			}
+			if a.Verdict != Verified {
+				continue
+			}
+			if _, ok := signed[a.Name]; rep.ID != "fz-1" || !ok || (a.Seq != 1 && a.Seq != 2) || a.Gateway != "gw-fz" {
+				t.Fatalf("verified %q in %q by seq %d: never signed so", a.Name, rep.ID, a.Seq)
+			}
+		}
+	})
+}

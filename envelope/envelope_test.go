@@ -128,25 +128,43 @@ func TestBodyAndVerifyAttrs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var doc map[string]map[string]any
+	var doc map[string]ngsiAttr
 	if err := json.Unmarshal(body, &doc); err != nil {
 		t.Fatal(err)
 	}
-	if doc["signature"]["type"] != "string" || doc["signature"]["value"] != jws {
-		t.Fatalf("signature attribute = %v", doc["signature"])
+	if _, ok := doc["signature"]; ok || len(doc) != 2 {
+		t.Fatalf("body has attributes %v, want only the reading's (no signature attribute)", doc)
 	}
-	if doc["temperature"]["value"] != 21.5 || doc["temperature"]["type"] != "Number" {
+	for _, name := range []string{"humidity", "temperature"} {
+		a := doc[name]
+		var sig, ti ngsiMeta
+		_ = json.Unmarshal(a.Metadata["signature"], &sig)
+		_ = json.Unmarshal(a.Metadata["TimeInstant"], &ti)
+		if sig.Type != "Text" || sig.Value != jws {
+			t.Errorf("%s: signature metadata = %+v, want the JWS as Text", name, sig)
+		}
+		if ti.Type != "DateTime" || ti.Value != "2026-11-26T05:00:00.123Z" {
+			t.Errorf("%s: TimeInstant metadata = %+v", name, ti)
+		}
+	}
+	if doc["temperature"].Value != 21.5 || doc["temperature"].Type != "Number" {
 		t.Fatalf("temperature attribute = %v", doc["temperature"])
 	}
 	if _, err := VerifyAttrs(body, k, "signature"); err != nil {
 		t.Fatalf("VerifyAttrs(body) = %v", err)
 	}
-
-	// An entity read back from a broker: id, type, and attributes.
-	entity := strings.Replace(string(body), "{", `{"id":"th-1","type":"T",`, 1)
-	if _, err := VerifyAttrs([]byte(entity), k, "signature"); err != nil {
-		t.Fatalf("VerifyAttrs(entity) = %v", err)
+	// The same body with one attribute left out (Orion would refuse it)
+	// still verifies: its JWS signs more than the body carries.
+	delete(c.Attrs, "humidity")
+	partial, err := Body(c, jws, "signature")
+	if err != nil {
+		t.Fatal(err)
 	}
+	if _, err := VerifyAttrs(partial, k, "signature"); err != nil {
+		t.Fatalf("VerifyAttrs(body without an attribute) = %v", err)
+	}
+
+	entity := strings.Replace(string(body), "{", `{"id":"th-1","type":"T",`, 1)
 	tests := []struct {
 		name string
 		doc  string
@@ -154,8 +172,9 @@ func TestBodyAndVerifyAttrs(t *testing.T) {
 	}{
 		{"changed value", strings.Replace(entity, `"value":21.5`, `"value":22.5`, 1), ErrTampered},
 		{"changed type", strings.Replace(entity, `"type":"Number","value":21.5`, `"type":"Text","value":21.5`, 1), ErrTampered},
+		{"changed time", strings.Replace(entity, `05:00:00.123Z`, `06:00:00.123Z`, 1), ErrTampered},
 		{"other entity", strings.Replace(entity, `"id":"th-1"`, `"id":"th-2"`, 1), ErrTampered},
-		{"missing attribute", strings.Replace(entity, `"humidity"`, `"humidity_x"`, 1), ErrTampered},
+		{"unsigned attribute", strings.Replace(entity, `"humidity"`, `"humidity_x"`, 1), ErrTampered},
 		{"no signature", `{"id":"th-1","temperature":{"type":"Number","value":1}}`, ErrMalformed},
 		{"not json", `{"id"`, ErrMalformed},
 	}
@@ -169,12 +188,31 @@ func TestBodyAndVerifyAttrs(t *testing.T) {
 	}
 }
 
-func TestBodyRefusesSignatureClash(t *testing.T) {
-	r := sampleReading()
-	r.Attrs = append(r.Attrs, reading.Attribute{Name: "signature", Type: "Text", Value: "x"})
-	c := ClaimsOf("gw", 1, r)
-	if _, err := Body(c, "a.b.c", "signature"); !errors.Is(err, reading.ErrInvalid) {
-		t.Fatalf("Body with a clashing attribute = %v, want ErrInvalid", err)
+// The older form, a top-level signature attribute, is still read.
+func TestVerifyAttrsLegacyForm(t *testing.T) {
+	k := testKey(t, "th-1", "k1-aaa", "k2-bbb")
+	c := ClaimsOf("gw-1", 7, sampleReading())
+	jws, err := Seal(k, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	doc := `{"humidity":{"type":"Number","value":40},"signature":{"type":"string","value":"` + jws + `"},"temperature":{"type":"Number","value":21.5}}`
+	if _, err := VerifyAttrs([]byte(doc), k, "signature"); err != nil {
+		t.Fatalf("VerifyAttrs(legacy) = %v", err)
+	}
+	if _, err := VerifyAttrs([]byte(strings.Replace(doc, "21.5", "22", 1)), k, "signature"); !errors.Is(err, ErrTampered) {
+		t.Fatalf("VerifyAttrs(legacy, changed) = %v, want ErrTampered", err)
+	}
+}
+
+func TestBodyRefusesTimeInstantAsSignatureName(t *testing.T) {
+	c := ClaimsOf("gw", 1, sampleReading())
+	if _, err := Body(c, "a.b.c", "TimeInstant"); !errors.Is(err, reading.ErrInvalid) {
+		t.Fatalf("Body with signature metadata TimeInstant = %v, want ErrInvalid", err)
+	}
+	c.Attrs = nil
+	if _, err := Body(c, "a.b.c", ""); !errors.Is(err, reading.ErrInvalid) {
+		t.Fatalf("Body without attributes = %v, want ErrInvalid", err)
 	}
 }
 

@@ -47,6 +47,15 @@ type Metrics struct {
 	// AccessDenied counts local MQTT access refusals, by action
 	// (connect, publish, subscribe, deliver) and reason.
 	AccessDenied *prometheus.CounterVec
+	// AttrsDropped counts attributes left out of a reading because stock
+	// Orion would refuse the whole request for them, by reason
+	// (forbidden_chars, bad_name, bad_type).
+	AttrsDropped *prometheus.CounterVec
+	// MissingAttrs counts attributes a broker did not store because the
+	// device's entity lacks them (Orion 422 PartialUpdate/Unprocessable).
+	// No device label: a gateway serves many devices; `edgegate status`
+	// names them.
+	MissingAttrs prometheus.Counter
 }
 
 // New builds the metrics on a fresh registry, with the Go and process
@@ -103,7 +112,14 @@ func New() *Metrics {
 		AccessDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "edgegate_mqtt_access_denied_total", Help: "Local MQTT access refusals, by action and reason.",
 		}, []string{"action", "reason"}),
+		AttrsDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_attributes_dropped_total", Help: "Attributes left out of readings because the broker would refuse them, by reason.",
+		}, []string{"reason"}),
+		MissingAttrs: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "edgegate_uplink_missing_attributes_total", Help: "Attributes the broker did not store because the device's entity lacks them.",
+		}),
 	}
+	r.MustRegister(m.AttrsDropped, m.MissingAttrs)
 	r.MustRegister(m.PolicyApplied, m.PolicyRefused, m.PolicyVersion, m.PolicyExpiry, m.AccessDenied)
 	r.MustRegister(m.Ingested, m.Refused, m.Queued, m.CommitBatch, m.Delivered, m.Retried,
 		m.DeadLettered, m.DeliveryLatency, m.RequestLatency, m.TokenRefreshes,

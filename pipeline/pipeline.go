@@ -87,6 +87,10 @@ const (
 	ReasonStale = "stale"
 	// ReasonDuplicate counts redeliveries recognised by (device, seq).
 	ReasonDuplicate = "duplicate"
+	// ReasonNoValidAttributes: every attribute of the reading was one the
+	// broker would refuse (reading.DropOrionInvalid), so nothing is left
+	// to send.
+	ReasonNoValidAttributes = "no_valid_attributes"
 	// ReasonNoSigningKey counts attempts held back because the gateway
 	// does not hold the private key of a gateway-signed device; the
 	// reading is not acknowledged, its source keeps it.
@@ -101,7 +105,9 @@ type KeyResolver interface {
 
 // Options configures a Pipeline.
 type Options struct {
-	Gateway       string // gateway id signed into every envelope
+	Gateway string // gateway id signed into every envelope
+	// SignatureAttr names the metadata that carries the envelope on every
+	// attribute (envelope.Body); default envelope.DefaultSignatureAttr.
 	SignatureAttr string
 	Logger        *slog.Logger
 	Metrics       *metrics.Metrics
@@ -206,6 +212,10 @@ func (p *Pipeline) Start(ctx context.Context, msg Message) Pending {
 		}
 	}
 	r := reading.Reading{Device: dev.ID, Source: msg.Source, Time: observed.UTC(), Attrs: attrs}
+	// Before sealing: the gateway signs only what the broker will store.
+	if !p.dropInvalid(ctx, msg, &r) {
+		return done(Refused, nil)
+	}
 	if err := r.Validate(); err != nil {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
 		return done(Refused, nil)
@@ -297,6 +307,31 @@ func (p *Pipeline) settle(ctx context.Context, msg Message, dev *policy.Device, 
 		p.observe(dev.ID, Queued, "")
 	}
 	return Queued, nil
+}
+
+// dropInvalid leaves out the attributes stock Orion would refuse the whole
+// request for (reading.DropOrionInvalid), counting and logging each
+// without its value. It reports false, having refused the message, when
+// no attribute is left.
+func (p *Pipeline) dropInvalid(ctx context.Context, msg Message, r *reading.Reading) bool {
+	had := len(r.Attrs)
+	dropped := r.DropOrionInvalid()
+	if len(dropped) == 0 {
+		return true
+	}
+	dev := logtext.Clip(r.Device, 64)
+	for _, d := range dropped {
+		if p.m != nil {
+			p.m.AttrsDropped.WithLabelValues(d.Reason).Inc()
+		}
+		p.limited.Log(ctx, slog.LevelWarn, "drop/"+d.Reason+"/"+dev, "attribute dropped: the broker would refuse the whole reading for it",
+			"device", dev, "attribute", d.Name, "reason", d.Reason)
+	}
+	if len(r.Attrs) == 0 && had > 0 {
+		p.refuse(ctx, ReasonNoValidAttributes, msg, fmt.Sprintf("all %d attributes dropped (%s)", had, dropped[0].Reason))
+		return false
+	}
+	return true
 }
 
 func reasonOf(err error) string {

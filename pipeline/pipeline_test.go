@@ -76,8 +76,9 @@ func TestSubmit(t *testing.T) {
 		{"ngsi-like reading", "th-1", `{"temperature": {"value": 22, "type": "Float"}, "TimeInstant": "2026-11-26T05:00:00Z"}`, Queued, ""},
 		{"unknown device", "rogue", `{"temperature": 1}`, Refused, policy.ReasonUnknownDevice},
 		{"not json", "th-1", `temperature=1`, Refused, ReasonInvalid},
-		{"forbidden character", "th-1", `{"label": "<script>"}`, Refused, ReasonInvalid},
-		{"attribute named like the signature", "th-1", `{"signature": "x"}`, Refused, ReasonInvalid},
+		{"only a forbidden character", "th-1", `{"label": "<script>"}`, Refused, ReasonNoValidAttributes},
+		{"attribute named like the signature", "th-1", `{"signature": "x"}`, Queued, ""},
+		{"forbidden character beside a valid attribute", "th-1", `{"label": "a=b", "temperature": 20}`, Queued, ""},
 		{"oversized", "th-1", `{"x":"` + strings.Repeat("a", reading.MaxPayloadBytes) + `"}`, Refused, ReasonTooLarge},
 	}
 	for _, tt := range tests {
@@ -103,8 +104,8 @@ func TestSubmit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(items) != 2 {
-		t.Fatalf("queued %d items, want 2", len(items))
+	if len(items) != 4 {
+		t.Fatalf("queued %d items, want 4", len(items))
 	}
 	key, _ := envelope.DeriveHS256("th-1", "canary-k1", "canary-k2")
 	for i, it := range items {
@@ -119,8 +120,23 @@ func TestSubmit(t *testing.T) {
 	if c, _ := envelope.VerifyAttrs(items[1].Body, key, ""); !c.Time.Equal(time.Date(2026, 11, 26, 5, 0, 0, 0, time.UTC)) {
 		t.Errorf("observation time = %v, want the payload's TimeInstant", c.Time)
 	}
-	if got := counter(t, m.Ingested.WithLabelValues("mqtt")); got != 2 {
-		t.Errorf("ingested{mqtt} = %v, want 2", got)
+	if got := counter(t, m.Ingested.WithLabelValues("mqtt")); got != 4 {
+		t.Errorf("ingested{mqtt} = %v, want 4", got)
+	}
+	// The forbidden value was dropped, counted and logged without its
+	// value; the valid attribute beside it was queued, signed alone.
+	if got := counter(t, m.AttrsDropped.WithLabelValues(reading.DropForbiddenChars)); got != 2 {
+		t.Errorf("attributes_dropped{forbidden_chars} = %v, want 2", got)
+	}
+	c, _ := envelope.VerifyAttrs(items[3].Body, key, "")
+	if _, ok := c.Attrs["label"]; ok || c.Attrs["temperature"].Value != 20.0 || bytes.Contains(items[3].Body, []byte("label")) {
+		t.Errorf("queued %s, signed %+v; want temperature only", items[3].Body, c.Attrs)
+	}
+	if strings.Contains(logs.String(), "a=b") || strings.Contains(logs.String(), "script") {
+		t.Errorf("a dropped value reached the log:\n%s", logs.String())
+	}
+	if !strings.Contains(logs.String(), "attribute=label") {
+		t.Errorf("the dropped attribute is not named in the log:\n%s", logs.String())
 	}
 	if strings.Contains(logs.String(), "canary") {
 		t.Fatal("a device key reached the log")

@@ -53,7 +53,8 @@ func digestOf(b []byte) [8]byte {
 // is a compact JWS of envelope claims, verified with the device's
 // registered public keys (the key chosen by kid, the algorithm pinned to
 // the key). The NGSI attributes come from the verified claims and the
-// device's own JWS is forwarded untouched as the signature attribute.
+// device's own JWS is forwarded untouched as the signature metadata of
+// every attribute.
 func (p *Pipeline) startDeviceSigned(ctx context.Context, msg Message, dev *policy.Device) Pending {
 	payload := bytes.TrimSpace(msg.Payload)
 	if len(payload) > reading.MaxPayloadBytes {
@@ -87,6 +88,19 @@ func (p *Pipeline) startDeviceSigned(ctx context.Context, msg Message, dev *poli
 		r.Attrs = append(r.Attrs, reading.Attribute{Name: name, Type: a.Type, Value: a.Value})
 	}
 	slices.SortFunc(r.Attrs, func(a, b reading.Attribute) int { return strings.Compare(a.Name, b.Name) })
+	// At render: the device's JWS still signs the dropped attributes, and
+	// each attribute sent carries it, so the others still verify one by
+	// one (envelope.VerifyEntity).
+	if !p.dropInvalid(ctx, msg, &r) {
+		return done(Refused, nil)
+	}
+	if len(r.Attrs) < len(claims.Attrs) {
+		sent := make(map[string]envelope.Attr, len(r.Attrs))
+		for _, a := range r.Attrs {
+			sent[a.Name] = claims.Attrs[a.Name]
+		}
+		claims.Attrs = sent // only for Body: compact is the device's, untouched
+	}
 	if err := r.Validate(); err != nil {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
 		return done(Refused, nil)

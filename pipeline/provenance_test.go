@@ -122,9 +122,41 @@ func TestDeviceSigned(t *testing.T) {
 	if err != nil || c.Seq != 5 || c.Gateway != "" {
 		t.Fatalf("VerifyAttrsWith(queued body) = %+v, %v", c, err)
 	}
-	var body map[string]struct{ Value any }
-	if err := json.Unmarshal(items[0].Body, &body); err != nil || body["signature"].Value != string(first) {
-		t.Fatalf("signature attribute is not the device's JWS: %v", err)
+	var body map[string]struct {
+		Metadata map[string]struct{ Value any }
+	}
+	if err := json.Unmarshal(items[0].Body, &body); err != nil || body["temperature"].Metadata["signature"].Value != string(first) {
+		t.Fatalf("signature metadata is not the device's JWS: %v (%s)", err, items[0].Body)
+	}
+}
+
+// TestDeviceSignedDropsAtRender: an attribute of a device-signed reading
+// that Orion would refuse is left out of the body; the device's JWS (which
+// signs it) is forwarded untouched and the other attributes still verify.
+func TestDeviceSignedDropsAtRender(t *testing.T) {
+	devKey, _ := envelope.GenerateKey(envelope.AlgEdDSA)
+	q := openQueue(t, 0)
+	m := metrics.New()
+	p := New(signedPolicy(t, policy.SigningDevice, devKey), q, Options{Gateway: "gw-1", Metrics: m, Now: func() time.Time { return t0 }})
+	jws, err := envelope.Seal(devKey, envelope.Claims{Version: envelope.Version, Device: "th-1", Seq: 1, Time: t0,
+		Attrs: map[string]envelope.Attr{"temperature": {Type: "Number", Value: 21.5}, "note": {Type: "Text", Value: "f(x)"}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out, err := p.Submit(context.Background(), Message{Device: "th-1", Source: reading.Source{Kind: "mqtt"}, Payload: []byte(jws)}); err != nil || out != Queued {
+		t.Fatalf("Submit = %v, %v", out, err)
+	}
+	items, _ := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
+	if len(items) != 1 {
+		t.Fatalf("%d items", len(items))
+	}
+	entity := append([]byte(`{"id":"th-1","type":"T",`), items[0].Body[1:]...)
+	rep, err := envelope.VerifyEntity(entity, []envelope.Key{devKey.Public()}, "")
+	if err != nil || len(rep.Attrs) != 1 || rep.Attrs[0].Name != "temperature" || rep.Attrs[0].Verdict != envelope.Verified {
+		t.Fatalf("VerifyEntity = %+v, %v; want temperature verified, note left out", rep, err)
+	}
+	if got := counter(t, m.AttrsDropped.WithLabelValues(reading.DropForbiddenChars)); got != 1 {
+		t.Errorf("attributes_dropped{forbidden_chars} = %v, want 1", got)
 	}
 }
 

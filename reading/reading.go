@@ -26,9 +26,12 @@ const (
 	MaxAttrs = 64
 	// MaxNameLen bounds an attribute name (Orion: 256).
 	MaxNameLen = 256
-	// MaxBodyBytes keeps a reading's NGSI body under Orion's 1 MB request
-	// limit with room for the signature attribute (which repeats the
-	// attributes base64-encoded, so a reading may take well under half).
+	// MaxBodyBytes bounds a reading's attributes. Its NGSI body must also
+	// fit Orion's 1 MiB request limit (envelope.MaxBodyBytes, 4x this)
+	// with the signature metadata on every attribute, each repeating the
+	// whole reading base64-encoded: a reading of n attributes fits when
+	// about (n+1) x 4/3 x its size stays under 1 MiB; envelope.Body
+	// refuses the others as too large.
 	MaxBodyBytes = 256 << 10
 	// MaxPayloadBytes bounds what a source may hand to Parse.
 	MaxPayloadBytes = 256 << 10
@@ -98,23 +101,105 @@ func checkText(field, s string) error {
 	return nil
 }
 
-// validName reports whether an attribute name is acceptable to Orion: no
-// forbidden characters, no whitespace or control characters, bounded.
+// validName reports whether an attribute name or type is acceptable to
+// Orion: 1-256 printable ASCII characters, none of the forbidden ones, no
+// space & ? / # (orion-api.md, "Field syntax restrictions"). The names
+// "id" and "type" are refused in an attribute update (Orion: "invalid
+// input, 'id' as attribute", "entity type specified in payload";
+// src/lib/common/errorMessages.h).
 func validName(s string) bool {
 	if len(s) == 0 || len(s) > MaxNameLen {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
 		c := s[i]
-		if c <= ' ' || c == 0x7f || strings.IndexByte(forbidden+"&?/#", c) >= 0 {
+		if c <= ' ' || c >= 0x7f || strings.IndexByte(forbidden+"&?/#", c) >= 0 {
 			return false
 		}
 	}
 	return true
 }
 
+func validAttrName(s string) bool { return s != "id" && s != "type" && validName(s) }
+
+// Reasons an attribute is dropped (DropOrionInvalid), metric label values.
+const (
+	// DropForbiddenChars: a string in the value (or a key of a structured
+	// value) holds one of < > " ' = ; ( ), which Orion refuses with 400
+	// "Invalid characters in attribute value" for the whole request.
+	DropForbiddenChars = "forbidden_chars"
+	// DropBadName: a name Orion refuses (id, type, over 256 bytes, space
+	// & ? / #, forbidden or non-printable characters).
+	DropBadName = "bad_name"
+	// DropBadType: an attribute type Orion refuses, by the same rules.
+	DropBadType = "bad_type"
+)
+
+// Dropped is an attribute DropOrionInvalid left out. Name is clipped for
+// logs; the value is never kept, it may be anything a device sent.
+type Dropped struct {
+	Name   string
+	Reason string // DropForbiddenChars, DropBadName, DropBadType
+}
+
+// DropOrionInvalid removes the attributes stock Orion would refuse, so
+// that the valid ones beside them are still delivered: Orion answers 400
+// to the whole PATCH for one bad attribute (SNAP4CITY.md). It returns
+// what it removed, in order. Values that are not finite numbers or of an
+// unsupported type are left to Validate, which refuses the reading.
+func (r *Reading) DropOrionInvalid() []Dropped {
+	var dropped []Dropped
+	kept := r.Attrs[:0]
+	for _, a := range r.Attrs {
+		reason := ""
+		switch {
+		case !validAttrName(a.Name):
+			reason = DropBadName
+		case !validName(a.Type):
+			reason = DropBadType
+		case hasForbidden(a.Value, 0):
+			reason = DropForbiddenChars
+		}
+		if reason != "" {
+			dropped = append(dropped, Dropped{Name: clip(a.Name), Reason: reason})
+			continue
+		}
+		kept = append(kept, a)
+	}
+	clear(r.Attrs[len(kept):]) // let the dropped values go
+	r.Attrs = kept
+	return dropped
+}
+
+// hasForbidden reports a string (or object key) with a character Orion
+// refuses anywhere in v.
+func hasForbidden(v any, depth int) bool {
+	if depth > maxDepth {
+		return false // Validate refuses it
+	}
+	switch x := v.(type) {
+	case string:
+		return strings.ContainsAny(x, forbidden)
+	case []any:
+		for _, e := range x {
+			if hasForbidden(e, depth+1) {
+				return true
+			}
+		}
+	case map[string]any:
+		for k, e := range x {
+			if strings.ContainsAny(k, forbidden) || hasForbidden(e, depth+1) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // Validate checks a reading against the NGSI rules: device id, attribute
 // names and types, forbidden characters in values, finite numbers, limits.
+// Call DropOrionInvalid first to drop the attributes Orion would refuse
+// rather than refusing the whole reading for them.
 func (r *Reading) Validate() error {
 	if !ValidID(r.Device) {
 		return fmt.Errorf("%w: device id %q must match [A-Za-z0-9._-]{1,%d}", ErrInvalid, clip(r.Device), MaxIDLen)
@@ -126,7 +211,7 @@ func (r *Reading) Validate() error {
 		return fmt.Errorf("%w: %d attributes, at most %d", ErrTooLarge, len(r.Attrs), MaxAttrs)
 	}
 	for i, a := range r.Attrs {
-		if !validName(a.Name) {
+		if !validAttrName(a.Name) {
 			return fmt.Errorf("%w: attribute name %q is not a valid NGSI name", ErrInvalid, clip(a.Name))
 		}
 		if i > 0 && r.Attrs[i-1].Name >= a.Name {

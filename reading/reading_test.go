@@ -130,3 +130,49 @@ func FuzzParse(f *testing.F) {
 		_ = r.Validate() // must not panic; NGSI rules are checked here
 	})
 }
+
+func TestDropOrionInvalid(t *testing.T) {
+	r := Reading{Device: "th-1", Attrs: []Attribute{
+		{"a b", TypeNumber, 1.0},
+		{"id", TypeText, "x"},
+		{"label", TypeText, "a<script>"},
+		{"long", TypeText, "ok"},
+		{"nested", TypeStructured, map[string]any{"k": []any{"x=1"}}},
+		{"semi", "Num;ber", 1.0},
+		{"temperature", TypeNumber, 21.5},
+		{"type", TypeText, "x"},
+		{"\u00e9t\u00e9", TypeNumber, 1.0},
+	}}
+	r.Attrs[3].Name = strings.Repeat("l", 257)
+	got := r.DropOrionInvalid()
+	want := []Dropped{
+		{"a b", DropBadName}, {"id", DropBadName}, {"label", DropForbiddenChars},
+		{strings.Repeat("l", 257), DropBadName}, {"nested", DropForbiddenChars},
+		{"semi", DropBadType}, {"type", DropBadName}, {"\u00e9t\u00e9", DropBadName},
+	}
+	if len(got) != len(want) {
+		t.Fatalf("dropped = %+v, want %d", got, len(want))
+	}
+	for i := range want {
+		if got[i].Reason != want[i].Reason || !strings.HasPrefix(want[i].Name, strings.TrimSuffix(got[i].Name, "...")[:1]) {
+			t.Errorf("dropped[%d] = %+v, want %+v", i, got[i], want[i])
+		}
+		if strings.Contains(got[i].Name, "script") || strings.Contains(got[i].Name, "x=1") {
+			t.Errorf("dropped[%d] carries the value: %+v", i, got[i])
+		}
+	}
+	if len(r.Attrs) != 1 || r.Attrs[0].Name != "temperature" {
+		t.Fatalf("kept = %+v, want only temperature", r.Attrs)
+	}
+	if err := r.Validate(); err != nil {
+		t.Fatalf("Validate after dropping = %v", err)
+	}
+	// Nothing left: the caller refuses the reading.
+	empty := Reading{Device: "th-1", Attrs: []Attribute{{"label", TypeText, "(x)"}}}
+	if d := empty.DropOrionInvalid(); len(d) != 1 || len(empty.Attrs) != 0 {
+		t.Fatalf("dropped %+v, kept %+v", d, empty.Attrs)
+	}
+	if err := empty.Validate(); err == nil || !strings.Contains(err.Error(), "no attributes") {
+		t.Fatalf("Validate of an emptied reading = %v", err)
+	}
+}

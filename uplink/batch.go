@@ -17,9 +17,9 @@ import (
 //	{"actionType":"append","entities":[{"id":…,"type":…,<attrs of reading 1>}, …]}
 //
 // for brokers reached without the Orion Broker Filter (which only lets
-// PATCH /v2/entities/{id}/attrs through). Each entity is one reading, with
-// its own signature attribute, exactly the body the filter mode would
-// PATCH plus id and type.
+// PATCH /v2/entities/{id}/attrs through). Each entity is one reading,
+// each attribute with its own signature and TimeInstant metadata, exactly
+// the body the filter mode would PATCH plus id and type.
 //
 // Ordering. A lane (device) is in at most one request at a time, as in
 // filter mode, so a device's next batch starts only once its previous one
@@ -28,10 +28,13 @@ import (
 // op/update one after the other, in array order, each as its own update
 // of the entity (with its own notifications), so the broker sees the same
 // sequence of updates as with one PATCH per reading, and the entity ends
-// with the last reading's attributes and signature. ("append" adds
+// with each attribute's last value and signature. ("append" adds
 // attributes the entity lacks, where PATCH would refuse them with 422.)
 //
-// Failures. A 2xx settles every reading of the batch. Transient failures
+// Failures. A 2xx (or a 422 PartialUpdate: Orion applied what it could)
+// settles every reading of the batch. A refusal of a listed device is
+// split like a permanent one, then retried per device within the refusal
+// window (refusal.go). Transient failures
 // back the broker off and the same lanes are retried. A permanent refusal
 // (4xx) of a batch of several readings dead-letters nothing: each of its
 // lanes is then sent alone, one reading per request, so that the refusal
@@ -57,6 +60,9 @@ func (d *dispatcher) fillBatches(start int) {
 	for i := 0; i < n; i++ {
 		l := d.lanes[(start+i)%n]
 		if d.busy[l] {
+			continue
+		}
+		if held, _ := d.refusalState(l, d.u.opts.Now()); held {
 			continue
 		}
 		if d.solo[l] {
@@ -88,6 +94,9 @@ func (d *dispatcher) startBatch(lanes []queue.Lane, solo bool) {
 	d.inflight++
 	d.cursor = lanes[len(lanes)-1].Device
 	j := job{lane: lanes[0], lanes: lanes, solo: solo, epoch: d.epoch, gen: d.gen}
+	if solo {
+		_, j.expired = d.refusalState(lanes[0], d.u.opts.Now())
+	}
 	d.jobs <- j // never blocks: at most Concurrency jobs are in flight
 }
 
@@ -165,7 +174,7 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 		return r
 	}
 	setHeaders(req, tok, svc, svcPath)
-	return d.exchange(ctx, r, req, items, tok, tok)
+	return d.exchange(ctx, r, req, items, tok)
 }
 
 // batchBody renders the op/update body: each stored body (an NGSI

@@ -45,7 +45,7 @@ func TestBatchRequestShapeAndOrder(t *testing.T) {
 	for d := range devices {
 		q.add(b.URL, "dev-"+strconv.Itoa(d), per)
 	}
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Mode: ModeBatch, Concurrency: 3, PerDevice: 7, BatchSize: 40,
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 3, PerDevice: 7, BatchSize: 40,
 		MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
 	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
@@ -133,7 +133,7 @@ func TestBatchNoDeviceInTwoRequests(t *testing.T) {
 	for d := range 8 {
 		q.add(b.URL, "dev-"+strconv.Itoa(d), 30)
 	}
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, PerDevice: 3})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, PerDevice: 3})
 	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	mu.Lock()
@@ -159,7 +159,7 @@ func TestBatchPermanentSplitsThenDeadLettersOne(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "bad", 3)
 	q.add(b.URL, "good", 3)
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Mode: ModeBatch, Concurrency: 1})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 1})
 	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	dl := q.deadLetters()

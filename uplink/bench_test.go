@@ -19,7 +19,7 @@ func BenchmarkDeliver(b *testing.B) {
 		q.add(br.URL, "dev-"+strconv.Itoa(d), per)
 	}
 	total := per * devices
-	u := New(q, &fakeTokens{}, nil, Options{HTTPClient: NewHTTPClient(br.pool(), 5*time.Second, 8)})
+	u := New(q, &fakeTokens{}, Options{HTTPClient: NewHTTPClient(br.pool(), 5*time.Second, 8)})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	b.ReportAllocs()

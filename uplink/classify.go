@@ -15,41 +15,78 @@ import (
 type verdictKind int
 
 const (
-	delivered    verdictKind = iota // 2xx: delete the item
+	delivered    verdictKind = iota // 2xx, or Orion's 422 PartialUpdate: delete the item
 	retry                           // transient: back off, try the same item again
 	invalidToken                    // the broker refused our token: invalidate, retry
 	permanent                       // the broker will never accept it: dead-letter
+	// refused: the filter refused a device the policy lists, or Orion has
+	// no entity for it. Both can be a platform that has not caught up yet
+	// (the filter caches a refusal for 3 minutes): retry that device alone
+	// for Options.RefusalWindow from its first refusal, then dead-letter.
+	refused
 )
 
 // verdict is what one broker response means for the item.
 type verdict struct {
 	kind verdictKind
 	// reason: for retry, a metric label (5xx, 429, 401_transient, ...);
-	// for permanent, the dead-letter reason ("422 Unprocessable: ...").
+	// for permanent and refused, the dead-letter reason ("422
+	// Unprocessable: ...").
 	reason string
-	// class: for permanent, the metric label ("4xx", "401").
+	// class: for permanent and refused, the metric label ("4xx", "401",
+	// "404").
 	class string
 	// retryAfter: the server asked us to wait at least this long.
 	retryAfter time.Duration
+	// missing: attributes Orion did not store because the entity lacks
+	// them (422 PartialUpdate or Unprocessable), as its description names
+	// them.
+	missing []string
 }
 
 const (
 	maxRetryAfter = 5 * time.Minute
 	maxReasonText = 200
-	// Messages of the Orion Broker Filter's 401s. Some are about the
-	// filter's own back ends, not about us, and pass.
-	msgInvalidToken = "The passed access token is not valid"
+	// Messages of the Orion Broker Filter's 401s
+	// (OrionBrokerFilter/src/main/resources/messages/messages.properties,
+	// written by AccessTokenAuthenticationFilter.writeResponseError as
+	// {"result":false,"message":...}).
+	msgInvalidToken = "The passed access token is not valid" // login.ko.accesstokennotvalid
+	// login.ko.credentialsnotvalid: no ownership or delegation (as the
+	// filter saw it, cached for 3 minutes, positive and negative).
+	msgNoOwnership = "The passed credentials does not have any ownerships or delegations on the device"
+	// login.ko.ownercredentialsnotvalid: the older wording of a refusal.
+	msgCredentialsNotValid = "The passed credentials are not valid"
+	// Orion's error names (src/lib/common/errorMessages.h, 3.12.0).
+	orionPartialUpdate = "PartialUpdate"  // ERROR_PARTIAL_UPDATE
+	orionUnprocessable = "Unprocessable"  // ERROR_UNPROCESSABLE
+	orionNotFound      = "NotFound"       // ERROR_NOT_FOUND
+	orionDoNotExist    = "do not exist: " // ERROR_DESC_DO_NOT_EXIT
 )
 
 // classify maps a broker response to a verdict. It is pure so the whole
-// contract of the Orion Broker Filter is table-tested without a network.
-// body is the start of the response body (a few KB at most).
+// contract of the Orion Broker Filter and Orion is table-tested without a
+// network. body is the start of the response body (a few KB at most).
 func classify(status int, h http.Header, body []byte, now time.Time) verdict {
 	switch {
 	case status >= 200 && status < 300:
 		return verdict{kind: delivered}
 	case status == http.StatusUnauthorized:
 		return classify401(h, body)
+	case status == http.StatusUnprocessableEntity:
+		return classify422(body)
+	case status == http.StatusNotFound && orionError(body) == orionNotFound:
+		// Orion: no entity with that id (errorMessages.h
+		// ERROR_DESC_NOT_FOUND_ENTITY). The IoT Directory creates the
+		// entity when it registers the device, before the ownership row
+		// the gateway learns the device from, so this is normally a
+		// device deleted or moved on the platform — but an entity being
+		// recreated, or a device added locally ahead of its registration,
+		// would lose readings to a dead letter at once. Treated like a
+		// refusal: retried for the bounded refusal window, then
+		// dead-lettered. (A 404 without Orion's body is the filter's
+		// routing: a wrong broker URI, permanent.)
+		return verdict{kind: refused, class: "404", reason: "404 Not Found" + brokerText(body)}
 	case status == http.StatusRequestTimeout:
 		return verdict{kind: retry, reason: "408"}
 	case status == http.StatusTooManyRequests:
@@ -66,6 +103,80 @@ func classify(status int, h http.Header, body []byte, now time.Time) verdict {
 	}
 }
 
+// classify422 reads Orion's 422 answers to PATCH /v2/entities/{id}/attrs
+// (test/functionalTest/cases/0000_update_error_responses/
+// error_responses_02_update_existing_entity_attributes.test, 3.12.0):
+//
+//	{"description":"do not exist: E - [ C ]","error":"PartialUpdate"}     some attributes exist: those WERE updated
+//	{"description":"do not exist: E - [ C, D ]","error":"Unprocessable"} none exists: nothing was updated
+//
+// A PartialUpdate is a delivery: resending would only write the same
+// values again and get the same answer.
+func classify422(body []byte) verdict {
+	var e struct {
+		Error       string `json:"error"`
+		Description string `json:"description"`
+	}
+	_ = json.Unmarshal(body, &e)
+	missing := parseMissing(e.Description)
+	switch e.Error {
+	case orionPartialUpdate:
+		return verdict{kind: delivered, missing: missing}
+	case orionUnprocessable:
+		if len(missing) > 0 {
+			return verdict{kind: permanent, class: "4xx", missing: missing,
+				reason: clipText("422 Unprocessable: the device's entity has none of the attributes " + strings.Join(missing, ", ") +
+					" (add them to the device's model)")}
+		}
+	}
+	return verdict{kind: permanent, class: "4xx", reason: "422 Unprocessable Entity" + brokerText(body)}
+}
+
+// parseMissing reads the attribute names out of Orion's "do not exist: "
+// description: "do not exist: ID - [ a, b ]" (MongoCommonUpdate.cpp:
+// ERROR_DESC_DO_NOT_EXIT + enStr + " - " + "[ a, b ]", where enStr is the
+// id, or "id/type" when the request named a type; op/update appends ", "
+// + enStr + " - [ ... ]" per further entity). Names cannot hold spaces or
+// commas-with-space (Orion's name rules), so the split is exact. At most
+// 64 names, each clipped.
+func parseMissing(desc string) []string {
+	i := strings.Index(desc, orionDoNotExist)
+	if i < 0 {
+		return nil
+	}
+	rest := desc[i+len(orionDoNotExist):]
+	var names []string
+	for {
+		open := strings.Index(rest, " - [ ")
+		if open < 0 {
+			break
+		}
+		rest = rest[open+len(" - [ "):]
+		end := strings.Index(rest, " ]")
+		if end < 0 {
+			break
+		}
+		for n := range strings.SplitSeq(rest[:end], ", ") {
+			if n = strings.TrimSpace(n); n != "" && len(names) < 64 {
+				names = append(names, clipName(n))
+			}
+		}
+		rest = rest[end:]
+	}
+	return names
+}
+
+func clipName(s string) string { return logtext.Clip(s, 64) }
+
+// orionError returns the "error" of an Orion error body, or "".
+func orionError(body []byte) string {
+	var e struct {
+		Error string `json:"error"`
+	}
+	_ = json.Unmarshal(body, &e)
+	return e.Error
+}
+
 func classify401(h http.Header, body []byte) verdict {
 	var fb struct {
 		Result  *bool  `json:"result"`
@@ -75,9 +186,19 @@ func classify401(h http.Header, body []byte) verdict {
 	m := fb.Message
 	switch {
 	case m == "Network problems" || m == "Configuration error" || strings.HasPrefix(m, "Trouble in"):
+		// login.ko.networkproblems, login.ko.configurationerror, and the
+		// literal "Trouble in getOwnerCredentials/getDelegatedCredentials/
+		// getAccessToken/getRefreshToken, see logs": the filter's own back
+		// ends failed (AccessTokenAuthenticationFilter.java).
 		return verdict{kind: retry, reason: "401_transient"}
 	case m == msgInvalidToken || bearerInvalidToken(h.Values("WWW-Authenticate")):
 		return verdict{kind: invalidToken, reason: "invalid_token"}
+	case m == msgNoOwnership || m == msgCredentialsNotValid:
+		// Only lanes of devices the policy lists for this broker are
+		// served (daemon's gatedSource), so this is the filter's view
+		// lagging behind the platform's: a registration or delegation
+		// younger than its 3-minute cache.
+		return verdict{kind: refused, class: "401", reason: "401: " + m}
 	}
 	reason := "401"
 	if m != "" {

@@ -36,6 +36,9 @@ func FuzzClassify(f *testing.F) {
 		{403, "", "", `{"error":"Forbidden","description":"Bearer ` + token + ` refused"}`},
 		{404, "", "", `{"error":"NotFound","description":"The requested entity has not been found. Check type and id"}`},
 		{422, "", "", `{"error":"Unprocessable","description":"` + strings.Repeat("é", 300) + `"}`},
+		{422, "", "", `{"description":"do not exist: E - [ C ]","error":"PartialUpdate"}`},
+		{422, "", "", `{"description":"do not exist: E - [ C, D ]","error":"Unprocessable"}`},
+		{401, "", "", `{"result":false,"message":"The passed credentials does not have any ownerships or delegations on the device"}`},
 		{429, "3", "", ""},
 		{429, "Wed, 21 Oct 2015 07:28:00 GMT", "", ""},
 		{429, "-5", "", ""},
@@ -64,15 +67,18 @@ func FuzzClassify(f *testing.F) {
 		}
 		v := classify(status, h, body, now)
 		switch v.kind {
-		case delivered, retry, invalidToken, permanent:
+		case delivered, retry, invalidToken, permanent, refused:
 		default:
 			t.Fatalf("classify(%d) kind %d", status, v.kind)
 		}
 		if status >= 200 && status < 300 && v.kind != delivered {
 			t.Fatalf("classify(%d) = %+v, want delivered", status, v)
 		}
-		if v.kind == delivered && (status < 200 || status >= 300) {
+		if v.kind == delivered && (status < 200 || status >= 300) && status != 422 {
 			t.Fatalf("classify(%d) = delivered", status)
+		}
+		if len(v.missing) > 64 {
+			t.Fatalf("classify(%d) names %d missing attributes", status, len(v.missing))
 		}
 		if v.retryAfter < 0 || v.retryAfter > maxRetryAfter {
 			t.Fatalf("classify(%d, Retry-After %q) waits %v", status, retryAfter, v.retryAfter)
@@ -86,8 +92,13 @@ func FuzzClassify(f *testing.F) {
 			if v.reason != "invalid_token" {
 				t.Fatalf("invalid-token reason %q", v.reason)
 			}
+		case refused:
+			if v.class != "401" && v.class != "404" {
+				t.Fatalf("classify(%d) refused class %q", status, v.class)
+			}
+			fallthrough
 		case permanent:
-			if v.class != "4xx" && v.class != "401" {
+			if v.class != "4xx" && v.class != "401" && v.class != "404" {
 				t.Fatalf("classify(%d) permanent class %q", status, v.class)
 			}
 			// "%d %s" + ": " + clipped text + "…"

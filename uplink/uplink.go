@@ -44,19 +44,17 @@ type Tokens interface {
 	Invalidate(bad string)
 }
 
-// Keys supplies a device's K1/K2, sent only when Options.SendKeys is set.
-type Keys interface {
-	DeviceKeys(device string) (k1, k2 string, ok bool)
-}
-
 // Options tune the uplink; zero values mean the defaults.
 type Options struct {
 	// Concurrency is the number of requests in flight per broker
 	// (default 4).
 	Concurrency int
-	// SendKeys adds the device's k1/k2 to the query, for filters that
-	// enable them.
-	SendKeys bool
+	// RefusalWindow is how long, from a device's first refusal, the
+	// filter's refusal of a device the policy lists (or Orion's "no such
+	// entity") is retried before its readings are dead-lettered (default
+	// 5m: longer than the filter's 3-minute cache of a negative answer);
+	// negative: dead-letter at once.
+	RefusalWindow time.Duration
 	// MinBackoff and MaxBackoff bound the retry delay (200ms, 30s).
 	MinBackoff, MaxBackoff time.Duration
 	// HTTPClient defaults to NewHTTPClient(nil, 30s, Concurrency).
@@ -89,8 +87,15 @@ const (
 	ModeBatch  = "batch"
 )
 
+// NoRefusalWindow as Options.RefusalWindow dead-letters a refused reading
+// at once.
+const NoRefusalWindow time.Duration = -1
+
 const (
 	defaultConcurrency   = 4
+	defaultRefusalWindow = 5 * time.Minute
+	// maxRefusedLanes bounds the refusal state kept per broker.
+	maxRefusedLanes      = 4096
 	defaultMinBackoff    = 200 * time.Millisecond
 	defaultMaxBackoff    = 30 * time.Second
 	defaultShutdownGrace = 2 * time.Second
@@ -108,18 +113,23 @@ const (
 
 // Uplink delivers queued readings to their brokers.
 type Uplink struct {
-	src  Source
-	tok  Tokens
-	keys Keys
-	opts Options
-	log  *slog.Logger
+	src     Source
+	tok     Tokens
+	opts    Options
+	log     *slog.Logger
+	missing *missingAttrs
 }
 
-// New builds an Uplink; it does not contact anything until Run. keys may
-// be nil when SendKeys is off.
-func New(src Source, tok Tokens, keys Keys, opts Options) *Uplink {
+// New builds an Uplink; it does not contact anything until Run. No device
+// secret is ever sent: the filter ignores k1/k2 when a bearer token is
+// present (AccessTokenAuthenticationFilter.java), and a URL is logged by
+// every proxy on the way.
+func New(src Source, tok Tokens, opts Options) *Uplink {
 	if opts.Concurrency <= 0 {
 		opts.Concurrency = defaultConcurrency
+	}
+	if opts.RefusalWindow == 0 {
+		opts.RefusalWindow = defaultRefusalWindow
 	}
 	if opts.MinBackoff <= 0 {
 		opts.MinBackoff = defaultMinBackoff
@@ -152,7 +162,7 @@ func New(src Source, tok Tokens, keys Keys, opts Options) *Uplink {
 	if opts.PerDevice <= 0 {
 		opts.PerDevice = defaultPerDevice
 	}
-	return &Uplink{src: src, tok: tok, keys: keys, opts: opts, log: opts.Logger.With("component", "uplink")}
+	return &Uplink{src: src, tok: tok, opts: opts, log: opts.Logger.With("component", "uplink"), missing: newMissingAttrs()}
 }
 
 // Run delivers until ctx is cancelled, then waits for requests in flight
@@ -224,6 +234,10 @@ type dispatcher struct {
 	changed  <-chan struct{} // the queue's signal for the next commit
 	gen      uint64          // counts refreshes
 
+	// refusals: lanes whose device the broker refused (refused verdict),
+	// held back and retried until their refusal window ends.
+	refusals map[queue.Lane]*refusal
+
 	badToken    [sha256.Size]byte // hash of the last token the broker refused
 	badStreak   int               // refused tokens since the last success
 	failing     bool              // in a run of failures (for the recovery log)
@@ -233,9 +247,12 @@ type dispatcher struct {
 }
 
 type job struct {
-	lane  queue.Lane
-	epoch uint64
-	gen   uint64 // refresh generation when started
+	lane queue.Lane
+	// expired: the lane's refusal window is over, a refusal now
+	// dead-letters the reading.
+	expired bool
+	epoch   uint64
+	gen     uint64 // refresh generation when started
 	// batch mode: every lane of the batch (lane is the first); solo: one
 	// reading of one lane.
 	lanes []queue.Lane
@@ -284,6 +301,7 @@ func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
 		solo:     make(map[queue.Lane]bool),
 		results:  make(chan result, u.opts.Concurrency),
 		laneWarn: make(map[queue.Lane]time.Time),
+		refusals: make(map[queue.Lane]*refusal),
 	}, nil
 }
 
@@ -317,7 +335,11 @@ func (d *dispatcher) run(ctx, reqCtx context.Context) {
 		var wake <-chan time.Time
 		var timer *time.Timer
 		if d.inflight < d.u.opts.Concurrency && len(d.lanes) > 0 {
-			if r := d.bo.remaining(); r > 0 {
+			r := d.bo.remaining()
+			if r <= 0 {
+				r = d.nextRelease()
+			}
+			if r > 0 {
 				timer = time.NewTimer(r) // only while backing off
 				wake = timer.C
 			}
@@ -372,15 +394,20 @@ func (d *dispatcher) fill() {
 		d.fillBatches(start)
 		return
 	}
+	now := d.u.opts.Now()
 	for i := 0; i < n && d.inflight < d.u.opts.Concurrency; i++ {
 		l := d.lanes[(start+i)%n]
 		if d.busy[l] {
 			continue
 		}
+		held, expired := d.refusalState(l, now)
+		if held {
+			continue
+		}
 		d.busy[l] = true
 		d.inflight++
 		d.cursor = l.Device
-		j := job{lane: l, epoch: d.epoch, gen: d.gen}
+		j := job{lane: l, expired: expired, epoch: d.epoch, gen: d.gen}
 		d.jobs <- j // never blocks: at most Concurrency jobs are in flight
 	}
 }
@@ -406,8 +433,31 @@ func (d *dispatcher) handle(r result) {
 		return
 	}
 	m := d.u.opts.Metrics
+	if len(r.v.missing) > 0 {
+		d.noteMissing(r)
+	}
 	switch r.v.kind {
+	case refused:
+		if len(r.items) > 1 {
+			// A batch: find the refused reading alone, as for a permanent
+			// refusal.
+			for _, l := range r.lanes {
+				d.solo[l] = true
+			}
+			break
+		}
+		if m != nil {
+			m.Retried.WithLabelValues("refused_" + r.v.class).Inc()
+		}
+		d.holdRefused(r)
 	case delivered, permanent:
+		if r.v.kind == delivered {
+			for _, l := range r.allLanes() {
+				delete(d.refusals, l) // accepted again: a new refusal starts a new window
+			}
+		} else if st := d.refusals[r.lane]; st != nil && r.expired {
+			st.last = d.u.opts.Now() // still refused: later readings go at once
+		}
 		if r.solo {
 			delete(d.solo, r.lane) // its head is settled
 		}
@@ -520,25 +570,24 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 		r.v, r.err = verdict{kind: retry, reason: "token"}, err
 		return r
 	}
-	var k1, k2 string
-	if u.opts.SendKeys && u.keys != nil {
-		k1, k2, _ = u.keys.DeviceKeys(it.Device)
-	}
-	req, err := d.request(ctx, it, tok, k1, k2)
+	req, err := d.request(ctx, it, tok)
 	if err != nil {
-		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok, k1, k2))
+		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
 		return r
 	}
 
-	return d.exchange(ctx, r, req, []queue.Item{it}, tok, tok, k1, k2)
+	return d.exchange(ctx, r, req, []queue.Item{it}, tok)
 }
 
 // exchange sends one request carrying items (one reading, or a batch) and
-// settles them from the answer: delete on 2xx, dead-letter a single
-// reading refused for good (a refused batch is split by the caller),
-// invalidate a refused token, or retry. secrets are scrubbed from every
-// reason and error (the broker may echo our query).
-func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, items []queue.Item, tok string, secrets ...string) result {
+// settles them from the answer: delete on 2xx (and on Orion's 422
+// PartialUpdate, which applied the existing attributes), dead-letter a
+// single reading refused for good or refused past its refusal window (a
+// refused batch is split by the caller), invalidate a refused token, or
+// retry. The token is scrubbed from every reason and error (a broker may
+// echo our headers).
+func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, items []queue.Item, tok string) result {
+	secrets := []string{tok}
 	u := d.u
 	start := u.opts.Now()
 	resp, err := u.opts.HTTPClient.Do(req)
@@ -563,6 +612,13 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 	now := u.opts.Now()
 	r.v = classify(resp.StatusCode, resp.Header, body, now)
 	r.v.reason = scrub(r.v.reason, secrets...)
+	if r.v.kind == refused && len(items) == 1 && (r.expired || u.opts.RefusalWindow < 0) {
+		// Refused for longer than the filter's caches explain.
+		r.v.kind = permanent
+		if u.opts.RefusalWindow > 0 {
+			r.v.reason += fmt.Sprintf(" (still refused after uplink.refusal_window %s)", u.opts.RefusalWindow)
+		}
+	}
 
 	m := u.opts.Metrics
 	switch r.v.kind {
@@ -593,6 +649,8 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 		u.observeRequest("invalid_token", start)
 		u.tok.Invalidate(tok)
 		r.token = tok
+	case refused:
+		u.observeRequest("refused", start)
 	case retry:
 		u.observeRequest("retry", start)
 		r.err = errors.New(scrub("broker answered "+resp.Status, secrets...))
@@ -600,15 +658,20 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 	return r
 }
 
-// request builds the filter's PATCH for one reading.
-func (d *dispatcher) request(ctx context.Context, it queue.Item, tok, k1, k2 string) (*http.Request, error) {
+// request builds the filter's PATCH for one reading:
+// {base}/v2/entities/{id}/attrs?elementid={id}&type={type}. The current
+// filter takes the element id from the path and accepts an elementid
+// query only when it equals it (AccessTokenAuthenticationFilter.java,
+// extractV2DeviceId, since disit/snap4city d24945e, 2026-01-21); filters
+// built before that read it from the query alone and answer 401 "Missing
+// parameter: elementid" without it, so it is sent, always equal to the
+// path. "type" is harmless there (dropped on forwarding) and used by a
+// broker reached directly. Nothing secret ever goes into the URL: no
+// k1/k2, which the filter ignores when a bearer token is sent.
+func (d *dispatcher) request(ctx context.Context, it queue.Item, tok string) (*http.Request, error) {
 	q := url.Values{"elementid": {it.Device}}
 	if it.Type != "" {
 		q.Set("type", it.Type)
-	}
-	if k1 != "" || k2 != "" {
-		q.Set("k1", k1)
-		q.Set("k2", k2)
 	}
 	target := d.base + "/v2/entities/" + url.PathEscape(it.Device) + "/attrs?" + q.Encode()
 	req, err := http.NewRequestWithContext(ctx, http.MethodPatch, target, bytes.NewReader(it.Body))
@@ -652,7 +715,7 @@ func (u *Uplink) observeRequest(outcome string, start time.Time) {
 }
 
 // netError makes a transport error safe to log: url.Error's text carries
-// the full URL, with k1/k2 in its query.
+// the full URL.
 func netError(err error, secrets ...string) error {
 	var ue *url.Error
 	if errors.As(err, &ue) {

@@ -37,7 +37,7 @@ func TestDeliverRequestShape(t *testing.T) {
 			l := queue.Lane{Broker: bURI, Device: tt.device}
 			q.lanes[l][0].Service, q.lanes[l][0].ServicePath = "tenant", "/site/a"
 			q.mu.Unlock()
-			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+			h := start(t, q, &fakeTokens{}, b.pool(), Options{})
 			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 
@@ -53,14 +53,10 @@ func TestDeliverRequestShape(t *testing.T) {
 			if strings.Contains(r.rawPath, "//v2") {
 				t.Errorf("raw path %q has a double slash", r.rawPath)
 			}
-			if got := r.query["elementid"]; !slices.Equal(got, []string{tt.device}) {
-				t.Errorf("elementid = %q, want %q", got, tt.device)
-			}
-			if got := r.query["type"]; !slices.Equal(got, []string{"Sensor"}) {
-				t.Errorf("type = %q, want Sensor", got)
-			}
-			if _, ok := r.query["k1"]; ok {
-				t.Error("k1 sent without SendKeys")
+			// elementid equal to the path (older filters need it), the
+			// harmless type, and nothing else: never k1/k2.
+			if len(r.query) != 2 || !slices.Equal(r.query["type"], []string{"Sensor"}) || !slices.Equal(r.query["elementid"], []string{tt.device}) {
+				t.Errorf("query = %v, want elementid=%s&type=Sensor only", r.query, tt.device)
 			}
 			if got := r.header.Get("Authorization"); got != "Bearer "+tokenCanary+"1" {
 				t.Errorf("Authorization = %q", got)
@@ -84,48 +80,19 @@ func TestDeliverRequestShape(t *testing.T) {
 	}
 }
 
-func TestSendKeys(t *testing.T) {
-	for _, send := range []bool{false, true} {
-		t.Run("SendKeys="+strconv.FormatBool(send), func(t *testing.T) {
-			b := newBroker(t, nil)
-			q := newFakeQueue()
-			q.add(b.URL, "with-keys", 1)
-			q.add(b.URL, "without-keys", 1)
-			keys := fakeKeys{"with-keys": {k1Canary, k2Canary}}
-			h := start(t, q, &fakeTokens{}, keys, b.pool(), Options{SendKeys: send})
-			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
-			h.stop(t)
-			for _, r := range b.requests() {
-				_, has1 := r.query["k1"]
-				_, has2 := r.query["k2"]
-				want := send && r.device == "with-keys"
-				if has1 != want || has2 != want {
-					t.Errorf("device %s: k1/k2 present = %v/%v, want %v", r.device, has1, has2, want)
-				}
-				if want && (r.query["k1"][0] != k1Canary || r.query["k2"][0] != k2Canary) {
-					t.Errorf("device %s: k1/k2 = %q/%q", r.device, r.query["k1"], r.query["k2"])
-				}
-			}
-		})
-	}
-}
-
-// A broker that echoes the request URL in its refusal must not get the
-// keys into the dead-letter reason or the logs.
+// A broker that echoes the request URL and headers in its refusal must not
+// get the token into the dead-letter reason or the logs.
 func TestSecretsNotEchoed(t *testing.T) {
 	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
 		orion(w, http.StatusBadRequest, `{"error":"BadRequest","description":"bad url `+r.URL.String()+` auth `+r.Header.Get("Authorization")+`"}`)
 	})
 	q := newFakeQueue()
 	q.add(b.URL, "d", 1)
-	h := start(t, q, &fakeTokens{}, fakeKeys{"d": {k1Canary, k2Canary}}, b.pool(), Options{SendKeys: true})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
 	eventually(t, "dead letter", func() bool { return len(q.deadLetters()) == 1 })
 	h.stop(t)
-	reason := q.deadLetters()[0].reason
-	for _, c := range []string{tokenCanary, k1Canary, k2Canary} {
-		if strings.Contains(reason, c) {
-			t.Errorf("reason %q contains %q", reason, c)
-		}
+	if reason := q.deadLetters()[0].reason; strings.Contains(reason, tokenCanary) {
+		t.Errorf("reason %q contains the token", reason)
 	}
 }
 
@@ -145,7 +112,7 @@ func TestPerDeviceOrderUnderConcurrencyAndRetries(t *testing.T) {
 	for d := range devices {
 		q.add(b.URL, "dev-"+strconv.Itoa(d), per)
 	}
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Concurrency: 4, MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: 4, MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
 	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 
@@ -209,7 +176,7 @@ func TestRetryThenDeliver(t *testing.T) {
 			})
 			q := newFakeQueue()
 			q.add(b.URL, "d", 1)
-			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+			h := start(t, q, &fakeTokens{}, b.pool(), Options{})
 			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 			if n := len(b.requests()); n != 2 {
@@ -249,7 +216,7 @@ func TestRetryAfterHonoured(t *testing.T) {
 			q := newFakeQueue()
 			q.add(b.URL, "d", 1)
 			q.add(b.URL, "e", 1)
-			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Concurrency: 1})
+			h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: 1})
 			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 			reqs := b.requests()
@@ -289,7 +256,7 @@ func TestInvalidTokenRefreshed(t *testing.T) {
 			q := newFakeQueue()
 			q.add(b.URL, "d", 3)
 			tok := &fakeTokens{}
-			h := start(t, q, tok, nil, b.pool(), Options{MinBackoff: 5 * time.Second, MaxBackoff: 10 * time.Second})
+			h := start(t, q, tok, b.pool(), Options{MinBackoff: 5 * time.Second, MaxBackoff: 10 * time.Second})
 			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 			if got := tok.invalidations(); !slices.Equal(got, []string{tokenCanary + "1"}) {
@@ -310,7 +277,7 @@ func TestRepeatedInvalidTokenBacksOff(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "d", 1)
 	tok := &fakeTokens{}
-	h := start(t, q, tok, nil, b.pool(), Options{MinBackoff: 300 * time.Millisecond, MaxBackoff: time.Second})
+	h := start(t, q, tok, b.pool(), Options{MinBackoff: 300 * time.Millisecond, MaxBackoff: time.Second})
 	eventually(t, "two invalidations", func() bool { return len(tok.invalidations()) >= 2 })
 	time.Sleep(200 * time.Millisecond) // observation window, not synchronisation
 	h.stop(t)
@@ -330,12 +297,13 @@ func TestPermanentDeadLettered(t *testing.T) {
 		wantReason string
 		class      string
 	}{
-		{"404 Orion", 404, `{"error":"NotFound","description":"The requested entity has not been found. Check type and id"}`,
-			"404 Not Found: The requested entity has not been found. Check type and id", "4xx"},
-		{"422 Orion", 422, `{"error":"Unprocessable","description":"one or more of the attributes in the request do not exist"}`,
-			"422 Unprocessable Entity: one or more of the attributes in the request do not exist", "4xx"},
-		{"401 ownership", 401, `{"result":false,"message":"Missing ownership or delegation for this device"}`,
-			"401: Missing ownership or delegation for this device", "401"},
+		{"404 not from Orion (filter route)", 404, "Not Found", "404 Not Found: Not Found", "4xx"},
+		{"422 Unprocessable, none exist", 422, `{"description":"do not exist: d - [ C, D ]","error":"Unprocessable"}`,
+			"422 Unprocessable: the device's entity has none of the attributes C, D (add them to the device's model)", "4xx"},
+		{"400 invalid characters", 400, `{"error":"BadRequest","description":"Invalid characters in attribute value"}`,
+			"400 Bad Request: Invalid characters in attribute value", "4xx"},
+		{"401 elementid", 401, `{"result":false,"message":"The passed elementid is not valid"}`,
+			"401: The passed elementid is not valid", "401"},
 		{"400 plain", 400, "bad request", "400 Bad Request: bad request", "4xx"},
 		{"413 long body clipped", 413, strings.Repeat("x", 5000), "413 Request Entity Too Large: " + strings.Repeat("x", maxReasonText) + "…", "4xx"},
 	}
@@ -350,7 +318,7 @@ func TestPermanentDeadLettered(t *testing.T) {
 			})
 			q := newFakeQueue()
 			q.add(b.URL, "d", 2)
-			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+			h := start(t, q, &fakeTokens{}, b.pool(), Options{})
 			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 			dl := q.deadLetters()
@@ -375,11 +343,11 @@ func TestPermanentDeadLettered(t *testing.T) {
 
 func TestDeadLetterLogRateLimited(t *testing.T) {
 	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
-		orion(w, 404, `{"error":"NotFound","description":"gone"}`)
+		orion(w, 400, `{"error":"BadRequest","description":"gone"}`)
 	})
 	q := newFakeQueue()
 	q.add(b.URL, "d", 20)
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
 	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	if n := strings.Count(h.logs.String(), "dead-lettered"); n != 1 {
@@ -409,7 +377,7 @@ func TestServerDownThenUp(t *testing.T) {
 	bURI := "https://" + addr
 	q.add(bURI, "a", 5)
 	q.add(bURI, "b", 5)
-	h := start(t, q, &fakeTokens{}, nil, twin.pool(), Options{})
+	h := start(t, q, &fakeTokens{}, twin.pool(), Options{})
 	eventually(t, "network retries", func() bool { return counter(t, h.m.Retried.WithLabelValues("network")) >= 3 })
 	if q.depth() != 10 {
 		t.Fatalf("depth while broker down = %d, want 10", q.depth())
@@ -436,7 +404,7 @@ func TestTokenFailureRetried(t *testing.T) {
 	b := newBroker(t, nil)
 	q := newFakeQueue()
 	q.add(b.URL, "d", 1)
-	h := start(t, q, &fakeTokens{failFirst: 2}, nil, b.pool(), Options{})
+	h := start(t, q, &fakeTokens{failFirst: 2}, b.pool(), Options{})
 	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	if v := counter(t, h.m.Retried.WithLabelValues("token")); v != 2 {
@@ -457,7 +425,7 @@ func TestFairness(t *testing.T) {
 			smallSeen := make(chan struct{})
 			var once sync.Once
 			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
-				if r.URL.Query().Get("elementid") == "b-single" {
+				if deviceOf(r) == "b-single" {
 					once.Do(func() { close(smallSeen) })
 				} else if conc > 1 {
 					select {
@@ -470,7 +438,7 @@ func TestFairness(t *testing.T) {
 			q := newFakeQueue()
 			q.add(b.URL, "a-backlog", 1000)
 			q.add(b.URL, "b-single", 1)
-			h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Concurrency: conc})
+			h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: conc})
 			eventually(t, "small lane delivered", func() bool {
 				return !slices.ContainsFunc(q.Lanes(b.URL), func(l queue.Lane) bool { return l.Device == "b-single" })
 			})
@@ -487,7 +455,7 @@ func TestFairness(t *testing.T) {
 func TestNewBrokerWakesWithoutPolling(t *testing.T) {
 	b1, b2 := newBroker(t, nil), newBroker(t, nil)
 	q := newFakeQueue()
-	h := start(t, q, &fakeTokens{}, nil, b1.pool(), Options{})
+	h := start(t, q, &fakeTokens{}, b1.pool(), Options{})
 	// Both brokers appear after Run started; the backstop is 5s, so a
 	// delivery well within that came from Changed.
 	t0 := time.Now()
@@ -518,7 +486,7 @@ func TestShutdownBoundedWhileRequestsHang(t *testing.T) {
 	for _, d := range []string{"a", "b", "c"} {
 		q.add(b.URL, d, 2)
 	}
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{ShutdownGrace: 200 * time.Millisecond})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{ShutdownGrace: 200 * time.Millisecond})
 	eventually(t, "requests hanging", func() bool { return len(b.requests()) == 3 })
 	t0 := time.Now()
 	h.stop(t)
@@ -541,7 +509,7 @@ func TestHTTP2(t *testing.T) {
 	defer b.Close()
 	q := newFakeQueue()
 	q.add(b.URL, "d", 3)
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
 	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	for _, r := range b.requests() {
@@ -558,7 +526,7 @@ func TestRefusesUnverifiedAndPlainBrokers(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "d", 1)     // TLS, but the client lacks its CA: system roots
 	q.add(plain.URL, "d", 1) // http://: never served
-	h := start(t, q, &fakeTokens{}, nil, nil, Options{})
+	h := start(t, q, &fakeTokens{}, nil, Options{})
 	eventually(t, "TLS failures", func() bool { return counter(t, h.m.Retried.WithLabelValues("network")) >= 2 })
 	h.stop(t)
 	if q.depth() != 2 || len(b.requests()) != 0 {
@@ -574,7 +542,7 @@ func TestStoreFailureKeepsReading(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "d", 1)
 	q.peekErr = context.DeadlineExceeded
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
 	eventually(t, "store retries", func() bool { return counter(t, h.m.Retried.WithLabelValues("store")) >= 2 })
 	q.mu.Lock()
 	q.peekErr = nil
@@ -597,7 +565,7 @@ func TestNoGoroutineLeak(t *testing.T) {
 		for _, d := range []string{"a", "b", "c", "d", "e"} {
 			q.add(b.URL, d, 10)
 		}
-		h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond})
+		h := start(t, q, &fakeTokens{}, b.pool(), Options{MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond})
 		eventually(t, "queue drained", func() bool { return q.depth() == 0 })
 		h.stop(t)
 		b.Close()
@@ -612,7 +580,7 @@ func TestFairnessManyLanes(t *testing.T) {
 		q.add(b.URL, "a-backlog-"+strconv.Itoa(i), 100)
 	}
 	q.add(b.URL, "z-single", 1)
-	h := start(t, q, &fakeTokens{}, nil, b.pool(), Options{Concurrency: 2})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: 2})
 	eventually(t, "small lane delivered", func() bool {
 		return !slices.ContainsFunc(q.Lanes(b.URL), func(l queue.Lane) bool { return l.Device == "z-single" })
 	})

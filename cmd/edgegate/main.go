@@ -88,7 +88,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 	case "config":
 		return runConfig(rest, stdout, stderr)
 	case "verify":
-		return runVerify(rest, stdin, stdout, stderr)
+		return runVerify(ctx, rest, stdin, stdout, stderr)
 	case "central-sim":
 		return runCentralSim(ctx, rest, stdout, stderr)
 	case "status":

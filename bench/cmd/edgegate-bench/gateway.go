@@ -333,7 +333,7 @@ func runGateway(args []string) error {
 	tokens := centralsync.NewTokenSource(centralsync.ClientCredentials{TokenURL: g.TokenURL, ClientID: g.ClientID,
 		ClientSecret: g.Secret, HTTPClient: uplink.NewHTTPClient(pool, 10*time.Second, 2), Metrics: m, Logger: log})
 	conc := egconfig.Uplink{Mode: g.Mode, Concurrency: g.Concurrency}.EffectiveConcurrency()
-	up := uplink.New(q, tokens, engine, uplink.Options{Mode: g.Mode, Concurrency: conc,
+	up := uplink.New(q, tokens, uplink.Options{Mode: g.Mode, Concurrency: conc,
 		MinBackoff: 50 * time.Millisecond, MaxBackoff: 500 * time.Millisecond,
 		HTTPClient: uplink.NewHTTPClient(pool, 10*time.Second, conc), Logger: log, Metrics: m})
 	pipe := pipeline.New(engine, q, pipeline.Options{Gateway: "gw-bench", Logger: log, Metrics: m})
