@@ -431,6 +431,19 @@ func (d *Daemon) Run(ctx context.Context) error {
 			wipe.Store(true)
 			resetStop()
 		}}
+	// Device registration while running (devices.go). The same registry is
+	// what the stock policy source reads types and bindings from.
+	backend.devAdmin = &DeviceAdmin{Store: q, Registry: centralsync.NewRegistry(q), Gateway: d.gateway,
+		Logger: log.With("component", "devices")}
+	if syncer != nil {
+		backend.devAdmin.Nudge = syncer.Nudge
+	}
+	if cfg.Central.Credentials == config.CredentialsPaired {
+		if cred, err := centralsync.LoadCredentials(q); err == nil {
+			backend.devAdmin.Directory = centralsync.NewDirectory(cred.CentralURL, centralClient, tokens.Token)
+			backend.devAdmin.User = cred.User
+		}
+	}
 	adm, err := admin.Listen(admin.ServerOptions{Socket: d.adminSocket(), Backend: backend, Audit: aud, Logger: log.With("component", "admin")})
 	if err != nil {
 		d.stopAll([]*stage{radioStage, ingest}, queueStage, uplinkStage, syncStage, metricsStage)
@@ -679,17 +692,7 @@ func (d *Daemon) reload() {
 // adminSocket is admin.socket, or the systemd RuntimeDirectory's admin.sock
 // when the default is kept.
 func (d *Daemon) adminSocket() string {
-	if d.cfg.Admin.Socket != "" && d.cfg.Admin.Socket != admin.DefaultSocket {
-		return d.cfg.Admin.Socket
-	}
-	if rd := os.Getenv("RUNTIME_DIRECTORY"); rd != "" {
-		return filepath.Join(rd, "admin.sock")
-	}
-	if st, err := os.Stat(filepath.Dir(admin.DefaultSocket)); err == nil && st.IsDir() {
-		return admin.DefaultSocket
-	}
-	// Not under systemd (a test, a demo, a manual run): next to the state.
-	return filepath.Join(d.cfg.StateDir, "admin.sock")
+	return adminSocketFor(d.cfg.Admin.Socket, d.cfg.StateDir) // devices.go
 }
 
 // revokePairing revokes the paired refresh token at the provider, where it
