@@ -82,6 +82,8 @@ func (s *Server) handleIoTDirectory(w http.ResponseWriter, r *http.Request) {
 		s.directoryDelete(w, user, f)
 	case "get_all_device":
 		s.directoryList(w, user)
+	case "get_device_attributes":
+		s.directoryAttributes(w, user, f)
 	default:
 		directoryKO(w, "Unknown action", "action must be insert, update, delete or get_all_device")
 	}
@@ -212,9 +214,43 @@ func (s *Server) directoryList(w http.ResponseWriter, user string) {
 		}
 		out = append(out, row)
 	}
+	// Stock answers DataTables JSON with the rows under "data" (iot-directory
+	// device.php get_all_device, common.php format_result), k1/k2 on the
+	// owner's rows, visibility MyOwnPrivate. Bridge for the device-reg
+	// branch: the columns the sim does not keep get fixed values.
+	data := make([]map[string]any, 0, len(out))
+	for _, row := range out {
+		d := s.devices[row.ID]
+		data = append(data, map[string]any{"id": row.ID, "devicetype": row.DeviceType, "contextBroker": row.ContextBroker,
+			"kind": "sensor", "model": "custom", "producer": "edgegate", "format": "json", "latitude": "0", "longitude": "0",
+			"frequency": "600", "visibility": "MyOwnPrivate", "k1": d.K1, "k2": d.K2,
+			"edgegateway_type": row.EdgegatewayType, "edgegateway_uri": row.EdgegatewayURI})
+	}
 	s.mu.Unlock()
 	w.Header().Set("Cache-Control", "no-store")
-	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "content": out})
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "content": out, "data": data})
+}
+
+// directoryAttributes is action=get_device_attributes (device.php: the
+// event_values rows under "content"). Bridge for the device-reg branch:
+// the sim keeps attribute names only.
+func (s *Server) directoryAttributes(w http.ResponseWriter, user string, f url.Values) {
+	id := f.Get("id")
+	if id == "" || f.Get("contextbroker") == "" {
+		directoryKO(w, "Missing Parameters", "Problem getting all the device attr information (Missing parameters: id, contextbroker )")
+		return
+	}
+	if !s.directoryOwned(w, user, id, f.Get("contextbroker"), "get_device_attributes") {
+		return
+	}
+	s.mu.Lock()
+	var attrs []map[string]any
+	for _, a := range s.devices[id].Attrs {
+		attrs = append(attrs, map[string]any{"value_name": a, "data_type": "float", "value_type": a, "editable": "0",
+			"value_unit": "-", "healthiness_criteria": "refresh_rate", "healthiness_value": "1200"})
+	}
+	s.mu.Unlock()
+	writeJSON(w, http.StatusOK, map[string]any{"status": "ok", "content": attrs})
 }
 
 // parseEdgeURI reads edgegate://GW/radio?port=P&node=N&child=C or
