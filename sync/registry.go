@@ -217,6 +217,7 @@ func (r *Registry) Put(ctx context.Context, e RegistryEntry) error {
 	if err := e.Validate(); err != nil {
 		return err
 	}
+	e = cloneEntry(e) // the caller keeps its own copy
 	if e.UpdatedAt.IsZero() {
 		e.UpdatedAt = time.Now().UTC()
 	}

@@ -275,7 +275,9 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 			return err
 		}
 		cleanup = undo
-		op = func(ctx context.Context, b admin.DeviceBackend) (admin.DeviceResult, error) { return b.AddDevice(ctx, req) }
+		op = func(ctx context.Context, b admin.DeviceBackend) (admin.DeviceResult, error) {
+			return b.AddDevice(ctx, req)
+		}
 	case "update":
 		req := admin.DeviceUpdateRequest{ID: id, Broker: *broker, RemoveAttributes: removeAttrs}
 		if given["type"] {
@@ -302,7 +304,9 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 			f = *req.Frequency
 		}
 		req.AddAttributes = withDefaults(addAttrs, f)
-		op = func(ctx context.Context, b admin.DeviceBackend) (admin.DeviceResult, error) { return b.UpdateDevice(ctx, req) }
+		op = func(ctx context.Context, b admin.DeviceBackend) (admin.DeviceResult, error) {
+			return b.UpdateDevice(ctx, req)
+		}
 	case "bind":
 		if *typ == "" {
 			return usageErr(errors.New("device bind: --type is required"))
@@ -338,7 +342,9 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 				return usageErr(fmt.Errorf("device bind: --k1-file: %w", err))
 			}
 		}
-		op = func(ctx context.Context, b admin.DeviceBackend) (admin.DeviceResult, error) { return b.BindDevice(ctx, req) }
+		op = func(ctx context.Context, b admin.DeviceBackend) (admin.DeviceResult, error) {
+			return b.BindDevice(ctx, req)
+		}
 	case "remove":
 		op = func(ctx context.Context, b admin.DeviceBackend) (admin.DeviceResult, error) {
 			return b.RemoveDevice(ctx, id, *broker)
