@@ -58,7 +58,10 @@ func bad(err error) error { return fmt.Errorf("%w: %w", admin.ErrBadRequest, err
 // upstream marks a refusal of the central service (a 502 on the socket).
 func upstream(err error) error {
 	var de *centralsync.DirectoryError
-	if errors.As(err, &de) || errors.Is(err, centralsync.ErrNoSuchDevice) {
+	switch {
+	case errors.Is(err, centralsync.ErrNoSuchDevice):
+		return fmt.Errorf("%w: %w", admin.ErrNotFound, err)
+	case errors.As(err, &de):
 		return fmt.Errorf("%w: %w", admin.ErrUpstream, err)
 	}
 	return err
@@ -280,17 +283,24 @@ func (a *DeviceAdmin) UpdateDevice(ctx context.Context, req admin.DeviceUpdateRe
 	}
 	out := admin.DeviceResult{ID: req.ID, Action: "updated", Type: final.Type, Broker: broker, User: a.User, Gateway: a.Gateway}
 	a.result(res, &out)
-	if !inReg {
-		entry = centralsync.RegistryEntry{ID: req.ID, MQTT: true}
-	}
-	entry.Type, entry.Broker, entry.Attributes, entry.UpdatedAt = final.Type, broker, attrNames(final.Attributes), time.Time{}
-	if req.Binding != nil {
-		entry.Radio, entry.MQTT = radio, mqtt
-	}
-	if err := a.Registry.Put(ctx, entry); err != nil {
-		out.Warnings = append(out.Warnings, fmt.Sprintf("updated, but the gateway's registry was not written: %v", err))
-	} else {
-		out.Registry = true
+	switch {
+	case !inReg && req.Binding == nil:
+		// No local binding is known: an entry without one would be
+		// guessed, so none is written.
+		out.Warnings = append(out.Warnings, fmt.Sprintf("the gateway's registry has no entry for %s: edgegate device bind %s --type %s --mqtt|--radio-port P", req.ID, req.ID, final.Type))
+	default:
+		if !inReg {
+			entry = centralsync.RegistryEntry{ID: req.ID}
+		}
+		entry.Type, entry.Broker, entry.Attributes, entry.UpdatedAt = final.Type, broker, attrNames(final.Attributes), time.Time{}
+		if req.Binding != nil {
+			entry.Radio, entry.MQTT = radio, mqtt
+		}
+		if err := a.Registry.Put(ctx, entry); err != nil {
+			out.Warnings = append(out.Warnings, fmt.Sprintf("updated, but the gateway's registry was not written: %v", err))
+		} else {
+			out.Registry = true
+		}
 	}
 	out.Binding = bindingOf(entry)
 	out.SyncNudged = a.nudge()

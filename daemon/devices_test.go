@@ -100,6 +100,28 @@ func (p *platformEdge) device(w http.ResponseWriter, r *http.Request) {
 				"edgegateway_type": c["edgegateway_type"], "edgegateway_uri": c["edgegateway_uri"]})
 		}
 		res = map[string]any{"draw": 1, "data": data, "status": "ok", "msg": ""}
+	case "get_device_attributes":
+		var attrs []map[string]string
+		_ = json.Unmarshal([]byte(p.attrs[id]), &attrs)
+		res["status"], res["content"] = "ok", attrs
+	case "update":
+		// device.php action=update: the whole device, or "Missing Parameters".
+		for _, k := range []string{"id", "type", "contextbroker", "gb_old_cb", "kind", "format", "model", "producer", "latitude", "longitude", "k1", "k2", "frequency"} {
+			if !f.Has(k) {
+				res["msg"], res["error_msg"] = "Missing Parameters", "Problem update the device information (Missing parameters: "+k+" )"
+				return
+			}
+		}
+		cols := map[string]string{}
+		for k := range f {
+			cols[k] = f.Get(k)
+		}
+		var kept, added []map[string]string
+		_ = json.Unmarshal([]byte(f.Get("attributes")), &kept)
+		_ = json.Unmarshal([]byte(f.Get("newattributes")), &added)
+		all, _ := json.Marshal(append(kept, added...))
+		p.devices[id], p.attrs[id] = cols, string(all)
+		res["status"] = "ok"
 	case "delete":
 		if _, ok := p.devices[id]; !ok {
 			res["msg"], res["error_msg"] = "Unrecognized device", "Problem in delete device (Unrecognized device)"
@@ -275,5 +297,38 @@ func TestDeviceBindDelegated(t *testing.T) {
 	l, _ := c.ListDevices(context.Background())
 	if len(l.Devices) != 1 || l.Devices[0].Relation != "delegated" || !strings.Contains(strings.Join(l.Devices[0].Problems, ";"), "not listed") {
 		t.Errorf("list = %+v", l)
+	}
+}
+
+// TestDeviceUpdateThroughSocket: update sends the whole device back with
+// the change, keeps the keys and the binding, and updates the registry.
+func TestDeviceUpdateThroughSocket(t *testing.T) {
+	c, p, q, nudges := daemonWithDevices(t)
+	ctx := context.Background()
+	if _, err := c.AddDevice(ctx, addReq("th-7")); err != nil {
+		t.Fatal(err)
+	}
+	typ, lat := "Thermo2", 43.5
+	res, err := c.UpdateDevice(ctx, admin.DeviceUpdateRequest{ID: "th-7", Type: &typ, Latitude: &lat,
+		AddAttributes: []admin.DeviceAttr{{Name: "humidity", DataType: "float", ValueType: "humidity", Unit: "%", Healthiness: "different_values"}}})
+	if err != nil {
+		t.Fatalf("UpdateDevice: %v", err)
+	}
+	d := p.devices["th-7"]
+	if d["type"] != "Thermo2" || d["latitude"] != "43.5" || d["k1"] != "k1-canary-1111" || d["gb_old_cb"] != "orion-1" ||
+		d["edgegateway_uri"] != "edgegate://gw-1/radio?node=4&port=%2Fdev%2FttyUSB0" || !strings.Contains(p.attrs["th-7"], "humidity") ||
+		!strings.Contains(p.attrs["th-7"], `"old_value_name":"temperature"`) {
+		t.Errorf("device after update: type %s lat %s uri %s attrs %s", d["type"], d["latitude"], d["edgegateway_uri"], p.attrs["th-7"])
+	}
+	e, _, _ := centralsync.NewRegistry(q).Get("th-7")
+	if !res.Registry || e.Type != "Thermo2" || len(e.Attributes) != 2 || e.Radio == nil || nudges.Load() != 2 {
+		t.Errorf("registry after update %+v, result %+v", e, res)
+	}
+	var ae *admin.APIError
+	if _, err := c.UpdateDevice(ctx, admin.DeviceUpdateRequest{ID: "th-7", RemoveAttributes: []string{"pressure"}}); !errors.As(err, &ae) || ae.Status != http.StatusBadRequest {
+		t.Errorf("removing an unknown attribute: %v", err)
+	}
+	if _, err := c.UpdateDevice(ctx, admin.DeviceUpdateRequest{ID: "nope", Broker: "orion-1"}); !errors.As(err, &ae) || ae.Status != http.StatusNotFound {
+		t.Errorf("update of an unknown device: %v", err)
 	}
 }
