@@ -255,6 +255,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		aud.Record(context.Background(), audit.Event{Kind: audit.PolicyApplied, Cause: ch.New.Source,
 			Detail: fmt.Sprintf("%s; revoked %d, changed %d", ch.New.Describe(), len(ch.Revoked), len(ch.Rebound))})
 	})
+	// The gateway's device registry (sync/registry.go): ONE instance per
+	// store, since it caches the record. The device endpoints write it;
+	// the stock policy source must read this same instance
+	// (OwnershipOptions.Registry).
+	registry := centralsync.NewRegistry(q)
 	var syncer *centralsync.Syncer
 	if cfg.Policy.Source != config.PolicyConfig {
 		// The cached policy is in force before any source or network starts.
@@ -431,9 +436,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 			wipe.Store(true)
 			resetStop()
 		}}
-	// Device registration while running (devices.go). The same registry is
-	// what the stock policy source reads types and bindings from.
-	backend.devAdmin = &DeviceAdmin{Store: q, Registry: centralsync.NewRegistry(q), Gateway: d.gateway,
+	// Device registration while running (devices.go).
+	backend.devAdmin = &DeviceAdmin{Store: q, Registry: registry, Gateway: d.gateway,
 		Logger: log.With("component", "devices")}
 	if syncer != nil {
 		backend.devAdmin.Nudge = syncer.Nudge

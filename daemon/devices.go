@@ -195,22 +195,38 @@ func (a *DeviceAdmin) AddDevice(ctx context.Context, req admin.DeviceAddRequest)
 			return admin.DeviceResult{}, fmt.Errorf("store the device key: %w", err)
 		}
 	}
+	// The registry entry goes in before the insert: a policy sync that
+	// sees the new ownership row then also finds its type and binding
+	// (stock rows carry neither). Undone when the insert fails.
+	prev, hadPrev, err := a.Registry.Get(req.ID)
+	if err == nil {
+		err = a.Registry.Put(ctx, entry)
+	}
+	if err != nil {
+		if req.Signing == policy.SigningGateway {
+			_ = devkey.Delete(a.Store, req.ID)
+		}
+		return admin.DeviceResult{}, fmt.Errorf("the gateway's device registry: %w", err)
+	}
 	res, err := a.Directory.Insert(ctx, spec)
 	if err != nil {
 		if req.Signing == policy.SigningGateway {
 			_ = devkey.Delete(a.Store, req.ID)
 		}
+		var rerr error
+		if hadPrev {
+			rerr = a.Registry.Put(ctx, prev)
+		} else {
+			_, rerr = a.Registry.Delete(req.ID)
+		}
+		if rerr != nil {
+			a.log().Warn("could not undo the registry entry of a refused device", "device", req.ID, "err", rerr)
+		}
 		return admin.DeviceResult{}, upstream(err)
 	}
 	out := admin.DeviceResult{ID: req.ID, Action: "added", Type: req.Type, Broker: req.Broker, Binding: req.Binding.String(),
-		Signing: describeSigning(req.Signing, pub), User: a.User, Gateway: a.Gateway}
+		Signing: describeSigning(req.Signing, pub), User: a.User, Gateway: a.Gateway, Registry: true}
 	a.result(res, &out)
-	if err := a.Registry.Put(ctx, entry); err != nil {
-		// Registered but not recorded: say so, with the command that fixes it.
-		out.Warnings = append(out.Warnings, fmt.Sprintf("registered, but the gateway's registry was not written (%v): run edgegate device bind %s --type %s", err, req.ID, req.Type))
-	} else {
-		out.Registry = true
-	}
 	out.SyncNudged = a.nudge()
 	a.log().Info("device added", "device", req.ID, "type", req.Type, "broker", req.Broker,
 		"ownership_missing", out.OwnershipMissing, "warnings", len(out.Warnings))

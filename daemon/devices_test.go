@@ -33,6 +33,7 @@ type platformEdge struct {
 	attrs           map[string]string            // id -> attributes JSON
 	rows            []string                     // IOTID element ids
 	refuseOwnership bool
+	refuseInsert    string // error_msg of a "ko" insert
 	calls           []string // actions
 }
 
@@ -74,6 +75,10 @@ func (p *platformEdge) device(w http.ResponseWriter, r *http.Request) {
 	id := f.Get("id")
 	switch f.Get("action") {
 	case "insert":
+		if p.refuseInsert != "" {
+			res["msg"], res["error_msg"] = "\n Problem in inserting the device", p.refuseInsert
+			return
+		}
 		for _, k := range []string{"id", "type", "contextbroker", "kind", "format", "model", "producer", "latitude", "longitude", "k1", "k2", "frequency", "attributes"} {
 			if !f.Has(k) {
 				res["msg"], res["error_msg"] = "Missing Parameters", "Problem in insert device (Missing parameters: "+k+" )"
@@ -216,6 +221,16 @@ func TestDeviceAddThroughSocket(t *testing.T) {
 	}
 	if _, ok := centralsync.NewRegistry(q).Lookup("th-2"); ok {
 		t.Error("a refused device is in the registry")
+	}
+	// Refused by stock: a 502 with stock's message; the registry entry
+	// written before the insert is gone again.
+	p.refuseInsert = "Problem in inserting the device th-2, device name already exists in deleted devices. "
+	if _, err := c.AddDevice(ctx, addReq("th-2")); !errors.As(err, &ae) || ae.Status != http.StatusBadGateway || !strings.Contains(err.Error(), "already exists in deleted devices") {
+		t.Errorf("refused insert: %v", err)
+	}
+	p.refuseInsert = ""
+	if _, ok := centralsync.NewRegistry(q).Lookup("th-2"); ok {
+		t.Error("a device refused by the directory is in the registry")
 	}
 
 	if _, err := c.RemoveDevice(ctx, "th-1", ""); err != nil {

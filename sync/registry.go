@@ -134,6 +134,9 @@ func (e RegistryEntry) Validate() error {
 }
 
 // Registry is the gateway's device registry. Safe for concurrent use.
+// It caches the record: every reader and writer of one store must share
+// one Registry (the daemon makes one and hands it to the policy source and
+// the device endpoints).
 type Registry struct {
 	st StateStore
 	mu sync.RWMutex
