@@ -33,7 +33,7 @@ type platformEdge struct {
 	attrs           map[string]string            // id -> attributes JSON
 	rows            []string                     // IOTID element ids
 	refuseOwnership bool
-	refuseInsert    string // error_msg of a "ko" insert
+	refuseInsert    string   // error_msg of a "ko" insert
 	calls           []string // actions
 }
 
