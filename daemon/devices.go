@@ -85,9 +85,7 @@ func registryBinding(b admin.DeviceBinding) (*policy.RadioBinding, bool, error) 
 		}
 		return &policy.RadioBinding{Port: b.RadioPort, Node: b.RadioNode, Child: b.RadioChild}, false, nil
 	}
-	if b.RadioNode != -1 || b.RadioChild != -1 {
-		return nil, false, errors.New("--radio-node and --radio-child need --radio-port")
-	}
+	// No port: the local MQTT link (node and child mean nothing there).
 	return nil, true, nil
 }
 

@@ -125,7 +125,11 @@ func ValidateName(field, s string) error {
 	for i := 0; i < len(s); i++ {
 		c := s[i]
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == ':' || c == '.' || c == '_' || c == '-') {
-			return fmt.Errorf("%s %q: byte %d (%q) is not allowed: the IoT directory accepts only letters, digits and : . _ -", field, s, i, c)
+			what := fmt.Sprintf("0x%02x", c)
+			if c > 0x20 && c < 0x7f {
+				what = fmt.Sprintf("%q", rune(c))
+			}
+			return fmt.Errorf("%s %q: byte %d (%s) is not allowed: the IoT directory accepts only letters, digits and : . _ -", field, s, i, what)
 		}
 	}
 	return nil

@@ -355,12 +355,12 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 	if err != nil {
 		return usageErr(err)
 	}
+	sockets := daemon.AdminSocketCandidates(adminSocket, sf.stateDir)
+	if *socket != "" {
+		sockets = []string{*socket}
+	}
 	if sub != "rotate-key" {
 		// The running daemon first: it holds the store.
-		sockets := daemon.AdminSocketCandidates(adminSocket, sf.stateDir)
-		if *socket != "" {
-			sockets = []string{*socket}
-		}
 		for _, s := range sockets {
 			if fi, err := os.Stat(s); err != nil || fi.Mode()&os.ModeSocket == 0 {
 				continue
@@ -382,6 +382,11 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 	if err != nil {
 		if cleanup != nil {
 			cleanup()
+		}
+		if errors.Is(err, errStoreLocked) && sub != "rotate-key" {
+			// The daemon runs, but none of the sockets answered.
+			return fmt.Errorf("device %s: the store is in use by the running daemon, and its admin socket did not answer (%s): give --socket PATH (admin.socket)",
+				sub, strings.Join(sockets, ", "))
 		}
 		return fmt.Errorf("device %s: %w", sub, err)
 	}

@@ -57,7 +57,15 @@ func TestDeviceCommandsWhileDaemonRuns(t *testing.T) {
 	sctx, cancel := context.WithCancel(ctx)
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(sctx) }()
-	defer func() { cancel(); <-done }()
+	stopped := false
+	stop := func() {
+		if !stopped {
+			stopped = true
+			cancel()
+			<-done
+		}
+	}
+	defer stop()
 
 	run := func(args ...string) string {
 		t.Helper()
@@ -113,6 +121,14 @@ func TestDeviceCommandsWhileDaemonRuns(t *testing.T) {
 	}
 	if out := run("list"); strings.Contains(out, "th-9") {
 		t.Errorf("th-9 still listed after remove:\n%s", out)
+	}
+
+	// The store held, no socket answering: a clear error, not a hang.
+	stop()
+	var o, e lockedBuffer
+	err = deviceWith(ctx, f.env, []string{"list", "--config", f.cfgPath}, &o, &e)
+	if err == nil || !strings.Contains(err.Error(), "admin socket did not answer") || !strings.Contains(err.Error(), "--socket") {
+		t.Errorf("list with the store held and no socket: %v", err)
 	}
 }
 
