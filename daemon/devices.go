@@ -490,7 +490,7 @@ func (a *DeviceAdmin) ListDevices(ctx context.Context) (admin.DeviceList, error)
 			info.Relation = "delegated"
 		}
 		if l.Warning == "" {
-			info.Problems = append(info.Problems, "not listed by the IoT directory for the account")
+			info.Problems = append(info.Problems, "not listed by the IoT directory for the account (no ownership row or delegation: IOTID limit?)")
 		}
 		l.Devices = append(l.Devices, info)
 	}
