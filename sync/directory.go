@@ -251,10 +251,6 @@ type Result struct {
 	Nudged bool
 }
 
-// OwnershipRefusedText is how an insert whose ownership row is missing is
-// reported.
-const OwnershipRefusedText = "registered in the directory, but the platform refused its ownership row (IOTID limit?): the broker filter will refuse its data until an ownership row exists"
-
 // Directory is a client of the IoT Directory device API.
 type Directory struct {
 	URL        string // e.g. https://central.example.org/iot-directory/api/device.php
