@@ -17,6 +17,7 @@
 //	POST /v1/erase           body Selector; EraseReport
 //	POST /v1/factory-reset   {"confirm": "factory-reset"}; {}
 //	POST /v1/reload          {}
+//	/v1/devices...           device registration (see devices.go)
 package admin
 
 import (

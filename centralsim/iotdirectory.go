@@ -183,6 +183,8 @@ func (s *Server) handleIoTDirectory(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Cache-Control", "no-store") // rows hold K1/K2
 		writeJSON(w, http.StatusOK, s.directoryList(user, role, org))
 		return
+	case "get_device_attributes":
+		s.directoryAttributes(res, user, role, f)
 	default:
 		res["status"], res["msg"], res["log"] = "ko", "invalid action "+action, "invalid action "+action
 	}
@@ -455,6 +457,52 @@ func (s *Server) directoryRightsLocked(user, role, id string, modifyOK bool) boo
 
 // directoryDelete is action=delete: deleteKB (the entity), then
 // removeOwnerShipDevice, then the directory's rows.
+// directoryAttributes is action=get_device_attributes (device.php,
+// "get_device_attributes"): the device's event_values rows under
+// "content", for a user with read rights on the element.
+func (s *Server) directoryAttributes(res dirResult, user, role string, f url.Values) {
+	if missing := missingParams(f, "id", "contextbroker"); len(missing) > 0 {
+		res["status"], res["msg"] = "ko", "Missing Parameters"
+		res.add("error_msg", "Problem getting all the device attr information (Missing parameters: "+strings.Join(missing, ", ")+" )")
+		return
+	}
+	id, cb := f.Get("id"), f.Get("contextbroker")
+	if cb != s.opts.BrokerName {
+		res["status"], res["msg"] = "ko", "Unrecognized contextbroker/protocol"
+		res.add("error_msg", "Problem in get device attributes (Unrecognized contextbroker/protocol)")
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	dd, known := s.ps.dirDevices[id]
+	if _, dev := s.devices[id]; !known || !dev {
+		res["status"], res["msg"] = "ko", "Unrecognized device"
+		res.add("error_msg", "Problem in get_device_attribute (Unrecognized device)")
+		return
+	}
+	// enforcementRights(..., 'read'): owner, admins, or any delegation.
+	if !s.directoryRightsLocked(user, role, id, true) && !s.accessCheckLocked(user, s.ElementID(id), ElementTypeIOTID).Result {
+		res["status"], res["msg"] = "ko", "Not ownership or enough right to update"
+		res.add("error_msg", "Problem in get device attributes (Not ownership or enough right to update)")
+		return
+	}
+	attrs := make([]map[string]any, 0, len(dd.attrs))
+	for i, a := range dd.attrs {
+		hv := string(a.HealthinessValue)
+		if u, err := strconv.Unquote(hv); err == nil {
+			hv = u
+		}
+		editable := string(a.Editable)
+		if u, err := strconv.Unquote(editable); err == nil {
+			editable = u
+		}
+		attrs = append(attrs, map[string]any{"cb": cb, "device": id, "value_name": a.ValueName, "data_type": a.DataType,
+			"value_type": a.ValueType, "editable": editable, "value_unit": a.ValueUnit, "order": strconv.Itoa(i + 1),
+			"healthiness_criteria": a.HealthinessCriteria, "healthiness_value": hv, "real_time_flag": "0"})
+	}
+	res["status"], res["content"] = "ok", attrs
+}
+
 func (s *Server) directoryDelete(res dirResult, user, role string, f url.Values) {
 	if missing := missingParams(f, "id", "contextbroker"); len(missing) > 0 {
 		res["status"], res["msg"] = "ko", "Missing Parameters"

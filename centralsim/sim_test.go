@@ -592,7 +592,7 @@ func TestSignatureVerdicts(t *testing.T) {
 	c := envelope.Claims{Version: envelope.Version, Gateway: "gw-test", Device: devTemp, Seq: 10, Time: time.Now().UTC(),
 		Attrs: map[string]envelope.Attr{"temperature": {Type: "Number", Value: 23.0}}}
 	compact, _ := envelope.Seal(key, c)
-	legacy, _ := envelope.Body(c, compact, "")
+	legacy := []byte(`{"temperature":{"type":"Number","value":23},"signature":{"type":"string","value":"` + compact + `"}}`)
 	tests := []struct {
 		name    string
 		body    []byte

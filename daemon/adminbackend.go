@@ -78,6 +78,29 @@ type adminBackend struct {
 	reset     func()                        // asks the daemon to stop and wipe its state
 	paired    bool
 	mqttAddrs string
+	devAdmin  *DeviceAdmin // device registration (devices.go)
+}
+
+// The device endpoints (admin.DeviceBackend) are DeviceAdmin's.
+
+func (b *adminBackend) AddDevice(ctx context.Context, req admin.DeviceAddRequest) (admin.DeviceResult, error) {
+	return b.devAdmin.AddDevice(ctx, req)
+}
+
+func (b *adminBackend) UpdateDevice(ctx context.Context, req admin.DeviceUpdateRequest) (admin.DeviceResult, error) {
+	return b.devAdmin.UpdateDevice(ctx, req)
+}
+
+func (b *adminBackend) RemoveDevice(ctx context.Context, id, broker string) (admin.DeviceResult, error) {
+	return b.devAdmin.RemoveDevice(ctx, id, broker)
+}
+
+func (b *adminBackend) BindDevice(ctx context.Context, req admin.DeviceBindRequest) (admin.DeviceResult, error) {
+	return b.devAdmin.BindDevice(ctx, req)
+}
+
+func (b *adminBackend) ListDevices(ctx context.Context) (admin.DeviceList, error) {
+	return b.devAdmin.ListDevices(ctx)
 }
 
 func (b *adminBackend) Status(ctx context.Context) admin.Status {

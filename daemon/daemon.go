@@ -255,10 +255,15 @@ func (d *Daemon) Run(ctx context.Context) error {
 		aud.Record(context.Background(), audit.Event{Kind: audit.PolicyApplied, Cause: ch.New.Source,
 			Detail: fmt.Sprintf("%s; revoked %d, changed %d", ch.New.Describe(), len(ch.Revoked), len(ch.Rebound))})
 	})
+	// The gateway's device registry (sync/registry.go): ONE instance per
+	// store, since it caches the record. The device endpoints write it;
+	// the stock policy source must read this same instance
+	// (OwnershipOptions.Registry).
+	registry := centralsync.NewRegistry(q)
 	var syncer *centralsync.Syncer
 	if cfg.Policy.Source != config.PolicyConfig {
 		// The cached policy is in force before any source or network starts.
-		syncer, err = newSyncer(cfg, d.gateway, d.identity, engine, q, tokens, centralClient, centralCAs, d.metrics, log, d.clock.Now,
+		syncer, err = newSyncer(cfg, d.gateway, d.identity, engine, q, tokens, centralClient, centralCAs, d.metrics, log, d.clock.Now, registry,
 			func(reason, via, detail string) {
 				aud.Record(context.Background(), audit.Event{Kind: audit.PolicyRefused, Cause: reason, Detail: via + ": " + detail})
 			})
@@ -436,6 +441,18 @@ func (d *Daemon) Run(ctx context.Context) error {
 			wipe.Store(true)
 			resetStop()
 		}}
+	// Device registration while running (devices.go).
+	backend.devAdmin = &DeviceAdmin{Store: q, Registry: registry, Gateway: d.gateway,
+		Logger: log.With("component", "devices")}
+	if syncer != nil {
+		backend.devAdmin.Nudge = syncer.Nudge
+	}
+	if cfg.Central.Credentials == config.CredentialsPaired {
+		if cred, err := centralsync.LoadCredentials(q); err == nil {
+			backend.devAdmin.Directory = centralsync.NewDirectory(cred.CentralURL, centralClient, tokens.Token)
+			backend.devAdmin.User = cred.User
+		}
+	}
 	adm, err := admin.Listen(admin.ServerOptions{Socket: d.adminSocket(), Backend: backend, Audit: aud, Logger: log.With("component", "admin")})
 	if err != nil {
 		d.stopAll([]*stage{radioStage, ingest}, queueStage, uplinkStage, syncStage, metricsStage)
@@ -684,17 +701,7 @@ func (d *Daemon) reload() {
 // adminSocket is admin.socket, or the systemd RuntimeDirectory's admin.sock
 // when the default is kept.
 func (d *Daemon) adminSocket() string {
-	if d.cfg.Admin.Socket != "" && d.cfg.Admin.Socket != admin.DefaultSocket {
-		return d.cfg.Admin.Socket
-	}
-	if rd := os.Getenv("RUNTIME_DIRECTORY"); rd != "" {
-		return filepath.Join(rd, "admin.sock")
-	}
-	if st, err := os.Stat(filepath.Dir(admin.DefaultSocket)); err == nil && st.IsDir() {
-		return admin.DefaultSocket
-	}
-	// Not under systemd (a test, a demo, a manual run): next to the state.
-	return filepath.Join(d.cfg.StateDir, "admin.sock")
+	return adminSocketFor(d.cfg.Admin.Socket, d.cfg.StateDir) // devices.go
 }
 
 // revokePairing revokes the paired refresh token at the provider, where it

@@ -25,7 +25,7 @@ import (
 // and puts the cached policy in force before any network.
 func newSyncer(cfg *config.Config, gw string, id *identity.Identity, engine *policy.Engine, q *queue.Queue, tokens centralsync.Tokens,
 	client *http.Client, centralCAs *x509.CertPool, m *metrics.Metrics, log *slog.Logger, now func() time.Time,
-	onRefusal func(reason, via, detail string)) (*centralsync.Syncer, error) {
+	registry *centralsync.Registry, onRefusal func(reason, via, detail string)) (*centralsync.Syncer, error) {
 	o := centralsync.Options{
 		Gateway: gw, Engine: engine, Store: q, Tokens: tokens, Signer: id, Metrics: m,
 		Logger: log.With("component", "policy-sync"), CentralURL: cfg.Policy.CentralURL, HTTPClient: client,
@@ -51,6 +51,7 @@ func newSyncer(cfg *config.Config, gw string, id *identity.Identity, engine *pol
 		o.Ownership = centralsync.OwnershipOptions{
 			OwnershipURL: ow.URL, DataManagerURL: ow.DataManagerURL, Username: ow.Username,
 			Brokers: ow.Brokers, DefaultType: ow.DefaultType, MaxAge: ow.MaxAge,
+			Registry: registry,
 		}
 	}
 	s, err := centralsync.New(o)

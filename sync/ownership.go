@@ -294,10 +294,10 @@ func bindFix(id string, missing []string) string {
 		case missingType:
 			cmd += " --type TYPE"
 		case missingKeys:
-			cmd += " --k1 K1 --k2 K2"
+			cmd += " --k1-file FILE"
 		}
 	}
-	return cmd + " [--radio-port PORT --radio-node N --radio-child C]"
+	return cmd + " [--mqtt | --radio-port PORT --radio-node N]"
 }
 
 const (

@@ -135,7 +135,7 @@ func TestBuildOwnershipNoDefaultType(t *testing.T) {
 	}
 	want := []UnusableDevice{{ID: "th-kitchen", Element: "Organization:orion-1:th-kitchen", Owner: "alice", Reason: skipNoType,
 		Missing: []string{missingType, missingRadio},
-		Fix:     "edgegate device bind th-kitchen --type TYPE [--radio-port PORT --radio-node N --radio-child C]"}}
+		Fix:     "edgegate device bind th-kitchen --type TYPE [--mqtt | --radio-port PORT --radio-node N]"}}
 	if !reflect.DeepEqual(unusable, want) {
 		t.Fatalf("unusable = %+v\nwant %+v", unusable, want)
 	}

@@ -15,7 +15,7 @@ import (
 // status shows them as problems.
 func TestConfigCheckListsUnservedPlatformDevices(t *testing.T) {
 	be, sock := adminFixture(t)
-	fix := "edgegate device bind th-untyped --type TYPE [--radio-port PORT --radio-node N --radio-child C]"
+	fix := "edgegate device bind th-untyped --type TYPE [--mqtt | --radio-port PORT --radio-node N]"
 	be.mu.Lock()
 	be.st.Policy.Unusable = []admin.UnusableDevice{{ID: "th-untyped", Missing: []string{"entity type"}, Fix: fix}}
 	be.mu.Unlock()

@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"time"
 
 	"github.com/edgegate/edgegate/devkey"
 	"github.com/edgegate/edgegate/envelope"
@@ -96,7 +98,18 @@ func devicePublicKey(file string) (k envelope.Key, priv string, err error) {
 // the gateway holds the device's key, else the device's new public key.
 // The old keys stay registered, so older readings stay verifiable; the
 // gateway signs with the new key once the policy names it.
-func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, id, broker, alg, pubKeyFile, keysOut string, stdout io.Writer) error {
+func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, id, broker string, reg *centralsync.Registry,
+	alg, pubKeyFile, keysOut string, stdout io.Writer) error {
+	entry, inReg, err := reg.Get(id)
+	if err != nil {
+		return fmt.Errorf("device rotate-key: %w", err)
+	}
+	if broker == "" {
+		broker = entry.Broker
+	}
+	if broker == "" {
+		return &exitError{code: 2, err: fmt.Errorf("device rotate-key: --broker is required: the registry does not know the broker of %s", id)}
+	}
 	held, err := devkey.Load(q, id)
 	if err != nil {
 		return fmt.Errorf("device rotate-key: %w", err)
@@ -139,7 +152,7 @@ func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, 
 	if err != nil {
 		return err
 	}
-	nudged, err := dir.UpdatePublicKey(ctx, id, broker, string(pub))
+	res, err := dir.UpdatePublicKey(ctx, id, broker, string(pub))
 	if err != nil {
 		if len(held) > 0 {
 			// Not registered: the new key must not linger as the newest.
@@ -151,13 +164,27 @@ func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, 
 		}
 		return fmt.Errorf("device rotate-key: %w", err)
 	}
+	if inReg {
+		// The registry is where the stock policy source finds the keys.
+		keys := append([]json.RawMessage{json.RawMessage(pub)}, entry.PublicKeys...)
+		if len(keys) > policy.MaxPublicKeys {
+			keys = keys[:policy.MaxPublicKeys]
+		}
+		entry.PublicKeys, entry.UpdatedAt = keys, time.Time{}
+		if err := reg.Put(ctx, entry); err != nil {
+			return fmt.Errorf("device rotate-key: registered, but the gateway's registry was not written: %w", err)
+		}
+	}
+	if res.Warning != "" {
+		fmt.Fprintf(stdout, "!! warning: %s\n", res.Warning)
+	}
 	fmt.Fprintf(stdout, "Registered a new %s key %s for device %s; the previous keys stay registered for older readings.\n", newKey.Alg(), newKey.ID(), id)
 	if len(held) > 0 {
 		fmt.Fprintf(stdout, "  the gateway signs with it once its policy lists it")
 	} else {
 		fmt.Fprintf(stdout, "  the gateway accepts readings signed with it once its policy lists it")
 	}
-	if nudged {
+	if res.Nudged {
 		fmt.Fprintln(stdout, " (the gateway was told to sync now)")
 	} else {
 		fmt.Fprintln(stdout, " (at the next poll)")
