@@ -109,6 +109,47 @@ type Central struct {
 	CAFile           string   `yaml:"ca_file"`
 }
 
+// MissingCentral reports whether err (from Load or Validate) says only
+// that the central section's required keys are absent: a gateway that was
+// never paired or configured, which `edgegate pair` fixes, rather than a
+// configuration with a wrong value.
+func MissingCentral(err error) bool {
+	var leaves []error
+	var walk func(error) bool
+	walk = func(e error) bool {
+		switch u := e.(type) {
+		case *FieldError:
+			leaves = append(leaves, u)
+			return true
+		case interface{ Unwrap() []error }:
+			for _, x := range u.Unwrap() {
+				if !walk(x) {
+					return false
+				}
+			}
+			return true
+		}
+		if next := errors.Unwrap(e); next != nil {
+			return walk(next)
+		}
+		return false
+	}
+	if err == nil || !walk(err) || len(leaves) == 0 {
+		return false
+	}
+	for _, l := range leaves {
+		fe := l.(*FieldError)
+		switch fe.Key {
+		case "central.token_url", "central.client_id", "central.client_secret_file":
+			if fe.Value == "" {
+				continue
+			}
+		}
+		return false
+	}
+	return true
+}
+
 // Uplink configures delivery to the brokers.
 type Uplink struct {
 	Mode      string `yaml:"mode"`

@@ -76,7 +76,7 @@ const (
 )
 
 // ErrNotPaired is returned when the store holds no pairing.
-var ErrNotPaired = errors.New("this gateway is not paired: run edgegate pair")
+var ErrNotPaired = errors.New("this gateway is not paired: pair it with edgegate pair --central URL")
 
 // Credentials is the pairing record. Its text forms never show a secret.
 type Credentials struct {
