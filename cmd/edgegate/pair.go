@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -858,11 +859,16 @@ func pairedConfigYAML(in pairedConfigInput) ([]byte, error) {
 	}
 	doc.HeadComment = fmt.Sprintf("edgegate configuration, written by `edgegate pair` on %s.\nGateway identity (RFC 7638 thumbprint): %s\nThe OAuth2 credentials are in the encrypted store, not in this file.\nEvery other key has its default: edgegate config template lists them.",
 		in.when.Format(time.RFC3339), in.thumbprint)
-	out, err := yaml.Marshal(&doc)
-	if err != nil {
+	var out bytes.Buffer
+	enc := yaml.NewEncoder(&out)
+	enc.SetIndent(2)
+	if err := enc.Encode(&doc); err != nil {
 		return nil, fmt.Errorf("encode config: %w", err)
 	}
-	return out, nil
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("encode config: %w", err)
+	}
+	return out.Bytes(), nil
 }
 
 // writeFileAtomic writes data to path through a synced temporary file and
