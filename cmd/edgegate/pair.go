@@ -790,9 +790,22 @@ type pairedConfig struct {
 	Gateway  config.Gateway `yaml:"gateway"`
 	StateDir string         `yaml:"state_dir"`
 	Store    pairedStore    `yaml:"store"`
+	MQTT     pairedMQTT     `yaml:"mqtt"`
 	Central  pairedCentral  `yaml:"central"`
 	Uplink   pairedUplink   `yaml:"uplink,omitempty"`
 	Policy   pairedPolicy   `yaml:"policy"`
+	Metrics  config.Metrics `yaml:"metrics"`
+	Log      config.Log     `yaml:"log"`
+}
+
+// pairedMQTT names the local broker's mode and loopback listener, the
+// first knobs an installer looks for (the values are config.Default's).
+type pairedMQTT struct {
+	Mode     string `yaml:"mode"`
+	Topic    string `yaml:"topic"`
+	Embedded struct {
+		Listen string `yaml:"listen"`
+	} `yaml:"embedded"`
 }
 
 type pairedStore struct {
@@ -833,7 +846,7 @@ type pairedOwnership struct {
 // secret: the daemon finds the pairing in the encrypted store
 // (central.credentials: paired).
 func pairedConfigYAML(in pairedConfigInput) ([]byte, error) {
-	o := in.o
+	o, def := in.o, config.Default()
 	ca := absOrEmpty(o.caFile)
 	c := pairedConfig{
 		Gateway:  config.Gateway{ID: o.gwID},
@@ -841,8 +854,11 @@ func pairedConfigYAML(in pairedConfigInput) ([]byte, error) {
 		Store:    pairedStore{Credential: o.sf.credential, KeyFile: absOrEmpty(o.sf.keyFile)},
 		Central: pairedCentral{Issuer: in.issuer, Audience: o.audience, TokenURL: in.tokenURL, ClientID: in.clientID,
 			Credentials: config.CredentialsPaired, Scopes: in.scopes, CAFile: ca},
-		Uplink: pairedUplink{CAFile: ca},
+		Uplink:  pairedUplink{CAFile: ca},
+		Metrics: def.Metrics,
+		Log:     def.Log,
 	}
+	c.MQTT.Mode, c.MQTT.Topic, c.MQTT.Embedded.Listen = def.MQTT.Mode, def.MQTT.Topic, def.MQTT.Embedded.Listen
 	if in.companion {
 		c.Policy = pairedPolicy{Source: config.PolicyBundle, CentralURL: o.companion, KeysFile: absOrEmpty(o.keysPath), PushURL: o.pushURL}
 	} else {

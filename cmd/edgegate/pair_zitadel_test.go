@@ -531,6 +531,8 @@ func TestPairStockOrdinaryUser(t *testing.T) {
 	}
 
 	// The configuration: stock mode, loaded by the daemon's own loader.
+	written, _ := os.ReadFile(sf.cfgPath)
+	t.Logf("config:\n%s", written)
 	cfg, err := config.Load(sf.cfgPath)
 	if err != nil {
 		b, _ := os.ReadFile(sf.cfgPath)
