@@ -696,10 +696,24 @@ func RegisterGateway(ctx context.Context, hc *http.Client, central, bearer strin
 	var row RegisteredApp
 	jerr := json.Unmarshal(b, &row)
 	if resp.StatusCode/100 != 2 || jerr != nil || row.Error != nil {
+		var refusal struct {
+			Limit *phpInt `json:"limit"`
+		}
+		if resp.StatusCode == http.StatusBadRequest && json.Unmarshal(b, &refusal) == nil && refusal.Limit != nil {
+			return nil, fmt.Errorf("register gateway at %s: %w: %s", redactURL(u), ErrLimitReached, apiMessage(b))
+		}
 		return nil, fmt.Errorf("register gateway at %s: status %d: %s", redactURL(u), resp.StatusCode, apiMessage(b))
 	}
 	return &row, nil
 }
+
+// ErrLimitReached is the Ownership API's refusal of a new row beyond the
+// account's limit: HTTP 400 {"error":"reached limit of N","limit":N,
+// "current":M} (Ownership-API/v1/register/index.php).
+var ErrLimitReached = errors.New("the account's limit for this element type is reached")
+
+// ErrNoOwnershipAPI says the central URL serves no Ownership API (404).
+var ErrNoOwnershipAPI = errors.New("no Ownership API")
 
 // DeleteApp deletes the caller's ownership row elementID of type
 // elementType. Stock reads type and elementId from the request (any
@@ -790,7 +804,10 @@ func FetchOwnershipLimits(ctx context.Context, hc *http.Client, central, bearer 
 		u += "?" + url.Values{"type": {strings.Join(types, ";")}}.Encode()
 	}
 	var l OwnershipLimits
-	if _, err := getJSON(ctx, hc, u, bearer, &l); err != nil {
+	if status, err := getJSON(ctx, hc, u, bearer, &l); err != nil {
+		if status == http.StatusNotFound {
+			return nil, fmt.Errorf("ownership limits: %w at %s", ErrNoOwnershipAPI, redactURL(u))
+		}
 		return nil, fmt.Errorf("ownership limits: %w", err)
 	}
 	return &l, nil

@@ -3,6 +3,7 @@ package centralsync
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -210,5 +211,35 @@ func TestDeleteAppStockAnswer(t *testing.T) {
 	deleted = 0
 	if err := DeleteApp(context.Background(), srv.Client(), srv.URL, "tok", "AppID", "gw-1"); err == nil || !strings.Contains(err.Error(), "status 400") {
 		t.Errorf("nothing deleted: %v", err)
+	}
+}
+
+// TestRegisterGatewayStockAnswers: Ownership-API/v1/register/index.php
+// echoes a new row with id and username, an updated one without id, and
+// refuses beyond the limit with 400 {"error":"reached limit of N",...}.
+func TestRegisterGatewayStockAnswers(t *testing.T) {
+	answer, status := "", http.StatusOK
+	srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(status)
+		w.Write([]byte(answer))
+	}))
+	defer srv.Close()
+	reg := GatewayRegistration{ElementID: "gw-1", ElementName: "gw-1"}
+	answer = `{"elementId":"gw-1","elementType":"AppID","elementName":"gw-1","elementDetails":{"edgegateway_type":"x"},"username":"alice","id":42}`
+	row, err := RegisterGateway(context.Background(), srv.Client(), srv.URL, "tok", reg)
+	if err != nil || !row.Created() || row.Username != "alice" {
+		t.Errorf("insert: %+v %v", row, err)
+	}
+	answer = `{"elementId":"gw-1","elementType":"AppID","elementName":"gw-1"}`
+	if row, err := RegisterGateway(context.Background(), srv.Client(), srv.URL, "tok", reg); err != nil || row.Created() {
+		t.Errorf("update: %+v %v", row, err)
+	}
+	answer, status = `{"error":"reached limit of 0","limit":0,"current":0}`, http.StatusBadRequest
+	if _, err := RegisterGateway(context.Background(), srv.Client(), srv.URL, "tok", reg); !errors.Is(err, ErrLimitReached) || !strings.Contains(err.Error(), "reached limit of 0") {
+		t.Errorf("refusal: %v", err)
+	}
+	answer = `{"error":"invalid elementType AppIDs"}`
+	if _, err := RegisterGateway(context.Background(), srv.Client(), srv.URL, "tok", reg); err == nil || errors.Is(err, ErrLimitReached) {
+		t.Errorf("other refusal: %v", err)
 	}
 }

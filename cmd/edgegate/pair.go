@@ -449,6 +449,12 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 		if access, err = ts.Token(ctx); err != nil {
 			return fmt.Errorf("pair: the central sign-on refused the client credentials of %s: %w; nothing was saved", o.ccFile, err)
 		}
+		if disc.RevocationEndpoint != "" {
+			auth := centralsync.ClientAuthFor(cred, nil)
+			rb.push("access token revoked", func(ctx context.Context) error {
+				return centralsync.RevokeToken(ctx, hc, disc.RevocationEndpoint, access, "access_token", auth)
+			})
+		}
 	} else {
 		var tok *oauth2.Token
 		if tok, err = deviceGrant(ctx, disc, cred, signer, hc, o.noQR, stdout); err != nil {
@@ -548,7 +554,7 @@ func registerApp(ctx context.Context, hc *http.Client, o *pairOpts, id *identity
 		if ctx.Err() != nil {
 			return "", errors.New("pair: interrupted; nothing was saved")
 		}
-		if strings.Contains(err.Error(), "status 404") {
+		if errors.Is(err, centralsync.ErrNoOwnershipAPI) {
 			return "not registered: no Ownership API at " + o.central + "; the gateway works without its AppID row", nil
 		}
 		return "", fmt.Errorf("pair: %w; nothing was saved", err)
@@ -580,7 +586,8 @@ func registerApp(ctx context.Context, hc *http.Client, o *pairOpts, id *identity
 		ElementDetails: details,
 	})
 	if err != nil {
-		if strings.Contains(err.Error(), "reached limit") {
+		if errors.Is(err, centralsync.ErrLimitReached) {
+			// Another app took the free slot meanwhile: the same normal case.
 			return "not registered: the account may not register more apps (" + err.Error() + "); the gateway works without its AppID row", nil
 		}
 		return "", fmt.Errorf("pair: %w; nothing was saved", err)
