@@ -508,6 +508,9 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 	if err != nil {
 		return fmt.Errorf("pair: %w", err)
 	}
+	if err := checkPairedConfig(cfgBytes); err != nil {
+		return fmt.Errorf("pair: the configuration to write does not load: %w; nothing was saved", err)
+	}
 	if err := commitPairing(q, old, cred, o, companion, keys, cfgBytes); err != nil {
 		return fmt.Errorf("pair: %w; nothing was saved", err)
 	}
@@ -651,6 +654,25 @@ func commitPairing(q *queue.Queue, old, cred *centralsync.Credentials, o *pairOp
 		return fail(fmt.Errorf("write config: %w", err))
 	}
 	return nil
+}
+
+// checkPairedConfig loads cfg as the daemon will (it holds no secret), so that
+// pair never leaves a configuration the daemon refuses.
+func checkPairedConfig(cfg []byte) error {
+	f, err := os.CreateTemp("", "edgegate-pair-*.yaml")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name())
+	if _, err := f.Write(cfg); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	_, err = config.Load(f.Name())
+	return err
 }
 
 // readPrivateSecret reads a secret from a file only its owner can read.
