@@ -293,12 +293,12 @@ type rollback struct {
 }
 
 type rollbackStep struct {
-	what string
+	todo string // what undo does, for the installer: "revoke the refresh token"
 	undo func(context.Context) error
 }
 
-func (r *rollback) push(what string, undo func(context.Context) error) {
-	r.steps = append(r.steps, rollbackStep{what, undo})
+func (r *rollback) push(todo string, undo func(context.Context) error) {
+	r.steps = append(r.steps, rollbackStep{todo, undo})
 }
 
 // run undoes every step, even after ctx was cancelled (SIGINT): a bounded
@@ -310,9 +310,9 @@ func (r *rollback) run(ctx context.Context) []string {
 	for i := len(r.steps) - 1; i >= 0; i-- {
 		s := r.steps[i]
 		if err := s.undo(ctx); err != nil {
-			lines = append(lines, fmt.Sprintf("could NOT undo: %s (%v): do it at the platform", s.what, err))
+			lines = append(lines, fmt.Sprintf("NOT undone: %s failed (%v): do it at the platform", s.todo, err))
 		} else {
-			lines = append(lines, "undone: "+s.what)
+			lines = append(lines, "undone: "+s.todo)
 		}
 	}
 	r.steps = nil
@@ -451,7 +451,7 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 		}
 		if disc.RevocationEndpoint != "" {
 			auth := centralsync.ClientAuthFor(cred, nil)
-			rb.push("access token revoked", func(ctx context.Context) error {
+			rb.push("revoke the access token", func(ctx context.Context) error {
 				return centralsync.RevokeToken(ctx, hc, disc.RevocationEndpoint, access, "access_token", auth)
 			})
 		}
@@ -464,10 +464,10 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 		auth := centralsync.ClientAuthFor(cred, signer)
 		// RFC 7009: the refresh token first (a provider revokes the
 		// grant's access tokens with it), then the access token.
-		rb.push("access token revoked", func(ctx context.Context) error {
+		rb.push("revoke the access token", func(ctx context.Context) error {
 			return centralsync.RevokeToken(ctx, hc, disc.RevocationEndpoint, access, "access_token", auth)
 		})
-		rb.push("refresh token revoked", func(ctx context.Context) error {
+		rb.push("revoke the refresh token", func(ctx context.Context) error {
 			return centralsync.RevokeToken(ctx, hc, disc.RevocationEndpoint, cred.RefreshToken, "refresh_token", auth)
 		})
 	}
@@ -596,7 +596,7 @@ func registerApp(ctx context.Context, hc *http.Client, o *pairOpts, id *identity
 		return "", fmt.Errorf("pair: %w; nothing was saved", err)
 	}
 	if row.Created() {
-		rb.push("AppID row "+o.gwID+" deleted", func(ctx context.Context) error {
+		rb.push("delete the AppID row "+o.gwID, func(ctx context.Context) error {
 			return centralsync.DeleteApp(ctx, hc, o.central, access, "AppID", o.gwID)
 		})
 	}

@@ -620,8 +620,9 @@ func TestPairStockFailuresLeaveNothing(t *testing.T) {
 		sf := newStockFixture(t, stockOptions{})
 		sf.own.limitsStatus = http.StatusInternalServerError
 		res := sf.pair(t, context.Background(), true, "--broker", "orion-1")
+		t.Logf("error shown: %v", res.err)
 		if res.err == nil || !strings.Contains(res.err.Error(), "ownership limits") || !strings.Contains(res.err.Error(), "nothing was saved") ||
-			!strings.Contains(res.err.Error(), "undone: refresh token revoked") {
+			!strings.Contains(res.err.Error(), "undone: revoke the refresh token") {
 			t.Errorf("err = %v", res.err)
 		}
 		sf.assertTokensDead(t)
@@ -633,7 +634,7 @@ func TestPairStockFailuresLeaveNothing(t *testing.T) {
 		// The config's directory is a file: the last write fails.
 		os.WriteFile(filepath.Dir(sf.cfgPath), []byte("x"), 0o644)
 		res := sf.pair(t, context.Background(), true, "--broker", "orion-1")
-		if res.err == nil || !strings.Contains(res.err.Error(), "write config") || !strings.Contains(res.err.Error(), "undone: AppID row gw-z-01 deleted") {
+		if res.err == nil || !strings.Contains(res.err.Error(), "write config") || !strings.Contains(res.err.Error(), "undone: delete the AppID row gw-z-01") {
 			t.Errorf("err = %v", res.err)
 		}
 		if rows := sf.own.live("test-user2", "AppID"); len(rows) != 0 || !sf.own.called("register") {
