@@ -101,6 +101,7 @@ type stockOwnership struct {
 	// for register).
 	onLimits, onRegister func()
 	limitsStatus         int // non-zero: answer this status instead
+	registerStatus       int // non-zero: answer this status instead
 	calls                []string
 }
 
@@ -214,6 +215,12 @@ func (o *stockOwnership) register(mux *http.ServeMux) {
 		id, typ := fmt.Sprint(in["elementId"]), fmt.Sprint(in["elementType"])
 		o.mu.Lock()
 		o.calls = append(o.calls, "register")
+		if o.registerStatus != 0 {
+			o.mu.Unlock()
+			w.WriteHeader(o.registerStatus)
+			io.WriteString(w, "DB connection error ")
+			return
+		}
 		var existing *ownershipRow
 		for _, r := range o.rows {
 			if r.Username == user && r.ElementID == id && r.ElemType == typ && !r.Deleted {
@@ -307,6 +314,8 @@ type stockFixture struct {
 	revoked   []string         // token_type_hint of each revocation, in order
 	revokedTk []string
 	keys      jwk.Set // served at /edgegate/v1/policy-keys when set (the companion)
+	// failUserinfo makes the provider's userinfo answer 503.
+	failUserinfo bool
 }
 
 type stockOptions struct {
@@ -340,7 +349,15 @@ func newStockFixture(t *testing.T, so stockOptions) *stockFixture {
 		json.NewEncoder(w).Encode(keys)
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		sf.mu.Lock()
+		failUserinfo := sf.failUserinfo
+		sf.mu.Unlock()
 		switch r.URL.Path {
+		case "/userinfo":
+			if failUserinfo {
+				http.Error(w, `{"error":"server_error"}`, http.StatusServiceUnavailable)
+				return
+			}
 		case "/revoke":
 			body, _ := io.ReadAll(r.Body)
 			form, _ := url.ParseQuery(string(body))
@@ -628,6 +645,32 @@ func TestPairStockFailuresLeaveNothing(t *testing.T) {
 		sf.assertTokensDead(t)
 		sf.assertNoState(t)
 		sf.noSecretsIn(t, res.out, res.errOut, fmt.Sprint(res.err))
+	})
+	t.Run("userinfo fails", func(t *testing.T) {
+		sf := newStockFixture(t, stockOptions{limits: map[string]int{"AppID": 1}})
+		sf.failUserinfo = true
+		res := sf.pair(t, context.Background(), true, "--broker", "orion-1")
+		if res.err == nil || !strings.Contains(res.err.Error(), "userinfo") || !strings.Contains(res.err.Error(), "status 503") {
+			t.Errorf("err = %v", res.err)
+		}
+		if sf.own.called("limits") {
+			t.Error("went on after userinfo failed")
+		}
+		sf.mu.Lock()
+		sf.failUserinfo = false // so that assertTokensDead asks the provider for real
+		sf.mu.Unlock()
+		sf.assertTokensDead(t)
+		sf.assertNoState(t)
+	})
+	t.Run("register fails", func(t *testing.T) {
+		sf := newStockFixture(t, stockOptions{limits: map[string]int{"AppID": 1}})
+		sf.own.registerStatus = http.StatusInternalServerError
+		res := sf.pair(t, context.Background(), true, "--broker", "orion-1")
+		if res.err == nil || !strings.Contains(res.err.Error(), "register gateway") || !strings.Contains(res.err.Error(), "status 500") {
+			t.Errorf("err = %v", res.err)
+		}
+		sf.assertTokensDead(t)
+		sf.assertNoState(t)
 	})
 	t.Run("config not writable after the AppID row", func(t *testing.T) {
 		sf := newStockFixture(t, stockOptions{limits: map[string]int{"AppID": 1}})
