@@ -772,7 +772,6 @@ func TestPairConfidentialClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer q.Close()
 	creds, err := centralsync.LoadCredentials(q)
 	if err != nil || creds.AuthMethod != centralsync.AuthClientSecretBasic || creds.ClientSecret != secret {
 		t.Fatalf("creds %v: %v", creds, err)
@@ -787,6 +786,25 @@ func TestPairConfidentialClient(t *testing.T) {
 	}
 	if _, err := ts.Token(context.Background()); err != nil {
 		t.Fatalf("refresh with client_secret_basic: %v", err)
+	}
+	rotated, _ := centralsync.LoadCredentials(q)
+	q.Close()
+	// Unpair revokes with the same client authentication.
+	var out, errOut lockedBuffer
+	if err := unpairWith(context.Background(), sf.env, []string{"--config", sf.cfgPath}, &out, &errOut); err != nil || !strings.Contains(out.String(), "tokens       revoked") {
+		t.Fatalf("unpair: %v\n%s", err, out.String())
+	}
+	req, _ := http.NewRequest(http.MethodPost, sf.srv.URL+"/oauth/token",
+		strings.NewReader(url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rotated.RefreshToken}}.Encode()))
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	req.SetBasicAuth("edgegate-confidential", secret)
+	resp, err := sf.srv.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode == http.StatusOK {
+		t.Error("the refresh token works after unpair")
 	}
 	// A secret file others can read is refused before anything happens.
 	os.Chmod(sfile, 0o644)
