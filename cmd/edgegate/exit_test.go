@@ -18,6 +18,15 @@ var (
 	binaryErr  error
 )
 
+// TestMain removes the binary edgegateBinary built.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binaryPath != "" {
+		os.RemoveAll(filepath.Dir(binaryPath))
+	}
+	os.Exit(code)
+}
+
 // edgegateBinary builds the real edgegate binary once per test run.
 func edgegateBinary(t *testing.T) string {
 	t.Helper()
