@@ -244,8 +244,11 @@ func parsePairFlags(env pairEnv, args []string, stderr io.Writer) (*pairOpts, er
 		fs.Usage()
 		return usage("--central URL is required")
 	}
-	if err := centralsync.SecureURL(o.central); err != nil {
-		return usage("--central %q: %v", o.central, err)
+	// https only: the Ownership API, datamanager and filter URLs derive
+	// from it, and the daemon reaches those over https only. (A sign-on on
+	// loopback may be plain http: --issuer.)
+	if u, err := url.Parse(o.central); err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil {
+		return usage("--central must be an https URL: %q", o.central)
 	}
 	o.central = strings.TrimRight(o.central, "/")
 	if o.issuer == "" {
