@@ -10,6 +10,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"math"
 	"net"
@@ -132,6 +133,20 @@ func (s *stage) stop(log *slog.Logger) error {
 	}
 }
 
+// ErrNotConfigured marks a gateway that cannot start before it is paired
+// (or given its client credentials): `edgegate run` exits 78 (EX_CONFIG)
+// with it, and the unit's RestartPreventExitStatus=78 stops systemd from
+// restarting it in a loop.
+var ErrNotConfigured = errors.New("this gateway is not paired: pair it with edgegate pair --central URL")
+
+// notConfigured is an error that is ErrNotConfigured without repeating its
+// text.
+type notConfigured struct{ err error }
+
+func (e notConfigured) Error() string        { return e.err.Error() }
+func (e notConfigured) Unwrap() error        { return e.err }
+func (e notConfigured) Is(target error) bool { return target == ErrNotConfigured }
+
 // Run runs the gateway until ctx is done (SIGTERM), then stops it in order.
 func (d *Daemon) Run(ctx context.Context) error {
 	cfg, log := d.cfg, d.log
@@ -166,6 +181,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	var secret string
 	if cfg.Central.Credentials != config.CredentialsPaired {
 		if secret, err = readSecretFile(cfg.Central.ClientSecretFile); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				// The packaged config before pairing: no credentials at all.
+				return notConfigured{fmt.Errorf("central.client_secret_file: %w; %w", err, ErrNotConfigured)}
+			}
 			return fmt.Errorf("read central.client_secret_file: %w", err)
 		}
 	}
@@ -223,8 +242,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			Store: q, Identity: d.identity, HTTPClient: centralClient,
 			ClientCredentials: centralsync.ClientCredentials{Metrics: d.metrics, Logger: log.With("component", "tokens"), Now: d.clock.Now},
 		})
+		if errors.Is(err, centralsync.ErrNotPaired) {
+			// Never paired, or unpaired since: restarting cannot help.
+			return notConfigured{fmt.Errorf("central.credentials paired: %w, then systemctl restart edgegate", err)}
+		}
 		if err != nil {
-			return fmt.Errorf("central.credentials paired: %w (run edgegate pair)", err)
+			return fmt.Errorf("central.credentials paired: %w (run edgegate pair --force --central URL)", err)
 		}
 	} else {
 		tokens = centralsync.NewTokenSource(centralsync.ClientCredentials{

@@ -40,8 +40,10 @@ func TestInstallerFlow(t *testing.T) {
 	state := filepath.Join(dir, "state")
 
 	// 1. pair: the installer reads the code and approves it on a phone.
-	pair := exec.Command(binary, "pair", "--central", sim.URL(), "--ca", ca, "--config", cfg,
-		"--state-dir", state, "--gateway-id", "gw-install")
+	// The simulator's realm and pairing client, not Snap4City's defaults
+	// (realm master, public client nodered-iotedge).
+	pair := exec.Command(binary, "pair", "--central", sim.URL(), "--realm", "edgegate", "--client-id", centralsim.DefaultPairingClientID,
+		"--private-key-jwt", "--ca", ca, "--config", cfg, "--state-dir", state, "--gateway-id", "gw-install")
 	pair.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
 	// Both are read while pair still runs. Its output goes through a pipe
 	// rather than StdoutPipe, whose reader Wait would close under the

@@ -184,6 +184,8 @@ func TestUnitContract(t *testing.T) {
 		"DevicePolicy=closed", "DeviceAllow=char-ttyUSB rw", "DeviceAllow=char-ttyACM rw", "DeviceAllow=char-ttyAMA rw",
 		"Wants=modprobe@usbserial.service", "After=modprobe@usbserial.service",
 		"RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+		// Not paired (78, EX_CONFIG) or a bad config (2): no restart loop.
+		"RestartPreventExitStatus=2 78",
 	} {
 		if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(line) + `$`).MatchString(unit) {
 			t.Errorf("the unit lacks the line %q", line)

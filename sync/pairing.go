@@ -16,9 +16,11 @@ import (
 	"io"
 	"log/slog"
 	"mime"
+	"net"
 	"net/http"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -30,34 +32,41 @@ import (
 )
 
 // Pairing: what `edgegate pair` stores and what the daemon later uses to
-// get its access tokens without a shared secret.
+// get its access tokens.
 //
-// Client authentication, decided at pairing from the provider's discovery
-// document and never changed silently afterwards:
+// Client authentication, decided at pairing and never changed silently
+// afterwards:
 //
-//   - private_key_jwt (RFC 7523) when token_endpoint_auth_methods_supported
-//     lists it: a short JWT (iss = sub = client_id, aud = the token
-//     endpoint and the issuer, jti, iat, exp = +60s) signed by the gateway's
-//     Ed25519 identity key when the provider accepts EdDSA, else by a P-256
-//     key generated at pairing and kept in the same encrypted record. (The
-//     identity package does not expose its seed, so the ES256 key is
-//     generated, not derived; it is exactly as protected as the identity.)
-//     Each request gets a fresh assertion, so providers that refuse a
-//     replayed jti (Keycloak) accept every poll.
-//   - none: a public client (client_id only), when the provider offers no
-//     private_key_jwt or only RS256 for it.
-//   - client_secret: mass provisioning with `--client-credentials FILE`;
-//     the secret then lives in the encrypted record, never in a file the
-//     daemon reads.
+//   - none: a public client (client_id only), the default. Snap4City's own
+//     IoT Edge uses the public client nodered-iotedge of realm master
+//     (node-red-contrib-snap4city-user, snap4city-authentication-dev.js),
+//     so a stock platform needs no new client for the gateway.
+//   - client_secret_basic or client_secret_post, for a confidential client
+//     (`pair --client-secret-file`): basic when the provider's
+//     token_endpoint_auth_methods_supported lists it or lists nothing (RFC
+//     8414 §2 default), else post. The secret lives in the encrypted record.
+//   - private_key_jwt (RFC 7523), only when the operator says the client is
+//     registered for it (`pair --private-key-jwt`) AND the provider lists it:
+//     a short JWT (iss = sub = client_id, aud = the token endpoint and the
+//     issuer, jti, iat, exp = +60s) signed by the gateway's Ed25519 identity
+//     key when the provider accepts EdDSA, else by a P-256 key generated at
+//     pairing and kept in the same encrypted record. Each request gets a
+//     fresh assertion, so providers that refuse a replayed jti (Keycloak)
+//     accept every poll. A provider that lists the method does not know the
+//     gateway's key unless someone registered it, hence the flag.
+//   - client_secret: mass provisioning with `--client-credentials FILE`
+//     (the client credentials grant).
 
 // CredentialsStateName is the encrypted-store record of the pairing.
 const CredentialsStateName = "central-credentials"
 
 // Client authentication methods.
 const (
-	AuthPrivateKeyJWT = "private_key_jwt"
-	AuthNone          = "none"
-	AuthClientSecret  = "client_secret"
+	AuthPrivateKeyJWT     = "private_key_jwt"
+	AuthNone              = "none"
+	AuthClientSecret      = "client_secret" // client credentials grant (mass provisioning)
+	AuthClientSecretBasic = "client_secret_basic"
+	AuthClientSecretPost  = "client_secret_post"
 )
 
 // Grants the daemon uses after pairing.
@@ -67,7 +76,7 @@ const (
 )
 
 // ErrNotPaired is returned when the store holds no pairing.
-var ErrNotPaired = errors.New("this gateway is not paired: run edgegate pair")
+var ErrNotPaired = errors.New("this gateway is not paired: pair it with edgegate pair --central URL")
 
 // Credentials is the pairing record. Its text forms never show a secret.
 type Credentials struct {
@@ -142,6 +151,7 @@ type Discovery struct {
 	DeviceAuthorizationURL string   `json:"device_authorization_endpoint"`
 	RevocationEndpoint     string   `json:"revocation_endpoint"`
 	JWKSURI                string   `json:"jwks_uri"`
+	UserinfoEndpoint       string   `json:"userinfo_endpoint"`
 	ScopesSupported        []string `json:"scopes_supported"`
 	GrantTypesSupported    []string `json:"grant_types_supported"`
 	TokenAuthMethods       []string `json:"token_endpoint_auth_methods_supported"`
@@ -152,65 +162,123 @@ type Discovery struct {
 // maxDiscoveryBytes bounds a discovery document, a key set or an API answer.
 const maxDiscoveryBytes = 1 << 20
 
-// Discover fetches {base}/.well-known/openid-configuration for each base in
-// turn and returns the first document found (a 404 moves on to the next).
-func Discover(ctx context.Context, hc *http.Client, bases ...string) (*Discovery, error) {
-	var lastErr error
-	for _, base := range bases {
-		u := strings.TrimRight(base, "/") + "/.well-known/openid-configuration"
-		var d Discovery
-		status, err := getJSON(ctx, hc, u, "", &d)
-		if status == http.StatusNotFound {
-			lastErr = fmt.Errorf("no OIDC discovery document at %s", redactURL(u))
+// Discover fetches {issuer}/.well-known/openid-configuration. The
+// document's issuer must equal issuer exactly (OpenID Connect Discovery 1.0
+// §4.3: otherwise a document could name another provider's endpoints), and
+// the issuer and every endpoint must be https, except on loopback hosts
+// (tests, a provider on the gateway itself).
+func Discover(ctx context.Context, hc *http.Client, issuer string) (*Discovery, error) {
+	if err := SecureURL(issuer); err != nil {
+		return nil, fmt.Errorf("issuer %s: %w", redactURL(issuer), err)
+	}
+	u := strings.TrimRight(issuer, "/") + "/.well-known/openid-configuration"
+	var d Discovery
+	status, err := getJSON(ctx, hc, u, "", &d)
+	if status == http.StatusNotFound {
+		return nil, fmt.Errorf("no OIDC discovery document at %s: check --central, --realm or --issuer", redactURL(u))
+	}
+	if err != nil {
+		return nil, err
+	}
+	if d.Issuer != issuer {
+		return nil, fmt.Errorf("discovery document at %s names issuer %q, but the configured issuer is %q; they must be equal (OpenID Connect Discovery 1.0 §4.3): pass --issuer %s only if you trust it",
+			redactURL(u), clip(d.Issuer), issuer, clip(d.Issuer))
+	}
+	if d.TokenEndpoint == "" {
+		return nil, fmt.Errorf("discovery document at %s has no token_endpoint", redactURL(u))
+	}
+	for _, e := range []struct{ name, url string }{
+		{"token_endpoint", d.TokenEndpoint}, {"device_authorization_endpoint", d.DeviceAuthorizationURL},
+		{"revocation_endpoint", d.RevocationEndpoint}, {"userinfo_endpoint", d.UserinfoEndpoint}, {"jwks_uri", d.JWKSURI},
+	} {
+		if e.url == "" {
 			continue
 		}
-		if err != nil {
-			return nil, err
+		if err := SecureURL(e.url); err != nil {
+			return nil, fmt.Errorf("discovery document at %s: %s %s: %w", redactURL(u), e.name, redactURL(e.url), err)
 		}
-		if d.Issuer == "" || d.TokenEndpoint == "" {
-			return nil, fmt.Errorf("discovery document at %s has no issuer or token_endpoint", redactURL(u))
-		}
-		for _, e := range []string{d.TokenEndpoint, d.DeviceAuthorizationURL, d.RevocationEndpoint} {
-			if e != "" && !strings.HasPrefix(e, "https://") {
-				return nil, fmt.Errorf("discovery document at %s: endpoint %s is not https", redactURL(u), redactURL(e))
-			}
-		}
-		return &d, nil
 	}
-	return nil, lastErr
+	return &d, nil
 }
 
-// ClientAuthChoice is how the gateway will authenticate, from discovery.
+// SecureURL accepts an https URL, or an http one to a loopback host
+// (127.0.0.0/8, ::1, localhost), and nothing else.
+func SecureURL(raw string) error {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" {
+		return errors.New("not an absolute URL")
+	}
+	if u.User != nil {
+		return errors.New("must not carry credentials")
+	}
+	switch u.Scheme {
+	case "https":
+		return nil
+	case "http":
+		if isLoopbackHost(u.Hostname()) {
+			return nil
+		}
+		return errors.New("is not https (plain http is allowed only to a loopback host)")
+	}
+	return fmt.Errorf("scheme %q: want https", u.Scheme)
+}
+
+func isLoopbackHost(h string) bool {
+	if strings.EqualFold(h, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(h)
+	return ip != nil && ip.IsLoopback()
+}
+
+// ClientAuthChoice is how the gateway will authenticate.
 type ClientAuthChoice struct {
-	Method string // AuthPrivateKeyJWT or AuthNone
+	Method string // AuthNone, AuthClientSecretBasic/Post or AuthPrivateKeyJWT
 	Alg    string // EdDSA or ES256 with AuthPrivateKeyJWT
 	Why    string // one line for the installer
 }
 
-// ChooseClientAuth picks private_key_jwt with EdDSA, then ES256, then a
-// public client. An absent alg list (RFC 8414 leaves it optional) is read
-// as "ES256 works", the algorithm every provider with private_key_jwt has.
-func (d *Discovery) ChooseClientAuth() ClientAuthChoice {
-	if !slices.Contains(d.TokenAuthMethods, AuthPrivateKeyJWT) {
-		return ClientAuthChoice{Method: AuthNone, Why: "the provider does not offer private_key_jwt: public client, the refresh token is the credential"}
-	}
+// ChooseClientAuth decides the client authentication of the device grant.
+// Without a secret or the operator's word that the client is registered
+// for private_key_jwt, the gateway is a public client: a provider listing
+// private_key_jwt says nothing about this client. withSecret picks
+// client_secret_basic (listed, or nothing listed: RFC 8414 §2's default),
+// else client_secret_post. privateKeyJWT needs the method listed, with
+// EdDSA, else ES256 (an absent alg list is read as "ES256 works").
+func (d *Discovery) ChooseClientAuth(withSecret, privateKeyJWT bool) (ClientAuthChoice, error) {
 	switch {
-	case slices.Contains(d.TokenAuthSigningAlgs, "EdDSA"):
-		return ClientAuthChoice{Method: AuthPrivateKeyJWT, Alg: "EdDSA", Why: "private_key_jwt with the gateway identity key (EdDSA)"}
-	case len(d.TokenAuthSigningAlgs) == 0 || slices.Contains(d.TokenAuthSigningAlgs, "ES256"):
-		return ClientAuthChoice{Method: AuthPrivateKeyJWT, Alg: "ES256", Why: "private_key_jwt with a P-256 key kept in the encrypted store (ES256)"}
+	case withSecret && privateKeyJWT:
+		return ClientAuthChoice{}, errors.New("a client secret and private_key_jwt exclude each other")
+	case privateKeyJWT:
+		if !slices.Contains(d.TokenAuthMethods, AuthPrivateKeyJWT) {
+			return ClientAuthChoice{}, fmt.Errorf("%s does not list private_key_jwt in token_endpoint_auth_methods_supported (it lists %v)", d.Issuer, d.TokenAuthMethods)
+		}
+		switch {
+		case slices.Contains(d.TokenAuthSigningAlgs, "EdDSA"):
+			return ClientAuthChoice{Method: AuthPrivateKeyJWT, Alg: "EdDSA", Why: "private_key_jwt with the gateway identity key (EdDSA)"}, nil
+		case len(d.TokenAuthSigningAlgs) == 0 || slices.Contains(d.TokenAuthSigningAlgs, "ES256"):
+			return ClientAuthChoice{Method: AuthPrivateKeyJWT, Alg: "ES256", Why: "private_key_jwt with a P-256 key kept in the encrypted store (ES256)"}, nil
+		}
+		return ClientAuthChoice{}, fmt.Errorf("%s takes private_key_jwt only with %v; the gateway signs with EdDSA or ES256", d.Issuer, d.TokenAuthSigningAlgs)
+	case withSecret:
+		if len(d.TokenAuthMethods) == 0 || slices.Contains(d.TokenAuthMethods, AuthClientSecretBasic) {
+			return ClientAuthChoice{Method: AuthClientSecretBasic, Why: "confidential client, client_secret_basic"}, nil
+		}
+		if slices.Contains(d.TokenAuthMethods, AuthClientSecretPost) {
+			return ClientAuthChoice{Method: AuthClientSecretPost, Why: "confidential client, client_secret_post"}, nil
+		}
+		return ClientAuthChoice{}, fmt.Errorf("%s takes neither client_secret_basic nor client_secret_post (it lists %v)", d.Issuer, d.TokenAuthMethods)
 	}
-	return ClientAuthChoice{Method: AuthNone, Why: "the provider's private_key_jwt takes neither EdDSA nor ES256: public client"}
+	return ClientAuthChoice{Method: AuthNone, Why: "public client, the refresh token is the credential"}, nil
 }
 
-// Scopes returns openid, plus offline_access when the provider offers it.
-func (d *Discovery) Scopes() []string {
-	s := []string{"openid"}
-	if slices.Contains(d.ScopesSupported, "offline_access") {
-		s = append(s, "offline_access")
-	}
-	return s
-}
+// DefaultScopes are what pair asks for: openid; profile, which defines
+// preferred_username in userinfo (OpenID Connect Core §5.4), the name the
+// Ownership API and the Orion Broker Filter know the account by
+// (Ownership-API/session.php; a default client scope on Keycloak); and
+// offline_access, an offline refresh token that survives weeks of
+// reboots and outages.
+var DefaultScopes = []string{"openid", "profile", "offline_access"}
 
 // AssertionSigner signs client assertions.
 type AssertionSigner interface {
@@ -308,13 +376,33 @@ func SignerFor(c *Credentials, id IdentitySigner) (AssertionSigner, error) {
 // ClientAuth authenticates the gateway's requests to the provider.
 type ClientAuth struct {
 	ClientID string
-	Secret   string          // AuthClientSecret
+	Secret   string          // client_secret_basic/post, client credentials
+	Basic    bool            // the secret goes in the Authorization header (client_secret_basic)
 	Signer   AssertionSigner // AuthPrivateKeyJWT
 	Audience []string        // assertion aud: token endpoint and issuer
 	Now      func() time.Time
 }
 
-// apply adds the client's credentials to a form.
+// ClientAuthFor is the client authentication of a pairing record.
+func ClientAuthFor(c *Credentials, signer AssertionSigner) *ClientAuth {
+	return &ClientAuth{ClientID: c.ClientID, Secret: c.ClientSecret, Basic: c.AuthMethod == AuthClientSecretBasic,
+		Signer: signer, Audience: []string{c.TokenURL, c.Issuer}}
+}
+
+// authorize adds the client's credentials to a form POST (RFC 6749 §2.3.1:
+// basic credentials are form-encoded before base64).
+func (a *ClientAuth) authorize(req *http.Request, form url.Values) error {
+	if a.Signer == nil && a.Secret != "" && a.Basic {
+		form.Del("client_id")
+		form.Del("client_secret")
+		req.SetBasicAuth(url.QueryEscape(a.ClientID), url.QueryEscape(a.Secret))
+		return nil
+	}
+	return a.apply(form)
+}
+
+// apply adds the client's credentials to a form (client_secret_post or
+// private_key_jwt or, for a public client, the client_id alone).
 func (a *ClientAuth) apply(form url.Values) error {
 	form.Set("client_id", a.ClientID)
 	switch {
@@ -348,9 +436,11 @@ func (a *ClientAuth) apply(form url.Values) error {
 	return nil
 }
 
-// Transport adds a fresh client assertion to every form POST that carries
-// this client's client_id (oauth2's device and refresh requests), so that
-// golang.org/x/oauth2 can run the grants while each request is signed anew.
+// Transport authenticates the client on every form POST that carries this
+// client's client_id, so that golang.org/x/oauth2 can run the grants: a
+// fresh client assertion on each request (private_key_jwt), or the secret
+// where oauth2 sends none (its device authorization request, which RFC
+// 8628 §3.1 says a confidential client authenticates).
 type Transport struct {
 	Base http.RoundTripper
 	Auth *ClientAuth
@@ -362,7 +452,8 @@ func (t *Transport) RoundTrip(r *http.Request) (*http.Response, error) {
 		base = http.DefaultTransport
 	}
 	mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type"))
-	if r.Method != http.MethodPost || mt != "application/x-www-form-urlencoded" || r.Body == nil || t.Auth == nil || t.Auth.Signer == nil {
+	if r.Method != http.MethodPost || mt != "application/x-www-form-urlencoded" || r.Body == nil || t.Auth == nil ||
+		(t.Auth.Signer == nil && (t.Auth.Secret == "" || r.Header.Get("Authorization") != "")) {
 		return base.RoundTrip(r)
 	}
 	body, err := io.ReadAll(io.LimitReader(r.Body, maxDiscoveryBytes))
@@ -372,13 +463,15 @@ func (t *Transport) RoundTrip(r *http.Request) (*http.Response, error) {
 	}
 	form, err := url.ParseQuery(string(body))
 	if err != nil || form.Get("client_id") != t.Auth.ClientID {
-		return nil, errors.New("client assertion transport: unexpected request body")
+		return nil, errors.New("client authentication transport: unexpected request body")
 	}
-	if err := t.Auth.apply(form); err != nil {
-		return nil, err
+	r2 := r.Clone(r.Context())
+	if t.Auth.Signer != nil || form.Get("client_secret") == "" {
+		if err := t.Auth.authorize(r2, form); err != nil {
+			return nil, err
+		}
 	}
 	enc := form.Encode()
-	r2 := r.Clone(r.Context())
 	r2.Body = io.NopCloser(strings.NewReader(enc))
 	r2.ContentLength = int64(len(enc))
 	r2.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader(enc)), nil }
@@ -396,16 +489,24 @@ func HTTPClientWithAuth(hc *http.Client, auth *ClientAuth) *http.Client {
 	return &c
 }
 
-// OAuth2Config is the oauth2 configuration of a pairing (no secret field
-// unless client_secret: assertions are added by the Transport).
-func OAuth2Config(d *Discovery, clientID, secret string, scopes []string) *oauth2.Config {
+// OAuth2Config is the oauth2 configuration of pairing record c at the
+// provider d (no secret unless client_secret_*: assertions are added by
+// the Transport).
+func OAuth2Config(d *Discovery, c *Credentials) *oauth2.Config {
 	return &oauth2.Config{
-		ClientID: clientID, ClientSecret: secret, Scopes: scopes,
+		ClientID: c.ClientID, ClientSecret: c.ClientSecret, Scopes: c.Scopes,
 		Endpoint: oauth2.Endpoint{
 			TokenURL: d.TokenEndpoint, DeviceAuthURL: d.DeviceAuthorizationURL,
-			AuthStyle: oauth2.AuthStyleInParams,
+			AuthStyle: authStyle(c.AuthMethod),
 		},
 	}
+}
+
+func authStyle(method string) oauth2.AuthStyle {
+	if method == AuthClientSecretBasic {
+		return oauth2.AuthStyleInHeader
+	}
+	return oauth2.AuthStyleInParams
 }
 
 // PairedOptions configure NewPairedTokenSource.
@@ -443,9 +544,11 @@ func NewPairedTokenSource(o PairedOptions) (*TokenSource, error) {
 	default:
 		return nil, fmt.Errorf("paired token source: unknown grant %q", c.Grant)
 	}
-	auth := &ClientAuth{ClientID: c.ClientID, Signer: signer, Audience: []string{c.TokenURL, c.Issuer}, Now: cfg.Now}
+	auth := ClientAuthFor(c, signer)
+	auth.Now = cfg.Now
 	r := &refresher{store: o.Store, creds: c, hc: HTTPClientWithAuth(o.HTTPClient, auth),
-		conf: &oauth2.Config{ClientID: c.ClientID, Endpoint: oauth2.Endpoint{TokenURL: c.TokenURL, AuthStyle: oauth2.AuthStyleInParams}}}
+		conf: &oauth2.Config{ClientID: c.ClientID, ClientSecret: c.ClientSecret,
+			Endpoint: oauth2.Endpoint{TokenURL: c.TokenURL, AuthStyle: authStyle(c.AuthMethod)}}}
 	if cfg.Logger != nil {
 		r.log = cfg.Logger
 	} else {
@@ -497,34 +600,45 @@ func (r *refresher) persist() {
 	r.dirty = false
 }
 
-// Revoke revokes c's refresh token (RFC 7009) at revocationURL. A provider
-// without a revocation endpoint is not an error: the caller says so.
+// Revoke revokes c's refresh token (RFC 7009) at its revocation endpoint.
+// A provider without a revocation endpoint is not an error: the caller says so.
 func Revoke(ctx context.Context, hc *http.Client, c *Credentials, signer AssertionSigner) error {
 	if c.RevocationURL == "" {
 		return errors.New("the provider has no revocation endpoint")
 	}
-	tok, hint := c.RefreshToken, "refresh_token"
-	if tok == "" {
+	if c.RefreshToken == "" {
 		return nil // client credentials: nothing long-lived was issued to us
 	}
-	form := url.Values{"token": {tok}, "token_type_hint": {hint}}
-	auth := &ClientAuth{ClientID: c.ClientID, Secret: c.ClientSecret, Signer: signer, Audience: []string{c.TokenURL, c.Issuer}}
-	if err := auth.apply(form); err != nil {
-		return err
+	return RevokeToken(ctx, hc, c.RevocationURL, c.RefreshToken, "refresh_token", ClientAuthFor(c, signer))
+}
+
+// RevokeToken revokes one token (RFC 7009 §2.1) with hint refresh_token or
+// access_token. The provider answers 200 also for a token it does not know
+// (§2.2), so 200 is success; the token never appears in an error.
+func RevokeToken(ctx context.Context, hc *http.Client, revocationURL, token, hint string, auth *ClientAuth) error {
+	if revocationURL == "" {
+		return errors.New("the provider has no revocation endpoint")
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.RevocationURL, strings.NewReader(form.Encode()))
+	form := url.Values{"token": {token}, "token_type_hint": {hint}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, revocationURL, nil)
 	if err != nil {
 		return fmt.Errorf("revoke: %w", err)
 	}
+	if err := auth.authorize(req, form); err != nil {
+		return err
+	}
+	enc := form.Encode()
+	req.Body = io.NopCloser(strings.NewReader(enc))
+	req.ContentLength = int64(len(enc))
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	resp, err := httpClient(hc).Do(req)
 	if err != nil {
-		return fmt.Errorf("revoke at %s: %w", redactURL(c.RevocationURL), unwrapURL(err))
+		return fmt.Errorf("revoke %s at %s: %w", hint, redactURL(revocationURL), unwrapURL(err))
 	}
 	defer resp.Body.Close()
-	io.Copy(io.Discard, io.LimitReader(resp.Body, maxDiscoveryBytes))
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, maxDiscoveryBytes))
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("revoke at %s: status %d", redactURL(c.RevocationURL), resp.StatusCode)
+		return fmt.Errorf("revoke %s at %s: status %d: %s", hint, redactURL(revocationURL), resp.StatusCode, apiMessage(b))
 	}
 	return nil
 }
@@ -539,7 +653,10 @@ type GatewayRegistration struct {
 	ElementDetails map[string]any `json:"elementDetails"`
 }
 
-// RegisteredApp is the row the Ownership API answers with.
+// RegisteredApp is the row the Ownership API answers with. Stock echoes
+// the posted object with username, plus id only when it inserted a new
+// row; re-registering an existing row updates it and answers no id
+// (Ownership-API/v1/register/index.php).
 type RegisteredApp struct {
 	ID        int64  `json:"id"`
 	Username  string `json:"username"`
@@ -547,8 +664,14 @@ type RegisteredApp struct {
 	Error     any    `json:"error"`
 }
 
+// Created reports whether the registration inserted a new row (which a
+// failed pairing must then delete) rather than updating the caller's own.
+func (r *RegisteredApp) Created() bool { return r.ID != 0 }
+
 // RegisterGateway posts reg to {central}/ownership-api/v1/register/ with
-// the Bearer token. The platform reports failures in an "error" member.
+// the Bearer token. Stock reports failures as HTTP 400 with an "error"
+// member, e.g. {"error":"reached limit of 0","limit":0,"current":0}
+// (Ownership-API/v1/register/index.php).
 func RegisterGateway(ctx context.Context, hc *http.Client, central, bearer string, reg GatewayRegistration) (*RegisteredApp, error) {
 	if reg.ElementType == "" {
 		reg.ElementType = "AppID"
@@ -573,17 +696,157 @@ func RegisterGateway(ctx context.Context, hc *http.Client, central, bearer strin
 	var row RegisteredApp
 	jerr := json.Unmarshal(b, &row)
 	if resp.StatusCode/100 != 2 || jerr != nil || row.Error != nil {
+		var refusal struct {
+			Limit *phpInt `json:"limit"`
+		}
+		if resp.StatusCode == http.StatusBadRequest && json.Unmarshal(b, &refusal) == nil && refusal.Limit != nil {
+			return nil, fmt.Errorf("register gateway at %s: %w: %s", redactURL(u), ErrLimitReached, apiMessage(b))
+		}
 		return nil, fmt.Errorf("register gateway at %s: status %d: %s", redactURL(u), resp.StatusCode, apiMessage(b))
 	}
 	return &row, nil
 }
 
-// FetchPolicyKeys gets the central policy-signing keys (a JWKS of public
-// keys) from {central}/edgegate/v1/policy-keys and returns them as JSON.
-func FetchPolicyKeys(ctx context.Context, hc *http.Client, central string) ([]byte, int, error) {
-	u := strings.TrimRight(central, "/") + "/edgegate/v1/policy-keys"
+// ErrLimitReached is the Ownership API's refusal of a new row beyond the
+// account's limit: HTTP 400 {"error":"reached limit of N","limit":N,
+// "current":M} (Ownership-API/v1/register/index.php).
+var ErrLimitReached = errors.New("the account's limit for this element type is reached")
+
+// ErrNoOwnershipAPI says the central URL serves no Ownership API (404).
+var ErrNoOwnershipAPI = errors.New("no Ownership API")
+
+// DeleteApp deletes the caller's ownership row elementID of type
+// elementType. Stock reads type and elementId from the request (any
+// method), marks the rows deleted and answers {"deleted": N}, with HTTP
+// 400 when N is 0 (Ownership-API/v1/delete/index.php).
+func DeleteApp(ctx context.Context, hc *http.Client, central, bearer, elementType, elementID string) error {
+	q := url.Values{"type": {elementType}, "elementId": {elementID}}
+	u := strings.TrimRight(central, "/") + "/ownership-api/v1/delete/?" + q.Encode()
+	var ans struct {
+		Deleted int `json:"deleted"`
+	}
+	if _, err := getJSON(ctx, hc, u, bearer, &ans); err != nil {
+		return fmt.Errorf("delete %s %s: %w", elementType, elementID, err)
+	}
+	if ans.Deleted < 1 {
+		return fmt.Errorf("delete %s %s: the Ownership API deleted nothing", elementType, elementID)
+	}
+	return nil
+}
+
+// OwnershipLimits is the answer of {central}/ownership-api/v1/limits/:
+// the caller's username, role and organization, and per element type its
+// limit and current count (Ownership-API/v1/limits/index.php).
+type OwnershipLimits struct {
+	Username     string         `json:"username"`
+	Role         string         `json:"role"`
+	Organization string         `json:"organization"`
+	Limits       []ElementLimit `json:"limits"`
+}
+
+// ElementLimit is one element type's limit and count.
+type ElementLimit struct {
+	ElementType string `json:"elementType"`
+	Limit       phpInt `json:"limit"`
+	Current     phpInt `json:"current"`
+}
+
+// Free returns the free slots of elementType and whether the answer
+// named that type at all.
+func (l *OwnershipLimits) Free(elementType string) (int64, bool) {
+	for _, e := range l.Limits {
+		if e.ElementType == elementType {
+			return max(int64(e.Limit)-int64(e.Current), 0), true
+		}
+	}
+	return 0, false
+}
+
+// Limit returns the limit and the current count of elementType.
+func (l *OwnershipLimits) Limit(elementType string) (limit, current int64) {
+	for _, e := range l.Limits {
+		if e.ElementType == elementType {
+			return int64(e.Limit), int64(e.Current)
+		}
+	}
+	return 0, 0
+}
+
+// phpInt reads a count as PHP's json_encode writes a MySQL value: a
+// number, a numeric string ("5", mysqli returns strings) or null (no
+// limits row: SELECT max() is NULL, which register compares as 0).
+type phpInt int64
+
+func (n *phpInt) UnmarshalJSON(b []byte) error {
+	s := strings.Trim(string(b), `"`)
+	if s == "null" || s == "" {
+		*n = 0
+		return nil
+	}
+	v, err := strconv.ParseInt(s, 10, 64)
+	if err != nil {
+		f, ferr := strconv.ParseFloat(s, 64)
+		if ferr != nil {
+			return fmt.Errorf("not a count: %s", clip(string(b)))
+		}
+		v = int64(f)
+	}
+	*n = phpInt(v)
+	return nil
+}
+
+// FetchOwnershipLimits gets the caller's limits for the given element
+// types (stock's default without type is all of DashboardID, AppID,
+// IOTID, DAAppID).
+func FetchOwnershipLimits(ctx context.Context, hc *http.Client, central, bearer string, types ...string) (*OwnershipLimits, error) {
+	u := strings.TrimRight(central, "/") + "/ownership-api/v1/limits/"
+	if len(types) > 0 {
+		u += "?" + url.Values{"type": {strings.Join(types, ";")}}.Encode()
+	}
+	var l OwnershipLimits
+	if status, err := getJSON(ctx, hc, u, bearer, &l); err != nil {
+		if status == http.StatusNotFound {
+			return nil, fmt.Errorf("ownership limits: %w at %s", ErrNoOwnershipAPI, redactURL(u))
+		}
+		return nil, fmt.Errorf("ownership limits: %w", err)
+	}
+	return &l, nil
+}
+
+// UserInfo asks the provider's userinfo endpoint who bearer belongs to:
+// username, else preferred_username, the order the Ownership API uses
+// (Ownership-API/session.php).
+func UserInfo(ctx context.Context, hc *http.Client, userinfoURL, bearer string) (string, error) {
+	var ui struct {
+		Username          string `json:"username"`
+		PreferredUsername string `json:"preferred_username"`
+	}
+	if _, err := getJSON(ctx, hc, userinfoURL, bearer, &ui); err != nil {
+		return "", fmt.Errorf("userinfo: %w", err)
+	}
+	if ui.Username != "" {
+		return ui.Username, nil
+	}
+	if ui.PreferredUsername != "" {
+		return ui.PreferredUsername, nil
+	}
+	return "", fmt.Errorf("userinfo at %s names no username or preferred_username", redactURL(userinfoURL))
+}
+
+// ErrNoCompanion says the central companion's extension is not there: a
+// stock platform, reported plainly, not an error.
+var ErrNoCompanion = errors.New("no edgegate companion (policy keys not found)")
+
+// FetchPolicyKeys gets the companion's policy-signing keys (a JWKS of
+// public keys) from {base}/edgegate/v1/policy-keys and returns them as
+// JSON. A 404 or 410 wraps ErrNoCompanion.
+func FetchPolicyKeys(ctx context.Context, hc *http.Client, base string) ([]byte, int, error) {
+	u := strings.TrimRight(base, "/") + "/edgegate/v1/policy-keys"
 	var raw json.RawMessage
-	if _, err := getJSON(ctx, hc, u, "", &raw); err != nil {
+	if status, err := getJSON(ctx, hc, u, "", &raw); err != nil {
+		if status == http.StatusNotFound || status == http.StatusGone {
+			return nil, 0, fmt.Errorf("%w at %s", ErrNoCompanion, redactURL(u))
+		}
 		return nil, 0, err
 	}
 	set, err := jwk.Parse(raw)

@@ -16,6 +16,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	iofs "io/fs"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -150,7 +151,13 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if _, err := os.Stat(*path); errors.Is(err, iofs.ErrNotExist) {
+		return &exitError{code: exitNotConfigured, err: fmt.Errorf("no configuration at %s: %w", *path, daemon.ErrNotConfigured)}
+	}
 	cfg, err := config.Load(*path)
+	if config.MissingCentral(err) {
+		return &exitError{code: exitNotConfigured, err: fmt.Errorf("%w\n%w", err, daemon.ErrNotConfigured)}
+	}
 	if err != nil {
 		return &exitError{code: 2, err: err}
 	}
@@ -160,8 +167,19 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	d := daemon.New(cfg, log)
 	d.SetLevelVar(levels)
-	return d.Run(ctx)
+	err = d.Run(ctx)
+	if errors.Is(err, daemon.ErrNotConfigured) {
+		return &exitError{code: exitNotConfigured, err: err}
+	}
+	return err
 }
+
+// exitNotConfigured is the exit status of `edgegate run` on a gateway that
+// is not paired or configured: EX_CONFIG of sysexits.h. The unit's
+// RestartPreventExitStatus=78 keeps systemd from restarting it in a loop
+// until the installer pairs it. A bad value in the configuration keeps
+// exit status 2, as before.
+const exitNotConfigured = 78
 
 func runConfig(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
