@@ -76,7 +76,9 @@ func startSimWith(t *testing.T, tune func(*centralsim.Options), devices ...testD
 	t.Helper()
 	var ds []centralsim.Device
 	for _, d := range devices {
-		ds = append(ds, centralsim.Device{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2})
+		// The model declares what readingBody sends: stock Orion writes only
+		// attributes the device's entity has.
+		ds = append(ds, centralsim.Device{ID: d.ID, Type: d.Type, Owner: d.Owner, K1: d.K1, K2: d.K2, Attrs: []string{"n", "temperature"}})
 	}
 	o := centralsim.Options{
 		Clients:  []centralsim.Client{{ID: gwClientID, Secret: gwSecret, Username: "alice"}},
