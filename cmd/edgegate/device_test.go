@@ -33,7 +33,7 @@ func (socketBackend) Reload(context.Context) error       { return nil }
 // next to the state directory), the registry is written and the policy
 // sync nudged; the keys go to --keys-out only.
 func TestDeviceCommandsWhileDaemonRuns(t *testing.T) {
-	f := newPairFixture(t, centralsim.PairingOptions{})
+	f := newPairFixture(t, stockPlatform, centralsim.PairingOptions{})
 	ctx := context.Background()
 	if res := f.runPair(t, ctx, func(code string) { _ = f.sim.ApproveDevice(code, "alice") }); res.err != nil {
 		t.Fatalf("pair: %v\n%s", res.err, res.out)

@@ -18,7 +18,7 @@ import (
 // keeps the old; --signing device registers the device's key and hands
 // out the private one only through --keys-out.
 func TestDeviceSigningKeys(t *testing.T) {
-	f := newPairFixture(t, centralsim.PairingOptions{})
+	f := newPairFixture(t, withCompanion, centralsim.PairingOptions{})
 	ctx := context.Background()
 	if res := f.runPair(t, ctx, func(code string) { _ = f.sim.ApproveDevice(code, "alice") }); res.err != nil {
 		t.Fatalf("pair: %v\n%s", res.err, res.out)
