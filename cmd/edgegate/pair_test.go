@@ -309,6 +309,7 @@ func TestPairFlow(t *testing.T) {
 	// A refusal that comes back as HTTP 200 "ko" is an error.
 	err = deviceWith(ctx, f.env, []string{"add", "--config", f.cfgPath, "--type", "Thermometer", "th-1"}, &out2, &errOut)
 	var de *centralsync.DirectoryError
+	t.Logf("duplicate add: %v", err)
 	if !errors.As(err, &de) || !strings.Contains(err.Error(), "already") {
 		t.Errorf("duplicate add: %v", err)
 	}
