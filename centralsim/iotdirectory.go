@@ -292,6 +292,18 @@ func (s *Server) directoryInsert(res dirResult, user, org string, f url.Values) 
 	}
 	var attrs []directoryAttr
 	_ = json.Unmarshal([]byte(f.Get("attributes")), &attrs)
+	// The companion's device keys: publickey registers the device's first
+	// public key(s), as update's publickey rotates them. Stock device.php
+	// reads only the $_REQUEST keys it names and ignores it.
+	var pubs []json.RawMessage
+	if p := f.Get("publickey"); p != "" && s.opts.Companion {
+		var err error
+		if pubs, err = parsePublicKeyParam(p); err != nil {
+			res["status"], res["msg"] = "ko", "Invalid publickey"
+			res.add("error_msg", "Problem in insert device (publickey: "+err.Error()+")")
+			return
+		}
+	}
 
 	// canBeRegistered.
 	bad := false
@@ -364,11 +376,14 @@ func (s *Server) directoryInsert(res dirResult, user, org string, f url.Values) 
 	res.add("msg", "\n registration is possible")
 	if _, dup := s.devices[id]; dup {
 		res["status"] = "ko"
-		res.add("error_msg", "Problem in inserting the device "+id+" in the database. Duplicate entry '"+id+"-"+cb+"' for key 'PRIMARY'")
-		res.add("msg", "\n Problem in inserting the device "+id+"  in the database. :  <br/>Duplicate entry")
+		// insert_device appends generateErrorMessage($link) (web/api/common.php),
+		// which turns MySQL's errno 1062 into this text, not MySQL's own.
+		const dupMsg = "Duplicate entry: the device id is already in use, please choose a different id"
+		res.add("error_msg", "Problem in inserting the device "+id+" in the database. "+dupMsg)
+		res.add("msg", "\n Problem in inserting the device "+id+"  in the database. :  <br/>"+dupMsg)
 		return
 	}
-	d := Device{ID: id, Type: typ, Owner: user, K1: k1, K2: k2}
+	d := Device{ID: id, Type: typ, Owner: user, K1: k1, K2: k2, PublicKeys: pubs}
 	for _, a := range attrs {
 		d.Attrs = append(d.Attrs, a.ValueName)
 	}

@@ -1,7 +1,9 @@
 package centralsim
 
 import (
+	"encoding/json"
 	"net/url"
+	"strings"
 	"testing"
 	"time"
 
@@ -45,5 +47,45 @@ func TestDirectoryUpdateNudgesGatewaysBoundOnFirstUse(t *testing.T) {
 	}
 	if !update() {
 		t.Error("the gateway bound on first use was not nudged")
+	}
+}
+
+// TestDirectoryInsertPublicKey: with the companion, insert's publickey is
+// the device's first key (in elementDetails.publickey); stock ignores it.
+func TestDirectoryInsertPublicKey(t *testing.T) {
+	key, err := envelope.GenerateKey(envelope.AlgEdDSA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := key.PublicJWK()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, companion := range []bool{false, true} {
+		f := newFixture(t, platformOptions, func(o *Options) { o.Companion = companion })
+		alice := f.token(t, "alice", time.Minute)
+		p := insertParams("d-key")
+		p.Set("publickey", string(pub))
+		if res := f.directory(t, alice, p); res["status"] != "ok" {
+			t.Fatalf("companion %v: insert: %v", companion, res)
+		}
+		var det ElementDetails
+		for _, r := range f.sim.OwnershipRows("alice") {
+			if r.ElementID == f.sim.ElementID("d-key") {
+				if err := json.Unmarshal(r.ElementDetails, &det); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		if got := det.PublicKey != ""; got != companion {
+			t.Errorf("companion %v: elementDetails.publickey = %q", companion, det.PublicKey)
+		}
+		if companion {
+			p := insertParams("d-badkey")
+			p.Set("publickey", "not a key")
+			if res := f.directory(t, alice, p); res["status"] != "ko" || !strings.Contains(res["error_msg"].(string), "publickey") {
+				t.Errorf("insert with a bad publickey: %v", res)
+			}
+		}
 	}
 }

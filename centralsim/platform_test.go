@@ -452,7 +452,8 @@ func TestIoTDirectory(t *testing.T) {
 		{"no attributes", alice, with("d-1", func(p url.Values) { p.Set("attributes", "[]") }), "ko", "",
 			"at least one attribute must be added. "},
 		{"insert", alice, insertParams("d-1"), "ok", "registration of the ownership succeded", ""},
-		{"duplicate", alice, insertParams("d-1"), "ko", "", "Problem in inserting the device d-1 in the database."},
+		{"duplicate", alice, insertParams("d-1"), "ko", "",
+			"Problem in inserting the device d-1 in the database. Duplicate entry: the device id is already in use, please choose a different id"},
 		{"unknown action", alice, url.Values{"action": {"fly"}, "nodered": {"yes"}}, "ko", "invalid action fly", ""},
 	}
 	for _, tt := range tests {

@@ -31,9 +31,10 @@ func (socketBackend) Reload(context.Context) error       { return nil }
 // TestDeviceCommandsWhileDaemonRuns: with the store held by a running
 // daemon, device add|list|bind|remove go through its admin socket (found
 // next to the state directory), the registry is written and the policy
-// sync nudged; the keys go to --keys-out only.
+// sync nudged; the keys go to --keys-out only. The platform is stock:
+// device.php (nodered=yes) with the paired nodered-iotedge token.
 func TestDeviceCommandsWhileDaemonRuns(t *testing.T) {
-	f := newPairFixture(t, centralsim.PairingOptions{})
+	f := newPairFixture(t, stockPlatform, centralsim.PairingOptions{})
 	ctx := context.Background()
 	if res := f.runPair(t, ctx, func(code string) { _ = f.sim.ApproveDevice(code, "alice") }); res.err != nil {
 		t.Fatalf("pair: %v\n%s", res.err, res.out)

@@ -16,9 +16,11 @@ import (
 // TestDeviceSigningKeys: device add --signing ed25519 keeps the private key
 // in the store and registers the public one; rotate-key adds a key and
 // keeps the old; --signing device registers the device's key and hands
-// out the private one only through --keys-out.
+// out the private one only through --keys-out. The companion is the one
+// that reads the publickey parameter (stock device.php ignores it) and
+// puts the keys in the gateway's bundle.
 func TestDeviceSigningKeys(t *testing.T) {
-	f := newPairFixture(t, centralsim.PairingOptions{})
+	f := newPairFixture(t, withCompanion, centralsim.PairingOptions{})
 	ctx := context.Background()
 	if res := f.runPair(t, ctx, func(code string) { _ = f.sim.ApproveDevice(code, "alice") }); res.err != nil {
 		t.Fatalf("pair: %v\n%s", res.err, res.out)

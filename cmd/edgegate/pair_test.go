@@ -15,30 +15,54 @@ import (
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/config"
 	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
 // pairFixture is a simulated central service and an empty gateway.
 type pairFixture struct {
-	sim      *centralsim.Server
-	dir      string
-	caFile   string
-	cfgPath  string
-	stateDir string
-	env      pairEnv
+	sim       *centralsim.Server
+	companion bool
+	dir       string
+	caFile    string
+	cfgPath   string
+	stateDir  string
+	env       pairEnv
 }
 
-func newPairFixture(t *testing.T, po centralsim.PairingOptions) *pairFixture {
+// pairMode says which central service the fixture simulates.
+type pairMode int
+
+const (
+	// stockPlatform is a stock Snap4City: Keycloak's realm master, the
+	// public client nodered-iotedge, no edgegate companion (pair writes
+	// policy.source ownership-api and needs --broker).
+	stockPlatform pairMode = iota
+	// withCompanion adds the edgegate companion extension
+	// (centralsim.Options.Companion): policy-signing keys, signed bundles,
+	// private_key_jwt with the gateway's key; pair writes policy.source
+	// bundle.
+	withCompanion
+)
+
+func newPairFixture(t *testing.T, mode pairMode, po centralsim.PairingOptions) *pairFixture {
 	t.Helper()
 	if po.Interval == 0 {
 		po.Interval = time.Second
 	}
-	sim, err := centralsim.New(centralsim.Options{
-		Pairing:  po,
-		Gateways: map[string]string{centralsim.DefaultPairingClientID: "gw-test-01"},
-		// The pairing client's tokens may fetch bundles (see PairingOptions).
-		Clients: []centralsim.Client{{ID: centralsim.DefaultPairingClientID, Secret: "unused-" + t.Name(), Username: "alice"}},
-	})
+	// The realm admin enabled the device grant on Snap4City's own IoT Edge
+	// client, pair's default (stock realm master, the simulator's default).
+	po.ClientID = defaultClientID
+	opts := centralsim.Options{Pairing: po}
+	if mode == withCompanion {
+		opts.Companion = true
+		// The companion's gateway account: the pairing client's tokens
+		// fetch gw-test-01's bundle, which holds alice's devices (see
+		// PairingOptions.ClientID).
+		opts.Gateways = map[string]string{defaultClientID: "gw-test-01"}
+		opts.Clients = []centralsim.Client{{ID: defaultClientID, Secret: "unused-" + t.Name(), Username: "alice"}}
+	}
+	sim, err := centralsim.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -47,7 +71,7 @@ func newPairFixture(t *testing.T, po centralsim.PairingOptions) *pairFixture {
 	}
 	t.Cleanup(func() { sim.Close() })
 	dir := t.TempDir()
-	f := &pairFixture{sim: sim, dir: dir, caFile: filepath.Join(dir, "ca.pem"),
+	f := &pairFixture{sim: sim, companion: mode == withCompanion, dir: dir, caFile: filepath.Join(dir, "ca.pem"),
 		cfgPath: filepath.Join(dir, "etc", "edgegate.yaml"), stateDir: filepath.Join(dir, "state")}
 	if err := os.WriteFile(f.caFile, sim.CACertPEM(), 0o644); err != nil {
 		t.Fatal(err)
@@ -56,12 +80,19 @@ func newPairFixture(t *testing.T, po centralsim.PairingOptions) *pairFixture {
 	return f
 }
 
+// args are pair's flags with the defaults of a stock platform (realm
+// master, client nodered-iotedge); with the companion the gateway signs
+// its client assertions with its own key (the companion's pairing
+// extension), without one stock mode names the broker it writes to.
 func (f *pairFixture) args(extra ...string) []string {
-	// The simulator's realm is edgegate and its pairing client is
-	// registered for private_key_jwt (not the stock defaults).
-	return append([]string{"--central", f.sim.URL(), "--realm", "edgegate", "--client-id", centralsim.DefaultPairingClientID,
-		"--private-key-jwt", "--ca", f.caFile, "--config", f.cfgPath,
-		"--state-dir", f.stateDir, "--gateway-id", "gw-test-01"}, extra...)
+	a := []string{"--central", f.sim.URL(), "--ca", f.caFile, "--config", f.cfgPath,
+		"--state-dir", f.stateDir, "--gateway-id", "gw-test-01"}
+	if f.companion {
+		a = append(a, "--private-key-jwt")
+	} else {
+		a = append(a, "--broker", centralsim.DefaultBrokerName)
+	}
+	return append(a, extra...)
 }
 
 type pairResult struct {
@@ -134,8 +165,10 @@ func (f *pairFixture) assertNothingSaved(t *testing.T) {
 	}
 }
 
+// TestPairFlow pairs with the companion extension: signed policy bundles
+// instead of the Ownership API, on top of the stock sign-on and APIs.
 func TestPairFlow(t *testing.T) {
-	f := newPairFixture(t, centralsim.PairingOptions{})
+	f := newPairFixture(t, withCompanion, centralsim.PairingOptions{})
 	ctx := context.Background()
 	res := f.runPair(t, ctx, func(code string) {
 		if err := f.sim.ApproveDevice(code, "alice"); err != nil {
@@ -165,11 +198,13 @@ func TestPairFlow(t *testing.T) {
 		"or scan this with a phone (it opens " + f.sim.VerificationURL() + "?user_code=",
 		"identity      " + id.Thumbprint(),
 		"Gateway gw-test-01, identity " + id.Thumbprint(),
-		// Nor a userinfo endpoint: the account is not named.
-		"account the approving account",
+		// Keycloak's userinfo names the approving account.
+		"gateway       gw-test-01, account alice\n",
 		"private_key_jwt EdDSA, no shared secret",
-		// The simulator has no limits endpoint: no AppID row, said plainly.
-		"AppID row     not registered: no Ownership API at " + f.sim.URL() + "; the gateway works without its AppID row",
+		// Stock limits: an ordinary user (Manager) may own no AppID
+		// (Ownership-API v1/limits, the docker generator's limits table);
+		// said plainly, not an error.
+		"AppID row     not registered: the account may not register apps (AppID limit 0, 0 used); the gateway works without its AppID row",
 		"companion     " + f.sim.URL() + ": signed policy bundles",
 		"Next steps:\n  1. edgegate device add --config " + f.cfgPath,
 		"  2. systemctl restart edgegate",
@@ -187,7 +222,7 @@ func TestPairFlow(t *testing.T) {
 
 	// What was saved.
 	if creds.Grant != centralsync.GrantRefreshToken || creds.AuthMethod != centralsync.AuthPrivateKeyJWT || creds.Alg != "EdDSA" ||
-		creds.RefreshToken == "" || creds.User != "" || creds.RevocationURL != f.sim.RevocationURL() {
+		creds.RefreshToken == "" || creds.User != "alice" || creds.RevocationURL != f.sim.RevocationURL() {
 		t.Errorf("credentials = %+v / %s %s %s", creds, creds.Grant, creds.AuthMethod, creds.Alg)
 	}
 	st, err := os.Stat(f.cfgPath)
@@ -208,7 +243,7 @@ func TestPairFlow(t *testing.T) {
 		t.Errorf("the written config does not load: %v", err)
 	}
 	if rows := f.sim.AppRows("alice"); len(rows) != 0 {
-		t.Errorf("AppID rows = %+v; want none without a limits answer", rows)
+		t.Errorf("AppID rows = %+v; want none with an AppID limit of 0", rows)
 	}
 
 	// The daemon's token source: refresh with private_key_jwt, rotation persisted.
@@ -274,6 +309,7 @@ func TestPairFlow(t *testing.T) {
 	// A refusal that comes back as HTTP 200 "ko" is an error.
 	err = deviceWith(ctx, f.env, []string{"add", "--config", f.cfgPath, "--type", "Thermometer", "th-1"}, &out2, &errOut)
 	var de *centralsync.DirectoryError
+	t.Logf("duplicate add: %v", err)
 	if !errors.As(err, &de) || !strings.Contains(err.Error(), "already") {
 		t.Errorf("duplicate add: %v", err)
 	}
@@ -304,39 +340,213 @@ func TestPairFlow(t *testing.T) {
 	}
 }
 
+// TestPairStockPlatform pairs with a stock Snap4City (the simulator
+// without the companion): pair writes stock mode, and the daemon's policy
+// sync, built from the written configuration, serves a device registered
+// through device.php.
+func TestPairStockPlatform(t *testing.T) {
+	f := newPairFixture(t, stockPlatform, centralsim.PairingOptions{})
+	ctx := context.Background()
+	const orion2 = "https://broker.example.org/orion-filter/orion-2"
+	res := f.runPair(t, ctx, func(code string) {
+		if err := f.sim.ApproveDevice(code, "alice"); err != nil {
+			t.Error(err)
+		}
+	}, "--broker", "orion-2="+orion2)
+	if res.err != nil {
+		t.Fatalf("pair: %v\n%s", res.err, res.out)
+	}
+	t.Logf("output:\n%s", res.out)
+	for _, want := range []string{
+		"To approve this gateway, open\n\n    " + f.sim.VerificationURL() + "\n",
+		"gateway       gw-test-01, account alice\n",
+		// nodered-iotedge is a public client: no secret, no assertion.
+		"(client nodered-iotedge, public client, no shared secret)",
+		"AppID row     not registered: the account may not register apps (AppID limit 0, 0 used); the gateway works without its AppID row",
+		"companion     none at " + f.sim.URL() + ": stock mode",
+		"policy        the Ownership API and delegations at " + f.sim.URL() + ", as alice",
+		"broker        orion-1 at " + f.sim.BrokerURL() + "\n",
+		"broker        orion-2 at " + orion2 + "\n",
+		"Next steps:\n  1. edgegate device add --config " + f.cfgPath,
+	} {
+		if !strings.Contains(res.out, want) {
+			t.Errorf("output lacks %q", want)
+		}
+	}
+	creds, err := f.loadCreds(t)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if creds.Grant != centralsync.GrantRefreshToken || creds.AuthMethod != centralsync.AuthNone || creds.ClientID != defaultClientID ||
+		creds.RefreshToken == "" || creds.User != "alice" || creds.RevocationURL != f.sim.RevocationURL() {
+		t.Errorf("credentials = %+v / %s %s", creds, creds.Grant, creds.AuthMethod)
+	}
+	if strings.Contains(res.out, creds.RefreshToken) || strings.Contains(res.errOut, creds.RefreshToken) {
+		t.Error("the refresh token was printed")
+	}
+	if rows := f.sim.AppRows("alice"); len(rows) != 0 {
+		t.Errorf("AppID rows = %+v; want none with an AppID limit of 0", rows)
+	}
+	if _, err := os.Stat(filepath.Join(filepath.Dir(f.cfgPath), "policy-keys.json")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("keys pinned in stock mode: %v", err)
+	}
+
+	// The configuration, as the daemon loads it.
+	raw, _ := os.ReadFile(f.cfgPath)
+	if strings.Contains(string(raw), creds.RefreshToken) {
+		t.Error("config holds the refresh token")
+	}
+	cfg, err := config.Load(f.cfgPath)
+	if err != nil {
+		t.Fatalf("the written config does not load: %v\n%s", err, raw)
+	}
+	ow := cfg.Policy.Ownership
+	if cfg.Policy.Source != config.PolicyOwnership || ow.URL != f.sim.URL() || ow.DataManagerURL != f.sim.URL()+"/datamanager/api" ||
+		ow.Username != "alice" || len(ow.Brokers) != 2 || ow.Brokers["orion-1"] != f.sim.BrokerURL() || ow.Brokers["orion-2"] != orion2 {
+		t.Errorf("policy = %+v\n%s", cfg.Policy, raw)
+	}
+	if c := cfg.Central; c.Issuer != f.sim.Issuer() || c.TokenURL != f.sim.TokenURL() || c.ClientID != defaultClientID ||
+		c.Credentials != config.CredentialsPaired {
+		t.Errorf("central = %+v", c)
+	}
+
+	// A device registered as stock clients do (device.php, nodered=yes).
+	var out, errOut lockedBuffer
+	if err := deviceWith(ctx, f.env, []string{"add", "--config", f.cfgPath, "--type", "Thermometer", "--radio-port", "/dev/ttyUSB0",
+		"--radio-node", "12", "--attr", "temperature:float", "th-1"}, &out, &errOut); err != nil {
+		t.Fatalf("device add: %v\n%s", err, errOut.String())
+	}
+	if rows := f.sim.OwnershipRows("alice"); len(rows) != 1 || rows[0].ElementID != f.sim.ElementID("th-1") {
+		t.Fatalf("ownership rows = %+v", rows)
+	}
+
+	// The daemon's policy sync with the written ownership settings and the
+	// paired token: the Ownership API and datamanager at the URLs the
+	// config names give it th-1, at the broker the config maps orion-1 to.
+	q, err := openStore(f.env, storeFlags{stateDir: f.stateDir, credential: "store-key"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := identity.Load(q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hc := mustHTTP(t, f.caFile)
+	ts, err := centralsync.NewPairedTokenSource(centralsync.PairedOptions{Store: q, Identity: id, HTTPClient: hc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	empty, err := policy.Compile(policy.Document{Format: policy.DocumentFormat}, "none", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	engine := policy.NewEngine(empty)
+	syncer, err := centralsync.New(centralsync.Options{
+		Gateway: cfg.Gateway.ID, Source: centralsync.SourceOwnership, Engine: engine, Store: q, Tokens: ts, HTTPClient: hc,
+		Ownership: centralsync.OwnershipOptions{OwnershipURL: ow.URL, DataManagerURL: ow.DataManagerURL, Username: ow.Username,
+			Brokers: ow.Brokers, DefaultType: ow.DefaultType, MaxAge: ow.MaxAge, Registry: centralsync.NewRegistry(q)},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- syncer.Run(sctx) }()
+	var dev *policy.Device
+	for deadline := time.Now().Add(20 * time.Second); dev == nil && time.Now().Before(deadline); {
+		if d, ok := engine.Current().Device("th-1"); ok {
+			dev = d
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	stop()
+	<-done
+	q.Close()
+	if dev == nil {
+		t.Fatalf("th-1 never in force; sync status %+v", syncer.Status())
+	}
+	if dev.Owner != "alice" || dev.Type != "Thermometer" || dev.Broker != f.sim.BrokerURL() || dev.Radio == nil || dev.Radio.Node != 12 {
+		t.Errorf("th-1 in force: %+v radio %+v", dev, dev.Radio)
+	}
+
+	// Unpair: revoked at the provider, wiped locally.
+	if f.sim.PairedGrants() == 0 {
+		t.Fatal("no live grant before unpair")
+	}
+	out = lockedBuffer{}
+	if err := unpairWith(ctx, f.env, []string{"--config", f.cfgPath}, &out, &errOut); err != nil {
+		t.Fatalf("unpair: %v", err)
+	}
+	if !strings.Contains(out.String(), "tokens       revoked") {
+		t.Errorf("unpair output:\n%s", out.String())
+	}
+	if n := f.sim.PairedGrants(); n != 0 {
+		t.Errorf("%d grants live after unpair", n)
+	}
+}
+
 func TestPairFailuresLeaveNothing(t *testing.T) {
-	t.Run("denied", func(t *testing.T) {
-		f := newPairFixture(t, centralsim.PairingOptions{})
-		res := f.runPair(t, context.Background(), func(code string) { f.sim.DenyDevice(code) })
-		if res.err == nil || !strings.Contains(res.err.Error(), "denied") || !strings.Contains(res.err.Error(), "nothing was saved") {
-			t.Errorf("err = %v", res.err)
-		}
-		f.assertNothingSaved(t)
-		// A later run is not tripped up.
-		res = f.runPair(t, context.Background(), func(code string) { f.sim.ApproveDevice(code, "alice") })
-		if res.err != nil {
-			t.Errorf("pair after a denial: %v", res.err)
-		}
-	})
-	t.Run("expired", func(t *testing.T) {
-		f := newPairFixture(t, centralsim.PairingOptions{DeviceCodeTTL: 2 * time.Second})
-		res := f.runPair(t, context.Background(), func(string) {})
-		if res.err == nil || !strings.Contains(res.err.Error(), "expired") {
-			t.Errorf("err = %v", res.err)
-		}
-		f.assertNothingSaved(t)
-	})
-	t.Run("cancelled", func(t *testing.T) {
-		f := newPairFixture(t, centralsim.PairingOptions{})
-		ctx, cancel := context.WithCancel(context.Background())
-		res := f.runPair(t, ctx, func(string) { cancel() })
-		if res.err == nil || !strings.Contains(res.err.Error(), "cancelled") {
-			t.Errorf("err = %v", res.err)
-		}
-		f.assertNothingSaved(t)
-	})
+	for _, m := range []struct {
+		name string
+		mode pairMode
+	}{{"stock", stockPlatform}, {"companion", withCompanion}} {
+		t.Run(m.name+"/denied", func(t *testing.T) {
+			f := newPairFixture(t, m.mode, centralsim.PairingOptions{})
+			res := f.runPair(t, context.Background(), func(code string) { f.sim.DenyDevice(code) })
+			if res.err == nil || !strings.Contains(res.err.Error(), "denied") || !strings.Contains(res.err.Error(), "nothing was saved") {
+				t.Errorf("err = %v", res.err)
+			}
+			f.assertNothingSaved(t)
+			// A later run is not tripped up.
+			res = f.runPair(t, context.Background(), func(code string) { f.sim.ApproveDevice(code, "alice") })
+			if res.err != nil {
+				t.Errorf("pair after a denial: %v", res.err)
+			}
+		})
+		t.Run(m.name+"/expired", func(t *testing.T) {
+			f := newPairFixture(t, m.mode, centralsim.PairingOptions{DeviceCodeTTL: 2 * time.Second})
+			res := f.runPair(t, context.Background(), func(string) {})
+			if res.err == nil || !strings.Contains(res.err.Error(), "expired") {
+				t.Errorf("err = %v", res.err)
+			}
+			f.assertNothingSaved(t)
+		})
+		t.Run(m.name+"/cancelled", func(t *testing.T) {
+			f := newPairFixture(t, m.mode, centralsim.PairingOptions{})
+			ctx, cancel := context.WithCancel(context.Background())
+			res := f.runPair(t, ctx, func(string) { cancel() })
+			if res.err == nil || !strings.Contains(res.err.Error(), "cancelled") {
+				t.Errorf("err = %v", res.err)
+			}
+			f.assertNothingSaved(t)
+		})
+		t.Run(m.name+"/not writable after approval", func(t *testing.T) {
+			// The tokens are issued, then the last step fails: the grant is
+			// revoked at the provider and no state is left.
+			f := newPairFixture(t, m.mode, centralsim.PairingOptions{})
+			etc := filepath.Dir(f.cfgPath)
+			if err := os.WriteFile(etc, []byte("x"), 0o644); err != nil { // a file where the directory should be
+				t.Fatal(err)
+			}
+			res := f.runPair(t, context.Background(), func(code string) { f.sim.ApproveDevice(code, "alice") })
+			if res.err == nil || !strings.Contains(res.err.Error(), "nothing was saved") ||
+				!strings.Contains(res.err.Error(), "undone: revoke the refresh token") {
+				t.Errorf("err = %v", res.err)
+			}
+			if n := f.sim.PairedGrants(); n != 0 {
+				t.Errorf("%d grants live after a failed pairing", n)
+			}
+			if _, err := os.Stat(f.stateDir); !errors.Is(err, os.ErrNotExist) {
+				t.Errorf("state left after a failed pairing: %v", err)
+			}
+			if b, err := os.ReadFile(etc); err != nil || string(b) != "x" {
+				t.Errorf("%s changed: %v", etc, err)
+			}
+		})
+	}
 	t.Run("provider down", func(t *testing.T) {
-		f := newPairFixture(t, centralsim.PairingOptions{})
+		f := newPairFixture(t, stockPlatform, centralsim.PairingOptions{})
 		f.sim.Close()
 		res := f.runPair(t, context.Background(), nil)
 		if res.err == nil || !strings.Contains(res.err.Error(), "cannot use the central sign-on") {
@@ -345,7 +555,7 @@ func TestPairFailuresLeaveNothing(t *testing.T) {
 		f.assertNothingSaved(t)
 	})
 	t.Run("untrusted CA", func(t *testing.T) {
-		f := newPairFixture(t, centralsim.PairingOptions{})
+		f := newPairFixture(t, stockPlatform, centralsim.PairingOptions{})
 		os.WriteFile(f.caFile, []byte("not a cert"), 0o644)
 		res := f.runPair(t, context.Background(), nil)
 		if res.err == nil || !strings.Contains(res.err.Error(), "--ca") {
@@ -353,7 +563,7 @@ func TestPairFailuresLeaveNothing(t *testing.T) {
 		}
 	})
 	t.Run("store locked", func(t *testing.T) {
-		f := newPairFixture(t, centralsim.PairingOptions{})
+		f := newPairFixture(t, stockPlatform, centralsim.PairingOptions{})
 		q, err := openStore(f.env, storeFlags{stateDir: f.stateDir, credential: "store-key"})
 		if err != nil {
 			t.Fatal(err)
@@ -370,7 +580,7 @@ func TestPairSlowDownAndES256(t *testing.T) {
 	if testing.Short() {
 		t.Skip("slow_down adds 5 s")
 	}
-	f := newPairFixture(t, centralsim.PairingOptions{SlowDownPolls: 1, AssertionAlgs: []string{"RS256", "ES256"}})
+	f := newPairFixture(t, withCompanion, centralsim.PairingOptions{SlowDownPolls: 1, AssertionAlgs: []string{"RS256", "ES256"}})
 	start := time.Now()
 	res := f.runPair(t, context.Background(), func(code string) { f.sim.ApproveDevice(code, "alice") })
 	if res.err != nil {
@@ -397,11 +607,11 @@ func TestPairSlowDownAndES256(t *testing.T) {
 }
 
 func TestPairClientCredentialsFileMode(t *testing.T) {
-	f := newPairFixture(t, centralsim.PairingOptions{})
+	f := newPairFixture(t, stockPlatform, centralsim.PairingOptions{})
 	p := filepath.Join(f.dir, "cc.yaml")
 	os.WriteFile(p, []byte("client_id: x\nclient_secret: s3cret\n"), 0o644)
 	var out, errOut lockedBuffer
-	err := pairWith(context.Background(), f.env, []string{"--central", f.sim.URL(), "--realm", "edgegate", "--ca", f.caFile,
+	err := pairWith(context.Background(), f.env, []string{"--central", f.sim.URL(), "--ca", f.caFile,
 		"--config", f.cfgPath, "--state-dir", f.stateDir, "--client-credentials", p}, &out, &errOut)
 	res := pairResult{out.String(), errOut.String(), err}
 	if res.err == nil || !strings.Contains(res.err.Error(), "chmod 600") {
