@@ -1,6 +1,7 @@
 package centralsim
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -136,7 +137,7 @@ func (s *Server) handleIoTDirectory(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusOK, res)
 		return
 	}
-	user, err := s.directoryUser(accessToken)
+	user, err := s.directoryUser(r.Context(), accessToken)
 	if err != nil {
 		res["status"], res["msg"] = "ko", "Cannot retrieve user information"
 		res["error_msg"] = err.Error() + "Problem in insert context broker (Cannot retrieve user information)"
@@ -208,8 +209,10 @@ func (s *Server) directoryRefresh(t string) string {
 // directoryUser is get_user_info: the token's user, which the provider's
 // userinfo must confirm, and an organization in the LDAP. The error text
 // is what get_user_info puts in error_msg.
-func (s *Server) directoryUser(accessToken string) (string, error) {
-	user, _, err := s.verifyToken(accessToken)
+func (s *Server) directoryUser(ctx context.Context, accessToken string) (string, error) {
+	// get_user_info asks the provider's userinfo (common.php): a trusted
+	// third-party provider's tokens too.
+	user, err := s.resolveUser(ctx, accessToken)
 	if err != nil {
 		b, _ := json.Marshal(keycloakInvalidToken)
 		return "", errString("Userinfo not found in AccessToken " + string(b))
