@@ -169,7 +169,11 @@ type Uplink struct {
 	SignatureAttribute string `yaml:"signature_attribute"`
 	// RefusalWindow: how long the filter's refusal of a device the policy
 	// lists (or Orion's "no entity") is retried, from the device's first
-	// refusal, before its readings are dead-lettered; 0 = at once.
+	// refusal, before its readings are dead-lettered; 0 = at once. The
+	// default, 15m, outlasts the filter's cache of a refusal in the stock
+	// deploys (spring.elapsingcache.minutes: 3 in snap4city-docker-generator,
+	// 10 in OrionBrokerFilter/docker-compose.yml.template); a filter
+	// deployed with application-deploy.properties caches for 60.
 	RefusalWindow     time.Duration `yaml:"refusal_window"`
 	FiwareService     string        `yaml:"fiware_service"`
 	FiwareServicePath string        `yaml:"fiware_service_path"`
@@ -328,7 +332,7 @@ func Default() Config {
 			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second},
 		},
 		Uplink: Uplink{
-			Mode: "filter", BatchSize: 256, SignatureAttribute: "signature", RefusalWindow: 5 * time.Minute,
+			Mode: "filter", BatchSize: 256, SignatureAttribute: "signature", RefusalWindow: 15 * time.Minute,
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
 		Pipeline: Pipeline{MaxClockSkew: 5 * time.Minute},
@@ -614,7 +618,7 @@ func (c *Config) Validate() error {
 		bad("uplink.send_keys", "true", "was removed: device keys are never put in URLs, and the Orion Broker Filter ignores k1/k2 when a token is sent; delete the line")
 	}
 	if c.Uplink.RefusalWindow < 0 || c.Uplink.RefusalWindow > 24*time.Hour {
-		bad("uplink.refusal_window", c.Uplink.RefusalWindow.String(), "must be between 0 (dead-letter at once) and 24h; the filter caches a refusal for 3m, so keep it above that")
+		bad("uplink.refusal_window", c.Uplink.RefusalWindow.String(), "must be between 0 (dead-letter at once) and 24h; keep it above the filter's cache (spring.elapsingcache.minutes: 3 to 60 minutes by deploy)")
 	}
 	if c.Uplink.RequestTimeout < 100*time.Millisecond {
 		bad("uplink.request_timeout", c.Uplink.RequestTimeout.String(), "must be at least 100ms")

@@ -34,8 +34,8 @@ func TestTemplateLoadsBack(t *testing.T) {
 	if c.Uplink.MaxBackoff != 30*time.Second {
 		t.Errorf("template uplink.max_backoff = %v", c.Uplink.MaxBackoff)
 	}
-	if c.Uplink.RefusalWindow != 5*time.Minute {
-		t.Errorf("template uplink.refusal_window = %v, want 5m (above the filter's 3-minute cache)", c.Uplink.RefusalWindow)
+	if c.Uplink.RefusalWindow != 15*time.Minute {
+		t.Errorf("template uplink.refusal_window = %v, want 15m (above the stock filters' 3- and 10-minute caches)", c.Uplink.RefusalWindow)
 	}
 	if c.Gateway.ID != "gw-example-01" {
 		t.Errorf("gateway.id = %q", c.Gateway.ID)

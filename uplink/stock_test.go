@@ -122,7 +122,7 @@ func TestRefusalWindow(t *testing.T) {
 	mark := func(m string) []byte { return []byte(`{"mark":{"type":"Text","value":"` + m + `"}}`) }
 	q.addBody(b.URL, "fresh", "Sensor", mark("r0"))
 	q.add(b.URL, "other", 3)
-	h := start(t, q, &fakeTokens{}, b.pool(), Options{Now: clk.Now})
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{Now: clk.Now, RefusalWindow: 5 * time.Minute})
 	first := `"r0"`
 	eventually(t, "the other device delivered and the refused one tried", func() bool {
 		return len(q.Lanes(b.URL)) == 1 && b.requestsFor("fresh", first) >= 1

@@ -93,7 +93,7 @@ const NoRefusalWindow time.Duration = -1
 
 const (
 	defaultConcurrency   = 4
-	defaultRefusalWindow = 5 * time.Minute
+	defaultRefusalWindow = 15 * time.Minute
 	// maxRefusedLanes bounds the refusal state kept per broker.
 	maxRefusedLanes      = 4096
 	defaultMinBackoff    = 200 * time.Millisecond
