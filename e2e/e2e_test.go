@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -291,7 +292,18 @@ func TestVerifyCommand(t *testing.T) {
 	for k, v := range ent {
 		tamperedEnt[k] = v
 	}
-	tamperedEnt["n"] = map[string]any{"type": "Number", "value": 8}
+	// Tampering keeps the attribute's signature metadata (the gateway signs
+	// every attribute in its metadata) and changes only the value.
+	nAttr, ok := ent["n"].(map[string]any)
+	if !ok {
+		t.Fatalf("entity attribute n is %T, not an NGSI attribute", ent["n"])
+	}
+	tn := map[string]any{}
+	for k, v := range nAttr {
+		tn[k] = v
+	}
+	tn["value"] = 8
+	tamperedEnt["n"] = tn
 	bad := write("tampered.json", tamperedEnt)
 	otherKeys := filepath.Join(dir, "other-devices.yaml")
 	os.WriteFile(otherKeys, []byte("devices:\n  - id: v-1\n    type: T\n    owner: x\n    k1: other\n    k2: keys\n    broker: https://x\n"), 0o600)
@@ -301,9 +313,26 @@ func TestVerifyCommand(t *testing.T) {
 		code                 int
 		want                 string
 	}{
-		{"valid", good, "devices.yaml", 0, "valid: reading of device v-1, seq 1, gateway gw-e2e"},
-		{"tampered", bad, "devices.yaml", 1, `tampered: attribute "n" has a value other than the signed one`},
-		{"wrong key", good, otherKeys, 1, "wrong key:"},
+		// An entity is verified attribute by attribute: one line each, then
+		// a summary (the model's other attributes, never written by the
+		// gateway, are unsigned).
+		{"valid", good, "devices.yaml", 0, "entity v-1 (TemperatureSensor): 2 verified"},
+		{"tampered", bad, "devices.yaml", 1, "1 tampered"},
+		{"wrong key", good, otherKeys, 1, "2 wrong key"},
+	}
+	lines := map[string][]*regexp.Regexp{
+		"valid": {
+			regexp.MustCompile(`(?m)^n +verified +seq 1 +observed \S+ +gateway gw-e2e$`),
+			regexp.MustCompile(`(?m)^temperature +verified +seq 1 +observed \S+ +gateway gw-e2e$`),
+		},
+		"tampered": {
+			regexp.MustCompile(`(?m)^n +tampered .*value other than the signed one`),
+			regexp.MustCompile(`(?m)^temperature +verified +seq 1 `),
+		},
+		"wrong key": {
+			regexp.MustCompile(`(?m)^n +wrong_key .*signed with a different key`),
+			regexp.MustCompile(`(?m)^temperature +wrong_key `),
+		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -320,6 +349,11 @@ func TestVerifyCommand(t *testing.T) {
 			}
 			if code != tt.code || !strings.Contains(string(out), tt.want) {
 				t.Fatalf("verify %s: exit %d, output %q; want exit %d and %q", tt.name, code, out, tt.code, tt.want)
+			}
+			for _, re := range lines[tt.name] {
+				if !re.Match(out) {
+					t.Errorf("verify %s: output %q has no line matching %s", tt.name, out, re)
+				}
 			}
 			assertNoSecrets(t, string(out), a)
 		})

@@ -14,17 +14,20 @@ import (
 	"github.com/edgegate/edgegate/centralsim"
 )
 
-// TestInstallerFlow is what an installer does on a fresh gateway, with the
-// real binary: `edgegate pair` (device authorization grant, approved at the
-// central service as user alice), `edgegate device add`, then
-// `edgegate run` with the configuration pair wrote — no client secret on
-// the gateway — and the device's readings arrive signed at the broker.
+// TestInstallerFlow is what an installer does on a fresh gateway against a
+// stock Snap4City, with the real binary: `edgegate pair` (device
+// authorization grant on the platform's public IoT Edge client, approved at
+// the central service as user alice; no companion, so stock mode with the
+// context broker named by --broker), `edgegate device add` (device.php),
+// then `edgegate run` with the configuration pair wrote — no client secret
+// on the gateway — and the device's readings arrive signed at the broker.
+// The companion flow (signed bundles, push) is
+// TestPolicyBundleSyncPushAndRevocation's.
 func TestInstallerFlow(t *testing.T) {
 	sim, err := centralsim.New(centralsim.Options{
-		Pairing:  centralsim.PairingOptions{Interval: time.Second},
-		Gateways: map[string]string{centralsim.DefaultPairingClientID: "gw-install"},
-		Clients:  []centralsim.Client{{ID: centralsim.DefaultPairingClientID, Secret: "unused-secret-canary", Username: "alice"}},
-		MQTT:     true,
+		// The realm admin enabled the device grant on Snap4City's own IoT
+		// Edge client, pair's default (realm master is the simulator's).
+		Pairing: centralsim.PairingOptions{Interval: time.Second, ClientID: stockClientID},
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -40,10 +43,10 @@ func TestInstallerFlow(t *testing.T) {
 	state := filepath.Join(dir, "state")
 
 	// 1. pair: the installer reads the code and approves it on a phone.
-	// The simulator's realm and pairing client, not Snap4City's defaults
-	// (realm master, public client nodered-iotedge).
-	pair := exec.Command(binary, "pair", "--central", sim.URL(), "--realm", "edgegate", "--client-id", centralsim.DefaultPairingClientID,
-		"--private-key-jwt", "--ca", ca, "--config", cfg, "--state-dir", state, "--gateway-id", "gw-install")
+	// Snap4City's defaults (realm master, public client nodered-iotedge);
+	// stock mode names the broker the gateway writes to.
+	pair := exec.Command(binary, "pair", "--central", sim.URL(), "--broker", centralsim.DefaultBrokerName,
+		"--ca", ca, "--config", cfg, "--state-dir", state, "--gateway-id", "gw-install")
 	pair.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
 	// Both are read while pair still runs. Its output goes through a pipe
 	// rather than StdoutPipe, whose reader Wait would close under the
@@ -80,7 +83,8 @@ func TestInstallerFlow(t *testing.T) {
 	}
 	waitExit(t, pair, 30*time.Second, &errOut)
 	out := shown.String()
-	for _, want := range []string{"enter the code", "█", "identity", "next steps"} {
+	for _, want := range []string{"enter the code", "█", "identity", "next steps", ": stock mode",
+		"broker        " + centralsim.DefaultBrokerName + " at " + sim.BrokerURL()} {
 		if !strings.Contains(strings.ToLower(out), strings.ToLower(want)) {
 			t.Errorf("pair output lacks %q:\n%s", want, out)
 		}
@@ -110,6 +114,9 @@ func TestInstallerFlow(t *testing.T) {
 	}
 	text := strings.NewReplacer("listen: 127.0.0.1:1883", "listen: 127.0.0.1:0",
 		"listen: 127.0.0.1:9464", "listen: 127.0.0.1:0", "format: text", "format: json").Replace(string(body))
+	if !regexp.MustCompile(`(?m)^\s+source: ownership-api$`).MatchString(text) {
+		t.Errorf("the paired configuration is not in stock mode (policy.source ownership-api):\n%s", text)
+	}
 	if strings.Contains(text, "client_secret") {
 		t.Errorf("the paired configuration refers to a client secret:\n%s", text)
 	}
@@ -125,6 +132,10 @@ func TestInstallerFlow(t *testing.T) {
 	waitFor(t, 20*time.Second, "th-hall's readings at the broker", func() bool { return len(delivered(sim)[d.ID]) == 3 })
 	assertNoSecrets(t, g.log.String(), d)
 }
+
+// stockClientID is the public client Snap4City's IoT Edge signs in with,
+// pair's default.
+const stockClientID = "nodered-iotedge"
 
 func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration, errOut *syncBuffer) {
 	t.Helper()

@@ -13,8 +13,11 @@ import (
 )
 
 // withPush binds the gateway account to gateway gw-e2e and starts the
-// central push broker: what policy bundles need.
+// central push broker: what policy bundles need. Bundles, policy keys,
+// receipts and the push broker are the edgegate companion's, which stock
+// Snap4City lacks (centralsim.Options.Companion).
 func withPush(o *centralsim.Options) {
+	o.Companion = true
 	o.Gateways = map[string]string{gwClientID: "gw-e2e"}
 	o.MQTT = true
 }
