@@ -43,9 +43,8 @@ import (
 // JWT access tokens, as Keycloak does, so that the filter, the Ownership
 // API and device.php name the same user.
 const (
-	stockUserID   = "id2"
-	stockUser     = "test-user2"
-	stockClientID = "nodered-iotedge" // pair's default client
+	stockUserID = "id2"
+	stockUser   = "test-user2"
 )
 
 // stockClient is the example's device client made public, allowed to
