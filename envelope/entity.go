@@ -131,9 +131,10 @@ const (
 	// Verified: the attribute's value and type are those a reading of this
 	// device signed, under one of the device's keys.
 	Verified Verdict = "verified"
-	// Unsigned: no signature metadata (never written by the gateway, e.g.
-	// the latitude/longitude the IoT Directory creates, or a value
-	// written by something else).
+	// Unsigned: no signature metadata, and no verified reading of the
+	// entity signs the attribute (never written by the gateway, e.g. the
+	// latitude/longitude the IoT Directory creates). An attribute that a
+	// verified reading signs but that carries no signature is Tampered.
 	Unsigned Verdict = "unsigned"
 	// Tampered: signed, but the value, type, time or entity differ from
 	// what was signed, or the signature does not match its content.
@@ -218,7 +219,35 @@ func VerifyEntity(doc []byte, keys []Key, sigMeta string) (EntityReport, error) 
 	for _, name := range names {
 		rep.Attrs = append(rep.Attrs, verifyAttr(rep.ID, name, raw[name], keys, sigMeta, opened))
 	}
+	strippedSignatures(&rep, opened)
 	return rep, nil
+}
+
+// strippedSignatures turns Unsigned into Tampered for an attribute that a
+// verified reading of this entity signed: the gateway wrote it with its
+// signature, and Orion keeps metadata that an update does not name, so an
+// attribute without one had its proof removed (or was replaced whole).
+// Without this rule, deleting an attribute's signature metadata along with
+// changing its value would read as merely "unsigned".
+func strippedSignatures(rep *EntityReport, opened map[string]openResult) {
+	signedBy := map[string]uint64{} // attribute -> newest verified seq naming it
+	for _, res := range opened {
+		if res.err != nil || res.c.Device != rep.ID {
+			continue
+		}
+		for name := range res.c.Attrs {
+			if res.c.Seq >= signedBy[name] {
+				signedBy[name] = res.c.Seq
+			}
+		}
+	}
+	for i := range rep.Attrs {
+		a := &rep.Attrs[i]
+		if seq, ok := signedBy[a.Name]; ok && a.Verdict == Unsigned {
+			a.Verdict = Tampered
+			a.Detail = fmt.Sprintf("signed by reading seq %d, but its signature was removed", seq)
+		}
+	}
 }
 
 type openResult struct {

@@ -187,6 +187,23 @@ func TestVerifyEntityVerdicts(t *testing.T) {
 	if a := verdicts(mustVerify(t, []byte(moved), []Key{k}))["pressure"]; a.Verdict != Tampered {
 		t.Errorf("moved signature: %+v, want tampered", a)
 	}
+	// A signed attribute whose signature was removed along with a change of
+	// its value: tampered, not merely unsigned; an attribute no reading
+	// signs (the directory's latitude) stays unsigned.
+	var doc map[string]json.RawMessage
+	if err := json.Unmarshal(entity(good), &doc); err != nil {
+		t.Fatal(err)
+	}
+	doc["humidity"] = json.RawMessage(`{"type":"Number","value":99}`)
+	doc["latitude"] = json.RawMessage(`{"type":"float","value":"43.7"}`)
+	stripped, _ := json.Marshal(doc)
+	v0 := verdicts(mustVerify(t, stripped, []Key{k}))
+	if v0["humidity"].Verdict != Tampered || !strings.Contains(v0["humidity"].Detail, "signature was removed") {
+		t.Errorf("stripped signature: %+v, want tampered", v0["humidity"])
+	}
+	if v0["latitude"].Verdict != Unsigned || v0["temperature"].Verdict != Verified {
+		t.Errorf("beside a stripped signature: latitude %+v, temperature %+v", v0["latitude"], v0["temperature"])
+	}
 	// A signature that is not an envelope.
 	garbage := `{"id":"th-1","t":{"type":"Number","value":1,"metadata":{"signature":{"type":"Text","value":"a.b.c"}}},` +
 		`"u":{"type":"Number","value":1,"metadata":{"signature":{"type":"Text","value":7}}}}`
