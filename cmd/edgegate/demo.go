@@ -30,6 +30,7 @@ import (
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
 	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/radio"
 )
 
@@ -195,6 +196,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	go func() { _ = rsim.Run(radioCtx) }()
 	out.printf("▶ simulated MySensors radio gateway on %s (node 1 = th-attic, node 2 unbound)", link)
 
+	interrupted := ctx // done only on Ctrl-C: then the outcomes are not judged
 	if *seconds > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(*seconds)*time.Second)
@@ -300,12 +302,18 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	} else {
 		out.printf("  daemon stopped cleanly")
 	}
-	demoSummary(out, sim, devices)
+	problems := demoSummary(out, sim, devices)
 	// The daemon is stopped: verify can open the gateway's store for its
 	// token. A fresh context: the run's has ended.
 	vctx, vcancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer vcancel()
-	return demoVerify(vctx, out, sim, devices, cfgPath, caFile, work)
+	if err := demoVerify(vctx, out, sim, devices, cfgPath, caFile, work); err != nil {
+		return err
+	}
+	if len(problems) > 0 && interrupted.Err() == nil {
+		return fmt.Errorf("demo: not the expected outcome: %s (daemon log: %s)", strings.Join(problems, "; "), filepath.Join(work, "daemon.log"))
+	}
+	return nil
 }
 
 // demoPair runs `edgegate pair` in stock mode and approves its user code as
@@ -318,7 +326,7 @@ func demoPair(ctx context.Context, env pairEnv, sim *centralsim.Server, cfgPath,
 	var pout, perr syncbuf.Buffer
 	done := make(chan error, 1)
 	go func() { done <- pairWith(ctx, env, args, &pout, &perr) }()
-	approved := false
+	approved := ""
 	var err error
 	deadline := time.After(60 * time.Second)
 	for finished := false; !finished; {
@@ -326,9 +334,9 @@ func demoPair(ctx context.Context, env pairEnv, sim *centralsim.Server, cfgPath,
 		case err = <-done:
 			finished = true
 		case <-time.After(100 * time.Millisecond):
-			if !approved {
+			if approved == "" {
 				if codes := sim.PendingUserCodes(); len(codes) > 0 {
-					approved = true
+					approved = codes[0]
 					if aerr := sim.ApproveDevice(codes[0], demoAccount); aerr != nil {
 						return fmt.Errorf("approve the pairing code: %w", aerr)
 					}
@@ -341,9 +349,16 @@ func demoPair(ctx context.Context, env pairEnv, sim *centralsim.Server, cfgPath,
 	if err != nil {
 		return fmt.Errorf("edgegate pair: %w\n%s%s", err, pout.String(), perr.String())
 	}
+	// pair's own output, up to its "Next steps" (which the demo takes).
 	for _, l := range strings.Split(strings.TrimSpace(pout.String()), "\n") {
+		if strings.HasPrefix(l, "Next steps") {
+			break
+		}
 		if l = strings.TrimRight(l, " "); l != "" {
 			out.printf("  | %s", l)
+		}
+		if strings.HasPrefix(l, "Waiting for approval") && approved != "" {
+			out.printf("  (alice signs in at the verification URL and approves code %s)", approved)
 		}
 	}
 	return nil
@@ -549,7 +564,10 @@ func acked(devices []*demoDevice) int {
 	return n
 }
 
-func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice) {
+// demoSummary prints the outcome per device and returns what differs from
+// the expected one: every device the gateway may write delivered with
+// valid signatures, every other refused at login.
+func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice) (problems []string) {
 	atBroker := map[string]int{}
 	valid := map[string]int{}
 	for _, u := range sim.Updates() {
@@ -597,6 +615,14 @@ func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice)
 		case atBroker[d.id] < d.acks:
 			outcome = "partly delivered (still queued)"
 		}
+		switch {
+		case (d.rel == relUnknown || d.rel == relForeign) && (!d.loginRefused || atBroker[d.id] > 0):
+			problems = append(problems, d.id+" was not refused")
+		case (d.rel == relOwned || d.rel == relDelegated) && atBroker[d.id] == 0:
+			problems = append(problems, d.id+": nothing delivered")
+		case valid[d.id] < atBroker[d.id]:
+			problems = append(problems, fmt.Sprintf("%s: %d of %d signatures valid", d.id, valid[d.id], atBroker[d.id]))
+		}
 		if d.radioNode > 0 {
 			fmt.Fprintf(tw, "  %s\t%s\t%s\t(radio node %d)\t-\t%d\t%d\t%s\n", d.id, d.owner, d.rel, d.radioNode, atBroker[d.id], valid[d.id], outcome)
 			continue
@@ -604,6 +630,33 @@ func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice)
 		fmt.Fprintf(tw, "  %s\t%s\t%s\t%d\t%d\t%d\t%d\t%s\n", d.id, d.owner, d.rel, d.published, d.acks, atBroker[d.id], valid[d.id], outcome)
 	}
 	tw.Flush()
+
+	// What the broker answered, as stock Orion behind the filter would.
+	byStatus := map[string]int{}
+	for _, r := range sim.Refusals() {
+		if !r.Fault {
+			byStatus[fmt.Sprintf("%d %s", r.Status, logtext.Clip(r.Message, 60))]++
+		}
+	}
+	total := 0
+	for _, n := range atBroker {
+		total += n
+	}
+	line := fmt.Sprintf("  broker: %d updates accepted (PATCH through the Orion Broker Filter as %s)", total, demoAccount)
+	if len(byStatus) == 0 {
+		line += ", no refusal, no 422 PartialUpdate (every attribute is in the device models)"
+	} else {
+		keys := make([]string, 0, len(byStatus))
+		for k := range byStatus {
+			keys = append(keys, k)
+		}
+		sort.Strings(keys)
+		for _, k := range keys {
+			line += fmt.Sprintf("; %d× %s", byStatus[k], k)
+		}
+	}
+	out.printf("%s", line)
+	return problems
 }
 
 // demoVerify reads th-kitchen's entity back through the broker filter with
@@ -627,7 +680,8 @@ func demoVerify(ctx context.Context, out *lineWriter, sim *centralsim.Server, de
 		return err
 	}
 	out.printf("")
-	out.printf("▶ edgegate verify --broker %s --device %s --type %s --devices FILE", sim.BrokerURL(), d.id, d.typ)
+	out.printf("▶ edgegate verify --broker %s --device %s --type %s --config edgegate.yaml --ca central-ca.pem --devices FILE", sim.BrokerURL(), d.id, d.typ)
+	out.printf("  (the entity as GET through the broker filter returns it, with the gateway's token; the device's K1/K2 from FILE)")
 	var vout, verr syncbuf.Buffer
 	err := runVerify(ctx, []string{"--broker", sim.BrokerURL(), "--device", d.id, "--type", d.typ, "--config", cfgPath,
 		"--ca", caFile, "--devices", devFile}, strings.NewReader(""), &vout, &verr)
