@@ -142,7 +142,9 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	cfgPath := filepath.Join(work, "edgegate.yaml")
 	stateDir := filepath.Join(work, "state")
-	env := pairEnv{getenv: func(string) string { return "" }, hostname: os.Hostname, now: time.Now}
+	// The real environment, as the daemon and verify see it: the store key
+	// comes from the same place for all of them.
+	env := defaultPairEnv()
 	if err := demoPair(ctx, env, sim, cfgPath, stateDir, caFile, out); err != nil {
 		return err
 	}
