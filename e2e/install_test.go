@@ -45,44 +45,9 @@ func TestInstallerFlow(t *testing.T) {
 	// 1. pair: the installer reads the code and approves it on a phone.
 	// Snap4City's defaults (realm master, public client nodered-iotedge);
 	// stock mode names the broker the gateway writes to.
-	pair := exec.Command(binary, "pair", "--central", sim.URL(), "--broker", centralsim.DefaultBrokerName,
+	out := runPairApproved(t, func(code string) error { return sim.ApproveDevice(code, "alice") },
+		"--central", sim.URL(), "--broker", centralsim.DefaultBrokerName,
 		"--ca", ca, "--config", cfg, "--state-dir", state, "--gateway-id", "gw-install")
-	pair.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
-	// Both are read while pair still runs. Its output goes through a pipe
-	// rather than StdoutPipe, whose reader Wait would close under the
-	// scanner with the last lines unread.
-	var shown, errOut syncBuffer
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	pair.Stdout, pair.Stderr = io.MultiWriter(&shown, pw), &errOut
-	if err := pair.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer pair.Process.Kill()
-	code := make(chan string, 1)
-	go func() {
-		re := regexp.MustCompile(`^\s+([B-Z]{4}-[B-Z]{4})\s*$`)
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			if m := re.FindStringSubmatch(sc.Text()); m != nil {
-				select {
-				case code <- m[1]:
-				default:
-				}
-			}
-		}
-		_, _ = io.Copy(io.Discard, pr)
-	}()
-	select {
-	case c := <-code:
-		if err := sim.ApproveDevice(c, "alice"); err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatalf("pair showed no user code:\n%s\n%s", shown.String(), errOut.String())
-	}
-	waitExit(t, pair, 30*time.Second, &errOut)
-	out := shown.String()
 	for _, want := range []string{"enter the code", "█", "identity", "next steps", ": stock mode",
 		"broker        " + centralsim.DefaultBrokerName + " at " + sim.BrokerURL()} {
 		if !strings.Contains(strings.ToLower(out), strings.ToLower(want)) {
@@ -94,7 +59,7 @@ func TestInstallerFlow(t *testing.T) {
 	keys := filepath.Join(dir, "th-hall.keys")
 	add := exec.Command(binary, "device", "add", "--config", cfg, "--type", "TemperatureSensor", "--keys-out", keys,
 		"--attr", "temperature:float", "--attr", "n:integer", "th-hall")
-	add.Env = pair.Env
+	add.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
 	if o, err := add.CombinedOutput(); err != nil {
 		t.Fatalf("device add: %v\n%s", err, o)
 	}
@@ -136,6 +101,50 @@ func TestInstallerFlow(t *testing.T) {
 // stockClientID is the public client Snap4City's IoT Edge signs in with,
 // pair's default.
 const stockClientID = "nodered-iotedge"
+
+// runPairApproved runs `edgegate pair ARGS`, hands the user code it shows to
+// approve (as the installer at a browser would), waits for it to succeed
+// and returns what it printed.
+func runPairApproved(t *testing.T, approve func(code string) error, args ...string) string {
+	t.Helper()
+	pair := exec.Command(binary, append([]string{"pair"}, args...)...)
+	pair.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
+	// Both are read while pair still runs. Its output goes through a pipe
+	// rather than StdoutPipe, whose reader Wait would close under the
+	// scanner with the last lines unread.
+	var shown, errOut syncBuffer
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	pair.Stdout, pair.Stderr = io.MultiWriter(&shown, pw), &errOut
+	if err := pair.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer pair.Process.Kill()
+	code := make(chan string, 1)
+	go func() {
+		re := regexp.MustCompile(`^\s+([B-Z]{4}-[B-Z]{4})\s*$`)
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			if m := re.FindStringSubmatch(sc.Text()); m != nil {
+				select {
+				case code <- m[1]:
+				default:
+				}
+			}
+		}
+		_, _ = io.Copy(io.Discard, pr)
+	}()
+	select {
+	case c := <-code:
+		if err := approve(c); err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("pair showed no user code:\n%s\n%s", shown.String(), errOut.String())
+	}
+	waitExit(t, pair, 30*time.Second, &errOut)
+	return shown.String()
+}
 
 func waitExit(t *testing.T, cmd *exec.Cmd, d time.Duration, errOut *syncBuffer) {
 	t.Helper()

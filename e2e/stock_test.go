@@ -1,14 +1,12 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -243,41 +241,10 @@ func TestStockSnap4City(t *testing.T) {
 	state := filepath.Join(dir, "state")
 
 	// 1. pair: device grant at the provider, approved as the user would.
-	pair := exec.Command(binary, "pair", "--central", sim.URL(), "--issuer", idp.srv.URL, "--ca", ca,
+	out := runPairApproved(t, func(code string) error {
+		return idp.st.CompleteDeviceAuthorization(context.Background(), code, stockUserID)
+	}, "--central", sim.URL(), "--issuer", idp.srv.URL, "--ca", ca,
 		"--config", cfg, "--state-dir", state, "--gateway-id", "gw-stock", "--broker", "orion-1")
-	pair.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
-	var shown, errOut syncBuffer
-	pr, pw := io.Pipe()
-	defer pw.Close()
-	pair.Stdout, pair.Stderr = io.MultiWriter(&shown, pw), &errOut
-	if err := pair.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer pair.Process.Kill()
-	code := make(chan string, 1)
-	go func() {
-		re := regexp.MustCompile(`^\s+([B-Z]{4}-[B-Z]{4})\s*$`)
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			if m := re.FindStringSubmatch(sc.Text()); m != nil {
-				select {
-				case code <- m[1]:
-				default:
-				}
-			}
-		}
-		_, _ = io.Copy(io.Discard, pr)
-	}()
-	select {
-	case c := <-code:
-		if err := idp.st.CompleteDeviceAuthorization(context.Background(), c, stockUserID); err != nil {
-			t.Fatal(err)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatalf("pair showed no user code:\n%s\n%s", shown.String(), errOut.String())
-	}
-	waitExit(t, pair, 30*time.Second, &errOut)
-	out := shown.String()
 	for _, want := range []string{stockUser, "AppID limit 0", "stock mode"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("pair output lacks %q:\n%s", want, out)
