@@ -53,6 +53,10 @@ func TestDebPackage(t *testing.T) {
 			"./usr/share/doc/edgegate/copyright":                                "-rw-r--r-- root/root",
 			"./usr/share/doc/edgegate/changelog.gz":                             "-rw-r--r-- root/root",
 			"./usr/share/doc/edgegate/README.md":                                "-rw-r--r-- root/root",
+			"./usr/share/doc/edgegate/install.md":                               "-rw-r--r-- root/root",
+			"./usr/share/doc/edgegate/operations.md":                            "-rw-r--r-- root/root",
+			"./usr/share/doc/edgegate/snap4city.md":                             "-rw-r--r-- root/root",
+			"./usr/share/doc/edgegate/security.md":                              "-rw-r--r-- root/root",
 			"./usr/share/lintian/overrides/edgegate":                            "-rw-r--r-- root/root",
 		}
 		got := map[string]string{}

@@ -21,6 +21,7 @@ import (
 var (
 	shBlockRE   = regexp.MustCompile("(?s)```sh\n(.*?)```")
 	flagRE      = regexp.MustCompile(`(?:^|\s)--([a-z][a-z0-9-]*)`)
+	linkRE      = regexp.MustCompile(`\]\(([^)\s]+)\)`)
 	configKeyRE = regexp.MustCompile("`((?:central|uplink|policy|mqtt|store|radio|admin|metrics|log|pipeline|gateway)\\.[a-z_.]+)`")
 )
 
@@ -33,7 +34,7 @@ func docPages(t *testing.T) []string {
 	if err != nil || len(pages) == 0 {
 		t.Fatalf("no manual pages under docs/: %v", err)
 	}
-	return pages
+	return append(pages, filepath.Join("..", "..", "README.md"))
 }
 
 // helpOf returns what `edgegate ARGS -h` prints (the flag set's defaults).
@@ -90,6 +91,16 @@ func TestDocsCommandsExist(t *testing.T) {
 		for _, k := range configKeyRE.FindAllSubmatch(raw, -1) {
 			if !configHasKey(reflect.TypeOf(config.Config{}), strings.Split(string(k[1]), ".")) {
 				t.Errorf("%s: configuration key `%s` does not exist", filepath.Base(page), k[1])
+			}
+		}
+		// Relative links point at files that exist.
+		for _, l := range linkRE.FindAllSubmatch(raw, -1) {
+			target, _, _ := strings.Cut(string(l[1]), "#")
+			if target == "" || strings.Contains(target, "://") {
+				continue
+			}
+			if _, err := os.Stat(filepath.Join(filepath.Dir(page), target)); err != nil {
+				t.Errorf("%s: link to %s: %v", filepath.Base(page), l[1], err)
 			}
 		}
 		if checked == 0 && strings.Contains(string(raw), "```sh") {
