@@ -2,14 +2,14 @@
 #
 #   make chaos            the long chaos run: CHAOS_CYCLES SIGKILL cycles and
 #                         every fault scenario, against the real binary
-#   make fuzz             every fuzz target for FUZZTIME each (default 20s)
+#   make fuzz             every fuzz target for FUZZTIME each (default 30s)
 #
 # Crashers land in <pkg>/testdata/fuzz/<Target>/; commit them: `go test`
 # runs them as regression tests from then on.
 
 CHAOS_CYCLES  ?= 50
 CHAOS_TIMEOUT ?= 60m
-FUZZTIME      ?= 20s
+FUZZTIME      ?= 30s
 
 # package:target pairs; keep in step with the *_fuzz_test.go files.
 FUZZ_TARGETS := \
