@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"os/exec"
 	"strings"
 	"sync"
@@ -479,6 +480,9 @@ func TestTokenExpiryStopsDeliveries(t *testing.T) {
 // command-line clients.
 func TestMosquittoClients(t *testing.T) {
 	if _, err := exec.LookPath("mosquitto_sub"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("mosquitto_sub missing; .ci/run installs mosquitto-clients")
+		}
 		t.Skip("mosquitto-clients not installed (CI installs them)")
 	}
 	e := newAccessEnv(t)
