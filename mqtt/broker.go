@@ -108,6 +108,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	}
 	access := newAccessHook(opts.Policy, opts.Tokens, opts.Topic, log.With("component", "mqtt-access"), opts.Metrics)
 	access.onDeny = opts.OnDeny
+	access.srv = srv
 	if opts.Now != nil {
 		access.now = opts.Now
 	}
@@ -166,6 +167,7 @@ func (b *Broker) CloseDeviceSessions(devices []string) int {
 	for _, d := range devices {
 		set[d] = true
 	}
+	b.access.revokeDevices(set) // their wills are never sent
 	n := 0
 	for _, cl := range b.access.sessions(func(p *principal) bool { return set[p.device] }) {
 		_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
