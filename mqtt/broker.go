@@ -97,7 +97,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 		Logger: slog.New(minLevel{log.Handler(), slog.LevelError}).With("component", "mqtt-broker"),
 	})
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
-		ackers:  map[*mochi.Client]*acker{},
+		ackers: map[*mochi.Client]*acker{}, qos2: map[string]map[uint16]*inflight{},
 		limited: ratelog.New(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now)}
 	hook.ctx, hook.cancel = context.WithCancel(context.Background())
 	if st, ok := sub.(Starter); ok {
@@ -238,13 +238,14 @@ type ingestHook struct {
 	srv     *mochi.Server // local delivery of pipelined readings
 	mu      sync.Mutex
 	ackers  map[*mochi.Client]*acker
+	qos2    map[string]map[uint16]*inflight // held QoS 2 packet ids, by client id (qos2.go)
 	wg      sync.WaitGroup
 }
 
 func (h *ingestHook) ID() string { return "edgegate-ingest" }
 
 func (h *ingestHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnPublish, mochi.OnDisconnect}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnPublish, mochi.OnDisconnect, mochi.OnPacketRead, mochi.OnSessionEstablish}, []byte{b})
 }
 
 // OnPublish runs on the publishing client's goroutine, before its PUBACK.
@@ -269,12 +270,23 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		// Pipelined: hand it over in arrival order; the connection's acker
 		// sends the PUBACK (and delivers it locally) once it is synced.
 		msg.Payload = bytes.Clone(pk.Payload)
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
 		it := &inflight{topic: pk.TopicName, payload: msg.Payload, retain: pk.FixedHeader.Retain,
-			id: pk.PacketID, msg: msg, ctx: ctx, cancel: cancel}
-		it.wait = h.starter.Start(ctx, msg)
+			id: pk.PacketID, qos: pk.FixedHeader.Qos, msg: msg}
+		if it.qos == 2 { // qos2.go
+			it.done = make(chan struct{})
+			if first := h.qos2Receive(cl, it); first != nil {
+				h.ackerFor(cl).push(&inflight{id: it.id, qos: 2, msg: msg, dupOf: first})
+				return pk, packets.ErrRejectPacket
+			}
+		}
+		it.ctx, it.cancel = context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
+		it.wait = h.starter.Start(it.ctx, msg)
 		if !h.ackerFor(cl).push(it) {
-			cancel()
+			it.cancel()
+			if it.qos == 2 {
+				h.qos2Failed(cl, it)
+			}
+			it.finish(false)
 		}
 		return pk, packets.ErrRejectPacket
 	}
