@@ -22,7 +22,8 @@ import (
 //     the gateway the client is the account of (Options.Gateways, or bound
 //     on first use as for the HTTP endpoints). Wildcards are refused: a
 //     pushed bundle holds K1/K2 and must reach its gateway only.
-//   - PUBLISH by clients: refused; only ops publish, through Push.
+//   - PUBLISH by clients: refused; only ops publish, through Push. A
+//     CONNECT carrying a will is refused too (a will is a publish).
 //
 // Push(gw, true) sends the current compact JWS bundle; Push(gw, false) a
 // nudge {"type":"sync"} after which the gateway polls. QoS 1, not retained:
@@ -136,6 +137,13 @@ func (h *pushAuthHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet
 		if _, known := h.s.clients[client]; !known {
 			err = fmt.Errorf("%q is not a client", client)
 		}
+	}
+	if err == nil && pk.Connect.WillFlag {
+		// A will is a publish, and clients publish nothing here: mochi
+		// would publish it at disconnect without OnACLCheck (server.go
+		// sendLWT), onto another gateway's policy topic. Refused with
+		// CONNACK 0x05 not authorized rather than silently dropped.
+		err = fmt.Errorf("a will (topic %q) but clients may not publish", pk.Connect.WillTopic)
 	}
 	if err != nil {
 		h.s.log.Info("push broker refused a connection", "client", client, "remote", cl.Net.Remote, "err", err)
