@@ -289,7 +289,7 @@ func TestHostileRetainedAfterOwnerChange(t *testing.T) {
 	_, bobIn := subscribe(t, e.app("bob"), "devices/+/telemetry")
 	time.Sleep(noDeliveryInterval)
 	if daveIn.count(topicA1)+bobIn.count(topicA1) != 0 {
-		t.Fatal("a retained sample reached a subscriber who may not read a1")
+		t.Fatal("a retained reading reached a subscriber who may not read a1")
 	}
 
 	// a1 moves to bob: the reading collected under alice is dropped.
@@ -374,7 +374,7 @@ func TestHostileSessionTakeover(t *testing.T) {
 	for {
 		pk := back.read()
 		if pk.FixedHeader.Type == packets.Publish && pk.TopicName == topicA1 {
-			break // its own sample, through the resumed subscription
+			break // its own reading, through the resumed subscription
 		}
 	}
 }
@@ -432,7 +432,7 @@ func TestQoS2ExactlyOnce(t *testing.T) {
 	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
 		t.Fatalf("paho QoS 2 publish: %v", tok.Error())
 	}
-	eventually(t, "a2's QoS 2 sample", func() bool { return in.count(topicA2) == 1 })
+	eventually(t, "a2's QoS 2 reading", func() bool { return in.count(topicA2) == 1 })
 	// QoS 2 keeps the publish rule: a1 publishing as b1 is cut off.
 	r2, _, _ := e.rawDial(t, rawConnect{id: "a1-qos2-hostile", user: "a1", password: e.devicePassword("a1"), clean: true})
 	r2.send(rawPublish(topicB1, 2, 5, false, false, sample))
