@@ -38,6 +38,9 @@ type acker struct {
 	q    chan *inflight
 	stop chan struct{} // closed when the connection or the broker ends
 	once sync.Once
+	// overflow is set once the session held too many unreleased QoS 2 ids
+	// (qos2.go): the connection closes after the acknowledgements before.
+	overflow atomic.Bool
 }
 
 type inflight struct {
@@ -57,6 +60,7 @@ type inflight struct {
 	done      chan struct{}
 	committed atomic.Bool
 	dupOf     *inflight
+	overflow  string // set: not a publish; close the connection of this device
 }
 
 func (it *inflight) isCommitted() bool { return it.committed.Load() }
@@ -126,6 +130,10 @@ func (a *acker) run() {
 
 func (a *acker) settle(it *inflight) {
 	h := a.h
+	if it.overflow != "" {
+		h.qos2Overflow(a.cl, it.overflow)
+		return
+	}
 	if it.dupOf != nil {
 		// A resend of a held QoS 2 publish (the first may belong to an
 		// earlier connection of the session): PUBREC once it is committed.
@@ -166,6 +174,9 @@ func (a *acker) settle(it *inflight) {
 		if err := h.srv.Publish(it.topic, it.payload, it.retain, 1); err != nil {
 			h.limited.Log(h.ctx, slog.LevelWarn, "deliver", "local delivery failed", "device", it.msg.Device, "err", err)
 		}
+	}
+	if it.qos == 2 {
+		it.release() // its id stays held until PUBREL; the reading need not
 	}
 }
 

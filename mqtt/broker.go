@@ -274,8 +274,16 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 			id: pk.PacketID, qos: pk.FixedHeader.Qos, msg: msg}
 		if it.qos == 2 { // qos2.go
 			it.done = make(chan struct{})
-			if first := h.qos2Receive(cl, it); first != nil {
-				h.ackerFor(cl).push(&inflight{id: it.id, qos: 2, msg: msg, dupOf: first})
+			first, full := h.qos2Receive(cl, it)
+			if full {
+				// Closed once the publishes before it are acknowledged.
+				if a := h.ackerFor(cl); a.overflow.CompareAndSwap(false, true) {
+					a.push(&inflight{overflow: device})
+				}
+				return pk, packets.ErrRejectPacket
+			}
+			if first != nil {
+				h.ackerFor(cl).push(&inflight{id: it.id, qos: 2, dupOf: first})
 				return pk, packets.ErrRejectPacket
 			}
 		}

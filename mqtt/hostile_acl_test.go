@@ -197,7 +197,7 @@ const (
 	connAccepted       = 0x00
 	connIDRejected     = 0x02
 	connNotAuthorized  = 0x05
-	sample            = `{"temperature": 21}`
+	sample             = `{"temperature": 21}`
 	topicA1, topicA2   = "devices/a1/telemetry", "devices/a2/telemetry"
 	topicB1            = "devices/b1/telemetry"
 	noDeliveryInterval = 300 * time.Millisecond
@@ -438,5 +438,47 @@ func TestQoS2ExactlyOnce(t *testing.T) {
 	r2.send(rawPublish(topicB1, 2, 5, false, false, sample))
 	if !r2.closed(2 * time.Second) {
 		t.Fatal("a QoS 2 publish to another device's topic did not end the connection")
+	}
+}
+
+// TestQoS2UnreleasedBounded: a device that never releases its QoS 2
+// publishes (no PUBREL) cannot make the broker hold ids without bound: past
+// maxHeldQoS2 its connection is closed; every publish it had PUBREC for
+// was committed.
+func TestQoS2UnreleasedBounded(t *testing.T) {
+	e := newAccessEnv(t)
+	r, code, _ := e.rawDial(t, rawConnect{id: "a1-hoard", user: "a1", password: e.devicePassword("a1"), clean: true})
+	if code != connAccepted {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	go func() {
+		for i := 1; i <= maxHeldQoS2+1; i++ {
+			pk := rawPublish(topicA1, 2, uint16(i), false, false, sample)
+			pk.ProtocolVersion = 4
+			var buf bytes.Buffer
+			if pk.PublishEncode(&buf) != nil {
+				return
+			}
+			r.c.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if _, err := r.c.Write(buf.Bytes()); err != nil {
+				return
+			}
+		}
+	}()
+	recs := 0
+	for {
+		pk, err := r.next(15 * time.Second)
+		if err != nil {
+			if isTimeout(err) {
+				t.Fatalf("connection still open after %d PUBRECs", recs)
+			}
+			break
+		}
+		if pk.FixedHeader.Type == packets.Pubrec {
+			recs++
+		}
+	}
+	if recs != maxHeldQoS2 {
+		t.Fatalf("%d PUBRECs before the connection closed, want %d", recs, maxHeldQoS2)
 	}
 }

@@ -1,8 +1,12 @@
 package mqtt
 
 import (
+	"log/slog"
+
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/edgegate/edgegate/pipeline"
 )
 
 // QoS 2 on the embedded broker (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3),
@@ -15,7 +19,19 @@ import (
 // order, once the first one is committed (if that one fails, neither is
 // acknowledged and the client resends). Held ids belong to the session:
 // they survive a reconnect of a clean-session=0 (MQTT 5: session expiry
-// > 0) client and are dropped with the session.
+// > 0) client and are dropped with the session. A session holding
+// maxHeldQoS2 ids without releasing them is disconnected (0x93 in MQTT 5).
+
+// qos2Overflow ends a connection that holds too many unreleased ids.
+func (h *ingestHook) qos2Overflow(cl *mochi.Client, device string) {
+	h.limited.Log(h.ctx, slog.LevelWarn, "qos2/"+device, "QoS 2 publishes never released (PUBREL); connection closed",
+		"device", device, "held", maxHeldQoS2)
+	if h.srv != nil {
+		_ = h.srv.DisconnectClient(cl, packets.ErrReceiveMaximum)
+		return
+	}
+	cl.Stop(packets.ErrReceiveMaximum)
+}
 
 // qos2Held returns the session's held QoS 2 ids; h.mu must be held.
 func (h *ingestHook) qos2Held(id string) map[uint16]*inflight {
@@ -27,17 +43,31 @@ func (h *ingestHook) qos2Held(id string) map[uint16]*inflight {
 	return m
 }
 
+// maxHeldQoS2 bounds the QoS 2 packet ids one session may hold unreleased
+// (MQTT 5 bounds them by the receive maximum, 64; MQTT 3.1.1 does not).
+const maxHeldQoS2 = 1024
+
 // qos2Receive registers a QoS 2 publish; it returns the first publish
-// with the same packet id when this one repeats it.
-func (h *ingestHook) qos2Receive(cl *mochi.Client, it *inflight) (first *inflight) {
+// with the same packet id when this one repeats it. full is true when the
+// session holds too many unreleased ids: the publish is not taken.
+func (h *ingestHook) qos2Receive(cl *mochi.Client, it *inflight) (first *inflight, full bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	held := h.qos2Held(cl.ID)
 	if f, ok := held[it.id]; ok {
-		return f
+		return f, false
+	}
+	if len(held) >= maxHeldQoS2 {
+		return nil, true
 	}
 	held[it.id] = it
-	return nil
+	return nil, false
+}
+
+// release drops what a settled publish no longer needs: a held QoS 2 id
+// keeps only its outcome until PUBREL, never the reading.
+func (it *inflight) release() {
+	it.payload, it.msg, it.wait, it.ctx = nil, pipeline.Message{}, nil, nil
 }
 
 // qos2Failed forgets a QoS 2 publish that was not committed, so that the

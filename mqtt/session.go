@@ -117,7 +117,7 @@ func (h *accessHook) admit(cl *mochi.Client, pk packets.Packet, p *principal) bo
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.owners[cl.ID] = p.key()
-	if pw, ok := h.delayed[cl.ID]; ok { // [MQTT-3.1.3-9]
+	if pw, ok := h.delayed[cl.ID]; ok && pw.p.key() == p.key() { // [MQTT-3.1.3-9]
 		pw.t.Stop()
 		delete(h.delayed, cl.ID)
 	}
