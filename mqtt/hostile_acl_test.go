@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"io"
 	"net"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -481,4 +482,59 @@ func TestQoS2UnreleasedBounded(t *testing.T) {
 	if recs != maxHeldQoS2 {
 		t.Fatalf("%d PUBRECs before the connection closed, want %d", recs, maxHeldQoS2)
 	}
+}
+
+// TestMosquittoClientsQoS2AndRefusals drives the same rules with
+// Mosquitto's command-line clients (libmosquitto), MQTT 3.1.1 and 5: QoS 2
+// publishes complete; a will on another device's topic and another
+// principal's client id are refused with the version's reason.
+func TestMosquittoClientsQoS2AndRefusals(t *testing.T) {
+	if _, err := exec.LookPath("mosquitto_pub"); err != nil {
+		t.Skip("mosquitto-clients not installed (CI installs them)")
+	}
+	e := newAccessEnv(t)
+	_, in := subscribe(t, e.app("alice"), "devices/+/telemetry")
+	host, port, _ := strings.Cut(strings.TrimPrefix(e.url, "tcp://"), ":")
+	pub := func(version, dev string, extra ...string) (string, error) {
+		args := append([]string{"-h", host, "-p", port, "-V", version, "-u", dev, "-P", e.devicePassword(dev),
+			"-t", "devices/" + dev + "/telemetry", "-m", sample}, extra...)
+		out, err := exec.Command("mosquitto_pub", args...).CombinedOutput()
+		return string(out), err
+	}
+	for i, v := range []string{"mqttv311", "mqttv5"} {
+		if out, err := pub(v, "a1", "-q", "2"); err != nil {
+			t.Fatalf("%s QoS 2 publish: %v %s", v, err, out)
+		}
+		eventually(t, v+" QoS 2 reading", func() bool { return in.count(topicA1) == i+1 })
+	}
+	// A persistent session of a1's, then b1 presenting its client id.
+	a1 := e.rawConnectPersistent(t, "a1-mosq")
+	a1.c.Close()
+	for _, v := range []struct{ version, want string }{
+		{"mqttv311", "identifier rejected"}, {"mqttv5", "client identifier not valid"},
+	} {
+		out, err := pub(v.version, "b1", "-q", "1", "-i", "a1-mosq")
+		t.Logf("%s client id: %s", v.version, strings.TrimSpace(out))
+		if err == nil || !strings.Contains(strings.ToLower(out), v.want) {
+			t.Errorf("%s: b1 with a1's client id: %v %q, want %q", v.version, err, out, v.want)
+		}
+		out, err = pub(v.version, "b1", "-q", "1", "--will-topic", topicA1, "--will-payload", "forged", "--will-retain")
+		t.Logf("%s will: %s", v.version, strings.TrimSpace(out))
+		if err == nil || !strings.Contains(strings.ToLower(out), "not author") {
+			t.Errorf("%s: b1 with a will on a1's topic: %v %q, want not authorized", v.version, err, out)
+		}
+	}
+	if n := in.count(topicA1); n != 2 {
+		t.Fatalf("a1's topic received %d messages, want its 2 readings only", n)
+	}
+}
+
+// rawConnectPersistent opens a clean-session=0 session of device a1.
+func (e *accessEnv) rawConnectPersistent(t *testing.T, id string) *rawConn {
+	t.Helper()
+	r, code, _ := e.rawDial(t, rawConnect{id: id, user: "a1", password: e.devicePassword("a1")})
+	if code != connAccepted {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	return r
 }
