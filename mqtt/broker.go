@@ -109,6 +109,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	access := newAccessHook(opts.Policy, opts.Tokens, opts.Topic, log.With("component", "mqtt-access"), opts.Metrics)
 	access.onDeny = opts.OnDeny
 	access.srv = srv
+	hook.deny = access.deny
 	if opts.Now != nil {
 		access.now = opts.Now
 	}
@@ -238,7 +239,8 @@ type ingestHook struct {
 	srv     *mochi.Server // local delivery of pipelined readings
 	mu      sync.Mutex
 	ackers  map[*mochi.Client]*acker
-	qos2    map[string]map[uint16]*inflight // held QoS 2 packet ids, by client id (qos2.go)
+	qos2    map[string]map[uint16]*inflight               // held QoS 2 packet ids, by client id (qos2.go)
+	deny    func(action, reason, who string, args ...any) // counted refusals (the access hook's)
 	wg      sync.WaitGroup
 }
 

@@ -482,6 +482,9 @@ func TestQoS2UnreleasedBounded(t *testing.T) {
 	if recs != maxHeldQoS2 {
 		t.Fatalf("%d PUBRECs before the connection closed, want %d", recs, maxHeldQoS2)
 	}
+	if got := testCounter(t, e.m, "publish", denyQoS2Unreleased); got != 1 {
+		t.Errorf("denied{publish,qos2_unreleased} = %v, want 1", got)
+	}
 }
 
 // TestMosquittoClientsQoS2AndRefusals drives the same rules with

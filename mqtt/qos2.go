@@ -24,8 +24,12 @@ import (
 
 // qos2Overflow ends a connection that holds too many unreleased ids.
 func (h *ingestHook) qos2Overflow(cl *mochi.Client, device string) {
-	h.limited.Log(h.ctx, slog.LevelWarn, "qos2/"+device, "QoS 2 publishes never released (PUBREL); connection closed",
-		"device", device, "held", maxHeldQoS2)
+	if h.deny != nil {
+		h.deny("publish", denyQoS2Unreleased, device, "held", maxHeldQoS2)
+	} else {
+		h.limited.Log(h.ctx, slog.LevelWarn, "qos2/"+device, "QoS 2 publishes never released (PUBREL); connection closed",
+			"device", device, "held", maxHeldQoS2)
+	}
 	if h.srv != nil {
 		_ = h.srv.DisconnectClient(cl, packets.ErrReceiveMaximum)
 		return
@@ -46,6 +50,9 @@ func (h *ingestHook) qos2Held(id string) map[uint16]*inflight {
 // maxHeldQoS2 bounds the QoS 2 packet ids one session may hold unreleased
 // (MQTT 5 bounds them by the receive maximum, 64; MQTT 3.1.1 does not).
 const maxHeldQoS2 = 1024
+
+// denyQoS2Unreleased counts connections closed for holding too many.
+const denyQoS2Unreleased = "qos2_unreleased"
 
 // qos2Receive registers a QoS 2 publish; it returns the first publish
 // with the same packet id when this one repeats it. full is true when the
