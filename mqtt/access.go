@@ -108,7 +108,8 @@ type accessHook struct {
 
 	mu         sync.Mutex
 	principals map[*mochi.Client]*principal
-	owners     map[string]string // client id → key of the principal whose session holds it
+	owners     map[string]string        // client id → key of the principal whose session holds it
+	claims     map[string]*mochi.Client // client id → connection establishing its session
 	wills      map[*mochi.Client]*heldWill
 	delayed    map[string]*pendingWill // by client id
 	stopped    bool
@@ -120,6 +121,7 @@ func newAccessHook(pol Policy, tokens TokenVerifier, topic Topic, log *slog.Logg
 		limited:    ratelog.New(log, 30*time.Second),
 		principals: map[*mochi.Client]*principal{},
 		owners:     map[string]string{},
+		claims:     map[string]*mochi.Client{},
 		wills:      map[*mochi.Client]*heldWill{},
 		delayed:    map[string]*pendingWill{},
 	}
@@ -128,7 +130,7 @@ func newAccessHook(pol Policy, tokens TokenVerifier, topic Topic, log *slog.Logg
 func (h *accessHook) ID() string { return "edgegate-access" }
 
 func (h *accessHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnDisconnect, mochi.OnClientExpired}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnDisconnect, mochi.OnClientExpired, mochi.OnSessionEstablished}, []byte{b})
 }
 
 func (h *accessHook) deny(action, reason, who string, args ...any) {

@@ -85,18 +85,21 @@ func (h *accessHook) admit(cl *mochi.Client, pk packets.Packet, p *principal) bo
 		}
 		return false // mochi answers 3.1.1 with CONNACK 0x05 not authorized
 	}
-	if h.srv != nil {
-		if existing, ok := h.srv.Clients.Get(cl.ID); ok {
-			h.mu.Lock()
-			owner := h.owners[cl.ID]
-			h.mu.Unlock()
-			if owner != p.key() {
-				h.deny("connect", denyClientID, p.String(), "client", clipName(cl.ID))
-				h.refuse(cl, packets.ErrClientIdentifierNotValid)
-				return false
-			}
-			h.recheckInflight(existing, p)
-		}
+	// The session of the id, if any: one mochi holds, or one being
+	// established by a connection authenticated a moment ago (claims), so
+	// that two principals connecting at once cannot share it.
+	h.mu.Lock()
+	owner := h.owners[cl.ID]
+	claim := h.claims[cl.ID]
+	h.mu.Unlock()
+	existing, exists := h.srvClient(cl.ID)
+	if (exists || (claim != nil && !claim.Closed())) && owner != p.key() {
+		h.deny("connect", denyClientID, p.String(), "client", clipName(cl.ID))
+		h.refuse(cl, packets.ErrClientIdentifierNotValid)
+		return false
+	}
+	if exists {
+		h.recheckInflight(existing, p)
 	}
 	var w *heldWill
 	if pk.Connect.WillFlag {
@@ -117,6 +120,7 @@ func (h *accessHook) admit(cl *mochi.Client, pk packets.Packet, p *principal) bo
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.owners[cl.ID] = p.key()
+	h.claims[cl.ID] = cl
 	if pw, ok := h.delayed[cl.ID]; ok && pw.p.key() == p.key() { // [MQTT-3.1.3-9]
 		pw.t.Stop()
 		delete(h.delayed, cl.ID)
@@ -126,6 +130,15 @@ func (h *accessHook) admit(cl *mochi.Client, pk packets.Packet, p *principal) bo
 		h.wills[cl] = w
 	}
 	return true
+}
+
+// OnSessionEstablished: mochi holds the session now; the claim ends.
+func (h *accessHook) OnSessionEstablished(cl *mochi.Client, _ packets.Packet) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.claims[cl.ID] == cl {
+		delete(h.claims, cl.ID)
+	}
 }
 
 // refuse writes a CONNACK refusal and ends the connection, so that mochi's
@@ -173,6 +186,9 @@ func (h *accessHook) disconnected(cl *mochi.Client, err error, expire bool) {
 	delete(h.principals, cl)
 	w := h.wills[cl]
 	delete(h.wills, cl)
+	if h.claims[cl.ID] == cl {
+		delete(h.claims, cl.ID)
+	}
 	if expire && !cl.IsTakenOver() && h.owners[cl.ID] != "" {
 		if cur, ok := h.srvClient(cl.ID); !ok || cur == cl {
 			delete(h.owners, cl.ID)
