@@ -21,9 +21,10 @@ import (
 // cannot express (dropping a connection without DISCONNECT, resending a
 // PUBLISH with the same packet id, reading acknowledgements in order).
 type rawConn struct {
-	t  *testing.T
-	c  net.Conn
-	br *bufio.Reader
+	t       *testing.T
+	c       net.Conn
+	br      *bufio.Reader
+	version byte // 4 (3.1.1) or 5
 }
 
 type rawConnect struct {
@@ -32,6 +33,9 @@ type rawConnect struct {
 	willTopic          string
 	willPayload        string
 	willRetain         bool
+	// MQTT 5: session expiry and will delay, seconds.
+	v5                   bool
+	expiry, willDelaySec uint32
 }
 
 // rawDial connects and returns the CONNACK return code and session present.
@@ -42,13 +46,20 @@ func (e *accessEnv) rawDial(t *testing.T, rc rawConnect) (*rawConn, byte, bool) 
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { c.Close() })
-	r := &rawConn{t: t, c: c, br: bufio.NewReader(c)}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+	r := &rawConn{t: t, c: c, br: bufio.NewReader(c), version: 4}
+	if rc.v5 {
+		r.version = 5
+	}
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: r.version,
 		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: rc.id, Clean: rc.clean,
 			Keepalive: 30, Username: []byte(rc.user), UsernameFlag: true, Password: []byte(rc.password), PasswordFlag: true}}
 	if rc.willTopic != "" {
 		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload = true, rc.willTopic, []byte(rc.willPayload)
 		pk.Connect.WillQos, pk.Connect.WillRetain = 1, rc.willRetain
+		pk.Connect.WillProperties.WillDelayInterval = rc.willDelaySec
+	}
+	if rc.v5 && rc.expiry > 0 {
+		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = rc.expiry, true
 	}
 	var buf bytes.Buffer
 	if err := pk.ConnectEncode(&buf); err != nil {
@@ -87,7 +98,7 @@ func (r *rawConn) next(wait time.Duration) (packets.Packet, error) {
 	if err != nil {
 		return packets.Packet{}, err
 	}
-	pk := packets.Packet{ProtocolVersion: 4}
+	pk := packets.Packet{ProtocolVersion: r.version}
 	if err := pk.FixedHeader.Decode(hb); err != nil {
 		return pk, err
 	}
@@ -127,7 +138,7 @@ func (r *rawConn) next(wait time.Duration) (packets.Packet, error) {
 
 func (r *rawConn) send(pk packets.Packet) {
 	r.t.Helper()
-	pk.ProtocolVersion = 4
+	pk.ProtocolVersion = r.version
 	var buf bytes.Buffer
 	var err error
 	switch pk.FixedHeader.Type {
@@ -139,6 +150,8 @@ func (r *rawConn) send(pk packets.Packet) {
 	case packets.Subscribe:
 		pk.FixedHeader.Qos = 1
 		err = pk.SubscribeEncode(&buf)
+	case packets.Disconnect:
+		err = pk.DisconnectEncode(&buf)
 	}
 	if err != nil {
 		r.t.Fatal(err)
@@ -540,4 +553,43 @@ func (e *accessEnv) rawConnectPersistent(t *testing.T, id string) *rawConn {
 		t.Fatalf("CONNACK 0x%02x", code)
 	}
 	return r
+}
+
+// TestWillDelayV5: an MQTT 5 will waits for its Will Delay; a reconnection
+// of the same session within the delay cancels it [MQTT-3.1.3-9], while
+// another principal presenting the client id is refused (0x85) and cancels
+// nothing.
+func TestWillDelayV5(t *testing.T) {
+	e := newAccessEnv(t)
+	_, in := subscribe(t, e.app("alice"), "devices/+/telemetry")
+	rc := rawConnect{id: "a1-delay", user: "a1", password: e.devicePassword("a1"), clean: true, v5: true,
+		expiry: 30, willDelaySec: 1, willTopic: topicA1, willPayload: `{"status": "offline"}`}
+	r, code, _ := e.rawDial(t, rc)
+	if code != connAccepted {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	dropped := time.Now()
+	r.c.Close()
+	if _, code, _ := e.rawDial(t, rawConnect{id: "a1-delay", user: "b1", password: e.devicePassword("b1"), v5: true}); code != packets.ErrClientIdentifierNotValid.Code {
+		t.Fatalf("b1 with a1's client id during the delay: 0x%02x, want 0x85", code)
+	}
+	eventually(t, "the delayed will", func() bool { return in.count(topicA1) == 1 })
+	if took := time.Since(dropped); took < 900*time.Millisecond {
+		t.Fatalf("the will came %v after the drop, before its 1 s delay", took)
+	}
+
+	// Back within the delay: the will is not sent.
+	rc.willDelaySec, rc.clean = 2, false
+	r, _, _ = e.rawDial(t, rc)
+	r.c.Close()
+	time.Sleep(200 * time.Millisecond)
+	back, code, present := e.rawDial(t, rawConnect{id: "a1-delay", user: "a1", password: e.devicePassword("a1"), v5: true, expiry: 30})
+	if code != connAccepted || !present {
+		t.Fatalf("a1 back: 0x%02x present=%v", code, present)
+	}
+	time.Sleep(2500 * time.Millisecond)
+	if n := in.count(topicA1); n != 1 {
+		t.Fatalf("%d wills delivered, want 1: the reconnection did not cancel the pending will", n)
+	}
+	back.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
 }
