@@ -3,6 +3,7 @@ package mqtt
 import (
 	"bufio"
 	"bytes"
+	"fmt"
 	"io"
 	"net"
 	"os/exec"
@@ -592,4 +593,45 @@ func TestWillDelayV5(t *testing.T) {
 		t.Fatalf("%d wills delivered, want 1: the reconnection did not cancel the pending will", n)
 	}
 	back.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Disconnect}})
+}
+
+// TestHostileSessionRace: a1 and b1 connect at the same moment with the
+// same fresh client id (clean session 0): at most one of them gets it.
+func TestHostileSessionRace(t *testing.T) {
+	e := newAccessEnv(t)
+	for i := range 20 {
+		id := fmt.Sprintf("race-%d", i)
+		codes := make(chan byte, 2)
+		for _, dev := range []string{"a1", "b1"} {
+			go func() {
+				c, err := net.DialTimeout("tcp", strings.TrimPrefix(e.url, "tcp://"), 5*time.Second)
+				if err != nil {
+					codes <- 0xff
+					return
+				}
+				defer c.Close()
+				r := &rawConn{t: t, c: c, br: bufio.NewReader(c), version: 4}
+				pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
+					Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: id, Keepalive: 30,
+						Username: []byte(dev), UsernameFlag: true, Password: []byte(e.devicePassword(dev)), PasswordFlag: true}}
+				var buf bytes.Buffer
+				pk.ConnectEncode(&buf)
+				c.Write(buf.Bytes())
+				ack, err := r.next(5 * time.Second)
+				if err != nil {
+					codes <- 0xff
+					return
+				}
+				codes <- ack.ReasonCode
+				time.Sleep(100 * time.Millisecond) // hold the connection while the other tries
+			}()
+		}
+		a, b := <-codes, <-codes
+		if a == connAccepted && b == connAccepted {
+			t.Fatalf("round %d: both principals were given client id %s", i, id)
+		}
+		if a != connAccepted && b != connAccepted {
+			t.Fatalf("round %d: neither principal got the fresh client id (0x%02x, 0x%02x)", i, a, b)
+		}
+	}
 }

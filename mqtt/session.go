@@ -89,11 +89,15 @@ func (h *accessHook) admit(cl *mochi.Client, pk packets.Packet, p *principal) bo
 	// established by a connection authenticated a moment ago (claims), so
 	// that two principals connecting at once cannot share it.
 	h.mu.Lock()
-	owner := h.owners[cl.ID]
 	claim := h.claims[cl.ID]
-	h.mu.Unlock()
 	existing, exists := h.srvClient(cl.ID)
-	if (exists || (claim != nil && !claim.Closed())) && owner != p.key() {
+	taken := (exists || (claim != nil && !claim.Closed())) && h.owners[cl.ID] != p.key()
+	if !taken {
+		h.owners[cl.ID] = p.key()
+		h.claims[cl.ID] = cl
+	}
+	h.mu.Unlock()
+	if taken {
 		h.deny("connect", denyClientID, p.String(), "client", clipName(cl.ID))
 		h.refuse(cl, packets.ErrClientIdentifierNotValid)
 		return false
@@ -119,8 +123,6 @@ func (h *accessHook) admit(cl *mochi.Client, pk packets.Packet, p *principal) bo
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.owners[cl.ID] = p.key()
-	h.claims[cl.ID] = cl
 	if pw, ok := h.delayed[cl.ID]; ok && pw.p.key() == p.key() { // [MQTT-3.1.3-9]
 		pw.t.Stop()
 		delete(h.delayed, cl.ID)
