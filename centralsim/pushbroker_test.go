@@ -76,3 +76,41 @@ func TestPushWillRefused(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 }
+
+// TestPushSessionBoundToAccount: gw-1 presenting gw-bob's client id (its
+// persistent session is subscribed to gw-beta's bundles) is refused; gw-bob
+// resumes its own session.
+func TestPushSessionBoundToAccount(t *testing.T) {
+	f := newFixture(t, syncOptions, func(o *Options) { o.MQTT = true })
+	dial := func(user, token string) (paho.Client, error) {
+		o := paho.NewClientOptions().AddBroker(f.sim.MQTTURL()).SetClientID("gw-bob-session").SetCleanSession(false).
+			SetUsername(user).SetPassword(token).
+			SetTLSConfig(&tls.Config{RootCAs: f.sim.CAPool(), MinVersion: tls.VersionTLS12}).
+			SetConnectTimeout(5 * time.Second).SetAutoReconnect(false)
+		c := paho.NewClient(o)
+		tok := c.Connect()
+		if !tok.WaitTimeout(10 * time.Second) {
+			return nil, fmt.Errorf("connect timed out")
+		}
+		return c, tok.Error()
+	}
+	bob, err := dial("gw-bob", f.clientToken(t, "bob", "gw-bob"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := bob.Subscribe(PushTopic(gwBeta), 1, nil); !s.WaitTimeout(5*time.Second) || s.Error() != nil {
+		t.Fatalf("subscribe: %v", s.Error())
+	}
+	bob.Disconnect(0)
+	if c, err := dial("gw-1", f.clientToken(t, "alice", "gw-1")); err == nil || !strings.Contains(err.Error(), "not Authorized") {
+		if c != nil && err == nil {
+			c.Disconnect(0)
+		}
+		t.Fatalf("gw-1 with gw-bob's client id: %v, want not authorized", err)
+	}
+	back, err := dial("gw-bob", f.clientToken(t, "bob", "gw-bob"))
+	if err != nil {
+		t.Fatalf("gw-bob resuming its session: %v", err)
+	}
+	back.Disconnect(0)
+}
