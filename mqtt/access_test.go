@@ -146,7 +146,11 @@ func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
 	done := make(chan struct{})
 	go func() { b.Run(ctx, func() { close(ready) }); close(done) }()
 	<-ready
-	engine.OnChange(func(ch policy.Change) { b.CloseDeviceSessions(append(ch.Revoked, ch.Rebound...)) })
+	engine.OnChange(func(ch policy.Change) { // as the daemon does
+		gone := append(append([]string(nil), ch.Revoked...), ch.Rebound...)
+		b.CloseDeviceSessions(gone)
+		b.PurgeRetained(gone)
+	})
 	t.Cleanup(func() {
 		cancel()
 		<-done

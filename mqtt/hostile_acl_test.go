@@ -202,12 +202,6 @@ func (e *accessEnv) apply(t *testing.T, mut func(*policy.Document)) {
 	}
 }
 
-// withPurge wires the retained purge to policy changes as the daemon does.
-func withPurge(e *accessEnv) *accessEnv {
-	e.engine.OnChange(func(ch policy.Change) { e.broker.PurgeRetained(append(ch.Revoked, ch.Rebound...)) })
-	return e
-}
-
 const (
 	connAccepted       = 0x00
 	connIDRejected     = 0x02
@@ -288,7 +282,7 @@ func TestHostileWillAfterRevocation(t *testing.T) {
 // under alice, is not delivered to bob once a1 moves to him; retained
 // deliveries follow the reader's rights at delivery time.
 func TestHostileRetainedAfterOwnerChange(t *testing.T) {
-	e := withPurge(newAccessEnv(t))
+	e := newAccessEnv(t)
 	a1 := e.device("a1")
 	if tok := a1.Publish(topicA1, 1, true, sample); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
 		t.Fatalf("retained reading not acknowledged: %v", tok.Error())
