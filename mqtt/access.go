@@ -112,6 +112,7 @@ type accessHook struct {
 	claims     map[string]*mochi.Client // client id → connection establishing its session
 	wills      map[*mochi.Client]*heldWill
 	delayed    map[string]*pendingWill // by client id
+	gens       map[string]uint64       // device → registration changes seen (generation)
 	stopped    bool
 }
 
@@ -124,6 +125,7 @@ func newAccessHook(pol Policy, tokens TokenVerifier, topic Topic, log *slog.Logg
 		claims:     map[string]*mochi.Client{},
 		wills:      map[*mochi.Client]*heldWill{},
 		delayed:    map[string]*pendingWill{},
+		gens:       map[string]uint64{},
 	}
 }
 

@@ -108,6 +108,12 @@ func reg(id, owner string) policy.Registration {
 // WRITE_ONLY on a1.
 func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
 	t.Helper()
+	return newAccessEnvWith(t, nil, tune...)
+}
+
+// newAccessEnvWith is newAccessEnv with the pipeline wrapped by wrap.
+func newAccessEnvWith(t *testing.T, wrap func(*pipeline.Pipeline) Submitter, tune ...func(*BrokerOptions)) *accessEnv {
+	t.Helper()
 	devs := []policy.Registration{reg("a1", "alice"), reg("a2", "alice"), reg("b1", "bob")}
 	p, err := policy.Compile(policy.Document{Format: 1, Version: 1, IssuedAt: time.Now(), Devices: devs,
 		Delegations: []policy.Delegation{{Device: "a1", User: "carol", Kind: policy.ReadAccess}, {Device: "a1", User: "dave", Kind: policy.WriteOnly}}},
@@ -137,7 +143,11 @@ func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
 	for _, f := range tune {
 		f(&bo)
 	}
-	b, err := NewBroker(pipe, bo)
+	var sub Submitter = pipe
+	if wrap != nil {
+		sub = wrap(pipe)
+	}
+	b, err := NewBroker(sub, bo)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -49,6 +49,7 @@ type inflight struct {
 	retain  bool
 	id      uint16
 	qos     byte
+	gen     uint64 // the device's registration generation when it arrived
 	msg     pipeline.Message
 	wait    pipeline.Pending
 	ctx     context.Context
@@ -168,7 +169,7 @@ func (a *acker) settle(it *inflight) {
 			h.limited.Log(h.ctx, slog.LevelDebug, "ack", "acknowledgement not written", "device", it.msg.Device, "err", err)
 		}
 	}
-	if out == pipeline.Queued && h.srv != nil {
+	if out == pipeline.Queued && h.srv != nil && (h.generation == nil || h.generation(it.msg.Device) == it.gen) {
 		// Local subscribers get it once it is safe; refused and duplicate
 		// readings are acknowledged but never delivered.
 		if err := h.srv.Publish(it.topic, it.payload, it.retain, 1); err != nil {

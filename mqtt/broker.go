@@ -109,7 +109,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	access := newAccessHook(opts.Policy, opts.Tokens, opts.Topic, log.With("component", "mqtt-access"), opts.Metrics)
 	access.onDeny = opts.OnDeny
 	access.srv = srv
-	hook.deny = access.deny
+	hook.deny, hook.generation = access.deny, access.generation
 	if opts.Now != nil {
 		access.now = opts.Now
 	}
@@ -241,7 +241,10 @@ type ingestHook struct {
 	ackers  map[*mochi.Client]*acker
 	qos2    map[string]map[uint16]*inflight               // held QoS 2 packet ids, by client id (qos2.go)
 	deny    func(action, reason, who string, args ...any) // counted refusals (the access hook's)
-	wg      sync.WaitGroup
+	// generation of a device's registration (access hook): a reading is
+	// delivered locally only under the one it was taken under.
+	generation func(device string) uint64
+	wg         sync.WaitGroup
 }
 
 func (h *ingestHook) ID() string { return "edgegate-ingest" }
@@ -274,6 +277,9 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		msg.Payload = bytes.Clone(pk.Payload)
 		it := &inflight{topic: pk.TopicName, payload: msg.Payload, retain: pk.FixedHeader.Retain,
 			id: pk.PacketID, qos: pk.FixedHeader.Qos, msg: msg}
+		if h.generation != nil {
+			it.gen = h.generation(device)
+		}
 		if it.qos == 2 { // qos2.go
 			it.done = make(chan struct{})
 			first, full := h.qos2Receive(cl, it)

@@ -3,6 +3,7 @@ package mqtt
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/policy"
 )
 
@@ -627,5 +629,50 @@ func TestHostileSessionRace(t *testing.T) {
 		if a != connAccepted && b != connAccepted {
 			t.Fatalf("round %d: neither principal got the fresh client id (0x%02x, 0x%02x)", i, a, b)
 		}
+	}
+}
+
+// gatedPipeline holds every commit until its gate opens.
+type gatedPipeline struct {
+	*pipeline.Pipeline
+	gate chan struct{}
+}
+
+func (g gatedPipeline) Start(ctx context.Context, msg pipeline.Message) pipeline.Pending {
+	wait := g.Pipeline.Start(ctx, msg)
+	return func(ctx context.Context) (pipeline.Outcome, error) {
+		select {
+		case <-g.gate:
+		case <-ctx.Done():
+		}
+		return wait(ctx)
+	}
+}
+
+// TestHostileReadingAcrossOwnerChange: a retained reading a1 sent under
+// alice, still being committed when a1 moves to bob, is neither delivered
+// to bob nor retained for him.
+func TestHostileReadingAcrossOwnerChange(t *testing.T) {
+	gate := make(chan struct{})
+	e := newAccessEnvWith(t, func(p *pipeline.Pipeline) Submitter { return gatedPipeline{p, gate} })
+	a1 := e.device("a1")
+	tok := a1.Publish(topicA1, 1, true, sample)
+	time.Sleep(100 * time.Millisecond) // handed to the pipeline, held at the gate
+	e.apply(t, func(d *policy.Document) {
+		for i := range d.Devices {
+			if d.Devices[i].ID == "a1" {
+				d.Devices[i].Owner = "bob"
+			}
+		}
+	})
+	_, bobIn := subscribe(t, e.app("bob"), topicA1)
+	close(gate)
+	tok.WaitTimeout(2 * time.Second) // its session was closed: acknowledged or not, it is committed
+	e.settle(t, e.device("a1"), "a1", bobIn)
+	if n := bobIn.count(topicA1); n != 1 {
+		t.Fatalf("bob received %d readings of a1, want only the one sent after the move", n)
+	}
+	if _, ok := e.broker.srv.Topics.Retained.Get(topicA1); ok {
+		t.Fatal("the reading taken under alice was retained after a1 moved to bob")
 	}
 }

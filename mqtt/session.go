@@ -278,10 +278,14 @@ func (h *accessHook) sendWill(p *principal, w *heldWill) {
 }
 
 // revokeDevices marks the sessions of devices whose registration ended or
-// changed: their wills are never sent, now or after a delay.
+// changed: their wills are never sent, now or after a delay, and readings
+// taken before (generation) are not delivered locally after.
 func (h *accessHook) revokeDevices(set map[string]bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	for d := range set {
+		h.gens[d]++
+	}
 	for _, p := range h.principals {
 		if set[p.device] {
 			p.revoked.Store(true)
@@ -312,4 +316,14 @@ func (h *accessHook) OnClientExpired(cl *mochi.Client) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	delete(h.owners, cl.ID)
+}
+
+// generation counts the registration changes of a device seen by the
+// broker: a reading taken under one generation and committed under another
+// is acknowledged but not delivered to local subscribers (nor retained),
+// since it was collected under the old registration.
+func (h *accessHook) generation(device string) uint64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.gens[device]
 }
