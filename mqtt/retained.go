@@ -12,7 +12,9 @@ import (
 // OnACLCheck, like any other). Data collected under one registration is
 // never delivered under another: when a device is revoked or re-registered
 // (new owner, keys, broker or type), its retained message is dropped
-// (PurgeRetained, called on every policy change).
+// (PurgeRetained, called on every policy change), and a reading taken
+// before the change but committed after it is not delivered locally or
+// retained (accessHook.generation, checked by the acker).
 
 // PurgeRetained drops the retained messages of the given devices (revoked,
 // or re-registered) and returns how many were dropped.
