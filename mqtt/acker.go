@@ -172,7 +172,7 @@ func (a *acker) settle(it *inflight) {
 	if out == pipeline.Queued && h.srv != nil && (h.generation == nil || h.generation(it.msg.Device) == it.gen) {
 		// Local subscribers get it once it is safe; refused and duplicate
 		// readings are acknowledged but never delivered.
-		if err := h.srv.Publish(it.topic, it.payload, it.retain, 1); err != nil {
+		if err := h.srv.Publish(it.topic, it.payload, it.retain, it.qos); err != nil {
 			h.limited.Log(h.ctx, slog.LevelWarn, "deliver", "local delivery failed", "device", it.msg.Device, "err", err)
 		}
 	}
