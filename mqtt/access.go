@@ -132,7 +132,8 @@ func newAccessHook(pol Policy, tokens TokenVerifier, topic Topic, log *slog.Logg
 func (h *accessHook) ID() string { return "edgegate-access" }
 
 func (h *accessHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnDisconnect, mochi.OnClientExpired, mochi.OnSessionEstablished}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnDisconnect, mochi.OnClientExpired, mochi.OnSessionEstablished,
+		mochi.OnPacketEncode}, []byte{b})
 }
 
 func (h *accessHook) deny(action, reason, who string, args ...any) {

@@ -39,6 +39,7 @@ type rawConnect struct {
 	// MQTT 5: session expiry and will delay, seconds.
 	v5                   bool
 	expiry, willDelaySec uint32
+	recvMax              uint16
 }
 
 // rawDial connects and returns the CONNACK return code and session present.
@@ -60,6 +61,9 @@ func (e *accessEnv) rawDial(t *testing.T, rc rawConnect) (*rawConn, byte, bool) 
 		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload = true, rc.willTopic, []byte(rc.willPayload)
 		pk.Connect.WillQos, pk.Connect.WillRetain = 1, rc.willRetain
 		pk.Connect.WillProperties.WillDelayInterval = rc.willDelaySec
+	}
+	if rc.v5 && rc.recvMax > 0 {
+		pk.Properties.ReceiveMaximum = rc.recvMax
 	}
 	if rc.v5 && rc.expiry > 0 {
 		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = rc.expiry, true
@@ -155,6 +159,8 @@ func (r *rawConn) send(pk packets.Packet) {
 		err = pk.SubscribeEncode(&buf)
 	case packets.Disconnect:
 		err = pk.DisconnectEncode(&buf)
+	case packets.Puback:
+		err = pk.PubackEncode(&buf)
 	}
 	if err != nil {
 		r.t.Fatal(err)
@@ -674,5 +680,41 @@ func TestHostileReadingAcrossOwnerChange(t *testing.T) {
 	}
 	if _, ok := e.broker.srv.Topics.Retained.Get(topicA1); ok {
 		t.Fatal("the reading taken under alice was retained after a1 moved to bob")
+	}
+}
+
+// TestHostileQueuedDeliveryAfterDelegationRemoved: an MQTT 5 application
+// with a receive maximum of 1 has a second reading queued behind an
+// unacknowledged one; its delegation is withdrawn; its PUBACK must not
+// release the queued reading (mochi writes it without asking OnACLCheck).
+func TestHostileQueuedDeliveryAfterDelegationRemoved(t *testing.T) {
+	e := newAccessEnv(t)
+	carol, code, _ := e.rawDial(t, rawConnect{id: "carol-rm1", user: "carol", password: e.sso.token(t, "carol", nil),
+		clean: true, v5: true, recvMax: 1})
+	if code != connAccepted {
+		t.Fatalf("CONNACK 0x%02x", code)
+	}
+	carol.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe}, PacketID: 1,
+		Filters: packets.Subscriptions{{Filter: topicA1, Qos: 1}}})
+	if ack := carol.read(); ack.FixedHeader.Type != packets.Suback || ack.ReasonCodes[0] != 1 {
+		t.Fatalf("carol's subscription: %+v", ack)
+	}
+	_, aliceIn := subscribe(t, e.app("alice"), topicA1)
+	a1 := e.device("a1")
+	e.settle(t, a1, "a1", aliceIn)
+	first := carol.read()
+	if first.FixedHeader.Type != packets.Publish {
+		t.Fatalf("carol's first delivery: type %d", first.FixedHeader.Type)
+	}
+	e.settle(t, a1, "a1", aliceIn) // queued for carol behind the unacknowledged one
+	e.apply(t, func(d *policy.Document) { d.Delegations = nil })
+	carol.send(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: first.PacketID})
+	if pk, err := carol.next(noDeliveryInterval * 2); err == nil {
+		t.Fatalf("carol received packet type %d (topic %q) after her delegation was withdrawn", pk.FixedHeader.Type, pk.TopicName)
+	} else if !isTimeout(err) {
+		t.Fatalf("carol's connection: %v", err)
+	}
+	if got := testCounter(t, e.m, "deliver", denyLate); got < 1 {
+		t.Errorf("denied{deliver,not_readable_at_write} = %v", got)
 	}
 }
