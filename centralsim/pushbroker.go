@@ -22,7 +22,10 @@ import (
 //     the gateway the client is the account of (Options.Gateways, or bound
 //     on first use as for the HTTP endpoints). Wildcards are refused: a
 //     pushed bundle holds K1/K2 and must reach its gateway only.
-//   - PUBLISH by clients: refused; only ops publish, through Push.
+//   - PUBLISH by clients: refused; only ops publish, through Push. A
+//     CONNECT carrying a will is refused too (a will is a publish).
+//   - A client id whose session (connected or kept) belongs to another
+//     account is refused at CONNECT (0x05).
 //
 // Push(gw, true) sends the current compact JWS bundle; Push(gw, false) a
 // nudge {"type":"sync"} after which the gateway polls. QoS 1, not retained:
@@ -57,7 +60,7 @@ func (s *Server) startPushBroker(cert tls.Certificate) (*pushBroker, error) {
 		InlineClient: true, // Push publishes through it, past the ACL
 		Logger:       s.opts.Logger.With("component", "central-mqtt"),
 	})
-	if err := srv.AddHook(&pushAuthHook{s: s}, nil); err != nil {
+	if err := srv.AddHook(&pushAuthHook{s: s, srv: srv}, nil); err != nil {
 		return nil, fmt.Errorf("push broker: %w", err)
 	}
 	tcp := listeners.NewTCP(listeners.Config{ID: "central-push", Address: s.opts.MQTTListen, TLSConfig: tlsConfig(cert)})
@@ -116,7 +119,8 @@ func (s *Server) Push(gw string, bundle bool) error {
 // each on its own topic.
 type pushAuthHook struct {
 	mochi.HookBase
-	s *Server
+	s   *Server
+	srv *mochi.Server // its sessions; nil in unit tests of the hook
 }
 
 func (h *pushAuthHook) ID() string { return "central-sim-auth" }
@@ -136,6 +140,21 @@ func (h *pushAuthHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet
 		if _, known := h.s.clients[client]; !known {
 			err = fmt.Errorf("%q is not a client", client)
 		}
+	}
+	if err == nil && h.srv != nil {
+		// A client id is bound to the account whose session holds it:
+		// another account would inherit its subscription and the bundles
+		// (K1/K2) in flight to it, which mochi resends without OnACLCheck.
+		if existing, ok := h.srv.Clients.Get(cl.ID); ok && string(existing.Properties.Username) != client {
+			err = fmt.Errorf("client id %q belongs to another account's session", cl.ID)
+		}
+	}
+	if err == nil && pk.Connect.WillFlag {
+		// A will is a publish, and clients publish nothing here: mochi
+		// would publish it at disconnect without OnACLCheck (server.go
+		// sendLWT), onto another gateway's policy topic. Refused with
+		// CONNACK 0x05 not authorized rather than silently dropped.
+		err = fmt.Errorf("a will (topic %q) but clients may not publish", pk.Connect.WillTopic)
 	}
 	if err != nil {
 		h.s.log.Info("push broker refused a connection", "client", client, "remote", cl.Net.Remote, "err", err)

@@ -402,7 +402,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return err
 		}
 		engine.OnChange(func(ch policy.Change) {
-			b.CloseDeviceSessions(append(append([]string(nil), ch.Revoked...), ch.Rebound...))
+			gone := append(append([]string(nil), ch.Revoked...), ch.Rebound...)
+			b.CloseDeviceSessions(gone)
+			// Data retained under the old registration is not delivered
+			// under the new one.
+			b.PurgeRetained(gone)
 		})
 		ready := make(chan struct{})
 		ingest = start("mqtt-broker", func(ctx context.Context) error {

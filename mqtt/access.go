@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -78,6 +79,9 @@ type principal struct {
 	user    string    // set for an application
 	groups  []string  // the application token's groups claim
 	expires time.Time // application token expiry
+	// revoked is set when a policy change closes the session (device
+	// revoked or re-registered): its will is never sent.
+	revoked atomic.Bool
 }
 
 func (p *principal) String() string {
@@ -100,8 +104,16 @@ type accessHook struct {
 	now     func() time.Time
 	onDeny  func(action, reason, who string)
 
+	srv *mochi.Server // sessions, CONNACK refusals and wills; set by NewBroker
+
 	mu         sync.Mutex
 	principals map[*mochi.Client]*principal
+	owners     map[string]string        // client id → key of the principal whose session holds it
+	claims     map[string]*mochi.Client // client id → connection establishing its session
+	wills      map[*mochi.Client]*heldWill
+	delayed    map[string]*pendingWill // by client id
+	gens       map[string]uint64       // device → registration changes seen (generation)
+	stopped    bool
 }
 
 func newAccessHook(pol Policy, tokens TokenVerifier, topic Topic, log *slog.Logger, m *metrics.Metrics) *accessHook {
@@ -109,13 +121,19 @@ func newAccessHook(pol Policy, tokens TokenVerifier, topic Topic, log *slog.Logg
 		pol: pol, tokens: tokens, topic: topic, log: log, m: m, now: time.Now,
 		limited:    ratelog.New(log, 30*time.Second),
 		principals: map[*mochi.Client]*principal{},
+		owners:     map[string]string{},
+		claims:     map[string]*mochi.Client{},
+		wills:      map[*mochi.Client]*heldWill{},
+		delayed:    map[string]*pendingWill{},
+		gens:       map[string]uint64{},
 	}
 }
 
 func (h *accessHook) ID() string { return "edgegate-access" }
 
 func (h *accessHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnDisconnect}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnDisconnect, mochi.OnClientExpired, mochi.OnSessionEstablished,
+		mochi.OnPacketEncode}, []byte{b})
 }
 
 func (h *accessHook) deny(action, reason, who string, args ...any) {
@@ -145,8 +163,7 @@ func (h *accessHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) 
 			h.deny("connect", denyBadPassword, who, "remote", cl.Net.Remote)
 			return false
 		}
-		h.set(cl, &principal{device: user})
-		return true
+		return h.admit(cl, pk, &principal{device: user})
 	}
 	if h.tokens == nil {
 		// Without an SSO issuer only devices can log in.
@@ -160,15 +177,11 @@ func (h *accessHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) 
 		h.deny("connect", denyBadToken, who, "remote", cl.Net.Remote, "err", err)
 		return false
 	}
-	h.set(cl, &principal{user: c.User, groups: c.Groups, expires: c.Expiry})
+	if !h.admit(cl, pk, &principal{user: c.User, groups: c.Groups, expires: c.Expiry}) {
+		return false
+	}
 	h.log.Info("application connected", "user", c.User, "client", clipName(cl.ID))
 	return true
-}
-
-func (h *accessHook) set(cl *mochi.Client, p *principal) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	h.principals[cl] = p
 }
 
 func (h *accessHook) get(cl *mochi.Client) *principal {
@@ -177,10 +190,9 @@ func (h *accessHook) get(cl *mochi.Client) *principal {
 	return h.principals[cl]
 }
 
-func (h *accessHook) OnDisconnect(cl *mochi.Client, _ error, _ bool) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	delete(h.principals, cl)
+// OnDisconnect sends a due will and forgets the connection (session.go).
+func (h *accessHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
+	h.disconnected(cl, err, expire)
 }
 
 // OnACLCheck is called with a topic for a publish, with a filter for a

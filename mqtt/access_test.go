@@ -109,6 +109,12 @@ func reg(id, owner string) policy.Registration {
 // WRITE_ONLY on a1.
 func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
 	t.Helper()
+	return newAccessEnvWith(t, nil, tune...)
+}
+
+// newAccessEnvWith is newAccessEnv with the pipeline wrapped by wrap.
+func newAccessEnvWith(t *testing.T, wrap func(*pipeline.Pipeline) Submitter, tune ...func(*BrokerOptions)) *accessEnv {
+	t.Helper()
 	devs := []policy.Registration{reg("a1", "alice"), reg("a2", "alice"), reg("b1", "bob")}
 	p, err := policy.Compile(policy.Document{Format: 1, Version: 1, IssuedAt: time.Now(), Devices: devs,
 		Delegations: []policy.Delegation{{Device: "a1", User: "carol", Kind: policy.ReadAccess}, {Device: "a1", User: "dave", Kind: policy.WriteOnly}}},
@@ -138,7 +144,11 @@ func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
 	for _, f := range tune {
 		f(&bo)
 	}
-	b, err := NewBroker(pipe, bo)
+	var sub Submitter = pipe
+	if wrap != nil {
+		sub = wrap(pipe)
+	}
+	b, err := NewBroker(sub, bo)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +157,11 @@ func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
 	done := make(chan struct{})
 	go func() { b.Run(ctx, func() { close(ready) }); close(done) }()
 	<-ready
-	engine.OnChange(func(ch policy.Change) { b.CloseDeviceSessions(append(ch.Revoked, ch.Rebound...)) })
+	engine.OnChange(func(ch policy.Change) { // as the daemon does
+		gone := append(append([]string(nil), ch.Revoked...), ch.Rebound...)
+		b.CloseDeviceSessions(gone)
+		b.PurgeRetained(gone)
+	})
 	t.Cleanup(func() {
 		cancel()
 		<-done

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -37,6 +38,9 @@ type acker struct {
 	q    chan *inflight
 	stop chan struct{} // closed when the connection or the broker ends
 	once sync.Once
+	// overflow is set once the session held too many unreleased QoS 2 ids
+	// (qos2.go): the connection closes after the acknowledgements before.
+	overflow atomic.Bool
 }
 
 type inflight struct {
@@ -44,10 +48,31 @@ type inflight struct {
 	payload []byte
 	retain  bool
 	id      uint16
+	qos     byte
+	gen     uint64 // the device's registration generation when it arrived
 	msg     pipeline.Message
 	wait    pipeline.Pending
 	ctx     context.Context
 	cancel  context.CancelFunc
+
+	// QoS 2 (qos2.go): done is closed once the reading is committed
+	// (committed true) or given up; dupOf, when set, makes this a resend
+	// of a held publish, answered with PUBREC but not queued again.
+	done      chan struct{}
+	committed atomic.Bool
+	dupOf     *inflight
+	overflow  string // set: not a publish; close the connection of this device
+}
+
+func (it *inflight) isCommitted() bool { return it.committed.Load() }
+
+// finish records a QoS 2 publish's outcome for its resends.
+func (it *inflight) finish(committed bool) {
+	if it.done == nil {
+		return
+	}
+	it.committed.Store(committed)
+	close(it.done)
 }
 
 // ackerFor returns the connection's acker, starting it on first use.
@@ -106,29 +131,58 @@ func (a *acker) run() {
 
 func (a *acker) settle(it *inflight) {
 	h := a.h
+	if it.overflow != "" {
+		h.qos2Overflow(a.cl, it.overflow)
+		return
+	}
+	if it.dupOf != nil {
+		// A resend of a held QoS 2 publish (the first may belong to an
+		// earlier connection of the session): PUBREC once it is committed.
+		select {
+		case <-it.dupOf.done:
+		case <-h.ctx.Done():
+			return
+		}
+		if it.dupOf.isCommitted() && !a.cl.Closed() {
+			_ = a.cl.WritePacket(packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Pubrec}, PacketID: it.id})
+		}
+		return
+	}
 	defer it.cancel()
 	out, err := it.wait(it.ctx)
 	// Later publishes of this connection wait behind a held one.
 	if out, err = h.hold(a.cl, it.msg, out, err); err != nil {
+		if it.qos == 2 {
+			h.qos2Failed(a.cl, it)
+		}
+		it.finish(false)
 		return
 	}
+	it.finish(true)
 	if !a.cl.Closed() {
-		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Puback}, PacketID: it.id}
+		ackType := packets.Puback
+		if it.qos == 2 {
+			ackType = packets.Pubrec // [MQTT-4.3.3-8]; PUBCOMP answers the PUBREL
+		}
+		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: ackType}, PacketID: it.id}
 		if err := a.cl.WritePacket(ack); err != nil {
-			h.limited.Log(h.ctx, slog.LevelDebug, "ack", "PUBACK not written", "device", it.msg.Device, "err", err)
+			h.limited.Log(h.ctx, slog.LevelDebug, "ack", "acknowledgement not written", "device", it.msg.Device, "err", err)
 		}
 	}
-	if out == pipeline.Queued && h.srv != nil {
+	if out == pipeline.Queued && h.srv != nil && (h.generation == nil || h.generation(it.msg.Device) == it.gen) {
 		// Local subscribers get it once it is safe; refused and duplicate
 		// readings are acknowledged but never delivered.
-		if err := h.srv.Publish(it.topic, it.payload, it.retain, 1); err != nil {
+		if err := h.srv.Publish(it.topic, it.payload, it.retain, it.qos); err != nil {
 			h.limited.Log(h.ctx, slog.LevelWarn, "deliver", "local delivery failed", "device", it.msg.Device, "err", err)
 		}
+	}
+	if it.qos == 2 {
+		it.release() // its id stays held until PUBREL; the reading need not
 	}
 }
 
 // OnDisconnect ends the connection's acker once what it holds is resolved.
-func (h *ingestHook) OnDisconnect(cl *mochi.Client, _ error, _ bool) {
+func (h *ingestHook) OnDisconnect(cl *mochi.Client, _ error, expire bool) {
 	h.mu.Lock()
 	a, ok := h.ackers[cl]
 	delete(h.ackers, cl)
@@ -136,6 +190,7 @@ func (h *ingestHook) OnDisconnect(cl *mochi.Client, _ error, _ bool) {
 	if ok {
 		a.close()
 	}
+	h.qos2SessionEnded(cl, expire)
 }
 
 // stopAckers ends every acker and waits (bounded) until the readings they

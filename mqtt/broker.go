@@ -97,7 +97,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 		Logger: slog.New(minLevel{log.Handler(), slog.LevelError}).With("component", "mqtt-broker"),
 	})
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
-		ackers:  map[*mochi.Client]*acker{},
+		ackers: map[*mochi.Client]*acker{}, qos2: map[string]map[uint16]*inflight{},
 		limited: ratelog.New(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now)}
 	hook.ctx, hook.cancel = context.WithCancel(context.Background())
 	if st, ok := sub.(Starter); ok {
@@ -108,6 +108,8 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	}
 	access := newAccessHook(opts.Policy, opts.Tokens, opts.Topic, log.With("component", "mqtt-access"), opts.Metrics)
 	access.onDeny = opts.OnDeny
+	access.srv = srv
+	hook.deny, hook.generation = access.deny, access.generation
 	if opts.Now != nil {
 		access.now = opts.Now
 	}
@@ -166,6 +168,7 @@ func (b *Broker) CloseDeviceSessions(devices []string) int {
 	for _, d := range devices {
 		set[d] = true
 	}
+	b.access.revokeDevices(set) // their wills are never sent
 	n := 0
 	for _, cl := range b.access.sessions(func(p *principal) bool { return set[p.device] }) {
 		_ = b.srv.DisconnectClient(cl, packets.ErrNotAuthorized)
@@ -236,13 +239,18 @@ type ingestHook struct {
 	srv     *mochi.Server // local delivery of pipelined readings
 	mu      sync.Mutex
 	ackers  map[*mochi.Client]*acker
-	wg      sync.WaitGroup
+	qos2    map[string]map[uint16]*inflight               // held QoS 2 packet ids, by client id (qos2.go)
+	deny    func(action, reason, who string, args ...any) // counted refusals (the access hook's)
+	// generation of a device's registration (access hook): a reading is
+	// delivered locally only under the one it was taken under.
+	generation func(device string) uint64
+	wg         sync.WaitGroup
 }
 
 func (h *ingestHook) ID() string { return "edgegate-ingest" }
 
 func (h *ingestHook) Provides(b byte) bool {
-	return bytes.Contains([]byte{mochi.OnPublish, mochi.OnDisconnect}, []byte{b})
+	return bytes.Contains([]byte{mochi.OnPublish, mochi.OnDisconnect, mochi.OnPacketRead, mochi.OnSessionEstablish}, []byte{b})
 }
 
 // OnPublish runs on the publishing client's goroutine, before its PUBACK.
@@ -267,12 +275,34 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		// Pipelined: hand it over in arrival order; the connection's acker
 		// sends the PUBACK (and delivers it locally) once it is synced.
 		msg.Payload = bytes.Clone(pk.Payload)
-		ctx, cancel := context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
 		it := &inflight{topic: pk.TopicName, payload: msg.Payload, retain: pk.FixedHeader.Retain,
-			id: pk.PacketID, msg: msg, ctx: ctx, cancel: cancel}
-		it.wait = h.starter.Start(ctx, msg)
+			id: pk.PacketID, qos: pk.FixedHeader.Qos, msg: msg}
+		if h.generation != nil {
+			it.gen = h.generation(device)
+		}
+		if it.qos == 2 { // qos2.go
+			it.done = make(chan struct{})
+			first, full := h.qos2Receive(cl, it)
+			if full {
+				// Closed once the publishes before it are acknowledged.
+				if a := h.ackerFor(cl); a.overflow.CompareAndSwap(false, true) {
+					a.push(&inflight{overflow: device})
+				}
+				return pk, packets.ErrRejectPacket
+			}
+			if first != nil {
+				h.ackerFor(cl).push(&inflight{id: it.id, qos: 2, dupOf: first})
+				return pk, packets.ErrRejectPacket
+			}
+		}
+		it.ctx, it.cancel = context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
+		it.wait = h.starter.Start(it.ctx, msg)
 		if !h.ackerFor(cl).push(it) {
-			cancel()
+			it.cancel()
+			if it.qos == 2 {
+				h.qos2Failed(cl, it)
+			}
+			it.finish(false)
 		}
 		return pk, packets.ErrRejectPacket
 	}
