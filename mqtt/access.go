@@ -172,7 +172,14 @@ func (h *accessHook) OnConnectAuthenticate(cl *mochi.Client, pk packets.Packet) 
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := h.tokens.Verify(ctx, string(pk.Connect.Password))
+	pw := string(pk.Connect.Password)
+	if strings.Count(pw, ".") != 2 {
+		// Not an access token's shape: a device the policy does not list
+		// (the likelier mistake), said as such rather than "bad token".
+		h.deny("connect", denyUnknownDevice, who, "remote", cl.Net.Remote)
+		return false
+	}
+	c, err := h.tokens.Verify(ctx, pw)
 	if err != nil {
 		h.deny("connect", denyBadToken, who, "remote", cl.Net.Remote, "err", err)
 		return false

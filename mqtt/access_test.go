@@ -297,17 +297,18 @@ func TestLoginMatrix(t *testing.T) {
 	tests := []struct {
 		name, user, password string
 		ok                   bool
+		reason               string // the counted refusal reason
 	}{
-		{"device with its credential", "a1", a1pw, true},
-		{"device with another device's credential", "a2", a1pw, false},
-		{"device with a wrong password", "a1", "not-the-password", false},
-		{"unregistered device", "rogue", a1pw, false},
-		{"anonymous", "", "", false},
-		{"application with a valid token", "carol", e.sso.token(t, "carol", nil), true},
-		{"expired token", "carol", e.sso.token(t, "carol", func(tk jwt.Token) { tk.Set(jwt.ExpirationKey, time.Now().Add(-time.Minute)) }), false},
-		{"wrong audience", "carol", e.sso.token(t, "carol", func(tk jwt.Token) { tk.Set(jwt.AudienceKey, []string{"grafana"}) }), false},
-		{"token signed by an unknown key", "carol", e.sso.token(t, "carol", nil, stranger), false},
-		{"alg none", "carol", noneToken(e.sso.srv.URL), false},
+		{"device with its credential", "a1", a1pw, true, ""},
+		{"device with another device's credential", "a2", a1pw, false, denyBadPassword},
+		{"device with a wrong password", "a1", "not-the-password", false, denyBadPassword},
+		{"unregistered device", "rogue", a1pw, false, denyUnknownDevice},
+		{"anonymous", "", "", false, denyAnonymous},
+		{"application with a valid token", "carol", e.sso.token(t, "carol", nil), true, ""},
+		{"expired token", "carol", e.sso.token(t, "carol", func(tk jwt.Token) { tk.Set(jwt.ExpirationKey, time.Now().Add(-time.Minute)) }), false, denyBadToken},
+		{"wrong audience", "carol", e.sso.token(t, "carol", func(tk jwt.Token) { tk.Set(jwt.AudienceKey, []string{"grafana"}) }), false, denyBadToken},
+		{"token signed by an unknown key", "carol", e.sso.token(t, "carol", nil, stranger), false, denyBadToken},
+		{"alg none", "carol", noneToken(e.sso.srv.URL), false, denyBadToken},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -322,6 +323,9 @@ func TestLoginMatrix(t *testing.T) {
 				}
 				if !strings.Contains(err.Error(), "not Authorized") && !strings.Contains(err.Error(), "bad user name or password") {
 					t.Fatalf("login refused with %v, want a CONNACK refusal", err)
+				}
+				if n := testCounter(t, e.m, "connect", tt.reason); n < 1 {
+					t.Errorf("refusal not counted as connect/%s", tt.reason)
 				}
 			}
 		})
