@@ -311,8 +311,8 @@ func (p *Policy) grant(m map[string]map[string]bool, user, device string) {
 
 func checkRegistration(r Registration) error {
 	switch {
-	case !reading.ValidID(r.ID):
-		return fmt.Errorf("id %q must match [A-Za-z0-9._-]{1,256}", clip(r.ID))
+	case !reading.ValidDeviceID(r.ID):
+		return fmt.Errorf("registration: %w", reading.ValidateDeviceID(r.ID))
 	case !reading.ValidID(r.Type):
 		return fmt.Errorf("device %s: type %q must match [A-Za-z0-9._-]{1,256}", r.ID, clip(r.Type))
 	case r.Owner == "":
