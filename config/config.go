@@ -13,11 +13,15 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/edgegate/edgegate/logtext"
+	"github.com/edgegate/edgegate/reading"
 )
 
 // Template is the commented example printed by `edgegate config template`.
@@ -722,9 +726,10 @@ func (c *Config) Validate() error {
 	seen := map[string]bool{}
 	for i, d := range c.Devices {
 		key := fmt.Sprintf("devices[%d]", i)
+		idErr := reading.ValidateDeviceID(d.ID)
 		switch {
-		case !validID(d.ID):
-			bad(key+".id", d.ID, "must match [A-Za-z0-9._-]{1,256}")
+		case idErr != nil:
+			bad(key+".id", d.ID, "must be a platform device id, [A-Za-z0-9._-]{1,255} and not . or .. ("+idErr.Error()+")")
 		case seen[d.ID]:
 			bad(key+".id", d.ID, "is given twice")
 		}
@@ -797,7 +802,85 @@ func (c *Config) Validate() error {
 	default:
 		bad("log.format", c.Log.Format, "must be text or json")
 	}
+	errs = append(errs, c.urlSecrets()...)
 	return errors.Join(errs...)
+}
+
+// urlSecrets refuses a URL that carries a credential: user:password@ or
+// a token in the query. Tokens come from files (client_secret_file,
+// password_file) or systemd credentials, never from a URL, which ends up
+// in logs, process listings and error messages. The error names the key
+// and never the secret (FieldError redacts the value).
+func (c *Config) urlSecrets() []error {
+	type kv struct{ key, url string }
+	urls := []kv{
+		{"mqtt.external.url", c.MQTT.External.URL},
+		{"central.issuer", c.Central.Issuer},
+		{"central.jwks_url", c.Central.JWKSURL},
+		{"central.token_url", c.Central.TokenURL},
+		{"policy.central_url", c.Policy.CentralURL},
+		{"policy.push_url", c.Policy.PushURL},
+		{"policy.ownership.url", c.Policy.Ownership.URL},
+		{"policy.ownership.datamanager_url", c.Policy.Ownership.DataManagerURL},
+	}
+	names := make([]string, 0, len(c.Policy.Ownership.Brokers))
+	for name := range c.Policy.Ownership.Brokers {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		urls = append(urls, kv{"policy.ownership.brokers." + name, c.Policy.Ownership.Brokers[name]})
+	}
+	for i, d := range c.Devices {
+		urls = append(urls, kv{fmt.Sprintf("devices[%d].broker", i), d.Broker})
+	}
+	var errs []error
+	for _, x := range urls {
+		if msg := urlSecret(x.url); msg != "" {
+			errs = append(errs, &FieldError{Key: x.key, Value: x.url, Msg: msg})
+		}
+	}
+	return errs
+}
+
+// urlSecret says what secret a URL carries, or "".
+func urlSecret(s string) string {
+	if s == "" {
+		return ""
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		if strings.Contains(s, "@") || strings.Contains(s, "?") {
+			return "must not carry credentials; it is not a valid URL either"
+		}
+		return ""
+	}
+	if u.User != nil {
+		return "must not carry credentials (user:password@): put the password in a file (mqtt.external.password_file, central.client_secret_file) or a systemd credential"
+	}
+	for name := range u.Query() {
+		if credentialParam(name) {
+			return fmt.Sprintf("must not carry a token in its query (parameter %q): tokens come from files or credentials, never URLs", logtext.Clip(name, 32))
+		}
+	}
+	return ""
+}
+
+// credentialParam reports a query parameter name that carries a secret:
+// token, access_token, password, secret, apikey, k1, k2 (the Orion
+// Broker Filter's device keys), jwt, auth, signature and the like.
+func credentialParam(name string) bool {
+	n := strings.ToLower(name)
+	switch n {
+	case "k1", "k2", "sig", "code":
+		return true
+	}
+	for _, w := range []string{"token", "pass", "secret", "key", "auth", "jwt", "cred", "signature", "session"} {
+		if strings.Contains(n, w) {
+			return true
+		}
+	}
+	return false
 }
 
 func validID(s string) bool {
@@ -821,15 +904,13 @@ func httpsURL(s string) error {
 	if u.Scheme != "https" {
 		return errors.New("must use https:// (TLS is always verified)")
 	}
-	if u.User != nil {
-		return errors.New("must not carry credentials")
-	}
+	// user:password@ is refused by urlSecrets, with a message of its own.
 	return nil
 }
 
 // secureURL is httpsURL, or an http URL to a loopback host.
 func secureURL(s string) error {
-	if u, err := url.Parse(s); err == nil && u.Scheme == "http" && u.Host != "" && u.User == nil && isLoopbackHost(u.Hostname()) {
+	if u, err := url.Parse(s); err == nil && u.Scheme == "http" && u.Host != "" && isLoopbackHost(u.Hostname()) {
 		return nil
 	}
 	return httpsURL(s)
