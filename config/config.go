@@ -1007,3 +1007,59 @@ func (b ByteSize) String() string {
 	}
 	return strconv.FormatInt(int64(b), 10)
 }
+
+// PrivateFile is the daemon's rule for a file that holds a secret (a
+// client secret, a broker password, the store key): a regular file no
+// group or other user may access. `edgegate run` and `edgegate config
+// check` both apply it, so check cannot pass a file run then refuses.
+// The error names the file and the fix, never its content.
+func PrivateFile(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		return fmt.Errorf("%s has mode %04o; a secret file must be private: chmod 600 %s", path, perm, path)
+	}
+	return nil
+}
+
+// CheckSecretFiles applies PrivateFile to every secret file run reads:
+// central.client_secret_file (unless the credentials are paired),
+// mqtt.external.password_file and the store key file (unless the store
+// key comes from a systemd credential: storekey.Load looks for
+// store.credential in $CREDENTIALS_DIRECTORY, read through getenv, first).
+// The config and devices files holding k1/k2 were checked by Load. A
+// missing file is not an error here: before pairing there is none, and
+// run reports it as not configured (or generates the store key).
+func (c *Config) CheckSecretFiles(getenv func(string) string) error {
+	type kf struct{ key, path string }
+	files := []kf{}
+	if c.Central.Credentials != CredentialsPaired {
+		files = append(files, kf{"central.client_secret_file", c.Central.ClientSecretFile})
+	}
+	if c.MQTT.Mode == ModeExternal {
+		files = append(files, kf{"mqtt.external.password_file", c.MQTT.External.PasswordFile})
+	}
+	credential := false
+	if dir := getenv("CREDENTIALS_DIRECTORY"); dir != "" && c.Store.Credential != "" {
+		_, err := os.Stat(filepath.Join(dir, c.Store.Credential))
+		credential = err == nil
+	}
+	if !credential {
+		files = append(files, kf{"store.key_file", c.KeyFile()})
+	}
+	var errs []error
+	for _, f := range files {
+		if f.path == "" {
+			continue
+		}
+		if err := PrivateFile(f.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, &FieldError{Key: f.key, Msg: err.Error()})
+		}
+	}
+	return errors.Join(errs...)
+}

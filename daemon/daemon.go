@@ -575,13 +575,14 @@ func (d *Daemon) serveMetrics(ctx context.Context, ln net.Listener, healthy func
 }
 
 // readSecretFile reads a secret from a file only its owner can read.
+// The rule is config.PrivateFile, the one `config check` applies too.
 func readSecretFile(path string) (string, error) {
+	if err := config.PrivateFile(path); err != nil {
+		return "", err
+	}
 	st, err := os.Stat(path)
 	if err != nil {
 		return "", err
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return "", fmt.Errorf("%s has mode %04o; a secret file must be private: chmod 600 %s", path, st.Mode().Perm(), path)
 	}
 	if st.Size() > 64<<10 {
 		return "", fmt.Errorf("%s is too large for a secret (%d bytes)", path, st.Size())

@@ -324,7 +324,7 @@ func checkRegistration(r Registration) error {
 	}
 	u, err := url.Parse(r.Broker)
 	if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil {
-		return fmt.Errorf("device %s: broker %q must be an https:// URL", r.ID, clip(r.Broker))
+		return fmt.Errorf("device %s: broker %q must be an https:// URL without credentials", r.ID, clip(logtext.RedactURL(r.Broker)))
 	}
 	if b := r.Radio; b != nil {
 		if b.Port == "" || b.Node < -1 || b.Node > 254 || b.Child < -1 || b.Child > 254 {
