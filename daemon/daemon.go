@@ -161,7 +161,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 				log.Error("factory reset: wipe the state directory", "err", err)
 				return
 			}
-			log.Warn("factory reset: state, keys and credentials wiped; the gateway is unpaired")
+			log.Warn("factory reset: state, keys and credentials wiped; the gateway is unpaired (the policy's anti-rollback floor is kept)")
 		}
 	}()
 
@@ -215,7 +215,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			clear(key)
 			return fmt.Errorf("open queue: %w (and it could not be quarantined: %v)", err, rerr)
 		}
-		log.Error("the store is corrupt: quarantined; starting with an empty store. The readings queued in it, the cached policy and the pairing are kept in the quarantined copy; they are not delivered. Pair again if this gateway was paired.",
+		log.Error("the store is corrupt: quarantined; starting with an empty store. The readings queued in it, the cached policy and the pairing are kept in the quarantined copy; they are not delivered. Pair again if this gateway was paired. The policy's version floor, kept outside the store, still holds.",
 			"err", err, "quarantined", moved)
 		q, err = queue.Open(qopts)
 	}

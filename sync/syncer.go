@@ -110,6 +110,11 @@ type Options struct {
 
 	Engine  *policy.Engine
 	Store   StateStore
+	// FloorFile keeps the anti-rollback floor outside Store as well
+	// (state_dir/FloorFileName), so that it survives a quarantined or
+	// wiped store; the floor in force is the higher of the two. Empty:
+	// the store only.
+	FloorFile string
 	Tokens  Tokens
 	Signer  Signer           // nil: no receipts
 	Metrics *metrics.Metrics // nil: none
@@ -357,8 +362,24 @@ func (s *Syncer) loadFloor() error {
 			return fmt.Errorf("load policy floor: %s", jsonErr(err))
 		}
 	}
+	v := floor.Version
+	if s.o.FloorFile != "" {
+		fv, err := readFloorFile(s.o.FloorFile)
+		if err != nil {
+			return err
+		}
+		if fv > v {
+			s.log.Warn("policy floor kept outside the store is above the store's (a quarantined or reset store): the floor stays", "floor", fv, "store_floor", v)
+			v = fv
+		} else if fv < v {
+			// A store from before the file existed: keep the file in step.
+			if err := writeFloorFile(s.o.FloorFile, v); err != nil {
+				return err
+			}
+		}
+	}
 	s.mu.Lock()
-	s.floor = max(s.floor, floor.Version)
+	s.floor = max(s.floor, v)
 	s.floorLoaded = true
 	s.mu.Unlock()
 	return nil
@@ -467,6 +488,17 @@ func (s *Syncer) offer(ctx context.Context, raw []byte, via string) (string, err
 			return resultUnchanged, nil
 		}
 	}
+	if errors.As(err, &re) && re.Reason == ReasonRollback && floor > 0 && cur.Source == "" {
+		// No policy in force but a floor: the store was quarantined or
+		// reset while the floor file kept the version. The bundle AT the
+		// floor is the one that was in force then, not a rollback; accept
+		// it so that the gateway is not left without a policy until
+		// central publishes the next version. Below the floor stays
+		// refused.
+		if again, err2 := s.verifier.Verify(raw, floor-1); err2 == nil && again.Document.Version == floor {
+			vf, err, re = again, nil, nil
+		}
+	}
 	if err != nil {
 		if re != nil {
 			return resultRefused, s.refused(ctx, via, re)
@@ -515,6 +547,13 @@ func (s *Syncer) apply(ctx context.Context, p *policy.Policy, doc policy.Documen
 	fb, _ := json.Marshal(floorRecord{Version: floor})
 	if err := s.o.Store.PutState(StateFloor, fb); err != nil {
 		return fmt.Errorf("persist policy floor %d: %w", floor, err)
+	}
+	// Then outside the store; a crash before this leaves the file behind,
+	// and loadFloor takes the higher of the two.
+	if s.o.FloorFile != "" {
+		if err := writeFloorFile(s.o.FloorFile, floor); err != nil {
+			return fmt.Errorf("persist policy floor %d: %w", floor, err)
+		}
 	}
 	s.mu.Lock()
 	s.floor = floor
