@@ -67,7 +67,9 @@ func TestCompileNamesTheBadField(t *testing.T) {
 		want string
 	}{
 		{"format", Document{Format: 9}, "format 9"},
-		{"bad id", doc(1, bad(func(r *Registration) { r.ID = "a b" })), `devices[0]: id "a b"`},
+		{"bad id", doc(1, bad(func(r *Registration) { r.ID = "a b" })), `devices[0]: device id "a b"`},
+		{"dot-dot id", doc(1, bad(func(r *Registration) { r.ID = ".." })), `devices[0]: device id ".." is not allowed`},
+		{"colon id", doc(1, bad(func(r *Registration) { r.ID = "org:broker:d1" })), `devices[0]: device id "org:broker:d1": byte 3 (':')`},
 		{"bad type", doc(1, bad(func(r *Registration) { r.Type = "" })), "type"},
 		{"no owner", doc(1, bad(func(r *Registration) { r.Owner = "" })), "owner is empty"},
 		{"no keys", doc(1, bad(func(r *Registration) { r.K2 = "" })), "k1 and k2"},
