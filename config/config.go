@@ -493,8 +493,10 @@ func (c *Config) Validate() error {
 	var errs []error
 	bad := func(key, value, msg string) { errs = append(errs, &FieldError{Key: key, Value: value, Msg: msg}) }
 
-	if c.Gateway.ID != "" && !validID(c.Gateway.ID) {
-		bad("gateway.id", c.Gateway.ID, "must match [A-Za-z0-9._-]{1,256}")
+	if c.Gateway.ID != "" && (!validID(c.Gateway.ID) || c.Gateway.ID == "." || c.Gateway.ID == "..") {
+		// Not "." or "..": the id is a path segment of central's URLs
+		// (/edgegate/v1/gateways/{gw}/policy) and an MQTT topic level.
+		bad("gateway.id", c.Gateway.ID, "must match [A-Za-z0-9._-]{1,256} and not be . or ..")
 	}
 	if c.StateDir == "" {
 		bad("state_dir", "", "must be set")

@@ -270,6 +270,12 @@ func TestURLSecretsRefused(t *testing.T) {
 // TestDeviceIDDotSegments: "." and ".." pass the character rule but would
 // make PATCH /v2/entities/../attrs; the config refuses them.
 func TestDeviceIDDotSegments(t *testing.T) {
+	for _, gw := range []string{".", ".."} {
+		_, err := Load(writeFile(t, t.TempDir(), "c.yaml", base+"gateway:\n  id: '"+gw+"'\n", 0o600))
+		if err == nil || !strings.Contains(err.Error(), "gateway.id") {
+			t.Errorf("Load(gateway.id %q) = %v, want gateway.id refused", gw, err)
+		}
+	}
 	for _, id := range []string{".", "..", "a:b"} {
 		body := base + "devices:\n  - id: '" + id + "'\n    type: T\n    owner: a\n    k1: x1\n    k2: y2\n    broker: https://b.example\n"
 		_, err := Load(writeFile(t, t.TempDir(), "c.yaml", body, 0o600))

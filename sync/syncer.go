@@ -244,8 +244,9 @@ type Syncer struct {
 // New checks the options and builds a Syncer. It does no I/O: call
 // LoadCached before the stages that enforce the policy start, then Run.
 func New(o Options) (*Syncer, error) {
-	if !reading.ValidID(o.Gateway) {
-		return nil, fmt.Errorf("policy sync: gateway id %q must match [A-Za-z0-9._-]{1,256}", clip(o.Gateway))
+	if !reading.ValidID(o.Gateway) || o.Gateway == "." || o.Gateway == ".." {
+		// A path segment of central's URLs: never "." or "..".
+		return nil, fmt.Errorf("policy sync: gateway id %q must match [A-Za-z0-9._-]{1,256} and not be . or ..", clip(o.Gateway))
 	}
 	if o.Engine == nil || o.Store == nil || o.Tokens == nil {
 		return nil, errors.New("policy sync: engine, store and tokens are required")
