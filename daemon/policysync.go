@@ -31,7 +31,7 @@ func newSyncer(cfg *config.Config, gw string, id *identity.Identity, engine *pol
 		Gateway: gw, Engine: engine, Store: q, Tokens: tokens, Signer: id, Metrics: m,
 		// Outside the store: survives quarantine and factory reset.
 		FloorFile: filepath.Join(cfg.StateDir, centralsync.FloorFileName),
-		Logger: log.With("component", "policy-sync"), CentralURL: cfg.Policy.CentralURL, HTTPClient: client,
+		Logger:    log.With("component", "policy-sync"), CentralURL: cfg.Policy.CentralURL, HTTPClient: client,
 		PollInterval: cfg.Policy.PollInterval, Now: now, OnRefusal: onRefusal,
 		MQTTURL: cfg.Policy.PushURL, MQTTUsername: cfg.Central.ClientID,
 		MQTTTLS: &tls.Config{RootCAs: centralCAs, MinVersion: tls.VersionTLS12},
