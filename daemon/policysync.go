@@ -29,12 +29,12 @@ func newSyncer(cfg *config.Config, gw string, id *identity.Identity, engine *pol
 	registry *centralsync.Registry, onRefusal func(reason, via, detail string)) (*centralsync.Syncer, error) {
 	o := centralsync.Options{
 		Gateway: gw, Engine: engine, Store: q, Tokens: tokens, Signer: id, Metrics: m,
-		// Outside the store: survives quarantine and factory reset.
-		FloorFile: filepath.Join(cfg.StateDir, centralsync.FloorFileName),
-		Logger:    log.With("component", "policy-sync"), CentralURL: cfg.Policy.CentralURL, HTTPClient: client,
+		Logger: log.With("component", "policy-sync"), CentralURL: cfg.Policy.CentralURL, HTTPClient: client,
 		PollInterval: cfg.Policy.PollInterval, Now: now, OnRefusal: onRefusal,
 		MQTTURL: cfg.Policy.PushURL, MQTTUsername: cfg.Central.ClientID,
 		MQTTTLS: &tls.Config{RootCAs: centralCAs, MinVersion: tls.VersionTLS12},
+		// Outside the store: survives quarantine and factory reset.
+		FloorFile: filepath.Join(cfg.StateDir, centralsync.FloorFileName),
 	}
 	switch cfg.Policy.Source {
 	case config.PolicyBundle:

@@ -108,17 +108,17 @@ type Options struct {
 	Gateway string // this gateway's id: URLs, MQTT topic and client id, bundle "gateway"
 	Source  string // SourceBundle (default) or SourceOwnership
 
-	Engine *policy.Engine
-	Store  StateStore
+	Engine  *policy.Engine
+	Store   StateStore
+	Tokens  Tokens
+	Signer  Signer           // nil: no receipts
+	Metrics *metrics.Metrics // nil: none
+	Logger  *slog.Logger     // nil: discard
 	// FloorFile keeps the anti-rollback floor outside Store as well
 	// (state_dir/FloorFileName), so that it survives a quarantined or
 	// wiped store; the floor in force is the higher of the two. Empty:
 	// the store only.
 	FloorFile string
-	Tokens    Tokens
-	Signer    Signer           // nil: no receipts
-	Metrics   *metrics.Metrics // nil: none
-	Logger    *slog.Logger     // nil: discard
 
 	// CentralURL is the central service's base, e.g. https://central.example;
 	// the bundle is at {CentralURL}/edgegate/v1/gateways/{gw}/policy and
