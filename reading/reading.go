@@ -443,6 +443,9 @@ func Parse(payload []byte) (attrs []Attribute, observed time.Time, err error) {
 	}
 	attrs = make([]Attribute, 0, len(top))
 	for name, raw := range top {
+		if strings.ContainsRune(name, utf8.RuneError) && !sentReplacement(payload) {
+			return nil, time.Time{}, &reasonError{ReasonBadUTF8, "an attribute name has a \\u escape that is not a valid UTF-16 character"}
+		}
 		a, err := parseAttr(name, raw)
 		if err != nil {
 			return nil, time.Time{}, err

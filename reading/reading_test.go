@@ -6,6 +6,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 func TestParse(t *testing.T) {
@@ -131,13 +132,35 @@ func FuzzParse(f *testing.F) {
 	for _, s := range []string{`{"t":1}`, `{"t":{"value":1,"type":"Float"}}`, `{"TimeInstant":"2026-01-01T00:00:00Z","x":"y"}`, `[]`, ``, `{"a":{"value":{"b":[1,"<"]}}}`} {
 		f.Add([]byte(s))
 	}
+	for _, s := range []string{"{\"t\":\"\xff\"}", `{"t":"\ud800"}`, `{"t":1e999}`, `{"t":{"value":"NaN","type":"Number"}}`, `{"id":1}`} {
+		f.Add([]byte(s))
+	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		attrs, _, err := Parse(b)
 		if err != nil {
 			return
 		}
+		// Accepted: valid UTF-8, and no U+FFFD the device did not send.
+		if !utf8.Valid(b) {
+			t.Fatalf("Parse accepted invalid UTF-8 %q", b)
+		}
+		if !sentReplacement(b) {
+			for _, a := range attrs {
+				if hasReplacement(a.Value, 0) {
+					t.Fatalf("Parse(%q) made up a U+FFFD in %s", b, a.Name)
+				}
+			}
+		}
 		r := Reading{Device: "d", Attrs: attrs}
-		_ = r.Validate() // must not panic; NGSI rules are checked here
+		r.DropOrionInvalid()
+		if err := r.Validate(); err == nil {
+			// What validates has no reserved name and only finite numbers.
+			for _, a := range r.Attrs {
+				if ReservedName(a.Name) || (numericType(a.Type) && !finiteNumber(a.Value)) {
+					t.Fatalf("Validate accepted %+v", a)
+				}
+			}
+		}
 	})
 }
 
@@ -199,6 +222,7 @@ func TestParseRefusalReasons(t *testing.T) {
 		{"invalid UTF-8", "{\"x\":\"caf\xe9\"}", ReasonBadUTF8, ""},
 		{"invalid UTF-8 in a name", "{\"\xff\":1}", ReasonBadUTF8, ""},
 		{"lone surrogate escape", `{"x":"\ud800"}`, ReasonBadUTF8, ""},
+		{"lone surrogate escape in a name", `{"\udc00x":1}`, ReasonBadUTF8, ""},
 		{"real replacement character is kept", `{"x":"\ufffd"}`, "", ""},
 		{"1e999", `{"x":1e999}`, ReasonNotFinite, ""},
 		{"-1e999 in NGSI form", `{"x":{"value":-1e999,"type":"Number"}}`, ReasonNotFinite, ""},

@@ -49,6 +49,8 @@ func badBundles(t *testing.T, ops *polOps, now time.Time) []struct {
 	otherGW.Gateway = "gw-someone-else"
 	noGW := polDoc(7, now)
 	noGW.Gateway = ""
+	dotDot := polDoc(7, now)
+	dotDot.Devices[0].ID = ".."
 	sameKeys := polDoc(7, now)
 	sameKeys.Devices[0].K2 = sameKeys.Devices[0].K1
 	badFormat := polDoc(7, now)
@@ -95,6 +97,7 @@ func badBundles(t *testing.T, ops *polOps, now time.Time) []struct {
 		{"oversized", ReasonOversized, ops.sign(t, big)},
 		{"wrong gateway", ReasonWrongGateway, ops.sign(t, otherGW)},
 		{"no gateway named", ReasonNoGateway, ops.sign(t, noGW)},
+		{"device id ..", ReasonMalformed, ops.sign(t, dotDot)},
 	}
 }
 
