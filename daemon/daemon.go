@@ -444,6 +444,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			StateDir: filepath.Join(cfg.StateDir, "radio"), Logger: log.With("component", "radio"), Metrics: d.metrics,
 			// Opening a tty is cheap: look for a replugged radio often.
 			MaxBackoff: 5 * time.Second,
+			// A node claiming an id bound on another port: audited like
+			// an MQTT access refusal.
+			OnRefusal: func(reason, port, node, bound string) {
+				aud.Record(context.Background(), audit.Event{Kind: audit.ACLDenied, Cause: "radio/" + reason, Port: port,
+					Detail: "node " + node + " is bound on " + bound})
+			},
 		})
 		if err != nil {
 			d.stopAll([]*stage{ingest}, queueStage, uplinkStage, syncStage, metricsStage)

@@ -3,6 +3,7 @@ package radio
 import (
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -98,6 +99,13 @@ func TestFrameFromNodeBoundOnOtherPortRefused(t *testing.T) {
 	sub := &fakeSub{}
 	opts := testOpts(t)
 	opts.Metrics = metrics.New()
+	var mu sync.Mutex
+	var audited []string
+	opts.OnRefusal = func(reason, port, node, bound string) {
+		mu.Lock()
+		audited = append(audited, reason+" "+port+" "+node+" "+bound)
+		mu.Unlock()
+	}
 	sim := runSim(t, SimOptions{Link: link, Silent: true, HearController: true})
 	m, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, eng, opts)
 	if err != nil {
@@ -121,5 +129,10 @@ func TestFrameFromNodeBoundOnOtherPortRefused(t *testing.T) {
 	}
 	if st := m.Ports()[0]; st.Refused != 1 {
 		t.Errorf("port refused = %d, want 1", st.Refused)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if want := ReasonNodeOtherPort + " " + link + " 2/0 " + portB; len(audited) != 1 || audited[0] != want {
+		t.Errorf("audited %q, want [%q]", audited, want)
 	}
 }

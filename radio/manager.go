@@ -78,7 +78,11 @@ type Options struct {
 	// bad_frame, node_bound_other_port}; Ingested is counted by the
 	// pipeline when it queues.
 	Metrics *metrics.Metrics
-	Now     func() time.Time
+	// OnRefusal, when set, is told of every frame refused as an identity
+	// problem (ReasonNodeOtherPort), for the audit log. node is "N" or
+	// "N/C"; bound is the port the node id is bound on.
+	OnRefusal func(reason, port, node, bound string)
+	Now       func() time.Time
 	// MinBackoff and MaxBackoff bound the jittered waits between reopen
 	// attempts and between Submit retries (defaults 500ms and 30s).
 	MinBackoff, MaxBackoff time.Duration

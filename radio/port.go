@@ -375,6 +375,9 @@ func (p *port) refuseOtherPort(node, other string) {
 	if p.m != nil {
 		p.m.Refused.WithLabelValues(ReasonNodeOtherPort).Inc()
 	}
+	if p.opts.OnRefusal != nil {
+		p.opts.OnRefusal(ReasonNodeOtherPort, p.cfg.Path, node, other)
+	}
 	p.limited.Log(p.readCtx, slog.LevelWarn, "otherport:"+p.cfg.Path+":"+node,
 		"reading refused: this radio node id is bound to a device on another port; a node on this port may not speak as it",
 		"reason", ReasonNodeOtherPort, "node", node, "bound_port", other,
