@@ -857,32 +857,14 @@ func urlSecret(s string) string {
 		}
 		return ""
 	}
-	if u.User != nil {
+	switch what := logtext.URLCredential(u); {
+	case what == "":
+		return ""
+	case u.User != nil:
 		return "must not carry credentials (user:password@): put the password in a file (mqtt.external.password_file, central.client_secret_file) or a systemd credential"
+	default:
+		return "must not carry a token in its query (" + what + "): tokens come from files or credentials, never URLs"
 	}
-	for name := range u.Query() {
-		if credentialParam(name) {
-			return fmt.Sprintf("must not carry a token in its query (parameter %q): tokens come from files or credentials, never URLs", logtext.Clip(name, 32))
-		}
-	}
-	return ""
-}
-
-// credentialParam reports a query parameter name that carries a secret:
-// token, access_token, password, secret, apikey, k1, k2 (the Orion
-// Broker Filter's device keys), jwt, auth, signature and the like.
-func credentialParam(name string) bool {
-	n := strings.ToLower(name)
-	switch n {
-	case "k1", "k2", "sig", "code":
-		return true
-	}
-	for _, w := range []string{"token", "pass", "secret", "key", "auth", "jwt", "cred", "signature", "session"} {
-		if strings.Contains(n, w) {
-			return true
-		}
-	}
-	return false
 }
 
 func validID(s string) bool {

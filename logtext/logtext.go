@@ -75,3 +75,35 @@ func RedactURL(s string) string {
 	}
 	return u.String()
 }
+
+// URLCredential names the credential a URL carries, or returns "": its
+// userinfo ("user:password@"), or a query parameter whose name says it is
+// a secret (token, access_token, password, secret, apikey, jwt, auth,
+// signature, k1 and k2 of the Orion Broker Filter, ...). Secrets belong in
+// files or systemd credentials: a URL ends up in logs, process listings
+// and error messages.
+func URLCredential(u *url.URL) string {
+	if u.User != nil {
+		return "user:password@"
+	}
+	for name := range u.Query() {
+		if credentialParam(name) {
+			return "query parameter " + Clip(name, 32)
+		}
+	}
+	return ""
+}
+
+func credentialParam(name string) bool {
+	n := strings.ToLower(name)
+	switch n {
+	case "k1", "k2", "sig", "code":
+		return true
+	}
+	for _, w := range []string{"token", "pass", "secret", "key", "auth", "jwt", "cred", "signature", "session"} {
+		if strings.Contains(n, w) {
+			return true
+		}
+	}
+	return false
+}

@@ -334,7 +334,9 @@ func checkRegistration(r Registration) error {
 		return fmt.Errorf("device %s: k1 and k2 must differ", r.ID)
 	}
 	u, err := url.Parse(r.Broker)
-	if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil {
+	if err != nil || u.Scheme != "https" || u.Host == "" || logtext.URLCredential(u) != "" {
+		// No credentials in it: the uplink puts the broker URL in every
+		// request line, and tokens come from the token source only.
 		return fmt.Errorf("device %s: broker %q must be an https:// URL without credentials", r.ID, clip(logtext.RedactURL(r.Broker)))
 	}
 	if b := r.Radio; b != nil {

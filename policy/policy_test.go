@@ -75,6 +75,8 @@ func TestCompileNamesTheBadField(t *testing.T) {
 		{"no keys", doc(1, bad(func(r *Registration) { r.K2 = "" })), "k1 and k2"},
 		{"same keys", doc(1, bad(func(r *Registration) { r.K2 = r.K1 })), "must differ"},
 		{"http broker", doc(1, bad(func(r *Registration) { r.Broker = "http://x" })), "https"},
+		{"broker with a token", doc(1, bad(func(r *Registration) { r.Broker = "https://x/orion?access_token=canary-tok" })), `broker "https://x/orion?access_token=REDACTED" must be an https:// URL without credentials`},
+		{"broker with userinfo", doc(1, bad(func(r *Registration) { r.Broker = "https://u:canary-pw@x/orion" })), `broker "https://REDACTED@x/orion"`},
 		{"duplicate", doc(1, []Registration{reg("d1", "a"), reg("d1", "b")}), "registered twice"},
 		{"bad kind", doc(1, []Registration{reg("d1", "a")}, Delegation{Device: "d1", User: "u", Kind: "OWN"}), `delegations[0]: kind "OWN"`},
 		{"radio clash", doc(1, []Registration{
