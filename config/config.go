@@ -13,11 +13,15 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/edgegate/edgegate/logtext"
+	"github.com/edgegate/edgegate/reading"
 )
 
 // Template is the commented example printed by `edgegate config template`.
@@ -489,8 +493,10 @@ func (c *Config) Validate() error {
 	var errs []error
 	bad := func(key, value, msg string) { errs = append(errs, &FieldError{Key: key, Value: value, Msg: msg}) }
 
-	if c.Gateway.ID != "" && !validID(c.Gateway.ID) {
-		bad("gateway.id", c.Gateway.ID, "must match [A-Za-z0-9._-]{1,256}")
+	if c.Gateway.ID != "" && (!validID(c.Gateway.ID) || c.Gateway.ID == "." || c.Gateway.ID == "..") {
+		// Not "." or "..": the id is a path segment of central's URLs
+		// (/edgegate/v1/gateways/{gw}/policy) and an MQTT topic level.
+		bad("gateway.id", c.Gateway.ID, "must match [A-Za-z0-9._-]{1,256} and not be . or ..")
 	}
 	if c.StateDir == "" {
 		bad("state_dir", "", "must be set")
@@ -722,9 +728,10 @@ func (c *Config) Validate() error {
 	seen := map[string]bool{}
 	for i, d := range c.Devices {
 		key := fmt.Sprintf("devices[%d]", i)
+		idErr := reading.ValidateDeviceID(d.ID)
 		switch {
-		case !validID(d.ID):
-			bad(key+".id", d.ID, "must match [A-Za-z0-9._-]{1,256}")
+		case idErr != nil:
+			bad(key+".id", d.ID, "must be a platform device id, [A-Za-z0-9._-]{1,255} and not . or .. ("+idErr.Error()+")")
 		case seen[d.ID]:
 			bad(key+".id", d.ID, "is given twice")
 		}
@@ -797,7 +804,67 @@ func (c *Config) Validate() error {
 	default:
 		bad("log.format", c.Log.Format, "must be text or json")
 	}
+	errs = append(errs, c.urlSecrets()...)
 	return errors.Join(errs...)
+}
+
+// urlSecrets refuses a URL that carries a credential: user:password@ or
+// a token in the query. Tokens come from files (client_secret_file,
+// password_file) or systemd credentials, never from a URL, which ends up
+// in logs, process listings and error messages. The error names the key
+// and never the secret (FieldError redacts the value).
+func (c *Config) urlSecrets() []error {
+	type kv struct{ key, url string }
+	urls := []kv{
+		{"mqtt.external.url", c.MQTT.External.URL},
+		{"central.issuer", c.Central.Issuer},
+		{"central.jwks_url", c.Central.JWKSURL},
+		{"central.token_url", c.Central.TokenURL},
+		{"policy.central_url", c.Policy.CentralURL},
+		{"policy.push_url", c.Policy.PushURL},
+		{"policy.ownership.url", c.Policy.Ownership.URL},
+		{"policy.ownership.datamanager_url", c.Policy.Ownership.DataManagerURL},
+	}
+	names := make([]string, 0, len(c.Policy.Ownership.Brokers))
+	for name := range c.Policy.Ownership.Brokers {
+		names = append(names, name)
+	}
+	slices.Sort(names)
+	for _, name := range names {
+		urls = append(urls, kv{"policy.ownership.brokers." + name, c.Policy.Ownership.Brokers[name]})
+	}
+	for i, d := range c.Devices {
+		urls = append(urls, kv{fmt.Sprintf("devices[%d].broker", i), d.Broker})
+	}
+	var errs []error
+	for _, x := range urls {
+		if msg := urlSecret(x.url); msg != "" {
+			errs = append(errs, &FieldError{Key: x.key, Value: x.url, Msg: msg})
+		}
+	}
+	return errs
+}
+
+// urlSecret says what secret a URL carries, or "".
+func urlSecret(s string) string {
+	if s == "" {
+		return ""
+	}
+	u, err := url.Parse(s)
+	if err != nil {
+		if strings.Contains(s, "@") || strings.Contains(s, "?") {
+			return "must not carry credentials; it is not a valid URL either"
+		}
+		return ""
+	}
+	switch what := logtext.URLCredential(u); {
+	case what == "":
+		return ""
+	case u.User != nil:
+		return "must not carry credentials (user:password@): put the password in a file (mqtt.external.password_file, central.client_secret_file) or a systemd credential"
+	default:
+		return "must not carry a token in its query (" + what + "): tokens come from files or credentials, never URLs"
+	}
 }
 
 func validID(s string) bool {
@@ -821,15 +888,13 @@ func httpsURL(s string) error {
 	if u.Scheme != "https" {
 		return errors.New("must use https:// (TLS is always verified)")
 	}
-	if u.User != nil {
-		return errors.New("must not carry credentials")
-	}
+	// user:password@ is refused by urlSecrets, with a message of its own.
 	return nil
 }
 
 // secureURL is httpsURL, or an http URL to a loopback host.
 func secureURL(s string) error {
-	if u, err := url.Parse(s); err == nil && u.Scheme == "http" && u.Host != "" && u.User == nil && isLoopbackHost(u.Hostname()) {
+	if u, err := url.Parse(s); err == nil && u.Scheme == "http" && u.Host != "" && isLoopbackHost(u.Hostname()) {
 		return nil
 	}
 	return httpsURL(s)
@@ -925,4 +990,60 @@ func (b ByteSize) String() string {
 		return fmt.Sprintf("%dKiB", b>>10)
 	}
 	return strconv.FormatInt(int64(b), 10)
+}
+
+// PrivateFile is the daemon's rule for a file that holds a secret (a
+// client secret, a broker password, the store key): a regular file no
+// group or other user may access. `edgegate run` and `edgegate config
+// check` both apply it, so check cannot pass a file run then refuses.
+// The error names the file and the fix, never its content.
+func PrivateFile(path string) error {
+	st, err := os.Stat(path)
+	if err != nil {
+		return err
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("%s is not a regular file", path)
+	}
+	if perm := st.Mode().Perm(); perm&0o077 != 0 {
+		return fmt.Errorf("%s has mode %04o; a secret file must be private: chmod 600 %s", path, perm, path)
+	}
+	return nil
+}
+
+// CheckSecretFiles applies PrivateFile to every secret file run reads:
+// central.client_secret_file (unless the credentials are paired),
+// mqtt.external.password_file and the store key file (unless the store
+// key comes from a systemd credential: storekey.Load looks for
+// store.credential in $CREDENTIALS_DIRECTORY, read through getenv, first).
+// The config and devices files holding k1/k2 were checked by Load. A
+// missing file is not an error here: before pairing there is none, and
+// run reports it as not configured (or generates the store key).
+func (c *Config) CheckSecretFiles(getenv func(string) string) error {
+	type kf struct{ key, path string }
+	files := []kf{}
+	if c.Central.Credentials != CredentialsPaired {
+		files = append(files, kf{"central.client_secret_file", c.Central.ClientSecretFile})
+	}
+	if c.MQTT.Mode == ModeExternal {
+		files = append(files, kf{"mqtt.external.password_file", c.MQTT.External.PasswordFile})
+	}
+	credential := false
+	if dir := getenv("CREDENTIALS_DIRECTORY"); dir != "" && c.Store.Credential != "" {
+		_, err := os.Stat(filepath.Join(dir, c.Store.Credential))
+		credential = err == nil
+	}
+	if !credential {
+		files = append(files, kf{"store.key_file", c.KeyFile()})
+	}
+	var errs []error
+	for _, f := range files {
+		if f.path == "" {
+			continue
+		}
+		if err := PrivateFile(f.path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, &FieldError{Key: f.key, Msg: err.Error()})
+		}
+	}
+	return errors.Join(errs...)
 }

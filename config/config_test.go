@@ -227,3 +227,60 @@ func TestOwnershipMaxAge(t *testing.T) {
 		}
 	}
 }
+
+// TestURLSecretsRefused: a URL that carries a credential is refused with
+// an error naming the key, and no error echoes the secret (issue 17 item 9).
+func TestURLSecretsRefused(t *testing.T) {
+	dev := "devices:\n  - id: d\n    type: T\n    owner: a\n    k1: x1\n    k2: y2\n    broker: %s\n"
+	tests := []struct {
+		name, body, key string
+	}{
+		{"token url userinfo", "state_dir: s\ncentral:\n  token_url: https://gw:canary-pw@sso.example/token\n  client_id: gw\n  client_secret_file: s\n", "central.token_url"},
+		{"loopback http userinfo", "state_dir: s\ncentral:\n  token_url: http://gw:canary-pw@127.0.0.1:8080/token\n  client_id: gw\n  client_secret_file: s\n", "central.token_url"},
+		{"issuer query token", strings.Replace(base, "central:\n", "central:\n  issuer: https://sso.example/realms/x?access_token=canary-tok\n  audience: gw\n", 1), "central.issuer"},
+		{"external broker userinfo", base + "mqtt:\n  mode: external\n  external:\n    url: tls://ingest:canary-pw@broker.example:8883\n", "mqtt.external.url"},
+		{"external broker query token", base + "mqtt:\n  mode: external\n  external:\n    url: tls://broker.example:8883/?token=canary-tok\n", "mqtt.external.url"},
+		{"device broker k1 in query", base + strings.Replace(dev, "%s", "https://filter.example/orion?k1=canary-k1&k2=canary-k2", 1), "devices[0].broker"},
+		{"device broker userinfo", base + strings.Replace(dev, "%s", "https://u:canary-pw@filter.example/orion", 1), "devices[0].broker"},
+		{"ownership broker userinfo", base + "policy:\n  source: ownership-api\n  ownership:\n    url: https://own.example/ownership-api\n    username: gw\n    brokers:\n      orion-1: https://u:canary-pw@filter.example\n", "policy.ownership.brokers.orion-1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := writeFile(t, t.TempDir(), "c.yaml", tt.body, 0o600)
+			_, err := Load(p)
+			if err == nil {
+				t.Fatalf("Load = nil, want an error naming %s", tt.key)
+			}
+			if !strings.Contains(err.Error(), tt.key+" must not carry") {
+				t.Errorf("Load error = %q, want %q refused for carrying credentials", err, tt.key)
+			}
+			if strings.Contains(err.Error(), "canary") {
+				t.Fatalf("error leaks the secret: %v", err)
+			}
+		})
+	}
+	// A query without a credential (and an owner with '@') stays accepted.
+	ok := base + strings.Replace(dev, "%s", "https://filter.example/orion?x=1", 1)
+	ok = strings.Replace(ok, "owner: a", "owner: alice@example.org", 1)
+	if _, err := Load(writeFile(t, t.TempDir(), "c.yaml", ok, 0o600)); err != nil {
+		t.Fatalf("Load(harmless query) = %v", err)
+	}
+}
+
+// TestDeviceIDDotSegments: "." and ".." pass the character rule but would
+// make PATCH /v2/entities/../attrs; the config refuses them.
+func TestDeviceIDDotSegments(t *testing.T) {
+	for _, gw := range []string{".", ".."} {
+		_, err := Load(writeFile(t, t.TempDir(), "c.yaml", base+"gateway:\n  id: '"+gw+"'\n", 0o600))
+		if err == nil || !strings.Contains(err.Error(), "gateway.id") {
+			t.Errorf("Load(gateway.id %q) = %v, want gateway.id refused", gw, err)
+		}
+	}
+	for _, id := range []string{".", "..", "a:b"} {
+		body := base + "devices:\n  - id: '" + id + "'\n    type: T\n    owner: a\n    k1: x1\n    k2: y2\n    broker: https://b.example\n"
+		_, err := Load(writeFile(t, t.TempDir(), "c.yaml", body, 0o600))
+		if err == nil || !strings.Contains(err.Error(), "devices[0].id") {
+			t.Errorf("Load(id %q) = %v, want devices[0].id refused", id, err)
+		}
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/edgegate/edgegate/logtext"
 )
 
 // FieldError names the configuration key (dotted path), its line and the
@@ -28,7 +30,9 @@ func (e *FieldError) Error() string {
 	b.WriteString(" ")
 	b.WriteString(e.Msg)
 	if e.Value != "" {
-		fmt.Fprintf(&b, ": %q", e.Value)
+		// A URL's user:password@ and query never reach an error message
+		// (issue 17 item 9): the value is echoed redacted.
+		fmt.Fprintf(&b, ": %q", logtext.RedactURL(e.Value))
 	}
 	return b.String()
 }

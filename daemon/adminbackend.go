@@ -253,7 +253,11 @@ func (b *adminBackend) Reload(ctx context.Context) error {
 }
 
 // wipeState removes everything under the state directory but the directory
-// itself (systemd's StateDirectory owns it).
+// itself (systemd's StateDirectory owns it) and the policy's anti-rollback
+// floor (centralsync.FloorFileName): a factory reset unpairs the gateway,
+// but the floor must never go down, or an old bundle signed by keys the
+// configuration still pins could roll the policy back after the reset
+// (see FloorFileName for why keeping it costs nothing).
 func wipeState(dir string) error {
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -261,6 +265,9 @@ func wipeState(dir string) error {
 	}
 	var errs []error
 	for _, e := range entries {
+		if e.Name() == centralsync.FloorFileName {
+			continue
+		}
 		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
 			errs = append(errs, err)
 		}

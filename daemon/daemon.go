@@ -161,7 +161,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 				log.Error("factory reset: wipe the state directory", "err", err)
 				return
 			}
-			log.Warn("factory reset: state, keys and credentials wiped; the gateway is unpaired")
+			log.Warn("factory reset: state, keys and credentials wiped; the gateway is unpaired (the policy's anti-rollback floor is kept)")
 		}
 	}()
 
@@ -215,7 +215,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			clear(key)
 			return fmt.Errorf("open queue: %w (and it could not be quarantined: %v)", err, rerr)
 		}
-		log.Error("the store is corrupt: quarantined; starting with an empty store. The readings queued in it, the cached policy and the pairing are kept in the quarantined copy; they are not delivered. Pair again if this gateway was paired.",
+		log.Error("the store is corrupt: quarantined; starting with an empty store. The readings queued in it, the cached policy and the pairing are kept in the quarantined copy; they are not delivered. Pair again if this gateway was paired. The policy's version floor, kept outside the store, still holds.",
 			"err", err, "quarantined", moved)
 		q, err = queue.Open(qopts)
 	}
@@ -448,6 +448,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			StateDir: filepath.Join(cfg.StateDir, "radio"), Logger: log.With("component", "radio"), Metrics: d.metrics,
 			// Opening a tty is cheap: look for a replugged radio often.
 			MaxBackoff: 5 * time.Second,
+			// A node claiming an id bound on another port: audited like
+			// an MQTT access refusal.
+			OnRefusal: func(reason, port, node, bound string) {
+				aud.Record(context.Background(), audit.Event{Kind: audit.ACLDenied, Cause: "radio/" + reason, Port: port,
+					Detail: "node " + node + " is bound on " + bound})
+			},
 		})
 		if err != nil {
 			d.stopAll([]*stage{ingest}, queueStage, uplinkStage, syncStage, metricsStage)
@@ -579,13 +585,14 @@ func (d *Daemon) serveMetrics(ctx context.Context, ln net.Listener, healthy func
 }
 
 // readSecretFile reads a secret from a file only its owner can read.
+// The rule is config.PrivateFile, the one `config check` applies too.
 func readSecretFile(path string) (string, error) {
+	if err := config.PrivateFile(path); err != nil {
+		return "", err
+	}
 	st, err := os.Stat(path)
 	if err != nil {
 		return "", err
-	}
-	if st.Mode().Perm()&0o077 != 0 {
-		return "", fmt.Errorf("%s has mode %04o; a secret file must be private: chmod 600 %s", path, st.Mode().Perm(), path)
 	}
 	if st.Size() > 64<<10 {
 		return "", fmt.Errorf("%s is too large for a secret (%d bytes)", path, st.Size())

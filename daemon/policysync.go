@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"path/filepath"
 	"sync/atomic"
 	"time"
 
@@ -32,6 +33,8 @@ func newSyncer(cfg *config.Config, gw string, id *identity.Identity, engine *pol
 		PollInterval: cfg.Policy.PollInterval, Now: now, OnRefusal: onRefusal,
 		MQTTURL: cfg.Policy.PushURL, MQTTUsername: cfg.Central.ClientID,
 		MQTTTLS: &tls.Config{RootCAs: centralCAs, MinVersion: tls.VersionTLS12},
+		// Outside the store: survives quarantine and factory reset.
+		FloorFile: filepath.Join(cfg.StateDir, centralsync.FloorFileName),
 	}
 	switch cfg.Policy.Source {
 	case config.PolicyBundle:

@@ -25,3 +25,25 @@ func TestClip(t *testing.T) {
 		}
 	}
 }
+
+func TestRedactURL(t *testing.T) {
+	for _, tt := range []struct{ in, want string }{
+		{"https://broker.example/v2", "https://broker.example/v2"},
+		{"https://alice:s3cret@broker.example/v2", "https://REDACTED@broker.example/v2"},
+		{"tls://tok3n@broker:8883", "tls://REDACTED@broker:8883"},
+		{"https://h/x?access_token=s3cret&a=b", "https://h/x?a=REDACTED&access_token=REDACTED"},
+		{"https://h/x#s3cret", "https://h/x#REDACTED"},
+		{"https://al ice:s3cret@h/%zz?t=s3cret", "https://REDACTED@h/%zz?REDACTED"},
+		{"alice:s3cret@broker:8883", "REDACTED@broker:8883"},
+		{"alice@example.org", "alice@example.org"},
+		{"plain", "plain"},
+	} {
+		got := RedactURL(tt.in)
+		if got != tt.want {
+			t.Errorf("RedactURL(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+		if strings.Contains(got, "s3cret") {
+			t.Errorf("RedactURL(%q) = %q leaks the secret", tt.in, got)
+		}
+	}
+}

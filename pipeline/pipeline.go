@@ -95,6 +95,11 @@ const (
 	// does not hold the private key of a gateway-signed device; the
 	// reading is not acknowledged, its source keeps it.
 	ReasonNoSigningKey = "no_signing_key"
+	// ReasonBadDeviceID: a device id (an MQTT topic level, a radio
+	// binding) that reading.ValidateDeviceID refuses, such as "..":
+	// refused before the policy is asked, so it can never become
+	// PATCH /v2/entities/../attrs.
+	ReasonBadDeviceID = "bad_device_id"
 )
 
 // KeyResolver gives the private keys the gateway holds for devices whose
@@ -191,6 +196,10 @@ func (p *Pipeline) Submit(ctx context.Context, msg Message) (Outcome, error) {
 // in order as their outcomes arrive. ctx must stay alive until the wait.
 // The checks run in the caller's goroutine; refusals are settled at once.
 func (p *Pipeline) Start(ctx context.Context, msg Message) Pending {
+	if err := reading.ValidateDeviceID(msg.Device); err != nil {
+		p.refuse(ctx, ReasonBadDeviceID, msg, err.Error())
+		return done(Refused, nil)
+	}
 	dec := p.policy.DecideIngest(msg.Device)
 	if !dec.Allow {
 		p.refuse(ctx, dec.Reason, msg, "reading from a device that is not registered")
@@ -335,6 +344,11 @@ func (p *Pipeline) dropInvalid(ctx context.Context, msg Message, r *reading.Read
 }
 
 func reasonOf(err error) string {
+	// The finer input reasons (bad_utf8, not_finite, reserved_name) are
+	// counted as themselves.
+	if r := reading.Reason(err); r != "" {
+		return r
+	}
 	if errors.Is(err, reading.ErrTooLarge) {
 		return ReasonTooLarge
 	}

@@ -172,3 +172,48 @@ func TestRefusalLogIsRateLimited(t *testing.T) {
 		t.Fatalf("100 refusals of one device logged %d lines, want 1", n)
 	}
 }
+
+// TestSubmitInputRules: each input rule of issue 17 item 8 refuses (or
+// drops the attribute) with its own counted reason, before signing.
+func TestSubmitInputRules(t *testing.T) {
+	q := openQueue(t, 0)
+	m := metrics.New()
+	p := New(testPolicy(t), q, Options{Gateway: "gw-1", Metrics: m})
+	ctx := context.Background()
+	src := reading.Source{Kind: "mqtt", Topic: "devices/../telemetry"}
+	for _, tt := range []struct {
+		name, device, payload, reason string
+	}{
+		{"device id ..", "..", `{"t":1}`, ReasonBadDeviceID},
+		{"device id .", ".", `{"t":1}`, ReasonBadDeviceID},
+		{"invalid UTF-8", "th-1", "{\"label\":\"caf\xe9\"}", reading.ReasonBadUTF8},
+		{"1e999", "th-1", `{"t":1e999}`, reading.ReasonNotFinite},
+		{"only NaN typed Number", "th-1", `{"t":{"value":"NaN","type":"Number"}}`, ReasonNoValidAttributes},
+		{"only reserved names", "th-1", `{"id":"other","type":"Other"}`, ReasonNoValidAttributes},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			before := counter(t, m.Refused.WithLabelValues(tt.reason))
+			got, err := p.Submit(ctx, Message{Device: tt.device, Source: src, Payload: []byte(tt.payload), Received: time.Now()})
+			if err != nil || got != Refused {
+				t.Fatalf("Submit = %v, %v; want Refused", got, err)
+			}
+			if after := counter(t, m.Refused.WithLabelValues(tt.reason)); after != before+1 {
+				t.Errorf("refused{%s} went %v → %v, want +1", tt.reason, before, after)
+			}
+		})
+	}
+	if got := counter(t, m.AttrsDropped.WithLabelValues(reading.DropNotFinite)); got != 1 {
+		t.Errorf("attributes_dropped{not_finite} = %v, want 1", got)
+	}
+	if got := counter(t, m.AttrsDropped.WithLabelValues(reading.DropReservedName)); got != 2 {
+		t.Errorf("attributes_dropped{reserved_name} = %v, want 2", got)
+	}
+	// A NaN beside a good value: the good one is queued alone.
+	if got, err := p.Submit(ctx, Message{Device: "th-1", Source: src, Payload: []byte(`{"t":{"value":"Inf","type":"Float"},"h":40}`), Received: time.Now()}); err != nil || got != Queued {
+		t.Fatalf("Submit(Inf beside a number) = %v, %v; want Queued", got, err)
+	}
+	items, err := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
+	if err != nil || len(items) != 1 || bytes.Contains(items[0].Body, []byte("Inf")) {
+		t.Fatalf("queued %d items (%v); want one, without the Inf value", len(items), err)
+	}
+}

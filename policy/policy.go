@@ -32,6 +32,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -186,7 +187,10 @@ type Policy struct {
 	groupReads, groupWrites   map[string]map[string]bool
 	publicReads, publicWrites map[string]bool
 	radio                     map[radioKey]string
-	doc                       Document
+	// radioNodes: node id → the ports it is bound on (node >= 0), for
+	// the radio's id allocation and its wrong-port refusal.
+	radioNodes map[int][]string
+	doc        Document
 }
 
 // Errors callers branch on.
@@ -254,6 +258,13 @@ func Compile(doc Document, source, digest string) (*Policy, error) {
 					ErrInvalid, where, r.ID, b.Port, b.Node, b.Child, other)
 			}
 			p.radio[k] = r.ID
+			if b.Node >= 0 && !slices.Contains(p.radioNodes[b.Node], b.Port) {
+				if p.radioNodes == nil {
+					p.radioNodes = map[int][]string{}
+				}
+				p.radioNodes[b.Node] = append(p.radioNodes[b.Node], b.Port)
+				slices.Sort(p.radioNodes[b.Node])
+			}
 		}
 	}
 	for i, dl := range doc.Delegations {
@@ -311,8 +322,8 @@ func (p *Policy) grant(m map[string]map[string]bool, user, device string) {
 
 func checkRegistration(r Registration) error {
 	switch {
-	case !reading.ValidID(r.ID):
-		return fmt.Errorf("id %q must match [A-Za-z0-9._-]{1,256}", clip(r.ID))
+	case !reading.ValidDeviceID(r.ID):
+		return reading.ValidateDeviceID(r.ID)
 	case !reading.ValidID(r.Type):
 		return fmt.Errorf("device %s: type %q must match [A-Za-z0-9._-]{1,256}", r.ID, clip(r.Type))
 	case r.Owner == "":
@@ -323,8 +334,10 @@ func checkRegistration(r Registration) error {
 		return fmt.Errorf("device %s: k1 and k2 must differ", r.ID)
 	}
 	u, err := url.Parse(r.Broker)
-	if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil {
-		return fmt.Errorf("device %s: broker %q must be an https:// URL", r.ID, clip(r.Broker))
+	if err != nil || u.Scheme != "https" || u.Host == "" || logtext.URLCredential(u) != "" {
+		// No credentials in it: the uplink puts the broker URL in every
+		// request line, and tokens come from the token source only.
+		return fmt.Errorf("device %s: broker %q must be an https:// URL without credentials", r.ID, clip(logtext.RedactURL(r.Broker)))
 	}
 	if b := r.Radio; b != nil {
 		if b.Port == "" || b.Node < -1 || b.Node > 254 || b.Child < -1 || b.Child > 254 {
@@ -484,6 +497,10 @@ func (p *Policy) RadioDevice(port string, node, child int) (string, bool) {
 	return "", false
 }
 
+// RadioNodePorts returns the ports on which a radio node id is bound to a
+// device, sorted; nil when none. The slice must not be modified.
+func (p *Policy) RadioNodePorts(node int) []string { return p.radioNodes[node] }
+
 // Expired reports whether the policy is past its expiry plus grace at now.
 func (p *Policy) Expired(now time.Time, grace time.Duration) bool {
 	return !p.ExpiresAt.IsZero() && now.After(p.ExpiresAt.Add(grace))
@@ -615,6 +632,13 @@ func (e *Engine) DecideIngest(device string) Decision {
 // BindRadio resolves a radio source to its device (child -1: any).
 func (e *Engine) BindRadio(port string, node, child int) (string, bool) {
 	return e.cur.Load().RadioDevice(port, node, child)
+}
+
+// RadioNodePorts returns the ports on which a radio node id is bound
+// (MySensors): the radio never hands such an id to a new node, and
+// refuses a frame claiming it on another port.
+func (e *Engine) RadioNodePorts(node int) []string {
+	return e.cur.Load().RadioNodePorts(node)
 }
 
 // CheckDevicePassword reports, in constant time with respect to the

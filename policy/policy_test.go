@@ -67,12 +67,16 @@ func TestCompileNamesTheBadField(t *testing.T) {
 		want string
 	}{
 		{"format", Document{Format: 9}, "format 9"},
-		{"bad id", doc(1, bad(func(r *Registration) { r.ID = "a b" })), `devices[0]: id "a b"`},
+		{"bad id", doc(1, bad(func(r *Registration) { r.ID = "a b" })), `devices[0]: device id "a b"`},
+		{"dot-dot id", doc(1, bad(func(r *Registration) { r.ID = ".." })), `devices[0]: device id ".." is not allowed`},
+		{"colon id", doc(1, bad(func(r *Registration) { r.ID = "org:broker:d1" })), `devices[0]: device id "org:broker:d1": byte 3 (':')`},
 		{"bad type", doc(1, bad(func(r *Registration) { r.Type = "" })), "type"},
 		{"no owner", doc(1, bad(func(r *Registration) { r.Owner = "" })), "owner is empty"},
 		{"no keys", doc(1, bad(func(r *Registration) { r.K2 = "" })), "k1 and k2"},
 		{"same keys", doc(1, bad(func(r *Registration) { r.K2 = r.K1 })), "must differ"},
 		{"http broker", doc(1, bad(func(r *Registration) { r.Broker = "http://x" })), "https"},
+		{"broker with a token", doc(1, bad(func(r *Registration) { r.Broker = "https://x/orion?access_token=canary-tok" })), `broker "https://x/orion?access_token=REDACTED" must be an https:// URL without credentials`},
+		{"broker with userinfo", doc(1, bad(func(r *Registration) { r.Broker = "https://u:canary-pw@x/orion" })), `broker "https://REDACTED@x/orion"`},
 		{"duplicate", doc(1, []Registration{reg("d1", "a"), reg("d1", "b")}), "registered twice"},
 		{"bad kind", doc(1, []Registration{reg("d1", "a")}, Delegation{Device: "d1", User: "u", Kind: "OWN"}), `delegations[0]: kind "OWN"`},
 		{"radio clash", doc(1, []Registration{

@@ -21,7 +21,9 @@ import (
 //     gatewayTransportProcess); the controller never acks. An incoming line
 //     with ack=1 is the echo of something the controller sent: it is not a
 //     new reading. Replies are sent with ack=0.
-//   - I_ID_REQUEST (from node 255) → "255;255;3;0;4;<id>", a fresh id.
+//   - I_ID_REQUEST (from node 255) → "255;255;3;0;4;<id>", a fresh id:
+//     never one handed out or seen on this port (persisted in the state
+//     file) nor one the policy binds to a device (on any port).
 //   - I_CONFIG → "N;255;3;0;6;M" (metric).
 //   - I_TIME → "N;255;3;0;1;<seconds>", seconds since 1970 in local wall
 //     time, as pymysensors sends (calendar.timegm(time.localtime())).
@@ -33,6 +35,9 @@ type msController struct {
 	port string
 	ids  *nodeIDs
 	now  func() time.Time
+	// bound reports a node id the policy binds to a device (on any port):
+	// never handed out by I_ID_REQUEST. nil: none.
+	bound func(node int) bool
 
 	mu    sync.Mutex
 	nodes map[int]*msNode
@@ -131,7 +136,7 @@ func (c *msController) handleLocked(m MSMessage, res *msResult) error {
 		// A node without an id may only ask for one (or look for a parent,
 		// which the gateway answers itself).
 		if m.Command == CmdInternal && m.Type == IIDRequest {
-			id, err := c.ids.allocate(c.port)
+			id, err := c.ids.allocate(c.port, c.bound)
 			if err != nil {
 				return err
 			}
@@ -222,7 +227,7 @@ func (c *msController) handleLocked(m MSMessage, res *msResult) error {
 	case IIDRequest:
 		// A node with an id asking again (e.g. its EEPROM was cleared but
 		// the sketch sets a static id): answer like pymysensors, fresh id.
-		id, err := c.ids.allocate(c.port)
+		id, err := c.ids.allocate(c.port, c.bound)
 		if err != nil {
 			return err
 		}

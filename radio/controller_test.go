@@ -125,16 +125,16 @@ func TestNodeIDsWrapToLowestFree(t *testing.T) {
 		t.Fatal(err)
 	}
 	for want := 1; want <= 3; want++ {
-		if got, err := ids.allocate("p"); err != nil || got != want {
+		if got, err := ids.allocate("p", nil); err != nil || got != want {
 			t.Fatalf("allocate() = %d, %v; want %d", got, err, want)
 		}
 	}
 	for i := 4; i < MaxNodeID; i++ {
-		if _, err := ids.allocate("p"); err != nil {
+		if _, err := ids.allocate("p", nil); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := ids.allocate("p"); err == nil {
+	if _, err := ids.allocate("p", nil); err == nil {
 		t.Fatal("allocate() with every id used = nil error")
 	}
 }

@@ -67,6 +67,30 @@
 // rate-limited log) and the node is listed by Manager.Pending with its
 // children, sketch and last-seen time, for an installer to register.
 //
+// Node identity (issue 17): a node id is the only thing a MySensors frame
+// says about who sent it, so ids are guarded on both sides. I_ID_REQUEST
+// never hands out an id already handed out or seen on the port (persisted
+// in the state file before the answer is sent) nor one the policy binds to
+// a device on any port (Binder with NodeBinder: policy.Engine). A frame
+// from a node id the policy binds on another port only is refused (reason
+// "node_bound_other_port", counted, logged with the fix), before any
+// whole-port binding of this port is consulted.
+//
+// Binding a new node, as an installer: power it up; it asks for an id and
+// gets a free one, presents itself and shows in `edgegate status` as a
+// pending node (port, node id, children, sketch). Then register it with
+//
+//	edgegate device add --config FILE --type TYPE --radio-port P --radio-node N [--radio-child C] ID
+//
+// or, for a device the platform already knows,
+//
+//	edgegate device bind --config FILE --type TYPE --radio-port P --radio-node N --radio-child C ID
+//
+// (policy.source config: add devices[].radio {port, node, child} instead).
+// Its readings flow once the new policy is in force. A node moved to
+// another radio gateway (port) keeps being refused until it is bound to
+// the new port.
+//
 // # JSON lines (codec "jsonlines")
 //
 // For custom radios: one JSON object per line, at most MaxJSONLine bytes,

@@ -59,8 +59,8 @@ func DecodeJSONLine(line []byte) (JSONLine, error) {
 	if dec.More() {
 		return l, fmt.Errorf("%w: trailing data after the object", ErrBadJSON)
 	}
-	if !reading.ValidID(w.Device) {
-		return l, fmt.Errorf("%w: device %q must match [A-Za-z0-9._-]{1,256}", ErrBadJSON, clipText([]byte(w.Device)))
+	if err := reading.ValidateDeviceID(w.Device); err != nil {
+		return l, fmt.Errorf("%w: %v", ErrBadJSON, err)
 	}
 	attrs := bytes.TrimSpace(w.Attrs)
 	if len(attrs) < 2 || attrs[0] != '{' {

@@ -33,6 +33,15 @@ type DeviceBinder interface {
 	RadioPort(device string) (port string, ok bool)
 }
 
+// NodeBinder is an optional capability of a Binder (policy.Engine has it):
+// the ports on which a MySensors node id is bound to a device. With it,
+// I_ID_REQUEST never hands out a bound id, and a frame from a bound node
+// id heard on a port it is not bound on is refused (ReasonNodeOtherPort)
+// instead of being taken for another device or a new node.
+type NodeBinder interface {
+	RadioNodePorts(node int) []string
+}
+
 // Codec names.
 const (
 	CodecMySensors = "mysensors"
@@ -43,6 +52,10 @@ const (
 const (
 	ReasonUnbound  = "unbound_node"
 	ReasonBadFrame = "bad_frame"
+	// ReasonNodeOtherPort: a frame from a node id the policy binds to a
+	// device on a different port. A node that takes (or is flashed with)
+	// a bound id on another radio network must not speak as that device.
+	ReasonNodeOtherPort = "node_bound_other_port"
 )
 
 // PortConfig configures one serial port.
@@ -62,9 +75,14 @@ type Options struct {
 	StateDir string
 	Logger   *slog.Logger
 	// Metrics may be nil. The radio counts Refused{reason=unbound_node,
-	// bad_frame}; Ingested is counted by the pipeline when it queues.
+	// bad_frame, node_bound_other_port}; Ingested is counted by the
+	// pipeline when it queues.
 	Metrics *metrics.Metrics
-	Now     func() time.Time
+	// OnRefusal, when set, is told of every frame refused as an identity
+	// problem (ReasonNodeOtherPort), for the audit log. node is "N" or
+	// "N/C"; bound is the port the node id is bound on.
+	OnRefusal func(reason, port, node, bound string)
+	Now       func() time.Time
 	// MinBackoff and MaxBackoff bound the jittered waits between reopen
 	// attempts and between Submit retries (defaults 500ms and 30s).
 	MinBackoff, MaxBackoff time.Duration

@@ -77,6 +77,9 @@ func newPort(pc PortConfig, sub Submitter, bind Binder, ids *nodeIDs, opts Optio
 	}
 	if pc.Codec == CodecMySensors {
 		p.ctrl = newMSController(pc.Path, ids, opts.Now)
+		if nb, ok := bind.(NodeBinder); ok {
+			p.ctrl.bound = func(node int) bool { return len(nb.RadioNodePorts(node)) > 0 }
+		}
 		p.split = NewLineSplitter(MaxMySensorsLine)
 	} else {
 		p.split = NewLineSplitter(MaxJSONLine)
@@ -323,11 +326,15 @@ func (p *port) frameMySensors(l Line) {
 	if res.event != evReading {
 		return
 	}
+	label := p.nodeLabel(m.Node, res.child)
+	if other, elsewhere := p.boundElsewhere(m.Node); elsewhere {
+		p.refuseOtherPort(label, other)
+		return
+	}
 	dev, ok := p.bind.BindRadio(p.cfg.Path, m.Node, res.child)
 	if !ok {
 		dev, ok = p.bind.BindRadio(p.cfg.Path, m.Node, -1)
 	}
-	label := p.nodeLabel(m.Node, res.child)
 	if !ok {
 		p.unbound(label, "")
 		return
@@ -344,6 +351,37 @@ func (p *port) nodeLabel(node, child int) string {
 		return p.labels[node]
 	}
 	return p.labels[node] + "/" + strconv.Itoa(child)
+}
+
+// boundElsewhere reports whether the policy binds node to a device on
+// some port but not on this one, and names one such port. Checked before
+// BindRadio: a whole-port binding here must not take the frame either.
+func (p *port) boundElsewhere(node int) (string, bool) {
+	nb, ok := p.bind.(NodeBinder)
+	if !ok {
+		return "", false
+	}
+	ports := nb.RadioNodePorts(node)
+	if len(ports) == 0 || slices.Contains(ports, p.cfg.Path) {
+		return "", false
+	}
+	return ports[0], true
+}
+
+func (p *port) refuseOtherPort(node, other string) {
+	p.mu.Lock()
+	p.st.Refused++
+	p.mu.Unlock()
+	if p.m != nil {
+		p.m.Refused.WithLabelValues(ReasonNodeOtherPort).Inc()
+	}
+	if p.opts.OnRefusal != nil {
+		p.opts.OnRefusal(ReasonNodeOtherPort, p.cfg.Path, node, other)
+	}
+	p.limited.Log(p.readCtx, slog.LevelWarn, "otherport:"+p.cfg.Path+":"+node,
+		"reading refused: this radio node id is bound to a device on another port; a node on this port may not speak as it",
+		"reason", ReasonNodeOtherPort, "node", node, "bound_port", other,
+		"fix", "if the node moved, bind it here: edgegate device bind DEVICE --radio-port "+p.cfg.Path+" --radio-node N")
 }
 
 func (p *port) unbound(node, device string) {

@@ -41,8 +41,11 @@ type SimOptions struct {
 	// over-long lines, wrong field counts, out-of-range ids and values.
 	Garbage bool
 	// Silent sends nothing on its own (no startup, no nodes): the test
-	// drives the link with Inject. For other codecs than MySensors.
+	// drives the link with Inject.
 	Silent bool
+	// HearController, with Silent, still reads what the controller sends
+	// and counts it in Stats (e.g. AssignedIDs), without answering.
+	HearController bool
 	// Seed makes the values and the garbage reproducible (0: random).
 	Seed   uint64
 	Logger *slog.Logger
@@ -317,9 +320,19 @@ func (s *Sim) Run(ctx context.Context) error {
 		}
 		nodes[i] = n
 	}
-	if s.opts.Silent {
+	if s.opts.Silent && !s.opts.HearController {
 		<-ctx.Done()
 		return nil
+	}
+	if s.opts.Silent {
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case h := <-s.ctrl:
+				s.heard(h, nodes)
+			}
+		}
 	}
 	s.startup(nodes)
 	tick := time.NewTicker(s.opts.Interval)

@@ -96,34 +96,37 @@ func (s *nodeIDs) markSeen(port string, id int) error {
 	return nil
 }
 
-// allocate hands out a fresh id for port: one above the highest used, or
-// the lowest free one once 254 is taken. It is persisted before it returns.
-func (s *nodeIDs) allocate(port string) (int, error) {
+// allocate hands out a fresh id for port: the first free one above the
+// highest used, or the lowest free one once the top is taken. An id is
+// free when it was never handed out or seen on port and bound(id) is
+// false (bound may be nil): a new node must never get the id the policy
+// binds to a device, or it would speak as that device. The id is
+// persisted before it returns.
+func (s *nodeIDs) allocate(port string, bound func(int) bool) (int, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	u := s.usedOf(port)
-	id := 0
+	free := func(i int) bool { return !u[i] && (bound == nil || !bound(i)) }
+	start := 1
 	for i := MaxNodeID; i >= 1; i-- {
 		if u[i] {
-			if i < MaxNodeID {
-				id = i + 1
-			}
+			start = i + 1
 			break
 		}
-		if i == 1 {
-			id = 1
+	}
+	id := 0
+	for i := start; i <= MaxNodeID && id == 0; i++ {
+		if free(i) {
+			id = i
+		}
+	}
+	for i := 1; i < start && id == 0; i++ {
+		if free(i) {
+			id = i
 		}
 	}
 	if id == 0 {
-		for i := 1; i <= MaxNodeID; i++ {
-			if !u[i] {
-				id = i
-				break
-			}
-		}
-	}
-	if id == 0 {
-		return 0, fmt.Errorf("allocate node id on %s: all %d ids used", port, MaxNodeID)
+		return 0, fmt.Errorf("allocate node id on %s: all %d ids used or bound", port, MaxNodeID)
 	}
 	u[id] = true
 	if err := s.saveLocked(); err != nil {

@@ -2,9 +2,11 @@ package reading
 
 import (
 	"errors"
+	"math"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 func TestParse(t *testing.T) {
@@ -98,6 +100,15 @@ func TestValidate(t *testing.T) {
 		{"space in name", func(r *Reading) { r.Attrs[0].Name = "temp c" }, "attribute name"},
 		{"bad type", func(r *Reading) { r.Attrs[0].Type = "Num;ber" }, "type"},
 		{"duplicate", func(r *Reading) { r.Attrs = append(r.Attrs, r.Attrs[0]) }, "duplicated"},
+		{"dot device id", func(r *Reading) { r.Device = "." }, "relative path segment"},
+		{"dotdot device id", func(r *Reading) { r.Device = ".." }, "relative path segment"},
+		{"slash device id", func(r *Reading) { r.Device = "a/b" }, "byte 1 ('/')"},
+		{"reserved id", func(r *Reading) { r.Attrs[0].Name = "id" }, "reserved"},
+		{"reserved dateExpires", func(r *Reading) { r.Attrs[0].Name = "dateExpires" }, "reserved"},
+		{"NaN string as Number", func(r *Reading) { r.Attrs[0].Value = "NaN" }, "finite JSON number"},
+		{"Inf string as float", func(r *Reading) { r.Attrs[0] = Attribute{"t", "float", "Inf"} }, "finite JSON number"},
+		{"NaN float", func(r *Reading) { r.Attrs[0].Value = math.NaN() }, "finite"},
+		{"null Number", func(r *Reading) { r.Attrs[0].Value = nil }, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -121,13 +132,35 @@ func FuzzParse(f *testing.F) {
 	for _, s := range []string{`{"t":1}`, `{"t":{"value":1,"type":"Float"}}`, `{"TimeInstant":"2026-01-01T00:00:00Z","x":"y"}`, `[]`, ``, `{"a":{"value":{"b":[1,"<"]}}}`} {
 		f.Add([]byte(s))
 	}
+	for _, s := range []string{"{\"t\":\"\xff\"}", `{"t":"\ud800"}`, `{"t":1e999}`, `{"t":{"value":"NaN","type":"Number"}}`, `{"id":1}`} {
+		f.Add([]byte(s))
+	}
 	f.Fuzz(func(t *testing.T, b []byte) {
 		attrs, _, err := Parse(b)
 		if err != nil {
 			return
 		}
+		// Accepted: valid UTF-8, and no U+FFFD the device did not send.
+		if !utf8.Valid(b) {
+			t.Fatalf("Parse accepted invalid UTF-8 %q", b)
+		}
+		if !sentReplacement(b) {
+			for _, a := range attrs {
+				if hasReplacement(a.Value, 0) {
+					t.Fatalf("Parse(%q) made up a U+FFFD in %s", b, a.Name)
+				}
+			}
+		}
 		r := Reading{Device: "d", Attrs: attrs}
-		_ = r.Validate() // must not panic; NGSI rules are checked here
+		r.DropOrionInvalid()
+		if err := r.Validate(); err == nil {
+			// What validates has no reserved name and only finite numbers.
+			for _, a := range r.Attrs {
+				if ReservedName(a.Name) || (numericType(a.Type) && !finiteNumber(a.Value)) {
+					t.Fatalf("Validate accepted %+v", a)
+				}
+			}
+		}
 	})
 }
 
@@ -146,9 +179,9 @@ func TestDropOrionInvalid(t *testing.T) {
 	r.Attrs[3].Name = strings.Repeat("l", 257)
 	got := r.DropOrionInvalid()
 	want := []Dropped{
-		{"a b", DropBadName}, {"id", DropBadName}, {"label", DropForbiddenChars},
+		{"a b", DropBadName}, {"id", DropReservedName}, {"label", DropForbiddenChars},
 		{strings.Repeat("l", 257), DropBadName}, {"nested", DropForbiddenChars},
-		{"semi", DropBadType}, {"type", DropBadName}, {"\u00e9t\u00e9", DropBadName},
+		{"semi", DropBadType}, {"type", DropReservedName}, {"\u00e9t\u00e9", DropBadName},
 	}
 	if len(got) != len(want) {
 		t.Fatalf("dropped = %+v, want %d", got, len(want))
@@ -174,5 +207,85 @@ func TestDropOrionInvalid(t *testing.T) {
 	}
 	if err := empty.Validate(); err == nil || !strings.Contains(err.Error(), "no attributes") {
 		t.Fatalf("Validate of an emptied reading = %v", err)
+	}
+}
+
+// TestParseRefusalReasons: each input rule of issue 17 item 8 refuses with
+// its own counted reason, at Parse or per attribute.
+func TestParseRefusalReasons(t *testing.T) {
+	tests := []struct {
+		name string
+		in   string
+		want string // Reason of Parse's error; "" when Parse accepts
+		drop string // the reason DropOrionInvalid gives the attribute "x"
+	}{
+		{"invalid UTF-8", "{\"x\":\"caf\xe9\"}", ReasonBadUTF8, ""},
+		{"invalid UTF-8 in a name", "{\"\xff\":1}", ReasonBadUTF8, ""},
+		{"lone surrogate escape", `{"x":"\ud800"}`, ReasonBadUTF8, ""},
+		{"lone surrogate escape in a name", `{"\udc00x":1}`, ReasonBadUTF8, ""},
+		{"real replacement character is kept", `{"x":"\ufffd"}`, "", ""},
+		{"1e999", `{"x":1e999}`, ReasonNotFinite, ""},
+		{"-1e999 in NGSI form", `{"x":{"value":-1e999,"type":"Number"}}`, ReasonNotFinite, ""},
+		{"string NaN typed Number", `{"x":{"value":"NaN","type":"Number"}}`, "", DropNotFinite},
+		{"string Inf typed Integer", `{"x":{"value":"Inf","type":"Integer"}}`, "", DropNotFinite},
+		{"string NaN as Text is text", `{"x":"NaN"}`, "", ""},
+		{"attribute id", `{"id":"other-device","x":1}`, "", ""},
+		{"finite", `{"x":1e308}`, "", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			attrs, _, err := Parse([]byte(tt.in))
+			if tt.want != "" {
+				if !errors.Is(err, ErrInvalid) || Reason(err) != tt.want {
+					t.Fatalf("Parse(%q) = %v (reason %q), want reason %q", tt.in, err, Reason(err), tt.want)
+				}
+				if strings.ContainsRune(err.Error(), 0xfffd) {
+					t.Errorf("error %q carries a replacement character", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("Parse(%q) = %v", tt.in, err)
+			}
+			r := Reading{Device: "d", Attrs: attrs}
+			dropped := r.DropOrionInvalid()
+			got := ""
+			for _, d := range dropped {
+				if d.Name == "x" {
+					got = d.Reason
+				}
+			}
+			if got != tt.drop {
+				t.Errorf("DropOrionInvalid(%q) = %+v, want x dropped for %q", tt.in, dropped, tt.drop)
+			}
+		})
+	}
+	// The reserved name is counted as such, not as a bad name.
+	r := Reading{Device: "d", Attrs: []Attribute{{"id", TypeText, "other"}, {"x", TypeNumber, 1.0}}}
+	if d := r.DropOrionInvalid(); len(d) != 1 || d[0].Reason != DropReservedName {
+		t.Fatalf("dropped %+v, want id as %s", d, DropReservedName)
+	}
+	// Validate refuses what DropOrionInvalid drops, with the same reason.
+	bad := Reading{Device: "d", Attrs: []Attribute{{"x", TypeNumber, "NaN"}}}
+	if err := bad.Validate(); Reason(err) != DropNotFinite {
+		t.Fatalf("Validate(NaN string) = %v, reason %q", err, Reason(err))
+	}
+}
+
+func TestValidateDeviceID(t *testing.T) {
+	for _, id := range []string{"th-1", "a.b_c-D9", "...", ".x", strings.Repeat("a", MaxDeviceIDLen)} {
+		if err := ValidateDeviceID(id); err != nil {
+			t.Errorf("ValidateDeviceID(%q) = %v, want nil", id, err)
+		}
+	}
+	for _, tt := range []struct{ id, want string }{
+		{"", "empty"}, {".", "relative path"}, {"..", "relative path"},
+		{"a:b", "byte 1 (':')"}, {"a/b", "byte 1 ('/')"}, {"a%2e", "byte 1 ('%')"},
+		{"a b", "byte 1 (0x20)"}, {"\xff", "byte 0 (0xff)"},
+		{strings.Repeat("a", MaxDeviceIDLen+1), "longer than 255"},
+	} {
+		if err := ValidateDeviceID(tt.id); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("ValidateDeviceID(%q) = %v, want an error containing %q", tt.id, err, tt.want)
+		}
 	}
 }

@@ -27,6 +27,10 @@ const (
 	ReasonMalformed    = "malformed"     // not a compact JWS, bad JSON, or a document policy.Compile refuses
 	ReasonOversized    = "oversized"     // larger than MaxBundleBytes
 	ReasonWrongGateway = "wrong_gateway" // gateway set and not ours
+	// ReasonNoGateway: the bundle names no gateway. A signed bundle
+	// without one would be accepted by every gateway of the fleet, so one
+	// gateway's devices and keys could be replayed to another.
+	ReasonNoGateway = "no_gateway"
 	// ReasonFetch counts failed fetches (network, HTTP status) of either
 	// source; nothing was offered, so nothing was refused on its merits.
 	ReasonFetch = "fetch"
@@ -61,7 +65,8 @@ type VerifierOptions struct {
 	// needs a kid and an alg of ES256 (P-256) or EdDSA (Ed25519); rotation
 	// is several keys with different kids.
 	Keys jwk.Set
-	// Gateway is this gateway's id; a bundle naming another one is refused.
+	// Gateway is this gateway's id; a bundle naming another one, or none,
+	// is refused.
 	Gateway string
 	// MaxBytes bounds a bundle before parsing; default DefaultMaxBundleBytes.
 	MaxBytes int
@@ -202,7 +207,10 @@ func (v *Verifier) Verify(raw []byte, floor uint64) (*Verified, error) {
 	if dec.More() {
 		return nil, refuse(ReasonMalformed, "payload: trailing data after the document")
 	}
-	if doc.Gateway != "" && doc.Gateway != v.gateway {
+	if doc.Gateway == "" {
+		return nil, refuse(ReasonNoGateway, "version %d names no gateway; a bundle must name the gateway it is for (%q)", doc.Version, v.gateway)
+	}
+	if doc.Gateway != v.gateway {
 		return nil, refuse(ReasonWrongGateway, "bundle for gateway %q, this is %q", doc.Gateway, v.gateway)
 	}
 	if doc.Version <= floor {

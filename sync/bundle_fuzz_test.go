@@ -100,7 +100,7 @@ func FuzzVerifyBundle(f *testing.F) {
 	add([]byte(`{"v":1,"version":9,"issued_at":"2026-01-01T00:00:00Z","expires_at":"2099-01-01T00:00:00Z","gateway":"other-gw","devices":[]}`))
 
 	reasons := map[string]bool{ReasonBadSignature: true, ReasonUnknownKey: true, ReasonRollback: true, ReasonExpired: true,
-		ReasonNotYetValid: true, ReasonMalformed: true, ReasonOversized: true, ReasonWrongGateway: true}
+		ReasonNotYetValid: true, ReasonMalformed: true, ReasonOversized: true, ReasonWrongGateway: true, ReasonNoGateway: true}
 	f.Fuzz(func(t *testing.T, raw []byte) {
 		got, err := v.Verify(raw, 5)
 		if err != nil {

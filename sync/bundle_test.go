@@ -47,6 +47,10 @@ func badBundles(t *testing.T, ops *polOps, now time.Time) []struct {
 	noExpiry.ExpiresAt = time.Time{}
 	otherGW := polDoc(7, now)
 	otherGW.Gateway = "gw-someone-else"
+	noGW := polDoc(7, now)
+	noGW.Gateway = ""
+	dotDot := polDoc(7, now)
+	dotDot.Devices[0].ID = ".."
 	sameKeys := polDoc(7, now)
 	sameKeys.Devices[0].K2 = sameKeys.Devices[0].K1
 	badFormat := polDoc(7, now)
@@ -92,6 +96,8 @@ func badBundles(t *testing.T, ops *polOps, now time.Time) []struct {
 		{"empty", ReasonMalformed, nil},
 		{"oversized", ReasonOversized, ops.sign(t, big)},
 		{"wrong gateway", ReasonWrongGateway, ops.sign(t, otherGW)},
+		{"no gateway named", ReasonNoGateway, ops.sign(t, noGW)},
+		{"device id ..", ReasonMalformed, ops.sign(t, dotDot)},
 	}
 }
 
@@ -128,8 +134,6 @@ func TestVerifierAccepts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	noGW := polDoc(9, now)
-	noGW.Gateway = ""
 	skewed := polDoc(9, now)
 	skewed.IssuedAt = now.Add(2 * time.Minute) // within the default 5 min skew
 	b, _ := json.Marshal(polDoc(9, now))
@@ -139,7 +143,6 @@ func TestVerifierAccepts(t *testing.T) {
 	}{
 		{"ES256", ops.sign(t, polDoc(9, now))},
 		{"EdDSA", signRaw(t, jwa.EdDSA, ops.edKey, ops.edKid, b)},
-		{"no gateway named", ops.sign(t, noGW)},
 		{"issued slightly ahead of our clock", ops.sign(t, skewed)},
 		{"surrounding whitespace", append(append([]byte("\n "), ops.sign(t, polDoc(9, now))...), '\n')},
 	} {

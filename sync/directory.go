@@ -12,6 +12,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	"github.com/edgegate/edgegate/reading"
 )
 
 // The platform's IoT Directory device API (iot-directory web/api/device.php),
@@ -135,18 +137,11 @@ func ValidateName(field, s string) error {
 	return nil
 }
 
-// ValidateDeviceID checks a device id: the name rule, and no ':' (insert
-// refuses ':' '/' '%' in the id: common.php checkSensibleCharacters; the
-// id is also the last part of the element id org:broker:id).
-func ValidateDeviceID(id string) error {
-	if err := ValidateName("device id", id); err != nil {
-		return err
-	}
-	if i := strings.IndexByte(id, ':'); i >= 0 {
-		return fmt.Errorf("device id %q: byte %d (':') is not allowed in a device id", id, i)
-	}
-	return nil
-}
+// ValidateDeviceID checks a device id by the gateway's one rule,
+// reading.ValidateDeviceID: the name rule, no ':' (insert refuses ':' '/'
+// '%' in the id: common.php checkSensibleCharacters; the id is also the
+// last part of the element id org:broker:id), and never "." or "..".
+func ValidateDeviceID(id string) error { return reading.ValidateDeviceID(id) }
 
 // Validate checks what stock insert requires before asking it, so that a
 // mistake gets a clear local error naming the field (device.php action

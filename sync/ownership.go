@@ -356,7 +356,7 @@ type docBuilder struct {
 func (b *docBuilder) skip(reason, detail string) { b.skipped = append(b.skipped, skip{reason, detail}) }
 
 func (b *docBuilder) lookup(id string) (policy.Registration, bool) {
-	if b.o.Registry == nil || !reading.ValidID(id) {
+	if b.o.Registry == nil || !reading.ValidDeviceID(id) {
 		return policy.Registration{}, false
 	}
 	return b.o.Registry.Lookup(id)
@@ -464,7 +464,7 @@ func overlay(reg *policy.Registration, local policy.Registration) {
 // document will be compiled under (one bad row must not cost the whole
 // policy), and adds it; a device without a type or keys is reported.
 func (b *docBuilder) add(reg policy.Registration, name, element string, delegated bool) bool {
-	if !reading.ValidID(reg.ID) {
+	if !reading.ValidDeviceID(reg.ID) {
 		b.skip(skipInvalid, name+": device id")
 		return false
 	}

@@ -30,7 +30,9 @@ const ownershipRowsJSON = `[
  {"id":22,"username":"alice","elementId":"Organization:orion-1:same-keys","elementType":"IOTID","elementName":"same-keys",
   "elementDetails":{"k1":"` + polK1 + `","k2":"` + polK1 + `","contextbroker":"orion-1"},"deleted":null},
  {"id":23,"username":"alice","elementId":"Organization:orion-1:th-kitchen","elementType":"IOTID","elementName":"th-kitchen",
-  "elementDetails":{"k1":"x1","k2":"x2","contextbroker":"orion-1"},"deleted":null}
+  "elementDetails":{"k1":"x1","k2":"x2","contextbroker":"orion-1"},"deleted":null},
+ {"id":24,"username":"alice","elementId":"Organization:orion-1:..","elementType":"IOTID","elementName":"..",
+  "elementDetails":{"k1":"y1","k2":"y2","contextbroker":"orion-1"},"deleted":null}
 ]`
 
 // Delegations as /v2/username/alice/delegator returns them.
@@ -91,7 +93,7 @@ func TestBuildOwnershipDocument(t *testing.T) {
 		}
 	}
 	wantCounts := map[string]int{
-		skipDeleted: 1, skipUnknownBroker: 1, skipDetails: 1, skipInvalid: 1, skipDuplicate: 1,
+		skipDeleted: 1, skipUnknownBroker: 1, skipDetails: 1, skipInvalid: 2, skipDuplicate: 1, // invalid: a:b and ..
 		skipUnknownKind: 1, skipUnknownDevice: 1, skipElementType: 1, skipNotOwner: 1,
 	}
 	if !reflect.DeepEqual(counts, wantCounts) {

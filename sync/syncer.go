@@ -114,6 +114,11 @@ type Options struct {
 	Signer  Signer           // nil: no receipts
 	Metrics *metrics.Metrics // nil: none
 	Logger  *slog.Logger     // nil: discard
+	// FloorFile keeps the anti-rollback floor outside Store as well
+	// (state_dir/FloorFileName), so that it survives a quarantined or
+	// wiped store; the floor in force is the higher of the two. Empty:
+	// the store only.
+	FloorFile string
 
 	// CentralURL is the central service's base, e.g. https://central.example;
 	// the bundle is at {CentralURL}/edgegate/v1/gateways/{gw}/policy and
@@ -239,8 +244,9 @@ type Syncer struct {
 // New checks the options and builds a Syncer. It does no I/O: call
 // LoadCached before the stages that enforce the policy start, then Run.
 func New(o Options) (*Syncer, error) {
-	if !reading.ValidID(o.Gateway) {
-		return nil, fmt.Errorf("policy sync: gateway id %q must match [A-Za-z0-9._-]{1,256}", clip(o.Gateway))
+	if !reading.ValidID(o.Gateway) || o.Gateway == "." || o.Gateway == ".." {
+		// A path segment of central's URLs: never "." or "..".
+		return nil, fmt.Errorf("policy sync: gateway id %q must match [A-Za-z0-9._-]{1,256} and not be . or ..", clip(o.Gateway))
 	}
 	if o.Engine == nil || o.Store == nil || o.Tokens == nil {
 		return nil, errors.New("policy sync: engine, store and tokens are required")
@@ -357,8 +363,24 @@ func (s *Syncer) loadFloor() error {
 			return fmt.Errorf("load policy floor: %s", jsonErr(err))
 		}
 	}
+	v := floor.Version
+	if s.o.FloorFile != "" {
+		fv, err := readFloorFile(s.o.FloorFile)
+		if err != nil {
+			return err
+		}
+		if fv > v {
+			s.log.Warn("policy floor kept outside the store is above the store's (a quarantined or reset store): the floor stays", "floor", fv, "store_floor", v)
+			v = fv
+		} else if fv < v {
+			// A store from before the file existed: keep the file in step.
+			if err := writeFloorFile(s.o.FloorFile, v); err != nil {
+				return err
+			}
+		}
+	}
 	s.mu.Lock()
-	s.floor = max(s.floor, floor.Version)
+	s.floor = max(s.floor, v)
 	s.floorLoaded = true
 	s.mu.Unlock()
 	return nil
@@ -467,6 +489,17 @@ func (s *Syncer) offer(ctx context.Context, raw []byte, via string) (string, err
 			return resultUnchanged, nil
 		}
 	}
+	if errors.As(err, &re) && re.Reason == ReasonRollback && floor > 0 && cur.Source == "" {
+		// No policy in force but a floor: the store was quarantined or
+		// reset while the floor file kept the version. The bundle AT the
+		// floor is the one that was in force then, not a rollback; accept
+		// it so that the gateway is not left without a policy until
+		// central publishes the next version. Below the floor stays
+		// refused.
+		if again, err2 := s.verifier.Verify(raw, floor-1); err2 == nil && again.Document.Version == floor {
+			vf, err, re = again, nil, nil
+		}
+	}
 	if err != nil {
 		if re != nil {
 			return resultRefused, s.refused(ctx, via, re)
@@ -515,6 +548,13 @@ func (s *Syncer) apply(ctx context.Context, p *policy.Policy, doc policy.Documen
 	fb, _ := json.Marshal(floorRecord{Version: floor})
 	if err := s.o.Store.PutState(StateFloor, fb); err != nil {
 		return fmt.Errorf("persist policy floor %d: %w", floor, err)
+	}
+	// Then outside the store; a crash before this leaves the file behind,
+	// and loadFloor takes the higher of the two.
+	if s.o.FloorFile != "" {
+		if err := writeFloorFile(s.o.FloorFile, floor); err != nil {
+			return fmt.Errorf("persist policy floor %d: %w", floor, err)
+		}
 	}
 	s.mu.Lock()
 	s.floor = floor

@@ -95,10 +95,21 @@ func classify(status int, h http.Header, body []byte, now time.Time) verdict {
 		return verdict{kind: retry, reason: "5xx", retryAfter: parseRetryAfter(h.Get("Retry-After"), now)}
 	case status >= 400:
 		return verdict{kind: permanent, class: "4xx", reason: fmt.Sprintf("%d %s%s", status, http.StatusText(status), brokerText(body))}
+	case status >= 300 && status < 400:
+		// Redirects are not followed (the bearer token must not travel
+		// elsewhere), and retrying the same URI gets the same redirect
+		// forever (issue 17: a 307 retried without end). Treated like a
+		// refusal: retried for the bounded refusal window (a broker being
+		// moved), then dead-lettered with this reason, which names where
+		// the broker pointed (credentials in it redacted).
+		where := ""
+		if loc := h.Get("Location"); loc != "" {
+			where = " to " + logtext.Clip(logtext.RedactURL(loc), 128)
+		}
+		return verdict{kind: refused, class: "3xx", reason: fmt.Sprintf("%d %s: redirect%s not followed; fix the device's broker URI", status, http.StatusText(status), where)}
 	default:
-		// 1xx/3xx: redirects are not followed (the bearer token must not
-		// travel elsewhere); a misconfigured broker URI is an operator
-		// problem, so keep the data and retry slowly.
+		// 1xx as a final answer: a broken proxy; keep the data and retry
+		// slowly.
 		return verdict{kind: retry, reason: strconv.Itoa(status/100) + "xx"}
 	}
 }

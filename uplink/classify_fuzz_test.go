@@ -10,7 +10,7 @@ import (
 
 // retryReasons are the only reasons a retry verdict may carry: they are
 // metric labels, so their set must stay small whatever the broker says.
-var retryReasons = map[string]bool{"408": true, "429": true, "5xx": true, "401_transient": true, "1xx": true, "3xx": true}
+var retryReasons = map[string]bool{"408": true, "429": true, "5xx": true, "401_transient": true, "1xx": true}
 
 // FuzzClassify: any status, Retry-After, WWW-Authenticate and body yield a
 // verdict; nothing panics; the wait is within [0, maxRetryAfter]; retry
@@ -93,12 +93,12 @@ func FuzzClassify(f *testing.F) {
 				t.Fatalf("invalid-token reason %q", v.reason)
 			}
 		case refused:
-			if v.class != "401" && v.class != "404" {
+			if v.class != "401" && v.class != "404" && v.class != "3xx" {
 				t.Fatalf("classify(%d) refused class %q", status, v.class)
 			}
 			fallthrough
 		case permanent:
-			if v.class != "4xx" && v.class != "401" && v.class != "404" {
+			if v.class != "4xx" && v.class != "401" && v.class != "404" && v.class != "3xx" {
 				t.Fatalf("classify(%d) permanent class %q", status, v.class)
 			}
 			// "%d %s" + ": " + clipped text + "…"

@@ -64,7 +64,9 @@ func TestClassify(t *testing.T) {
 		{"400 invalid chars", 400, nil, `{"error":"BadRequest","description":"Invalid characters in attribute value"}`,
 			verdict{kind: permanent, class: "4xx", reason: "400 Bad Request: Invalid characters in attribute value"}},
 		{"400 control chars", 400, nil, "a\nb", verdict{kind: permanent, class: "4xx", reason: "400 Bad Request: a b"}},
-		{"302 not followed", 302, nil, "", verdict{kind: retry, reason: "3xx"}},
+		{"302 not followed", 302, nil, "", verdict{kind: refused, class: "3xx", reason: "302 Found: redirect not followed; fix the device's broker URI"}},
+		{"307 names where, without credentials", 307, http.Header{"Location": {"https://u:canary-pw@elsewhere.example/v2/entities/x/attrs?token=canary-tok"}}, "",
+			verdict{kind: refused, class: "3xx", reason: `307 Temporary Redirect: redirect to https://REDACTED@elsewhere.example/v2/entities/x/attrs?token=REDACTED not followed; fix the device's broker URI`}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -19,6 +19,7 @@ import (
 
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/queue"
+	"github.com/edgegate/edgegate/reading"
 )
 
 // Source is what the uplink needs from the queue.
@@ -568,6 +569,17 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 		}
 		// Central is down or refuses us: keep the data, retry later.
 		r.v, r.err = verdict{kind: retry, reason: "token"}, err
+		return r
+	}
+	if err := reading.ValidateDeviceID(it.Device); err != nil {
+		// Never PATCH /v2/entities/../attrs: a device id that is a path
+		// segment ("." "..") or carries '/' reaches another resource.
+		// Ingest refuses such ids; one that is queued anyway (an older
+		// store) can never be sent: dead-letter it with the reason.
+		r.v = verdict{kind: permanent, class: "bad_device_id", reason: "not sent: " + err.Error()}
+		if err := d.u.deadLetter(it, r.v); err != nil {
+			r.v, r.err = verdict{kind: retry, reason: "store"}, err
+		}
 		return r
 	}
 	req, err := d.request(ctx, it, tok)

@@ -25,7 +25,8 @@ func TestDeliverRequestShape(t *testing.T) {
 	}{
 		{"no trailing slash", "/orion-filter/orion-1", "dev-1"},
 		{"trailing slash", "/orion-filter/orion-1/", "dev-1"},
-		{"device needing escapes", "", "room 1/temp?x&y"},
+		// A device id needing escapes ("room 1/temp?x&y") is never sent:
+		// TestDotDotDeviceNeverSent.
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -650,5 +651,62 @@ func TestFillRoundRobin(t *testing.T) {
 	}
 	if started[8] != "z-single" {
 		t.Errorf("the one-reading lane was start #%d, want #9: %v", slices.Index(started, "z-single")+1, started)
+	}
+}
+
+// TestRedirectNotRetriedForever: a broker answering 307 (issue 17: retried
+// without end) has the reading dead-lettered once the refusal window is
+// over (here: none, NoRefusalWindow) with a reason naming the redirect;
+// the redirect is never followed.
+func TestRedirectNotRetriedForever(t *testing.T) {
+	var followed atomic.Int32
+	elsewhere := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { followed.Add(1) }))
+	defer elsewhere.Close()
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		w.Header().Set("Location", elsewhere.URL+"/v2/entities/d/attrs")
+		w.WriteHeader(http.StatusTemporaryRedirect)
+	})
+	q := newFakeQueue()
+	q.add(b.URL, "d", 1)
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{RefusalWindow: NoRefusalWindow})
+	eventually(t, "the redirected reading dead-lettered", func() bool { return len(q.deadLetters()) == 1 })
+	h.stop(t)
+	dl := q.deadLetters()[0]
+	if !strings.Contains(dl.reason, "307 Temporary Redirect: redirect to "+elsewhere.URL) || !strings.Contains(dl.reason, "not followed") {
+		t.Errorf("reason = %q", dl.reason)
+	}
+	if followed.Load() != 0 {
+		t.Errorf("the redirect was followed %d times", followed.Load())
+	}
+	if v := counter(t, h.m.DeadLettered.WithLabelValues("3xx")); v != 1 {
+		t.Errorf("DeadLettered{3xx} = %v, want 1", v)
+	}
+}
+
+// TestDotDotDeviceNeverSent: a queued reading whose device id is ".."
+// (from a store written before ingest refused such ids) is dead-lettered
+// without a request: PATCH /v2/entities/../attrs is impossible.
+func TestDotDotDeviceNeverSent(t *testing.T) {
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) { w.WriteHeader(http.StatusNoContent) })
+	q := newFakeQueue()
+	q.add(b.URL, "..", 1)
+	q.add(b.URL, "room 1/temp?x&y", 1)
+	q.add(b.URL, "d", 1)
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
+	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	h.stop(t)
+	dl := q.deadLetters()
+	slices.SortFunc(dl, func(a, b deadItem) int { return strings.Compare(a.it.Device, b.it.Device) })
+	if len(dl) != 2 || dl[0].it.Device != ".." || !strings.Contains(dl[0].reason, "relative path segment") ||
+		dl[1].it.Device != "room 1/temp?x&y" || !strings.Contains(dl[1].reason, "byte 4 (0x20)") {
+		t.Fatalf("dead letters = %+v, want the two bad ids with their reasons", dl)
+	}
+	for _, r := range b.requests() {
+		if strings.Contains(r.rawPath, "..") || r.device != "d" {
+			t.Fatalf("request to %s", r.rawPath)
+		}
+	}
+	if v := counter(t, h.m.DeadLettered.WithLabelValues("bad_device_id")); v != 2 {
+		t.Errorf("DeadLettered{bad_device_id} = %v, want 1", v)
 	}
 }

@@ -213,6 +213,7 @@ func runFactoryReset(ctx context.Context, args []string, stdin io.Reader, stdout
 	}
 	if !*yes {
 		fmt.Fprint(stderr, "This erases every reading, key, policy and pairing of this gateway. It cannot be undone.\n"+
+			"The policy's version floor is kept, so no older policy is accepted after it.\n"+
 			"Type \"factory-reset\" to confirm: ")
 		if !confirmed(stdin, "factory-reset") {
 			return &exitError{code: 1, err: errors.New("not confirmed; nothing changed")}

@@ -201,6 +201,11 @@ func runConfig(args []string, stdout, stderr io.Writer) error {
 		if err != nil {
 			return &exitError{code: 2, err: err}
 		}
+		// The file-permission rules of `run` (issue 17): a secret file
+		// run would refuse fails the check too.
+		if err := cfg.CheckSecretFiles(os.Getenv); err != nil {
+			return &exitError{code: 2, err: fmt.Errorf("check config %s: %w", *path, err)}
+		}
 		fmt.Fprintf(stdout, "%s: valid (%d devices, mqtt %s)\n", *path, len(cfg.Devices), cfg.MQTT.Mode)
 		if cfg.Policy.Source == config.PolicyOwnership {
 			if *socket == "" {
