@@ -9,11 +9,11 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
-	"net/http/httputil"
-	"net/url"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -240,7 +240,7 @@ func (e *env) startGateway(ctx context.Context, gw, client, secret string) *gate
 	g.syncer, err = centralsync.New(centralsync.Options{Gateway: gw, Source: centralsync.SourceBundle, Engine: g.engine,
 		Store: q, Tokens: ts, Signer: id, CentralURL: e.api.URL, HTTPClient: e.gwHTTP, Keys: e.pinnedKeys(),
 		PollInterval: time.Hour, // the push, not the poll, must deliver
-		MQTTURL: e.mqttURL, MQTTUsername: client, MQTTTLS: &tls.Config{RootCAs: e.ca.Pool()}})
+		MQTTURL:      e.mqttURL, MQTTUsername: client, MQTTTLS: &tls.Config{RootCAs: e.ca.Pool()}})
 	if err != nil {
 		e.t.Fatal(err)
 	}
