@@ -203,8 +203,8 @@ func checkHTTPS(name, raw string) error {
 	return nil
 }
 
-// readSecretFile reads a one-line secret, refusing a file others can read.
-func readSecretFile(name, path string) (string, error) {
+// ReadSecretFile reads a one-line secret, refusing a file others can read.
+func ReadSecretFile(name, path string) (string, error) {
 	st, err := os.Stat(path)
 	if err != nil {
 		return "", fmt.Errorf("%s: %w", name, err)

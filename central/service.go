@@ -118,7 +118,7 @@ func New(ctx context.Context, o Options) (*Service, error) {
 func accountTokens(p PlatformConfig, hc *http.Client, log *slog.Logger) (func(context.Context) (string, error), error) {
 	tokenURL := p.Issuer + "/protocol/openid-connect/token" // Keycloak's token endpoint
 	if p.ClientSecretFile != "" {
-		secret, err := readSecretFile("platform.client_secret_file", p.ClientSecretFile)
+		secret, err := ReadSecretFile("platform.client_secret_file", p.ClientSecretFile)
 		if err != nil {
 			return nil, err
 		}
@@ -126,7 +126,7 @@ func accountTokens(p PlatformConfig, hc *http.Client, log *slog.Logger) (func(co
 			ClientSecret: secret, HTTPClient: hc, Logger: log})
 		return ts.Token, nil
 	}
-	rt, err := readSecretFile("platform.refresh_token_file", p.RefreshTokenFile)
+	rt, err := ReadSecretFile("platform.refresh_token_file", p.RefreshTokenFile)
 	if err != nil {
 		return nil, err
 	}
