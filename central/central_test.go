@@ -70,6 +70,7 @@ func newEnv(t *testing.T, mut func(*Config)) *env {
 	sim, err := centralsim.New(centralsim.Options{
 		Users: []centralsim.User{{Username: "ops", Role: centralsim.RoleRootAdmin}, {Username: "alice"}, {Username: "bob"}},
 		Clients: []centralsim.Client{{ID: "central-ops", Secret: opsSecret, Username: "ops"},
+			{ID: "central-alice", Secret: opsSecret, Username: "alice"},
 			{ID: "gw-a-client", Secret: gwASecret}, {ID: "gw-b-client", Secret: gwBSecret}},
 		Logger: slog.New(slog.DiscardHandler),
 	})
@@ -515,5 +516,19 @@ func TestPartialPlatformAnswerRefused(t *testing.T) {
 	after, _, _ = e.svc.Store().Gateway(ctx, "gw-a")
 	if after.Version <= before.Version || after.BuildError != "" {
 		t.Fatalf("no new version once the platform answered: %+v", after.Version)
+	}
+}
+
+// TestAccountNotRootAdminRefused: an account that is not a RootAdmin sees
+// only its own ownership rows; the companion refuses to build from that.
+func TestAccountNotRootAdminRefused(t *testing.T) {
+	e := newEnv(t, func(c *Config) { c.Platform.ClientID = "central-alice" })
+	e.insert("alice", "th-1", "gw-a")
+	_, err := e.svc.Refresh(context.Background(), false)
+	if err == nil || !strings.Contains(err.Error(), "not a RootAdmin") {
+		t.Fatalf("round with a non-RootAdmin account: %v", err)
+	}
+	if rec, ok, _ := e.svc.Store().Gateway(context.Background(), "gw-a"); ok && rec.Version != 0 {
+		t.Fatalf("a bundle was published: v%d", rec.Version)
 	}
 }

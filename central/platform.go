@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/lestrrat-go/jwx/v2/jwt"
+
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
@@ -84,6 +86,9 @@ func NewPlatform(base, datamanager string, hc *http.Client, token func(context.C
 // the platform's answer cannot be trusted as a whole (nothing is built);
 // a failure per owner is reported in Snapshot.Failed.
 func (p *Platform) Snapshot(ctx context.Context) (*Snapshot, error) {
+	if err := p.checkRootAdmin(ctx); err != nil {
+		return nil, err
+	}
 	var rows []OwnershipRow
 	// All rows for a RootAdmin (list/index.php; onlyMine unset).
 	if err := p.getJSON(ctx, p.base+"/ownership-api/v1/list/?type=IOTID", &rows, false); err != nil {
@@ -135,6 +140,40 @@ func (p *Platform) Snapshot(ctx context.Context) (*Snapshot, error) {
 	}
 	wg.Wait()
 	return s, ctx.Err()
+}
+
+// checkRootAdmin refuses an account that is not a RootAdmin: for any
+// other user the Ownership API lists only that user's rows
+// (list/index.php), so every gateway's policy would silently lose its
+// devices. Snap4City's realm maps the roles into the access token's
+// "roles" claim (Keycloak also has realm_access.roles). The token comes
+// straight from the token endpoint over TLS: its claims are read without
+// verifying it again.
+func (p *Platform) checkRootAdmin(ctx context.Context) error {
+	tok, err := p.token(ctx)
+	if err != nil {
+		return fmt.Errorf("account token: %w", err)
+	}
+	t, err := jwt.ParseString(tok, jwt.WithVerify(false), jwt.WithValidate(false))
+	if err != nil {
+		return errors.New("the account's access token is not a JWT: cannot confirm it is a RootAdmin")
+	}
+	var roles []any
+	if v, ok := t.Get("roles"); ok {
+		roles, _ = v.([]any)
+	}
+	if v, ok := t.Get("realm_access"); ok {
+		if m, ok := v.(map[string]any); ok {
+			ra, _ := m["roles"].([]any)
+			roles = append(roles, ra...)
+		}
+	}
+	for _, r := range roles {
+		if r == "RootAdmin" {
+			return nil
+		}
+	}
+	return errors.New("the platform account is not a RootAdmin: the Ownership API would list only its own rows")
 }
 
 // getJSON GETs target with the account's token. allow204: the

@@ -47,7 +47,8 @@ type Service struct {
 	metrics  *serviceMetrics
 	push     *pushBroker // nil without mqtt_listen or before Start
 
-	roundMu sync.Mutex // one platform round at a time
+	stop    context.CancelFunc // ends the JWKS cache's refresher
+	roundMu sync.Mutex         // one platform round at a time
 	bindMu  sync.Mutex // first-use bindings
 }
 
@@ -103,10 +104,13 @@ func New(ctx context.Context, o Options) (*Service, error) {
 	if s.keys, err = OpenKeyRing(cfg.KeyFile, true); err != nil {
 		return nil, err
 	}
-	s.tokens = newTokenVerifier(ctx, cfg.Platform.Issuer, hc)
+	cctx, stop := context.WithCancel(ctx)
+	s.stop = stop
+	s.tokens = newTokenVerifier(cctx, cfg.Platform.Issuer, hc)
 	s.platform = NewPlatform(cfg.Platform.URL, cfg.Platform.DataManagerURL, hc, token, cfg.Concurrency)
 	if s.store == nil {
 		if s.store, err = OpenBadger(filepath.Join(cfg.StateDir, "db")); err != nil {
+			stop()
 			return nil, err
 		}
 	}
@@ -145,6 +149,7 @@ func accountTokens(p PlatformConfig, hc *http.Client, log *slog.Logger) (func(co
 
 // Close releases the store and the push broker.
 func (s *Service) Close() error {
+	s.stop()
 	if s.push != nil {
 		s.push.close()
 	}
