@@ -49,7 +49,7 @@ type Service struct {
 
 	stop    context.CancelFunc // ends the JWKS cache's refresher
 	roundMu sync.Mutex         // one platform round at a time
-	bindMu  sync.Mutex // first-use bindings
+	bindMu  sync.Mutex         // first-use bindings
 }
 
 // RoundResult is what one platform round did.
