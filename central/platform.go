@@ -9,6 +9,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -61,6 +62,10 @@ type Snapshot struct {
 	// Failed maps an owner whose delegations could not be read to why:
 	// the gateways with that owner's devices are not rebuilt this round.
 	Failed map[string]string
+	// AppPins maps a gateway id to the identity key thumbprints its live
+	// AppID rows carry (edgegate pair registers elementId = the gateway id,
+	// elementDetails.thumbprint; cmd/edgegate/pair.go).
+	AppPins map[string][]string
 }
 
 // Platform reads the stock platform with the configured account.
@@ -101,7 +106,14 @@ func (p *Platform) Snapshot(ctx context.Context) (*Snapshot, error) {
 	if err != nil {
 		return nil, fmt.Errorf("iot directory device list: %w", err)
 	}
-	s := &Snapshot{Rows: rows, Types: map[string]string{}, Given: map[string][]DelegationRow{}, Failed: map[string]string{}}
+	s := &Snapshot{Rows: rows, Types: map[string]string{}, Given: map[string][]DelegationRow{}, Failed: map[string]string{},
+		AppPins: map[string][]string{}}
+	var apps []OwnershipRow
+	// The AppID rows only pin receipt keys: when they cannot be read the
+	// round goes on, and receipts keep the pins they have.
+	if err := p.getJSON(ctx, p.base+"/ownership-api/v1/list/?type=AppID", &apps, false); err == nil {
+		s.AppPins = appPins(apps)
+	}
 	for _, d := range devs {
 		s.Types[d.ContextBroker+"/"+d.ID] = d.Type
 	}
@@ -140,6 +152,26 @@ func (p *Platform) Snapshot(ctx context.Context) (*Snapshot, error) {
 	}
 	wg.Wait()
 	return s, ctx.Err()
+}
+
+// appPins reads the gateways' AppID rows.
+func appPins(rows []OwnershipRow) map[string][]string {
+	out := map[string][]string{}
+	for _, r := range rows {
+		if isSet(r.Deleted) || r.ElementType != "AppID" || !gatewayIDRE.MatchString(r.ElementID) {
+			continue
+		}
+		det, err := parseDetails(r.ElementDetails)
+		if err != nil || !strings.HasSuffix(detailString(det, "edgegateway_type"), "_edgegate") {
+			continue
+		}
+		tp := detailString(det, "thumbprint")
+		if len(tp) != 43 || slices.Contains(out[r.ElementID], tp) {
+			continue
+		}
+		out[r.ElementID] = append(out[r.ElementID], tp)
+	}
+	return out
 }
 
 // checkRootAdmin refuses an account that is not a RootAdmin: for any

@@ -210,6 +210,7 @@ func (s *Service) Refresh(ctx context.Context, force bool, only ...string) (Roun
 		}
 	}
 	res.Gateways = len(ids)
+	s.pinFromAppRows(ctx, snap.AppPins)
 	for _, gw := range ids {
 		b := built[gw]
 		if len(b.Problems) > 0 {
@@ -255,6 +256,31 @@ func (s *Service) Refresh(ctx context.Context, force bool, only ...string) (Roun
 	s.metrics.refusedNow.Set(float64(len(res.Refused)))
 	return res, nil
 }
+
+// pinFromAppRows pins the identity key of a gateway that has none yet
+// from its AppID row, when exactly one live row names one key: two rows
+// claiming one gateway id with different keys pin nothing (the first
+// valid receipt does, as before).
+func (s *Service) pinFromAppRows(ctx context.Context, pins map[string][]string) {
+	for gw, tps := range pins {
+		if len(tps) != 1 {
+			s.log.Warn("AppID rows disagree on the gateway's identity key; not pinned from them", "gateway", gw, "keys", len(tps))
+			continue
+		}
+		_, err := s.store.UpdateGateway(ctx, gw, func(r *GatewayRecord) error {
+			if r.Pin != "" {
+				return errNoChange
+			}
+			r.Pin = tps[0]
+			return nil
+		})
+		if err == nil {
+			s.log.Info("gateway identity key pinned from its AppID row", "gateway", gw, "thumbprint", tps[0])
+		}
+	}
+}
+
+var errNoChange = errors.New("no change")
 
 // publish signs a new version of b when its content changed or its
 // bundle passed half its lifetime. The version is decided inside the
