@@ -28,6 +28,9 @@ const (
 	// KeyCredential is the systemd credential name (LoadCredential=) of the
 	// signing key file, looked up in $CREDENTIALS_DIRECTORY.
 	KeyCredential = "policy-signing-keys"
+	// StoreKeyCredential is the systemd credential of the store's
+	// encryption key (else {state_dir}/store.key, generated).
+	StoreKeyCredential = "edgegate-central-store-key"
 )
 
 // gatewayIDRE is the gateway id rule of the gateway side (reading.ValidID).

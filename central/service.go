@@ -20,6 +20,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/edgegate/edgegate/policy"
+	"github.com/edgegate/edgegate/storekey"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
@@ -109,7 +110,14 @@ func New(ctx context.Context, o Options) (*Service, error) {
 	s.tokens = newTokenVerifier(cctx, cfg.Platform.Issuer, hc)
 	s.platform = NewPlatform(cfg.Platform.URL, cfg.Platform.DataManagerURL, hc, token, cfg.Concurrency)
 	if s.store == nil {
-		if s.store, err = OpenBadger(filepath.Join(cfg.StateDir, "db")); err != nil {
+		// The store key: systemd credential StoreKeyCredential, else a 0600
+		// file in the state directory generated on first use (storekey).
+		key, _, err := storekey.Load(StoreKeyCredential, filepath.Join(cfg.StateDir, "store.key"), os.Getenv)
+		if err != nil {
+			stop()
+			return nil, err
+		}
+		if s.store, err = OpenBadger(filepath.Join(cfg.StateDir, "db"), key); err != nil {
 			stop()
 			return nil, err
 		}

@@ -32,7 +32,7 @@ type Store interface {
 const keptVersions = 16
 
 // GatewayRecord is one gateway's state. Bundle holds device keys (K1/K2):
-// the store lives in a 0700 state directory.
+// the badger store is encrypted at rest (see OpenBadger).
 type GatewayRecord struct {
 	ID      string `json:"id"`
 	Account string `json:"account,omitempty"` // azp bound to it
@@ -83,12 +83,14 @@ type BadgerStore struct{ db *badger.DB }
 
 const gwPrefix = "gw/"
 
-// OpenBadger opens (creating) the store in dir.
-func OpenBadger(dir string) (*BadgerStore, error) {
+// OpenBadger opens (creating) the store in dir, encrypted at rest with
+// key (32 bytes, AES-256: bundles hold K1/K2).
+func OpenBadger(dir string, key []byte) (*BadgerStore, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("store: %w", err)
 	}
-	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil).WithNumVersionsToKeep(1))
+	db, err := badger.Open(badger.DefaultOptions(dir).WithLogger(nil).WithNumVersionsToKeep(1).
+		WithEncryptionKey(key).WithIndexCacheSize(16 << 20))
 	if err != nil {
 		return nil, fmt.Errorf("store %s: %w", dir, err)
 	}
