@@ -11,6 +11,7 @@ export CGO_ENABLED := 0
 
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/edgegate
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/edgegate-central ./cmd/edgegate-central
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -1,0 +1,132 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/pki"
+)
+
+// TestServePushFleetRotate runs the real commands: serve against the
+// stock-faithful simulator (no Companion), then push, fleet and keys
+// rotate as an operator would.
+func TestServePushFleetRotate(t *testing.T) {
+	sim, err := centralsim.New(centralsim.Options{
+		Users:   []centralsim.User{{Username: "ops", Role: centralsim.RoleRootAdmin}, {Username: "alice"}},
+		Clients: []centralsim.Client{{ID: "central-ops", Secret: "ops-secret-CANARY", Username: "ops"}},
+		Devices: []centralsim.Device{{ID: "th-1", Type: "Thermometer", Owner: "alice", K1: "k1-CANARY-0001", K2: "k2-CANARY-0002"}},
+		Logger:  slog.New(slog.DiscardHandler),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sim.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	defer sim.Close()
+	dir := t.TempDir()
+	write := func(name, data string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(data), mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	ca, err := pki.NewCA("test", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := ca.IssueServer(time.Now(), "127.0.0.1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]})
+	// The CLI trusts tls_cert's certificates: put the CA after the leaf.
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	cfg := fmt.Sprintf(`listen: %q
+public_url: "https://%s"
+tls_cert: %q
+tls_key: %q
+state_dir: %q
+admin_token_file: %q
+bind_on_first_use: true
+poll_interval: 1h
+platform:
+  url: %q
+  issuer: %q
+  ca_file: %q
+  client_id: central-ops
+  client_secret_file: %q
+  brokers:
+    orion-1: %q
+`, addr, addr, write("cert.pem", string(certPEM)+string(caPEM), 0o644), write("key.pem", string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})), 0o600),
+		filepath.Join(dir, "state"), write("admin", "admin-CANARY-77\n", 0o600), sim.URL(), sim.Issuer(),
+		write("sim-ca.pem", string(sim.CACertPEM()), 0o644), write("ops", "ops-secret-CANARY\n", 0o600), sim.BrokerURL())
+	cfgPath := write("config.yaml", cfg, 0o644)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	var serveErr bytes.Buffer
+	done := make(chan error, 1)
+	go func() { done <- run(ctx, []string{"serve", "--config", cfgPath}, &bytes.Buffer{}, &serveErr) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("serve: %v", err)
+		}
+		for _, s := range []string{"ops-secret-CANARY", "admin-CANARY-77", "k1-CANARY-0001"} {
+			if strings.Contains(serveErr.String(), s) {
+				t.Errorf("serve's log holds a secret")
+			}
+		}
+	}()
+	cli := func(args ...string) (string, error) {
+		var out, errb bytes.Buffer
+		err := run(context.Background(), append(args, "--config", cfgPath), &out, &errb)
+		return out.String() + errb.String(), err
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	var out string
+	for {
+		// A device bound to no gateway: no gateway yet, an empty round.
+		if out, err = cli("push", "--all"); err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if err != nil || !strings.Contains(out, "gateways 0") {
+		t.Fatalf("push --all: %v\n%s\n%s", err, out, serveErr.String())
+	}
+	if out, err = cli("push", "--gateway", "gw-x"); err == nil || !strings.Contains(out, "refused gw-x: unknown gateway") {
+		t.Fatalf("push of an unknown gateway: %v\n%s", err, out)
+	}
+	if out, err = cli("fleet"); err != nil || !strings.Contains(out, "0 gateways, 0 stale") {
+		t.Fatalf("fleet: %v\n%s", err, out)
+	}
+	if out, err = cli("keys", "rotate", "--overlap", "1h"); err != nil || !strings.Contains(out, "new signing key") {
+		t.Fatalf("keys rotate: %v\n%s", err, out)
+	}
+	if _, err := cli("push"); err == nil {
+		t.Fatal("push without --gateway or --all succeeded")
+	}
+}
