@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -34,6 +35,9 @@ type ClientOptions struct {
 	// OnConnect, when set, is called after every (re)connection and
 	// subscription; tests and readiness use it.
 	OnConnect func()
+	// OnAck, when set, is told of every PUBACK the client releases, in the
+	// order it releases them (tests assert the §4.6 order with it).
+	OnAck func(topic string, payload []byte)
 }
 
 // Client ingests readings from an external broker through paho, with a
@@ -50,7 +54,13 @@ type Client struct {
 	wg     sync.WaitGroup
 
 	mu    sync.Mutex
-	lanes map[string]chan paho.Message // per device, in arrival order
+	lanes map[string]chan *ackSlot // per device, in arrival order
+
+	seq acks // PUBACKs released in arrival order
+
+	live       atomic.Bool   // connected and subscribed right now
+	subscribed chan struct{} // closed at the first subscription
+	subOnce    sync.Once
 }
 
 // NewClient builds the ingest client; Run connects it.
@@ -73,7 +83,8 @@ func NewClient(sub Submitter, opts ClientOptions) *Client {
 		opts.RetryInterval = time.Second
 	}
 	c := &Client{sub: sub, opts: opts, log: log, limited: ratelog.New(log, 10*time.Second),
-		lanes: map[string]chan paho.Message{}}
+		lanes: map[string]chan *ackSlot{}, subscribed: make(chan struct{})}
+	c.seq.onAck = opts.OnAck
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }
@@ -134,12 +145,15 @@ func (c *Client) Run(ctx context.Context) error {
 				return
 			}
 			c.log.Info("subscribed to the local broker", "url", c.opts.URL, "filter", filter)
+			c.live.Store(true)
+			c.subOnce.Do(func() { close(c.subscribed) })
 			if c.opts.OnConnect != nil {
 				c.opts.OnConnect()
 			}
 		}()
 	})
 	po.SetConnectionLostHandler(func(_ paho.Client, err error) {
+		c.live.Store(false)
 		c.limited.Log(c.ctx, slog.LevelWarn, "lost", "connection to the local broker lost; reconnecting", "err", err)
 	})
 	cl := paho.NewClient(po)
@@ -158,9 +172,19 @@ func (c *Client) Run(ctx context.Context) error {
 		c.log.Error("readings still being queued at shutdown; they stay unacknowledged")
 	}
 	// The quiesce lets the PUBACKs of the last readings go out.
+	c.live.Store(false)
 	cl.Disconnect(500)
 	return nil
 }
+
+// Subscribed is closed once the client first holds its subscription: from
+// then on the broker keeps every reading for it (persistent session), so
+// the daemon may say it is ready. Before it, on a first start, a broker
+// has no session for us and drops what devices publish (MQTT 3.1.1 §3.1.2.4).
+func (c *Client) Subscribed() <-chan struct{} { return c.subscribed }
+
+// Live reports whether the client is connected and subscribed now.
+func (c *Client) Live() bool { return c.live.Load() }
 
 // dispatch runs on paho's router, in arrival order: it hands the message to
 // its device's lane and returns at once. How many messages wait in lanes is
@@ -172,7 +196,9 @@ func (c *Client) dispatch(_ paho.Client, m paho.Message) {
 	}
 	device, ok := c.opts.Topic.Match(m.Topic())
 	if !ok {
-		m.Ack() // not a reading topic (a broad subscription elsewhere); nothing to keep
+		// Not a reading topic (a broad subscription elsewhere): nothing to
+		// keep, but its PUBACK still takes its turn.
+		c.seq.done(c.seq.add(m), true)
 		return
 	}
 	c.mu.Lock()
@@ -182,34 +208,46 @@ func (c *Client) dispatch(_ paho.Client, m paho.Message) {
 	}
 	lane, ok := c.lanes[device]
 	if !ok {
-		lane = make(chan paho.Message, 4096)
+		lane = make(chan *ackSlot, 4096)
 		c.lanes[device] = lane
 		c.wg.Add(1)
 		go c.drainLane(device, lane)
 	}
 	c.mu.Unlock()
+	sl := c.seq.add(m) // here, on paho's router: the arrival order
 	select {
-	case lane <- m:
+	case lane <- sl:
 	case <-c.ctx.Done():
+		c.seq.done(sl, false)
 	}
 }
 
 // drainLane submits one device's readings in order; it ends with Run.
-func (c *Client) drainLane(device string, lane chan paho.Message) {
+func (c *Client) drainLane(device string, lane chan *ackSlot) {
 	defer c.wg.Done()
 	for {
 		select {
 		case <-c.ctx.Done():
-			return // what is left stays unacknowledged: the broker redelivers
-		case m := <-lane:
-			c.handle(device, m)
+			// What is left stays unacknowledged: the broker redelivers.
+			for {
+				select {
+				case sl := <-lane:
+					c.seq.done(sl, false)
+				default:
+					return
+				}
+			}
+		case sl := <-lane:
+			c.seq.done(sl, c.handle(device, sl.m))
 		}
 	}
 }
 
-func (c *Client) handle(device string, m paho.Message) {
+// handle queues one reading; true once it is settled (queued, or refused
+// for good) and may be acknowledged.
+func (c *Client) handle(device string, m paho.Message) bool {
 	if c.ctx.Err() != nil {
-		return
+		return false
 	}
 	msg := pipeline.Message{
 		Device:   device,
@@ -222,16 +260,80 @@ func (c *Client) handle(device string, m paho.Message) {
 		_, err := c.sub.Submit(ctx, msg)
 		cancel()
 		if err == nil {
-			m.Ack()
-			return
+			return true
 		}
 		c.limited.Log(c.ctx, slog.LevelWarn, "hold", "reading not queued; holding it unacknowledged", "device", device, "err", err)
 		t := time.NewTimer(c.opts.RetryInterval)
 		select {
 		case <-c.ctx.Done():
 			t.Stop()
-			return
+			return false
 		case <-t.C:
+		}
+	}
+}
+
+// acks releases PUBACKs in the order the publishes arrived on the
+// connection (MQTT 3.1.1 §4.6: a receiver of QoS 1 messages must send its
+// PUBACKs in the order it received the PUBLISH packets; Mosquitto re-orders
+// its deliveries otherwise). Readings are queued per device lane, in
+// parallel, so a fast device's reading settles before a slow one's; its
+// acknowledgement waits until every earlier reading is settled. The queue
+// keeps per-device order by itself; only the acknowledgements are serialized.
+type acks struct {
+	mu      sync.Mutex
+	send    sync.Mutex // held while one batch of PUBACKs is handed to paho
+	pending []*ackSlot // arrival order; the head is the oldest unacknowledged
+	stuck   bool       // an earlier reading will not be acknowledged: neither will later ones
+	onAck   func(topic string, payload []byte)
+}
+
+type ackSlot struct {
+	m       paho.Message
+	settled bool
+	ack     bool
+}
+
+// add takes the next place in the arrival order; call it on paho's router.
+func (a *acks) add(m paho.Message) *ackSlot {
+	sl := &ackSlot{m: m}
+	a.mu.Lock()
+	a.pending = append(a.pending, sl)
+	a.mu.Unlock()
+	return sl
+}
+
+// done settles one reading (ack false: it stays unacknowledged, as at
+// shutdown) and sends every PUBACK that no longer waits for an earlier one.
+// How many wait is bounded by the broker's in-flight window for this client.
+func (a *acks) done(sl *ackSlot, ack bool) {
+	a.mu.Lock()
+	sl.settled, sl.ack = true, ack
+	n := 0
+	var out []paho.Message
+	for ; n < len(a.pending) && a.pending[n].settled; n++ {
+		h := a.pending[n]
+		if !h.ack {
+			// Acknowledging what follows would reorder: the broker
+			// redelivers from here after a reconnect.
+			a.stuck = true
+		}
+		if !a.stuck {
+			out = append(out, h.m)
+		}
+	}
+	clear(a.pending[:n])
+	a.pending = a.pending[n:]
+	// Batches go out in the order they were taken: send is locked before
+	// mu is released. Ack may block while paho reconnects, so it runs
+	// outside mu, which paho's router needs (add) to hand over messages.
+	a.send.Lock()
+	a.mu.Unlock()
+	defer a.send.Unlock()
+	for _, m := range out {
+		m.Ack()
+		if a.onAck != nil {
+			a.onAck(m.Topic(), m.Payload())
 		}
 	}
 }
