@@ -43,6 +43,11 @@ func startTestMosquitto(t *testing.T, dynsecAdmin string, conf ...string) *testM
 		}
 		conf = append([]string{"allow_anonymous false", "plugin " + dynsecPlugin, "plugin_opt_config_file " + ds}, conf...)
 	}
+	if os.Geteuid() == 0 {
+		// Mosquitto started as root drops to the user "mosquitto", who
+		// cannot read the test's private files.
+		conf = append([]string{"user root"}, conf...)
+	}
 	m := &testMosquitto{Dir: dir, LogFile: filepath.Join(dir, "mosquitto.log")}
 	for attempt := 0; attempt < 3; attempt++ {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
