@@ -186,6 +186,35 @@ func TestMosquittoDynsecAccounts(t *testing.T) {
 	// a1 still works.
 	send(t, a1, "a1", "a1-after")
 	eventually(t, "a1's reading after b1's revocation", func() bool { return e.got("a1", "a1-after") })
+
+	// a2's keys change (re-registered): its old password stops working and
+	// its session is closed; the new one logs in.
+	a2, err := e.dial("a2", e.password("a2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldPW := e.password("a2")
+	r := e.devs["a2"]
+	r.K1, r.K2 = "k1-canary-a2-new", "k2-canary-a2-new"
+	e.devs["a2"] = r
+	next = e.engine.Current().Document()
+	next.Version++
+	next.Devices = []policy.Registration{e.devs["a1"], r}
+	if p, err = policy.Compile(next, "test", ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.engine.Apply(p, false); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "a2's session closed after its keys changed", func() bool { return !a2.IsConnectionOpen() })
+	if _, err := e.dial("a2", oldPW); err == nil {
+		t.Fatal("a2 logged in with the password of its old keys")
+	}
+	a2n, err := e.dial("a2", e.password("a2"))
+	if err != nil {
+		t.Fatalf("a2 with its new keys: %v", err)
+	}
+	a2n.Disconnect(0)
 }
 
 // TestMosquittoDynsecDoctorDrift: an administrator widens a device's role
