@@ -14,6 +14,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/internal/mosquittotest"
+
 	"github.com/edgegate/edgegate/pipeline"
 )
 
@@ -177,7 +179,7 @@ func publisher(t *testing.T, url, user, pass string) paho.Client {
 // the order the PUBLISHes arrived (MQTT 3.1.1 §4.6), each device's readings
 // are queued in order, and none is lost.
 func TestExternalAckOrder(t *testing.T) {
-	m := startTestMosquitto(t, "", "allow_anonymous true")
+	m := mosquittotest.Start(t, "", "allow_anonymous true")
 	tap := newMQTTTap(t, m.Addr)
 	topic, _ := ParseTopic("devices/{device}/telemetry")
 	rec := &recorder{delay: func(d string) time.Duration {
@@ -248,7 +250,7 @@ func TestExternalAckOrder(t *testing.T) {
 // session for the gateway), a reading published right after the client
 // says it is subscribed is not lost.
 func TestExternalReadyMeansSubscribed(t *testing.T) {
-	m := startTestMosquitto(t, "", "allow_anonymous true")
+	m := mosquittotest.Start(t, "", "allow_anonymous true")
 	topic, _ := ParseTopic("devices/{device}/telemetry")
 	for i := 0; i < 5; i++ { // a fresh session each time: a new client id
 		rec := &recorder{}

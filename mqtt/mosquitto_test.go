@@ -13,12 +13,14 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/internal/mosquittotest"
+
 	"github.com/edgegate/edgegate/envelope"
 	"github.com/edgegate/edgegate/policy"
 )
 
 type dynsecEnv struct {
-	m      *testMosquitto
+	m      *mosquittotest.Broker
 	engine *policy.Engine
 	dyn    *Dynsec
 	rec    *recorder
@@ -33,7 +35,7 @@ type dynsecEnv struct {
 func newDynsecEnv(t *testing.T) *dynsecEnv {
 	t.Helper()
 	const admin = "edgegate"
-	m := startTestMosquitto(t, admin)
+	m := mosquittotest.Start(t, admin)
 	devs := map[string]policy.Registration{}
 	var regs []policy.Registration
 	for _, r := range []policy.Registration{reg("a1", "alice"), reg("a2", "alice"), reg("b1", "bob")} {
@@ -47,7 +49,7 @@ func newDynsecEnv(t *testing.T) *dynsecEnv {
 	engine := policy.NewEngine(p)
 	topic, _ := ParseTopic("devices/{device}/telemetry")
 	logs := &syncBuf{}
-	dyn := NewDynsec(DynsecOptions{URL: m.URL, Username: admin, Password: dynsecAdminPassword, Topic: topic,
+	dyn := NewDynsec(DynsecOptions{URL: m.URL, Username: admin, Password: mosquittotest.AdminPassword, Topic: topic,
 		Policy: engine, IngestUser: admin, Timeout: 5 * time.Second, Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	engine.OnChange(func(policy.Change) { dyn.Nudge() })
 	ctx, cancel := context.WithCancel(context.Background())
@@ -56,7 +58,7 @@ func newDynsecEnv(t *testing.T) *dynsecEnv {
 	t.Cleanup(func() {
 		cancel()
 		<-done
-		if s := logs.String(); strings.Contains(s, "k1-canary") || strings.Contains(s, "k2-canary") || strings.Contains(s, dynsecAdminPassword) {
+		if s := logs.String(); strings.Contains(s, "k1-canary") || strings.Contains(s, "k2-canary") || strings.Contains(s, mosquittotest.AdminPassword) {
 			t.Error("a key or password reached the log")
 		}
 		for id, r := range devs {
@@ -73,7 +75,7 @@ func newDynsecEnv(t *testing.T) *dynsecEnv {
 		t.Fatalf("accounts never synced: %s\n%s\n%s", dyn.LastError(), logs.String(), b)
 	}
 	rec := &recorder{}
-	runClient(t, rec, ClientOptions{URL: m.URL, ClientID: "edgegate-ingest", Username: admin, Password: dynsecAdminPassword, Topic: topic})
+	runClient(t, rec, ClientOptions{URL: m.URL, ClientID: "edgegate-ingest", Username: admin, Password: mosquittotest.AdminPassword, Topic: topic})
 	return &dynsecEnv{m: m, engine: engine, dyn: dyn, rec: rec, devs: devs, logs: logs}
 }
 
@@ -229,7 +231,7 @@ func TestMosquittoDynsecDoctorDrift(t *testing.T) {
 	host, port, _ := strings.Cut(e.m.Addr, ":")
 	ctrl := func(args ...string) {
 		t.Helper()
-		base := []string{"-h", host, "-p", port, "-u", "edgegate", "-P", dynsecAdminPassword, "dynsec"}
+		base := []string{"-h", host, "-p", port, "-u", "edgegate", "-P", mosquittotest.AdminPassword, "dynsec"}
 		if out, err := exec.Command("mosquitto_ctrl", append(base, args...)...).CombinedOutput(); err != nil {
 			t.Fatalf("mosquitto_ctrl %v: %v %s", args, err, out)
 		}

@@ -1,4 +1,7 @@
-package mqtt
+// Package mosquittotest starts a real Mosquitto for tests: a loopback
+// listener, optionally the dynamic-security plugin with one administrator,
+// stopped by its PID when the test ends.
+package mosquittotest
 
 import (
 	"fmt"
@@ -12,9 +15,9 @@ import (
 	"time"
 )
 
-// testMosquitto is a real Mosquitto broker on a loopback port, started by
+// Broker is a real Mosquitto broker on a loopback port, started by
 // the test and stopped (by its PID) when the test ends.
-type testMosquitto struct {
+type Broker struct {
 	Addr    string // 127.0.0.1:port
 	URL     string // tcp://127.0.0.1:port
 	Dir     string
@@ -22,13 +25,14 @@ type testMosquitto struct {
 	cmd     *exec.Cmd
 }
 
-const dynsecPlugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+// DynsecPlugin is where Debian installs the plugin.
+const DynsecPlugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 
-// startTestMosquitto runs /usr/sbin/mosquitto with conf appended to a
+// Start runs /usr/sbin/mosquitto with conf appended to a
 // loopback listener. With dynsecAdmin set, the dynamic-security plugin is
 // loaded with a fresh configuration whose only account is that admin
-// (password dynsecAdminPassword), made by mosquitto_ctrl dynsec init.
-func startTestMosquitto(t *testing.T, dynsecAdmin string, conf ...string) *testMosquitto {
+// (password AdminPassword), made by mosquitto_ctrl dynsec init.
+func Start(t *testing.T, dynsecAdmin string, conf ...string) *Broker {
 	t.Helper()
 	bin := "/usr/sbin/mosquitto"
 	if _, err := os.Stat(bin); err != nil {
@@ -37,18 +41,18 @@ func startTestMosquitto(t *testing.T, dynsecAdmin string, conf ...string) *testM
 	dir := t.TempDir()
 	if dynsecAdmin != "" {
 		ds := filepath.Join(dir, "dynsec.json")
-		out, err := exec.Command("mosquitto_ctrl", "dynsec", "init", ds, dynsecAdmin, dynsecAdminPassword).CombinedOutput()
+		out, err := exec.Command("mosquitto_ctrl", "dynsec", "init", ds, dynsecAdmin, AdminPassword).CombinedOutput()
 		if err != nil {
 			t.Fatalf("mosquitto_ctrl dynsec init: %v %s", err, out)
 		}
-		conf = append([]string{"allow_anonymous false", "plugin " + dynsecPlugin, "plugin_opt_config_file " + ds}, conf...)
+		conf = append([]string{"allow_anonymous false", "plugin " + DynsecPlugin, "plugin_opt_config_file " + ds}, conf...)
 	}
 	if os.Geteuid() == 0 {
 		// Mosquitto started as root drops to the user "mosquitto", who
 		// cannot read the test's private files.
 		conf = append([]string{"user root"}, conf...)
 	}
-	m := &testMosquitto{Dir: dir, LogFile: filepath.Join(dir, "mosquitto.log")}
+	m := &Broker{Dir: dir, LogFile: filepath.Join(dir, "mosquitto.log")}
 	for attempt := 0; attempt < 3; attempt++ {
 		ln, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
@@ -91,7 +95,8 @@ func startTestMosquitto(t *testing.T, dynsecAdmin string, conf ...string) *testM
 	return m
 }
 
-const dynsecAdminPassword = "test-admin-pw"
+// AdminPassword is the dynsec administrator's password.
+const AdminPassword = "test-admin-pw"
 
 func waitTCP(addr string, d time.Duration) bool {
 	deadline := time.Now().Add(d)
