@@ -94,6 +94,7 @@ devices:
 	t.Setenv("NOTIFY_SOCKET", filepath.Join(dir, "notify"))
 	t.Setenv("CREDENTIALS_DIRECTORY", "")
 
+	start0 := time.Now()
 	var logs syncbuf.Buffer
 	d := New(cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	ctx, cancel := context.WithCancel(context.Background())
@@ -137,6 +138,10 @@ devices:
 	case <-time.After(30 * time.Second):
 		t.Fatalf("no READY=1 within 30s\n%s", logs.String())
 	}
+	t.Logf("READY after %s", time.Since(start0))
+	if time.Since(start0) > 5*time.Second {
+		t.Log(logs.String())
+	}
 	// Right after READY: the device logs in (its account exists) and
 	// publishes; the reading must be taken in.
 	pw, _ := envelope.DeriveMQTTPassword("d1", "k1-canary-d1", "k2-canary-d1")
@@ -168,6 +173,7 @@ devices:
 	if st.Devices[0].Ingested != 1 {
 		t.Errorf("reading refused, want queued: %+v", st.Devices[0])
 	}
+	t.Logf("ingested after %s", time.Since(start0))
 	if st.NotReady != "" {
 		t.Errorf("status says not ready (%s) after READY", st.NotReady)
 	}

@@ -104,6 +104,7 @@ type Dynsec struct {
 	mu     sync.Mutex // one request at a time
 	cl     paho.Client
 	resp   chan []byte
+	lost   chan struct{} // the connection dropped (Mosquitto kicks on some changes)
 	serial int
 }
 
@@ -124,7 +125,7 @@ func NewDynsec(opts DynsecOptions) *Dynsec {
 		opts.Timeout = 10 * time.Second
 	}
 	return &Dynsec{opts: opts, log: log, limited: ratelog.New(log, 30*time.Second),
-		nudge: make(chan struct{}, 1), synced: make(chan struct{}), resp: make(chan []byte, 4)}
+		nudge: make(chan struct{}, 1), synced: make(chan struct{}), resp: make(chan []byte, 4), lost: make(chan struct{}, 1)}
 }
 
 // Nudge asks for a reconciliation now (a policy change); it never blocks.
@@ -171,6 +172,14 @@ func (d *Dynsec) Run(ctx context.Context) error {
 			default:
 			}
 		}()
+	})
+	po.SetConnectionLostHandler(func(_ paho.Client, err error) {
+		// A request in flight gets no answer on this connection.
+		select {
+		case d.lost <- struct{}{}:
+		default:
+		}
+		d.limited.Log(ctx, slog.LevelWarn, "lost", "connection to the broker lost; reconnecting", "err", err)
 	})
 	cl := paho.NewClient(po)
 	d.mu.Lock()
@@ -247,13 +256,14 @@ func (d *Dynsec) do(ctx context.Context, cmds []dynCmd) ([]dynResponse, error) {
 	if err != nil {
 		return nil, fmt.Errorf("encode dynsec commands: %w", err)
 	}
-	for {
+	// Drop what a timed-out request or an old connection left.
+	for drained := false; !drained; {
 		select {
-		case <-d.resp: // drop what a timed-out request left
-			continue
+		case <-d.resp:
+		case <-d.lost:
 		default:
+			drained = true
 		}
-		break
 	}
 	if err := waitToken(d.cl.Publish(dynsecTopic, 1, false, body), d.opts.Timeout); err != nil {
 		return nil, fmt.Errorf("send dynsec commands: %w", err)
@@ -264,6 +274,8 @@ func (d *Dynsec) do(ctx context.Context, cmds []dynCmd) ([]dynResponse, error) {
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
+		case <-d.lost:
+			return nil, errors.New("the connection to the broker dropped before its dynamic-security response")
 		case <-t.C:
 			return nil, fmt.Errorf("no dynamic-security response within %s: is the plugin loaded and %q a dynsec admin?", d.opts.Timeout, d.opts.Username)
 		case b := <-d.resp:
@@ -541,7 +553,11 @@ func (d *Dynsec) plan(st *brokerState) ([]step, error) {
 	} else if cmds := fixACLs(ingestRole, r.ACLs, ingestACLs(d.opts.Topic)); len(cmds) > 0 {
 		steps = append(steps, step{"role " + ingestRole + " has other ACLs", cmds})
 	}
-	if u := d.opts.IngestUser; u != "" {
+	// When the ingest account is the administrator itself, its admin role
+	// (mosquitto_ctrl dynsec init: subscribe and receive #) already reads
+	// every device; adding a role would only make Mosquitto disconnect it
+	// (dynsec kicks an account whose roles change), and us with it.
+	if u := d.opts.IngestUser; u != "" && u != d.opts.Username {
 		if c, ok := st.clients[u]; ok && !slices.Contains(c.Roles, dynRoleRef{ingestRole}) {
 			steps = append(steps, step{"ingest account " + u + ": no role " + ingestRole,
 				[]dynCmd{{"command": "addClientRole", "username": u, "rolename": ingestRole, "priority": 0}}})
