@@ -432,7 +432,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			Topic: topic, Inflight: cfg.MQTT.External.Inflight, Keepalive: cfg.MQTT.External.Keepalive,
 			Logger: log,
 		})
-		if accounts, err = externalAccounts(cfg.MQTT.External, topic, engine, tlsCfg, password, red.Add, log); err != nil {
+		if accounts, err = externalAccounts(cfg.MQTT.External, topic, engine, tlsCfg, password, red.Add, d.metrics, log); err != nil {
 			d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)
 			return err
 		}
@@ -544,6 +544,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		case <-slow.C:
 			if w := ready.waiting(); w != "" {
 				log.Warn("not ready yet: readings are not taken in until it is", "waiting_for", w)
+				_ = notify.Status("waiting for " + w)
 			}
 		}
 	}
@@ -667,7 +668,7 @@ func externalCredentials(e config.External) (*tls.Config, string, error) {
 // externalAccounts builds the manager of Mosquitto's accounts when
 // mqtt.external.accounts is dynsec (nil for none). Its administrator is
 // admin_username / admin_password_file, or the ingest account.
-func externalAccounts(e config.External, topic mqtt.Topic, engine *policy.Engine, tlsCfg *tls.Config, ingestPassword string, redact func(...string), log *slog.Logger) (*mqtt.Dynsec, error) {
+func externalAccounts(e config.External, topic mqtt.Topic, engine *policy.Engine, tlsCfg *tls.Config, ingestPassword string, redact func(...string), m *metrics.Metrics, log *slog.Logger) (*mqtt.Dynsec, error) {
 	if e.Accounts != config.AccountsDynsec {
 		return nil, nil
 	}
@@ -683,7 +684,7 @@ func externalAccounts(e config.External, topic mqtt.Topic, engine *policy.Engine
 	}
 	return mqtt.NewDynsec(mqtt.DynsecOptions{
 		URL: e.URL, ClientID: e.ClientID + "-accounts", Username: user, Password: pw, TLS: tlsCfg,
-		Topic: topic, Policy: engine, IngestUser: e.Username, Interval: e.AccountsInterval, Logger: log,
+		Topic: topic, Policy: engine, IngestUser: e.Username, Interval: e.AccountsInterval, Logger: log, Metrics: m,
 	}), nil
 }
 

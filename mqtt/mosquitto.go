@@ -20,6 +20,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/ratelog"
 )
@@ -85,6 +86,7 @@ type DynsecOptions struct {
 	// Timeout bounds one command round trip (default 10s).
 	Timeout time.Duration
 	Logger  *slog.Logger
+	Metrics *metrics.Metrics
 	// OnChange, when set, is told of every change made to the broker.
 	OnChange func(what string)
 }
@@ -209,6 +211,9 @@ func (d *Dynsec) Run(ctx context.Context) error {
 		if err != nil {
 			msg := err.Error()
 			d.lastErr.Store(&msg)
+			if d.opts.Metrics != nil {
+				d.opts.Metrics.MQTTAccountSyncErrors.Inc()
+			}
 			d.limited.Log(ctx, slog.LevelError, "reconcile", "Mosquitto accounts not in line with the policy; retrying", "err", err)
 			retry.Reset(5 * time.Second)
 			continue
@@ -466,6 +471,22 @@ type step struct {
 	cmds  []dynCmd
 }
 
+// kind is the step's metric label: what its first command does.
+func (s step) kind() string {
+	switch c, _ := s.cmds[0]["command"].(string); c {
+	case "createClient", "createRole":
+		return "create"
+	case "deleteClient", "deleteRole":
+		return "delete"
+	case "modifyClient", "enableClient":
+		return "update"
+	case "addClientRole":
+		return "ingest"
+	default:
+		return "acl"
+	}
+}
+
 // plan compares the broker with the policy.
 func (d *Dynsec) plan(st *brokerState) ([]step, error) {
 	want, err := d.want()
@@ -593,6 +614,9 @@ func (d *Dynsec) Reconcile(ctx context.Context) (int, error) {
 			}
 		}
 		d.log.Info("Mosquitto account updated", "change", s.issue)
+		if d.opts.Metrics != nil {
+			d.opts.Metrics.MQTTAccountChanges.WithLabelValues(s.kind()).Inc()
+		}
 		if d.opts.OnChange != nil {
 			d.opts.OnChange(s.issue)
 		}

@@ -12,20 +12,23 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/policy"
 )
 
 type dynsecEnv struct {
-	m      *mosquittotest.Broker
-	engine *policy.Engine
-	dyn    *Dynsec
-	rec    *recorder
-	devs   map[string]policy.Registration
-	logs   *syncBuf
+	m       *mosquittotest.Broker
+	metrics *metrics.Metrics
+	engine  *policy.Engine
+	dyn     *Dynsec
+	rec     *recorder
+	devs    map[string]policy.Registration
+	logs    *syncBuf
 }
 
 // newDynsecEnv: a real Mosquitto with the dynamic-security plugin whose
@@ -35,7 +38,7 @@ type dynsecEnv struct {
 func newDynsecEnv(t *testing.T) *dynsecEnv {
 	t.Helper()
 	const admin = "edgegate"
-	m := mosquittotest.Start(t, admin)
+	mq := mosquittotest.Start(t, admin)
 	devs := map[string]policy.Registration{}
 	var regs []policy.Registration
 	for _, r := range []policy.Registration{reg("a1", "alice"), reg("a2", "alice"), reg("b1", "bob")} {
@@ -49,7 +52,8 @@ func newDynsecEnv(t *testing.T) *dynsecEnv {
 	engine := policy.NewEngine(p)
 	topic, _ := ParseTopic("devices/{device}/telemetry")
 	logs := &syncBuf{}
-	dyn := NewDynsec(DynsecOptions{URL: m.URL, Username: admin, Password: mosquittotest.AdminPassword, Topic: topic,
+	m := metrics.New()
+	dyn := NewDynsec(DynsecOptions{Metrics: m, URL: mq.URL, Username: admin, Password: mosquittotest.AdminPassword, Topic: topic,
 		Policy: engine, IngestUser: admin, Timeout: 5 * time.Second, Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	engine.OnChange(func(policy.Change) { dyn.Nudge() })
 	ctx, cancel := context.WithCancel(context.Background())
@@ -71,12 +75,12 @@ func newDynsecEnv(t *testing.T) *dynsecEnv {
 	select {
 	case <-dyn.Synced():
 	case <-time.After(20 * time.Second):
-		b, _ := os.ReadFile(m.LogFile)
+		b, _ := os.ReadFile(mq.LogFile)
 		t.Fatalf("accounts never synced: %s\n%s\n%s", dyn.LastError(), logs.String(), b)
 	}
 	rec := &recorder{}
-	runClient(t, rec, ClientOptions{URL: m.URL, ClientID: "edgegate-ingest", Username: admin, Password: mosquittotest.AdminPassword, Topic: topic})
-	return &dynsecEnv{m: m, engine: engine, dyn: dyn, rec: rec, devs: devs, logs: logs}
+	runClient(t, rec, ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest", Username: admin, Password: mosquittotest.AdminPassword, Topic: topic})
+	return &dynsecEnv{m: mq, metrics: m, engine: engine, dyn: dyn, rec: rec, devs: devs, logs: logs}
 }
 
 func (e *dynsecEnv) password(id string) string {
@@ -185,6 +189,13 @@ func TestMosquittoDynsecAccounts(t *testing.T) {
 	if _, err := e.dial("b1", e.password("b1")); err == nil {
 		t.Fatal("a revoked device logged in again")
 	}
+	deletions := func() float64 {
+		var dm dto.Metric
+		_ = e.metrics.MQTTAccountChanges.WithLabelValues("delete").Write(&dm)
+		return dm.GetCounter().GetValue()
+	}
+	// The account and the role of b1.
+	eventually(t, "two deletions counted", func() bool { return deletions() == 2 })
 	// a1 still works.
 	send(t, a1, "a1", "a1-after")
 	eventually(t, "a1's reading after b1's revocation", func() bool { return e.got("a1", "a1-after") })
