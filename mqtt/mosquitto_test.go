@@ -36,9 +36,25 @@ type dynsecEnv struct {
 // device accounts from a policy where alice owns a1 and a2, bob owns b1,
 // and ingests through its own account.
 func newDynsecEnv(t *testing.T) *dynsecEnv {
+	return newDynsecEnvIngest(t, "", "")
+}
+
+// newDynsecEnvIngest: with ingestUser set, the gateway ingests through
+// that account (created by the broker's administrator, without roles)
+// instead of the dynsec administrator's.
+func newDynsecEnvIngest(t *testing.T, ingestUser, ingestPW string) *dynsecEnv {
 	t.Helper()
 	const admin = "edgegate"
 	mq := mosquittotest.Start(t, admin)
+	if ingestUser == "" {
+		ingestUser, ingestPW = admin, mosquittotest.AdminPassword
+	} else {
+		host, port, _ := strings.Cut(mq.Addr, ":")
+		if out, err := exec.Command("mosquitto_ctrl", "-h", host, "-p", port, "-u", admin, "-P", mosquittotest.AdminPassword,
+			"dynsec", "createClient", ingestUser, "-p", ingestPW).CombinedOutput(); err != nil {
+			t.Fatalf("mosquitto_ctrl createClient: %v %s", err, out)
+		}
+	}
 	devs := map[string]policy.Registration{}
 	var regs []policy.Registration
 	for _, r := range []policy.Registration{reg("a1", "alice"), reg("a2", "alice"), reg("b1", "bob")} {
@@ -54,7 +70,7 @@ func newDynsecEnv(t *testing.T) *dynsecEnv {
 	logs := &syncBuf{}
 	m := metrics.New()
 	dyn := NewDynsec(DynsecOptions{Metrics: m, URL: mq.URL, Username: admin, Password: mosquittotest.AdminPassword, Topic: topic,
-		Policy: engine, IngestUser: admin, Timeout: 5 * time.Second, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+		Policy: engine, IngestUser: ingestUser, Timeout: 5 * time.Second, Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	engine.OnChange(func(policy.Change) { dyn.Nudge() })
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -79,7 +95,7 @@ func newDynsecEnv(t *testing.T) *dynsecEnv {
 		t.Fatalf("accounts never synced: %s\n%s\n%s", dyn.LastError(), logs.String(), b)
 	}
 	rec := &recorder{}
-	runClient(t, rec, ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest", Username: admin, Password: mosquittotest.AdminPassword, Topic: topic})
+	runClient(t, rec, ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest", Username: ingestUser, Password: ingestPW, Topic: topic})
 	return &dynsecEnv{m: mq, metrics: m, engine: engine, dyn: dyn, rec: rec, devs: devs, logs: logs}
 }
 
@@ -284,5 +300,21 @@ func TestMosquittoDynsecDoctorDrift(t *testing.T) {
 	eventually(t, "a2's own reading", func() bool { return e.got("a2", "a2-own-after-repair") })
 	if e.got("b1", "a2-as-b1-after-repair") {
 		t.Fatal("after the repair a2 still publishes as b1")
+	}
+}
+
+// TestMosquittoDynsecSeparateIngest: an ingest account that is not the
+// dynsec administrator is given the role to read every device's topic.
+func TestMosquittoDynsecSeparateIngest(t *testing.T) {
+	e := newDynsecEnvIngest(t, "ingest", "ingest-pw")
+	a1, err := e.dial("a1", e.password("a1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a1.Disconnect(0)
+	send(t, a1, "a1", "via-ingest-account")
+	eventually(t, "a1's reading through the ingest account", func() bool { return e.got("a1", "via-ingest-account") })
+	if issues, err := e.dyn.Check(context.Background()); err != nil || len(issues) != 0 {
+		t.Fatalf("Check = %q, %v; want none", issues, err)
 	}
 }
