@@ -640,10 +640,60 @@ func (d *Dynsec) Check(ctx context.Context) ([]string, error) {
 	for _, s := range steps {
 		out = append(out, s.issue)
 	}
+	out = append(out, d.foreignGrants(st)...)
 	for _, a := range st.defaultACL {
 		if a.Allow && (a.Type == "publishClientSend" || a.Type == "subscribe") {
 			out = append(out, "default ACL allows "+a.Type+" to every account: set it to deny (mosquitto_ctrl dynsec setDefaultACLAccess "+a.Type+" deny)")
 		}
 	}
 	return out, nil
+}
+
+// foreignGrants lists the roles the gateway does not manage that let an
+// account other than the gateway's own publish or read in the device
+// namespace: such an account speaks for, or reads, devices outside the
+// policy. Check reports them; Reconcile leaves the administrator's roles
+// alone.
+func (d *Dynsec) foreignGrants(st *brokerState) []string {
+	holders := map[string][]string{}
+	for name, c := range st.clients {
+		if name == d.opts.Username || name == d.opts.IngestUser || strings.HasPrefix(c.Textname, managedMark) {
+			continue
+		}
+		for _, r := range c.Roles {
+			holders[r.Name] = append(holders[r.Name], name)
+		}
+	}
+	var out []string
+	names := make([]string, 0, len(holders))
+	for n := range holders {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, name := range names {
+		r, ok := st.roles[name]
+		if !ok || r.Textname == managedMark {
+			continue
+		}
+		for _, a := range r.ACLs {
+			if !a.Allow {
+				continue
+			}
+			if _, _, inside := d.opts.Topic.classifyFilter(a.Topic); !inside {
+				continue
+			}
+			what := ""
+			switch a.Type {
+			case "publishClientSend":
+				what = "publish readings as devices"
+			case "subscribePattern", "subscribeLiteral":
+				what = "read devices' readings"
+			default:
+				continue
+			}
+			sort.Strings(holders[name])
+			out = append(out, fmt.Sprintf("role %s (not the gateway's) lets %s %s on %s", name, strings.Join(holders[name], ", "), what, a.Topic))
+		}
+	}
+	return out
 }

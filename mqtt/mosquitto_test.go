@@ -301,6 +301,19 @@ func TestMosquittoDynsecDoctorDrift(t *testing.T) {
 	if e.got("b1", "a2-as-b1-after-repair") {
 		t.Fatal("after the repair a2 still publishes as b1")
 	}
+
+	// An account the administrator gave rights in the device namespace is
+	// named (and left alone: the role is the administrator's).
+	ctrl("createRole", "legacy")
+	ctrl("addRoleACL", "legacy", "publishClientSend", "devices/+/telemetry", "allow")
+	ctrl("addClientRole", "stray", "legacy")
+	issues, err = e.dyn.Check(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(issues) != 1 || !strings.Contains(issues[0], "role legacy (not the gateway's) lets stray publish readings as devices on devices/+/telemetry") {
+		t.Fatalf("Check = %q, want the foreign grant to stray", issues)
+	}
 }
 
 // TestMosquittoDynsecSeparateIngest: an ingest account that is not the
