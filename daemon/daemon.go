@@ -430,7 +430,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			URL: cfg.MQTT.External.URL, ClientID: cfg.MQTT.External.ClientID,
 			Username: cfg.MQTT.External.Username, Password: password, TLS: tlsCfg,
 			Topic: topic, Inflight: cfg.MQTT.External.Inflight, Keepalive: cfg.MQTT.External.Keepalive,
-			Logger: log,
+			Logger: log, Metrics: d.metrics,
 		})
 		if accounts, err = externalAccounts(cfg.MQTT.External, topic, engine, tlsCfg, password, red.Add, d.metrics, log); err != nil {
 			d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)

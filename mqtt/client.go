@@ -12,6 +12,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/ratelog"
 	"github.com/edgegate/edgegate/reading"
@@ -35,6 +36,8 @@ type ClientOptions struct {
 	// OnConnect, when set, is called after every (re)connection and
 	// subscription; tests and readiness use it.
 	OnConnect func()
+	// Metrics counts retained copies skipped (AccessDenied{deliver,retained}).
+	Metrics *metrics.Metrics
 	// OnAck, when set, is told of every PUBACK the client releases, in the
 	// order it releases them (tests assert the §4.6 order with it).
 	OnAck func(topic string, payload []byte)
@@ -195,6 +198,19 @@ func (c *Client) dispatch(_ paho.Client, m paho.Message) {
 		return // shutting down: not acknowledged, the broker redelivers
 	}
 	device, ok := c.opts.Topic.Match(m.Topic())
+	if ok && m.Retained() {
+		// A broker sets RETAIN only on the stored copy it sends for a new
+		// subscription (MQTT 3.1.1 §3.3.1.3); live forwards carry RETAIN=0.
+		// With our persistent session the live copy was taken in when it was
+		// published, and the stored one may date from another owner or a
+		// revoked registration (issue 17): it is acknowledged, not ingested.
+		if c.opts.Metrics != nil {
+			c.opts.Metrics.AccessDenied.WithLabelValues("deliver", "retained").Inc()
+		}
+		c.limited.Log(c.ctx, slog.LevelInfo, "retained", "retained copy from the broker not ingested", "device", clipName(device))
+		c.seq.done(c.seq.add(m), true)
+		return
+	}
 	if !ok {
 		// Not a reading topic (a broad subscription elsewhere): nothing to
 		// keep, but its PUBACK still takes its turn.

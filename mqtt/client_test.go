@@ -13,8 +13,10 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/edgegate/edgegate/internal/mosquittotest"
+	"github.com/edgegate/edgegate/metrics"
 
 	"github.com/edgegate/edgegate/pipeline"
 )
@@ -282,5 +284,37 @@ func TestExternalReadyMeansSubscribed(t *testing.T) {
 		if c.Live() {
 			t.Error("Live after Run returned")
 		}
+	}
+}
+
+// TestExternalRetainedCopyNotIngested: the copy of a retained reading the
+// broker sends for a new subscription is acknowledged but not taken in
+// (it may date from another owner); live readings are.
+func TestExternalRetainedCopyNotIngested(t *testing.T) {
+	m := mosquittotest.Start(t, "", "allow_anonymous true")
+	topic, _ := ParseTopic("devices/{device}/telemetry")
+	pub := publisher(t, m.URL, "pub", "")
+	if err := waitToken(pub.Publish("devices/d1/telemetry", 1, true, "stored-under-old-owner"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	rec := &recorder{}
+	met := metrics.New()
+	runClient(t, rec, ClientOptions{URL: m.URL, ClientID: "edgegate-retained", Topic: topic, Metrics: met})
+	if err := waitToken(pub.Publish("devices/d1/telemetry", 1, false, "live"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for rec.count() == 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	rec.mu.Lock()
+	got := slices.Clone(rec.got["d1"])
+	rec.mu.Unlock()
+	if !slices.Equal(got, []string{"live"}) {
+		t.Fatalf("ingested %q, want only the live reading", got)
+	}
+	var dm dto.Metric
+	if err := met.AccessDenied.WithLabelValues("deliver", "retained").Write(&dm); err != nil || dm.GetCounter().GetValue() != 1 {
+		t.Fatalf("retained copies counted = %v (%v), want 1", dm.GetCounter().GetValue(), err)
 	}
 }
