@@ -87,8 +87,6 @@ type DynsecOptions struct {
 	Timeout time.Duration
 	Logger  *slog.Logger
 	Metrics *metrics.Metrics
-	// OnChange, when set, is told of every change made to the broker.
-	OnChange func(what string)
 }
 
 // Dynsec keeps an external Mosquitto's accounts and ACLs equal to the
@@ -601,28 +599,41 @@ func (d *Dynsec) Reconcile(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
+	// Steps go in batches (one message, one response) so a first sync of
+	// many devices takes few round trips; a step is never split.
 	var errs []error
-	for _, s := range steps {
-		rs, err := d.do(ctx, s.cmds)
-		if err != nil {
-			return 0, fmt.Errorf("%s: %w", s.issue, err)
+	for i := 0; i < len(steps); {
+		j, n := i, 0
+		var cmds []dynCmd
+		for ; j < len(steps) && (j == i || n+len(steps[j].cmds) <= maxBatch); j++ {
+			cmds = append(cmds, steps[j].cmds...)
+			n += len(steps[j].cmds)
 		}
-		for _, r := range rs {
-			// Deleting what is already gone is the goal reached.
-			if r.Error != "" && !strings.Contains(r.Error, "not found") {
-				errs = append(errs, fmt.Errorf("%s: dynsec %s: %s", s.issue, r.Command, r.Error))
+		rs, err := d.do(ctx, cmds)
+		if err != nil {
+			return i, fmt.Errorf("%s: %w", steps[i].issue, err)
+		}
+		k := 0
+		for _, s := range steps[i:j] {
+			for range s.cmds {
+				// Deleting what is already gone is the goal reached.
+				if r := rs[k]; r.Error != "" && !strings.Contains(r.Error, "not found") {
+					errs = append(errs, fmt.Errorf("%s: dynsec %s: %s", s.issue, r.Command, r.Error))
+				}
+				k++
+			}
+			d.log.Info("Mosquitto account updated", "change", s.issue)
+			if d.opts.Metrics != nil {
+				d.opts.Metrics.MQTTAccountChanges.WithLabelValues(s.kind()).Inc()
 			}
 		}
-		d.log.Info("Mosquitto account updated", "change", s.issue)
-		if d.opts.Metrics != nil {
-			d.opts.Metrics.MQTTAccountChanges.WithLabelValues(s.kind()).Inc()
-		}
-		if d.opts.OnChange != nil {
-			d.opts.OnChange(s.issue)
-		}
+		i = j
 	}
 	return len(steps), errors.Join(errs...)
 }
+
+// maxBatch bounds the commands sent in one dynamic-security message.
+const maxBatch = 64
 
 // Check reads the broker's accounts back and lists every way they differ
 // from the policy (empty: in line), and what in the broker's defaults

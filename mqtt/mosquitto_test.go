@@ -331,3 +331,44 @@ func TestMosquittoDynsecSeparateIngest(t *testing.T) {
 		t.Fatalf("Check = %q, %v; want none", issues, err)
 	}
 }
+
+// TestMosquittoDynsecManyDevices: a first sync of many devices (several
+// batches) leaves every account in line, and the last one can log in.
+func TestMosquittoDynsecManyDevices(t *testing.T) {
+	mq := mosquittotest.Start(t, "edgegate")
+	var regs []policy.Registration
+	for i := range 150 {
+		regs = append(regs, reg(fmt.Sprintf("m%03d", i), "alice"))
+	}
+	p, err := policy.Compile(policy.Document{Format: 1, Version: 1, IssuedAt: time.Now(), Devices: regs}, "test", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	topic, _ := ParseTopic("devices/{device}/telemetry")
+	m := metrics.New()
+	dyn := NewDynsec(DynsecOptions{URL: mq.URL, Username: "edgegate", Password: mosquittotest.AdminPassword, Topic: topic,
+		Policy: policy.NewEngine(p), IngestUser: "edgegate", Timeout: 10 * time.Second, Metrics: m})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- dyn.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	select {
+	case <-dyn.Synced():
+	case <-time.After(30 * time.Second):
+		t.Fatalf("never synced: %s", dyn.LastError())
+	}
+	if issues, err := dyn.Check(context.Background()); err != nil || len(issues) != 0 {
+		t.Fatalf("Check = %d issues %v, want none", len(issues), err)
+	}
+	var dm dto.Metric
+	_ = m.MQTTAccountChanges.WithLabelValues("create").Write(&dm)
+	if got := dm.GetCounter().GetValue(); got != 2*150+1 { // account and role per device, the ingest role
+		t.Errorf("creations counted = %v, want %d", got, 2*150+1)
+	}
+	e := &dynsecEnv{m: mq, devs: map[string]policy.Registration{"m149": regs[149]}}
+	c, err := e.dial("m149", e.password("m149"))
+	if err != nil {
+		t.Fatalf("the last device: %v", err)
+	}
+	c.Disconnect(0)
+}
