@@ -303,15 +303,20 @@ func TestExternalRetainedCopyNotIngested(t *testing.T) {
 	if err := waitToken(pub.Publish("devices/d1/telemetry", 1, false, "live"), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
+	// A device that sets RETAIN on its live readings: forwarded on an
+	// established subscription, it arrives with RETAIN=0 and is taken in.
+	if err := waitToken(pub.Publish("devices/d1/telemetry", 1, true, "live-retained"), 5*time.Second); err != nil {
+		t.Fatal(err)
+	}
 	deadline := time.Now().Add(5 * time.Second)
-	for rec.count() == 0 && time.Now().Before(deadline) {
+	for rec.count() < 2 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	rec.mu.Lock()
 	got := slices.Clone(rec.got["d1"])
 	rec.mu.Unlock()
-	if !slices.Equal(got, []string{"live"}) {
-		t.Fatalf("ingested %q, want only the live reading", got)
+	if !slices.Equal(got, []string{"live", "live-retained"}) {
+		t.Fatalf("ingested %q, want only the live readings", got)
 	}
 	var dm dto.Metric
 	if err := met.AccessDenied.WithLabelValues("deliver", "retained").Write(&dm); err != nil || dm.GetCounter().GetValue() != 1 {
