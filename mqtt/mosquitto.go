@@ -162,14 +162,26 @@ func (d *Dynsec) Run(ctx context.Context) error {
 	subscribed := make(chan struct{}, 1)
 	po.SetOnConnectHandler(func(cl paho.Client) {
 		go func() {
-			if err := waitToken(cl.Subscribe(dynsecResponse, 1, d.onResponse), d.opts.Timeout); err != nil {
-				d.limited.Log(ctx, slog.LevelError, "sub", "subscribe to the dynamic-security responses failed; is the account a dynsec admin?", "err", err)
-				cl.Disconnect(0)
-				return
-			}
-			select {
-			case subscribed <- struct{}{}:
-			default:
+			for cl.IsConnectionOpen() && ctx.Err() == nil {
+				tok := cl.Subscribe(dynsecResponse, 1, d.onResponse)
+				err := waitToken(tok, d.opts.Timeout)
+				if st, ok := tok.(*paho.SubscribeToken); ok && err == nil && st.Result()[dynsecResponse] >= 0x80 {
+					err = errors.New("refused by the broker (SUBACK 0x80)")
+				}
+				if err == nil {
+					select {
+					case subscribed <- struct{}{}:
+					default:
+					}
+					return
+				}
+				msg := fmt.Sprintf("subscribe to %s: %v: is the plugin loaded and %q a dynsec admin?", dynsecResponse, err, clipName(d.opts.Username))
+				d.lastErr.Store(&msg)
+				d.limited.Log(ctx, slog.LevelError, "sub", "cannot manage Mosquitto's accounts", "err", msg)
+				select {
+				case <-ctx.Done():
+				case <-time.After(5 * time.Second):
+				}
 			}
 		}()
 	})

@@ -372,3 +372,31 @@ func TestMosquittoDynsecManyDevices(t *testing.T) {
 	}
 	c.Disconnect(0)
 }
+
+// TestMosquittoDynsecNotAdmin: an account that is not a dynsec
+// administrator never counts as synced, and the error says why.
+func TestMosquittoDynsecNotAdmin(t *testing.T) {
+	mq := mosquittotest.Start(t, "edgegate")
+	host, port, _ := strings.Cut(mq.Addr, ":")
+	if out, err := exec.Command("mosquitto_ctrl", "-h", host, "-p", port, "-u", "edgegate", "-P", mosquittotest.AdminPassword,
+		"dynsec", "createClient", "plain", "-p", "plain-pw").CombinedOutput(); err != nil {
+		t.Fatalf("mosquitto_ctrl createClient: %v %s", err, out)
+	}
+	p, _ := policy.Compile(policy.Document{Format: 1, Version: 1, IssuedAt: time.Now(), Devices: []policy.Registration{reg("a1", "alice")}}, "test", "")
+	topic, _ := ParseTopic("devices/{device}/telemetry")
+	dyn := NewDynsec(DynsecOptions{URL: mq.URL, Username: "plain", Password: "plain-pw", Topic: topic,
+		Policy: policy.NewEngine(p), Timeout: time.Second})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- dyn.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	eventually(t, "the error naming the missing admin rights", func() bool { return strings.Contains(dyn.LastError(), `"plain" a dynsec admin`) })
+	select {
+	case <-dyn.Synced():
+		t.Fatal("synced as a plain account")
+	default:
+	}
+	if strings.Contains(dyn.LastError(), "plain-pw") {
+		t.Fatal("the password is in the error")
+	}
+}
