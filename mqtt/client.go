@@ -141,19 +141,7 @@ func (c *Client) Run(ctx context.Context) error {
 	po.SetOnConnectHandler(func(cl paho.Client) {
 		// Subscribe on every connection: harmless with a kept session, and
 		// required on the first one or after the broker lost its state.
-		go func() {
-			if err := waitToken(cl.Subscribe(filter, 1, c.dispatch), 10*time.Second); err != nil {
-				c.log.Error("subscribe failed; reconnecting", "filter", filter, "err", err)
-				cl.Disconnect(0) // auto-reconnect tries again
-				return
-			}
-			c.log.Info("subscribed to the local broker", "url", c.opts.URL, "filter", filter)
-			c.live.Store(true)
-			c.subOnce.Do(func() { close(c.subscribed) })
-			if c.opts.OnConnect != nil {
-				c.opts.OnConnect()
-			}
-		}()
+		go c.subscribe(cl, filter)
 	})
 	po.SetConnectionLostHandler(func(_ paho.Client, err error) {
 		c.live.Store(false)
@@ -178,6 +166,34 @@ func (c *Client) Run(ctx context.Context) error {
 	c.live.Store(false)
 	cl.Disconnect(500)
 	return nil
+}
+
+// subscribe holds the ingest subscription on this connection, retrying
+// while the broker refuses it (SUBACK 0x80: an ACL, a dynsec role not
+// granted yet) or does not answer. It never disconnects: paho does not
+// reconnect after Disconnect, which would end ingest for good.
+func (c *Client) subscribe(cl paho.Client, filter string) {
+	for cl.IsConnectionOpen() && c.ctx.Err() == nil {
+		tok := cl.Subscribe(filter, 1, c.dispatch)
+		err := waitToken(tok, 10*time.Second)
+		if st, ok := tok.(*paho.SubscribeToken); ok && err == nil && st.Result()[filter] >= 0x80 {
+			err = errors.New("refused by the broker (SUBACK 0x80): the account may not read the device topics")
+		}
+		if err == nil {
+			c.log.Info("subscribed to the local broker", "url", c.opts.URL, "filter", filter)
+			c.live.Store(true)
+			c.subOnce.Do(func() { close(c.subscribed) })
+			if c.opts.OnConnect != nil {
+				c.opts.OnConnect()
+			}
+			return
+		}
+		c.limited.Log(c.ctx, slog.LevelError, "subscribe", "subscribe failed; readings are not taken in; retrying", "filter", filter, "err", err)
+		select {
+		case <-c.ctx.Done():
+		case <-time.After(2 * time.Second):
+		}
+	}
 }
 
 // Subscribed is closed once the client first holds its subscription: from

@@ -400,3 +400,43 @@ func TestMosquittoDynsecNotAdmin(t *testing.T) {
 		t.Fatal("the password is in the error")
 	}
 }
+
+// TestExternalSubscribeRefusedThenGranted: the broker refuses the ingest
+// subscription (no read rights yet): the client is not live and does not
+// say subscribed; once an administrator grants the rights it subscribes
+// by itself, without a restart.
+func TestExternalSubscribeRefusedThenGranted(t *testing.T) {
+	mq := mosquittotest.Start(t, "edgegate")
+	host, port, _ := strings.Cut(mq.Addr, ":")
+	ctrl := func(args ...string) {
+		t.Helper()
+		base := []string{"-h", host, "-p", port, "-u", "edgegate", "-P", mosquittotest.AdminPassword, "dynsec"}
+		if out, err := exec.Command("mosquitto_ctrl", append(base, args...)...).CombinedOutput(); err != nil {
+			t.Fatalf("mosquitto_ctrl %v: %v %s", args, err, out)
+		}
+	}
+	ctrl("createClient", "ingest", "-p", "ingest-pw")
+	topic, _ := ParseTopic("devices/{device}/telemetry")
+	c := NewClient(&recorder{}, ClientOptions{URL: mq.URL, ClientID: "edgegate-refused", Username: "ingest", Password: "ingest-pw", Topic: topic})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	select {
+	case <-c.Subscribed():
+		t.Fatal("said subscribed although the broker refused the subscription")
+	case <-time.After(1500 * time.Millisecond):
+	}
+	if c.Live() {
+		t.Fatal("live although not subscribed")
+	}
+	ctrl("createRole", "reader")
+	ctrl("addRoleACL", "reader", "subscribePattern", "devices/+/telemetry", "allow")
+	ctrl("addClientRole", "ingest", "reader")
+	select {
+	case <-c.Subscribed():
+	case <-time.After(15 * time.Second):
+		t.Fatal("did not subscribe once granted")
+	}
+	eventually(t, "live", c.Live)
+}
