@@ -51,9 +51,13 @@ import (
 //   - Applications are not served in external mode: Mosquitto cannot verify
 //     an SSO access token without an auth plugin, so no account the gateway
 //     manages may subscribe to device topics except its own. An account an
-//     administrator adds by hand with read rights on device topics is outside
-//     the promise; Check reports the broker's default ACL when it lets every
-//     account publish or subscribe.
+//     administrator adds by hand with rights in the device namespace is
+//     outside the promise: Check (what status and doctor show) names the
+//     role that grants them, and the broker's default ACL when it lets every
+//     account publish or subscribe; Reconcile leaves both to the
+//     administrator.
+//   - A password changed by hand (mosquitto_ctrl setClientPassword) is not
+//     seen: Mosquitto does not let the hash be read back.
 const (
 	dynsecTopic    = "$CONTROL/dynamic-security/v1"
 	dynsecResponse = "$CONTROL/dynamic-security/v1/response"
