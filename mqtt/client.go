@@ -114,7 +114,12 @@ func (c *Client) Run(ctx context.Context) error {
 		// device's order through its own lane while devices proceed in
 		// parallel.
 		SetOrderMatters(true).
-		SetResumeSubs(true).
+		// No ResumeSubs: we subscribe on every connection (OnConnect). With
+		// it, paho's resume() resends our stored SUBSCRIBE under the same
+		// packet id and completes our token before any SUBACK (claimID), so
+		// "subscribed" came before the broker had the subscription, and the
+		// readings published in between were lost on a first start.
+		SetResumeSubs(false).
 		SetAutoReconnect(true).
 		SetConnectRetry(true).
 		SetConnectRetryInterval(2 * time.Second).
@@ -176,8 +181,12 @@ func (c *Client) subscribe(cl paho.Client, filter string) {
 	for cl.IsConnectionOpen() && c.ctx.Err() == nil {
 		tok := cl.Subscribe(filter, 1, c.dispatch)
 		err := waitToken(tok, 10*time.Second)
-		if st, ok := tok.(*paho.SubscribeToken); ok && err == nil && st.Result()[filter] >= 0x80 {
-			err = errors.New("refused by the broker (SUBACK 0x80): the account may not read the device topics")
+		if st, ok := tok.(*paho.SubscribeToken); ok && err == nil {
+			if code, acked := st.Result()[filter]; !acked {
+				err = errors.New("no SUBACK for the filter")
+			} else if code >= 0x80 {
+				err = errors.New("refused by the broker (SUBACK 0x80): the account may not read the device topics")
+			}
 		}
 		if err == nil {
 			c.log.Info("subscribed to the local broker", "url", c.opts.URL, "filter", filter)

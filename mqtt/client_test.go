@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -254,16 +255,16 @@ func TestExternalAckOrder(t *testing.T) {
 func TestExternalReadyMeansSubscribed(t *testing.T) {
 	m := mosquittotest.Start(t, "", "allow_anonymous true")
 	topic, _ := ParseTopic("devices/{device}/telemetry")
-	for i := 0; i < 5; i++ { // a fresh session each time: a new client id
+	for i := 0; i < 20; i++ { // a fresh session each time: a new client id
 		rec := &recorder{}
 		pub := publisher(t, m.URL, "pub", "")
 		c := NewClient(rec, ClientOptions{URL: m.URL, ClientID: fmt.Sprintf("edgegate-first-%d", i), Topic: topic})
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- c.Run(ctx) }()
 		if c.Live() {
 			t.Fatal("Live before connecting")
 		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- c.Run(ctx) }()
 		select {
 		case <-c.Subscribed():
 		case <-time.After(15 * time.Second):
@@ -291,7 +292,13 @@ func TestExternalReadyMeansSubscribed(t *testing.T) {
 // broker sends for a new subscription is acknowledged but not taken in
 // (it may date from another owner); live readings are.
 func TestExternalRetainedCopyNotIngested(t *testing.T) {
-	m := mosquittotest.Start(t, "", "allow_anonymous true")
+	m := mosquittotest.Start(t, "", "allow_anonymous true", "log_type all")
+	defer func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(m.LogFile)
+			t.Log(string(b))
+		}
+	}()
 	topic, _ := ParseTopic("devices/{device}/telemetry")
 	pub := publisher(t, m.URL, "pub", "")
 	if err := waitToken(pub.Publish("devices/d1/telemetry", 1, true, "stored-under-old-owner"), 5*time.Second); err != nil {

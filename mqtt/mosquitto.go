@@ -169,8 +169,10 @@ func (d *Dynsec) Run(ctx context.Context) error {
 			for cl.IsConnectionOpen() && ctx.Err() == nil {
 				tok := cl.Subscribe(dynsecResponse, 1, d.onResponse)
 				err := waitToken(tok, d.opts.Timeout)
-				if st, ok := tok.(*paho.SubscribeToken); ok && err == nil && st.Result()[dynsecResponse] >= 0x80 {
-					err = errors.New("refused by the broker (SUBACK 0x80)")
+				if st, ok := tok.(*paho.SubscribeToken); ok && err == nil {
+					if code, acked := st.Result()[dynsecResponse]; !acked || code >= 0x80 {
+						err = errors.New("refused by the broker (no SUBACK, or 0x80)")
+					}
 				}
 				if err == nil {
 					select {
