@@ -89,6 +89,9 @@ func WriteStatus(w io.Writer, st Status) error {
 	}
 
 	fmt.Fprintf(tw, "Gateway\t%s (edgegate %s)\n", orDash(st.GatewayID), orDash(st.Version))
+	if st.NotReady != "" {
+		fmt.Fprintf(tw, "Ready\t%s NO: waiting for %s\n", problemMark, st.NotReady)
+	}
 	pairing := "paired"
 	if !st.Paired {
 		pairing = problemMark + " NOT PAIRED"

@@ -104,7 +104,10 @@ type Status struct {
 	IdentityThumbprint string `json:"identity_thumbprint,omitempty"`
 	Paired             bool   `json:"paired"`
 	// Now is the daemon's clock when it answered; ages are relative to it.
-	Now          time.Time      `json:"now"`
+	Now time.Time `json:"now"`
+	// NotReady names what the daemon still waits for before it is ready
+	// (an ingest subscription, the broker's accounts); empty once ready.
+	NotReady     string         `json:"not_ready,omitempty"`
 	Policy       PolicyStatus   `json:"policy"`
 	Stages       []StageStatus  `json:"stages"`
 	Queue        QueueStatus    `json:"queue"`

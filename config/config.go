@@ -98,7 +98,26 @@ type External struct {
 	CAFile       string        `yaml:"ca_file"`
 	Inflight     int           `yaml:"inflight"`
 	Keepalive    time.Duration `yaml:"keepalive"`
+	// Accounts is who keeps the broker's device accounts and ACLs:
+	// AccountsDynsec (the gateway, from the policy, through Mosquitto's
+	// dynamic-security plugin) or AccountsNone (the broker's administrator;
+	// the gateway then cannot vouch for ownership on the local link).
+	Accounts string `yaml:"accounts"`
+	// AdminUsername and AdminPasswordFile are a dynsec administrator
+	// account (mosquitto_ctrl dynsec init); empty: username and
+	// password_file, the ingest account, serve for both.
+	AdminUsername     string `yaml:"admin_username"`
+	AdminPasswordFile string `yaml:"admin_password_file"`
+	// AccountsInterval is how often the accounts are compared with the
+	// policy and repaired besides every policy change.
+	AccountsInterval time.Duration `yaml:"accounts_interval"`
 }
+
+// Who keeps an external broker's accounts (mqtt.external.accounts).
+const (
+	AccountsNone   = "none"
+	AccountsDynsec = "dynsec"
+)
 
 // Central configures the gateway's account at the central service.
 type Central struct {
@@ -333,7 +352,8 @@ func Default() Config {
 			Mode:     ModeEmbedded,
 			Topic:    "devices/{device}/telemetry",
 			Embedded: Embedded{Listen: "127.0.0.1:1883", DeviceRate: 50, DeviceBurst: 100, MaxClients: 256},
-			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second},
+			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second,
+				Accounts: AccountsNone, AccountsInterval: 5 * time.Minute},
 		},
 		Uplink: Uplink{
 			Mode: "filter", BatchSize: 256, SignatureAttribute: "signature", RefusalWindow: 15 * time.Minute,
@@ -467,6 +487,7 @@ func (c *Config) resolvePaths(dir string) {
 	abs(&c.MQTT.Embedded.KeyFile)
 	abs(&c.MQTT.External.PasswordFile)
 	abs(&c.MQTT.External.CAFile)
+	abs(&c.MQTT.External.AdminPasswordFile)
 	abs(&c.Central.ClientSecretFile)
 	abs(&c.Central.CAFile)
 	abs(&c.Uplink.CAFile)
@@ -565,6 +586,21 @@ func (c *Config) Validate() error {
 		}
 		if c.MQTT.External.Keepalive < time.Second {
 			bad("mqtt.external.keepalive", c.MQTT.External.Keepalive.String(), "must be at least 1s")
+		}
+		switch x := c.MQTT.External; x.Accounts {
+		case AccountsNone:
+		case AccountsDynsec:
+			if x.AdminUsername == "" && x.Username == "" {
+				bad("mqtt.external.admin_username", "", "must be set (or username) when accounts is dynsec: a dynamic-security administrator")
+			}
+			if x.AdminUsername != "" && x.AdminPasswordFile == "" {
+				bad("mqtt.external.admin_password_file", "", "must be set with admin_username")
+			}
+			if x.AccountsInterval < 10*time.Second || x.AccountsInterval > 24*time.Hour {
+				bad("mqtt.external.accounts_interval", x.AccountsInterval.String(), "must be between 10s and 24h")
+			}
+		default:
+			bad("mqtt.external.accounts", x.Accounts, "must be dynsec or none")
 		}
 	default:
 		bad("mqtt.mode", c.MQTT.Mode, "must be embedded or external")

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/admin"
+	"github.com/edgegate/edgegate/mqtt"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/queue"
 	"github.com/edgegate/edgegate/radio"
@@ -79,6 +80,12 @@ type adminBackend struct {
 	paired    bool
 	mqttAddrs string
 	devAdmin  *DeviceAdmin // device registration (devices.go)
+	// Readiness (ready.go): what the daemon still waits for; whether the
+	// external ingest is subscribed now (nil: the embedded broker); the
+	// manager of Mosquitto's accounts (nil unless accounts: dynsec).
+	ready      *readiness
+	ingestLive func() bool
+	accounts   *mqtt.Dynsec
 }
 
 // The device endpoints (admin.DeviceBackend) are DeviceAdmin's.
@@ -138,7 +145,10 @@ func (b *adminBackend) Status(ctx context.Context) admin.Status {
 		health = err.Error()
 	}
 	st.Stages = append(st.Stages, admin.StageStatus{Name: "queue and uplink", Healthy: err == nil, Detail: health})
-	st.Stages = append(st.Stages, admin.StageStatus{Name: "local MQTT broker", Healthy: true, Detail: b.d.cfg.MQTT.Mode + ", " + b.mqttAddrs})
+	if b.ready != nil {
+		st.NotReady = b.ready.waiting()
+	}
+	st.Stages = append(st.Stages, b.mqttStages(ctx)...)
 	if b.radio != nil {
 		for _, ps := range b.radio.Ports() {
 			detail := fmt.Sprintf("%s, %d frames ok, %d bad, %d reconnects", ps.Codec, ps.FramesOK, ps.FramesBad, ps.Reconnects)
@@ -274,3 +284,42 @@ func wipeState(dir string) error {
 	}
 	return errors.Join(errs...)
 }
+
+// mqttStages describes the local MQTT link; in external mode, whether the
+// ingest subscription exists now, and whether the broker's accounts match
+// the policy — read back from the broker on each call, so `edgegate doctor`
+// sees drift made since the last repair.
+func (b *adminBackend) mqttStages(ctx context.Context) []admin.StageStatus {
+	link := admin.StageStatus{Name: "local MQTT broker", Healthy: true, Detail: b.d.cfg.MQTT.Mode + ", " + b.mqttAddrs}
+	if b.ingestLive == nil {
+		return []admin.StageStatus{link}
+	}
+	if !b.ingestLive() {
+		link.Healthy = false
+		link.Detail += ": not subscribed (readings are not taken in)"
+	} else {
+		link.Detail += ": subscribed"
+	}
+	acc := admin.StageStatus{Name: AccountsStage}
+	switch {
+	case b.accounts == nil:
+		acc.Detail = "not managed (mqtt.external.accounts: none): the broker's ACL is not tied to the policy"
+	default:
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		issues, err := b.accounts.Check(cctx)
+		switch {
+		case err != nil:
+			acc.Detail = "cannot read the broker's accounts back: " + err.Error()
+		case len(issues) > 0:
+			acc.Detail = fmt.Sprintf("%d differences from the policy: %s", len(issues), strings.Join(issues, "; "))
+		default:
+			acc.Healthy = true
+			acc.Detail = "in line with the policy (dynsec)"
+		}
+	}
+	return []admin.StageStatus{link, acc}
+}
+
+// AccountsStage is the status stage of Mosquitto's accounts; doctor reads it.
+const AccountsStage = "Mosquitto accounts"

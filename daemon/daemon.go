@@ -357,8 +357,11 @@ func (d *Daemon) Run(ctx context.Context) error {
 		metricsStage = start("metrics", func(ctx context.Context) error { return d.serveMetrics(ctx, ln, mon.healthy) }, errs)
 	}
 
-	var ingest *stage
+	var ingest, accountsStage *stage
 	var mqttAddr, mqttTLSAddr string
+	ready := &readiness{}
+	var ingestLive func() bool // nil: the embedded broker, live once listening
+	var accounts *mqtt.Dynsec
 	switch cfg.MQTT.Mode {
 	case config.ModeEmbedded:
 		e := cfg.MQTT.Embedded
@@ -408,12 +411,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 			// under the new one.
 			b.PurgeRetained(gone)
 		})
-		ready := make(chan struct{})
+		listening := make(chan struct{})
 		ingest = start("mqtt-broker", func(ctx context.Context) error {
-			return b.Run(ctx, func() { close(ready) })
+			return b.Run(ctx, func() { close(listening) })
 		}, errs)
 		select {
-		case <-ready:
+		case <-listening:
 			mqttAddr, mqttTLSAddr = b.Addr(), b.TLSAddr()
 		case err := <-errs:
 			d.stopAll([]*stage{ingest}, queueStage, uplinkStage, syncStage, metricsStage)
@@ -431,9 +434,25 @@ func (d *Daemon) Run(ctx context.Context) error {
 			URL: cfg.MQTT.External.URL, ClientID: cfg.MQTT.External.ClientID,
 			Username: cfg.MQTT.External.Username, Password: password, TLS: tlsCfg,
 			Topic: topic, Inflight: cfg.MQTT.External.Inflight, Keepalive: cfg.MQTT.External.Keepalive,
-			Logger: log,
+			Logger: log, Metrics: d.metrics,
 		})
+		if accounts, err = externalAccounts(cfg.MQTT.External, topic, engine, tlsCfg, password, red.Add, d.metrics, log); err != nil {
+			d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)
+			return err
+		}
+		if accounts != nil {
+			engine.OnChange(func(policy.Change) { accounts.Nudge() })
+			accountsStage = start("mosquitto-accounts", accounts.Run, errs)
+			// Devices can log in only once their accounts exist.
+			ready.add("Mosquitto accounts in line with the policy", accounts.Synced())
+		} else {
+			log.Warn("mqtt.external.accounts is none: Mosquitto's accounts and ACLs are kept by hand, and nothing ties them to the ownership policy; set accounts: dynsec")
+		}
 		ingest = start("mqtt-ingest", c.Run, errs)
+		// Ready only once subscribed: before it, on a first start, the
+		// broker holds no session for us and drops what devices publish.
+		ready.add("the subscription on the external broker", c.Subscribed())
+		ingestLive = c.Live
 		mqttAddr = cfg.MQTT.External.URL
 	}
 
@@ -456,7 +475,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			},
 		})
 		if err != nil {
-			d.stopAll([]*stage{ingest}, queueStage, uplinkStage, syncStage, metricsStage)
+			d.stopAll([]*stage{ingest, accountsStage}, queueStage, uplinkStage, syncStage, metricsStage)
 			return fmt.Errorf("configure radio.ports: %w", err)
 		}
 		radioStage = start("radio", mgr.Run, errs)
@@ -468,6 +487,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		// Provisioned either way: paired (refresh token) or a client secret.
 		paired:    cfg.Central.Credentials == config.CredentialsPaired || cfg.Central.ClientSecretFile != "",
 		mqttAddrs: strings.TrimSpace(mqttAddr + " " + mqttTLSAddr),
+		ready:     ready, ingestLive: ingestLive, accounts: accounts,
 		reset: func() {
 			aud.Record(context.Background(), audit.Event{Kind: audit.FactoryReset, Cause: "admin"})
 			d.revokePairing(q)
@@ -488,27 +508,32 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 	adm, err := admin.Listen(admin.ServerOptions{Socket: d.adminSocket(), Backend: backend, Audit: aud, Logger: log.With("component", "admin")})
 	if err != nil {
-		d.stopAll([]*stage{radioStage, ingest}, queueStage, uplinkStage, syncStage, metricsStage)
+		d.stopAll([]*stage{radioStage, ingest, accountsStage}, queueStage, uplinkStage, syncStage, metricsStage)
 		return fmt.Errorf("open the admin socket: %w", err)
 	}
 	adminStage := start("admin", adm.Run, errs)
 
-	log.Info("edgegate ready", "version", Version, "admin", adm.Addr(), "gateway", d.gateway, "devices", pol.Len(),
-		"mqtt", mqttAddr, "mqtt_tls", mqttTLSAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir,
-		"memory_limit", memoryLimit())
-	// Under systemd (Type=notify) start-up ends here, not at exec: units
-	// ordered after edgegate wait until every stage is up.
+	// Under systemd (Type=notify) start-up ends at READY, not at exec:
+	// units ordered after edgegate wait until every ingest path is live.
 	notify := sdnotify.FromEnv(os.Getenv)
-	if err := notify.Ready(); err != nil {
-		log.Warn("tell systemd we are ready", "err", err)
-	}
 	var watchdog *stage
-	if interval, ok := notify.WatchdogInterval(os.Getenv, os.Getpid()); ok {
-		watchdog = start("watchdog", func(ctx context.Context) error {
-			return notify.Watchdog(ctx, interval, mon.healthy, log.With("component", "watchdog"))
-		}, errs)
+	becomeReady := func() {
+		log.Info("edgegate ready", "version", Version, "admin", adm.Addr(), "gateway", d.gateway, "devices", pol.Len(),
+			"mqtt", mqttAddr, "mqtt_tls", mqttTLSAddr, "metrics", metricsAddr, "state_dir", cfg.StateDir,
+			"memory_limit", memoryLimit())
+		if err := notify.Ready(); err != nil {
+			log.Warn("tell systemd we are ready", "err", err)
+		}
+		if interval, ok := notify.WatchdogInterval(os.Getenv, os.Getpid()); ok {
+			watchdog = start("watchdog", func(ctx context.Context) error {
+				return notify.Watchdog(ctx, interval, mon.healthy, log.With("component", "watchdog"))
+			}, errs)
+		}
 	}
-
+	live := ready.all(ctx)
+	// Said once if the wait is long (a broker down at start-up).
+	slow := time.NewTimer(10 * time.Second)
+	defer slow.Stop()
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -523,6 +548,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 			running = false
 		case <-hup:
 			d.reload()
+		case <-live:
+			live = nil
+			becomeReady()
+		case <-slow.C:
+			if w := ready.waiting(); w != "" {
+				log.Warn("not ready yet: readings are not taken in until it is", "waiting_for", w)
+				_ = notify.Status("waiting for " + w)
+			}
 		}
 	}
 	// systemd shows "deactivating" and stops enforcing WatchdogSec= while
@@ -534,7 +567,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if watchdog != nil {
 		_ = watchdog.stop(log)
 	}
-	if err := d.stopAll([]*stage{adminStage, radioStage, ingest}, queueStage, uplinkStage, syncStage, metricsStage); err != nil && runErr == nil {
+	if err := d.stopAll([]*stage{adminStage, radioStage, ingest, accountsStage}, queueStage, uplinkStage, syncStage, metricsStage); err != nil && runErr == nil {
 		runErr = err
 	}
 	log.Info("stopped")
@@ -641,6 +674,29 @@ func externalCredentials(e config.External) (*tls.Config, string, error) {
 		password = p
 	}
 	return tlsCfg, password, nil
+}
+
+// externalAccounts builds the manager of Mosquitto's accounts when
+// mqtt.external.accounts is dynsec (nil for none). Its administrator is
+// admin_username / admin_password_file, or the ingest account.
+func externalAccounts(e config.External, topic mqtt.Topic, engine *policy.Engine, tlsCfg *tls.Config, ingestPassword string, redact func(...string), m *metrics.Metrics, log *slog.Logger) (*mqtt.Dynsec, error) {
+	if e.Accounts != config.AccountsDynsec {
+		return nil, nil
+	}
+	user, pw := e.Username, ingestPassword
+	if e.AdminUsername != "" {
+		user = e.AdminUsername
+		p, err := readSecretFile(e.AdminPasswordFile)
+		if err != nil {
+			return nil, fmt.Errorf("read mqtt.external.admin_password_file: %w", err)
+		}
+		pw = p
+		redact(pw)
+	}
+	return mqtt.NewDynsec(mqtt.DynsecOptions{
+		URL: e.URL, ClientID: e.ClientID + "-accounts", Username: user, Password: pw, TLS: tlsCfg,
+		Topic: topic, Policy: engine, IngestUser: e.Username, Interval: e.AccountsInterval, Logger: log, Metrics: m,
+	}), nil
 }
 
 // configPolicy builds the version-0 policy of the configuration's devices.

@@ -47,6 +47,12 @@ type Metrics struct {
 	// AccessDenied counts local MQTT access refusals, by action
 	// (connect, publish, subscribe, deliver) and reason.
 	AccessDenied *prometheus.CounterVec
+	// MQTTAccountChanges counts changes made to an external Mosquitto's
+	// accounts to bring them in line with the policy, by kind (create,
+	// update, delete, acl, ingest); MQTTAccountSyncErrors counts failed
+	// reconciliations.
+	MQTTAccountChanges    *prometheus.CounterVec
+	MQTTAccountSyncErrors prometheus.Counter
 	// AttrsDropped counts attributes left out of a reading because stock
 	// Orion would refuse the whole request for them, by reason
 	// (forbidden_chars, bad_name, bad_type).
@@ -109,6 +115,12 @@ func New() *Metrics {
 		PolicyExpiry: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "edgegate_policy_expiry_timestamp_seconds", Help: "Expiry of the policy in force (0: none).",
 		}),
+		MQTTAccountChanges: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_mqtt_account_changes_total", Help: "Changes made to the external broker's accounts to match the policy, by kind.",
+		}, []string{"kind"}),
+		MQTTAccountSyncErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "edgegate_mqtt_account_sync_errors_total", Help: "Failed reconciliations of the external broker's accounts with the policy.",
+		}),
 		AccessDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "edgegate_mqtt_access_denied_total", Help: "Local MQTT access refusals, by action and reason.",
 		}, []string{"action", "reason"}),
@@ -121,6 +133,7 @@ func New() *Metrics {
 	}
 	r.MustRegister(m.AttrsDropped, m.MissingAttrs)
 	r.MustRegister(m.PolicyApplied, m.PolicyRefused, m.PolicyVersion, m.PolicyExpiry, m.AccessDenied)
+	r.MustRegister(m.MQTTAccountChanges, m.MQTTAccountSyncErrors)
 	r.MustRegister(m.Ingested, m.Refused, m.Queued, m.CommitBatch, m.Delivered, m.Retried,
 		m.DeadLettered, m.DeliveryLatency, m.RequestLatency, m.TokenRefreshes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

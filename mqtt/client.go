@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/ratelog"
 	"github.com/edgegate/edgegate/reading"
@@ -34,6 +36,11 @@ type ClientOptions struct {
 	// OnConnect, when set, is called after every (re)connection and
 	// subscription; tests and readiness use it.
 	OnConnect func()
+	// Metrics counts retained copies skipped (AccessDenied{deliver,retained}).
+	Metrics *metrics.Metrics
+	// OnAck, when set, is told of every PUBACK the client releases, in the
+	// order it releases them (tests assert the §4.6 order with it).
+	OnAck func(topic string, payload []byte)
 }
 
 // Client ingests readings from an external broker through paho, with a
@@ -50,7 +57,13 @@ type Client struct {
 	wg     sync.WaitGroup
 
 	mu    sync.Mutex
-	lanes map[string]chan paho.Message // per device, in arrival order
+	lanes map[string]chan *ackSlot // per device, in arrival order
+
+	seq acks // PUBACKs released in arrival order
+
+	live       atomic.Bool   // connected and subscribed right now
+	subscribed chan struct{} // closed at the first subscription
+	subOnce    sync.Once
 }
 
 // NewClient builds the ingest client; Run connects it.
@@ -73,7 +86,8 @@ func NewClient(sub Submitter, opts ClientOptions) *Client {
 		opts.RetryInterval = time.Second
 	}
 	c := &Client{sub: sub, opts: opts, log: log, limited: ratelog.New(log, 10*time.Second),
-		lanes: map[string]chan paho.Message{}}
+		lanes: map[string]chan *ackSlot{}, subscribed: make(chan struct{})}
+	c.seq.onAck = opts.OnAck
 	c.ctx, c.cancel = context.WithCancel(context.Background())
 	return c
 }
@@ -100,7 +114,12 @@ func (c *Client) Run(ctx context.Context) error {
 		// device's order through its own lane while devices proceed in
 		// parallel.
 		SetOrderMatters(true).
-		SetResumeSubs(true).
+		// No ResumeSubs: we subscribe on every connection (OnConnect). With
+		// it, paho's resume() resends our stored SUBSCRIBE under the same
+		// packet id and completes our token before any SUBACK (claimID), so
+		// "subscribed" came before the broker had the subscription, and the
+		// readings published in between were lost on a first start.
+		SetResumeSubs(false).
 		SetAutoReconnect(true).
 		SetConnectRetry(true).
 		SetConnectRetryInterval(2 * time.Second).
@@ -127,19 +146,10 @@ func (c *Client) Run(ctx context.Context) error {
 	po.SetOnConnectHandler(func(cl paho.Client) {
 		// Subscribe on every connection: harmless with a kept session, and
 		// required on the first one or after the broker lost its state.
-		go func() {
-			if err := waitToken(cl.Subscribe(filter, 1, c.dispatch), 10*time.Second); err != nil {
-				c.log.Error("subscribe failed; reconnecting", "filter", filter, "err", err)
-				cl.Disconnect(0) // auto-reconnect tries again
-				return
-			}
-			c.log.Info("subscribed to the local broker", "url", c.opts.URL, "filter", filter)
-			if c.opts.OnConnect != nil {
-				c.opts.OnConnect()
-			}
-		}()
+		go c.subscribe(cl, filter)
 	})
 	po.SetConnectionLostHandler(func(_ paho.Client, err error) {
+		c.live.Store(false)
 		c.limited.Log(c.ctx, slog.LevelWarn, "lost", "connection to the local broker lost; reconnecting", "err", err)
 	})
 	cl := paho.NewClient(po)
@@ -158,9 +168,51 @@ func (c *Client) Run(ctx context.Context) error {
 		c.log.Error("readings still being queued at shutdown; they stay unacknowledged")
 	}
 	// The quiesce lets the PUBACKs of the last readings go out.
+	c.live.Store(false)
 	cl.Disconnect(500)
 	return nil
 }
+
+// subscribe holds the ingest subscription on this connection, retrying
+// while the broker refuses it (SUBACK 0x80: an ACL, a dynsec role not
+// granted yet) or does not answer. It never disconnects: paho does not
+// reconnect after Disconnect, which would end ingest for good.
+func (c *Client) subscribe(cl paho.Client, filter string) {
+	for cl.IsConnectionOpen() && c.ctx.Err() == nil {
+		tok := cl.Subscribe(filter, 1, c.dispatch)
+		err := waitToken(tok, 10*time.Second)
+		if st, ok := tok.(*paho.SubscribeToken); ok && err == nil {
+			if code, acked := st.Result()[filter]; !acked {
+				err = errors.New("no SUBACK for the filter")
+			} else if code >= 0x80 {
+				err = errors.New("refused by the broker (SUBACK 0x80): the account may not read the device topics")
+			}
+		}
+		if err == nil {
+			c.log.Info("subscribed to the local broker", "url", c.opts.URL, "filter", filter)
+			c.live.Store(true)
+			c.subOnce.Do(func() { close(c.subscribed) })
+			if c.opts.OnConnect != nil {
+				c.opts.OnConnect()
+			}
+			return
+		}
+		c.limited.Log(c.ctx, slog.LevelError, "subscribe", "subscribe failed; readings are not taken in; retrying", "filter", filter, "err", err)
+		select {
+		case <-c.ctx.Done():
+		case <-time.After(2 * time.Second):
+		}
+	}
+}
+
+// Subscribed is closed once the client first holds its subscription: from
+// then on the broker keeps every reading for it (persistent session), so
+// the daemon may say it is ready. Before it, on a first start, a broker
+// has no session for us and drops what devices publish (MQTT 3.1.1 §3.1.2.4).
+func (c *Client) Subscribed() <-chan struct{} { return c.subscribed }
+
+// Live reports whether the client is connected and subscribed now.
+func (c *Client) Live() bool { return c.live.Load() }
 
 // dispatch runs on paho's router, in arrival order: it hands the message to
 // its device's lane and returns at once. How many messages wait in lanes is
@@ -171,8 +223,23 @@ func (c *Client) dispatch(_ paho.Client, m paho.Message) {
 		return // shutting down: not acknowledged, the broker redelivers
 	}
 	device, ok := c.opts.Topic.Match(m.Topic())
+	if ok && m.Retained() {
+		// A broker sets RETAIN only on the stored copy it sends for a new
+		// subscription (MQTT 3.1.1 §3.3.1.3); live forwards carry RETAIN=0.
+		// With our persistent session the live copy was taken in when it was
+		// published, and the stored one may date from another owner or a
+		// revoked registration (issue 17): it is acknowledged, not ingested.
+		if c.opts.Metrics != nil {
+			c.opts.Metrics.AccessDenied.WithLabelValues("deliver", "retained").Inc()
+		}
+		c.limited.Log(c.ctx, slog.LevelInfo, "retained", "retained copy from the broker not ingested", "device", clipName(device))
+		c.seq.done(c.seq.add(m), true)
+		return
+	}
 	if !ok {
-		m.Ack() // not a reading topic (a broad subscription elsewhere); nothing to keep
+		// Not a reading topic (a broad subscription elsewhere): nothing to
+		// keep, but its PUBACK still takes its turn.
+		c.seq.done(c.seq.add(m), true)
 		return
 	}
 	c.mu.Lock()
@@ -182,34 +249,46 @@ func (c *Client) dispatch(_ paho.Client, m paho.Message) {
 	}
 	lane, ok := c.lanes[device]
 	if !ok {
-		lane = make(chan paho.Message, 4096)
+		lane = make(chan *ackSlot, 4096)
 		c.lanes[device] = lane
 		c.wg.Add(1)
 		go c.drainLane(device, lane)
 	}
 	c.mu.Unlock()
+	sl := c.seq.add(m) // here, on paho's router: the arrival order
 	select {
-	case lane <- m:
+	case lane <- sl:
 	case <-c.ctx.Done():
+		c.seq.done(sl, false)
 	}
 }
 
 // drainLane submits one device's readings in order; it ends with Run.
-func (c *Client) drainLane(device string, lane chan paho.Message) {
+func (c *Client) drainLane(device string, lane chan *ackSlot) {
 	defer c.wg.Done()
 	for {
 		select {
 		case <-c.ctx.Done():
-			return // what is left stays unacknowledged: the broker redelivers
-		case m := <-lane:
-			c.handle(device, m)
+			// What is left stays unacknowledged: the broker redelivers.
+			for {
+				select {
+				case sl := <-lane:
+					c.seq.done(sl, false)
+				default:
+					return
+				}
+			}
+		case sl := <-lane:
+			c.seq.done(sl, c.handle(device, sl.m))
 		}
 	}
 }
 
-func (c *Client) handle(device string, m paho.Message) {
+// handle queues one reading; true once it is settled (queued, or refused
+// for good) and may be acknowledged.
+func (c *Client) handle(device string, m paho.Message) bool {
 	if c.ctx.Err() != nil {
-		return
+		return false
 	}
 	msg := pipeline.Message{
 		Device:   device,
@@ -222,16 +301,80 @@ func (c *Client) handle(device string, m paho.Message) {
 		_, err := c.sub.Submit(ctx, msg)
 		cancel()
 		if err == nil {
-			m.Ack()
-			return
+			return true
 		}
 		c.limited.Log(c.ctx, slog.LevelWarn, "hold", "reading not queued; holding it unacknowledged", "device", device, "err", err)
 		t := time.NewTimer(c.opts.RetryInterval)
 		select {
 		case <-c.ctx.Done():
 			t.Stop()
-			return
+			return false
 		case <-t.C:
+		}
+	}
+}
+
+// acks releases PUBACKs in the order the publishes arrived on the
+// connection (MQTT 3.1.1 §4.6: a receiver of QoS 1 messages must send its
+// PUBACKs in the order it received the PUBLISH packets; Mosquitto re-orders
+// its deliveries otherwise). Readings are queued per device lane, in
+// parallel, so a fast device's reading settles before a slow one's; its
+// acknowledgement waits until every earlier reading is settled. The queue
+// keeps per-device order by itself; only the acknowledgements are serialized.
+type acks struct {
+	mu      sync.Mutex
+	send    sync.Mutex // held while one batch of PUBACKs is handed to paho
+	pending []*ackSlot // arrival order; the head is the oldest unacknowledged
+	stuck   bool       // an earlier reading will not be acknowledged: neither will later ones
+	onAck   func(topic string, payload []byte)
+}
+
+type ackSlot struct {
+	m       paho.Message
+	settled bool
+	ack     bool
+}
+
+// add takes the next place in the arrival order; call it on paho's router.
+func (a *acks) add(m paho.Message) *ackSlot {
+	sl := &ackSlot{m: m}
+	a.mu.Lock()
+	a.pending = append(a.pending, sl)
+	a.mu.Unlock()
+	return sl
+}
+
+// done settles one reading (ack false: it stays unacknowledged, as at
+// shutdown) and sends every PUBACK that no longer waits for an earlier one.
+// How many wait is bounded by the broker's in-flight window for this client.
+func (a *acks) done(sl *ackSlot, ack bool) {
+	a.mu.Lock()
+	sl.settled, sl.ack = true, ack
+	n := 0
+	var out []paho.Message
+	for ; n < len(a.pending) && a.pending[n].settled; n++ {
+		h := a.pending[n]
+		if !h.ack {
+			// Acknowledging what follows would reorder: the broker
+			// redelivers from here after a reconnect.
+			a.stuck = true
+		}
+		if !a.stuck {
+			out = append(out, h.m)
+		}
+	}
+	clear(a.pending[:n])
+	a.pending = a.pending[n:]
+	// Batches go out in the order they were taken: send is locked before
+	// mu is released. Ack may block while paho reconnects, so it runs
+	// outside mu, which paho's router needs (add) to hand over messages.
+	a.send.Lock()
+	a.mu.Unlock()
+	defer a.send.Unlock()
+	for _, m := range out {
+		m.Ack()
+		if a.onAck != nil {
+			a.onAck(m.Topic(), m.Payload())
 		}
 	}
 }

@@ -31,6 +31,7 @@ import (
 
 	"github.com/edgegate/edgegate/admin"
 	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/daemon"
 )
 
 const adminUsage = `usage:
@@ -353,6 +354,7 @@ func defaultDoctorChecks() []doctorCheck {
 		{"credentials", checkCredentials},
 		{"store", checkStore},
 		{"pairing", checkPairing},
+		{"MQTT accounts", checkMQTTAccounts},
 		{"clock sync", checkClock},
 		{"free disk", checkDisk},
 	}
@@ -632,6 +634,39 @@ func checkPairing(ctx context.Context, env *doctorEnv) checkResult {
 		return fail("not paired with a central service", "pair it: edgegate pair --central URL")
 	}
 	return pass("paired as " + st.GatewayID)
+}
+
+// checkMQTTAccounts: in external mode, the broker's accounts and ACLs must
+// be the gateway's (mqtt.external.accounts: dynsec) and match the policy;
+// the daemon reads them back from Mosquitto for its status.
+func checkMQTTAccounts(ctx context.Context, env *doctorEnv) checkResult {
+	if env.cfg == nil {
+		return skip("no valid configuration")
+	}
+	if env.cfg.MQTT.Mode != config.ModeExternal {
+		return pass("the embedded broker enforces the ownership policy itself")
+	}
+	if env.cfg.MQTT.External.Accounts != config.AccountsDynsec {
+		return fail("Mosquitto's accounts and ACLs are kept by hand: nothing ties them to the ownership policy",
+			"set mqtt.external.accounts: dynsec and load Mosquitto's dynamic-security plugin\n"+
+				"(see mqtt.external in the configuration template), then: systemctl restart edgegate")
+	}
+	st, err := env.daemonStatus(ctx)
+	if err != nil {
+		return skip("daemon not reachable: the broker's accounts cannot be compared with the policy")
+	}
+	for _, sg := range st.Stages {
+		if sg.Name != daemon.AccountsStage {
+			continue
+		}
+		if sg.Healthy {
+			return pass(sg.Detail)
+		}
+		return fail("the broker's rules and the policy disagree: "+sg.Detail,
+			"the daemon repairs them at the next policy change or within mqtt.external.accounts_interval;\n"+
+				"if this persists, check that the admin account is a dynsec administrator: journalctl -u edgegate")
+	}
+	return fail("the daemon does not report the broker's accounts", "restart it after a configuration change: systemctl restart edgegate")
 }
 
 func checkClock(ctx context.Context, env *doctorEnv) checkResult {

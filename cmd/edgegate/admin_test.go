@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/admin"
+	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/daemon"
 	"github.com/edgegate/edgegate/queue"
 )
 
@@ -406,5 +408,37 @@ func TestExportThroughSocketRoundTrips(t *testing.T) {
 	out.Reset()
 	if err := runData(cliCtx(t), []string{"export", "--device", "th-kitchen", "--socket", sock}, nil, &out, &errb); err != nil || out.Len() != 0 {
 		t.Errorf("export after erase = %v, %q", err, out.String())
+	}
+}
+
+// TestDoctorMQTTAccounts: doctor says when an external broker's rules and
+// the policy disagree (the daemon's read-back), or when nothing ties them.
+func TestDoctorMQTTAccounts(t *testing.T) {
+	ext := func(accounts string) *config.Config {
+		c := config.Default()
+		c.MQTT.Mode = config.ModeExternal
+		c.MQTT.External.Accounts = accounts
+		return &c
+	}
+	withStatus := func(cfg *config.Config, stages ...admin.StageStatus) *doctorEnv {
+		return &doctorEnv{cfg: cfg, fetched: true, status: &admin.Status{Stages: stages}}
+	}
+	emb := config.Default()
+	for _, tt := range []struct {
+		name string
+		env  *doctorEnv
+		want string
+		text string
+	}{
+		{"embedded", withStatus(&emb), checkPass, "embedded broker"},
+		{"by hand", withStatus(ext(config.AccountsNone)), checkFail, "kept by hand"},
+		{"in line", withStatus(ext(config.AccountsDynsec), admin.StageStatus{Name: daemon.AccountsStage, Healthy: true, Detail: "in line with the policy (dynsec)"}), checkPass, "in line"},
+		{"drift", withStatus(ext(config.AccountsDynsec), admin.StageStatus{Name: daemon.AccountsStage, Detail: "1 differences from the policy: device a2: role edgegate-dev-a2 has other ACLs than its own topic"}), checkFail, "disagree: 1 differences"},
+		{"no daemon", &doctorEnv{cfg: ext(config.AccountsDynsec), fetched: true, statusErr: errors.New("no socket")}, checkSkip, "not reachable"},
+	} {
+		r := checkMQTTAccounts(context.Background(), tt.env)
+		if r.Status != tt.want || !strings.Contains(r.Detail, tt.text) {
+			t.Errorf("%s: %s %q, want %s with %q", tt.name, r.Status, r.Detail, tt.want, tt.text)
+		}
 	}
 }

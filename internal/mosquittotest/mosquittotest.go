@@ -1,0 +1,112 @@
+// Package mosquittotest starts a real Mosquitto for tests: a loopback
+// listener, optionally the dynamic-security plugin with one administrator,
+// stopped by its PID when the test ends.
+package mosquittotest
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Broker is a real Mosquitto broker on a loopback port, started by
+// the test and stopped (by its PID) when the test ends.
+type Broker struct {
+	Addr    string // 127.0.0.1:port
+	URL     string // tcp://127.0.0.1:port
+	Dir     string
+	LogFile string
+	cmd     *exec.Cmd
+}
+
+// DynsecPlugin is where Debian installs the plugin.
+const DynsecPlugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+// Start runs /usr/sbin/mosquitto with conf appended to a
+// loopback listener. With dynsecAdmin set, the dynamic-security plugin is
+// loaded with a fresh configuration whose only account is that admin
+// (password AdminPassword), made by mosquitto_ctrl dynsec init.
+func Start(t *testing.T, dynsecAdmin string, conf ...string) *Broker {
+	t.Helper()
+	bin := "/usr/sbin/mosquitto"
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("mosquitto is required: apt-get install mosquitto mosquitto-clients (%v)", err)
+	}
+	dir := t.TempDir()
+	if dynsecAdmin != "" {
+		ds := filepath.Join(dir, "dynsec.json")
+		out, err := exec.Command("mosquitto_ctrl", "dynsec", "init", ds, dynsecAdmin, AdminPassword).CombinedOutput()
+		if err != nil {
+			t.Fatalf("mosquitto_ctrl dynsec init: %v %s", err, out)
+		}
+		conf = append([]string{"allow_anonymous false", "plugin " + DynsecPlugin, "plugin_opt_config_file " + ds}, conf...)
+	}
+	if os.Geteuid() == 0 {
+		// Mosquitto started as root drops to the user "mosquitto", who
+		// cannot read the test's private files.
+		conf = append([]string{"user root"}, conf...)
+	}
+	m := &Broker{Dir: dir, LogFile: filepath.Join(dir, "mosquitto.log")}
+	for attempt := 0; attempt < 3; attempt++ {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
+		ln.Close()
+		text := fmt.Sprintf("listener %s 127.0.0.1\npersistence false\nmax_inflight_messages 64\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n%s\n",
+			port, strings.Join(conf, "\n"))
+		cf := filepath.Join(dir, "mosquitto.conf")
+		if err := os.WriteFile(cf, []byte(text), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		logf, err := os.Create(m.LogFile)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := exec.Command(bin, "-c", cf)
+		cmd.Stdout, cmd.Stderr = logf, logf
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		logf.Close()
+		addr := "127.0.0.1:" + port
+		if waitTCP(addr, 5*time.Second) {
+			m.cmd, m.Addr, m.URL = cmd, addr, "tcp://"+addr
+			break
+		}
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	}
+	if m.cmd == nil {
+		b, _ := os.ReadFile(m.LogFile)
+		t.Fatalf("mosquitto did not start:\n%s", b)
+	}
+	t.Cleanup(func() {
+		_ = m.cmd.Process.Kill()
+		_ = m.cmd.Wait()
+	})
+	return m
+}
+
+// AdminPassword is the dynsec administrator's password.
+const AdminPassword = "test-admin-pw"
+
+func waitTCP(addr string, d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for time.Now().Before(deadline) {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err == nil {
+			c.Close()
+			return true
+		}
+		time.Sleep(30 * time.Millisecond)
+	}
+	return false
+}
