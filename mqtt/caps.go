@@ -614,8 +614,8 @@ func (h *capsHook) establish(id string, c net.Conn, next listeners.EstablishFn) 
 	}
 	if limit != "" {
 		h.pmu.Unlock()
-		_ = c.Close()
 		h.hit(limit, host)
+		_ = c.Close()
 		return nil
 	}
 	pc := &pendingConn{Conn: c, h: h, host: host}
