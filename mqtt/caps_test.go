@@ -226,7 +226,11 @@ func TestCapSessionsKept(t *testing.T) {
 			t.Fatalf("subscribe: %#x", code)
 		}
 		c.Disconnect(50)
-		eventually(t, "disconnect", func() bool { return !c.IsConnected() })
+		id := fmt.Sprintf("a1-kept-%d", i)
+		eventually(t, "the broker to see the disconnect", func() bool {
+			cl, ok := e.broker.srv.Clients.Get(id)
+			return !ok || cl.Closed()
+		})
 	}
 	eventually(t, "kept sessions bounded", func() bool {
 		n := 0
