@@ -163,7 +163,7 @@ type capsHook struct {
 	onDeny  func(action, reason, who string)
 
 	mu       sync.Mutex
-	owner    map[*mochi.Client]string              // admitted clients (connected or kept) -> principal key
+	owner    map[*mochi.Client]*member             // admitted clients (connected or kept) -> principal
 	sessions map[string]map[*mochi.Client]struct{} // principal key -> its clients
 	retained map[string]retainedEntry              // topic -> what it holds
 	retBytes int64                                 // sum of retained sizes
@@ -175,6 +175,14 @@ type capsHook struct {
 	conns     map[*pendingConn]struct{}
 }
 
+// member is an admitted client's principal. It is kept until the
+// client's own OnDisconnect has run (its will is sent just before), even
+// when the client no longer counts against its principal.
+type member struct {
+	key  string
+	gone bool // OnDisconnect has run: a kept (clean=false) session
+}
+
 type retainedEntry struct {
 	size  int64
 	owner string
@@ -184,7 +192,7 @@ func newCapsHook(lim Limits, srv *mochi.Server, topic Topic, log *slog.Logger, m
 	return &capsHook{
 		lim: lim.withDefaults(), srv: srv, topic: topic, m: m,
 		limited:   ratelog.New(log, 30*time.Second),
-		owner:     map[*mochi.Client]string{},
+		owner:     map[*mochi.Client]*member{},
 		sessions:  map[string]map[*mochi.Client]struct{}{},
 		retained:  map[string]retainedEntry{},
 		retBy:     map[string]int64{},
@@ -263,7 +271,7 @@ func (h *capsHook) admit(cl *mochi.Client, key string, pk packets.Packet) (strin
 			if cur, ok := h.srv.Clients.Get(c.ID); ok && cur == c {
 				kept = append(kept, c)
 			} else {
-				h.forgetLocked(c) // expired or taken over
+				h.uncountLocked(c) // expired or taken over
 			}
 		}
 	}
@@ -276,10 +284,10 @@ func (h *capsHook) admit(cl *mochi.Client, key string, pk packets.Packet) (strin
 		slices.SortFunc(kept, func(a, b *mochi.Client) int { return int(a.StopTime() - b.StopTime()) })
 		evict = kept[:over]
 		for _, c := range evict {
-			h.forgetLocked(c)
+			h.uncountLocked(c)
 		}
 	}
-	h.owner[cl] = key
+	h.owner[cl] = &member{key: key}
 	if h.sessions[key] == nil {
 		h.sessions[key] = map[*mochi.Client]struct{}{}
 	}
@@ -304,17 +312,37 @@ func (h *capsHook) endSession(cl *mochi.Client) {
 	cl.ClearInflights()
 }
 
-func (h *capsHook) forgetLocked(cl *mochi.Client) {
-	key, ok := h.owner[cl]
+// uncountLocked stops counting cl against its principal; its principal
+// is forgotten too once its OnDisconnect has run.
+func (h *capsHook) uncountLocked(cl *mochi.Client) {
+	m, ok := h.owner[cl]
 	if !ok {
 		return
 	}
-	delete(h.owner, cl)
-	if s := h.sessions[key]; s != nil {
+	if s := h.sessions[m.key]; s != nil {
 		delete(s, cl)
 		if len(s) == 0 {
-			delete(h.sessions, key)
+			delete(h.sessions, m.key)
 		}
+	}
+	if m.gone {
+		delete(h.owner, cl)
+	}
+}
+
+func (h *capsHook) counted(cl *mochi.Client) bool {
+	m, ok := h.owner[cl]
+	if !ok {
+		return false
+	}
+	_, in := h.sessions[m.key][cl]
+	return in
+}
+
+func (h *capsHook) forgetLocked(cl *mochi.Client) {
+	if m, ok := h.owner[cl]; ok {
+		m.gone = true
+		h.uncountLocked(cl)
 	}
 }
 
@@ -327,7 +355,10 @@ func (h *capsHook) forget(cl *mochi.Client) {
 func (h *capsHook) keyOf(cl *mochi.Client) string {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	return h.owner[cl]
+	if m, ok := h.owner[cl]; ok {
+		return m.key
+	}
+	return ""
 }
 
 // refuseConnect answers a refused CONNECT with code and closes the
@@ -370,11 +401,18 @@ func (h *capsHook) OnDisconnect(cl *mochi.Client, err error, expire bool) {
 	if errors.Is(cl.StopCause(), packets.ErrReceiveMaximum) {
 		h.hit(limitInflight, who(h.keyOf(cl)))
 	}
-	if expire {
-		h.forget(cl)
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	m, ok := h.owner[cl]
+	switch {
+	case !ok:
+	case expire || !h.counted(cl):
+		h.forgetLocked(cl)
+	default:
+		// A kept session stays counted until it expires, is resumed or
+		// is ended to make room (admit).
+		m.gone = true
 	}
-	// A kept session stays counted until it expires, is resumed or is
-	// ended to make room (admit).
 }
 
 func (h *capsHook) OnClientExpired(cl *mochi.Client) { h.forget(cl) }
@@ -517,7 +555,9 @@ func (h *capsHook) OnRetainMessage(cl *mochi.Client, pk packets.Packet, r int64)
 	if !ok {
 		// Not booked (the pipelined re-publication of a reading after a
 		// restart of the books, say): a device topic belongs to its device.
-		e.owner = h.owner[cl]
+		if m, ok := h.owner[cl]; ok {
+			e.owner = m.key
+		}
 		if dev, isDev := h.topic.Match(pk.TopicName); isDev {
 			e.owner = principalDevicePrefx + dev
 		}
