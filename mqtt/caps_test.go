@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -520,5 +521,50 @@ func TestLimitsDefaults(t *testing.T) {
 	want.MaxKeepalive = 43690 * time.Second
 	if got != want {
 		t.Errorf("withDefaults = %+v, want %+v", got, want)
+	}
+}
+
+// TestCapRetainedWillsFlood: wills of one device on ever other topics,
+// each connection taking the previous one's client id over, stay within
+// the device's retained bound: a taken-over client's will is booked to its
+// principal too.
+func TestCapRetainedWillsFlood(t *testing.T) {
+	e := newAccessEnv(t, withLimits(func(l *Limits) { l.RetainedBytesPerPrincipal = 2000 }))
+	pw := e.devicePassword("a1")
+	var wg sync.WaitGroup
+	for g := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := range 50 {
+				c, err := net.Dial("tcp", e.broker.Addr())
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				c.Write(encode(t, connectPacket(rawOpts{user: "a1", password: pw, id: fmt.Sprintf("w%d-%d", g, n%2), clean: true, keepalive: 30,
+					will: []byte(retainedReading(300)), willTopic: fmt.Sprintf("devices/w%d-%d/telemetry", g, n), willRetain: true})))
+				c.SetReadDeadline(time.Now().Add(5 * time.Second))
+				c.Read(make([]byte, 4)) // CONNACK: accepted, or refused past 4 connections
+				c.Close()
+			}
+		}()
+	}
+	wg.Wait()
+	e.device("a2")
+	eventually(t, "the wills", func() bool { return e.broker.srv.Clients.Len() <= 2 })
+	if b, _ := e.broker.caps.retainedUsage(); b > 2000 {
+		t.Errorf("one device's wills retained %d bytes, past its 2000", b)
+	}
+	for topic := range e.broker.srv.Topics.Retained.GetAll() {
+		if strings.HasPrefix(topic, "$SYS/") {
+			continue // mochi's own, not published by a client
+		}
+		e.broker.caps.mu.Lock()
+		owner := e.broker.caps.retained[topic].owner
+		e.broker.caps.mu.Unlock()
+		if owner != "device:a1" {
+			t.Errorf("retained %s booked to %q, want device:a1", topic, owner)
+		}
 	}
 }
