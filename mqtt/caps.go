@@ -42,10 +42,13 @@ type Limits struct {
 	// either is refused in the SUBACK (0x80 in 3.1.1, 0x8F in 5).
 	SubscriptionsPerClient int
 	FiltersPerSubscribe    int
-	// Inflight is the server's receive maximum (QoS 1 publishes a client
-	// may have unacknowledged; more is a protocol violation that ends the
-	// connection) and the number of QoS 1 deliveries stored for a client
-	// that has not acknowledged them.
+	// Inflight is the server's receive maximum announced to MQTT 5
+	// clients (QoS 1 publishes a client may have unacknowledged) and the
+	// number of QoS 1 deliveries stored for a client that has not
+	// acknowledged them (past it mochi drops them: server.go
+	// publishToClient). With the pipelined ingest the connection's acker
+	// holds at most its window (acker.go) and then stops reading the
+	// connection; without it, mochi disconnects a client past this.
 	Inflight int
 	// WritesPending bounds the messages queued to one slow client; past
 	// it, deliveries to that client are dropped (and counted).
