@@ -3,10 +3,12 @@ package mqtt
 import (
 	"bufio"
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -566,5 +568,65 @@ func TestCapRetainedWillsFlood(t *testing.T) {
 		if owner != "device:a1" {
 			t.Errorf("retained %s booked to %q, want device:a1", topic, owner)
 		}
+	}
+}
+
+// TestDeadlineConnectTLS: on the TLS listener the deadline covers the
+// handshake: a client that opens TCP and never says hello is closed.
+func TestDeadlineConnectTLS(t *testing.T) {
+	cert := httptest.NewTLSServer(nil)
+	defer cert.Close()
+	e := newAccessEnv(t, withLimits(func(l *Limits) { l.ConnectTimeout = 300 * time.Millisecond }), func(o *BrokerOptions) {
+		o.TLSListen = "127.0.0.1:0"
+		o.TLS = &tls.Config{Certificates: cert.TLS.Certificates}
+	})
+	c, err := net.Dial("tcp", e.broker.TLSAddr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if !closedWithin(&rawConn{Conn: c, r: bufio.NewReader(c)}, 3*time.Second) {
+		t.Fatal("a TLS connection without a handshake was kept")
+	}
+	eventually(t, "the count", func() bool { return e.hits(limitConnectTimeout) == 1 })
+	// A real TLS client logs in.
+	tc, err := tls.Dial("tcp", e.broker.TLSAddr(), &tls.Config{InsecureSkipVerify: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tc.Close()
+	tc.Write(encode(t, connectPacket(rawOpts{user: "a1", password: e.devicePassword("a1"), id: "a1-tls", clean: true, keepalive: 30})))
+	var ack [4]byte
+	tc.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(tc, ack[:]); err != nil || ack[3] != 0 {
+		t.Fatalf("device over TLS: CONNACK % x, %v", ack, err)
+	}
+}
+
+// TestCapConnectionsMQTT5Codes: MQTT 5 clients are told why: quota
+// exceeded (0x97) past the connections, packet too large (0x95) for a will.
+func TestCapConnectionsMQTT5Codes(t *testing.T) {
+	e := newAccessEnv(t, withLimits(func(l *Limits) { l.ConnectionsPerDevice = 1; l.WillBytes = 100 }))
+	pw := e.devicePassword("a1")
+	v5 := func(id string, will []byte) byte {
+		pk := connectPacket(rawOpts{user: "a1", password: pw, id: id, clean: true, keepalive: 30, will: will, willTopic: "devices/a1/telemetry"})
+		pk.ProtocolVersion = 5
+		c := e.rawDial("")
+		c.Write(encode(t, pk))
+		c.SetReadDeadline(time.Now().Add(5 * time.Second))
+		var ack [4]byte // type, length, flags, reason
+		if _, err := io.ReadFull(c.r, ack[:]); err != nil || ack[0] != 0x20 {
+			t.Fatalf("no CONNACK: % x %v", ack, err)
+		}
+		return ack[3]
+	}
+	if rc := v5("a1-one", nil); rc != 0 {
+		t.Fatalf("first login: %#x", rc)
+	}
+	if rc := v5("a1-two", nil); rc != packets.ErrQuotaExceeded.Code {
+		t.Errorf("second login: %#x, want 0x97", rc)
+	}
+	if rc := v5("a1-three", []byte(strings.Repeat("x", 200))); rc != packets.ErrPacketTooLarge.Code {
+		t.Errorf("login with a 200-byte will: %#x, want 0x95", rc)
 	}
 }
