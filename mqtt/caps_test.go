@@ -11,6 +11,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -628,5 +629,50 @@ func TestCapConnectionsMQTT5Codes(t *testing.T) {
 	}
 	if rc := v5("a1-three", []byte(strings.Repeat("x", 200))); rc != packets.ErrPacketTooLarge.Code {
 		t.Errorf("login with a 200-byte will: %#x, want 0x95", rc)
+	}
+}
+
+// TestCapWritesPending: an application that stops reading its socket gets
+// at most writes_pending messages queued; the rest of its deliveries are
+// dropped and counted, while another application receives every reading.
+func TestCapWritesPending(t *testing.T) {
+	e := newAccessEnv(t, withLimits(func(l *Limits) { l.WritesPending = 2 }))
+	// The stalled reader: a tiny receive window, and it never reads.
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		return rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+	}}
+	c, err := d.Dial("tcp", e.broker.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.Write(encode(t, connectPacket(rawOpts{user: "alice", password: e.sso.token(t, "alice", nil), id: "stalled", clean: true, keepalive: 60})))
+	var ack [4]byte
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(c, ack[:]); err != nil || ack[3] != 0 {
+		t.Fatalf("CONNACK % x %v", ack, err)
+	}
+	c.Write(encode(t, packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Subscribe, Qos: 1}, PacketID: 1,
+		ProtocolVersion: 4, Filters: packets.Subscriptions{{Filter: "devices/a1/telemetry", Qos: 0}}}))
+	var suback [5]byte
+	if _, err := io.ReadFull(c, suback[:]); err != nil || suback[4] != 0 {
+		t.Fatalf("SUBACK % x %v", suback, err)
+	}
+	code, in := subscribe(t, e.app("alice"), "devices/a1/telemetry")
+	if code != 1 {
+		t.Fatalf("subscribe: %#x", code)
+	}
+	dev := e.device("a1")
+	const n = 80
+	big := retainedReading(100 << 10)
+	for i := range n {
+		tok := dev.Publish("devices/a1/telemetry", 1, false, big)
+		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
+			t.Fatalf("reading %d not acknowledged", i)
+		}
+	}
+	eventually(t, "every reading at the reading application", func() bool { return in.count("devices/a1/telemetry") == n })
+	if e.hits(limitWritesPending) == 0 {
+		t.Error("no delivery to the stalled application was dropped")
 	}
 }
