@@ -24,10 +24,13 @@ import (
 // another and the daemon's memory stays bounded (issue 17, item 3). A zero
 // field takes its default (DefaultLimits).
 //
-// Memory, worst case, with the defaults and max_clients 256: retained
-// messages 1 MiB; wills 256 x 4 KiB; subscriptions 256 x 64; outbound
-// queues 256 x 64 messages; connections that never send CONNECT 128, each
-// closed after 10 s.
+// Memory, with the defaults and max_clients 256: retained messages 1 MiB;
+// wills 256 x 4 KiB; subscriptions 64 per session, 8 sessions per user
+// (kept ones included); outbound queues 64 messages per client;
+// connections that never send CONNECT 128, each closed after 10 s. Not
+// bounded in bytes: the QoS 1 deliveries a kept session stores while its
+// application is away (at most Inflight messages each, of up to the
+// 256 KiB a reading may be). make soak-hostile measures the floods.
 type Limits struct {
 	// ConnectionsPerDevice and ConnectionsPerUser bound the sessions of one
 	// device / one application user (connected, or kept after a
