@@ -97,6 +97,7 @@ type BrokerLimits struct {
 	FiltersPerSubscribe       int           `yaml:"filters_per_subscribe"`
 	Inflight                  int           `yaml:"inflight"`
 	WritesPending             int           `yaml:"writes_pending"`
+	KeptSessionBytes          ByteSize      `yaml:"kept_session_bytes"`
 	RetainedBytes             ByteSize      `yaml:"retained_bytes"`
 	RetainedBytesPerPrincipal ByteSize      `yaml:"retained_bytes_per_principal"`
 	RetainedMessages          int           `yaml:"retained_messages"`
@@ -355,7 +356,7 @@ func Default() Config {
 				// Keep in step with mqtt.DefaultLimits (a test checks).
 				Limits: BrokerLimits{
 					ConnectionsPerDevice: 4, ConnectionsPerUser: 8, SubscriptionsPerClient: 64, FiltersPerSubscribe: 16,
-					Inflight: 64, WritesPending: 64, RetainedBytes: 1 << 20, RetainedBytesPerPrincipal: 64 << 10,
+					Inflight: 64, WritesPending: 64, KeptSessionBytes: 256 << 10, RetainedBytes: 1 << 20, RetainedBytesPerPrincipal: 64 << 10,
 					RetainedMessages: 4096, WillBytes: 4 << 10, AppPacketBytes: 64 << 10,
 					ConnectTimeout: 10 * time.Second, PendingConnects: 128, PendingConnectsPerHost: 16,
 					MaxKeepalive: 10 * time.Minute,
@@ -985,6 +986,7 @@ func checkBrokerLimits(l BrokerLimits, bad func(key, value, msg string)) {
 	count("filters_per_subscribe", l.FiltersPerSubscribe, 1, 1024)
 	count("inflight", l.Inflight, 1, 65535)
 	count("writes_pending", l.WritesPending, 1, 65536)
+	size("kept_session_bytes", l.KeptSessionBytes, 1<<10, 64<<20)
 	size("retained_bytes", l.RetainedBytes, 1<<10, 64<<20)
 	size("retained_bytes_per_principal", l.RetainedBytesPerPrincipal, 1<<10, max(1<<10, l.RetainedBytes))
 	count("retained_messages", l.RetainedMessages, 1, 1_000_000)

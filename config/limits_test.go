@@ -34,6 +34,7 @@ func TestConfigBrokerLimitsNameTheKey(t *testing.T) {
 		{"filters_per_subscribe: 0", "mqtt.embedded.limits.filters_per_subscribe"},
 		{"inflight: 70000", "mqtt.embedded.limits.inflight"},
 		{"writes_pending: 0", "mqtt.embedded.limits.writes_pending"},
+		{"kept_session_bytes: 1GiB", "mqtt.embedded.limits.kept_session_bytes"},
 		{"retained_bytes: 1GiB", "mqtt.embedded.limits.retained_bytes"},
 		{"retained_bytes_per_principal: 2MiB", "mqtt.embedded.limits.retained_bytes_per_principal"},
 		{"retained_messages: 0", "mqtt.embedded.limits.retained_messages"},

@@ -776,7 +776,7 @@ func brokerLimits(l config.BrokerLimits) mqtt.Limits {
 	return mqtt.Limits{
 		ConnectionsPerDevice: l.ConnectionsPerDevice, ConnectionsPerUser: l.ConnectionsPerUser,
 		SubscriptionsPerClient: l.SubscriptionsPerClient, FiltersPerSubscribe: l.FiltersPerSubscribe,
-		Inflight: l.Inflight, WritesPending: l.WritesPending,
+		Inflight: l.Inflight, WritesPending: l.WritesPending, KeptSessionBytes: int(l.KeptSessionBytes),
 		RetainedBytes: int64(l.RetainedBytes), RetainedBytesPerPrincipal: int64(l.RetainedBytesPerPrincipal),
 		RetainedMessages: l.RetainedMessages, WillBytes: int(l.WillBytes), AppPacketBytes: int(l.AppPacketBytes),
 		ConnectTimeout: l.ConnectTimeout, PendingConnects: l.PendingConnects, PendingConnectsPerHost: l.PendingConnectsPerHost,

@@ -27,10 +27,9 @@ import (
 // Memory, with the defaults and max_clients 256: retained messages 1 MiB;
 // wills 256 x 4 KiB; subscriptions 64 per session, 8 sessions per user
 // (kept ones included); outbound queues 64 messages per client;
-// connections that never send CONNECT 128, each closed after 10 s. Not
-// bounded in bytes: the QoS 1 deliveries a kept session stores while its
-// application is away (at most Inflight messages each, of up to the
-// 256 KiB a reading may be). make soak-hostile measures the floods.
+// connections that never send CONNECT 128, each closed after 10 s; QoS 1
+// deliveries stored for kept sessions 256 KiB each. make soak-hostile
+// measures the floods.
 type Limits struct {
 	// ConnectionsPerDevice and ConnectionsPerUser bound the sessions of one
 	// device / one application user (connected, or kept after a
@@ -56,6 +55,10 @@ type Limits struct {
 	// WritesPending bounds the messages queued to one slow client; past
 	// it, deliveries to that client are dropped (and counted).
 	WritesPending int
+	// KeptSessionBytes bounds the payloads of the QoS 1 deliveries a kept
+	// (disconnected, clean=false) session stores for its client's return;
+	// past it further deliveries to that session are dropped.
+	KeptSessionBytes int
 	// RetainedBytes bounds all retained messages (topic + payload),
 	// RetainedBytesPerPrincipal those one principal published, and
 	// RetainedMessages their number. A publish or will over a bound is
@@ -88,7 +91,7 @@ func DefaultLimits() Limits {
 	return Limits{
 		ConnectionsPerDevice: 4, ConnectionsPerUser: 8,
 		SubscriptionsPerClient: 64, FiltersPerSubscribe: 16,
-		Inflight: 64, WritesPending: 64,
+		Inflight: 64, WritesPending: 64, KeptSessionBytes: 256 << 10,
 		RetainedBytes: 1 << 20, RetainedBytesPerPrincipal: 64 << 10, RetainedMessages: 4096,
 		WillBytes: 4 << 10, AppPacketBytes: 64 << 10,
 		ConnectTimeout: 10 * time.Second, PendingConnects: 128, PendingConnectsPerHost: 16,
@@ -109,6 +112,7 @@ func (l Limits) withDefaults() Limits {
 	def(&l.FiltersPerSubscribe, d.FiltersPerSubscribe)
 	def(&l.Inflight, d.Inflight)
 	def(&l.WritesPending, d.WritesPending)
+	def(&l.KeptSessionBytes, d.KeptSessionBytes)
 	def(&l.RetainedMessages, d.RetainedMessages)
 	def(&l.WillBytes, d.WillBytes)
 	def(&l.AppPacketBytes, d.AppPacketBytes)
@@ -142,6 +146,7 @@ const (
 	limitFilters         = "filters_per_subscribe"
 	limitInflight        = "inflight"
 	limitWritesPending   = "writes_pending"
+	limitKeptBytes       = "kept_session_bytes"
 	limitRetainedBytes   = "retained_bytes"
 	limitRetainedPrinc   = "retained_bytes_per_principal"
 	limitRetainedCount   = "retained_messages"
@@ -212,7 +217,7 @@ func (h *capsHook) ID() string { return "edgegate-caps" }
 func (h *capsHook) Provides(b byte) bool {
 	switch b {
 	case mochi.OnConnect, mochi.OnDisconnect, mochi.OnClientExpired, mochi.OnPacketRead,
-		mochi.OnSubscribe, mochi.OnPublish, mochi.OnPublishDropped, mochi.OnWill,
+		mochi.OnSubscribe, mochi.OnPublish, mochi.OnPublishDropped, mochi.OnQosPublish, mochi.OnWill,
 		mochi.OnRetainMessage, mochi.OnRetainedExpired:
 		return true
 	}
@@ -585,6 +590,24 @@ func (h *capsHook) OnRetainedExpired(topic string) {
 // already queued was dropped (server.go publishToClient).
 func (h *capsHook) OnPublishDropped(cl *mochi.Client, _ packets.Packet) {
 	h.hit(limitWritesPending, who(h.keyOf(cl)))
+}
+
+// OnQosPublish bounds what a kept session stores: mochi stores QoS 1
+// deliveries for a disconnected clean=false client up to Inflight
+// messages, whatever their size (server.go publishToClient, which calls
+// this once the delivery is stored and then, for a disconnected client,
+// stops).
+func (h *capsHook) OnQosPublish(cl *mochi.Client, pk packets.Packet, _ int64, _ int) {
+	if cl.Net.Inline || !cl.Closed() || pk.FixedHeader.Type != packets.Publish {
+		return
+	}
+	total := 0
+	for _, p := range cl.State.Inflight.GetAll(false) {
+		total += len(p.Payload)
+	}
+	if total > h.lim.KeptSessionBytes && cl.State.Inflight.Delete(pk.PacketID) {
+		h.hit(limitKeptBytes, who(h.keyOf(cl)))
+	}
 }
 
 // retainedUsage reports the books (for tests and the soak).

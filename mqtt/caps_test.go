@@ -676,3 +676,43 @@ func TestCapWritesPending(t *testing.T) {
 		t.Error("no delivery to the stalled application was dropped")
 	}
 }
+
+// TestCapKeptSessionBytes: a session kept after its client left
+// (clean=false) stores QoS 1 deliveries up to its byte bound, counted past
+// it. Today the access hook forgets a principal at disconnect, so mochi's
+// delivery check refuses every delivery to a kept session and nothing is
+// stored; this bound holds if that changes. Driven through the hook with
+// mochi's own client and inflight store, as publishToClient does.
+func TestCapKeptSessionBytes(t *testing.T) {
+	e := newAccessEnv(t, withLimits(func(l *Limits) { l.KeptSessionBytes = 100 << 10 }))
+	h := e.broker.caps
+	cl := e.broker.srv.NewClient(nil, "local", "alice-away", false)
+	cl.Stop(nil) // disconnected, session kept
+	for i := range 20 {
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: uint16(i + 1),
+			TopicName: "devices/a1/telemetry", Payload: bytes.Repeat([]byte("x"), 30<<10)}
+		cl.State.Inflight.Set(pk) // stored, then the hook runs
+		h.OnQosPublish(cl, pk, 0, 0)
+	}
+	stored := 0
+	for _, p := range cl.State.Inflight.GetAll(false) {
+		stored += len(p.Payload)
+	}
+	if stored > 100<<10 || stored < 90<<10 {
+		t.Errorf("kept session stores %d bytes, want 90..100 KiB", stored)
+	}
+	if got := e.hits(limitKeptBytes); got != 17 {
+		t.Errorf("limit hits = %v, want 17", got)
+	}
+	// A connected client's deliveries are bounded by inflight, not this.
+	live := e.broker.srv.NewClient(nil, "local", "alice-live", false)
+	for i := range 20 {
+		pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: 1}, PacketID: uint16(i + 1),
+			TopicName: "devices/a1/telemetry", Payload: bytes.Repeat([]byte("x"), 30<<10)}
+		live.State.Inflight.Set(pk)
+		h.OnQosPublish(live, pk, 0, 0)
+	}
+	if n := live.State.Inflight.Len(); n != 20 {
+		t.Errorf("a connected client's stored deliveries cut to %d", n)
+	}
+}
