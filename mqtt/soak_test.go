@@ -177,6 +177,27 @@ func TestSoakHostile(t *testing.T) {
 		p := watch()
 		tok := e.sso.token(t, "alice", nil)
 		attempted, sessions := 0, 0
+		// First 100,000 in one session, as in the issue.
+		one, err := soakDial(e, "alice", tok, "alice-one", true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for k := 0; k < 100_000/16; k++ {
+			filters := map[string]byte{}
+			for j := 0; j < 16; j++ {
+				filters[fmt.Sprintf("$share/one-%d-%d/devices/+/telemetry", k, j)] = 1
+			}
+			if st := one.SubscribeMultiple(filters, nil); !st.WaitTimeout(5 * time.Second) {
+				t.Fatal("SUBSCRIBE timed out")
+			}
+			attempted += 16
+		}
+		if cl, ok := e.broker.srv.Clients.Get("alice-one"); !ok {
+			t.Error("the one session is gone")
+		} else if n := cl.State.Subscriptions.Len(); n != DefaultLimits().SubscriptionsPerClient {
+			t.Errorf("one session holds %d subscriptions after 100,000 asked", n)
+		}
+		one.Disconnect(0)
 		for deadline := time.Now().Add(dur); time.Now().Before(deadline); sessions++ {
 			c, err := soakDial(e, "alice", tok, fmt.Sprintf("alice-s%d", sessions), false)
 			if err != nil {
