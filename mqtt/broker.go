@@ -219,8 +219,9 @@ func (b *Broker) Run(ctx context.Context, ready func()) error {
 		select {
 		case <-ctx.Done():
 			done = true
-		case <-tick.C:
+		case t := <-tick.C:
 			b.closeExpired()
+			b.caps.reconcile(t)
 		}
 	}
 	b.hook.cancel()

@@ -195,8 +195,9 @@ type member struct {
 }
 
 type retainedEntry struct {
-	size  int64
-	owner string
+	size   int64
+	owner  string
+	booked time.Time // when a publish booked it, before mochi stored it
 }
 
 func newCapsHook(lim Limits, srv *mochi.Server, topic Topic, log *slog.Logger, m *metrics.Metrics) *capsHook {
@@ -534,8 +535,35 @@ func (h *capsHook) reserveRetained(topic, owner string, payload int) string {
 	case total > h.lim.RetainedBytes:
 		return limitRetainedBytes
 	}
-	h.setRetainedLocked(topic, retainedEntry{size: size, owner: owner})
+	h.setRetainedLocked(topic, retainedEntry{size: size, owner: owner, booked: time.Now()})
 	return ""
+}
+
+// bookingGrace is how long a booking may wait for mochi to store the
+// message: a pipelined reading is stored once committed (SubmitTimeout at
+// most, 30 s by default).
+const bookingGrace = 2 * time.Minute
+
+// reconcile brings the books in line with what mochi holds: bookings of
+// readings the pipeline refused (never stored) and retained messages
+// removed without a hook (mochi's store edited directly, say when a device
+// is revoked) stop counting. Called periodically (Broker.Run).
+func (h *capsHook) reconcile(now time.Time) {
+	stored := h.srv.Topics.Retained.GetAll()
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for topic, e := range h.retained {
+		pk, ok := stored[topic]
+		switch {
+		case ok:
+			if size := int64(len(topic) + len(pk.Payload)); size != e.size && now.Sub(e.booked) > bookingGrace {
+				e.size, e.booked = size, time.Time{}
+				h.setRetainedLocked(topic, e)
+			}
+		case now.Sub(e.booked) > bookingGrace:
+			h.setRetainedLocked(topic, retainedEntry{})
+		}
+	}
 }
 
 func (h *capsHook) setRetainedLocked(topic string, e retainedEntry) {
@@ -576,7 +604,7 @@ func (h *capsHook) OnRetainMessage(cl *mochi.Client, pk packets.Packet, r int64)
 			e.owner = gatewayPrincipal
 		}
 	}
-	e.size = int64(len(pk.TopicName) + len(pk.Payload))
+	e.size, e.booked = int64(len(pk.TopicName)+len(pk.Payload)), time.Time{}
 	h.setRetainedLocked(pk.TopicName, e)
 }
 

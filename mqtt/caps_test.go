@@ -716,3 +716,32 @@ func TestCapKeptSessionBytes(t *testing.T) {
 		t.Errorf("a connected client's stored deliveries cut to %d", n)
 	}
 }
+
+// TestCapRetainedReconcile: a booking whose reading the pipeline refused
+// (so never retained), and a retained message removed from mochi's store
+// without a hook, stop counting at the next reconciliation, so they do not
+// hold the budget against later readings.
+func TestCapRetainedReconcile(t *testing.T) {
+	e := newAccessEnv(t, withLimits(func(l *Limits) { l.RetainedBytes = 1500 }))
+	h := e.broker.caps
+	publishRetained(t, e.device("a1"), "a1", "not a reading "+strings.Repeat("x", 1000)) // refused by the pipeline
+	publishRetained(t, e.device("a2"), "a2", retainedReading(300))
+	eventually(t, "a2's retained reading", func() bool { return e.retainedSeen("a2") })
+	if b, n := h.retainedUsage(); n != 2 || b < 1300 {
+		t.Fatalf("books before: %d bytes in %d", b, n)
+	}
+	h.reconcile(time.Now()) // within the grace: the booking stays
+	if _, n := h.retainedUsage(); n != 2 {
+		t.Fatalf("a fresh booking was dropped")
+	}
+	e.broker.srv.Topics.Retained.Delete("devices/a2/telemetry") // removed without a hook
+	h.reconcile(time.Now().Add(bookingGrace + time.Second))
+	if b, n := h.retainedUsage(); n != 0 || b != 0 {
+		t.Errorf("books after: %d bytes in %d, want none", b, n)
+	}
+	publishRetained(t, e.device("b1"), "b1", retainedReading(1000))
+	eventually(t, "b1's retained reading within the freed budget", func() bool {
+		b, n := h.retainedUsage()
+		return n == 1 && b > 1000
+	})
+}
