@@ -23,6 +23,7 @@ FUZZ_TARGETS := \
 	./envelope:FuzzOpen \
 	./envelope:FuzzVerifyAttrs \
 	./mqtt:FuzzTopicMatch \
+	./mqtt:FuzzBrokerPackets \
 	./radio:FuzzMySensors \
 	./radio:FuzzJSONLines
 

@@ -87,6 +87,30 @@ type Embedded struct {
 	DeviceRate  float64 `yaml:"device_rate"`
 	DeviceBurst int     `yaml:"device_burst"`
 	MaxClients  int     `yaml:"max_clients"`
+	// Limits bound what one device or application user may take of the
+	// broker (mqtt.Limits documents each).
+	Limits BrokerLimits `yaml:"limits"`
+}
+
+// BrokerLimits are the per-principal limits of the embedded broker; each
+// one reached is counted in edgegate_mqtt_limit_hits_total{limit}.
+type BrokerLimits struct {
+	ConnectionsPerDevice      int           `yaml:"connections_per_device"`
+	ConnectionsPerUser        int           `yaml:"connections_per_user"`
+	SubscriptionsPerClient    int           `yaml:"subscriptions_per_client"`
+	FiltersPerSubscribe       int           `yaml:"filters_per_subscribe"`
+	Inflight                  int           `yaml:"inflight"`
+	WritesPending             int           `yaml:"writes_pending"`
+	KeptSessionBytes          ByteSize      `yaml:"kept_session_bytes"`
+	RetainedBytes             ByteSize      `yaml:"retained_bytes"`
+	RetainedBytesPerPrincipal ByteSize      `yaml:"retained_bytes_per_principal"`
+	RetainedMessages          int           `yaml:"retained_messages"`
+	WillBytes                 ByteSize      `yaml:"will_bytes"`
+	AppPacketBytes            ByteSize      `yaml:"app_packet_bytes"`
+	ConnectTimeout            time.Duration `yaml:"connect_timeout"`
+	PendingConnects           int           `yaml:"pending_connects"`
+	PendingConnectsPerHost    int           `yaml:"pending_connects_per_host"`
+	MaxKeepalive              time.Duration `yaml:"max_keepalive"`
 }
 
 // External configures the connection to an external broker (Mosquitto).
@@ -349,9 +373,17 @@ func Default() Config {
 		MemoryLimit: 48 << 20,
 		Store:       Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256},
 		MQTT: MQTT{
-			Mode:     ModeEmbedded,
-			Topic:    "devices/{device}/telemetry",
-			Embedded: Embedded{Listen: "127.0.0.1:1883", DeviceRate: 50, DeviceBurst: 100, MaxClients: 256},
+			Mode:  ModeEmbedded,
+			Topic: "devices/{device}/telemetry",
+			Embedded: Embedded{Listen: "127.0.0.1:1883", DeviceRate: 50, DeviceBurst: 100, MaxClients: 256,
+				// Keep in step with mqtt.DefaultLimits (a test checks).
+				Limits: BrokerLimits{
+					ConnectionsPerDevice: 4, ConnectionsPerUser: 8, SubscriptionsPerClient: 64, FiltersPerSubscribe: 16,
+					Inflight: 64, WritesPending: 64, KeptSessionBytes: 256 << 10, RetainedBytes: 1 << 20, RetainedBytesPerPrincipal: 64 << 10,
+					RetainedMessages: 4096, WillBytes: 4 << 10, AppPacketBytes: 64 << 10,
+					ConnectTimeout: 10 * time.Second, PendingConnects: 128, PendingConnectsPerHost: 16,
+					MaxKeepalive: 10 * time.Minute,
+				}},
 			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second,
 				Accounts: AccountsNone, AccountsInterval: 5 * time.Minute},
 		},
@@ -563,6 +595,7 @@ func (c *Config) Validate() error {
 		if e.MaxClients < 1 || e.MaxClients > 100000 {
 			bad("mqtt.embedded.max_clients", strconv.Itoa(e.MaxClients), "must be between 1 and 100000")
 		}
+		checkBrokerLimits(e.Limits, bad)
 		if (e.CertFile == "") != (e.KeyFile == "") {
 			bad("mqtt.embedded.key_file", e.KeyFile, "must be given together with cert_file")
 		}
@@ -1082,4 +1115,43 @@ func (c *Config) CheckSecretFiles(getenv func(string) string) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// checkBrokerLimits validates mqtt.embedded.limits: every limit is bounded
+// on both sides (0 would mean "none" to some readers; a limit that is off
+// is what issue 17 was about).
+func checkBrokerLimits(l BrokerLimits, bad func(key, value, msg string)) {
+	const k = "mqtt.embedded.limits."
+	count := func(key string, v, lo, hi int) {
+		if v < lo || v > hi {
+			bad(k+key, strconv.Itoa(v), fmt.Sprintf("must be between %d and %d", lo, hi))
+		}
+	}
+	size := func(key string, v, lo, hi ByteSize) {
+		if v < lo || v > hi {
+			bad(k+key, v.String(), "must be between "+lo.String()+" and "+hi.String())
+		}
+	}
+	dur := func(key string, v, lo, hi time.Duration) {
+		if v < lo || v > hi {
+			bad(k+key, v.String(), "must be between "+lo.String()+" and "+hi.String())
+		}
+	}
+	count("connections_per_device", l.ConnectionsPerDevice, 1, 1024)
+	count("connections_per_user", l.ConnectionsPerUser, 1, 1024)
+	count("subscriptions_per_client", l.SubscriptionsPerClient, 1, 4096)
+	count("filters_per_subscribe", l.FiltersPerSubscribe, 1, 1024)
+	count("inflight", l.Inflight, 1, 65535)
+	count("writes_pending", l.WritesPending, 1, 65536)
+	size("kept_session_bytes", l.KeptSessionBytes, 1<<10, 64<<20)
+	size("retained_bytes", l.RetainedBytes, 1<<10, 64<<20)
+	size("retained_bytes_per_principal", l.RetainedBytesPerPrincipal, 1<<10, max(1<<10, l.RetainedBytes))
+	count("retained_messages", l.RetainedMessages, 1, 1_000_000)
+	size("will_bytes", l.WillBytes, 1, 256<<10)
+	size("app_packet_bytes", l.AppPacketBytes, 1<<10, 320<<10)
+	dur("connect_timeout", l.ConnectTimeout, time.Second, 5*time.Minute)
+	count("pending_connects", l.PendingConnects, 1, 100000)
+	count("pending_connects_per_host", l.PendingConnectsPerHost, 1, max(1, l.PendingConnects))
+	// mochi keeps 1.5 x the keep-alive in 16 bits of seconds.
+	dur("max_keepalive", l.MaxKeepalive, time.Second, 43690*time.Second)
 }

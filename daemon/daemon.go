@@ -367,6 +367,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		e := cfg.MQTT.Embedded
 		bo := mqtt.BrokerOptions{Listen: e.Listen, TLSListen: e.TLSListen, Topic: topic, Policy: engine,
 			Metrics: d.metrics, Logger: log, Now: d.clock.Now, DeviceRate: e.DeviceRate, DeviceBurst: e.DeviceBurst, MaxClients: e.MaxClients,
+			Limits: brokerLimits(e.Limits),
 			OnDeny: func(action, reason, who string) {
 				aud.Record(context.Background(), audit.Event{Kind: audit.ACLDenied, Cause: action + "/" + reason, User: who})
 			}}
@@ -835,4 +836,17 @@ func memoryLimit() string {
 		return "none"
 	}
 	return config.ByteSize(n).String()
+}
+
+// brokerLimits maps mqtt.embedded.limits onto the broker's limits.
+func brokerLimits(l config.BrokerLimits) mqtt.Limits {
+	return mqtt.Limits{
+		ConnectionsPerDevice: l.ConnectionsPerDevice, ConnectionsPerUser: l.ConnectionsPerUser,
+		SubscriptionsPerClient: l.SubscriptionsPerClient, FiltersPerSubscribe: l.FiltersPerSubscribe,
+		Inflight: l.Inflight, WritesPending: l.WritesPending, KeptSessionBytes: int(l.KeptSessionBytes),
+		RetainedBytes: int64(l.RetainedBytes), RetainedBytesPerPrincipal: int64(l.RetainedBytesPerPrincipal),
+		RetainedMessages: l.RetainedMessages, WillBytes: int(l.WillBytes), AppPacketBytes: int(l.AppPacketBytes),
+		ConnectTimeout: l.ConnectTimeout, PendingConnects: l.PendingConnects, PendingConnectsPerHost: l.PendingConnectsPerHost,
+		MaxKeepalive: l.MaxKeepalive,
+	}
 }

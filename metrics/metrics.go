@@ -53,6 +53,10 @@ type Metrics struct {
 	// reconciliations.
 	MQTTAccountChanges    *prometheus.CounterVec
 	MQTTAccountSyncErrors prometheus.Counter
+	// LimitHits counts limits of the embedded broker reached, by limit
+	// (connections_per_device, subscriptions_per_client, retained_bytes,
+	// connect_timeout, ...: mqtt/caps.go).
+	LimitHits *prometheus.CounterVec
 	// AttrsDropped counts attributes left out of a reading because stock
 	// Orion would refuse the whole request for them, by reason
 	// (forbidden_chars, bad_name, bad_type).
@@ -124,6 +128,9 @@ func New() *Metrics {
 		AccessDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "edgegate_mqtt_access_denied_total", Help: "Local MQTT access refusals, by action and reason.",
 		}, []string{"action", "reason"}),
+		LimitHits: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "edgegate_mqtt_limit_hits_total", Help: "Limits of the local MQTT broker reached, by limit.",
+		}, []string{"limit"}),
 		AttrsDropped: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "edgegate_attributes_dropped_total", Help: "Attributes left out of readings because the broker would refuse them, by reason.",
 		}, []string{"reason"}),
@@ -131,7 +138,7 @@ func New() *Metrics {
 			Name: "edgegate_uplink_missing_attributes_total", Help: "Attributes the broker did not store because the device's entity lacks them.",
 		}),
 	}
-	r.MustRegister(m.AttrsDropped, m.MissingAttrs)
+	r.MustRegister(m.AttrsDropped, m.MissingAttrs, m.LimitHits)
 	r.MustRegister(m.PolicyApplied, m.PolicyRefused, m.PolicyVersion, m.PolicyExpiry, m.AccessDenied)
 	r.MustRegister(m.MQTTAccountChanges, m.MQTTAccountSyncErrors)
 	r.MustRegister(m.Ingested, m.Refused, m.Queued, m.CommitBatch, m.Delivered, m.Retried,

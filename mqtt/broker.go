@@ -46,6 +46,9 @@ type BrokerOptions struct {
 	DeviceBurst int
 	// MaxClients bounds concurrent connections (0: 256).
 	MaxClients int
+	// Limits bounds what one device or application user may take of the
+	// broker (zero fields: DefaultLimits).
+	Limits Limits
 	// OnDeny, when set, is told of every access refusal (the audit log).
 	OnDeny func(action, reason, who string)
 	// Now is the wall clock for token expiry (default time.Now).
@@ -59,6 +62,7 @@ type Broker struct {
 	tlsL   *listeners.TCP
 	hook   *ingestHook
 	access *accessHook
+	caps   *capsHook
 	log    *slog.Logger
 }
 
@@ -74,12 +78,17 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	if opts.RetryInterval <= 0 {
 		opts.RetryInterval = time.Second
 	}
+	lim := opts.Limits.withDefaults()
 	caps := mochi.NewDefaultServerCapabilities()
 	// A reading's payload is bounded; the packet adds topic and headers.
 	caps.MaximumPacketSize = uint32(reading.MaxPayloadBytes + 64<<10)
-	// Bounds how many readings one client may have waiting for the disk.
-	caps.ReceiveMaximum = 64
-	caps.MaximumClientWritesPending = 1024
+	// Bounds how many readings one client may have waiting for the disk,
+	// and the QoS 1 deliveries stored for one client.
+	caps.ReceiveMaximum = uint16(lim.Inflight)
+	caps.MaximumInflight = uint16(lim.Inflight)
+	// Each client's outbound queue is allocated at this size, and a slow
+	// reader holds up to this many messages (payloads up to 256 KiB).
+	caps.MaximumClientWritesPending = int32(lim.WritesPending)
 	// The broker keeps no session state across restarts; don't promise more.
 	caps.MaximumSessionExpiryInterval = 24 * 60 * 60
 	if opts.MaxClients <= 0 {
@@ -113,16 +122,24 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	if opts.Now != nil {
 		access.now = opts.Now
 	}
-	if err := srv.AddHook(access, nil); err != nil {
+	capsH := newCapsHook(lim, srv, opts.Topic, log.With("component", "mqtt-limits"), opts.Metrics)
+	capsH.onDeny = opts.OnDeny
+	// Order matters: the access decision (with the connection limits
+	// after it), then the other limits, then the ingest, so that a
+	// refusal stops the chain before a reading is queued.
+	if err := srv.AddHook(&gate{accessHook: access, caps: capsH}, nil); err != nil {
 		return nil, fmt.Errorf("add access hook: %w", err)
+	}
+	if err := srv.AddHook(capsH, nil); err != nil {
+		return nil, fmt.Errorf("add limits hook: %w", err)
 	}
 	if err := srv.AddHook(hook, nil); err != nil {
 		return nil, fmt.Errorf("add ingest hook: %w", err)
 	}
-	b := &Broker{srv: srv, hook: hook, access: access, log: log}
+	b := &Broker{srv: srv, hook: hook, access: access, caps: capsH, log: log}
 	if opts.Listen != "" {
 		b.tcp = listeners.NewTCP(listeners.Config{ID: "local", Address: opts.Listen})
-		if err := srv.AddListener(b.tcp); err != nil {
+		if err := srv.AddListener(&capListener{TCP: b.tcp, caps: capsH}); err != nil {
 			return nil, fmt.Errorf("listen on %s: %w", opts.Listen, err)
 		}
 	}
@@ -131,7 +148,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 			return nil, errors.New("embedded broker: TLS listener without a certificate")
 		}
 		b.tlsL = listeners.NewTCP(listeners.Config{ID: "tls", Address: opts.TLSListen, TLSConfig: opts.TLS})
-		if err := srv.AddListener(b.tlsL); err != nil {
+		if err := srv.AddListener(&capListener{TCP: b.tlsL, caps: capsH}); err != nil {
 			_ = srv.Close()
 			return nil, fmt.Errorf("listen (TLS) on %s: %w", opts.TLSListen, err)
 		}
@@ -205,8 +222,9 @@ func (b *Broker) Run(ctx context.Context, ready func()) error {
 		select {
 		case <-ctx.Done():
 			done = true
-		case <-tick.C:
+		case t := <-tick.C:
 			b.closeExpired()
+			b.caps.reconcile(t)
 		}
 	}
 	b.hook.cancel()

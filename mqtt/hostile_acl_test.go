@@ -15,7 +15,6 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/edgegate/edgegate/envelope"
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/policy"
 )
@@ -187,12 +186,6 @@ func (r *rawConn) closed(wait time.Duration) bool {
 func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
-}
-
-func (e *accessEnv) devicePassword(id string) string {
-	d := e.devs[id]
-	pw, _ := envelope.DeriveMQTTPassword(d.ID, d.K1, d.K2)
-	return pw
 }
 
 // apply puts a modified copy of the policy in force, as a sync would.
@@ -600,7 +593,9 @@ func TestWillDelayV5(t *testing.T) {
 // TestHostileSessionRace: a1 and b1 connect at the same moment with the
 // same fresh client id (clean session 0): at most one of them gets it.
 func TestHostileSessionRace(t *testing.T) {
-	e := newAccessEnv(t)
+	// Twenty persistent sessions per device: the connection limit (its own
+	// tests in caps_test.go) must not be what refuses here.
+	e := newAccessEnv(t, withLimits(func(l *Limits) { l.ConnectionsPerDevice = 64 }))
 	for i := range 20 {
 		id := fmt.Sprintf("race-%d", i)
 		codes := make(chan byte, 2)
