@@ -436,10 +436,7 @@ func chaosSIGKILL(t *testing.T) {
 		readyTimes = append(readyTimes, time.Since(start))
 		l := startLoad(t, "tcp://"+g.MQTT, h, 0, devs...)
 		target := int64(20 + rand.IntN(200))
-		deadline := time.Now().Add(10 * time.Second)
-		for l.sent.Load() < target && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
+		testkit.Poll(10*time.Second, func() bool { return l.sent.Load() >= target })
 		time.Sleep(time.Duration(rand.IntN(50)) * time.Millisecond)
 		g.kill()
 		l.halt()
@@ -1141,16 +1138,17 @@ func killListener(port string) error {
 				if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 					return err
 				}
-				deadline := time.Now().Add(5 * time.Second)
-				for time.Now().Before(deadline) {
-					if c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 200*time.Millisecond); err != nil {
-						return nil
-					} else {
+				stopped := testkit.Poll(5*time.Second, func() bool {
+					c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 200*time.Millisecond)
+					if err == nil {
 						c.Close()
 					}
-					time.Sleep(50 * time.Millisecond)
+					return err != nil
+				})
+				if !stopped {
+					return errors.New("mosquitto did not stop")
 				}
-				return errors.New("mosquitto did not stop")
+				return nil
 			}
 		}
 	}

@@ -178,14 +178,9 @@ func testOpts(t *testing.T) Options {
 func checkNoLeak(t *testing.T) {
 	base := runtime.NumGoroutine()
 	t.Cleanup(func() {
-		deadline := time.Now().Add(3 * time.Second)
-		for runtime.NumGoroutine() > base {
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<16)
-				t.Errorf("goroutines: %d, were %d\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
+		if !testkit.Poll(3*time.Second, func() bool { return runtime.NumGoroutine() <= base }) {
+			buf := make([]byte, 1<<16)
+			t.Errorf("goroutines: %d, were %d\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
 		}
 	})
 }

@@ -1,6 +1,7 @@
 // Package testkit holds the one copy of the helpers every package's tests
 // used to write for themselves: Eventually (poll a condition with a bound,
-// naming what was awaited) and Buffer (a log sink safe for concurrent use).
+// naming what was awaited), Poll (the same, reporting instead of failing)
+// and Buffer (a log sink safe for concurrent use).
 //
 // It deliberately does not import "testing": Buffer is also the output sink
 // of the demo command, and a production binary should not link the test
@@ -29,16 +30,18 @@ type TB interface {
 // not reported as a timeout. Call it from the test's goroutine (Fatalf).
 func Eventually(t TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
-	if !poll(timeout, PollInterval, cond) {
+	if !Poll(timeout, cond) {
 		t.Fatalf("timed out after %s waiting for %s", timeout, what)
 	}
 }
 
-// poll is Eventually without the test: it reports whether cond held
-// within timeout.
-func poll(timeout, every time.Duration, cond func() bool) bool {
+// Poll is Eventually without the failure: it polls cond every PollInterval
+// and reports whether it held within timeout, for a caller that decides
+// itself what a timeout means (a leak report with a stack, a helper that
+// returns an error, a best-effort wait).
+func Poll(timeout time.Duration, cond func() bool) bool {
 	deadline := time.Now().Add(timeout)
-	tick := time.NewTicker(every)
+	tick := time.NewTicker(PollInterval)
 	defer tick.Stop()
 	for {
 		if cond() {

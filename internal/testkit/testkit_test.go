@@ -84,3 +84,24 @@ func TestBufferConcurrent(t *testing.T) {
 		}
 	}
 }
+
+func TestPoll(t *testing.T) {
+	tests := []struct {
+		name    string
+		cond    func(n int) bool
+		timeout time.Duration
+		want    bool
+	}{
+		{"holds at once", func(int) bool { return true }, 0, true},
+		{"holds on the fifth check", func(n int) bool { return n >= 5 }, 5 * time.Second, true},
+		{"never holds", func(int) bool { return false }, 30 * time.Millisecond, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n := 0
+			if got := Poll(tt.timeout, func() bool { n++; return tt.cond(n) }); got != tt.want {
+				t.Errorf("Poll = %v after %d checks, want %v", got, n, tt.want)
+			}
+		})
+	}
+}
