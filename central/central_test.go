@@ -23,6 +23,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/pki"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/queue"
@@ -257,17 +258,6 @@ func (e *env) startGateway(ctx context.Context, gw, client, secret string) *gate
 	return g
 }
 
-func waitFor(t *testing.T, within time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(within)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("not within %s: %s", within, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // TestRevocationPushedAndApplied: a delegation and then an ownership row
 // removed at the stock platform reach the running gateway's policy in
 // force through build, sign, MQTT push and verify, within seconds; the
@@ -286,7 +276,7 @@ func TestRevocationPushedAndApplied(t *testing.T) {
 	go e.svc.Run(ctx)
 	g := e.startGateway(ctx, "gw-a", "gw-a-client", gwASecret)
 
-	waitFor(t, 10*time.Second, "bob may read th-kitchen on gw-a", func() bool {
+	testkit.Eventually(t, 10*time.Second, "bob may read th-kitchen on gw-a", func() bool {
 		return g.engine.Current().CanRead("bob", "th-kitchen")
 	})
 	cur := g.engine.Current()
@@ -299,21 +289,21 @@ func TestRevocationPushedAndApplied(t *testing.T) {
 
 	start := time.Now()
 	e.sim.SetDelegations(nil) // bob's delegation revoked at the platform
-	waitFor(t, 5*time.Second, "revoked delegation applied", func() bool {
+	testkit.Eventually(t, 5*time.Second, "revoked delegation applied", func() bool {
 		return !g.engine.Current().CanRead("bob", "th-kitchen")
 	})
 	t.Logf("delegation revocation applied in %s", time.Since(start).Round(time.Millisecond))
 
 	start = time.Now()
 	e.sim.RemoveDevice("th-garden") // its ownership row ends
-	waitFor(t, 5*time.Second, "removed device gone from the gateway", func() bool {
+	testkit.Eventually(t, 5*time.Second, "removed device gone from the gateway", func() bool {
 		_, ok := g.engine.Current().Device("th-garden")
 		return !ok
 	})
 	t.Logf("ownership removal applied in %s", time.Since(start).Round(time.Millisecond))
 
 	want := g.engine.Current().Version
-	waitFor(t, 10*time.Second, "receipt for the applied version", func() bool {
+	testkit.Eventually(t, 10*time.Second, "receipt for the applied version", func() bool {
 		f, _ := e.svc.Fleet(ctx)
 		for _, x := range f {
 			if x.Gateway == "gw-a" {

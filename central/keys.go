@@ -16,6 +16,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
 
+	"github.com/edgegate/edgegate/internal/atomicfile"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
@@ -183,27 +184,7 @@ func (r *KeyRing) write(keys []ringKey) error {
 	if err := os.MkdirAll(filepath.Dir(r.path), 0o700); err != nil {
 		return fmt.Errorf("signing keys: %w", err)
 	}
-	tmp, err := os.CreateTemp(filepath.Dir(r.path), ".policy-keys-*")
-	if err != nil {
-		return fmt.Errorf("signing keys: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(0o600); err == nil {
-		_, err = tmp.Write(b)
-		if err == nil {
-			err = tmp.Sync()
-		}
-		if cerr := tmp.Close(); err == nil {
-			err = cerr
-		}
-		if err == nil {
-			err = os.Rename(tmp.Name(), r.path)
-		}
-		if err != nil {
-			return fmt.Errorf("signing keys %s: %w", r.path, err)
-		}
-	} else {
-		tmp.Close()
+	if err := atomicfile.Write(r.path, b, 0o600); err != nil {
 		return fmt.Errorf("signing keys: %w", err)
 	}
 	if st, err := os.Stat(r.path); err == nil {

@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/oauth2"
 
+	"github.com/edgegate/edgegate/internal/backoff"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/storekey"
 	centralsync "github.com/edgegate/edgegate/sync"
@@ -346,8 +347,7 @@ func (s *Service) Run(ctx context.Context) error {
 		if _, err := s.Refresh(ctx, false); err != nil && ctx.Err() == nil {
 			s.log.Warn("platform round failed", "err", err)
 		}
-		d := s.cfg.PollInterval
-		d += time.Duration((rand.Float64()*0.4 - 0.2) * float64(d))
+		d := backoff.Spread(s.cfg.PollInterval, rand.Float64())
 		select {
 		case <-ctx.Done():
 			return nil

@@ -19,7 +19,7 @@ import (
 	"golang.org/x/oauth2/clientcredentials"
 
 	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 const (
@@ -31,7 +31,7 @@ const (
 	offSecret = "offline-client-secret-yyyy"
 )
 
-type syncBuffer = syncbuf.Buffer
+type syncBuffer = testkit.Buffer
 
 type fixture struct {
 	sim  *Server

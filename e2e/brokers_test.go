@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // TestTwoBrokersNoMisrouting: devices bound to two different brokers (two
@@ -46,7 +47,7 @@ func TestTwoBrokersNoMisrouting(t *testing.T) {
 		if cycle == 0 {
 			g.kill()
 		} else {
-			waitFor(t, 30*time.Second, "every acknowledged reading at its own broker", func() bool {
+			testkit.Eventually(t, 30*time.Second, "every acknowledged reading at its own broker", func() bool {
 				da, db := delivered(simA)[a.ID], delivered(simB)[b.ID]
 				for _, i := range acked[a.ID] {
 					if da[i] == 0 {

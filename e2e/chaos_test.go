@@ -36,6 +36,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/radio"
 )
 
@@ -229,7 +230,7 @@ func missing(h *history, sims ...*centralsim.Server) int {
 func drain(t *testing.T, h *history, timeout time.Duration, sims ...*centralsim.Server) time.Duration {
 	t.Helper()
 	start := time.Now()
-	waitFor(t, timeout, "every acknowledged reading at its broker", func() bool { return missing(h, sims...) == 0 })
+	testkit.Eventually(t, timeout, "every acknowledged reading at its broker", func() bool { return missing(h, sims...) == 0 })
 	return time.Since(start)
 }
 
@@ -435,10 +436,7 @@ func chaosSIGKILL(t *testing.T) {
 		readyTimes = append(readyTimes, time.Since(start))
 		l := startLoad(t, "tcp://"+g.MQTT, h, 0, devs...)
 		target := int64(20 + rand.IntN(200))
-		deadline := time.Now().Add(10 * time.Second)
-		for l.sent.Load() < target && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
+		testkit.Poll(10*time.Second, func() bool { return l.sent.Load() >= target })
 		time.Sleep(time.Duration(rand.IntN(50)) * time.Millisecond)
 		g.kill()
 		l.halt()
@@ -566,7 +564,7 @@ func chaosTokenExpiry(t *testing.T) {
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{}, devs...))
 	h := newHistory()
 	l := startLoad(t, "tcp://"+g.MQTT, h, 20*time.Millisecond, devs...)
-	waitFor(t, 10*time.Second, "readings to flow before the outage", func() bool { return h.ackedCount() >= 10 })
+	testkit.Eventually(t, 10*time.Second, "readings to flow before the outage", func() bool { return h.ackedCount() >= 10 })
 	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultDown})
 	outage := 6 * time.Second
 	time.Sleep(outage)
@@ -650,7 +648,7 @@ func chaosRevocation(t *testing.T) {
 	h := newHistory()
 	la := startLoad(t, "tcp://"+g.MQTT, h, 10*time.Millisecond, a)
 	lb := startLoad(t, "tcp://"+g.MQTT, h, 0, b)
-	waitFor(t, 10*time.Second, "readings to flow before the revocation", func() bool { return h.ackedCount() >= 40 })
+	testkit.Eventually(t, 10*time.Second, "readings to flow before the revocation", func() bool { return h.ackedCount() >= 40 })
 	sim.RemoveDevice(b.ID)
 	pushAt := time.Now()
 	if err := sim.Push("gw-e2e", true); err != nil {
@@ -718,7 +716,7 @@ func chaosDiskFull(t *testing.T) {
 	g := startGateway(t, cfg)
 	h := newHistory()
 	l := startLoad(t, "tcp://"+g.MQTT, h, 10*time.Millisecond, devs...)
-	waitFor(t, 10*time.Second, "readings to flow before the disk fills", func() bool { return h.ackedCount() >= 40 })
+	testkit.Eventually(t, 10*time.Second, "readings to flow before the disk fills", func() bool { return h.ackedCount() >= 40 })
 	// Fill the file system.
 	filler := filepath.Join(state, "filler")
 	f, err := os.Create(filler)
@@ -804,7 +802,7 @@ func chaosCorruptStore(t *testing.T) {
 	g := startGateway(t, cfg)
 	h := newHistory()
 	l := startLoad(t, "tcp://"+g.MQTT, h, 0, devs...)
-	waitFor(t, 10*time.Second, "200 acknowledged readings", func() bool { return l.sent.Load() >= 200 })
+	testkit.Eventually(t, 10*time.Second, "200 acknowledged readings", func() bool { return l.sent.Load() >= 200 })
 	l.halt()
 	if err := g.term(); err != nil {
 		t.Fatalf("SIGTERM: %v", err)
@@ -953,7 +951,7 @@ func chaosSerial(t *testing.T) {
 		[]byte(`{"device":"nobody","attrs":{"n":1}}` + "\n"), []byte("\xc3\x28garbage\r\n")}
 	cycles := max(2, chaosCycles()/5)
 	// Wait until the daemon reads the port.
-	waitFor(t, 15*time.Second, "the first radio reading", func() bool {
+	testkit.Eventually(t, 15*time.Second, "the first radio reading", func() bool {
 		write(devs[0])
 		time.Sleep(100 * time.Millisecond)
 		return len(delivered(sim)[devs[0].ID]) > 0
@@ -1001,7 +999,7 @@ func chaosMosquitto(t *testing.T) {
 	dir := t.TempDir()
 	mqttCfg := "mqtt:\n  mode: external\n  external:\n    url: " + mq.URL + "\n    client_id: edgegate-chaos\n    ca_file: " + mq.CAFile + "\n"
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{MQTT: mqttCfg}, devs...))
-	waitFor(t, 15*time.Second, "the daemon to subscribe", func() bool {
+	testkit.Eventually(t, 15*time.Second, "the daemon to subscribe", func() bool {
 		return strings.Contains(g.log.String(), "subscribed to the local broker")
 	})
 	h := newHistory()
@@ -1014,7 +1012,7 @@ func chaosMosquitto(t *testing.T) {
 		mq.restart(t, syscall.SIGTERM)
 		l.halt()
 		at := time.Now()
-		waitFor(t, 60*time.Second, "the daemon to resubscribe after the restart", func() bool {
+		testkit.Eventually(t, 60*time.Second, "the daemon to resubscribe after the restart", func() bool {
 			return strings.Count(g.log.String(), "subscribed to the local broker") > subs
 		})
 		resub = append(resub, time.Since(at))
@@ -1140,16 +1138,17 @@ func killListener(port string) error {
 				if err := syscall.Kill(pid, syscall.SIGTERM); err != nil {
 					return err
 				}
-				deadline := time.Now().Add(5 * time.Second)
-				for time.Now().Before(deadline) {
-					if c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 200*time.Millisecond); err != nil {
-						return nil
-					} else {
+				stopped := testkit.Poll(5*time.Second, func() bool {
+					c, err := net.DialTimeout("tcp", "127.0.0.1:"+port, 200*time.Millisecond)
+					if err == nil {
 						c.Close()
 					}
-					time.Sleep(50 * time.Millisecond)
+					return err != nil
+				})
+				if !stopped {
+					return errors.New("mosquitto did not stop")
 				}
-				return errors.New("mosquitto did not stop")
+				return nil
 			}
 		}
 	}

@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // TestClockJumps: the gateway's wall clock jumps forward two hours, then
@@ -56,19 +58,19 @@ func TestClockJumps(t *testing.T) {
 		// +2h jump is proven below by the token refetch it forces.
 		time.Sleep(1500 * time.Millisecond)
 		before := sent.Load()
-		waitFor(t, 15*time.Second, "readings acknowledged after the clock jumped "+jump, func() bool {
+		testkit.Eventually(t, 15*time.Second, "readings acknowledged after the clock jumped "+jump, func() bool {
 			return sent.Load() >= before+40
 		})
 		if jump == "2h" {
 			// The cached access token (1 minute) is expired two hours on.
-			waitFor(t, 10*time.Second, "a fresh token after the jump", func() bool {
+			testkit.Eventually(t, 10*time.Second, "a fresh token after the jump", func() bool {
 				return scrape(t, g.Metrics, `edgegate_token_fetches_total{result="ok"}`) != fetches
 			})
 		}
 	}
 	close(stop)
 	wg.Wait()
-	waitFor(t, 30*time.Second, "every acknowledged reading at the broker", func() bool {
+	testkit.Eventually(t, 30*time.Second, "every acknowledged reading at the broker", func() bool {
 		d := delivered(sim)
 		mu.Lock()
 		defer mu.Unlock()

@@ -18,6 +18,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // TestEmbeddedEndToEnd: MQTT in (embedded broker) → signed → queued → HTTPS
@@ -45,7 +46,7 @@ func TestEmbeddedEndToEnd(t *testing.T) {
 			t.Fatal("an unregistered device logged in")
 		}
 	}
-	waitFor(t, 20*time.Second, "all readings at the broker", func() bool {
+	testkit.Eventually(t, 20*time.Second, "all readings at the broker", func() bool {
 		d := delivered(sim)
 		return len(d[a.ID]) == n && len(d[b.ID]) == n
 	})
@@ -86,7 +87,7 @@ func TestMosquittoEndToEnd(t *testing.T) {
 	dir := t.TempDir()
 	mqttCfg := "mqtt:\n  mode: external\n  external:\n    url: " + mq.URL + "\n    client_id: edgegate-e2e\n    ca_file: " + mq.CAFile + "\n"
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{MQTT: mqttCfg}, a))
-	waitFor(t, 15*time.Second, "the daemon to subscribe", func() bool {
+	testkit.Eventually(t, 15*time.Second, "the daemon to subscribe", func() bool {
 		return strings.Contains(g.log.String(), "subscribed to the local broker")
 	})
 	const n = 40
@@ -96,7 +97,7 @@ func TestMosquittoEndToEnd(t *testing.T) {
 			t.Fatalf("reading %d not acknowledged by mosquitto", i)
 		}
 	}
-	waitFor(t, 20*time.Second, "all readings at the broker", func() bool { return len(delivered(sim)[a.ID]) == n })
+	testkit.Eventually(t, 20*time.Second, "all readings at the broker", func() bool { return len(delivered(sim)[a.ID]) == n })
 
 	// Readings published while the daemon is down stay in Mosquitto's
 	// persistent session and arrive after it restarts.
@@ -109,7 +110,7 @@ func TestMosquittoEndToEnd(t *testing.T) {
 		}
 	}
 	startGateway(t, filepath.Join(dir, "edgegate.yaml"))
-	waitFor(t, 30*time.Second, "readings published while the daemon was down", func() bool {
+	testkit.Eventually(t, 30*time.Second, "readings published while the daemon was down", func() bool {
 		return len(delivered(sim)[a.ID]) == n+20
 	})
 	// mosquitto_sub as a plain subscriber sees the raw device traffic: the
@@ -119,7 +120,7 @@ func TestMosquittoEndToEnd(t *testing.T) {
 	if err != nil {
 		t.Fatalf("mosquitto_pub: %v: %s", err, out)
 	}
-	waitFor(t, 20*time.Second, "the mosquitto_pub reading", func() bool { return delivered(sim)[a.ID][1000] == 1 })
+	testkit.Eventually(t, 20*time.Second, "the mosquitto_pub reading", func() bool { return delivered(sim)[a.ID][1000] == 1 })
 }
 
 // TestSIGKILLLosesNoAckedReading kills the daemon mid-stream (SIGKILL, and
@@ -172,7 +173,7 @@ func TestSIGKILLLosesNoAckedReading(t *testing.T) {
 		}
 		// Kill at a random point once some readings went through.
 		target := int64(100 + rand.IntN(200))
-		waitFor(t, 30*time.Second, "readings to flow", func() bool { return sent.Load() >= target })
+		testkit.Eventually(t, 30*time.Second, "readings to flow", func() bool { return sent.Load() >= target })
 		if cycle == 1 {
 			if err := g.term(); err != nil {
 				t.Fatalf("SIGTERM under load: exit %v, want 0", err)
@@ -189,7 +190,7 @@ func TestSIGKILLLosesNoAckedReading(t *testing.T) {
 	for _, m := range acked {
 		total += len(m)
 	}
-	waitFor(t, 60*time.Second, "every acknowledged reading at the broker", func() bool {
+	testkit.Eventually(t, 60*time.Second, "every acknowledged reading at the broker", func() bool {
 		d := delivered(sim)
 		for dv, m := range acked {
 			for i := range m {
@@ -229,14 +230,14 @@ func TestBrokerOutageLosesNothing(t *testing.T) {
 			t.Fatalf("reading %d not acknowledged during the outage", i)
 		}
 	}
-	waitFor(t, 10*time.Second, "refused attempts while down", func() bool { return len(sim.Refusals()) >= 3 })
+	testkit.Eventually(t, 10*time.Second, "refused attempts while down", func() bool { return len(sim.Refusals()) >= 3 })
 	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultStatus, Status: 503, Count: 5})
 	for i := 31; i <= 40; i++ {
 		p.publish(i)
 	}
-	waitFor(t, 10*time.Second, "503s consumed", func() bool { return countStatus(sim, 503) >= 5 })
+	testkit.Eventually(t, 10*time.Second, "503s consumed", func() bool { return countStatus(sim, 503) >= 5 })
 	sim.SetFault(centralsim.Fault{Mode: centralsim.FaultTransient401, Count: 5})
-	waitFor(t, 30*time.Second, "all 40 readings after recovery", func() bool { return len(delivered(sim)[a.ID]) == 40 })
+	testkit.Eventually(t, 30*time.Second, "all 40 readings after recovery", func() bool { return len(delivered(sim)[a.ID]) == 40 })
 	if dups := duplicates(sim, a.ID); dups > 0 {
 		t.Logf("%d duplicates (allowed: at-least-once)", dups)
 	}
@@ -274,7 +275,7 @@ func TestVerifyCommand(t *testing.T) {
 	if !p.publish(7) {
 		t.Fatal("not acknowledged")
 	}
-	waitFor(t, 15*time.Second, "the reading at the broker", func() bool { return len(delivered(sim)[a.ID]) == 1 })
+	testkit.Eventually(t, 15*time.Second, "the reading at the broker", func() bool { return len(delivered(sim)[a.ID]) == 1 })
 	ent, ok := sim.Entity(a.ID)
 	if !ok {
 		t.Fatal("no entity at the broker")
@@ -432,7 +433,7 @@ func TestQuotaHoldsReadingsUnacknowledged(t *testing.T) {
 	if tok.WaitTimeout(2 * time.Second) {
 		t.Fatalf("reading acknowledged over quota (err %v); it must be held", tok.Error())
 	}
-	waitFor(t, 10*time.Second, "the quota refusal to be counted", func() bool {
+	testkit.Eventually(t, 10*time.Second, "the quota refusal to be counted", func() bool {
 		v := scrape(t, g.Metrics, `edgegate_readings_refused_total{reason="quota"}`)
 		return v != "" && v != "0"
 	})
@@ -447,7 +448,7 @@ func TestQuotaHoldsReadingsUnacknowledged(t *testing.T) {
 	if !tok.WaitTimeout(20*time.Second) || tok.Error() != nil {
 		t.Fatalf("the device's resend was not acknowledged after space returned: %v", tok.Error())
 	}
-	waitFor(t, 20*time.Second, "the held reading at the broker", func() bool { return delivered(sim)[a.ID][1] == 1 })
+	testkit.Eventually(t, 20*time.Second, "the held reading at the broker", func() bool { return delivered(sim)[a.ID][1] == 1 })
 }
 
 // TestMosquittoACLExample runs Mosquitto with the README's ACL example
@@ -488,7 +489,7 @@ func TestMosquittoACLExample(t *testing.T) {
 	os.WriteFile(filepath.Join(gwDir, "mqtt-password"), []byte(users["edgegate"]), 0o600)
 	mqttCfg := "mqtt:\n  mode: external\n  external:\n    url: " + mq.URL + "\n    client_id: edgegate-acl\n    username: edgegate\n    password_file: mqtt-password\n    ca_file: " + mq.CAFile + "\n"
 	g := startGateway(t, writeGatewayConfig(t, gwDir, sim, gatewayConfig{MQTT: mqttCfg}, kitchen, other))
-	waitFor(t, 15*time.Second, "the daemon to subscribe", func() bool {
+	testkit.Eventually(t, 15*time.Second, "the daemon to subscribe", func() bool {
 		return strings.Contains(g.log.String(), "subscribed to the local broker")
 	})
 	alice, err := connect(mq.URL, "alice-app", "alice", users["alice"], mq.tlsOpt)
@@ -513,7 +514,7 @@ func TestMosquittoACLExample(t *testing.T) {
 			t.Fatalf("reading %d not acknowledged", i)
 		}
 	}
-	waitFor(t, 20*time.Second, "both devices' readings through the gateway", func() bool {
+	testkit.Eventually(t, 20*time.Second, "both devices' readings through the gateway", func() bool {
 		d := delivered(sim)
 		return len(d[kitchen.ID]) == 5 && len(d[other.ID]) == 5
 	})
@@ -553,7 +554,7 @@ func TestReloadOnSIGHUP(t *testing.T) {
 	if err := g.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "the reload", func() bool { return strings.Contains(g.log.String(), "configuration reloaded") })
+	testkit.Eventually(t, 10*time.Second, "the reload", func() bool { return strings.Contains(g.log.String(), "configuration reloaded") })
 	pb := newPublisher(t, "tcp://"+g.MQTT, b)
 	if !pb.publish(1) || !pa.publish(21) {
 		t.Fatal("not acknowledged after the reload")
@@ -561,13 +562,13 @@ func TestReloadOnSIGHUP(t *testing.T) {
 	// A broken file is refused; the daemon keeps running with the old one.
 	os.WriteFile(cfg, []byte("state_dir: s\nmqtt:\n  mode: nonsense\n"), 0o600)
 	g.cmd.Process.Signal(syscall.SIGHUP)
-	waitFor(t, 10*time.Second, "the refused reload", func() bool {
+	testkit.Eventually(t, 10*time.Second, "the refused reload", func() bool {
 		return strings.Contains(g.log.String(), "configuration reload refused")
 	})
 	if !pa.publish(22) || !pb.publish(2) {
 		t.Fatal("not acknowledged after a refused reload")
 	}
-	waitFor(t, 20*time.Second, "every reading once", func() bool {
+	testkit.Eventually(t, 20*time.Second, "every reading once", func() bool {
 		d := delivered(sim)
 		return len(d[a.ID]) == 22 && len(d[b.ID]) == 2
 	})

@@ -21,7 +21,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 var binary string
@@ -177,7 +177,7 @@ type gateway struct {
 	MemoryLimit string
 }
 
-type syncBuffer = syncbuf.Buffer
+type syncBuffer = testkit.Buffer
 
 // startGateway runs `edgegate run` and waits for its ready line.
 func startGateway(t *testing.T, cfgPath string) *gateway {
@@ -263,18 +263,6 @@ func (g *gateway) term() error {
 	}
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", timeout, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // publisher is a device publishing readings with a counter attribute "n".
 type publisher struct {
 	t      *testing.T
@@ -338,7 +326,7 @@ func readingBody(n int) string {
 // broker: once the policy synced from the central admits it.
 func waitLogin(t *testing.T, g *gateway, d testDevice) {
 	t.Helper()
-	waitFor(t, 20*time.Second, d.ID+" to log in with the synced policy", func() bool {
+	testkit.Eventually(t, 20*time.Second, d.ID+" to log in with the synced policy", func() bool {
 		c, err := connect("tcp://"+g.MQTT, "probe-"+d.ID, d.ID, devicePassword(t, d))
 		if err != nil {
 			return false

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // TestInstallerFlow is what an installer does on a fresh gateway against a
@@ -94,7 +95,7 @@ func TestInstallerFlow(t *testing.T) {
 			t.Fatal("not acknowledged")
 		}
 	}
-	waitFor(t, 20*time.Second, "th-hall's readings at the broker", func() bool { return len(delivered(sim)[d.ID]) == 3 })
+	testkit.Eventually(t, 20*time.Second, "th-hall's readings at the broker", func() bool { return len(delivered(sim)[d.ID]) == 3 })
 	assertNoSecrets(t, g.log.String(), d)
 }
 

@@ -16,6 +16,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/pki"
 )
 
@@ -132,14 +133,11 @@ log_type warning
 }
 
 func waitListening(addr string, timeout time.Duration) bool {
-	deadline := time.Now().Add(timeout)
-	for time.Now().Before(deadline) {
+	return testkit.Poll(timeout, func() bool {
 		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
 		if err == nil {
 			c.Close()
-			return true
 		}
-		time.Sleep(50 * time.Millisecond)
-	}
-	return false
+		return err == nil
+	})
 }

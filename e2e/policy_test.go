@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // withPush binds the gateway account to gateway gw-e2e and starts the
@@ -66,11 +67,11 @@ func TestPolicyBundleSyncPushAndRevocation(t *testing.T) {
 			t.Fatalf("reading %d not acknowledged", i)
 		}
 	}
-	waitFor(t, 20*time.Second, "readings at the broker", func() bool {
+	testkit.Eventually(t, 20*time.Second, "readings at the broker", func() bool {
 		d := delivered(sim)
 		return len(d[a.ID]) == 5 && len(d[b.ID]) == 5
 	})
-	waitFor(t, 20*time.Second, "a signed receipt", func() bool {
+	testkit.Eventually(t, 20*time.Second, "a signed receipt", func() bool {
 		for _, r := range sim.Receipts() {
 			if r.Gateway == "gw-e2e" && r.Valid && r.PolicyVersion > 0 {
 				return true
@@ -85,14 +86,14 @@ func TestPolicyBundleSyncPushAndRevocation(t *testing.T) {
 	if err := sim.Push("gw-e2e", true); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 10*time.Second, "b's session closed after the pushed revocation", func() bool { return !pb.client.IsConnected() })
+	testkit.Eventually(t, 10*time.Second, "b's session closed after the pushed revocation", func() bool { return !pb.client.IsConnected() })
 	if _, err := connect("tcp://"+g.MQTT, "b-again", b.ID, devicePassword(t, b)); err == nil {
 		t.Fatal("a revoked device logged in again")
 	}
 	if !pa.publish(6) {
 		t.Fatal("a's reading after the revocation not acknowledged")
 	}
-	waitFor(t, 20*time.Second, "a's reading after the revocation", func() bool { return len(delivered(sim)[a.ID]) == 6 })
+	testkit.Eventually(t, 20*time.Second, "a's reading after the revocation", func() bool { return len(delivered(sim)[a.ID]) == 6 })
 	if err := g.term(); err != nil {
 		t.Fatalf("SIGTERM exit = %v", err)
 	}

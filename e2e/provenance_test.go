@@ -11,6 +11,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/policy"
 )
 
@@ -66,7 +67,7 @@ func TestDeviceSignedProvenance(t *testing.T) {
 	send(sign(devKey, 2, 99)) // a replayed seq with other content
 	hs, _ := envelope.DeriveHS256(d.ID, d.K1, d.K2)
 	send(sign(hs, 4, 100)) // what a gateway holding K1/K2 could forge
-	waitFor(t, 20*time.Second, "the three readings at the broker", func() bool { return len(delivered(sim)[d.ID]) == 3 })
+	testkit.Eventually(t, 20*time.Second, "the three readings at the broker", func() bool { return len(delivered(sim)[d.ID]) == 3 })
 	for _, u := range sim.Updates() {
 		if u.Verdict != centralsim.VerdictValid || u.Gateway != "" || u.KeyID != devKey.ID() || u.Duplicate {
 			t.Fatalf("update %+v: want valid, signed by the device's key, no duplicate", u)
@@ -87,7 +88,7 @@ func TestDeviceSignedProvenance(t *testing.T) {
 	send(r3)
 	send(sign(devKey, 3, 98))
 	send(sign(devKey, 4, 4))
-	waitFor(t, 20*time.Second, "reading 4 after the restart", func() bool { return len(delivered(sim)[d.ID]) == 4 })
+	testkit.Eventually(t, 20*time.Second, "reading 4 after the restart", func() bool { return len(delivered(sim)[d.ID]) == 4 })
 	if got := refused("duplicate") + "/" + refused("replay"); got != "1/1" {
 		t.Errorf("after restart refused duplicate/replay = %s, want 1/1", got)
 	}
@@ -103,7 +104,7 @@ func TestDeviceSignedProvenance(t *testing.T) {
 		t.Fatal(err)
 	}
 	seq := uint64(5)
-	waitFor(t, 20*time.Second, "a reading signed with the rotated key", func() bool {
+	testkit.Eventually(t, 20*time.Second, "a reading signed with the rotated key", func() bool {
 		send(sign(newKey, seq, int(seq)))
 		seq++
 		time.Sleep(200 * time.Millisecond)

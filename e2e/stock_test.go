@@ -23,6 +23,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // The stock flow of docs/snap4city.md, end to end, with the real binary:
@@ -290,7 +291,7 @@ func TestStockSnap4City(t *testing.T) {
 			}
 		}
 	}
-	waitFor(t, 30*time.Second, "owned and delegated readings at Orion", func() bool {
+	testkit.Eventually(t, 30*time.Second, "owned and delegated readings at Orion", func() bool {
 		got := delivered(sim)
 		return len(got[th1.ID]) == 3 && len(got[bob.ID]) == 3
 	})
@@ -314,7 +315,7 @@ func TestStockSnap4City(t *testing.T) {
 	if !p2.publish(1) {
 		t.Fatal("th-2's reading not acknowledged")
 	}
-	waitFor(t, 30*time.Second, "th-2's reading at Orion (well within the filter's cache window)", func() bool {
+	testkit.Eventually(t, 30*time.Second, "th-2's reading at Orion (well within the filter's cache window)", func() bool {
 		return len(delivered(sim)[th2.ID]) == 1
 	})
 	if dl := deadLettered(t, g); dl != "" {
@@ -332,7 +333,7 @@ func TestStockSnap4City(t *testing.T) {
 		"mqtt.external.client_id": "edgegate-stock",
 	})
 	g = startGateway(t, cfg)
-	waitFor(t, 15*time.Second, "the daemon to subscribe to Mosquitto", func() bool {
+	testkit.Eventually(t, 15*time.Second, "the daemon to subscribe to Mosquitto", func() bool {
 		return strings.Contains(g.log.String(), "subscribed to the local broker")
 	})
 	pm := newPublisher(t, mq.URL, th1, mq.tlsOpt)
@@ -345,7 +346,7 @@ func TestStockSnap4City(t *testing.T) {
 	// it never leaves the gateway.
 	pc := newPublisher(t, mq.URL, carol, mq.tlsOpt)
 	pc.publish(1)
-	waitFor(t, 30*time.Second, "th-1's readings through Mosquitto", func() bool { return len(delivered(sim)[th1.ID]) == 6 })
+	testkit.Eventually(t, 30*time.Second, "th-1's readings through Mosquitto", func() bool { return len(delivered(sim)[th1.ID]) == 6 })
 	if dl := deadLettered(t, g); dl != "" {
 		t.Errorf("readings were dead-lettered: %s", dl)
 	}

@@ -19,10 +19,10 @@ import (
 	"fmt"
 	"math/big"
 	"net"
-	"os"
-	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/edgegate/edgegate/internal/atomicfile"
 )
 
 const (
@@ -144,49 +144,10 @@ func WriteCertPEM(path string, pemBytes []byte) error {
 	if b, _ := pem.Decode(pemBytes); b == nil || b.Type != "CERTIFICATE" {
 		return fmt.Errorf("write certificate %q: not a PEM certificate", path)
 	}
-	if err := writeFileAtomic(path, pemBytes, 0o644); err != nil {
+	if err := atomicfile.Write(path, pemBytes, 0o644); err != nil {
 		return fmt.Errorf("write certificate %q: %w", path, err)
 	}
 	return nil
-}
-
-// writeFileAtomic replaces path with data, so that a reader sees either the
-// old content or the new one, and the new one survives a power cut once it
-// returns.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err = f.Chmod(perm); err != nil {
-		return err
-	}
-	if _, err = f.Write(data); err != nil {
-		return err
-	}
-	if err = f.Sync(); err != nil {
-		return err
-	}
-	if err = f.Close(); err != nil {
-		return err
-	}
-	if err = os.Rename(tmp, path); err != nil {
-		return err
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 func randomSerial() (*big.Int, error) {

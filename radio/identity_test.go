@@ -9,6 +9,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/policy"
 )
@@ -45,19 +46,19 @@ func TestIDRequestSkipsBoundAndSeenIDs(t *testing.T) {
 		t.Fatal(err)
 	}
 	stop := runManager(t, m, 2*time.Second)
-	waitFor(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
+	testkit.Eventually(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
 
 	// Node 3 speaks with a static id: seen, so never handed out either.
 	if err := sim.Inject([]byte("3;255;3;0;6;0\n")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "node 3 seen", func() bool { return m.Ports()[0].FramesOK >= 1 })
+	testkit.Eventually(t, 5*time.Second, "node 3 seen", func() bool { return m.Ports()[0].FramesOK >= 1 })
 	for range 2 {
 		if err := sim.Inject([]byte("255;255;3;0;3;\n")); err != nil {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, 5*time.Second, "two ids handed out", func() bool { return len(sim.Stats().AssignedIDs) == 2 })
+	testkit.Eventually(t, 5*time.Second, "two ids handed out", func() bool { return len(sim.Stats().AssignedIDs) == 2 })
 	if got := sim.Stats().AssignedIDs; got[0] != 4 || got[1] != 5 {
 		t.Fatalf("assigned ids = %v, want [4 5]: 1 and 2 are bound in the policy, 3 was seen", got)
 	}
@@ -69,11 +70,11 @@ func TestIDRequestSkipsBoundAndSeenIDs(t *testing.T) {
 		t.Fatal(err)
 	}
 	runManager(t, m2, 2*time.Second)
-	waitFor(t, 5*time.Second, "port open again", func() bool { return m2.Ports()[0].Open })
+	testkit.Eventually(t, 5*time.Second, "port open again", func() bool { return m2.Ports()[0].Open })
 	if err := sim.Inject([]byte("255;255;3;0;3;\n")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "a third id", func() bool { return len(sim.Stats().AssignedIDs) == 3 })
+	testkit.Eventually(t, 5*time.Second, "a third id", func() bool { return len(sim.Stats().AssignedIDs) == 3 })
 	if got := sim.Stats().AssignedIDs[2]; got != 6 {
 		t.Fatalf("id after restart = %d, want 6", got)
 	}
@@ -112,12 +113,12 @@ func TestFrameFromNodeBoundOnOtherPortRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	runManager(t, m, 2*time.Second)
-	waitFor(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
+	testkit.Eventually(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
 	if err := sim.Inject([]byte("2;0;1;0;0;99.0\n1;0;1;0;0;21.5\n")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "node 1 delivered", func() bool { return sub.count("th-a1", "temperature") == 1 })
-	waitFor(t, 5*time.Second, "node 2 refused", func() bool {
+	testkit.Eventually(t, 5*time.Second, "node 1 delivered", func() bool { return sub.count("th-a1", "temperature") == 1 })
+	testkit.Eventually(t, 5*time.Second, "node 2 refused", func() bool {
 		var c dto.Metric
 		_ = opts.Metrics.Refused.WithLabelValues(ReasonNodeOtherPort).Write(&c)
 		return c.GetCounter().GetValue() == 1

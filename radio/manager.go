@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
@@ -242,28 +241,4 @@ func (m *Manager) Ports() []PortStatus {
 		out = append(out, p.status())
 	}
 	return out
-}
-
-// backoff is a ctx-aware, jittered exponential wait.
-type backoff struct {
-	min, max, cur time.Duration
-}
-
-func newBackoff(lo, hi time.Duration) *backoff { return &backoff{min: lo, max: hi, cur: lo} }
-
-func (b *backoff) reset() { b.cur = b.min }
-
-// wait sleeps between half and all of the current step, then doubles it;
-// it reports false if ctx ended first.
-func (b *backoff) wait(ctx context.Context) bool {
-	d := b.cur/2 + rand.N(b.cur/2+1)
-	b.cur = min(2*b.cur, b.max)
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	}
 }

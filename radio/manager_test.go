@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/reading"
 )
@@ -102,18 +103,6 @@ func (f *fakeDeviceBinder) RadioPort(device string) (string, bool) {
 	return p, ok
 }
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond) // polling with a deadline, not synchronisation
-	}
-}
-
 // runManager starts m.Run and returns a stop function that cancels it and
 // checks that it returns within bound.
 func runManager(t *testing.T, m *Manager, bound time.Duration) (stop func()) {
@@ -176,7 +165,7 @@ func runSilentPort(t *testing.T, link string, pc PortConfig, sub Submitter, bind
 		t.Fatal(err)
 	}
 	stop := runManager(t, m, bound)
-	waitFor(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
+	testkit.Eventually(t, 5*time.Second, "port open", func() bool { return m.Ports()[0].Open })
 	return sim, m, stop
 }
 
@@ -189,14 +178,9 @@ func testOpts(t *testing.T) Options {
 func checkNoLeak(t *testing.T) {
 	base := runtime.NumGoroutine()
 	t.Cleanup(func() {
-		deadline := time.Now().Add(3 * time.Second)
-		for runtime.NumGoroutine() > base {
-			if time.Now().After(deadline) {
-				buf := make([]byte, 1<<16)
-				t.Errorf("goroutines: %d, were %d\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
-				return
-			}
-			time.Sleep(10 * time.Millisecond)
+		if !testkit.Poll(3*time.Second, func() bool { return runtime.NumGoroutine() <= base }) {
+			buf := make([]byte, 1<<16)
+			t.Errorf("goroutines: %d, were %d\n%s", runtime.NumGoroutine(), base, buf[:runtime.Stack(buf, true)])
 		}
 	})
 }
@@ -223,7 +207,7 @@ func TestManagerMySensorsEndToEnd(t *testing.T) {
 				sub.count("th-1", "humidity"), sub.count("th-1", "batteryLevel"), sub.count("th-3-temp", "temperature"))
 		}
 	})
-	waitFor(t, 10*time.Second, "readings of th-1 and th-3-temp, battery, and protocol answers", func() bool {
+	testkit.Eventually(t, 10*time.Second, "readings of th-1 and th-3-temp, battery, and protocol answers", func() bool {
 		st := sim.Stats()
 		return sub.count("th-1", "temperature") >= 3 && sub.count("th-1", "humidity") >= 3 &&
 			sub.count("th-1", "batteryLevel") >= 1 && sub.count("th-3-temp", "temperature") >= 2 &&
@@ -246,7 +230,7 @@ func TestManagerMySensorsEndToEnd(t *testing.T) {
 	}
 	// Node 2 is bound to nothing: refused and pending, with what it presented.
 	var pend []PendingNode
-	waitFor(t, 5*time.Second, "node 2 pending", func() bool {
+	testkit.Eventually(t, 5*time.Second, "node 2 pending", func() bool {
 		pend = m.Pending()
 		return len(pend) == 1 && pend[0].Node == 2 && len(pend[0].Children) == 2 && pend[0].Sketch == "TempHum"
 	})
@@ -277,18 +261,18 @@ func TestManagerUnplugReplug(t *testing.T) {
 		t.Fatal(err)
 	}
 	runManager(t, m, 2*time.Second)
-	waitFor(t, 5*time.Second, "first readings", func() bool { return sub.count("th-1", "temperature") >= 2 })
+	testkit.Eventually(t, 5*time.Second, "first readings", func() bool { return sub.count("th-1", "temperature") >= 2 })
 
 	for round := 1; round <= 3; round++ {
 		if err := sim.Unplug(); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 5*time.Second, "port seen closed", func() bool { return !m.Ports()[0].Open })
+		testkit.Eventually(t, 5*time.Second, "port seen closed", func() bool { return !m.Ports()[0].Open })
 		before := sub.count("th-1", "temperature")
 		if err := sim.Replug(); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 10*time.Second, fmt.Sprintf("readings after replug %d", round), func() bool {
+		testkit.Eventually(t, 10*time.Second, fmt.Sprintf("readings after replug %d", round), func() bool {
 			st := m.Ports()[0]
 			return st.Open && st.Reconnects >= uint64(round) && sub.count("th-1", "temperature") >= before+2
 		})
@@ -318,14 +302,14 @@ func TestManagerMissingPortThenAppears(t *testing.T) {
 		t.Fatal(err)
 	}
 	runManager(t, m, 2*time.Second)
-	waitFor(t, 5*time.Second, "early port readings while late is missing", func() bool {
+	testkit.Eventually(t, 5*time.Second, "early port readings while late is missing", func() bool {
 		return sub.count("early", "temperature") >= 2 && m.Ports()[0].LastError != ""
 	})
 	if m.Ports()[0].Open {
 		t.Fatal("missing port reported open")
 	}
 	runSim(t, SimOptions{Link: late, Nodes: 1, FirstID: 6, Interval: 30 * time.Millisecond})
-	waitFor(t, 10*time.Second, "late port readings", func() bool { return sub.count("late", "temperature") >= 2 })
+	testkit.Eventually(t, 10*time.Second, "late port readings", func() bool { return sub.count("late", "temperature") >= 2 })
 }
 
 // Hostile traffic on a real pty, byte by byte and in bursts: every bad
@@ -349,7 +333,7 @@ func TestManagerHostileTraffic(t *testing.T) {
 	if err := sim.Inject([]byte(long + "\n1;0;1;0;0;22.5\n")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "3 good readings and 12 bad frames", func() bool {
+	testkit.Eventually(t, 5*time.Second, "3 good readings and 12 bad frames", func() bool {
 		st := m.Ports()[0]
 		return sub.count("th-1", "temperature") == 3 && st.FramesBad == 12
 	})
@@ -384,7 +368,7 @@ func TestManagerJSONLines(t *testing.T) {
 			t.Logf("port %+v got %d", m.Ports()[0], len(sub.got()))
 		}
 	})
-	waitFor(t, 5*time.Second, "th-1 readings, refusals and bad frames", func() bool {
+	testkit.Eventually(t, 5*time.Second, "th-1 readings, refusals and bad frames", func() bool {
 		st := m.Ports()[0]
 		return sub.callCount() == 3 && len(sub.got()) == 2 && st.Duplicates == 1 && st.Refused == 3 && st.FramesBad == 7
 	})
@@ -421,7 +405,7 @@ func TestManagerSubmitRetry(t *testing.T) {
 	if err := sim.Inject([]byte("1;0;1;0;0;1\n1;0;1;0;0;2\n1;0;1;0;0;3\n")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "3 readings", func() bool { return len(sub.got()) == 3 })
+	testkit.Eventually(t, 5*time.Second, "3 readings", func() bool { return len(sub.got()) == 3 })
 	for i, msg := range sub.got() {
 		if want := fmt.Sprintf(`{"temperature":{"value":%d,"type":"Number"}}`, i+1); string(msg.Payload) != want {
 			t.Errorf("reading %d = %s, want %s", i, msg.Payload, want)
@@ -440,7 +424,7 @@ func TestManagerShutdownBounded(t *testing.T) {
 	if err := sim.Inject([]byte("1;0;1;0;0;1\n1;0;1;0;0;2\n")); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "frames read", func() bool { return m.Ports()[0].FramesOK == 2 })
+	testkit.Eventually(t, 5*time.Second, "frames read", func() bool { return m.Ports()[0].FramesOK == 2 })
 	stop()
 	if st := m.Ports()[0]; st.Dropped != 2 || st.Open {
 		t.Errorf("after shutdown: %+v, want 2 dropped, closed", st)

@@ -17,6 +17,7 @@ import (
 
 	"github.com/tarm/serial"
 
+	"github.com/edgegate/edgegate/internal/backoff"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/ratelog"
@@ -95,14 +96,14 @@ func (p *port) run(ctx context.Context) {
 	wg.Go(func() { p.submitLoop(ctx) })
 	defer wg.Wait()
 
-	bo := newBackoff(p.opts.MinBackoff, p.opts.MaxBackoff)
+	bo := backoff.New(p.opts.MinBackoff, p.opts.MaxBackoff)
 	opened := 0
 	for ctx.Err() == nil {
 		sp, id, err := p.open()
 		if err != nil {
 			p.fail(err)
 			p.limited.Log(ctx, slog.LevelWarn, "open:"+p.cfg.Path, "radio port unavailable; retrying", "err", err)
-			if !bo.wait(ctx) {
+			if bo.Wait(ctx) != nil {
 				return
 			}
 			continue
@@ -130,9 +131,9 @@ func (p *port) run(ctx context.Context) {
 		// unplugged now and then comes back at once, not after the wait
 		// its earlier flaps built up.
 		if time.Since(start) > min(5*time.Second, p.opts.MaxBackoff) {
-			bo.reset()
+			bo.Reset()
 		}
-		if !bo.wait(ctx) {
+		if bo.Wait(ctx) != nil {
 			return
 		}
 	}
@@ -465,7 +466,7 @@ func (p *port) enqueue(msg pipeline.Message) {
 // submitLoop submits readings in order, retrying one that the pipeline
 // could not queue (quota, store failure) with backoff while holding it.
 func (p *port) submitLoop(ctx context.Context) {
-	bo := newBackoff(p.opts.MinBackoff, p.opts.MaxBackoff)
+	bo := backoff.New(p.opts.MinBackoff, p.opts.MaxBackoff)
 	for {
 		var msg pipeline.Message
 		select {
@@ -477,7 +478,7 @@ func (p *port) submitLoop(ctx context.Context) {
 		for {
 			out, err := p.sub.Submit(ctx, msg)
 			if err == nil {
-				bo.reset()
+				bo.Reset()
 				p.mu.Lock()
 				switch out {
 				case pipeline.Refused:
@@ -492,7 +493,7 @@ func (p *port) submitLoop(ctx context.Context) {
 			}
 			p.limited.Log(ctx, slog.LevelWarn, "hold:"+p.cfg.Path, "reading not queued; holding it and retrying",
 				"device", msg.Device, "node", msg.Source.Node, "err", err)
-			if ctx.Err() != nil || !bo.wait(ctx) {
+			if ctx.Err() != nil || bo.Wait(ctx) != nil {
 				p.drain(1)
 				return
 			}

@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+
+	"github.com/edgegate/edgegate/internal/atomicfile"
 )
 
 // stateFileName holds the MySensors controller state that must survive a
@@ -155,40 +157,6 @@ func (s *nodeIDs) saveLocked() error {
 	if err != nil {
 		return fmt.Errorf("encode radio state: %w", err)
 	}
-	return writeFileAtomic(s.path, append(b, '\n'))
-}
-
-// writeFileAtomic replaces path with data: a temp file in the same
-// directory, fsynced, renamed over path, and the directory fsynced, so that
-// after a crash the file is either the old or the new version.
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(data); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("sync %s: %w", path, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("close %s: %w", path, err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("rename into %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open dir of %s: %w", path, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync dir of %s: %w", path, err)
-	}
-	return nil
+	// 0600: CreateTemp's mode, which the state file always had.
+	return atomicfile.Write(s.path, append(b, '\n'), 0o600)
 }

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // listen opens a real unixgram socket standing in for systemd's notify
@@ -182,7 +182,7 @@ func TestWatchdogArguments(t *testing.T) {
 	}
 }
 
-type syncBuffer = syncbuf.Buffer
+type syncBuffer = testkit.Buffer
 
 // TestWatchdogStopsPingingWhenUnhealthy is the property the unit relies
 // on: keep-alives flow while the health check passes, and none at all

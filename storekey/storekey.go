@@ -18,6 +18,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/edgegate/edgegate/internal/atomicfile"
 )
 
 // Size is the key length: AES-256.
@@ -116,57 +118,27 @@ func parse(b []byte) ([]byte, error) {
 	return nil, fmt.Errorf("key must be %d raw bytes or %d hex characters, got %d bytes", Size, 2*Size, len(b))
 }
 
-// generate writes a fresh random key to path atomically: temp file in the
-// same directory, fsync, rename, fsync of the directory. A crash leaves
-// either no key file or a complete one, never a truncated key that would
-// make the store unreadable.
+// generate writes a fresh random key to path atomically (atomicfile: temp
+// file in the same directory, fsync, install, fsync of the directory). A
+// crash leaves either no key file or a complete one, never a truncated key
+// that would make the store unreadable. It is created, never replaced
+// (atomicfile.CreateNew links rather than renames): if another process
+// generated a key meanwhile, that key wins, since the store may already be
+// encrypted with it.
 func generate(path string) ([]byte, error) {
 	key := make([]byte, Size)
 	if _, err := rand.Read(key); err != nil {
 		return nil, fmt.Errorf("generate store key: %w", err)
 	}
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
 		return nil, fmt.Errorf("create store key directory: %w", err)
 	}
-	f, err := os.CreateTemp(dir, ".storekey-*")
-	if err != nil {
-		return nil, fmt.Errorf("create store key file: %w", err)
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after the rename
-	// CreateTemp already makes 0600 files; be explicit, it is the point.
-	if err := f.Chmod(0o600); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("write store key file: %w", err)
-	}
 	data := append(hex.AppendEncode(nil, key), '\n')
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("write store key file: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("sync store key file: %w", err)
-	}
-	if err := f.Close(); err != nil {
-		return nil, fmt.Errorf("close store key file: %w", err)
-	}
-	// Link, not rename: if another process generated a key meanwhile, we
-	// must not replace it (the store may already be encrypted with it).
-	if err := os.Link(tmp, path); err != nil {
+	if err := atomicfile.CreateNew(path, data, 0o600); err != nil {
 		if errors.Is(err, fs.ErrExist) {
 			return readKeyFile(path)
 		}
 		return nil, fmt.Errorf("install store key file: %w", err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return nil, fmt.Errorf("sync store key directory: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return nil, fmt.Errorf("sync store key directory: %w", err)
 	}
 	return key, nil
 }

@@ -7,7 +7,8 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
+
+	"github.com/edgegate/edgegate/internal/atomicfile"
 )
 
 // FloorFileName is the file, in the gateway's state_dir, that keeps the
@@ -62,33 +63,8 @@ func readFloorFile(path string) (uint64, error) {
 // fsynced; after a crash the file holds the old or the new floor.
 func writeFloorFile(path string, v uint64) error {
 	data, _ := json.Marshal(floorRecord{Version: v})
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*.tmp")
-	if err != nil {
+	if err := atomicfile.Write(path, append(data, '\n'), 0o600); err != nil {
 		return fmt.Errorf("write policy floor file: %w", err)
-	}
-	defer os.Remove(tmp.Name()) // no-op after the rename
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("write policy floor file: %w", err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("sync policy floor file: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("close policy floor file: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("rename policy floor file into %s: %w", path, err)
-	}
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("open dir of %s: %w", path, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("sync dir of %s: %w", path, err)
 	}
 	return nil
 }

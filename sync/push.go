@@ -11,6 +11,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/eclipse/paho.mqtt.golang/packets"
+
+	"github.com/edgegate/edgegate/internal/backoff"
 )
 
 // PushTopic is the topic central ops publish a gateway's policy messages
@@ -27,7 +29,7 @@ type pushMessage struct {
 // token as password, so an expired token is never reused; paho's own
 // reconnect is off for that reason.
 func (s *Syncer) pushLoop(ctx context.Context) {
-	bo := newBackoff(time.Second, 2*time.Minute)
+	bo := backoff.New(time.Second, 2*time.Minute)
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	for {
@@ -41,10 +43,10 @@ func (s *Syncer) pushLoop(ctx context.Context) {
 			return
 		}
 		if connected {
-			bo.reset()
+			bo.Reset()
 		}
 		s.limited.Log(ctx, levelWarn, "push-session", "policy push channel down; reconnecting", "err", err)
-		timer.Reset(bo.next())
+		timer.Reset(bo.Fail())
 	}
 }
 

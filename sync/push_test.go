@@ -14,6 +14,8 @@ import (
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // polBroker is central's MQTT broker: mochi with a TLS listener that
@@ -93,7 +95,7 @@ func (e *polEnv) pushSyncer(b *polBroker) *Syncer {
 
 func waitPushConnected(t *testing.T, s *Syncer) {
 	t.Helper()
-	waitFor(t, 10*time.Second, "push channel connected", func() bool { return s.Status().PushConnected })
+	testkit.Eventually(t, 10*time.Second, "push channel connected", func() bool { return s.Status().PushConnected })
 }
 
 func TestPushBundleAppliedWithinSeconds(t *testing.T) {
@@ -103,19 +105,19 @@ func TestPushBundleAppliedWithinSeconds(t *testing.T) {
 	s := e.pushSyncer(b)
 	e.run(s)
 	waitPushConnected(t, s)
-	waitFor(t, 5*time.Second, "version 1 from the poll", func() bool { return e.engine.Current().Version == 1 })
+	testkit.Eventually(t, 5*time.Second, "version 1 from the poll", func() bool { return e.engine.Current().Version == 1 })
 
 	bundle := e.ops.sign(t, polDoc(2, time.Now()))
 	start := time.Now()
 	if err := b.srv.Publish(PushTopic(polGateway), bundle, false, 1); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "pushed version 2 in force", func() bool { return e.engine.Current().Version == 2 })
+	testkit.Eventually(t, 5*time.Second, "pushed version 2 in force", func() bool { return e.engine.Current().Version == 2 })
 	t.Logf("pushed bundle in force after %s", time.Since(start))
 	if e.engine.Current().Digest != Digest(bundle) {
 		t.Fatal("digest in force is not the pushed bundle's")
 	}
-	waitFor(t, 5*time.Second, "receipt for version 2", func() bool {
+	testkit.Eventually(t, 5*time.Second, "receipt for version 2", func() bool {
 		for _, r := range e.central.receiptBodies() {
 			if checkReceipt(t, e, r).PolicyVersion == 2 {
 				return true
@@ -129,7 +131,7 @@ func TestPushBundleAppliedWithinSeconds(t *testing.T) {
 	if err := b.srv.Publish(PushTopic(polGateway), forgedBundle, false, 1); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "pushed forgery refused", func() bool { return e.refused(ReasonBadSignature) == before+1 })
+	testkit.Eventually(t, 5*time.Second, "pushed forgery refused", func() bool { return e.refused(ReasonBadSignature) == before+1 })
 	if lr := s.Status().LastRefusal; lr == nil || lr.Via != "push" || e.engine.Current().Version != 2 {
 		t.Fatalf("after forgery: refusal %+v, version %d", lr, e.engine.Current().Version)
 	}
@@ -146,13 +148,13 @@ func TestPushNudgeTriggersFetch(t *testing.T) {
 	e.run(s)
 	waitPushConnected(t, s)
 	// The first poll at start, and one on connecting (to catch up).
-	waitFor(t, 5*time.Second, "two polls", func() bool { return e.central.gets.Load() >= 2 })
+	testkit.Eventually(t, 5*time.Second, "two polls", func() bool { return e.central.gets.Load() >= 2 })
 	n := e.central.gets.Load()
 	e.central.setBundle(e.ops.sign(t, polDoc(3, time.Now())))
 	if err := b.srv.Publish(PushTopic(polGateway), []byte(`{"type":"sync"}`), false, 1); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, 5*time.Second, "version 3 after the nudge", func() bool { return e.engine.Current().Version == 3 })
+	testkit.Eventually(t, 5*time.Second, "version 3 after the nudge", func() bool { return e.engine.Current().Version == 3 })
 	if got := e.central.gets.Load(); got != n+1 {
 		t.Fatalf("GETs after nudge = %d, want %d", got, n+1)
 	}
@@ -172,7 +174,7 @@ func TestPushReconnectsWithFreshToken(t *testing.T) {
 		t.Fatal("gateway not connected at the broker")
 	}
 	cl.Stop(errors.New("session expired"))
-	waitFor(t, 10*time.Second, "reconnect with the new token", func() bool {
+	testkit.Eventually(t, 10*time.Second, "reconnect with the new token", func() bool {
 		o := b.hook.offered()
 		return len(o) >= 2 && o[len(o)-1] == polOtherToken && s.Status().PushConnected
 	})
@@ -205,9 +207,9 @@ func TestRunLeavesNoGoroutines(t *testing.T) {
 	s := e.pushSyncer(b)
 	stop := e.run(s)
 	waitPushConnected(t, s)
-	waitFor(t, 5*time.Second, "a receipt", func() bool { return len(e.central.receiptBodies()) == 1 })
+	testkit.Eventually(t, 5*time.Second, "a receipt", func() bool { return len(e.central.receiptBodies()) == 1 })
 	stop()
-	waitFor(t, 5*time.Second, "syncer and paho goroutines gone", func() bool {
+	testkit.Eventually(t, 5*time.Second, "syncer and paho goroutines gone", func() bool {
 		buf := make([]byte, 1<<20)
 		stacks := string(buf[:runtime.Stack(buf, true)])
 		return !strings.Contains(stacks, "centralsync.(*Syncer)") && !strings.Contains(stacks, "paho%2emqtt%2egolang") &&

@@ -20,6 +20,7 @@ import (
 
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
+	"github.com/edgegate/edgegate/internal/backoff"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/ratelog"
@@ -647,7 +648,7 @@ func (s *Syncer) Run(ctx context.Context) error {
 	}
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	retry := newBackoff(5*time.Second, s.o.PollInterval)
+	retry := backoff.New(5*time.Second, s.o.PollInterval)
 	for {
 		select {
 		case <-ctx.Done():
@@ -665,9 +666,9 @@ func (s *Syncer) Run(ctx context.Context) error {
 		next := jitter(s.o.PollInterval)
 		if err := s.poll(ctx); err != nil && ctx.Err() == nil {
 			s.limited.Log(ctx, levelWarn, "poll", "policy fetch failed; the policy in force stays", "err", err)
-			next = min(next, retry.next())
+			next = min(next, retry.Fail())
 		} else {
-			retry.reset()
+			retry.Reset()
 		}
 		timer.Reset(next)
 	}
@@ -788,7 +789,7 @@ func (s *Syncer) do(ctx context.Context, method, target string, body []byte, hdr
 // receiptLoop delivers the pending receipt, retrying with backoff while
 // central is unreachable. Enforcement never waits for it.
 func (s *Syncer) receiptLoop(ctx context.Context) {
-	bo := newBackoff(s.receiptMin, maxBackoff)
+	bo := backoff.New(s.receiptMin, maxBackoff)
 	var retry <-chan time.Time
 	var timer *time.Timer
 	defer func() {
@@ -801,7 +802,7 @@ func (s *Syncer) receiptLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-s.receiptWake:
-			bo.reset()
+			bo.Reset()
 		case <-retry:
 		}
 		retry = nil
@@ -828,16 +829,16 @@ func (s *Syncer) receiptLoop(ctx context.Context) {
 			if perr := s.o.Store.PutState(StateReceipt, []byte(pr.digest)); perr != nil {
 				s.log.Warn("record policy receipt", "err", perr)
 			}
-			bo.reset()
+			bo.Reset()
 		case done:
 			s.limited.Log(ctx, levelWarn, "receipt-permanent", "policy receipt refused by central; not retried", "err", err)
 		default:
 			// A newer receipt wakes the loop itself; this one is retried.
 			s.limited.Log(ctx, levelWarn, "receipt", "policy receipt not delivered; will retry", "err", err)
 			if timer == nil {
-				timer = time.NewTimer(bo.next())
+				timer = time.NewTimer(bo.Fail())
 			} else {
-				timer.Reset(bo.next())
+				timer.Reset(bo.Fail())
 			}
 			retry = timer.C
 		}
@@ -862,33 +863,9 @@ func (s *Syncer) postReceipt(ctx context.Context, pr *pendingReceipt) (string, e
 	}
 }
 
-// backoff is a jittered exponential backoff, not safe for concurrent use.
-type backoff struct {
-	min, max, cur time.Duration
-}
-
-func newBackoff(lo, hi time.Duration) *backoff {
-	if hi < lo {
-		hi = lo
-	}
-	return &backoff{min: lo, max: hi}
-}
-
-func (b *backoff) reset() { b.cur = 0 }
-
-func (b *backoff) next() time.Duration {
-	if b.cur == 0 {
-		b.cur = b.min
-	} else {
-		b.cur = min(b.cur*2, b.max)
-	}
-	return jitter(b.cur)
-}
-
-// jitter spreads d over ±20% so that a fleet does not poll in step.
-func jitter(d time.Duration) time.Duration {
-	return time.Duration(float64(d) * (0.8 + 0.4*rand.Float64()))
-}
+// jitter spreads a poll interval over ±20% so that a fleet does not poll
+// in step.
+func jitter(d time.Duration) time.Duration { return backoff.Spread(d, rand.Float64()) }
 
 // sameDocument compares two policy documents by their JSON form.
 func sameDocument(a, b policy.Document) bool {

@@ -17,6 +17,8 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwa"
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jws"
+
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // checkReceipt verifies a receipt as central would: the key from the
@@ -58,17 +60,17 @@ func TestPollAppliesBundleAndSendsReceipt(t *testing.T) {
 	e.central.setBundle(bundle)
 	s := e.syncer(nil)
 	e.run(s)
-	waitFor(t, 5*time.Second, "version 3 in force", func() bool { return e.engine.Current().Version == 3 })
+	testkit.Eventually(t, 5*time.Second, "version 3 in force", func() bool { return e.engine.Current().Version == 3 })
 	p := e.engine.Current()
 	if p.Source != SourceBundle || p.Digest != Digest(bundle) || !p.CanRead("bob", "th-kitchen") || p.CanRead("bob", "th-garden") {
 		t.Fatalf("policy in force: %s digest %s", p.Describe(), p.Digest)
 	}
-	waitFor(t, 5*time.Second, "a receipt", func() bool { return len(e.central.receiptBodies()) == 1 })
+	testkit.Eventually(t, 5*time.Second, "a receipt", func() bool { return len(e.central.receiptBodies()) == 1 })
 	r := checkReceipt(t, e, e.central.receiptBodies()[0])
 	if r.PolicyVersion != 3 || r.BundleDigest != Digest(bundle) || r.Source != SourceBundle {
 		t.Fatalf("receipt = %+v, want version 3, digest %s", r, Digest(bundle))
 	}
-	waitFor(t, 5*time.Second, "receipt recorded", func() bool { return !s.Status().ReceiptPending })
+	testkit.Eventually(t, 5*time.Second, "receipt recorded", func() bool { return !s.Status().ReceiptPending })
 	st := s.Status()
 	if st.Version != 3 || st.Digest != Digest(bundle) || st.LastFetchResult != resultApplied || st.ExpiresAt.IsZero() ||
 		!strings.HasPrefix(st.LastReceiptResult, "delivered") {
@@ -212,7 +214,7 @@ func TestCachedPolicyInForceBeforeNetwork(t *testing.T) {
 		t.Fatal("version gauge not set from the cache")
 	}
 	e.run(s2)
-	waitFor(t, 5*time.Second, "a failed fetch", func() bool { return strings.HasPrefix(s2.Status().LastFetchResult, "error") })
+	testkit.Eventually(t, 5*time.Second, "a failed fetch", func() bool { return strings.HasPrefix(s2.Status().LastFetchResult, "error") })
 	if e.engine.Current() != p {
 		t.Fatal("a failed fetch changed the policy in force")
 	}
@@ -229,13 +231,13 @@ func TestReceiptRetriedUntilCentralComesBack(t *testing.T) {
 	s := e.syncer(nil)
 	e.run(s)
 	// Enforcement does not wait for the receipt.
-	waitFor(t, 5*time.Second, "version 8 in force", func() bool { return e.engine.Current().Version == 8 })
-	waitFor(t, 5*time.Second, "two refused receipt posts", func() bool { return e.central.posts.Load() >= 2 })
+	testkit.Eventually(t, 5*time.Second, "version 8 in force", func() bool { return e.engine.Current().Version == 8 })
+	testkit.Eventually(t, 5*time.Second, "two refused receipt posts", func() bool { return e.central.posts.Load() >= 2 })
 	if st := s.Status(); !st.ReceiptPending || !strings.Contains(st.LastReceiptResult, "503") {
 		t.Fatalf("status while central is down: %+v", st)
 	}
 	e.central.setReceiptsOK(true)
-	waitFor(t, 10*time.Second, "the receipt delivered", func() bool { return len(e.central.receiptBodies()) == 1 })
+	testkit.Eventually(t, 10*time.Second, "the receipt delivered", func() bool { return len(e.central.receiptBodies()) == 1 })
 	r := checkReceipt(t, e, e.central.receiptBodies()[0])
 	if r.PolicyVersion != 8 || r.BundleDigest != Digest(bundle) {
 		t.Fatalf("receipt = %+v", r)
@@ -257,7 +259,7 @@ func TestReceiptResentAfterRestartIfNeverDelivered(t *testing.T) {
 	e.central.setReceiptsOK(true)
 	s2 := e.syncer(nil)
 	e.run(s2)
-	waitFor(t, 5*time.Second, "the receipt delivered after restart", func() bool { return len(e.central.receiptBodies()) >= 1 })
+	testkit.Eventually(t, 5*time.Second, "the receipt delivered after restart", func() bool { return len(e.central.receiptBodies()) >= 1 })
 	if r := checkReceipt(t, e, e.central.receiptBodies()[0]); r.BundleDigest != Digest(bundle) {
 		t.Fatalf("receipt = %+v", r)
 	}

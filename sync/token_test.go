@@ -16,7 +16,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/metrics"
 )
 
@@ -96,7 +96,7 @@ func (c *fakeClock) Add(d time.Duration) {
 	c.mu.Unlock()
 }
 
-type syncBuffer = syncbuf.Buffer
+type syncBuffer = testkit.Buffer
 
 type fixture struct {
 	srv   *tokenServer

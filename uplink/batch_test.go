@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 type batchEntityJSON struct {
@@ -47,7 +49,7 @@ func TestBatchRequestShapeAndOrder(t *testing.T) {
 	}
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 3, PerDevice: 7, BatchSize: 40,
 		MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 
 	// A device's readings: each request carries a run of consecutive seqs
@@ -134,7 +136,7 @@ func TestBatchNoDeviceInTwoRequests(t *testing.T) {
 		q.add(b.URL, "dev-"+strconv.Itoa(d), 30)
 	}
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, PerDevice: 3})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	mu.Lock()
 	defer mu.Unlock()
@@ -160,7 +162,7 @@ func TestBatchPermanentSplitsThenDeadLettersOne(t *testing.T) {
 	q.add(b.URL, "bad", 3)
 	q.add(b.URL, "good", 3)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 1})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	dl := q.deadLetters()
 	if len(dl) != 1 || dl[0].it.Device != "bad" || dl[0].it.Seq != 1 {

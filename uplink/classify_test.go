@@ -123,11 +123,12 @@ func TestBackoff(t *testing.T) {
 	clock := time.Unix(1000, 0)
 	now := func() time.Time { return clock }
 	for _, r := range []float64{0, 0.999} {
-		b := newBackoff(200*time.Millisecond, 30*time.Second, now)
-		b.rand = func() float64 { return r }
+		u := &Uplink{opts: Options{MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second, Now: now}}
+		b := u.newBackoff()
+		b.Rand = func() float64 { return r }
 		prevHi := time.Duration(0)
 		for i := range 12 {
-			d := b.fail(0)
+			d := b.Fail()
 			hi := min(200*time.Millisecond<<i, 30*time.Second)
 			if d < hi/2 || d > hi {
 				t.Errorf("rand=%v failure %d: delay %v, want in [%v, %v]", r, i+1, d, hi/2, hi)
@@ -136,26 +137,26 @@ func TestBackoff(t *testing.T) {
 				t.Errorf("delay bound shrank at failure %d", i+1)
 			}
 			prevHi = hi
-			if got := b.remaining(); got != d {
+			if got := b.Remaining(); got != d {
 				t.Errorf("remaining = %v, want %v", got, d)
 			}
 			clock = clock.Add(d)
-			if got := b.remaining(); got != 0 {
+			if got := b.Remaining(); got != 0 {
 				t.Errorf("remaining after waiting = %v, want 0", got)
 			}
 		}
-		b.success()
-		if d := b.fail(0); d > 200*time.Millisecond {
+		b.Reset()
+		if d := b.Fail(); d > 200*time.Millisecond {
 			t.Errorf("after success: delay %v, want ≤ 200ms", d)
 		}
 		// A server's Retry-After wins over a shorter backoff.
 		clock = clock.Add(time.Hour)
-		if d := b.fail(5 * time.Second); d != 5*time.Second {
+		if d := b.FailAtLeast(5 * time.Second); d != 5*time.Second {
 			t.Errorf("fail(5s) = %v, want 5s", d)
 		}
 		// extend never shortens.
-		b.extend(time.Second)
-		if got := b.remaining(); got != 5*time.Second {
+		b.Extend(time.Second)
+		if got := b.Remaining(); got != 5*time.Second {
 			t.Errorf("after extend(1s): remaining %v, want 5s", got)
 		}
 	}

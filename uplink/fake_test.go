@@ -17,7 +17,7 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/queue"
 )
@@ -331,19 +331,7 @@ func start(t testing.TB, q *fakeQueue, tok *fakeTokens, pool *x509.CertPool, opt
 	return h
 }
 
-// eventually polls cond until it holds or the deadline passes.
-func eventually(t testing.TB, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
-type syncBuffer = syncbuf.Buffer
+type syncBuffer = testkit.Buffer
 
 func counter(t testing.TB, c interface{ Write(*dto.Metric) error }) float64 {
 	t.Helper()

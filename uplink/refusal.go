@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/backoff"
 	"github.com/edgegate/edgegate/queue"
 )
 
@@ -28,7 +29,7 @@ import (
 type refusal struct {
 	first, last time.Time // first and latest refusal of this run
 	until       time.Time // not retried before
-	bo          *backoff
+	bo          *backoff.Backoff
 }
 
 // refusalState says whether lane l is held back now, and whether its
@@ -59,11 +60,11 @@ func (d *dispatcher) holdRefused(r result) {
 			}
 			delete(d.refusals, oldest)
 		}
-		st = &refusal{first: now, bo: newBackoff(d.u.opts.MinBackoff, d.u.opts.MaxBackoff, d.u.opts.Now)}
+		st = &refusal{first: now, bo: d.u.newBackoff()}
 		d.refusals[r.lane] = st
 	}
 	st.last = now
-	delay := st.bo.fail(r.v.retryAfter)
+	delay := st.bo.FailAtLeast(r.v.retryAfter)
 	st.until = now.Add(delay)
 	if last, ok := d.laneWarn[r.lane]; ok && now.Sub(last) < logEvery {
 		return

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/queue"
 	"github.com/edgegate/edgegate/reading"
 )
@@ -80,7 +81,7 @@ func TestPartialUpdateIsDelivered(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "node-7", 3)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	if dl := q.deadLetters(); len(dl) != 0 {
 		t.Fatalf("dead letters = %v, want none: a PartialUpdate was applied", dl)
@@ -124,7 +125,7 @@ func TestRefusalWindow(t *testing.T) {
 	q.add(b.URL, "other", 3)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{Now: clk.Now, RefusalWindow: 5 * time.Minute})
 	first := `"r0"`
-	eventually(t, "the other device delivered and the refused one tried", func() bool {
+	testkit.Eventually(t, 10*time.Second, "the other device delivered and the refused one tried", func() bool {
 		return len(q.Lanes(b.URL)) == 1 && b.requestsFor("fresh", first) >= 1
 	})
 	// The gateway's clock moves on while it waits (200ms of fake time per
@@ -166,7 +167,7 @@ func TestRefusalWindow(t *testing.T) {
 
 	// Still refused: the next reading is dead-lettered at its first refusal.
 	q.addBody(b.URL, "fresh", "Sensor", mark("r1"))
-	eventually(t, "second dead letter", func() bool { return len(q.deadLetters()) == 2 })
+	testkit.Eventually(t, 10*time.Second, "second dead letter", func() bool { return len(q.deadLetters()) == 2 })
 	if n := b.requestsFor("fresh", `"r1"`); n != 1 {
 		t.Errorf("the reading after the window was sent %d times, want 1", n)
 	}
@@ -175,10 +176,10 @@ func TestRefusalWindow(t *testing.T) {
 	// refusal starts a new window instead of dead-lettering.
 	refuse.Store(false)
 	q.addBody(b.URL, "fresh", "Sensor", mark("r2"))
-	eventually(t, "delivered once accepted", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "delivered once accepted", func() bool { return q.depth() == 0 })
 	refuse.Store(true)
 	q.addBody(b.URL, "fresh", "Sensor", mark("r3"))
-	eventually(t, "refused again", func() bool { return b.requestsFor("fresh", `"r3"`) >= 1 })
+	testkit.Eventually(t, 10*time.Second, "refused again", func() bool { return b.requestsFor("fresh", `"r3"`) >= 1 })
 	time.Sleep(100 * time.Millisecond)
 	if n := len(q.deadLetters()); n != 2 || q.depth() != 1 {
 		t.Errorf("after a success, a refusal: dead letters %d, depth %d; want 2, 1 (a new window)", n, q.depth())
@@ -199,7 +200,7 @@ func TestNoEntityYet(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "new", 1)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-	eventually(t, "delivered", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "delivered", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	if len(q.deadLetters()) != 0 || len(b.requests()) != 3 {
 		t.Errorf("dead letters %v, requests %d; want none, 3", q.deadLetters(), len(b.requests()))
@@ -209,7 +210,7 @@ func TestNoEntityYet(t *testing.T) {
 	q2 := newFakeQueue()
 	q2.add(b2.URL, "gone", 1)
 	h2 := start(t, q2, &fakeTokens{}, b2.pool(), Options{RefusalWindow: NoRefusalWindow})
-	eventually(t, "dead-lettered at once", func() bool { return len(q2.deadLetters()) == 1 })
+	testkit.Eventually(t, 10*time.Second, "dead-lettered at once", func() bool { return len(q2.deadLetters()) == 1 })
 	h2.stop(t)
 	if r := q2.deadLetters()[0].reason; r != "404 Not Found: The requested entity has not been found. Check type and id" {
 		t.Errorf("reason = %q", r)
@@ -361,7 +362,7 @@ func TestForbiddenAttributeDroppedRestDelivered(t *testing.T) {
 	q.addBody(b.URL, "th-1", "Thermometer", prepare("th-1", true))
 	q.addBody(b.URL, "th-2", "Thermometer", prepare("th-2", false))
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-	eventually(t, "queue settled", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue settled", func() bool { return q.depth() == 0 })
 	h.stop(t)
 
 	dl := q.deadLetters()

@@ -17,6 +17,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/backoff"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/queue"
 	"github.com/edgegate/edgegate/reading"
@@ -217,7 +218,7 @@ type dispatcher struct {
 	base   string // broker without trailing slash
 	label  string // broker for logs and metrics: no user info or query
 	log    *slog.Logger
-	bo     *backoff
+	bo     *backoff.Backoff
 	// epoch counts broker-wide failures counted by bo; a failure of a
 	// request started in an older epoch reports the same outage and does
 	// not escalate the backoff again.
@@ -281,6 +282,14 @@ type result struct {
 	items   []queue.Item
 }
 
+// newBackoff is a broker's or a refused lane's retry backoff: jittered,
+// from MinBackoff doubling up to MaxBackoff, on the uplink's clock.
+func (u *Uplink) newBackoff() *backoff.Backoff {
+	b := backoff.New(u.opts.MinBackoff, u.opts.MaxBackoff)
+	b.Now = u.opts.Now
+	return b
+}
+
 func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
 	p, err := url.Parse(broker)
 	if err != nil {
@@ -297,7 +306,7 @@ func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
 		base:     strings.TrimRight(broker, "/"),
 		label:    label,
 		log:      u.log.With("broker", label),
-		bo:       newBackoff(u.opts.MinBackoff, u.opts.MaxBackoff, u.opts.Now),
+		bo:       u.newBackoff(),
 		busy:     make(map[queue.Lane]bool),
 		solo:     make(map[queue.Lane]bool),
 		results:  make(chan result, u.opts.Concurrency),
@@ -336,7 +345,7 @@ func (d *dispatcher) run(ctx, reqCtx context.Context) {
 		var wake <-chan time.Time
 		var timer *time.Timer
 		if d.inflight < d.u.opts.Concurrency && len(d.lanes) > 0 {
-			r := d.bo.remaining()
+			r := d.bo.Remaining()
 			if r <= 0 {
 				r = d.nextRelease()
 			}
@@ -382,7 +391,7 @@ func (d *dispatcher) refresh() {
 // one started last, until Concurrency requests are in flight.
 func (d *dispatcher) fill() {
 	n := len(d.lanes)
-	if n == 0 || d.inflight >= d.u.opts.Concurrency || d.bo.remaining() > 0 {
+	if n == 0 || d.inflight >= d.u.opts.Concurrency || d.bo.Remaining() > 0 {
 		return
 	}
 	start, _ := slices.BinarySearchFunc(d.lanes, d.cursor, func(l queue.Lane, dev string) int {
@@ -473,7 +482,7 @@ func (d *dispatcher) handle(r result) {
 		}
 		d.badStreak = 0
 		if r.epoch == d.epoch {
-			d.bo.success()
+			d.bo.Reset()
 			if d.failing {
 				d.failing = false
 				d.log.Info("delivery recovered")
@@ -507,11 +516,11 @@ func (d *dispatcher) handle(r result) {
 func (d *dispatcher) failed(r result, cause error) {
 	var delay time.Duration
 	if r.epoch == d.epoch {
-		delay = d.bo.fail(r.v.retryAfter)
+		delay = d.bo.FailAtLeast(r.v.retryAfter)
 		d.epoch++
 	} else {
-		d.bo.extend(r.v.retryAfter)
-		delay = d.bo.remaining()
+		d.bo.Extend(r.v.retryAfter)
+		delay = d.bo.Remaining()
 	}
 	d.failing = true
 	now := d.u.opts.Now()

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/queue"
 )
 
@@ -39,7 +40,7 @@ func TestDeliverRequestShape(t *testing.T) {
 			q.lanes[l][0].Service, q.lanes[l][0].ServicePath = "tenant", "/site/a"
 			q.mu.Unlock()
 			h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 
 			reqs := b.requests()
@@ -90,7 +91,7 @@ func TestSecretsNotEchoed(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "d", 1)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-	eventually(t, "dead letter", func() bool { return len(q.deadLetters()) == 1 })
+	testkit.Eventually(t, 10*time.Second, "dead letter", func() bool { return len(q.deadLetters()) == 1 })
 	h.stop(t)
 	if reason := q.deadLetters()[0].reason; strings.Contains(reason, tokenCanary) {
 		t.Errorf("reason %q contains the token", reason)
@@ -114,7 +115,7 @@ func TestPerDeviceOrderUnderConcurrencyAndRetries(t *testing.T) {
 		q.add(b.URL, "dev-"+strconv.Itoa(d), per)
 	}
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: 4, MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 
 	b.mu.Lock()
@@ -178,7 +179,7 @@ func TestRetryThenDeliver(t *testing.T) {
 			q := newFakeQueue()
 			q.add(b.URL, "d", 1)
 			h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 			if n := len(b.requests()); n != 2 {
 				t.Errorf("requests = %d, want 2", n)
@@ -218,7 +219,7 @@ func TestRetryAfterHonoured(t *testing.T) {
 			q.add(b.URL, "d", 1)
 			q.add(b.URL, "e", 1)
 			h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: 1})
-			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 			reqs := b.requests()
 			if len(reqs) != 3 {
@@ -258,7 +259,7 @@ func TestInvalidTokenRefreshed(t *testing.T) {
 			q.add(b.URL, "d", 3)
 			tok := &fakeTokens{}
 			h := start(t, q, tok, b.pool(), Options{MinBackoff: 5 * time.Second, MaxBackoff: 10 * time.Second})
-			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 			if got := tok.invalidations(); !slices.Equal(got, []string{tokenCanary + "1"}) {
 				t.Errorf("Invalidate calls = %q, want [%s1]", got, tokenCanary)
@@ -279,7 +280,7 @@ func TestRepeatedInvalidTokenBacksOff(t *testing.T) {
 	q.add(b.URL, "d", 1)
 	tok := &fakeTokens{}
 	h := start(t, q, tok, b.pool(), Options{MinBackoff: 300 * time.Millisecond, MaxBackoff: time.Second})
-	eventually(t, "two invalidations", func() bool { return len(tok.invalidations()) >= 2 })
+	testkit.Eventually(t, 10*time.Second, "two invalidations", func() bool { return len(tok.invalidations()) >= 2 })
 	time.Sleep(200 * time.Millisecond) // observation window, not synchronisation
 	h.stop(t)
 	if n := len(b.requests()); n > 3 {
@@ -320,7 +321,7 @@ func TestPermanentDeadLettered(t *testing.T) {
 			q := newFakeQueue()
 			q.add(b.URL, "d", 2)
 			h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-			eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+			testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 			h.stop(t)
 			dl := q.deadLetters()
 			if len(dl) != 1 || dl[0].it.Seq != 0 {
@@ -349,7 +350,7 @@ func TestDeadLetterLogRateLimited(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "d", 20)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	if n := strings.Count(h.logs.String(), "dead-lettered"); n != 1 {
 		t.Errorf("dead-letter log lines = %d, want 1", n)
@@ -379,7 +380,7 @@ func TestServerDownThenUp(t *testing.T) {
 	q.add(bURI, "a", 5)
 	q.add(bURI, "b", 5)
 	h := start(t, q, &fakeTokens{}, twin.pool(), Options{})
-	eventually(t, "network retries", func() bool { return counter(t, h.m.Retried.WithLabelValues("network")) >= 3 })
+	testkit.Eventually(t, 10*time.Second, "network retries", func() bool { return counter(t, h.m.Retried.WithLabelValues("network")) >= 3 })
 	if q.depth() != 10 {
 		t.Fatalf("depth while broker down = %d, want 10", q.depth())
 	}
@@ -391,7 +392,7 @@ func TestServerDownThenUp(t *testing.T) {
 	srv.Listener = l
 	srv.StartTLS()
 	defer srv.Close()
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	if n := served.Load(); n != 10 {
 		t.Errorf("broker got %d requests, want 10", n)
@@ -406,7 +407,7 @@ func TestTokenFailureRetried(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "d", 1)
 	h := start(t, q, &fakeTokens{failFirst: 2}, b.pool(), Options{})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	if v := counter(t, h.m.Retried.WithLabelValues("token")); v != 2 {
 		t.Errorf("Retried{token} = %v, want 2", v)
@@ -440,7 +441,7 @@ func TestFairness(t *testing.T) {
 			q.add(b.URL, "a-backlog", 1000)
 			q.add(b.URL, "b-single", 1)
 			h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: conc})
-			eventually(t, "small lane delivered", func() bool {
+			testkit.Eventually(t, 10*time.Second, "small lane delivered", func() bool {
 				return !slices.ContainsFunc(q.Lanes(b.URL), func(l queue.Lane) bool { return l.Device == "b-single" })
 			})
 			h.stop(t)
@@ -462,12 +463,12 @@ func TestNewBrokerWakesWithoutPolling(t *testing.T) {
 	t0 := time.Now()
 	q.add(b1.URL, "d", 1)
 	q.add(b2.URL, "d", 1)
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	if el := time.Since(t0); el > 3*time.Second {
 		t.Errorf("delivery took %v; woken by the backstop, not Changed?", el)
 	}
 	q.add(b1.URL, "d", 1) // and again, on an idle dispatcher
-	eventually(t, "queue drained again", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained again", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	if len(b1.requests()) != 2 || len(b2.requests()) != 1 {
 		t.Errorf("requests = %d, %d; want 2, 1", len(b1.requests()), len(b2.requests()))
@@ -488,7 +489,7 @@ func TestShutdownBoundedWhileRequestsHang(t *testing.T) {
 		q.add(b.URL, d, 2)
 	}
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{ShutdownGrace: 200 * time.Millisecond})
-	eventually(t, "requests hanging", func() bool { return len(b.requests()) == 3 })
+	testkit.Eventually(t, 10*time.Second, "requests hanging", func() bool { return len(b.requests()) == 3 })
 	t0 := time.Now()
 	h.stop(t)
 	if el := time.Since(t0); el > 2*time.Second {
@@ -511,7 +512,7 @@ func TestHTTP2(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "d", 3)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	for _, r := range b.requests() {
 		if r.proto != 2 {
@@ -528,7 +529,7 @@ func TestRefusesUnverifiedAndPlainBrokers(t *testing.T) {
 	q.add(b.URL, "d", 1)     // TLS, but the client lacks its CA: system roots
 	q.add(plain.URL, "d", 1) // http://: never served
 	h := start(t, q, &fakeTokens{}, nil, Options{})
-	eventually(t, "TLS failures", func() bool { return counter(t, h.m.Retried.WithLabelValues("network")) >= 2 })
+	testkit.Eventually(t, 10*time.Second, "TLS failures", func() bool { return counter(t, h.m.Retried.WithLabelValues("network")) >= 2 })
 	h.stop(t)
 	if q.depth() != 2 || len(b.requests()) != 0 {
 		t.Errorf("depth = %d, broker requests = %d; want 2, 0", q.depth(), len(b.requests()))
@@ -544,11 +545,11 @@ func TestStoreFailureKeepsReading(t *testing.T) {
 	q.add(b.URL, "d", 1)
 	q.peekErr = context.DeadlineExceeded
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-	eventually(t, "store retries", func() bool { return counter(t, h.m.Retried.WithLabelValues("store")) >= 2 })
+	testkit.Eventually(t, 10*time.Second, "store retries", func() bool { return counter(t, h.m.Retried.WithLabelValues("store")) >= 2 })
 	q.mu.Lock()
 	q.peekErr = nil
 	q.mu.Unlock()
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 }
 
@@ -567,11 +568,11 @@ func TestNoGoroutineLeak(t *testing.T) {
 			q.add(b.URL, d, 10)
 		}
 		h := start(t, q, &fakeTokens{}, b.pool(), Options{MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond})
-		eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+		testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 		h.stop(t)
 		b.Close()
 	}()
-	eventually(t, "goroutines to exit", func() bool { return runtime.NumGoroutine() <= before })
+	testkit.Eventually(t, 10*time.Second, "goroutines to exit", func() bool { return runtime.NumGoroutine() <= before })
 }
 
 func TestFairnessManyLanes(t *testing.T) {
@@ -582,7 +583,7 @@ func TestFairnessManyLanes(t *testing.T) {
 	}
 	q.add(b.URL, "z-single", 1)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: 2})
-	eventually(t, "small lane delivered", func() bool {
+	testkit.Eventually(t, 10*time.Second, "small lane delivered", func() bool {
 		return !slices.ContainsFunc(q.Lanes(b.URL), func(l queue.Lane) bool { return l.Device == "z-single" })
 	})
 	h.stop(t)
@@ -669,7 +670,7 @@ func TestRedirectNotRetriedForever(t *testing.T) {
 	q := newFakeQueue()
 	q.add(b.URL, "d", 1)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{RefusalWindow: NoRefusalWindow})
-	eventually(t, "the redirected reading dead-lettered", func() bool { return len(q.deadLetters()) == 1 })
+	testkit.Eventually(t, 10*time.Second, "the redirected reading dead-lettered", func() bool { return len(q.deadLetters()) == 1 })
 	h.stop(t)
 	dl := q.deadLetters()[0]
 	if !strings.Contains(dl.reason, "307 Temporary Redirect: redirect to "+elsewhere.URL) || !strings.Contains(dl.reason, "not followed") {
@@ -693,7 +694,7 @@ func TestDotDotDeviceNeverSent(t *testing.T) {
 	q.add(b.URL, "room 1/temp?x&y", 1)
 	q.add(b.URL, "d", 1)
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{})
-	eventually(t, "queue drained", func() bool { return q.depth() == 0 })
+	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
 	dl := q.deadLetters()
 	slices.SortFunc(dl, func(a, b deadItem) int { return strings.Compare(a.it.Device, b.it.Device) })

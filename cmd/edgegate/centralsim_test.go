@@ -15,10 +15,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
-type lockedBuffer = syncbuf.Buffer
+type lockedBuffer = testkit.Buffer
 
 const centralSimTestConfig = `
 realm: edgegate

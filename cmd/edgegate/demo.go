@@ -29,7 +29,7 @@ import (
 
 	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/radio"
 )
@@ -166,7 +166,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		{"bind", "--config", cfgPath, "--type", "PowerMeter", "--mqtt", "--k1-file", keysFile, "--attr", "power", "meter-shared"},
 	}
 	for _, b := range binds {
-		var bout, berr syncbuf.Buffer
+		var bout, berr testkit.Buffer
 		if err := deviceWith(ctx, env, b, &bout, &berr); err != nil {
 			return fmt.Errorf("edgegate device %s: %w\n%s", strings.Join(b, " "), err, berr.String())
 		}
@@ -325,7 +325,7 @@ func demoPair(ctx context.Context, env pairEnv, sim *centralsim.Server, cfgPath,
 		"--store-key-file", filepath.Join(stateDir, "store.key"), "--gateway-id", "gw-demo-01",
 		"--broker", centralsim.DefaultBrokerName, "--no-qr"}
 	out.printf("▶ edgegate pair --central %s --broker %s (device grant; alice approves the code)", sim.URL(), centralsim.DefaultBrokerName)
-	var pout, perr syncbuf.Buffer
+	var pout, perr testkit.Buffer
 	done := make(chan error, 1)
 	go func() { done <- pairWith(ctx, env, args, &pout, &perr) }()
 	approved := ""
@@ -684,7 +684,7 @@ func demoVerify(ctx context.Context, out *lineWriter, sim *centralsim.Server, de
 	out.printf("")
 	out.printf("▶ edgegate verify --broker %s --device %s --type %s --config edgegate.yaml --ca central-ca.pem --devices FILE", sim.BrokerURL(), d.id, d.typ)
 	out.printf("  (the entity as GET through the broker filter returns it, with the gateway's token; the device's K1/K2 from FILE)")
-	var vout, verr syncbuf.Buffer
+	var vout, verr testkit.Buffer
 	err := runVerify(ctx, []string{"--broker", sim.BrokerURL(), "--device", d.id, "--type", d.typ, "--config", cfgPath,
 		"--ca", caFile, "--devices", devFile}, strings.NewReader(""), &vout, &verr)
 	printIndented(out, vout.String()+verr.String())
@@ -721,7 +721,7 @@ func demoVerify(ctx context.Context, out *lineWriter, sim *centralsim.Server, de
 		return err
 	}
 	out.printf("▶ the same entity with temperature changed to 99.9 at the broker: edgegate verify --entity FILE --devices FILE")
-	var tout, terr syncbuf.Buffer
+	var tout, terr testkit.Buffer
 	err = runVerify(ctx, []string{"--entity", tampered, "--devices", devFile}, strings.NewReader(""), &tout, &terr)
 	printIndented(out, tout.String()+terr.String())
 	var ee *exitError

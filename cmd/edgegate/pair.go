@@ -25,6 +25,7 @@ import (
 
 	"github.com/edgegate/edgegate/config"
 	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/internal/atomicfile"
 	"github.com/edgegate/edgegate/qr"
 	"github.com/edgegate/edgegate/queue"
 	"github.com/edgegate/edgegate/storekey"
@@ -919,42 +920,14 @@ func pairedConfigYAML(in pairedConfigInput) ([]byte, error) {
 	return out.Bytes(), nil
 }
 
-// writeFileAtomic writes data to path through a synced temporary file and
-// a rename, then syncs the directory.
+// writeFileAtomic creates path's directory if needed (pair writes into a
+// configuration folder that may not exist yet) and replaces path
+// atomically.
 func writeFileAtomic(path string, data []byte, perm os.FileMode) error {
-	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	defer os.Remove(tmp) // no-op after the rename
-	if err := f.Chmod(perm); err != nil {
-		f.Close()
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	if d, err := os.Open(dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
-	return nil
+	return atomicfile.Write(path, data, perm)
 }
 
 // pairedSettings is what unpair and device need from a configuration. It

@@ -1,36 +1,12 @@
-// Package syncbuf provides a bytes.Buffer that several goroutines may write
-// and read at once: the log sink tests hand to a component (and its
-// goroutines) while they inspect what it wrote.
+// Package syncbuf is kept only as an alias of testkit.Buffer for the mqtt
+// tests, which other work was editing when the helpers were merged into
+// internal/testkit (issue #19). New code imports testkit; delete this
+// package once mqtt/access_test.go does.
 package syncbuf
 
-import (
-	"bytes"
-	"sync"
-)
+import "github.com/edgegate/edgegate/internal/testkit"
 
-// Buffer is a mutex-guarded bytes.Buffer. The zero value is ready to use.
-type Buffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-// Write appends p.
-func (s *Buffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-// String returns everything written so far.
-func (s *Buffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// Len is the number of bytes written so far.
-func (s *Buffer) Len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Len()
-}
+// Buffer is testkit.Buffer.
+//
+// Deprecated: use testkit.Buffer.
+type Buffer = testkit.Buffer
