@@ -18,7 +18,7 @@ import (
 	"github.com/edgegate/edgegate/config"
 	"github.com/edgegate/edgegate/envelope"
 	"github.com/edgegate/edgegate/internal/mosquittotest"
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // TestExternalReadyMeansLive runs the daemon in external mode against a
@@ -95,7 +95,7 @@ devices:
 	t.Setenv("CREDENTIALS_DIRECTORY", "")
 
 	start0 := time.Now()
-	var logs syncbuf.Buffer
+	var logs testkit.Buffer
 	d := New(cfg, slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

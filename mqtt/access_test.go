@@ -27,7 +27,7 @@ import (
 
 	"github.com/edgegate/edgegate/accesstoken"
 	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/internal/syncbuf"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/policy"
@@ -184,7 +184,7 @@ func newAccessEnvWith(t *testing.T, wrap func(*pipeline.Pipeline) Submitter, tun
 	return env
 }
 
-type syncBuf = syncbuf.Buffer
+type syncBuf = testkit.Buffer
 
 var clientSeq sync.Map
 
@@ -257,13 +257,7 @@ func publish(t *testing.T, c paho.Client, device string) bool {
 
 func eventually(t *testing.T, what string, cond func() bool) {
 	t.Helper()
-	deadline := time.Now().Add(5 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testkit.Eventually(t, 5*time.Second, what, cond)
 }
 
 // settle publishes a marker reading from a device every subscriber may
