@@ -26,29 +26,12 @@ const maxPlatformBody = 64 << 20
 // parameter, UserController).
 const sourceRequest = "edgegate-central"
 
-// OwnershipRow is a row of the Ownership API's list (Ownership-API/v1/
-// list/index.php): elementDetails is an object or the same object
-// JSON-encoded as a string.
-type OwnershipRow struct {
-	Username       string          `json:"username"`
-	ElementID      string          `json:"elementId"`
-	ElementType    string          `json:"elementType"`
-	ElementName    string          `json:"elementName"`
-	ElementDetails json.RawMessage `json:"elementDetails"`
-	Deleted        json.RawMessage `json:"deleted"`
-}
-
-// DelegationRow is a row of the datamanager's v2 .../delegator
-// (PersonalDataManager UserController, Delegation entity).
-type DelegationRow struct {
-	UsernameDelegator  string          `json:"usernameDelegator"`
-	UsernameDelegated  string          `json:"usernameDelegated"`
-	GroupnameDelegated string          `json:"groupnameDelegated"`
-	ElementID          string          `json:"elementId"`
-	ElementType        string          `json:"elementType"`
-	Kind               string          `json:"kind"`
-	DeleteTime         json.RawMessage `json:"deleteTime"`
-}
+// OwnershipRow and DelegationRow are the platform's rows as the gateway
+// reads them (one definition, in sync/ownership.go).
+type (
+	OwnershipRow  = centralsync.OwnershipRow
+	DelegationRow = centralsync.DelegationRow
+)
 
 // Snapshot is what one round read from the platform.
 type Snapshot struct {

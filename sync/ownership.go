@@ -130,7 +130,11 @@ type UnusableDevice struct {
 // device in the gateway's registry.
 const BindCommand = "edgegate device bind"
 
-type ownershipRow struct {
+// OwnershipRow is a row of the Ownership API's list (Ownership-API/v1/
+// list/index.php): elementDetails is an object, or the same object
+// JSON-encoded as a string; deleted is null while the row is live. The
+// gateway and the companion (central/) read the same shape.
+type OwnershipRow struct {
 	Username       string          `json:"username"`
 	ElementID      string          `json:"elementId"`
 	ElementType    string          `json:"elementType"`
@@ -139,7 +143,10 @@ type ownershipRow struct {
 	Deleted        json.RawMessage `json:"deleted"`
 }
 
-type delegationRow struct {
+// DelegationRow is a row of the datamanager's v2 delegator/delegated lists
+// (PersonalDataManager's Delegation entity); delegationDetails may carry
+// k1/k2, as the Orion Broker Filter reads them.
+type DelegationRow struct {
 	UsernameDelegator  string          `json:"usernameDelegator"`
 	UsernameDelegated  string          `json:"usernameDelegated"`
 	GroupnameDelegated string          `json:"groupnameDelegated"`
@@ -152,9 +159,9 @@ type delegationRow struct {
 
 // ownershipInput is what the platform answered, one slice per endpoint.
 type ownershipInput struct {
-	Rows     []ownershipRow  // /ownership-api/v1/list/?type=IOTID
-	Given    []delegationRow // /v2/username/{user}/delegator
-	Received []delegationRow // /v2/username/{user}/delegated
+	Rows     []OwnershipRow  // /ownership-api/v1/list/?type=IOTID
+	Given    []DelegationRow // /v2/username/{user}/delegator
+	Received []DelegationRow // /v2/username/{user}/delegated
 }
 
 // skip is one row left out of the document; Detail names the element,
@@ -363,7 +370,7 @@ func (b *docBuilder) lookup(id string) (policy.Registration, bool) {
 }
 
 // owned maps one Ownership API row.
-func (b *docBuilder) owned(r ownershipRow) {
+func (b *docBuilder) owned(r OwnershipRow) {
 	name := r.ElementID
 	switch {
 	case isSet(r.Deleted):
@@ -513,7 +520,7 @@ func (b *docBuilder) add(reg policy.Registration, name, element string, delegate
 
 // delegationKind is a row's kind; delegations made before kinds existed
 // are read grants (the filter's CheckCredential defaults to READ_ACCESS).
-func delegationKind(d delegationRow) (policy.Kind, bool) {
+func delegationKind(d DelegationRow) (policy.Kind, bool) {
 	kind := policy.Kind(d.Kind)
 	if kind == "" {
 		kind = policy.ReadAccess
@@ -526,9 +533,9 @@ func delegationKind(d delegationRow) (policy.Kind, bool) {
 // its delegator. Several rows for one element (a direct and a group
 // delegation, say) are merged: any write kind makes it usable, and keys
 // come from whichever row carries them.
-func (b *docBuilder) received(rows []delegationRow) {
+func (b *docBuilder) received(rows []DelegationRow) {
 	type merged struct {
-		first  delegationRow
+		first  DelegationRow
 		kind   policy.Kind
 		k1, k2 string
 	}
@@ -622,7 +629,7 @@ func (b *docBuilder) delegate(dl policy.Delegation) {
 // user, to a group (groupnameDelegated, usernameDelegated absent) or to
 // everyone (ANONYMOUS). They decide who may read (or write) on the
 // gateway's local broker.
-func (b *docBuilder) given(d delegationRow) {
+func (b *docBuilder) given(d DelegationRow) {
 	name := "delegation " + d.ElementID
 	switch {
 	case isSet(d.DeleteTime):

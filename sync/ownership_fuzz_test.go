@@ -27,12 +27,12 @@ func FuzzOwnershipRows(f *testing.F) {
 	f.Add([]byte(`[]`), []byte(`[{"usernameDelegator":"bob","usernameDelegated":"alice","elementId":"O:orion-1:y","elementType":"IOTID","kind":"READ_WRITE","delegationDetails":"{\"k1\":\"`+fuzzK1+`\",\"k2\":\"`+fuzzK2+`\"}"},{"usernameDelegator":"bob","groupnameDelegated":"cn=g","elementId":"O:orion-1:z","kind":"MODIFY"}]`))
 	opts := OwnershipOptions{Username: "alice", Brokers: map[string]string{"orion-1": "https://broker.example:8443"}, DefaultType: "Sensor"}
 	f.Fuzz(func(t *testing.T, rowsJSON, delsJSON []byte) {
-		var rows []ownershipRow
+		var rows []OwnershipRow
 		if err := json.Unmarshal(rowsJSON, &rows); err != nil {
 			checkJSONErrQuiet(t, jsonErr(err), rowsJSON)
 			return
 		}
-		var dels []delegationRow
+		var dels []DelegationRow
 		if err := json.Unmarshal(delsJSON, &dels); err != nil {
 			checkJSONErrQuiet(t, jsonErr(err), delsJSON)
 			dels = nil

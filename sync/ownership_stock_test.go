@@ -232,9 +232,9 @@ func TestOwnershipStockShapes(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			in := ownershipInput{
-				Rows:     decodeList[ownershipRow](t, tt.rows...),
-				Given:    decodeList[delegationRow](t, tt.given...),
-				Received: decodeList[delegationRow](t, tt.received...),
+				Rows:     decodeList[OwnershipRow](t, tt.rows...),
+				Given:    decodeList[DelegationRow](t, tt.given...),
+				Received: decodeList[DelegationRow](t, tt.received...),
 			}
 			o := OwnershipOptions{Username: "alice", Brokers: polBrokers, DefaultType: tt.deflt}
 			if tt.registry != nil {
@@ -298,7 +298,7 @@ func TestOwnershipStockShapes(t *testing.T) {
 // A read-only received delegation never makes a device writable, and the
 // device is refused at ingest as unknown; a write one makes it usable.
 func TestReceivedDelegationDecidesIngest(t *testing.T) {
-	in := ownershipInput{Received: decodeList[delegationRow](t,
+	in := ownershipInput{Received: decodeList[DelegationRow](t,
 		receivedRow("bob", "alice", "", "Organization:orion-1:bob-ro", "READ_ACCESS", stockDetails(polK1+"1", polK2+"1")),
 		receivedRow("bob", "alice", "", "Organization:orion-1:bob-rw", "READ_WRITE", stockDetails(polK1+"2", polK2+"2")),
 	)}
@@ -461,7 +461,7 @@ func TestOwnershipMaxAgeOptions(t *testing.T) {
 // left out with a reason, and the rest of the policy stands.
 func TestOwnershipRadioConflictCostsOneDevice(t *testing.T) {
 	rb := &policy.RadioBinding{Port: "/dev/ttyUSB0", Node: 5, Child: -1}
-	in := ownershipInput{Rows: decodeList[ownershipRow](t,
+	in := ownershipInput{Rows: decodeList[OwnershipRow](t,
 		ownedRow("first", `{"k1":"`+polK1+`1","k2":"`+polK2+`1","contextbroker":"orion-1"}`),
 		ownedRow("second", `{"k1":"`+polK1+`2","k2":"`+polK2+`2","contextbroker":"orion-1"}`),
 		ownedRow("third", `{"k1":"`+polK1+`3","k2":"`+polK2+`3","contextbroker":"orion-1"}`))}

@@ -52,8 +52,8 @@ const delegatorJSON = `[
 var polBrokers = map[string]string{"orion-1": polBrokerURL}
 
 func TestBuildOwnershipDocument(t *testing.T) {
-	var rows []ownershipRow
-	var dels []delegationRow
+	var rows []OwnershipRow
+	var dels []DelegationRow
 	if err := json.Unmarshal([]byte(ownershipRowsJSON), &rows); err != nil {
 		t.Fatal(err)
 	}
@@ -127,7 +127,7 @@ func TestBuildOwnershipDocument(t *testing.T) {
 }
 
 func TestBuildOwnershipNoDefaultType(t *testing.T) {
-	var rows []ownershipRow
+	var rows []OwnershipRow
 	if err := json.Unmarshal([]byte(ownershipRowsJSON), &rows); err != nil {
 		t.Fatal(err)
 	}
