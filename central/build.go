@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
@@ -89,25 +90,8 @@ func Build(s *Snapshot, brokers map[string]string, extra []string) (map[string]*
 			b.Problems = append(b.Problems, fmt.Sprintf("device %s: the IoT Directory lists no entity type for it", reg.ID))
 			continue
 		}
-		// elementDetails.publickeys (a JWK Set, newest first) or publickey
-		// (a JWK or PEM), as sync/ownership.go reads them.
-		for _, field := range []string{"publickeys", "publickey"} {
-			v, present := det[field]
-			if !present || v == nil {
-				continue
-			}
-			raw, err := json.Marshal(v)
-			if str, isStr := v.(string); isStr {
-				raw, err = []byte(str), nil
-			}
-			if err != nil {
-				continue
-			}
-			if keys, err := policy.ParsePublicKeys(raw); err == nil {
-				reg.PublicKeys = keys
-				break
-			}
-		}
+		reg.PublicKeys = centralsync.DetailPublicKeys(det)
+
 		// The gateway refuses a whole document over one bad device: check
 		// each alone with the gateway's own rules, and refuse the gateway.
 		if _, err := policy.Compile(policy.Document{Format: policy.DocumentFormat, Devices: []policy.Registration{reg}}, "check", ""); err != nil {
@@ -242,43 +226,16 @@ func isSet(raw json.RawMessage) bool {
 	return true
 }
 
-// parseDetails decodes elementDetails: stored as a JSON string, answered
-// decoded or still encoded (list/index.php json_decode).
+// parseDetails decodes elementDetails as the gateway does
+// (centralsync.ParseDetails); absent or null details are an empty object
+// here, so such a row is judged by its missing keys, not refused whole.
 func parseDetails(raw json.RawMessage) (map[string]any, error) {
-	raw = bytes.TrimSpace(raw)
-	if len(raw) == 0 || string(raw) == "null" {
+	if t := bytes.TrimSpace(raw); len(t) == 0 || string(t) == "null" || string(t) == `""` {
 		return map[string]any{}, nil
 	}
-	if raw[0] == '"' {
-		var s string
-		if err := json.Unmarshal(raw, &s); err != nil {
-			return nil, fmt.Errorf("elementDetails string: %s", jsonErr(err))
-		}
-		if s == "" {
-			return map[string]any{}, nil
-		}
-		raw = []byte(s)
-	}
-	var m map[string]any
-	if err := json.Unmarshal(raw, &m); err != nil || m == nil {
-		return nil, fmt.Errorf("elementDetails is not a JSON object")
-	}
-	return m, nil
+	return centralsync.ParseDetails(raw)
 }
 
-func detailString(m map[string]any, key string) string {
-	switch v := m[key].(type) {
-	case string:
-		return strings.TrimSpace(v)
-	case float64:
-		return strconv.FormatFloat(v, 'f', -1, 64)
-	}
-	return ""
-}
+func detailString(m map[string]any, key string) string { return centralsync.DetailString(m, key) }
 
-func clip(s string) string {
-	if len(s) > 120 {
-		return s[:120] + "…"
-	}
-	return s
-}
+func clip(s string) string { return logtext.Clip(s, 120) }

@@ -238,14 +238,4 @@ func redactQuery(target string) string {
 }
 
 // jsonErr says where JSON broke without quoting it (rows hold K1/K2).
-func jsonErr(err error) string {
-	var se *json.SyntaxError
-	if errors.As(err, &se) {
-		return fmt.Sprintf("invalid JSON at offset %d", se.Offset)
-	}
-	var te *json.UnmarshalTypeError
-	if errors.As(err, &te) {
-		return fmt.Sprintf("field %q: unexpected %s", te.Field, te.Value)
-	}
-	return "invalid JSON"
-}
+func jsonErr(err error) string { return centralsync.SafeJSONError(err) }

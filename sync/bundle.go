@@ -202,7 +202,7 @@ func (v *Verifier) Verify(raw []byte, floor uint64) (*Verified, error) {
 	var doc policy.Document
 	dec := json.NewDecoder(bytes.NewReader(payload))
 	if err := dec.Decode(&doc); err != nil {
-		return nil, refuse(ReasonMalformed, "payload: %s", jsonErr(err))
+		return nil, refuse(ReasonMalformed, "payload: %s", SafeJSONError(err))
 	}
 	if dec.More() {
 		return nil, refuse(ReasonMalformed, "payload: trailing data after the document")

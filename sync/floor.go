@@ -53,7 +53,7 @@ func readFloorFile(path string) (uint64, error) {
 	}
 	var r floorRecord
 	if err := json.Unmarshal(b, &r); err != nil {
-		return 0, fmt.Errorf("policy floor file %s: %s; it keeps the policy from being rolled back: restore it, or remove it to accept any version again", path, jsonErr(err))
+		return 0, fmt.Errorf("policy floor file %s: %s; it keeps the policy from being rolled back: restore it, or remove it to accept any version again", path, SafeJSONError(err))
 	}
 	return r.Version, nil
 }

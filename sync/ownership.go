@@ -182,12 +182,12 @@ func isSet(raw json.RawMessage) bool {
 
 // parseDetails decodes elementDetails, which the platform stores as a JSON
 // string and returns either decoded or still encoded.
-func parseDetails(raw json.RawMessage) (map[string]any, error) {
+func ParseDetails(raw json.RawMessage) (map[string]any, error) {
 	raw = bytes.TrimSpace(raw)
 	if len(raw) > 0 && raw[0] == '"' {
 		var s string
 		if err := json.Unmarshal(raw, &s); err != nil {
-			return nil, fmt.Errorf("elementDetails string: %v", jsonErr(err))
+			return nil, fmt.Errorf("elementDetails string: %v", SafeJSONError(err))
 		}
 		raw = []byte(s)
 	}
@@ -198,9 +198,9 @@ func parseDetails(raw json.RawMessage) (map[string]any, error) {
 	return m, nil
 }
 
-// jsonErr keeps the byte offset of a JSON syntax error and drops anything
+// SafeJSONError keeps the byte offset of a JSON syntax error and drops anything
 // that could quote the input (keys live in these documents).
-func jsonErr(err error) string {
+func SafeJSONError(err error) string {
 	var se *json.SyntaxError
 	if errors.As(err, &se) {
 		return fmt.Sprintf("invalid JSON at offset %d", se.Offset)
@@ -212,7 +212,31 @@ func jsonErr(err error) string {
 	return "invalid JSON"
 }
 
-func detailString(m map[string]any, key string) string {
+// DetailPublicKeys reads a device's public keys from decoded
+// elementDetails: publickeys (a JWK Set, newest first: the older keys of a
+// rotated device stay) or publickey (a JWK or PEM); nil when neither parses.
+func DetailPublicKeys(det map[string]any) []json.RawMessage {
+	for _, field := range []string{"publickeys", "publickey"} {
+		v, ok := det[field]
+		if !ok || v == nil {
+			continue
+		}
+		raw, err := json.Marshal(v)
+		if s, isStr := v.(string); isStr {
+			raw, err = []byte(s), nil
+		}
+		if err != nil {
+			continue
+		}
+		if keys, err := policy.ParsePublicKeys(raw); err == nil {
+			return keys
+		}
+	}
+	return nil
+}
+
+// DetailString reads a string (or number) member of decoded elementDetails.
+func DetailString(m map[string]any, key string) string {
 	switch v := m[key].(type) {
 	case string:
 		return strings.TrimSpace(v)
@@ -251,10 +275,10 @@ func brokerOfElement(elementID string) string {
 // (the form DeviceSpec.EdgeURI writes at registration), when it names
 // this gateway; ok is false for another gateway or another form.
 func ownEdgeBinding(det map[string]any, gateway string) (rb *policy.RadioBinding, signing string, ok bool) {
-	if detailString(det, "edgegateway_type") != EdgeGatewayType {
+	if DetailString(det, "edgegateway_type") != EdgeGatewayType {
 		return nil, "", false
 	}
-	u, err := url.Parse(detailString(det, "edgegateway_uri"))
+	u, err := url.Parse(DetailString(det, "edgegateway_uri"))
 	if err != nil || u.Scheme != "edgegate" || u.Host == "" || u.Host != gateway {
 		return nil, "", false
 	}
@@ -286,11 +310,11 @@ func delegatedKeys(raw json.RawMessage) (k1, k2 string) {
 	if !isSet(raw) {
 		return "", ""
 	}
-	det, err := parseDetails(raw)
+	det, err := ParseDetails(raw)
 	if err != nil {
 		return "", ""
 	}
-	return detailString(det, "k1"), detailString(det, "k2")
+	return DetailString(det, "k1"), DetailString(det, "k2")
 }
 
 // bindFix is the command an installer runs to supply what is missing.
@@ -380,12 +404,12 @@ func (b *docBuilder) owned(r OwnershipRow) {
 		b.skip(skipElementType, name+" ("+clip(r.ElementType)+")")
 		return
 	}
-	det, err := parseDetails(r.ElementDetails)
+	det, err := ParseDetails(r.ElementDetails)
 	if err != nil {
 		b.skip(skipDetails, name+": "+err.Error())
 		return
 	}
-	cb := detailString(det, "contextbroker")
+	cb := DetailString(det, "contextbroker")
 	broker, ok := b.o.Brokers[cb]
 	if !ok {
 		b.skip(skipUnknownBroker, name+": broker "+clip(cb))
@@ -393,15 +417,15 @@ func (b *docBuilder) owned(r OwnershipRow) {
 	}
 	reg := policy.Registration{
 		ID: deviceIDOf(r.ElementID, r.ElementName), Owner: r.Username, Broker: broker,
-		K1: detailString(det, "k1"), K2: detailString(det, "k2"),
-		Signing: detailString(det, "signing"),
+		K1: DetailString(det, "k1"), K2: DetailString(det, "k2"),
+		Signing: DetailString(det, "signing"),
 	}
 	// Precedence for type, binding and signing: the gateway's registry,
 	// then elementDetails, then the configured default type.
 	local, inRegistry := b.lookup(reg.ID)
-	reg.Type = detailString(det, "type")
+	reg.Type = DetailString(det, "type")
 	if reg.Type == "" {
-		reg.Type = detailString(det, "entityType")
+		reg.Type = DetailString(det, "entityType")
 	}
 	if rb, sig, ok := ownEdgeBinding(det, b.gateway); ok {
 		reg.Radio = rb
@@ -409,26 +433,7 @@ func (b *docBuilder) owned(r OwnershipRow) {
 			reg.Signing = sig
 		}
 	}
-	// The platform keeps a device's public key as elementDetails.publickey
-	// (a JWK or PEM); publickeys (a JWK Set, newest first) keeps the
-	// older ones of a rotated device.
-	for _, field := range []string{"publickeys", "publickey"} {
-		v, ok := det[field]
-		if !ok || v == nil {
-			continue
-		}
-		raw, err := json.Marshal(v)
-		if s, isStr := v.(string); isStr {
-			raw, err = []byte(s), nil
-		}
-		if err != nil {
-			continue
-		}
-		if keys, err := policy.ParsePublicKeys(raw); err == nil {
-			reg.PublicKeys = keys
-			break
-		}
-	}
+	reg.PublicKeys = DetailPublicKeys(det)
 	if inRegistry {
 		overlay(&reg, local)
 	}
@@ -727,7 +732,7 @@ func (s *Syncer) getJSON(ctx context.Context, target string, v any) error {
 		return fmt.Errorf("GET %s: answer larger than %d bytes", redactURL(target), s.maxBody)
 	}
 	if err := json.Unmarshal(body, v); err != nil {
-		return fmt.Errorf("GET %s: %s", redactURL(target), jsonErr(err))
+		return fmt.Errorf("GET %s: %s", redactURL(target), SafeJSONError(err))
 	}
 	return nil
 }

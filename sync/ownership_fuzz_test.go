@@ -29,12 +29,12 @@ func FuzzOwnershipRows(f *testing.F) {
 	f.Fuzz(func(t *testing.T, rowsJSON, delsJSON []byte) {
 		var rows []OwnershipRow
 		if err := json.Unmarshal(rowsJSON, &rows); err != nil {
-			checkJSONErrQuiet(t, jsonErr(err), rowsJSON)
+			checkJSONErrQuiet(t, SafeJSONError(err), rowsJSON)
 			return
 		}
 		var dels []DelegationRow
 		if err := json.Unmarshal(delsJSON, &dels); err != nil {
-			checkJSONErrQuiet(t, jsonErr(err), delsJSON)
+			checkJSONErrQuiet(t, SafeJSONError(err), delsJSON)
 			dels = nil
 		}
 		doc, skipped, unusable := buildOwnershipDocument(ownershipInput{Rows: rows, Given: dels, Received: dels}, opts, "gw-1")
@@ -51,8 +51,8 @@ func FuzzOwnershipRows(f *testing.F) {
 		var public strings.Builder
 		for _, r := range rows {
 			public.WriteString(r.Username + r.ElementID + r.ElementType + r.ElementName + "\x00")
-			if det, err := parseDetails(r.ElementDetails); err == nil {
-				public.WriteString(detailString(det, "contextbroker") + "\x00")
+			if det, err := ParseDetails(r.ElementDetails); err == nil {
+				public.WriteString(DetailString(det, "contextbroker") + "\x00")
 			}
 		}
 		for _, d := range dels {
@@ -60,8 +60,8 @@ func FuzzOwnershipRows(f *testing.F) {
 		}
 		var keys []string
 		for _, r := range rows {
-			if det, err := parseDetails(r.ElementDetails); err == nil {
-				keys = append(keys, detailString(det, "k1"), detailString(det, "k2"))
+			if det, err := ParseDetails(r.ElementDetails); err == nil {
+				keys = append(keys, DetailString(det, "k1"), DetailString(det, "k2"))
 			}
 		}
 		for _, d := range dels {

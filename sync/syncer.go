@@ -361,7 +361,7 @@ func (s *Syncer) loadFloor() error {
 		return fmt.Errorf("load policy floor: %w", err)
 	} else if ok {
 		if err := json.Unmarshal(b, &floor); err != nil {
-			return fmt.Errorf("load policy floor: %s", jsonErr(err))
+			return fmt.Errorf("load policy floor: %s", SafeJSONError(err))
 		}
 	}
 	v := floor.Version
@@ -411,7 +411,7 @@ func (s *Syncer) loadCached() error {
 	}
 	var c cachedPolicy
 	if err := json.Unmarshal(b, &c); err != nil {
-		return fmt.Errorf("load cached policy: %s", jsonErr(err))
+		return fmt.Errorf("load cached policy: %s", SafeJSONError(err))
 	}
 	p, err := policy.Compile(c.Document, c.Source, c.Digest)
 	if err != nil {
