@@ -22,6 +22,7 @@ FUZZ_TARGETS := \
 	./accesstoken:FuzzVerify \
 	./envelope:FuzzOpen \
 	./envelope:FuzzVerifyAttrs \
+	./envelope:FuzzVerifyEntity \
 	./mqtt:FuzzTopicMatch \
 	./mqtt:FuzzBrokerPackets \
 	./radio:FuzzMySensors \
