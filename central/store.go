@@ -5,16 +5,18 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"os"
 	"sort"
+	"sync"
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
 )
 
-// Store keeps the companion's state per gateway. It is an interface so
-// that a PostgreSQL implementation (replicas deciding the version in the
-// database) can come later; today there is the embedded badger one.
+// Store keeps the companion's state per gateway: the embedded badger one
+// (one process) or PostgresStore (replicas deciding the version in the
+// database).
 type Store interface {
 	// Gateway returns a gateway's record; ok false when there is none.
 	Gateway(ctx context.Context, id string) (rec GatewayRecord, ok bool, err error)
@@ -22,6 +24,11 @@ type Store interface {
 	// there is none) and stores the result atomically: two updates of one
 	// gateway never interleave. fn returning an error stores nothing.
 	UpdateGateway(ctx context.Context, id string, fn func(*GatewayRecord) error) (GatewayRecord, error)
+	// PublishLocked runs fn with the gateway's newest record while no
+	// update or other PublishLocked of that gateway can run, so pushes are
+	// made in the order of versions even by racing replicas. fn must be
+	// short (one publish); it stores nothing.
+	PublishLocked(ctx context.Context, id string, fn func(GatewayRecord) error) error
 	// Gateways lists every record, by id.
 	Gateways(ctx context.Context) ([]GatewayRecord, error)
 	Close() error
@@ -79,7 +86,31 @@ func (r *GatewayRecord) remember(version uint64, digest string) {
 }
 
 // BadgerStore is the embedded Store.
-type BadgerStore struct{ db *badger.DB }
+type BadgerStore struct {
+	db *badger.DB
+	// locks serialise UpdateGateway with PublishLocked per gateway
+	// (striped by id): badger's transactions are optimistic and hold no lock.
+	locks [64]sync.Mutex
+}
+
+func (s *BadgerStore) lock(id string) *sync.Mutex {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return &s.locks[h.Sum32()%uint32(len(s.locks))]
+}
+
+// PublishLocked implements Store.
+func (s *BadgerStore) PublishLocked(ctx context.Context, id string, fn func(GatewayRecord) error) error {
+	mu := s.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	rec, _, err := s.Gateway(ctx, id)
+	if err != nil {
+		return err
+	}
+	rec.ID = id
+	return fn(rec)
+}
 
 const gwPrefix = "gw/"
 
@@ -131,6 +162,9 @@ func getRecord(txn *badger.Txn, id string, rec *GatewayRecord) (bool, error) {
 // UpdateGateway implements Store: a badger transaction, retried on a
 // conflict with a concurrent update.
 func (s *BadgerStore) UpdateGateway(ctx context.Context, id string, fn func(*GatewayRecord) error) (GatewayRecord, error) {
+	mu := s.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
 	for {
 		var rec GatewayRecord
 		err := s.db.Update(func(txn *badger.Txn) error {
