@@ -7,7 +7,7 @@ DEMO_SECONDS ?= 30
 
 export CGO_ENABLED := 0
 
-.PHONY: build test test-short lint demo bench fuzz clean fairness
+.PHONY: build test test-short lint demo bench fuzz clean fairness bench-central
 
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/edgegate
@@ -37,6 +37,13 @@ demo: build
 bench: bench-e2e
 
 fuzz: fuzz-all
+
+# edgegate-central at fleet scale: 10,000 gateways, 1,000,000 devices
+# (BENCH_CENTRAL_GATEWAYS, BENCH_CENTRAL_DEVICES; BENCH_CENTRAL_STORE=postgres
+# runs it on a real PostgreSQL started by the test). Prints the figures
+# docs/central.md quotes.
+bench-central:
+	$(GO) test -run '^$$' -bench '^BenchmarkCentralScale$$' -benchtime 1x -timeout 60m ./central/
 
 clean:
 	rm -rf bin dist

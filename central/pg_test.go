@@ -158,7 +158,7 @@ func freePort(t testing.TB) int {
 }
 
 // database creates an empty database on the server and returns its DSN.
-func (s *pgServer) database(t *testing.T) string {
+func (s *pgServer) database(t testing.TB) string {
 	t.Helper()
 	pgNextDB.Lock()
 	defer pgNextDB.Unlock()
@@ -182,14 +182,14 @@ var (
 
 // testPG is one server per package run (starting one costs ~1 s), each
 // caller getting its own database. It is stopped by TestMain.
-func testPG(t *testing.T) string {
+func testPG(t testing.TB) string {
 	t.Helper()
 	pgBin(t) // skip (or fail under CI) before the once
 	sharedPGOnce.Do(func() {
 		// A sub-test's Cleanup would stop the server after the first test;
 		// run the start under a holder test whose cleanups TestMain runs.
 		h := &holder{}
-		sharedPG = startPostgres(holderT{T: t, h: h})
+		sharedPG = startPostgres(holderT{TB: t, h: h})
 		sharedPGStop = h.run
 	})
 	if sharedPG == nil {
@@ -215,7 +215,7 @@ func (h *holder) run() {
 // holderT routes Cleanup to a holder so the server outlives one test;
 // Fatal and friends still go to the test that started it.
 type holderT struct {
-	*testing.T
+	testing.TB
 	h *holder
 }
 
