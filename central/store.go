@@ -22,7 +22,8 @@ type Store interface {
 	Gateway(ctx context.Context, id string) (rec GatewayRecord, ok bool, err error)
 	// UpdateGateway runs fn on the record (a zero one with ID set when
 	// there is none) and stores the result atomically: two updates of one
-	// gateway never interleave. fn returning an error stores nothing.
+	// gateway never interleave. fn returning an error stores nothing and
+	// returns that error with the record as fn left it.
 	UpdateGateway(ctx context.Context, id string, fn func(*GatewayRecord) error) (GatewayRecord, error)
 	// PublishLocked runs fn with the gateway's newest record while no
 	// update or other PublishLocked of that gateway can run, so pushes are
