@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -242,5 +244,29 @@ func TestPostgresDSNNeverInErrors(t *testing.T) {
 		if strings.Contains(err.Error(), pgPassword) {
 			t.Fatalf("the password appears in the error: %v", strings.ReplaceAll(err.Error(), pgPassword, "***"))
 		}
+	}
+}
+
+// TestPostgresURLFileRefusedWhenReadable: the connection string holds a
+// password; a file others can read is refused before any connection, and
+// the error names the setting, not the content.
+func TestPostgresURLFileRefusedWhenReadable(t *testing.T) {
+	dsnFile := filepath.Join(t.TempDir(), "postgres-url")
+	if err := os.WriteFile(dsnFile, []byte("postgres://u:"+pgPassword+"@127.0.0.1:1/db\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	secret := filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(secret, []byte("s\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{StateDir: t.TempDir(), Store: StorePostgres, PostgresURLFile: dsnFile,
+		Platform: PlatformConfig{URL: "https://p.example", Issuer: "https://p.example/auth/realms/master",
+			ClientID: "c", ClientSecretFile: secret, Brokers: map[string]string{"orion-1": "https://b.example/x"}}}
+	_, err := New(context.Background(), Options{Config: cfg})
+	if err == nil || !strings.Contains(err.Error(), "postgres_url_file") || !strings.Contains(err.Error(), "mode 644") {
+		t.Fatalf("a world-readable postgres_url_file: %v", err)
+	}
+	if strings.Contains(err.Error(), pgPassword) {
+		t.Fatal("the error quotes the password")
 	}
 }
