@@ -25,10 +25,13 @@ type Store interface {
 	// gateway never interleave. fn returning an error stores nothing and
 	// returns that error with the record as fn left it.
 	UpdateGateway(ctx context.Context, id string, fn func(*GatewayRecord) error) (GatewayRecord, error)
-	// PublishLocked runs fn with the gateway's newest record while no
-	// update or other PublishLocked of that gateway can run, so pushes are
-	// made in the order of versions even by racing replicas. fn must be
-	// short (one publish); it stores nothing.
+	// PublishLocked runs fn with the gateway's newest committed record
+	// while no other PublishLocked of that gateway runs (in any replica).
+	// A publisher that publishes what it read there never publishes an
+	// older version after a newer one: a newer version's own publisher
+	// reads it later. Updates are not blocked (the push broker's ACL hook
+	// may bind an account, an update, from inside fn). fn must be short
+	// (one publish); it stores nothing.
 	PublishLocked(ctx context.Context, id string, fn func(GatewayRecord) error) error
 	// Gateways lists every record, by id.
 	Gateways(ctx context.Context) ([]GatewayRecord, error)
@@ -89,8 +92,7 @@ func (r *GatewayRecord) remember(version uint64, digest string) {
 // BadgerStore is the embedded Store.
 type BadgerStore struct {
 	db *badger.DB
-	// locks serialise UpdateGateway with PublishLocked per gateway
-	// (striped by id): badger's transactions are optimistic and hold no lock.
+	// locks serialise PublishLocked per gateway (striped by id).
 	locks [64]sync.Mutex
 }
 
@@ -163,9 +165,6 @@ func getRecord(txn *badger.Txn, id string, rec *GatewayRecord) (bool, error) {
 // UpdateGateway implements Store: a badger transaction, retried on a
 // conflict with a concurrent update.
 func (s *BadgerStore) UpdateGateway(ctx context.Context, id string, fn func(*GatewayRecord) error) (GatewayRecord, error) {
-	mu := s.lock(id)
-	mu.Lock()
-	defer mu.Unlock()
 	for {
 		var rec GatewayRecord
 		err := s.db.Update(func(txn *badger.Txn) error {

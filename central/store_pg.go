@@ -22,8 +22,9 @@ import (
 // (SELECT ... FOR UPDATE), so the read of the current version, the choice
 // of the next one and the write are atomic across replicas; a trigger
 // refuses any write that would lower a version, whatever a replica's code
-// or clock does. Publishing takes the same row lock (PublishLocked), so
-// the order of pushes follows the order of versions.
+// or clock does. Publishers of a gateway are serialised by an advisory
+// lock and publish the newest committed record (PublishLocked), so the
+// order of pushes follows the order of versions.
 //
 // Records hold bundles, and bundles hold device keys (K1/K2): each record
 // is sealed with AES-256-GCM under the store key (the same key the
@@ -243,14 +244,27 @@ func (s *PostgresStore) UpdateGateway(ctx context.Context, id string, fn func(*G
 	return rec, err
 }
 
-// PublishLocked implements Store: fn sees the newest committed record
-// while the row lock is held, so no replica commits or publishes a newer
-// version of this gateway until fn returns.
+// PublishLocked implements Store: a transaction-scoped advisory lock per
+// gateway serialises the publishers of all replicas; the record is read
+// after taking it (READ COMMITTED: the newest committed version). Not the
+// row lock: fn may update the gateway (the push ACL hook binding an
+// account) and would wait on itself.
 func (s *PostgresStore) PublishLocked(ctx context.Context, id string, fn func(GatewayRecord) error) error {
 	return pgx.BeginFunc(ctx, s.pool, func(tx pgx.Tx) error {
-		rec, err := s.lockRow(ctx, tx, id)
-		if err != nil {
-			return err
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('edgegate-central/publish'), hashtext($1))`, id); err != nil {
+			return fmt.Errorf("store: gateway %s: publish lock: %w", id, err)
+		}
+		rec := GatewayRecord{ID: id}
+		var sealed []byte
+		err := tx.QueryRow(ctx, `SELECT record FROM edgegate_central_gateways WHERE id = $1`, id).Scan(&sealed)
+		if err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return fmt.Errorf("store: gateway %s: %w", id, err)
+		}
+		if err == nil {
+			rec = GatewayRecord{}
+			if err := s.open(id, sealed, &rec); err != nil {
+				return err
+			}
 		}
 		return fn(rec)
 	})

@@ -110,7 +110,9 @@ func TestStoreConformance(t *testing.T) {
 		if strings.Join(ids, ",") != "gw-count,gw-x" {
 			t.Fatalf("gateways: %v", ids)
 		}
-		// PublishLocked sees the newest record and holds off updates.
+		// PublishLocked sees the newest record, excludes another
+		// PublishLocked of the gateway (not of another one), and lets fn
+		// update the gateway (the ACL hook may bind an account).
 		entered, release := make(chan struct{}), make(chan struct{})
 		go func() {
 			_ = s.PublishLocked(ctx, "gw-x", func(r GatewayRecord) error {
@@ -123,21 +125,43 @@ func TestStoreConformance(t *testing.T) {
 			})
 		}()
 		<-entered
-		updated := make(chan struct{})
+		second := make(chan uint64)
 		go func() {
-			_, _ = s.UpdateGateway(ctx, "gw-x", func(r *GatewayRecord) error { r.Version++; return nil })
-			close(updated)
+			_ = s.PublishLocked(ctx, "gw-x", func(r GatewayRecord) error { second <- r.Version; return nil })
+		}()
+		other := make(chan struct{})
+		go func() {
+			_ = s.PublishLocked(ctx, "gw-count", func(GatewayRecord) error { close(other); return nil })
 		}()
 		select {
-		case <-updated:
-			t.Fatal("an update ran while PublishLocked held the gateway")
+		case <-other:
+		case <-time.After(10 * time.Second):
+			t.Fatal("PublishLocked of another gateway waited")
+		}
+		if _, err := s.UpdateGateway(ctx, "gw-x", func(r *GatewayRecord) error { r.Version++; return nil }); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case v := <-second:
+			t.Fatalf("a second PublishLocked (saw v%d) ran while the first held the gateway", v)
 		case <-time.After(200 * time.Millisecond):
 		}
 		close(release)
 		select {
-		case <-updated:
+		case v := <-second:
+			if v != 8 {
+				t.Fatalf("the second PublishLocked saw v%d, want the newest, 8", v)
+			}
 		case <-time.After(10 * time.Second):
-			t.Fatal("the update did not run after PublishLocked returned")
+			t.Fatal("the second PublishLocked did not run")
+		}
+		if err := s.PublishLocked(ctx, "gw-none", func(r GatewayRecord) error {
+			if r.ID != "gw-none" || r.Version != 0 {
+				return fmt.Errorf("missing gateway: %+v", r)
+			}
+			return nil
+		}); err != nil {
+			t.Fatal(err)
 		}
 		if got, _, _ := s.Gateway(ctx, "gw-x"); got.Version != 8 {
 			t.Fatalf("version after the update: %d", got.Version)
