@@ -7,7 +7,7 @@ DEMO_SECONDS ?= 30
 
 export CGO_ENABLED := 0
 
-.PHONY: build test test-short lint demo bench fuzz clean fairness bench-central
+.PHONY: build test test-short lint demo bench fuzz clean fairness
 
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/edgegate
@@ -42,6 +42,7 @@ fuzz: fuzz-all
 # (BENCH_CENTRAL_GATEWAYS, BENCH_CENTRAL_DEVICES; BENCH_CENTRAL_STORE=postgres
 # runs it on a real PostgreSQL started by the test). Prints the figures
 # docs/central.md quotes.
+.PHONY: bench-central
 bench-central:
 	$(GO) test -run '^$$' -bench '^BenchmarkCentralScale$$' -benchtime 1x -timeout 60m ./central/
 
