@@ -38,6 +38,14 @@ bench: bench-e2e
 
 fuzz: fuzz-all
 
+# edgegate-central at fleet scale: 10,000 gateways, 1,000,000 devices
+# (BENCH_CENTRAL_GATEWAYS, BENCH_CENTRAL_DEVICES; BENCH_CENTRAL_STORE=postgres
+# runs it on a real PostgreSQL started by the test). Prints the figures
+# docs/central.md quotes.
+.PHONY: bench-central
+bench-central:
+	$(GO) test -run '^$$' -bench '^BenchmarkCentralScale$$' -benchtime 1x -timeout 60m ./central/
+
 clean:
 	rm -rf bin dist
 

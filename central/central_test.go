@@ -219,6 +219,7 @@ type gateway struct {
 	engine *policy.Engine
 	syncer *centralsync.Syncer
 	id     *identity.Identity
+	done   <-chan struct{} // closed when the syncer returned
 }
 
 func (e *env) startGateway(ctx context.Context, gw, client, secret string) *gateway {
@@ -228,6 +229,13 @@ func (e *env) startGateway(ctx context.Context, gw, client, secret string) *gate
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { q.Close() })
+	return e.startGatewayOn(ctx, gw, client, secret, q)
+}
+
+// startGatewayOn runs the gateway side on an existing store q (a gateway
+// restarting keeps its identity and its version floor).
+func (e *env) startGatewayOn(ctx context.Context, gw, client, secret string, q *queue.Queue) *gateway {
+	e.t.Helper()
 	id, err := identity.Load(q)
 	if err != nil {
 		e.t.Fatal(err)
@@ -247,6 +255,7 @@ func (e *env) startGateway(ctx context.Context, gw, client, secret string) *gate
 		e.t.Fatal(err)
 	}
 	done := make(chan struct{})
+	g.done = done
 	go func() { defer close(done); _ = g.syncer.Run(ctx) }()
 	e.t.Cleanup(func() {
 		select {

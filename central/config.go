@@ -31,6 +31,9 @@ const (
 	// StoreKeyCredential is the systemd credential of the store's
 	// encryption key (else {state_dir}/store.key, generated).
 	StoreKeyCredential = "edgegate-central-store-key"
+	// StoreBadger and StorePostgres are the values of store.
+	StoreBadger   = "badger"
+	StorePostgres = "postgres"
 )
 
 // gatewayIDRE is the gateway id rule of the gateway side (reading.ValidID).
@@ -49,9 +52,16 @@ type Config struct {
 	// MQTTListen is the push broker's TLS address (same certificate);
 	// empty: no push broker.
 	MQTTListen string `yaml:"mqtt_listen"`
-	// StateDir holds the embedded store (badger) and, by default, the
-	// signing keys.
+	// StateDir holds the embedded store (badger), by default the signing
+	// keys and the store key.
 	StateDir string `yaml:"state_dir"`
+	// Store is "badger" (the default: embedded, one process) or "postgres"
+	// (state in PostgreSQL: any number of replicas on one database).
+	Store string `yaml:"store"`
+	// PostgresURLFile holds the PostgreSQL connection string (it may hold
+	// a password: mode 0600, never in this file or in logs). Required with
+	// store: postgres.
+	PostgresURLFile string `yaml:"postgres_url_file"`
 	// KeyFile holds the policy-signing keys (0600). Empty: the systemd
 	// credential KeyCredential when $CREDENTIALS_DIRECTORY is set, else
 	// {state_dir}/policy-keys.json.
@@ -151,6 +161,19 @@ func (c *Config) Check() error {
 	}
 	if c.StateDir == "" {
 		return errors.New("state_dir is required")
+	}
+	switch c.Store {
+	case "", StoreBadger:
+		c.Store = StoreBadger
+		if c.PostgresURLFile != "" {
+			return errors.New("postgres_url_file is set but store is badger: set store: postgres")
+		}
+	case StorePostgres:
+		if c.PostgresURLFile == "" {
+			return errors.New("store: postgres needs postgres_url_file (a 0600 file holding the connection string)")
+		}
+	default:
+		return fmt.Errorf("store %q: want %s or %s", clip(c.Store), StoreBadger, StorePostgres)
 	}
 	if c.KeyFile == "" {
 		if cd := os.Getenv("CREDENTIALS_DIRECTORY"); cd != "" {

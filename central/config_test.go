@@ -17,7 +17,7 @@ func TestConfigCheck(t *testing.T) {
 	if err := c.Check(); err != nil {
 		t.Fatal(err)
 	}
-	if c.PolicyTTL != DefaultPolicyTTL || c.Platform.DataManagerURL != "https://p.example/datamanager/api" ||
+	if c.PolicyTTL != DefaultPolicyTTL || c.Platform.DataManagerURL != "https://p.example/datamanager/api" || c.Store != StoreBadger ||
 		c.KeyFile != filepath.Join(c.StateDir, "policy-keys.json") {
 		t.Fatalf("defaults: %+v", c)
 	}
@@ -32,6 +32,9 @@ func TestConfigCheck(t *testing.T) {
 		"bad gateway id":   {func(c *Config) { c.Gateways = map[string]string{"gw/1": "c"} }, "gateways"},
 		"short ttl":        {func(c *Config) { c.PolicyTTL = time.Second }, "policy_ttl"},
 		"too much at once": {func(c *Config) { c.Concurrency = 1000 }, "concurrency"},
+		"unknown store":    {func(c *Config) { c.Store = "mysql" }, "store"},
+		"postgres no url":  {func(c *Config) { c.Store = StorePostgres }, "postgres_url_file"},
+		"url for badger":   {func(c *Config) { c.PostgresURLFile = "/x" }, "postgres_url_file"},
 	} {
 		c := good()
 		tc.mut(&c)

@@ -46,7 +46,8 @@ func (s *Service) StartPush(addr string, cert tls.Certificate) (string, error) {
 	if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
 		host = "127.0.0.1"
 	}
-	s.push = &pushBroker{srv: srv, url: "tls://" + net.JoinHostPort(host, port)}
+	pb := &pushBroker{srv: srv, url: "tls://" + net.JoinHostPort(host, port)}
+	s.push = pb
 	if recs, err := s.store.Gateways(context.Background()); err == nil {
 		for _, r := range recs {
 			if r.Bundle != "" {
@@ -54,8 +55,14 @@ func (s *Service) StartPush(addr string, cert tls.Certificate) (string, error) {
 			}
 		}
 	}
-	s.log.Info("push broker listening", "url", s.push.url)
-	return s.push.url, nil
+	s.log.Info("push broker listening", "url", pb.url)
+	return pb.url, nil
+}
+
+// publisher publishes a gateway's bundle retained on its push topic.
+type publisher interface {
+	publish(gw, bundle string) error
+	close()
 }
 
 func (p *pushBroker) close() { p.srv.Close() }

@@ -32,7 +32,7 @@ type Options struct {
 	// PlatformHTTP makes every call to the platform (API and SSO); nil:
 	// one with a 30s timeout trusting the system roots and platform.ca_file.
 	PlatformHTTP *http.Client
-	// Store replaces the embedded store (tests, a future PostgreSQL one).
+	// Store replaces the store of the configuration (tests).
 	Store Store
 	Now   func() time.Time
 }
@@ -47,7 +47,7 @@ type Service struct {
 	platform *Platform
 	tokens   *tokenVerifier
 	metrics  *serviceMetrics
-	push     *pushBroker // nil without mqtt_listen or before Start
+	push     publisher // nil without mqtt_listen or before Start
 
 	stop    context.CancelFunc // ends the JWKS cache's refresher
 	roundMu sync.Mutex         // one platform round at a time
@@ -113,14 +113,27 @@ func New(ctx context.Context, o Options) (*Service, error) {
 	if s.store == nil {
 		// The store key: systemd credential StoreKeyCredential, else a 0600
 		// file in the state directory generated on first use (storekey).
+		// Replicas on one PostgreSQL database must all be given the same key.
 		key, _, err := storekey.Load(StoreKeyCredential, filepath.Join(cfg.StateDir, "store.key"), os.Getenv)
 		if err != nil {
 			stop()
 			return nil, err
 		}
-		if s.store, err = OpenBadger(filepath.Join(cfg.StateDir, "db"), key); err != nil {
-			stop()
-			return nil, err
+		switch cfg.Store {
+		case StorePostgres:
+			dsn, err := ReadSecretFile("postgres_url_file", cfg.PostgresURLFile)
+			if err == nil {
+				s.store, err = OpenPostgres(ctx, dsn, key, s.log)
+			}
+			if err != nil {
+				stop()
+				return nil, err
+			}
+		default:
+			if s.store, err = OpenBadger(filepath.Join(cfg.StateDir, "db"), key); err != nil {
+				stop()
+				return nil, err
+			}
 		}
 	}
 	s.metrics = newServiceMetrics(s)
@@ -249,11 +262,26 @@ func (s *Service) Refresh(ctx context.Context, force bool, only ...string) (Roun
 			res.Unchanged++
 		}
 		if (signed || force) && s.push != nil {
-			if err := s.push.publish(gw, rec.Bundle); err != nil {
+			// Publish the newest stored bundle under the gateway's lock, not
+			// the one just signed: a racing replica may have stored a newer
+			// one, and its push waits for this one, so a retained message is
+			// never replaced by an older version.
+			var pushed uint64
+			err := s.store.PublishLocked(ctx, gw, func(cur GatewayRecord) error {
+				if cur.Bundle == "" || cur.Version < rec.Version {
+					return fmt.Errorf("store holds version %d, older than the %d just signed", cur.Version, rec.Version)
+				}
+				pushed = cur.Version
+				return s.push.publish(gw, cur.Bundle)
+			})
+			if err != nil {
 				s.log.Error("push failed", "gateway", gw, "err", err)
 			} else {
 				res.Pushed = append(res.Pushed, gw)
 				s.metrics.pushes.Inc()
+				if pushed != rec.Version {
+					s.log.Info("pushed a newer version stored by another replica", "gateway", gw, "signed", rec.Version, "pushed", pushed)
+				}
 			}
 		}
 	}
@@ -289,7 +317,10 @@ func (s *Service) pinFromAppRows(ctx context.Context, pins map[string][]string) 
 	}
 }
 
-var errNoChange = errors.New("no change")
+var (
+	errNoChange  = errors.New("no change")
+	errUnchanged = errors.New("bundle unchanged")
+)
 
 // publish signs a new version of b when its content changed or its
 // bundle passed half its lifetime. The version is decided inside the
@@ -298,10 +329,16 @@ func (s *Service) publish(ctx context.Context, b *Built) (GatewayRecord, bool, e
 	signed := false
 	rec, err := s.store.UpdateGateway(ctx, b.Gateway, func(r *GatewayRecord) error {
 		now := s.now().UTC().Truncate(time.Second)
-		r.BuildError, r.BuildErrorAt = "", time.Time{}
 		if r.Version != 0 && r.Content == b.Content && r.Bundle != "" && now.Before(r.IssuedAt.Add(s.cfg.PolicyTTL/2)) {
+			if r.BuildError == "" {
+				// Nothing to write: a steady round rewrites no record (at
+				// 10,000 gateways that was the whole store every minute).
+				return errUnchanged
+			}
+			r.BuildError, r.BuildErrorAt = "", time.Time{}
 			return nil
 		}
+		r.BuildError, r.BuildErrorAt = "", time.Time{}
 		// Unix seconds as a floor keeps versions increasing across a lost
 		// store too (a gateway's floor is the last version it applied).
 		v := r.Version + 1
@@ -330,6 +367,10 @@ func (s *Service) publish(ctx context.Context, b *Built) (GatewayRecord, bool, e
 		signed = true
 		return nil
 	})
+	if errors.Is(err, errUnchanged) {
+		// The stores return the record fn saw when fn fails.
+		return rec, false, nil
+	}
 	if err != nil {
 		return rec, false, err
 	}

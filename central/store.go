@@ -5,23 +5,34 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"os"
 	"sort"
+	"sync"
 	"time"
 
 	badger "github.com/dgraph-io/badger/v4"
 )
 
-// Store keeps the companion's state per gateway. It is an interface so
-// that a PostgreSQL implementation (replicas deciding the version in the
-// database) can come later; today there is the embedded badger one.
+// Store keeps the companion's state per gateway: the embedded badger one
+// (one process) or PostgresStore (replicas deciding the version in the
+// database).
 type Store interface {
 	// Gateway returns a gateway's record; ok false when there is none.
 	Gateway(ctx context.Context, id string) (rec GatewayRecord, ok bool, err error)
 	// UpdateGateway runs fn on the record (a zero one with ID set when
 	// there is none) and stores the result atomically: two updates of one
-	// gateway never interleave. fn returning an error stores nothing.
+	// gateway never interleave. fn returning an error stores nothing and
+	// returns that error with the record as fn left it.
 	UpdateGateway(ctx context.Context, id string, fn func(*GatewayRecord) error) (GatewayRecord, error)
+	// PublishLocked runs fn with the gateway's newest committed record
+	// while no other PublishLocked of that gateway runs (in any replica).
+	// A publisher that publishes what it read there never publishes an
+	// older version after a newer one: a newer version's own publisher
+	// reads it later. Updates are not blocked (the push broker's ACL hook
+	// may bind an account, an update, from inside fn). fn must be short
+	// (one publish); it stores nothing.
+	PublishLocked(ctx context.Context, id string, fn func(GatewayRecord) error) error
 	// Gateways lists every record, by id.
 	Gateways(ctx context.Context) ([]GatewayRecord, error)
 	Close() error
@@ -79,7 +90,30 @@ func (r *GatewayRecord) remember(version uint64, digest string) {
 }
 
 // BadgerStore is the embedded Store.
-type BadgerStore struct{ db *badger.DB }
+type BadgerStore struct {
+	db *badger.DB
+	// locks serialise PublishLocked per gateway (striped by id).
+	locks [64]sync.Mutex
+}
+
+func (s *BadgerStore) lock(id string) *sync.Mutex {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return &s.locks[h.Sum32()%uint32(len(s.locks))]
+}
+
+// PublishLocked implements Store.
+func (s *BadgerStore) PublishLocked(ctx context.Context, id string, fn func(GatewayRecord) error) error {
+	mu := s.lock(id)
+	mu.Lock()
+	defer mu.Unlock()
+	rec, _, err := s.Gateway(ctx, id)
+	if err != nil {
+		return err
+	}
+	rec.ID = id
+	return fn(rec)
+}
 
 const gwPrefix = "gw/"
 
