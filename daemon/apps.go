@@ -93,7 +93,7 @@ func (a *AppAdmin) AddApp(ctx context.Context, req admin.AppAddRequest) (admin.A
 	if err != nil {
 		return admin.AppInfo{}, err
 	}
-	acc := mqtt.AppAccount{User: req.User, Groups: req.Groups, Fingerprint: mqtt.AppFingerprint(req.Password)}
+	acc := mqtt.AppAccount{User: req.User, Groups: req.Groups, Fingerprint: mqtt.AppFingerprint(req.User, req.Password)}
 	next := slices.DeleteFunc(slices.Clone(old), func(x mqtt.AppAccount) bool { return x.User == req.User })
 	if err := saveApps(a.Store, append(next, acc)); err != nil {
 		return admin.AppInfo{}, err

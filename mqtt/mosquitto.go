@@ -48,10 +48,9 @@ import (
 //     truncated; the password is 24 random bytes derived from K1/K2, so the
 //     fingerprint reveals nothing) to tell a stale password without resetting
 //     every account, and every device's session, at each start.
-//   - Applications are not served in external mode: Mosquitto cannot verify
-//     an SSO access token without an auth plugin, so no account the gateway
-//     manages may subscribe to device topics except its own. An account an
-//     administrator adds by hand with rights in the device namespace is
+//   - Applications get accounts an operator provisions (edgegate app add):
+//     see mosquitto_apps.go. An account an administrator adds by hand with
+//     rights in the device namespace is
 //     outside the promise: Check (what status and doctor show) names the
 //     role that grants them, and the broker's default ACL when it lets every
 //     account publish or subscribe; Reconcile leaves both to the

@@ -48,8 +48,12 @@ type AppAccount struct {
 	Fingerprint string   `json:"fingerprint"`
 }
 
-// AppFingerprint is what the gateway keeps of an app password.
-func AppFingerprint(password string) string { return fingerprint(password) }
+// AppFingerprint is what the gateway keeps of an app password (and what
+// the broker account's textname carries). The user salts it, so two
+// accounts with one password do not show it; an operator's own password
+// must still be strong (12 characters at least): the fingerprint is a fast
+// hash.
+func AppFingerprint(user, password string) string { return fingerprint(user + "\x00" + password) }
 
 // UsableAppUser reports whether user can be a Mosquitto username and a role
 // name suffix.
@@ -202,7 +206,7 @@ func (d *Dynsec) AddApp(ctx context.Context, a AppAccount, password string) erro
 	if _, dev := d.opts.Policy.Current().Device(a.User); dev {
 		return fmt.Errorf("app user %s: a device of the policy has this id", a.User)
 	}
-	if a.Fingerprint != AppFingerprint(password) {
+	if a.Fingerprint != AppFingerprint(a.User, password) {
 		return errors.New("app account: fingerprint does not match the password")
 	}
 	role := appRolePrefix + a.User

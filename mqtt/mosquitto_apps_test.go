@@ -108,7 +108,7 @@ func TestMosquittoDynsecApps(t *testing.T) {
 	ctx := context.Background()
 	const carolPW, erinPW = "carol-app-pw-canary", "erin-app-pw-canary"
 	for user, pw := range map[string]string{"carol": carolPW, "erin": erinPW} {
-		a := AppAccount{User: user, Fingerprint: AppFingerprint(pw)}
+		a := AppAccount{User: user, Fingerprint: AppFingerprint(user, pw)}
 		if user == "erin" {
 			a.Groups = []string{"/staff"}
 		}
@@ -117,7 +117,7 @@ func TestMosquittoDynsecApps(t *testing.T) {
 			t.Fatalf("AddApp %s: %v", user, err)
 		}
 	}
-	if err := e.dyn.AddApp(ctx, AppAccount{User: "a1", Fingerprint: AppFingerprint("x")}, "x"); err == nil {
+	if err := e.dyn.AddApp(ctx, AppAccount{User: "a1", Fingerprint: AppFingerprint("a1", "x")}, "x"); err == nil {
 		t.Fatal("an app account took a device's name")
 	}
 	// carol reads a1 by a direct delegation, erin reads b1 through her
