@@ -87,6 +87,11 @@ func (a *AppAdmin) AddApp(ctx context.Context, req admin.AppAddRequest) (admin.A
 	if len(req.Password) < 12 {
 		return admin.AppInfo{}, bad(errors.New("app password: shorter than 12 characters"))
 	}
+	if a.Policy != nil {
+		if _, dev := a.Policy().Device(req.User); dev {
+			return admin.AppInfo{}, bad(fmt.Errorf("app user %s: a device of the policy has this id", req.User))
+		}
+	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	old, err := LoadApps(a.Store)
