@@ -28,11 +28,12 @@ import (
 //     read delegation; every other device topic is denied;
 //   - publish nothing.
 //
-// Receive is what Mosquitto checks on every delivery (dynamic-security
-// acl.c, MOSQ_ACL_READ → publishClientReceive), so a removed delegation
-// stops the flow on a subscription made earlier too; besides, mosquitto
-// 2.0 disconnects every client of a role whose ACLs change (roles.c,
-// role__kick_all), and the client's resubscription is checked afresh.
+// Receive is what Mosquitto checks on every delivery (the plugin's ACL
+// check for MOSQ_ACL_READ is publishClientReceive), so a removed delegation
+// stops the flow on a subscription made earlier: mosquitto 2.0.11 does not
+// disconnect the clients of a role whose ACLs change, and it need not
+// (TestMosquittoDynsecApps asserts both). Subscribing is allowed on the
+// whole reading filter for that reason: what decides is the receive ACL.
 // `app remove` deletes the account, which disconnects it.
 const (
 	appRolePrefix = "edgegate-app-"
