@@ -139,6 +139,7 @@ func Listen(opts ServerOptions) (*Server, error) {
 	mux.HandleFunc("POST /v1/factory-reset", s.guard(s.factoryReset))
 	mux.HandleFunc("POST /v1/reload", s.guard(s.reload))
 	s.deviceRoutes(mux) // devices.go
+	s.appRoutes(mux)    // apps.go
 	mux.HandleFunc("/", s.guard(func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no such endpoint: "+r.Method+" "+r.URL.Path)
 	}))

@@ -80,12 +80,36 @@ type adminBackend struct {
 	paired    bool
 	mqttAddrs string
 	devAdmin  *DeviceAdmin // device registration (devices.go)
+	appAdmin  *AppAdmin    // app accounts of an external Mosquitto (apps.go)
 	// Readiness (ready.go): what the daemon still waits for; whether the
 	// external ingest is subscribed now (nil: the embedded broker); the
 	// manager of Mosquitto's accounts (nil unless accounts: dynsec).
 	ready      *readiness
 	ingestLive func() bool
 	accounts   *mqtt.Dynsec
+}
+
+// The app endpoints (admin.AppBackend) are AppAdmin's.
+
+func (b *adminBackend) AddApp(ctx context.Context, req admin.AppAddRequest) (admin.AppInfo, error) {
+	if b.appAdmin == nil {
+		return admin.AppInfo{}, bad(ErrNoAppAccounts)
+	}
+	return b.appAdmin.AddApp(ctx, req)
+}
+
+func (b *adminBackend) RemoveApp(ctx context.Context, user string) (admin.AppInfo, error) {
+	if b.appAdmin == nil {
+		return admin.AppInfo{}, bad(ErrNoAppAccounts)
+	}
+	return b.appAdmin.RemoveApp(ctx, user)
+}
+
+func (b *adminBackend) ListApps(ctx context.Context) (admin.AppList, error) {
+	if b.appAdmin == nil {
+		return admin.AppList{}, bad(ErrNoAppAccounts)
+	}
+	return b.appAdmin.ListApps(ctx)
 }
 
 // The device endpoints (admin.DeviceBackend) are DeviceAdmin's.

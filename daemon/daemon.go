@@ -437,7 +437,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 			Topic: topic, Inflight: cfg.MQTT.External.Inflight, Keepalive: cfg.MQTT.External.Keepalive,
 			Logger: log, Metrics: d.metrics,
 		})
-		if accounts, err = externalAccounts(cfg.MQTT.External, topic, engine, tlsCfg, password, red.Add, d.metrics, log); err != nil {
+		apps := func() ([]mqtt.AppAccount, error) { return LoadApps(q) } // apps.go
+		if accounts, err = externalAccounts(cfg.MQTT.External, topic, engine, tlsCfg, password, red.Add, apps, d.metrics, log); err != nil {
 			d.stopAll(nil, queueStage, uplinkStage, syncStage, metricsStage)
 			return err
 		}
@@ -501,6 +502,8 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if syncer != nil {
 		backend.devAdmin.Nudge = syncer.Nudge
 	}
+	// App accounts of an external Mosquitto (apps.go).
+	backend.appAdmin = &AppAdmin{Store: q, Accounts: accounts, Policy: engine.Current, Logger: log.With("component", "apps")}
 	if cfg.Central.Credentials == config.CredentialsPaired {
 		if cred, err := centralsync.LoadCredentials(q); err == nil {
 			backend.devAdmin.Directory = centralsync.NewDirectory(cred.CentralURL, centralClient, tokens.Token)
@@ -680,7 +683,7 @@ func externalCredentials(e config.External) (*tls.Config, string, error) {
 // externalAccounts builds the manager of Mosquitto's accounts when
 // mqtt.external.accounts is dynsec (nil for none). Its administrator is
 // admin_username / admin_password_file, or the ingest account.
-func externalAccounts(e config.External, topic mqtt.Topic, engine *policy.Engine, tlsCfg *tls.Config, ingestPassword string, redact func(...string), m *metrics.Metrics, log *slog.Logger) (*mqtt.Dynsec, error) {
+func externalAccounts(e config.External, topic mqtt.Topic, engine *policy.Engine, tlsCfg *tls.Config, ingestPassword string, redact func(...string), apps func() ([]mqtt.AppAccount, error), m *metrics.Metrics, log *slog.Logger) (*mqtt.Dynsec, error) {
 	if e.Accounts != config.AccountsDynsec {
 		return nil, nil
 	}
@@ -697,6 +700,7 @@ func externalAccounts(e config.External, topic mqtt.Topic, engine *policy.Engine
 	return mqtt.NewDynsec(mqtt.DynsecOptions{
 		URL: e.URL, ClientID: e.ClientID + "-accounts", Username: user, Password: pw, TLS: tlsCfg,
 		Topic: topic, Policy: engine, IngestUser: e.Username, Interval: e.AccountsInterval, Logger: log, Metrics: m,
+		Apps: apps,
 	}), nil
 }
 

@@ -48,10 +48,9 @@ import (
 //     truncated; the password is 24 random bytes derived from K1/K2, so the
 //     fingerprint reveals nothing) to tell a stale password without resetting
 //     every account, and every device's session, at each start.
-//   - Applications are not served in external mode: Mosquitto cannot verify
-//     an SSO access token without an auth plugin, so no account the gateway
-//     manages may subscribe to device topics except its own. An account an
-//     administrator adds by hand with rights in the device namespace is
+//   - Applications get accounts an operator provisions (edgegate app add):
+//     see mosquitto_apps.go. An account an administrator adds by hand with
+//     rights in the device namespace is
 //     outside the promise: Check (what status and doctor show) names the
 //     role that grants them, and the broker's default ACL when it lets every
 //     account publish or subscribe; Reconcile leaves both to the
@@ -84,6 +83,9 @@ type DynsecOptions struct {
 	Policy   KeyedPolicy
 	// IngestUser is the gateway's ingest account; it gets edgegate-ingest.
 	IngestUser string
+	// Apps lists the application accounts an operator provisioned
+	// (edgegate app add); nil: none. See mosquitto_apps.go.
+	Apps func() ([]AppAccount, error)
 	// Interval between full reconciliations, which also repair drift
 	// (default 5m). A policy change reconciles at once (Nudge).
 	Interval time.Duration
@@ -504,10 +506,11 @@ func (s step) kind() string {
 }
 
 // plan compares the broker with the policy.
-func (d *Dynsec) plan(st *brokerState) ([]step, error) {
+// notes are differences the gateway cannot remove itself.
+func (d *Dynsec) plan(st *brokerState) ([]step, []string, error) {
 	want, err := d.want()
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	var steps []step
 	ids := make([]string, 0, len(want))
@@ -561,7 +564,8 @@ func (d *Dynsec) plan(st *brokerState) ([]step, error) {
 	// Managed accounts and roles of devices no longer in the policy.
 	var gone []string
 	for name, c := range st.clients {
-		if _, ok := want[name]; !ok && strings.HasPrefix(c.Textname, managedMark) {
+		// App accounts are planApps' (their mark starts like a device's).
+		if _, ok := want[name]; !ok && strings.HasPrefix(c.Textname, managedMark) && !strings.HasPrefix(c.Textname, appMark) {
 			gone = append(gone, name)
 		}
 	}
@@ -603,7 +607,11 @@ func (d *Dynsec) plan(st *brokerState) ([]step, error) {
 		// to create (its password is not the gateway's to choose); the
 		// ingest client's login failure says so.
 	}
-	return steps, nil
+	appSteps, notes, _, err := d.planApps(st, want)
+	if err != nil {
+		return nil, nil, err
+	}
+	return append(steps, appSteps...), notes, nil
 }
 
 // Reconcile makes the broker's accounts equal to the policy; it returns how
@@ -613,10 +621,11 @@ func (d *Dynsec) Reconcile(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	steps, err := d.plan(st)
+	steps, notes, err := d.plan(st)
 	if err != nil {
 		return 0, err
 	}
+	d.logNotes(ctx, notes)
 	// Steps go in batches (one message, one response) so a first sync of
 	// many devices takes few round trips; a step is never split.
 	var errs []error
@@ -661,14 +670,15 @@ func (d *Dynsec) Check(ctx context.Context) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	steps, err := d.plan(st)
+	steps, notes, err := d.plan(st)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]string, 0, len(steps))
+	out := make([]string, 0, len(steps)+len(notes))
 	for _, s := range steps {
 		out = append(out, s.issue)
 	}
+	out = append(out, notes...)
 	out = append(out, d.foreignGrants(st)...)
 	for _, a := range st.defaultACL {
 		if a.Allow && (a.Type == "publishClientSend" || a.Type == "subscribe") {

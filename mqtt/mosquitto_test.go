@@ -44,6 +44,12 @@ func newDynsecEnv(t *testing.T) *dynsecEnv {
 // instead of the dynsec administrator's.
 func newDynsecEnvIngest(t *testing.T, ingestUser, ingestPW string) *dynsecEnv {
 	t.Helper()
+	return newDynsecEnvWith(t, ingestUser, ingestPW, nil)
+}
+
+// newDynsecEnvWith: newDynsecEnvIngest with the manager's options tuned.
+func newDynsecEnvWith(t *testing.T, ingestUser, ingestPW string, tune func(*DynsecOptions)) *dynsecEnv {
+	t.Helper()
 	const admin = "edgegate"
 	mq := mosquittotest.Start(t, admin)
 	if ingestUser == "" {
@@ -69,8 +75,12 @@ func newDynsecEnvIngest(t *testing.T, ingestUser, ingestPW string) *dynsecEnv {
 	topic, _ := ParseTopic("devices/{device}/telemetry")
 	logs := &syncBuf{}
 	m := metrics.New()
-	dyn := NewDynsec(DynsecOptions{Metrics: m, URL: mq.URL, Username: admin, Password: mosquittotest.AdminPassword, Topic: topic,
-		Policy: engine, IngestUser: ingestUser, Timeout: 5 * time.Second, Logger: slog.New(slog.NewTextHandler(logs, nil))})
+	opts := DynsecOptions{Metrics: m, URL: mq.URL, Username: admin, Password: mosquittotest.AdminPassword, Topic: topic,
+		Policy: engine, IngestUser: ingestUser, Timeout: 5 * time.Second, Logger: slog.New(slog.NewTextHandler(logs, nil))}
+	if tune != nil {
+		tune(&opts)
+	}
+	dyn := NewDynsec(opts)
 	engine.OnChange(func(policy.Change) { dyn.Nudge() })
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

@@ -26,7 +26,7 @@ var (
 )
 
 // subcommands with their own second word.
-var twoWord = map[string]bool{"device": true, "config": true, "data": true}
+var twoWord = map[string]bool{"device": true, "config": true, "data": true, "app": true}
 
 func docPages(t *testing.T) []string {
 	t.Helper()

@@ -70,6 +70,7 @@ commands:
   pair --central URL [flags] pair with the central service (device grant, QR code)
   unpair [--config FILE]     revoke the tokens and wipe the pairing
   device add|list|remove     register devices in the central IoT directory
+  app add|remove|list        app accounts on an external Mosquitto (dynsec)
   verify [flags] [FILE|-]    verify a signed reading (compact JWS) or an NGSI entity
   central-sim [flags]        run the simulated central service (OIDC + broker filter)
   radio-sim --link PATH      run a simulated MySensors serial gateway on a pseudo-terminal
@@ -106,6 +107,8 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return runUnpair(ctx, rest, stdin, stdout, stderr)
 	case "device":
 		return runDevice(ctx, rest, stdin, stdout, stderr)
+	case "app":
+		return runApp(ctx, rest, stdout, stderr)
 	case "radio-sim":
 		return runRadioSim(ctx, rest, stdout, stderr)
 	case "demo":
