@@ -20,6 +20,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/edgegate/edgegate/admin"
 	"github.com/edgegate/edgegate/logtext"
 )
 
@@ -394,8 +395,10 @@ func Default() Config {
 		Policy: Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour,
 			Ownership: Ownership{MaxAge: 24 * time.Hour}},
 		Metrics: Metrics{Listen: "127.0.0.1:9464"},
-		Admin:   Admin{Socket: "/run/edgegate/admin.sock"},
-		Log:     Log{Level: "info", Format: "text"},
+		// The daemon treats this exact path as "not configured"
+		// (daemon/devices.go), so it is the admin package's constant.
+		Admin: Admin{Socket: admin.DefaultSocket},
+		Log:   Log{Level: "info", Format: "text"},
 	}
 }
 

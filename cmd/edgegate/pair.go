@@ -77,9 +77,12 @@ type storeFlags struct {
 }
 
 func (s *storeFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&s.stateDir, "state-dir", "/var/lib/edgegate", "state directory (the encrypted store)")
+	// The defaults are the configuration's (config.Default), so a gateway
+	// paired without these flags finds its store where run looks.
+	def := config.Default()
+	fs.StringVar(&s.stateDir, "state-dir", def.StateDir, "state directory (the encrypted store)")
 	fs.StringVar(&s.keyFile, "store-key-file", "", "store key file (default STATE_DIR/store.key)")
-	fs.StringVar(&s.credential, "store-credential", "store-key", "systemd credential holding the store key")
+	fs.StringVar(&s.credential, "store-credential", def.Store.Credential, "systemd credential holding the store key")
 }
 
 func (s *storeFlags) keyPath() string {
@@ -950,11 +953,18 @@ func loadPairedSettings(path string) (storeFlags, string, error) {
 		return storeFlags{}, "", fmt.Errorf("read config: %w", err)
 	}
 	var s pairedSettings
-	s.StateDir, s.Store.Credential = "/var/lib/edgegate", "store-key"
+	def := config.Default()
+	s.StateDir, s.Store.Credential = def.StateDir, def.Store.Credential
 	if err := yaml.Unmarshal(b, &s); err != nil {
 		return storeFlags{}, "", fmt.Errorf("config %s: %w", path, err)
 	}
-	dir := filepath.Dir(path)
+	// Relative paths are the file's folder's, as config.Load takes them,
+	// whether path is relative or absolute.
+	absPath, err := filepath.Abs(path)
+	if err != nil {
+		return storeFlags{}, "", fmt.Errorf("config %s: %w", path, err)
+	}
+	dir := filepath.Dir(absPath)
 	abs := func(p string) string {
 		if p != "" && !filepath.IsAbs(p) {
 			return filepath.Join(dir, p)
