@@ -366,7 +366,10 @@ const (
 // DeviceToken is the placeholder of the device id in an MQTT topic pattern.
 const DeviceToken = "{device}"
 
-// Default returns the configuration every file starts from.
+// Default returns the configuration every file starts from. It is the one
+// source of defaults: template.yaml states the same values
+// (TestTemplateIsDefault keeps the two in step) and `edgegate pair` takes
+// what it writes from here.
 func Default() Config {
 	return Config{
 		StateDir:    "/var/lib/edgegate",
