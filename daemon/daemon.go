@@ -36,9 +36,6 @@ import (
 // Version is stamped at build time.
 var Version = "dev"
 
-// stopTimeout bounds each stage's shutdown.
-const stopTimeout = 20 * time.Second
-
 // Daemon is one running gateway.
 type Daemon struct {
 	engine   *policy.Engine
@@ -107,8 +104,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer st.close(d.log, d.cfg.StateDir) // after every component stopped
 	// Started in this order, each once the previous is ready; stopped in
 	// reverse: STOPPING=1 first, then the producers, then the queue's
-	// committer (it commits what they handed it), the network last.
-	err = supervise.New(d.log, stopTimeout).Run(ctx,
+	// committer (it commits what they handed it), the network last. The
+	// network starts before the committer: no producer runs yet.
+	err = supervise.Supervise(ctx, d.log,
 		d.metricsHTTP(st), policySync(st), // network: stops last
 		supervise.Component{Name: "uplink", Run: st.up.Run},
 		supervise.Component{Name: "queue", Run: st.q.Run},
