@@ -12,6 +12,7 @@ export CGO_ENABLED := 0
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/edgegate
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/edgegate-central ./cmd/edgegate-central
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/edgegate-sim ./cmd/edgegate-sim
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -31,8 +32,10 @@ test-short: lint
 fairness:
 	$(GO) test -count=200 -run '^TestFillRoundRobin$$' ./uplink
 
+# The simulators live in bin/edgegate-sim (never packaged); its demo runs
+# the bin/edgegate next to it.
 demo: build
-	DEMO_SECONDS=$(DEMO_SECONDS) ./$(BIN) demo
+	DEMO_SECONDS=$(DEMO_SECONDS) ./bin/edgegate-sim demo
 
 bench: bench-e2e
 

@@ -21,8 +21,8 @@ import (
 
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
-	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/pki"
 	"github.com/edgegate/edgegate/policy"

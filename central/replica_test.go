@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/queue"
 	centralsync "github.com/edgegate/edgegate/sync"
 )

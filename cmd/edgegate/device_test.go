@@ -10,8 +10,8 @@ import (
 	"testing"
 
 	"github.com/edgegate/edgegate/admin"
-	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/daemon"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 )
 
 // socketBackend serves DeviceAdmin on an admin socket, as the daemon does;

@@ -39,10 +39,13 @@ func storedEntity(t *testing.T) map[string]any {
 	e := map[string]any{"id": "th-1", "type": "Thermometer",
 		"latitude": map[string]any{"type": "float", "value": "", "metadata": map[string]any{}}}
 	at := time.Date(2026, 12, 3, 6, 0, 0, 0, time.UTC)
-	for seq, attrs := range map[uint64][]reading.Attribute{
-		1: {{Name: "humidity", Type: "Number", Value: 40.0}, {Name: "temperature", Type: "Number", Value: 21.5}},
-		2: {{Name: "humidity", Type: "Number", Value: 41.0}},
+	// In order: reading 2 overwrites reading 1's humidity (a map here
+	// made the test fail whenever Go iterated it 2 before 1).
+	for i, attrs := range [][]reading.Attribute{
+		{{Name: "humidity", Type: "Number", Value: 40.0}, {Name: "temperature", Type: "Number", Value: 21.5}},
+		{{Name: "humidity", Type: "Number", Value: 41.0}},
 	} {
+		seq := uint64(i + 1)
 		r := reading.Reading{Device: "th-1", Time: at.Add(time.Duration(seq) * time.Minute), Attrs: attrs}
 		c := envelope.ClaimsOf("gw-1", seq, &r)
 		jws, err := envelope.Seal(key, c)

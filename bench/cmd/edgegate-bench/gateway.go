@@ -21,8 +21,8 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
 	egconfig "github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/logtext"
 	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/mqtt"

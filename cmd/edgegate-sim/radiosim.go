@@ -8,13 +8,13 @@ import (
 	"io"
 	"time"
 
-	"github.com/edgegate/edgegate/radio"
+	"github.com/edgegate/edgegate/internal/sim/radiosim"
 )
 
 // runRadioSim runs a simulated MySensors serial gateway on a
 // pseudo-terminal whose gateway side appears at --link, until ctx ends:
 //
-//	edgegate radio-sim --link /tmp/ttyRADIO --nodes 2 --interval 1s [--garbage]
+//	edgegate-sim radio-sim --link /tmp/ttyRADIO --nodes 2 --interval 1s [--garbage]
 //
 // Point a radio port of the daemon at the link (codec mysensors).
 func runRadioSim(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -29,7 +29,7 @@ func runRadioSim(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	seed := fs.Uint64("seed", 0, "random seed for values and garbage (0: random)")
 	logLevel := fs.String("log-level", "info", "debug, info, warn or error")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: edgegate radio-sim --link PATH [flags]\n\nSimulate a MySensors serial gateway with nodes behind it, on a pseudo-terminal.\n\nflags:")
+		fmt.Fprintln(stderr, "usage: edgegate-sim radio-sim --link PATH [flags]\n\nSimulate a MySensors serial gateway with nodes behind it, on a pseudo-terminal.\n\nflags:")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -52,7 +52,7 @@ func runRadioSim(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if err != nil {
 		return fmt.Errorf("radio-sim: %w", err)
 	}
-	sim, err := radio.NewSim(radio.SimOptions{Link: *link, Nodes: *nodes, FirstID: *firstID, AutoID: *autoID,
+	sim, err := radiosim.New(radiosim.Options{Link: *link, Nodes: *nodes, FirstID: *firstID, AutoID: *autoID,
 		Interval: *interval, Garbage: *garbage, Seed: *seed, Logger: logger})
 	if err != nil {
 		return fmt.Errorf("radio-sim: %w", err)

@@ -27,11 +27,11 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/edgegate/edgegate/centralsim"
 	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/radiosim"
 	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/logtext"
-	"github.com/edgegate/edgegate/radio"
 )
 
 // Relations of a demo device to the gateway's account (alice) on the
@@ -75,7 +75,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	fs.SetOutput(stderr)
 	seconds := fs.Int("seconds", envInt("DEMO_SECONDS", 30), "how long the devices publish (0: until Ctrl-C)")
 	dir := fs.String("dir", "", "working directory (default: a temporary one, removed at the end)")
+	binFlag := fs.String("edgegate", "", "the edgegate `binary` the demo runs (default: the one next to edgegate-sim, else on PATH)")
 	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	bin, err := findEdgegate(*binFlag)
+	if err != nil {
 		return err
 	}
 	work := *dir
@@ -123,7 +128,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		Delegations: []centralsim.Delegation{{Device: "meter-shared", User: demoAccount, Kind: centralsim.KindReadWrite}},
 		// The realm admin enabled the device grant on Snap4City's IoT Edge
 		// client (pair's default); a short poll interval keeps the demo quick.
-		Pairing: centralsim.PairingOptions{ClientID: defaultClientID, Interval: time.Second},
+		Pairing: centralsim.PairingOptions{ClientID: pairClientID, Interval: time.Second},
 	})
 	if err != nil {
 		return fmt.Errorf("create simulated platform: %w", err)
@@ -142,10 +147,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	cfgPath := filepath.Join(work, "edgegate.yaml")
 	stateDir := filepath.Join(work, "state")
-	// The real environment, as the daemon and verify see it: the store key
-	// comes from the same place for all of them.
-	env := defaultPairEnv()
-	if err := demoPair(ctx, env, sim, cfgPath, stateDir, caFile, out); err != nil {
+	if err := demoPair(ctx, bin, sim, cfgPath, stateDir, caFile, out); err != nil {
 		return err
 	}
 
@@ -167,7 +169,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	for _, b := range binds {
 		var bout, berr testkit.Buffer
-		if err := deviceWith(ctx, env, b, &bout, &berr); err != nil {
+		if err := runEdgegate(ctx, bin, append([]string{"device"}, b...), &bout, &berr); err != nil {
 			return fmt.Errorf("edgegate device %s: %w\n%s", strings.Join(b, " "), err, berr.String())
 		}
 		out.printf("▶ edgegate device bind %s", b[len(b)-1])
@@ -187,7 +189,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// A MySensors serial gateway on a pseudo-terminal, with two nodes: node
 	// 1 is bound to th-attic, node 2 asks for an id and stays unbound
 	// (pending) — and some garbage on the line.
-	rsim, err := radio.NewSim(radio.SimOptions{Link: link, Nodes: 2, FirstID: 1, AutoID: 1,
+	rsim, err := radiosim.New(radiosim.Options{Link: link, Nodes: 2, FirstID: 1, AutoID: 1,
 		Interval: 2 * time.Second, Garbage: true, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return fmt.Errorf("start simulated radio: %w", err)
@@ -204,11 +206,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		ctx, cancel = context.WithTimeout(ctx, time.Duration(*seconds)*time.Second)
 		defer cancel()
 	}
-	exe, err := os.Executable()
-	if err != nil {
-		return err
-	}
-	cmd := exec.Command(exe, "run", "--config", cfgPath)
+	cmd := exec.Command(bin, "run", "--config", cfgPath)
 	logs, err := cmd.StderrPipe()
 	if err != nil {
 		return err
@@ -309,7 +307,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// token. A fresh context: the run's has ended.
 	vctx, vcancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer vcancel()
-	if err := demoVerify(vctx, out, sim, devices, cfgPath, caFile, work); err != nil {
+	if err := demoVerify(vctx, bin, out, sim, devices, cfgPath, caFile, work); err != nil {
 		return err
 	}
 	if len(problems) > 0 && interrupted.Err() == nil {
@@ -320,14 +318,14 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 
 // demoPair runs `edgegate pair` in stock mode and approves its user code as
 // alice, as she would in her browser.
-func demoPair(ctx context.Context, env pairEnv, sim *centralsim.Server, cfgPath, stateDir, caFile string, out *lineWriter) error {
+func demoPair(ctx context.Context, bin string, sim *centralsim.Server, cfgPath, stateDir, caFile string, out *lineWriter) error {
 	args := []string{"--central", sim.URL(), "--ca", caFile, "--config", cfgPath, "--state-dir", stateDir,
 		"--store-key-file", filepath.Join(stateDir, "store.key"), "--gateway-id", "gw-demo-01",
 		"--broker", centralsim.DefaultBrokerName, "--no-qr"}
 	out.printf("▶ edgegate pair --central %s --broker %s (device grant; alice approves the code)", sim.URL(), centralsim.DefaultBrokerName)
 	var pout, perr testkit.Buffer
 	done := make(chan error, 1)
-	go func() { done <- pairWith(ctx, env, args, &pout, &perr) }()
+	go func() { done <- runEdgegate(ctx, bin, append([]string{"pair"}, args...), &pout, &perr) }()
 	approved := ""
 	var err error
 	deadline := time.After(60 * time.Second)
@@ -665,7 +663,7 @@ func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice)
 // the gateway's own token (edgegate verify --broker) and verifies every
 // attribute's signature metadata with only the device's keys; then it
 // changes one stored value and verifies again.
-func demoVerify(ctx context.Context, out *lineWriter, sim *centralsim.Server, devices []*demoDevice, cfgPath, caFile, work string) error {
+func demoVerify(ctx context.Context, bin string, out *lineWriter, sim *centralsim.Server, devices []*demoDevice, cfgPath, caFile, work string) error {
 	var d *demoDevice
 	for _, dd := range devices {
 		if dd.id == "th-kitchen" {
@@ -685,8 +683,8 @@ func demoVerify(ctx context.Context, out *lineWriter, sim *centralsim.Server, de
 	out.printf("▶ edgegate verify --broker %s --device %s --type %s --config edgegate.yaml --ca central-ca.pem --devices FILE", sim.BrokerURL(), d.id, d.typ)
 	out.printf("  (the entity as GET through the broker filter returns it, with the gateway's token; the device's K1/K2 from FILE)")
 	var vout, verr testkit.Buffer
-	err := runVerify(ctx, []string{"--broker", sim.BrokerURL(), "--device", d.id, "--type", d.typ, "--config", cfgPath,
-		"--ca", caFile, "--devices", devFile}, strings.NewReader(""), &vout, &verr)
+	err := runEdgegate(ctx, bin, []string{"verify", "--broker", sim.BrokerURL(), "--device", d.id, "--type", d.typ, "--config", cfgPath,
+		"--ca", caFile, "--devices", devFile}, &vout, &verr)
 	printIndented(out, vout.String()+verr.String())
 	if err != nil {
 		out.printf("  verify failed: %v", err)
@@ -722,10 +720,10 @@ func demoVerify(ctx context.Context, out *lineWriter, sim *centralsim.Server, de
 	}
 	out.printf("▶ the same entity with temperature changed to 99.9 at the broker: edgegate verify --entity FILE --devices FILE")
 	var tout, terr testkit.Buffer
-	err = runVerify(ctx, []string{"--entity", tampered, "--devices", devFile}, strings.NewReader(""), &tout, &terr)
+	err = runEdgegate(ctx, bin, []string{"verify", "--entity", tampered, "--devices", devFile}, &tout, &terr)
 	printIndented(out, tout.String()+terr.String())
-	var ee *exitError
-	if !errors.As(err, &ee) || ee.code != 1 {
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.ExitCode() != 1 {
 		return fmt.Errorf("verify of the tampered entity: want exit status 1 (tampered), got %v", err)
 	}
 	out.printf("  (exit status 1: tampered, as expected)")

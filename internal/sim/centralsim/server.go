@@ -27,7 +27,7 @@
 // every accepted update with the device's key and records a verdict, so that
 // tests and the demo can show end-to-end integrity.
 //
-// It is used by `edgegate central-sim`, by `make demo` and by tests. Nothing
+// It is used by `edgegate-sim central-sim`, by `make demo` and by tests. Nothing
 // in the gateway's own code path may import it.
 package centralsim
 

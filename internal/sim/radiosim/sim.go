@@ -1,4 +1,4 @@
-package radio
+package radiosim
 
 import (
 	"context"
@@ -14,11 +14,12 @@ import (
 	"time"
 
 	"github.com/creack/pty"
+	"github.com/edgegate/edgegate/radio"
 	"golang.org/x/sys/unix"
 )
 
-// SimOptions configures a simulated MySensors serial gateway.
-type SimOptions struct {
+// Options configures a simulated MySensors serial gateway.
+type Options struct {
 	// Link is where the gateway side appears: a symlink to the pty's
 	// slave, like /dev/serial/by-id/... . An existing symlink there is
 	// replaced; any other file is an error.
@@ -51,8 +52,8 @@ type SimOptions struct {
 	Logger *slog.Logger
 }
 
-// SimStats counts what the simulated gateway heard from the controller.
-type SimStats struct {
+// Stats counts what the simulated gateway heard from the controller.
+type Stats struct {
 	Lines          int   // lines written to the link
 	Garbage        int   // hostile chunks written
 	WritesDropped  int   // lines dropped: link unplugged or not read
@@ -69,10 +70,10 @@ type SimStats struct {
 // Sim is a simulated MySensors serial gateway with nodes behind it, on a
 // pseudo-terminal: the gateway daemon opens the link path as a serial port
 // through tarm/serial, exactly as it would a USB radio. It can be unplugged
-// and replugged behind the same path. Used by `edgegate radio-sim`, the
+// and replugged behind the same path. Used by `edgegate-sim radio-sim`, the
 // demo and the tests.
 type Sim struct {
-	opts SimOptions
+	opts Options
 	log  *slog.Logger
 	rnd  *rand.Rand
 
@@ -84,7 +85,7 @@ type Sim struct {
 	mu    sync.Mutex
 	cur   *simPTY // nil while unplugged or closed
 	gen   int
-	stats SimStats
+	stats Stats
 }
 
 type simPTY struct {
@@ -104,17 +105,17 @@ type simNode struct {
 	battery   int
 }
 
-// NewSim creates the pty pair and the link. Run speaks; Close (or the end
+// New creates the pty pair and the link. Run speaks; Close (or the end
 // of Run) removes the link and closes the pty.
-func NewSim(opts SimOptions) (*Sim, error) {
+func New(opts Options) (*Sim, error) {
 	if opts.Link == "" {
 		return nil, errors.New("radio sim: a link path is required")
 	}
 	if opts.Nodes <= 0 {
 		opts.Nodes = 1
 	}
-	if opts.Nodes > MaxNodeID {
-		return nil, fmt.Errorf("radio sim: at most %d nodes: %d", MaxNodeID, opts.Nodes)
+	if opts.Nodes > radio.MaxNodeID {
+		return nil, fmt.Errorf("radio sim: at most %d nodes: %d", radio.MaxNodeID, opts.Nodes)
 	}
 	if opts.FirstID <= 0 {
 		opts.FirstID = 1
@@ -123,8 +124,8 @@ func NewSim(opts SimOptions) (*Sim, error) {
 		opts.AutoID = 1
 	}
 	opts.AutoID = max(0, min(opts.AutoID, opts.Nodes))
-	if opts.FirstID+opts.Nodes-opts.AutoID-1 > MaxNodeID {
-		return nil, fmt.Errorf("radio sim: node ids above %d", MaxNodeID)
+	if opts.FirstID+opts.Nodes-opts.AutoID-1 > radio.MaxNodeID {
+		return nil, fmt.Errorf("radio sim: node ids above %d", radio.MaxNodeID)
 	}
 	if opts.Interval <= 0 {
 		opts.Interval = time.Second
@@ -218,11 +219,11 @@ func makeRaw(f *os.File) error {
 // read forwards what the controller writes to the Run goroutine; it ends
 // when the pty's master is closed.
 func (s *Sim) read(p *simPTY) {
-	split := NewLineSplitter(MaxMySensorsLine)
+	split := radio.NewLineSplitter(radio.MaxMySensorsLine)
 	buf := make([]byte, 1024)
 	for {
 		n, err := p.master.Read(buf)
-		split.Feed(buf[:n], func(l Line) {
+		split.Feed(buf[:n], func(l radio.Line) {
 			if l.Err != nil {
 				return
 			}
@@ -290,7 +291,7 @@ func (s *Sim) Inject(b []byte) error {
 }
 
 // Stats returns what the simulated gateway sent and heard so far.
-func (s *Sim) Stats() SimStats {
+func (s *Sim) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.stats
@@ -441,7 +442,7 @@ func (s *Sim) garbage(nodes []*simNode) {
 			}
 		}
 	case 1: // over-long line
-		b = make([]byte, MaxMySensorsLine+1+s.rnd.IntN(200))
+		b = make([]byte, radio.MaxMySensorsLine+1+s.rnd.IntN(200))
 		for i := range b {
 			b[i] = 'A' + byte(i%26)
 		}
@@ -470,7 +471,7 @@ func (s *Sim) heard(h simHeard, nodes []*simNode) {
 	if stale {
 		return
 	}
-	m, err := DecodeMySensors(h.line)
+	m, err := radio.DecodeMySensors(h.line)
 	if err != nil {
 		s.mu.Lock()
 		s.stats.ControllerBad++
@@ -478,9 +479,9 @@ func (s *Sim) heard(h simHeard, nodes []*simNode) {
 		return
 	}
 	switch {
-	case m.Command == CmdInternal && m.Type == IIDResponse:
+	case m.Command == radio.CmdInternal && m.Type == radio.IIDResponse:
 		id, err := strconv.Atoi(string(m.Payload))
-		if err != nil || id < 1 || id > MaxNodeID {
+		if err != nil || id < 1 || id > radio.MaxNodeID {
 			return
 		}
 		s.mu.Lock()
@@ -493,17 +494,17 @@ func (s *Sim) heard(h simHeard, nodes []*simNode) {
 				break
 			}
 		}
-	case m.Command == CmdInternal && m.Type == ITime:
+	case m.Command == radio.CmdInternal && m.Type == radio.ITime:
 		secs, _ := strconv.ParseInt(string(m.Payload), 10, 64)
 		s.mu.Lock()
 		s.stats.TimeAnswers++
 		s.stats.LastTimeAnswer = secs
 		s.mu.Unlock()
-	case m.Command == CmdInternal && m.Type == IConfig:
+	case m.Command == radio.CmdInternal && m.Type == radio.IConfig:
 		s.mu.Lock()
 		s.stats.ConfigAnswers++
 		s.mu.Unlock()
-	case m.Command == CmdInternal && m.Type == IDiscoverRequest:
+	case m.Command == radio.CmdInternal && m.Type == radio.IDiscoverRequest:
 		s.mu.Lock()
 		s.stats.Discovers++
 		s.mu.Unlock()
@@ -512,7 +513,7 @@ func (s *Sim) heard(h simHeard, nodes []*simNode) {
 				s.send(strconv.Itoa(n.id) + ";255;3;0;21;0")
 			}
 		}
-	case m.Command == CmdInternal && m.Type == IPresentation:
+	case m.Command == radio.CmdInternal && m.Type == radio.IPresentation:
 		s.mu.Lock()
 		s.stats.PresentAsks++
 		s.mu.Unlock()
@@ -521,7 +522,7 @@ func (s *Sim) heard(h simHeard, nodes []*simNode) {
 				s.present(n)
 			}
 		}
-	case m.Command == CmdSet:
+	case m.Command == radio.CmdSet:
 		s.mu.Lock()
 		s.stats.ReqAnswers++
 		s.mu.Unlock()

@@ -6,18 +6,19 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/edgegate/edgegate/internal/atomicfile"
 	"io"
 	"os"
 	"time"
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/pki"
 	"github.com/edgegate/edgegate/policy"
 )
 
-// centralSimConfig is the YAML file of `edgegate central-sim --config`.
+// centralSimConfig is the YAML file of `edgegate-sim central-sim --config`.
 // Unknown keys are errors. It holds client secrets and K1/K2: keep it 0600.
 type centralSimConfig struct {
 	Realm         string                 `yaml:"realm"`
@@ -141,7 +142,7 @@ func parseCentralSimConfig(data []byte) (centralsim.Options, error) {
 	return o, nil
 }
 
-// runCentralSim is `edgegate central-sim [flags]`: serve the simulated
+// runCentralSim is `edgegate-sim central-sim [flags]`: serve the simulated
 // central service until ctx is cancelled. args exclude the subcommand name.
 func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("central-sim", flag.ContinueOnError)
@@ -155,7 +156,7 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 	withMQTT := fs.Bool("mqtt", false, "also run the companion's policy push broker (MQTT over TLS, same CA); implies --companion")
 	mqttListen := fs.String("mqtt-listen", "127.0.0.1:0", "`address` of the push broker (with --mqtt)")
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: edgegate central-sim [flags]\n\nServe a simulated stock Snap4City platform (Keycloak-like OIDC provider, Orion Broker Filter, NGSI v2 broker, Ownership API, datamanager delegations, IoT Directory device.php) for demos and tests; with --companion also the edgegate companion's signed policy bundles, receipts and (--mqtt) push broker.\n\nflags:")
+		fmt.Fprintln(stderr, "usage: edgegate-sim central-sim [flags]\n\nServe a simulated stock Snap4City platform (Keycloak-like OIDC provider, Orion Broker Filter, NGSI v2 broker, Ownership API, datamanager delegations, IoT Directory device.php) for demos and tests; with --companion also the edgegate companion's signed policy bundles, receipts and (--mqtt) push broker.\n\nflags:")
 		fs.PrintDefaults()
 	}
 	if err := fs.Parse(args); err != nil {
@@ -209,7 +210,7 @@ func runCentralSim(ctx context.Context, args []string, stdout, stderr io.Writer)
 		}
 	}
 	if *tokenOut != "" {
-		if err := writeFileAtomic(*tokenOut, []byte(sim.AdminToken()+"\n"), 0o600); err != nil {
+		if err := atomicfile.Write(*tokenOut, []byte(sim.AdminToken()+"\n"), 0o600); err != nil {
 			return fmt.Errorf("central-sim: --admin-token-out: %w", err)
 		}
 	}
