@@ -1,7 +1,7 @@
 # edgegate — the two commands that matter: `make demo` and `make test`.
 GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -s -w -buildid= -X github.com/edgegate/edgegate/daemon.Version=$(VERSION)
+LDFLAGS := -s -w -buildid= -X github.com/edgegate/edgegate/internal/daemon.Version=$(VERSION)
 BIN     := bin/edgegate
 DEMO_SECONDS ?= 30
 
@@ -30,7 +30,7 @@ test-short: lint
 # The uplink's round-robin, proven without a network or a clock, 200 times
 # in a row (it once flaked as a timed end-to-end test).
 fairness:
-	$(GO) test -count=200 -run '^TestFillRoundRobin$$' ./uplink
+	$(GO) test -count=200 -run '^TestFillRoundRobin$$' ./internal/uplink
 
 # The simulators live in bin/edgegate-sim (never packaged); its demo runs
 # the bin/edgegate next to it.
@@ -47,7 +47,7 @@ fuzz: fuzz-all
 # docs/central.md quotes.
 .PHONY: bench-central
 bench-central:
-	$(GO) test -run '^$$' -bench '^BenchmarkCentralScale$$' -benchtime 1x -timeout 60m ./central/
+	$(GO) test -run '^$$' -bench '^BenchmarkCentralScale$$' -benchtime 1x -timeout 60m ./internal/central/
 
 clean:
 	rm -rf bin dist

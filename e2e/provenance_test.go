@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/policy"

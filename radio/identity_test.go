@@ -11,8 +11,8 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/policy"
 )
 

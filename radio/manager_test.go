@@ -15,9 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/reading"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/pipeline"
-	"github.com/edgegate/edgegate/reading"
 )
 
 // fakeSub records what the pipeline would get. The first failFirst calls

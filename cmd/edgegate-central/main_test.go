@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/pki"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
-	"github.com/edgegate/edgegate/pki"
 )
 
 // TestServePushFleetRotate runs the real commands: serve against the

@@ -13,8 +13,8 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/edgegate/edgegate/internal/pki"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
-	"github.com/edgegate/edgegate/pki"
 	"github.com/edgegate/edgegate/policy"
 )
 

@@ -27,11 +27,11 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/logtext"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/sim/radiosim"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/logtext"
 )
 
 // Relations of a demo device to the gateway's account (alice) on the

@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/internal/config"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
 )

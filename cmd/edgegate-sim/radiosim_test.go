@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/pipeline"
+	"github.com/edgegate/edgegate/internal/pipeline"
 	"github.com/edgegate/edgegate/radio"
 )
 

@@ -9,8 +9,8 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/edgegate/edgegate/admin"
-	"github.com/edgegate/edgegate/daemon"
+	"github.com/edgegate/edgegate/internal/admin"
+	"github.com/edgegate/edgegate/internal/daemon"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 )
 

@@ -20,8 +20,8 @@ import (
 	"runtime/debug"
 	"syscall"
 
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/daemon"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/daemon"
 )
 
 // exitError carries a process exit code through run.

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/identity"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"

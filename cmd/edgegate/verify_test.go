@@ -16,8 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 const (

@@ -15,10 +15,10 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/sim/radiosim"
-	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/queue"
 	"github.com/edgegate/edgegate/radio"
 )
 

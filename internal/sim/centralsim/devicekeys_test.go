@@ -5,7 +5,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/policy"
 )
 

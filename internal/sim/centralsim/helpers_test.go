@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
 )
 
 // signedBody renders a reading as the gateway writes it through the stock

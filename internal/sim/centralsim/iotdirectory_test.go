@@ -7,7 +7,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
 )
 
 // TestDirectoryUpdateNudgesGatewaysBoundOnFirstUse: a key rotation nudges

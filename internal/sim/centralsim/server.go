@@ -52,8 +52,8 @@ import (
 
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
-	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/pki"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/pki"
 	"github.com/edgegate/edgegate/policy"
 )
 
