@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -43,9 +42,8 @@ func edgegateBinary(t *testing.T) string {
 			return
 		}
 		builtBin = filepath.Join(buildDir, "edgegate")
-		_, file, _, _ := runtime.Caller(0)
+		// go test runs in the package's directory.
 		cmd := exec.Command("go", "build", "-o", builtBin, "../edgegate")
-		cmd.Dir = filepath.Dir(file)
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = errors.New("go build ./cmd/edgegate: " + err.Error() + "\n" + string(out))
 		}
