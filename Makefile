@@ -1,7 +1,7 @@
 # edgegate — the two commands that matter: `make demo` and `make test`.
 GO      ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
-LDFLAGS := -s -w -buildid= -X github.com/edgegate/edgegate/daemon.Version=$(VERSION)
+LDFLAGS := -s -w -buildid= -X github.com/edgegate/edgegate/internal/daemon.Version=$(VERSION)
 BIN     := bin/edgegate
 DEMO_SECONDS ?= 30
 
@@ -12,6 +12,7 @@ export CGO_ENABLED := 0
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/edgegate
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/edgegate-central ./cmd/edgegate-central
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o bin/edgegate-sim ./cmd/edgegate-sim
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
@@ -29,10 +30,12 @@ test-short: lint
 # The uplink's round-robin, proven without a network or a clock, 200 times
 # in a row (it once flaked as a timed end-to-end test).
 fairness:
-	$(GO) test -count=200 -run '^TestFillRoundRobin$$' ./uplink
+	$(GO) test -count=200 -run '^TestFillRoundRobin$$' ./internal/uplink
 
+# The simulators live in bin/edgegate-sim (never packaged); its demo runs
+# the bin/edgegate next to it.
 demo: build
-	DEMO_SECONDS=$(DEMO_SECONDS) ./$(BIN) demo
+	DEMO_SECONDS=$(DEMO_SECONDS) ./bin/edgegate-sim demo
 
 bench: bench-e2e
 
@@ -44,7 +47,7 @@ fuzz: fuzz-all
 # docs/central.md quotes.
 .PHONY: bench-central
 bench-central:
-	$(GO) test -run '^$$' -bench '^BenchmarkCentralScale$$' -benchtime 1x -timeout 60m ./central/
+	$(GO) test -run '^$$' -bench '^BenchmarkCentralScale$$' -benchtime 1x -timeout 60m ./internal/central/
 
 clean:
 	rm -rf bin dist

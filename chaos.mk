@@ -13,16 +13,16 @@ FUZZTIME      ?= 30s
 
 # package:target pairs; keep in step with the *_fuzz_test.go files.
 FUZZ_TARGETS := \
-	./reading:FuzzParse \
-	./reading:FuzzParseSealBody \
-	./config:FuzzLoad \
+	./internal/reading:FuzzParse \
+	./internal/reading:FuzzParseSealBody \
+	./internal/config:FuzzLoad \
 	./sync:FuzzVerifyBundle \
 	./sync:FuzzOwnershipRows \
-	./uplink:FuzzClassify \
-	./accesstoken:FuzzVerify \
-	./envelope:FuzzOpen \
-	./envelope:FuzzVerifyAttrs \
-	./envelope:FuzzVerifyEntity \
+	./internal/uplink:FuzzClassify \
+	./internal/accesstoken:FuzzVerify \
+	./internal/envelope:FuzzOpen \
+	./internal/envelope:FuzzVerifyAttrs \
+	./internal/envelope:FuzzVerifyEntity \
 	./mqtt:FuzzTopicMatch \
 	./mqtt:FuzzBrokerPackets \
 	./radio:FuzzMySensors \

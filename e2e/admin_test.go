@@ -16,7 +16,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 )
 
 // TestOperatorAndDataRights drives the admin socket with the real CLI:

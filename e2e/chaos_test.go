@@ -34,10 +34,10 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/edgegate/edgegate/centralsim"
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/radiosim"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/radio"
 )
 
 // chaosCycles is the number of crash cycles: CHAOS_CYCLES, else 3 (-short: 2).
@@ -932,7 +932,7 @@ func chaosSerial(t *testing.T) {
 	dir := t.TempDir()
 	link := filepath.Join(dir, "ttyRADIO0")
 	devs[0].RadioPort = link
-	rs, err := radio.NewSim(radio.SimOptions{Link: link, Silent: true, Seed: 11})
+	rs, err := radiosim.New(radiosim.Options{Link: link, Silent: true, Seed: 11})
 	if err != nil {
 		t.Skipf("no pseudo-terminal for the radio sim: %v", err)
 	}

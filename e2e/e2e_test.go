@@ -17,7 +17,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
 )
 

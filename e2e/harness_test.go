@@ -19,8 +19,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/edgegate/edgegate/centralsim"
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
 )
 

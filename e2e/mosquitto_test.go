@@ -16,8 +16,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/internal/pki"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/pki"
 )
 
 // mosquitto is a real Mosquitto broker with a TLS listener on 127.0.0.1.

@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/policy"
 )

@@ -22,7 +22,7 @@ import (
 	"github.com/zitadel/oidc/v3/pkg/op"
 	"gopkg.in/yaml.v3"
 
-	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
 )
 

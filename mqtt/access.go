@@ -12,11 +12,11 @@ import (
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/edgegate/edgegate/accesstoken"
-	"github.com/edgegate/edgegate/logtext"
-	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/internal/accesstoken"
+	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/ratelog"
 )
 
 // Access rules of the embedded broker (documented in README.md):

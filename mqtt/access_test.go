@@ -25,13 +25,13 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 	"github.com/lestrrat-go/jwx/v2/jwt"
 
-	"github.com/edgegate/edgegate/accesstoken"
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/accesstoken"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/metrics"
-	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/queue"
 )
 
 // sso is a minimal OIDC provider on loopback: discovery and a JWKS.

@@ -10,7 +10,7 @@ import (
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/edgegate/edgegate/pipeline"
+	"github.com/edgegate/edgegate/internal/pipeline"
 )
 
 // Starter is the pipelined side of the pipeline: hand a reading over now,

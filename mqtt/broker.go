@@ -14,10 +14,10 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/edgegate/edgegate/metrics"
-	"github.com/edgegate/edgegate/pipeline"
-	"github.com/edgegate/edgegate/ratelog"
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/ratelog"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 // Submitter is what the MQTT link needs of the pipeline.

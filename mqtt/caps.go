@@ -15,8 +15,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/edgegate/edgegate/metrics"
-	"github.com/edgegate/edgegate/ratelog"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/ratelog"
 )
 
 // Limits bounds what one principal (a device, or an application user) can

@@ -19,7 +19,7 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
 )
 
 // Hostile-client tests of the per-principal limits (caps.go), each over

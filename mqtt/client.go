@@ -12,10 +12,10 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/edgegate/edgegate/metrics"
-	"github.com/edgegate/edgegate/pipeline"
-	"github.com/edgegate/edgegate/ratelog"
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/ratelog"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 // ClientOptions configures the ingest client for an external broker.

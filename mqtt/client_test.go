@@ -16,10 +16,10 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/mosquittotest"
-	"github.com/edgegate/edgegate/metrics"
 
-	"github.com/edgegate/edgegate/pipeline"
+	"github.com/edgegate/edgegate/internal/pipeline"
 )
 
 // recorder is a Submitter that keeps what it was given, per device, after

@@ -15,7 +15,7 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/edgegate/edgegate/pipeline"
+	"github.com/edgegate/edgegate/internal/pipeline"
 	"github.com/edgegate/edgegate/policy"
 )
 

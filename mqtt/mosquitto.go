@@ -19,10 +19,10 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/ratelog"
 )
 
 // External mode keeps the promise through Mosquitto's dynamic-security

@@ -16,8 +16,8 @@ import (
 
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 
-	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/policy"
 )
 

@@ -6,7 +6,7 @@ import (
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
 
-	"github.com/edgegate/edgegate/pipeline"
+	"github.com/edgegate/edgegate/internal/pipeline"
 )
 
 // QoS 2 on the embedded broker (MQTT 3.1.1 §4.3.3, MQTT 5 §4.3.3),

@@ -25,5 +25,5 @@ esac
 # release and needs no cross C toolchain.
 CGO_ENABLED=0 GOOS=linux GOARCH=$arch GOARM=$goarm \
 	exec "$GO" build -trimpath \
-	-ldflags "-s -w -buildid= -X github.com/edgegate/edgegate/daemon.Version=$VERSION" \
+	-ldflags "-s -w -buildid= -X github.com/edgegate/edgegate/internal/daemon.Version=$VERSION" \
 	-o "$out" ./cmd/edgegate

@@ -5,7 +5,7 @@ import (
 	"errors"
 	"fmt"
 
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
 )
 
 // Who signs a device's readings (Registration.Signing).

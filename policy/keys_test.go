@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/envelope"
 )
 
 func TestCompileSigningModes(t *testing.T) {

@@ -40,9 +40,9 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/logtext"
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 // Kind is a delegation kind, as the platform names them.

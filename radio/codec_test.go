@@ -12,7 +12,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 type splitOut struct {

@@ -123,7 +123,7 @@
 //
 // # Simulator
 //
-// Sim is a simulated MySensors serial gateway with nodes behind it, on a
+// internal/sim/radiosim is a simulated MySensors serial gateway with nodes behind it, on a
 // pseudo-terminal behind a symlink; it can be unplugged and replugged. It
-// backs `edgegate radio-sim`, the demo and the tests.
+// backs `edgegate-sim radio-sim`, the demo and the tests.
 package radio

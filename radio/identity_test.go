@@ -1,6 +1,8 @@
-package radio
+package radio_test
 
 import (
+	"github.com/edgegate/edgegate/internal/sim/radiosim"
+	"github.com/edgegate/edgegate/radio"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -9,8 +11,8 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/metrics"
 	"github.com/edgegate/edgegate/policy"
 )
 
@@ -40,8 +42,8 @@ func TestIDRequestSkipsBoundAndSeenIDs(t *testing.T) {
 	eng := identityPolicy(t, link, filepath.Join(dir, "ttyB"))
 	sub := &fakeSub{}
 	opts := testOpts(t)
-	sim := runSim(t, SimOptions{Link: link, Silent: true, HearController: true})
-	m, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, eng, opts)
+	sim := runSim(t, radiosim.Options{Link: link, Silent: true, HearController: true})
+	m, err := radio.NewManager([]radio.PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, eng, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -65,7 +67,7 @@ func TestIDRequestSkipsBoundAndSeenIDs(t *testing.T) {
 	stop()
 
 	// After a restart, with the policy unchanged, the next id is 6.
-	m2, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, eng, opts)
+	m2, err := radio.NewManager([]radio.PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, eng, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -107,8 +109,8 @@ func TestFrameFromNodeBoundOnOtherPortRefused(t *testing.T) {
 		audited = append(audited, reason+" "+port+" "+node+" "+bound)
 		mu.Unlock()
 	}
-	sim := runSim(t, SimOptions{Link: link, Silent: true, HearController: true})
-	m, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, eng, opts)
+	sim := runSim(t, radiosim.Options{Link: link, Silent: true, HearController: true})
+	m, err := radio.NewManager([]radio.PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, eng, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,7 +122,7 @@ func TestFrameFromNodeBoundOnOtherPortRefused(t *testing.T) {
 	testkit.Eventually(t, 5*time.Second, "node 1 delivered", func() bool { return sub.count("th-a1", "temperature") == 1 })
 	testkit.Eventually(t, 5*time.Second, "node 2 refused", func() bool {
 		var c dto.Metric
-		_ = opts.Metrics.Refused.WithLabelValues(ReasonNodeOtherPort).Write(&c)
+		_ = opts.Metrics.Refused.WithLabelValues(radio.ReasonNodeOtherPort).Write(&c)
 		return c.GetCounter().GetValue() == 1
 	})
 	for _, msg := range sub.got() {
@@ -133,7 +135,7 @@ func TestFrameFromNodeBoundOnOtherPortRefused(t *testing.T) {
 	}
 	mu.Lock()
 	defer mu.Unlock()
-	if want := ReasonNodeOtherPort + " " + link + " 2/0 " + portB; len(audited) != 1 || audited[0] != want {
+	if want := radio.ReasonNodeOtherPort + " " + link + " 2/0 " + portB; len(audited) != 1 || audited[0] != want {
 		t.Errorf("audited %q, want [%q]", audited, want)
 	}
 }

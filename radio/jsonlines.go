@@ -8,7 +8,7 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 // MaxJSONLine bounds one line of the JSON-lines codec (64 KiB).

@@ -9,9 +9,9 @@ import (
 	"sync"
 	"time"
 
-	"github.com/edgegate/edgegate/metrics"
-	"github.com/edgegate/edgegate/pipeline"
-	"github.com/edgegate/edgegate/ratelog"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/ratelog"
 )
 
 // Submitter is what a radio port needs of the pipeline.

@@ -1,9 +1,11 @@
-package radio
+package radio_test
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/edgegate/edgegate/internal/sim/radiosim"
+	"github.com/edgegate/edgegate/radio"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -13,9 +15,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/reading"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/pipeline"
-	"github.com/edgegate/edgegate/reading"
 )
 
 // fakeSub records what the pipeline would get. The first failFirst calls
@@ -105,7 +107,7 @@ func (f *fakeDeviceBinder) RadioPort(device string) (string, bool) {
 
 // runManager starts m.Run and returns a stop function that cancels it and
 // checks that it returns within bound.
-func runManager(t *testing.T, m *Manager, bound time.Duration) (stop func()) {
+func runManager(t *testing.T, m *radio.Manager, bound time.Duration) (stop func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
@@ -134,9 +136,9 @@ func runManager(t *testing.T, m *Manager, bound time.Duration) (stop func()) {
 	return stop
 }
 
-func runSim(t *testing.T, opts SimOptions) *Sim {
+func runSim(t *testing.T, opts radiosim.Options) *radiosim.Sim {
 	t.Helper()
-	s, err := NewSim(opts)
+	s, err := radiosim.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -154,13 +156,13 @@ func runSim(t *testing.T, opts SimOptions) *Sim {
 	return s
 }
 
-// runSilentPort runs a silent sim at link and a Manager with the one port
+// runSilentPort runs a silent sim at link and a radio.Manager with the one port
 // pc on it, and waits until the port is open. stop is runManager's.
-func runSilentPort(t *testing.T, link string, pc PortConfig, sub Submitter, bind Binder, bound time.Duration) (*Sim, *Manager, func()) {
+func runSilentPort(t *testing.T, link string, pc radio.PortConfig, sub radio.Submitter, bind radio.Binder, bound time.Duration) (*radiosim.Sim, *radio.Manager, func()) {
 	t.Helper()
-	sim := runSim(t, SimOptions{Link: link, Silent: true})
+	sim := runSim(t, radiosim.Options{Link: link, Silent: true})
 	pc.Path = link
-	m, err := NewManager([]PortConfig{pc}, sub, bind, testOpts(t))
+	m, err := radio.NewManager([]radio.PortConfig{pc}, sub, bind, testOpts(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -169,8 +171,8 @@ func runSilentPort(t *testing.T, link string, pc PortConfig, sub Submitter, bind
 	return sim, m, stop
 }
 
-func testOpts(t *testing.T) Options {
-	return Options{StateDir: t.TempDir(), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+func testOpts(t *testing.T) radio.Options {
+	return radio.Options{StateDir: t.TempDir(), MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 		CloseTimeout: time.Second}
 }
 
@@ -189,13 +191,13 @@ func TestManagerMySensorsEndToEnd(t *testing.T) {
 	checkNoLeak(t)
 	link := filepath.Join(t.TempDir(), "ttyRADIO")
 	// Nodes 1 and 2 have static ids, the third asks for one (gets 3).
-	sim := runSim(t, SimOptions{Link: link, Nodes: 3, AutoID: 1, Interval: 40 * time.Millisecond, Garbage: true, Seed: 7})
+	sim := runSim(t, radiosim.Options{Link: link, Nodes: 3, AutoID: 1, Interval: 40 * time.Millisecond, Garbage: true, Seed: 7})
 	sub := &fakeSub{}
 	bind := &fakeBinder{}
 	bind.set(link, 1, -1, "th-1")     // the whole node
 	bind.set(link, 3, 0, "th-3-temp") // only node 3's thermometer
 	opts := testOpts(t)
-	m, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, bind, opts)
+	m, err := radio.NewManager([]radio.PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, bind, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,12 +231,12 @@ func TestManagerMySensorsEndToEnd(t *testing.T) {
 		}
 	}
 	// Node 2 is bound to nothing: refused and pending, with what it presented.
-	var pend []PendingNode
+	var pend []radio.PendingNode
 	testkit.Eventually(t, 5*time.Second, "node 2 pending", func() bool {
 		pend = m.Pending()
 		return len(pend) == 1 && pend[0].Node == 2 && len(pend[0].Children) == 2 && pend[0].Sketch == "TempHum"
 	})
-	if pend[0].Port != link || pend[0].LastSeen.IsZero() || pend[0].Children[0].Type != STemp {
+	if pend[0].Port != link || pend[0].LastSeen.IsZero() || pend[0].Children[0].Type != radio.STemp {
 		t.Errorf("pending = %+v", pend[0])
 	}
 	st := m.Ports()[0]
@@ -243,7 +245,7 @@ func TestManagerMySensorsEndToEnd(t *testing.T) {
 	}
 	stop()
 	// The id given out survives: the state file names it.
-	b, err := os.ReadFile(filepath.Join(opts.StateDir, stateFileName))
+	b, err := os.ReadFile(filepath.Join(opts.StateDir, radio.StateFileName))
 	if err != nil || !strings.Contains(string(b), "3") {
 		t.Errorf("state file = %s, %v", b, err)
 	}
@@ -252,11 +254,11 @@ func TestManagerMySensorsEndToEnd(t *testing.T) {
 func TestManagerUnplugReplug(t *testing.T) {
 	checkNoLeak(t)
 	link := filepath.Join(t.TempDir(), "ttyUSB-by-id")
-	sim := runSim(t, SimOptions{Link: link, Nodes: 1, Interval: 30 * time.Millisecond})
+	sim := runSim(t, radiosim.Options{Link: link, Nodes: 1, Interval: 30 * time.Millisecond})
 	sub := &fakeSub{}
 	bind := &fakeBinder{}
 	bind.set(link, 1, -1, "th-1")
-	m, err := NewManager([]PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, bind, testOpts(t))
+	m, err := radio.NewManager([]radio.PortConfig{{Path: link, ReadTimeout: 100 * time.Millisecond}}, sub, bind, testOpts(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -289,12 +291,12 @@ func TestManagerMissingPortThenAppears(t *testing.T) {
 	dir := t.TempDir()
 	late := filepath.Join(dir, "ttyLATE")
 	early := filepath.Join(dir, "ttyEARLY")
-	runSim(t, SimOptions{Link: early, Nodes: 1, FirstID: 5, Interval: 30 * time.Millisecond})
+	runSim(t, radiosim.Options{Link: early, Nodes: 1, FirstID: 5, Interval: 30 * time.Millisecond})
 	sub := &fakeSub{}
 	bind := &fakeBinder{}
 	bind.set(early, 5, -1, "early")
 	bind.set(late, 6, -1, "late")
-	m, err := NewManager([]PortConfig{
+	m, err := radio.NewManager([]radio.PortConfig{
 		{Path: late, ReadTimeout: 100 * time.Millisecond},
 		{Path: early, ReadTimeout: 100 * time.Millisecond},
 	}, sub, bind, testOpts(t))
@@ -308,7 +310,7 @@ func TestManagerMissingPortThenAppears(t *testing.T) {
 	if m.Ports()[0].Open {
 		t.Fatal("missing port reported open")
 	}
-	runSim(t, SimOptions{Link: late, Nodes: 1, FirstID: 6, Interval: 30 * time.Millisecond})
+	runSim(t, radiosim.Options{Link: late, Nodes: 1, FirstID: 6, Interval: 30 * time.Millisecond})
 	testkit.Eventually(t, 10*time.Second, "late port readings", func() bool { return sub.count("late", "temperature") >= 2 })
 }
 
@@ -320,16 +322,16 @@ func TestManagerHostileTraffic(t *testing.T) {
 	sub := &fakeSub{}
 	bind := &fakeBinder{}
 	bind.set(link, 1, -1, "th-1")
-	sim, m, _ := runSilentPort(t, link, PortConfig{ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
+	sim, m, _ := runSilentPort(t, link, radio.PortConfig{ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
 
-	trace := traceBytes(t, "mysensors-hostile.trace") // 2 good readings, 11 bad lines
+	trace := radio.TraceBytes(t, "mysensors-hostile.trace") // 2 good readings, 11 bad lines
 	// Byte by byte first: framing must not depend on read boundaries.
 	for i := range trace {
 		if err := sim.Inject(trace[i : i+1]); err != nil {
 			t.Fatal(err)
 		}
 	}
-	long := strings.Repeat("Z", 10*MaxMySensorsLine)
+	long := strings.Repeat("Z", 10*radio.MaxMySensorsLine)
 	if err := sim.Inject([]byte(long + "\n1;0;1;0;0;22.5\n")); err != nil {
 		t.Fatal(err)
 	}
@@ -352,15 +354,15 @@ func TestManagerJSONLines(t *testing.T) {
 	link := filepath.Join(t.TempDir(), "ttyJSON")
 	sub := &fakeSub{}
 	bind := &fakeDeviceBinder{ports: map[string]string{"th-1": link, "elsewhere": "/dev/ttyOTHER"}}
-	sim, m, _ := runSilentPort(t, link, PortConfig{Codec: CodecJSONLines, ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
+	sim, m, _ := runSilentPort(t, link, radio.PortConfig{Codec: radio.CodecJSONLines, ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
 	// jsonlines.trace: th-1 seq 1 (with time), seq 2, seq 2 again (dup),
 	// door-3 (unbound), th-1 with empty attrs (the pipeline's to refuse),
 	// then 6 bad lines; plus "elsewhere" (bound to another port) and an
 	// over-long line.
-	if err := sim.Inject(traceBytes(t, "jsonlines.trace")); err != nil {
+	if err := sim.Inject(radio.TraceBytes(t, "jsonlines.trace")); err != nil {
 		t.Fatal(err)
 	}
-	if err := sim.Inject([]byte(`{"device":"elsewhere","attrs":{"t":1}}` + "\n" + strings.Repeat("x", MaxJSONLine+10) + "\n")); err != nil {
+	if err := sim.Inject([]byte(`{"device":"elsewhere","attrs":{"t":1}}` + "\n" + strings.Repeat("x", radio.MaxJSONLine+10) + "\n")); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
@@ -387,8 +389,8 @@ func TestManagerJSONLines(t *testing.T) {
 func TestJSONLinesPlainBinder(t *testing.T) {
 	bind := &fakeBinder{}
 	bind.set("/dev/ttyX", -1, -1, "th-1")
-	p := newPort(PortConfig{Path: "/dev/ttyX", Codec: CodecJSONLines}, &fakeSub{}, bind, nil, Options{Now: time.Now}, nil, nil)
-	if !p.boundJSON("th-1") || p.boundJSON("th-2") {
+	bound := radio.PortBoundJSON(radio.PortConfig{Path: "/dev/ttyX", Codec: radio.CodecJSONLines}, &fakeSub{}, bind, radio.Options{Now: time.Now})
+	if !bound("th-1") || bound("th-2") {
 		t.Fatal("boundJSON: want th-1 only")
 	}
 }
@@ -401,7 +403,7 @@ func TestManagerSubmitRetry(t *testing.T) {
 	sub := &fakeSub{failFirst: 3}
 	bind := &fakeBinder{}
 	bind.set(link, 1, -1, "th-1")
-	sim, _, _ := runSilentPort(t, link, PortConfig{ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
+	sim, _, _ := runSilentPort(t, link, radio.PortConfig{ReadTimeout: 100 * time.Millisecond}, sub, bind, 2*time.Second)
 	if err := sim.Inject([]byte("1;0;1;0;0;1\n1;0;1;0;0;2\n1;0;1;0;0;3\n")); err != nil {
 		t.Fatal(err)
 	}
@@ -420,7 +422,7 @@ func TestManagerShutdownBounded(t *testing.T) {
 	sub := &fakeSub{failFirst: 1 << 30}
 	bind := &fakeBinder{}
 	bind.set(link, 1, -1, "th-1")
-	sim, m, stop := runSilentPort(t, link, PortConfig{ReadTimeout: 2 * time.Second}, sub, bind, 3*time.Second)
+	sim, m, stop := runSilentPort(t, link, radio.PortConfig{ReadTimeout: 2 * time.Second}, sub, bind, 3*time.Second)
 	if err := sim.Inject([]byte("1;0;1;0;0;1\n1;0;1;0;0;2\n")); err != nil {
 		t.Fatal(err)
 	}
@@ -435,17 +437,17 @@ func TestNewManagerValidates(t *testing.T) {
 	sub, bind := &fakeSub{}, &fakeBinder{}
 	for _, tt := range []struct {
 		name  string
-		ports []PortConfig
+		ports []radio.PortConfig
 		want  string
 	}{
-		{"empty path", []PortConfig{{}}, "path is empty"},
-		{"duplicate", []PortConfig{{Path: "/a"}, {Path: "/a"}}, "listed twice"},
-		{"baud", []PortConfig{{Path: "/a", Baud: 12345}}, "baud"},
-		{"codec", []PortConfig{{Path: "/a", Codec: "xml"}}, "codec"},
-		{"timeout", []PortConfig{{Path: "/a", ReadTimeout: time.Millisecond}}, "read_timeout"},
+		{"empty path", []radio.PortConfig{{}}, "path is empty"},
+		{"duplicate", []radio.PortConfig{{Path: "/a"}, {Path: "/a"}}, "listed twice"},
+		{"baud", []radio.PortConfig{{Path: "/a", Baud: 12345}}, "baud"},
+		{"codec", []radio.PortConfig{{Path: "/a", Codec: "xml"}}, "codec"},
+		{"timeout", []radio.PortConfig{{Path: "/a", ReadTimeout: time.Millisecond}}, "read_timeout"},
 	} {
-		if _, err := NewManager(tt.ports, sub, bind, Options{}); err == nil || !strings.Contains(err.Error(), tt.want) {
-			t.Errorf("%s: NewManager error = %v, want %q", tt.name, err, tt.want)
+		if _, err := radio.NewManager(tt.ports, sub, bind, radio.Options{}); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: radio.NewManager error = %v, want %q", tt.name, err, tt.want)
 		}
 	}
 }

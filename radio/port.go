@@ -18,10 +18,10 @@ import (
 	"github.com/tarm/serial"
 
 	"github.com/edgegate/edgegate/internal/backoff"
-	"github.com/edgegate/edgegate/metrics"
-	"github.com/edgegate/edgegate/pipeline"
-	"github.com/edgegate/edgegate/ratelog"
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/ratelog"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 // Sizes of a port's buffers.

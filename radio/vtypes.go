@@ -7,8 +7,8 @@ import (
 	"strconv"
 	"unicode/utf8"
 
-	"github.com/edgegate/edgegate/logtext"
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 // valueKind is how a MySensors V_ payload is typed in the reading.

@@ -13,7 +13,7 @@ import (
 	"strconv"
 	"strings"
 
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 // The platform's IoT Directory device API (iot-directory web/api/device.php),

@@ -16,8 +16,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/reading"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/reading"
 )
 
 // The Snap4City Ownership API and the personal-data service (datamanager),

@@ -5,8 +5,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/edgegate/edgegate/internal/reading"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/reading"
 )
 
 // FuzzOwnershipRows feeds arbitrary Ownership API and delegator answers

@@ -23,11 +23,11 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jws"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/edgegate/edgegate/identity"
-	"github.com/edgegate/edgegate/metrics"
-	"github.com/edgegate/edgegate/pki"
+	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/pki"
+	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/queue"
 )
 
 // Canaries of the policy-sync tests: none may appear in a log line, an

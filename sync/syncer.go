@@ -21,10 +21,10 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
 	"github.com/edgegate/edgegate/internal/backoff"
-	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/ratelog"
+	"github.com/edgegate/edgegate/internal/reading"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/ratelog"
-	"github.com/edgegate/edgegate/reading"
 )
 
 // Wire formats (the simulated central service implements the other side):

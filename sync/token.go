@@ -13,8 +13,8 @@ import (
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
 
-	"github.com/edgegate/edgegate/logtext"
-	"github.com/edgegate/edgegate/metrics"
+	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/metrics"
 )
 
 const (

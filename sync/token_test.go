@@ -16,8 +16,8 @@ import (
 
 	dto "github.com/prometheus/client_model/go"
 
+	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/testkit"
-	"github.com/edgegate/edgegate/metrics"
 )
 
 // Canary values: they must never show up in an error or a log line.

@@ -27,7 +27,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/edgegate/edgegate/central"
+	"github.com/edgegate/edgegate/internal/central"
 )
 
 func main() {

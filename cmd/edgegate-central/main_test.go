@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
-	"github.com/edgegate/edgegate/pki"
+	"github.com/edgegate/edgegate/internal/pki"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 )
 
 // TestServePushFleetRotate runs the real commands: serve against the

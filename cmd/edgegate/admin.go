@@ -29,9 +29,9 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"github.com/edgegate/edgegate/admin"
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/daemon"
+	"github.com/edgegate/edgegate/internal/admin"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/daemon"
 )
 
 const adminUsage = `usage:

@@ -14,10 +14,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/admin"
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/daemon"
-	"github.com/edgegate/edgegate/queue"
+	"github.com/edgegate/edgegate/internal/admin"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/daemon"
+	"github.com/edgegate/edgegate/internal/queue"
 )
 
 type cliBackend struct {

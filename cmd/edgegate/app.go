@@ -11,9 +11,9 @@ import (
 	"os"
 	"strings"
 
-	"github.com/edgegate/edgegate/admin"
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/daemon"
+	"github.com/edgegate/edgegate/internal/admin"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/daemon"
 	"github.com/edgegate/edgegate/mqtt"
 )
 

@@ -15,8 +15,8 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
-	"github.com/edgegate/edgegate/admin"
-	"github.com/edgegate/edgegate/daemon"
+	"github.com/edgegate/edgegate/internal/admin"
+	"github.com/edgegate/edgegate/internal/daemon"
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/mqtt"

@@ -7,7 +7,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/edgegate/edgegate/admin"
+	"github.com/edgegate/edgegate/internal/admin"
 )
 
 // config check of an ownership-api gateway lists, from the running daemon,

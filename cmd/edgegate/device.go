@@ -13,11 +13,11 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/edgegate/edgegate/admin"
-	"github.com/edgegate/edgegate/daemon"
-	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/internal/admin"
+	"github.com/edgegate/edgegate/internal/daemon"
+	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/queue"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 

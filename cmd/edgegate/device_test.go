@@ -9,9 +9,9 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/edgegate/edgegate/admin"
-	"github.com/edgegate/edgegate/centralsim"
-	"github.com/edgegate/edgegate/daemon"
+	"github.com/edgegate/edgegate/internal/admin"
+	"github.com/edgegate/edgegate/internal/daemon"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 )
 
 // socketBackend serves DeviceAdmin on an admin socket, as the daemon does;

@@ -9,10 +9,10 @@ import (
 	"os"
 	"time"
 
-	"github.com/edgegate/edgegate/devkey"
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/devkey"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/queue"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 

@@ -7,9 +7,9 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/edgegate/edgegate/centralsim"
-	"github.com/edgegate/edgegate/devkey"
-	"github.com/edgegate/edgegate/envelope"
+	"github.com/edgegate/edgegate/internal/devkey"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/policy"
 )
 

@@ -10,7 +10,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/internal/config"
 )
 
 // The manual pages must not drift from the binary: every `edgegate ...`

@@ -9,7 +9,7 @@ import (
 	"sync"
 	"testing"
 
-	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/internal/config"
 )
 
 var (

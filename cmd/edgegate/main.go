@@ -4,9 +4,6 @@
 //	edgegate config template          print a commented configuration
 //	edgegate config check --config F  validate a configuration
 //	edgegate verify [flags] [FILE]    verify a signed reading or entity
-//	edgegate central-sim [flags]      run the simulated central service
-//	edgegate radio-sim --link PATH    run a simulated MySensors radio gateway
-//	edgegate demo                     run the demo (sim central, daemon, devices)
 //	edgegate version                  print the version
 package main
 
@@ -23,8 +20,8 @@ import (
 	"runtime/debug"
 	"syscall"
 
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/daemon"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/daemon"
 )
 
 // exitError carries a process exit code through run.
@@ -72,9 +69,6 @@ commands:
   device add|list|remove     register devices in the central IoT directory
   app add|remove|list        app accounts on an external Mosquitto (dynsec)
   verify [flags] [FILE|-]    verify a signed reading (compact JWS) or an NGSI entity
-  central-sim [flags]        run the simulated central service (OIDC + broker filter)
-  radio-sim --link PATH      run a simulated MySensors serial gateway on a pseudo-terminal
-  demo                       run the demo: simulated central, real daemon, simulated devices
   version                    print the version
 `
 
@@ -91,8 +85,6 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return runConfig(rest, stdout, stderr)
 	case "verify":
 		return runVerify(ctx, rest, stdin, stdout, stderr)
-	case "central-sim":
-		return runCentralSim(ctx, rest, stdout, stderr)
 	case "status":
 		return runStatus(ctx, rest, stdout, stderr)
 	case "doctor":
@@ -109,10 +101,6 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return runDevice(ctx, rest, stdin, stdout, stderr)
 	case "app":
 		return runApp(ctx, rest, stdout, stderr)
-	case "radio-sim":
-		return runRadioSim(ctx, rest, stdout, stderr)
-	case "demo":
-		return runDemo(ctx, rest, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "edgegate", daemon.Version)
 		return nil
@@ -134,17 +122,6 @@ func newLogger(w io.Writer, level, format string) (*slog.Logger, *slog.LevelVar)
 		return slog.New(slog.NewJSONHandler(w, opts)), v
 	}
 	return slog.New(slog.NewTextHandler(w, opts)), v
-}
-
-// toolLogger is the text logger of the simulator commands, at a level given
-// on their command line (an unknown level is an error, not a silent info).
-func toolLogger(w io.Writer, level string) (*slog.Logger, error) {
-	var lv slog.Level
-	if err := lv.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level: %w", err)
-	}
-	log, _ := newLogger(w, level, "text")
-	return log, nil
 }
 
 func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {

@@ -23,12 +23,12 @@ import (
 	"golang.org/x/oauth2"
 	"gopkg.in/yaml.v3"
 
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/identity"
 	"github.com/edgegate/edgegate/internal/atomicfile"
-	"github.com/edgegate/edgegate/qr"
-	"github.com/edgegate/edgegate/queue"
-	"github.com/edgegate/edgegate/storekey"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/qr"
+	"github.com/edgegate/edgegate/internal/queue"
+	"github.com/edgegate/edgegate/internal/storekey"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 

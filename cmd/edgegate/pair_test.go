@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -12,9 +13,9 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
@@ -44,6 +45,9 @@ const (
 	// bundle.
 	withCompanion
 )
+
+// lockedBuffer collects a command's output while it still writes.
+type lockedBuffer = testkit.Buffer
 
 func newPairFixture(t *testing.T, mode pairMode, po centralsim.PairingOptions) *pairFixture {
 	t.Helper()

@@ -26,8 +26,8 @@ import (
 	"github.com/zitadel/oidc/v3/pkg/oidc"
 	"github.com/zitadel/oidc/v3/pkg/op"
 
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/identity"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/identity"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 

@@ -5,7 +5,7 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/edgegate/edgegate/config"
+	"github.com/edgegate/edgegate/internal/config"
 )
 
 // unpair, verify and device read the store settings the way config.Load

@@ -17,13 +17,13 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/identity"
-	"github.com/edgegate/edgegate/logtext"
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/uplink"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
-	"github.com/edgegate/edgegate/uplink"
 )
 
 const verifyUsage = `usage: edgegate verify [--device ID] [--key FILE | --devices FILE] [--attr NAME] [FILE|-]

@@ -16,8 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/edgegate/edgegate/envelope"
-	"github.com/edgegate/edgegate/reading"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 const (
@@ -39,13 +39,12 @@ func storedEntity(t *testing.T) map[string]any {
 	e := map[string]any{"id": "th-1", "type": "Thermometer",
 		"latitude": map[string]any{"type": "float", "value": "", "metadata": map[string]any{}}}
 	at := time.Date(2026, 12, 3, 6, 0, 0, 0, time.UTC)
-	// In order: reading 2 rewrites humidity after reading 1 wrote both (a
-	// map here made the order, and the test, a coin toss).
-	readings := [][]reading.Attribute{
-		1: {{Name: "humidity", Type: "Number", Value: 40.0}, {Name: "temperature", Type: "Number", Value: 21.5}},
-		2: {{Name: "humidity", Type: "Number", Value: 41.0}},
-	}
-	for i, attrs := range readings[1:] {
+	// In order: reading 2 overwrites reading 1's humidity (a map here
+	// made the test fail whenever Go iterated it 2 before 1).
+	for i, attrs := range [][]reading.Attribute{
+		{{Name: "humidity", Type: "Number", Value: 40.0}, {Name: "temperature", Type: "Number", Value: 21.5}},
+		{{Name: "humidity", Type: "Number", Value: 41.0}},
+	} {
 		seq := uint64(i + 1)
 		r := reading.Reading{Device: "th-1", Time: at.Add(time.Duration(seq) * time.Minute), Attrs: attrs}
 		c := envelope.ClaimsOf("gw-1", seq, &r)

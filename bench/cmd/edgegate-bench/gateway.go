@@ -21,16 +21,16 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
-	egconfig "github.com/edgegate/edgegate/config"
-	"github.com/edgegate/edgegate/logtext"
-	"github.com/edgegate/edgegate/metrics"
+	egconfig "github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/queue"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
+	"github.com/edgegate/edgegate/internal/uplink"
 	"github.com/edgegate/edgegate/mqtt"
-	"github.com/edgegate/edgegate/pipeline"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/queue"
 	centralsync "github.com/edgegate/edgegate/sync"
-	"github.com/edgegate/edgegate/uplink"
 )
 
 // gwSpec is what both gateways (the real daemon and the in-process

@@ -15,9 +15,10 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/edgegate/edgegate/pipeline"
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/queue"
+	"github.com/edgegate/edgegate/internal/sim/radiosim"
 	"github.com/edgegate/edgegate/policy"
-	"github.com/edgegate/edgegate/queue"
 	"github.com/edgegate/edgegate/radio"
 )
 
@@ -157,7 +158,7 @@ func runRadio(ctx context.Context, cfg config, work string) (radioResult, error)
 	app := &countingAppender{q: q}
 	pipe := pipeline.New(engine, app, pipeline.Options{Gateway: "gw-bench"})
 
-	sim, err := radio.NewSim(radio.SimOptions{Link: link, Silent: true})
+	sim, err := radiosim.New(radiosim.Options{Link: link, Silent: true})
 	if err != nil {
 		return r, err
 	}

@@ -7,7 +7,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/edgegate/edgegate/logtext"
+	"github.com/edgegate/edgegate/internal/logtext"
 )
 
 type machine struct {

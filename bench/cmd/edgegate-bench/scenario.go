@@ -9,7 +9,7 @@ import (
 	"strconv"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 )
 
 type scenario struct {

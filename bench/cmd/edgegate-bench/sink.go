@@ -6,7 +6,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/edgegate/edgegate/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
 )
 
 // sink records, at the simulated broker, every accepted update: how many,

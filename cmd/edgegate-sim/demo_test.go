@@ -1,0 +1,174 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/edgegate/edgegate/internal/config"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
+	"github.com/edgegate/edgegate/internal/testkit"
+)
+
+var (
+	buildOnce sync.Once
+	builtBin  string
+	buildErr  error
+	buildDir  string
+)
+
+// TestMain removes the edgegate binary the demo tests build.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if buildDir != "" {
+		os.RemoveAll(buildDir)
+	}
+	os.Exit(code)
+}
+
+// edgegateBinary builds the real edgegate command once: the demo drives
+// it as a separate process, as `make demo` does.
+func edgegateBinary(t *testing.T) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		buildDir, buildErr = os.MkdirTemp("", "edgegate-sim-test-")
+		if buildErr != nil {
+			return
+		}
+		builtBin = filepath.Join(buildDir, "edgegate")
+		// go test runs in the package's directory.
+		cmd := exec.Command("go", "build", "-o", builtBin, "../edgegate")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = errors.New("go build ./cmd/edgegate: " + err.Error() + "\n" + string(out))
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return builtBin
+}
+
+// startSim runs a simulated platform with the device grant on pair's
+// default client; companion adds the edgegate companion (bundle mode).
+func startSim(t *testing.T, companion bool) (*centralsim.Server, string) {
+	t.Helper()
+	opts := centralsim.Options{Pairing: centralsim.PairingOptions{ClientID: pairClientID, Interval: time.Second}}
+	if companion {
+		opts.Companion = true
+		opts.Gateways = map[string]string{pairClientID: "gw-demo-01"}
+		opts.Clients = []centralsim.Client{{ID: pairClientID, Secret: "unused-" + t.Name(), Username: demoAccount}}
+	}
+	sim, err := centralsim.New(opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sim.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sim.Close() })
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "ca.pem"), sim.CACertPEM(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return sim, dir
+}
+
+// TestDemoConfigAfterPair: the demo pairs by running the real `edgegate
+// pair` (stock mode) and approving its code, then runs the daemon on that
+// configuration plus its own keys; the result must be one the daemon
+// loads, still in stock mode (policy.source ownership-api, no devices in
+// the file).
+func TestDemoConfigAfterPair(t *testing.T) {
+	bin := edgegateBinary(t)
+	sim, dir := startSim(t, false)
+	cfgPath := filepath.Join(dir, "edgegate.yaml")
+	var shown testkit.Buffer
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	if err := demoPair(ctx, bin, sim, cfgPath, filepath.Join(dir, "state"), filepath.Join(dir, "ca.pem"), &lineWriter{w: &shown}); err != nil {
+		t.Fatalf("demoPair: %v", err)
+	}
+	if !strings.Contains(shown.String(), "approves code") {
+		t.Errorf("the demo did not show the approval step:\n%s", shown.String())
+	}
+	link := filepath.Join(dir, "ttyRADIO0")
+	if err := demoTuneConfig(cfgPath, link); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := config.Load(cfgPath)
+	if err != nil {
+		t.Fatalf("the daemon would refuse the demo's configuration: %v", err)
+	}
+	o := cfg.Policy.Ownership
+	switch {
+	case cfg.Policy.Source != config.PolicyOwnership:
+		t.Errorf("policy.source = %q, want %q", cfg.Policy.Source, config.PolicyOwnership)
+	case o.Username != demoAccount || o.DefaultType != "TemperatureSensor":
+		t.Errorf("policy.ownership = %+v", o)
+	case o.Brokers[centralsim.DefaultBrokerName] != sim.BrokerURL():
+		t.Errorf("brokers = %v, want %s at %s", o.Brokers, centralsim.DefaultBrokerName, sim.BrokerURL())
+	case len(cfg.Radio.Ports) != 1 || cfg.Radio.Ports[0].Path != link || cfg.Radio.Ports[0].Codec != "mysensors":
+		t.Errorf("radio.ports = %+v", cfg.Radio.Ports)
+	case cfg.MQTT.Embedded.Listen != "127.0.0.1:0" || cfg.Log.Format != "json":
+		t.Errorf("mqtt.embedded.listen %q, log.format %q", cfg.MQTT.Embedded.Listen, cfg.Log.Format)
+	}
+}
+
+// TestDemoTuneConfigRefusesBundleMode: on a configuration that is not
+// stock mode (paired with the companion) the demo says so instead of
+// running something else.
+func TestDemoTuneConfigRefusesBundleMode(t *testing.T) {
+	bin := edgegateBinary(t)
+	sim, dir := startSim(t, true)
+	cfgPath := filepath.Join(dir, "edgegate.yaml")
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	var out, errOut testkit.Buffer
+	done := make(chan error, 1)
+	go func() {
+		done <- runEdgegate(ctx, bin, []string{"pair", "--central", sim.URL(), "--ca", filepath.Join(dir, "ca.pem"),
+			"--config", cfgPath, "--state-dir", filepath.Join(dir, "state"), "--gateway-id", "gw-demo-01",
+			"--private-key-jwt", "--no-qr"}, &out, &errOut)
+	}()
+	approved := false
+	for finished := false; !finished; {
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("pair: %v\n%s%s", err, out.String(), errOut.String())
+			}
+			finished = true
+		case <-time.After(100 * time.Millisecond):
+			if codes := sim.PendingUserCodes(); !approved && len(codes) > 0 {
+				approved = true
+				if err := sim.ApproveDevice(codes[0], demoAccount); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	err := demoTuneConfig(cfgPath, filepath.Join(dir, "tty"))
+	if err == nil {
+		t.Fatal("demoTuneConfig accepted a bundle-mode configuration")
+	}
+	t.Log(err)
+}
+
+// TestFindEdgegate: a flagged binary that is not there is an error naming
+// the flag, not a demo that fails later.
+func TestFindEdgegate(t *testing.T) {
+	_, err := findEdgegate(filepath.Join(t.TempDir(), "nope"))
+	if err == nil || !strings.Contains(err.Error(), "--edgegate") {
+		t.Fatalf("findEdgegate(missing) = %v, want an error naming --edgegate", err)
+	}
+	bin := edgegateBinary(t)
+	if got, err := findEdgegate(bin); err != nil || got != bin {
+		t.Fatalf("findEdgegate(%s) = %q, %v", bin, got, err)
+	}
+}

@@ -1,0 +1,274 @@
+package central
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"runtime"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/policy"
+	centralsync "github.com/edgegate/edgegate/sync"
+)
+
+// Built is one gateway's policy content, or why it cannot be published.
+type Built struct {
+	Gateway string
+	// Doc has Devices and Delegations; Version and times are set when it
+	// is signed.
+	Doc policy.Document
+	// Content is the digest of Devices and Delegations.
+	Content string
+	// Problems, when any, refuse the whole gateway: publishing without the
+	// device or delegation concerned would drop it silently.
+	Problems []string
+}
+
+// Build maps a snapshot to one policy per gateway named by an ownership
+// row's edgegateway_uri (edgegate://GW/..., written by device.php insert
+// from the gateway's DeviceSpec.EdgeURI and copied into the row's
+// elementDetails by common.php registerOwnership). extra are gateways to
+// build even when no row names them (configured ones: an empty policy).
+// An error means a row cannot be attributed to a gateway: nothing at all
+// may be published from this snapshot.
+func Build(s *Snapshot, brokers map[string]string, extra []string) (map[string]*Built, error) {
+	out := map[string]*Built{}
+	get := func(gw string) *Built {
+		b := out[gw]
+		if b == nil {
+			b = &Built{Gateway: gw, Doc: policy.Document{Format: policy.DocumentFormat, Gateway: gw,
+				Devices: []policy.Registration{}}}
+			out[gw] = b
+		}
+		return b
+	}
+	for _, gw := range extra {
+		get(gw)
+	}
+	byElement := map[string]*Built{} // elementId → its gateway
+	for i, r := range s.Rows {
+		if isSet(r.Deleted) || (r.ElementType != "" && r.ElementType != "IOTID") {
+			continue
+		}
+		det, err := parseDetails(r.ElementDetails)
+		if err != nil {
+			return nil, fmt.Errorf("ownership row %d (%s): %v", i, clip(r.ElementID), err)
+		}
+		if detailString(det, "edgegateway_type") != centralsync.EdgeGatewayType {
+			continue
+		}
+		eb, err := parseEdgeURI(detailString(det, "edgegateway_uri"))
+		if err != nil {
+			return nil, fmt.Errorf("ownership row %d (%s): edgegateway_uri: %v", i, clip(r.ElementID), err)
+		}
+		b := get(eb.gateway)
+		if r.Username == "" || strings.Count(r.ElementID, ":") != 2 {
+			b.Problems = append(b.Problems, fmt.Sprintf("row %s: no owner or elementId not Organization:broker:id", clip(r.ElementID)))
+			continue
+		}
+		parts := strings.SplitN(r.ElementID, ":", 3)
+		cb := detailString(det, "contextbroker")
+		if cb == "" {
+			cb = parts[1]
+		}
+		reg := policy.Registration{ID: parts[2], Owner: r.Username, K1: detailString(det, "k1"), K2: detailString(det, "k2"),
+			Radio: eb.radio, Signing: eb.signing}
+		if reg.Signing == "" {
+			reg.Signing = detailString(det, "signing")
+		}
+		var ok bool
+		if reg.Broker, ok = brokers[cb]; !ok {
+			b.Problems = append(b.Problems, fmt.Sprintf("device %s: context broker %q is not in platform.brokers", reg.ID, clip(cb)))
+			continue
+		}
+		if reg.Type, ok = s.Types[cb+"/"+reg.ID]; !ok || reg.Type == "" {
+			b.Problems = append(b.Problems, fmt.Sprintf("device %s: the IoT Directory lists no entity type for it", reg.ID))
+			continue
+		}
+		reg.PublicKeys = centralsync.DetailPublicKeys(det)
+		// The gateway refuses a whole document over one bad device: the
+		// whole document is compiled with the gateway's own rules below,
+		// and only when that fails is each device compiled alone to name
+		// the culprits (compiling each device every round doubled the cost
+		// of a round at 1,000,000 devices: docs/central.md).
+		b.Doc.Devices = append(b.Doc.Devices, reg)
+		byElement[r.ElementID] = b
+	}
+	// Delegations each owner gave on the devices above.
+	for _, b := range out {
+		owners := map[string]bool{}
+		for _, d := range b.Doc.Devices {
+			owners[d.Owner] = true
+		}
+		for o := range owners {
+			if why, failed := s.Failed[o]; failed {
+				b.Problems = append(b.Problems, fmt.Sprintf("delegations of %s unreadable: %s", o, clip(why)))
+			}
+		}
+	}
+	for owner, rows := range s.Given {
+		for _, d := range rows {
+			b := byElement[d.ElementID]
+			if b == nil || (d.ElementType != "" && d.ElementType != "IOTID") || isSet(d.DeleteTime) {
+				continue
+			}
+			dev := strings.SplitN(d.ElementID, ":", 3)[2]
+			kind := policy.Kind(d.Kind)
+			switch {
+			case d.UsernameDelegator != "" && !strings.EqualFold(d.UsernameDelegator, owner):
+				continue // not a delegation this owner gave
+			case !kind.Valid():
+				b.Problems = append(b.Problems, fmt.Sprintf("delegation on %s: unknown kind %q", dev, clip(d.Kind)))
+			case d.UsernameDelegated != "":
+				b.Doc.Delegations = append(b.Doc.Delegations, policy.Delegation{Device: dev, User: d.UsernameDelegated, Kind: kind})
+			case d.GroupnameDelegated != "":
+				b.Doc.Delegations = append(b.Doc.Delegations, policy.Delegation{Device: dev, Group: d.GroupnameDelegated, Kind: kind})
+			default:
+				b.Problems = append(b.Problems, fmt.Sprintf("delegation on %s names neither a user nor a group", dev))
+			}
+		}
+	}
+	// Each gateway's sorting, check and digest is independent of the
+	// others: spread over the CPUs (half of a round's time at 1,000,000
+	// devices, docs/central.md).
+	work := make(chan *Built)
+	var wg sync.WaitGroup
+	for range runtime.GOMAXPROCS(0) {
+		wg.Go(func() {
+			for b := range work {
+				finishBuilt(b)
+			}
+		})
+	}
+	for _, b := range out {
+		work <- b
+	}
+	close(work)
+	wg.Wait()
+	return out, nil
+}
+
+// finishBuilt sorts b's devices and delegations, checks the whole
+// document with the gateway's own rules (naming the culprit devices when
+// refused) and sets its content digest.
+func finishBuilt(b *Built) {
+	sort.Slice(b.Doc.Devices, func(i, j int) bool { return b.Doc.Devices[i].ID < b.Doc.Devices[j].ID })
+	dls := b.Doc.Delegations
+	sort.Slice(dls, func(i, j int) bool {
+		x, y := dls[i], dls[j]
+		if x.Device != y.Device {
+			return x.Device < y.Device
+		}
+		if x.User != y.User {
+			return x.User < y.User
+		}
+		if x.Group != y.Group {
+			return x.Group < y.Group
+		}
+		return x.Kind < y.Kind
+	})
+	b.Doc.Delegations = dedupe(dls)
+	var whole error
+	if len(b.Problems) == 0 {
+		_, whole = policy.Compile(b.Doc, "check", "")
+	}
+	if whole != nil || len(b.Problems) > 0 {
+		// Refused: name every device the gateway would refuse alone.
+		named := false
+		for _, reg := range b.Doc.Devices {
+			if _, err := policy.Compile(policy.Document{Format: policy.DocumentFormat, Devices: []policy.Registration{reg}}, "check", ""); err != nil {
+				b.Problems = append(b.Problems, fmt.Sprintf("device %s: %s", reg.ID, strings.TrimPrefix(err.Error(), policy.ErrInvalid.Error()+": ")))
+				named = true
+			}
+		}
+		if whole != nil && !named {
+			b.Problems = append(b.Problems, strings.TrimPrefix(whole.Error(), policy.ErrInvalid.Error()+": "))
+		}
+	}
+	sum, _ := json.Marshal(struct {
+		D []policy.Registration
+		G []policy.Delegation
+	}{b.Doc.Devices, b.Doc.Delegations})
+	h := sha256.Sum256(sum)
+	b.Content = "sha256:" + hex.EncodeToString(h[:])
+}
+
+func dedupe(dls []policy.Delegation) []policy.Delegation {
+	out := dls[:0]
+	for i, d := range dls {
+		if i > 0 && d == dls[i-1] {
+			continue
+		}
+		out = append(out, d)
+	}
+	return out
+}
+
+type edgeBinding struct {
+	gateway string
+	radio   *policy.RadioBinding
+	signing string
+}
+
+// parseEdgeURI reads edgegate://GW/mqtt or edgegate://GW/radio?port=P&
+// node=N&child=C (sync.DeviceSpec.EdgeURI writes them), "signing" optional.
+func parseEdgeURI(raw string) (edgeBinding, error) {
+	u, err := url.Parse(raw)
+	if err != nil || u.Scheme != "edgegate" || !gatewayIDRE.MatchString(u.Host) {
+		return edgeBinding{}, fmt.Errorf("%q is not edgegate://GATEWAY/...", clip(raw))
+	}
+	q := u.Query()
+	eb := edgeBinding{gateway: u.Host, signing: q.Get("signing")}
+	switch u.Path {
+	case "/mqtt":
+		return eb, nil
+	case "/radio":
+	default:
+		return edgeBinding{}, fmt.Errorf("path %q is neither /mqtt nor /radio", clip(u.Path))
+	}
+	eb.radio = &policy.RadioBinding{Port: q.Get("port"), Node: -1, Child: -1}
+	for name, p := range map[string]*int{"node": &eb.radio.Node, "child": &eb.radio.Child} {
+		if v := q.Get(name); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil {
+				return edgeBinding{}, fmt.Errorf("%s %q is not a number", name, clip(v))
+			}
+			*p = n
+		}
+	}
+	return eb, nil
+}
+
+func edgeBound(r OwnershipRow) bool {
+	det, err := parseDetails(r.ElementDetails)
+	return err == nil && detailString(det, "edgegateway_type") == centralsync.EdgeGatewayType
+}
+
+func isSet(raw json.RawMessage) bool {
+	switch string(bytes.TrimSpace(raw)) {
+	case "", "null", `""`, "false":
+		return false
+	}
+	return true
+}
+
+// parseDetails decodes elementDetails as the gateway does
+// (centralsync.ParseDetails); absent or null details are an empty object
+// here, so such a row is judged by its missing keys, not refused whole.
+func parseDetails(raw json.RawMessage) (map[string]any, error) {
+	if t := bytes.TrimSpace(raw); len(t) == 0 || string(t) == "null" || string(t) == `""` {
+		return map[string]any{}, nil
+	}
+	return centralsync.ParseDetails(raw)
+}
+
+func detailString(m map[string]any, key string) string { return centralsync.DetailString(m, key) }
+
+func clip(s string) string { return logtext.Clip(s, 120) }

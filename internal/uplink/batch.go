@@ -1,0 +1,216 @@
+package uplink
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+
+	"github.com/edgegate/edgegate/internal/queue"
+)
+
+// Batch mode: POST {broker}/v2/op/update with
+//
+//	{"actionType":"append","entities":[{"id":…,"type":…,<attrs of reading 1>}, …]}
+//
+// for brokers reached without the Orion Broker Filter (which only lets
+// PATCH /v2/entities/{id}/attrs through). Each entity is one reading,
+// each attribute with its own signature and TimeInstant metadata, exactly
+// the body the filter mode would PATCH plus id and type.
+//
+// Ordering. A lane (device) is in at most one request at a time, as in
+// filter mode, so a device's next batch starts only once its previous one
+// was answered. Within a batch a device may appear several times (up to
+// PerDevice readings), in seq order: Orion processes the entities of an
+// op/update one after the other, in array order, each as its own update
+// of the entity (with its own notifications), so the broker sees the same
+// sequence of updates as with one PATCH per reading, and the entity ends
+// with each attribute's last value and signature. ("append" adds
+// attributes the entity lacks, where PATCH would refuse them with 422.)
+//
+// Failures. A 2xx (or a 422 PartialUpdate: Orion applied what it could)
+// settles every reading of the batch. A refusal of a listed device is
+// split like a permanent one, then retried per device within the refusal
+// window (refusal.go). Transient failures
+// back the broker off and the same lanes are retried. A permanent refusal
+// (4xx) of a batch of several readings dead-letters nothing: each of its
+// lanes is then sent alone, one reading per request, so that the refusal
+// names one reading, which alone is dead-lettered. Orion may have applied
+// the entities before a failing one: those are sent again
+// (at-least-once; the (device, seq) in the signed envelope identifies the
+// duplicates). One batch carries one Fiware-Service/ServicePath: readings
+// of other tenants wait for another batch.
+
+const (
+	defaultBatchSize  = 256
+	defaultBatchBytes = 512 << 10
+	defaultPerDevice  = 32
+)
+
+// fillBatches starts batch jobs for idle lanes, round-robin from start,
+// spreading the idle lanes over the free request slots so that requests
+// overlap (pipelining) instead of one batch taking every lane.
+func (d *dispatcher) fillBatches(start int) {
+	n := len(d.lanes)
+	free := d.u.opts.Concurrency - d.inflight
+	var idle []queue.Lane
+	for i := 0; i < n; i++ {
+		l := d.lanes[(start+i)%n]
+		if d.busy[l] {
+			continue
+		}
+		if held, _ := d.refusalState(l, d.u.opts.Now()); held {
+			continue
+		}
+		if d.solo[l] {
+			if free > 0 {
+				d.startBatch([]queue.Lane{l}, true)
+				free--
+			}
+			continue
+		}
+		idle = append(idle, l)
+	}
+	if len(idle) == 0 || free <= 0 {
+		return
+	}
+	per := (len(idle) + free - 1) / free
+	per = min(per, d.u.opts.BatchSize)
+	for len(idle) > 0 && free > 0 {
+		k := min(per, len(idle))
+		d.startBatch(idle[:k:k], false)
+		idle = idle[k:]
+		free--
+	}
+}
+
+func (d *dispatcher) startBatch(lanes []queue.Lane, solo bool) {
+	for _, l := range lanes {
+		d.busy[l] = true
+	}
+	d.inflight++
+	d.cursor = lanes[len(lanes)-1].Device
+	j := job{lane: lanes[0], lanes: lanes, solo: solo, epoch: d.epoch, gen: d.gen}
+	if solo {
+		_, j.expired = d.refusalState(lanes[0], d.u.opts.Now())
+	}
+	d.jobs <- j // never blocks: at most Concurrency jobs are in flight
+}
+
+// attemptBatch sends the head readings of the job's lanes in one op/update
+// and settles them with the queue when the broker's answer is final.
+func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
+	u := d.u
+	r := result{job: j}
+	perDevice := u.opts.PerDevice
+	if j.solo {
+		perDevice = 1
+	}
+	var items []queue.Item
+	var size int
+	var svc, svcPath string
+	var first = true
+	for _, l := range j.lanes {
+		if len(items) >= u.opts.BatchSize {
+			break
+		}
+		got, err := u.src.Peek(l, min(perDevice, u.opts.BatchSize-len(items)))
+		if err != nil {
+			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("peek queue: %w", err)
+			return r
+		}
+		if len(got) == 0 {
+			r.empties = append(r.empties, l)
+			continue
+		}
+		if first {
+			svc, svcPath, first = got[0].Service, got[0].ServicePath, false
+		}
+		for _, it := range got {
+			if it.Service != svc || it.ServicePath != svcPath {
+				break // another tenant: a later batch
+			}
+			add := len(it.Body) + len(it.Device) + len(it.Type) + 32
+			if len(items) > 0 && size+add > u.opts.BatchBytes {
+				break
+			}
+			size += add
+			items = append(items, it)
+		}
+	}
+	if len(items) == 0 {
+		r.empty = true
+		return r
+	}
+	r.items, r.item = items, items[0]
+
+	tok, err := u.tok.Token(ctx)
+	if err != nil {
+		if ctx.Err() != nil {
+			r.aborted = true
+			return r
+		}
+		r.v, r.err = verdict{kind: retry, reason: "token"}, err
+		return r
+	}
+	body, err := batchBody(items, size)
+	if err != nil {
+		// A stored body that is not a JSON object: it will never be
+		// accepted; send it alone so that it is dead-lettered.
+		r.v = verdict{kind: permanent, class: "4xx", reason: "stored body: " + err.Error()}
+		if len(items) == 1 {
+			if err := u.deadLetter(items[0], r.v); err != nil {
+				r.v, r.err = verdict{kind: retry, reason: "store"}, err
+			}
+		}
+		return r
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.base+"/v2/op/update", bytes.NewReader(body))
+	if err != nil {
+		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
+		return r
+	}
+	setHeaders(req, tok, svc, svcPath)
+	return d.exchange(ctx, r, req, items, tok)
+}
+
+// batchBody renders the op/update body: each stored body (an NGSI
+// attribute object) becomes an entity with "id" and "type" spliced in front
+// of its attributes.
+func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
+	b := make([]byte, 0, sizeHint+64)
+	b = append(b, `{"actionType":"append","entities":[`...)
+	for i, it := range items {
+		body := bytes.TrimSpace(it.Body)
+		if len(body) < 2 || body[0] != '{' || body[len(body)-1] != '}' {
+			return nil, fmt.Errorf("reading %s/%d is not a JSON object", it.Device, it.Seq)
+		}
+		if i > 0 {
+			b = append(b, ',')
+		}
+		// Device ids are [A-Za-z0-9._-] (queue-checked); the type is
+		// quoted like any string.
+		b = append(b, `{"id":`...)
+		b = strconv.AppendQuote(b, it.Device)
+		if it.Type != "" {
+			b = append(b, `,"type":`...)
+			b = appendJSONString(b, it.Type)
+		}
+		inner := bytes.TrimSpace(body[1 : len(body)-1])
+		if len(inner) > 0 {
+			b = append(b, ',')
+			b = append(b, inner...)
+		}
+		b = append(b, '}')
+	}
+	return append(b, "]}"...), nil
+}
+
+// appendJSONString appends s as a JSON string.
+func appendJSONString(b []byte, s string) []byte {
+	q, _ := json.Marshal(s) // a string always marshals
+	return append(b, q...)
+}
