@@ -321,9 +321,10 @@ func (p *Policy) grant(m map[string]map[string]bool, user, device string) {
 }
 
 func checkRegistration(r Registration) error {
+	if err := reading.ValidateDeviceID(r.ID); err != nil {
+		return err
+	}
 	switch {
-	case !reading.ValidDeviceID(r.ID):
-		return reading.ValidateDeviceID(r.ID)
 	case !reading.ValidID(r.Type):
 		return fmt.Errorf("device %s: type %q must match [A-Za-z0-9._-]{1,256}", r.ID, clip(r.Type))
 	case r.Owner == "":

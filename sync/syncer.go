@@ -245,8 +245,7 @@ type Syncer struct {
 // New checks the options and builds a Syncer. It does no I/O: call
 // LoadCached before the stages that enforce the policy start, then Run.
 func New(o Options) (*Syncer, error) {
-	if !reading.ValidID(o.Gateway) || o.Gateway == "." || o.Gateway == ".." {
-		// A path segment of central's URLs: never "." or "..".
+	if !reading.ValidSegmentID(o.Gateway) {
 		return nil, fmt.Errorf("policy sync: gateway id %q must match [A-Za-z0-9._-]{1,256} and not be . or ..", clip(o.Gateway))
 	}
 	if o.Engine == nil || o.Store == nil || o.Tokens == nil {

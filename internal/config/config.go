@@ -615,19 +615,6 @@ func urlSecret(s string) string {
 	}
 }
 
-func validID(s string) bool {
-	if len(s) == 0 || len(s) > 256 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
-			return false
-		}
-	}
-	return true
-}
-
 func httpsURL(s string) error {
 	u, err := url.Parse(s)
 	if s == "" || err != nil || u.Host == "" {

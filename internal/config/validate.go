@@ -45,9 +45,7 @@ func (c *Config) Validate() error {
 // validateGateway checks gateway.*, and the top-level state_dir and
 // memory_limit that belong to the gateway as a whole.
 func (c *Config) validateGateway(p *problems) {
-	if id := c.Gateway.ID; id != "" && (!validID(id) || id == "." || id == "..") {
-		// Not "." or "..": the id is a path segment of central's URLs
-		// (/edgegate/v1/gateways/{gw}/policy) and an MQTT topic level.
+	if id := c.Gateway.ID; id != "" && !reading.ValidSegmentID(id) {
 		p.bad("gateway.id", id, "must match [A-Za-z0-9._-]{1,256} and not be . or ..")
 	}
 	if c.StateDir == "" {
@@ -212,7 +210,7 @@ func (c *Config) validateUplink(p *problems) {
 	if u.Concurrency < 0 || u.Concurrency > 64 {
 		p.bad("uplink.concurrency", strconv.Itoa(u.Concurrency), "must be between 1 and 64 (0 or absent: 16 in filter mode, 4 in batch mode)")
 	}
-	if u.SignatureAttribute == "" || !validID(u.SignatureAttribute) || u.SignatureAttribute == "TimeInstant" {
+	if u.SignatureAttribute == "" || !reading.ValidID(u.SignatureAttribute) || u.SignatureAttribute == "TimeInstant" {
 		p.bad("uplink.signature_attribute", u.SignatureAttribute, "must be a valid NGSI metadata name other than TimeInstant")
 	}
 	if u.SendKeys {
@@ -360,7 +358,7 @@ func (c *Config) validateDevices(p *problems, ports map[string]bool) {
 // validateDevice checks one device's keys but its id; key is its
 // "devices[i]" prefix.
 func validateDevice(p *problems, key string, d Device, ports map[string]bool) {
-	if !validID(d.Type) {
+	if !reading.ValidID(d.Type) {
 		p.bad(key+".type", d.Type, "must match [A-Za-z0-9._-]{1,256}")
 	}
 	if d.Owner == "" {

@@ -115,6 +115,13 @@ func ValidateDeviceID(id string) error {
 // ValidDeviceID reports whether ValidateDeviceID accepts id.
 func ValidDeviceID(id string) bool { return ValidateDeviceID(id) == nil }
 
+// ValidSegmentID reports whether s is a valid id (ValidID) that can stand
+// as one path segment of a URL or one MQTT topic level: never "." or "..",
+// which a client or proxy resolves to another resource. The gateway id is
+// one (/edgegate/v1/gateways/{gw}/policy); device ids have the stricter
+// ValidateDeviceID.
+func ValidSegmentID(s string) bool { return ValidID(s) && s != "." && s != ".." }
+
 // ValidID reports whether s is a valid NGSI v2 id or type as the broker
 // filter accepts: [A-Za-z0-9._-]{1,256}. Device ids have a stricter rule,
 // ValidateDeviceID.
