@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	centralsync "github.com/edgegate/edgegate/sync"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -204,7 +205,7 @@ func (s *Service) handleReceipt(w http.ResponseWriter, r *http.Request) {
 		apiError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("a receipt is at most %d bytes", maxReceiptBytes))
 		return
 	}
-	p, thumb, err := verifyReceipt(body)
+	p, thumb, err := centralsync.VerifyReceipt(body)
 	if err == nil && p.Gateway != gw {
 		err = fmt.Errorf("receipt is for gateway %q, posted for %q", clip(p.Gateway), gw)
 	}
