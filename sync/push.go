@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
@@ -18,6 +19,33 @@ import (
 // PushTopic is the topic central ops publish a gateway's policy messages
 // on: a compact JWS bundle, or {"type":"sync"} to ask for a poll now.
 func PushTopic(gateway string) string { return "edgegate/gateways/" + gateway + "/policy" }
+
+// GatewayOfTopic is the inverse of PushTopic: the gateway segment, when
+// topic has PushTopic's form. The caller validates the id (which must
+// refuse the MQTT wildcards + and #).
+func GatewayOfTopic(topic string) (string, bool) {
+	rest, ok := strings.CutPrefix(topic, "edgegate/gateways/")
+	if !ok {
+		return "", false
+	}
+	gw, ok := strings.CutSuffix(rest, "/policy")
+	if !ok || gw == "" || strings.Contains(gw, "/") {
+		return "", false
+	}
+	return gw, true
+}
+
+// ETagMatches implements If-None-Match (RFC 9110 §13.1.2, weak comparison)
+// for central's policy endpoint, which the Syncer polls conditionally.
+func ETagMatches(header, etag string) bool {
+	for _, t := range strings.Split(header, ",") {
+		t = strings.TrimPrefix(strings.TrimSpace(t), "W/")
+		if t == "*" || t == etag {
+			return true
+		}
+	}
+	return false
+}
 
 // pushMessage is the JSON form of a push message.
 type pushMessage struct {

@@ -9,9 +9,9 @@ import (
 	"io"
 	"net/http"
 	"slices"
-	"strings"
 	"time"
 
+	centralsync "github.com/edgegate/edgegate/sync"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -147,17 +147,6 @@ func (s *Service) authorize(ctx context.Context, gw, account string) error {
 	return err
 }
 
-// etagMatches implements If-None-Match (RFC 9110 §13.1.2, weak comparison).
-func etagMatches(header, etag string) bool {
-	for _, t := range strings.Split(header, ",") {
-		t = strings.TrimPrefix(strings.TrimSpace(t), "W/")
-		if t == "*" || t == etag {
-			return true
-		}
-	}
-	return false
-}
-
 // handlePolicy is GET /edgegate/v1/gateways/{gw}/policy.
 func (s *Service) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	gw, ok := s.gatewayRequest(w, r)
@@ -177,7 +166,7 @@ func (s *Service) handlePolicy(w http.ResponseWriter, r *http.Request) {
 	etag := fmt.Sprintf(`"v%d"`, rec.Version)
 	w.Header().Set("ETag", etag)
 	w.Header().Set("Cache-Control", "no-store") // it holds K1/K2
-	if inm := r.Header.Get("If-None-Match"); inm != "" && etagMatches(inm, etag) {
+	if inm := r.Header.Get("If-None-Match"); inm != "" && centralsync.ETagMatches(inm, etag) {
 		w.WriteHeader(http.StatusNotModified)
 		return
 	}
@@ -204,7 +193,7 @@ func (s *Service) handleReceipt(w http.ResponseWriter, r *http.Request) {
 		apiError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("a receipt is at most %d bytes", maxReceiptBytes))
 		return
 	}
-	p, thumb, err := verifyReceipt(body)
+	p, thumb, err := centralsync.VerifyReceipt(body)
 	if err == nil && p.Gateway != gw {
 		err = fmt.Errorf("receipt is for gateway %q, posted for %q", clip(p.Gateway), gw)
 	}

@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
-	"strings"
 	"time"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -75,15 +74,8 @@ func (p *pushBroker) publish(gw, bundle string) error {
 }
 
 func gatewayOfTopic(topic string) (string, bool) {
-	rest, ok := strings.CutPrefix(topic, "edgegate/gateways/")
-	if !ok {
-		return "", false
-	}
-	gw, ok := strings.CutSuffix(rest, "/policy")
-	if !ok || !gatewayIDRE.MatchString(gw) {
-		return "", false
-	}
-	return gw, true
+	gw, ok := centralsync.GatewayOfTopic(topic)
+	return gw, ok && gatewayIDRE.MatchString(gw)
 }
 
 type pushAuthHook struct {

@@ -174,14 +174,26 @@ func TestReplicasRacing(t *testing.T) {
 	// Stock caps a user at 5 IOTID devices (common.php limits): 4 new
 	// devices, and a new delegation at every step.
 	const changes = 4
+	// afterRounds waits for n more refresh rounds (of either replica), so
+	// the replicas race over each platform state.
+	afterRounds := func(n int64) {
+		t.Helper()
+		want, deadline := rounds.Load()+n, time.Now().Add(10*time.Second)
+		for rounds.Load() < want {
+			if time.Now().After(deadline) {
+				t.Fatalf("replicas stalled at %d refresh rounds, want %d", rounds.Load(), want)
+			}
+			time.Sleep(time.Millisecond) // polling the condition above
+		}
+	}
 	for i := 1; i <= 16; i++ {
 		if i%4 == 0 {
 			e.insert("alice", fmt.Sprintf("th-%d", i/4), "gw-a")
 		}
 		e.sim.SetDelegations([]centralsim.Delegation{{Device: "th-0", User: fmt.Sprintf("viewer-%d", i), Kind: centralsim.KindReadAccess}})
-		time.Sleep(30 * time.Millisecond)
+		afterRounds(2)
 	}
-	time.Sleep(200 * time.Millisecond)
+	afterRounds(8)
 	close(stop)
 	wg.Wait()
 	// A last round by each replica: both see the final platform.

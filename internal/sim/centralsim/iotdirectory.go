@@ -274,16 +274,12 @@ func (s *Server) directoryInsert(res dirResult, user, org string, f url.Values) 
 		res["msg"], res["error_msg"], res["log"] = "error inserting device", "forbidden character detected ( "+why+" )", "forbidden character detected ( "+why+" )"
 		return
 	}
-	if missing := missingParams(f, "id", "type", "contextbroker", "kind", "format", "model", "producer",
-		"latitude", "longitude", "k1", "k2", "frequency", "attributes"); len(missing) > 0 {
-		res["status"], res["msg"] = "ko", "Missing Parameters"
-		res.add("error_msg", "Problem in insert device (Missing parameters: "+strings.Join(missing, ", ")+" )")
+	if res.missingParams(f, "Problem in insert device", "id", "type", "contextbroker", "kind", "format", "model", "producer",
+		"latitude", "longitude", "k1", "k2", "frequency", "attributes") {
 		return
 	}
 	id, typ, cb, kind := f.Get("id"), f.Get("type"), f.Get("contextbroker"), f.Get("kind")
-	if cb != s.opts.BrokerName { // getProtocol: the broker must be in the directory
-		res["status"], res["msg"] = "ko", "Unrecognized contextbroker/protocol"
-		res.add("error_msg", "Problem in insert device (Unrecognized contextbroker/protocol)")
+	if !s.knownBroker(res, cb, "Problem in insert device") {
 		return
 	}
 	k1, k2 := f.Get("k1"), f.Get("k2")
@@ -473,21 +469,15 @@ func (s *Server) directoryRightsLocked(user, role, id string, modifyOK bool) boo
 	return c.Result && c.Kind == KindModify
 }
 
-// directoryDelete is action=delete: deleteKB (the entity), then
-// removeOwnerShipDevice, then the directory's rows.
 // directoryAttributes is action=get_device_attributes (device.php,
 // "get_device_attributes"): the device's event_values rows under
 // "content", for a user with read rights on the element.
 func (s *Server) directoryAttributes(res dirResult, user, role string, f url.Values) {
-	if missing := missingParams(f, "id", "contextbroker"); len(missing) > 0 {
-		res["status"], res["msg"] = "ko", "Missing Parameters"
-		res.add("error_msg", "Problem getting all the device attr information (Missing parameters: "+strings.Join(missing, ", ")+" )")
+	if res.missingParams(f, "Problem getting all the device attr information", "id", "contextbroker") {
 		return
 	}
 	id, cb := f.Get("id"), f.Get("contextbroker")
-	if cb != s.opts.BrokerName {
-		res["status"], res["msg"] = "ko", "Unrecognized contextbroker/protocol"
-		res.add("error_msg", "Problem in get device attributes (Unrecognized contextbroker/protocol)")
+	if !s.knownBroker(res, cb, "Problem in get device attributes") {
 		return
 	}
 	s.mu.Lock()
@@ -521,16 +511,14 @@ func (s *Server) directoryAttributes(res dirResult, user, role string, f url.Val
 	res["status"], res["content"] = "ok", attrs
 }
 
+// directoryDelete is action=delete: deleteKB (the entity), then
+// removeOwnerShipDevice, then the directory's rows.
 func (s *Server) directoryDelete(res dirResult, user, role string, f url.Values) {
-	if missing := missingParams(f, "id", "contextbroker"); len(missing) > 0 {
-		res["status"], res["msg"] = "ko", "Missing Parameters"
-		res.add("error_msg", "Problem deleting the device information (Missing parameters: "+strings.Join(missing, ", ")+" )")
+	if res.missingParams(f, "Problem deleting the device information", "id", "contextbroker") {
 		return
 	}
 	id, cb := f.Get("id"), f.Get("contextbroker")
-	if cb != s.opts.BrokerName {
-		res["status"], res["msg"] = "ko", "Unrecognized contextbroker/protocol"
-		res.add("error_msg", "Problem in delete device (Unrecognized contextbroker/protocol)")
+	if !s.knownBroker(res, cb, "Problem in delete device") {
 		return
 	}
 	s.mu.Lock()
@@ -559,16 +547,12 @@ func (s *Server) directoryDelete(res dirResult, user, role string, f url.Values)
 // the entity. With Options.Companion, a publickey parameter rotates the
 // device's key (the companion's key rotation).
 func (s *Server) directoryUpdate(res dirResult, user, role string, f url.Values) {
-	if missing := missingParams(f, "id", "type", "contextbroker", "gb_old_cb", "kind", "format", "model", "producer",
-		"latitude", "longitude", "k1", "k2", "frequency"); len(missing) > 0 {
-		res["status"], res["msg"] = "ko", "Missing Parameters"
-		res.add("error_msg", "Problem update the device information (Missing parameters: "+strings.Join(missing, ", ")+" )")
+	if res.missingParams(f, "Problem update the device information", "id", "type", "contextbroker", "gb_old_cb", "kind", "format", "model", "producer",
+		"latitude", "longitude", "k1", "k2", "frequency") {
 		return
 	}
 	id, cb := f.Get("id"), f.Get("contextbroker")
-	if cb != s.opts.BrokerName {
-		res["status"], res["msg"] = "ko", "Unrecognized contextbroker/protocol"
-		res.add("error_msg", "Problem in update device (Unrecognized contextbroker/protocol)")
+	if !s.knownBroker(res, cb, "Problem in update device") {
 		return
 	}
 	var pubs []json.RawMessage
@@ -757,3 +741,27 @@ func parseEdgeURI(raw string) (gw string, rb *policy.RadioBinding, signing strin
 type errString string
 
 func (e errString) Error() string { return string(e) }
+
+// missingParams answers device.php's "Missing Parameters" for the names
+// absent from f; problem starts the error_msg (e.g. "Problem in insert
+// device"). It reports whether any was missing.
+func (res dirResult) missingParams(f url.Values, problem string, names ...string) bool {
+	missing := missingParams(f, names...)
+	if len(missing) == 0 {
+		return false
+	}
+	res["status"], res["msg"] = "ko", "Missing Parameters"
+	res.add("error_msg", problem+" (Missing parameters: "+strings.Join(missing, ", ")+" )")
+	return true
+}
+
+// knownBroker is getProtocol: the broker must be in the directory, else it
+// answers "Unrecognized contextbroker/protocol" and reports false.
+func (s *Server) knownBroker(res dirResult, cb, problem string) bool {
+	if cb == s.opts.BrokerName {
+		return true
+	}
+	res["status"], res["msg"] = "ko", "Unrecognized contextbroker/protocol"
+	res.add("error_msg", problem+" (Unrecognized contextbroker/protocol)")
+	return false
+}

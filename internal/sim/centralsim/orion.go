@@ -260,6 +260,25 @@ func jsonKind(v json.RawMessage) string {
 	return "Number"
 }
 
+// typedValue applies the type rules an attribute and a metadata share: a
+// DateTime/ISO8601 value (not null) must parse and is rendered as Orion
+// renders dates; with no type given, the default type of the value's kind.
+// The string is Orion's error description, "" when none.
+func typedValue(typ string, typeGiven bool, value json.RawMessage) (string, json.RawMessage, string) {
+	kind := jsonKind(value)
+	if (typ == typeDateTime || typ == typeDateAlt) && kind != "Null" {
+		norm, ok := normalizeDate(value)
+		if !ok {
+			return typ, value, orionDateInvalid
+		}
+		value = norm
+	}
+	if !typeGiven {
+		typ = defaultTypeOf(kind)
+	}
+	return typ, value, ""
+}
+
 func defaultTypeOf(kind string) string {
 	switch kind {
 	case "String":
@@ -314,16 +333,9 @@ func parseOrionAttr(name string, raw json.RawMessage) (orionAttr, string) {
 			return a, "unrecognized property for context attribute"
 		}
 	}
-	kind := jsonKind(a.value)
-	if (a.typ == typeDateTime || a.typ == typeDateAlt) && kind != "Null" {
-		norm, ok := normalizeDate(a.value)
-		if !ok {
-			return a, orionDateInvalid
-		}
-		a.value = norm
-	}
-	if !a.typeGiven {
-		a.typ = defaultTypeOf(kind)
+	var err string
+	if a.typ, a.value, err = typedValue(a.typ, a.typeGiven, a.value); err != "" {
+		return a, err
 	}
 	return a, checkOrionAttr(a)
 }
@@ -423,16 +435,9 @@ func parseOrionMetadata(raw json.RawMessage) (json.RawMessage, string) {
 			return nil, "invalid JSON field for attribute metadata"
 		}
 	}
-	kind := jsonKind(m.Value)
-	if (m.Type == typeDateTime || m.Type == typeDateAlt) && kind != "Null" {
-		norm, ok := normalizeDate(m.Value)
-		if !ok {
-			return nil, orionDateInvalid
-		}
-		m.Value = norm
-	}
-	if !typeGiven {
-		m.Type = defaultTypeOf(kind)
+	var err string
+	if m.Type, m.Value, err = typedValue(m.Type, typeGiven, m.Value); err != "" {
+		return nil, err
 	}
 	b, _ := json.Marshal(m) // strings and valid raw JSON: cannot fail
 	return b, ""

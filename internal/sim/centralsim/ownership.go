@@ -679,9 +679,13 @@ func (s *Server) accessCheckLocked(user, elementID, elementType string) AccessCh
 // errNoUsername: the userinfo named no user (session.php: 400).
 var errNoUsername = errors.New("no username found")
 
-// ownershipUser authenticates an Ownership API request as session.php
-// does; on failure it has answered.
+// ownershipUser answers an Ownership API fault (BackendOwnership), else
+// authenticates the request as session.php does; on failure it has answered.
 func (s *Server) ownershipUser(w http.ResponseWriter, r *http.Request) (string, bool) {
+	if f := s.backendFault(BackendOwnership); f != nil {
+		writeText(w, f.Status, http.StatusText(f.Status))
+		return "", false
+	}
 	tok := phpQuery(r.URL.RawQuery).Get("accessToken")
 	if tok == "" {
 		h := r.Header.Get("Authorization")
@@ -741,10 +745,6 @@ func writeText(w http.ResponseWriter, status int, body string) {
 
 // handleOwnershipList is GET /ownership-api/v1/list/ (list/index.php).
 func (s *Server) handleOwnershipList(w http.ResponseWriter, r *http.Request) {
-	if f := s.backendFault(BackendOwnership); f != nil {
-		writeText(w, f.Status, http.StatusText(f.Status))
-		return
-	}
 	user, ok := s.ownershipUser(w, r)
 	if !ok {
 		return
@@ -783,10 +783,6 @@ func (s *Server) handleOwnershipList(w http.ResponseWriter, r *http.Request) {
 // handleOwnershipRegister is POST /ownership-api/v1/register/
 // (register/index.php).
 func (s *Server) handleOwnershipRegister(w http.ResponseWriter, r *http.Request) {
-	if f := s.backendFault(BackendOwnership); f != nil {
-		writeText(w, f.Status, http.StatusText(f.Status))
-		return
-	}
 	user, ok := s.ownershipUser(w, r)
 	if !ok {
 		return
@@ -877,10 +873,6 @@ func (s *Server) handleOwnershipRegister(w http.ResponseWriter, r *http.Request)
 // handleOwnershipLimits is GET /ownership-api/v1/limits/ (limits/index.php).
 // Numbers come out as strings, as mysqli returns them.
 func (s *Server) handleOwnershipLimits(w http.ResponseWriter, r *http.Request) {
-	if f := s.backendFault(BackendOwnership); f != nil {
-		writeText(w, f.Status, http.StatusText(f.Status))
-		return
-	}
 	user, ok := s.ownershipUser(w, r)
 	if !ok {
 		return
@@ -925,10 +917,6 @@ func (s *Server) handleOwnershipLimits(w http.ResponseWriter, r *http.Request) {
 
 // handleOwnershipDelete is /ownership-api/v1/delete/ (delete/index.php).
 func (s *Server) handleOwnershipDelete(w http.ResponseWriter, r *http.Request) {
-	if f := s.backendFault(BackendOwnership); f != nil {
-		writeText(w, f.Status, http.StatusText(f.Status))
-		return
-	}
 	user, ok := s.ownershipUser(w, r)
 	if !ok {
 		return

@@ -21,6 +21,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jws"
 
 	"github.com/edgegate/edgegate/policy"
+	centralsync "github.com/edgegate/edgegate/sync"
 )
 
 // Signed policy bundles, the central side of policy sync:
@@ -455,17 +456,6 @@ func (s *Server) gatewayRequest(w http.ResponseWriter, r *http.Request) (string,
 	return gw, true
 }
 
-// etagMatches implements If-None-Match (RFC 9110 §13.1.2, weak comparison).
-func etagMatches(header, etag string) bool {
-	for _, t := range strings.Split(header, ",") {
-		t = strings.TrimPrefix(strings.TrimSpace(t), "W/")
-		if t == "*" || t == etag {
-			return true
-		}
-	}
-	return false
-}
-
 func (s *Server) handlePolicyKeys(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-cache")
 	writeJSON(w, http.StatusOK, s.PolicyKeys())
@@ -486,7 +476,7 @@ func (s *Server) handleGatewayPolicy(w http.ResponseWriter, r *http.Request) {
 	etag := fmt.Sprintf(`"v%d"`, doc.Version)
 	w.Header().Set("ETag", etag)
 	w.Header().Set("Cache-Control", "no-store") // it holds K1/K2
-	if inm := r.Header.Get("If-None-Match"); inm != "" && etagMatches(inm, etag) {
+	if inm := r.Header.Get("If-None-Match"); inm != "" && centralsync.ETagMatches(inm, etag) {
 		w.WriteHeader(http.StatusNotModified)
 		return
 	}

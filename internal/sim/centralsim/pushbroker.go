@@ -4,8 +4,8 @@ import (
 	"crypto/tls"
 	"fmt"
 	"net"
-	"strings"
 
+	centralsync "github.com/edgegate/edgegate/sync"
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
@@ -35,19 +35,12 @@ import (
 const NudgePayload = `{"type":"sync"}`
 
 // PushTopic is the topic gateway gw subscribes to.
-func PushTopic(gw string) string { return "edgegate/gateways/" + gw + "/policy" }
+func PushTopic(gw string) string { return centralsync.PushTopic(gw) }
 
 // gatewayOfTopic is the inverse of PushTopic; wildcards never match.
 func gatewayOfTopic(topic string) (string, bool) {
-	rest, ok := strings.CutPrefix(topic, "edgegate/gateways/")
-	if !ok {
-		return "", false
-	}
-	gw, ok := strings.CutSuffix(rest, "/policy")
-	if !ok || !gatewayIDRE.MatchString(gw) {
-		return "", false
-	}
-	return gw, true
+	gw, ok := centralsync.GatewayOfTopic(topic)
+	return gw, ok && gatewayIDRE.MatchString(gw)
 }
 
 type pushBroker struct {

@@ -1,11 +1,7 @@
 package centralsim
 
 import (
-	"bytes"
-	"crypto"
-	"crypto/ed25519"
 	"encoding/base64"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -13,9 +9,8 @@ import (
 	"slices"
 	"time"
 
-	"github.com/lestrrat-go/jwx/v2/jwa"
+	centralsync "github.com/edgegate/edgegate/sync"
 	"github.com/lestrrat-go/jwx/v2/jwk"
-	"github.com/lestrrat-go/jwx/v2/jws"
 )
 
 // Apply receipts: after applying a policy, a gateway reports it.
@@ -48,68 +43,19 @@ type Receipt struct {
 	Detail        string    `json:"detail,omitempty"` // why not Valid
 }
 
-type receiptPayload struct {
-	Gateway       string    `json:"gateway"`
-	PolicyVersion uint64    `json:"policy_version"`
-	BundleDigest  string    `json:"bundle_digest"`
-	Source        string    `json:"source"`
-	AppliedAt     time.Time `json:"applied_at"`
-}
+// Thumbprint is centralsync.Thumbprint, kept for the sim's callers.
+func Thumbprint(key jwk.Key) (string, error) { return centralsync.Thumbprint(key) }
 
-// Thumbprint is the RFC 7638 SHA-256 thumbprint of a key, base64url.
-func Thumbprint(key jwk.Key) (string, error) {
-	tp, err := key.Thumbprint(crypto.SHA256)
-	if err != nil {
-		return "", err
+// verifyReceipt is centralsync.VerifyReceipt with applied_at read as a time:
+// one that is not RFC 3339 fails the receipt.
+func verifyReceipt(compact []byte) (p centralsync.Receipt, applied time.Time, thumb string, err error) {
+	p, thumb, err = centralsync.VerifyReceipt(compact)
+	if err == nil && p.AppliedAt != "" {
+		if applied, err = time.Parse(time.RFC3339, p.AppliedAt); err != nil {
+			err = errors.New("payload: applied_at is not an RFC 3339 time")
+		}
 	}
-	return base64.RawURLEncoding.EncodeToString(tp), nil
-}
-
-// verifyReceipt checks a compact JWS receipt against its embedded key. It
-// returns the thumbprint of that key even on failure, when it has one.
-func verifyReceipt(compact []byte) (receiptPayload, string, error) {
-	var p receiptPayload
-	if bytes.Count(compact, []byte{'.'}) != 2 {
-		return p, "", errors.New("not a compact JWS")
-	}
-	msg, err := jws.Parse(compact)
-	if err != nil {
-		return p, "", fmt.Errorf("parse: %w", err)
-	}
-	sigs := msg.Signatures()
-	if len(sigs) != 1 {
-		return p, "", fmt.Errorf("%d signatures, want 1", len(sigs))
-	}
-	h := sigs[0].ProtectedHeaders()
-	if h.Algorithm() != jwa.EdDSA {
-		return p, "", fmt.Errorf("alg %q, want EdDSA", h.Algorithm())
-	}
-	key := h.JWK()
-	if key == nil {
-		return p, "", errors.New("no jwk header")
-	}
-	var pub ed25519.PublicKey
-	if _, private := key.(jwk.OKPPrivateKey); private {
-		return p, "", errors.New("jwk header holds a private key")
-	}
-	if err := key.Raw(&pub); err != nil || len(pub) != ed25519.PublicKeySize {
-		return p, "", errors.New("jwk header is not an Ed25519 public key")
-	}
-	thumb, err := Thumbprint(key)
-	if err != nil {
-		return p, "", fmt.Errorf("thumbprint: %w", err)
-	}
-	if h.KeyID() != thumb {
-		return p, thumb, errors.New("kid is not the thumbprint of the jwk")
-	}
-	payload, err := jws.Verify(compact, jws.WithKey(jwa.EdDSA, pub))
-	if err != nil {
-		return p, thumb, errors.New("signature does not verify")
-	}
-	if err := json.Unmarshal(payload, &p); err != nil {
-		return p, thumb, fmt.Errorf("payload: %w", err)
-	}
-	return p, thumb, nil
+	return p, applied, thumb, err
 }
 
 // handleReceipt is POST /edgegate/v1/gateways/{gw}/receipts.
@@ -123,13 +69,13 @@ func (s *Server) handleReceipt(w http.ResponseWriter, r *http.Request) {
 		apiError(w, http.StatusRequestEntityTooLarge, "too_large", fmt.Sprintf("a receipt is at most %d bytes", maxReceiptBytes))
 		return
 	}
-	p, thumb, err := verifyReceipt(bytes.TrimSpace(body))
+	p, applied, thumb, err := verifyReceipt(body)
 	if err == nil && p.Gateway != gw {
 		err = fmt.Errorf("receipt is for gateway %q, posted for %q", p.Gateway, gw)
 	}
 	rec := Receipt{
 		Gateway: gw, Thumbprint: thumb, PolicyVersion: p.PolicyVersion, BundleDigest: p.BundleDigest,
-		Source: p.Source, AppliedAt: p.AppliedAt, ReceivedAt: s.now(),
+		Source: p.Source, AppliedAt: applied, ReceivedAt: s.now(),
 	}
 	if err != nil {
 		rec.Detail = err.Error()
