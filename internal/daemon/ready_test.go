@@ -158,17 +158,12 @@ devices:
 	}
 	ac := admin.NewClient(cfg.Admin.Socket)
 	defer ac.CloseIdle()
-	deadline := time.Now().Add(15 * time.Second)
 	var st admin.Status
-	for {
+	if !testkit.Poll(15*time.Second, func() bool {
 		st, err = ac.Status(context.Background())
-		if err == nil && len(st.Devices) == 1 && st.Devices[0].Ingested+st.Devices[0].Refused == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the reading published right after READY was not taken in: %+v %v\n%s", st.Devices, err, logs.String())
-		}
-		time.Sleep(50 * time.Millisecond)
+		return err == nil && len(st.Devices) == 1 && st.Devices[0].Ingested+st.Devices[0].Refused == 1
+	}) {
+		t.Fatalf("the reading published right after READY was not taken in: %+v %v\n%s", st.Devices, err, logs.String())
 	}
 	if st.Devices[0].Ingested != 1 {
 		t.Errorf("reading refused, want queued: %+v", st.Devices[0])
