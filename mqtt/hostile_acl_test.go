@@ -633,14 +633,20 @@ func TestHostileSessionRace(t *testing.T) {
 	}
 }
 
-// gatedPipeline holds every commit until its gate opens.
+// gatedPipeline holds every commit until its gate opens; it tells arrived
+// (if not full) of each reading handed to it.
 type gatedPipeline struct {
 	*pipeline.Pipeline
-	gate chan struct{}
+	gate    chan struct{}
+	arrived chan struct{}
 }
 
 func (g gatedPipeline) Start(ctx context.Context, msg pipeline.Message) pipeline.Pending {
 	wait := g.Pipeline.Start(ctx, msg)
+	select {
+	case g.arrived <- struct{}{}:
+	default:
+	}
 	return func(ctx context.Context) (pipeline.Outcome, error) {
 		select {
 		case <-g.gate:
@@ -655,10 +661,15 @@ func (g gatedPipeline) Start(ctx context.Context, msg pipeline.Message) pipeline
 // to bob nor retained for him.
 func TestHostileReadingAcrossOwnerChange(t *testing.T) {
 	gate := make(chan struct{})
-	e := newAccessEnvWith(t, func(p *pipeline.Pipeline) Submitter { return gatedPipeline{p, gate} })
+	arrived := make(chan struct{}, 1)
+	e := newAccessEnvWith(t, func(p *pipeline.Pipeline) Submitter { return gatedPipeline{p, gate, arrived} })
 	a1 := e.device("a1")
 	tok := a1.Publish(topicA1, 1, true, sample)
-	time.Sleep(100 * time.Millisecond) // handed to the pipeline, held at the gate
+	select { // handed to the pipeline, held at the gate
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reading never reached the pipeline")
+	}
 	e.apply(t, func(d *policy.Document) {
 		for i := range d.Devices {
 			if d.Devices[i].ID == "a1" {
