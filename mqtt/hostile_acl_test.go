@@ -577,13 +577,18 @@ func TestWillDelayV5(t *testing.T) {
 	// Back within the delay: the will is not sent.
 	rc.willDelaySec, rc.clean = 2, false
 	r, _, _ = e.rawDial(t, rc)
+	cl, ok := e.broker.srv.Clients.Get(rc.id)
+	if !ok {
+		t.Fatalf("%s not among the broker's clients", rc.id)
+	}
 	r.c.Close()
-	time.Sleep(200 * time.Millisecond)
+	// mochi makes the will pending before it marks the client closed.
+	eventually(t, "the broker took the drop", cl.Closed)
 	back, code, present := e.rawDial(t, rawConnect{id: "a1-delay", user: "a1", password: e.devicePassword("a1"), v5: true, expiry: 30})
 	if code != connAccepted || !present {
 		t.Fatalf("a1 back: 0x%02x present=%v", code, present)
 	}
-	time.Sleep(2500 * time.Millisecond)
+	time.Sleep(2500 * time.Millisecond) // real time past the 2 s will delay: the cancelled will must not come
 	if n := in.count(topicA1); n != 1 {
 		t.Fatalf("%d wills delivered, want 1: the reconnection did not cancel the pending will", n)
 	}
