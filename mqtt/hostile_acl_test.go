@@ -44,18 +44,13 @@ type rawConnect struct {
 // rawDial connects and returns the CONNACK return code and session present.
 func (e *accessEnv) rawDial(t *testing.T, rc rawConnect) (*rawConn, byte, bool) {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", strings.TrimPrefix(e.url, "tcp://"), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	r := &rawConn{t: t, c: c, br: bufio.NewReader(c), version: 4}
+	w := e.wireDial("")
+	r := &rawConn{t: t, c: w.Conn, br: w.r, version: 4}
 	if rc.v5 {
 		r.version = 5
 	}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: r.version,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: rc.id, Clean: rc.clean,
-			Keepalive: 30, Username: []byte(rc.user), UsernameFlag: true, Password: []byte(rc.password), PasswordFlag: true}}
+	pk := connectPacket(wireOpts{user: rc.user, password: rc.password, id: rc.id, clean: rc.clean, keepalive: 30})
+	pk.ProtocolVersion = r.version
 	if rc.willTopic != "" {
 		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload = true, rc.willTopic, []byte(rc.willPayload)
 		pk.Connect.WillQos, pk.Connect.WillRetain = 1, rc.willRetain
@@ -67,11 +62,7 @@ func (e *accessEnv) rawDial(t *testing.T, rc rawConnect) (*rawConn, byte, bool) 
 	if rc.v5 && rc.expiry > 0 {
 		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = rc.expiry, true
 	}
-	var buf bytes.Buffer
-	if err := pk.ConnectEncode(&buf); err != nil {
-		t.Fatal(err)
-	}
-	r.write(buf.Bytes())
+	r.write(encode(t, pk))
 	ack := r.read()
 	if ack.FixedHeader.Type != packets.Connack {
 		t.Fatalf("first packet is type %d, want CONNACK", ack.FixedHeader.Type)
@@ -145,26 +136,10 @@ func (r *rawConn) next(wait time.Duration) (packets.Packet, error) {
 func (r *rawConn) send(pk packets.Packet) {
 	r.t.Helper()
 	pk.ProtocolVersion = r.version
-	var buf bytes.Buffer
-	var err error
-	switch pk.FixedHeader.Type {
-	case packets.Publish:
-		err = pk.PublishEncode(&buf)
-	case packets.Pubrel:
+	if pk.FixedHeader.Type == packets.Pubrel || pk.FixedHeader.Type == packets.Subscribe {
 		pk.FixedHeader.Qos = 1
-		err = pk.PubrelEncode(&buf)
-	case packets.Subscribe:
-		pk.FixedHeader.Qos = 1
-		err = pk.SubscribeEncode(&buf)
-	case packets.Disconnect:
-		err = pk.DisconnectEncode(&buf)
-	case packets.Puback:
-		err = pk.PubackEncode(&buf)
 	}
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	r.write(buf.Bytes())
+	r.write(encode(r.t, pk))
 }
 
 func rawPublish(topic string, qos byte, id uint16, dup, retain bool, payload string) packets.Packet {
@@ -613,9 +588,7 @@ func TestHostileSessionRace(t *testing.T) {
 				}
 				defer c.Close()
 				r := &rawConn{t: t, c: c, br: bufio.NewReader(c), version: 4}
-				pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-					Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: id, Keepalive: 30,
-						Username: []byte(dev), UsernameFlag: true, Password: []byte(e.devicePassword(dev)), PasswordFlag: true}}
+				pk := connectPacket(wireOpts{user: dev, password: e.devicePassword(dev), id: id, keepalive: 30})
 				var buf bytes.Buffer
 				pk.ConnectEncode(&buf)
 				c.Write(buf.Bytes())
