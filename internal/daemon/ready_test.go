@@ -68,20 +68,7 @@ mqtt:
     username: edgegate
     password_file: mqtt-password
     accounts: %s
-central:
-  token_url: https://127.0.0.1:1/token
-  client_id: gw
-  client_secret_file: client-secret
-admin:
-  socket: %s
-devices:
-  - id: d1
-    type: TemperatureSensor
-    owner: alice
-    k1: k1-canary-d1
-    k2: k2-canary-d1
-    broker: https://127.0.0.1:1/filter
-`, "tcp://"+via, accounts, filepath.Join(dir, "admin.sock")))
+`, "tcp://"+via, accounts)+oneDeviceYAML(filepath.Join(dir, "admin.sock")))
 	cfg, err := config.Load(filepath.Join(dir, "edgegate.yaml"))
 	if err != nil {
 		t.Fatal(err)
