@@ -163,6 +163,18 @@ func isTimeout(err error) bool {
 	return ok && ne.Timeout()
 }
 
+// setOwner puts in force the policy with device id owned by owner.
+func (e *accessEnv) setOwner(t *testing.T, id, owner string) {
+	t.Helper()
+	e.apply(t, func(d *policy.Document) {
+		for i := range d.Devices {
+			if d.Devices[i].ID == id {
+				d.Devices[i].Owner = owner
+			}
+		}
+	})
+}
+
 // apply puts a modified copy of the policy in force, as a sync would.
 func (e *accessEnv) apply(t *testing.T, mut func(*policy.Document)) {
 	t.Helper()
@@ -278,13 +290,7 @@ func TestHostileRetainedAfterOwnerChange(t *testing.T) {
 	}
 
 	// a1 moves to bob: the reading collected under alice is dropped.
-	e.apply(t, func(d *policy.Document) {
-		for i := range d.Devices {
-			if d.Devices[i].ID == "a1" {
-				d.Devices[i].Owner = "bob"
-			}
-		}
-	})
+	e.setOwner(t, "a1", "bob")
 	_, bobNew := subscribe(t, e.app("bob"), topicA1)
 	time.Sleep(noDeliveryInterval)
 	if n := bobNew.count(topicA1); n != 0 {
@@ -648,13 +654,7 @@ func TestHostileReadingAcrossOwnerChange(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the reading never reached the pipeline")
 	}
-	e.apply(t, func(d *policy.Document) {
-		for i := range d.Devices {
-			if d.Devices[i].ID == "a1" {
-				d.Devices[i].Owner = "bob"
-			}
-		}
-	})
+	e.setOwner(t, "a1", "bob")
 	_, bobIn := subscribe(t, e.app("bob"), topicA1)
 	close(gate)
 	tok.WaitTimeout(2 * time.Second) // its session was closed: acknowledged or not, it is committed
