@@ -92,6 +92,12 @@ func encode(t testing.TB, pk packets.Packet) []byte {
 		err = pk.PublishEncode(&buf)
 	case packets.Subscribe:
 		err = pk.SubscribeEncode(&buf)
+	case packets.Pubrel:
+		err = pk.PubrelEncode(&buf)
+	case packets.Puback:
+		err = pk.PubackEncode(&buf)
+	case packets.Disconnect:
+		err = pk.DisconnectEncode(&buf)
 	default:
 		t.Fatalf("no encoder for %d", pk.FixedHeader.Type)
 	}

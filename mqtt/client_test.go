@@ -18,6 +18,7 @@ import (
 
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/mosquittotest"
+	"github.com/edgegate/edgegate/internal/testkit"
 
 	"github.com/edgegate/edgegate/internal/pipeline"
 )
@@ -211,14 +212,7 @@ func TestExternalAckOrder(t *testing.T) {
 			t.Fatalf("publish: %v", err)
 		}
 	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		_, ack := tap.snapshot()
-		if len(ack) >= len(want) || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	testkit.Poll(30*time.Second, func() bool { _, ack := tap.snapshot(); return len(ack) >= len(want) }) // asserted below
 	pubIDs, ackIDs := tap.snapshot()
 	if len(pubIDs) != len(want) || !slices.Equal(pubIDs, ackIDs) {
 		first := -1
@@ -273,10 +267,7 @@ func TestExternalReadyMeansSubscribed(t *testing.T) {
 		if err := waitToken(pub.Publish("devices/d1/telemetry", 1, false, "right-after-ready"), 5*time.Second); err != nil {
 			t.Fatal(err)
 		}
-		deadline := time.Now().Add(5 * time.Second)
-		for rec.count() == 0 && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-		}
+		testkit.Poll(5*time.Second, func() bool { return rec.count() > 0 }) // asserted below
 		if rec.count() != 1 || !c.Live() {
 			t.Fatalf("start %d: the reading published right after ready was queued %d times (live %v), want once", i, rec.count(), c.Live())
 		}
@@ -315,10 +306,7 @@ func TestExternalRetainedCopyNotIngested(t *testing.T) {
 	if err := waitToken(pub.Publish("devices/d1/telemetry", 1, true, "live-retained"), 5*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for rec.count() < 2 && time.Now().Before(deadline) {
-		time.Sleep(10 * time.Millisecond)
-	}
+	testkit.Poll(5*time.Second, func() bool { return rec.count() >= 2 }) // asserted below
 	rec.mu.Lock()
 	got := slices.Clone(rec.got["d1"])
 	rec.mu.Unlock()

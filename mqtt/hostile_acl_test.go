@@ -44,18 +44,13 @@ type rawConnect struct {
 // rawDial connects and returns the CONNACK return code and session present.
 func (e *accessEnv) rawDial(t *testing.T, rc rawConnect) (*rawConn, byte, bool) {
 	t.Helper()
-	c, err := net.DialTimeout("tcp", strings.TrimPrefix(e.url, "tcp://"), 5*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	r := &rawConn{t: t, c: c, br: bufio.NewReader(c), version: 4}
+	w := e.wireDial("")
+	r := &rawConn{t: t, c: w.Conn, br: w.r, version: 4}
 	if rc.v5 {
 		r.version = 5
 	}
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: r.version,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: rc.id, Clean: rc.clean,
-			Keepalive: 30, Username: []byte(rc.user), UsernameFlag: true, Password: []byte(rc.password), PasswordFlag: true}}
+	pk := connectPacket(wireOpts{user: rc.user, password: rc.password, id: rc.id, clean: rc.clean, keepalive: 30})
+	pk.ProtocolVersion = r.version
 	if rc.willTopic != "" {
 		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload = true, rc.willTopic, []byte(rc.willPayload)
 		pk.Connect.WillQos, pk.Connect.WillRetain = 1, rc.willRetain
@@ -67,11 +62,7 @@ func (e *accessEnv) rawDial(t *testing.T, rc rawConnect) (*rawConn, byte, bool) 
 	if rc.v5 && rc.expiry > 0 {
 		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = rc.expiry, true
 	}
-	var buf bytes.Buffer
-	if err := pk.ConnectEncode(&buf); err != nil {
-		t.Fatal(err)
-	}
-	r.write(buf.Bytes())
+	r.write(encode(t, pk))
 	ack := r.read()
 	if ack.FixedHeader.Type != packets.Connack {
 		t.Fatalf("first packet is type %d, want CONNACK", ack.FixedHeader.Type)
@@ -145,26 +136,10 @@ func (r *rawConn) next(wait time.Duration) (packets.Packet, error) {
 func (r *rawConn) send(pk packets.Packet) {
 	r.t.Helper()
 	pk.ProtocolVersion = r.version
-	var buf bytes.Buffer
-	var err error
-	switch pk.FixedHeader.Type {
-	case packets.Publish:
-		err = pk.PublishEncode(&buf)
-	case packets.Pubrel:
+	if pk.FixedHeader.Type == packets.Pubrel || pk.FixedHeader.Type == packets.Subscribe {
 		pk.FixedHeader.Qos = 1
-		err = pk.PubrelEncode(&buf)
-	case packets.Subscribe:
-		pk.FixedHeader.Qos = 1
-		err = pk.SubscribeEncode(&buf)
-	case packets.Disconnect:
-		err = pk.DisconnectEncode(&buf)
-	case packets.Puback:
-		err = pk.PubackEncode(&buf)
 	}
-	if err != nil {
-		r.t.Fatal(err)
-	}
-	r.write(buf.Bytes())
+	r.write(encode(r.t, pk))
 }
 
 func rawPublish(topic string, qos byte, id uint16, dup, retain bool, payload string) packets.Packet {
@@ -186,6 +161,18 @@ func (r *rawConn) closed(wait time.Duration) bool {
 func isTimeout(err error) bool {
 	ne, ok := err.(net.Error)
 	return ok && ne.Timeout()
+}
+
+// setOwner puts in force the policy with device id owned by owner.
+func (e *accessEnv) setOwner(t *testing.T, id, owner string) {
+	t.Helper()
+	e.apply(t, func(d *policy.Document) {
+		for i := range d.Devices {
+			if d.Devices[i].ID == id {
+				d.Devices[i].Owner = owner
+			}
+		}
+	})
 }
 
 // apply puts a modified copy of the policy in force, as a sync would.
@@ -303,13 +290,7 @@ func TestHostileRetainedAfterOwnerChange(t *testing.T) {
 	}
 
 	// a1 moves to bob: the reading collected under alice is dropped.
-	e.apply(t, func(d *policy.Document) {
-		for i := range d.Devices {
-			if d.Devices[i].ID == "a1" {
-				d.Devices[i].Owner = "bob"
-			}
-		}
-	})
+	e.setOwner(t, "a1", "bob")
 	_, bobNew := subscribe(t, e.app("bob"), topicA1)
 	time.Sleep(noDeliveryInterval)
 	if n := bobNew.count(topicA1); n != 0 {
@@ -577,13 +558,18 @@ func TestWillDelayV5(t *testing.T) {
 	// Back within the delay: the will is not sent.
 	rc.willDelaySec, rc.clean = 2, false
 	r, _, _ = e.rawDial(t, rc)
+	cl, ok := e.broker.srv.Clients.Get(rc.id)
+	if !ok {
+		t.Fatalf("%s not among the broker's clients", rc.id)
+	}
 	r.c.Close()
-	time.Sleep(200 * time.Millisecond)
+	// mochi makes the will pending before it marks the client closed.
+	eventually(t, "the broker took the drop", cl.Closed)
 	back, code, present := e.rawDial(t, rawConnect{id: "a1-delay", user: "a1", password: e.devicePassword("a1"), v5: true, expiry: 30})
 	if code != connAccepted || !present {
 		t.Fatalf("a1 back: 0x%02x present=%v", code, present)
 	}
-	time.Sleep(2500 * time.Millisecond)
+	time.Sleep(2500 * time.Millisecond) // real time past the 2 s will delay: the cancelled will must not come
 	if n := in.count(topicA1); n != 1 {
 		t.Fatalf("%d wills delivered, want 1: the reconnection did not cancel the pending will", n)
 	}
@@ -608,9 +594,7 @@ func TestHostileSessionRace(t *testing.T) {
 				}
 				defer c.Close()
 				r := &rawConn{t: t, c: c, br: bufio.NewReader(c), version: 4}
-				pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-					Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), ClientIdentifier: id, Keepalive: 30,
-						Username: []byte(dev), UsernameFlag: true, Password: []byte(e.devicePassword(dev)), PasswordFlag: true}}
+				pk := connectPacket(wireOpts{user: dev, password: e.devicePassword(dev), id: id, keepalive: 30})
 				var buf bytes.Buffer
 				pk.ConnectEncode(&buf)
 				c.Write(buf.Bytes())
@@ -633,14 +617,20 @@ func TestHostileSessionRace(t *testing.T) {
 	}
 }
 
-// gatedPipeline holds every commit until its gate opens.
+// gatedPipeline holds every commit until its gate opens; it tells arrived
+// (if not full) of each reading handed to it.
 type gatedPipeline struct {
 	*pipeline.Pipeline
-	gate chan struct{}
+	gate    chan struct{}
+	arrived chan struct{}
 }
 
 func (g gatedPipeline) Start(ctx context.Context, msg pipeline.Message) pipeline.Pending {
 	wait := g.Pipeline.Start(ctx, msg)
+	select {
+	case g.arrived <- struct{}{}:
+	default:
+	}
 	return func(ctx context.Context) (pipeline.Outcome, error) {
 		select {
 		case <-g.gate:
@@ -655,17 +645,16 @@ func (g gatedPipeline) Start(ctx context.Context, msg pipeline.Message) pipeline
 // to bob nor retained for him.
 func TestHostileReadingAcrossOwnerChange(t *testing.T) {
 	gate := make(chan struct{})
-	e := newAccessEnvWith(t, func(p *pipeline.Pipeline) Submitter { return gatedPipeline{p, gate} })
+	arrived := make(chan struct{}, 1)
+	e := newAccessEnvWith(t, func(p *pipeline.Pipeline) Submitter { return gatedPipeline{p, gate, arrived} })
 	a1 := e.device("a1")
 	tok := a1.Publish(topicA1, 1, true, sample)
-	time.Sleep(100 * time.Millisecond) // handed to the pipeline, held at the gate
-	e.apply(t, func(d *policy.Document) {
-		for i := range d.Devices {
-			if d.Devices[i].ID == "a1" {
-				d.Devices[i].Owner = "bob"
-			}
-		}
-	})
+	select { // handed to the pipeline, held at the gate
+	case <-arrived:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the reading never reached the pipeline")
+	}
+	e.setOwner(t, "a1", "bob")
 	_, bobIn := subscribe(t, e.app("bob"), topicA1)
 	close(gate)
 	tok.WaitTimeout(2 * time.Second) // its session was closed: acknowledged or not, it is committed

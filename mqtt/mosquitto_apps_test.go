@@ -67,9 +67,20 @@ func (i *appInbox) has(s string) bool {
 // device's readings, resubscribing after a reconnection.
 func (e *dynsecEnv) dialApp(t *testing.T, user, pw string, in *appInbox, lost func()) paho.Client {
 	t.Helper()
+	subscribed := make(chan struct{}, 1)
 	o := paho.NewClientOptions().AddBroker(e.m.URL).SetClientID(user + "-app").SetUsername(user).SetPassword(pw).
 		SetAutoReconnect(true).SetMaxReconnectInterval(200 * time.Millisecond).SetConnectTimeout(5 * time.Second).
-		SetOnConnectHandler(func(c paho.Client) { c.Subscribe("devices/+/telemetry", 1, in.on) }).
+		SetOnConnectHandler(func(c paho.Client) {
+			tok := c.Subscribe("devices/+/telemetry", 1, in.on)
+			go func() {
+				if waitToken(tok, 10*time.Second) == nil {
+					select {
+					case subscribed <- struct{}{}:
+					default:
+					}
+				}
+			}()
+		}).
 		SetConnectionLostHandler(func(paho.Client, error) {
 			if lost != nil {
 				lost()
@@ -80,6 +91,11 @@ func (e *dynsecEnv) dialApp(t *testing.T, user, pw string, in *appInbox, lost fu
 		t.Fatalf("app %s: %v", user, err)
 	}
 	t.Cleanup(func() { cl.Disconnect(0) })
+	select {
+	case <-subscribed:
+	case <-time.After(10 * time.Second):
+		t.Fatalf("app %s: no SUBACK for devices/+/telemetry", user)
+	}
 	return cl
 }
 
@@ -154,7 +170,6 @@ func TestMosquittoDynsecApps(t *testing.T) {
 		defer c.Disconnect(0)
 		devs[id] = c
 	}
-	time.Sleep(300 * time.Millisecond) // the subscriptions of the on-connect handlers
 	for id, c := range devs {
 		send(t, c, id, id+"-1")
 	}

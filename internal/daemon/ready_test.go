@@ -68,20 +68,7 @@ mqtt:
     username: edgegate
     password_file: mqtt-password
     accounts: %s
-central:
-  token_url: https://127.0.0.1:1/token
-  client_id: gw
-  client_secret_file: client-secret
-admin:
-  socket: %s
-devices:
-  - id: d1
-    type: TemperatureSensor
-    owner: alice
-    k1: k1-canary-d1
-    k2: k2-canary-d1
-    broker: https://127.0.0.1:1/filter
-`, "tcp://"+via, accounts, filepath.Join(dir, "admin.sock")))
+`, "tcp://"+via, accounts)+oneDeviceYAML(filepath.Join(dir, "admin.sock")))
 	cfg, err := config.Load(filepath.Join(dir, "edgegate.yaml"))
 	if err != nil {
 		t.Fatal(err)
@@ -158,17 +145,12 @@ devices:
 	}
 	ac := admin.NewClient(cfg.Admin.Socket)
 	defer ac.CloseIdle()
-	deadline := time.Now().Add(15 * time.Second)
 	var st admin.Status
-	for {
+	if !testkit.Poll(15*time.Second, func() bool {
 		st, err = ac.Status(context.Background())
-		if err == nil && len(st.Devices) == 1 && st.Devices[0].Ingested+st.Devices[0].Refused == 1 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the reading published right after READY was not taken in: %+v %v\n%s", st.Devices, err, logs.String())
-		}
-		time.Sleep(50 * time.Millisecond)
+		return err == nil && len(st.Devices) == 1 && st.Devices[0].Ingested+st.Devices[0].Refused == 1
+	}) {
+		t.Fatalf("the reading published right after READY was not taken in: %+v %v\n%s", st.Devices, err, logs.String())
 	}
 	if st.Devices[0].Ingested != 1 {
 		t.Errorf("reading refused, want queued: %+v", st.Devices[0])

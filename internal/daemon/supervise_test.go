@@ -33,20 +33,7 @@ mqtt:
     listen: 127.0.0.1:0
 metrics:
   listen: %s
-central:
-  token_url: https://127.0.0.1:1/token
-  client_id: gw
-  client_secret_file: client-secret
-admin:
-  socket: %s
-devices:
-  - id: d1
-    type: TemperatureSensor
-    owner: alice
-    k1: k1-canary-d1
-    k2: k2-canary-d1
-    broker: https://127.0.0.1:1/filter
-`, metricsListen, filepath.Join(dir, "admin.sock"))
+`, metricsListen) + oneDeviceYAML(filepath.Join(dir, "admin.sock"))
 	if err := os.WriteFile(filepath.Join(dir, "edgegate.yaml"), []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -118,4 +105,24 @@ func TestRunStartFailureAndOrderedStop(t *testing.T) {
 			t.Errorf("%q reached the log", secret)
 		}
 	}
+}
+
+// oneDeviceYAML is the configuration's tail the daemon tests share: a
+// central sign-on that is never reached, the admin socket and device d1
+// (with canary keys, which no log may show).
+func oneDeviceYAML(adminSocket string) string {
+	return fmt.Sprintf(`central:
+  token_url: https://127.0.0.1:1/token
+  client_id: gw
+  client_secret_file: client-secret
+admin:
+  socket: %s
+devices:
+  - id: d1
+    type: TemperatureSensor
+    owner: alice
+    k1: k1-canary-d1
+    k2: k2-canary-d1
+    broker: https://127.0.0.1:1/filter
+`, adminSocket)
 }

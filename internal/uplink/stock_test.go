@@ -178,9 +178,13 @@ func TestRefusalWindow(t *testing.T) {
 	q.addBody(b.URL, "fresh", "Sensor", mark("r2"))
 	testkit.Eventually(t, 10*time.Second, "delivered once accepted", func() bool { return q.depth() == 0 })
 	refuse.Store(true)
+	retried := counter(t, h.m.Retried.WithLabelValues("refused_401"))
 	q.addBody(b.URL, "fresh", "Sensor", mark("r3"))
 	testkit.Eventually(t, 10*time.Second, "refused again", func() bool { return b.requestsFor("fresh", `"r3"`) >= 1 })
-	time.Sleep(100 * time.Millisecond)
+	// The refusal handled (a retry or a dead letter), not a bare sleep.
+	testkit.Eventually(t, 10*time.Second, "the refusal of r3 handled", func() bool {
+		return counter(t, h.m.Retried.WithLabelValues("refused_401")) > retried || len(q.deadLetters()) > 2
+	})
 	if n := len(q.deadLetters()); n != 2 || q.depth() != 1 {
 		t.Errorf("after a success, a refusal: dead letters %d, depth %d; want 2, 1 (a new window)", n, q.depth())
 	}
