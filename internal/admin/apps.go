@@ -8,7 +8,6 @@ package admin
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -61,11 +60,7 @@ func (s *Server) appRoutes(mux *http.ServeMux) {
 }
 
 func (s *Server) appBackend(w http.ResponseWriter) (AppBackend, bool) {
-	ab, ok := s.opts.Backend.(AppBackend)
-	if !ok {
-		writeError(w, http.StatusNotImplemented, "this daemon does not manage app accounts")
-	}
-	return ab, ok
+	return backendAs[AppBackend](s, w, "app accounts")
 }
 
 func (s *Server) appDone(w http.ResponseWriter, r *http.Request, what, user string, res AppInfo, err error) {
@@ -74,11 +69,7 @@ func (s *Server) appDone(w http.ResponseWriter, r *http.Request, what, user stri
 		ev.Cause, ev.Detail = "failed", "app "+user+": "+err.Error()
 	}
 	s.record(r.Context(), ev)
-	if err != nil {
-		writeError(w, deviceStatus(err), err.Error())
-		return
-	}
-	writeJSON(w, http.StatusOK, res)
+	answer(w, res, err)
 }
 
 func (s *Server) appsList(w http.ResponseWriter, r *http.Request) {
@@ -87,11 +78,7 @@ func (s *Server) appsList(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	l, err := ab.ListApps(r.Context())
-	if err != nil {
-		writeError(w, deviceStatus(err), err.Error())
-		return
-	}
-	writeJSON(w, http.StatusOK, l)
+	answer(w, l, err)
 }
 
 func (s *Server) appAdd(w http.ResponseWriter, r *http.Request) {
@@ -100,10 +87,7 @@ func (s *Server) appAdd(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	var req AppAddRequest
-	dec := json.NewDecoder(io.LimitReader(r.Body, maxDeviceBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, "malformed app request: "+err.Error())
+	if !readBody(w, r, "app", &req) {
 		return
 	}
 	res, err := ab.AddApp(r.Context(), req)
