@@ -125,18 +125,22 @@ func (c *Client) ListApps(ctx context.Context) (AppList, error) {
 	return l, err
 }
 
-// WriteAppList prints the app accounts, one a line.
-func WriteAppList(w io.Writer, l AppList) error {
+// WriteAppList prints the app accounts, one a line. readable: with the
+// count of devices each may read (the running policy's; false offline).
+func WriteAppList(w io.Writer, l AppList, readable bool) error {
 	if len(l.Apps) == 0 {
 		_, err := fmt.Fprintln(w, "no app accounts")
 		return err
 	}
 	for _, a := range l.Apps {
-		g := ""
-		if len(a.Groups) > 0 {
-			g = "  groups " + strings.Join(a.Groups, ",")
+		line := a.User
+		if readable {
+			line += fmt.Sprintf("  reads %d devices", a.Readable)
 		}
-		if _, err := fmt.Fprintf(w, "%s  reads %d devices%s\n", a.User, a.Readable, g); err != nil {
+		if len(a.Groups) > 0 {
+			line += "  groups " + strings.Join(a.Groups, ",")
+		}
+		if _, err := fmt.Fprintln(w, line); err != nil {
 			return err
 		}
 	}
