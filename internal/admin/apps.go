@@ -54,13 +54,9 @@ type AppList struct {
 }
 
 func (s *Server) appRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/apps", s.guard(s.appsList))
-	mux.HandleFunc("POST /v1/apps", s.guard(s.appAdd))
-	mux.HandleFunc("DELETE /v1/apps/{user}", s.guard(s.appRemove))
-}
-
-func (s *Server) appBackend(w http.ResponseWriter) (AppBackend, bool) {
-	return backendAs[AppBackend](s, w, "app accounts")
+	mux.HandleFunc("GET /v1/apps", guarded(s, "app accounts", s.appsList))
+	mux.HandleFunc("POST /v1/apps", guarded(s, "app accounts", s.appAdd))
+	mux.HandleFunc("DELETE /v1/apps/{user}", guarded(s, "app accounts", s.appRemove))
 }
 
 func (s *Server) appDone(w http.ResponseWriter, r *http.Request, what, user string, res AppInfo, err error) {
@@ -72,20 +68,12 @@ func (s *Server) appDone(w http.ResponseWriter, r *http.Request, what, user stri
 	answer(w, res, err)
 }
 
-func (s *Server) appsList(w http.ResponseWriter, r *http.Request) {
-	ab, ok := s.appBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) appsList(ab AppBackend, w http.ResponseWriter, r *http.Request) {
 	l, err := ab.ListApps(r.Context())
 	answer(w, l, err)
 }
 
-func (s *Server) appAdd(w http.ResponseWriter, r *http.Request) {
-	ab, ok := s.appBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) appAdd(ab AppBackend, w http.ResponseWriter, r *http.Request) {
 	var req AppAddRequest
 	if !readBody(w, r, "app", &req) {
 		return
@@ -94,11 +82,7 @@ func (s *Server) appAdd(w http.ResponseWriter, r *http.Request) {
 	s.appDone(w, r, "add", req.User, res, err)
 }
 
-func (s *Server) appRemove(w http.ResponseWriter, r *http.Request) {
-	ab, ok := s.appBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) appRemove(ab AppBackend, w http.ResponseWriter, r *http.Request) {
 	user := r.PathValue("user")
 	res, err := ab.RemoveApp(r.Context(), user)
 	s.appDone(w, r, "remove", user, res, err)

@@ -213,25 +213,24 @@ const maxDeviceBody = 64 << 10
 const deviceTimeout = 2 * time.Minute
 
 func (s *Server) deviceRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/devices", s.guard(s.devicesList))
-	mux.HandleFunc("POST /v1/devices", s.guard(s.deviceAdd))
-	mux.HandleFunc("PATCH /v1/devices/{id}", s.guard(s.deviceUpdate))
-	mux.HandleFunc("DELETE /v1/devices/{id}", s.guard(s.deviceRemove))
-	mux.HandleFunc("POST /v1/devices/{id}/bind", s.guard(s.deviceBind))
+	mux.HandleFunc("GET /v1/devices", guarded(s, "devices", s.devicesList))
+	mux.HandleFunc("POST /v1/devices", guarded(s, "devices", s.deviceAdd))
+	mux.HandleFunc("PATCH /v1/devices/{id}", guarded(s, "devices", s.deviceUpdate))
+	mux.HandleFunc("DELETE /v1/devices/{id}", guarded(s, "devices", s.deviceRemove))
+	mux.HandleFunc("POST /v1/devices/{id}/bind", guarded(s, "devices", s.deviceBind))
 }
 
-// backendAs returns the server's Backend as T, or answers 501 with
-// "this daemon does not manage <what>".
-func backendAs[T any](s *Server, w http.ResponseWriter, what string) (T, bool) {
-	b, ok := s.opts.Backend.(T)
-	if !ok {
-		writeError(w, http.StatusNotImplemented, "this daemon does not manage "+what)
-	}
-	return b, ok
-}
-
-func (s *Server) deviceBackend(w http.ResponseWriter) (DeviceBackend, bool) {
-	return backendAs[DeviceBackend](s, w, "devices")
+// guarded is s.guard(h) with the server's Backend as T; a Backend that is
+// no T answers 501 "this daemon does not manage <what>".
+func guarded[T any](s *Server, what string, h func(T, http.ResponseWriter, *http.Request)) http.HandlerFunc {
+	return s.guard(func(w http.ResponseWriter, r *http.Request) {
+		b, ok := s.opts.Backend.(T)
+		if !ok {
+			writeError(w, http.StatusNotImplemented, "this daemon does not manage "+what)
+			return
+		}
+		h(b, w, r)
+	})
 }
 
 // readBody decodes a request body of at most maxDeviceBody bytes into v,
@@ -290,20 +289,12 @@ func (s *Server) deviceDone(w http.ResponseWriter, r *http.Request, what, id str
 	answer(w, res, err)
 }
 
-func (s *Server) devicesList(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) devicesList(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	l, err := db.ListDevices(r.Context())
 	answer(w, l, err)
 }
 
-func (s *Server) deviceAdd(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) deviceAdd(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	var req DeviceAddRequest
 	if !readBody(w, r, "device", &req) {
 		return
@@ -312,11 +303,7 @@ func (s *Server) deviceAdd(w http.ResponseWriter, r *http.Request) {
 	s.deviceDone(w, r, "add", req.ID, res, err)
 }
 
-func (s *Server) deviceUpdate(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) deviceUpdate(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	var req DeviceUpdateRequest
 	if !readBody(w, r, "device", &req) {
 		return
@@ -328,21 +315,13 @@ func (s *Server) deviceUpdate(w http.ResponseWriter, r *http.Request) {
 	s.deviceDone(w, r, "update", req.ID, res, err)
 }
 
-func (s *Server) deviceRemove(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) deviceRemove(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	res, err := db.RemoveDevice(r.Context(), id, r.URL.Query().Get("broker"))
 	s.deviceDone(w, r, "remove", id, res, err)
 }
 
-func (s *Server) deviceBind(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) deviceBind(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	var req DeviceBindRequest
 	if !readBody(w, r, "device", &req) {
 		return
