@@ -93,16 +93,9 @@ func appWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io.
 	if *socket != "" {
 		sockets = []string{*socket}
 	}
-	for _, s := range sockets {
-		if fi, err := os.Stat(s); err != nil || fi.Mode()&os.ModeSocket == 0 {
-			continue
-		}
-		c := admin.NewClient(s)
-		defer c.CloseIdle()
-		err := runAppOp(ctx, sub, c, user, password, groups, generated, stdout)
-		if errors.Is(err, admin.ErrUnavailable) {
-			continue // a stale socket: nobody listens
-		}
+	if answered, err := throughDaemon(sockets, func(c *admin.Client) error {
+		return runAppOp(ctx, sub, c, user, password, groups, generated, stdout)
+	}); answered {
 		return err
 	}
 	if sub != "list" {
