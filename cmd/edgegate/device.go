@@ -177,7 +177,7 @@ func (b bindingFlags) get(cmd string) (bind admin.DeviceBinding, set bool, err e
 	return bind, *b.port != "" || *b.mqtt, nil
 }
 
-func usageErr(err error) error { return &exitError{code: 2, err: err} }
+func usageErr(err error) error { return &exitError{Code: 2, Err: err} }
 
 func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
