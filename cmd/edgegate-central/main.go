@@ -28,20 +28,14 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/central"
+	"github.com/edgegate/edgegate/internal/cliexit"
 )
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
-	switch {
-	case err == nil:
-	case errors.Is(err, flag.ErrHelp):
-		os.Exit(2) // usage
-	default:
-		fmt.Fprintln(os.Stderr, "edgegate-central:", err)
-		os.Exit(1)
-	}
+	cliexit.Exit("edgegate-central", err)
 }
 
 const usage = `usage: edgegate-central <command> [flags]

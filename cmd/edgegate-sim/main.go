@@ -11,42 +11,24 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/edgegate/edgegate/internal/cliexit"
 )
 
 // exitError carries a process exit code through run.
-type exitError struct {
-	code int
-	err  error
-}
-
-func (e *exitError) Error() string { return e.err.Error() }
-func (e *exitError) Unwrap() error { return e.err }
+type exitError = cliexit.Error
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()
-	if err == nil {
-		return
-	}
-	code := 1
-	var ee *exitError
-	if errors.As(err, &ee) {
-		code = ee.code
-	}
-	if errors.Is(err, flag.ErrHelp) {
-		code = 2
-	} else if err.Error() != "" {
-		fmt.Fprintln(os.Stderr, "edgegate-sim:", err)
-	}
-	os.Exit(code)
+	cliexit.Exit("edgegate-sim", err)
 }
 
 const usage = `usage: edgegate-sim <command> [flags]
@@ -60,7 +42,7 @@ commands:
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
-		return &exitError{code: 2, err: errors.New("")}
+		return &exitError{Code: 2, Err: errors.New("")}
 	}
 	cmd, rest := args[0], args[1:]
 	switch cmd {
@@ -75,7 +57,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return nil
 	}
 	fmt.Fprint(stderr, usage)
-	return &exitError{code: 2, err: fmt.Errorf("unknown command %q", cmd)}
+	return &exitError{Code: 2, Err: fmt.Errorf("unknown command %q", cmd)}
 }
 
 // toolLogger is the text logger of the simulator commands, at a level given

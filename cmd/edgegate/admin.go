@@ -63,7 +63,7 @@ func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	if fs.NArg() > 0 {
-		return &exitError{code: 2, err: fmt.Errorf("status takes no arguments: %q", fs.Args())}
+		return &exitError{Code: 2, Err: fmt.Errorf("status takes no arguments: %q", fs.Args())}
 	}
 	c := admin.NewClient(*socket)
 	defer c.CloseIdle()
@@ -90,7 +90,7 @@ func selectorFlags(fs *flag.FlagSet) *admin.Selector {
 func runData(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, adminUsage)
-		return &exitError{code: 2, err: errors.New("usage: edgegate data export|erase ...")}
+		return &exitError{Code: 2, Err: errors.New("usage: edgegate data export|erase ...")}
 	}
 	switch args[0] {
 	case "export":
@@ -98,7 +98,7 @@ func runData(ctx context.Context, args []string, stdin io.Reader, stdout, stderr
 	case "erase":
 		return runDataErase(ctx, args[1:], stdin, stdout, stderr)
 	}
-	return &exitError{code: 2, err: fmt.Errorf("unknown data command %q (export, erase)", args[0])}
+	return &exitError{Code: 2, Err: fmt.Errorf("unknown data command %q (export, erase)", args[0])}
 }
 
 func runDataExport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -111,7 +111,7 @@ func runDataExport(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return err
 	}
 	if err := sel.Validate(); err != nil {
-		return &exitError{code: 2, err: err}
+		return &exitError{Code: 2, Err: err}
 	}
 	var out io.Writer = stdout
 	var file *os.File
@@ -166,14 +166,14 @@ func runDataErase(ctx context.Context, args []string, stdin io.Reader, stdout, s
 		return err
 	}
 	if err := sel.Validate(); err != nil {
-		return &exitError{code: 2, err: err}
+		return &exitError{Code: 2, Err: err}
 	}
 	if !*yes {
 		id := sel.Device + sel.Owner
 		fmt.Fprintf(stderr, "This erases everything the gateway holds for %s: queued readings, dead letters and\n"+
 			"their encryption keys. It cannot be undone.\nType %q to confirm: ", sel, id)
 		if !confirmed(stdin, id) {
-			return &exitError{code: 1, err: errors.New("not confirmed; nothing erased")}
+			return &exitError{Code: 1, Err: errors.New("not confirmed; nothing erased")}
 		}
 	}
 	c := admin.NewClient(*socket)
@@ -217,7 +217,7 @@ func runFactoryReset(ctx context.Context, args []string, stdin io.Reader, stdout
 			"The policy's version floor is kept, so no older policy is accepted after it.\n"+
 			"Type \"factory-reset\" to confirm: ")
 		if !confirmed(stdin, "factory-reset") {
-			return &exitError{code: 1, err: errors.New("not confirmed; nothing changed")}
+			return &exitError{Code: 1, Err: errors.New("not confirmed; nothing changed")}
 		}
 	}
 	c := admin.NewClient(*socket)
@@ -407,7 +407,7 @@ func doctor(ctx context.Context, env *doctorEnv, checks []doctorCheck, stdout io
 		}
 	}
 	if failed > 0 {
-		return &exitError{code: 1, err: fmt.Errorf("%s failed", admin.Plural(failed, "check", "checks"))}
+		return &exitError{Code: 1, Err: fmt.Errorf("%s failed", admin.Plural(failed, "check", "checks"))}
 	}
 	fmt.Fprintln(stdout, "all checks passed")
 	return nil

@@ -177,7 +177,7 @@ func TestRunDataExportAndErase(t *testing.T) {
 		t.Errorf("export to stdout = %v, %q", err, out.String())
 	}
 	var ee *exitError
-	if err := runData(cliCtx(t), []string{"export", "--socket", sock}, nil, &out, &errb); !errors.As(err, &ee) || ee.code != 2 {
+	if err := runData(cliCtx(t), []string{"export", "--socket", sock}, nil, &out, &errb); !errors.As(err, &ee) || ee.Code != 2 {
 		t.Errorf("export without selector = %v", err)
 	}
 
@@ -229,7 +229,7 @@ func TestDoctorReportsFailuresWithFixes(t *testing.T) {
 	var out bytes.Buffer
 	err := doctor(context.Background(), &doctorEnv{}, checks, &out)
 	var ee *exitError
-	if !errors.As(err, &ee) || ee.code != 1 || !strings.Contains(err.Error(), "1 check failed") {
+	if !errors.As(err, &ee) || ee.Code != 1 || !strings.Contains(err.Error(), "1 check failed") {
 		t.Errorf("doctor with a failing check = %v", err)
 	}
 	text := out.String()

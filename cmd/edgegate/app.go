@@ -93,16 +93,9 @@ func appWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io.
 	if *socket != "" {
 		sockets = []string{*socket}
 	}
-	for _, s := range sockets {
-		if fi, err := os.Stat(s); err != nil || fi.Mode()&os.ModeSocket == 0 {
-			continue
-		}
-		c := admin.NewClient(s)
-		defer c.CloseIdle()
-		err := runAppOp(ctx, sub, c, user, password, groups, generated, stdout)
-		if errors.Is(err, admin.ErrUnavailable) {
-			continue // a stale socket: nobody listens
-		}
+	if answered, err := throughDaemon(sockets, func(c *admin.Client) error {
+		return runAppOp(ctx, sub, c, user, password, groups, generated, stdout)
+	}); answered {
 		return err
 	}
 	if sub != "list" {
@@ -123,7 +116,8 @@ func appWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io.
 	for _, a := range apps {
 		l.Apps = append(l.Apps, admin.AppInfo{User: a.User, Groups: a.Groups})
 	}
-	return writeAppListOffline(stdout, l)
+	// The daemon is not running: no count of readable devices.
+	return admin.WriteAppList(stdout, l, false)
 }
 
 func runAppOp(ctx context.Context, sub string, c *admin.Client, user, password string, groups []string, generated bool, stdout io.Writer) error {
@@ -152,27 +146,8 @@ func runAppOp(ctx context.Context, sub string, c *admin.Client, user, password s
 		if err != nil {
 			return fmt.Errorf("app list: %w", err)
 		}
-		return admin.WriteAppList(stdout, l)
+		return admin.WriteAppList(stdout, l, true)
 	}
-}
-
-// writeAppListOffline: the daemon is not running, so no count of readable
-// devices (that is the running policy's).
-func writeAppListOffline(w io.Writer, l admin.AppList) error {
-	if len(l.Apps) == 0 {
-		_, err := fmt.Fprintln(w, "no app accounts")
-		return err
-	}
-	for _, a := range l.Apps {
-		g := ""
-		if len(a.Groups) > 0 {
-			g = "  groups " + strings.Join(a.Groups, ",")
-		}
-		if _, err := fmt.Fprintf(w, "%s%s\n", a.User, g); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // appPassword reads the password file (private to its owner, as every

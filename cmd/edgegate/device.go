@@ -177,7 +177,7 @@ func (b bindingFlags) get(cmd string) (bind admin.DeviceBinding, set bool, err e
 	return bind, *b.port != "" || *b.mqtt, nil
 }
 
-func usageErr(err error) error { return &exitError{code: 2, err: err} }
+func usageErr(err error) error { return &exitError{Code: 2, Err: err} }
 
 func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
@@ -361,16 +361,10 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 	}
 	if sub != "rotate-key" {
 		// The running daemon first: it holds the store.
-		for _, s := range sockets {
-			if fi, err := os.Stat(s); err != nil || fi.Mode()&os.ModeSocket == 0 {
-				continue
-			}
-			c := admin.NewClient(s)
-			defer c.CloseIdle()
-			err := runDeviceOp(ctx, sub, deviceClient{c}, op, stdout)
-			if errors.Is(err, admin.ErrUnavailable) {
-				continue // a stale socket: nobody listens
-			}
+		answered, err := throughDaemon(sockets, func(c *admin.Client) error {
+			return runDeviceOp(ctx, sub, deviceClient{c}, op, stdout)
+		})
+		if answered {
 			if err != nil && cleanup != nil {
 				cleanup()
 			}
@@ -409,6 +403,25 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 		cleanup()
 	}
 	return err
+}
+
+// throughDaemon runs op with a client of the first of sockets whose daemon
+// answers; answered is false when none does (no socket file, or a stale
+// one nobody listens on).
+func throughDaemon(sockets []string, op func(*admin.Client) error) (answered bool, err error) {
+	for _, s := range sockets {
+		if fi, err := os.Stat(s); err != nil || fi.Mode()&os.ModeSocket == 0 {
+			continue
+		}
+		c := admin.NewClient(s)
+		err := op(c)
+		c.CloseIdle()
+		if errors.Is(err, admin.ErrUnavailable) {
+			continue
+		}
+		return true, err
+	}
+	return false, nil
 }
 
 // deviceClient adapts the admin client to DeviceBackend: the same calls as

@@ -108,7 +108,7 @@ func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, 
 		broker = entry.Broker
 	}
 	if broker == "" {
-		return &exitError{code: 2, err: fmt.Errorf("device rotate-key: --broker is required: the registry does not know the broker of %s", id)}
+		return &exitError{Code: 2, Err: fmt.Errorf("device rotate-key: --broker is required: the registry does not know the broker of %s", id)}
 	}
 	held, err := devkey.Load(q, id)
 	if err != nil {
@@ -121,12 +121,12 @@ func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, 
 	switch {
 	case len(held) > 0:
 		if pubKeyFile != "" {
-			return &exitError{code: 2, err: fmt.Errorf("device rotate-key: the gateway signs for %s: --public-key does not apply", id)}
+			return &exitError{Code: 2, Err: fmt.Errorf("device rotate-key: the gateway signs for %s: --public-key does not apply", id)}
 		}
 		a := held[0].Alg()
 		if alg != "" {
 			if a = algOfFlag[alg]; a == "" {
-				return &exitError{code: 2, err: fmt.Errorf("device rotate-key: --alg %q: want ed25519 or es256", alg)}
+				return &exitError{Code: 2, Err: fmt.Errorf("device rotate-key: --alg %q: want ed25519 or es256", alg)}
 			}
 		}
 		if newKey, err = envelope.GenerateKey(a); err != nil {
@@ -136,10 +136,10 @@ func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, 
 			return fmt.Errorf("device rotate-key: store the new key: %w", err)
 		}
 	case pubKeyFile == "" && keysOut == "":
-		return &exitError{code: 2, err: fmt.Errorf("device rotate-key: the gateway holds no key of %s: give the device's new --public-key FILE, or --keys-out FILE", id)}
+		return &exitError{Code: 2, Err: fmt.Errorf("device rotate-key: the gateway holds no key of %s: give the device's new --public-key FILE, or --keys-out FILE", id)}
 	default:
 		if newKey, priv, err = devicePublicKey(pubKeyFile); err != nil {
-			return &exitError{code: 2, err: fmt.Errorf("device rotate-key: %w", err)}
+			return &exitError{Code: 2, Err: fmt.Errorf("device rotate-key: %w", err)}
 		}
 		if priv != "" {
 			data := fmt.Sprintf("# the device's new private signing key (JWK, kid %s): provision it, then delete this file\nprivate_key: '%s'\n", newKey.ID(), priv)

@@ -20,38 +20,19 @@ import (
 	"runtime/debug"
 	"syscall"
 
+	"github.com/edgegate/edgegate/internal/cliexit"
 	"github.com/edgegate/edgegate/internal/config"
 	"github.com/edgegate/edgegate/internal/daemon"
 )
 
 // exitError carries a process exit code through run.
-type exitError struct {
-	code int
-	err  error
-}
-
-func (e *exitError) Error() string { return e.err.Error() }
-func (e *exitError) Unwrap() error { return e.err }
+type exitError = cliexit.Error
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	err := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
-	if err == nil {
-		return
-	}
-	code := 1
-	var ee *exitError
-	if errors.As(err, &ee) {
-		code = ee.code
-	}
-	if !errors.Is(err, flag.ErrHelp) && err.Error() != "" {
-		fmt.Fprintln(os.Stderr, "edgegate:", err)
-	}
-	if errors.Is(err, flag.ErrHelp) {
-		code = 2
-	}
-	os.Exit(code)
+	cliexit.Exit("edgegate", err)
 }
 
 const usage = `usage: edgegate <command> [flags]
@@ -75,7 +56,7 @@ commands:
 func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
-		return &exitError{code: 2, err: errors.New("")}
+		return &exitError{Code: 2, Err: errors.New("")}
 	}
 	cmd, rest := args[0], args[1:]
 	switch cmd {
@@ -109,7 +90,7 @@ func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.
 		return nil
 	}
 	fmt.Fprint(stderr, usage)
-	return &exitError{code: 2, err: fmt.Errorf("unknown command %q", cmd)}
+	return &exitError{Code: 2, Err: fmt.Errorf("unknown command %q", cmd)}
 }
 
 func newLogger(w io.Writer, level, format string) (*slog.Logger, *slog.LevelVar) {
@@ -132,14 +113,14 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	if _, err := os.Stat(*path); errors.Is(err, iofs.ErrNotExist) {
-		return &exitError{code: exitNotConfigured, err: fmt.Errorf("no configuration at %s: %w", *path, daemon.ErrNotConfigured)}
+		return &exitError{Code: exitNotConfigured, Err: fmt.Errorf("no configuration at %s: %w", *path, daemon.ErrNotConfigured)}
 	}
 	cfg, err := config.Load(*path)
 	if config.MissingCentral(err) {
-		return &exitError{code: exitNotConfigured, err: fmt.Errorf("%w\n%w", err, daemon.ErrNotConfigured)}
+		return &exitError{Code: exitNotConfigured, Err: fmt.Errorf("%w\n%w", err, daemon.ErrNotConfigured)}
 	}
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return &exitError{Code: 2, Err: err}
 	}
 	log, levels := newLogger(stderr, cfg.Log.Level, cfg.Log.Format)
 	if os.Getenv("GOMEMLIMIT") == "" && cfg.MemoryLimit > 0 {
@@ -149,7 +130,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 	d.SetLevelVar(levels)
 	err = d.Run(ctx)
 	if errors.Is(err, daemon.ErrNotConfigured) {
-		return &exitError{code: exitNotConfigured, err: err}
+		return &exitError{Code: exitNotConfigured, Err: err}
 	}
 	return err
 }
@@ -163,7 +144,7 @@ const exitNotConfigured = 78
 
 func runConfig(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return &exitError{code: 2, err: errors.New("usage: edgegate config template | check --config FILE")}
+		return &exitError{Code: 2, Err: errors.New("usage: edgegate config template | check --config FILE")}
 	}
 	switch args[0] {
 	case "template":
@@ -179,12 +160,12 @@ func runConfig(args []string, stdout, stderr io.Writer) error {
 		}
 		cfg, err := config.Load(*path)
 		if err != nil {
-			return &exitError{code: 2, err: err}
+			return &exitError{Code: 2, Err: err}
 		}
 		// The file-permission rules of `run` (issue 17): a secret file
 		// run would refuse fails the check too.
 		if err := cfg.CheckSecretFiles(os.Getenv); err != nil {
-			return &exitError{code: 2, err: fmt.Errorf("check config %s: %w", *path, err)}
+			return &exitError{Code: 2, Err: fmt.Errorf("check config %s: %w", *path, err)}
 		}
 		fmt.Fprintf(stdout, "%s: valid (%d devices, mqtt %s)\n", *path, len(cfg.Devices), cfg.MQTT.Mode)
 		if cfg.Policy.Source == config.PolicyOwnership {
@@ -195,5 +176,5 @@ func runConfig(args []string, stdout, stderr io.Writer) error {
 		}
 		return nil
 	}
-	return &exitError{code: 2, err: fmt.Errorf("unknown config command %q (template, check)", args[0])}
+	return &exitError{Code: 2, Err: fmt.Errorf("unknown config command %q (template, check)", args[0])}
 }

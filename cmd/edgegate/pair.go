@@ -242,7 +242,7 @@ func parsePairFlags(env pairEnv, args []string, stderr io.Writer) (*pairOpts, er
 		return nil, err
 	}
 	usage := func(format string, a ...any) (*pairOpts, error) {
-		return nil, &exitError{code: 2, err: fmt.Errorf("pair: "+format, a...)}
+		return nil, &exitError{Code: 2, Err: fmt.Errorf("pair: "+format, a...)}
 	}
 	if o.central == "" || fs.NArg() > 0 {
 		fs.Usage()
@@ -339,18 +339,18 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 	var secret string
 	if o.secretFile != "" {
 		if secret, err = readPrivateSecret(o.secretFile); err != nil {
-			return &exitError{code: 2, err: fmt.Errorf("pair: --client-secret-file: %w", err)}
+			return &exitError{Code: 2, Err: fmt.Errorf("pair: --client-secret-file: %w", err)}
 		}
 	}
 	var cc *clientCredentialsFile
 	if o.ccFile != "" {
 		if cc, err = readClientCredentials(o.ccFile); err != nil {
-			return &exitError{code: 2, err: err}
+			return &exitError{Code: 2, Err: err}
 		}
 	}
 	hc, err := centralHTTP(o.caFile)
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return &exitError{Code: 2, Err: err}
 	}
 
 	// A pairing that fails leaves no state behind: a store this run
@@ -410,7 +410,7 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 		companionNote = "none at " + o.companion + " (" + perr.Error() + "): stock mode"
 	}
 	if !companion && len(o.brokers) == 0 {
-		return &exitError{code: 2, err: errors.New("pair: stock mode needs the context broker(s) the gateway writes to: --broker NAME[=FILTER_URL] (e.g. --broker orion-1); nothing was saved")}
+		return &exitError{Code: 2, Err: errors.New("pair: stock mode needs the context broker(s) the gateway writes to: --broker NAME[=FILTER_URL] (e.g. --broker orion-1); nothing was saved")}
 	}
 
 	cred := &centralsync.Credentials{
@@ -421,7 +421,7 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 	if cc == nil {
 		choice, err := disc.ChooseClientAuth(secret != "", o.privateKeyJWT)
 		if err != nil {
-			return &exitError{code: 2, err: fmt.Errorf("pair: client authentication: %w; nothing was saved", err)}
+			return &exitError{Code: 2, Err: fmt.Errorf("pair: client authentication: %w; nothing was saved", err)}
 		}
 		cred.Grant, cred.AuthMethod, cred.Alg, cred.ClientID, cred.ClientSecret = centralsync.GrantRefreshToken, choice.Method, choice.Alg, o.clientID, secret
 		if choice.Alg == "ES256" {
@@ -995,7 +995,7 @@ func unpairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 	}
 	sf, ca, err := loadPairedSettings(*cfgPath)
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return &exitError{Code: 2, Err: err}
 	}
 	q, err := openStore(env, sf)
 	if err != nil {

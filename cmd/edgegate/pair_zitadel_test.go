@@ -731,7 +731,7 @@ func TestPairStockFailuresLeaveNothing(t *testing.T) {
 		sf := newStockFixture(t, stockOptions{})
 		res := sf.pair(t, context.Background(), false, "--broker", "orion-1", "--private-key-jwt")
 		var ee *exitError
-		if !errors.As(res.err, &ee) || ee.code != 2 || !strings.Contains(res.err.Error(), "private_key_jwt") {
+		if !errors.As(res.err, &ee) || ee.Code != 2 || !strings.Contains(res.err.Error(), "private_key_jwt") {
 			t.Errorf("err = %v", res.err)
 		}
 		sf.assertNoState(t)
@@ -740,7 +740,7 @@ func TestPairStockFailuresLeaveNothing(t *testing.T) {
 		sf := newStockFixture(t, stockOptions{})
 		res := sf.pair(t, context.Background(), false)
 		var ee *exitError
-		if !errors.As(res.err, &ee) || ee.code != 2 || !strings.Contains(res.err.Error(), "--broker NAME") {
+		if !errors.As(res.err, &ee) || ee.Code != 2 || !strings.Contains(res.err.Error(), "--broker NAME") {
 			t.Errorf("err = %v", res.err)
 		}
 		sf.mu.Lock()

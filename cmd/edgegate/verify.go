@@ -86,22 +86,22 @@ func runVerify(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	}
 	if fs.NArg() > 1 || (fs.NArg() > 0 && (*broker != "" || *entityFile != "")) || (*broker != "" && *entityFile != "") {
 		fs.Usage()
-		return &exitError{code: 2, err: errors.New("verify takes one input: a file or -, --entity FILE, or --broker URL")}
+		return &exitError{Code: 2, Err: errors.New("verify takes one input: a file or -, --entity FILE, or --broker URL")}
 	}
 	var data []byte
 	switch {
 	case *broker != "":
 		if *device == "" || *typ == "" {
-			return &exitError{code: 2, err: errors.New("verify --broker needs --device and --type")}
+			return &exitError{Code: 2, Err: errors.New("verify --broker needs --device and --type")}
 		}
 		tok, err := verifyToken(ctx, *tokenFile, *cfgPath)
 		if err != nil {
-			return &exitError{code: 2, err: err}
+			return &exitError{Code: 2, Err: err}
 		}
 		data, err = fetchEntity(ctx, entityRequest{broker: *broker, device: *device, typ: *typ, token: tok,
 			caFile: *caFile, service: *service, servicePath: *servicePath})
 		if err != nil {
-			return &exitError{code: 2, err: err}
+			return &exitError{Code: 2, Err: err}
 		}
 	default:
 		in := stdin
@@ -112,7 +112,7 @@ func runVerify(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 		if name != "" && name != "-" {
 			f, err := os.Open(name)
 			if err != nil {
-				return &exitError{code: 2, err: fmt.Errorf("open input: %w", err)}
+				return &exitError{Code: 2, Err: fmt.Errorf("open input: %w", err)}
 			}
 			defer f.Close()
 			in = f
@@ -120,7 +120,7 @@ func runVerify(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 		var err error
 		data, err = io.ReadAll(io.LimitReader(in, 4*envelope.MaxEnvelopeBytes+1))
 		if err != nil {
-			return &exitError{code: 2, err: fmt.Errorf("read input: %w", err)}
+			return &exitError{Code: 2, Err: fmt.Errorf("read input: %w", err)}
 		}
 	}
 	data = bytes.TrimSpace(data)
@@ -130,7 +130,7 @@ func runVerify(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 			return verifyEntityDoc(data, id, *device, *devicesFile, *keyFile, *attr, stdout)
 		}
 		if *entityFile != "" || *broker != "" {
-			return &exitError{code: 2, err: errors.New("malformed: the entity has no string \"id\"")}
+			return &exitError{Code: 2, Err: errors.New("malformed: the entity has no string \"id\"")}
 		}
 	}
 	compact := string(data)
@@ -143,13 +143,13 @@ func runVerify(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	if id == "" {
 		c, err := envelope.Peek(compact)
 		if err != nil {
-			return &exitError{code: 2, err: fmt.Errorf("malformed: %w (give --device to choose the key)", err)}
+			return &exitError{Code: 2, Err: fmt.Errorf("malformed: %w (give --device to choose the key)", err)}
 		}
 		id = c.Device
 	}
 	keys, err := verifyKeySet(id, *devicesFile, *keyFile)
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return &exitError{Code: 2, Err: err}
 	}
 
 	var claims envelope.Claims
@@ -161,7 +161,7 @@ func runVerify(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 	switch {
 	case err == nil && claims.Device != id:
 		fmt.Fprintf(stdout, "wrong key: the reading is of device %s, the key of %s\n", claims.Device, id)
-		return &exitError{code: 1, err: errors.New("")}
+		return &exitError{Code: 1, Err: errors.New("")}
 	case err == nil:
 		signer := "gateway " + claims.Gateway
 		if claims.Gateway == "" {
@@ -184,12 +184,12 @@ func runVerify(ctx context.Context, args []string, stdin io.Reader, stdout, stde
 		return nil
 	case errors.Is(err, envelope.ErrTampered):
 		fmt.Fprintf(stdout, "tampered: %s\n", strings.TrimPrefix(err.Error(), envelope.ErrTampered.Error()+": "))
-		return &exitError{code: 1, err: errors.New("")}
+		return &exitError{Code: 1, Err: errors.New("")}
 	case errors.Is(err, envelope.ErrWrongKey):
 		fmt.Fprintf(stdout, "wrong key: %s\n", strings.TrimPrefix(err.Error(), envelope.ErrWrongKey.Error()+": "))
-		return &exitError{code: 1, err: errors.New("")}
+		return &exitError{Code: 1, Err: errors.New("")}
 	default:
-		return &exitError{code: 2, err: fmt.Errorf("malformed: %w", err)}
+		return &exitError{Code: 2, Err: fmt.Errorf("malformed: %w", err)}
 	}
 }
 
@@ -266,15 +266,15 @@ func entityID(doc []byte) (string, bool) {
 func verifyEntityDoc(doc []byte, id, device, devicesFile, keyFile, attr string, stdout io.Writer) error {
 	if device != "" && device != id {
 		fmt.Fprintf(stdout, "wrong entity: it is %s, not %s\n", logtext.Clip(id, 64), device)
-		return &exitError{code: 1, err: errors.New("")}
+		return &exitError{Code: 1, Err: errors.New("")}
 	}
 	keys, err := verifyKeySet(id, devicesFile, keyFile)
 	if err != nil {
-		return &exitError{code: 2, err: err}
+		return &exitError{Code: 2, Err: err}
 	}
 	rep, err := envelope.VerifyEntity(doc, keys, attr)
 	if err != nil {
-		return &exitError{code: 2, err: fmt.Errorf("malformed: %w", err)}
+		return &exitError{Code: 2, Err: fmt.Errorf("malformed: %w", err)}
 	}
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
 	counts := map[envelope.Verdict]int{}
@@ -300,7 +300,7 @@ func verifyEntityDoc(doc []byte, id, device, devicesFile, keyFile, attr string, 
 		logtext.Clip(rep.ID, 64), logtext.Clip(orDashStr(rep.Type), 64), counts[envelope.Verified], counts[envelope.Unsigned],
 		counts[envelope.Tampered], counts[envelope.WrongKey], counts[envelope.Malformed])
 	if rep.Bad() > 0 {
-		return &exitError{code: 1, err: errors.New("")}
+		return &exitError{Code: 1, Err: errors.New("")}
 	}
 	return nil
 }

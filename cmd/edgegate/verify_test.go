@@ -110,7 +110,7 @@ func writeTemp(t *testing.T, name string, data []byte) string {
 func exitCode(err error) int {
 	var ee *exitError
 	if errors.As(err, &ee) {
-		return ee.code
+		return ee.Code
 	}
 	if err != nil {
 		return -1

@@ -8,7 +8,6 @@ package admin
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net/http"
@@ -55,17 +54,9 @@ type AppList struct {
 }
 
 func (s *Server) appRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/apps", s.guard(s.appsList))
-	mux.HandleFunc("POST /v1/apps", s.guard(s.appAdd))
-	mux.HandleFunc("DELETE /v1/apps/{user}", s.guard(s.appRemove))
-}
-
-func (s *Server) appBackend(w http.ResponseWriter) (AppBackend, bool) {
-	ab, ok := s.opts.Backend.(AppBackend)
-	if !ok {
-		writeError(w, http.StatusNotImplemented, "this daemon does not manage app accounts")
-	}
-	return ab, ok
+	mux.HandleFunc("GET /v1/apps", guarded(s, "app accounts", s.appsList))
+	mux.HandleFunc("POST /v1/apps", guarded(s, "app accounts", s.appAdd))
+	mux.HandleFunc("DELETE /v1/apps/{user}", guarded(s, "app accounts", s.appRemove))
 }
 
 func (s *Server) appDone(w http.ResponseWriter, r *http.Request, what, user string, res AppInfo, err error) {
@@ -74,47 +65,24 @@ func (s *Server) appDone(w http.ResponseWriter, r *http.Request, what, user stri
 		ev.Cause, ev.Detail = "failed", "app "+user+": "+err.Error()
 	}
 	s.record(r.Context(), ev)
-	if err != nil {
-		writeError(w, deviceStatus(err), err.Error())
-		return
-	}
-	writeJSON(w, http.StatusOK, res)
+	answer(w, res, err)
 }
 
-func (s *Server) appsList(w http.ResponseWriter, r *http.Request) {
-	ab, ok := s.appBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) appsList(ab AppBackend, w http.ResponseWriter, r *http.Request) {
 	l, err := ab.ListApps(r.Context())
-	if err != nil {
-		writeError(w, deviceStatus(err), err.Error())
-		return
-	}
-	writeJSON(w, http.StatusOK, l)
+	answer(w, l, err)
 }
 
-func (s *Server) appAdd(w http.ResponseWriter, r *http.Request) {
-	ab, ok := s.appBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) appAdd(ab AppBackend, w http.ResponseWriter, r *http.Request) {
 	var req AppAddRequest
-	dec := json.NewDecoder(io.LimitReader(r.Body, maxDeviceBody))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&req); err != nil {
-		writeError(w, http.StatusBadRequest, "malformed app request: "+err.Error())
+	if !readBody(w, r, "app", &req) {
 		return
 	}
 	res, err := ab.AddApp(r.Context(), req)
 	s.appDone(w, r, "add", req.User, res, err)
 }
 
-func (s *Server) appRemove(w http.ResponseWriter, r *http.Request) {
-	ab, ok := s.appBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) appRemove(ab AppBackend, w http.ResponseWriter, r *http.Request) {
 	user := r.PathValue("user")
 	res, err := ab.RemoveApp(r.Context(), user)
 	s.appDone(w, r, "remove", user, res, err)
@@ -141,18 +109,22 @@ func (c *Client) ListApps(ctx context.Context) (AppList, error) {
 	return l, err
 }
 
-// WriteAppList prints the app accounts, one a line.
-func WriteAppList(w io.Writer, l AppList) error {
+// WriteAppList prints the app accounts, one a line. readable: with the
+// count of devices each may read (the running policy's; false offline).
+func WriteAppList(w io.Writer, l AppList, readable bool) error {
 	if len(l.Apps) == 0 {
 		_, err := fmt.Fprintln(w, "no app accounts")
 		return err
 	}
 	for _, a := range l.Apps {
-		g := ""
-		if len(a.Groups) > 0 {
-			g = "  groups " + strings.Join(a.Groups, ",")
+		line := a.User
+		if readable {
+			line += fmt.Sprintf("  reads %d devices", a.Readable)
 		}
-		if _, err := fmt.Fprintf(w, "%s  reads %d devices%s\n", a.User, a.Readable, g); err != nil {
+		if len(a.Groups) > 0 {
+			line += "  groups " + strings.Join(a.Groups, ",")
+		}
+		if _, err := fmt.Fprintln(w, line); err != nil {
 			return err
 		}
 	}

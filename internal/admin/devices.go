@@ -213,30 +213,59 @@ const maxDeviceBody = 64 << 10
 const deviceTimeout = 2 * time.Minute
 
 func (s *Server) deviceRoutes(mux *http.ServeMux) {
-	mux.HandleFunc("GET /v1/devices", s.guard(s.devicesList))
-	mux.HandleFunc("POST /v1/devices", s.guard(s.deviceAdd))
-	mux.HandleFunc("PATCH /v1/devices/{id}", s.guard(s.deviceUpdate))
-	mux.HandleFunc("DELETE /v1/devices/{id}", s.guard(s.deviceRemove))
-	mux.HandleFunc("POST /v1/devices/{id}/bind", s.guard(s.deviceBind))
+	mux.HandleFunc("GET /v1/devices", guarded(s, "devices", s.devicesList))
+	mux.HandleFunc("POST /v1/devices", guarded(s, "devices", s.deviceAdd))
+	mux.HandleFunc("PATCH /v1/devices/{id}", guarded(s, "devices", s.deviceUpdate))
+	mux.HandleFunc("DELETE /v1/devices/{id}", guarded(s, "devices", s.deviceRemove))
+	mux.HandleFunc("POST /v1/devices/{id}/bind", guarded(s, "devices", s.deviceBind))
 }
 
-func (s *Server) deviceBackend(w http.ResponseWriter) (DeviceBackend, bool) {
-	db, ok := s.opts.Backend.(DeviceBackend)
-	if !ok {
-		writeError(w, http.StatusNotImplemented, "this daemon does not manage devices")
-	}
-	return db, ok
+// guarded is s.guard(h) with the server's Backend as T; a Backend that is
+// no T answers 501 "this daemon does not manage <what>".
+func guarded[T any](s *Server, what string, h func(T, http.ResponseWriter, *http.Request)) http.HandlerFunc {
+	return s.guard(func(w http.ResponseWriter, r *http.Request) {
+		b, ok := s.opts.Backend.(T)
+		if !ok {
+			writeError(w, http.StatusNotImplemented, "this daemon does not manage "+what)
+			return
+		}
+		h(b, w, r)
+	})
 }
 
-func readDeviceBody(w http.ResponseWriter, r *http.Request, v any) bool {
+// readBody decodes a request body of at most maxDeviceBody bytes into v,
+// or answers 400 "malformed <what> request".
+func readBody(w http.ResponseWriter, r *http.Request, what string, v any) bool {
 	dec := json.NewDecoder(io.LimitReader(r.Body, maxDeviceBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
 		// The decoder's message names the field, never the values.
-		writeError(w, http.StatusBadRequest, "malformed device request: "+err.Error())
+		writeError(w, http.StatusBadRequest, "malformed "+what+" request: "+err.Error())
 		return false
 	}
 	return true
+}
+
+// pathID fills an empty body id from the path's {id}, and answers 400 when
+// they differ.
+func pathID(w http.ResponseWriter, r *http.Request, id *string) bool {
+	if *id == "" {
+		*id = r.PathValue("id")
+	}
+	if *id != r.PathValue("id") {
+		writeError(w, http.StatusBadRequest, "the device id of the path and of the body differ")
+		return false
+	}
+	return true
+}
+
+// answer writes res, or err with deviceStatus.
+func answer[T any](w http.ResponseWriter, res T, err error) {
+	if err != nil {
+		writeError(w, deviceStatus(err), err.Error())
+		return
+	}
+	writeJSON(w, http.StatusOK, res)
 }
 
 func deviceStatus(err error) int {
@@ -257,132 +286,85 @@ func (s *Server) deviceDone(w http.ResponseWriter, r *http.Request, what, id str
 		ev.Cause, ev.Detail = "failed", err.Error()
 	}
 	s.record(r.Context(), ev)
-	if err != nil {
-		writeError(w, deviceStatus(err), err.Error())
-		return
-	}
-	writeJSON(w, http.StatusOK, res)
+	answer(w, res, err)
 }
 
-func (s *Server) devicesList(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) devicesList(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	l, err := db.ListDevices(r.Context())
-	if err != nil {
-		writeError(w, deviceStatus(err), err.Error())
-		return
-	}
-	writeJSON(w, http.StatusOK, l)
+	answer(w, l, err)
 }
 
-func (s *Server) deviceAdd(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) deviceAdd(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	var req DeviceAddRequest
-	if !readDeviceBody(w, r, &req) {
+	if !readBody(w, r, "device", &req) {
 		return
 	}
 	res, err := db.AddDevice(r.Context(), req)
 	s.deviceDone(w, r, "add", req.ID, res, err)
 }
 
-func (s *Server) deviceUpdate(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) deviceUpdate(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	var req DeviceUpdateRequest
-	if !readDeviceBody(w, r, &req) {
+	if !readBody(w, r, "device", &req) {
 		return
 	}
-	if req.ID == "" {
-		req.ID = r.PathValue("id")
-	}
-	if req.ID != r.PathValue("id") {
-		writeError(w, http.StatusBadRequest, "the device id of the path and of the body differ")
+	if !pathID(w, r, &req.ID) {
 		return
 	}
 	res, err := db.UpdateDevice(r.Context(), req)
 	s.deviceDone(w, r, "update", req.ID, res, err)
 }
 
-func (s *Server) deviceRemove(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) deviceRemove(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
 	res, err := db.RemoveDevice(r.Context(), id, r.URL.Query().Get("broker"))
 	s.deviceDone(w, r, "remove", id, res, err)
 }
 
-func (s *Server) deviceBind(w http.ResponseWriter, r *http.Request) {
-	db, ok := s.deviceBackend(w)
-	if !ok {
-		return
-	}
+func (s *Server) deviceBind(db DeviceBackend, w http.ResponseWriter, r *http.Request) {
 	var req DeviceBindRequest
-	if !readDeviceBody(w, r, &req) {
+	if !readBody(w, r, "device", &req) {
 		return
 	}
-	if req.ID == "" {
-		req.ID = r.PathValue("id")
-	}
-	if req.ID != r.PathValue("id") {
-		writeError(w, http.StatusBadRequest, "the device id of the path and of the body differ")
+	if !pathID(w, r, &req.ID) {
 		return
 	}
 	res, err := db.BindDevice(r.Context(), req)
 	s.deviceDone(w, r, "bind", req.ID, res, err)
 }
 
-// AddDevice asks the daemon to register a device.
-func (c *Client) AddDevice(ctx context.Context, req DeviceAddRequest) (DeviceResult, error) {
+// deviceCall is call bounded by deviceTimeout, decoding the answer as T.
+func deviceCall[T any](ctx context.Context, c *Client, method, path string, body any) (T, error) {
 	ctx, cancel := context.WithTimeout(ctx, deviceTimeout)
 	defer cancel()
-	var res DeviceResult
-	err := c.call(ctx, http.MethodPost, "/v1/devices", req, &res)
+	var res T
+	err := c.call(ctx, method, path, body, &res)
 	return res, err
+}
+
+// AddDevice asks the daemon to register a device.
+func (c *Client) AddDevice(ctx context.Context, req DeviceAddRequest) (DeviceResult, error) {
+	return deviceCall[DeviceResult](ctx, c, http.MethodPost, "/v1/devices", req)
 }
 
 // UpdateDevice asks the daemon to change a device.
 func (c *Client) UpdateDevice(ctx context.Context, req DeviceUpdateRequest) (DeviceResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, deviceTimeout)
-	defer cancel()
-	var res DeviceResult
-	err := c.call(ctx, http.MethodPatch, "/v1/devices/"+url.PathEscape(req.ID), req, &res)
-	return res, err
+	return deviceCall[DeviceResult](ctx, c, http.MethodPatch, "/v1/devices/"+url.PathEscape(req.ID), req)
 }
 
 // RemoveDevice asks the daemon to remove a device.
 func (c *Client) RemoveDevice(ctx context.Context, id, broker string) (DeviceResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, deviceTimeout)
-	defer cancel()
-	var res DeviceResult
-	err := c.call(ctx, http.MethodDelete, "/v1/devices/"+url.PathEscape(id)+"?broker="+url.QueryEscape(broker), nil, &res)
-	return res, err
+	return deviceCall[DeviceResult](ctx, c, http.MethodDelete, "/v1/devices/"+url.PathEscape(id)+"?broker="+url.QueryEscape(broker), nil)
 }
 
 // BindDevice asks the daemon to record a device registered elsewhere.
 func (c *Client) BindDevice(ctx context.Context, req DeviceBindRequest) (DeviceResult, error) {
-	ctx, cancel := context.WithTimeout(ctx, deviceTimeout)
-	defer cancel()
-	var res DeviceResult
-	err := c.call(ctx, http.MethodPost, "/v1/devices/"+url.PathEscape(req.ID)+"/bind", req, &res)
-	return res, err
+	return deviceCall[DeviceResult](ctx, c, http.MethodPost, "/v1/devices/"+url.PathEscape(req.ID)+"/bind", req)
 }
 
 // ListDevices asks the daemon for the devices.
 func (c *Client) ListDevices(ctx context.Context) (DeviceList, error) {
-	ctx, cancel := context.WithTimeout(ctx, deviceTimeout)
-	defer cancel()
-	var l DeviceList
-	err := c.call(ctx, http.MethodGet, "/v1/devices", nil, &l)
-	return l, err
+	return deviceCall[DeviceList](ctx, c, http.MethodGet, "/v1/devices", nil)
 }
 
 // WriteDeviceResult prints a DeviceResult for people.

@@ -156,9 +156,4 @@ func (a *AppAdmin) ListApps(context.Context) (admin.AppList, error) {
 	return l, nil
 }
 
-func (a *AppAdmin) log() *slog.Logger {
-	if a.Logger == nil {
-		return slog.New(slog.DiscardHandler)
-	}
-	return a.Logger
-}
+func (a *AppAdmin) log() *slog.Logger { return orDiscard(a.Logger) }

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/edgegate/edgegate/internal/admin"
@@ -46,11 +47,14 @@ type DeviceAdmin struct {
 	Logger *slog.Logger
 }
 
-func (a *DeviceAdmin) log() *slog.Logger {
-	if a.Logger == nil {
+func (a *DeviceAdmin) log() *slog.Logger { return orDiscard(a.Logger) }
+
+// orDiscard is l, or a logger that drops everything when l is nil.
+func orDiscard(l *slog.Logger) *slog.Logger {
+	if l == nil {
 		return slog.New(slog.DiscardHandler)
 	}
-	return a.Logger
+	return l
 }
 
 func bad(err error) error { return fmt.Errorf("%w: %w", admin.ErrBadRequest, err) }
@@ -494,15 +498,7 @@ func (a *DeviceAdmin) ListDevices(ctx context.Context) (admin.DeviceList, error)
 		}
 		l.Devices = append(l.Devices, info)
 	}
-	slices.SortFunc(l.Devices, func(x, y admin.DeviceInfo) int {
-		if x.ID < y.ID {
-			return -1
-		}
-		if x.ID > y.ID {
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(l.Devices, func(x, y admin.DeviceInfo) int { return strings.Compare(x.ID, y.ID) })
 	return l, nil
 }
 
