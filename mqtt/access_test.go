@@ -573,17 +573,21 @@ func TestFloodDoesNotStarveOthers(t *testing.T) {
 		}
 		worst = max(worst, time.Since(t0))
 	}
-	if worst > 500*time.Millisecond {
-		t.Errorf("quiet device waited up to %v behind the flood", worst)
-	}
 	for i, tok := range toks {
 		if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 			t.Fatalf("flood reading %d not acknowledged: nothing may be dropped", i)
 		}
 	}
 	// 40 readings at 20/s after a burst of 5 take at least (40-5)/20 s.
-	if took := time.Since(start); took < 1500*time.Millisecond {
+	took := time.Since(start)
+	if took < 1500*time.Millisecond {
 		t.Errorf("flood of %d acknowledged in %v: not paced to 20/s", floodN, took)
+	}
+	// Not starved: each of the quiet device's readings waited a small part
+	// of the flood's own pacing, measured in the same run (an absolute
+	// bound failed under a loaded -race run: both slow down together).
+	if worst > took/3 {
+		t.Errorf("quiet device waited up to %v behind a flood paced over %v", worst, took)
 	}
 }
 
