@@ -13,9 +13,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/packets"
 
 	"github.com/edgegate/edgegate/internal/accesstoken"
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
-	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/policy"
 )
 
@@ -99,7 +98,7 @@ type accessHook struct {
 	tokens  TokenVerifier // nil: applications are refused
 	topic   Topic
 	log     *slog.Logger
-	limited *ratelog.Limiter
+	limited *logx.Limiter
 	m       *metrics.Metrics
 	now     func() time.Time
 	onDeny  func(action, reason, who string)
@@ -119,7 +118,7 @@ type accessHook struct {
 func newAccessHook(pol Policy, tokens TokenVerifier, topic Topic, log *slog.Logger, m *metrics.Metrics) *accessHook {
 	return &accessHook{
 		pol: pol, tokens: tokens, topic: topic, log: log, m: m, now: time.Now,
-		limited:    ratelog.New(log, 30*time.Second),
+		limited:    logx.NewLimiter(log, 30*time.Second),
 		principals: map[*mochi.Client]*principal{},
 		owners:     map[string]string{},
 		claims:     map[string]*mochi.Client{},
@@ -316,4 +315,4 @@ func (t Topic) classifyFilter(filter string) (device string, wildcard, inside bo
 	return device, wildcard, true
 }
 
-func clipName(s string) string { return logtext.Clip(s, 64) }
+func clipName(s string) string { return logx.Clip(s, 64) }

@@ -14,9 +14,9 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/pipeline"
-	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/internal/reading"
 )
 
@@ -107,7 +107,7 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	})
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
 		ackers: map[*mochi.Client]*acker{}, qos2: map[string]map[uint16]*inflight{},
-		limited: ratelog.New(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now)}
+		limited: logx.NewLimiter(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now)}
 	hook.ctx, hook.cancel = context.WithCancel(context.Background())
 	if st, ok := sub.(Starter); ok {
 		hook.starter, hook.srv = st, srv
@@ -248,7 +248,7 @@ type ingestHook struct {
 	log     *slog.Logger
 	timeout time.Duration
 	retry   time.Duration
-	limited *ratelog.Limiter
+	limited *logx.Limiter
 	pace    *deviceLimiter
 	ctx     context.Context // cancelled when the broker stops
 	cancel  context.CancelFunc

@@ -15,8 +15,8 @@ import (
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
 
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
-	"github.com/edgegate/edgegate/internal/ratelog"
 )
 
 // Limits bounds what one principal (a device, or an application user) can
@@ -170,7 +170,7 @@ type capsHook struct {
 	srv     *mochi.Server
 	topic   Topic
 	m       *metrics.Metrics
-	limited *ratelog.Limiter
+	limited *logx.Limiter
 	onDeny  func(action, reason, who string)
 
 	mu       sync.Mutex
@@ -203,7 +203,7 @@ type retainedEntry struct {
 func newCapsHook(lim Limits, srv *mochi.Server, topic Topic, log *slog.Logger, m *metrics.Metrics) *capsHook {
 	return &capsHook{
 		lim: lim.withDefaults(), srv: srv, topic: topic, m: m,
-		limited:   ratelog.New(log, 30*time.Second),
+		limited:   logx.NewLimiter(log, 30*time.Second),
 		owner:     map[*mochi.Client]*member{},
 		sessions:  map[string]map[*mochi.Client]struct{}{},
 		retained:  map[string]retainedEntry{},

@@ -12,9 +12,9 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/pipeline"
-	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/internal/reading"
 )
 
@@ -50,7 +50,7 @@ type Client struct {
 	sub     Submitter
 	opts    ClientOptions
 	log     *slog.Logger
-	limited *ratelog.Limiter
+	limited *logx.Limiter
 
 	ctx    context.Context // cancelled when Run is stopping
 	cancel context.CancelFunc
@@ -85,7 +85,7 @@ func NewClient(sub Submitter, opts ClientOptions) *Client {
 	if opts.RetryInterval <= 0 {
 		opts.RetryInterval = time.Second
 	}
-	c := &Client{sub: sub, opts: opts, log: log, limited: ratelog.New(log, 10*time.Second),
+	c := &Client{sub: sub, opts: opts, log: log, limited: logx.NewLimiter(log, 10*time.Second),
 		lanes: map[string]chan *ackSlot{}, subscribed: make(chan struct{})}
 	c.seq.onAck = opts.OnAck
 	c.ctx, c.cancel = context.WithCancel(context.Background())

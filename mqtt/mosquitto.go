@@ -20,8 +20,8 @@ import (
 	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
-	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/policy"
 )
 
@@ -100,7 +100,7 @@ type DynsecOptions struct {
 type Dynsec struct {
 	opts    DynsecOptions
 	log     *slog.Logger
-	limited *ratelog.Limiter
+	limited *logx.Limiter
 	nudge   chan struct{}
 
 	synced   chan struct{} // closed after the first successful reconciliation
@@ -130,7 +130,7 @@ func NewDynsec(opts DynsecOptions) *Dynsec {
 	if opts.Timeout <= 0 {
 		opts.Timeout = 10 * time.Second
 	}
-	return &Dynsec{opts: opts, log: log, limited: ratelog.New(log, 30*time.Second),
+	return &Dynsec{opts: opts, log: log, limited: logx.NewLimiter(log, 30*time.Second),
 		nudge: make(chan struct{}, 1), synced: make(chan struct{}), resp: make(chan []byte, 4), lost: make(chan struct{}, 1)}
 }
 

@@ -41,7 +41,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/envelope"
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/reading"
 )
 
@@ -335,10 +335,10 @@ func checkRegistration(r Registration) error {
 		return fmt.Errorf("device %s: k1 and k2 must differ", r.ID)
 	}
 	u, err := url.Parse(r.Broker)
-	if err != nil || u.Scheme != "https" || u.Host == "" || logtext.URLCredential(u) != "" {
+	if err != nil || u.Scheme != "https" || u.Host == "" || logx.URLCredential(u) != "" {
 		// No credentials in it: the uplink puts the broker URL in every
 		// request line, and tokens come from the token source only.
-		return fmt.Errorf("device %s: broker %q must be an https:// URL without credentials", r.ID, clip(logtext.RedactURL(r.Broker)))
+		return fmt.Errorf("device %s: broker %q must be an https:// URL without credentials", r.ID, clip(logx.RedactURL(r.Broker)))
 	}
 	if b := r.Radio; b != nil {
 		if b.Port == "" || b.Node < -1 || b.Node > 254 || b.Child < -1 || b.Child > 254 {
@@ -348,7 +348,7 @@ func checkRegistration(r Registration) error {
 	return nil
 }
 
-func clip(s string) string { return logtext.Clip(s, 64) }
+func clip(s string) string { return logx.Clip(s, 64) }
 
 // Len is the number of registered devices.
 func (p *Policy) Len() int { return len(p.devices) }

@@ -9,9 +9,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/pipeline"
-	"github.com/edgegate/edgegate/internal/ratelog"
 )
 
 // Submitter is what a radio port needs of the pipeline.
@@ -170,7 +170,7 @@ func NewManager(ports []PortConfig, sub Submitter, bind Binder, opts Options) (*
 		return nil, err
 	}
 	m := &Manager{log: log}
-	limited := ratelog.New(log, 30*time.Second)
+	limited := logx.NewLimiter(log, 30*time.Second)
 	seen := map[string]bool{}
 	for i, pc := range ports {
 		if pc.Path == "" {

@@ -18,9 +18,9 @@ import (
 	"github.com/tarm/serial"
 
 	"github.com/edgegate/edgegate/internal/backoff"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/pipeline"
-	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/internal/reading"
 )
 
@@ -47,7 +47,7 @@ type port struct {
 	bind    Binder
 	ids     *nodeIDs
 	log     *slog.Logger
-	limited *ratelog.Limiter
+	limited *logx.Limiter
 	m       *metrics.Metrics
 	now     func() time.Time
 	opts    Options
@@ -69,7 +69,7 @@ type port struct {
 	lastSeq  map[string]uint64       // JSON lines: previous seq per device
 }
 
-func newPort(pc PortConfig, sub Submitter, bind Binder, ids *nodeIDs, opts Options, log *slog.Logger, limited *ratelog.Limiter) *port {
+func newPort(pc PortConfig, sub Submitter, bind Binder, ids *nodeIDs, opts Options, log *slog.Logger, limited *logx.Limiter) *port {
 	p := &port{
 		cfg: pc, sub: sub, bind: bind, ids: ids, log: log, limited: limited, m: opts.Metrics,
 		now: opts.Now, opts: opts, readings: make(chan pipeline.Message, pendingReads),

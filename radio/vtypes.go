@@ -7,7 +7,7 @@ import (
 	"strconv"
 	"unicode/utf8"
 
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/reading"
 )
 
@@ -141,4 +141,4 @@ func appendAttrPayload(dst []byte, vt vtype, payload []byte) ([]byte, error) {
 }
 
 // clipText shortens untrusted bytes for an error message or a log line.
-func clipText(b []byte) string { return logtext.Clip(string(b), 32) }
+func clipText(b []byte) string { return logx.Clip(string(b), 32) }

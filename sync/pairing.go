@@ -288,7 +288,7 @@ type AssertionSigner interface {
 	SignJWT(claims []byte) (string, error)
 }
 
-// IdentitySigner is what the gateway identity provides (identity.Identity).
+// IdentitySigner is what the gateway identity provides (keys.Identity).
 type IdentitySigner interface {
 	Thumbprint() string
 	PublicJWK() jwk.Key

@@ -23,7 +23,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jws"
 	dto "github.com/prometheus/client_model/go"
 
-	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/pki"
 	"github.com/edgegate/edgegate/internal/queue"
@@ -234,7 +234,7 @@ type polEnv struct {
 	store   *queue.Queue
 	engine  *policy.Engine
 	m       *metrics.Metrics
-	id      *identity.Identity
+	id      *keys.Identity
 	tokens  *polTokens
 	logs    *syncBuffer
 	log     *slog.Logger
@@ -289,7 +289,7 @@ func (e *polEnv) openStore() {
 	}
 	e.store = q
 	if e.id == nil {
-		if e.id, err = identity.Load(q); err != nil {
+		if e.id, err = keys.LoadIdentity(q); err != nil {
 			e.t.Fatal(err)
 		}
 	}

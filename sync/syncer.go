@@ -21,8 +21,8 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
 	"github.com/edgegate/edgegate/internal/backoff"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
-	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/internal/reading"
 	"github.com/edgegate/edgegate/policy"
 )
@@ -98,7 +98,7 @@ type Tokens interface {
 }
 
 // Signer signs receipts with the gateway's identity key
-// (*identity.Identity): EdDSA, protected header kid = RFC 7638 thumbprint,
+// (*keys.Identity): EdDSA, protected header kid = RFC 7638 thumbprint,
 // jwk = the public key, plus extra.
 type Signer interface {
 	Sign(payload []byte, extra map[string]any) (string, error)
@@ -218,7 +218,7 @@ type Syncer struct {
 	client   *http.Client
 	maxBody  int64
 	log      *slog.Logger
-	limited  *ratelog.Limiter
+	limited  *logx.Limiter
 	now      func() time.Time
 
 	nudge       chan struct{} // cap 1: poll now
@@ -329,7 +329,7 @@ func New(o Options) (*Syncer, error) {
 		s.log = slog.New(slog.DiscardHandler)
 	}
 	s.log = s.log.With("component", "policy-sync", "source", o.Source, "gateway", o.Gateway)
-	s.limited = ratelog.New(s.log, 30*time.Second)
+	s.limited = logx.NewLimiter(s.log, 30*time.Second)
 	if s.now == nil {
 		s.now = time.Now
 	}

@@ -13,7 +13,7 @@ import (
 	"golang.org/x/oauth2"
 	"golang.org/x/oauth2/clientcredentials"
 
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
 )
 
@@ -281,7 +281,7 @@ type FetchError struct {
 func (e *FetchError) Error() string { return "fetch access token from " + e.URL + ": " + e.msg }
 func (e *FetchError) Unwrap() error { return e.err }
 
-func clip(s string) string { return logtext.Clip(s, maxErrText) }
+func clip(s string) string { return logx.Clip(s, maxErrText) }
 
 // redactURL drops user info and query from a URL so it can be logged.
 func redactURL(raw string) string {

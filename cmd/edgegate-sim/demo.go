@@ -28,7 +28,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/edgegate/edgegate/internal/envelope"
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/sim/radiosim"
 	"github.com/edgegate/edgegate/internal/testkit"
@@ -635,7 +635,7 @@ func demoSummary(out *lineWriter, sim *centralsim.Server, devices []*demoDevice)
 	byStatus := map[string]int{}
 	for _, r := range sim.Refusals() {
 		if !r.Fault {
-			byStatus[fmt.Sprintf("%d %s", r.Status, logtext.Clip(r.Message, 60))]++
+			byStatus[fmt.Sprintf("%d %s", r.Status, logx.Clip(r.Message, 60))]++
 		}
 	}
 	total := 0

@@ -15,7 +15,7 @@ import (
 
 	"github.com/edgegate/edgegate/internal/admin"
 	"github.com/edgegate/edgegate/internal/daemon"
-	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
@@ -463,7 +463,7 @@ func runDeviceOp(ctx context.Context, sub string, db admin.DeviceBackend, op fun
 // directDeviceAdmin is DeviceAdmin over the opened store, with the paired
 // account's token; unpaired is an error unless optional (list, bind).
 func directDeviceAdmin(q *queue.Queue, caFile string, optional bool) (*daemon.DeviceAdmin, error) {
-	gwID, err := identity.Load(q)
+	gwID, err := keys.LoadIdentity(q)
 	if err != nil {
 		return nil, err
 	}

@@ -9,8 +9,8 @@ import (
 	"os"
 	"time"
 
-	"github.com/edgegate/edgegate/internal/devkey"
 	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
@@ -110,7 +110,7 @@ func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, 
 	if broker == "" {
 		return &exitError{Code: 2, Err: fmt.Errorf("device rotate-key: --broker is required: the registry does not know the broker of %s", id)}
 	}
-	held, err := devkey.Load(q, id)
+	held, err := keys.LoadDeviceKeys(q, id)
 	if err != nil {
 		return fmt.Errorf("device rotate-key: %w", err)
 	}
@@ -132,7 +132,7 @@ func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, 
 		if newKey, err = envelope.GenerateKey(a); err != nil {
 			return err
 		}
-		if err := devkey.Put(q, id, append([]envelope.Key{newKey}, held...)); err != nil {
+		if err := keys.PutDeviceKeys(q, id, append([]envelope.Key{newKey}, held...)); err != nil {
 			return fmt.Errorf("device rotate-key: store the new key: %w", err)
 		}
 	case pubKeyFile == "" && keysOut == "":
@@ -156,7 +156,7 @@ func rotateKey(ctx context.Context, q *queue.Queue, dir *centralsync.Directory, 
 	if err != nil {
 		if len(held) > 0 {
 			// Not registered: the new key must not linger as the newest.
-			if rerr := devkey.Put(q, id, held); rerr != nil {
+			if rerr := keys.PutDeviceKeys(q, id, held); rerr != nil {
 				err = errors.Join(err, fmt.Errorf("restore the previous key: %w", rerr))
 			}
 		} else if priv != "" {

@@ -7,8 +7,8 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/edgegate/edgegate/internal/devkey"
 	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/policy"
 )
@@ -40,7 +40,7 @@ func TestDeviceSigningKeys(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer q.Close()
-		keys, err := devkey.Load(q, id)
+		keys, err := keys.LoadDeviceKeys(q, id)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -25,10 +25,8 @@ import (
 
 	"github.com/edgegate/edgegate/internal/atomicfile"
 	"github.com/edgegate/edgegate/internal/config"
-	"github.com/edgegate/edgegate/internal/identity"
-	"github.com/edgegate/edgegate/internal/qr"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/queue"
-	"github.com/edgegate/edgegate/internal/storekey"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
@@ -97,7 +95,7 @@ var errStoreLocked = errors.New("the store is in use by the running daemon: stop
 
 // openStore opens the encrypted store as the daemon does.
 func openStore(env pairEnv, s storeFlags) (*queue.Queue, error) {
-	key, _, err := storekey.Load(s.credential, s.keyPath(), env.getenv)
+	key, _, err := keys.LoadStoreKey(s.credential, s.keyPath(), env.getenv)
 	if err != nil {
 		return nil, err
 	}
@@ -384,7 +382,7 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 	case err != nil:
 		old = nil
 	}
-	id, err := identity.Load(q)
+	id, err := keys.LoadIdentity(q)
 	if err != nil {
 		return fmt.Errorf("pair: %w", err)
 	}
@@ -557,7 +555,7 @@ Next steps:
 // registerApp registers the gateway's AppID row when GET limits says the
 // account has a free AppID slot, and says plainly why not otherwise. It
 // fills user from the Ownership API when userinfo did not.
-func registerApp(ctx context.Context, hc *http.Client, o *pairOpts, id *identity.Identity, signer centralsync.AssertionSigner,
+func registerApp(ctx context.Context, hc *http.Client, o *pairOpts, id *keys.Identity, signer centralsync.AssertionSigner,
 	access string, user *string, rb *rollback) (string, error) {
 	lim, err := centralsync.FetchOwnershipLimits(ctx, hc, o.central, access, "AppID")
 	if err != nil {
@@ -733,7 +731,7 @@ func deviceGrant(ctx context.Context, disc *centralsync.Discovery, cred *central
 	}
 	fmt.Fprintf(stdout, "\nTo approve this gateway, open\n\n    %s\n\nand enter the code\n\n    %s\n\n", da.VerificationURI, da.UserCode)
 	if da.VerificationURIComplete != "" && !noQR {
-		if s, err := qr.Terminal(da.VerificationURIComplete); err == nil {
+		if s, err := qrTerminal(da.VerificationURIComplete); err == nil {
 			fmt.Fprintf(stdout, "or scan this with a phone (it opens %s):\n\n%s\n", da.VerificationURIComplete, s)
 		}
 	}
@@ -1014,7 +1012,7 @@ func unpairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 	if err != nil {
 		return err
 	}
-	id, err := identity.Load(q)
+	id, err := keys.LoadIdentity(q)
 	if err != nil {
 		return fmt.Errorf("unpair: %w", err)
 	}

@@ -14,7 +14,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/config"
-	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
@@ -191,7 +191,7 @@ func TestPairFlow(t *testing.T) {
 		t.Fatal(err)
 	}
 	q, _ := openStore(f.env, storeFlags{stateDir: f.stateDir, credential: "store-key"})
-	id, err := identity.Load(q)
+	id, err := keys.LoadIdentity(q)
 	q.Close()
 	if err != nil {
 		t.Fatal(err)
@@ -431,7 +431,7 @@ func TestPairStockPlatform(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	id, err := identity.Load(q)
+	id, err := keys.LoadIdentity(q)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -600,7 +600,7 @@ func TestPairSlowDownAndES256(t *testing.T) {
 	}
 	q, _ := openStore(f.env, storeFlags{stateDir: f.stateDir, credential: "store-key"})
 	defer q.Close()
-	id, _ := identity.Load(q)
+	id, _ := keys.LoadIdentity(q)
 	ts, err := centralsync.NewPairedTokenSource(centralsync.PairedOptions{Store: q, Identity: id, HTTPClient: mustHTTP(t, f.caFile)})
 	if err != nil {
 		t.Fatal(err)

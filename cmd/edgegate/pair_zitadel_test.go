@@ -27,7 +27,7 @@ import (
 	"github.com/zitadel/oidc/v3/pkg/op"
 
 	"github.com/edgegate/edgegate/internal/config"
-	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/keys"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
@@ -578,7 +578,7 @@ func TestPairStockOrdinaryUser(t *testing.T) {
 	if err != nil || creds.AuthMethod != centralsync.AuthNone || creds.RefreshToken == "" || creds.User != "test-user2" {
 		t.Fatalf("creds %v: %v", creds, err)
 	}
-	id, _ := identity.Load(q)
+	id, _ := keys.LoadIdentity(q)
 	ts, err := centralsync.NewPairedTokenSource(centralsync.PairedOptions{Store: q, Identity: id, HTTPClient: mustHTTP(t, sf.caFile)})
 	if err != nil {
 		t.Fatal(err)
@@ -779,7 +779,7 @@ func TestPairConfidentialClient(t *testing.T) {
 	if s := fmt.Sprintf("%v %+v %#v %s", creds, creds, creds, creds); strings.Contains(s, secret) || strings.Contains(s, creds.RefreshToken) {
 		t.Error("the credentials' text shows a secret")
 	}
-	id, _ := identity.Load(q)
+	id, _ := keys.LoadIdentity(q)
 	ts, err := centralsync.NewPairedTokenSource(centralsync.PairedOptions{Store: q, Identity: id, HTTPClient: mustHTTP(t, sf.caFile)})
 	if err != nil {
 		t.Fatal(err)

@@ -19,8 +19,8 @@ import (
 
 	"github.com/edgegate/edgegate/internal/config"
 	"github.com/edgegate/edgegate/internal/envelope"
-	"github.com/edgegate/edgegate/internal/identity"
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/keys"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/uplink"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
@@ -265,7 +265,7 @@ func entityID(doc []byte) (string, bool) {
 // attribute and prints one line per attribute.
 func verifyEntityDoc(doc []byte, id, device, devicesFile, keyFile, attr string, stdout io.Writer) error {
 	if device != "" && device != id {
-		fmt.Fprintf(stdout, "wrong entity: it is %s, not %s\n", logtext.Clip(id, 64), device)
+		fmt.Fprintf(stdout, "wrong entity: it is %s, not %s\n", logx.Clip(id, 64), device)
 		return &exitError{Code: 1, Err: errors.New("")}
 	}
 	keys, err := verifyKeySet(id, devicesFile, keyFile)
@@ -280,7 +280,7 @@ func verifyEntityDoc(doc []byte, id, device, devicesFile, keyFile, attr string, 
 	counts := map[envelope.Verdict]int{}
 	for _, a := range rep.Attrs {
 		counts[a.Verdict]++
-		line := logtext.Clip(a.Name, 64) + "\t" + string(a.Verdict)
+		line := logx.Clip(a.Name, 64) + "\t" + string(a.Verdict)
 		if a.Seq != 0 { // the envelope opened
 			signer := "gateway " + a.Gateway
 			if a.Gateway == "" {
@@ -291,13 +291,13 @@ func verifyEntityDoc(doc []byte, id, device, devicesFile, keyFile, attr string, 
 			line += "\t-\t-\t-"
 		}
 		if a.Detail != "" {
-			line += "\t" + logtext.Clip(a.Detail, 160)
+			line += "\t" + logx.Clip(a.Detail, 160)
 		}
 		fmt.Fprintln(tw, line)
 	}
 	tw.Flush()
 	fmt.Fprintf(stdout, "entity %s (%s): %d verified, %d unsigned, %d tampered, %d wrong key, %d malformed\n",
-		logtext.Clip(rep.ID, 64), logtext.Clip(orDashStr(rep.Type), 64), counts[envelope.Verified], counts[envelope.Unsigned],
+		logx.Clip(rep.ID, 64), logx.Clip(orDashStr(rep.Type), 64), counts[envelope.Verified], counts[envelope.Unsigned],
 		counts[envelope.Tampered], counts[envelope.WrongKey], counts[envelope.Malformed])
 	if rep.Bad() > 0 {
 		return &exitError{Code: 1, Err: errors.New("")}
@@ -338,7 +338,7 @@ func verifyToken(ctx context.Context, tokenFile, cfgPath string) (string, error)
 		return "", fmt.Errorf("open the gateway's store (stop the daemon, or use --token-file): %w", err)
 	}
 	defer q.Close()
-	gwID, err := identity.Load(q)
+	gwID, err := keys.LoadIdentity(q)
 	if err != nil {
 		return "", err
 	}
@@ -412,7 +412,7 @@ func fetchEntity(ctx context.Context, r entityRequest) ([]byte, error) {
 		return nil, fmt.Errorf("read entity: %w", err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		text := logtext.Clip(strings.ReplaceAll(string(bytes.TrimSpace(body)), r.token, "[redacted]"), 200)
+		text := logx.Clip(strings.ReplaceAll(string(bytes.TrimSpace(body)), r.token, "[redacted]"), 200)
 		return nil, fmt.Errorf("GET entity %s: broker answered %s: %s", r.device, resp.Status, text)
 	}
 	return body, nil

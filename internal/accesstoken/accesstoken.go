@@ -37,7 +37,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jws"
 	"github.com/lestrrat-go/jwx/v2/jwt"
 
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 )
 
 // MaxTokenBytes bounds what Verify parses.
@@ -380,7 +380,7 @@ func compatible(k jwk.Key, alg string) bool {
 	return false
 }
 
-func clip(s string) string { return logtext.Clip(s, 64) }
+func clip(s string) string { return logx.Clip(s, 64) }
 
 // scrub keeps library errors short; they never contain the token itself.
 func scrub(err error) string {

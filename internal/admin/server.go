@@ -18,7 +18,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/audit"
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 )
 
 // ErrNotFound is for backends to wrap when a selector matches nothing; the
@@ -302,7 +302,7 @@ func (s *Server) export(w http.ResponseWriter, r *http.Request) {
 		}
 		// One header line, and short enough to stay under the client's
 		// header limits.
-		w.Header().Set(TrailerError, logtext.Clip(err.Error(), maxTrailerError))
+		w.Header().Set(TrailerError, logx.Clip(err.Error(), maxTrailerError))
 		return
 	}
 	ev.Detail += fmt.Sprintf("%d records of %d devices", rep.Records, len(rep.Devices))

@@ -13,7 +13,7 @@ import (
 	"strings"
 	"sync"
 
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
@@ -271,4 +271,4 @@ func parseDetails(raw json.RawMessage) (map[string]any, error) {
 
 func detailString(m map[string]any, key string) string { return centralsync.DetailString(m, key) }
 
-func clip(s string) string { return logtext.Clip(s, 120) }
+func clip(s string) string { return logx.Clip(s, 120) }

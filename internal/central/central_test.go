@@ -21,7 +21,7 @@ import (
 
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
-	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/pki"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
@@ -218,7 +218,7 @@ func (e *env) pinnedKeys() jwk.Set {
 type gateway struct {
 	engine *policy.Engine
 	syncer *centralsync.Syncer
-	id     *identity.Identity
+	id     *keys.Identity
 	done   <-chan struct{} // closed when the syncer returned
 }
 
@@ -236,7 +236,7 @@ func (e *env) startGateway(ctx context.Context, gw, client, secret string) *gate
 // restarting keeps its identity and its version floor).
 func (e *env) startGatewayOn(ctx context.Context, gw, client, secret string, q *queue.Queue) *gateway {
 	e.t.Helper()
-	id, err := identity.Load(q)
+	id, err := keys.LoadIdentity(q)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -380,7 +380,7 @@ func TestGatewayIsolation(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer q.Close()
-	id, err := identity.Load(q)
+	id, err := keys.LoadIdentity(q)
 	if err != nil {
 		t.Fatal(err)
 	}

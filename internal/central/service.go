@@ -20,7 +20,7 @@ import (
 	"golang.org/x/oauth2"
 
 	"github.com/edgegate/edgegate/internal/backoff"
-	"github.com/edgegate/edgegate/internal/storekey"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
@@ -112,9 +112,9 @@ func New(ctx context.Context, o Options) (*Service, error) {
 	s.platform = NewPlatform(cfg.Platform.URL, cfg.Platform.DataManagerURL, hc, token, cfg.Concurrency)
 	if s.store == nil {
 		// The store key: systemd credential StoreKeyCredential, else a 0600
-		// file in the state directory generated on first use (storekey).
+		// file in the state directory generated on first use (keys.LoadStoreKey).
 		// Replicas on one PostgreSQL database must all be given the same key.
-		key, _, err := storekey.Load(StoreKeyCredential, filepath.Join(cfg.StateDir, "store.key"), os.Getenv)
+		key, _, err := keys.LoadStoreKey(StoreKeyCredential, filepath.Join(cfg.StateDir, "store.key"), os.Getenv)
 		if err != nil {
 			stop()
 			return nil, err

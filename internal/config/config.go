@@ -21,7 +21,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/edgegate/edgegate/internal/admin"
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 )
 
 // Template is the commented example printed by `edgegate config template`.
@@ -605,7 +605,7 @@ func urlSecret(s string) string {
 		}
 		return ""
 	}
-	switch what := logtext.URLCredential(u); {
+	switch what := logx.URLCredential(u); {
 	case what == "":
 		return ""
 	case u.User != nil:
@@ -749,7 +749,7 @@ func PrivateFile(path string) error {
 // CheckSecretFiles applies PrivateFile to every secret file run reads:
 // central.client_secret_file (unless the credentials are paired),
 // mqtt.external.password_file and the store key file (unless the store
-// key comes from a systemd credential: storekey.Load looks for
+// key comes from a systemd credential: keys.LoadStoreKey looks for
 // store.credential in $CREDENTIALS_DIRECTORY, read through getenv, first).
 // The config and devices files holding k1/k2 were checked by Load. A
 // missing file is not an error here: before pairing there is none, and

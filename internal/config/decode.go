@@ -9,7 +9,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 )
 
 // FieldError names the configuration key (dotted path), its line and the
@@ -32,7 +32,7 @@ func (e *FieldError) Error() string {
 	if e.Value != "" {
 		// A URL's user:password@ and query never reach an error message
 		// (issue 17 item 9): the value is echoed redacted.
-		fmt.Fprintf(&b, ": %q", logtext.RedactURL(e.Value))
+		fmt.Fprintf(&b, ": %q", logx.RedactURL(e.Value))
 	}
 	return b.String()
 }

@@ -22,12 +22,10 @@ import (
 	"github.com/edgegate/edgegate/internal/admin"
 	"github.com/edgegate/edgegate/internal/audit"
 	"github.com/edgegate/edgegate/internal/config"
-	"github.com/edgegate/edgegate/internal/devkey"
-	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/pipeline"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/sdnotify"
-	"github.com/edgegate/edgegate/internal/storekey"
 	"github.com/edgegate/edgegate/internal/supervise"
 	"github.com/edgegate/edgegate/internal/uplink"
 	"github.com/edgegate/edgegate/mqtt"
@@ -80,7 +78,7 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 			st.close(log, cfg.StateDir)
 		}
 	}()
-	key, keySource, err := storekey.Load(cfg.Store.Credential, cfg.KeyFile(), os.Getenv)
+	key, keySource, err := keys.LoadStoreKey(cfg.Store.Credential, cfg.KeyFile(), os.Getenv)
 	if err != nil {
 		return nil, fmt.Errorf("load store key: %w", err)
 	}
@@ -120,7 +118,7 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 	q := st.q
 
 	// The gateway's stable id, shown by status even before pairing.
-	if d.identity, err = identity.Load(q); err != nil {
+	if d.identity, err = keys.LoadIdentity(q); err != nil {
 		return nil, fmt.Errorf("load gateway identity: %w", err)
 	}
 	st.central = uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2)
@@ -211,7 +209,7 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 		Gateway: d.gateway, SignatureAttr: cfg.Uplink.SignatureAttribute,
 		Logger: log.With("component", "pipeline"), Metrics: d.metrics, Now: d.clock.Now,
 		// Private keys of gateway-signed devices, from the encrypted store.
-		SigningKeys:  devkey.NewRing(q),
+		SigningKeys:  keys.NewDeviceRing(q),
 		MaxClockSkew: cfg.Pipeline.MaxClockSkew, MaxAge: cfg.Pipeline.MaxAge,
 		Observe: func(device string, out pipeline.Outcome, reason string) {
 			if out == pipeline.Duplicate {

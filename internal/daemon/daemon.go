@@ -23,7 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/edgegate/edgegate/internal/config"
-	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/supervise"
@@ -43,8 +43,8 @@ type Daemon struct {
 	log      *slog.Logger
 	metrics  *metrics.Metrics
 	gateway  string
-	identity *identity.Identity // loaded by Run
-	levels   *slog.LevelVar     // the log level, changed by a reload
+	identity *keys.Identity // loaded by Run
+	levels   *slog.LevelVar // the log level, changed by a reload
 	clock    *clock
 }
 

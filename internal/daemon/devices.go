@@ -14,8 +14,8 @@ import (
 
 	"github.com/edgegate/edgegate/internal/admin"
 	"github.com/edgegate/edgegate/internal/config"
-	"github.com/edgegate/edgegate/internal/devkey"
 	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
@@ -193,7 +193,7 @@ func (a *DeviceAdmin) AddDevice(ctx context.Context, req admin.DeviceAddRequest)
 	if req.Signing == policy.SigningGateway {
 		// The private key is in the store before the public one is
 		// registered: a registered key nobody holds cannot sign.
-		if err := devkey.Put(a.Store, req.ID, []envelope.Key{priv}); err != nil {
+		if err := keys.PutDeviceKeys(a.Store, req.ID, []envelope.Key{priv}); err != nil {
 			return admin.DeviceResult{}, fmt.Errorf("store the device key: %w", err)
 		}
 	}
@@ -206,14 +206,14 @@ func (a *DeviceAdmin) AddDevice(ctx context.Context, req admin.DeviceAddRequest)
 	}
 	if err != nil {
 		if req.Signing == policy.SigningGateway {
-			_ = devkey.Delete(a.Store, req.ID)
+			_ = keys.DeleteDeviceKeys(a.Store, req.ID)
 		}
 		return admin.DeviceResult{}, fmt.Errorf("the gateway's device registry: %w", err)
 	}
 	res, err := a.Directory.Insert(ctx, spec)
 	if err != nil {
 		if req.Signing == policy.SigningGateway {
-			_ = devkey.Delete(a.Store, req.ID)
+			_ = keys.DeleteDeviceKeys(a.Store, req.ID)
 		}
 		var rerr error
 		if hadPrev {
@@ -356,7 +356,7 @@ func (a *DeviceAdmin) RemoveDevice(ctx context.Context, id, broker string) (admi
 	} else {
 		out.Warnings = append(out.Warnings, "a delegated device: forgotten by this gateway; the IoT directory was not changed")
 	}
-	if err := devkey.Delete(a.Store, id); err != nil {
+	if err := keys.DeleteDeviceKeys(a.Store, id); err != nil {
 		out.Warnings = append(out.Warnings, fmt.Sprintf("the gateway-held key was not forgotten: %v", err))
 	}
 	if _, err := a.Registry.Delete(id); err != nil {

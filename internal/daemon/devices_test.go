@@ -15,8 +15,8 @@ import (
 	"testing"
 
 	"github.com/edgegate/edgegate/internal/admin"
-	"github.com/edgegate/edgegate/internal/devkey"
 	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/policy"
 	centralsync "github.com/edgegate/edgegate/sync"
@@ -275,7 +275,7 @@ func TestDeviceGatewaySigningKey(t *testing.T) {
 	if _, err := c.AddDevice(context.Background(), req); err != nil {
 		t.Fatal(err)
 	}
-	held, err := devkey.Load(q, "gk-1")
+	held, err := keys.LoadDeviceKeys(q, "gk-1")
 	if err != nil || len(held) != 1 || held[0].ID() != k.ID() {
 		t.Fatalf("held keys %v, %v", held, err)
 	}

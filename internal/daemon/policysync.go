@@ -14,7 +14,7 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
 	"github.com/edgegate/edgegate/internal/config"
-	"github.com/edgegate/edgegate/internal/identity"
+	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/uplink"
@@ -24,7 +24,7 @@ import (
 
 // newSyncer builds the policy syncer for a bundle or Ownership API source,
 // and puts the cached policy in force before any network.
-func newSyncer(cfg *config.Config, gw string, id *identity.Identity, engine *policy.Engine, q *queue.Queue, tokens centralsync.Tokens,
+func newSyncer(cfg *config.Config, gw string, id *keys.Identity, engine *policy.Engine, q *queue.Queue, tokens centralsync.Tokens,
 	client *http.Client, centralCAs *x509.CertPool, m *metrics.Metrics, log *slog.Logger, now func() time.Time,
 	registry *centralsync.Registry, onRefusal func(reason, via, detail string)) (*centralsync.Syncer, error) {
 	o := centralsync.Options{

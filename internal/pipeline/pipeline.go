@@ -12,10 +12,9 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/envelope"
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/queue"
-	"github.com/edgegate/edgegate/internal/ratelog"
 	"github.com/edgegate/edgegate/internal/reading"
 	"github.com/edgegate/edgegate/policy"
 )
@@ -143,7 +142,7 @@ type Pipeline struct {
 	gw      string
 	sigAttr string
 	log     *slog.Logger
-	limited *ratelog.Limiter
+	limited *logx.Limiter
 	m       *metrics.Metrics
 	now     func() time.Time
 	observe func(device string, out Outcome, reason string)
@@ -168,7 +167,7 @@ func New(pol Decider, q Appender, opts Options) *Pipeline {
 	}
 	return &Pipeline{
 		policy: pol, queue: q, gw: opts.Gateway, sigAttr: sigAttr,
-		log: log, limited: ratelog.New(log, 30*time.Second), m: opts.Metrics, now: now, observe: opts.Observe,
+		log: log, limited: logx.NewLimiter(log, 30*time.Second), m: opts.Metrics, now: now, observe: opts.Observe,
 		keys: opts.SigningKeys, skew: opts.MaxClockSkew, maxAge: opts.MaxAge,
 	}
 }
@@ -328,7 +327,7 @@ func (p *Pipeline) dropInvalid(ctx context.Context, msg Message, r *reading.Read
 	if len(dropped) == 0 {
 		return true
 	}
-	dev := logtext.Clip(r.Device, 64)
+	dev := logx.Clip(r.Device, 64)
 	for _, d := range dropped {
 		if p.m != nil {
 			p.m.AttrsDropped.WithLabelValues(d.Reason).Inc()
@@ -362,7 +361,7 @@ func (p *Pipeline) refuse(ctx context.Context, reason string, msg Message, why s
 	if p.observe != nil {
 		p.observe(msg.Device, Refused, reason)
 	}
-	dev := logtext.Clip(msg.Device, 64)
+	dev := logx.Clip(msg.Device, 64)
 	p.limited.Log(ctx, slog.LevelWarn, reason+"/"+dev, "reading refused",
 		"reason", reason, "device", dev, "source", msg.Source.Kind, "topic", msg.Source.Topic,
 		"port", msg.Source.Port, "detail", why)

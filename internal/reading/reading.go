@@ -16,7 +16,7 @@ import (
 	"time"
 	"unicode/utf8"
 
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 )
 
 // Limits that are part of the contract of a Reading.
@@ -573,4 +573,4 @@ func sentReplacement(raw []byte) bool {
 
 // clip shortens untrusted input for error messages so that one bad payload
 // cannot flood a log line.
-func clip(s string) string { return logtext.Clip(s, 64) }
+func clip(s string) string { return logx.Clip(s, 64) }

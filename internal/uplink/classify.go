@@ -8,7 +8,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 )
 
 // Outcome classes of one delivery attempt.
@@ -104,7 +104,7 @@ func classify(status int, h http.Header, body []byte, now time.Time) verdict {
 		// the broker pointed (credentials in it redacted).
 		where := ""
 		if loc := h.Get("Location"); loc != "" {
-			where = " to " + logtext.Clip(logtext.RedactURL(loc), 128)
+			where = " to " + logx.Clip(logx.RedactURL(loc), 128)
 		}
 		return verdict{kind: refused, class: "3xx", reason: fmt.Sprintf("%d %s: redirect%s not followed; fix the device's broker URI", status, http.StatusText(status), where)}
 	default:
@@ -177,7 +177,7 @@ func parseMissing(desc string) []string {
 	return names
 }
 
-func clipName(s string) string { return logtext.Clip(s, 64) }
+func clipName(s string) string { return logx.Clip(s, 64) }
 
 // orionError returns the "error" of an Orion error body, or "".
 func orionError(body []byte) string {
@@ -283,4 +283,4 @@ func parseRetryAfter(v string, now time.Time) time.Duration {
 
 // clipText makes broker text fit a log line and a dead-letter record:
 // control characters become spaces, at most maxReasonText bytes.
-func clipText(s string) string { return logtext.Clip(s, maxReasonText) }
+func clipText(s string) string { return logx.Clip(s, maxReasonText) }

@@ -7,7 +7,7 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 )
 
 type machine struct {
@@ -47,7 +47,7 @@ func printTable(w io.Writer, res *results) {
 	fmt.Fprintln(tw, "|---|---|---|---|---|---|---|---|")
 	for _, r := range res.E2E {
 		if r.Error != "" {
-			fmt.Fprintf(tw, "| %s | error: %s |\n", r.Name, logtext.Clip(r.Error, 80))
+			fmt.Fprintf(tw, "| %s | error: %s |\n", r.Name, logx.Clip(r.Error, 80))
 			continue
 		}
 		fmt.Fprintf(tw, "| %s | %.0f | %.0f | %.0f%% | %.1f / %.1f | %.1f / %.1f | %.0f | %.1f |\n",
@@ -105,5 +105,5 @@ func errNote(e string) string {
 	if e == "" {
 		return ""
 	}
-	return " (error: " + logtext.Clip(e, 100) + ")"
+	return " (error: " + logx.Clip(e, 100) + ")"
 }

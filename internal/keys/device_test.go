@@ -1,4 +1,4 @@
-package devkey
+package keys
 
 import (
 	"strings"
@@ -18,17 +18,17 @@ func TestAddRotateRing(t *testing.T) {
 	k1, _ := envelope.GenerateKey(envelope.AlgEdDSA)
 	k2, _ := envelope.GenerateKey(envelope.AlgES256)
 	k3, _ := envelope.GenerateKey(envelope.AlgEdDSA)
-	ring := NewRing(st)
+	ring := NewDeviceRing(st)
 	if _, ok := ring.SigningKey("d", k1.ID()); ok {
 		t.Fatal("key found in an empty store")
 	}
 	for _, k := range []envelope.Key{k1, k2, k3} {
-		if err := Add(st, "d", k); err != nil {
+		if err := AddDeviceKey(st, "d", k); err != nil {
 			t.Fatal(err)
 		}
 	}
-	keys, err := Load(st, "d")
-	if err != nil || len(keys) != MaxKeys || keys[0].ID() != k3.ID() || keys[1].ID() != k2.ID() {
+	keys, err := LoadDeviceKeys(st, "d")
+	if err != nil || len(keys) != MaxDeviceKeys || keys[0].ID() != k3.ID() || keys[1].ID() != k2.ID() {
 		t.Fatalf("Load = %v, %v, want [k3 k2]", keys, err)
 	}
 	if k, ok := ring.SigningKey("d", k2.ID()); !ok || !k.CanSign() {
@@ -40,7 +40,7 @@ func TestAddRotateRing(t *testing.T) {
 	if strings.Contains(k3.String(), `"d"`) {
 		t.Fatal("String shows the private key")
 	}
-	if err := Delete(st, "d"); err != nil || len(st) != 0 {
+	if err := DeleteDeviceKeys(st, "d"); err != nil || len(st) != 0 {
 		t.Fatalf("Delete = %v, store %v", err, st)
 	}
 }

@@ -1,8 +1,11 @@
-// Package logtext makes untrusted text (a device id, a topic, a broker's
+// Package logx is the one place for log hygiene: untrusted text made safe
+// for a log line, and log lines rate-limited per cause.
+//
+// Clip makes untrusted text (a device id, a topic, a broker's
 // answer) safe to put in one log line or error message: control characters
 // become spaces, so nothing can forge another log line, and the text is cut
 // at a byte limit without splitting a UTF-8 sequence.
-package logtext
+package logx
 
 import (
 	"net/url"

@@ -1,4 +1,4 @@
-// Package devkey keeps the asymmetric private keys the gateway holds for
+// Device keys: the asymmetric private keys the gateway holds for
 // devices whose readings it signs on their behalf (policy.SigningGateway),
 // in the gateway's encrypted store, one state record per device
 // ("devkey/<device id>"), and resolves them for the pipeline.
@@ -11,7 +11,8 @@
 // signed with a key verifiers do not know yet.
 //
 // Imported by cmd/edgegate (device add, rotate-key, remove) and the daemon.
-package devkey
+
+package keys
 
 import (
 	"encoding/json"
@@ -22,18 +23,18 @@ import (
 	"github.com/edgegate/edgegate/internal/envelope"
 )
 
-// Store is what devkey needs of the encrypted store (queue.Queue).
-type Store interface {
+// DeviceStore is what the device keys need of the encrypted store (queue.Queue).
+type DeviceStore interface {
 	GetState(name string) ([]byte, bool, error)
 	PutState(name string, value []byte) error
 	DeleteState(name string) error
 }
 
-// MaxKeys is how many private keys a record keeps (current and previous).
-const MaxKeys = 2
+// MaxDeviceKeys is how many private keys a record keeps (current and previous).
+const MaxDeviceKeys = 2
 
 // Name is the state record of a device's keys.
-func Name(device string) string { return "devkey/" + device }
+func DeviceKeyName(device string) string { return "devkey/" + device }
 
 type record struct {
 	Version int               `json:"v"`
@@ -41,8 +42,8 @@ type record struct {
 }
 
 // Load returns the device's private keys, newest first (none: nil, nil).
-func Load(st Store, device string) ([]envelope.Key, error) {
-	b, ok, err := st.GetState(Name(device))
+func LoadDeviceKeys(st DeviceStore, device string) ([]envelope.Key, error) {
+	b, ok, err := st.GetState(DeviceKeyName(device))
 	if err != nil || !ok {
 		return nil, err
 	}
@@ -61,13 +62,13 @@ func Load(st Store, device string) ([]envelope.Key, error) {
 	return keys, nil
 }
 
-// Put replaces the device's keys (newest first; at most MaxKeys kept).
-func Put(st Store, device string, keys []envelope.Key) error {
+// Put replaces the device's keys (newest first; at most MaxDeviceKeys kept).
+func PutDeviceKeys(st DeviceStore, device string, keys []envelope.Key) error {
 	if len(keys) == 0 {
 		return errors.New("device keys: none to store")
 	}
 	rec := record{Version: 1}
-	for _, k := range keys[:min(len(keys), MaxKeys)] {
+	for _, k := range keys[:min(len(keys), MaxDeviceKeys)] {
 		b, err := k.PrivateJWK()
 		if err != nil {
 			return fmt.Errorf("device keys of %s: %w", device, err)
@@ -78,33 +79,35 @@ func Put(st Store, device string, keys []envelope.Key) error {
 	if err != nil {
 		return err
 	}
-	return st.PutState(Name(device), b)
+	return st.PutState(DeviceKeyName(device), b)
 }
 
 // Add puts k in front of the device's keys, keeping the previous one.
-func Add(st Store, device string, k envelope.Key) error {
-	old, err := Load(st, device)
+func AddDeviceKey(st DeviceStore, device string, k envelope.Key) error {
+	old, err := LoadDeviceKeys(st, device)
 	if err != nil {
 		return err
 	}
-	return Put(st, device, append([]envelope.Key{k}, old...))
+	return PutDeviceKeys(st, device, append([]envelope.Key{k}, old...))
 }
 
 // Delete forgets the device's keys.
-func Delete(st Store, device string) error { return st.DeleteState(Name(device)) }
+func DeleteDeviceKeys(st DeviceStore, device string) error {
+	return st.DeleteState(DeviceKeyName(device))
+}
 
 // Ring resolves signing keys for the pipeline (pipeline.KeyResolver),
 // loading each device's record from the store on first use and again when
 // the policy names a kid it does not hold.
 type Ring struct {
-	st Store
+	st DeviceStore
 
 	mu    sync.Mutex
 	cache map[string][]envelope.Key
 }
 
 // NewRing returns a Ring over the store.
-func NewRing(st Store) *Ring { return &Ring{st: st, cache: map[string][]envelope.Key{}} }
+func NewDeviceRing(st DeviceStore) *Ring { return &Ring{st: st, cache: map[string][]envelope.Key{}} }
 
 // SigningKey returns the device's private key with id kid.
 func (r *Ring) SigningKey(device, kid string) (envelope.Key, bool) {
@@ -113,7 +116,7 @@ func (r *Ring) SigningKey(device, kid string) (envelope.Key, bool) {
 	if k, ok := find(r.cache[device], kid); ok {
 		return k, true
 	}
-	keys, err := Load(r.st, device)
+	keys, err := LoadDeviceKeys(r.st, device)
 	if err != nil {
 		return envelope.Key{}, false
 	}

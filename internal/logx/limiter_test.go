@@ -1,4 +1,4 @@
-package ratelog
+package logx
 
 import (
 	"bytes"
@@ -11,7 +11,7 @@ import (
 
 func TestLimiter(t *testing.T) {
 	var buf bytes.Buffer
-	l := New(slog.New(slog.NewTextHandler(&buf, nil)), time.Minute)
+	l := NewLimiter(slog.New(slog.NewTextHandler(&buf, nil)), time.Minute)
 	now := time.Unix(1000, 0)
 	l.now = func() time.Time { return now }
 	ctx := context.Background()
@@ -41,7 +41,7 @@ func TestLimiter(t *testing.T) {
 
 func TestLimiterBoundsCauses(t *testing.T) {
 	var buf bytes.Buffer
-	l := New(slog.New(slog.NewTextHandler(&buf, nil)), time.Hour)
+	l := NewLimiter(slog.New(slog.NewTextHandler(&buf, nil)), time.Hour)
 	for i := range maxCauses * 2 {
 		l.Log(context.Background(), slog.LevelInfo, string(rune(i)), "x")
 	}

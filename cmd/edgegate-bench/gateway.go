@@ -22,7 +22,7 @@ import (
 	"time"
 
 	egconfig "github.com/edgegate/edgegate/internal/config"
-	"github.com/edgegate/edgegate/internal/logtext"
+	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/pipeline"
 	"github.com/edgegate/edgegate/internal/queue"
@@ -120,7 +120,7 @@ func startProc(cmd *exec.Cmd, readyMark string, addrOf func(string) string) (*pr
 	}()
 	go func() {
 		for l := range logs {
-			fmt.Fprintln(os.Stderr, "  gateway:", logtext.Clip(l, 300))
+			fmt.Fprintln(os.Stderr, "  gateway:", logx.Clip(l, 300))
 		}
 	}()
 	select {

@@ -1,7 +1,9 @@
-// Package qr renders QR codes for a terminal with Unicode half blocks, two
+// qrTerminal renders QR codes for a terminal with Unicode half blocks, two
 // modules per character cell, so that a code fits in a normal window and a
-// phone can read it from the screen. It is imported by cmd/edgegate.
-package qr
+// phone can read it from the screen. Used by pair for the
+// device-grant link.
+
+package main
 
 import (
 	"fmt"
@@ -10,29 +12,29 @@ import (
 	qrcode "github.com/skip2/go-qrcode"
 )
 
-// quiet is the quiet zone, in modules, around the code (the standard asks
+// qrQuiet is the qrQuiet zone, in modules, around the code (the standard asks
 // for 4; 2 reads fine on screens and keeps the code small).
-const quiet = 2
+const qrQuiet = 2
 
 // Terminal returns text as a QR code (error correction M) drawn with
 // "█", "▀", "▄" and spaces: light modules are drawn, dark ones are left
 // blank, which reads correctly on the usual dark terminal background. Each
 // line ends with "\n".
-func Terminal(text string) (string, error) {
+func qrTerminal(text string) (string, error) {
 	code, err := qrcode.New(text, qrcode.Medium)
 	if err != nil {
 		return "", fmt.Errorf("qr code: %w", err)
 	}
 	code.DisableBorder = true
-	return render(code.Bitmap()), nil
+	return qrRender(code.Bitmap()), nil
 }
 
-// render draws a bitmap (true = dark) with a light quiet zone.
-func render(bm [][]bool) string {
+// render draws a bitmap (true = dark) with a light qrQuiet zone.
+func qrRender(bm [][]bool) string {
 	n := len(bm)
-	size := n + 2*quiet
+	size := n + 2*qrQuiet
 	dark := func(r, c int) bool {
-		r, c = r-quiet, c-quiet
+		r, c = r-qrQuiet, c-qrQuiet
 		return r >= 0 && r < n && c >= 0 && c < n && bm[r][c]
 	}
 	var b strings.Builder

@@ -1,4 +1,9 @@
-// Package identity holds the gateway's own Ed25519 identity key: generated on
+// Package keys holds the gateway's keys, each in its own file: the store
+// key that encrypts the queue at rest (store.go), the gateway's identity
+// (identity.go) and the private keys of devices it signs for (device.go).
+// None of them ever appears in a log, an error or command output.
+//
+// The identity is the gateway's own Ed25519 key: generated on
 // first use, kept in the encrypted store, never shown. Its RFC 7638
 // thumbprint is the gateway's stable id (what `edgegate status` shows and
 // what the central service pins at pairing); the key signs what the gateway
@@ -6,7 +11,7 @@
 //
 // Any stage that signs on the gateway's behalf may import it; cmd/ loads the
 // identity once and passes it in.
-package identity
+package keys
 
 import (
 	"crypto"
@@ -22,11 +27,11 @@ import (
 	"github.com/lestrrat-go/jwx/v2/jws"
 )
 
-// StateName is the name of the state record holding the key's 32-byte seed.
-const StateName = "identity"
+// IdentityStateName is the name of the state record holding the key's 32-byte seed.
+const IdentityStateName = "identity"
 
-// StateStore is the encrypted store's named-record interface.
-type StateStore interface {
+// IdentityStore is the encrypted store's named-record interface.
+type IdentityStore interface {
 	GetState(name string) ([]byte, bool, error)
 	PutState(name string, v []byte) error
 }
@@ -40,8 +45,8 @@ type Identity struct {
 
 // Load reads the identity from the store, or generates one and persists it
 // (synced) before returning it, so that the id never changes once shown.
-func Load(st StateStore) (*Identity, error) {
-	seed, ok, err := st.GetState(StateName)
+func LoadIdentity(st IdentityStore) (*Identity, error) {
+	seed, ok, err := st.GetState(IdentityStateName)
 	if err != nil {
 		return nil, fmt.Errorf("load gateway identity: %w", err)
 	}
@@ -59,7 +64,7 @@ func Load(st StateStore) (*Identity, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := st.PutState(StateName, seed); err != nil {
+	if err := st.PutState(IdentityStateName, seed); err != nil {
 		return nil, fmt.Errorf("store gateway identity: %w", err)
 	}
 	return id, nil

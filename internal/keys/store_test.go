@@ -1,4 +1,4 @@
-package storekey
+package keys
 
 import (
 	"bytes"
@@ -10,7 +10,7 @@ import (
 )
 
 var (
-	rawKey = bytes.Repeat([]byte{0xA5}, Size)
+	rawKey = bytes.Repeat([]byte{0xA5}, StoreKeySize)
 	hexKey = hex.EncodeToString(rawKey)
 )
 
@@ -76,7 +76,7 @@ func TestLoad(t *testing.T) {
 				}
 				writeFile(t, keyFile, tt.file, tt.fileMode)
 			}
-			key, source, err := Load("store-key", keyFile, env(vars))
+			key, source, err := LoadStoreKey("store-key", keyFile, env(vars))
 			if len(tt.wantErr) > 0 {
 				if err == nil {
 					t.Fatalf("Load = %x, %q, nil, want error", key, source)
@@ -103,8 +103,8 @@ func TestLoad(t *testing.T) {
 			if !strings.HasPrefix(source, tt.wantSource) {
 				t.Errorf("source = %q, want prefix %q", source, tt.wantSource)
 			}
-			if len(key) != Size {
-				t.Fatalf("len(key) = %d, want %d", len(key), Size)
+			if len(key) != StoreKeySize {
+				t.Fatalf("len(key) = %d, want %d", len(key), StoreKeySize)
 			}
 			if tt.wantKey != nil && !bytes.Equal(key, tt.wantKey) {
 				t.Errorf("key = %x, want %x", key, tt.wantKey)
@@ -117,7 +117,7 @@ func TestGenerateIsPrivateAtomicAndStable(t *testing.T) {
 	dir := t.TempDir()
 	keyFile := filepath.Join(dir, "new", "sub", "key")
 	noEnv := env(nil)
-	key, source, err := Load("store-key", keyFile, noEnv)
+	key, source, err := LoadStoreKey("store-key", keyFile, noEnv)
 	if err != nil || source != "generated "+keyFile {
 		t.Fatalf("Load = %q, %v", source, err)
 	}
@@ -133,16 +133,16 @@ func TestGenerateIsPrivateAtomicAndStable(t *testing.T) {
 	if len(entries) != 1 {
 		t.Errorf("key dir holds %d entries, want just the key (no temp files)", len(entries))
 	}
-	if bytes.Equal(key, make([]byte, Size)) {
+	if bytes.Equal(key, make([]byte, StoreKeySize)) {
 		t.Error("generated key is all zero")
 	}
 	// Second load reads the same key back.
-	again, source, err := Load("store-key", keyFile, noEnv)
+	again, source, err := LoadStoreKey("store-key", keyFile, noEnv)
 	if err != nil || !bytes.Equal(again, key) || source != "file "+keyFile {
 		t.Errorf("reload = %x, %q, %v, want the generated key from the file", again, source, err)
 	}
 	// Two stores get different keys.
-	other, _, err := Load("store-key", filepath.Join(dir, "other"), noEnv)
+	other, _, err := LoadStoreKey("store-key", filepath.Join(dir, "other"), noEnv)
 	if err != nil || bytes.Equal(other, key) {
 		t.Errorf("second generated key = %v, equal to first: %v", err, bytes.Equal(other, key))
 	}
@@ -150,10 +150,10 @@ func TestGenerateIsPrivateAtomicAndStable(t *testing.T) {
 
 func TestLoadRefusesNonRegularAndMissingConfig(t *testing.T) {
 	dir := t.TempDir()
-	if _, _, err := Load("store-key", dir, env(nil)); err == nil {
-		t.Error("Load(directory) = nil, want error")
+	if _, _, err := LoadStoreKey("store-key", dir, env(nil)); err == nil {
+		t.Error("LoadStoreKey(directory) = nil, want error")
 	}
-	if _, _, err := Load("store-key", "", env(nil)); err == nil {
+	if _, _, err := LoadStoreKey("store-key", "", env(nil)); err == nil {
 		t.Error("Load with no key file = nil, want error")
 	}
 }

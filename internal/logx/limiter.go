@@ -1,8 +1,4 @@
-// Package ratelog rate-limits log lines per cause, so that a device sending
-// garbage ten times a second cannot wear out an SD card or flood journald.
-// The first line of a cause is logged at once; then at most one line per
-// interval, carrying how many were suppressed in between.
-package ratelog
+package logx
 
 import (
 	"context"
@@ -14,7 +10,10 @@ import (
 // maxCauses bounds memory when causes come from outside input (device ids).
 const maxCauses = 4096
 
-// Limiter logs at most one line per cause per interval.
+// Limiter rate-limits log lines per cause, so that a device sending
+// garbage ten times a second cannot wear out an SD card or flood journald.
+// The first line of a cause is logged at once; then at most one line per
+// interval, carrying how many were suppressed in between.
 type Limiter struct {
 	log      *slog.Logger
 	interval time.Duration
@@ -30,7 +29,7 @@ type state struct {
 }
 
 // New returns a limiter writing to log.
-func New(log *slog.Logger, interval time.Duration) *Limiter {
+func NewLimiter(log *slog.Logger, interval time.Duration) *Limiter {
 	return &Limiter{log: log, interval: interval, now: time.Now, causes: map[string]*state{}}
 }
 

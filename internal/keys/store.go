@@ -1,4 +1,4 @@
-// Package storekey loads the 32-byte key that encrypts the store (the queue's
+// The store key: the 32-byte key that encrypts the store (the queue's
 // badger directory) at rest. It is imported by cmd/edgegate only; the key is
 // then passed to queue.Open.
 //
@@ -6,7 +6,8 @@
 // with LoadCredential= or LoadCredentialEncrypted= (the latter seals it with
 // the TPM or the host key), else from a 0600 key file, generated on first
 // use. It never comes from the config file. Errors never contain key bytes.
-package storekey
+
+package keys
 
 import (
 	"bytes"
@@ -22,8 +23,8 @@ import (
 	"github.com/edgegate/edgegate/internal/atomicfile"
 )
 
-// Size is the key length: AES-256.
-const Size = 32
+// StoreKeySize is the key length: AES-256.
+const StoreKeySize = 32
 
 // Load returns the 32-byte store key and where it came from ("credential
 // FILE", "file FILE" or "generated FILE"): from $CREDENTIALS_DIRECTORY/credName
@@ -32,7 +33,7 @@ const Size = 32
 // atomically). It refuses a key file readable by group or other, and a key
 // that is neither 32 raw bytes nor 64 hex characters (plus an optional
 // newline).
-func Load(credName, keyFile string, getenv func(string) string) (key []byte, source string, err error) {
+func LoadStoreKey(credName, keyFile string, getenv func(string) string) (key []byte, source string, err error) {
 	if dir := getenv("CREDENTIALS_DIRECTORY"); dir != "" && credName != "" {
 		p := filepath.Join(dir, credName)
 		// systemd makes credentials 0400 and owned by the service user, so
@@ -87,12 +88,12 @@ func readKeyFile(path string) ([]byte, error) {
 	}
 	// One byte more than the longest valid form, so an oversized file is
 	// reported as such without reading all of it.
-	b, err := io.ReadAll(io.LimitReader(f, 2*Size+3))
+	b, err := io.ReadAll(io.LimitReader(f, 2*StoreKeySize+3))
 	if err != nil {
 		return nil, fmt.Errorf("read store key file %s: %w", path, err)
 	}
-	if len(b) > 2*Size+2 {
-		return nil, fmt.Errorf("read store key file %s: longer than %d bytes", path, 2*Size+2)
+	if len(b) > 2*StoreKeySize+2 {
+		return nil, fmt.Errorf("read store key file %s: longer than %d bytes", path, 2*StoreKeySize+2)
 	}
 	key, err := parse(b)
 	if err != nil {
@@ -104,18 +105,18 @@ func readKeyFile(path string) ([]byte, error) {
 // parse accepts 32 raw bytes, or 64 hex characters with an optional
 // trailing newline (LF or CRLF). The error describes the length only.
 func parse(b []byte) ([]byte, error) {
-	if len(b) == Size {
+	if len(b) == StoreKeySize {
 		return bytes.Clone(b), nil
 	}
 	t := bytes.TrimSuffix(bytes.TrimSuffix(b, []byte("\n")), []byte("\r"))
-	if len(t) == 2*Size {
-		key := make([]byte, Size)
+	if len(t) == 2*StoreKeySize {
+		key := make([]byte, StoreKeySize)
 		if _, err := hex.Decode(key, t); err == nil {
 			return key, nil
 		}
 		return nil, errors.New("key is 64 characters but not hex")
 	}
-	return nil, fmt.Errorf("key must be %d raw bytes or %d hex characters, got %d bytes", Size, 2*Size, len(b))
+	return nil, fmt.Errorf("key must be %d raw bytes or %d hex characters, got %d bytes", StoreKeySize, 2*StoreKeySize, len(b))
 }
 
 // generate writes a fresh random key to path atomically (atomicfile: temp
@@ -126,7 +127,7 @@ func parse(b []byte) ([]byte, error) {
 // generated a key meanwhile, that key wins, since the store may already be
 // encrypted with it.
 func generate(path string) ([]byte, error) {
-	key := make([]byte, Size)
+	key := make([]byte, StoreKeySize)
 	if _, err := rand.Read(key); err != nil {
 		return nil, fmt.Errorf("generate store key: %w", err)
 	}

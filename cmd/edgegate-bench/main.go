@@ -3,7 +3,7 @@
 // Mosquitto) -> the real daemon binary -> the simulated broker filter over
 // HTTPS, plus the broker's own limit, a backlog with the uplink down, policy
 // scale, the radio path and the package micro-benchmarks. It prints a
-// table and writes bench/results.json. Run it with `make bench` from the
+// table and writes docs/bench/results.json. Run it with `make bench` from the
 // repository root. Everything is on loopback; every process it starts, it
 // stops; every load loop is bounded in count and time.
 package main
@@ -60,7 +60,7 @@ func envInt(name string, def int) int {
 
 func run() error {
 	var cfg config
-	out := flag.String("out", "bench/results.json", "results file")
+	out := flag.String("out", "docs/bench/results.json", "results file")
 	skip := flag.String("skip", "", "comma-separated sections to skip: e2e,backlog,policy,radio,micro")
 	flag.Parse()
 	cfg.Quick = os.Getenv("BENCH_QUICK") == "1"
@@ -135,7 +135,7 @@ func run() error {
 		}
 		if !cfg.Quick {
 			// The in-process gateway is the daemon's wiring in a process
-			// that writes a CPU profile (bench/profiles).
+			// that writes a CPU profile (docs/bench/profiles).
 			scenarios = append(scenarios,
 				scenario{Name: "mosquitto, daemon, filter", Broker: "mosquitto", Gateway: "daemon", Mode: "filter"},
 				scenario{Name: "embedded, in-process, batch (profiled)", Broker: "embedded", Gateway: "in-process", Mode: "batch", Profile: "batch"},

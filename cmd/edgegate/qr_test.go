@@ -1,4 +1,4 @@
-package qr
+package main
 
 import (
 	"strings"
@@ -10,7 +10,7 @@ import (
 
 // TestRoundTrip decodes the drawn characters back into modules and compares
 // them with the library's bitmap: what the terminal shows is the code.
-func TestRoundTrip(t *testing.T) {
+func TestQRRoundTrip(t *testing.T) {
 	for _, text := range []string{"x", "https://sso.example.org/auth/realms/edgegate/device?user_code=BCDF-GHJK"} {
 		code, err := qrcode.New(text, qrcode.Medium)
 		if err != nil {
@@ -18,14 +18,14 @@ func TestRoundTrip(t *testing.T) {
 		}
 		code.DisableBorder = true
 		bm := code.Bitmap()
-		out, err := Terminal(text)
+		out, err := qrTerminal(text)
 		if err != nil {
 			t.Fatal(err)
 		}
 		lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
-		size := len(bm) + 2*quiet
+		size := len(bm) + 2*qrQuiet
 		if len(lines) != (size+1)/2 {
-			t.Fatalf("Terminal(%q): %d lines, want %d", text, len(lines), (size+1)/2)
+			t.Fatalf("qrTerminal(%q): %d lines, want %d", text, len(lines), (size+1)/2)
 		}
 		for i, l := range lines {
 			if utf8.RuneCountInString(l) != size {
@@ -37,10 +37,10 @@ func TestRoundTrip(t *testing.T) {
 						continue
 					}
 					light := ch == '█' || (half == 0 && ch == '▀') || (half == 1 && ch == '▄')
-					rr, cc := r-quiet, c-quiet
+					rr, cc := r-qrQuiet, c-qrQuiet
 					wantDark := rr >= 0 && rr < len(bm) && cc >= 0 && cc < len(bm) && bm[rr][cc]
 					if light == wantDark {
-						t.Fatalf("Terminal(%q): module (%d,%d) light=%v, want dark=%v", text, r, c, light, wantDark)
+						t.Fatalf("qrTerminal(%q): module (%d,%d) light=%v, want dark=%v", text, r, c, light, wantDark)
 					}
 				}
 			}

@@ -1,4 +1,4 @@
-package identity
+package keys
 
 import (
 	"bytes"
@@ -31,15 +31,15 @@ func openStore(t *testing.T, dir string) *queue.Queue {
 func TestLoadGeneratesOnceAndPersists(t *testing.T) {
 	dir := t.TempDir()
 	q := openStore(t, dir)
-	id1, err := Load(q)
+	id1, err := LoadIdentity(q)
 	if err != nil {
 		t.Fatalf("Load: %v", err)
 	}
-	seed, ok, err := q.GetState(StateName)
+	seed, ok, err := q.GetState(IdentityStateName)
 	if err != nil || !ok || len(seed) != ed25519.SeedSize {
 		t.Fatalf("stored seed: ok=%v len=%d err=%v", ok, len(seed), err)
 	}
-	id2, err := Load(q)
+	id2, err := LoadIdentity(q)
 	if err != nil {
 		t.Fatalf("second Load: %v", err)
 	}
@@ -52,7 +52,7 @@ func TestLoadGeneratesOnceAndPersists(t *testing.T) {
 	// A "restart": the same store, reopened.
 	q = openStore(t, dir)
 	defer q.Close()
-	id3, err := Load(q)
+	id3, err := LoadIdentity(q)
 	if err != nil {
 		t.Fatalf("Load after reopen: %v", err)
 	}
@@ -67,16 +67,16 @@ func (m mapStore) GetState(n string) ([]byte, bool, error) { v, ok := m[n]; retu
 func (m mapStore) PutState(n string, v []byte) error       { m[n] = append([]byte(nil), v...); return nil }
 
 func TestLoadRefusesCorruptSeed(t *testing.T) {
-	st := mapStore{StateName: []byte("short")}
-	if _, err := Load(st); err == nil || !strings.Contains(err.Error(), "5 bytes") {
-		t.Fatalf("Load(corrupt) = %v, want a length error", err)
+	st := mapStore{IdentityStateName: []byte("short")}
+	if _, err := LoadIdentity(st); err == nil || !strings.Contains(err.Error(), "5 bytes") {
+		t.Fatalf("LoadIdentity(corrupt) = %v, want a length error", err)
 	}
 }
 
 // RFC 8037 appendix A.1/A.3: the Ed25519 key and its RFC 7638 thumbprint.
 func TestThumbprintRFC8037Vector(t *testing.T) {
 	seed, _ := base64.RawURLEncoding.DecodeString("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A")
-	id, err := Load(mapStore{StateName: seed})
+	id, err := LoadIdentity(mapStore{IdentityStateName: seed})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -100,7 +100,7 @@ func TestThumbprintRFC8037Vector(t *testing.T) {
 }
 
 func TestSignVerifiableWithEmbeddedJWK(t *testing.T) {
-	id, err := Load(mapStore{})
+	id, err := LoadIdentity(mapStore{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -134,14 +134,14 @@ func TestSignVerifiableWithEmbeddedJWK(t *testing.T) {
 	if _, err := id.Verify([]byte(compact)); err != nil {
 		t.Fatalf("id.Verify: %v", err)
 	}
-	other, _ := Load(mapStore{})
+	other, _ := LoadIdentity(mapStore{})
 	if _, err := other.Verify([]byte(compact)); err == nil {
 		t.Fatal("another identity verified the signature")
 	}
 }
 
 func TestSignRefusesReservedHeaders(t *testing.T) {
-	id, _ := Load(mapStore{})
+	id, _ := LoadIdentity(mapStore{})
 	for _, h := range []string{"alg", "kid", "jwk", "crit", "b64"} {
 		if _, err := id.Sign([]byte("x"), map[string]any{h: "none"}); err == nil {
 			t.Errorf("Sign(extra %q) succeeded, want refusal", h)
@@ -151,11 +151,11 @@ func TestSignRefusesReservedHeaders(t *testing.T) {
 
 func TestNeverShowsPrivateKey(t *testing.T) {
 	st := mapStore{}
-	id, err := Load(st)
+	id, err := LoadIdentity(st)
 	if err != nil {
 		t.Fatal(err)
 	}
-	seed := st[StateName]
+	seed := st[IdentityStateName]
 	priv := ed25519.NewKeyFromSeed(seed)
 	secrets := []string{
 		hex.EncodeToString(seed), base64.RawURLEncoding.EncodeToString(seed), base64.StdEncoding.EncodeToString(seed),
