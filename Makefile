@@ -39,7 +39,7 @@ demo: build
 	DEMO_SECONDS=$(DEMO_SECONDS) ./bin/edgegate-sim demo
 
 # The end-to-end benchmark (docs/performance.md, docs/bench/README.md):
-#   make bench                          default run (~15 minutes on 2 cores; backlog 100k vs 1M)
+#   make bench                          default run (6 min 49 s on 2 cores on 2026-11-26, docs/bench/results-2026-11-26.json; backlog 100k vs 1M)
 #   BENCH_QUICK=1 make bench            smoke test (~2 minutes)
 #   BENCH_BACKLOG=300000 make bench     a shorter backlog (100k vs 300k)
 #   BENCH_ONLY=filter make bench        only the end-to-end scenarios whose name holds this
