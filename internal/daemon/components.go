@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
+
 	"github.com/edgegate/edgegate/internal/accesstoken"
 	"github.com/edgegate/edgegate/internal/admin"
 	"github.com/edgegate/edgegate/internal/audit"
@@ -25,7 +27,6 @@ import (
 	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/pipeline"
 	"github.com/edgegate/edgegate/internal/queue"
-	"github.com/edgegate/edgegate/internal/sdnotify"
 	"github.com/edgegate/edgegate/internal/supervise"
 	"github.com/edgegate/edgegate/internal/uplink"
 	"github.com/edgegate/edgegate/mqtt"
@@ -499,7 +500,6 @@ func (d *Daemon) lifecycle(st *state) supervise.Component {
 		log := d.log
 		// Under systemd (Type=notify) start-up ends at READY, not at exec:
 		// units ordered after edgegate wait until every ingest path is live.
-		notify := sdnotify.FromEnv(os.Getenv)
 		live := st.ready.all(ctx)
 		// Said once if the wait is long (a broker down at start-up).
 		slow := time.NewTimer(10 * time.Second)
@@ -517,7 +517,7 @@ func (d *Daemon) lifecycle(st *state) supervise.Component {
 			// systemd shows "deactivating" and stops enforcing WatchdogSec=
 			// while the others drain; the keep-alives stop first, so a slow
 			// drain is not mistaken for a stuck pipeline by our own monitor.
-			if err := notify.Stopping(); err != nil {
+			if err := sdNotify(sddaemon.SdNotifyStopping); err != nil {
 				log.Warn("tell systemd we are stopping", "err", err)
 			}
 			stopWatchdog()
@@ -537,14 +537,18 @@ func (d *Daemon) lifecycle(st *state) supervise.Component {
 				log.Info("edgegate ready", "version", Version, "admin", st.adminAddr, "gateway", d.gateway, "devices", st.pol.Len(),
 					"mqtt", st.mqttAddr, "mqtt_tls", st.mqttTLSAddr, "metrics", st.metricsAddr, "state_dir", d.cfg.StateDir,
 					"memory_limit", memoryLimit())
-				if err := notify.Ready(); err != nil {
+				if err := sdNotify(sddaemon.SdNotifyReady); err != nil {
 					log.Warn("tell systemd we are ready", "err", err)
 				}
-				if interval, ok := notify.WatchdogInterval(os.Getenv, os.Getpid()); ok {
+				interval, err := watchdogInterval()
+				if err != nil {
+					log.Warn("systemd watchdog settings ignored; no keep-alives will be sent", "err", err)
+				}
+				if interval > 0 {
 					watchdogDone = make(chan struct{})
 					go func(done chan<- struct{}) {
 						defer close(done)
-						err := notify.Watchdog(wctx, interval, st.mon.healthy, log.With("component", "watchdog"))
+						err := watchdog(wctx, interval, st.mon.healthy, log.With("component", "watchdog"))
 						if wctx.Err() == nil {
 							if err == nil {
 								err = errors.New("stopped on its own")
@@ -556,7 +560,7 @@ func (d *Daemon) lifecycle(st *state) supervise.Component {
 			case <-slow.C:
 				if w := st.ready.waiting(); w != "" {
 					log.Warn("not ready yet: readings are not taken in until it is", "waiting_for", w)
-					_ = notify.Status("waiting for " + w)
+					_ = sdStatus("waiting for " + w)
 				}
 			}
 		}
