@@ -1,11 +1,9 @@
 package mqtt
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -19,150 +17,6 @@ import (
 	"github.com/edgegate/edgegate/internal/pipeline"
 	"github.com/edgegate/edgegate/policy"
 )
-
-// rawConn is an MQTT 3.1.1 client speaking packets over TCP, for what paho
-// cannot express (dropping a connection without DISCONNECT, resending a
-// PUBLISH with the same packet id, reading acknowledgements in order).
-type rawConn struct {
-	t       *testing.T
-	c       net.Conn
-	br      *bufio.Reader
-	version byte // 4 (3.1.1) or 5
-}
-
-type rawConnect struct {
-	id, user, password string
-	clean              bool
-	willTopic          string
-	willPayload        string
-	willRetain         bool
-	// MQTT 5: session expiry and will delay, seconds.
-	v5                   bool
-	expiry, willDelaySec uint32
-	recvMax              uint16
-}
-
-// rawDial connects and returns the CONNACK return code and session present.
-func (e *accessEnv) rawDial(t *testing.T, rc rawConnect) (*rawConn, byte, bool) {
-	t.Helper()
-	w := e.wireDial("")
-	r := &rawConn{t: t, c: w.Conn, br: w.r, version: 4}
-	if rc.v5 {
-		r.version = 5
-	}
-	pk := connectPacket(wireOpts{user: rc.user, password: rc.password, id: rc.id, clean: rc.clean, keepalive: 30})
-	pk.ProtocolVersion = r.version
-	if rc.willTopic != "" {
-		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload = true, rc.willTopic, []byte(rc.willPayload)
-		pk.Connect.WillQos, pk.Connect.WillRetain = 1, rc.willRetain
-		pk.Connect.WillProperties.WillDelayInterval = rc.willDelaySec
-	}
-	if rc.v5 && rc.recvMax > 0 {
-		pk.Properties.ReceiveMaximum = rc.recvMax
-	}
-	if rc.v5 && rc.expiry > 0 {
-		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = rc.expiry, true
-	}
-	r.write(encode(t, pk))
-	ack := r.read()
-	if ack.FixedHeader.Type != packets.Connack {
-		t.Fatalf("first packet is type %d, want CONNACK", ack.FixedHeader.Type)
-	}
-	return r, ack.ReasonCode, ack.SessionPresent
-}
-
-func (r *rawConn) write(b []byte) {
-	r.t.Helper()
-	r.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if _, err := r.c.Write(b); err != nil {
-		r.t.Fatalf("write: %v", err)
-	}
-}
-
-// read returns the next packet (decoded as MQTT 3.1.1), failing the test
-// after 5 s.
-func (r *rawConn) read() packets.Packet {
-	r.t.Helper()
-	pk, err := r.next(5 * time.Second)
-	if err != nil {
-		r.t.Fatalf("read: %v", err)
-	}
-	return pk
-}
-
-func (r *rawConn) next(wait time.Duration) (packets.Packet, error) {
-	r.c.SetReadDeadline(time.Now().Add(wait))
-	hb, err := r.br.ReadByte()
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	pk := packets.Packet{ProtocolVersion: r.version}
-	if err := pk.FixedHeader.Decode(hb); err != nil {
-		return pk, err
-	}
-	n, mul := 0, 1
-	for {
-		b, err := r.br.ReadByte()
-		if err != nil {
-			return pk, err
-		}
-		n += int(b&127) * mul
-		mul *= 128
-		if b&128 == 0 {
-			break
-		}
-	}
-	pk.FixedHeader.Remaining = n
-	body := make([]byte, n)
-	if _, err := io.ReadFull(r.br, body); err != nil {
-		return pk, err
-	}
-	switch pk.FixedHeader.Type {
-	case packets.Connack:
-		err = pk.ConnackDecode(body)
-	case packets.Publish:
-		err = pk.PublishDecode(body)
-	case packets.Puback:
-		err = pk.PubackDecode(body)
-	case packets.Pubrec:
-		err = pk.PubrecDecode(body)
-	case packets.Pubcomp:
-		err = pk.PubcompDecode(body)
-	case packets.Suback:
-		err = pk.SubackDecode(body)
-	}
-	return pk, err
-}
-
-func (r *rawConn) send(pk packets.Packet) {
-	r.t.Helper()
-	pk.ProtocolVersion = r.version
-	if pk.FixedHeader.Type == packets.Pubrel || pk.FixedHeader.Type == packets.Subscribe {
-		pk.FixedHeader.Qos = 1
-	}
-	r.write(encode(r.t, pk))
-}
-
-func rawPublish(topic string, qos byte, id uint16, dup, retain bool, payload string) packets.Packet {
-	return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos, Dup: dup, Retain: retain},
-		TopicName: topic, PacketID: id, Payload: []byte(payload)}
-}
-
-// closed reports whether the broker closed the connection within wait.
-func (r *rawConn) closed(wait time.Duration) bool {
-	deadline := time.Now().Add(wait)
-	for time.Now().Before(deadline) {
-		if _, err := r.next(time.Until(deadline)); err != nil {
-			return !isTimeout(err)
-		}
-	}
-	return false
-}
-
-func isTimeout(err error) bool {
-	ne, ok := err.(net.Error)
-	return ok && ne.Timeout()
-}
 
 // setOwner puts in force the policy with device id owned by owner.
 func (e *accessEnv) setOwner(t *testing.T, id, owner string) {
@@ -233,7 +87,7 @@ func TestHostileWillOnAnotherDevice(t *testing.T) {
 	if code != connAccepted {
 		t.Fatalf("a1 with a will on its own topic: CONNACK 0x%02x", code)
 	}
-	a1.c.Close()
+	a1.Close()
 	eventually(t, "a1's will", func() bool { return in.count(topicA1) == 1 })
 	// No retained forgery reaches a late subscriber of a1.
 	late := e.app("alice")
@@ -332,7 +186,7 @@ func TestHostileSessionTakeover(t *testing.T) {
 	if ack := a1.read(); ack.FixedHeader.Type != packets.Suback || ack.ReasonCodes[0] != 1 {
 		t.Fatalf("a1's subscription: %+v", ack)
 	}
-	a1.c.Close() // the session stays (clean session 0)
+	a1.Close() // the session stays (clean session 0)
 	eventually(t, "a1 offline", func() bool {
 		cl, ok := e.broker.srv.Clients.Get(id)
 		return ok && cl.Closed()
@@ -451,8 +305,8 @@ func TestQoS2UnreleasedBounded(t *testing.T) {
 			if pk.PublishEncode(&buf) != nil {
 				return
 			}
-			r.c.SetWriteDeadline(time.Now().Add(10 * time.Second))
-			if _, err := r.c.Write(buf.Bytes()); err != nil {
+			r.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if _, err := r.Write(buf.Bytes()); err != nil {
 				return
 			}
 		}
@@ -506,7 +360,7 @@ func TestMosquittoClientsQoS2AndRefusals(t *testing.T) {
 	}
 	// A persistent session of a1's, then b1 presenting its client id.
 	a1 := e.rawConnectPersistent(t, "a1-mosq")
-	a1.c.Close()
+	a1.Close()
 	for _, v := range []struct{ version, want string }{
 		{"mqttv311", "identifier rejected"}, {"mqttv5", "client identifier not valid"},
 	} {
@@ -550,7 +404,7 @@ func TestWillDelayV5(t *testing.T) {
 		t.Fatalf("CONNACK 0x%02x", code)
 	}
 	dropped := time.Now()
-	r.c.Close()
+	r.Close()
 	if _, code, _ := e.rawDial(t, rawConnect{id: "a1-delay", user: "b1", password: e.devicePassword("b1"), v5: true}); code != packets.ErrClientIdentifierNotValid.Code {
 		t.Fatalf("b1 with a1's client id during the delay: 0x%02x, want 0x85", code)
 	}
@@ -566,7 +420,7 @@ func TestWillDelayV5(t *testing.T) {
 	if !ok {
 		t.Fatalf("%s not among the broker's clients", rc.id)
 	}
-	r.c.Close()
+	r.Close()
 	// mochi makes the will pending before it marks the client closed.
 	eventually(t, "the broker took the drop", cl.Closed)
 	back, code, present := e.rawDial(t, rawConnect{id: "a1-delay", user: "a1", password: e.devicePassword("a1"), v5: true, expiry: 30})
@@ -597,7 +451,7 @@ func TestHostileSessionRace(t *testing.T) {
 					return
 				}
 				defer c.Close()
-				r := &rawConn{t: t, c: c, br: bufio.NewReader(c), version: 4}
+				r := newRawConn(t, c)
 				pk := connectPacket(wireOpts{user: dev, password: e.devicePassword(dev), id: id, keepalive: 30})
 				var buf bytes.Buffer
 				pk.ConnectEncode(&buf)
