@@ -18,6 +18,18 @@ import (
 	"github.com/edgegate/edgegate/policy"
 )
 
+// subscribed returns once the broker has finished with c's earlier
+// SUBSCRIBEs, their retained deliveries included: it handles one client's
+// packets in order, so the SUBACK of one more SUBSCRIBE comes after them.
+// The filter matches no topic of the namespace and holds nothing retained.
+func subscribed(t *testing.T, c paho.Client) {
+	t.Helper()
+	tok := c.Subscribe("devices/+/edgegate-test-sync", 0, func(paho.Client, paho.Message) {})
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("the sync SUBSCRIBE: %v", tok.Error())
+	}
+}
+
 // setOwner puts in force the policy with device id owned by owner.
 func (e *accessEnv) setOwner(t *testing.T, id, owner string) {
 	t.Helper()
@@ -92,8 +104,11 @@ func TestHostileWillOnAnotherDevice(t *testing.T) {
 	// No retained forgery reaches a late subscriber of a1.
 	late := e.app("alice")
 	_, lateIn := subscribe(t, late, topicA1)
-	time.Sleep(noDeliveryInterval)
-	if n := lateIn.count(topicA1); n != 0 {
+	subscribed(t, late)
+	// A reading of a1 after the subscription is the marker: a retained
+	// message would have been delivered before it.
+	e.settle(t, e.device("a1"), "a1", lateIn)
+	if n := lateIn.count(topicA1) - 1; n != 0 {
 		t.Fatalf("a late subscriber received %d retained messages on a1's topic", n)
 	}
 }
@@ -136,23 +151,38 @@ func TestHostileRetainedAfterOwnerChange(t *testing.T) {
 		_, in := subscribe(t, e.app(user), topicA1)
 		eventually(t, user+"'s retained delivery", func() bool { return in.count(topicA1) == 1 })
 	}
-	// Not allowed: dave (WRITE_ONLY) through a wildcard, bob.
-	_, daveIn := subscribe(t, e.app("dave"), "devices/#")
-	_, bobIn := subscribe(t, e.app("bob"), "devices/+/telemetry")
-	time.Sleep(noDeliveryInterval)
-	if daveIn.count(topicA1)+bobIn.count(topicA1) != 0 {
-		t.Fatal("a retained reading reached a subscriber who may not read a1")
+	// Not allowed: dave (WRITE_ONLY) through a wildcard, bob. Each
+	// subscription's retained delivery is refused (and counted) before the
+	// broker answers the client's next SUBSCRIBE; bob also gets a marker
+	// from his own device after it.
+	for _, sub := range []struct{ user, filter string }{{"dave", "devices/#"}, {"bob", "devices/+/telemetry"}} {
+		user := sub.user
+		refused := testCounter(t, e.m, "read", denyNotReadable)
+		c := e.app(user)
+		_, in := subscribe(t, c, sub.filter)
+		subscribed(t, c)
+		if got := testCounter(t, e.m, "read", denyNotReadable) - refused; got != 1 {
+			t.Errorf("%s: %v retained deliveries of a1 refused, want 1", user, got)
+		}
+		if user == "bob" {
+			e.settle(t, e.device("b1"), "b1", in)
+		}
+		if n := in.count(topicA1); n != 0 {
+			t.Fatalf("a retained reading reached %s, who may not read a1", user)
+		}
 	}
 
 	// a1 moves to bob: the reading collected under alice is dropped.
 	e.setOwner(t, "a1", "bob")
-	_, bobNew := subscribe(t, e.app("bob"), topicA1)
-	time.Sleep(noDeliveryInterval)
-	if n := bobNew.count(topicA1); n != 0 {
+	bob := e.app("bob")
+	_, bobNew := subscribe(t, bob, topicA1)
+	subscribed(t, bob)
+	// The new owner does get what a1 sends from now on; that reading is
+	// the marker: a retained one would have come before it.
+	e.settle(t, e.device("a1"), "a1", bobNew)
+	if n := bobNew.count(topicA1) - 1; n != 0 {
 		t.Fatalf("the new owner received %d readings retained under the old owner", n)
 	}
-	// The new owner does get what a1 sends from now on.
-	e.settle(t, e.device("a1"), "a1", bobNew)
 }
 
 // TestHostileDeliveryAfterDelegationRemoved: an exact subscription granted
@@ -266,10 +296,16 @@ func TestQoS2ExactlyOnce(t *testing.T) {
 	if pk := r.read(); pk.FixedHeader.Type != packets.Pubrec || pk.PacketID != 2 {
 		t.Fatalf("reused id answered with type %d id %d", pk.FixedHeader.Type, pk.PacketID)
 	}
-	eventually(t, "four readings", func() bool { return in.count(topicA1) == 4 })
-	time.Sleep(noDeliveryInterval)
-	if n := in.count(topicA1); n != 4 {
-		t.Fatalf("%d readings delivered, want 4 (the QoS 2 resends queued again?)", n)
+	// A fifth reading on the same connection is the marker: the broker
+	// delivers one connection's readings in order, so a resend queued
+	// again would arrive before it.
+	r.send(rawPublish(topicA1, 1, 4, false, false, sample))
+	if pk := r.read(); pk.FixedHeader.Type != packets.Puback || pk.PacketID != 4 {
+		t.Fatalf("the marker answered with type %d id %d, want PUBACK 4", pk.FixedHeader.Type, pk.PacketID)
+	}
+	eventually(t, "five readings", func() bool { return in.count(topicA1) >= 5 })
+	if n := in.count(topicA1) - 1; n != 4 {
+		t.Fatalf("%d readings delivered before the marker, want 4 (the QoS 2 resends queued again?)", n)
 	}
 
 	// paho: a QoS 2 publish completes (it fails on a PUBACK).
