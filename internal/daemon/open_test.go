@@ -15,11 +15,7 @@ import (
 // same state directory opens the store (badger holds a directory lock
 // while open).
 func TestOpenFailureNamesStepAndCloses(t *testing.T) {
-	dir, err := os.MkdirTemp("", "eg-open-") // short: unix socket paths
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := socketDir(t, "eg-open-")
 	t.Setenv("CREDENTIALS_DIRECTORY", "")
 	garbage := filepath.Join(dir, "garbage.pem")
 	if err := os.WriteFile(garbage, []byte("not a PEM file\n"), 0o600); err != nil {

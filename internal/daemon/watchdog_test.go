@@ -18,16 +18,10 @@ import (
 )
 
 // listenNotify opens a real unixgram socket standing in for systemd's
-// notify socket and points $NOTIFY_SOCKET at it for this test. The
-// directory comes from os.MkdirTemp rather than t.TempDir because a socket
-// path must fit in 108 bytes and test names are long.
+// notify socket and points $NOTIFY_SOCKET at it for this test.
 func listenNotify(t *testing.T) *net.UnixConn {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "sdn")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := socketDir(t, "sdn")
 	path := filepath.Join(dir, "notify")
 	c, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
 	if err != nil {
@@ -112,13 +106,9 @@ func TestNotifyAbstractSocket(t *testing.T) {
 }
 
 func TestNotifyErrorNamesTheMessage(t *testing.T) {
-	dir, err := os.MkdirTemp("", "sdn")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := socketDir(t, "sdn")
 	t.Setenv("NOTIFY_SOCKET", filepath.Join(dir, "absent"))
-	err = sdStatus("secret-looking status")
+	err := sdStatus("secret-looking status")
 	if err == nil || !strings.Contains(err.Error(), "sd_notify STATUS") || strings.Contains(err.Error(), "secret-looking") {
 		t.Errorf("sdStatus to a missing socket = %v, want an error naming STATUS without its value", err)
 	}
@@ -266,4 +256,17 @@ func TestWatchdogReturnsOnCancelWhileHealthy(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("watchdog did not return within 5s of cancel")
 	}
+}
+
+// socketDir returns a fresh directory under os.TempDir, removed when the
+// test ends. Tests that put unix sockets in it use it rather than
+// t.TempDir: a socket path must fit in 108 bytes and test names are long.
+func socketDir(t *testing.T, prefix string) string {
+	t.Helper()
+	dir, err := os.MkdirTemp("", prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	return dir
 }
