@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -269,4 +270,69 @@ func socketDir(t *testing.T, prefix string) string {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	return dir
+}
+
+// TestDaemonNotifiesSystemd runs the real daemon under a stand-in for a
+// Type=notify unit with WatchdogSec=: READY=1 once it is up, keep-alives
+// while it is healthy, STOPPING=1 when it stops.
+func TestDaemonNotifiesSystemd(t *testing.T) {
+	dir := socketDir(t, "eg-wd-")
+	c := listenNotify(t)
+	t.Setenv("WATCHDOG_USEC", "400000") // pings every 200ms
+	t.Setenv("WATCHDOG_PID", strconv.Itoa(os.Getpid()))
+	t.Setenv("CREDENTIALS_DIRECTORY", "")
+
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- New(runConfig(t, dir, "127.0.0.1:0"), slog.New(slog.DiscardHandler)).Run(ctx) }()
+	stopped := false
+	defer func() {
+		if !stopped {
+			cancel()
+			<-done
+		}
+	}()
+
+	// In order: READY=1, then keep-alives (status lines may come between).
+	var got []string
+	for len(got) < 3 {
+		msg := recvNotify(t, c, 20*time.Second)
+		if strings.HasPrefix(msg, "STATUS=") {
+			continue
+		}
+		got = append(got, msg)
+	}
+	if want := []string{"READY=1", "WATCHDOG=1", "WATCHDOG=1"}; !slices.Equal(got, want) {
+		t.Fatalf("notifications %q, want %q", got, want)
+	}
+	cancel()
+	select {
+	case err := <-done:
+		stopped = true
+		if err != nil {
+			t.Fatalf("Run = %v", err)
+		}
+	case <-time.After(40 * time.Second):
+		t.Fatal("the daemon did not stop")
+	}
+	for {
+		msg := recvNotify(t, c, 5*time.Second)
+		if msg == "STOPPING=1" {
+			break
+		}
+		if msg != "WATCHDOG=1" && !strings.HasPrefix(msg, "STATUS=") {
+			t.Fatalf("while stopping got %q, want STOPPING=1", msg)
+		}
+	}
+	// STOPPING=1 came before the watchdog was stopped, so at most a ping
+	// already under way follows it, and then nothing.
+	for i := 0; ; i++ {
+		msg, err := tryRecvNotify(c, 600*time.Millisecond) // three ping intervals
+		if err != nil {
+			break
+		}
+		if msg != "WATCHDOG=1" || i > 0 {
+			t.Fatalf("after STOPPING=1 got %q (message %d), want at most one keep-alive", msg, i+1)
+		}
+	}
 }
