@@ -148,6 +148,7 @@ type skip struct {
 type filter struct {
 	out   io.Writer
 	held  map[testKey][]string
+	order []testKey // of the held tests, first output first
 	skips []skip
 }
 
@@ -177,11 +178,23 @@ func (f *filter) line(b []byte) {
 	case e.Action == "build-output":
 		io.WriteString(f.out, e.Output)
 	case e.Test == "":
-		if e.Action == "output" && e.Output != "PASS\n" {
+		switch {
+		case e.Action == "output" && strings.HasPrefix(e.Output, "FAIL"):
+			// A test binary that crashed (a panic in a goroutine, a
+			// timeout, os.Exit) ends no test: what the running tests
+			// printed is the evidence, shown before the verdict.
+			f.flush(e.Package)
 			io.WriteString(f.out, e.Output)
+		case e.Action == "output" && e.Output != "PASS\n":
+			io.WriteString(f.out, e.Output)
+		case e.Action == "pass" || e.Action == "fail" || e.Action == "skip":
+			f.flush(e.Package)
 		}
 	case e.Action == "output":
 		if !strings.HasPrefix(e.Output, "=== ") {
+			if _, ok := f.held[k]; !ok {
+				f.order = append(f.order, k)
+			}
 			f.held[k] = append(f.held[k], e.Output)
 		}
 	case e.Action == "fail":
@@ -200,6 +213,25 @@ func (f *filter) line(b []byte) {
 	case e.Action == "pass":
 		delete(f.held, k)
 	}
+}
+
+// flush prints what the tests of pkg that never ended printed, and
+// forgets the package's tests.
+func (f *filter) flush(pkg string) {
+	keep := f.order[:0]
+	for _, k := range f.order {
+		lines, ok := f.held[k]
+		switch {
+		case k.pkg != pkg:
+			if ok {
+				keep = append(keep, k)
+			}
+		case ok:
+			io.WriteString(f.out, strings.Join(lines, ""))
+			delete(f.held, k)
+		}
+	}
+	f.order = keep
 }
 
 // allowList maps an import path and test name to the reason it may skip.

@@ -142,6 +142,36 @@ func TestBroken(t *testing.T) { t.Fatal("the widget is bent") }
 	}
 }
 
+// TestCrashOutputIsShown: a test binary that dies in a goroutine ends no
+// test; what the running test printed, the panic included, is shown.
+func TestCrashOutputIsShown(t *testing.T) {
+	dir := fixture(t, `package sub
+
+import (
+	"testing"
+	"time"
+)
+
+func TestCrash(t *testing.T) {
+	t.Log("before the crash")
+	go func() { panic("boom in a goroutine") }()
+	time.Sleep(5 * time.Second)
+}
+`, "")
+	code, out := runIn(t, dir, "true")
+	if code != 1 {
+		t.Errorf("exit status %d, want 1; output:\n%s", code, out)
+	}
+	for _, want := range []string{"before the crash", "panic: boom in a goroutine", "FAIL\texample.com/fix/sub"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("output lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Index(out, "panic: boom") > strings.Index(out, "FAIL\texample.com/fix/sub") {
+		t.Errorf("the panic is shown after the package's verdict:\n%s", out)
+	}
+}
+
 func TestBuildFailureIsShown(t *testing.T) {
 	dir := fixture(t, "package sub\n\nfunc broken( {\n", "")
 	code, out := runIn(t, dir, "true")
