@@ -147,13 +147,44 @@ type skip struct {
 // skipped: its reason), and nothing of the tests that passed.
 type filter struct {
 	out   io.Writer
-	held  map[testKey][]string
+	held  map[testKey]*heldOutput
 	order []testKey // of the held tests, first output first
 	skips []skip
 }
 
+// maxHeld bounds what is kept of one test's output until it ends: its
+// last lines, which hold the failure; the earlier ones are counted.
+const maxHeld = 1 << 20
+
+type heldOutput struct {
+	lines   []string
+	size    int
+	dropped int
+}
+
+func (h *heldOutput) add(line string) {
+	h.lines = append(h.lines, line)
+	h.size += len(line)
+	for h.size > maxHeld && len(h.lines) > 1 {
+		h.size -= len(h.lines[0])
+		h.lines = h.lines[1:]
+		h.dropped++
+	}
+}
+
+func (h *heldOutput) String() string {
+	if h == nil {
+		return ""
+	}
+	s := strings.Join(h.lines, "")
+	if h.dropped > 0 {
+		s = fmt.Sprintf("    [skipcheck: %d earlier lines of this test's output not kept]\n", h.dropped) + s
+	}
+	return s
+}
+
 func newFilter(out io.Writer) *filter {
-	return &filter{out: out, held: map[testKey][]string{}}
+	return &filter{out: out, held: map[testKey]*heldOutput{}}
 }
 
 func (f *filter) read(r io.Reader) error {
@@ -162,7 +193,13 @@ func (f *filter) read(r io.Reader) error {
 	for sc.Scan() {
 		f.line(sc.Bytes())
 	}
-	return sc.Err()
+	if err := sc.Err(); err != nil {
+		// A line longer than the buffer: the rest goes through as it is,
+		// so that the test command never blocks on a pipe nobody reads.
+		_, _ = io.Copy(f.out, r)
+		return err
+	}
+	return nil
 }
 
 func (f *filter) line(b []byte) {
@@ -192,16 +229,22 @@ func (f *filter) line(b []byte) {
 		}
 	case e.Action == "output":
 		if !strings.HasPrefix(e.Output, "=== ") {
-			if _, ok := f.held[k]; !ok {
+			h, ok := f.held[k]
+			if !ok {
+				h = &heldOutput{}
+				f.held[k] = h
 				f.order = append(f.order, k)
 			}
-			f.held[k] = append(f.held[k], e.Output)
+			h.add(e.Output)
 		}
 	case e.Action == "fail":
-		io.WriteString(f.out, strings.Join(f.held[k], ""))
+		io.WriteString(f.out, f.held[k].String())
 		delete(f.held, k)
 	case e.Action == "skip":
-		lines := f.held[k]
+		var lines []string
+		if h := f.held[k]; h != nil {
+			lines = h.lines
+		}
 		delete(f.held, k)
 		var reason []string
 		for _, l := range lines {
@@ -220,14 +263,14 @@ func (f *filter) line(b []byte) {
 func (f *filter) flush(pkg string) {
 	keep := f.order[:0]
 	for _, k := range f.order {
-		lines, ok := f.held[k]
+		h, ok := f.held[k]
 		switch {
 		case k.pkg != pkg:
 			if ok {
 				keep = append(keep, k)
 			}
 		case ok:
-			io.WriteString(f.out, strings.Join(lines, ""))
+			io.WriteString(f.out, h.String())
 			delete(f.held, k)
 		}
 	}

@@ -212,3 +212,21 @@ func TestAllowListErrors(t *testing.T) {
 		})
 	}
 }
+
+// TestHeldOutputIsBounded: a chatty test's output is kept only up to
+// maxHeld, its last lines, with a note of how many were not kept.
+func TestHeldOutputIsBounded(t *testing.T) {
+	var h heldOutput
+	line := strings.Repeat("x", 1023) + "\n"
+	for range 3 * maxHeld / len(line) {
+		h.add(line)
+	}
+	h.add("the failure\n")
+	if h.size > maxHeld {
+		t.Errorf("held %d bytes, want at most %d", h.size, maxHeld)
+	}
+	s := h.String()
+	if !strings.HasSuffix(s, "the failure\n") || !strings.Contains(s, "earlier lines of this test's output not kept") {
+		t.Errorf("held output lacks its last line or the note: %.200q ... %q", s, s[len(s)-40:])
+	}
+}
