@@ -1,10 +1,8 @@
 package mqtt
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/tls"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -48,101 +46,6 @@ func (e *accessEnv) devicePassword(id string) string {
 		e.t.Fatal(err)
 	}
 	return pw
-}
-
-// wireConn is a client written byte by byte, for what paho cannot express
-// (a will without a DISCONNECT, keep-alive 0 never pinging, silence).
-type wireConn struct {
-	net.Conn
-	r *bufio.Reader
-}
-
-type wireOpts struct {
-	user, password, id string
-	keepalive          uint16
-	clean              bool
-	will               []byte
-	willTopic          string
-	willRetain         bool
-	from               string // local IP to dial from
-}
-
-func (e *accessEnv) wireDial(from string) *wireConn {
-	e.t.Helper()
-	d := net.Dialer{Timeout: 5 * time.Second}
-	if from != "" {
-		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(from)}
-	}
-	c, err := d.Dial("tcp", e.broker.Addr())
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	e.t.Cleanup(func() { c.Close() })
-	return &wireConn{Conn: c, r: bufio.NewReader(c)}
-}
-
-func encode(t testing.TB, pk packets.Packet) []byte {
-	t.Helper()
-	var buf bytes.Buffer
-	var err error
-	switch pk.FixedHeader.Type {
-	case packets.Connect:
-		err = pk.ConnectEncode(&buf)
-	case packets.Publish:
-		err = pk.PublishEncode(&buf)
-	case packets.Subscribe:
-		err = pk.SubscribeEncode(&buf)
-	case packets.Pubrel:
-		err = pk.PubrelEncode(&buf)
-	case packets.Puback:
-		err = pk.PubackEncode(&buf)
-	case packets.Disconnect:
-		err = pk.DisconnectEncode(&buf)
-	default:
-		t.Fatalf("no encoder for %d", pk.FixedHeader.Type)
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return buf.Bytes()
-}
-
-func connectPacket(o wireOpts) packets.Packet {
-	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Connect}, ProtocolVersion: 4,
-		Connect: packets.ConnectParams{ProtocolName: []byte("MQTT"), Clean: o.clean, ClientIdentifier: o.id,
-			Keepalive: o.keepalive, UsernameFlag: true, Username: []byte(o.user), PasswordFlag: true, Password: []byte(o.password)}}
-	if o.will != nil {
-		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload, pk.Connect.WillRetain = true, o.willTopic, o.will, o.willRetain
-	}
-	return pk
-}
-
-// wireConnect sends a 3.1.1 CONNECT and returns the CONNACK return code.
-func (e *accessEnv) wireConnect(o wireOpts) (*wireConn, byte) {
-	e.t.Helper()
-	c := e.wireDial(o.from)
-	if _, err := c.Write(encode(e.t, connectPacket(o))); err != nil {
-		e.t.Fatal(err)
-	}
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	var ack [4]byte
-	if _, err := io.ReadFull(c.r, ack[:]); err != nil {
-		e.t.Fatalf("no CONNACK: %v", err)
-	}
-	c.SetReadDeadline(time.Time{})
-	if ack[0] != 0x20 || ack[1] != 2 {
-		e.t.Fatalf("not a 3.1.1 CONNACK: % x", ack)
-	}
-	return c, ack[3]
-}
-
-// closedWithin reports whether the server closes c within d (reading and
-// discarding whatever it sends before).
-func closedWithin(c *wireConn, d time.Duration) bool {
-	c.SetReadDeadline(time.Now().Add(d))
-	_, err := io.Copy(io.Discard, c.r)
-	var ne net.Error
-	return err == nil || !(errors.As(err, &ne) && ne.Timeout())
 }
 
 func (e *accessEnv) dialID(user, password, id string, clean bool) (paho.Client, error) {
@@ -438,7 +341,7 @@ func TestDeadlineConnect(t *testing.T) {
 	half.Write(encode(t, connectPacket(wireOpts{user: "a1", id: "x"}))[:5])
 	start := time.Now()
 	e.device("a1")
-	if !closedWithin(silent, 3*time.Second) || !closedWithin(half, 3*time.Second) {
+	if !silent.closed(3*time.Second) || !half.closed(3*time.Second) {
 		t.Fatal("a connection without CONNECT was not closed")
 	}
 	if took := time.Since(start); took < 250*time.Millisecond {
@@ -459,7 +362,7 @@ func TestFloodPendingConnects(t *testing.T) {
 		e.wireDial("127.0.0.2")
 	}
 	eventually(t, "3 waiting", func() bool { return e.broker.caps.pendingCount() == 3 })
-	if c := e.wireDial("127.0.0.2"); !closedWithin(c, 2*time.Second) {
+	if c := e.wireDial("127.0.0.2"); !c.closed(2 * time.Second) {
 		t.Fatal("a 4th silent connection from the same address was kept")
 	}
 	if got := e.hits(limitPendingPerHost); got != 1 {
@@ -473,7 +376,7 @@ func TestFloodPendingConnects(t *testing.T) {
 	e.wireDial("127.0.0.4")
 	e.wireDial("127.0.0.5")
 	eventually(t, "5 waiting", func() bool { return e.broker.caps.pendingCount() == 5 })
-	if c := e.wireDial("127.0.0.6"); !closedWithin(c, 2*time.Second) {
+	if c := e.wireDial("127.0.0.6"); !c.closed(2 * time.Second) {
 		t.Fatal("a connection past the global bound was kept")
 	}
 	if got := e.hits(limitPending); got != 1 {
@@ -509,7 +412,7 @@ func TestKeepaliveEnforced(t *testing.T) {
 		}
 	}()
 	start := time.Now()
-	if !closedWithin(c, 6*time.Second) {
+	if !c.closed(6 * time.Second) {
 		t.Fatal("a silent client with keep-alive 0 was kept")
 	}
 	if took := time.Since(start); took < 2500*time.Millisecond {
@@ -518,7 +421,7 @@ func TestKeepaliveEnforced(t *testing.T) {
 	if got := e.hits(limitKeepalive); got != 1 {
 		t.Errorf("limit hits = %v, want 1", got)
 	}
-	if closedWithin(pinger, 200*time.Millisecond) {
+	if pinger.closed(200 * time.Millisecond) {
 		t.Error("the pinging client was disconnected")
 	}
 }
@@ -592,7 +495,7 @@ func TestDeadlineConnectTLS(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if !closedWithin(&wireConn{Conn: c, r: bufio.NewReader(c)}, 3*time.Second) {
+	if !newRawConn(t, c).closed(3 * time.Second) {
 		t.Fatal("a TLS connection without a handshake was kept")
 	}
 	eventually(t, "the count", func() bool { return e.hits(limitConnectTimeout) == 1 })
@@ -622,7 +525,7 @@ func TestCapConnectionsMQTT5Codes(t *testing.T) {
 		c.Write(encode(t, pk))
 		c.SetReadDeadline(time.Now().Add(5 * time.Second))
 		var ack [4]byte // type, length, flags, reason
-		if _, err := io.ReadFull(c.r, ack[:]); err != nil || ack[0] != 0x20 {
+		if _, err := io.ReadFull(c.br, ack[:]); err != nil || ack[0] != 0x20 {
 			t.Fatalf("no CONNACK: % x %v", ack, err)
 		}
 		return ack[3]

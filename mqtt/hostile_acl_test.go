@@ -1,12 +1,11 @@
 package mqtt
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
-	"io"
 	"net"
+	"os"
 	"os/exec"
 	"strings"
 	"testing"
@@ -19,148 +18,16 @@ import (
 	"github.com/edgegate/edgegate/policy"
 )
 
-// rawConn is an MQTT 3.1.1 client speaking packets over TCP, for what paho
-// cannot express (dropping a connection without DISCONNECT, resending a
-// PUBLISH with the same packet id, reading acknowledgements in order).
-type rawConn struct {
-	t       *testing.T
-	c       net.Conn
-	br      *bufio.Reader
-	version byte // 4 (3.1.1) or 5
-}
-
-type rawConnect struct {
-	id, user, password string
-	clean              bool
-	willTopic          string
-	willPayload        string
-	willRetain         bool
-	// MQTT 5: session expiry and will delay, seconds.
-	v5                   bool
-	expiry, willDelaySec uint32
-	recvMax              uint16
-}
-
-// rawDial connects and returns the CONNACK return code and session present.
-func (e *accessEnv) rawDial(t *testing.T, rc rawConnect) (*rawConn, byte, bool) {
+// subscribed returns once the broker has finished with c's earlier
+// SUBSCRIBEs, their retained deliveries included: it handles one client's
+// packets in order, so the SUBACK of one more SUBSCRIBE comes after them.
+// The filter matches no topic of the namespace and holds nothing retained.
+func subscribed(t *testing.T, c paho.Client) {
 	t.Helper()
-	w := e.wireDial("")
-	r := &rawConn{t: t, c: w.Conn, br: w.r, version: 4}
-	if rc.v5 {
-		r.version = 5
+	tok := c.Subscribe("devices/+/edgegate-test-sync", 0, func(paho.Client, paho.Message) {})
+	if !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("the sync SUBSCRIBE: %v", tok.Error())
 	}
-	pk := connectPacket(wireOpts{user: rc.user, password: rc.password, id: rc.id, clean: rc.clean, keepalive: 30})
-	pk.ProtocolVersion = r.version
-	if rc.willTopic != "" {
-		pk.Connect.WillFlag, pk.Connect.WillTopic, pk.Connect.WillPayload = true, rc.willTopic, []byte(rc.willPayload)
-		pk.Connect.WillQos, pk.Connect.WillRetain = 1, rc.willRetain
-		pk.Connect.WillProperties.WillDelayInterval = rc.willDelaySec
-	}
-	if rc.v5 && rc.recvMax > 0 {
-		pk.Properties.ReceiveMaximum = rc.recvMax
-	}
-	if rc.v5 && rc.expiry > 0 {
-		pk.Properties.SessionExpiryInterval, pk.Properties.SessionExpiryIntervalFlag = rc.expiry, true
-	}
-	r.write(encode(t, pk))
-	ack := r.read()
-	if ack.FixedHeader.Type != packets.Connack {
-		t.Fatalf("first packet is type %d, want CONNACK", ack.FixedHeader.Type)
-	}
-	return r, ack.ReasonCode, ack.SessionPresent
-}
-
-func (r *rawConn) write(b []byte) {
-	r.t.Helper()
-	r.c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-	if _, err := r.c.Write(b); err != nil {
-		r.t.Fatalf("write: %v", err)
-	}
-}
-
-// read returns the next packet (decoded as MQTT 3.1.1), failing the test
-// after 5 s.
-func (r *rawConn) read() packets.Packet {
-	r.t.Helper()
-	pk, err := r.next(5 * time.Second)
-	if err != nil {
-		r.t.Fatalf("read: %v", err)
-	}
-	return pk
-}
-
-func (r *rawConn) next(wait time.Duration) (packets.Packet, error) {
-	r.c.SetReadDeadline(time.Now().Add(wait))
-	hb, err := r.br.ReadByte()
-	if err != nil {
-		return packets.Packet{}, err
-	}
-	pk := packets.Packet{ProtocolVersion: r.version}
-	if err := pk.FixedHeader.Decode(hb); err != nil {
-		return pk, err
-	}
-	n, mul := 0, 1
-	for {
-		b, err := r.br.ReadByte()
-		if err != nil {
-			return pk, err
-		}
-		n += int(b&127) * mul
-		mul *= 128
-		if b&128 == 0 {
-			break
-		}
-	}
-	pk.FixedHeader.Remaining = n
-	body := make([]byte, n)
-	if _, err := io.ReadFull(r.br, body); err != nil {
-		return pk, err
-	}
-	switch pk.FixedHeader.Type {
-	case packets.Connack:
-		err = pk.ConnackDecode(body)
-	case packets.Publish:
-		err = pk.PublishDecode(body)
-	case packets.Puback:
-		err = pk.PubackDecode(body)
-	case packets.Pubrec:
-		err = pk.PubrecDecode(body)
-	case packets.Pubcomp:
-		err = pk.PubcompDecode(body)
-	case packets.Suback:
-		err = pk.SubackDecode(body)
-	}
-	return pk, err
-}
-
-func (r *rawConn) send(pk packets.Packet) {
-	r.t.Helper()
-	pk.ProtocolVersion = r.version
-	if pk.FixedHeader.Type == packets.Pubrel || pk.FixedHeader.Type == packets.Subscribe {
-		pk.FixedHeader.Qos = 1
-	}
-	r.write(encode(r.t, pk))
-}
-
-func rawPublish(topic string, qos byte, id uint16, dup, retain bool, payload string) packets.Packet {
-	return packets.Packet{FixedHeader: packets.FixedHeader{Type: packets.Publish, Qos: qos, Dup: dup, Retain: retain},
-		TopicName: topic, PacketID: id, Payload: []byte(payload)}
-}
-
-// closed reports whether the broker closed the connection within wait.
-func (r *rawConn) closed(wait time.Duration) bool {
-	deadline := time.Now().Add(wait)
-	for time.Now().Before(deadline) {
-		if _, err := r.next(time.Until(deadline)); err != nil {
-			return !isTimeout(err)
-		}
-	}
-	return false
-}
-
-func isTimeout(err error) bool {
-	ne, ok := err.(net.Error)
-	return ok && ne.Timeout()
 }
 
 // setOwner puts in force the policy with device id owned by owner.
@@ -232,13 +99,16 @@ func TestHostileWillOnAnotherDevice(t *testing.T) {
 	if code != connAccepted {
 		t.Fatalf("a1 with a will on its own topic: CONNACK 0x%02x", code)
 	}
-	a1.c.Close()
+	a1.Close()
 	eventually(t, "a1's will", func() bool { return in.count(topicA1) == 1 })
 	// No retained forgery reaches a late subscriber of a1.
 	late := e.app("alice")
 	_, lateIn := subscribe(t, late, topicA1)
-	time.Sleep(noDeliveryInterval)
-	if n := lateIn.count(topicA1); n != 0 {
+	subscribed(t, late)
+	// A reading of a1 after the subscription is the marker: a retained
+	// message would have been delivered before it.
+	e.settle(t, e.device("a1"), "a1", lateIn)
+	if n := lateIn.count(topicA1) - 1; n != 0 {
 		t.Fatalf("a late subscriber received %d retained messages on a1's topic", n)
 	}
 }
@@ -281,23 +151,38 @@ func TestHostileRetainedAfterOwnerChange(t *testing.T) {
 		_, in := subscribe(t, e.app(user), topicA1)
 		eventually(t, user+"'s retained delivery", func() bool { return in.count(topicA1) == 1 })
 	}
-	// Not allowed: dave (WRITE_ONLY) through a wildcard, bob.
-	_, daveIn := subscribe(t, e.app("dave"), "devices/#")
-	_, bobIn := subscribe(t, e.app("bob"), "devices/+/telemetry")
-	time.Sleep(noDeliveryInterval)
-	if daveIn.count(topicA1)+bobIn.count(topicA1) != 0 {
-		t.Fatal("a retained reading reached a subscriber who may not read a1")
+	// Not allowed: dave (WRITE_ONLY) through a wildcard, bob. Each
+	// subscription's retained delivery is refused (and counted) before the
+	// broker answers the client's next SUBSCRIBE; bob also gets a marker
+	// from his own device after it.
+	for _, sub := range []struct{ user, filter string }{{"dave", "devices/#"}, {"bob", "devices/+/telemetry"}} {
+		user := sub.user
+		refused := testCounter(t, e.m, "read", denyNotReadable)
+		c := e.app(user)
+		_, in := subscribe(t, c, sub.filter)
+		subscribed(t, c)
+		if got := testCounter(t, e.m, "read", denyNotReadable) - refused; got != 1 {
+			t.Errorf("%s: %v retained deliveries of a1 refused, want 1", user, got)
+		}
+		if user == "bob" {
+			e.settle(t, e.device("b1"), "b1", in)
+		}
+		if n := in.count(topicA1); n != 0 {
+			t.Fatalf("a retained reading reached %s, who may not read a1", user)
+		}
 	}
 
 	// a1 moves to bob: the reading collected under alice is dropped.
 	e.setOwner(t, "a1", "bob")
-	_, bobNew := subscribe(t, e.app("bob"), topicA1)
-	time.Sleep(noDeliveryInterval)
-	if n := bobNew.count(topicA1); n != 0 {
+	bob := e.app("bob")
+	_, bobNew := subscribe(t, bob, topicA1)
+	subscribed(t, bob)
+	// The new owner does get what a1 sends from now on; that reading is
+	// the marker: a retained one would have come before it.
+	e.settle(t, e.device("a1"), "a1", bobNew)
+	if n := bobNew.count(topicA1) - 1; n != 0 {
 		t.Fatalf("the new owner received %d readings retained under the old owner", n)
 	}
-	// The new owner does get what a1 sends from now on.
-	e.settle(t, e.device("a1"), "a1", bobNew)
 }
 
 // TestHostileDeliveryAfterDelegationRemoved: an exact subscription granted
@@ -331,7 +216,7 @@ func TestHostileSessionTakeover(t *testing.T) {
 	if ack := a1.read(); ack.FixedHeader.Type != packets.Suback || ack.ReasonCodes[0] != 1 {
 		t.Fatalf("a1's subscription: %+v", ack)
 	}
-	a1.c.Close() // the session stays (clean session 0)
+	a1.Close() // the session stays (clean session 0)
 	eventually(t, "a1 offline", func() bool {
 		cl, ok := e.broker.srv.Clients.Get(id)
 		return ok && cl.Closed()
@@ -411,10 +296,16 @@ func TestQoS2ExactlyOnce(t *testing.T) {
 	if pk := r.read(); pk.FixedHeader.Type != packets.Pubrec || pk.PacketID != 2 {
 		t.Fatalf("reused id answered with type %d id %d", pk.FixedHeader.Type, pk.PacketID)
 	}
-	eventually(t, "four readings", func() bool { return in.count(topicA1) == 4 })
-	time.Sleep(noDeliveryInterval)
-	if n := in.count(topicA1); n != 4 {
-		t.Fatalf("%d readings delivered, want 4 (the QoS 2 resends queued again?)", n)
+	// A fifth reading on the same connection is the marker: the broker
+	// delivers one connection's readings in order, so a resend queued
+	// again would arrive before it.
+	r.send(rawPublish(topicA1, 1, 4, false, false, sample))
+	if pk := r.read(); pk.FixedHeader.Type != packets.Puback || pk.PacketID != 4 {
+		t.Fatalf("the marker answered with type %d id %d, want PUBACK 4", pk.FixedHeader.Type, pk.PacketID)
+	}
+	eventually(t, "five readings", func() bool { return in.count(topicA1) >= 5 })
+	if n := in.count(topicA1) - 1; n != 4 {
+		t.Fatalf("%d readings delivered before the marker, want 4 (the QoS 2 resends queued again?)", n)
 	}
 
 	// paho: a QoS 2 publish completes (it fails on a PUBACK).
@@ -450,8 +341,8 @@ func TestQoS2UnreleasedBounded(t *testing.T) {
 			if pk.PublishEncode(&buf) != nil {
 				return
 			}
-			r.c.SetWriteDeadline(time.Now().Add(10 * time.Second))
-			if _, err := r.c.Write(buf.Bytes()); err != nil {
+			r.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if _, err := r.Write(buf.Bytes()); err != nil {
 				return
 			}
 		}
@@ -483,6 +374,9 @@ func TestQoS2UnreleasedBounded(t *testing.T) {
 // principal's client id are refused with the version's reason.
 func TestMosquittoClientsQoS2AndRefusals(t *testing.T) {
 	if _, err := exec.LookPath("mosquitto_pub"); err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("mosquitto_pub missing; .ci/run installs mosquitto-clients")
+		}
 		t.Skip("mosquitto-clients not installed (CI installs them)")
 	}
 	e := newAccessEnv(t)
@@ -502,7 +396,7 @@ func TestMosquittoClientsQoS2AndRefusals(t *testing.T) {
 	}
 	// A persistent session of a1's, then b1 presenting its client id.
 	a1 := e.rawConnectPersistent(t, "a1-mosq")
-	a1.c.Close()
+	a1.Close()
 	for _, v := range []struct{ version, want string }{
 		{"mqttv311", "identifier rejected"}, {"mqttv5", "client identifier not valid"},
 	} {
@@ -546,7 +440,7 @@ func TestWillDelayV5(t *testing.T) {
 		t.Fatalf("CONNACK 0x%02x", code)
 	}
 	dropped := time.Now()
-	r.c.Close()
+	r.Close()
 	if _, code, _ := e.rawDial(t, rawConnect{id: "a1-delay", user: "b1", password: e.devicePassword("b1"), v5: true}); code != packets.ErrClientIdentifierNotValid.Code {
 		t.Fatalf("b1 with a1's client id during the delay: 0x%02x, want 0x85", code)
 	}
@@ -562,7 +456,7 @@ func TestWillDelayV5(t *testing.T) {
 	if !ok {
 		t.Fatalf("%s not among the broker's clients", rc.id)
 	}
-	r.c.Close()
+	r.Close()
 	// mochi makes the will pending before it marks the client closed.
 	eventually(t, "the broker took the drop", cl.Closed)
 	back, code, present := e.rawDial(t, rawConnect{id: "a1-delay", user: "a1", password: e.devicePassword("a1"), v5: true, expiry: 30})
@@ -593,7 +487,7 @@ func TestHostileSessionRace(t *testing.T) {
 					return
 				}
 				defer c.Close()
-				r := &rawConn{t: t, c: c, br: bufio.NewReader(c), version: 4}
+				r := newRawConn(t, c)
 				pk := connectPacket(wireOpts{user: dev, password: e.devicePassword(dev), id: id, keepalive: 30})
 				var buf bytes.Buffer
 				pk.ConnectEncode(&buf)

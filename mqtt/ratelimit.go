@@ -4,66 +4,65 @@ import (
 	"context"
 	"sync"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
-// deviceLimiter paces each device to a sustained rate with a burst. A
-// device over its rate is not refused: its publish waits (the broker holds
-// its PUBACK), so a flooding device slows itself down, loses nothing, and
-// cannot starve the others, whose publishes run on their own connections.
+// deviceLimiter paces each device to a sustained rate with a burst, with one
+// golang.org/x/time/rate token bucket per device. A device over its rate is
+// not refused: its publish waits (the broker holds its PUBACK), so a
+// flooding device slows itself down, loses nothing, and cannot starve the
+// others, whose publishes run on their own connections.
 type deviceLimiter struct {
-	rate  float64 // tokens per second; 0: unlimited
-	burst float64
+	limit rate.Limit // tokens per second; 0: unlimited
+	burst int
 	now   func() time.Time
 
-	mu      sync.Mutex
-	buckets map[string]*bucket
-}
-
-type bucket struct {
-	tokens float64
-	last   time.Time
+	mu       sync.Mutex
+	limiters map[string]*rate.Limiter
 }
 
 // maxBuckets bounds memory; only registered devices can log in, so this is
 // far above any real gateway.
 const maxBuckets = 100_000
 
-func newDeviceLimiter(rate float64, burst int, now func() time.Time) *deviceLimiter {
+func newDeviceLimiter(perSecond float64, burst int, now func() time.Time) *deviceLimiter {
 	if burst < 1 {
 		burst = 1
 	}
-	return &deviceLimiter{rate: rate, burst: float64(burst), now: now, buckets: map[string]*bucket{}}
+	return &deviceLimiter{limit: rate.Limit(perSecond), burst: burst, now: now, limiters: map[string]*rate.Limiter{}}
 }
 
-// reserve takes one token for device and returns how long to wait before
-// the reading may proceed (0: at once).
-func (l *deviceLimiter) reserve(device string) time.Duration {
-	if l == nil || l.rate <= 0 {
-		return 0
+// reserve takes one token for device and returns the reservation and how
+// long to wait before the reading may proceed (0: at once). The reservation
+// is nil when there is no limit.
+func (l *deviceLimiter) reserve(device string) (*rate.Reservation, time.Duration) {
+	if l == nil || l.limit <= 0 {
+		return nil, 0
 	}
 	now := l.now()
 	l.mu.Lock()
-	defer l.mu.Unlock()
-	b, ok := l.buckets[device]
+	lim, ok := l.limiters[device]
 	if !ok {
-		if len(l.buckets) >= maxBuckets {
-			clear(l.buckets)
+		if len(l.limiters) >= maxBuckets {
+			// Forgetting every device at once is crude but bounded; a
+			// forgotten device starts again with a full burst.
+			clear(l.limiters)
 		}
-		b = &bucket{tokens: l.burst, last: now}
-		l.buckets[device] = b
+		lim = rate.NewLimiter(l.limit, l.burst)
+		l.limiters[device] = lim
 	}
-	b.tokens = min(l.burst, b.tokens+now.Sub(b.last).Seconds()*l.rate)
-	b.last = now
-	b.tokens--
-	if b.tokens >= 0 {
-		return 0
-	}
-	return time.Duration(-b.tokens / l.rate * float64(time.Second))
+	l.mu.Unlock()
+	// One token never exceeds the burst (≥ 1), so the reservation is
+	// always OK; the Limiter is safe for concurrent use.
+	r := lim.ReserveN(now, 1)
+	return r, r.DelayFrom(now)
 }
 
-// wait blocks until device may proceed or ctx ends.
+// wait blocks until device may proceed or ctx ends. A publish abandoned
+// because its client went away gives its token back.
 func (l *deviceLimiter) wait(ctx context.Context, device string) error {
-	d := l.reserve(device)
+	r, d := l.reserve(device)
 	if d <= 0 {
 		return nil
 	}
@@ -71,6 +70,7 @@ func (l *deviceLimiter) wait(ctx context.Context, device string) error {
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
+		r.CancelAt(l.now())
 		return ctx.Err()
 	case <-t.C:
 		return nil

@@ -45,7 +45,8 @@ deb: cross
 
 # The packaging tests alone (unit, package contents, lintian, sandbox score).
 test-packaging:
-	CGO_ENABLED=1 $(GO) test -race -count=1 ./internal/sdnotify ./packaging/...
+	CGO_ENABLED=1 $(GO) test -race -count=1 ./packaging/...
+	CGO_ENABLED=1 $(GO) test -race -count=1 -run 'Notify|Watchdog' ./internal/daemon
 
 # The reproducibility test with a cold build cache for the second build
 # (recompiles everything: slower than the default test run allows).

@@ -246,6 +246,7 @@ type Syncer struct {
 // LoadCached before the stages that enforce the policy start, then Run.
 func New(o Options) (*Syncer, error) {
 	if !reading.ValidSegmentID(o.Gateway) {
+		//lint:ignore ST1005 ".." is the path name refused, not punctuation
 		return nil, fmt.Errorf("policy sync: gateway id %q must match [A-Za-z0-9._-]{1,256} and not be . or ..", clip(o.Gateway))
 	}
 	if o.Engine == nil || o.Store == nil || o.Tokens == nil {

@@ -55,12 +55,6 @@ type demoDevice struct {
 	acks           int
 }
 
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
-}
-
 // demoAccount is the platform user the demo gateway is paired as.
 const demoAccount = "alice"
 
@@ -748,11 +742,4 @@ func (l *lineWriter) printf(format string, args ...any) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	fmt.Fprintf(l.w, format+"\n", args...)
-}
-
-func clipID(s string) string {
-	if len(s) > 12 {
-		return s[:12]
-	}
-	return s
 }

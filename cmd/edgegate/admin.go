@@ -90,6 +90,7 @@ func selectorFlags(fs *flag.FlagSet) *admin.Selector {
 func runData(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, adminUsage)
+		//lint:ignore ST1005 the "..." is part of the usage line, not punctuation
 		return &exitError{Code: 2, Err: errors.New("usage: edgegate data export|erase ...")}
 	}
 	switch args[0] {

@@ -24,16 +24,6 @@ type signingKey struct {
 	devicePrivate string       // generated for the device: its private JWK, for --keys-out only
 }
 
-func (s signingKey) describe() string {
-	switch s.mode {
-	case policy.SigningGateway:
-		return fmt.Sprintf("%s, by the gateway (key %s in the encrypted store)", s.key.Alg(), s.key.ID())
-	case policy.SigningDevice:
-		return fmt.Sprintf("%s, by the device itself (public key %s registered)", s.key.Alg(), s.key.ID())
-	}
-	return "HS256, by the gateway (key derived from K1/K2)"
-}
-
 var algOfFlag = map[string]string{"ed25519": envelope.AlgEdDSA, "es256": envelope.AlgES256}
 
 func deviceSigningKey(signing, pubKeyFile string) (signingKey, error) {

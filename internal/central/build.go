@@ -222,6 +222,7 @@ type edgeBinding struct {
 func parseEdgeURI(raw string) (edgeBinding, error) {
 	u, err := url.Parse(raw)
 	if err != nil || u.Scheme != "edgegate" || !gatewayIDRE.MatchString(u.Host) {
+		//lint:ignore ST1005 the "..." is part of the URI form shown
 		return edgeBinding{}, fmt.Errorf("%q is not edgegate://GATEWAY/...", clip(raw))
 	}
 	q := u.Query()

@@ -3,7 +3,6 @@ package daemon
 import (
 	"bytes"
 	"context"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -23,11 +22,7 @@ func TestAppAccountsNeedDynsec(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer q.Close()
-	dir, err := os.MkdirTemp("", "eg-app-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(dir)
+	dir := socketDir(t, "eg-app-")
 	sock := filepath.Join(dir, "admin.sock")
 	aa := &AppAdmin{Store: q}
 	adm, err := admin.Listen(admin.ServerOptions{Socket: sock, Backend: &adminBackend{appAdmin: aa}})

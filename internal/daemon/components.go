@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"time"
 
+	sddaemon "github.com/coreos/go-systemd/v22/daemon"
+
 	"github.com/edgegate/edgegate/internal/accesstoken"
 	"github.com/edgegate/edgegate/internal/admin"
 	"github.com/edgegate/edgegate/internal/audit"
@@ -25,7 +27,6 @@ import (
 	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/pipeline"
 	"github.com/edgegate/edgegate/internal/queue"
-	"github.com/edgegate/edgegate/internal/sdnotify"
 	"github.com/edgegate/edgegate/internal/supervise"
 	"github.com/edgegate/edgegate/internal/uplink"
 	"github.com/edgegate/edgegate/mqtt"
@@ -68,90 +69,154 @@ type state struct {
 }
 
 // open opens the store and builds every part on it, in the order today's
-// start relies on; nothing runs yet. On error it closes what it opened.
+// start relies on; nothing runs yet. On error it closes what it opened,
+// and the error names the step that failed.
 func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
-	cfg, log := d.cfg, d.log
 	st := &state{ready: &readiness{}}
 	opened := false
 	defer func() {
 		if !opened {
-			st.close(log, cfg.StateDir)
+			st.close(d.log, d.cfg.StateDir)
 		}
 	}()
-	key, keySource, err := keys.LoadStoreKey(cfg.Store.Credential, cfg.KeyFile(), os.Getenv)
-	if err != nil {
-		return nil, fmt.Errorf("load store key: %w", err)
+	var in openInputs
+	defer func() { clear(in.key) }()
+	steps := []struct {
+		name string
+		run  func() error
+	}{
+		{"store key", func() error { return d.loadStoreKey(&in) }},
+		{"policy", func() error { return d.loadPolicy(st) }},
+		{"credentials", func() error { return d.loadCredentials(&in) }},
+		{"store", func() error { return d.openStore(st, &in) }},
+		{"identity", func() error { return d.loadIdentity(st) }},
+		{"tokens", func() error { return d.openTokens(st, &in) }},
+		{"audit", func() error { return d.openAudit(st, &in, reset) }},
+		{"policy sync", func() error { return d.openPolicySync(st, &in) }},
+		{"uplink", func() error { return d.openUplink(st, &in) }},
+		{"pipeline", func() error { return d.openPipeline(st) }},
+		{"ingest", func() error { return d.openIngest(st, in.centralCAs) }},
+		{"radio", func() error { return d.openRadio(st) }},
 	}
-	defer clear(key)
-	log.Info("store key loaded", "source", keySource)
+	for _, s := range steps {
+		if err := s.run(); err != nil {
+			return nil, fmt.Errorf("start-up step %s: %w", s.name, err)
+		}
+	}
+	opened = true
+	return st, nil
+}
 
-	if st.pol, err = configPolicy(cfg); err != nil {
-		return nil, err
+// openInputs is what the steps of open read from files once and hand on;
+// key is cleared when open returns.
+type openInputs struct {
+	key                   []byte // the store key
+	secret                string // the central client secret, unless paired
+	centralCAs, brokerCAs *x509.CertPool
+}
+
+func (d *Daemon) loadStoreKey(in *openInputs) error {
+	key, keySource, err := keys.LoadStoreKey(d.cfg.Store.Credential, d.cfg.KeyFile(), os.Getenv)
+	if err != nil {
+		return err // it says "load store key ..."
+	}
+	in.key = key
+	d.log.Info("store key loaded", "source", keySource)
+	return nil
+}
+
+func (d *Daemon) loadPolicy(st *state) error {
+	var err error
+	if st.pol, err = configPolicy(d.cfg); err != nil {
+		return err
 	}
 	engine := policy.NewEngine(st.pol)
 	st.engine, d.engine = engine, engine
+	return nil
+}
 
-	var secret string
+// loadCredentials reads the client secret (unless paired) and the CA pools.
+func (d *Daemon) loadCredentials(in *openInputs) error {
+	cfg := d.cfg
+	var err error
 	if cfg.Central.Credentials != config.CredentialsPaired {
-		if secret, err = readSecretFile(cfg.Central.ClientSecretFile); err != nil {
+		if in.secret, err = readSecretFile(cfg.Central.ClientSecretFile); err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				// The packaged config before pairing: no credentials at all.
-				return nil, notConfigured{fmt.Errorf("central.client_secret_file: %w; %w", err, ErrNotConfigured)}
+				return notConfigured{fmt.Errorf("central.client_secret_file: %w; %w", err, ErrNotConfigured)}
 			}
-			return nil, fmt.Errorf("read central.client_secret_file: %w", err)
+			return fmt.Errorf("read central.client_secret_file: %w", err)
 		}
 	}
-	centralCAs, err := loadPool(cfg.Central.CAFile)
-	if err != nil {
-		return nil, fmt.Errorf("load central.ca_file: %w", err)
+	if in.centralCAs, err = loadPool(cfg.Central.CAFile); err != nil {
+		return fmt.Errorf("load central.ca_file: %w", err)
 	}
-	brokerCAs, err := loadPool(cfg.Uplink.CAFile)
-	if err != nil {
-		return nil, fmt.Errorf("load uplink.ca_file: %w", err)
+	if in.brokerCAs, err = loadPool(cfg.Uplink.CAFile); err != nil {
+		return fmt.Errorf("load uplink.ca_file: %w", err)
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return nil, fmt.Errorf("create state_dir: %w", err)
-	}
-	if st.q, err = d.openQueue(key); err != nil {
-		return nil, err
-	}
-	q := st.q
+	return nil
+}
 
-	// The gateway's stable id, shown by status even before pairing.
-	if d.identity, err = keys.LoadIdentity(q); err != nil {
-		return nil, fmt.Errorf("load gateway identity: %w", err)
+func (d *Daemon) openStore(st *state, in *openInputs) error {
+	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
+		return fmt.Errorf("create state_dir: %w", err)
 	}
-	st.central = uplink.NewHTTPClient(centralCAs, cfg.Uplink.RequestTimeout, 2)
-	if cfg.Central.Credentials == config.CredentialsPaired {
-		// The refresh token from pairing; requests signed with the
-		// gateway's key where the provider allows (no shared secret).
-		st.tokens, err = centralsync.NewPairedTokenSource(centralsync.PairedOptions{
-			Store: q, Identity: d.identity, HTTPClient: st.central,
-			ClientCredentials: centralsync.ClientCredentials{Metrics: d.metrics, Logger: log.With("component", "tokens"), Now: d.clock.Now},
-		})
-		if errors.Is(err, centralsync.ErrNotPaired) {
-			// Never paired, or unpaired since: restarting cannot help.
-			return nil, notConfigured{fmt.Errorf("central.credentials paired: %w, then systemctl restart edgegate", err)}
-		}
-		if err != nil {
-			return nil, fmt.Errorf("central.credentials paired: %w (run edgegate pair --force --central URL)", err)
-		}
-	} else {
+	var err error
+	st.q, err = d.openQueue(in.key)
+	return err
+}
+
+// loadIdentity loads the gateway's stable id, shown by status even before
+// pairing.
+func (d *Daemon) loadIdentity(st *state) error {
+	var err error
+	if d.identity, err = keys.LoadIdentity(st.q); err != nil {
+		return fmt.Errorf("load gateway identity: %w", err)
+	}
+	return nil
+}
+
+func (d *Daemon) openTokens(st *state, in *openInputs) error {
+	cfg, log := d.cfg, d.log
+	st.central = uplink.NewHTTPClient(in.centralCAs, cfg.Uplink.RequestTimeout, 2)
+	if cfg.Central.Credentials != config.CredentialsPaired {
 		st.tokens = centralsync.NewTokenSource(centralsync.ClientCredentials{
-			TokenURL: cfg.Central.TokenURL, ClientID: cfg.Central.ClientID, ClientSecret: secret,
+			TokenURL: cfg.Central.TokenURL, ClientID: cfg.Central.ClientID, ClientSecret: in.secret,
 			Scopes: cfg.Central.Scopes, HTTPClient: st.central,
 			Metrics: d.metrics, Logger: log.With("component", "tokens"), Now: d.clock.Now,
 		})
+		return nil
 	}
+	// The refresh token from pairing; requests signed with the gateway's
+	// key where the provider allows (no shared secret).
+	var err error
+	st.tokens, err = centralsync.NewPairedTokenSource(centralsync.PairedOptions{
+		Store: st.q, Identity: d.identity, HTTPClient: st.central,
+		ClientCredentials: centralsync.ClientCredentials{Metrics: d.metrics, Logger: log.With("component", "tokens"), Now: d.clock.Now},
+	})
+	if errors.Is(err, centralsync.ErrNotPaired) {
+		// Never paired, or unpaired since: restarting cannot help.
+		return notConfigured{fmt.Errorf("central.credentials paired: %w, then systemctl restart edgegate", err)}
+	}
+	if err != nil {
+		return fmt.Errorf("central.credentials paired: %w (run edgegate pair --force --central URL)", err)
+	}
+	return nil
+}
+
+// openAudit opens the audit log with its redactor, and hooks the policy's
+// effects and its audit records to the engine.
+func (d *Daemon) openAudit(st *state, in *openInputs, reset context.CancelFunc) error {
+	cfg, log, engine, q := d.cfg, d.log, st.engine, st.q
 	red := audit.NewRedactor()
 	st.red = red
-	red.Add(secret)
+	red.Add(in.secret)
 	for _, dv := range cfg.Devices {
 		red.Add(dv.K1, dv.K2)
 	}
 	aud, err := audit.New(audit.Options{Path: filepath.Join(cfg.StateDir, "audit.log"), Logger: log.With("component", "audit"), Redactor: red})
 	if err != nil {
-		return nil, fmt.Errorf("open the audit log: %w", err)
+		return fmt.Errorf("open the audit log: %w", err)
 	}
 	st.aud = aud
 	st.reset = func() {
@@ -172,25 +237,36 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 		aud.Record(context.Background(), audit.Event{Kind: audit.PolicyApplied, Cause: ch.New.Source,
 			Detail: fmt.Sprintf("%s; revoked %d, changed %d", ch.New.Describe(), len(ch.Revoked), len(ch.Rebound))})
 	})
+	return nil
+}
+
+// openPolicySync builds the device registry and, unless the policy comes
+// from the configuration, its syncer.
+func (d *Daemon) openPolicySync(st *state, in *openInputs) error {
+	cfg, q := d.cfg, st.q
 	// The gateway's device registry (sync/registry.go): ONE instance per
 	// store, since it caches the record. The device endpoints write it;
 	// the stock policy source must read this same instance
 	// (OwnershipOptions.Registry).
 	st.registry = centralsync.NewRegistry(q)
-	if cfg.Policy.Source != config.PolicyConfig {
-		// The cached policy is in force before any source or network starts.
-		st.syncer, err = newSyncer(cfg, d.gateway, d.identity, engine, q, st.tokens, st.central, centralCAs, d.metrics, log, d.clock.Now, st.registry,
-			func(reason, via, detail string) {
-				aud.Record(context.Background(), audit.Event{Kind: audit.PolicyRefused, Cause: reason, Detail: via + ": " + detail})
-			})
-		if err != nil {
-			return nil, err
-		}
+	if cfg.Policy.Source == config.PolicyConfig {
+		return nil
 	}
+	// The cached policy is in force before any source or network starts.
+	var err error
+	st.syncer, err = newSyncer(cfg, d.gateway, d.identity, st.engine, q, st.tokens, st.central, in.centralCAs, d.metrics, d.log, d.clock.Now, st.registry,
+		func(reason, via, detail string) {
+			st.aud.Record(context.Background(), audit.Event{Kind: audit.PolicyRefused, Cause: reason, Detail: via + ": " + detail})
+		})
+	return err
+}
+
+func (d *Daemon) openUplink(st *state, in *openInputs) error {
+	cfg, log := d.cfg, d.log
 	// The systemd watchdog's view of the pipeline: the committer and the
 	// uplink loops are timed through the queue interfaces they use.
 	st.mon = newStallMonitor(stallWindow, time.Now)
-	gated := &gatedSource{Source: q, engine: engine, grace: cfg.Policy.ExpiryGrace, now: d.clock.Now,
+	gated := &gatedSource{Source: st.q, engine: st.engine, grace: cfg.Policy.ExpiryGrace, now: d.clock.Now,
 		log: log.With("component", "policy")}
 	refusalWindow := cfg.Uplink.RefusalWindow
 	if refusalWindow == 0 {
@@ -200,16 +276,21 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize,
 		Concurrency: cfg.Uplink.EffectiveConcurrency(), RefusalWindow: refusalWindow,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
-		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.EffectiveConcurrency()),
+		HTTPClient: uplink.NewHTTPClient(in.brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.EffectiveConcurrency()),
 		Logger:     log.With("component", "uplink"), Metrics: d.metrics, Now: d.clock.Now,
 	})
+	return nil
+}
+
+func (d *Daemon) openPipeline(st *state) error {
+	cfg, engine, aud := d.cfg, st.engine, st.aud
 	st.stats = newDeviceStats()
 	count := st.stats.observe(func(id string) bool { _, ok := engine.Current().Device(id); return ok })
-	st.pipe = pipeline.New(engine, watchedAppender{Appender: q, mon: st.mon}, pipeline.Options{
+	st.pipe = pipeline.New(engine, watchedAppender{Appender: st.q, mon: st.mon}, pipeline.Options{
 		Gateway: d.gateway, SignatureAttr: cfg.Uplink.SignatureAttribute,
-		Logger: log.With("component", "pipeline"), Metrics: d.metrics, Now: d.clock.Now,
+		Logger: d.log.With("component", "pipeline"), Metrics: d.metrics, Now: d.clock.Now,
 		// Private keys of gateway-signed devices, from the encrypted store.
-		SigningKeys:  keys.NewDeviceRing(q),
+		SigningKeys:  keys.NewDeviceRing(st.q),
 		MaxClockSkew: cfg.Pipeline.MaxClockSkew, MaxAge: cfg.Pipeline.MaxAge,
 		Observe: func(device string, out pipeline.Outcome, reason string) {
 			if out == pipeline.Duplicate {
@@ -225,14 +306,7 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 			}
 		},
 	})
-	if err := d.openIngest(st, centralCAs); err != nil {
-		return nil, err
-	}
-	if err := d.openRadio(st); err != nil {
-		return nil, err
-	}
-	opened = true
-	return st, nil
+	return nil
 }
 
 // openQueue opens the encrypted store; a corrupt one is moved aside whole,
@@ -499,7 +573,6 @@ func (d *Daemon) lifecycle(st *state) supervise.Component {
 		log := d.log
 		// Under systemd (Type=notify) start-up ends at READY, not at exec:
 		// units ordered after edgegate wait until every ingest path is live.
-		notify := sdnotify.FromEnv(os.Getenv)
 		live := st.ready.all(ctx)
 		// Said once if the wait is long (a broker down at start-up).
 		slow := time.NewTimer(10 * time.Second)
@@ -517,7 +590,7 @@ func (d *Daemon) lifecycle(st *state) supervise.Component {
 			// systemd shows "deactivating" and stops enforcing WatchdogSec=
 			// while the others drain; the keep-alives stop first, so a slow
 			// drain is not mistaken for a stuck pipeline by our own monitor.
-			if err := notify.Stopping(); err != nil {
+			if err := sdNotify(sddaemon.SdNotifyStopping); err != nil {
 				log.Warn("tell systemd we are stopping", "err", err)
 			}
 			stopWatchdog()
@@ -537,14 +610,18 @@ func (d *Daemon) lifecycle(st *state) supervise.Component {
 				log.Info("edgegate ready", "version", Version, "admin", st.adminAddr, "gateway", d.gateway, "devices", st.pol.Len(),
 					"mqtt", st.mqttAddr, "mqtt_tls", st.mqttTLSAddr, "metrics", st.metricsAddr, "state_dir", d.cfg.StateDir,
 					"memory_limit", memoryLimit())
-				if err := notify.Ready(); err != nil {
+				if err := sdNotify(sddaemon.SdNotifyReady); err != nil {
 					log.Warn("tell systemd we are ready", "err", err)
 				}
-				if interval, ok := notify.WatchdogInterval(os.Getenv, os.Getpid()); ok {
+				interval, err := watchdogInterval()
+				if err != nil {
+					log.Warn("systemd watchdog settings ignored; no keep-alives will be sent", "err", err)
+				}
+				if interval > 0 {
 					watchdogDone = make(chan struct{})
 					go func(done chan<- struct{}) {
 						defer close(done)
-						err := notify.Watchdog(wctx, interval, st.mon.healthy, log.With("component", "watchdog"))
+						err := watchdog(wctx, interval, st.mon.healthy, log.With("component", "watchdog"))
 						if wctx.Err() == nil {
 							if err == nil {
 								err = errors.New("stopped on its own")
@@ -556,7 +633,7 @@ func (d *Daemon) lifecycle(st *state) supervise.Component {
 			case <-slow.C:
 				if w := st.ready.waiting(); w != "" {
 					log.Warn("not ready yet: readings are not taken in until it is", "waiting_for", w)
-					_ = notify.Status("waiting for " + w)
+					_ = sdStatus("waiting for " + w)
 				}
 			}
 		}

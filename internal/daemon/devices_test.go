@@ -7,7 +7,6 @@ import (
 	"errors"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -152,11 +151,7 @@ func daemonWithDevices(t *testing.T) (*admin.Client, *platformEdge, *queue.Queue
 	da := &DeviceAdmin{Store: q, Registry: centralsync.NewRegistry(q), Gateway: "gw-1", User: "alice",
 		Directory: centralsync.NewDirectory(srv.URL, srv.Client(), func(context.Context) (string, error) { return p.token, nil }),
 		Nudge:     func() { nudges.Add(1) }}
-	dir, err := os.MkdirTemp("", "eg-dev-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := socketDir(t, "eg-dev-")
 	sock := filepath.Join(dir, "admin.sock")
 	adm, err := admin.Listen(admin.ServerOptions{Socket: sock, Backend: &adminBackend{devAdmin: da}})
 	if err != nil {

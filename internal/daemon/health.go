@@ -60,7 +60,7 @@ func (m *stallMonitor) beat(loop string) {
 	m.beats[loop] = m.now()
 }
 
-// healthy is the sdnotify.Watchdog health function.
+// healthy is the watchdog health function (watchdog.go).
 func (m *stallMonitor) healthy() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()

@@ -44,11 +44,7 @@ func testExternalReady(t *testing.T, accounts string) {
 	// The daemon reaches the broker through a link that takes a second to
 	// connect, so "ready" before the subscription shows as a lost reading.
 	via := slowLink(t, mq.Addr, time.Second)
-	dir, err := os.MkdirTemp("", "eg-ready-") // short: unix socket paths
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := socketDir(t, "eg-ready-")
 	write := func(name, text string) {
 		t.Helper()
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o600); err != nil {

@@ -51,11 +51,7 @@ metrics:
 // ready, and on ctx end stops its components in reverse start order:
 // producers first, the queue's committer, the network last.
 func TestRunStartFailureAndOrderedStop(t *testing.T) {
-	dir, err := os.MkdirTemp("", "eg-sup-") // short: unix socket paths
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	dir := socketDir(t, "eg-sup-")
 	t.Setenv("NOTIFY_SOCKET", "")
 	t.Setenv("CREDENTIALS_DIRECTORY", "")
 

@@ -84,7 +84,9 @@ func readKeyFile(path string) ([]byte, error) {
 		return nil, fmt.Errorf("store key file %s is not a regular file", path)
 	}
 	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-		return nil, fmt.Errorf("store key file %s has mode %04o, readable beyond its owner: run `chmod 600 %s`", path, perm, path)
+		// Group or other write access is refused as well: whoever can
+		// replace the key can make the gateway encrypt with a key they know.
+		return nil, fmt.Errorf("store key file %s has mode %04o, open to group or others: run `chmod 600 %s`", path, perm, path)
 	}
 	// One byte more than the longest valid form, so an oversized file is
 	// reported as such without reading all of it.

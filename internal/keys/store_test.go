@@ -49,6 +49,7 @@ func TestLoad(t *testing.T) {
 		{name: "file hex crlf", file: []byte(hexKey + "\r\n"), fileMode: 0o600, wantKey: rawKey, wantSource: "file "},
 		{name: "file group readable", file: rawKey, fileMode: 0o640, wantErr: []string{"key.bin", "0640", "chmod 600"}},
 		{name: "file other readable", file: rawKey, fileMode: 0o604, wantErr: []string{"0604", "chmod 600"}},
+		{name: "file group writable", file: rawKey, fileMode: 0o620, wantErr: []string{"key.bin", "0620", "open to group or others", "chmod 600"}},
 		{name: "file too short", file: rawKey[:31], fileMode: 0o600, wantErr: []string{"got 31 bytes"}},
 		{name: "file too long", file: append(rawKey, 'x'), fileMode: 0o600, wantErr: []string{"got 33 bytes"}},
 		{name: "file 64 non-hex", file: []byte(strings.Repeat("zz", 32)), fileMode: 0o600, wantErr: []string{"not hex"}},

@@ -390,18 +390,6 @@ func subjectOf(username string) string {
 	return base64.RawURLEncoding.EncodeToString(h[:16])
 }
 
-// verifyAccessToken checks an "Authorization: Bearer" header the way the
-// filter does (signature with the realm key, pinned RS256, exp, iss) and
-// returns the token's user: preferred_username, else "username".
-func (s *Server) verifyAccessToken(r *http.Request) (string, error) {
-	raw, err := bearerToken(r)
-	if err != nil {
-		return "", err
-	}
-	user, _, err := s.verifyToken(raw)
-	return user, err
-}
-
 // bearerToken extracts the token of an "Authorization: Bearer" header.
 func bearerToken(r *http.Request) (string, error) {
 	h := r.Header.Get("Authorization")
