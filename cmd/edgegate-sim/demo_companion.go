@@ -393,8 +393,8 @@ func runCompanionPart(ctx context.Context, bin, centralBin string, sim *centrals
 	// The device publishes every 250 ms; its connection loss is timed.
 	pw, _ := envelope.DeriveMQTTPassword(companionDevice, keys.K1, keys.K2)
 	lost := make(chan time.Time, 1)
-	opts := paho.NewClientOptions().AddBroker("tcp://"+mqttAddr).SetClientID("demo-"+companionDevice).
-		SetUsername(companionDevice).SetPassword(pw).SetConnectTimeout(5*time.Second).SetAutoReconnect(false).
+	opts := paho.NewClientOptions().AddBroker("tcp://" + mqttAddr).SetClientID("demo-" + companionDevice).
+		SetUsername(companionDevice).SetPassword(pw).SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).
 		SetConnectionLostHandler(func(paho.Client, error) {
 			select {
 			case lost <- time.Now():
