@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/edgegate/edgegate/internal/central"
 )
 
 // containerfile is the companion's image recipe. There is no container
@@ -209,5 +211,37 @@ func TestContainerfile(t *testing.T) {
 	out := run(t, time.Minute, "", nil, bin, "help")
 	if !strings.Contains(string(out), "health --config FILE") {
 		t.Errorf("%s help does not list the health command the HEALTHCHECK runs:\n%s", bin, out)
+	}
+}
+
+// TestContainerConfigDocumented: the configuration docs/central.md gives
+// for the container is one the companion accepts, and its paths are the
+// image's (state volume, secrets under $CREDENTIALS_DIRECTORY).
+func TestContainerConfigDocumented(t *testing.T) {
+	b, err := os.ReadFile("../docs/central.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, sec, ok := strings.Cut(string(b), "## Container image")
+	m := regexp.MustCompile("(?s)```yaml\n(.*?)```").FindStringSubmatch(sec)
+	if !ok || m == nil {
+		t.Fatal("docs/central.md has no yaml block under \"## Container image\"")
+	}
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(p, []byte(m[1]), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg, err := central.LoadConfig(p)
+	if err != nil {
+		t.Fatalf("the documented container configuration is refused: %v", err)
+	}
+	if cfg.StateDir != "/var/lib/edgegate-central" {
+		t.Errorf("state_dir %q is not the image's volume", cfg.StateDir)
+	}
+	for name, v := range map[string]string{"tls_key": cfg.TLSKey, "admin_token_file": cfg.AdminTokenFile,
+		"postgres_url_file": cfg.PostgresURLFile, "platform.client_secret_file": cfg.Platform.ClientSecretFile} {
+		if !strings.HasPrefix(v, "/run/secrets/") {
+			t.Errorf("%s %q: secrets are mounted under /run/secrets", name, v)
+		}
 	}
 }
