@@ -210,9 +210,17 @@ func TestDashboardMetricsExist(t *testing.T) {
 	}
 
 	used := 0
+	ids := map[int]string{}
 	for _, p := range flattenPanels(dash.Panels) {
+		if other, dup := ids[p.ID]; dup {
+			t.Errorf("panels %q and %q share id %d (Grafana keeps one)", other, p.Title, p.ID)
+		}
+		ids[p.ID] = p.Title
 		if len(p.Targets) == 0 && p.Type != "row" {
 			t.Errorf("panel %q has no query", p.Title)
+		}
+		if p.Type != "row" && (p.Datasource.Type != "prometheus" || p.Datasource.UID != "${datasource}") {
+			t.Errorf("panel %q: datasource %+v, want the ${datasource} variable", p.Title, p.Datasource)
 		}
 		for _, tg := range p.Targets {
 			names := promMetrics(tg.Expr)
@@ -239,6 +247,11 @@ func TestDashboardMetricsExist(t *testing.T) {
 }
 
 type dashPanel struct {
+	ID         int `json:"id"`
+	Datasource struct {
+		Type string `json:"type"`
+		UID  string `json:"uid"`
+	} `json:"datasource"`
 	Type    string      `json:"type"`
 	Title   string      `json:"title"`
 	Panels  []dashPanel `json:"panels"`
