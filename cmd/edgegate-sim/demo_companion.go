@@ -184,13 +184,16 @@ func startCompanion(ctx context.Context, centralBin string, f *companionFiles) (
 		logf.Close()
 		return nil, 0, fmt.Errorf("start edgegate-central: %w", err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait(); logf.Close() }()
+	// exited is closed when the process has ended; waitErr is then its
+	// exit status.
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); logf.Close(); close(exited) }()
 	stop = sync.OnceValue(func() error {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		select {
-		case err := <-exited:
-			return err
+		case <-exited:
+			return waitErr
 		case <-time.After(20 * time.Second):
 			_ = cmd.Process.Kill()
 			<-exited
@@ -205,6 +208,9 @@ func startCompanion(ctx context.Context, centralBin string, f *companionFiles) (
 			return true
 		default:
 		}
+		if ctx.Err() != nil {
+			return true
+		}
 		resp, err := hc.Get(f.apiURL + "/edgegate/v1/policy-keys")
 		if err != nil {
 			return false
@@ -213,9 +219,13 @@ func startCompanion(ctx context.Context, centralBin string, f *companionFiles) (
 		return resp.StatusCode == http.StatusOK
 	})
 	select {
-	case err := <-exited:
-		return nil, 0, fmt.Errorf("edgegate-central exited at start: %v (log: %s)", err, filepath.Join(f.dir, "edgegate-central.log"))
+	case <-exited:
+		return nil, 0, fmt.Errorf("edgegate-central exited at start: %v (log: %s)", waitErr, filepath.Join(f.dir, "edgegate-central.log"))
 	default:
+	}
+	if err := ctx.Err(); err != nil {
+		_ = stop()
+		return nil, 0, err
 	}
 	if !up {
 		_ = stop()

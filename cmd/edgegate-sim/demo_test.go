@@ -249,3 +249,22 @@ func TestDemoCompanionPart(t *testing.T) {
 	}
 	t.Logf("push → applied %s, push → refused %s", res.pushToApplied, res.pushToRefused)
 }
+
+// TestStartCompanionExits: a companion that refuses its configuration is
+// reported at once with its log's path, not waited for.
+func TestStartCompanionExits(t *testing.T) {
+	centralBin := centralBinary(t)
+	dir := t.TempDir()
+	f := &companionFiles{dir: dir, config: filepath.Join(dir, "config.yaml"), apiURL: "https://127.0.0.1:1"}
+	if err := os.WriteFile(f.config, []byte("store: mysql\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, _, err := startCompanion(context.Background(), centralBin, f)
+	if err == nil || !strings.Contains(err.Error(), "exited at start") || !strings.Contains(err.Error(), "edgegate-central.log") {
+		t.Fatalf("startCompanion with a bad configuration = %v, want an error naming its log", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("took %s to notice", d)
+	}
+}
