@@ -1,18 +1,24 @@
 #!/bin/sh
-# Builds the edgegate .deb for one architecture from a binary already
-# built by gobuild.sh. Used by `make deb` and by packaging/deb_test.go.
+# Builds a .deb for one architecture from a binary already built by
+# gobuild.sh: the gateway (edgegate, packaging/nfpm.yaml) or the companion
+# (edgegate-central, packaging/central/nfpm.yaml). Used by `make deb` and
+# by packaging/deb_test.go.
 #
-# usage: packaging/deb.sh DEB_ARCH BINARY HOST_BINARY OUTDIR
-#   HOST_BINARY runs on this machine; it prints the default configuration
-#   (`edgegate config template`), so the conffile is always the template
-#   of the code being packaged, never a copy that drifts.
+# usage: packaging/deb.sh DEB_ARCH BINARY HOST_BINARY OUTDIR [PACKAGE]
+#   PACKAGE is edgegate (default) or edgegate-central.
+#   HOST_BINARY runs on this machine. For edgegate it prints the default
+#   configuration (`edgegate config template`), so the conffile is always
+#   the template of the code being packaged, never a copy that drifts; for
+#   edgegate-central it checks the shipped example configuration
+#   (`edgegate-central config check`), so a conffile the binary refuses is
+#   never packaged.
 # Environment: DEB_VERSION (default: debversion.sh), DEB_MAINTAINER,
 # SOURCE_DATE_EPOCH (default: the commit time), GO.
 # Prints the path of the .deb.
 set -eu
 cd "$(dirname "$0")/.."
 
-arch=$1 binary=$2 host=$3 outdir=$4
+arch=$1 binary=$2 host=$3 outdir=$4 package=${5:-edgegate}
 : "${GO:=go}"
 : "${DEB_VERSION:=$(packaging/debversion.sh)}"
 : "${DEB_MAINTAINER:=edgegate maintainers <edgegate@users.noreply.github.com>}"
@@ -21,16 +27,30 @@ export SOURCE_DATE_EPOCH
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$host" config template >"$work/edgegate.yaml"
+case $package in
+edgegate)
+	nfpm=packaging/nfpm.yaml
+	"$host" config template >"$work/config.yaml"
+	;;
+edgegate-central)
+	nfpm=packaging/central/nfpm.yaml
+	cp packaging/central/config.yaml "$work/config.yaml"
+	"$host" config check --config "$work/config.yaml" >&2
+	;;
+*)
+	echo "deb.sh: unknown package '$package' (edgegate or edgegate-central)" >&2
+	exit 2
+	;;
+esac
 # -n: no name or time in the gzip header, for reproducible bytes.
-packaging/changelog.sh "$DEB_VERSION" "$DEB_MAINTAINER" | gzip -9n >"$work/changelog.gz"
+packaging/changelog.sh "$DEB_VERSION" "$DEB_MAINTAINER" "$package" | gzip -9n >"$work/changelog.gz"
 # nfpm takes a file's mode from file_info, but an unset mtime from the
 # source file: pin the generated ones too.
-touch -d "@$SOURCE_DATE_EPOCH" "$work/edgegate.yaml" "$work/changelog.gz"
+touch -d "@$SOURCE_DATE_EPOCH" "$work/config.yaml" "$work/changelog.gz"
 
 mkdir -p "$outdir"
-deb="$outdir/edgegate_${DEB_VERSION}_${arch}.deb"
+deb="$outdir/${package}_${DEB_VERSION}_${arch}.deb"
 DEB_ARCH=$arch DEB_VERSION=$DEB_VERSION DEB_MAINTAINER=$DEB_MAINTAINER \
-	DEB_BINARY=$binary DEB_CONFIG=$work/edgegate.yaml DEB_CHANGELOG=$work/changelog.gz \
-	"$GO" tool nfpm package --config packaging/nfpm.yaml --packager deb --target "$deb" >&2
+	DEB_BINARY=$binary DEB_CONFIG=$work/config.yaml DEB_CHANGELOG=$work/changelog.gz \
+	"$GO" tool nfpm package --config "$nfpm" --packager deb --target "$deb" >&2
 echo "$deb"

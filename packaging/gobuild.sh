@@ -4,13 +4,15 @@
 # directory. Used by `make cross`, `make deb` and packaging/build_test.go,
 # so the test checks exactly what ships.
 #
-# usage: packaging/gobuild.sh GOARCH[/GOARM] OUTPUT
+# usage: packaging/gobuild.sh GOARCH[/GOARM] OUTPUT [COMMAND]
 #   e.g. packaging/gobuild.sh arm/6 dist/edgegate_linux_armv6
+#   COMMAND is the directory under cmd/ (default edgegate; edgegate-central
+#   for the companion's package and container image).
 # VERSION (default: git describe) is stamped into daemon.Version.
 set -eu
 cd "$(dirname "$0")/.."
 
-target=$1 out=$2
+target=$1 out=$2 command=${3:-edgegate}
 arch=${target%%/*}
 goarm=
 case $target in
@@ -26,4 +28,4 @@ esac
 CGO_ENABLED=0 GOOS=linux GOARCH=$arch GOARM=$goarm \
 	exec "$GO" build -trimpath \
 	-ldflags "-s -w -buildid= -X github.com/edgegate/edgegate/internal/daemon.Version=$VERSION" \
-	-o "$out" ./cmd/edgegate
+	-o "$out" "./cmd/$command"

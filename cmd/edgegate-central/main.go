@@ -5,6 +5,9 @@
 //	edgegate-central push --config FILE --gateway ID|--all  rebuild from the platform now and push
 //	edgegate-central fleet --config FILE [--json]         which gateway runs which version, stale ones
 //	edgegate-central keys rotate --config FILE [--overlap D]  add a signing key; the old stays published
+//	edgegate-central keys init --key-file FILE            create a signing key file when there is none
+//	edgegate-central config check --config FILE           load and check a configuration
+//	edgegate-central health --config FILE                 is the local service answering (container HEALTHCHECK)
 package main
 
 import (
@@ -43,7 +46,11 @@ const usage = `usage: edgegate-central <command> [flags]
   serve --config FILE                        run the service
   push  --config FILE --gateway ID | --all   rebuild from the platform now and push
   fleet --config FILE [--json]               which gateway runs which version since when
-  keys rotate --config FILE [--overlap D]    add a signing key; the old one stays published for D
+  keys rotate --config FILE [--overlap D] [--key-file FILE]
+                                             add a signing key; the old one stays published for D
+  keys init --key-file FILE                  create a signing key file when there is none
+  config check --config FILE                 load and check a configuration
+  health --config FILE                       exit 0 when the local service answers GET /metrics
 `
 
 func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -59,11 +66,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "fleet":
 		return fleet(ctx, rest, stdout, stderr)
 	case "keys":
-		if len(rest) == 0 || rest[0] != "rotate" {
-			fmt.Fprint(stderr, usage)
-			return errors.New("keys: the only subcommand is rotate")
+		switch {
+		case len(rest) > 0 && rest[0] == "rotate":
+			return rotate(rest[1:], stdout, stderr)
+		case len(rest) > 0 && rest[0] == "init":
+			return initKeys(rest[1:], stdout, stderr)
 		}
-		return rotate(rest[1:], stdout, stderr)
+		fmt.Fprint(stderr, usage)
+		return errors.New("keys: the subcommands are rotate and init")
+	case "config":
+		if len(rest) == 0 || rest[0] != "check" {
+			fmt.Fprint(stderr, usage)
+			return errors.New("config: the only subcommand is check")
+		}
+		return checkConfig(rest[1:], stdout, stderr)
+	case "health":
+		return health(ctx, rest, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return nil
@@ -273,12 +291,18 @@ func rotate(args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("keys rotate", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	overlap := fs.Duration("overlap", 0, "how long the old keys stay published (default: key_overlap)")
+	keyFile := fs.String("key-file", "", "the key file to rotate (default: key_file; with the package, /etc/edgegate-central/credentials/policy-signing-keys)")
 	cfg, err := loadConfig(fs, args)
 	if err != nil {
 		return err
 	}
 	if *overlap == 0 {
 		*overlap = cfg.KeyOverlap
+	}
+	if *keyFile != "" {
+		// The packaged service reads its keys as a systemd credential, a
+		// read-only copy: rotate the source file it is copied from.
+		cfg.KeyFile = *keyFile
 	}
 	ring, err := central.OpenKeyRing(cfg.KeyFile, false)
 	if err != nil {
@@ -289,6 +313,86 @@ func rotate(args []string, stdout, stderr io.Writer) error {
 		return err
 	}
 	fmt.Fprintf(stdout, "new signing key %s; older keys stay published for %s (the service picks the new key up at its next round)\n", kid, *overlap)
+	return nil
+}
+
+// initKeys creates a signing key file (one ES256 key, mode 0600) unless
+// one exists: the package's postinst runs it for the service's credential.
+func initKeys(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("keys init", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("key-file", "", "the signing key file to create")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if *path == "" || fs.NArg() > 0 {
+		return &cliexit.Error{Code: 2, Err: errors.New("keys init: give --key-file FILE and nothing else")}
+	}
+	_, statErr := os.Stat(*path)
+	ring, err := central.OpenKeyRing(*path, true)
+	if err != nil {
+		return err
+	}
+	if statErr == nil {
+		fmt.Fprintf(stdout, "%s exists; signing key %s kept\n", *path, ring.ActiveKID())
+		return nil
+	}
+	fmt.Fprintf(stdout, "new signing key %s in %s\n", ring.ActiveKID(), *path)
+	return nil
+}
+
+func checkConfig(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("config check", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cfg, err := loadConfig(fs, args)
+	if err != nil {
+		return &cliexit.Error{Code: 2, Err: err}
+	}
+	fmt.Fprintf(stdout, "configuration ok: store %s, %d broker(s), %d gateway(s) configured\n", cfg.Store, len(cfg.Platform.Brokers), len(cfg.Gateways))
+	return nil
+}
+
+// health asks the service on this host for GET /metrics, the one endpoint
+// that needs no token: the probe of a container HEALTHCHECK (distroless
+// has no curl). It dials the listen port on loopback but checks the
+// certificate against public_url's host, with the roots the CLI trusts.
+func health(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("health", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	timeout := fs.Duration("timeout", 5*time.Second, "give up after")
+	cfg, err := loadConfig(fs, args)
+	if err != nil {
+		return err
+	}
+	_, port, err := net.SplitHostPort(cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("health: listen %q: %w", cfg.Listen, err)
+	}
+	base := cfg.PublicURL
+	if base == "" {
+		base = "https://localhost:" + port
+	}
+	hc := client(cfg)
+	hc.Timeout = *timeout
+	tr := hc.Transport.(*http.Transport)
+	tr.DialContext = func(ctx context.Context, network, _ string) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, network, net.JoinHostPort("127.0.0.1", port))
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(base, "/")+central.MetricsPath, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("health: %w", err)
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 8<<20))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("health: GET %s: HTTP %d", central.MetricsPath, resp.StatusCode)
+	}
+	fmt.Fprintln(stdout, "ok")
 	return nil
 }
 

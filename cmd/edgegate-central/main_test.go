@@ -123,10 +123,77 @@ platform:
 	if out, err = cli("fleet"); err != nil || !strings.Contains(out, "0 gateways, 0 stale") {
 		t.Fatalf("fleet: %v\n%s", err, out)
 	}
+	// The container's HEALTHCHECK: loopback, the certificate checked
+	// against public_url's host.
+	if out, err = cli("health"); err != nil || strings.TrimSpace(out) != "ok" {
+		t.Fatalf("health of a running service: %v\n%s", err, out)
+	}
+	if out, err = cli("config", "check"); err != nil || !strings.Contains(out, "configuration ok: store badger") {
+		t.Fatalf("config check: %v\n%s", err, out)
+	}
 	if out, err = cli("keys", "rotate", "--overlap", "1h"); err != nil || !strings.Contains(out, "new signing key") {
 		t.Fatalf("keys rotate: %v\n%s", err, out)
 	}
 	if _, err := cli("push"); err == nil {
 		t.Fatal("push without --gateway or --all succeeded")
+	}
+}
+
+// TestKeysInitConfigCheckHealth: what the package's postinst and a
+// container's HEALTHCHECK run, on their failure paths too.
+func TestKeysInitConfigCheckHealth(t *testing.T) {
+	dir := t.TempDir()
+	kf := filepath.Join(dir, "credentials", "policy-signing-keys")
+	if err := os.MkdirAll(filepath.Dir(kf), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	var out, errb bytes.Buffer
+	if err := run(context.Background(), []string{"keys", "init", "--key-file", kf}, &out, &errb); err != nil {
+		t.Fatalf("keys init: %v\n%s", err, errb.String())
+	}
+	st, err := os.Stat(kf)
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("key file %v, %v; want mode 0600", st, err)
+	}
+	first, _ := os.ReadFile(kf)
+	out.Reset()
+	if err := run(context.Background(), []string{"keys", "init", "--key-file", kf}, &out, &errb); err != nil || !strings.Contains(out.String(), "kept") {
+		t.Fatalf("second keys init: %v\n%s", err, out.String())
+	}
+	if again, _ := os.ReadFile(kf); !bytes.Equal(first, again) {
+		t.Error("keys init replaced an existing key file")
+	}
+	if err := run(context.Background(), []string{"keys", "init"}, &out, &errb); err == nil {
+		t.Error("keys init without --key-file succeeded")
+	}
+
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte("state_dir: /x\nstore: mysql\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	err = run(context.Background(), []string{"config", "check", "--config", bad}, &out, &errb)
+	if err == nil || !strings.Contains(err.Error(), "store") {
+		t.Errorf("config check of a bad file = %v, want an error naming store", err)
+	}
+
+	// Nothing listens: health fails, bounded by its timeout.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	cfg := filepath.Join(dir, "config.yaml")
+	body := fmt.Sprintf("listen: %q\npublic_url: \"https://%s\"\nstate_dir: %q\nplatform:\n  url: https://p.example\n  issuer: https://p.example/auth/realms/master\n  client_id: c\n  client_secret_file: /nonexistent\n  brokers:\n    orion-1: https://b.example\n",
+		addr, addr, dir)
+	if err := os.WriteFile(cfg, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := run(context.Background(), []string{"health", "--config", cfg, "--timeout", "2s"}, &out, &errb); err == nil {
+		t.Error("health succeeded with nothing listening")
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("health took %s with a 2s timeout", d)
 	}
 }

@@ -70,10 +70,15 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	seconds := fs.Int("seconds", envInt("DEMO_SECONDS", 30), "how long the devices publish (0: until Ctrl-C)")
 	dir := fs.String("dir", "", "working directory (default: a temporary one, removed at the end)")
 	binFlag := fs.String("edgegate", "", "the edgegate `binary` the demo runs (default: the one next to edgegate-sim, else on PATH)")
+	centralFlag := fs.String("edgegate-central", "", "the edgegate-central `binary` of the live-push part (default: next to edgegate-sim, else on PATH)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	bin, err := findEdgegate(*binFlag)
+	if err != nil {
+		return err
+	}
+	centralBin, err := findSibling("edgegate-central", *centralFlag, "edgegate-central")
 	if err != nil {
 		return err
 	}
@@ -117,9 +122,13 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		// attributes (PATCH .../attrs, 422 PartialUpdate for the rest).
 		simDevices = append(simDevices, centralsim.Device{ID: d.id, Type: d.typ, Owner: d.owner, K1: d.k1, K2: d.k2, Attrs: d.attrs})
 	}
+	centralSecret := randomHex(16)
 	sim, err := centralsim.New(centralsim.Options{
 		Devices:     simDevices,
 		Delegations: []centralsim.Delegation{{Device: "meter-shared", User: demoAccount, Kind: centralsim.KindReadWrite}},
+		// The companion part reads the platform as a RootAdmin.
+		Users:   companionUsers(),
+		Clients: []centralsim.Client{companionPlatformClient(centralSecret)},
 		// The realm admin enabled the device grant on Snap4City's IoT Edge
 		// client (pair's default); a short poll interval keeps the demo quick.
 		Pairing: centralsim.PairingOptions{ClientID: pairClientID, Interval: time.Second},
@@ -304,6 +313,19 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	if err := demoVerify(vctx, bin, out, sim, devices, cfgPath, caFile, work); err != nil {
 		return err
 	}
+	if interrupted.Err() == nil {
+		// The real edgegate-central and a second gateway in bundle mode:
+		// an ownership change pushed live (demo_companion.go).
+		cctx, ccancel := context.WithTimeout(interrupted, 2*time.Minute)
+		defer ccancel()
+		res, err := runCompanionPart(cctx, bin, centralBin, sim, centralSecret, work, out)
+		if err != nil {
+			return fmt.Errorf("demo, companion part: %w", err)
+		}
+		out.mu.Lock()
+		problems = append(problems, companionSummary(out.w, res)...)
+		out.mu.Unlock()
+	}
 	if len(problems) > 0 && interrupted.Err() == nil {
 		return fmt.Errorf("demo: not the expected outcome: %s (daemon log: %s)", strings.Join(problems, "; "), filepath.Join(work, "daemon.log"))
 	}
@@ -317,6 +339,12 @@ func demoPair(ctx context.Context, bin string, sim *centralsim.Server, cfgPath, 
 		"--store-key-file", filepath.Join(stateDir, "store.key"), "--gateway-id", "gw-demo-01",
 		"--broker", centralsim.DefaultBrokerName, "--no-qr"}
 	out.printf("▶ edgegate pair --central %s --broker %s (device grant; alice approves the code)", sim.URL(), centralsim.DefaultBrokerName)
+	return pairApproving(ctx, bin, sim, args, out)
+}
+
+// pairApproving runs `edgegate pair ARGS` and approves its user code as
+// alice, then shows pair's output up to its next steps.
+func pairApproving(ctx context.Context, bin string, sim *centralsim.Server, args []string, out *lineWriter) error {
 	var pout, perr testkit.Buffer
 	done := make(chan error, 1)
 	go func() { done <- runEdgegate(ctx, bin, append([]string{"pair"}, args...), &pout, &perr) }()

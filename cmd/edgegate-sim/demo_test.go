@@ -172,3 +172,99 @@ func TestFindEdgegate(t *testing.T) {
 		t.Fatalf("findEdgegate(%s) = %q, %v", bin, got, err)
 	}
 }
+
+var (
+	centralBuildOnce sync.Once
+	centralBuilt     string
+	centralBuildErr  error
+)
+
+// centralBinary builds the real edgegate-central command once, next to
+// the edgegate binary.
+func centralBinary(t *testing.T) string {
+	t.Helper()
+	edgegateBinary(t) // makes buildDir
+	centralBuildOnce.Do(func() {
+		centralBuilt = filepath.Join(buildDir, "edgegate-central")
+		cmd := exec.Command("go", "build", "-o", centralBuilt, "../edgegate-central")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			centralBuildErr = errors.New("go build ./cmd/edgegate-central: " + err.Error() + "\n" + string(out))
+		}
+	})
+	if centralBuildErr != nil {
+		t.Fatal(centralBuildErr)
+	}
+	return centralBuilt
+}
+
+// TestDemoCompanionPart runs the demo's live-push part as `make demo`
+// does: the real edgegate-central and edgegate binaries against the
+// stock simulator; the device is delivered, then refused within seconds
+// of the push that follows its deletion at the platform.
+func TestDemoCompanionPart(t *testing.T) {
+	bin, centralBin := edgegateBinary(t), centralBinary(t)
+	secret := randomHex(16)
+	sim, err := centralsim.New(centralsim.Options{
+		Users:   companionUsers(),
+		Clients: []centralsim.Client{companionPlatformClient(secret)},
+		Pairing: centralsim.PairingOptions{ClientID: pairClientID, Interval: time.Second},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := sim.Start("127.0.0.1:0"); err != nil {
+		t.Fatal(err)
+	}
+	defer sim.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var shown testkit.Buffer
+	work := t.TempDir()
+	res, err := runCompanionPart(ctx, bin, centralBin, sim, secret, work, &lineWriter{w: &shown})
+	if err != nil {
+		t.Fatalf("companion part: %v\n%s", err, shown.String())
+	}
+	var summary testkit.Buffer
+	if problems := companionSummary(&summary, res); len(problems) > 0 {
+		t.Fatalf("not the expected outcome: %q\n%s%s", problems, shown.String(), summary.String())
+	}
+	for _, want := range []string{"edgegate-central push --gateway " + companionGateway, "0 devices", "next login refused"} {
+		if !strings.Contains(shown.String(), want) {
+			t.Errorf("the demo did not show %q:\n%s", want, shown.String())
+		}
+	}
+	if !strings.Contains(summary.String(), "push → policy applied at the gateway") {
+		t.Errorf("summary lacks the timing:\n%s", summary.String())
+	}
+	// The companion's log never holds its platform secret or admin token.
+	log, err := os.ReadFile(filepath.Join(work, "central", "edgegate-central.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin, _ := os.ReadFile(filepath.Join(work, "central", "admin-token"))
+	for _, s := range []string{secret, strings.TrimSpace(string(admin))} {
+		if strings.Contains(string(log)+shown.String(), s) {
+			t.Errorf("a secret (%.6s…) appears in the companion's log or the demo's output", s)
+		}
+	}
+	t.Logf("push → applied %s, push → refused %s", res.pushToApplied, res.pushToRefused)
+}
+
+// TestStartCompanionExits: a companion that refuses its configuration is
+// reported at once with its log's path, not waited for.
+func TestStartCompanionExits(t *testing.T) {
+	centralBin := centralBinary(t)
+	dir := t.TempDir()
+	f := &companionFiles{dir: dir, config: filepath.Join(dir, "config.yaml"), apiURL: "https://127.0.0.1:1"}
+	if err := os.WriteFile(f.config, []byte("store: mysql\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	_, _, err := startCompanion(context.Background(), centralBin, f)
+	if err == nil || !strings.Contains(err.Error(), "exited at start") || !strings.Contains(err.Error(), "edgegate-central.log") {
+		t.Fatalf("startCompanion with a bad configuration = %v, want an error naming its log", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("took %s to notice", d)
+	}
+}

@@ -16,6 +16,10 @@ type serviceMetrics struct {
 	signed       prometheus.Counter
 	pushes       prometheus.Counter
 	receipts     *prometheus.CounterVec
+	// roundSeconds is how long one platform round takes (read, build,
+	// sign, push): the dashboard's build duration, and the floor of a
+	// change's push latency.
+	roundSeconds prometheus.Histogram
 }
 
 func newServiceMetrics(s *Service) *serviceMetrics {
@@ -33,8 +37,13 @@ func newServiceMetrics(s *Service) *serviceMetrics {
 			Help: "Bundles published on the push broker."}),
 		receipts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "edgegate_central_receipts_total",
 			Help: "Receipts by result: accepted, invalid, key_mismatch, unknown_version."}, []string{"result"}),
+		// 10 ms .. 4 min (+Inf above): a round of a handful of gateways
+		// to one of 100,000 (docs/central.md, Scale).
+		roundSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "edgegate_central_round_duration_seconds",
+			Help:    "Seconds of one platform round: read the platform, build, sign and push.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 2.5, 12)}),
 	}
-	m.reg.MustRegister(m.rounds, m.buildRefused, m.refusedNow, m.signed, m.pushes, m.receipts, &fleetCollector{s: s})
+	m.reg.MustRegister(m.rounds, m.buildRefused, m.refusedNow, m.signed, m.pushes, m.receipts, m.roundSeconds, &fleetCollector{s: s})
 	return m
 }
 

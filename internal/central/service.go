@@ -191,6 +191,7 @@ func (s *Service) Store() Store { return s.store }
 func (s *Service) Refresh(ctx context.Context, force bool, only ...string) (RoundResult, error) {
 	s.roundMu.Lock()
 	defer s.roundMu.Unlock()
+	defer func(start time.Time) { s.metrics.roundSeconds.Observe(time.Since(start).Seconds()) }(time.Now())
 	if err := s.keys.Reload(); err != nil {
 		s.log.Error("signing keys unreadable; signing with the keys loaded before", "err", err)
 	}
