@@ -331,6 +331,50 @@ type Pipeline struct {
 // Radio configures the serial radio links.
 type Radio struct {
 	Ports []RadioPort `yaml:"ports"`
+	// Modbus lists the Modbus RTU lines (RS-485 buses) the gateway polls
+	// as their master, each with its slaves and their register maps.
+	Modbus []ModbusLine `yaml:"modbus"`
+}
+
+// ModbusLine is one serial line with Modbus RTU slaves on it. Zero values
+// take the defaults of Modbus over Serial Line: 19200 baud, even parity,
+// one stop bit (two with parity none), and a 500ms answer timeout.
+type ModbusLine struct {
+	Path     string         `yaml:"path"`
+	Baud     int            `yaml:"baud"`
+	Parity   string         `yaml:"parity"`
+	StopBits int            `yaml:"stop_bits"`
+	Timeout  time.Duration  `yaml:"timeout"`
+	Devices  []ModbusDevice `yaml:"devices"`
+}
+
+// ModbusDevice is one slave (unit) on a line and the device whose
+// readings its registers make. Where the map lives in this file, not in
+// devices[], so that it works whatever policy.source provides the devices.
+type ModbusDevice struct {
+	Device    string           `yaml:"device"`
+	Unit      int              `yaml:"unit"`
+	Period    time.Duration    `yaml:"period"`  // between polls; 0: 10s
+	Timeout   time.Duration    `yaml:"timeout"` // per request; 0: the line's
+	Registers []ModbusRegister `yaml:"registers"`
+}
+
+// ModbusRegister maps one attribute to a register (or coil) of the slave.
+type ModbusRegister struct {
+	Attribute string `yaml:"attribute"`
+	// Function is the table: holding, input, coil or discrete.
+	Function string `yaml:"function"`
+	// Address is the protocol address, 0-based (holding register 40001
+	// is address 0).
+	Address int `yaml:"address"`
+	// Type is int16, uint16, int32, uint32 or float32 for registers; a
+	// coil or discrete input is a bool (leave it out).
+	Type      string   `yaml:"type"`
+	WordOrder string   `yaml:"word_order"` // 32-bit types: big (default) or little
+	Scale     *float64 `yaml:"scale"`      // reported = raw*scale + offset; absent: 1
+	Offset    float64  `yaml:"offset"`
+	Unit      string   `yaml:"unit"`     // informational, e.g. kWh
+	Writable  bool     `yaml:"writable"` // commands may write it (holding and coil only)
 }
 
 // RadioPort is one radio module on a serial port.
