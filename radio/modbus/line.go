@@ -119,6 +119,7 @@ type line struct {
 	slaves  []*slave
 	writes  chan *writeJob
 	out     chan pipeline.Message
+	stopped chan struct{} // closed when run returns
 
 	// Used by the bus goroutine only.
 	cursor   int       // round-robin: the next slave to consider first
@@ -136,12 +137,14 @@ func newLine(lc LineConfig, sub Submitter, opts Options, log *slog.Logger, limit
 	}
 	return &line{cfg: lc, sub: sub, opts: opts, log: log, limited: limited, c: c,
 		writes: make(chan *writeJob, pendingWrites), out: make(chan pipeline.Message, pendingReadings),
+		stopped: make(chan struct{}),
 		silence: silence, buf: make([]byte, 0, MaxFrameBytes+8)}
 }
 
 // run owns the line until ctx is done: open, serve, on failure reopen
 // with backoff. Its submit goroutine ends before it returns.
 func (l *line) run(ctx context.Context) {
+	defer close(l.stopped)
 	var wg sync.WaitGroup
 	wg.Go(func() { l.submitLoop(ctx) })
 	defer wg.Wait()

@@ -181,6 +181,9 @@ func New(lines []LineConfig, sub Submitter, opts Options) (*Master, error) {
 		if lc.Timeout < time.Millisecond || lc.Timeout > time.Minute {
 			return nil, fmt.Errorf("%s: timeout %s is not in 1ms..1m", key, lc.Timeout)
 		}
+		if len(lc.Devices) == 0 {
+			return nil, fmt.Errorf("%s: no devices", key)
+		}
 		l := newLine(lc, sub, opts, log.With("line", lc.Path), limited, c)
 		units := map[int]bool{}
 		for j, dc := range lc.Devices {
@@ -299,6 +302,8 @@ func (m *Master) WriteAttr(ctx context.Context, device, attr string, value any) 
 	j := &writeJob{slave: s, reg: reg, req: req, done: make(chan writeResult, 1)}
 	select {
 	case s.line.writes <- j:
+	case <-s.line.stopped:
+		return nil, fmt.Errorf("write %s.%s: %w (stopped)", device, attr, ErrLineDown)
 	case <-ctx.Done():
 		return nil, fmt.Errorf("write %s.%s: %w", device, attr, ctx.Err())
 	}
@@ -308,8 +313,11 @@ func (m *Master) WriteAttr(ctx context.Context, device, attr string, value any) 
 			return nil, fmt.Errorf("write %s.%s: %w", device, attr, r.err)
 		}
 		return r.value, nil
+	case <-s.line.stopped:
+		return nil, fmt.Errorf("write %s.%s: %w (stopped)", device, attr, ErrLineDown)
 	case <-ctx.Done():
-		// The bus goroutine still finishes the job; its answer is dropped.
+		// The bus goroutine may still carry the job out; its answer is
+		// dropped (done has room for it).
 		return nil, fmt.Errorf("write %s.%s: %w", device, attr, ctx.Err())
 	}
 }
