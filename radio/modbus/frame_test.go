@@ -257,3 +257,25 @@ func FuzzDecodeRequest(f *testing.F) {
 		}
 	})
 }
+
+func BenchmarkDecodeResponse(b *testing.B) {
+	req := Request{Unit: 1, Func: FuncReadInputRegisters, Addr: 0, Count: 14}
+	frame := AppendResponse(nil, Response{Unit: 1, Func: FuncReadInputRegisters, Regs: make([]uint16, 14)})
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := DecodeResponse(req, frame); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func BenchmarkAppendRequest(b *testing.B) {
+	buf := make([]byte, 0, MaxFrameBytes)
+	req := Request{Unit: 1, Func: FuncReadInputRegisters, Addr: 0, Count: 14}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := AppendRequest(buf[:0], req); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
