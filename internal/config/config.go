@@ -9,6 +9,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -369,12 +370,39 @@ type ModbusRegister struct {
 	Address int `yaml:"address"`
 	// Type is int16, uint16, int32, uint32 or float32 for registers; a
 	// coil or discrete input is a bool (leave it out).
-	Type      string   `yaml:"type"`
-	WordOrder string   `yaml:"word_order"` // 32-bit types: big (default) or little
-	Scale     *float64 `yaml:"scale"`      // reported = raw*scale + offset; absent: 1
-	Offset    float64  `yaml:"offset"`
-	Unit      string   `yaml:"unit"`     // informational, e.g. kWh
-	Writable  bool     `yaml:"writable"` // commands may write it (holding and coil only)
+	Type      string      `yaml:"type"`
+	WordOrder string      `yaml:"word_order"` // 32-bit types: big (default) or little
+	Scale     ModbusScale `yaml:"scale"`      // reported = raw*scale + offset
+	Offset    float64     `yaml:"offset"`
+	Unit      string      `yaml:"unit"`     // informational, e.g. kWh
+	Writable  bool        `yaml:"writable"` // commands may write it (holding and coil only)
+}
+
+// ModbusScale is a register's multiplier. Its zero value is "absent" and
+// means 1; an explicit 0 (which would report every value as the offset)
+// is refused when the file is read. A value type, not a pointer, so that
+// the configuration compares and prints by value.
+type ModbusScale float64
+
+// Or1 is the multiplier in force.
+func (s ModbusScale) Or1() float64 {
+	if s == 0 {
+		return 1
+	}
+	return float64(s)
+}
+
+// UnmarshalYAML refuses 0 and non-finite numbers.
+func (s *ModbusScale) UnmarshalYAML(n *yaml.Node) error {
+	var f float64
+	if err := n.Decode(&f); err != nil {
+		return err
+	}
+	if f == 0 || math.IsNaN(f) || math.IsInf(f, 0) {
+		return errors.New("must be a finite number other than 0 (absent: 1)")
+	}
+	*s = ModbusScale(f)
+	return nil
 }
 
 // RadioPort is one radio module on a serial port.

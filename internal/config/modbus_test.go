@@ -39,10 +39,10 @@ func TestModbusConfigLoads(t *testing.T) {
 		t.Errorf("line = %+v", l)
 	}
 	r := d.Registers[1]
-	if r.Scale == nil || *r.Scale != 0.01 || r.Offset != -1 || r.Type != "int16" || r.Address != 6 {
+	if r.Scale.Or1() != 0.01 || r.Offset != -1 || r.Type != "int16" || r.Address != 6 {
 		t.Errorf("register 1 = %+v", r)
 	}
-	if d.Registers[0].Scale != nil || !d.Registers[2].Writable {
+	if d.Registers[0].Scale.Or1() != 1 || !d.Registers[2].Writable {
 		t.Errorf("registers = %+v", d.Registers)
 	}
 }
@@ -70,7 +70,7 @@ func TestModbusConfigNamesTheKey(t *testing.T) {
 			`radio.modbus[0].devices[0].device must be one of devices[].id (policy.source is config): "meter-2"`},
 		{"writable", "writable: true}", "writable: true}\n            - {attribute: x, function: discrete, address: 1, writable: true}",
 			`radio.modbus[0].devices[0].registers[3].writable only a holding register or a coil can be written`},
-		{"scale", "scale: 0.01", "scale: 0", `radio.modbus[0].devices[0].registers[1].scale must be a finite number other than 0: "0"`},
+		{"scale", "scale: 0.01", "scale: 0", `radio.modbus[0].devices[0].registers[1].scale has a bad value (a number expected): must be a finite number other than 0 (absent: 1): "0"`},
 		{"attribute twice", "attribute: current", "attribute: voltage",
 			`radio.modbus[0].devices[0].registers[1].attribute is mapped twice: "voltage"`},
 		{"unknown key", "unit: V", "units: V", `radio.modbus[0].devices[0].registers[0].units is not a known key`},

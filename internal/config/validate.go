@@ -460,9 +460,6 @@ func validateModbusRegister(p *problems, key string, r ModbusRegister, attrs map
 	default:
 		p.bad(key+".word_order", r.WordOrder, "must be big or little")
 	}
-	if r.Scale != nil && (*r.Scale == 0 || math.IsNaN(*r.Scale) || math.IsInf(*r.Scale, 0)) {
-		p.bad(key+".scale", strconv.FormatFloat(*r.Scale, 'g', -1, 64), "must be a finite number other than 0")
-	}
 	if math.IsNaN(r.Offset) || math.IsInf(r.Offset, 0) {
 		p.bad(key+".offset", strconv.FormatFloat(r.Offset, 'g', -1, 64), "must be a finite number")
 	}

@@ -12,10 +12,7 @@ func LinesFromConfig(cl []config.ModbusLine) []LineConfig {
 			dc := DeviceConfig{Device: d.Device, Unit: d.Unit, Period: d.Period, Timeout: d.Timeout}
 			for _, r := range d.Registers {
 				reg := Register{Attr: r.Attribute, Table: r.Function, Addr: uint16(r.Address), Type: r.Type,
-					Words: r.WordOrder, Offset: r.Offset, Unit: r.Unit, Writable: r.Writable}
-				if r.Scale != nil {
-					reg.Scale = *r.Scale
-				}
+					Words: r.WordOrder, Scale: r.Scale.Or1(), Offset: r.Offset, Unit: r.Unit, Writable: r.Writable}
 				dc.Registers = append(dc.Registers, reg)
 			}
 			lc.Devices = append(lc.Devices, dc)
