@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"math"
 	"reflect"
 	"testing"
@@ -194,6 +195,16 @@ func TestPlanBlocks(t *testing.T) {
 	want := []short{{FuncReadCoils, 0, 2, 2}, {FuncReadHoldingRegisters, 10, 3, 2}, {FuncReadHoldingRegisters, 20, 1, 1}, {FuncReadInputRegisters, 12, 1, 1}}
 	if !reflect.DeepEqual(s, want) {
 		t.Errorf("planBlocks = %+v, want %+v", s, want)
+	}
+	// 64 contiguous float32 (128 registers) do not fit one read of at
+	// most 125: two requests, neither splitting a value.
+	var many []Register
+	for i := range 64 {
+		many = append(many, Register{Attr: fmt.Sprint("v", i), Table: TableInput, Addr: uint16(2 * i), Type: TypeFloat32})
+	}
+	got = planBlocks(many)
+	if len(got) != 2 || got[0].count != 124 || got[1].addr != 124 || got[1].count != 4 {
+		t.Errorf("planBlocks(64 float32) = %d blocks, first %d registers", len(got), got[0].count)
 	}
 }
 

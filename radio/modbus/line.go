@@ -40,6 +40,7 @@ type conn interface {
 }
 
 type writeJob struct {
+	ctx   context.Context // the caller's: a job it gave up on is not carried out
 	slave *slave
 	reg   Register
 	req   Request
@@ -243,6 +244,12 @@ func (l *line) serve(ctx context.Context, sp conn) error {
 			return nil // ctx done
 		}
 		if j != nil {
+			if err := j.ctx.Err(); err != nil {
+				// The caller gave up while the job queued: a command must
+				// not reach the device after its sender stopped waiting.
+				j.done <- writeResult{err: err}
+				continue
+			}
 			v, err := l.write(ctx, sp, j)
 			j.done <- writeResult{value: v, err: err}
 			if isPortErr(err) {

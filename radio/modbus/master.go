@@ -299,7 +299,7 @@ func (m *Master) WriteAttr(ctx context.Context, device, attr string, value any) 
 			req.Func, req.Count, req.Regs = FuncWriteMultipleRegisters, uint16(len(regs)), regs
 		}
 	}
-	j := &writeJob{slave: s, reg: reg, req: req, done: make(chan writeResult, 1)}
+	j := &writeJob{ctx: ctx, slave: s, reg: reg, req: req, done: make(chan writeResult, 1)}
 	select {
 	case s.line.writes <- j:
 	case <-s.line.stopped:
@@ -316,8 +316,8 @@ func (m *Master) WriteAttr(ctx context.Context, device, attr string, value any) 
 	case <-s.line.stopped:
 		return nil, fmt.Errorf("write %s.%s: %w (stopped)", device, attr, ErrLineDown)
 	case <-ctx.Done():
-		// The bus goroutine may still carry the job out; its answer is
-		// dropped (done has room for it).
+		// A job still queued is dropped by the bus goroutine; one already
+		// on the wire completes and its answer is dropped (done has room).
 		return nil, fmt.Errorf("write %s.%s: %w", device, attr, ctx.Err())
 	}
 }

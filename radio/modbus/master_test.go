@@ -512,3 +512,33 @@ func BenchmarkPoll(b *testing.B) {
 		b.Fatalf("%d polls in a minute, want %d", len(rec.of("m"))-start, b.N)
 	}
 }
+
+// A command whose caller stopped waiting while it queued behind a slow
+// poll never reaches the device; the next one does.
+func TestWriteGivenUpIsNotSent(t *testing.T) {
+	sim := startSim(t)
+	u := sim.Unit(2)
+	u.SetCoils(0, false, false)
+	u.SetHolding(0, 1)
+	u.SetDelay(150 * time.Millisecond) // every answer takes 150 ms
+	ms := startMaster(t, []modbus.LineConfig{{Path: sim.Link(), Devices: []modbus.DeviceConfig{{Device: "relay", Unit: 2,
+		Period: time.Millisecond, Timeout: time.Second, Registers: []modbus.Register{
+			{Attr: "level", Table: modbus.TableHolding, Addr: 0, Type: modbus.TypeUint16},
+			{Attr: "a", Table: modbus.TableCoil, Addr: 0, Writable: true},
+			{Attr: "b", Table: modbus.TableCoil, Addr: 1, Writable: true},
+		}}}}}, &recorder{}, nil)
+	testkit.Eventually(t, 5*time.Second, "polls under way", func() bool { return statusOf(t, ms, "relay").Polls > 0 })
+	short, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if _, err := ms.WriteAttr(short, "relay", "a", true); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("WriteAttr with a 20ms budget behind a 150ms answer = %v, want DeadlineExceeded", err)
+	}
+	ctx, cancel2 := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel2()
+	if v, err := ms.WriteAttr(ctx, "relay", "b", true); err != nil || v != true {
+		t.Fatalf("WriteAttr(b) = %v, %v", v, err)
+	}
+	if u.Coil(0) || sim.Stats().Writes[2] != 1 {
+		t.Errorf("coil a = %v, writes %d: the given-up command reached the device", u.Coil(0), sim.Stats().Writes[2])
+	}
+}
