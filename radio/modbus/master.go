@@ -322,7 +322,7 @@ func (m *Master) WriteAttr(ctx context.Context, device, attr string, value any) 
 	}
 }
 
-// Devices lists the devices the master polls, with their line and unit.
+// Devices lists the devices the master polls, sorted.
 func (m *Master) Devices() []string {
 	out := make([]string, 0, len(m.devices))
 	for id := range m.devices {

@@ -49,8 +49,16 @@ type ModbusUnit struct {
 
 // ModbusSim is a bus of simulated Modbus RTU slaves on a pseudo-terminal:
 // the master opens the link through tarm/serial exactly as it would an
-// RS-485 adapter. Requests to a unit it does not hold go unanswered, as on
-// a real bus.
+// RS-485 adapter. It copies Modbus over Serial Line V1.02 and the
+// Application Protocol V1.1b3: requests to a unit it does not hold go
+// unanswered (§2.4.1: only the addressed slave replies); a request with a
+// bad CRC is ignored (§2.5.1.2); exception 0x01 answers an unknown
+// function, 0x02 an address outside the unit's map, 0x03 a quantity out
+// of range (§7). It leaves out: broadcast (unit 0) writes, which it
+// ignores; functions other than 0x01–0x06, 0x0F and 0x10; the 3.5-character
+// timing (it frames requests by their length, and takes a 20 ms gap as the
+// end of bytes it cannot frame); device-specific value ranges (no 0x03
+// for a value a real device would refuse).
 type ModbusSim struct {
 	opts   ModbusOptions
 	log    *slog.Logger
