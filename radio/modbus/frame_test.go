@@ -148,14 +148,15 @@ func TestRegisterValues(t *testing.T) {
 		{Register{Type: TypeUint16, Scale: 0.1}, []uint16{2315}, 231.5},
 		{Register{Type: TypeInt32}, []uint16{0xFFFF, 0xFFFF}, -1},
 		{Register{Type: TypeInt32, Words: WordLittle}, []uint16{0x0002, 0x0001}, 65538},
-		{Register{Type: TypeUint32, Scale: 0.01, Offset: -10}, []uint16{0x0001, 0x0000}, 655.36 - 10},
+		{Register{Type: TypeUint32, Scale: 0.01, Offset: -10}, []uint16{0x0001, 0x0000}, 645.36},
+		{Register{Type: TypeUint16, Scale: 0.1}, []uint16{2305}, 230.5},
 		{Register{Type: TypeUint32, Words: WordLittle}, []uint16{0x0000, 0x8000}, 2147483648},
 		{Register{Type: TypeFloat32}, []uint16{uint16(f32 >> 16), uint16(f32)}, 230.5},
 		{Register{Type: TypeFloat32, Words: WordLittle, Scale: 2}, []uint16{uint16(f32), uint16(f32 >> 16)}, 461},
 	}
 	for _, tt := range tests {
 		got, err := tt.reg.decodeRegs(tt.regs)
-		if err != nil || math.Abs(got-tt.want) > 1e-9 {
+		if err != nil || got != tt.want {
 			t.Errorf("%+v decode(%x) = %v, %v; want %v", tt.reg, tt.regs, got, err, tt.want)
 			continue
 		}

@@ -146,10 +146,23 @@ func (r Register) decodeRegs(regs []uint16) (float64, error) {
 			if math.IsNaN(float64(f)) || math.IsInf(float64(f), 0) {
 				return 0, fmt.Errorf("%s: float32 register holds %v", r.Attr, f)
 			}
-			raw = float64(f)
+			// The shortest decimal that is this float32 (49.95, not
+			// 49.95000076293945): what the device meant.
+			raw, _ = strconv.ParseFloat(strconv.FormatFloat(float64(f), 'g', -1, 32), 64)
 		}
 	}
-	return raw*r.scale() + r.Offset, nil
+	return tidy(raw*r.scale() + r.Offset), nil
+}
+
+// tidy rounds v to 12 significant digits, which every register type and
+// a sane scale stay within, so that 2305 × 0.1 reports 230.5 rather than
+// 230.50000000000003.
+func tidy(v float64) float64 {
+	t, err := strconv.ParseFloat(strconv.FormatFloat(v, 'g', 12, 64), 64)
+	if err != nil {
+		return v
+	}
+	return t
 }
 
 // encodeRegs is decodeRegs reversed: the raw registers that report v. A
