@@ -65,7 +65,8 @@ type slave struct {
 	cfg    DeviceConfig
 	line   *line
 	blocks []block
-	next   time.Time // used by the bus goroutine only
+	next   time.Time        // used by the bus goroutine only
+	dead   *backoff.Backoff // stretches the period of a slave that never answers; nil: off
 
 	mu sync.Mutex
 	st DeviceStatus
@@ -75,6 +76,9 @@ func newSlave(dc DeviceConfig, l *line) *slave {
 	s := &slave{cfg: dc, line: l, st: DeviceStatus{Device: dc.Device, Line: l.cfg.Path, Unit: dc.Unit,
 		Errors: map[string]uint64{}, Values: map[string]any{}}}
 	s.blocks = planBlocks(dc.Registers)
+	if l.opts.MaxSilentBackoff > 0 {
+		s.dead = backoff.New(dc.Period, max(dc.Period, l.opts.MaxSilentBackoff))
+	}
 	return s
 }
 
@@ -388,7 +392,7 @@ func (l *line) poll(ctx context.Context, sp conn, s *slave) error {
 	s.next = start.Add(s.cfg.Period)
 	vals := map[string]any{}
 	var lastErr error
-	for _, b := range s.blocks {
+	for i, b := range s.blocks {
 		res, err := l.transact(ctx, sp, Request{Unit: byte(s.cfg.Unit), Func: b.fn, Addr: b.addr, Count: b.count}, s.cfg.Timeout)
 		if err != nil {
 			if ctx.Err() != nil {
@@ -401,9 +405,17 @@ func (l *line) poll(ctx context.Context, sp conn, s *slave) error {
 			}
 			s.fail(ctx, causeOf(err), err)
 			if errors.Is(err, ErrTimeout) {
+				if i == 0 && s.dead != nil {
+					// Not a word from it: poll it less often, up to the
+					// backoff's cap, until it answers again.
+					s.next = start.Add(max(s.cfg.Period, s.dead.Fail()))
+				}
 				break
 			}
 			continue
+		}
+		if s.dead != nil {
+			s.dead.Reset()
 		}
 		for _, r := range b.regs {
 			off := int(r.Addr) - int(b.addr)

@@ -83,6 +83,13 @@ type Options struct {
 	MinBackoff, MaxBackoff time.Duration
 	// CloseTimeout bounds closing a port (default 2s).
 	CloseTimeout time.Duration
+	// MaxSilentBackoff caps how far the polls of a slave that does not
+	// answer at all are spread out (doubling from its period, jittered),
+	// so that a dead slave costs the bus less than one timeout per
+	// period; an answer restores its period. 0: 1 minute; negative: off
+	// (a silent slave is polled every period, round-robin still bounding
+	// what it costs the others).
+	MaxSilentBackoff time.Duration
 }
 
 // DeviceStatus is the state and counters of one slave.
@@ -135,6 +142,9 @@ func New(lines []LineConfig, sub Submitter, opts Options) (*Master, error) {
 	}
 	if opts.CloseTimeout <= 0 {
 		opts.CloseTimeout = 2 * time.Second
+	}
+	if opts.MaxSilentBackoff == 0 {
+		opts.MaxSilentBackoff = time.Minute
 	}
 	c, err := newCounters(opts.Metrics)
 	if err != nil {

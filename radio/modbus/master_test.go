@@ -82,11 +82,15 @@ func startSim(t *testing.T) *radiosim.ModbusSim {
 	return sim
 }
 
-func startMaster(t *testing.T, lines []modbus.LineConfig, sub modbus.Submitter, m *metrics.Metrics) *modbus.Master {
+func startMaster(t *testing.T, lines []modbus.LineConfig, sub modbus.Submitter, m *metrics.Metrics, tune ...func(*modbus.Options)) *modbus.Master {
 	t.Helper()
 	var logs testkit.Buffer
-	ms, err := modbus.New(lines, sub, modbus.Options{Metrics: m, Logger: slog.New(slog.NewTextHandler(&logs, nil)),
-		MinBackoff: 20 * time.Millisecond, MaxBackoff: 100 * time.Millisecond})
+	opts := modbus.Options{Metrics: m, Logger: slog.New(slog.NewTextHandler(&logs, nil)),
+		MinBackoff: 20 * time.Millisecond, MaxBackoff: 100 * time.Millisecond}
+	for _, f := range tune {
+		f(&opts)
+	}
+	ms, err := modbus.New(lines, sub, opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -197,7 +201,9 @@ func TestFairUnderSilentSlave(t *testing.T) {
 			}
 			rec := &recorder{}
 			m := metrics.New()
-			ms := startMaster(t, []modbus.LineConfig{{Path: sim.Link(), Baud: 19200, Devices: devs}}, rec, m)
+			// The silent slave's backoff off: round-robin alone must hold.
+			ms := startMaster(t, []modbus.LineConfig{{Path: sim.Link(), Baud: 19200, Devices: devs}}, rec, m,
+				func(o *modbus.Options) { o.MaxSilentBackoff = -1 })
 			run := 2 * time.Second
 			testkit.Eventually(t, 10*time.Second, "readings of every good slave over "+run.String(), func() bool {
 				for _, id := range good {
@@ -228,7 +234,7 @@ func TestFairUnderSilentSlave(t *testing.T) {
 				}
 			}
 			dead := statusOf(t, ms, "dead")
-			if dead.Errors[modbus.CauseTimeout] == 0 || dead.Polls != 0 {
+			if dead.Errors[modbus.CauseTimeout] < 5 || dead.Polls != 0 {
 				t.Errorf("dead slave status = %+v, want timeouts counted and no polls", dead)
 			}
 			if v := mustCounter(t, m, "dead", modbus.CauseTimeout); v == 0 {
@@ -535,4 +541,35 @@ func TestWriteGivenUpIsNotSent(t *testing.T) {
 	if u.Coil(0) || sim.Stats().Writes[2] != 1 {
 		t.Errorf("coil a = %v, writes %d: the given-up command reached the device", u.Coil(0), sim.Stats().Writes[2])
 	}
+}
+
+// A slave that never answers is polled less and less often (up to
+// MaxSilentBackoff), and at its period again once it answers.
+func TestSilentSlaveBackoff(t *testing.T) {
+	sim := startSim(t)
+	sim.Unit(1).SetHolding(0, 1)
+	sim.Unit(1).SetSilent(true)
+	sim.Unit(2).SetHolding(0, 2)
+	reg := []modbus.Register{{Attr: "x", Table: modbus.TableHolding, Addr: 0, Type: modbus.TypeUint16}}
+	rec := &recorder{}
+	ms := startMaster(t, []modbus.LineConfig{{Path: sim.Link(), Devices: []modbus.DeviceConfig{
+		{Device: "dead", Unit: 1, Period: 10 * time.Millisecond, Timeout: 30 * time.Millisecond, Registers: reg},
+		{Device: "good", Unit: 2, Period: 50 * time.Millisecond, Registers: reg},
+	}}}, rec, nil, func(o *modbus.Options) { o.MaxSilentBackoff = time.Second })
+	// 3 s by the good slave's readings. Polled every period, the dead one
+	// would cost a timeout (a 100 ms tty read step) each round: ~28
+	// requests; backing off to 1 s, about 9.
+	testkit.Eventually(t, 20*time.Second, "3s of good readings", func() bool {
+		g := rec.of("good")
+		return len(g) > 1 && g[len(g)-1].at.Sub(g[0].at) >= 3*time.Second
+	})
+	if n := sim.Stats().Requests[1]; n > 14 || n < 3 {
+		t.Errorf("the silent slave got %d requests in 3s, want 3..14 (backed off)", n)
+	}
+	sim.Unit(1).SetSilent(false)
+	testkit.Eventually(t, 3*time.Second, "the slave polled again once it answers", func() bool {
+		return statusOf(t, ms, "dead").Polls > 0
+	})
+	n := statusOf(t, ms, "dead").Polls
+	testkit.Eventually(t, 2*time.Second, "its period back", func() bool { return statusOf(t, ms, "dead").Polls >= n+10 })
 }
