@@ -24,7 +24,9 @@
 // One goroutine owns each line: one request at a time on the bus. Queued
 // writes go first; then the due slaves are served in round-robin order
 // from the one after the last served, so a slave that times out costs the
-// others at most one timeout per round, whatever its period. A poll reads
+// others at most one timeout per round, whatever its period; and a slave
+// that does not answer at all is polled less and less often
+// (Options.MaxSilentBackoff, 1 minute) until it answers. A poll reads
 // the register map in as few requests as it can without reading an
 // address the map does not name; a timeout ends that slave's poll (a
 // silent slave costs one timeout, not one per block); a CRC error, an
