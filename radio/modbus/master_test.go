@@ -1,6 +1,7 @@
 package modbus_test
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -572,4 +573,50 @@ func TestSilentSlaveBackoff(t *testing.T) {
 	})
 	n := statusOf(t, ms, "dead").Polls
 	testkit.Eventually(t, 2*time.Second, "its period back", func() bool { return statusOf(t, ms, "dead").Polls >= n+10 })
+}
+
+// A broken or hostile slave — noise, another unit's frame, a byte count
+// that promises more than it sends, an over-long stream — is counted
+// under its cause and never stalls the line: the good slave next to it
+// keeps being read.
+func TestHostileAnswers(t *testing.T) {
+	other := modbus.AppendResponse(nil, modbus.Response{Unit: 9, Func: modbus.FuncReadHoldingRegisters, Regs: []uint16{1}})
+	lying := modbus.AppendResponse(nil, modbus.Response{Unit: 3, Func: modbus.FuncReadHoldingRegisters, Regs: []uint16{1}})
+	lying[2] = 250 // promises 250 data bytes
+	long := bytes.Repeat([]byte{3, 3, 2, 0, 1}, 200)
+	tests := []struct {
+		name   string
+		answer []byte
+		cause  string
+	}{
+		{"noise", []byte{0xFF, 0xFF, 0x00, 0x13, 0x37, 0xFF}, modbus.CauseCRC},
+		{"another unit's frame", other, modbus.CauseFrame},
+		{"lying byte count", lying, modbus.CauseTimeout},
+		{"over-long stream", long, modbus.CauseCRC},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			sim := startSim(t)
+			sim.Unit(3).SetHolding(0, 1)
+			sim.Unit(3).SetRawAnswer(tt.answer)
+			sim.Unit(4).SetHolding(0, 4)
+			reg := []modbus.Register{{Attr: "x", Table: modbus.TableHolding, Addr: 0, Type: modbus.TypeUint16}}
+			rec := &recorder{}
+			ms := startMaster(t, []modbus.LineConfig{{Path: sim.Link(), Devices: []modbus.DeviceConfig{
+				{Device: "bad", Unit: 3, Period: 10 * time.Millisecond, Timeout: 100 * time.Millisecond, Registers: reg},
+				{Device: "good", Unit: 4, Period: 10 * time.Millisecond, Registers: reg},
+			}}}, rec, nil, func(o *modbus.Options) { o.MaxSilentBackoff = -1 })
+			testkit.Eventually(t, 10*time.Second, "3 "+tt.cause+" errors and good readings", func() bool {
+				return statusOf(t, ms, "bad").Errors[tt.cause] >= 3 && len(rec.of("good")) >= 10
+			})
+			if n := len(rec.of("bad")); n != 0 {
+				t.Errorf("%d readings from the bad slave", n)
+			}
+			for _, g := range rec.of("good") {
+				if v := attrs(t, g.msg)["x"]; v != 4.0 {
+					t.Fatalf("good read %v, want 4: a bad answer was taken for its", v)
+				}
+			}
+		})
+	}
 }

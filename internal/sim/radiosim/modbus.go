@@ -45,6 +45,7 @@ type ModbusUnit struct {
 	silent   bool
 	corrupt  bool
 	delay    time.Duration
+	raw      []byte // when set, sent instead of every answer (a hostile or broken slave)
 }
 
 // ModbusSim is a bus of simulated Modbus RTU slaves on a pseudo-terminal:
@@ -166,6 +167,10 @@ func (u *ModbusUnit) SetSilent(v bool) { u.mu.Lock(); u.silent = v; u.mu.Unlock(
 // SetCorruptCRC makes the unit answer with a wrong CRC (line noise).
 func (u *ModbusUnit) SetCorruptCRC(v bool) { u.mu.Lock(); u.corrupt = v; u.mu.Unlock() }
 
+// SetRawAnswer makes the unit answer every request with b instead (nil:
+// answer properly): line noise, another unit's frame, a lying length.
+func (u *ModbusUnit) SetRawAnswer(b []byte) { u.mu.Lock(); u.raw = append([]byte(nil), b...); u.mu.Unlock() }
+
 // SetDelay makes the unit answer after d (a slow slave).
 func (u *ModbusUnit) SetDelay(d time.Duration) { u.mu.Lock(); u.delay = d; u.mu.Unlock() }
 
@@ -273,10 +278,13 @@ func (s *ModbusSim) handle(frame []byte) {
 		out = u.answer(req)
 	}
 	u.mu.Lock()
-	silent, corrupt, delay := u.silent, u.corrupt, u.delay
+	silent, corrupt, delay, raw := u.silent, u.corrupt, u.delay, u.raw
 	u.mu.Unlock()
 	if silent {
 		return
+	}
+	if len(raw) > 0 {
+		out = append([]byte(nil), raw...)
 	}
 	if corrupt {
 		out[len(out)-1] ^= 0xA5
@@ -286,10 +294,10 @@ func (s *ModbusSim) handle(frame []byte) {
 	}
 	s.mu.Lock()
 	s.stats.Answered[unit]++
-	if out[1]&0x80 != 0 {
+	if len(out) > 1 && out[1]&0x80 != 0 {
 		s.stats.Exceptions[unit]++
 	}
-	if ex == nil && out[1]&0x80 == 0 && req.Func >= modbus.FuncWriteSingleCoil {
+	if ex == nil && len(raw) == 0 && out[1]&0x80 == 0 && req.Func >= modbus.FuncWriteSingleCoil {
 		s.stats.Writes[unit]++
 	}
 	s.mu.Unlock()
