@@ -169,7 +169,11 @@ func (u *ModbusUnit) SetCorruptCRC(v bool) { u.mu.Lock(); u.corrupt = v; u.mu.Un
 
 // SetRawAnswer makes the unit answer every request with b instead (nil:
 // answer properly): line noise, another unit's frame, a lying length.
-func (u *ModbusUnit) SetRawAnswer(b []byte) { u.mu.Lock(); u.raw = append([]byte(nil), b...); u.mu.Unlock() }
+func (u *ModbusUnit) SetRawAnswer(b []byte) {
+	u.mu.Lock()
+	u.raw = append([]byte(nil), b...)
+	u.mu.Unlock()
+}
 
 // SetDelay makes the unit answer after d (a slow slave).
 func (u *ModbusUnit) SetDelay(d time.Duration) { u.mu.Lock(); u.delay = d; u.mu.Unlock() }
