@@ -1,6 +1,7 @@
 package config
 
 import (
+	"os"
 	"strings"
 	"testing"
 	"time"
@@ -115,5 +116,30 @@ func TestModbusLineRules(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("Validate = %v\nwant %s", err, want)
 		}
+	}
+}
+
+// The worked example of docs/modbus.md loads as written.
+func TestModbusDocExampleLoads(t *testing.T) {
+	page, err := os.ReadFile("../../docs/modbus.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rest, ok := strings.Cut(string(page), "```yaml\n")
+	example, _, ok2 := strings.Cut(rest, "```")
+	if !ok || !ok2 {
+		t.Fatal("docs/modbus.md has no yaml block")
+	}
+	devs := `
+devices:
+  - {id: meter-kitchen, type: EnergyMeter, owner: alice, k1: a, k2: b, broker: https://b.example/orion-1}
+  - {id: relay-kitchen, type: Relay, owner: alice, k1: c, k2: d, broker: https://b.example/orion-1}
+`
+	c, err := Load(writeFile(t, t.TempDir(), "edgegate.yaml", base+devs+example, 0o600))
+	if err != nil {
+		t.Fatalf("the docs example does not load: %v", err)
+	}
+	if l := c.Radio.Modbus; len(l) != 1 || len(l[0].Devices) != 2 || len(l[0].Devices[0].Registers) != 5 {
+		t.Errorf("radio.modbus = %+v", l)
 	}
 }
