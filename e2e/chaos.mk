@@ -26,7 +26,9 @@ FUZZ_TARGETS := \
 	./mqtt:FuzzTopicMatch \
 	./mqtt:FuzzBrokerPackets \
 	./radio:FuzzMySensors \
-	./radio:FuzzJSONLines
+	./radio:FuzzJSONLines \
+	./radio/modbus:FuzzDecodeResponse \
+	./radio/modbus:FuzzDecodeRequest
 
 .PHONY: chaos chaos-short fuzz-all
 

@@ -9,6 +9,7 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -331,6 +332,77 @@ type Pipeline struct {
 // Radio configures the serial radio links.
 type Radio struct {
 	Ports []RadioPort `yaml:"ports"`
+	// Modbus lists the Modbus RTU lines (RS-485 buses) the gateway polls
+	// as their master, each with its slaves and their register maps.
+	Modbus []ModbusLine `yaml:"modbus"`
+}
+
+// ModbusLine is one serial line with Modbus RTU slaves on it. Zero values
+// take the defaults of Modbus over Serial Line: 19200 baud, even parity,
+// one stop bit (two with parity none), and a 500ms answer timeout.
+type ModbusLine struct {
+	Path     string         `yaml:"path"`
+	Baud     int            `yaml:"baud"`
+	Parity   string         `yaml:"parity"`
+	StopBits int            `yaml:"stop_bits"`
+	Timeout  time.Duration  `yaml:"timeout"`
+	Devices  []ModbusDevice `yaml:"devices"`
+}
+
+// ModbusDevice is one slave (unit) on a line and the device whose
+// readings its registers make. Where the map lives in this file, not in
+// devices[], so that it works whatever policy.source provides the devices.
+type ModbusDevice struct {
+	Device    string           `yaml:"device"`
+	Unit      int              `yaml:"unit"`
+	Period    time.Duration    `yaml:"period"`  // between polls; 0: 10s
+	Timeout   time.Duration    `yaml:"timeout"` // per request; 0: the line's
+	Registers []ModbusRegister `yaml:"registers"`
+}
+
+// ModbusRegister maps one attribute to a register (or coil) of the slave.
+type ModbusRegister struct {
+	Attribute string `yaml:"attribute"`
+	// Function is the table: holding, input, coil or discrete.
+	Function string `yaml:"function"`
+	// Address is the protocol address, 0-based (holding register 40001
+	// is address 0).
+	Address int `yaml:"address"`
+	// Type is int16, uint16, int32, uint32 or float32 for registers; a
+	// coil or discrete input is a bool (leave it out).
+	Type      string      `yaml:"type"`
+	WordOrder string      `yaml:"word_order"` // 32-bit types: big (default) or little
+	Scale     ModbusScale `yaml:"scale"`      // reported = raw*scale + offset
+	Offset    float64     `yaml:"offset"`
+	Unit      string      `yaml:"unit"`     // informational, e.g. kWh
+	Writable  bool        `yaml:"writable"` // commands may write it (holding and coil only)
+}
+
+// ModbusScale is a register's multiplier. Its zero value is "absent" and
+// means 1; an explicit 0 (which would report every value as the offset)
+// is refused when the file is read. A value type, not a pointer, so that
+// the configuration compares and prints by value.
+type ModbusScale float64
+
+// Or1 is the multiplier in force.
+func (s ModbusScale) Or1() float64 {
+	if s == 0 {
+		return 1
+	}
+	return float64(s)
+}
+
+// UnmarshalYAML refuses 0 and non-finite numbers.
+func (s *ModbusScale) UnmarshalYAML(n *yaml.Node) error {
+	var f float64
+	if err := n.Decode(&f); err != nil {
+		return err
+	}
+	if f == 0 || math.IsNaN(f) || math.IsInf(f, 0) {
+		return errors.New("must be a finite number other than 0 (absent: 1)")
+	}
+	*s = ModbusScale(f)
+	return nil
 }
 
 // RadioPort is one radio module on a serial port.

@@ -3,9 +3,11 @@ package config
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/url"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -334,7 +336,136 @@ func (c *Config) validateRadio(p *problems) map[string]bool {
 			p.bad(key+".read_timeout", rp.ReadTimeout.String(), "must be between 100ms and 25.5s")
 		}
 	}
+	c.validateModbus(p, ports)
 	return ports
+}
+
+// Names the Modbus register map accepts (radio/modbus has the same).
+var (
+	modbusFunctions = []string{"holding", "input", "coil", "discrete"}
+	modbusTypes     = []string{"int16", "uint16", "int32", "uint32", "float32"}
+	modbusBauds     = []int{1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200, 230400, 460800, 921600}
+)
+
+// validateModbus checks radio.modbus; radioPorts are radio.ports' paths,
+// which a Modbus line may not share.
+func (c *Config) validateModbus(p *problems, radioPorts map[string]bool) {
+	lines := map[string]bool{}
+	devices := map[string]bool{}
+	var known map[string]bool
+	if c.Policy.Source == PolicyConfig {
+		known = map[string]bool{}
+		for _, d := range c.Devices {
+			known[d.ID] = true
+		}
+	}
+	for i, l := range c.Radio.Modbus {
+		key := fmt.Sprintf("radio.modbus[%d]", i)
+		switch {
+		case l.Path == "" || !filepath.IsAbs(l.Path):
+			p.bad(key+".path", l.Path, "must be an absolute device path such as /dev/ttyUSB1")
+		case lines[l.Path]:
+			p.bad(key+".path", l.Path, "is given twice")
+		case radioPorts[l.Path]:
+			p.bad(key+".path", l.Path, "is also a radio.ports path; one serial port carries one protocol")
+		}
+		lines[l.Path] = true
+		if l.Baud != 0 && !slices.Contains(modbusBauds, l.Baud) {
+			p.bad(key+".baud", strconv.Itoa(l.Baud), fmt.Sprintf("must be one of %v", modbusBauds))
+		}
+		switch l.Parity {
+		case "", "none", "even", "odd":
+		default:
+			p.bad(key+".parity", l.Parity, "must be none, even or odd")
+		}
+		if l.StopBits != 0 && l.StopBits != 1 && l.StopBits != 2 {
+			p.bad(key+".stop_bits", strconv.Itoa(l.StopBits), "must be 1 or 2")
+		}
+		if l.Timeout != 0 && (l.Timeout < 10*time.Millisecond || l.Timeout > 10*time.Second) {
+			p.bad(key+".timeout", l.Timeout.String(), "must be between 10ms and 10s")
+		}
+		if len(l.Devices) == 0 {
+			p.bad(key+".devices", "", "must list at least one slave")
+		}
+		units := map[int]bool{}
+		for j, d := range l.Devices {
+			dkey := fmt.Sprintf("%s.devices[%d]", key, j)
+			switch err := reading.ValidateDeviceID(d.Device); {
+			case err != nil:
+				p.bad(dkey+".device", d.Device, "must be a platform device id ("+err.Error()+")")
+			case devices[d.Device]:
+				p.bad(dkey+".device", d.Device, "is given twice (one device is one slave)")
+			case known != nil && !known[d.Device]:
+				p.bad(dkey+".device", d.Device, "must be one of devices[].id (policy.source is config)")
+			}
+			devices[d.Device] = true
+			switch {
+			case d.Unit < 1 || d.Unit > 247:
+				p.bad(dkey+".unit", strconv.Itoa(d.Unit), "must be a slave address between 1 and 247")
+			case units[d.Unit]:
+				p.bad(dkey+".unit", strconv.Itoa(d.Unit), "is used twice on this line")
+			}
+			units[d.Unit] = true
+			if d.Period != 0 && (d.Period < 100*time.Millisecond || d.Period > 24*time.Hour) {
+				p.bad(dkey+".period", d.Period.String(), "must be between 100ms and 24h")
+			}
+			if d.Timeout != 0 && (d.Timeout < 10*time.Millisecond || d.Timeout > 10*time.Second) {
+				p.bad(dkey+".timeout", d.Timeout.String(), "must be between 10ms and 10s")
+			}
+			switch n := len(d.Registers); {
+			case n == 0:
+				p.bad(dkey+".registers", "", "must map at least one attribute")
+			case n > reading.MaxAttrs:
+				p.bad(dkey+".registers", strconv.Itoa(n), fmt.Sprintf("must map at most %d attributes (a reading's limit)", reading.MaxAttrs))
+			}
+			attrs := map[string]bool{}
+			for k, r := range d.Registers {
+				validateModbusRegister(p, fmt.Sprintf("%s.registers[%d]", dkey, k), r, attrs)
+			}
+		}
+	}
+}
+
+// validateModbusRegister checks one register map entry; key is its
+// "radio.modbus[i].devices[j].registers[k]" prefix.
+func validateModbusRegister(p *problems, key string, r ModbusRegister, attrs map[string]bool) {
+	switch {
+	case !reading.ValidID(r.Attribute):
+		p.bad(key+".attribute", r.Attribute, "must be an attribute name, [A-Za-z0-9._-]{1,256}")
+	case attrs[r.Attribute]:
+		p.bad(key+".attribute", r.Attribute, "is mapped twice")
+	}
+	attrs[r.Attribute] = true
+	words := 1
+	switch r.Function {
+	case "holding", "input":
+		if !slices.Contains(modbusTypes, r.Type) {
+			p.bad(key+".type", r.Type, "is not one of "+strings.Join(modbusTypes, ", "))
+		}
+		if strings.HasSuffix(r.Type, "32") {
+			words = 2
+		}
+	case "coil", "discrete":
+		if r.Type != "" && r.Type != "bool" {
+			p.bad(key+".type", r.Type, "must be left out: a "+r.Function+" is a bool")
+		}
+	default:
+		p.bad(key+".function", r.Function, "is not one of "+strings.Join(modbusFunctions, ", "))
+	}
+	if r.Address < 0 || r.Address+words > 65536 {
+		p.bad(key+".address", strconv.Itoa(r.Address), "must be a protocol address between 0 and 65535 (0-based: 40001 is 0)")
+	}
+	switch r.WordOrder {
+	case "", "big", "little":
+	default:
+		p.bad(key+".word_order", r.WordOrder, "must be big or little")
+	}
+	if math.IsNaN(r.Offset) || math.IsInf(r.Offset, 0) {
+		p.bad(key+".offset", strconv.FormatFloat(r.Offset, 'g', -1, 64), "must be a finite number")
+	}
+	if r.Writable && r.Function != "holding" && r.Function != "coil" {
+		p.bad(key+".writable", "true", "only a holding register or a coil can be written")
+	}
 }
 
 // validateDevices checks devices[] (those of this file and of

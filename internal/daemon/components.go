@@ -32,6 +32,7 @@ import (
 	"github.com/edgegate/edgegate/mqtt"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/radio"
+	"github.com/edgegate/edgegate/radio/modbus"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
@@ -61,6 +62,7 @@ type state struct {
 	ready      *readiness
 	ingestLive func() bool // nil: the embedded broker, live once listening
 	radio      *radio.Manager
+	modbus     *modbus.Master // radio.modbus; nil without lines
 
 	mqttAddr, mqttTLSAddr, metricsAddr, adminAddr string
 
@@ -411,9 +413,18 @@ func (d *Daemon) openIngest(st *state, centralCAs *x509.CertPool) error {
 	return nil
 }
 
-// openRadio builds the serial radio manager, if radio.ports lists any.
+// openRadio builds the serial radio manager, if radio.ports lists any,
+// and the Modbus master, if radio.modbus does.
 func (d *Daemon) openRadio(st *state) error {
 	cfg := d.cfg
+	if len(cfg.Radio.Modbus) > 0 {
+		m, err := modbus.New(modbus.LinesFromConfig(cfg.Radio.Modbus), st.pipe, modbus.Options{
+			Logger: d.log, Metrics: d.metrics, Now: d.clock.Now})
+		if err != nil {
+			return fmt.Errorf("configure radio.modbus: %w", err)
+		}
+		st.modbus = m
+	}
 	if len(cfg.Radio.Ports) == 0 {
 		return nil
 	}
@@ -524,11 +535,36 @@ func accounts(st *state) supervise.Component {
 	return supervise.Component{Name: "mosquitto-accounts", Run: st.accounts.Run}
 }
 
+// radioComponent runs the radio ports and the Modbus lines: the serial
+// producers, started and stopped together.
 func radioComponent(st *state) supervise.Component {
-	if st.radio == nil {
-		return supervise.Component{Name: "radio"}
+	var runs []func(context.Context) error
+	if st.radio != nil {
+		runs = append(runs, st.radio.Run)
 	}
-	return supervise.Component{Name: "radio", Run: st.radio.Run}
+	if st.modbus != nil {
+		runs = append(runs, st.modbus.Run)
+	}
+	switch len(runs) {
+	case 0:
+		return supervise.Component{Name: "radio"}
+	case 1:
+		return supervise.Component{Name: "radio", Run: runs[0]}
+	}
+	return supervise.Component{Name: "radio", Run: func(ctx context.Context) error {
+		// Both return nil when ctx ends; an error from one stops the other.
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		errs := make(chan error, len(runs))
+		for _, run := range runs {
+			go func() {
+				err := run(ctx)
+				cancel()
+				errs <- err
+			}()
+		}
+		return errors.Join(<-errs, <-errs)
+	}}
 }
 
 func (d *Daemon) admin(st *state) supervise.Component {
