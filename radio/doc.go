@@ -123,7 +123,7 @@
 //
 // # Simulator
 //
-// internal/sim/radiosim is a simulated MySensors serial gateway with nodes behind it, on a
+// internal/sim/radiosim (also simulated Modbus slaves, for radio/modbus) is a simulated MySensors serial gateway with nodes behind it, on a
 // pseudo-terminal behind a symlink; it can be unplugged and replugged. It
 // backs `edgegate-sim radio-sim`, the demo and the tests.
 package radio

@@ -55,7 +55,7 @@ type Attribute struct {
 
 // Source says where a reading came from, for logs, status and binding checks.
 type Source struct {
-	Kind  string `json:"kind"`            // "mqtt" or "radio"
+	Kind  string `json:"kind"`            // "mqtt", "radio" or "modbus"
 	Topic string `json:"topic,omitempty"` // MQTT topic
 	Port  string `json:"port,omitempty"`  // radio port path
 	Node  string `json:"node,omitempty"`  // radio node id (and child)
