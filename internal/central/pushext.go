@@ -52,9 +52,14 @@ import (
 //     state, and hands it to the gateway over the authenticated HTTPS API
 //     (GET .../push-credentials, sync/push.go), never over MQTT.
 //
-// Mosquitto keeps only the password's hash; the role's textname carries a
-// fingerprint of the password, so a replica tells a stale account (the
+// Mosquitto keeps only the password's hash; the client's textname carries
+// a fingerprint of the password, so a replica tells a stale account (the
 // store key changed) from a good one without resetting it.
+//
+// The command round trip (brokerConn.do) speaks the same protocol as
+// mqtt.Dynsec.do; that one is bound to the gateway's reconcile loop and
+// its policy, so it is not shared (a common transport in mqtt is the
+// obvious next step).
 const (
 	gwUserPrefix  = "edgegate-gw-"
 	gwRolePrefix  = "edgegate-gw-"
