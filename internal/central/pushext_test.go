@@ -317,8 +317,8 @@ func TestExternalPushRetainedAndApplied(t *testing.T) {
 // TestExternalPushIsolation: the attacker's side of the per-gateway ACLs
 // on a real Mosquitto. Gateway A cannot subscribe to B's topic or to any
 // wildcard, never receives B's bundles, cannot take B's session over,
-// and neither A nor B can publish on any policy topic: after their
-// forged publishes were acknowledged, the companion's next bundles (the
+// and neither A, B nor another account can publish on any policy topic:
+// after their forged publishes were acknowledged, the companion's next bundles (the
 // markers) arrive and nothing forged came before them.
 func TestExternalPushIsolation(t *testing.T) {
 	e := newExtEnv(t, false)
@@ -363,10 +363,18 @@ func TestExternalPushIsolation(t *testing.T) {
 		t.Fatal("a subscriber was disconnected")
 	}
 
+	// Another account of the operator's (an application, no role): the
+	// broker's default ACL lets it publish nothing either.
+	e.root.Ctrl(t, centralAdmin, "createClient", "some-app", "-p", "some-app-pw")
+	other, err := dial(t, e.root.url, e.mqttTLS, "some-app-1", "some-app", "some-app-pw")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, pub := range []struct {
 		c     paho.Client
 		topic string
-	}{{a, centralsync.PushTopic("gw-b")}, {a, centralsync.PushTopic("gw-a")}, {b, centralsync.PushTopic("gw-b")}, {b, centralsync.PushTopic("gw-a")}} {
+	}{{a, centralsync.PushTopic("gw-b")}, {a, centralsync.PushTopic("gw-a")}, {b, centralsync.PushTopic("gw-b")}, {b, centralsync.PushTopic("gw-a")},
+		{other, centralsync.PushTopic("gw-a")}, {other, centralsync.PushTopic("gw-b")}} {
 		tok := pub.c.Publish(pub.topic, 1, true, "forged."+pub.topic+".bundle")
 		// Mosquitto acknowledges a refused QoS 1 publish (MQTT 3.1.1) and
 		// drops it; the acknowledgement orders it before the markers.
