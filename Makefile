@@ -74,6 +74,12 @@ fuzz: fuzz-all
 bench-central:
 	$(GO) test -run '^$$' -bench '^BenchmarkCentralScale$$' -benchtime 1x -timeout 60m ./internal/central/
 
+# Push->applied latency through a real Mosquitto: 1,000 real gateway
+# syncers in one process (BENCH_PUSH_GATEWAYS); docs/central.md quotes it.
+.PHONY: bench-central-push
+bench-central-push:
+	$(GO) test -run '^$$' -bench '^BenchmarkPushApplied1000$$' -benchtime 1x -timeout 30m ./internal/central/
+
 clean:
 	rm -rf bin dist
 

@@ -135,7 +135,12 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer svc.Close()
-	if cfg.MQTTListen != "" {
+	switch {
+	case cfg.Push.Mode == central.PushExternal:
+		if err := svc.StartExternalPush(ctx); err != nil {
+			return err
+		}
+	case cfg.MQTTListen != "":
 		if _, err := svc.StartPush(cfg.MQTTListen, cert); err != nil {
 			return err
 		}

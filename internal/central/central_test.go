@@ -64,6 +64,7 @@ type env struct {
 	stateDir string
 	proxy    *httptest.Server
 	fault    atomic.Value // string: the proxy's fault
+	mqttTLS  *tls.Config  // the gateways' TLS to the push broker; nil: trust ca
 }
 
 func newEnv(t *testing.T, mut func(*Config)) *env {
@@ -134,8 +135,10 @@ func newEnv(t *testing.T, mut func(*Config)) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if e.mqttURL, err = e.svc.StartPush("127.0.0.1:0", cert); err != nil {
-		t.Fatal(err)
+	if e.cfg.Push.Mode != PushExternal { // pushext_test.go starts the external push
+		if e.mqttURL, err = e.svc.StartPush("127.0.0.1:0", cert); err != nil {
+			t.Fatal(err)
+		}
 	}
 	e.api = httptest.NewUnstartedServer(e.svc.Handler(adminTok))
 	e.api.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
@@ -250,7 +253,7 @@ func (e *env) startGatewayOn(ctx context.Context, gw, client, secret string, q *
 	g.syncer, err = centralsync.New(centralsync.Options{Gateway: gw, Source: centralsync.SourceBundle, Engine: g.engine,
 		Store: q, Tokens: ts, Signer: id, CentralURL: e.api.URL, HTTPClient: e.gwHTTP, Keys: e.pinnedKeys(),
 		PollInterval: time.Hour, // the push, not the poll, must deliver
-		MQTTURL:      e.mqttURL, MQTTUsername: client, MQTTTLS: &tls.Config{RootCAs: e.ca.Pool()}})
+		MQTTURL:      e.mqttURL, MQTTUsername: client, MQTTTLS: e.gatewayMQTTTLS()})
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -265,6 +268,13 @@ func (e *env) startGatewayOn(ctx context.Context, gw, client, secret string, q *
 		}
 	})
 	return g
+}
+
+func (e *env) gatewayMQTTTLS() *tls.Config {
+	if e.mqttTLS != nil {
+		return e.mqttTLS.Clone()
+	}
+	return &tls.Config{RootCAs: e.ca.Pool()}
 }
 
 // TestRevocationPushedAndApplied: a delegation and then an ownership row

@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -34,6 +35,12 @@ const (
 	// StoreBadger and StorePostgres are the values of store.
 	StoreBadger   = "badger"
 	StorePostgres = "postgres"
+	// PushEmbedded and PushExternal are the values of push.mode.
+	PushEmbedded = "embedded"
+	PushExternal = "external"
+	// PushPasswordCredential is the systemd credential of push.password_file's
+	// default: the companion's own account on the external broker.
+	PushPasswordCredential = "edgegate-central-mqtt-password"
 )
 
 // gatewayIDRE is the gateway id rule of the gateway side (reading.ValidID).
@@ -49,9 +56,12 @@ type Config struct {
 	// PublicURL is how gateways and the CLI reach the API, e.g.
 	// https://central.example:8443.
 	PublicURL string `yaml:"public_url"`
-	// MQTTListen is the push broker's TLS address (same certificate);
-	// empty: no push broker.
+	// MQTTListen is the embedded push broker's TLS address (same
+	// certificate); empty: no embedded push broker. Only with push.mode
+	// embedded.
 	MQTTListen string `yaml:"mqtt_listen"`
+	// Push chooses the broker bundles are pushed through.
+	Push PushConfig `yaml:"push"`
 	// StateDir holds the embedded store (badger), by default the signing
 	// keys and the store key.
 	StateDir string `yaml:"state_dir"`
@@ -84,6 +94,40 @@ type Config struct {
 	Concurrency  int           `yaml:"concurrency"` // parallel datamanager calls per round
 	KeyOverlap   time.Duration `yaml:"key_overlap"`
 	StaleAfter   time.Duration `yaml:"stale_after"` // a gateway whose receipt lags this long behind its newest bundle is stale
+}
+
+// PushConfig is how bundles reach the gateways: the embedded broker
+// (mqtt_listen), or an MQTT broker (cluster) the operator runs, in which
+// the companion provisions one account per gateway through Mosquitto's
+// dynamic-security plugin (pushext.go).
+type PushConfig struct {
+	// Mode is "embedded" (the default) or "external".
+	Mode string `yaml:"mode"`
+	// Brokers are the external broker's URLs (ssl://, tls:// or mqtts://
+	// host:port), tried in order. Every replica must list them in the same
+	// order: a retained message is ordered by the broker it is published
+	// to, so replicas must publish to one broker (the root of a bridge
+	// tree), and the others are fail-overs.
+	Brokers []string `yaml:"brokers"`
+	// LeafBrokers are further Mosquittos, bridged from Brokers (topic
+	// edgegate/gateways/+/policy in), that gateways connect to: the
+	// companion publishes nothing there, it only keeps the gateways'
+	// accounts on each (every Mosquitto has its own dynamic-security
+	// file). One URL per broker.
+	LeafBrokers []string `yaml:"leaf_brokers"`
+	// CAFile is the PEM CA the brokers' certificates chain to; empty: the
+	// system roots.
+	CAFile string `yaml:"ca_file"`
+	// Username is the companion's own account on the broker: it publishes
+	// on edgegate/gateways/+/policy and is a dynamic-security
+	// administrator (it creates the gateways' accounts).
+	Username string `yaml:"username"`
+	// PasswordFile holds that account's password (0600). Empty: the
+	// systemd credential PushPasswordCredential.
+	PasswordFile string `yaml:"password_file"`
+	// ClientID prefixes the companion's MQTT client id (a replica adds a
+	// random suffix, so replicas never take over each other's session).
+	ClientID string `yaml:"client_id"`
 }
 
 // PlatformConfig is the Snap4City platform and the account read with.
@@ -185,6 +229,9 @@ func (c *Config) Check() error {
 			c.KeyFile = filepath.Join(c.StateDir, "policy-keys.json")
 		}
 	}
+	if err := c.Push.check(c.MQTTListen); err != nil {
+		return err
+	}
 	p := &c.Platform
 	for name, v := range map[string]string{"platform.url": p.URL, "platform.issuer": p.Issuer} {
 		if err := checkHTTPS(name, v); err != nil {
@@ -217,6 +264,52 @@ func (c *Config) Check() error {
 		if acct == "" {
 			return fmt.Errorf("gateways[%s]: no account", gw)
 		}
+	}
+	return nil
+}
+
+func (p *PushConfig) check(mqttListen string) error {
+	switch p.Mode {
+	case "", PushEmbedded:
+		p.Mode = PushEmbedded
+		if len(p.Brokers) > 0 || len(p.LeafBrokers) > 0 || p.Username != "" || p.PasswordFile != "" || p.CAFile != "" {
+			return errors.New("push.brokers, push.leaf_brokers, push.username, push.password_file and push.ca_file need push.mode: external")
+		}
+		return nil
+	case PushExternal:
+	default:
+		return fmt.Errorf("push.mode %q: want %s or %s", clip(p.Mode), PushEmbedded, PushExternal)
+	}
+	if mqttListen != "" {
+		return errors.New("mqtt_listen is set but push.mode is external: the embedded broker would serve no gateway; remove mqtt_listen")
+	}
+	if len(p.Brokers) == 0 {
+		return errors.New("push.mode external needs push.brokers (ssl://host:8883, ...)")
+	}
+	for key, list := range map[string][]string{"push.brokers": p.Brokers, "push.leaf_brokers": p.LeafBrokers} {
+		for i, b := range list {
+			u, err := url.Parse(b)
+			if err != nil || (u.Scheme != "ssl" && u.Scheme != "tls" && u.Scheme != "mqtts") || u.Host == "" || u.Port() == "" ||
+				u.User != nil || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+				return fmt.Errorf("%s[%d] %q must be ssl://host:port (TLS, no credentials in the URL)", key, i, clip(b))
+			}
+		}
+	}
+	if p.Username == "" {
+		return errors.New("push.mode external needs push.username (the companion's account on the broker)")
+	}
+	if p.PasswordFile == "" {
+		cd := os.Getenv("CREDENTIALS_DIRECTORY")
+		if cd == "" {
+			return fmt.Errorf("push.password_file is required (or the systemd credential %s)", PushPasswordCredential)
+		}
+		p.PasswordFile = filepath.Join(cd, PushPasswordCredential)
+	}
+	if p.ClientID == "" {
+		p.ClientID = "edgegate-central"
+	}
+	if strings.ContainsAny(p.ClientID, "+#/\x00") || len(p.ClientID) > 64 {
+		return fmt.Errorf("push.client_id %q: at most 64 bytes, none of + # / NUL", clip(p.ClientID))
 	}
 	return nil
 }

@@ -40,6 +40,7 @@ func (s *Service) Handler(adminToken string) http.Handler {
 	mux.HandleFunc("GET "+PolicyKeysPath, s.handlePolicyKeys)
 	mux.HandleFunc("GET /edgegate/v1/gateways/{gw}/policy", s.handlePolicy)
 	mux.HandleFunc("POST /edgegate/v1/gateways/{gw}/receipts", s.handleReceipt)
+	mux.HandleFunc("GET /edgegate/v1/gateways/{gw}/push-credentials", s.handlePushCredentials) // pushext.go
 	mux.Handle("GET "+MetricsPath, promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{Timeout: 10 * time.Second}))
 	if adminToken != "" {
 		mux.Handle("POST "+AdminPushPath, s.admin(adminToken, s.handleAdminPush))

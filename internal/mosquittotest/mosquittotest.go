@@ -32,7 +32,7 @@ const DynsecPlugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 // loopback listener. With dynsecAdmin set, the dynamic-security plugin is
 // loaded with a fresh configuration whose only account is that admin
 // (password AdminPassword), made by mosquitto_ctrl dynsec init.
-func Start(t *testing.T, dynsecAdmin string, conf ...string) *Broker {
+func Start(t testing.TB, dynsecAdmin string, conf ...string) *Broker {
 	t.Helper()
 	bin := "/usr/sbin/mosquitto"
 	if _, err := os.Stat(bin); err != nil {
@@ -93,6 +93,43 @@ func Start(t *testing.T, dynsecAdmin string, conf ...string) *Broker {
 		_ = m.cmd.Wait()
 	})
 	return m
+}
+
+// Stop kills the broker now (a crash or an outage); the test's cleanup
+// finds it stopped.
+func (m *Broker) Stop() {
+	_ = m.cmd.Process.Kill()
+	_ = m.cmd.Wait()
+}
+
+// FreePort is a loopback port free a moment ago, for a further listener
+// given in Start's conf (Start waits for its first listener; Mosquitto
+// opens every listener before it serves any).
+func FreePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// TLSListener is the conf of a TLS listener on port with the PEM files
+// certFile (chain) and keyFile, for Start.
+func TLSListener(port int, certFile, keyFile string) []string {
+	return []string{fmt.Sprintf("listener %d 127.0.0.1", port), "certfile " + certFile, "keyfile " + keyFile}
+}
+
+// Ctrl runs mosquitto_ctrl against the broker's plain listener as the
+// dynsec administrator admin (as an operator would provision it).
+func (m *Broker) Ctrl(t testing.TB, admin string, args ...string) {
+	t.Helper()
+	host, port, _ := net.SplitHostPort(m.Addr)
+	full := append([]string{"-h", host, "-p", port, "-u", admin, "-P", AdminPassword, "dynsec"}, args...)
+	if out, err := exec.Command("mosquitto_ctrl", full...).CombinedOutput(); err != nil {
+		t.Fatalf("mosquitto_ctrl dynsec %s: %v %s", strings.Join(args, " "), err, out)
+	}
 }
 
 // AdminPassword is the dynsec administrator's password.
