@@ -71,6 +71,9 @@ type peerPhase struct {
 	P50MS         float64 `json:"p50_ms"`          // publish (generator's t0) -> accepted at the sink
 	P99MS         float64 `json:"p99_ms"`
 	PublishFailed int     `json:"publish_failed"` // no PUBACK within 30 s
+	// LoadAvg is the machine's 1-minute load average at the phase's end
+	// (/proc/loadavg): above the 2 cores, other work shared the machine.
+	LoadAvg float64 `json:"load_avg_1m"`
 	seqCounts
 }
 
@@ -113,11 +116,16 @@ func runPeers(args []string) error {
 	out := fs.String("out", "docs/bench/peers-results.json", "results file")
 	svg := fs.String("svg", "docs/bench/peers.svg", "chart")
 	tg := fs.String("telegraf", filepath.Join(".cache", "telegraf-v"+telegrafVersion, "telegraf"), "the Telegraf binary `make telegraf` built")
+	printConf := fs.Bool("print-telegraf-conf", false, "print Telegraf's configuration (docs/bench/telegraf.conf) and exit")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if *printConf {
+		fmt.Print(renderTelegrafConf(telegrafDocParams(telegrafFlush)))
+		return nil
+	}
 	cfg := peersConfig{Quick: os.Getenv("BENCH_PEERS_QUICK") == "1", Devices: 50, PacedRate: 1500, Window: 32,
-		Telegraf: *tg, Flush: 200 * time.Millisecond}
+		Telegraf: *tg, Flush: telegrafFlush}
 	cfg.Readings, cfg.Paced = 50000, 10*time.Second
 	if cfg.Quick {
 		cfg.Readings, cfg.Paced = 5000, 3*time.Second
@@ -167,8 +175,7 @@ func runPeers(args []string) error {
 			if b, err := os.ReadFile(filepath.Join(filepath.Dir(cfg.Telegraf), "build-seconds")); err == nil {
 				fmt.Sscan(string(b), &res.TelegrafBuildSeconds)
 			}
-			res.TelegrafConf = renderTelegrafConf(telegrafParams{MQTT: "tcp://127.0.0.1:<port>", URL: "https://127.0.0.1:<port>/telegraf",
-				CA: "<dir>/telegraf-sink-ca.pem", Flush: cfg.Flush.String()})
+			res.TelegrafConf = renderTelegrafConf(telegrafDocParams(cfg.Flush))
 		}
 	}
 	ctx := context.Background()
@@ -180,8 +187,8 @@ func runPeers(args []string) error {
 			r.Error = err.Error()
 		}
 		for _, p := range r.Phases {
-			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d\n",
-				p.Name, p.TargetRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray)
+			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d, load %.1f\n",
+				p.Name, p.TargetRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray, p.LoadAvg)
 		}
 		res.Systems = append(res.Systems, r)
 	}
@@ -260,13 +267,26 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		} else {
 			mainPID, brokerPID = brokerPID, 0 // the broker is the system
 		}
+		// paho calls the handler in delivery order on its reading
+		// goroutine: it only stamps and queues each message, so that a
+		// slow handler does not back up into the broker (mochi drops QoS 1
+		// messages for a client whose pending writes overflow).
+		msgs := make(chan rawMsg, 1<<16)
+		counted := make(chan struct{})
+		go func() {
+			defer close(counted)
+			for m := range msgs {
+				recordRaw(s, m.at, m.topic, m.payload)
+			}
+		}()
 		sub, _, _, err := subscribe(mqttURL, "devices/+/telemetry", func(m paho.Message) {
-			recordRaw(s, time.Now(), m.Topic(), m.Payload())
+			msgs <- rawMsg{at: time.Now(), topic: m.Topic(), payload: m.Payload()}
 		})
 		if err != nil {
+			close(msgs)
 			return r, err
 		}
-		stops = append(stops, func() error { sub.Disconnect(100); return nil })
+		stops = append(stops, func() error { sub.Disconnect(100); close(msgs); <-counted; return nil })
 	case "telegraf":
 		ts = startTelegrafSink(s)
 		stops = append(stops, func() error { ts.srv.Close(); return nil })
@@ -329,6 +349,9 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		}
 	}
 	phase := func(name string, total int, rate float64, maxDur time.Duration) peerPhase {
+		// What the previous load left (compactions, GC, deletes) is not
+		// this phase's CPU.
+		waitIdle(10*time.Second, mainPID, brokerPID)
 		s.reset(true)
 		m0, b0 := cpuOf(mainPID), cpuOf(brokerPID)
 		start := time.Now()
@@ -338,7 +361,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		s.waitSettled(pr.Sent, 15*time.Second, 5*time.Minute)
 		m1, b1 := cpuOf(mainPID), cpuOf(brokerPID)
 		st := s.stats()
-		p := peerPhase{Name: name, TargetRate: rate, CPUMainMS: ms(m1 - m0), CPUBrokerMS: ms(b1 - b0),
+		p := peerPhase{Name: name, TargetRate: rate, LoadAvg: loadAvg(), CPUMainMS: ms(m1 - m0), CPUBrokerMS: ms(b1 - b0),
 			P50MS: ms(st.P50), P99MS: ms(st.P99), PublishFailed: pr.Failed, seqCounts: s.tally(f.base, ids, pr.PerDevice)}
 		f.base += int64(total)
 		if wall := st.Last.Sub(start); p.Received > 0 && wall > 0 {
@@ -366,6 +389,40 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		}
 	}
 	return r, nil
+}
+
+type rawMsg struct {
+	at      time.Time
+	topic   string
+	payload []byte
+}
+
+// waitIdle waits, at most limit, until the processes used less than 5 %
+// of a core over 500 ms.
+func waitIdle(limit time.Duration, pids ...int) {
+	end := time.Now().Add(limit)
+	sum := func() (d time.Duration) {
+		for _, p := range pids {
+			d += cpuOf(p)
+		}
+		return d
+	}
+	for time.Now().Before(end) {
+		c0 := sum()
+		time.Sleep(500 * time.Millisecond)
+		if sum()-c0 < 25*time.Millisecond {
+			return
+		}
+	}
+}
+
+// loadAvg is the 1-minute load average.
+func loadAvg() float64 {
+	var l float64
+	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
+		fmt.Sscan(string(b), &l)
+	}
+	return l
 }
 
 // cpuOf is user+system CPU of pid; 0 for no process.

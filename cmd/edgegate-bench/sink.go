@@ -30,9 +30,9 @@ type sink struct {
 
 // devSeq is what one device's readings looked like on arrival.
 type devSeq struct {
-	seen map[int64]int // receipts per sequence number
-	max  int64         // highest sequence number received so far
-	ooo  int           // first receipts of a number lower than max
+	seen map[int64]int      // receipts per sequence number
+	max  int64              // highest sequence number received so far
+	ooo  map[int64]struct{} // numbers whose first receipt came after a higher one's
 }
 
 func newSink() *sink {
@@ -90,13 +90,13 @@ func (s *sink) addLocked(now time.Time, dev string, n int64, hasN bool, t0 int64
 	} else {
 		d := s.devs[dev]
 		if d == nil {
-			d = &devSeq{seen: map[int64]int{}, max: -1}
+			d = &devSeq{seen: map[int64]int{}, max: -1, ooo: map[int64]struct{}{}}
 			s.devs[dev] = d
 		}
 		c := d.seen[n]
 		d.seen[n] = c + 1
 		if c == 0 && n < d.max {
-			d.ooo++
+			d.ooo[n] = struct{}{}
 		}
 		d.max = max(d.max, n)
 	}
@@ -156,9 +156,9 @@ func (s *sink) tally(base int64, ids []string, sent []int) seqCounts {
 			}
 			c.Received++
 			c.Duplicates += k - 1
-		}
-		if known {
-			c.OutOfOrder += d.ooo
+			if _, late := d.ooo[n]; late {
+				c.OutOfOrder++
+			}
 		}
 	}
 	c.Lost = c.Published - c.Received
