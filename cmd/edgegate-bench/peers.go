@@ -240,7 +240,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		}
 	}()
 	devs := makeDevices(cfg.Devices)
-	s := newSink()
+	s := newSeqSink()
 	var mainPID, brokerPID int
 	var mqttURL string
 	if sys.Broker == "mosquitto" {

@@ -53,7 +53,7 @@ func TestDecodeTelegrafBatch(t *testing.T) {
 // The sink counts, per device, what arrived of a phase: device i's k-th
 // reading is numbered base + k*m + i.
 func TestSinkTally(t *testing.T) {
-	s := newSink()
+	s := newSeqSink()
 	s.reset(true)
 	now := time.Now()
 	ids := []string{"a", "b"}
@@ -90,7 +90,7 @@ func TestSinkTally(t *testing.T) {
 // The gateway's readings arrive as NGSI attributes at the simulated
 // broker; the raw subscriber's as the fleet's payload.
 func TestSinkDecodesNGSIAndRaw(t *testing.T) {
-	s := newSink()
+	s := newSeqSink()
 	s.reset(true)
 	t0 := time.Now().Add(-5 * time.Millisecond).UnixNano()
 	s.onUpdate(centralsim.Update{Device: "bench-001", Verdict: centralsim.VerdictValid, Attrs: map[string]json.RawMessage{

@@ -35,7 +35,12 @@ type devSeq struct {
 	ooo  map[int64]struct{} // numbers whose first receipt came after a higher one's
 }
 
-func newSink() *sink {
+func newSink() *sink { return &sink{changed: make(chan struct{})} }
+
+// newSeqSink is a sink that also tracks each device's sequence numbers
+// (`edgegate-bench peers`); `make bench` does without, its backlog drains
+// a million readings through the sink.
+func newSeqSink() *sink {
 	return &sink{changed: make(chan struct{}), devs: map[string]*devSeq{}}
 }
 
@@ -85,9 +90,11 @@ func (s *sink) addLocked(now time.Time, dev string, n int64, hasN bool, t0 int64
 	if lat := now.Sub(time.Unix(0, t0)); s.recordLat && t0 > 0 && lat > 0 {
 		s.lat = append(s.lat, lat)
 	}
-	if dev == "" || !hasN {
+	switch {
+	case s.devs == nil:
+	case dev == "" || !hasN:
 		s.noSeq++
-	} else {
+	default:
 		d := s.devs[dev]
 		if d == nil {
 			d = &devSeq{seen: map[int64]int{}, max: -1, ooo: map[int64]struct{}{}}
@@ -112,7 +119,9 @@ func (s *sink) reset(recordLat bool) {
 	s.first, s.last = time.Time{}, time.Time{}
 	s.lat = nil
 	s.recordLat = recordLat
-	s.devs = map[string]*devSeq{}
+	if s.devs != nil {
+		s.devs = map[string]*devSeq{}
+	}
 }
 
 func (s *sink) count() int {
