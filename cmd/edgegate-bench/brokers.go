@@ -17,11 +17,13 @@ import (
 
 // startMochi runs a plain mochi broker (the library the embedded broker is
 // built on, same version, same capabilities) with every login allowed: the
-// limit the embedded broker's own delivery puts on the gateway.
-func startMochi() (*mochi.Server, string, error) {
+// limit the embedded broker's own delivery puts on the gateway. Past
+// writesPending messages queued to one client, mochi drops what it would
+// deliver to it.
+func startMochi(writesPending int32) (*mochi.Server, string, error) {
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.ReceiveMaximum = 64
-	caps.MaximumClientWritesPending = 1024
+	caps.MaximumClientWritesPending = writesPending
 	srv := mochi.New(&mochi.Options{Capabilities: caps, Logger: slog.New(slog.DiscardHandler)})
 	if err := srv.AddHook(new(auth.AllowHook), nil); err != nil {
 		return nil, "", err

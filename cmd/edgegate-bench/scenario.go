@@ -120,7 +120,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 			return r, fmt.Errorf("mosquitto limit: %w", err)
 		}
 	default:
-		srv, url, err := startMochi()
+		srv, url, err := startMochi(1024)
 		if err != nil {
 			return r, err
 		}
