@@ -1,10 +1,14 @@
 package main
 
 import (
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"encoding/xml"
 	"errors"
 	"io"
+	"net/http"
 	"os"
 	"strings"
 	"testing"
@@ -189,5 +193,46 @@ func TestTelegrafConfShipped(t *testing.T) {
 		if !strings.Contains(want, s) {
 			t.Errorf("conf lacks %q", s)
 		}
+	}
+}
+
+// Telegraf's endpoint over real TLS, trusted through the CA file the run
+// gives Telegraf: a batch is counted per reading and answered 204; a body
+// that does not decode is answered 400 and counted bad (Telegraf keeps and
+// retries a batch that failed).
+func TestTelegrafSinkHTTPS(t *testing.T) {
+	s := newSeqSink()
+	s.reset(true)
+	ts := startTelegrafSink(s)
+	defer ts.srv.Close()
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(ts.caPEM()) {
+		t.Fatal("the sink's CA PEM does not parse")
+	}
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	body, err := os.ReadFile("testdata/telegraf-batch.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	post := func(b []byte) int {
+		t.Helper()
+		resp, err := c.Post(ts.srv.URL+"/telegraf", "application/json", bytes.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if code := post(body); code != http.StatusNoContent {
+		t.Fatalf("batch: status %d, want 204", code)
+	}
+	if code := post([]byte(`{"metrics":[`)); code != http.StatusBadRequest {
+		t.Fatalf("truncated batch: status %d, want 400", code)
+	}
+	if got := s.tally(0, []string{"bench-000", "bench-001"}, []int{1, 1}); got != (seqCounts{Published: 2, Received: 2}) {
+		t.Fatalf("tally = %+v", got)
+	}
+	if ts.requests.Load() != 1 || ts.bad.Load() != 1 {
+		t.Fatalf("requests %d, bad %d; want 1 and 1", ts.requests.Load(), ts.bad.Load())
 	}
 }
