@@ -159,7 +159,9 @@ func runPeers(args []string) error {
 	if err != nil {
 		return err
 	}
-	var bin string
+	// BENCH_PEERS_EDGEGATE runs a prebuilt daemon instead of this tree's:
+	// before and after a change, in the same harness.
+	bin := os.Getenv("BENCH_PEERS_EDGEGATE")
 	for _, sys := range systems {
 		switch {
 		case sys.Kind == "edgegate" && bin == "":
