@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"strings"
 	"text/template"
+
+	"github.com/edgegate/edgegate/internal/logx"
 )
 
 // The chart of `edgegate-bench peers` (docs/bench/peers.svg): a
@@ -53,15 +55,15 @@ const svgTmpl = `<svg xmlns="http://www.w3.org/2000/svg" width="{{.W}}" height="
 {{- range .Legend}}
 <rect x="{{.X}}" y="{{.Y}}" width="10" height="10" fill="{{.Fill}}"/><text x="{{printf "%.0f" (add .X 14)}}" y="{{printf "%.0f" (add .Y 9)}}">{{.Label}}</text>
 {{- end}}
+{{- if .RefX}}
+<line x1="{{printf "%.1f" .RefX}}" y1="{{.RefY1}}" x2="{{printf "%.1f" .RefX}}" y2="{{.RefY2}}" stroke="#333333" stroke-dasharray="4 3"/><text x="{{printf "%.1f" .RefX}}" y="{{printf "%.0f" (sub .RefY1 3)}}" text-anchor="middle" font-size="10">Telegraf = 1.0</text>
+{{- end}}
 {{- range .Rows}}
 <text x="300" y="{{printf "%.0f" (add .Y 12)}}" text-anchor="end">{{.Name}}</text>
-{{- if .Error}}<text x="310" y="{{printf "%.0f" (add .Y 12)}}" fill="#b00000">{{.Error}}</text>{{end}}
+{{- if .Error}}<text x="310" y="{{printf "%.0f" (add .Y 12)}}" fill="{{if eq .Error "—"}}#777777{{else}}#b00000{{end}}">{{.Error}}</text>{{end}}
 {{- range .Bars}}
 <rect x="{{.X}}" y="{{.Y}}" width="{{printf "%.1f" .W}}" height="{{.H}}" fill="{{.Fill}}"/><text x="{{printf "%.1f" (add (add .X .W) 4)}}" y="{{printf "%.0f" (add .Y (sub .H 2))}}" font-size="11">{{.Label}}</text>
 {{- end}}
-{{- end}}
-{{- if .RefX}}
-<line x1="{{printf "%.1f" .RefX}}" y1="{{.RefY1}}" x2="{{printf "%.1f" .RefX}}" y2="{{.RefY2}}" stroke="#333333" stroke-dasharray="4 3"/><text x="{{printf "%.1f" .RefX}}" y="{{printf "%.0f" (sub .RefY1 3)}}" text-anchor="middle" font-size="10">Telegraf = 1.0</text>
 {{- end}}
 {{- end}}
 </svg>
@@ -85,9 +87,10 @@ func peersSVG(res *peersResults) string {
 	y := 70.0
 	// Panel 1: burst rate ÷ Telegraf.
 	p1 := svgPanel{Title: "burst rate ÷ Telegraf's burst rate", Y: y}
-	maxR := 1.0
+	maxR, haveTelegraf := 1.0, false
 	for _, r := range res.Rows {
 		maxR = max(maxR, r.VsTelegraf)
+		haveTelegraf = haveTelegraf || r.VsTelegraf > 0
 	}
 	y += 12
 	p1.RefY1 = y
@@ -98,15 +101,15 @@ func peersSVG(res *peersResults) string {
 			row.Bars = []svgBar{{X: left, Y: y, W: span * r.VsTelegraf / maxR, H: 16, Fill: barColour(r.Name),
 				Label: fmt.Sprintf("%.2f × (%.0f /s)", r.VsTelegraf, r.Rate)}}
 		case r.Error != "":
-			row.Error = "error"
+			row.Error = "error: " + xmlEscape(logx.Clip(r.Error, 70))
 		default:
-			row.Error = "—"
+			row.Error = "—" // no Telegraf row in this run
 		}
 		p1.Rows = append(p1.Rows, row)
 		y += 22
 	}
 	p1.RefY2 = y
-	if maxR > 0 {
+	if haveTelegraf {
 		p1.RefX = left + span/maxR
 	}
 	y += 30
