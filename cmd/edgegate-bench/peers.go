@@ -273,22 +273,31 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		// goroutine: it only stamps and queues each message, so that a
 		// slow handler does not back up into the broker (mochi drops QoS 1
 		// messages for a client whose pending writes overflow).
-		msgs := make(chan rawMsg, 1<<16)
-		counted := make(chan struct{})
+		// msgs is never closed (paho may still be in the handler while it
+		// disconnects): done ends both sides.
+		msgs, done, counted := make(chan rawMsg, 1<<16), make(chan struct{}), make(chan struct{})
 		go func() {
 			defer close(counted)
-			for m := range msgs {
-				recordRaw(s, m.at, m.topic, m.payload)
+			for {
+				select {
+				case m := <-msgs:
+					recordRaw(s, m.at, m.topic, m.payload)
+				case <-done:
+					return
+				}
 			}
 		}()
+		stops = append(stops, func() error { close(done); <-counted; return nil })
 		sub, _, _, err := subscribe(mqttURL, "devices/+/telemetry", func(m paho.Message) {
-			msgs <- rawMsg{at: time.Now(), topic: m.Topic(), payload: m.Payload()}
+			select {
+			case msgs <- rawMsg{at: time.Now(), topic: m.Topic(), payload: m.Payload()}:
+			case <-done:
+			}
 		})
 		if err != nil {
-			close(msgs)
 			return r, err
 		}
-		stops = append(stops, func() error { sub.Disconnect(100); close(msgs); <-counted; return nil })
+		stops = append(stops, func() error { sub.Disconnect(100); return nil })
 	case "telegraf":
 		ts = startTelegrafSink(s)
 		stops = append(stops, func() error { ts.srv.Close(); return nil })
