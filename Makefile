@@ -53,10 +53,11 @@ bench:
 # Issue 20: the gateway beside Telegraf and the raw broker, one run, one
 # table (docs/performance.md); writes docs/bench/peers-results.json and
 # docs/bench/peers.svg:
-#   make bench-peers                        full run (~6 minutes on 2 cores)
+#   make bench-peers                        full run (~7 minutes on 2 shared cores)
 #   BENCH_PEERS_QUICK=1 make bench-peers    smoke run (~1 minute)
 #   BENCH_PEERS_READINGS=20000              readings per burst (default 50,000)
 #   BENCH_PEERS_ONLY=raw,telegraf           only the systems whose name holds one of these
+#   BENCH_PEERS_ROUNDS=2                    run every system twice (reversed order), keep each one's best burst
 # `make telegraf` builds Telegraf from the Go module proxy with only the
 # plugins the run uses (Telegraf's build tags) into a git-ignored cache, and
 # skips the build when that binary is there with this version and tags.

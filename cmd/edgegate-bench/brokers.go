@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"os/exec"
@@ -24,6 +25,12 @@ func startMochi(writesPending int32) (*mochi.Server, string, error) {
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.ReceiveMaximum = 64
 	caps.MaximumClientWritesPending = writesPending
+	// Past MaximumInflight unacknowledged QoS 1 messages to one client
+	// (8,192 by default) mochi drops too ("client store quota reached"):
+	// as deep as the pending writes, up to the 65,535 packet ids.
+	if writesPending > int32(caps.MaximumInflight) {
+		caps.MaximumInflight = uint16(min(writesPending, math.MaxUint16))
+	}
 	srv := mochi.New(&mochi.Options{Capabilities: caps, Logger: slog.New(slog.DiscardHandler)})
 	if err := srv.AddHook(new(auth.AllowHook), nil); err != nil {
 		return nil, "", err

@@ -81,8 +81,8 @@ func peersSVG(res *peersResults) string {
 	lo, hi := loadRange(res.Systems)
 	span := width - left - right
 	c := svgChart{W: width, Title: "edgegate vs Telegraf " + xmlEscape(res.TelegrafVersion) + " vs the raw broker",
-		Subtitle: xmlEscape(fmt.Sprintf("%s, %d cores (load %.1f–%.1f), %d QoS 1 devices, %d-reading bursts, paced %.0f/s; %s%s",
-			res.Machine.CPU, res.Machine.Cores, lo, hi, res.Devices, res.Readings, res.PacedRate, res.Started.Format("2006-01-02"),
+		Subtitle: xmlEscape(fmt.Sprintf("%s, %d cores (load %.1f–%.1f), %d QoS 1 devices, %d-reading bursts, paced %.0f/s; best of %d round(s); %s%s",
+			res.Machine.CPU, res.Machine.Cores, lo, hi, res.Devices, res.Readings, res.PacedRate, max(res.Rounds, 1), res.Started.Format("2006-01-02"),
 			map[bool]string{true: " (quick run)"}[res.Quick]))}
 	y := 70.0
 	// Panel 1: burst rate ÷ Telegraf.

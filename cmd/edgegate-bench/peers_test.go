@@ -127,7 +127,12 @@ func TestPeerRowsArithmetic(t *testing.T) {
 			Phases: []peerPhase{ph("burst", 6000, 80, seqCounts{Lost: 1}), ph("paced", 1500, 90, seqCounts{OutOfOrder: 2}),
 				{Name: "half", TargetRate: 3000, P50MS: 4, P99MS: 40, seqCounts: seqCounts{Duplicates: 3, Stray: 1}}}},
 		{peerSystem: peerSystem{Name: "eg m", Kind: "edgegate", Broker: "mosquitto", Mode: "filter"}, Error: "boom"},
+		// A second, slower round of "eg e": the row keeps the faster
+		// round's figures and adds this round's counters.
+		{peerSystem: peerSystem{Name: "eg e", Kind: "edgegate", Broker: "embedded", Mode: "batch"}, Round: 2,
+			Phases: []peerPhase{ph("burst", 3000, 200, seqCounts{Lost: 4})}},
 	}
+	rs[3].Round = 1
 	rows := peerRows(rs)
 	if len(rows) != 5 {
 		t.Fatalf("%d rows", len(rows))
@@ -136,7 +141,10 @@ func TestPeerRowsArithmetic(t *testing.T) {
 	if eg.VsTelegraf != 1.2 || eg.VsRaw != 0.6 || eg.CPUPacedVsTelegraf != 1.5 || eg.CPUBurst != 80 || eg.CPUPaced != 90 {
 		t.Errorf("embedded row = %+v: want 1.2 × Telegraf, 0.6 × its raw broker, 1.5 × Telegraf's CPU at the paced rate", eg)
 	}
-	if eg.Lost != 1 || eg.OutOfOrder != 2 || eg.Duplicates != 3 || eg.Stray != 1 || eg.HalfRate != 3000 || eg.P99Half != 40 {
+	if eg.Round != 1 || eg.Rounds != 2 {
+		t.Errorf("embedded row from round %d of %d, want 1 of 2", eg.Round, eg.Rounds)
+	}
+	if eg.Lost != 5 || eg.OutOfOrder != 2 || eg.Duplicates != 3 || eg.Stray != 1 || eg.HalfRate != 3000 || eg.P99Half != 40 {
 		t.Errorf("embedded row counters = %+v", eg)
 	}
 	if tg := rows[2]; tg.VsTelegraf != 1 || tg.VsRaw != 0.25 || tg.RSSBrokerMB != 9 {
@@ -152,6 +160,11 @@ func TestPeerRowsArithmetic(t *testing.T) {
 		t.Errorf("cpuPer1k over no readings = %v, want 0", got)
 	}
 	// Without a Telegraf row, no ratio to it (not a division by zero).
+	// A faster later round replaces the row's figures.
+	rs[5].Phases[0].Rate = 9000
+	if rows := peerRows(rs); rows[3].Rate != 9000 || rows[3].CPUBurst != 200 || rows[3].Round != 2 || rows[3].VsTelegraf != 1.8 {
+		t.Errorf("faster second round: %+v", rows[3])
+	}
 	if rows := peerRows(rs[3:4]); rows[0].VsTelegraf != 0 || rows[0].VsRaw != 0 {
 		t.Errorf("alone: %+v", rows[0])
 	}
@@ -159,7 +172,7 @@ func TestPeerRowsArithmetic(t *testing.T) {
 	res := &peersResults{Machine: machine{CPU: "x & <y>", Cores: 2}, TelegrafVersion: telegrafVersion, PacedRate: 1500, Rows: rows}
 	var out strings.Builder
 	printPeers(&out, res)
-	for _, want := range []string{"| eg e | 6000 | 1.20 | 0.60 | 80 | 90 | 1.50 |", "| 1 / 3 / 2 (+1 stray) |", "| eg m | error: boom |"} {
+	for _, want := range []string{"| eg e | 6000 | 1.20 | 0.60 | 80 | 90 | 1.50 |", "| 5 / 3 / 2 (+1 stray) |", "| eg m | error: boom |"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}
