@@ -62,13 +62,13 @@ var peerSystems = []peerSystem{
 
 // peerPhase is one load of one system: a burst, or a paced run.
 type peerPhase struct {
-	Name          string  `json:"name"`                  // burst | paced | half
-	TargetRate    float64 `json:"target_readings_per_s"` // 0: as fast as PUBACKs allow
-	Rate          float64 `json:"readings_per_s"`        // distinct readings received / (last receipt - first publish)
-	Seconds       float64 `json:"seconds"`
-	CPUMainMS     float64 `json:"cpu_main_ms"`
-	CPUBrokerMS   float64 `json:"cpu_broker_ms"`   // Mosquitto, when it is a separate process of the system
-	CPUPer1k      float64 `json:"cpu_ms_per_1000"` // (main + broker) per 1,000 readings received
+	Name        string  `json:"name"`                  // burst | paced | half
+	TargetRate  float64 `json:"target_readings_per_s"` // 0: as fast as PUBACKs allow
+	Rate        float64 `json:"readings_per_s"`        // distinct readings received / (last receipt - first publish)
+	Seconds     float64 `json:"seconds"`
+	CPUMainMS   float64 `json:"cpu_main_ms"`
+	CPUBrokerMS float64 `json:"cpu_broker_ms"`   // Mosquitto, when it is a separate process of the system
+	CPUPer1k    float64 `json:"cpu_ms_per_1000"` // (main + broker) per 1,000 readings received
 	// MainCores is the main process's CPU / the phase's wall time: well
 	// below 1 while the rate is low, it waited (fsync, the network, the
 	// shared cores), it did not compute.
@@ -78,7 +78,7 @@ type peerPhase struct {
 	// service verifying every token and signature. It is in no row's CPU,
 	// but it shares the cores.
 	BenchCPUPer1k float64 `json:"bench_process_cpu_ms_per_1000"`
-	P50MS         float64 `json:"p50_ms"`          // publish (generator's t0) -> accepted at the sink
+	P50MS         float64 `json:"p50_ms"` // publish (generator's t0) -> accepted at the sink
 	P99MS         float64 `json:"p99_ms"`
 	PublishFailed int     `json:"publish_failed"` // no PUBACK within 30 s
 	// LoadAvg is the machine's 1-minute load average at the phase's end
