@@ -193,6 +193,15 @@ func runPeers(args []string) error {
 			res.TelegrafConf = renderTelegrafConf(telegrafDocParams(cfg.Flush))
 		}
 	}
+	if path := os.Getenv("BENCH_SELF_PROFILE"); path != "" {
+		// A CPU profile of this process: the devices, the sinks and, for
+		// the gateway rows, the simulated central service.
+		stop, err := startCPUProfile(path)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
 	ctx := context.Background()
 	var order []peerSystem
 	for round := 1; round <= cfg.Rounds; round++ {
