@@ -61,6 +61,9 @@ bench:
 # `make telegraf` builds Telegraf from the Go module proxy with only the
 # plugins the run uses (Telegraf's build tags) into a git-ignored cache, and
 # skips the build when that binary is there with this version and tags.
+# (`go install pkg@version` works because v1.37.2's go.mod has no replace
+# directive; a version with one would need its module directory copied
+# into the cache and built there with GOFLAGS=-mod=mod.)
 TELEGRAF_VERSION := v1.37.2
 TELEGRAF_TAGS := custom,inputs.mqtt_consumer,outputs.http,parsers.json,serializers.json
 TELEGRAF_DIR := .cache/telegraf-$(TELEGRAF_VERSION)
