@@ -64,6 +64,43 @@ bench:
 	$(GO) build -o bin/edgegate-bench ./cmd/edgegate-bench
 	./bin/edgegate-bench -out docs/bench/results.json -skip '$(BENCH_SKIP)'
 
+# Issue 20: the gateway beside Telegraf and the raw broker, one run, one
+# table (docs/performance.md); writes docs/bench/peers-results.json and
+# docs/bench/peers.svg:
+#   make bench-peers                        full run (~7 minutes on 2 shared cores)
+#   BENCH_PEERS_QUICK=1 make bench-peers    smoke run (~1 minute)
+#   BENCH_PEERS_READINGS=20000              readings per burst (default 50,000)
+#   BENCH_PEERS_ONLY=raw,telegraf           only the systems whose name holds one of these
+#   BENCH_PEERS_ROUNDS=2                    run every system twice (reversed order), keep each one's best burst
+# `make telegraf` builds Telegraf from the Go module proxy with only the
+# plugins the run uses (Telegraf's build tags) into a git-ignored cache, and
+# skips the build when that binary is there with this version and tags.
+# (`go install pkg@version` works because v1.37.2's go.mod has no replace
+# directive; a version with one would need its module directory copied
+# into the cache and built there with GOFLAGS=-mod=mod.)
+TELEGRAF_VERSION := v1.37.2
+TELEGRAF_TAGS := custom,inputs.mqtt_consumer,outputs.http,parsers.json,serializers.json
+TELEGRAF_DIR := .cache/telegraf-$(TELEGRAF_VERSION)
+TELEGRAF := $(TELEGRAF_DIR)/telegraf
+.PHONY: telegraf bench-peers
+telegraf:
+	@if [ -x $(TELEGRAF) ] \
+	  && $(GO) version -m $(TELEGRAF) | grep -Eq 'mod[[:space:]]+github.com/influxdata/telegraf[[:space:]]+$(TELEGRAF_VERSION)[[:space:]]' \
+	  && $(GO) version -m $(TELEGRAF) | grep -Eq -- '-tags=$(TELEGRAF_TAGS)$$'; then \
+	  echo "telegraf $(TELEGRAF_VERSION): cached in $(TELEGRAF) (built in $$(cat $(TELEGRAF_DIR)/build-seconds 2>/dev/null || echo ?) s)"; \
+	else \
+	  echo "building telegraf $(TELEGRAF_VERSION) ($(TELEGRAF_TAGS)) into $(TELEGRAF_DIR)"; \
+	  mkdir -p $(TELEGRAF_DIR) && start=$$(date +%s.%N) && \
+	  CGO_ENABLED=0 GOFLAGS= GOBIN=$(CURDIR)/$(TELEGRAF_DIR) $(GO) install -trimpath -tags '$(TELEGRAF_TAGS)' \
+	    -ldflags '-s -w -X github.com/influxdata/telegraf/internal.Version=$(TELEGRAF_VERSION:v%=%)' \
+	    github.com/influxdata/telegraf/cmd/telegraf@$(TELEGRAF_VERSION) && \
+	  awk "BEGIN { printf \"%.0f\n\", $$(date +%s.%N) - $$start }" > $(TELEGRAF_DIR)/build-seconds && \
+	  echo "built in $$(cat $(TELEGRAF_DIR)/build-seconds) s"; \
+	fi
+bench-peers: telegraf
+	$(GO) build -o bin/edgegate-bench ./cmd/edgegate-bench
+	./bin/edgegate-bench peers -telegraf $(TELEGRAF) -out docs/bench/peers-results.json -svg docs/bench/peers.svg
+
 fuzz: fuzz-all
 
 # edgegate-central at fleet scale: 10,000 gateways, 1,000,000 devices

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"os/exec"
@@ -17,11 +18,19 @@ import (
 
 // startMochi runs a plain mochi broker (the library the embedded broker is
 // built on, same version, same capabilities) with every login allowed: the
-// limit the embedded broker's own delivery puts on the gateway.
-func startMochi() (*mochi.Server, string, error) {
+// limit the embedded broker's own delivery puts on the gateway. Past
+// writesPending messages queued to one client, mochi drops what it would
+// deliver to it.
+func startMochi(writesPending int32) (*mochi.Server, string, error) {
 	caps := mochi.NewDefaultServerCapabilities()
 	caps.ReceiveMaximum = 64
-	caps.MaximumClientWritesPending = 1024
+	caps.MaximumClientWritesPending = writesPending
+	// Past MaximumInflight unacknowledged QoS 1 messages to one client
+	// (8,192 by default) mochi drops too ("client store quota reached"):
+	// as deep as the pending writes, up to the 65,535 packet ids.
+	if writesPending > int32(caps.MaximumInflight) {
+		caps.MaximumInflight = uint16(min(writesPending, math.MaxUint16))
+	}
 	srv := mochi.New(&mochi.Options{Capabilities: caps, Logger: slog.New(slog.DiscardHandler)})
 	if err := srv.AddHook(new(auth.AllowHook), nil); err != nil {
 		return nil, "", err

@@ -32,6 +32,10 @@ func makeDevices(n int) []device {
 type fleet struct {
 	devs    []device
 	clients []paho.Client
+	// base numbers the next publish's readings: device i's k-th reading
+	// carries "n" = base + k*m + i (m devices), so that a sink can tell
+	// the phases of a run apart (`edgegate-bench peers` advances it).
+	base int64
 }
 
 // connectFleet connects every device to url; withCreds logs in with the
@@ -81,6 +85,7 @@ func payload(n int) []byte {
 type publishResult struct {
 	Sent, Acked, Failed int
 	Elapsed             time.Duration
+	PerDevice           []int // sent, by device
 }
 
 // publish sends total readings, spread evenly over the devices, QoS 1,
@@ -94,6 +99,7 @@ func (f *fleet) publish(ctx context.Context, total int, rate float64, window int
 	defer cancel()
 	m := len(f.clients)
 	var sent, acked, failed atomic.Int64
+	perDev := make([]int, m)
 	start := time.Now()
 	var wg sync.WaitGroup
 	for i, c := range f.clients {
@@ -120,6 +126,8 @@ func (f *fleet) publish(ctx context.Context, total int, rate float64, window int
 				}
 			})
 			defer func() { close(toks); inner.Wait() }()
+			n := 0
+			defer func() { perDev[i] = n }()
 			for k := 0; k < share; k++ {
 				if interval > 0 {
 					due := start.Add(offset + time.Duration(k)*interval)
@@ -136,8 +144,9 @@ func (f *fleet) publish(ctx context.Context, total int, rate float64, window int
 				if ctx.Err() != nil {
 					return
 				}
-				tok := c.Publish(topic, 1, false, payload(k*m+i))
+				tok := c.Publish(topic, 1, false, payload(int(f.base)+k*m+i))
 				sent.Add(1)
+				n++
 				select {
 				case toks <- tok:
 				case <-ctx.Done():
@@ -147,17 +156,18 @@ func (f *fleet) publish(ctx context.Context, total int, rate float64, window int
 		})
 	}
 	wg.Wait()
-	return publishResult{Sent: int(sent.Load()), Acked: int(acked.Load()), Failed: int(failed.Load()), Elapsed: time.Since(start)}
+	return publishResult{Sent: int(sent.Load()), Acked: int(acked.Load()), Failed: int(failed.Load()), Elapsed: time.Since(start), PerDevice: perDev}
 }
 
 // subscribe connects a plain anonymous subscriber to filter with QoS 1 and
-// counts what it receives.
-func subscribe(url, filter string) (paho.Client, *atomic.Int64, *atomic.Int64, error) {
+// counts what it receives; onMsg, if not nil, is also called with each
+// message, in the order the broker delivered them.
+func subscribe(url, filter string, onMsg func(paho.Message)) (paho.Client, *atomic.Int64, *atomic.Int64, error) {
 	var n atomic.Int64
 	var lastNs atomic.Int64
 	o := paho.NewClientOptions().AddBroker(url).SetClientID("bench-sub-" + strconv.FormatInt(time.Now().UnixNano(), 36)).
 		SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).SetProtocolVersion(4).SetCleanSession(true).
-		SetOrderMatters(false).SetMessageChannelDepth(4096)
+		SetOrderMatters(onMsg != nil).SetMessageChannelDepth(4096)
 	c := paho.NewClient(o)
 	if tok := c.Connect(); !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		return nil, nil, nil, errors.Join(errors.New("subscriber connect failed"), tok.Error())
@@ -165,6 +175,9 @@ func subscribe(url, filter string) (paho.Client, *atomic.Int64, *atomic.Int64, e
 	tok := c.Subscribe(filter, 1, func(_ paho.Client, m paho.Message) {
 		n.Add(1)
 		lastNs.Store(time.Now().UnixNano())
+		if onMsg != nil {
+			onMsg(m)
+		}
 	})
 	if !tok.WaitTimeout(10*time.Second) || tok.Error() != nil {
 		c.Disconnect(100)

@@ -104,7 +104,7 @@ func startProc(cmd *exec.Cmd, readyMark string, addrOf func(string) string) (*pr
 			if gcLog != nil && strings.HasPrefix(line, "gc ") {
 				fmt.Fprintln(gcLog, line)
 			}
-			if strings.Contains(line, `"level":"ERROR"`) || strings.Contains(line, "level=ERROR") || strings.Contains(line, "panic") {
+			if strings.Contains(line, `"level":"ERROR"`) || strings.Contains(line, "level=ERROR") || strings.Contains(line, " E! ") || strings.Contains(line, "panic") {
 				select {
 				case logs <- line:
 				default:

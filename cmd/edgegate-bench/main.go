@@ -38,12 +38,18 @@ type config struct {
 }
 
 func main() {
-	if len(os.Args) > 1 && os.Args[1] == "gateway" {
-		if err := runGateway(os.Args[2:]); err != nil {
-			fmt.Fprintln(os.Stderr, "gateway:", err)
-			os.Exit(1)
+	if len(os.Args) > 1 {
+		// Subcommands: the in-process gateway and the bare mochi broker
+		// run as child processes (their CPU and RSS are measured apart
+		// from the load generator's); `peers` is `make bench-peers`.
+		sub := map[string]func([]string) error{"gateway": runGateway, "mochi": runMochi, "peers": runPeers}[os.Args[1]]
+		if sub != nil {
+			if err := sub(os.Args[2:]); err != nil {
+				fmt.Fprintf(os.Stderr, "edgegate-bench %s: %v\n", os.Args[1], err)
+				os.Exit(1)
+			}
+			return
 		}
-		return
 	}
 	if err := run(); err != nil {
 		fmt.Fprintln(os.Stderr, "edgegate-bench:", err)
@@ -102,12 +108,9 @@ func run() error {
 	}
 
 	step("build the daemon")
-	bin := filepath.Join(work, "edgegate")
-	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -buildid=", "-o", bin, "./cmd/edgegate")
-	build.Env = append(os.Environ(), "CGO_ENABLED=0")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		return fmt.Errorf("build edgegate: %w", err)
+	bin, err := buildDaemon(work)
+	if err != nil {
+		return err
 	}
 	if fi, err := os.Stat(bin); err == nil {
 		res.BinaryBytes = fi.Size()
@@ -196,6 +199,18 @@ func run() error {
 	printTable(os.Stdout, res)
 	fmt.Fprintf(os.Stderr, "wrote %s (%s)\n", cfg.Out, res.Elapsed)
 	return nil
+}
+
+// buildDaemon builds cmd/edgegate as it ships (static, stripped) into dir.
+func buildDaemon(dir string) (string, error) {
+	bin := filepath.Join(dir, "edgegate")
+	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -buildid=", "-o", bin, "./cmd/edgegate")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		return "", fmt.Errorf("build edgegate: %w", err)
+	}
+	return bin, nil
 }
 
 func splitComma(s string) []string {

@@ -64,7 +64,7 @@ func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
 // subscriber; for the embedded limit, the bare broker too) spent per 1,000
 // readings.
 func measureLimitCPU(ctx context.Context, cfg config, url string, devs []device) (float64, float64, error) {
-	sub, n, last, err := subscribe(url, "devices/+/telemetry")
+	sub, n, last, err := subscribe(url, "devices/+/telemetry", nil)
 	if err != nil {
 		return 0, 0, err
 	}
@@ -120,7 +120,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 			return r, fmt.Errorf("mosquitto limit: %w", err)
 		}
 	default:
-		srv, url, err := startMochi()
+		srv, url, err := startMochi(1024)
 		if err != nil {
 			return r, err
 		}
