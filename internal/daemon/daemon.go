@@ -253,7 +253,7 @@ func configPolicy(cfg *config.Config) (*policy.Policy, error) {
 		regs = append(regs, policy.Registration{
 			ID: dv.ID, Type: dv.Type, Owner: dv.Owner, Broker: strings.TrimRight(dv.Broker, "/"),
 			Service: svc, ServicePath: path, K1: dv.K1, K2: dv.K2, Radio: rb,
-			Signing: dv.Signing, PublicKeys: keys,
+			Signing: dv.Signing, PublicKeys: keys, Kind: dv.Kind, Writable: dv.Writable,
 		})
 	}
 	return policy.New(0, config.PolicyConfig, regs)
