@@ -91,3 +91,43 @@ func (t Topic) For(device string) string {
 	out[t.device] = device
 	return strings.Join(out, "/")
 }
+
+// The command topic of a device (the downlink, internal/command): the
+// reading pattern's levels up to and including {device}, then "cmd" —
+// devices/{device}/telemetry gives devices/th-1/cmd. Should the reading
+// pattern itself end in {device}/cmd, the command level is "command", so
+// that a reading topic is never a command topic. Only the device itself
+// may subscribe to it, and only the gateway publishes on it (access.go).
+func (t Topic) commandLevel() string {
+	if rest := t.levels[t.device+1:]; len(rest) == 1 && rest[0] == "cmd" {
+		return "command"
+	}
+	return "cmd"
+}
+
+// Command returns the command topic of device.
+func (t Topic) Command(device string) string {
+	out := make([]string, 0, t.device+2)
+	out = append(out, t.levels[:t.device]...)
+	out = append(out, device, t.commandLevel())
+	return strings.Join(out, "/")
+}
+
+// MatchCommand returns the device whose command topic topic is. A filter
+// with wildcards never matches.
+func (t Topic) MatchCommand(topic string) (device string, ok bool) {
+	levels := strings.Split(topic, "/")
+	if len(levels) != t.device+2 || levels[t.device+1] != t.commandLevel() {
+		return "", false
+	}
+	for i := 0; i < t.device; i++ {
+		if levels[i] != t.levels[i] {
+			return "", false
+		}
+	}
+	dev := levels[t.device]
+	if dev == "" || strings.ContainsAny(dev, "+#") {
+		return "", false
+	}
+	return dev, true
+}
