@@ -104,7 +104,7 @@ type accessHook struct {
 	onDeny  func(action, reason, who string)
 	// localCommands, when set (commands.local_control), takes commands
 	// that applications with a write grant publish on a command topic.
-	localCommands func(user, device string, payload []byte) error
+	localCommands func(user, device, attr string, payload []byte) error
 
 	srv *mochi.Server // sessions, CONNACK refusals and wills; set by NewBroker
 
@@ -249,7 +249,7 @@ func (h *accessHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool
 	}
 	// An application.
 	if write {
-		if dev, isCmd := h.topic.MatchCommand(topic); isCmd && h.localCommands != nil &&
+		if dev, isCmd := h.topic.MatchCommand(topic); isCmd && h.localCommands != nil && !strings.ContainsAny(topic, "+#") &&
 			h.pol.Current().MayWrite(p.user, p.groups, dev) {
 			// Local control (commands.local_control): the publish is
 			// taken in by the command service (OnPublish, command.go),

@@ -3,6 +3,7 @@ package mqtt
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"sync/atomic"
 
 	mochi "github.com/mochi-mqtt/server/v2"
@@ -19,16 +20,17 @@ import (
 // ErrNoCommandTopic: the device id cannot name a topic level.
 var ErrNoCommandTopic = errors.New("device id cannot be a topic level")
 
-// CommandTopic is the command topic of device.
-func (b *Broker) CommandTopic(device string) string { return b.access.topic.Command(device) }
+// CommandTopic is the command topic of one attribute of device.
+func (b *Broker) CommandTopic(device, attr string) string { return b.access.topic.Command(device, attr) }
 
-// PublishCommand publishes payload, retained, on device's command topic.
-// The broker keeps retained messages in memory only: after a restart the
-// command service publishes again what is still undelivered.
-func (b *Broker) PublishCommand(device string, payload []byte) error {
-	topic := b.access.topic.Command(device)
-	if dev, ok := b.access.topic.MatchCommand(topic); !ok || dev != device || !mochi.IsValidFilter(topic, true) {
-		return fmt.Errorf("%w: %q", ErrNoCommandTopic, clipName(device))
+// PublishCommand publishes payload, retained, on the command topic of
+// attr of device. The broker keeps retained messages in memory only:
+// after a restart the command service publishes again what is still
+// unconfirmed.
+func (b *Broker) PublishCommand(device, attr string, payload []byte) error {
+	topic := b.access.topic.Command(device, attr)
+	if dev, ok := b.access.topic.MatchCommand(topic); !ok || dev != device || strings.ContainsAny(attr, "+#/") || !mochi.IsValidFilter(topic, true) {
+		return fmt.Errorf("%w: %q", ErrNoCommandTopic, clipName(device+"/"+attr))
 	}
 	if err := b.srv.Publish(topic, payload, true, 1); err != nil {
 		return fmt.Errorf("publish the command of %s: %w", clipName(device), err)
@@ -36,9 +38,9 @@ func (b *Broker) PublishCommand(device string, payload []byte) error {
 	return nil
 }
 
-// ClearCommand drops the retained command of device [MQTT-3.3.1-6].
-func (b *Broker) ClearCommand(device string) {
-	topic := b.access.topic.Command(device)
+// ClearCommand drops the retained command of attr of device [MQTT-3.3.1-6].
+func (b *Broker) ClearCommand(device, attr string) {
+	topic := b.access.topic.Command(device, attr)
 	if _, ok := b.srv.Topics.Retained.Get(topic); !ok {
 		return
 	}
@@ -50,9 +52,10 @@ func (b *Broker) ClearCommand(device string) {
 // SetLocalCommands enables local control (commands.local_control): an
 // application the policy lets write a device (its owner, or a READ_WRITE,
 // WRITE_ONLY or MODIFY delegation) may publish on the device's command
-// topic; take receives each such publish (user, device, payload) and the
+// topic; take receives each such publish (user, device, attribute,
+// payload) and the
 // raw message is delivered to nobody. Call before Run.
-func (b *Broker) SetLocalCommands(take func(user, device string, payload []byte) error) {
+func (b *Broker) SetLocalCommands(take func(user, device, attr string, payload []byte) error) {
 	b.access.localCommands = take
 }
 
@@ -64,7 +67,7 @@ func (h *accessHook) onCommandPublish(cl *mochi.Client, pk packets.Packet) (pack
 		return pk, nil
 	}
 	dev, ok := h.topic.MatchCommand(pk.TopicName)
-	if !ok {
+	if !ok || strings.ContainsAny(pk.TopicName, "+#") {
 		return pk, nil
 	}
 	p := h.get(cl)
@@ -72,7 +75,8 @@ func (h *accessHook) onCommandPublish(cl *mochi.Client, pk packets.Packet) (pack
 		// OnACLCheck refused it already; never deliver it raw.
 		return pk, packets.ErrRejectPacket
 	}
-	if err := h.localCommands(p.user, dev, append([]byte(nil), pk.Payload...)); err != nil {
+	attr := pk.TopicName[strings.LastIndexByte(pk.TopicName, '/')+1:]
+	if err := h.localCommands(p.user, dev, attr, append([]byte(nil), pk.Payload...)); err != nil {
 		h.deny("command", "refused", p.user, "device", clipName(dev), "err", err)
 	}
 	return pk, packets.CodeSuccessIgnore

@@ -1,0 +1,242 @@
+package command
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"math"
+	"time"
+
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/policy"
+)
+
+// confirm marks the command of attr confirmed when the platform shows its
+// value signed by the gateway: the device's reported state arrived.
+func (s *Service) confirm(device, attr string, value json.RawMessage, now time.Time) {
+	r, err := s.record(device)
+	if err != nil {
+		return
+	}
+	s.mu.Lock()
+	c := r.Attrs[attr]
+	var cmd Command
+	if c != nil {
+		cmd = *c
+	}
+	s.mu.Unlock()
+	if c == nil || (cmd.State != Sent && cmd.State != Delivered) || !sameJSON(cmd.Value, value) {
+		return
+	}
+	if err := s.settle(device, attr, cmd.Seq, Confirmed, "", false, now); err != nil {
+		s.log.Warn("record a command confirmed", "device", device, "err", err)
+		return
+	}
+	s.count(func(st *Stats) { st.Confirmed++ })
+	s.clear(device, attr)
+	s.log.Info("command confirmed: the platform shows the device's reported state", "device", device, "attr", attr, "seq", cmd.Seq)
+}
+
+// sameJSON compares two JSON values as values; numbers within Orion's
+// rendering precision.
+func sameJSON(a, b json.RawMessage) bool {
+	var x, y any
+	if json.Unmarshal(a, &x) != nil || json.Unmarshal(b, &y) != nil {
+		return false
+	}
+	return sameValue(x, y)
+}
+
+func sameValue(x, y any) bool {
+	switch xv := x.(type) {
+	case float64:
+		yv, ok := y.(float64)
+		return ok && math.Abs(xv-yv) <= 1e-9*math.Max(1, math.Abs(xv))
+	case map[string]any:
+		yv, ok := y.(map[string]any)
+		if !ok || len(xv) != len(yv) {
+			return false
+		}
+		for k, v := range xv {
+			if !sameValue(v, yv[k]) {
+				return false
+			}
+		}
+		return true
+	case []any:
+		yv, ok := y.([]any)
+		if !ok || len(xv) != len(yv) {
+			return false
+		}
+		for i := range xv {
+			if !sameValue(xv[i], yv[i]) {
+				return false
+			}
+		}
+		return true
+	default:
+		return x == y
+	}
+}
+
+// clear tells the device's link to forget what it holds for attr.
+func (s *Service) clear(device, attr string) {
+	s.mu.Lock()
+	delete(s.holding, device+"/"+attr)
+	s.mu.Unlock()
+	d, ok := s.o.Policy.Current().Device(device)
+	if !ok || s.o.Route == nil {
+		return
+	}
+	if c, ok := s.o.Route(d).(Clearer); ok {
+		c.Clear(device, attr)
+	}
+}
+
+// deliverAll sends every open command of the devices in the policy,
+// oldest learned first; each attempt is bounded by the deliverer.
+func (s *Service) deliverAll(ctx context.Context) {
+	pol := s.o.Policy.Current()
+	for _, d := range pol.Devices() {
+		if ctx.Err() != nil {
+			return
+		}
+		r, err := s.record(d.ID)
+		if err != nil {
+			s.limited.Log(ctx, slog.LevelError, "record:"+d.ID, "read the device's commands", "device", d.ID, "err", err)
+			continue
+		}
+		s.mu.Lock()
+		var open []Command
+		for _, c := range r.Attrs {
+			if c.State.open() {
+				open = append(open, *c)
+			}
+		}
+		s.mu.Unlock()
+		for _, c := range sortBySeq(open) {
+			s.deliverOne(ctx, d, c)
+		}
+	}
+}
+
+func sortBySeq(cs []Command) []Command {
+	for i := 1; i < len(cs); i++ {
+		for j := i; j > 0 && cs[j].Seq < cs[j-1].Seq; j-- {
+			cs[j], cs[j-1] = cs[j-1], cs[j]
+		}
+	}
+	return cs
+}
+
+func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
+	now := s.o.Now()
+	switch {
+	case !now.Before(c.Expires):
+		if err := s.settle(d.ID, c.Attr, c.Seq, Expired, "not delivered within commands.ttl", false, now); err == nil {
+			s.count(func(st *Stats) { st.Expired++ })
+			s.log.Warn("command expired before it could be delivered; it will not be sent", "device", d.ID, "attr", c.Attr, "seq", c.Seq)
+			if c.State == Sent {
+				s.clear(d.ID, c.Attr)
+			}
+		}
+		return
+	case !d.Commandable() || !d.Writes(c.Attr):
+		if err := s.settle(d.ID, c.Attr, c.Seq, Dropped, "the policy no longer lets the platform set this attribute", false, now); err == nil {
+			s.count(func(st *Stats) { st.Dropped++ })
+			s.clear(d.ID, c.Attr)
+		}
+		return
+	case c.State == Sent:
+		// Handed to a link that holds it (MQTT retained); after a restart
+		// the broker holds nothing: hand it over again, same seq.
+		s.mu.Lock()
+		held := s.holding[d.ID+"/"+c.Attr]
+		s.mu.Unlock()
+		if held {
+			return
+		}
+	}
+	var dl Deliverer
+	if s.o.Route != nil {
+		dl = s.o.Route(d)
+	}
+	if dl == nil {
+		return // no link for it (yet): it waits, within its TTL
+	}
+	signed, err := s.sign(d, c)
+	if err != nil {
+		_ = s.settle(d.ID, c.Attr, c.Seq, Dropped, "cannot sign: "+err.Error(), false, now)
+		s.count(func(st *Stats) { st.Dropped++ })
+		return
+	}
+	res, err := dl.Deliver(ctx, d, signed)
+	if ctx.Err() != nil {
+		return
+	}
+	if err != nil {
+		s.count(func(st *Stats) { st.SendErrors++ })
+		if errors.Is(err, ErrPermanent) {
+			if serr := s.settle(d.ID, c.Attr, c.Seq, Dropped, err.Error(), true, now); serr == nil {
+				s.count(func(st *Stats) { st.Dropped++ })
+			}
+			s.log.Warn("command dropped: the device's link cannot take it", "device", d.ID, "attr", c.Attr, "err", err)
+			return
+		}
+		_ = s.settle(d.ID, c.Attr, c.Seq, c.State, err.Error(), true, now)
+		s.limited.Log(ctx, slog.LevelWarn, "deliver:"+d.ID, "command not delivered yet; retrying within its TTL",
+			"device", d.ID, "attr", c.Attr, "seq", c.Seq, "err", err)
+		return
+	}
+	state := Sent
+	if res.Acked {
+		state = Delivered
+	}
+	if err := s.settle(d.ID, c.Attr, c.Seq, state, "", true, now); err != nil {
+		s.log.Error("record a command delivered", "device", d.ID, "err", err)
+		return
+	}
+	s.mu.Lock()
+	if state == Sent {
+		s.holding[d.ID+"/"+c.Attr] = true
+		s.stats.Sent++
+	} else {
+		s.stats.Delivered++
+	}
+	s.mu.Unlock()
+	s.log.Info("command delivered", "device", d.ID, "attr", c.Attr, "seq", c.Seq, "state", state)
+	if len(res.Reported) > 0 {
+		s.writeBack(ctx, d, res)
+	}
+}
+
+// writeBack queues the device's confirmation as a reading: the pipeline
+// signs it and the uplink writes it to the same attribute, where it
+// verifies, so the next read sees the reported state and no new target.
+func (s *Service) writeBack(ctx context.Context, d *policy.Device, res Result) {
+	out, err := s.o.Submit.Submit(ctx, pipeline.Message{Device: d.ID, Source: res.Source, Payload: res.Reported, Received: s.o.Now()})
+	if err != nil || out != pipeline.Queued {
+		s.count(func(st *Stats) { st.WriteBackFailures++ })
+		s.log.Warn("the device's reported state was not queued for the platform", "device", d.ID, "outcome", out, "err", err)
+		return
+	}
+	s.count(func(st *Stats) { st.WriteBacks++ })
+}
+
+// sign seals the command with the device's HS256 key (from K1/K2, which
+// every device holds).
+func (s *Service) sign(d *policy.Device, c Command) (Signed, error) {
+	var v any
+	if err := json.Unmarshal(c.Value, &v); err != nil {
+		return Signed{}, err
+	}
+	jws, err := envelope.Seal(d.Key(), envelope.Claims{Version: envelope.Version, Gateway: s.o.Gateway, Device: d.ID,
+		Seq: c.Seq, Time: c.Learned.UTC(), Attrs: map[string]envelope.Attr{c.Attr: {Type: c.Type, Value: v}},
+		Kind: envelope.KindCommand})
+	if err != nil {
+		return Signed{}, err
+	}
+	return Signed{Command: c, JWS: jws}, nil
+}
