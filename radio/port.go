@@ -79,7 +79,7 @@ func newPort(pc PortConfig, sub Submitter, bind Binder, ids *nodeIDs, opts Optio
 		now: opts.Now, opts: opts, readings: make(chan pipeline.Message, pendingReads),
 		st:       PortStatus{Path: pc.Path, Codec: pc.Codec},
 		jsonPend: map[string]*PendingNode{}, lastSeq: map[string]uint64{},
-		cmds: make(chan []byte, 1),
+		cmds: make(chan []byte), // unbuffered: a set is handed over only to a running session, never left for a later one
 	}
 	if pc.Codec == CodecMySensors {
 		p.ctrl = newMSController(pc.Path, ids, opts.Now)

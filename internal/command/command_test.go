@@ -1,0 +1,151 @@
+package command_test
+
+import (
+	"encoding/json"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/edgegate/edgegate/internal/command"
+	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/testkit"
+)
+
+const wait = 15 * time.Second
+
+// An owner's write at the filter reaches the MySensors relay (a set with
+// the ack flag, echoed by the node) and the relay's state comes back to
+// the entity, signed by the gateway.
+func TestOwnerSwitchesRelay(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("owner's PATCH through the filter: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the relay switched on", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
+	testkit.Eventually(t, wait, "the relay's state back at the platform, signed", func() bool {
+		v, verdict := e.attr(relayID, "status")
+		return v == true && verdict == envelope.Verified
+	})
+	testkit.Eventually(t, wait, "the command confirmed", func() bool { return e.command(relayID, "status").State == command.Confirmed })
+	c := e.command(relayID, "status")
+	if c.Seq != 1 || c.Origin != "platform" || string(c.Value) != "true" {
+		t.Errorf("command = %+v, want seq 1 from the platform, value true", c)
+	}
+	// Switched off again: a new command, sent once.
+	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the relay switched off", func() bool { return slices.Equal(e.relaySets(), []string{"1/2=1", "1/2=0"}) })
+	testkit.Eventually(t, wait, "off confirmed", func() bool {
+		c := e.command(relayID, "status")
+		return c.State == command.Confirmed && c.Seq == 2
+	})
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=1", "1/2=0"}) {
+		t.Errorf("relay sets = %q, want each command once", got)
+	}
+}
+
+// A foreign user's write is refused by the filter with the stock answer
+// and never reaches the device: the owner's later write is the only set
+// the relay ever sees.
+func TestForeignWriteRefused(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	code, body := e.patch(foreign, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
+	if code != 401 || !strings.Contains(body, `"result":false`) {
+		t.Fatalf("foreign PATCH = %d %s, want the filter's 401 refusal", code, body)
+	}
+	if v, _ := e.attr(relayID, "status"); v != "" {
+		t.Fatalf("the refused write changed the entity: %v", v)
+	}
+	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("owner's PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the owner's command", func() bool { return len(e.relaySets()) > 0 })
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0"}) {
+		t.Errorf("relay sets = %q, want only the owner's 1/2=0", got)
+	}
+}
+
+// The MQTT light gets its signed command on its own command topic, and
+// confirms by publishing its new state; a foreign device can neither
+// subscribe to that topic nor receive the command (proven by the order
+// of deliveries: its own command arrives, the other's never did).
+func TestMQTTLight(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	light := e.connectDevice(lightID)
+	if q := light.subscribe(t, "devices/"+lightID+"/cmd/+"); q != 1 {
+		t.Fatalf("the light's subscription to its command topic: granted %#x", q)
+	}
+	other := e.connectDevice(light2)
+	if q := other.subscribe(t, "devices/"+lightID+"/cmd/+"); q != 0x80 {
+		t.Fatalf("a foreign device's subscription to the light's command topic: granted %#x, want 0x80", q)
+	}
+	if q := other.subscribe(t, "devices/"+lightID+"/#"); q != 0x80 {
+		t.Fatalf("a foreign device's wildcard on the light: granted %#x, want 0x80", q)
+	}
+	if q := other.subscribe(t, "devices/"+light2+"/cmd/#"); q != 1 {
+		t.Fatalf("light-2's own command topic: granted %#x", q)
+	}
+	// A device may not publish commands: MQTT 3.1.1 has no refusal code,
+	// so the broker closes the connection (and nothing is delivered).
+	evil := e.connectDeviceAs(light2, "light-2-evil")
+	evil.c.Publish("devices/"+lightID+"/cmd/power", 1, false, `{"value":true}`).WaitTimeout(2 * time.Second)
+	testkit.Eventually(t, wait, "the hostile publisher disconnected", func() bool { return !evil.c.IsConnectionOpen() })
+
+	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the light's command", func() bool { return len(light.messages()) > 0 })
+	m := light.messages()[0]
+	if m.topic != "devices/"+lightID+"/cmd/power" {
+		t.Fatalf("command topic = %q", m.topic)
+	}
+	var msg struct {
+		Device string          `json:"device"`
+		Seq    uint64          `json:"seq"`
+		Attr   string          `json:"attr"`
+		Value  json.RawMessage `json:"value"`
+		JWS    string          `json:"jws"`
+	}
+	if err := json.Unmarshal(m.payload, &msg); err != nil {
+		t.Fatalf("command message %s: %v", m.payload, err)
+	}
+	key, _ := envelope.DeriveHS256(lightID, devKeys[lightID][0], devKeys[lightID][1])
+	claims, err := envelope.Open(msg.JWS, key)
+	if err != nil {
+		t.Fatalf("the device cannot verify its command: %v", err)
+	}
+	if claims.Kind != envelope.KindCommand || claims.Device != lightID || claims.Gateway != gwID || claims.Seq != msg.Seq ||
+		claims.Attrs["power"].Value != "on" || string(msg.Value) != `"on"` {
+		t.Fatalf("signed command = %+v, message %s", claims, m.payload)
+	}
+	// Another device's key does not open it.
+	k2, _ := envelope.DeriveHS256(light2, devKeys[light2][0], devKeys[light2][1])
+	if _, err := envelope.Open(msg.JWS, k2); err == nil {
+		t.Fatal("light-2's key verified light-1's command")
+	}
+	// The light applies it and reports its state as a reading.
+	if tok := light.c.Publish("devices/"+lightID+"/telemetry", 1, false, `{"power":"on"}`); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("state publish: %v", tok.Error())
+	}
+	testkit.Eventually(t, wait, "the light's state at the platform, signed", func() bool {
+		v, verdict := e.attr(lightID, "power")
+		return v == "on" && verdict == envelope.Verified
+	})
+	testkit.Eventually(t, wait, "the light's command confirmed", func() bool { return e.command(lightID, "power").State == command.Confirmed })
+
+	// The marker: light-2's own command reaches it; light-1's never did.
+	if code, body := e.patch(owner, light2, `{"power":{"value":"dim","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "light-2's own command", func() bool { return len(other.messages()) > 0 })
+	for _, m := range other.messages() {
+		if !strings.HasPrefix(m.topic, "devices/"+light2+"/") {
+			t.Errorf("light-2 received %s: %s", m.topic, m.payload)
+		}
+	}
+	if n := len(light.messages()); n != 1 {
+		t.Errorf("light-1 received %d messages, want its one command (a device's publish on a command topic must not reach it)", n)
+	}
+}
