@@ -21,7 +21,9 @@ import (
 var ErrNoCommandTopic = errors.New("device id cannot be a topic level")
 
 // CommandTopic is the command topic of one attribute of device.
-func (b *Broker) CommandTopic(device, attr string) string { return b.access.topic.Command(device, attr) }
+func (b *Broker) CommandTopic(device, attr string) string {
+	return b.access.topic.Command(device, attr)
+}
 
 // PublishCommand publishes payload, retained, on the command topic of
 // attr of device. The broker keeps retained messages in memory only:

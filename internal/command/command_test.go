@@ -149,3 +149,138 @@ func TestMQTTLight(t *testing.T) {
 		t.Errorf("light-1 received %d messages, want its one command (a device's publish on a command topic must not reach it)", n)
 	}
 }
+
+func (e *env) unplug() {
+	e.t.Helper()
+	if err := e.rsim.Unplug(); err != nil {
+		e.t.Fatal(err)
+	}
+	testkit.Eventually(e.t, wait, "the radio port closed", func() bool { return !e.radio.Ports()[0].Open })
+}
+
+func (e *env) replug() {
+	e.t.Helper()
+	if err := e.rsim.Replug(); err != nil {
+		e.t.Fatal(err)
+	}
+	testkit.Eventually(e.t, wait, "the radio port open again", func() bool { return e.radio.Ports()[0].Open })
+}
+
+func (e *env) learned(attrDevice, attr string, seq uint64) {
+	e.t.Helper()
+	testkit.Eventually(e.t, wait, "command learned", func() bool { return e.command(attrDevice, attr).Seq == seq })
+}
+
+// A command written while the gateway's link to the platform is down is
+// learned and delivered once the link returns, and its confirmation
+// reaches the platform.
+func TestOutageThenDelivery(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	e.link.set(true)
+	before := e.svc.Stats().PollErrors
+	testkit.Eventually(t, wait, "the gateway's reads failing", func() bool { return e.svc.Stats().PollErrors > before+1 })
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	fails := e.svc.Stats().PollErrors
+	testkit.Eventually(t, wait, "more failed reads during the outage", func() bool { return e.svc.Stats().PollErrors > fails })
+	if got := e.relaySets(); len(got) != 0 {
+		t.Fatalf("relay sets during the outage = %q", got)
+	}
+	e.link.set(false)
+	testkit.Eventually(t, wait, "the relay switched once the link is back", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
+	testkit.Eventually(t, wait, "confirmed at the platform", func() bool {
+		v, verdict := e.attr(relayID, "status")
+		return v == true && verdict == envelope.Verified
+	})
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=1"}) {
+		t.Errorf("relay sets = %q, want one", got)
+	}
+}
+
+// A command its device cannot get within commands.ttl expires and is
+// never sent, not even once the device is back.
+func TestExpiredNeverSent(t *testing.T) {
+	e := newEnv(t, 1500*time.Millisecond)
+	e.unplug()
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	e.learned(relayID, "status", 1)
+	testkit.Eventually(t, wait, "the command expired", func() bool { return e.command(relayID, "status").State == command.Expired })
+	e.replug()
+	// The marker: a later command reaches the relay; the expired one never did.
+	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the later command", func() bool { return len(e.relaySets()) > 0 })
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0"}) {
+		t.Errorf("relay sets = %q, want only the later command", got)
+	}
+	if st := e.svc.Stats(); st.Expired != 1 {
+		t.Errorf("expired = %d, want 1", st.Expired)
+	}
+}
+
+// A restart between learning a command and delivering it delivers it
+// once, with the same sequence number; a restart after delivery sends
+// nothing again.
+func TestRestartDeliversOnce(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	e.unplug()
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	e.learned(relayID, "status", 1)
+	e.stop()
+	e.replug()
+	e.startService()
+	testkit.Eventually(t, wait, "delivered after the restart", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
+	testkit.Eventually(t, wait, "confirmed", func() bool { return e.command(relayID, "status").State == command.Confirmed })
+	if c := e.command(relayID, "status"); c.Seq != 1 {
+		t.Errorf("seq after the restart = %d, want the same command (1)", c.Seq)
+	}
+	e.stop()
+	e.startService()
+	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the next command", func() bool { return len(e.relaySets()) >= 2 })
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=1", "1/2=0"}) {
+		t.Errorf("relay sets = %q, want each command once", got)
+	}
+	if c := e.command(relayID, "status"); c.Seq != 2 {
+		t.Errorf("seq = %d, want 2 (sequence numbers survive restarts)", c.Seq)
+	}
+}
+
+// Newest wins: a value learned while an older one waits replaces it; the
+// older one is never sent, before or after a restart.
+func TestNewestWins(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	e.unplug()
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	e.learned(relayID, "status", 1)
+	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	e.learned(relayID, "status", 2)
+	e.stop()
+	e.replug()
+	e.startService()
+	testkit.Eventually(t, wait, "the newest value delivered", func() bool { return len(e.relaySets()) > 0 })
+	testkit.Eventually(t, wait, "confirmed", func() bool { return e.command(relayID, "status").State == command.Confirmed })
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0"}) {
+		t.Errorf("relay sets = %q, want only the newest value", got)
+	}
+	// The marker: a new command goes out; the superseded one still never.
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the marker command", func() bool { return len(e.relaySets()) >= 2 })
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0", "1/2=1"}) {
+		t.Errorf("relay sets = %q", got)
+	}
+}
