@@ -110,7 +110,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.metricsHTTP(st), policySync(st), // network: stops last
 		supervise.Component{Name: "uplink", Run: st.up.Run},
 		supervise.Component{Name: "queue", Run: st.q.Run},
-		accounts(st), d.ingest(st), radioComponent(st), d.admin(st), // producers
+		accounts(st), d.ingest(st), radioComponent(st), commandsComponent(st), d.admin(st), // producers
 		d.lifecycle(st)) // READY=1 last, STOPPING=1 first
 	d.log.Info("stopped")
 	return err
