@@ -9,6 +9,8 @@ import (
 
 	"github.com/edgegate/edgegate/internal/command"
 	"github.com/edgegate/edgegate/internal/envelope"
+	"github.com/edgegate/edgegate/internal/sim/centralsim"
+	"github.com/edgegate/edgegate/internal/sim/radiosim"
 	"github.com/edgegate/edgegate/internal/testkit"
 )
 
@@ -52,7 +54,7 @@ func TestOwnerSwitchesRelay(t *testing.T) {
 func TestForeignWriteRefused(t *testing.T) {
 	e := newEnv(t, time.Minute)
 	code, body := e.patch(foreign, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
-	if code != 401 || !strings.Contains(body, `"result":false`) {
+	if code != 401 || !strings.Contains(body, `"result":false`) || !strings.Contains(body, centralsim.MsgCredentialsNotValid) {
 		t.Fatalf("foreign PATCH = %d %s, want the filter's 401 refusal", code, body)
 	}
 	if v, _ := e.attr(relayID, "status"); v != "" {
@@ -282,5 +284,89 @@ func TestNewestWins(t *testing.T) {
 	testkit.Eventually(t, wait, "the marker command", func() bool { return len(e.relaySets()) >= 2 })
 	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0", "1/2=1"}) {
 		t.Errorf("relay sets = %q", got)
+	}
+}
+
+// A set lost on the air (no echo) is sent again until the node echoes
+// it; the relay applies it once.
+func TestLostSetResent(t *testing.T) {
+	e := newEnv(t, time.Minute, envOpt{radio: func(o *radiosim.Options) { o.DropSets = 2 }})
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the relay switched", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
+	testkit.Eventually(t, wait, "confirmed", func() bool { return e.command(relayID, "status").State == command.Confirmed })
+	if st := e.rsim.Stats(); st.RelayDropped != 2 || len(st.RelaySets) != 1 {
+		t.Errorf("dropped %d, applied %q; want 2 lost sends and one applied", st.RelayDropped, st.RelaySets)
+	}
+}
+
+func commandOf(t *testing.T, m mqttMsg) envelope.Claims {
+	t.Helper()
+	var msg struct {
+		JWS string `json:"jws"`
+	}
+	if err := json.Unmarshal(m.payload, &msg); err != nil {
+		t.Fatalf("command message %s: %v", m.payload, err)
+	}
+	key, _ := envelope.DeriveHS256(lightID, devKeys[lightID][0], devKeys[lightID][1])
+	c, err := envelope.Open(msg.JWS, key)
+	if err != nil || c.Kind != envelope.KindCommand {
+		t.Fatalf("not a signed command (%v): %s", err, m.payload)
+	}
+	return c
+}
+
+// Local control on: the owner's application publishes a command on the
+// light's command topic; the light gets it signed, never raw. A user with
+// no write grant is refused and nothing reaches the light.
+func TestLocalControl(t *testing.T) {
+	e := newEnv(t, time.Minute, envOpt{local: true})
+	light := e.connectDevice(lightID)
+	if q := light.subscribe(t, "devices/"+lightID+"/cmd/#"); q != 1 {
+		t.Fatalf("subscribe: granted %#x", q)
+	}
+	app := e.connectApp(owner)
+	if tok := app.c.Publish("devices/"+lightID+"/cmd/power", 1, false, `"off"`); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("owner's local command: %v", tok.Error())
+	}
+	testkit.Eventually(t, wait, "the local command at the light", func() bool { return len(light.messages()) > 0 })
+	if c := commandOf(t, light.messages()[0]); c.Attrs["power"].Value != "off" || c.Seq != 1 {
+		t.Fatalf("command = %+v", c)
+	}
+	if c := e.command(lightID, "power"); c.Origin != "local:"+owner {
+		t.Errorf("origin = %q", c.Origin)
+	}
+	evil := e.connectApp(foreign)
+	evil.c.Publish("devices/"+lightID+"/cmd/power", 1, false, `"on"`).WaitTimeout(2 * time.Second)
+	testkit.Eventually(t, wait, "the foreign application disconnected", func() bool { return !evil.c.IsConnectionOpen() })
+	// The marker: the owner's next command arrives second; nothing came between.
+	if tok := app.c.Publish("devices/"+lightID+"/cmd/power", 1, false, `{"value":"dim","type":"Text"}`); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("owner's second command: %v", tok.Error())
+	}
+	testkit.Eventually(t, wait, "the second command", func() bool { return len(light.messages()) >= 2 })
+	msgs := light.messages()
+	if c := commandOf(t, msgs[1]); len(msgs) != 2 || c.Attrs["power"].Value != "dim" || c.Seq != 2 {
+		t.Fatalf("light got %d messages, second %+v", len(msgs), c)
+	}
+}
+
+// Local control off (the default): an application's publish on a command
+// topic is refused, even the owner's.
+func TestLocalControlOff(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	light := e.connectDevice(lightID)
+	if q := light.subscribe(t, "devices/"+lightID+"/cmd/#"); q != 1 {
+		t.Fatalf("subscribe: granted %#x", q)
+	}
+	app := e.connectApp(owner)
+	app.c.Publish("devices/"+lightID+"/cmd/power", 1, false, `"off"`).WaitTimeout(2 * time.Second)
+	testkit.Eventually(t, wait, "the application disconnected", func() bool { return !app.c.IsConnectionOpen() })
+	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the platform's command", func() bool { return len(light.messages()) > 0 })
+	if msgs := light.messages(); len(msgs) != 1 || commandOf(t, msgs[0]).Attrs["power"].Value != "on" {
+		t.Fatalf("light got %d messages: want only the platform's command", len(msgs))
 	}
 }

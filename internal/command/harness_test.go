@@ -16,6 +16,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/internal/accesstoken"
 	"github.com/edgegate/edgegate/internal/command"
 	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/pipeline"
@@ -145,7 +146,13 @@ type env struct {
 	bus    *testkit.Buffer
 }
 
-func newEnv(t *testing.T, ttl time.Duration) *env {
+// envOpt changes the harness: the radio simulator's options, local control.
+type envOpt struct {
+	radio func(*radiosim.Options)
+	local bool
+}
+
+func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
@@ -171,7 +178,13 @@ func newEnv(t *testing.T, ttl time.Duration) *env {
 	brokerURL := "https://" + e.link.ln.Addr().String() + "/orion-filter/" + centralsim.DefaultBrokerName
 
 	e.port = filepath.Join(t.TempDir(), "ttyRADIO0")
-	rs, err := radiosim.New(radiosim.Options{Link: e.port, Nodes: 1, FirstID: 1, AutoID: -1, Silent: true, HearController: true, Relay: true})
+	ro := radiosim.Options{Link: e.port, Nodes: 1, FirstID: 1, AutoID: -1, Silent: true, HearController: true, Relay: true}
+	for _, o := range opts {
+		if o.radio != nil {
+			o.radio(&ro)
+		}
+	}
+	rs, err := radiosim.New(ro)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -216,11 +229,25 @@ func newEnv(t *testing.T, ttl time.Duration) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := mqtt.NewBroker(e.pipe, mqtt.BrokerOptions{Listen: "127.0.0.1:0", Topic: topic, Policy: e.engine})
+	verifier, err := accesstoken.New(accesstoken.Options{Issuer: sim.Issuer(), Audience: centralsim.DefaultAudience,
+		JWKSURL: sim.JWKSURL(), HTTPClient: httpc})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := mqtt.NewBroker(e.pipe, mqtt.BrokerOptions{Listen: "127.0.0.1:0", Topic: topic, Policy: e.engine, Tokens: verifier})
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.broker = b
+	for _, o := range opts {
+		if o.local {
+			// commands.local_control: the service is built below; the
+			// broker calls through e at each publish.
+			b.SetLocalCommands(func(user, device, attr string, payload []byte) error {
+				return e.svc.Local(user, device, attr, payload)
+			})
+		}
+	}
 	ready := make(chan struct{})
 	bDone := make(chan struct{})
 	go func() { defer close(bDone); _ = b.Run(ctx, func() { close(ready) }) }()
@@ -381,4 +408,22 @@ func (d *device) messages() []mqttMsg {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return append([]mqttMsg(nil), d.got...)
+}
+
+// connectApp logs an application in as user, with an access token.
+func (e *env) connectApp(user string) *device {
+	e.t.Helper()
+	tok, err := e.sim.IssueAccessToken(user, 5*time.Minute)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	d := &device{}
+	o := paho.NewClientOptions().AddBroker("tcp://" + e.broker.Addr()).SetClientID(user + "-app").
+		SetUsername(user + "-app").SetPassword(tok).SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
+	d.c = paho.NewClient(o)
+	if t := d.c.Connect(); !t.WaitTimeout(5*time.Second) || t.Error() != nil {
+		e.t.Fatalf("connect app %s: %v", user, t.Error())
+	}
+	e.t.Cleanup(func() { d.c.Disconnect(100) })
+	return d
 }
