@@ -83,3 +83,26 @@ func (h *accessHook) onCommandPublish(cl *mochi.Client, pk packets.Packet) (pack
 	}
 	return pk, packets.CodeSuccessIgnore
 }
+
+// PurgeCommands drops the retained commands of devices (revoked, or
+// re-registered under another owner): a command held for one registration
+// is never delivered under another.
+func (b *Broker) PurgeCommands(devices []string) int {
+	if len(devices) == 0 {
+		return 0
+	}
+	set := make(map[string]bool, len(devices))
+	for _, d := range devices {
+		set[d] = true
+	}
+	n := 0
+	for topic := range b.srv.Topics.Retained.GetAll() {
+		if dev, ok := b.access.topic.MatchCommand(topic); ok && set[dev] {
+			b.srv.Topics.RetainMessage(packets.Packet{TopicName: topic,
+				FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}})
+			n++
+		}
+	}
+	atomic.StoreInt64(&b.srv.Info.Retained, int64(b.srv.Topics.Retained.Len()))
+	return n
+}

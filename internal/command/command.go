@@ -213,6 +213,13 @@ type Service struct {
 	cursor  int                // round-robin position of the poll
 	stats   Stats
 	holding map[string]bool // device/attr → its Sent command was handed to its link since start
+	// retry: device/attr → when a command whose delivery failed may be
+	// tried again, and the wait after the next failure (doubling from
+	// PollInterval up to MaxBackoff): a node that is off the air is not
+	// sent a burst of sets every round.
+	retry map[string]retryAt
+	// sending: device → cancels the delivery attempt in progress (Forget).
+	sending map[string]context.CancelFunc
 	bo      *backoff.Backoff
 }
 
@@ -250,8 +257,50 @@ func New(o Options) (*Service, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	s := &Service{o: o, log: log, limited: logx.NewLimiter(log, 30*time.Second), wake: make(chan struct{}, 1),
-		recs: map[string]*record{}, holding: map[string]bool{}, bo: backoff.New(o.MinBackoff, o.MaxBackoff)}
+		recs: map[string]*record{}, holding: map[string]bool{}, retry: map[string]retryAt{}, sending: map[string]context.CancelFunc{}, bo: backoff.New(o.MinBackoff, o.MaxBackoff)}
 	return s, nil
+}
+
+type retryAt struct {
+	seq  uint64
+	at   time.Time
+	wait time.Duration
+}
+
+// Forget drops the open commands of devices that were revoked or changed
+// owner, broker, type or keys (policy.Change Revoked, Rebound): a command
+// learned under one registration is never delivered under another. The
+// targets already read stay marked, so they are not learned again.
+func (s *Service) Forget(devices []string) {
+	now := s.o.Now()
+	for _, id := range devices {
+		s.mu.Lock()
+		if cancel := s.sending[id]; cancel != nil {
+			cancel() // no further try of a set under the old registration
+		}
+		s.mu.Unlock()
+		var cleared []string
+		err := s.update(id, func(r *record) bool {
+			changed := false
+			for _, c := range r.Attrs {
+				if c.State.open() {
+					if c.State == Sent {
+						cleared = append(cleared, c.Attr)
+					}
+					c.State, c.Why, c.Done = Dropped, "the device was revoked or re-registered", now.UTC()
+					s.stats.Dropped++
+					changed = true
+				}
+			}
+			return changed
+		})
+		if err != nil {
+			s.log.Warn("drop the commands of a revoked or re-registered device", "device", id, "err", err)
+		}
+		for _, a := range cleared {
+			s.clear(id, a)
+		}
+	}
 }
 
 // Stats is a snapshot of the counters.

@@ -12,6 +12,7 @@ import (
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/sim/radiosim"
 	"github.com/edgegate/edgegate/internal/testkit"
+	"github.com/edgegate/edgegate/policy"
 )
 
 const wait = 15 * time.Second
@@ -136,6 +137,19 @@ func TestMQTTLight(t *testing.T) {
 		return v == "on" && verdict == envelope.Verified
 	})
 	testkit.Eventually(t, wait, "the light's command confirmed", func() bool { return e.command(lightID, "power").State == command.Confirmed })
+	// Confirmed, the retained command is cleared: a fresh session of the
+	// light gets only the next command, not the old one first.
+	fresh := e.connectDeviceAs(lightID, "light-1-fresh")
+	if q := fresh.subscribe(t, "devices/"+lightID+"/cmd/#"); q != 1 {
+		t.Fatalf("fresh subscription: granted %#x", q)
+	}
+	if code, body := e.patch(owner, lightID, `{"power":{"value":"off","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the next command on the fresh session", func() bool { return len(fresh.messages()) > 0 })
+	if c := commandOf(t, fresh.messages()[0]); c.Attrs["power"].Value != "off" || c.Seq != 2 {
+		t.Fatalf("fresh session's first message: %+v, want the new command (seq 2, off)", c)
+	}
 
 	// The marker: light-2's own command reaches it; light-1's never did.
 	if code, body := e.patch(owner, light2, `{"power":{"value":"dim","type":"Text"}}`); code != 204 {
@@ -147,8 +161,8 @@ func TestMQTTLight(t *testing.T) {
 			t.Errorf("light-2 received %s: %s", m.topic, m.payload)
 		}
 	}
-	if n := len(light.messages()); n != 1 {
-		t.Errorf("light-1 received %d messages, want its one command (a device's publish on a command topic must not reach it)", n)
+	if n := len(light.messages()); n != 2 {
+		t.Errorf("light-1 received %d messages, want its two commands (a device's publish on a command topic must not reach it)", n)
 	}
 }
 
@@ -368,5 +382,36 @@ func TestLocalControlOff(t *testing.T) {
 	testkit.Eventually(t, wait, "the platform's command", func() bool { return len(light.messages()) > 0 })
 	if msgs := light.messages(); len(msgs) != 1 || commandOf(t, msgs[0]).Attrs["power"].Value != "on" {
 		t.Fatalf("light got %d messages: want only the platform's command", len(msgs))
+	}
+}
+
+// A device re-registered (here: another owner) has its open commands
+// dropped: what was learned under the old registration is never sent.
+func TestReboundDropsCommands(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	e.unplug()
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	e.learned(relayID, "status", 1)
+	regs := append([]policy.Registration(nil), e.regs...)
+	regs[0].Owner = "bob"
+	pol, err := policy.New(1, "config", regs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ch, err := e.engine.Apply(pol, true); err != nil || !slices.Contains(ch.Rebound, relayID) {
+		t.Fatalf("Apply = %+v, %v", ch, err)
+	}
+	if c := e.command(relayID, "status"); c.State != command.Dropped {
+		t.Fatalf("command after the re-registration = %+v, want dropped", c)
+	}
+	e.replug()
+	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the new registration's command", func() bool { return len(e.relaySets()) > 0 })
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0"}) {
+		t.Errorf("relay sets = %q, want only the command learned after the re-registration", got)
 	}
 }

@@ -6,8 +6,10 @@ import (
 	"errors"
 	"log/slog"
 	"math"
+	"math/rand/v2"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/backoff"
 	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/pipeline"
 	"github.com/edgegate/edgegate/policy"
@@ -159,6 +161,13 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 			return
 		}
 	}
+	key := d.ID + "/" + c.Attr
+	s.mu.Lock()
+	ra, waiting := s.retry[key]
+	s.mu.Unlock()
+	if waiting && ra.seq == c.Seq && now.Before(ra.at) {
+		return
+	}
 	var dl Deliverer
 	if s.o.Route != nil {
 		dl = s.o.Route(d)
@@ -172,8 +181,23 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 		s.count(func(st *Stats) { st.Dropped++ })
 		return
 	}
-	res, err := dl.Deliver(ctx, d, signed)
+	// The attempt ends at the command's expiry at the latest, and at once
+	// if the device is revoked or re-registered meanwhile (Forget).
+	dctx, cancel := context.WithDeadline(ctx, c.Expires)
+	s.mu.Lock()
+	s.sending[d.ID] = cancel
+	s.mu.Unlock()
+	res, err := dl.Deliver(dctx, d, signed)
+	s.mu.Lock()
+	delete(s.sending, d.ID)
+	s.mu.Unlock()
+	cancel()
 	if ctx.Err() != nil {
+		return
+	}
+	if err != nil && dctx.Err() != nil {
+		// Expired or forgotten during the attempt: the next round settles
+		// an expired one; a forgotten one is dropped already.
 		return
 	}
 	if err != nil {
@@ -186,6 +210,13 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 			return
 		}
 		_ = s.settle(d.ID, c.Attr, c.Seq, c.State, err.Error(), true, now)
+		s.mu.Lock()
+		next := s.o.PollInterval
+		if waiting && ra.seq == c.Seq {
+			next = min(2*ra.wait, s.o.MaxBackoff)
+		}
+		s.retry[key] = retryAt{seq: c.Seq, at: now.Add(backoff.Spread(next, rand.Float64())), wait: next}
+		s.mu.Unlock()
 		s.limited.Log(ctx, slog.LevelWarn, "deliver:"+d.ID, "command not delivered yet; retrying within its TTL",
 			"device", d.ID, "attr", c.Attr, "seq", c.Seq, "err", err)
 		return
@@ -194,6 +225,9 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 	if res.Acked {
 		state = Delivered
 	}
+	s.mu.Lock()
+	delete(s.retry, key)
+	s.mu.Unlock()
 	if err := s.settle(d.ID, c.Attr, c.Seq, state, "", true, now); err != nil {
 		s.log.Error("record a command delivered", "device", d.ID, "err", err)
 		return

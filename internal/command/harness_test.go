@@ -144,6 +144,7 @@ type env struct {
 	stop   func() // stops the command service
 	ttl    time.Duration
 	bus    *testkit.Buffer
+	regs   []policy.Registration
 }
 
 // envOpt changes the harness: the radio simulator's options, local control.
@@ -206,6 +207,13 @@ func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 		t.Fatal(err)
 	}
 	e.engine = policy.NewEngine(pol)
+	e.regs = regs
+	// As the daemon does (components.go openCommands).
+	e.engine.OnChange(func(ch policy.Change) {
+		gone := append(append([]string(nil), ch.Revoked...), ch.Rebound...)
+		e.svc.Forget(gone)
+		e.broker.PurgeCommands(gone)
+	})
 	q, err := queue.Open(queue.Options{Dir: t.TempDir(), Key: bytes.Repeat([]byte{9}, 32)})
 	if err != nil {
 		t.Fatal(err)

@@ -127,7 +127,9 @@ func (s *Service) learn(device, attr, typ string, value json.RawMessage, mark, o
 func (s *Service) settle(device, attr string, seq uint64, state State, why string, attempt bool, now time.Time) error {
 	return s.update(device, func(r *record) bool {
 		c := r.Attrs[attr]
-		if c == nil || c.Seq != seq {
+		if c == nil || c.Seq != seq || c.State == Expired || c.State == Dropped {
+			// Replaced, or settled for good meanwhile (a revocation
+			// during a delivery attempt): left as it is.
 			return false
 		}
 		if attempt {

@@ -403,6 +403,13 @@ func (d *Daemon) openCommands(st *state, brokerCAs *x509.CertPool) error {
 	if c.LocalControl && st.broker != nil {
 		st.broker.SetLocalCommands(svc.Local)
 	}
+	st.engine.OnChange(func(ch policy.Change) {
+		gone := append(append([]string(nil), ch.Revoked...), ch.Rebound...)
+		svc.Forget(gone)
+		if st.broker != nil {
+			st.broker.PurgeCommands(gone)
+		}
+	})
 	if st.broker == nil {
 		d.log.Warn("commands.enabled with mqtt.mode external: commands reach radio devices only")
 	}
