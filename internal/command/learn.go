@@ -169,8 +169,8 @@ func compact(raw json.RawMessage) json.RawMessage {
 }
 
 // get reads the device's entity through the filter with the account's
-// token. 401 invalidates the token; the filter answers 401 for a refusal
-// too (cached 3 minutes at the filter): both are per-device errors.
+// token. A 401 is a per-device error (the filter caches refusals for
+// minutes); a network error, a 5xx or a 429 is an outage of the platform.
 func (s *Service) get(ctx context.Context, d *policy.Device) ([]byte, error) {
 	tok, err := s.o.Tokens.Token(ctx)
 	if err != nil {
@@ -209,7 +209,13 @@ func (s *Service) get(ctx context.Context, d *policy.Device) ([]byte, error) {
 	case resp.StatusCode == http.StatusOK:
 		return body, nil
 	case resp.StatusCode == http.StatusUnauthorized:
-		s.o.Tokens.Invalidate(tok)
+		// The filter answers 401 both for a bad token and for a device
+		// the account may not read (messages.properties
+		// login.ko.accesstokennotvalid, login.ko.credentialsnotvalid):
+		// only the first is the token's fault.
+		if bytes.Contains(body, []byte("access token is not valid")) {
+			s.o.Tokens.Invalidate(tok)
+		}
 		return nil, errEntity{fmt.Errorf("GET entity %s: refused (401): %s", d.ID, clipBody(body))}
 	case resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests:
 		return nil, fmt.Errorf("GET entity %s: %d %s", d.ID, resp.StatusCode, clipBody(body))
