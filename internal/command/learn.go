@@ -134,7 +134,7 @@ func (s *Service) poll(ctx context.Context, d *policy.Device) error {
 		}
 		if learned {
 			s.count(func(st *Stats) { st.Learned++ })
-			s.log.Info("command learned from the platform", "device", d.ID, "attr", ar.Name, "value", logx.Clip(string(a.Value), 64))
+			s.log.Info("command learned from the platform", "device", d.ID, "attr", ar.Name)
 		}
 	}
 	return nil
