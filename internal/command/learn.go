@@ -16,6 +16,7 @@ import (
 
 	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/logx"
+	"github.com/edgegate/edgegate/internal/reading"
 	"github.com/edgegate/edgegate/policy"
 )
 
@@ -102,42 +103,105 @@ func (s *Service) poll(ctx context.Context, d *policy.Device) error {
 	if err != nil {
 		return err
 	}
-	rep, err := envelope.VerifyEntity(body, d.VerifyKeys(), s.o.SignatureMeta)
+	found, err := readEntity(body, d, s.o.SignatureMeta)
 	if err != nil {
 		return errEntity{fmt.Errorf("entity of %s: %w", d.ID, err)}
 	}
-	var doc map[string]json.RawMessage
-	if err := json.Unmarshal(body, &doc); err != nil {
-		return errEntity{fmt.Errorf("entity of %s: %w", d.ID, err)}
-	}
 	now := s.o.Now()
-	for _, ar := range rep.Attrs {
-		if !d.Writes(ar.Name) {
-			continue
-		}
-		var a attrDoc
-		if err := json.Unmarshal(doc[ar.Name], &a); err != nil || len(a.Value) == 0 {
-			continue
-		}
-		if ar.Verdict == envelope.Verified {
+	for _, f := range found {
+		if f.reported {
 			// The gateway's own signed state: no new target; it confirms
 			// a command with this value.
-			s.confirm(d.ID, ar.Name, a.Value, now)
+			s.confirm(d.ID, f.attr, f.value, now)
 			continue
 		}
-		if isPlaceholder(a.Value) {
-			continue
-		}
-		learned, err := s.learn(d.ID, ar.Name, a.Type, compact(a.Value), mark(a), "platform", now)
+		learned, err := s.learn(d.ID, f.attr, f.typ, f.value, f.mark, "platform", now)
 		if err != nil {
 			return err // the store failing is worth backing off for
 		}
 		if learned {
 			s.count(func(st *Stats) { st.Learned++ })
-			s.log.Info("command learned from the platform", "device", d.ID, "attr", ar.Name)
+			s.log.Info("command learned from the platform", "device", d.ID, "attr", f.attr)
 		}
 	}
 	return nil
+}
+
+// found is one writable attribute of an entity read back: a target
+// someone set, or (reported) the state the gateway signed.
+type found struct {
+	attr, typ string
+	value     json.RawMessage // compact
+	mark      string
+	reported  bool
+}
+
+// maxValueBytes bounds one target value.
+const maxValueBytes = 64 << 10
+
+// readEntity finds the writable attributes of d in an entity as Orion
+// renders it (normalized), without I/O: each attribute's signature is
+// checked with the device's keys (envelope.VerifyEntity); a value the
+// gateway signed is the reported state, any other one — but the
+// directory's placeholder — a target. Attributes with an invalid type or
+// an oversized value are skipped; an entity of another id is an error.
+func readEntity(body []byte, d *policy.Device, sigMeta string) ([]found, error) {
+	rep, err := envelope.VerifyEntity(body, d.VerifyKeys(), sigMeta)
+	if err != nil {
+		return nil, err
+	}
+	if rep.ID != d.ID {
+		return nil, fmt.Errorf("the broker answered entity %q", logx.Clip(rep.ID, 64))
+	}
+	var doc map[string]json.RawMessage
+	if err := json.Unmarshal(body, &doc); err != nil {
+		return nil, err
+	}
+	var out []found
+	for _, ar := range rep.Attrs {
+		if !d.Writes(ar.Name) {
+			continue
+		}
+		var a attrDoc
+		if err := json.Unmarshal(doc[ar.Name], &a); err != nil || len(a.Value) == 0 || len(a.Value) > maxValueBytes {
+			continue
+		}
+		if a.Type == "" {
+			a.Type = defaultType(a.Value)
+		}
+		if !reading.ValidID(a.Type) {
+			continue
+		}
+		f := found{attr: ar.Name, typ: a.Type, value: compact(a.Value)}
+		switch {
+		case ar.Verdict == envelope.Verified:
+			f.reported = true
+		case isPlaceholder(a.Value):
+			continue
+		default:
+			f.mark = mark(a)
+		}
+		out = append(out, f)
+	}
+	return out, nil
+}
+
+// defaultType is Orion's type for an attribute given without one.
+func defaultType(v json.RawMessage) string {
+	var x any
+	_ = json.Unmarshal(v, &x)
+	switch x.(type) {
+	case bool:
+		return reading.TypeBoolean
+	case float64:
+		return reading.TypeNumber
+	case string:
+		return reading.TypeText
+	case nil:
+		return "None"
+	default:
+		return "StructuredValue"
+	}
 }
 
 // isPlaceholder: the value the IoT Directory gives a new entity's

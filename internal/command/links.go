@@ -138,16 +138,7 @@ func (s *Service) Local(user, device, attr string, payload []byte) error {
 		return fmt.Errorf("command payload is not JSON: %w", err)
 	}
 	if typ == "" {
-		switch v.(type) {
-		case bool:
-			typ = reading.TypeBoolean
-		case float64:
-			typ = reading.TypeNumber
-		case string:
-			typ = reading.TypeText
-		default:
-			typ = "StructuredValue"
-		}
+		typ = defaultType(value)
 	}
 	if !reading.ValidID(typ) {
 		return fmt.Errorf("command type %q is not a valid NGSI type", typ)
