@@ -274,11 +274,6 @@ type retryAt struct {
 func (s *Service) Forget(devices []string) {
 	now := s.o.Now()
 	for _, id := range devices {
-		s.mu.Lock()
-		if cancel := s.sending[id]; cancel != nil {
-			cancel() // no further try of a set under the old registration
-		}
-		s.mu.Unlock()
 		var cleared []string
 		err := s.update(id, func(r *record) bool {
 			changed := false
@@ -297,6 +292,13 @@ func (s *Service) Forget(devices []string) {
 		if err != nil {
 			s.log.Warn("drop the commands of a revoked or re-registered device", "device", id, "err", err)
 		}
+		// After the record says dropped (deliverOne checks it when it
+		// registers an attempt): no further try under the old registration.
+		s.mu.Lock()
+		if cancel := s.sending[id]; cancel != nil {
+			cancel()
+		}
+		s.mu.Unlock()
 		for _, a := range cleared {
 			s.clear(id, a)
 		}

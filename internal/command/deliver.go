@@ -183,8 +183,16 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 	}
 	// The attempt ends at the command's expiry at the latest, and at once
 	// if the device is revoked or re-registered meanwhile (Forget).
+	// Checked and registered under one lock: Forget marks the command
+	// dropped and then cancels what is registered, so either this sees it
+	// dropped or Forget cancels this attempt.
 	dctx, cancel := context.WithDeadline(ctx, c.Expires)
 	s.mu.Lock()
+	if r := s.recs[d.ID]; r == nil || r.Attrs[c.Attr] == nil || r.Attrs[c.Attr].Seq != c.Seq || !r.Attrs[c.Attr].State.open() {
+		s.mu.Unlock()
+		cancel()
+		return // replaced, expired or dropped since deliverAll listed it
+	}
 	s.sending[d.ID] = cancel
 	s.mu.Unlock()
 	res, err := dl.Deliver(dctx, d, signed)
