@@ -47,6 +47,11 @@ func TestOwnerSwitchesRelay(t *testing.T) {
 	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=1", "1/2=0"}) {
 		t.Errorf("relay sets = %q, want each command once", got)
 	}
+	// bob's valve, which the filter does not let the gateway's account
+	// read, fails on its own and holds nobody up.
+	if st := e.svc.Stats(); st.PollErrors == 0 {
+		t.Errorf("no failed read counted for %s", bobsID)
+	}
 }
 
 // A foreign user's write is refused by the filter with the stock answer
@@ -224,6 +229,9 @@ func TestExpiredNeverSent(t *testing.T) {
 	}
 	e.learned(relayID, "status", 1)
 	testkit.Eventually(t, wait, "the command expired", func() bool { return e.command(relayID, "status").State == command.Expired })
+	if c := e.command(relayID, "status"); c.Attempts == 0 {
+		t.Errorf("expired command %+v: no delivery attempt counted while the node was away", c)
+	}
 	e.replug()
 	// The marker: a later command reaches the relay; the expired one never did.
 	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
@@ -413,5 +421,31 @@ func TestReboundDropsCommands(t *testing.T) {
 	testkit.Eventually(t, wait, "the new registration's command", func() bool { return len(e.relaySets()) > 0 })
 	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0"}) {
 		t.Errorf("relay sets = %q, want only the command learned after the re-registration", got)
+	}
+}
+
+// A Modbus coil (any command.AttrWriter): the value written and read back
+// is the reported state, written back to the entity; a value the coil
+// cannot take is dropped, not retried.
+func TestModbusCoil(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	if code, body := e.patch(owner, coilID, `{"on":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the coil written", func() bool { return slices.Equal(e.coils.written(), []string{"coil-1/on=true"}) })
+	testkit.Eventually(t, wait, "the coil's state at the platform, signed", func() bool {
+		v, verdict := e.attr(coilID, "on")
+		return v == true && verdict == envelope.Verified
+	})
+	testkit.Eventually(t, wait, "confirmed", func() bool { return e.command(coilID, "on").State == command.Confirmed })
+	if code, body := e.patch(owner, coilID, `{"on":{"value":"half","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the bad value dropped", func() bool {
+		c := e.command(coilID, "on")
+		return c.Seq == 2 && c.State == command.Dropped
+	})
+	if got := e.coils.written(); len(got) != 1 {
+		t.Errorf("coil writes = %q", got)
 	}
 }

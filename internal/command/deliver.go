@@ -196,6 +196,7 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 	s.sending[d.ID] = cancel
 	s.mu.Unlock()
 	res, err := dl.Deliver(dctx, d, signed)
+	aborted := dctx.Err() != nil // before cancel, which sets it
 	s.mu.Lock()
 	delete(s.sending, d.ID)
 	s.mu.Unlock()
@@ -203,7 +204,7 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 	if ctx.Err() != nil {
 		return
 	}
-	if err != nil && dctx.Err() != nil {
+	if err != nil && aborted {
 		// Expired or forgotten during the attempt: the next round settles
 		// an expired one; a forgotten one is dropped already.
 		return

@@ -5,7 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"path/filepath"
@@ -46,12 +48,16 @@ const (
 	relayID = "relay-1"
 	lightID = "light-1"
 	light2  = "light-2"
+	coilID  = "coil-1"     // behind the Modbus link (an AttrWriter)
+	bobsID  = "valve-bob" // bob's, not delegated: the filter refuses the gateway's reads
 )
 
 var devKeys = map[string][2]string{
 	relayID: {"relay-k1-0123456789", "relay-k2-0123456789"},
 	lightID: {"light-k1-0123456789", "light-k2-0123456789"},
 	light2:  {"light2-k1-012345678", "light2-k2-012345678"},
+	coilID:  {"coil-k1-0123456789", "coil-k2-0123456789"},
+	bobsID:  {"valve-k1-012345678", "valve-k2-012345678"},
 }
 
 type simTokens struct {
@@ -145,6 +151,34 @@ type env struct {
 	ttl    time.Duration
 	bus    *testkit.Buffer
 	regs   []policy.Registration
+	coils  *coils
+}
+
+// coils stands in for the Modbus master (radio/modbus, another part of
+// the gateway) at its command.AttrWriter interface: a coil holds what is
+// written and reads back as such.
+type coils struct {
+	mu     sync.Mutex
+	writes []string
+	state  map[string]any
+}
+
+func (c *coils) WriteAttr(_ context.Context, device, attr string, value any) (any, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	b, ok := value.(bool)
+	if !ok {
+		return nil, fmt.Errorf("%w: coil %s/%s takes a boolean, not %T", command.ErrPermanent, device, attr, value)
+	}
+	c.writes = append(c.writes, fmt.Sprintf("%s/%s=%v", device, attr, b))
+	c.state[device+"/"+attr] = b
+	return c.state[device+"/"+attr], nil
+}
+
+func (c *coils) written() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]string(nil), c.writes...)
 }
 
 // envOpt changes the harness: the radio simulator's options, local control.
@@ -157,13 +191,15 @@ func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	e := &env{t: t, ctx: ctx, ttl: ttl, bus: &testkit.Buffer{}}
+	e := &env{t: t, ctx: ctx, ttl: ttl, bus: &testkit.Buffer{}, coils: &coils{state: map[string]any{}}}
 	sim, err := centralsim.New(centralsim.Options{
 		Users: []centralsim.User{{Username: owner}, {Username: foreign}},
 		Devices: []centralsim.Device{
 			{ID: relayID, Type: "Relay", Owner: owner, K1: devKeys[relayID][0], K2: devKeys[relayID][1], Attrs: []string{"status"}},
 			{ID: lightID, Type: "Light", Owner: owner, K1: devKeys[lightID][0], K2: devKeys[lightID][1], Attrs: []string{"power"}},
 			{ID: light2, Type: "Light", Owner: owner, K1: devKeys[light2][0], K2: devKeys[light2][1], Attrs: []string{"power"}},
+			{ID: coilID, Type: "Coil", Owner: owner, K1: devKeys[coilID][0], K2: devKeys[coilID][1], Attrs: []string{"on"}},
+			{ID: bobsID, Type: "Valve", Owner: "bob", K1: devKeys[bobsID][0], K2: devKeys[bobsID][1], Attrs: []string{"open"}},
 		},
 	})
 	if err != nil {
@@ -200,6 +236,10 @@ func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 		{ID: lightID, Type: "Light", Owner: owner, Broker: brokerURL, K1: devKeys[lightID][0], K2: devKeys[lightID][1],
 			Kind: policy.KindActuator},
 		{ID: light2, Type: "Light", Owner: owner, Broker: brokerURL, K1: devKeys[light2][0], K2: devKeys[light2][1],
+			Kind: policy.KindActuator},
+		{ID: coilID, Type: "Coil", Owner: owner, Broker: brokerURL, K1: devKeys[coilID][0], K2: devKeys[coilID][1],
+			Kind: policy.KindSensor, Writable: []string{"on"}},
+		{ID: bobsID, Type: "Valve", Owner: "bob", Broker: brokerURL, K1: devKeys[bobsID][0], K2: devKeys[bobsID][1],
 			Kind: policy.KindActuator},
 	}
 	pol, err := policy.New(0, "config", regs)
@@ -284,11 +324,15 @@ func (e *env) startService() {
 		Gateway: gwID, Store: e.q, Policy: e.engine, Tokens: simTokens{sim: e.sim, user: owner},
 		HTTPClient: uplink.NewHTTPClient(e.sim.CAPool(), 5*time.Second, 2), Submit: e.pipe,
 		Route: func(d *policy.Device) command.Deliverer {
+			if d.ID == coilID {
+				return command.Modbus{Writer: e.coils}
+			}
 			if d.Radio != nil {
 				return command.MySensors{Radio: e.radio, Tries: 3, AckTimeout: 300 * time.Millisecond}
 			}
 			return command.MQTT{Broker: e.broker}
 		},
+		Logger: slog.New(slog.NewTextHandler(e.bus, nil)),
 		TTL: e.ttl, PollInterval: 100 * time.Millisecond, MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
 	})
 	if err != nil {
