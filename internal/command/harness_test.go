@@ -48,7 +48,7 @@ const (
 	relayID = "relay-1"
 	lightID = "light-1"
 	light2  = "light-2"
-	coilID  = "coil-1"     // behind the Modbus link (an AttrWriter)
+	coilID  = "coil-1"    // behind the Modbus link (an AttrWriter)
 	bobsID  = "valve-bob" // bob's, not delegated: the filter refuses the gateway's reads
 )
 
@@ -333,7 +333,7 @@ func (e *env) startService() {
 			return command.MQTT{Broker: e.broker}
 		},
 		Logger: slog.New(slog.NewTextHandler(e.bus, nil)),
-		TTL: e.ttl, PollInterval: 100 * time.Millisecond, MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
+		TTL:    e.ttl, PollInterval: 100 * time.Millisecond, MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
 	})
 	if err != nil {
 		e.t.Fatal(err)
