@@ -2,6 +2,8 @@ package command_test
 
 import (
 	"encoding/json"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
 	"slices"
 	"strings"
 	"testing"
@@ -447,5 +449,73 @@ func TestModbusCoil(t *testing.T) {
 	})
 	if got := e.coils.written(); len(got) != 1 {
 		t.Errorf("coil writes = %q", got)
+	}
+}
+
+// An application never gets a command, not even the device's owner with
+// a wildcard; a re-registered device's retained command is dropped.
+func TestCommandTopicAppsAndRebound(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	app := e.connectApp(owner)
+	app.c.AddRoute("#", func(_ paho.Client, m paho.Message) {
+		app.mu.Lock()
+		app.got = append(app.got, mqttMsg{m.Topic(), append([]byte(nil), m.Payload()...)})
+		app.mu.Unlock()
+	})
+	if q := app.subscribe(t, "devices/"+lightID+"/cmd/+"); q != 0x80 {
+		t.Fatalf("the owner's application on the command topic: granted %#x, want 0x80", q)
+	}
+	if q := app.subscribe(t, "#"); q != 1 {
+		t.Fatalf("the owner's application on #: granted %#x", q)
+	}
+	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the command sent", func() bool { return e.command(lightID, "power").State == command.Sent })
+	// The marker: the light's own reading reaches the application (it may
+	// read it), the command published before it never did.
+	light := e.connectDevice(lightID)
+	if tok := light.c.Publish("devices/"+lightID+"/telemetry", 1, false, `{"power":"on"}`); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
+		t.Fatalf("reading: %v", tok.Error())
+	}
+	testkit.Eventually(t, wait, "the light's reading at the application", func() bool { return len(app.messages()) > 0 })
+	for _, m := range app.messages() {
+		if strings.Contains(m.topic, "/cmd/") {
+			t.Fatalf("an application got a command: %s", m.topic)
+		}
+	}
+	// Re-registered (another owner) before a device took the retained
+	// command: it is dropped, and a session of the device gets only what
+	// is learned after.
+	if code, body := e.patch(owner, light2, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "light-2's command sent", func() bool { return e.command(light2, "power").State == command.Sent })
+	regs := append([]policy.Registration(nil), e.regs...)
+	regs[2].Owner = "bob"
+	pol, err := policy.New(1, "config", regs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.engine.Apply(pol, true); err != nil {
+		t.Fatal(err)
+	}
+	if c := e.command(light2, "power"); c.State != command.Dropped {
+		t.Fatalf("light-2's command after the re-registration: %+v", c)
+	}
+	l2 := e.connectDevice(light2)
+	if q := l2.subscribe(t, "devices/"+light2+"/cmd/#"); q != 1 {
+		t.Fatalf("subscribe: granted %#x", q)
+	}
+	if code, body := e.patch(owner, light2, `{"power":{"value":"off","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "light-2's new command", func() bool { return len(l2.messages()) > 0 })
+	var msg struct {
+		Seq   uint64          `json:"seq"`
+		Value json.RawMessage `json:"value"`
+	}
+	if err := json.Unmarshal(l2.messages()[0].payload, &msg); err != nil || msg.Seq != 2 || string(msg.Value) != `"off"` {
+		t.Fatalf("light-2's first message: %s (%v), want the command learned after the re-registration", l2.messages()[0].payload, err)
 	}
 }
