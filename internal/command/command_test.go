@@ -2,12 +2,12 @@ package command_test
 
 import (
 	"encoding/json"
-
-	paho "github.com/eclipse/paho.mqtt.golang"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	paho "github.com/eclipse/paho.mqtt.golang"
 
 	"github.com/edgegate/edgegate/internal/command"
 	"github.com/edgegate/edgegate/internal/envelope"
