@@ -519,3 +519,26 @@ func TestCommandTopicAppsAndRebound(t *testing.T) {
 		t.Fatalf("light-2's first message: %s (%v), want the command learned after the re-registration", l2.messages()[0].payload, err)
 	}
 }
+
+// After a restart, a command handed to the MQTT link but not confirmed
+// is published again with the same seq: the embedded broker keeps no
+// retained message across restarts (here its loss is made explicit), and
+// a device that connects afterwards still gets the newest command.
+func TestMQTTRepublishAfterRestart(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the command sent", func() bool { return e.command(lightID, "power").State == command.Sent })
+	e.stop()
+	e.broker.ClearCommand(lightID, "power") // what a restarted broker holds: nothing
+	e.startService()
+	light := e.connectDevice(lightID)
+	if q := light.subscribe(t, "devices/"+lightID+"/cmd/#"); q != 1 {
+		t.Fatalf("subscribe: granted %#x", q)
+	}
+	testkit.Eventually(t, wait, "the command published again", func() bool { return len(light.messages()) > 0 })
+	if c := commandOf(t, light.messages()[0]); c.Seq != 1 || c.Attrs["power"].Value != "on" {
+		t.Fatalf("republished command = %+v, want seq 1, on", c)
+	}
+}
