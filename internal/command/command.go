@@ -339,7 +339,10 @@ func (s *Service) Run(ctx context.Context) error {
 					"err", err, "retry_in", d.Round(time.Millisecond))
 			} else {
 				s.bo.Reset()
-				nextPoll = time.Time{}
+				// A Nudge (a local command) delivers at once but does not
+				// make the platform be read more often than about once per
+				// interval.
+				nextPoll = now.Add(s.o.PollInterval / 2)
 			}
 		}
 		s.deliverAll(ctx)
