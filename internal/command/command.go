@@ -91,6 +91,12 @@ type Command struct {
 	Done time.Time `json:"done,omitzero"`
 	// Why says why it was dropped, or the last delivery error.
 	Why string `json:"why,omitempty"`
+	// Reported is the device's confirmation still to be queued for the
+	// platform (a reading payload, from Source): kept with the command
+	// until the pipeline took it, so a crash or a full store between the
+	// device's ack and the queue does not lose it.
+	Reported json.RawMessage `json:"reported,omitempty"`
+	Source   reading.Source  `json:"source,omitzero"`
 }
 
 // Signed is a command as a link carries it.

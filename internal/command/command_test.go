@@ -542,3 +542,23 @@ func TestMQTTRepublishAfterRestart(t *testing.T) {
 		t.Fatalf("republished command = %+v, want seq 1, on", c)
 	}
 }
+
+// A confirmation the store cannot take yet (full) stays with its command
+// and is queued once it can: the relay's state still reaches the platform,
+// and the relay is not switched again.
+func TestWriteBackRetried(t *testing.T) {
+	e := newEnv(t, time.Minute, envOpt{submitFails: 2})
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the relay's state at the platform, signed", func() bool {
+		v, verdict := e.attr(relayID, "status")
+		return v == true && verdict == envelope.Verified
+	})
+	if st := e.svc.Stats(); st.WriteBackFailures != 2 || st.WriteBacks != 1 {
+		t.Errorf("write-backs: %d failed, %d queued; want 2 and 1", st.WriteBackFailures, st.WriteBacks)
+	}
+	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=1"}) {
+		t.Errorf("relay sets = %q, want one", got)
+	}
+}

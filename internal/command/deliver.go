@@ -111,13 +111,19 @@ func (s *Service) deliverAll(ctx context.Context) {
 			continue
 		}
 		s.mu.Lock()
-		var open []Command
+		var open, unreported []Command
 		for _, c := range r.Attrs {
-			if c.State.open() {
+			switch {
+			case c.State.open():
 				open = append(open, *c)
+			case c.State == Delivered && len(c.Reported) > 0:
+				unreported = append(unreported, *c)
 			}
 		}
 		s.mu.Unlock()
+		for _, c := range unreported {
+			s.writeBack(ctx, d, c)
+		}
 		for _, c := range sortBySeq(open) {
 			s.deliverOne(ctx, d, c)
 		}
@@ -237,7 +243,12 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 	s.mu.Lock()
 	delete(s.retry, key)
 	s.mu.Unlock()
-	if err := s.settle(d.ID, c.Attr, c.Seq, state, "", true, now); err != nil {
+	if state == Delivered {
+		err = s.delivered(d.ID, c.Attr, c.Seq, res, now)
+	} else {
+		err = s.settle(d.ID, c.Attr, c.Seq, state, "", true, now)
+	}
+	if err != nil {
 		s.log.Error("record a command delivered", "device", d.ID, "err", err)
 		return
 	}
@@ -251,21 +262,34 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 	s.mu.Unlock()
 	s.log.Info("command delivered", "device", d.ID, "attr", c.Attr, "seq", c.Seq, "state", state)
 	if len(res.Reported) > 0 {
-		s.writeBack(ctx, d, res)
+		c.Reported, c.Source = res.Reported, res.Source
+		s.writeBack(ctx, d, c)
 	}
 }
 
 // writeBack queues the device's confirmation as a reading: the pipeline
 // signs it and the uplink writes it to the same attribute, where it
 // verifies, so the next read sees the reported state and no new target.
-func (s *Service) writeBack(ctx context.Context, d *policy.Device, res Result) {
-	out, err := s.o.Submit.Submit(ctx, pipeline.Message{Device: d.ID, Source: res.Source, Payload: res.Reported, Received: s.o.Now()})
-	if err != nil || out != pipeline.Queued {
+// Until the pipeline queued it, it stays in the command's record and is
+// tried again every round (a full store, a crash in between).
+func (s *Service) writeBack(ctx context.Context, d *policy.Device, c Command) {
+	out, err := s.o.Submit.Submit(ctx, pipeline.Message{Device: d.ID, Source: c.Source, Payload: c.Reported, Received: s.o.Now()})
+	if err != nil || (out != pipeline.Queued && out != pipeline.Refused && out != pipeline.Duplicate) {
 		s.count(func(st *Stats) { st.WriteBackFailures++ })
-		s.log.Warn("the device's reported state was not queued for the platform", "device", d.ID, "outcome", out, "err", err)
+		s.limited.Log(ctx, slog.LevelWarn, "writeback:"+d.ID, "the device's reported state is not queued for the platform yet; retrying",
+			"device", d.ID, "outcome", out, "err", err)
 		return
 	}
-	s.count(func(st *Stats) { st.WriteBacks++ })
+	if out == pipeline.Queued {
+		s.count(func(st *Stats) { st.WriteBacks++ })
+	} else {
+		// Refused for good (the pipeline logged and counted why): trying
+		// again cannot help.
+		s.count(func(st *Stats) { st.WriteBackFailures++ })
+	}
+	if err := s.writtenBack(d.ID, c.Attr, c.Seq); err != nil {
+		s.log.Warn("record a write-back", "device", d.ID, "err", err)
+	}
 }
 
 // sign seals the command with the device's HS256 key (from K1/K2, which

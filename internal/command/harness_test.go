@@ -152,6 +152,8 @@ type env struct {
 	bus    *testkit.Buffer
 	regs   []policy.Registration
 	coils  *coils
+	// submitFails: see envOpt.
+	submitFails int
 }
 
 // coils stands in for the Modbus master (radio/modbus, another part of
@@ -185,6 +187,28 @@ func (c *coils) written() []string {
 type envOpt struct {
 	radio func(*radiosim.Options)
 	local bool
+	// submitFails makes the first n write-backs fail, as a full store does
+	// (queue.ErrQuota).
+	submitFails int
+}
+
+type flakySubmit struct {
+	next  command.Submitter
+	mu    sync.Mutex
+	fails int
+}
+
+func (f *flakySubmit) Submit(ctx context.Context, m pipeline.Message) (pipeline.Outcome, error) {
+	f.mu.Lock()
+	fail := f.fails > 0
+	if fail {
+		f.fails--
+	}
+	f.mu.Unlock()
+	if fail {
+		return 0, fmt.Errorf("append: %w", queue.ErrQuota)
+	}
+	return f.next.Submit(ctx, m)
 }
 
 func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
@@ -315,6 +339,9 @@ func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 		ps := mgr.Ports()
 		return len(ps) == 1 && ps[0].Open
 	})
+	for _, o := range opts {
+		e.submitFails += o.submitFails
+	}
 	e.startService()
 	return e
 }
@@ -322,7 +349,7 @@ func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 func (e *env) startService() {
 	svc, err := command.New(command.Options{
 		Gateway: gwID, Store: e.q, Policy: e.engine, Tokens: simTokens{sim: e.sim, user: owner},
-		HTTPClient: uplink.NewHTTPClient(e.sim.CAPool(), 5*time.Second, 2), Submit: e.pipe,
+		HTTPClient: uplink.NewHTTPClient(e.sim.CAPool(), 5*time.Second, 2), Submit: &flakySubmit{next: e.pipe, fails: e.submitFails},
 		Route: func(d *policy.Device) command.Deliverer {
 			if d.ID == coilID {
 				return command.Modbus{Writer: e.coils}

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"maps"
 	"time"
+
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 // record is one device's commands: one store record per device
@@ -142,6 +144,38 @@ func (s *Service) settle(device, attr string, seq uint64, state State, why strin
 		if state != Pending && c.Done.IsZero() {
 			c.Done = now.UTC()
 		}
+		return true
+	})
+}
+
+// delivered records the device's ack: state Delivered, with the
+// confirmation to write back (if any) kept until it is queued.
+func (s *Service) delivered(device, attr string, seq uint64, res Result, now time.Time) error {
+	return s.update(device, func(r *record) bool {
+		c := r.Attrs[attr]
+		if c == nil || c.Seq != seq || c.State == Expired || c.State == Dropped {
+			return false
+		}
+		c.Attempts++
+		c.State, c.Why = Delivered, ""
+		if c.Done.IsZero() {
+			c.Done = now.UTC()
+		}
+		if len(res.Reported) > 0 {
+			c.Reported, c.Source = bytes.Clone(res.Reported), res.Source
+		}
+		return true
+	})
+}
+
+// writtenBack forgets the confirmation once the pipeline queued it.
+func (s *Service) writtenBack(device, attr string, seq uint64) error {
+	return s.update(device, func(r *record) bool {
+		c := r.Attrs[attr]
+		if c == nil || c.Seq != seq || c.Reported == nil {
+			return false
+		}
+		c.Reported, c.Source = nil, reading.Source{}
 		return true
 	})
 }
