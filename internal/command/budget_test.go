@@ -18,7 +18,7 @@ import (
 type staticTokens struct{}
 
 func (staticTokens) Token(context.Context) (string, error) { return "tok", nil }
-func (staticTokens) Invalidate(string)                    {}
+func (staticTokens) Invalidate(string)                     {}
 
 type noSubmit struct{}
 
