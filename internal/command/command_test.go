@@ -24,14 +24,17 @@ const wait = 15 * time.Second
 // the entity, signed by the gateway.
 func TestOwnerSwitchesRelay(t *testing.T) {
 	e := newEnv(t, time.Minute)
+	t0 := time.Now()
 	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
 		t.Fatalf("owner's PATCH through the filter: %d %s", code, body)
 	}
 	testkit.Eventually(t, wait, "the relay switched on", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
+	switched := time.Since(t0)
 	testkit.Eventually(t, wait, "the relay's state back at the platform, signed", func() bool {
 		v, verdict := e.attr(relayID, "status")
 		return v == true && verdict == envelope.Verified
 	})
+	t.Logf("PATCH → relay switched %v, → signed state at the platform %v (poll interval 100ms)", switched.Round(time.Millisecond), time.Since(t0).Round(time.Millisecond))
 	testkit.Eventually(t, wait, "the command confirmed", func() bool { return e.command(relayID, "status").State == command.Confirmed })
 	c := e.command(relayID, "status")
 	if c.Seq != 1 || c.Origin != "platform" || string(c.Value) != "true" {
