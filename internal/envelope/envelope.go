@@ -397,6 +397,10 @@ func VerifyAttrMap(raw map[string]json.RawMessage, keys []Key, sigAttr string) (
 
 // checkID refuses a document whose "id" is not the signed device.
 func checkID(raw map[string]json.RawMessage, c Claims) error {
+	if c.Kind != "" {
+		// A command the gateway sent the device is never a reading.
+		return fmt.Errorf("%w: a %s envelope, not a reading", ErrTampered, c.Kind)
+	}
 	if id, ok := raw["id"]; ok {
 		var s string
 		if json.Unmarshal(id, &s) == nil && s != c.Device {
