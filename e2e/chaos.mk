@@ -24,6 +24,8 @@ FUZZ_TARGETS := \
 	./internal/envelope:FuzzVerifyAttrs \
 	./internal/envelope:FuzzVerifyEntity \
 	./mqtt:FuzzTopicMatch \
+	./mqtt:FuzzCommandTopic \
+	./internal/command:FuzzReadEntity \
 	./mqtt:FuzzBrokerPackets \
 	./radio:FuzzMySensors \
 	./radio:FuzzJSONLines \

@@ -102,6 +102,9 @@ type accessHook struct {
 	m       *metrics.Metrics
 	now     func() time.Time
 	onDeny  func(action, reason, who string)
+	// localCommands, when set (commands.local_control), takes commands
+	// that applications with a write grant publish on a command topic.
+	localCommands func(user, device, attr string, payload []byte) error
 
 	srv *mochi.Server // sessions, CONNACK refusals and wills; set by NewBroker
 
@@ -132,7 +135,13 @@ func (h *accessHook) ID() string { return "edgegate-access" }
 
 func (h *accessHook) Provides(b byte) bool {
 	return bytes.Contains([]byte{mochi.OnConnectAuthenticate, mochi.OnACLCheck, mochi.OnDisconnect, mochi.OnClientExpired, mochi.OnSessionEstablished,
-		mochi.OnPacketEncode}, []byte{b})
+		mochi.OnPacketEncode, mochi.OnPublish}, []byte{b})
+}
+
+// OnPublish takes local commands (command.go); readings pass on to the
+// ingest hook.
+func (h *accessHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Packet, error) {
+	return h.onCommandPublish(cl, pk)
 }
 
 func (h *accessHook) deny(action, reason, who string, args ...any) {
@@ -213,6 +222,16 @@ func (h *accessHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool
 		return false
 	}
 	if p.device != "" {
+		if cmdDev, isCmd := h.topic.MatchCommand(topic); isCmd {
+			// Its own command topic: a device subscribes to it and is
+			// delivered what the gateway publishes there; it never
+			// publishes on it (nor on another device's).
+			if write || cmdDev != p.device {
+				h.deny(actionOf(write), denyNotOwnTopic, p.device, "topic", clipName(topic))
+				return false
+			}
+			return true
+		}
 		if write {
 			dev, ok := h.topic.Match(topic)
 			if !ok || dev != p.device {
@@ -230,6 +249,14 @@ func (h *accessHook) OnACLCheck(cl *mochi.Client, topic string, write bool) bool
 	}
 	// An application.
 	if write {
+		if dev, isCmd := h.topic.MatchCommand(topic); isCmd && h.localCommands != nil && !strings.ContainsAny(topic, "+#") &&
+			h.pol.Current().MayWrite(p.user, p.groups, dev) {
+			// Local control (commands.local_control): the publish is
+			// taken in by the command service (OnPublish, command.go),
+			// signed and queued like a command from the platform; the
+			// raw message itself never reaches the device.
+			return true
+		}
 		h.deny("publish", denyAppPublish, p.user, "topic", clipName(topic))
 		return false
 	}

@@ -167,6 +167,10 @@ func (h *accessHook) recheckInflight(existing *mochi.Client, p *principal) {
 
 // mayRead is the delivery rule for a concrete topic, without counting.
 func (h *accessHook) mayRead(p *principal, topic string) bool {
+	if dev, ok := h.topic.MatchCommand(topic); ok {
+		// A command topic is delivered to its device only.
+		return p.device != "" && dev == p.device
+	}
 	dev, ok := h.topic.Match(topic)
 	if !ok {
 		return false

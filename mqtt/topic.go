@@ -91,3 +91,48 @@ func (t Topic) For(device string) string {
 	out[t.device] = device
 	return strings.Join(out, "/")
 }
+
+// The command topics of a device (the downlink, internal/command): the
+// reading pattern's levels up to and including {device}, then "cmd", then
+// the attribute — devices/{device}/telemetry gives devices/th-1/cmd/status.
+// One topic per attribute, so that each holds its own newest command
+// retained. Should the reading pattern itself end in {device}/cmd, the
+// command level is "command", so that a reading topic is never a command
+// topic. Only the device itself may subscribe to its command topics
+// (devices/th-1/cmd/+, devices/th-1/cmd/#, devices/th-1/#), and only the
+// gateway publishes there (access.go).
+func (t Topic) commandLevel() string {
+	if rest := t.levels[t.device+1:]; len(rest) == 1 && rest[0] == "cmd" {
+		return "command"
+	}
+	return "cmd"
+}
+
+// Command returns the command topic of one attribute of device.
+func (t Topic) Command(device, attr string) string {
+	out := make([]string, 0, t.device+3)
+	out = append(out, t.levels[:t.device]...)
+	out = append(out, device, t.commandLevel(), attr)
+	return strings.Join(out, "/")
+}
+
+// MatchCommand returns the device whose command topic, or command topic
+// filter, topic is: prefix/{device}/cmd/{attr}, where a filter may have a
+// wildcard for the attribute level, or prefix/{device}/cmd/#. The device
+// level is never a wildcard.
+func (t Topic) MatchCommand(topic string) (device string, ok bool) {
+	levels := strings.Split(topic, "/")
+	if len(levels) != t.device+3 || levels[t.device+1] != t.commandLevel() {
+		return "", false
+	}
+	for i := 0; i < t.device; i++ {
+		if levels[i] != t.levels[i] {
+			return "", false
+		}
+	}
+	dev, attr := levels[t.device], levels[t.device+2]
+	if dev == "" || strings.ContainsAny(dev, "+#") || attr == "" || (len(attr) > 1 && strings.ContainsAny(attr, "+#")) {
+		return "", false
+	}
+	return dev, true
+}

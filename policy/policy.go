@@ -117,7 +117,22 @@ type Registration struct {
 	// newest signs (SigningGateway), all verify (older readings stay
 	// verifiable after a rotation).
 	PublicKeys []json.RawMessage `json:"public_keys,omitempty"`
+	// Kind is the IoT Directory's device kind: KindSensor (also "") or
+	// KindActuator (iot-directory web/api/common.php canBeRegistered
+	// accepts only these two).
+	Kind string `json:"kind,omitempty"`
+	// Writable names the attributes the platform may set (the directory's
+	// per-attribute "editable" flag, event_values.editable in
+	// web/createtables.sql). An actuator with none listed has every
+	// attribute writable but the directory's own latitude and longitude.
+	Writable []string `json:"writable,omitempty"`
 }
+
+// Device kinds, as the IoT Directory names them.
+const (
+	KindSensor   = "sensor"
+	KindActuator = "actuator"
+)
 
 // Document is a whole policy: the payload of a signed bundle and the form
 // in which the policy in force is cached.
@@ -143,6 +158,10 @@ type Device struct {
 	Service     string // optional Fiware-Service
 	ServicePath string // optional Fiware-ServicePath
 	Radio       *RadioBinding
+	// Kind and Writable: see Registration. Commands (internal/command) go
+	// only to attributes Writes accepts.
+	Kind     string
+	Writable []string
 
 	k1, k2  string
 	key     envelope.Key
@@ -157,6 +176,20 @@ func (d *Device) Key() envelope.Key { return d.key }
 // String never shows the device keys.
 func (d *Device) String() string {
 	return fmt.Sprintf("device %s (type %s, owner %s)", d.ID, d.Type, d.Owner)
+}
+
+// Commandable reports whether the platform may send the device commands:
+// an actuator, or a sensor with attributes marked writable.
+func (d *Device) Commandable() bool { return d.Kind == KindActuator || len(d.Writable) > 0 }
+
+// Writes reports whether attr is one the platform may set on the device.
+func (d *Device) Writes(attr string) bool {
+	if len(d.Writable) > 0 {
+		return slices.Contains(d.Writable, attr)
+	}
+	// The directory creates latitude and longitude on every entity
+	// (common.php insert_ngsi): where the device is, not what it does.
+	return d.Kind == KindActuator && attr != "latitude" && attr != "longitude"
 }
 
 // same reports whether two registrations describe the same device with the
@@ -248,6 +281,7 @@ func Compile(doc Document, source, digest string) (*Policy, error) {
 			Service: r.Service, ServicePath: r.ServicePath, Radio: r.Radio,
 			k1: r.K1, k2: r.K2, key: key, mqttPw: []byte(pw),
 			signing: signing, pubKeys: pubKeys,
+			Kind: r.Kind, Writable: slices.Clone(r.Writable),
 		}
 		p.devices[r.ID] = d
 		p.grant(p.reads, r.Owner, r.ID)
@@ -339,6 +373,19 @@ func checkRegistration(r Registration) error {
 		// No credentials in it: the uplink puts the broker URL in every
 		// request line, and tokens come from the token source only.
 		return fmt.Errorf("device %s: broker %q must be an https:// URL without credentials", r.ID, clip(logx.RedactURL(r.Broker)))
+	}
+	switch r.Kind {
+	case "", KindSensor, KindActuator:
+	default:
+		return fmt.Errorf("device %s: kind %q: want sensor or actuator", r.ID, clip(r.Kind))
+	}
+	if len(r.Writable) > 64 {
+		return fmt.Errorf("device %s: more than 64 writable attributes", r.ID)
+	}
+	for _, a := range r.Writable {
+		if !reading.ValidID(a) {
+			return fmt.Errorf("device %s: writable attribute %q must match [A-Za-z0-9._-]{1,256}", r.ID, clip(a))
+		}
 	}
 	if b := r.Radio; b != nil {
 		if b.Port == "" || b.Node < -1 || b.Node > 254 || b.Child < -1 || b.Child > 254 {

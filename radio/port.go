@@ -67,6 +67,10 @@ type port struct {
 	st       PortStatus
 	jsonPend map[string]*PendingNode // JSON lines: unbound devices heard
 	lastSeq  map[string]uint64       // JSON lines: previous seq per device
+	// The downlink (downlink.go): sets to send, and the sets waiting for
+	// their echo by node<<16|child<<8|type.
+	cmds     chan []byte
+	echoWait map[int]chan []byte
 }
 
 func newPort(pc PortConfig, sub Submitter, bind Binder, ids *nodeIDs, opts Options, log *slog.Logger, limited *logx.Limiter) *port {
@@ -75,6 +79,7 @@ func newPort(pc PortConfig, sub Submitter, bind Binder, ids *nodeIDs, opts Optio
 		now: opts.Now, opts: opts, readings: make(chan pipeline.Message, pendingReads),
 		st:       PortStatus{Path: pc.Path, Codec: pc.Codec},
 		jsonPend: map[string]*PendingNode{}, lastSeq: map[string]uint64{},
+		cmds: make(chan []byte), // unbuffered: a set is handed over only to a running session, never left for a later one
 	}
 	if pc.Codec == CodecMySensors {
 		p.ctrl = newMSController(pc.Path, ids, opts.Now)
@@ -200,7 +205,16 @@ func (p *port) session(ctx context.Context, sp *serial.Port, id devID) error {
 	writerDone := make(chan struct{})
 	go func() {
 		defer close(writerDone)
-		for b := range writes {
+		for {
+			var b []byte
+			select {
+			case r, ok := <-writes:
+				if !ok {
+					return
+				}
+				b = r
+			case b = <-p.cmds: // downlink sets (downlink.go)
+			}
 			if _, err := sp.Write(b); err != nil {
 				werr <- fmt.Errorf("write to %s: %w", p.cfg.Path, err)
 				return
@@ -309,6 +323,9 @@ func (p *port) frameMySensors(l Line) {
 		p.st.Echoes++
 	}
 	p.mu.Unlock()
+	if res.event == evEcho {
+		p.echoed(m)
+	}
 	if res.warn != nil {
 		p.limited.Log(p.readCtx, slog.LevelWarn, "state:"+p.cfg.Path, "radio state not saved", "err", res.warn)
 	}

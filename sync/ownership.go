@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -469,6 +470,14 @@ func overlay(reg *policy.Registration, local policy.Registration) {
 	}
 	if local.Service != "" {
 		reg.Service, reg.ServicePath = local.Service, local.ServicePath
+	}
+	// Kind and writable attributes are not in a stock ownership row: only
+	// the registry (device add --kind, --writable) has them.
+	if local.Kind != "" {
+		reg.Kind = local.Kind
+	}
+	if len(local.Writable) > 0 {
+		reg.Writable = slices.Clone(local.Writable)
 	}
 }
 

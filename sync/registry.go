@@ -51,6 +51,12 @@ type RegistryEntry struct {
 	PublicKeys []json.RawMessage `json:"public_keys,omitempty"`
 	// Attributes are the names the model declares.
 	Attributes []string `json:"attributes,omitempty"`
+	// Kind is the directory's device kind, policy.KindSensor (also "") or
+	// policy.KindActuator; Writable the attributes registered editable
+	// (iot-directory event_values.editable). They decide which attributes
+	// the gateway takes commands for (internal/command).
+	Kind     string   `json:"kind,omitempty"`
+	Writable []string `json:"writable,omitempty"`
 	// Delegated: registered elsewhere and delegated to the account (bound
 	// with device bind), not owned.
 	Delegated bool `json:"delegated,omitempty"`
@@ -125,6 +131,19 @@ func (e RegistryEntry) Validate() error {
 	for _, a := range e.Attributes {
 		if err := ValidateName("attribute", a); err != nil {
 			return fmt.Errorf("device %s: %w", e.ID, err)
+		}
+	}
+	switch e.Kind {
+	case "", policy.KindSensor, policy.KindActuator:
+	default:
+		return fmt.Errorf("device %s: kind %q: want sensor or actuator", e.ID, e.Kind)
+	}
+	if len(e.Writable) > maxRegistryAttrs {
+		return fmt.Errorf("device %s: more than %d writable attributes", e.ID, maxRegistryAttrs)
+	}
+	for _, a := range e.Writable {
+		if err := ValidateName("attribute", a); err != nil {
+			return fmt.Errorf("device %s: writable: %w", e.ID, err)
 		}
 	}
 	if (e.K1 == "") != (e.K2 == "") || (e.K1 != "" && e.K1 == e.K2) {
@@ -286,7 +305,7 @@ func (r *Registry) List() ([]RegistryEntry, error) {
 }
 
 // Lookup is what the policy source needs of a device: ID, Type, Radio,
-// Signing, PublicKeys, K1, K2. Broker is left empty (the entry's broker
+// Signing, PublicKeys, K1, K2, Kind, Writable. Broker is left empty (the entry's broker
 // is a directory name, not the URL Registration.Broker holds). A registry
 // that cannot be read answers false: the policy then treats the device as
 // it would without a registry.
@@ -295,7 +314,8 @@ func (r *Registry) Lookup(id string) (policy.Registration, bool) {
 	if err != nil || !ok {
 		return policy.Registration{}, false
 	}
-	reg := policy.Registration{ID: e.ID, Type: e.Type, Signing: e.Signing, K1: e.K1, K2: e.K2, PublicKeys: e.PublicKeys}
+	reg := policy.Registration{ID: e.ID, Type: e.Type, Signing: e.Signing, K1: e.K1, K2: e.K2, PublicKeys: e.PublicKeys,
+		Kind: e.Kind, Writable: slices.Clone(e.Writable)}
 	if e.Radio != nil {
 		rb := *e.Radio
 		reg.Radio = &rb
@@ -309,6 +329,7 @@ func cloneEntry(e RegistryEntry) RegistryEntry {
 		e.Radio = &rb
 	}
 	e.Attributes = slices.Clone(e.Attributes)
+	e.Writable = slices.Clone(e.Writable)
 	if e.PublicKeys != nil {
 		keys := make([]json.RawMessage, len(e.PublicKeys))
 		for i, k := range e.PublicKeys {

@@ -123,6 +123,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		simDevices = append(simDevices, centralsim.Device{ID: d.id, Type: d.typ, Owner: d.owner, K1: d.k1, K2: d.k2, Attrs: d.attrs})
 	}
 	centralSecret := randomHex(16)
+	simDevices = append(simDevices, demoRelayDevice()) // demo_actuator.go
 	sim, err := centralsim.New(centralsim.Options{
 		Devices:     simDevices,
 		Delegations: []centralsim.Delegation{{Device: "meter-shared", User: demoAccount, Kind: centralsim.KindReadWrite}},
@@ -169,6 +170,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 		{"bind", "--config", cfgPath, "--type", "TemperatureSensor", "--radio-port", link, "--radio-node", "1",
 			"--attr", "temperature", "--attr", "humidity", "--attr", "batteryLevel", "th-attic"},
 		{"bind", "--config", cfgPath, "--type", "PowerMeter", "--mqtt", "--k1-file", keysFile, "--attr", "power", "meter-shared"},
+		demoRelayBind(cfgPath, link),
 	}
 	for _, b := range binds {
 		var bout, berr testkit.Buffer
@@ -193,7 +195,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	// 1 is bound to th-attic, node 2 asks for an id and stays unbound
 	// (pending) — and some garbage on the line.
 	rsim, err := radiosim.New(radiosim.Options{Link: link, Nodes: 2, FirstID: 1, AutoID: 1,
-		Interval: 2 * time.Second, Garbage: true, Logger: slog.New(slog.DiscardHandler)})
+		Interval: 2 * time.Second, Garbage: true, Relay: true, Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		return fmt.Errorf("start simulated radio: %w", err)
 	}
@@ -290,6 +292,12 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	}
 	tick.Stop()
 	wg.Wait()
+	var actuatorProblems []string
+	if interrupted.Err() == nil {
+		actx, acancel := context.WithTimeout(interrupted, 30*time.Second)
+		actuatorProblems = demoActuator(actx, sim, rsim, out) // demo_actuator.go
+		acancel()
+	}
 	stopRadio()
 
 	// Let the queue drain what was acknowledged, then stop the daemon.
@@ -305,7 +313,7 @@ func runDemo(ctx context.Context, args []string, stdout, stderr io.Writer) error
 	} else {
 		out.printf("  daemon stopped cleanly")
 	}
-	problems := demoSummary(out, sim, devices)
+	problems := append(demoSummary(out, sim, devices), actuatorProblems...)
 	// The daemon is stopped: verify can open the gateway's store for its
 	// token. A fresh context: the run's has ended.
 	vctx, vcancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -422,6 +430,9 @@ func demoTuneConfig(cfgPath, radioLink string) error {
 	section("radio")["ports"] = []any{map[string]any{"path": radioLink, "codec": "mysensors"}}
 	section("metrics")["listen"] = "127.0.0.1:0"
 	section("log")["format"] = "json"
+	// The downlink, for the actuator step (demo_actuator.go).
+	cmds := section("commands")
+	cmds["enabled"], cmds["poll_interval"] = true, "1s"
 	nb, err := yaml.Marshal(cfg)
 	if err != nil {
 		return err

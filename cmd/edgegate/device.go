@@ -203,7 +203,7 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 		freq                                        *int
 		bind                                        bindingFlags
 		attrs, addAttrs                             attrFlag
-		removeAttrs, bindAttrs                      stringsFlag
+		removeAttrs, bindAttrs, writable            stringsFlag
 	)
 	switch sub {
 	case "add":
@@ -235,6 +235,8 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 		signing = fs.String("signing", "hs256", "who signs readings: hs256 or device")
 		pubKeyFile = fs.String("public-key", "", "with --signing device: the device's public key (JWK or PEM)")
 		fs.Var(&bindAttrs, "attr", "attribute name of the device's model (repeatable)")
+		kind = fs.String("kind", "", "sensor or actuator (commands go to actuators, docs/actuators.md)")
+		fs.Var(&writable, "writable", "attribute the platform may set, registered editable (repeatable)")
 	case "rotate-key":
 		rotAlg = fs.String("alg", "", "gateway-held key: ed25519 or es256 (default: the current key's)")
 		pubKeyFile = fs.String("public-key", "", "device-signed device: its new public key (JWK or PEM)")
@@ -315,7 +317,8 @@ func deviceWith(ctx context.Context, env pairEnv, args []string, stdout, stderr 
 		if err != nil {
 			return usageErr(err)
 		}
-		req := admin.DeviceBindRequest{ID: id, Type: *typ, Broker: *broker, Binding: b, Attributes: bindAttrs}
+		req := admin.DeviceBindRequest{ID: id, Type: *typ, Broker: *broker, Binding: b, Attributes: bindAttrs,
+			Kind: *kind, Writable: writable}
 		switch *signing {
 		case "hs256":
 			if *pubKeyFile != "" {

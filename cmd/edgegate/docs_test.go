@@ -22,7 +22,7 @@ var (
 	shBlockRE   = regexp.MustCompile("(?s)```sh\n(.*?)```")
 	flagRE      = regexp.MustCompile(`(?:^|\s)--([a-z][a-z0-9-]*)`)
 	linkRE      = regexp.MustCompile(`\]\(([^)\s]+)\)`)
-	configKeyRE = regexp.MustCompile("`((?:central|uplink|policy|mqtt|store|radio|admin|metrics|log|pipeline|gateway)\\.[a-z_.]+)`")
+	configKeyRE = regexp.MustCompile("`((?:central|uplink|policy|mqtt|store|radio|admin|metrics|log|pipeline|gateway|commands)\\.[a-z_.]+)`")
 )
 
 // subcommands with their own second word.

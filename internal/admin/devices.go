@@ -144,6 +144,10 @@ type DeviceBindRequest struct {
 	Attributes []string      `json:"attributes,omitempty"`
 	K1         string        `json:"k1,omitempty"` // secret
 	K2         string        `json:"k2,omitempty"` // secret
+	// Kind (sensor, actuator) and Writable attributes: which commands the
+	// device takes (internal/command).
+	Kind     string   `json:"kind,omitempty"`
+	Writable []string `json:"writable,omitempty"`
 }
 
 // String leaves the secrets out.

@@ -41,6 +41,7 @@ type Config struct {
 	Policy      Policy   `yaml:"policy"`
 	Pipeline    Pipeline `yaml:"pipeline"`
 	Radio       Radio    `yaml:"radio"`
+	Commands    Commands `yaml:"commands"`
 	DevicesFile string   `yaml:"devices_file"`
 	Devices     []Device `yaml:"devices"`
 	// MemoryLimit is the Go runtime's soft memory limit (GOMEMLIMIT, which
@@ -263,6 +264,10 @@ type Device struct {
 	// key for the device, in the store) or device (the device signs).
 	Signing    string   `yaml:"signing"`
 	PublicKeys []string `yaml:"public_keys"` // JWK, JWK Set or PEM; newest first
+	// Kind: sensor (default) or actuator, as the IoT Directory says;
+	// Writable: the attributes the platform may set (docs/actuators.md).
+	Kind     string   `yaml:"kind"`
+	Writable []string `yaml:"writable"`
 }
 
 // RadioBinding ties a device to a radio source: a port, and on a MySensors
@@ -327,6 +332,28 @@ type Pipeline struct {
 	// gateway's clock is obviously unsynchronised.
 	MaxClockSkew time.Duration `yaml:"max_clock_skew"`
 	MaxAge       time.Duration `yaml:"max_age"`
+}
+
+// Commands configures the downlink: commands from the platform to
+// actuators (internal/command, docs/actuators.md).
+type Commands struct {
+	// Enabled turns the downlink on; off, the gateway never reads an
+	// entity back and never sends a device anything but radio replies.
+	Enabled bool `yaml:"enabled"`
+	// TTL: a command not delivered this long after it was learned expires
+	// and is never sent.
+	TTL time.Duration `yaml:"ttl"`
+	// PollInterval is how often the actuators' entities are read back
+	// through the filter; PollBudget bounds the reads of one round.
+	PollInterval time.Duration `yaml:"poll_interval"`
+	PollBudget   int           `yaml:"poll_budget"`
+	// Retries bounds the sends of one command to a MySensors node before
+	// its echo (the ack); AckTimeout is the wait for each echo.
+	Retries    int           `yaml:"retries"`
+	AckTimeout time.Duration `yaml:"ack_timeout"`
+	// LocalControl lets local-broker applications that the policy grants
+	// a write kind on a device (or own it) publish commands to it.
+	LocalControl bool `yaml:"local_control"`
 }
 
 // Radio configures the serial radio links.
@@ -467,6 +494,8 @@ func Default() Config {
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
 		Pipeline: Pipeline{MaxClockSkew: 5 * time.Minute},
+		Commands: Commands{TTL: 10 * time.Minute, PollInterval: 5 * time.Second, PollBudget: 32,
+			Retries: 3, AckTimeout: 2 * time.Second},
 		Policy: Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour,
 			Ownership: Ownership{MaxAge: 24 * time.Hour}},
 		Metrics: Metrics{Listen: "127.0.0.1:9464"},

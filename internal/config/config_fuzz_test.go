@@ -11,7 +11,7 @@ import (
 
 // topKeys are the configuration's top-level keys; an error that names a
 // key names one of these (dotted paths start with one).
-var topKeys = regexp.MustCompile(`\(document\)|\b(gateway|state_dir|store|mqtt|central|uplink|policy|radio|devices_file|devices|metrics|log)\b`)
+var topKeys = regexp.MustCompile(`\(document\)|\b(gateway|state_dir|store|mqtt|central|uplink|policy|radio|commands|devices_file|devices|metrics|log)\b`)
 
 var lineRE = regexp.MustCompile(`\bline \d+\b`)
 

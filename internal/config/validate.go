@@ -39,6 +39,7 @@ func (c *Config) Validate() error {
 	c.validateMetrics(&p)
 	c.validateAdmin(&p)
 	c.validatePipeline(&p)
+	c.validateCommands(&p)
 	c.validateLog(&p)
 	p = append(p, c.urlSecrets()...)
 	return errors.Join(p...)
@@ -571,5 +572,32 @@ func (c *Config) validateLog(p *problems) {
 	case "text", "json":
 	default:
 		p.bad("log.format", c.Log.Format, "must be text or json")
+	}
+}
+
+// validateCommands checks commands.*.
+func (c *Config) validateCommands(p *problems) {
+	k := c.Commands
+	if k.TTL < time.Second || k.TTL > 7*24*time.Hour {
+		p.bad("commands.ttl", k.TTL.String(), "must be in 1s..168h")
+	}
+	if k.PollInterval < 100*time.Millisecond || k.PollInterval > time.Hour {
+		p.bad("commands.poll_interval", k.PollInterval.String(), "must be in 100ms..1h")
+	}
+	if k.PollBudget < 1 || k.PollBudget > 4096 {
+		p.bad("commands.poll_budget", strconv.Itoa(k.PollBudget), "must be in 1..4096")
+	}
+	if k.Retries < 1 || k.Retries > 20 {
+		p.bad("commands.retries", strconv.Itoa(k.Retries), "must be in 1..20")
+	}
+	if k.AckTimeout < 100*time.Millisecond || k.AckTimeout > time.Minute {
+		p.bad("commands.ack_timeout", k.AckTimeout.String(), "must be in 100ms..1m")
+	}
+	for _, d := range c.Devices {
+		switch d.Kind {
+		case "", "sensor", "actuator":
+		default:
+			p.bad("devices["+d.ID+"].kind", d.Kind, "must be sensor or actuator")
+		}
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/edgegate/edgegate/internal/accesstoken"
 	"github.com/edgegate/edgegate/internal/admin"
 	"github.com/edgegate/edgegate/internal/audit"
+	"github.com/edgegate/edgegate/internal/command"
 	"github.com/edgegate/edgegate/internal/config"
 	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/pipeline"
@@ -62,7 +63,8 @@ type state struct {
 	ready      *readiness
 	ingestLive func() bool // nil: the embedded broker, live once listening
 	radio      *radio.Manager
-	modbus     *modbus.Master // radio.modbus; nil without lines
+	modbus     *modbus.Master   // radio.modbus; nil without lines
+	commands   *command.Service // nil unless commands.enabled
 
 	mqttAddr, mqttTLSAddr, metricsAddr, adminAddr string
 
@@ -99,6 +101,7 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 		{"pipeline", func() error { return d.openPipeline(st) }},
 		{"ingest", func() error { return d.openIngest(st, in.centralCAs) }},
 		{"radio", func() error { return d.openRadio(st) }},
+		{"commands", func() error { return d.openCommands(st, in.brokerCAs) }},
 	}
 	for _, s := range steps {
 		if err := s.run(); err != nil {
@@ -448,6 +451,70 @@ func (d *Daemon) openRadio(st *state) error {
 	}
 	st.radio = mgr
 	return nil
+}
+
+// openCommands builds the downlink (commands.enabled): commands learned
+// from the platform through the filter, delivered on each device's bound
+// link (docs/actuators.md). A Modbus link joins Route once radio/modbus
+// offers a command.AttrWriter.
+func (d *Daemon) openCommands(st *state, brokerCAs *x509.CertPool) error {
+	cfg := d.cfg
+	if !cfg.Commands.Enabled {
+		return nil
+	}
+	c := cfg.Commands
+	modbusDevs := map[string]bool{}
+	if st.modbus != nil {
+		for _, id := range st.modbus.Devices() {
+			modbusDevs[id] = true
+		}
+	}
+	mysensors := command.MySensors{Radio: st.radio, Tries: c.Retries, AckTimeout: c.AckTimeout}
+	svc, err := command.New(command.Options{
+		Gateway: d.gateway, Store: st.q, Policy: st.engine, Tokens: st.tokens,
+		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, 2), Submit: st.pipe,
+		SignatureMeta: cfg.Uplink.SignatureAttribute, TTL: c.TTL, PollInterval: c.PollInterval, PollBudget: c.PollBudget,
+		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
+		Logger: d.log.With("component", "commands"), Now: d.clock.Now,
+		Route: func(dev *policy.Device) command.Deliverer {
+			switch {
+			case modbusDevs[dev.ID]:
+				// A device on a Modbus line (radio.modbus) is written by
+				// its master, which reads the register back.
+				return command.Modbus{Writer: st.modbus}
+			case dev.Radio != nil && st.radio != nil:
+				return mysensors
+			case dev.Radio == nil && st.broker != nil:
+				return command.MQTT{Broker: st.broker}
+			}
+			return nil // external Mosquitto: no command link yet
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("commands: %w", err)
+	}
+	if c.LocalControl && st.broker != nil {
+		st.broker.SetLocalCommands(svc.Local)
+	}
+	st.engine.OnChange(func(ch policy.Change) {
+		gone := append(append([]string(nil), ch.Revoked...), ch.Rebound...)
+		svc.Forget(gone)
+		if st.broker != nil {
+			st.broker.PurgeCommands(gone)
+		}
+	})
+	if st.broker == nil {
+		d.log.Warn("commands.enabled with mqtt.mode external: commands reach radio devices only")
+	}
+	st.commands = svc
+	return nil
+}
+
+func commandsComponent(st *state) supervise.Component {
+	if st.commands == nil {
+		return supervise.Component{Name: "commands"}
+	}
+	return supervise.Component{Name: "commands", Run: st.commands.Run}
 }
 
 // close closes the audit log and the store once every component stopped;

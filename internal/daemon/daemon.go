@@ -110,7 +110,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.metricsHTTP(st), policySync(st), // network: stops last
 		supervise.Component{Name: "uplink", Run: st.up.Run},
 		supervise.Component{Name: "queue", Run: st.q.Run},
-		accounts(st), d.ingest(st), radioComponent(st), d.admin(st), // producers
+		accounts(st), d.ingest(st), radioComponent(st), commandsComponent(st), d.admin(st), // producers
 		d.lifecycle(st)) // READY=1 last, STOPPING=1 first
 	d.log.Info("stopped")
 	return err
@@ -253,7 +253,7 @@ func configPolicy(cfg *config.Config) (*policy.Policy, error) {
 		regs = append(regs, policy.Registration{
 			ID: dv.ID, Type: dv.Type, Owner: dv.Owner, Broker: strings.TrimRight(dv.Broker, "/"),
 			Service: svc, ServicePath: path, K1: dv.K1, K2: dv.K2, Radio: rb,
-			Signing: dv.Signing, PublicKeys: keys,
+			Signing: dv.Signing, PublicKeys: keys, Kind: dv.Kind, Writable: dv.Writable,
 		})
 	}
 	return policy.New(0, config.PolicyConfig, regs)

@@ -183,7 +183,7 @@ func (a *DeviceAdmin) AddDevice(ctx context.Context, req admin.DeviceAddRequest)
 		return admin.DeviceResult{}, bad(err)
 	}
 	entry := centralsync.RegistryEntry{ID: req.ID, Type: req.Type, Broker: req.Broker, Radio: radio, MQTT: mqtt,
-		Signing: req.Signing, Attributes: attrNames(spec.Attributes)}
+		Signing: req.Signing, Attributes: attrNames(spec.Attributes), Kind: req.Kind}
 	if pub != "" {
 		entry.PublicKeys = []json.RawMessage{json.RawMessage(pub)}
 	}
@@ -382,7 +382,8 @@ func (a *DeviceAdmin) BindDevice(ctx context.Context, req admin.DeviceBindReques
 		return admin.DeviceResult{}, bad(err)
 	}
 	entry := centralsync.RegistryEntry{ID: req.ID, Type: req.Type, Broker: req.Broker, Radio: radio, MQTT: mqtt,
-		Signing: req.Signing, Attributes: req.Attributes, K1: req.K1, K2: req.K2, Delegated: req.K1 != ""}
+		Signing: req.Signing, Attributes: req.Attributes, K1: req.K1, K2: req.K2, Delegated: req.K1 != "",
+		Kind: req.Kind, Writable: req.Writable}
 	if pub != "" {
 		entry.PublicKeys = []json.RawMessage{json.RawMessage(pub)}
 	}

@@ -47,7 +47,12 @@ func appendClaims(b []byte, c *Claims) ([]byte, error) {
 	}
 	b = append(b, `,"attrs":`...)
 	if c.Attrs == nil {
-		return append(b, "null}"...), nil
+		b = append(b, "null"...)
+		if c.Kind != "" {
+			b = append(b, `,"kind":`...)
+			b = appendString(b, c.Kind)
+		}
+		return append(b, '}'), nil
 	}
 	b = append(b, '{')
 	for i, name := range sortedNames(c.Attrs, "") {
@@ -64,7 +69,12 @@ func appendClaims(b []byte, c *Claims) ([]byte, error) {
 		}
 		b = append(b, '}')
 	}
-	return append(b, "}}"...), nil
+	b = append(b, '}')
+	if c.Kind != "" {
+		b = append(b, `,"kind":`...)
+		b = appendString(b, c.Kind)
+	}
+	return append(b, '}'), nil
 }
 
 // appendTime renders t as time.Time.MarshalJSON does.

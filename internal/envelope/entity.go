@@ -295,6 +295,10 @@ func verifyAttr(id, name string, raw json.RawMessage, keys []Key, sigMeta string
 	case err != nil:
 		r.Verdict, r.Detail = Malformed, err.Error()
 		return r
+	case c.Kind != "":
+		// A command the gateway sent the device, replayed as a reading.
+		r.Verdict, r.Detail = Tampered, "a "+c.Kind+" envelope, not a reading"
+		return r
 	}
 	r.Verdict = Tampered
 	want, signed := c.Attrs[name]

@@ -189,7 +189,16 @@ type Claims struct {
 	Seq     uint64          `json:"seq"`
 	Time    time.Time       `json:"t"`
 	Attrs   map[string]Attr `json:"attrs"`
+	// Kind is empty for a reading and KindCommand for a command the
+	// gateway sends down to a device (internal/command): a device that
+	// verifies what it receives refuses a reading's envelope replayed as
+	// a command, and a reading is never taken for a command. Last, and
+	// omitted when empty, so that readings serialise exactly as before.
+	Kind string `json:"kind,omitempty"`
 }
+
+// KindCommand is the Kind of a command's envelope.
+const KindCommand = "command"
 
 // ClaimsOf builds the claims of a validated reading.
 func ClaimsOf(gateway string, seq uint64, r *reading.Reading) Claims {
@@ -388,6 +397,10 @@ func VerifyAttrMap(raw map[string]json.RawMessage, keys []Key, sigAttr string) (
 
 // checkID refuses a document whose "id" is not the signed device.
 func checkID(raw map[string]json.RawMessage, c Claims) error {
+	if c.Kind != "" {
+		// A command the gateway sent the device is never a reading.
+		return fmt.Errorf("%w: a %s envelope, not a reading", ErrTampered, c.Kind)
+	}
 	if id, ok := raw["id"]; ok {
 		var s string
 		if json.Unmarshal(id, &s) == nil && s != c.Device {

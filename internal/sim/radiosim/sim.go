@@ -47,6 +47,13 @@ type Options struct {
 	// HearController, with Silent, still reads what the controller sends
 	// and counts it in Stats (e.g. AssignedIDs), without answering.
 	HearController bool
+	// Relay gives every node a relay on child RelayChild (S_BINARY,
+	// V_STATUS) that applies a set the controller sends with the ack flag
+	// and echoes it back with ack=1, as a MySensors node does.
+	Relay bool
+	// DropSets ignores the first DropSets sets to a relay (frames lost on
+	// the air): the controller must send them again.
+	DropSets int
 	// Seed makes the values and the garbage reproducible (0: random).
 	Seed   uint64
 	Logger *slog.Logger
@@ -65,7 +72,14 @@ type Stats struct {
 	PresentAsks    int // I_PRESENTATION requests received
 	ControllerBad  int // lines from the controller that did not decode
 	LastTimeAnswer int64
+	// RelaySets are the sets the relays applied, "node/child=payload", in
+	// order; RelayDropped those ignored (Options.DropSets).
+	RelaySets    []string
+	RelayDropped int
 }
+
+// RelayChild is the child id of a node's relay (Options.Relay).
+const RelayChild = 2
 
 // Sim is a simulated MySensors serial gateway with nodes behind it, on a
 // pseudo-terminal: the gateway daemon opens the link path as a serial port
@@ -296,6 +310,7 @@ func (s *Sim) Stats() Stats {
 	defer s.mu.Unlock()
 	st := s.stats
 	st.AssignedIDs = append([]int(nil), s.stats.AssignedIDs...)
+	st.RelaySets = append([]string(nil), s.stats.RelaySets...)
 	return st
 }
 
@@ -389,6 +404,13 @@ func (s *Sim) present(n *simNode) {
 		id + ";255;3;0;12;1.0",
 		id + ";0;0;0;6;Temperature",
 		id + ";1;0;0;7;Humidity",
+	} {
+		s.send(l)
+	}
+	if s.opts.Relay {
+		s.send(id + ";" + strconv.Itoa(RelayChild) + ";0;0;3;Relay") // S_BINARY
+	}
+	for _, l := range []string{
 		id + ";255;3;0;6;0",
 		id + ";255;3;0;1;",
 	} {
@@ -522,6 +544,17 @@ func (s *Sim) heard(h simHeard, nodes []*simNode) {
 				s.present(n)
 			}
 		}
+	case m.Command == radio.CmdSet && m.Ack && s.opts.Relay && m.Child == RelayChild && m.Type == 2:
+		s.mu.Lock()
+		if s.stats.RelayDropped < s.opts.DropSets {
+			s.stats.RelayDropped++
+			s.mu.Unlock()
+			return
+		}
+		s.stats.RelaySets = append(s.stats.RelaySets, fmt.Sprintf("%d/%d=%s", m.Node, m.Child, m.Payload))
+		s.mu.Unlock()
+		// The echo: the same message back with the ack flag.
+		s.write(radio.AppendMySensors(nil, m))
 	case m.Command == radio.CmdSet:
 		s.mu.Lock()
 		s.stats.ReqAnswers++
