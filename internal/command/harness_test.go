@@ -30,6 +30,7 @@ import (
 	"github.com/edgegate/edgegate/mqtt"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/radio"
+	"github.com/edgegate/edgegate/radio/modbus"
 )
 
 // The harness is the gateway's downlink with every real part around it:
@@ -156,32 +157,46 @@ type env struct {
 	submitFails int
 }
 
-// coils stands in for the Modbus master (radio/modbus, another part of
-// the gateway) at its command.AttrWriter interface: a coil holds what is
-// written and reads back as such.
+// coils is the real Modbus master (radio/modbus) on a pseudo-terminal,
+// with a simulated slave (unit 1) whose coil 0 is the coil device's "on".
 type coils struct {
-	mu     sync.Mutex
-	writes []string
-	state  map[string]any
+	sim *radiosim.ModbusSim
+	ms  *modbus.Master
 }
 
-func (c *coils) WriteAttr(_ context.Context, device, attr string, value any) (any, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	b, ok := value.(bool)
-	if !ok {
-		return nil, fmt.Errorf("%w: coil %s/%s takes a boolean, not %T", command.ErrPermanent, device, attr, value)
+func newCoils(t *testing.T) *coils {
+	t.Helper()
+	sim, err := radiosim.NewModbus(radiosim.ModbusOptions{Link: filepath.Join(t.TempDir(), "ttyRS485")})
+	if err != nil {
+		t.Fatal(err)
 	}
-	c.writes = append(c.writes, fmt.Sprintf("%s/%s=%v", device, attr, b))
-	c.state[device+"/"+attr] = b
-	return c.state[device+"/"+attr], nil
+	sim.Unit(1).SetCoils(0, false)
+	ctx, cancel := context.WithCancel(context.Background())
+	simDone := make(chan struct{})
+	go func() { sim.Run(ctx); close(simDone) }()
+	ms, err := modbus.New([]modbus.LineConfig{{Path: sim.Link(), Baud: 115200, Devices: []modbus.DeviceConfig{{Device: coilID, Unit: 1,
+		Period: time.Hour, Timeout: time.Second, Registers: []modbus.Register{
+			{Attr: "on", Table: modbus.TableCoil, Addr: 0, Writable: true},
+		}}}}}, discardReadings{}, modbus.Options{})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	msDone := make(chan struct{})
+	go func() { _ = ms.Run(ctx); close(msDone) }()
+	t.Cleanup(func() { cancel(); <-msDone; <-simDone })
+	return &coils{sim: sim, ms: ms}
 }
 
-func (c *coils) written() []string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]string(nil), c.writes...)
+// discardReadings takes the master's polled readings (not under test here).
+type discardReadings struct{}
+
+func (discardReadings) Submit(context.Context, pipeline.Message) (pipeline.Outcome, error) {
+	return pipeline.Queued, nil
 }
+
+// writes is how many writes the slave applied, and its coil now.
+func (c *coils) writes() (int, bool) { return c.sim.Stats().Writes[1], c.sim.Unit(1).Coil(0) }
 
 // envOpt changes the harness: the radio simulator's options, local control.
 type envOpt struct {
@@ -215,7 +230,7 @@ func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	t.Cleanup(cancel)
-	e := &env{t: t, ctx: ctx, ttl: ttl, bus: &testkit.Buffer{}, coils: &coils{state: map[string]any{}}}
+	e := &env{t: t, ctx: ctx, ttl: ttl, bus: &testkit.Buffer{}, coils: newCoils(t)}
 	sim, err := centralsim.New(centralsim.Options{
 		Users: []centralsim.User{{Username: owner}, {Username: foreign}},
 		Devices: []centralsim.Device{
@@ -352,7 +367,7 @@ func (e *env) startService() {
 		HTTPClient: uplink.NewHTTPClient(e.sim.CAPool(), 5*time.Second, 2), Submit: &flakySubmit{next: e.pipe, fails: e.submitFails},
 		Route: func(d *policy.Device) command.Deliverer {
 			if d.ID == coilID {
-				return command.Modbus{Writer: e.coils}
+				return command.Modbus{Writer: e.coils.ms}
 			}
 			if d.Radio != nil {
 				return command.MySensors{Radio: e.radio, Tries: 3, AckTimeout: 300 * time.Millisecond}

@@ -86,7 +86,8 @@ func (m MySensors) Deliver(ctx context.Context, dev *policy.Device, cmd Signed) 
 }
 
 // AttrWriter is a link that writes one attribute of a device and reads it
-// back: the Modbus master (radio/modbus) satisfies it.
+// back: the Modbus master (radio/modbus) satisfies it. A writer that also
+// has Permanent(error) bool tells which failures no retry can cure.
 type AttrWriter interface {
 	WriteAttr(ctx context.Context, device, attr string, value any) (reported any, err error)
 }
@@ -103,6 +104,9 @@ func (m Modbus) Deliver(ctx context.Context, dev *policy.Device, cmd Signed) (Re
 	}
 	got, err := m.Writer.WriteAttr(ctx, dev.ID, cmd.Attr, v)
 	if err != nil {
+		if p, ok := m.Writer.(interface{ Permanent(error) bool }); ok && p.Permanent(err) {
+			return Result{}, fmt.Errorf("%w: %w", ErrPermanent, err)
+		}
 		return Result{}, err
 	}
 	payload, err := json.Marshal(map[string]any{cmd.Attr: map[string]any{"value": got, "type": cmd.Type}})

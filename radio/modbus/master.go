@@ -44,6 +44,9 @@ var (
 	ErrUnknownAttr   = errors.New("modbus: no such attribute in the device's register map")
 	ErrNotWritable   = errors.New("modbus: attribute is not writable")
 	ErrLineDown      = errors.New("modbus: the serial line is not open")
+	// ErrValue: the value cannot be written to the register (wrong kind,
+	// out of the type's range).
+	ErrValue = errors.New("modbus: value not valid for the register")
 )
 
 // Parity names of LineConfig.Parity.
@@ -288,7 +291,7 @@ func (m *Master) WriteAttr(ctx context.Context, device, attr string, value any) 
 	if reg.Table == TableCoil {
 		on, err := toBool(value)
 		if err != nil {
-			return nil, fmt.Errorf("write %s.%s: %w", device, attr, err)
+			return nil, fmt.Errorf("write %s.%s: %w: %w", device, attr, ErrValue, err)
 		}
 		req.Func = FuncWriteSingleCoil
 		if on {
@@ -297,11 +300,11 @@ func (m *Master) WriteAttr(ctx context.Context, device, attr string, value any) 
 	} else {
 		f, err := toFloat(value)
 		if err != nil {
-			return nil, fmt.Errorf("write %s.%s: %w", device, attr, err)
+			return nil, fmt.Errorf("write %s.%s: %w: %w", device, attr, ErrValue, err)
 		}
 		regs, err := reg.encodeRegs(f)
 		if err != nil {
-			return nil, fmt.Errorf("write %s.%s: %w", device, attr, err)
+			return nil, fmt.Errorf("write %s.%s: %w: %w", device, attr, ErrValue, err)
 		}
 		if len(regs) == 1 {
 			req.Func, req.Value = FuncWriteSingleRegister, regs[0]
@@ -330,6 +333,25 @@ func (m *Master) WriteAttr(ctx context.Context, device, attr string, value any) 
 		// on the wire completes and its answer is dropped (done has room).
 		return nil, fmt.Errorf("write %s.%s: %w", device, attr, ctx.Err())
 	}
+}
+
+// Permanent tells whether a WriteAttr error will repeat on every retry: an
+// unknown device or attribute, a register not writable, a value it cannot
+// hold, or an exception saying the function, address or value is illegal
+// (codes 1–3, Application Protocol §7). A timeout, a CRC error, a line
+// down or a busy slave may pass. The command service drops a permanent
+// failure instead of retrying it until its TTL.
+func (m *Master) Permanent(err error) bool {
+	var ex *ExceptionError
+	if errors.As(err, &ex) {
+		return ex.Code >= 1 && ex.Code <= 3
+	}
+	for _, e := range []error{ErrUnknownDevice, ErrUnknownAttr, ErrNotWritable, ErrValue} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // Devices lists the devices the master polls, sorted.
