@@ -329,7 +329,7 @@ func readAttrNum(sc *jscan, name string, x *lightReading) error {
 		}
 		lit, err := sc.literal()
 		if err != nil {
-			return err
+			return fmt.Errorf("attribute %q: %w", name, err)
 		}
 		v, err := parseNum(lit)
 		if err != nil {

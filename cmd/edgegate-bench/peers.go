@@ -235,8 +235,12 @@ func runPeers(args []string) error {
 			r.Error = err.Error()
 		}
 		for _, p := range r.Phases {
-			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms; main %.2f cores; bench process %.0f ms/1000), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d, load %.1f\n",
-				p.Name, p.TargetRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.MainCores, p.BenchCPUPer1k, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray, p.LoadAvg)
+			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms; main %.2f cores; bench process %.0f ms/1000), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d, acks out of order %d, signatures sampled %d valid %d invalid, load %.1f\n",
+				p.Name, p.TargetRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.MainCores, p.BenchCPUPer1k, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray,
+				p.AcksOutOfOrder, p.SigVerified, p.SigInvalid, p.LoadAvg)
+			if p.SigWhy != "" {
+				fmt.Fprintf(os.Stderr, "        first invalid signature: %s\n", logx.Clip(p.SigWhy, 200))
+			}
 		}
 		res.Systems = append(res.Systems, r)
 	}
