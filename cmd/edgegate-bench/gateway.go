@@ -43,13 +43,13 @@ type gwSpec struct {
 	ClientID    string   `json:"client_id"`
 	Secret      string   `json:"secret"`
 	CAFile      string   `json:"ca_file"`
-	// UplinkCAFile is the brokers' CA when it is not the central
-	// service's (the peers run's light sink); empty: CAFile.
-	UplinkCAFile string `json:"uplink_ca_file,omitempty"`
 	Mode        string   `json:"mode"` // uplink mode
 	ExternalURL string   `json:"external_url,omitempty"`
 	MaxBatch    int      `json:"max_batch"`
 	Concurrency int      `json:"concurrency"`
+	// UplinkCAFile is the brokers' CA when it is not the central
+	// service's (the peers run's light sink); empty: CAFile.
+	UplinkCAFile string `json:"uplink_ca_file,omitempty"`
 }
 
 const (
