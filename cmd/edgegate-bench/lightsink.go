@@ -42,7 +42,8 @@ import (
 // telefonicaid/fiware-orion doc/manuals/orion-api.md).
 //
 // Signatures are still proven, on a deterministic sample: every
-// sampleEvery-th reading received of each device (its 1st, 101st, ...) is
+// sampleEvery-th reading received of each device in a phase (its 1st,
+// 101st, ...) is
 // verified with the envelope code centralsim uses (envelope.VerifyAttrsWith
 // with the device's K1/K2 key), and the verdict counted in the sink
 // (verified / invalid). The sample's cost per reading is the same small
@@ -95,6 +96,14 @@ func startLightSink(ctx context.Context, s *sink, devs []device, jwksURL string,
 }
 
 func (ls *lightSink) close() { ls.srv.Close() }
+
+// resetSample restarts the sample's clock: each phase verifies each
+// device's first reading, then one in sampleEvery.
+func (ls *lightSink) resetSample() {
+	ls.mu.Lock()
+	clear(ls.received)
+	ls.mu.Unlock()
+}
 
 // caPEM is the sink's certificate, which the gateway's uplink trusts.
 func (ls *lightSink) caPEM() []byte { return (&telegrafSink{srv: ls.srv}).caPEM() }

@@ -17,7 +17,7 @@ import (
 
 // signedAttrs is the NGSI attribute object the gateway sends for one
 // reading of d (envelope.Body: every attribute carries the reading's JWS).
-func signedAttrs(t *testing.T, d device, n, t0 int64) string {
+func signedAttrs(t testing.TB, d device, n, t0 int64) string {
 	t.Helper()
 	k, err := envelope.DeriveHS256(d.ID, d.K1, d.K2)
 	if err != nil {
@@ -238,6 +238,11 @@ func TestLightSinkSample(t *testing.T) {
 	if want := "a0 b0 a100 b100 a200 b200"; strings.Join(got, " ") != want {
 		t.Fatalf("sampled %v, want %s", got, want)
 	}
+	// A new phase starts the clock again.
+	ls.resetSample()
+	if got := ls.sample(rs[:4]); len(got) != 2 || got[0].N != 0 || got[1].N != 0 {
+		t.Fatalf("after reset: sampled %+v, want each device's first", got)
+	}
 }
 
 // PUBACK order at a publisher: a PUBACK for any publish but the oldest in
@@ -295,4 +300,39 @@ func TestFleetAckOrderMochi(t *testing.T) {
 	if tracked != 300 {
 		t.Fatalf("the stores saw %d publishes, want 300", tracked)
 	}
+}
+
+// The sinks' decode per reading: the gateway's op/update entities (each
+// carrying its JWS on every attribute) through the light sink, Telegraf's
+// batch metrics through its sink. `go test ./cmd/edgegate-bench -run X
+// -bench SinkDecode`.
+func BenchmarkSinkDecode(b *testing.B) {
+	const n = 256
+	devs := makeDevices(50)
+	var ents, metrics []string
+	for i := range n {
+		d := devs[i%len(devs)]
+		ents = append(ents, entityOf(d, signedAttrs(b, d, int64(i), 1764750000123456789)))
+		metrics = append(metrics, fmt.Sprintf(`{"fields":{"humidity":40,"n":%d,"t0":1764750000123456800,"temperature_value":20.5},"name":"mqtt_consumer","tags":{"topic":"devices/%s/telemetry"},"timestamp":1796287182982613577}`, i, d.ID))
+	}
+	gw := []byte(batchOf(ents...))
+	tg := []byte(`{"metrics":[` + strings.Join(metrics, ",") + `]}`)
+	b.Run("light-op-update", func(b *testing.B) {
+		b.SetBytes(int64(len(gw)))
+		for b.Loop() {
+			if rs, err := decodeOpUpdate(gw); err != nil || len(rs) != n {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/reading")
+	})
+	b.Run("telegraf-batch", func(b *testing.B) {
+		b.SetBytes(int64(len(tg)))
+		for b.Loop() {
+			if rs, err := decodeTelegrafBatch(tg); err != nil || len(rs) != n {
+				b.Fatal(err)
+			}
+		}
+		b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N*n), "ns/reading")
+	})
 }

@@ -432,6 +432,9 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		// this phase's CPU.
 		waitIdle(10*time.Second, mainPID, brokerPID)
 		s.reset(true)
+		if ls != nil {
+			ls.resetSample()
+		}
 		m0, b0, self0 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		start := time.Now()
 		pr := f.publish(ctx, total, rate, cfg.Window, maxDur)
