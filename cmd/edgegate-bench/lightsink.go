@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -88,10 +87,8 @@ func startLightSink(ctx context.Context, s *sink, devs []device, jwksURL string,
 		}
 		ls.jwks = set
 	}
-	ls.srv = httptest.NewUnstartedServer(http.HandlerFunc(ls.serve))
-	// As Telegraf's sink: httptest.NewTLSServer's listener and certificate.
-	ls.srv.TLS = &tls.Config{}
-	ls.srv.StartTLS()
+	// As Telegraf's sink (startTelegrafSink): httptest's TLS server.
+	ls.srv = httptest.NewTLSServer(http.HandlerFunc(ls.serve))
 	return ls, nil
 }
 
