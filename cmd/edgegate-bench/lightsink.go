@@ -37,8 +37,9 @@ import (
 //     filter's prefix (/orion-filter/<broker>, as centralsim.BrokerURL).
 //
 // and answers as Orion does on success: 204 No Content, no body
-// (orion-api.md, "Update entity attributes" and "Update operation" in
-// telefonicaid/fiware-orion doc/manuals/orion-api.md).
+// (telefonicaid/fiware-orion doc/manuals/orion-api.md, "Update Existing
+// Entity Attributes `PATCH /v2/entities/{entityId}/attrs`" and "Update
+// `POST /v2/op/update`": "Successful operation uses 204 No Content").
 //
 // Signatures are still proven, on a deterministic sample: every
 // sampleEvery-th reading received of each device in a phase (its 1st,
