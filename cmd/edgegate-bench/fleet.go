@@ -5,11 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/edgegate/edgegate/internal/envelope"
 )
@@ -32,6 +34,7 @@ func makeDevices(n int) []device {
 type fleet struct {
 	devs    []device
 	clients []paho.Client
+	acks    []*ackOrder // each client's PUBACK order
 	// base numbers the next publish's readings: device i's k-th reading
 	// carries "n" = base + k*m + i (m devices), so that a sink can tell
 	// the phases of a run apart (`edgegate-bench peers` advances it).
@@ -46,6 +49,8 @@ func connectFleet(url string, devs []device, withCreds bool) (*fleet, error) {
 		o := paho.NewClientOptions().AddBroker(url).SetClientID("pub-" + d.ID + "-" + strconv.FormatInt(time.Now().UnixNano(), 36)).
 			SetConnectTimeout(5 * time.Second).SetAutoReconnect(false).SetWriteTimeout(10 * time.Second).
 			SetProtocolVersion(4).SetCleanSession(true).SetKeepAlive(60 * time.Second)
+		ao := newAckOrder()
+		o.SetStore(ao)
 		if withCreds {
 			pw, err := envelope.DeriveMQTTPassword(d.ID, d.K1, d.K2)
 			if err != nil {
@@ -65,6 +70,7 @@ func connectFleet(url string, devs []device, withCreds bool) (*fleet, error) {
 			return nil, fmt.Errorf("connect %s: %w", d.ID, err)
 		}
 		f.clients = append(f.clients, c)
+		f.acks = append(f.acks, ao)
 	}
 	return f, nil
 }
@@ -86,6 +92,9 @@ type publishResult struct {
 	Sent, Acked, Failed int
 	Elapsed             time.Duration
 	PerDevice           []int // sent, by device
+	// AcksOutOfOrder counts PUBACKs that arrived before the PUBACK of an
+	// earlier publish on the same connection.
+	AcksOutOfOrder int
 }
 
 // publish sends total readings, spread evenly over the devices, QoS 1,
@@ -100,6 +109,10 @@ func (f *fleet) publish(ctx context.Context, total int, rate float64, window int
 	m := len(f.clients)
 	var sent, acked, failed atomic.Int64
 	perDev := make([]int, m)
+	var ooo0 int64
+	for _, a := range f.acks {
+		ooo0 += a.outOfOrder()
+	}
 	start := time.Now()
 	var wg sync.WaitGroup
 	for i, c := range f.clients {
@@ -156,7 +169,77 @@ func (f *fleet) publish(ctx context.Context, total int, rate float64, window int
 		})
 	}
 	wg.Wait()
-	return publishResult{Sent: int(sent.Load()), Acked: int(acked.Load()), Failed: int(failed.Load()), Elapsed: time.Since(start), PerDevice: perDev}
+	var ooo int64
+	for _, a := range f.acks {
+		ooo += a.outOfOrder()
+	}
+	return publishResult{Sent: int(sent.Load()), Acked: int(acked.Load()), Failed: int(failed.Load()), Elapsed: time.Since(start),
+		PerDevice: perDev, AcksOutOfOrder: int(ooo - ooo0)}
+}
+
+// ackOrder is a publisher's paho store that also records the order of its
+// PUBACKs. paho keeps an in-flight QoS 1 publish under "o.<id>": Put in
+// Publish, i.e. in the publishing goroutine in publish order, and Del when
+// its PUBACK is read, in the order PUBACKs arrive (store.go,
+// persistOutbound / persistInbound, and client.go Publish, of
+// paho.mqtt.golang v1.5.1). A PUBACK whose publish is not the oldest one
+// still in flight came out of publish order (MQTT 3.1.1 §4.6).
+type ackOrder struct {
+	paho.Store
+	mu      sync.Mutex
+	next    uint64
+	seqOf   map[string]uint64 // in-flight key -> publish number
+	pending []uint64          // in-flight publish numbers, oldest first (acked ones popped lazily)
+	acked   map[uint64]bool
+	ooo     int64
+}
+
+func newAckOrder() *ackOrder {
+	return &ackOrder{Store: paho.NewMemoryStore(), seqOf: map[string]uint64{}, acked: map[uint64]bool{}}
+}
+
+func (a *ackOrder) Put(key string, m packets.ControlPacket) {
+	if _, pub := m.(*packets.PublishPacket); pub && strings.HasPrefix(key, "o.") {
+		a.mu.Lock()
+		a.seqOf[key] = a.next
+		a.pending = append(a.pending, a.next)
+		a.next++
+		a.mu.Unlock()
+	}
+	a.Store.Put(key, m)
+}
+
+func (a *ackOrder) Del(key string) {
+	a.mu.Lock()
+	if seq, ok := a.seqOf[key]; ok {
+		delete(a.seqOf, key)
+		for len(a.pending) > 0 && a.acked[a.pending[0]] {
+			delete(a.acked, a.pending[0])
+			a.pending = a.pending[1:]
+		}
+		if len(a.pending) > 0 && a.pending[0] != seq {
+			a.ooo++
+			a.acked[seq] = true
+		} else if len(a.pending) > 0 {
+			a.pending = a.pending[1:]
+		}
+	}
+	a.mu.Unlock()
+	a.Store.Del(key)
+}
+
+// Reset is the clean session's start: nothing is in flight.
+func (a *ackOrder) Reset() {
+	a.mu.Lock()
+	a.seqOf, a.acked, a.pending = map[string]uint64{}, map[uint64]bool{}, nil
+	a.mu.Unlock()
+	a.Store.Reset()
+}
+
+func (a *ackOrder) outOfOrder() int64 {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.ooo
 }
 
 // subscribe connects a plain anonymous subscriber to filter with QoS 1 and

@@ -47,6 +47,9 @@ type gwSpec struct {
 	ExternalURL string   `json:"external_url,omitempty"`
 	MaxBatch    int      `json:"max_batch"`
 	Concurrency int      `json:"concurrency"`
+	// UplinkCAFile is the brokers' CA when it is not the central
+	// service's (the peers run's light sink); empty: CAFile.
+	UplinkCAFile string `json:"uplink_ca_file,omitempty"`
 }
 
 const (
@@ -183,9 +186,16 @@ metrics:
 log:
   format: json
   level: info
-`, g.MaxBatch, mq, g.TokenURL, g.ClientID, g.CAFile, uplinkMode(g.Mode), g.MaxBatch, g.CAFile, g.Concurrency)
+`, g.MaxBatch, mq, g.TokenURL, g.ClientID, g.CAFile, uplinkMode(g.Mode), g.MaxBatch, g.uplinkCA(), g.Concurrency)
 	p := filepath.Join(g.Dir, "edgegate.yaml")
 	return p, os.WriteFile(p, []byte(cfg), 0o600)
+}
+
+func (g gwSpec) uplinkCA() string {
+	if g.UplinkCAFile != "" {
+		return g.UplinkCAFile
+	}
+	return g.CAFile
 }
 
 func uplinkMode(m string) string {

@@ -2,12 +2,14 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"math"
+	"net/http"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -81,6 +83,14 @@ type peerPhase struct {
 	P50MS         float64 `json:"p50_ms"` // publish (generator's t0) -> accepted at the sink
 	P99MS         float64 `json:"p99_ms"`
 	PublishFailed int     `json:"publish_failed"` // no PUBACK within 30 s
+	// AcksOutOfOrder counts PUBACKs a device received before the PUBACK
+	// of an earlier publish of its connection (MQTT 3.1.1 §4.6: target 0).
+	AcksOutOfOrder int `json:"acks_out_of_order"`
+	// SigVerified and SigInvalid are the light sink's sampled signature
+	// checks (gateway rows; one reading in 100 per device).
+	SigVerified int    `json:"signatures_verified,omitempty"`
+	SigInvalid  int    `json:"invalid_signatures"`
+	SigWhy      string `json:"invalid_signature,omitempty"` // the first one's reason
 	// LoadAvg is the machine's 1-minute load average at the phase's end
 	// (/proc/loadavg): above the 2 cores, other work shared the machine.
 	LoadAvg float64 `json:"load_avg_1m"`
@@ -93,7 +103,7 @@ type peerResult struct {
 	Phases          []peerPhase `json:"phases"`
 	PeakRSSMainMB   float64     `json:"peak_rss_main_mb"`
 	PeakRSSBrokerMB float64     `json:"peak_rss_broker_mb,omitempty"`
-	Requests        int64       `json:"http_requests,omitempty"` // Telegraf's POSTs
+	Requests        int64       `json:"http_requests,omitempty"` // requests to the HTTPS sink (Telegraf's, the gateway's)
 	Error           string      `json:"error,omitempty"`
 }
 
@@ -225,8 +235,12 @@ func runPeers(args []string) error {
 			r.Error = err.Error()
 		}
 		for _, p := range r.Phases {
-			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms; main %.2f cores; bench process %.0f ms/1000), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d, load %.1f\n",
-				p.Name, p.TargetRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.MainCores, p.BenchCPUPer1k, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray, p.LoadAvg)
+			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms; main %.2f cores; bench process %.0f ms/1000), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d, acks out of order %d, signatures sampled %d valid %d invalid, load %.1f\n",
+				p.Name, p.TargetRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.MainCores, p.BenchCPUPer1k, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray,
+				p.AcksOutOfOrder, p.SigVerified, p.SigInvalid, p.LoadAvg)
+			if p.SigWhy != "" {
+				fmt.Fprintf(os.Stderr, "        first invalid signature: %s\n", logx.Clip(p.SigWhy, 200))
+			}
 		}
 		res.Systems = append(res.Systems, r)
 	}
@@ -290,6 +304,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		brokerPID, mqttURL = mq.pid(), mq.URL
 	}
 	var ts *telegrafSink
+	var ls *lightSink
 	switch sys.Kind {
 	case "raw":
 		if sys.Broker == "embedded" {
@@ -344,6 +359,9 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		stops = append(stops, p.stop)
 		mainPID = p.pid()
 	case "edgegate":
+		// centralsim issues the gateway's token; the readings go to the
+		// light sink (lightsink.go), which costs per reading what
+		// Telegraf's sink does.
 		sim, err := newSim(devs, s)
 		if err != nil {
 			return r, err
@@ -353,8 +371,22 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		if err := os.WriteFile(ca, sim.CACertPEM(), 0o600); err != nil {
 			return r, err
 		}
-		g := gwSpec{Dir: dir, Devices: devs, BrokerURL: brokerURLFor(sim, sys.Mode), TokenURL: sim.TokenURL(), ClientID: benchClientID,
-			Secret: benchSecret, CAFile: ca, Mode: sys.Mode, MaxBatch: 256, Concurrency: benchConcurrency(), ExternalURL: mqttURL}
+		simClient := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: sim.CAPool()}}}
+		ls, err = startLightSink(ctx, s, devs, sim.JWKSURL(), simClient)
+		if err != nil {
+			return r, err
+		}
+		stops = append(stops, func() error { ls.close(); return nil })
+		upCA := filepath.Join(dir, "sink-ca.pem")
+		if err := os.WriteFile(upCA, ls.caPEM(), 0o600); err != nil {
+			return r, err
+		}
+		broker := ls.filterURL()
+		if sys.Mode == "batch" {
+			broker = ls.batchURL()
+		}
+		g := gwSpec{Dir: dir, Devices: devs, BrokerURL: broker, TokenURL: sim.TokenURL(), ClientID: benchClientID,
+			Secret: benchSecret, CAFile: ca, UplinkCAFile: upCA, Mode: sys.Mode, MaxBatch: 256, Concurrency: benchConcurrency(), ExternalURL: mqttURL}
 		p, err := startDaemon(bin, g)
 		if err != nil {
 			return r, err
@@ -400,6 +432,9 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		// this phase's CPU.
 		waitIdle(10*time.Second, mainPID, brokerPID)
 		s.reset(true)
+		if ls != nil {
+			ls.resetSample()
+		}
 		m0, b0, self0 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		start := time.Now()
 		pr := f.publish(ctx, total, rate, cfg.Window, maxDur)
@@ -409,7 +444,8 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		m1, b1, self1 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		st := s.stats()
 		p := peerPhase{Name: name, TargetRate: rate, LoadAvg: loadAvg(), CPUMainMS: ms(m1 - m0), CPUBrokerMS: ms(b1 - b0),
-			P50MS: ms(st.P50), P99MS: ms(st.P99), PublishFailed: pr.Failed, seqCounts: s.tally(f.base, ids, pr.PerDevice)}
+			P50MS: ms(st.P50), P99MS: ms(st.P99), PublishFailed: pr.Failed, AcksOutOfOrder: pr.AcksOutOfOrder,
+			SigVerified: st.Verified, SigInvalid: st.Invalid, SigWhy: st.InvalidWhy, seqCounts: s.tally(f.base, ids, pr.PerDevice)}
 		f.base += int64(total)
 		if wall := st.Last.Sub(start); p.Received > 0 && wall > 0 {
 			p.Rate, p.Seconds = float64(p.Received)/wall.Seconds(), wall.Seconds()
@@ -435,6 +471,12 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		r.Requests = ts.requests.Load()
 		if n := ts.bad.Load(); n > 0 {
 			return r, fmt.Errorf("%d of Telegraf's requests did not decode", n)
+		}
+	}
+	if ls != nil {
+		r.Requests = ls.requests.Load()
+		if n, u := ls.bad.Load(), ls.unauthorized.Load(); n > 0 || u > 0 {
+			return r, fmt.Errorf("light sink: %d requests did not decode, %d carried no token the realm issued", n, u)
 		}
 	}
 	return r, nil
@@ -550,9 +592,18 @@ type peerRow struct {
 	Duplicates         int     `json:"duplicates"`
 	OutOfOrder         int     `json:"out_of_order"`
 	Stray              int     `json:"stray"`
+	AcksOutOfOrder     int     `json:"acks_out_of_order"`             // PUBACKs out of publish order, at the publishers
+	SigVerified        int     `json:"signatures_verified,omitempty"` // the light sink's sample (gateway rows)
+	SigInvalid         int     `json:"invalid_signatures"`
 	Round              int     `json:"round"`  // the round the figures are from
 	Rounds             int     `json:"rounds"` // rounds the counters add up
 	Error              string  `json:"error,omitempty"`
+}
+
+// rowSums are a row's counters, added over phases and rounds.
+type rowSums struct {
+	seqCounts
+	acks, sigOK, sigBad int
 }
 
 // peerRows computes the table: the counters are summed over the phases;
@@ -563,15 +614,18 @@ func peerRows(all []peerResult) []peerRow {
 	// the counters add up every round: any loss counts.
 	var rs []peerResult
 	at := map[string]int{}
-	var sums []seqCounts
+	var sums []rowSums
 	rounds := map[string]int{}
 	for _, r := range all {
-		var c seqCounts
+		var c rowSums
 		for _, ph := range r.Phases {
 			c.Lost += ph.Lost
 			c.Duplicates += ph.Duplicates
 			c.OutOfOrder += ph.OutOfOrder
 			c.Stray += ph.Stray
+			c.acks += ph.AcksOutOfOrder
+			c.sigOK += ph.SigVerified
+			c.sigBad += ph.SigInvalid
 		}
 		rounds[r.Name]++
 		i, ok := at[r.Name]
@@ -584,6 +638,9 @@ func peerRows(all []peerResult) []peerRow {
 		sums[i].Duplicates += c.Duplicates
 		sums[i].OutOfOrder += c.OutOfOrder
 		sums[i].Stray += c.Stray
+		sums[i].acks += c.acks
+		sums[i].sigOK += c.sigOK
+		sums[i].sigBad += c.sigBad
 		b, _ := r.phase("burst")
 		best, _ := rs[i].phase("burst")
 		if r.Error == "" && (rs[i].Error != "" || b.Rate > best.Rate) {
@@ -620,6 +677,7 @@ func peerRows(all []peerResult) []peerRow {
 		row.VsRaw = ratio(b.Rate, raw[r.Broker])
 		row.CPUPacedVsTelegraf = ratio(p.CPUPer1k, tgPaced.CPUPer1k)
 		row.Lost, row.Duplicates, row.OutOfOrder, row.Stray = sums[i].Lost, sums[i].Duplicates, sums[i].OutOfOrder, sums[i].Stray
+		row.AcksOutOfOrder, row.SigVerified, row.SigInvalid = sums[i].acks, sums[i].sigOK, sums[i].sigBad
 		row.Round, row.Rounds = r.Round, rounds[r.Name]
 		rows = append(rows, row)
 	}
@@ -642,9 +700,9 @@ func printPeers(w io.Writer, res *peersResults) {
 		res.Machine.CPU, res.Machine.Cores, res.Machine.GoVersion, res.Devices, res.Readings, res.PacedRate, res.PacedSeconds,
 		map[bool]string{true: " (BENCH_PEERS_QUICK)"}[res.Quick], rounds)
 	tw := tabwriter.NewWriter(w, 0, 0, 1, ' ', 0)
-	fmt.Fprintf(tw, "| system | burst /s | × Telegraf | × raw | CPU ms / 1k burst | CPU ms / 1k @ %.0f/s | × Telegraf @ %.0f/s | peak RSS MB (broker) | p50 / p99 ms @ %.0f/s | p50 / p99 ms @ half | lost / dup / out-of-order |\n",
+	fmt.Fprintf(tw, "| system | burst /s | × Telegraf | × raw | CPU ms / 1k burst | CPU ms / 1k @ %.0f/s | × Telegraf @ %.0f/s | peak RSS MB (broker) | p50 / p99 ms @ %.0f/s | p50 / p99 ms @ half | lost / dup / out-of-order | acks out of order | signatures sampled: valid / invalid |\n",
 		res.PacedRate, res.PacedRate, res.PacedRate)
-	fmt.Fprintln(tw, "|---|---|---|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(tw, "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 	for _, r := range res.Rows {
 		if r.Error != "" && r.Rate == 0 {
 			fmt.Fprintf(tw, "| %s | error: %s |\n", r.Name, logx.Clip(r.Error, 100))
@@ -661,9 +719,13 @@ func printPeers(w io.Writer, res *peersResults) {
 		if r.Error != "" {
 			counts += " (error: " + logx.Clip(r.Error, 60) + ")"
 		}
-		fmt.Fprintf(tw, "| %s | %.0f | %s | %s | %.0f | %.0f | %s | %s | %.1f / %.1f | %.1f / %.1f | %s |\n",
+		sigs := "—"
+		if r.SigVerified+r.SigInvalid > 0 {
+			sigs = fmt.Sprintf("%d / %d", r.SigVerified, r.SigInvalid)
+		}
+		fmt.Fprintf(tw, "| %s | %.0f | %s | %s | %.0f | %.0f | %s | %s | %.1f / %.1f | %.1f / %.1f | %s | %d | %s |\n",
 			r.Name, r.Rate, orDash(r.VsTelegraf, "%.2f"), orDash(r.VsRaw, "%.2f"), r.CPUBurst, r.CPUPaced, orDash(r.CPUPacedVsTelegraf, "%.2f"),
-			rss, r.P50Paced, r.P99Paced, r.P50Half, r.P99Half, counts)
+			rss, r.P50Paced, r.P99Paced, r.P50Half, r.P99Half, counts, r.AcksOutOfOrder, sigs)
 	}
 	tw.Flush()
 	lo, hi := loadRange(res.Systems)

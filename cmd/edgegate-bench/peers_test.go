@@ -133,6 +133,8 @@ func TestPeerRowsArithmetic(t *testing.T) {
 			Phases: []peerPhase{ph("burst", 3000, 200, seqCounts{Lost: 4})}},
 	}
 	rs[3].Round = 1
+	rs[3].Phases[0].AcksOutOfOrder, rs[3].Phases[0].SigVerified, rs[3].Phases[0].SigInvalid = 2, 100, 1
+	rs[5].Phases[0].SigVerified = 50
 	rows := peerRows(rs)
 	if len(rows) != 5 {
 		t.Fatalf("%d rows", len(rows))
@@ -146,6 +148,9 @@ func TestPeerRowsArithmetic(t *testing.T) {
 	}
 	if eg.Lost != 5 || eg.OutOfOrder != 2 || eg.Duplicates != 3 || eg.Stray != 1 || eg.HalfRate != 3000 || eg.P99Half != 40 {
 		t.Errorf("embedded row counters = %+v", eg)
+	}
+	if eg.AcksOutOfOrder != 2 || eg.SigVerified != 150 || eg.SigInvalid != 1 {
+		t.Errorf("embedded row acks / signatures = %d, %d / %d; want 2, 150 / 1 (both rounds)", eg.AcksOutOfOrder, eg.SigVerified, eg.SigInvalid)
 	}
 	if tg := rows[2]; tg.VsTelegraf != 1 || tg.VsRaw != 0.25 || tg.RSSBrokerMB != 9 {
 		t.Errorf("telegraf row = %+v", tg)
@@ -172,7 +177,7 @@ func TestPeerRowsArithmetic(t *testing.T) {
 	res := &peersResults{Machine: machine{CPU: "x & <y>", Cores: 2}, TelegrafVersion: telegrafVersion, PacedRate: 1500, Rows: rows}
 	var out strings.Builder
 	printPeers(&out, res)
-	for _, want := range []string{"| eg e | 6000 | 1.20 | 0.60 | 80 | 90 | 1.50 |", "| 5 / 3 / 2 (+1 stray) |", "| eg m | error: boom |"} {
+	for _, want := range []string{"| eg e | 6000 | 1.20 | 0.60 | 80 | 90 | 1.50 |", "| 5 / 3 / 2 (+1 stray) | 2 | 150 / 1 |", "| 0 / 0 / 0 | 0 | — |", "| eg m | error: boom |"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}
@@ -247,5 +252,33 @@ func TestTelegrafSinkHTTPS(t *testing.T) {
 	}
 	if ts.requests.Load() != 1 || ts.bad.Load() != 1 {
 		t.Fatalf("requests %d, bad %d; want 1 and 1", ts.requests.Load(), ts.bad.Load())
+	}
+}
+
+// The gateway rows of the peers run trust the sim's CA for the token and
+// the light sink's for the brokers; `make bench` gives one CA for both.
+func TestDaemonConfigCAFiles(t *testing.T) {
+	dir := t.TempDir()
+	g := gwSpec{Dir: dir, Devices: makeDevices(1), BrokerURL: "https://127.0.0.1:1/orion", TokenURL: "https://127.0.0.1:2/token",
+		ClientID: benchClientID, Secret: benchSecret, CAFile: "/sim-ca.pem", UplinkCAFile: "/sink-ca.pem", Mode: "batch"}
+	p, err := writeDaemonConfig(g)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	central, uplink, _ := strings.Cut(string(b), "uplink:")
+	if !strings.Contains(central, "ca_file: /sim-ca.pem") || !strings.Contains(uplink, "ca_file: /sink-ca.pem") {
+		t.Fatalf("config:\n%s", b)
+	}
+	g.UplinkCAFile = ""
+	if p, err = writeDaemonConfig(g); err != nil {
+		t.Fatal(err)
+	}
+	b, _ = os.ReadFile(p)
+	if _, uplink, _ := strings.Cut(string(b), "uplink:"); !strings.Contains(uplink, "ca_file: /sim-ca.pem") {
+		t.Fatalf("without an uplink CA the uplink trusts the sim's:\n%s", b)
 	}
 }

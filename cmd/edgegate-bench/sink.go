@@ -19,6 +19,8 @@ type sink struct {
 	mu        sync.Mutex
 	n, dups   int
 	invalid   int
+	verified  int    // signatures checked and valid (the light sink's sample)
+	why       string // the first invalid signature's reason
 	first     time.Time
 	last      time.Time
 	lat       []time.Duration
@@ -72,6 +74,20 @@ func (s *sink) onUpdate(u centralsim.Update) {
 	s.addLocked(now, u.Device, int64(n), hasN, int64(t0))
 }
 
+// addVerdict counts one sampled signature check (lightsink.go).
+func (s *sink) addVerdict(ok bool, detail string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ok {
+		s.verified++
+		return
+	}
+	s.invalid++
+	if s.why == "" {
+		s.why = detail
+	}
+}
+
 // add records one reading of device dev with sequence number n (hasN:
 // whether the reading carried one) published at t0 (unix nanos, 0: none),
 // accepted at now.
@@ -115,7 +131,8 @@ func (s *sink) addLocked(now time.Time, dev string, n int64, hasN bool, t0 int64
 func (s *sink) reset(recordLat bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.n, s.dups, s.invalid, s.noSeq = 0, 0, 0, 0
+	s.n, s.dups, s.invalid, s.verified, s.noSeq = 0, 0, 0, 0, 0
+	s.why = ""
 	s.first, s.last = time.Time{}, time.Time{}
 	s.lat = nil
 	s.recordLat = recordLat
@@ -176,6 +193,8 @@ func (s *sink) tally(base int64, ids []string, sent []int) seqCounts {
 
 type sinkStats struct {
 	N, Dups, Invalid int
+	Verified         int    // sampled signatures that verified
+	InvalidWhy       string // the first invalid one's reason
 	First, Last      time.Time
 	P50, P99, Max    time.Duration
 }
@@ -183,7 +202,7 @@ type sinkStats struct {
 func (s *sink) stats() sinkStats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	st := sinkStats{N: s.n, Dups: s.dups, Invalid: s.invalid, First: s.first, Last: s.last}
+	st := sinkStats{N: s.n, Dups: s.dups, Invalid: s.invalid, Verified: s.verified, InvalidWhy: s.why, First: s.first, Last: s.last}
 	if len(s.lat) > 0 {
 		l := slices.Clone(s.lat)
 		slices.Sort(l)
