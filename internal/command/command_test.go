@@ -2,6 +2,7 @@ package command_test
 
 import (
 	"encoding/json"
+	"github.com/prometheus/client_golang/prometheus"
 	"slices"
 	"strings"
 	"testing"
@@ -444,6 +445,12 @@ func TestModbusCoil(t *testing.T) {
 		return v == true && verdict == envelope.Verified
 	})
 	testkit.Eventually(t, wait, "confirmed", func() bool { return e.command(coilID, "on").State == command.Confirmed })
+	// What /metrics shows is what Stats counts.
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(e.svc.Collector())
+	if got := collectorEvent(t, reg, "confirmed"); got < 1 {
+		t.Errorf(`edgegate_commands_total{event="confirmed"} = %v, want ≥ 1`, got)
+	}
 	if code, body := e.patch(owner, coilID, `{"on":{"value":"half","type":"Text"}}`); code != 204 {
 		t.Fatalf("PATCH: %d %s", code, body)
 	}
@@ -565,4 +572,25 @@ func TestWriteBackRetried(t *testing.T) {
 	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=1"}) {
 		t.Errorf("relay sets = %q, want one", got)
 	}
+}
+
+// collectorEvent is one event's edgegate_commands_total, gathered from reg.
+func collectorEvent(t *testing.T, reg *prometheus.Registry, event string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "edgegate_commands_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			if m.GetLabel()[0].GetValue() == event {
+				return m.GetCounter().GetValue()
+			}
+		}
+	}
+	t.Fatalf("edgegate_commands_total{event=%q} not exported", event)
+	return 0
 }

@@ -506,6 +506,11 @@ func (d *Daemon) openCommands(st *state, brokerCAs *x509.CertPool) error {
 	if st.broker == nil {
 		d.log.Warn("commands.enabled with mqtt.mode external: commands reach radio devices only")
 	}
+	if d.metrics != nil {
+		if err := d.metrics.Registry.Register(svc.Collector()); err != nil {
+			return fmt.Errorf("commands: metrics: %w", err)
+		}
+	}
 	st.commands = svc
 	return nil
 }
