@@ -71,13 +71,14 @@ func (s *Service) record(device string) (*record, error) {
 // copy becomes current only once stored. fn reports whether it changed
 // anything (nothing to write otherwise).
 func (s *Service) update(device string, fn func(r *record) bool) error {
-	cur, err := s.record(device)
-	if err != nil {
+	// record loads it into s.recs once; the current one is read again under
+	// the lock, since another update may have replaced it meanwhile.
+	if _, err := s.record(device); err != nil {
 		return err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	cur = s.recs[device]
+	cur := s.recs[device]
 	next := &record{V: 1, Seq: cur.Seq, Attrs: make(map[string]*Command, len(cur.Attrs)), Marks: maps.Clone(cur.Marks)}
 	for k, c := range cur.Attrs {
 		cc := *c
