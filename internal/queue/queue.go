@@ -39,9 +39,13 @@ type Options struct {
 	// error, so the store must stop writing well before the disk is full.
 	// 0 = no floor.
 	MinFreeBytes int64
-	MaxBatch     int              // entries per group commit, default 256
-	Logger       *slog.Logger     // nil = discard
-	Metrics      *metrics.Metrics // nil ok
+	MaxBatch     int // entries per group commit, default 256
+	// CommitDelay is the longest the committer waits for more readings
+	// before a sync, when readings are arriving (groupcommit.go); 0 =
+	// DefaultCommitDelay, negative = never wait.
+	CommitDelay time.Duration
+	Logger      *slog.Logger     // nil = discard
+	Metrics     *metrics.Metrics // nil ok
 	// GCInterval is how often Run runs value-log GC; default 1 minute.
 	GCInterval time.Duration
 }
@@ -64,6 +68,7 @@ type Queue struct {
 	free     atomic.Int64 // free bytes of the filesystem, refreshed with disk
 	maxBatch int
 	gcEvery  time.Duration
+	gc       *groupCommit // committer-owned, but for its atomic counters
 
 	reqs     chan *request
 	stopping chan struct{} // closed when Run begins to stop
@@ -117,6 +122,7 @@ type laneState struct {
 type request struct {
 	ctx   context.Context
 	entry Entry
+	at    time.Time   // when it was handed over (adaptive group commit)
 	done  chan result // buffered 1: the committer never blocks answering
 }
 
@@ -147,6 +153,9 @@ func Open(opts Options) (*Queue, error) {
 	if opts.GCInterval <= 0 {
 		opts.GCInterval = time.Minute
 	}
+	if opts.CommitDelay == 0 {
+		opts.CommitDelay = DefaultCommitDelay
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -168,6 +177,7 @@ func Open(opts Options) (*Queue, error) {
 		minFree:  opts.MinFreeBytes,
 		maxBatch: opts.MaxBatch,
 		gcEvery:  opts.GCInterval,
+		gc:       newGroupCommit(opts.CommitDelay),
 		reqs:     make(chan *request, opts.MaxBatch),
 		stopping: make(chan struct{}),
 		counters: make(map[string]uint64),
@@ -279,7 +289,7 @@ func (q *Queue) Enqueue(ctx context.Context, e Entry) (wait func(context.Context
 	if free := q.free.Load(); q.minFree > 0 && free >= 0 && free < q.minFree {
 		return nil, fmt.Errorf("append: %d bytes free on the disk, at least %d kept free: %w", free, q.minFree, ErrQuota)
 	}
-	req := &request{ctx: ctx, entry: e, done: make(chan result, 1)}
+	req := &request{ctx: ctx, entry: e, at: time.Now(), done: make(chan result, 1)}
 	q.closeMu.RLock()
 	if q.closed {
 		q.closeMu.RUnlock()
@@ -342,16 +352,9 @@ func (q *Queue) Run(ctx context.Context) error {
 				q.retrySync()
 			}
 		case r := <-q.reqs:
-			batch = append(batch[:0], r)
-		drain:
-			for len(batch) < q.maxBatch {
-				select {
-				case r := <-q.reqs:
-					batch = append(batch, r)
-				default:
-					break drain
-				}
-			}
+			q.gc.observe(r)
+			batch = q.drain(append(batch[:0], r))
+			batch = q.fill(ctx, batch)
 			q.commit(batch)
 			clear(batch) // drop references to bodies
 		}
@@ -568,6 +571,7 @@ func (q *Queue) commit(batch []*request) {
 	if n == 0 {
 		return
 	}
+	q.gc.syncs.Add(1)
 	if err := q.db.Sync(); err != nil {
 		err = fmt.Errorf("append: sync batch: %w", mapDiskFull(err))
 		q.log.Error("queue sync failed", "items", n, "err", err)
