@@ -240,12 +240,13 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 // recovery, and the gateway keeps working with an empty store.
 func (d *Daemon) openQueue(key []byte) (*queue.Queue, error) {
 	cfg, log := d.cfg, d.log
-	if cfg.Store.CommitDelay == 0 {
-		cfg.Store.CommitDelay = -1 // 0 in the file: sync at once
+	commitDelay := cfg.Store.CommitDelay
+	if commitDelay == 0 {
+		commitDelay = -1 // 0 in the file: sync at once
 	}
 	qopts := queue.Options{
 		Dir: cfg.QueueDir(), Key: key, QuotaBytes: int64(cfg.Store.Quota), MinFreeBytes: int64(cfg.Store.MinFree),
-		MaxBatch: cfg.Store.MaxBatch, CommitDelay: cfg.Store.CommitDelay,
+		MaxBatch: cfg.Store.MaxBatch, CommitDelay: commitDelay,
 		Logger:   log.With("component", "queue"), Metrics: d.metrics,
 	}
 	q, err := queue.Open(qopts)
