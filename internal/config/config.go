@@ -380,7 +380,7 @@ func Default() Config {
 	return Config{
 		StateDir:    "/var/lib/edgegate",
 		MemoryLimit: 48 << 20,
-		Store:       Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256,
+		Store: Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256,
 			CommitDelay: 5 * time.Millisecond},
 		MQTT: MQTT{
 			Mode:  ModeEmbedded,

@@ -247,7 +247,7 @@ func (d *Daemon) openQueue(key []byte) (*queue.Queue, error) {
 	qopts := queue.Options{
 		Dir: cfg.QueueDir(), Key: key, QuotaBytes: int64(cfg.Store.Quota), MinFreeBytes: int64(cfg.Store.MinFree),
 		MaxBatch: cfg.Store.MaxBatch, CommitDelay: commitDelay,
-		Logger:   log.With("component", "queue"), Metrics: d.metrics,
+		Logger: log.With("component", "queue"), Metrics: d.metrics,
 	}
 	q, err := queue.Open(qopts)
 	if err != nil && corrupt(err) {
