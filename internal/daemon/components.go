@@ -196,8 +196,12 @@ func (d *Daemon) open(reset context.CancelFunc) (*state, error) {
 	if refusalWindow == 0 {
 		refusalWindow = uplink.NoRefusalWindow // 0 in the file: dead-letter at once
 	}
+	batchLinger := cfg.Uplink.BatchLinger
+	if batchLinger == 0 {
+		batchLinger = -1 // 0 in the file: send at once
+	}
 	st.up = uplink.New(watchedSource{Source: gated, mon: st.mon}, st.tokens, uplink.Options{
-		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize,
+		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize, BatchLinger: batchLinger,
 		Concurrency: cfg.Uplink.EffectiveConcurrency(), RefusalWindow: refusalWindow,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
 		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.EffectiveConcurrency()),
