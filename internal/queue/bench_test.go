@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"slices"
 	"sync"
 	"testing"
@@ -14,9 +15,13 @@ import (
 var benchBody = bytes.Repeat([]byte("b"), 400)
 
 func BenchmarkAppend(b *testing.B) {
+	delay := DefaultCommitDelay
+	if os.Getenv("BENCH_COMMIT_DELAY") == "off" { // compare without waiting
+		delay = -1
+	}
 	for _, appenders := range []int{1, 16, 64} {
 		b.Run(fmt.Sprintf("appenders=%d", appenders), func(b *testing.B) {
-			q := start(b, Options{})
+			q := start(b, Options{CommitDelay: delay})
 			ctx := context.Background()
 			var wg sync.WaitGroup
 			work := make(chan struct{}, b.N)

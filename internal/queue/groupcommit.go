@@ -41,18 +41,21 @@ const (
 	// minIdle bounds that pause from below: timer granularity.
 	minIdle = 200 * time.Microsecond
 	// skipAfterIdle is how many commits go without waiting after a wait
-	// that brought no reading.
+	// that brought no reading; it doubles with each such wait in a row,
+	// up to maxSkip, so a steady closed loop almost never waits.
 	skipAfterIdle = 32
+	maxSkip       = 1024
 )
 
 // groupCommit is the committer's state for adaptive waiting; only the
 // committer goroutine (Run) touches it.
 type groupCommit struct {
-	maxWait time.Duration
-	gap     time.Duration // smoothed gap between arrivals
-	last    time.Time     // arrival of the newest request seen
-	skip    int           // commits left without waiting
-	timer   *time.Timer   // reused across waits
+	maxWait  time.Duration
+	gap      time.Duration // smoothed gap between arrivals
+	last     time.Time     // arrival of the newest request seen
+	skip     int           // commits left without waiting
+	nextSkip int           // skip after the next wait that gains nothing
+	timer    *time.Timer   // reused across waits
 
 	// Counted for tests and benchmarks (read from other goroutines):
 	// syncs done, waits begun, and readings that arrived during waits.
@@ -61,7 +64,7 @@ type groupCommit struct {
 
 func newGroupCommit(maxWait time.Duration) *groupCommit {
 	// Start as idle: the first readings after a start are not delayed.
-	return &groupCommit{maxWait: maxWait, gap: time.Second}
+	return &groupCommit{maxWait: maxWait, gap: time.Second, nextSkip: skipAfterIdle}
 }
 
 // observe folds one request's arrival into the smoothed gap.
@@ -155,7 +158,10 @@ func (q *Queue) gainedFrom(batch []*request, start int) []*request {
 	n := len(batch) - start
 	q.gc.gained.Add(uint64(n))
 	if n == 0 {
-		q.gc.skip = skipAfterIdle
+		q.gc.skip = q.gc.nextSkip
+		q.gc.nextSkip = min(2*q.gc.nextSkip, maxSkip)
+	} else {
+		q.gc.nextSkip = skipAfterIdle
 	}
 	return batch
 }

@@ -94,6 +94,7 @@ type Queue struct {
 
 	mu      sync.RWMutex
 	lanes   map[string]*laneState // key: string(lane prefix)
+	held    int64                 // recentCost of every lane (recent.go)
 	dead    int
 	changed chan struct{}
 }
@@ -117,6 +118,10 @@ type laneState struct {
 	// the tombstones of delivered items stay in the LSM until compaction
 	// and a drain would otherwise re-walk all of them on every Peek.
 	head uint64
+	// recent: the lane's items held in memory (recent.go), with their
+	// cost against recentBytes.
+	recent     []Item
+	recentCost int64
 }
 
 type request struct {
@@ -693,6 +698,7 @@ func (q *Queue) publish(recs []record) {
 		ls.count++
 		ls.bytes += int64(len(rc.val))
 		ls.visible = max(ls.visible, rc.item.Seq)
+		q.hold(ls, rc.item)
 	}
 	close(q.changed)
 	q.changed = make(chan struct{})
@@ -746,6 +752,10 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 	ls := q.lanes[string(prefix)]
 	var visible, head uint64
 	if ls != nil {
+		if out, ok := peekHeld(ls, max); ok {
+			q.mu.RUnlock()
+			return out, nil
+		}
 		visible, head = ls.visible, ls.head
 	}
 	q.mu.RUnlock()
@@ -887,6 +897,7 @@ func (q *Queue) unindex(removed []removal) error {
 		lo, hi   uint64 // smallest and largest seq removed
 		n        uint64 // how many removed
 		headGone bool   // the head itself was removed
+		covered  bool   // the held items covered the lane from its head
 	}
 	touched := make(map[string]*span)
 	q.mu.Lock()
@@ -898,17 +909,27 @@ func (q *Queue) unindex(removed []removal) error {
 		ls.count--
 		ls.bytes = max(0, ls.bytes-r.bytes)
 		if ls.count <= 0 {
-			delete(q.lanes, r.prefix)
+			q.dropLane(r.prefix, ls)
 			delete(touched, r.prefix)
 			continue
 		}
+		covered := q.forget(ls, r.seq)
 		sp := touched[r.prefix]
 		if sp == nil {
-			sp = &span{from: ls.head, lo: r.seq, hi: r.seq}
+			sp = &span{from: ls.head, lo: r.seq, hi: r.seq, covered: covered}
 			touched[r.prefix] = sp
 		}
 		sp.lo, sp.hi, sp.n = min(sp.lo, r.seq), max(sp.hi, r.seq), sp.n+1
 		sp.headGone = sp.headGone || r.seq == ls.head
+	}
+	// The new head of a lane whose held items covered it is the first
+	// one still held: no read of the store.
+	for p, sp := range touched {
+		ls := q.lanes[p]
+		if sp.headGone && sp.covered && ls != nil && len(ls.recent) > 0 {
+			ls.head, ls.oldest = ls.recent[0].Seq, ls.recent[0].Enqueued
+			delete(touched, p)
+		}
 	}
 	q.mu.Unlock()
 	for p, sp := range touched {
@@ -1180,7 +1201,7 @@ func (q *Queue) PurgeDevice(device string) (int, error) {
 	q.mu.Lock()
 	for p, ls := range q.lanes {
 		if ls.lane.Device == device {
-			delete(q.lanes, p)
+			q.dropLane(p, ls)
 		}
 	}
 	q.mu.Unlock()
