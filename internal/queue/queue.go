@@ -689,11 +689,11 @@ func (q *Queue) publish(recs []record) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	for _, rc := range recs {
-		p := string(rc.key[:len(rc.key)-8])
-		ls := q.lanes[p]
+		p := rc.key[:len(rc.key)-8]
+		ls := q.lanes[string(p)] // no string allocated for a lookup
 		if ls == nil {
 			ls = &laneState{lane: Lane{Broker: rc.item.Broker, Device: rc.item.Device}, oldest: rc.item.Enqueued, head: rc.item.Seq}
-			q.lanes[p] = ls
+			q.lanes[string(p)] = ls
 		}
 		ls.count++
 		ls.bytes += int64(len(rc.val))
