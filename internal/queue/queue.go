@@ -943,13 +943,16 @@ func (q *Queue) unindex(removed []removal) error {
 		if sp.lo == sp.from && sp.hi-sp.lo+1 == sp.n {
 			from = sp.hi + 1
 		}
-		seq, oldest, err := q.laneHead([]byte(p), from)
+		seq, err := q.laneHead([]byte(p), from)
 		if err != nil {
 			return fmt.Errorf("re-read lane head: %w", err)
 		}
 		q.mu.Lock()
 		if ls := q.lanes[p]; ls != nil && seq != 0 {
-			ls.oldest, ls.head = oldest, seq
+			// The head's time is read when Stats asks (oldestOf): reading
+			// it here read every delivered reading's successor back from
+			// the value log, a second time right before Peek did.
+			ls.oldest, ls.head = time.Time{}, seq
 		}
 		q.mu.Unlock()
 	}
@@ -957,33 +960,26 @@ func (q *Queue) unindex(removed []removal) error {
 }
 
 // laneHead is firstLive with a point read of from first: after a delivery
-// the next item is usually exactly there.
-func (q *Queue) laneHead(prefix []byte, from uint64) (uint64, time.Time, error) {
-	var t time.Time
+// the next item is usually exactly there. Keys only: no value is read.
+func (q *Queue) laneHead(prefix []byte, from uint64) (uint64, error) {
 	err := q.db.View(func(txn *badger.Txn) error {
-		bi, err := txn.Get(binary.BigEndian.AppendUint64(bytes.Clone(prefix), from))
-		if err != nil {
-			return err
-		}
-		return bi.Value(func(v []byte) error {
-			var err error
-			t, err = enqueuedOf(v)
-			return err
-		})
+		_, err := txn.Get(binary.BigEndian.AppendUint64(bytes.Clone(prefix), from))
+		return err
 	})
 	switch {
 	case err == nil:
-		return from, t, nil
+		return from, nil
 	case errors.Is(err, badger.ErrKeyNotFound):
-		return q.firstLive(prefix, from)
+		seq, _, err := q.firstLive(prefix, from, false)
+		return seq, err
 	default:
-		return 0, time.Time{}, err
+		return 0, err
 	}
 }
 
-// firstLive returns the seq and enqueue time of the first item under prefix
-// at or after seq from (0, zero time if none).
-func (q *Queue) firstLive(prefix []byte, from uint64) (uint64, time.Time, error) {
+// firstLive returns the seq and, if withTime, the enqueue time of the first
+// item under prefix at or after seq from (0, zero time if none).
+func (q *Queue) firstLive(prefix []byte, from uint64, withTime bool) (uint64, time.Time, error) {
 	var t time.Time
 	var seq uint64
 	err := q.db.View(func(txn *badger.Txn) error {
@@ -998,6 +994,9 @@ func (q *Queue) firstLive(prefix []byte, from uint64) (uint64, time.Time, error)
 		}
 		k := it.Item().Key()
 		seq = binary.BigEndian.Uint64(k[len(k)-8:])
+		if !withTime {
+			return nil
+		}
 		return it.Item().Value(func(v []byte) error {
 			var err error
 			t, err = enqueuedOf(v)
@@ -1098,6 +1097,7 @@ func (q *Queue) DeadLetters(ctx context.Context, fn func(DeadLetter) error) erro
 // Stats returns per-broker depth, bytes and oldest item, the dead-letter
 // count, the disk usage and the quota.
 func (q *Queue) Stats() Stats {
+	q.resolveOldest()
 	q.mu.RLock()
 	defer q.mu.RUnlock()
 	byBroker := make(map[string]*BrokerStats)
@@ -1110,7 +1110,7 @@ func (q *Queue) Stats() Stats {
 		}
 		b.Depth += ls.count
 		b.Bytes += ls.bytes
-		if b.Oldest.IsZero() || ls.oldest.Before(b.Oldest) {
+		if !ls.oldest.IsZero() && (b.Oldest.IsZero() || ls.oldest.Before(b.Oldest)) {
 			b.Oldest = ls.oldest
 		}
 		st.Depth += ls.count
@@ -1120,6 +1120,34 @@ func (q *Queue) Stats() Stats {
 	}
 	slices.SortFunc(st.Brokers, func(a, b BrokerStats) int { return strings.Compare(a.Broker, b.Broker) })
 	return st
+}
+
+// resolveOldest reads the enqueue time of the lanes' heads that a delivery
+// left unknown (unindex), outside q.mu.
+func (q *Queue) resolveOldest() {
+	type want struct {
+		prefix string
+		head   uint64
+	}
+	var todo []want
+	q.mu.RLock()
+	for p, ls := range q.lanes {
+		if ls.oldest.IsZero() {
+			todo = append(todo, want{p, ls.head})
+		}
+	}
+	q.mu.RUnlock()
+	for _, w := range todo {
+		seq, t, err := q.firstLive([]byte(w.prefix), w.head, true)
+		if err != nil || seq == 0 {
+			continue // a lane drained meanwhile; a failed read shows no time
+		}
+		q.mu.Lock()
+		if ls := q.lanes[w.prefix]; ls != nil && ls.oldest.IsZero() && ls.head <= seq {
+			ls.oldest, ls.head = t, seq
+		}
+		q.mu.Unlock()
+	}
 }
 
 // LastSeq returns the last sequence number committed for device (0 = none).
