@@ -81,10 +81,11 @@ type Options struct {
 	BatchBytes int
 	// PerDevice bounds one device's readings in one batch (default 32).
 	PerDevice int
-	// BatchLinger (batch mode): while another request of the broker is in
-	// flight, readings of fewer than BatchSize/PerDevice devices wait at
-	// most this long for more before they are sent (default 10ms;
-	// negative: never wait). See batch.go.
+	// BatchLinger (batch mode): under load — another request of the
+	// broker in flight, or one started less than BatchLinger ago —
+	// readings of fewer than BatchSize/PerDevice devices wait at most this
+	// long for more before they are sent (default 10ms; negative: never
+	// wait). See batch.go.
 	BatchLinger time.Duration
 }
 
