@@ -45,7 +45,6 @@ func pageOutStore(dir string) (advised int64, supported bool, err error) {
 	defer f.Close()
 	type mapping struct {
 		lo, hi uintptr
-		log    bool
 	}
 	var maps []mapping
 	prefix := filepath.Clean(dir) + "/"
@@ -80,7 +79,7 @@ func pageOutStore(dir string) (advised int64, supported bool, err error) {
 		if err1 != nil || err2 != nil || h <= l {
 			continue
 		}
-		maps = append(maps, mapping{lo: uintptr(l), hi: uintptr(h), log: isLog})
+		maps = append(maps, mapping{lo: uintptr(l), hi: uintptr(h)})
 	}
 	if err := sc.Err(); err != nil {
 		return 0, true, err
@@ -92,14 +91,6 @@ func pageOutStore(dir string) (advised int64, supported bool, err error) {
 		// to 8 MB of the peak RSS. What badger writes next faults in one
 		// page (the partly written one is written back first: the advice
 		// never changes contents).
-		if m.log {
-			// Reading a backlog back reads one ~1.2 KB reading at a
-			// time; the kernel's read-around brought 128 KB per fault
-			// into the daemon's RSS (13.8 MB of value log resident at
-			// the peak of a 50-device burst). Random access: one page.
-			// A hint too; an error here changes nothing.
-			_, _, _ = unix.Syscall(unix.SYS_MADVISE, m.lo, m.hi-m.lo, unix.MADV_RANDOM)
-		}
 		_, _, errno := unix.Syscall(unix.SYS_MADVISE, m.lo, m.hi-m.lo, unix.MADV_PAGEOUT)
 		switch {
 		case errno == 0:
