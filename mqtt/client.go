@@ -61,6 +61,13 @@ type Client struct {
 
 	seq acks // PUBACKs released in arrival order
 
+	// Pipelined ingest, when the Submitter is a Starter (the pipeline):
+	// dispatch starts each reading in arrival order and one settler
+	// waits for their commits in that order (see dispatch).
+	starter  Starter
+	inflight chan *started
+	settler  sync.Once
+
 	live       atomic.Bool   // connected and subscribed right now
 	subscribed chan struct{} // closed at the first subscription
 	subOnce    sync.Once
@@ -89,7 +96,21 @@ func NewClient(sub Submitter, opts ClientOptions) *Client {
 		lanes: map[string]chan *ackSlot{}, subscribed: make(chan struct{})}
 	c.seq.onAck = opts.OnAck
 	c.ctx, c.cancel = context.WithCancel(context.Background())
+	if st, ok := sub.(Starter); ok {
+		c.starter = st
+		c.inflight = make(chan *started, opts.Inflight)
+	}
 	return c
+}
+
+// started is a reading handed to the pipeline, waiting for its commit.
+type started struct {
+	sl     *ackSlot
+	device string
+	msg    pipeline.Message
+	wait   pipeline.Pending
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 // waitToken bounds every paho wait, then reports the token's error.
@@ -242,6 +263,10 @@ func (c *Client) dispatch(_ paho.Client, m paho.Message) {
 		c.seq.done(c.seq.add(m), true)
 		return
 	}
+	if c.starter != nil {
+		c.start(device, m)
+		return
+	}
 	c.mu.Lock()
 	if c.ctx.Err() != nil { // checked under mu: Run cancels under mu before it waits
 		c.mu.Unlock()
@@ -260,6 +285,101 @@ func (c *Client) dispatch(_ paho.Client, m paho.Message) {
 	case lane <- sl:
 	case <-c.ctx.Done():
 		c.seq.done(sl, false)
+	}
+}
+
+// start hands a reading to the pipeline on paho's router, in arrival
+// order, without waiting for its commit: readings of every device of the
+// connection are committed in the order they arrived (so each device's
+// stay in order), many share one group commit, and the settler
+// acknowledges them in that same order once each is synced — MQTT 3.1.1
+// §4.6 by construction, where per-device lanes needed the sequencer to put
+// the acknowledgements back in order. How many wait is bounded by the
+// broker's in-flight window for this client (and by inflight's capacity:
+// the router blocks, so paho reads no more from the broker).
+func (c *Client) start(device string, m paho.Message) {
+	c.mu.Lock()
+	if c.ctx.Err() != nil { // checked under mu: Run cancels under mu before it waits
+		c.mu.Unlock()
+		return
+	}
+	c.settler.Do(func() {
+		c.wg.Add(1)
+		go c.settle()
+	})
+	c.mu.Unlock()
+	s := &started{sl: c.seq.add(m), device: device, msg: pipeline.Message{
+		Device:   device,
+		Source:   reading.Source{Kind: "mqtt", Topic: m.Topic()},
+		Payload:  m.Payload(),
+		Received: time.Now(),
+	}}
+	// An attempt in progress finishes even during shutdown, so that what
+	// is committed gets its PUBACK.
+	s.ctx, s.cancel = context.WithTimeout(context.WithoutCancel(c.ctx), c.opts.SubmitTimeout)
+	s.wait = c.starter.Start(s.ctx, s.msg)
+	select {
+	case c.inflight <- s:
+	case <-c.ctx.Done():
+		s.cancel()
+		c.seq.done(s.sl, false)
+	}
+}
+
+// settle waits for the started readings' outcomes in arrival order and
+// releases their PUBACKs; it ends with Run, after resolving what was
+// handed over: what commits is acknowledged, the rest stays
+// unacknowledged and the broker redelivers it.
+func (c *Client) settle() {
+	defer c.wg.Done()
+	for {
+		select {
+		case s := <-c.inflight:
+			c.seq.done(s.sl, c.outcome(s))
+		case <-c.ctx.Done():
+			for {
+				select {
+				case s := <-c.inflight:
+					c.seq.done(s.sl, c.outcome(s))
+				default:
+					return
+				}
+			}
+		}
+	}
+}
+
+// outcome waits for one started reading; true once it is settled. A
+// reading that was not queued (disk quota, store failure) is held
+// unacknowledged and submitted again — at once, then every retry interval
+// — while the readings behind it wait for their acknowledgement.
+func (c *Client) outcome(s *started) bool {
+	_, err := s.wait(s.ctx)
+	s.cancel()
+	if err == nil {
+		return true
+	}
+	first := true
+	for {
+		if !first {
+			c.limited.Log(c.ctx, slog.LevelWarn, "hold", "reading not queued; holding it unacknowledged", "device", s.device, "err", err)
+			t := time.NewTimer(c.opts.RetryInterval)
+			select {
+			case <-c.ctx.Done():
+				t.Stop()
+				return false
+			case <-t.C:
+			}
+		} else if c.ctx.Err() != nil {
+			return false
+		}
+		first = false
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(c.ctx), c.opts.SubmitTimeout)
+		_, err = c.sub.Submit(ctx, s.msg)
+		cancel()
+		if err == nil {
+			return true
+		}
 	}
 }
 

@@ -67,6 +67,9 @@ type Store struct {
 	Quota      ByteSize `yaml:"quota"`
 	MinFree    ByteSize `yaml:"min_free"`
 	MaxBatch   int      `yaml:"max_batch"`
+	// CommitDelay is the longest the store waits for more readings before
+	// a sync, when they are arriving (adaptive group commit); 0 = never.
+	CommitDelay time.Duration `yaml:"commit_delay"`
 }
 
 // MQTT configures the local MQTT link.
@@ -203,6 +206,9 @@ func MissingCentral(err error) bool {
 type Uplink struct {
 	Mode      string `yaml:"mode"`
 	BatchSize int    `yaml:"batch_size"`
+	// BatchLinger is how long batch mode lets readings gather before a
+	// request while another request is in flight; 0 = send at once.
+	BatchLinger time.Duration `yaml:"batch_linger"`
 	// Concurrency is the requests in flight per broker; 0: by mode
 	// (EffectiveConcurrency).
 	Concurrency int `yaml:"concurrency"`
@@ -473,7 +479,8 @@ func Default() Config {
 	return Config{
 		StateDir:    "/var/lib/edgegate",
 		MemoryLimit: 48 << 20,
-		Store:       Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256},
+		Store: Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256,
+			CommitDelay: 5 * time.Millisecond},
 		MQTT: MQTT{
 			Mode:  ModeEmbedded,
 			Topic: "devices/{device}/telemetry",
@@ -490,7 +497,7 @@ func Default() Config {
 				Accounts: AccountsNone, AccountsInterval: 5 * time.Minute},
 		},
 		Uplink: Uplink{
-			Mode: "filter", BatchSize: 256, SignatureAttribute: "signature", RefusalWindow: 15 * time.Minute,
+			Mode: "filter", BatchSize: 256, BatchLinger: 10 * time.Millisecond, SignatureAttribute: "signature", RefusalWindow: 15 * time.Minute,
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
 		Pipeline: Pipeline{MaxClockSkew: 5 * time.Minute},

@@ -71,6 +71,9 @@ func (c *Config) validateStore(p *problems) {
 	if s.MaxBatch < 1 || s.MaxBatch > 4096 {
 		p.bad("store.max_batch", strconv.Itoa(s.MaxBatch), "must be between 1 and 4096")
 	}
+	if s.CommitDelay < 0 || s.CommitDelay > 50*time.Millisecond {
+		p.bad("store.commit_delay", s.CommitDelay.String(), "must be between 0 (sync at once) and 50ms")
+	}
 	if s.Credential != "" && strings.ContainsAny(s.Credential, "/\\") {
 		p.bad("store.credential", s.Credential, "must be a credential name, not a path")
 	}
@@ -209,6 +212,9 @@ func (c *Config) validateUplink(p *problems) {
 	}
 	if u.BatchSize < 1 || u.BatchSize > 1000 {
 		p.bad("uplink.batch_size", strconv.Itoa(u.BatchSize), "must be between 1 and 1000")
+	}
+	if u.BatchLinger < 0 || u.BatchLinger > time.Second {
+		p.bad("uplink.batch_linger", u.BatchLinger.String(), "must be between 0 (send at once) and 1s")
 	}
 	if u.Concurrency < 0 || u.Concurrency > 64 {
 		p.bad("uplink.concurrency", strconv.Itoa(u.Concurrency), "must be between 1 and 64 (0 or absent: 16 in filter mode, 4 in batch mode)")

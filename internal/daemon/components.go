@@ -277,8 +277,12 @@ func (d *Daemon) openUplink(st *state, in *openInputs) error {
 	if refusalWindow == 0 {
 		refusalWindow = uplink.NoRefusalWindow // 0 in the file: dead-letter at once
 	}
+	batchLinger := cfg.Uplink.BatchLinger
+	if batchLinger == 0 {
+		batchLinger = -1 // 0 in the file: send at once
+	}
 	st.up = uplink.New(watchedSource{Source: gated, mon: st.mon}, st.tokens, uplink.Options{
-		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize,
+		Mode: cfg.Uplink.Mode, BatchSize: cfg.Uplink.BatchSize, BatchLinger: batchLinger,
 		Concurrency: cfg.Uplink.EffectiveConcurrency(), RefusalWindow: refusalWindow,
 		MinBackoff: cfg.Uplink.MinBackoff, MaxBackoff: cfg.Uplink.MaxBackoff,
 		HTTPClient: uplink.NewHTTPClient(in.brokerCAs, cfg.Uplink.RequestTimeout, cfg.Uplink.EffectiveConcurrency()),
@@ -319,10 +323,14 @@ func (d *Daemon) openPipeline(st *state) error {
 // recovery, and the gateway keeps working with an empty store.
 func (d *Daemon) openQueue(key []byte) (*queue.Queue, error) {
 	cfg, log := d.cfg, d.log
+	commitDelay := cfg.Store.CommitDelay
+	if commitDelay == 0 {
+		commitDelay = -1 // 0 in the file: sync at once
+	}
 	qopts := queue.Options{
 		Dir: cfg.QueueDir(), Key: key, QuotaBytes: int64(cfg.Store.Quota), MinFreeBytes: int64(cfg.Store.MinFree),
-		MaxBatch: cfg.Store.MaxBatch,
-		Logger:   log.With("component", "queue"), Metrics: d.metrics,
+		MaxBatch: cfg.Store.MaxBatch, CommitDelay: commitDelay,
+		Logger: log.With("component", "queue"), Metrics: d.metrics,
 	}
 	q, err := queue.Open(qopts)
 	if err != nil && corrupt(err) {

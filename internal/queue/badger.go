@@ -17,14 +17,15 @@ import (
 //	term                                   size        why
 //	memtables: NumMemtables(2) x arena     2 x 2.6 MB  skiplist arena = MemTableSize(2 MB)
 //	                                                   + maxBatchSize(0.3 MB) + maxBatchCount x node
-//	block cache (ristretto)                8 MB        BlockCacheSize
+//	block cache (ristretto)                4 MB        BlockCacheSize: the uplink reads
+//	                                                   fresh readings from memory (recent.go)
 //	index cache (ristretto)                4 MB        IndexCacheSize, required with encryption
 //	L0 flush table builder                 ~2 MB       builds one table from a full memtable
 //	compactions: NumCompactors(2) x ~2 x   ~4 MB       each builds BaseTableSize(1 MB) tables,
 //	  BaseTableSize x ~2                               double-buffered
 //	write channel + our batch              ~1 MB       MaxBatch(256) x ~1 KB readings, twice
 //	----------------------------------------------------
-//	total                                  ~25 MB
+//	total                                  ~21 MB
 //
 // File-backed mappings come on top. They are page cache, but pages a
 // process has mapped count in its RSS (and in what the OOM killer weighs)
@@ -48,7 +49,7 @@ func badgerOptions(dir string, key []byte, logger *slog.Logger) badger.Options {
 		// protects.
 		WithEncryptionKeyRotationDuration(10 * 24 * time.Hour).
 		WithIndexCacheSize(4 << 20).
-		WithBlockCacheSize(8 << 20).
+		WithBlockCacheSize(4 << 20).
 		WithMemTableSize(2 << 20).
 		WithNumMemtables(2).
 		WithNumLevelZeroTables(2).

@@ -4,17 +4,24 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
+	"slices"
 	"sync"
 	"testing"
+	"time"
 )
 
 // body is a typical signed NGSI update: ~400 bytes.
 var benchBody = bytes.Repeat([]byte("b"), 400)
 
 func BenchmarkAppend(b *testing.B) {
+	delay := DefaultCommitDelay
+	if os.Getenv("BENCH_COMMIT_DELAY") == "off" { // compare without waiting
+		delay = -1
+	}
 	for _, appenders := range []int{1, 16, 64} {
 		b.Run(fmt.Sprintf("appenders=%d", appenders), func(b *testing.B) {
-			q := start(b, Options{})
+			q := start(b, Options{CommitDelay: delay})
 			ctx := context.Background()
 			var wg sync.WaitGroup
 			work := make(chan struct{}, b.N)
@@ -77,4 +84,61 @@ func BenchmarkPeekDelete(b *testing.B) {
 	}
 	b.StopTimer()
 	b.ReportMetric(float64(n)/b.Elapsed().Seconds(), "readings/s")
+}
+
+// BenchmarkCommitPaced: 50 devices at 1,500 readings/s together (30/s
+// each, open loop), the moderate load where a sync used to carry 1.5-2
+// readings. It reports readings per fsync and the Append latency, with
+// adaptive group commit (the default) and without (commit_delay off).
+//
+//	go test -run '^$' -bench CommitPaced -benchtime 3000x ./internal/queue/
+func BenchmarkCommitPaced(b *testing.B) {
+	for _, tc := range []struct {
+		name  string
+		delay time.Duration
+	}{{"delay=off", -1}, {"delay=5ms", DefaultCommitDelay}} {
+		b.Run(tc.name, func(b *testing.B) {
+			q := start(b, Options{CommitDelay: tc.delay})
+			const devices, rate = 50, 1500
+			period := time.Second * devices / rate
+			per := (b.N + devices - 1) / devices
+			lat := make([][]time.Duration, devices)
+			b.ReportAllocs()
+			b.ResetTimer()
+			var wg sync.WaitGroup
+			for i := range devices {
+				wg.Go(func() {
+					e := Entry{Broker: "https://a.example/v2", Device: fmt.Sprintf("dev%d", i), Type: "Sensor",
+						Seal: func(uint64) ([]byte, error) { return benchBody, nil }}
+					// Spread the devices' phases over one period.
+					next := time.Now().Add(period * time.Duration(i) / devices)
+					for range per {
+						time.Sleep(time.Until(next))
+						t0 := time.Now()
+						if _, err := q.Append(context.Background(), e); err != nil {
+							b.Error(err)
+							return
+						}
+						lat[i] = append(lat[i], time.Since(t0))
+						next = next.Add(period)
+					}
+				})
+			}
+			wg.Wait()
+			b.StopTimer()
+			var all []time.Duration
+			for _, l := range lat {
+				all = append(all, l...)
+			}
+			slices.Sort(all)
+			if len(all) == 0 {
+				return
+			}
+			syncs := q.gc.syncs.Load()
+			b.ReportMetric(float64(len(all))/float64(max(syncs, 1)), "readings/fsync")
+			b.ReportMetric(float64(syncs)/float64(len(all)), "fsyncs/reading")
+			b.ReportMetric(float64(all[len(all)/2].Microseconds()), "p50-µs")
+			b.ReportMetric(float64(all[len(all)*99/100].Microseconds()), "p99-µs")
+		})
+	}
 }

@@ -39,9 +39,13 @@ type Options struct {
 	// error, so the store must stop writing well before the disk is full.
 	// 0 = no floor.
 	MinFreeBytes int64
-	MaxBatch     int              // entries per group commit, default 256
-	Logger       *slog.Logger     // nil = discard
-	Metrics      *metrics.Metrics // nil ok
+	MaxBatch     int // entries per group commit, default 256
+	// CommitDelay is the longest the committer waits for more readings
+	// before a sync, when readings are arriving (groupcommit.go); 0 =
+	// DefaultCommitDelay, negative = never wait.
+	CommitDelay time.Duration
+	Logger      *slog.Logger     // nil = discard
+	Metrics     *metrics.Metrics // nil ok
 	// GCInterval is how often Run runs value-log GC; default 1 minute.
 	GCInterval time.Duration
 }
@@ -64,6 +68,7 @@ type Queue struct {
 	free     atomic.Int64 // free bytes of the filesystem, refreshed with disk
 	maxBatch int
 	gcEvery  time.Duration
+	gc       *groupCommit // committer-owned, but for its atomic counters
 
 	reqs     chan *request
 	stopping chan struct{} // closed when Run begins to stop
@@ -89,6 +94,7 @@ type Queue struct {
 
 	mu      sync.RWMutex
 	lanes   map[string]*laneState // key: string(lane prefix)
+	held    int64                 // recentCost of every lane (recent.go)
 	dead    int
 	changed chan struct{}
 }
@@ -112,11 +118,16 @@ type laneState struct {
 	// the tombstones of delivered items stay in the LSM until compaction
 	// and a drain would otherwise re-walk all of them on every Peek.
 	head uint64
+	// recent: the lane's items held in memory (recent.go), with their
+	// cost against recentBytes.
+	recent     []Item
+	recentCost int64
 }
 
 type request struct {
 	ctx   context.Context
 	entry Entry
+	at    time.Time   // when it was handed over (adaptive group commit)
 	done  chan result // buffered 1: the committer never blocks answering
 }
 
@@ -147,6 +158,9 @@ func Open(opts Options) (*Queue, error) {
 	if opts.GCInterval <= 0 {
 		opts.GCInterval = time.Minute
 	}
+	if opts.CommitDelay == 0 {
+		opts.CommitDelay = DefaultCommitDelay
+	}
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -168,6 +182,7 @@ func Open(opts Options) (*Queue, error) {
 		minFree:  opts.MinFreeBytes,
 		maxBatch: opts.MaxBatch,
 		gcEvery:  opts.GCInterval,
+		gc:       newGroupCommit(opts.CommitDelay),
 		reqs:     make(chan *request, opts.MaxBatch),
 		stopping: make(chan struct{}),
 		counters: make(map[string]uint64),
@@ -279,7 +294,7 @@ func (q *Queue) Enqueue(ctx context.Context, e Entry) (wait func(context.Context
 	if free := q.free.Load(); q.minFree > 0 && free >= 0 && free < q.minFree {
 		return nil, fmt.Errorf("append: %d bytes free on the disk, at least %d kept free: %w", free, q.minFree, ErrQuota)
 	}
-	req := &request{ctx: ctx, entry: e, done: make(chan result, 1)}
+	req := &request{ctx: ctx, entry: e, at: time.Now(), done: make(chan result, 1)}
 	q.closeMu.RLock()
 	if q.closed {
 		q.closeMu.RUnlock()
@@ -342,16 +357,9 @@ func (q *Queue) Run(ctx context.Context) error {
 				q.retrySync()
 			}
 		case r := <-q.reqs:
-			batch = append(batch[:0], r)
-		drain:
-			for len(batch) < q.maxBatch {
-				select {
-				case r := <-q.reqs:
-					batch = append(batch, r)
-				default:
-					break drain
-				}
-			}
+			q.gc.observe(r)
+			batch = q.drain(append(batch[:0], r))
+			batch = q.fill(ctx, batch)
 			q.commit(batch)
 			clear(batch) // drop references to bodies
 		}
@@ -568,6 +576,7 @@ func (q *Queue) commit(batch []*request) {
 	if n == 0 {
 		return
 	}
+	q.gc.syncs.Add(1)
 	if err := q.db.Sync(); err != nil {
 		err = fmt.Errorf("append: sync batch: %w", mapDiskFull(err))
 		q.log.Error("queue sync failed", "items", n, "err", err)
@@ -680,15 +689,16 @@ func (q *Queue) publish(recs []record) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	for _, rc := range recs {
-		p := string(rc.key[:len(rc.key)-8])
-		ls := q.lanes[p]
+		p := rc.key[:len(rc.key)-8]
+		ls := q.lanes[string(p)] // no string allocated for a lookup
 		if ls == nil {
 			ls = &laneState{lane: Lane{Broker: rc.item.Broker, Device: rc.item.Device}, oldest: rc.item.Enqueued, head: rc.item.Seq}
-			q.lanes[p] = ls
+			q.lanes[string(p)] = ls
 		}
 		ls.count++
 		ls.bytes += int64(len(rc.val))
 		ls.visible = max(ls.visible, rc.item.Seq)
+		q.hold(ls, rc.item)
 	}
 	close(q.changed)
 	q.changed = make(chan struct{})
@@ -742,6 +752,10 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 	ls := q.lanes[string(prefix)]
 	var visible, head uint64
 	if ls != nil {
+		if out, ok := peekHeld(ls, max); ok {
+			q.mu.RUnlock()
+			return out, nil
+		}
 		visible, head = ls.visible, ls.head
 	}
 	q.mu.RUnlock()
@@ -883,6 +897,7 @@ func (q *Queue) unindex(removed []removal) error {
 		lo, hi   uint64 // smallest and largest seq removed
 		n        uint64 // how many removed
 		headGone bool   // the head itself was removed
+		covered  bool   // the held items covered the lane from its head
 	}
 	touched := make(map[string]*span)
 	q.mu.Lock()
@@ -894,17 +909,27 @@ func (q *Queue) unindex(removed []removal) error {
 		ls.count--
 		ls.bytes = max(0, ls.bytes-r.bytes)
 		if ls.count <= 0 {
-			delete(q.lanes, r.prefix)
+			q.dropLane(r.prefix, ls)
 			delete(touched, r.prefix)
 			continue
 		}
+		covered := q.forget(ls, r.seq)
 		sp := touched[r.prefix]
 		if sp == nil {
-			sp = &span{from: ls.head, lo: r.seq, hi: r.seq}
+			sp = &span{from: ls.head, lo: r.seq, hi: r.seq, covered: covered}
 			touched[r.prefix] = sp
 		}
 		sp.lo, sp.hi, sp.n = min(sp.lo, r.seq), max(sp.hi, r.seq), sp.n+1
 		sp.headGone = sp.headGone || r.seq == ls.head
+	}
+	// The new head of a lane whose held items covered it is the first
+	// one still held: no read of the store.
+	for p, sp := range touched {
+		ls := q.lanes[p]
+		if sp.headGone && sp.covered && ls != nil && len(ls.recent) > 0 {
+			ls.head, ls.oldest = ls.recent[0].Seq, ls.recent[0].Enqueued
+			delete(touched, p)
+		}
 	}
 	q.mu.Unlock()
 	for p, sp := range touched {
@@ -918,13 +943,16 @@ func (q *Queue) unindex(removed []removal) error {
 		if sp.lo == sp.from && sp.hi-sp.lo+1 == sp.n {
 			from = sp.hi + 1
 		}
-		seq, oldest, err := q.laneHead([]byte(p), from)
+		seq, err := q.laneHead([]byte(p), from)
 		if err != nil {
 			return fmt.Errorf("re-read lane head: %w", err)
 		}
 		q.mu.Lock()
 		if ls := q.lanes[p]; ls != nil && seq != 0 {
-			ls.oldest, ls.head = oldest, seq
+			// The head's time is read when Stats asks (oldestOf): reading
+			// it here read every delivered reading's successor back from
+			// the value log, a second time right before Peek did.
+			ls.oldest, ls.head = time.Time{}, seq
 		}
 		q.mu.Unlock()
 	}
@@ -932,33 +960,26 @@ func (q *Queue) unindex(removed []removal) error {
 }
 
 // laneHead is firstLive with a point read of from first: after a delivery
-// the next item is usually exactly there.
-func (q *Queue) laneHead(prefix []byte, from uint64) (uint64, time.Time, error) {
-	var t time.Time
+// the next item is usually exactly there. Keys only: no value is read.
+func (q *Queue) laneHead(prefix []byte, from uint64) (uint64, error) {
 	err := q.db.View(func(txn *badger.Txn) error {
-		bi, err := txn.Get(binary.BigEndian.AppendUint64(bytes.Clone(prefix), from))
-		if err != nil {
-			return err
-		}
-		return bi.Value(func(v []byte) error {
-			var err error
-			t, err = enqueuedOf(v)
-			return err
-		})
+		_, err := txn.Get(binary.BigEndian.AppendUint64(bytes.Clone(prefix), from))
+		return err
 	})
 	switch {
 	case err == nil:
-		return from, t, nil
+		return from, nil
 	case errors.Is(err, badger.ErrKeyNotFound):
-		return q.firstLive(prefix, from)
+		seq, _, err := q.firstLive(prefix, from, false)
+		return seq, err
 	default:
-		return 0, time.Time{}, err
+		return 0, err
 	}
 }
 
-// firstLive returns the seq and enqueue time of the first item under prefix
-// at or after seq from (0, zero time if none).
-func (q *Queue) firstLive(prefix []byte, from uint64) (uint64, time.Time, error) {
+// firstLive returns the seq and, if withTime, the enqueue time of the first
+// item under prefix at or after seq from (0, zero time if none).
+func (q *Queue) firstLive(prefix []byte, from uint64, withTime bool) (uint64, time.Time, error) {
 	var t time.Time
 	var seq uint64
 	err := q.db.View(func(txn *badger.Txn) error {
@@ -973,6 +994,9 @@ func (q *Queue) firstLive(prefix []byte, from uint64) (uint64, time.Time, error)
 		}
 		k := it.Item().Key()
 		seq = binary.BigEndian.Uint64(k[len(k)-8:])
+		if !withTime {
+			return nil
+		}
 		return it.Item().Value(func(v []byte) error {
 			var err error
 			t, err = enqueuedOf(v)
@@ -1073,6 +1097,7 @@ func (q *Queue) DeadLetters(ctx context.Context, fn func(DeadLetter) error) erro
 // Stats returns per-broker depth, bytes and oldest item, the dead-letter
 // count, the disk usage and the quota.
 func (q *Queue) Stats() Stats {
+	q.resolveOldest()
 	q.mu.RLock()
 	defer q.mu.RUnlock()
 	byBroker := make(map[string]*BrokerStats)
@@ -1085,7 +1110,7 @@ func (q *Queue) Stats() Stats {
 		}
 		b.Depth += ls.count
 		b.Bytes += ls.bytes
-		if b.Oldest.IsZero() || ls.oldest.Before(b.Oldest) {
+		if !ls.oldest.IsZero() && (b.Oldest.IsZero() || ls.oldest.Before(b.Oldest)) {
 			b.Oldest = ls.oldest
 		}
 		st.Depth += ls.count
@@ -1095,6 +1120,34 @@ func (q *Queue) Stats() Stats {
 	}
 	slices.SortFunc(st.Brokers, func(a, b BrokerStats) int { return strings.Compare(a.Broker, b.Broker) })
 	return st
+}
+
+// resolveOldest reads the enqueue time of the lanes' heads that a delivery
+// left unknown (unindex), outside q.mu.
+func (q *Queue) resolveOldest() {
+	type want struct {
+		prefix string
+		head   uint64
+	}
+	var todo []want
+	q.mu.RLock()
+	for p, ls := range q.lanes {
+		if ls.oldest.IsZero() {
+			todo = append(todo, want{p, ls.head})
+		}
+	}
+	q.mu.RUnlock()
+	for _, w := range todo {
+		seq, t, err := q.firstLive([]byte(w.prefix), w.head, true)
+		if err != nil || seq == 0 {
+			continue // a lane drained meanwhile; a failed read shows no time
+		}
+		q.mu.Lock()
+		if ls := q.lanes[w.prefix]; ls != nil && ls.oldest.IsZero() && ls.head <= seq {
+			ls.oldest, ls.head = t, seq
+		}
+		q.mu.Unlock()
+	}
 }
 
 // LastSeq returns the last sequence number committed for device (0 = none).
@@ -1176,7 +1229,7 @@ func (q *Queue) PurgeDevice(device string) (int, error) {
 	q.mu.Lock()
 	for p, ls := range q.lanes {
 		if ls.lane.Device == device {
-			delete(q.lanes, p)
+			q.dropLane(p, ls)
 		}
 	}
 	q.mu.Unlock()

@@ -163,7 +163,7 @@ func (q *Queue) EraseDevice(device string) (EraseReport, error) {
 	q.mu.Lock()
 	for p, ls := range q.lanes {
 		if ls.lane.Device == device {
-			delete(q.lanes, p)
+			q.dropLane(p, ls)
 		}
 	}
 	q.dead = max(0, q.dead-rep.DeadLetters)

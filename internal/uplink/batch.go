@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/edgegate/edgegate/internal/queue"
 )
@@ -75,10 +76,37 @@ func (d *dispatcher) fillBatches(start int) {
 		idle = append(idle, l)
 	}
 	if len(idle) == 0 || free <= 0 {
+		d.lingerUntil = time.Time{}
 		return
 	}
-	per := (len(idle) + free - 1) / free
-	per = min(per, d.u.opts.BatchSize)
+	// Enough devices for a full batch: BatchSize/PerDevice lanes.
+	enough := max(1, d.u.opts.BatchSize/d.u.opts.PerDevice)
+	if linger := d.u.opts.BatchLinger; linger > 0 && len(idle) < enough {
+		// Under load — another request on its way, or one started less
+		// than linger ago — let more readings gather, up to linger, so
+		// that a moderate load does not become one request per reading
+		// (on loopback a round trip is ~2 ms: waiting only for requests
+		// in flight still made batches of two). A quiet gateway's
+		// reading goes at once.
+		now := time.Now()
+		if d.lingerUntil.IsZero() {
+			switch {
+			case d.inflight > 0:
+				d.lingerUntil = now.Add(linger)
+			case now.Sub(d.lastBatch) < linger:
+				d.lingerUntil = d.lastBatch.Add(linger)
+			}
+		}
+		if now.Before(d.lingerUntil) {
+			return
+		}
+	}
+	d.lingerUntil = time.Time{}
+	d.lastBatch = time.Now()
+	// Spread the lanes over the free request slots so that requests
+	// overlap, but not into batches of fewer than enough lanes.
+	parts := min(free, max(1, len(idle)/enough))
+	per := min((len(idle)+parts-1)/parts, d.u.opts.BatchSize)
 	for len(idle) > 0 && free > 0 {
 		k := min(per, len(idle))
 		d.startBatch(idle[:k:k], false)

@@ -191,3 +191,52 @@ func TestBatchBody(t *testing.T) {
 		t.Error("batchBody of a non-object = nil error")
 	}
 }
+
+// TestBatchLingerSharesRequests: 20 devices at a moderate pace (one
+// reading every 1 ms in turn) against a broker answering in ~2 ms. Sent at
+// once, each reading would go nearly alone (issue 20: 30k readings made
+// 24k requests); with the linger, readings share requests, and every
+// reading is delivered.
+func TestBatchLingerSharesRequests(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		linger time.Duration
+		check  func(readings, requests int) bool
+		want   string
+	}{
+		{"linger=10ms", 10 * time.Millisecond, func(n, r int) bool { return r*4 <= n }, "at least 4 readings per request"},
+		// The same load without the linger, to show what it prevents.
+		{"linger=off", -1, func(n, r int) bool { return r*2 > n }, "fewer than 2 readings per request"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+				time.Sleep(2 * time.Millisecond) // the broker's round trip
+				w.WriteHeader(http.StatusNoContent)
+			})
+			q := newFakeQueue()
+			h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, BatchLinger: tc.linger})
+			const devices, readings = 20, 300
+			tick := time.NewTicker(time.Millisecond)
+			for i := range readings {
+				<-tick.C // the devices' pace
+				q.add(b.URL, "dev-"+strconv.Itoa(i%devices), 1)
+			}
+			tick.Stop()
+			testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
+			h.stop(t)
+			entities := 0
+			reqs := b.requests()
+			for _, r := range reqs {
+				_, ents := decodeBatch(t, r.body)
+				entities += len(ents)
+			}
+			if entities != readings {
+				t.Fatalf("%d entities sent for %d readings", entities, readings)
+			}
+			if !tc.check(readings, len(reqs)) {
+				t.Fatalf("%d readings in %d requests, want %s", readings, len(reqs), tc.want)
+			}
+			t.Logf("%d readings in %d requests", readings, len(reqs))
+		})
+	}
+}

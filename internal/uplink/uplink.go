@@ -81,6 +81,12 @@ type Options struct {
 	BatchBytes int
 	// PerDevice bounds one device's readings in one batch (default 32).
 	PerDevice int
+	// BatchLinger (batch mode): under load — another request of the
+	// broker in flight, or one started less than BatchLinger ago —
+	// readings of fewer than BatchSize/PerDevice devices wait at most this
+	// long for more before they are sent (default 10ms; negative: never
+	// wait). See batch.go.
+	BatchLinger time.Duration
 }
 
 // Delivery modes (Options.Mode).
@@ -101,6 +107,7 @@ const (
 	defaultMinBackoff    = 200 * time.Millisecond
 	defaultMaxBackoff    = 30 * time.Second
 	defaultShutdownGrace = 2 * time.Second
+	defaultBatchLinger   = 10 * time.Millisecond
 	// backstop: how often dispatchers look at the queue even without a
 	// Changed signal, in case one was missed.
 	backstop = 5 * time.Second
@@ -163,6 +170,9 @@ func New(src Source, tok Tokens, opts Options) *Uplink {
 	}
 	if opts.PerDevice <= 0 {
 		opts.PerDevice = defaultPerDevice
+	}
+	if opts.BatchLinger == 0 {
+		opts.BatchLinger = defaultBatchLinger
 	}
 	return &Uplink{src: src, tok: tok, opts: opts, log: opts.Logger.With("component", "uplink"), missing: newMissingAttrs()}
 }
@@ -235,6 +245,10 @@ type dispatcher struct {
 	jobs     chan job        // to the workers; buffered for Concurrency
 	changed  <-chan struct{} // the queue's signal for the next commit
 	gen      uint64          // counts refreshes
+	// lingerUntil (batch mode): idle lanes are held for company until
+	// then; zero when none are held.
+	lingerUntil time.Time
+	lastBatch   time.Time // when batches were last started for idle lanes
 
 	// refusals: lanes whose device the broker refused (refused verdict),
 	// held back and retried until their refusal window ends.
@@ -349,8 +363,13 @@ func (d *dispatcher) run(ctx, reqCtx context.Context) {
 			if r <= 0 {
 				r = d.nextRelease()
 			}
+			if !d.lingerUntil.IsZero() {
+				if l := max(time.Until(d.lingerUntil), time.Microsecond); r <= 0 || l < r {
+					r = l
+				}
+			}
 			if r > 0 {
-				timer = time.NewTimer(r) // only while backing off
+				timer = time.NewTimer(r) // only while backing off or lingering
 				wake = timer.C
 			}
 		}

@@ -1,0 +1,78 @@
+package queue
+
+import (
+	"fmt"
+	"sync"
+	"testing"
+	"time"
+)
+
+// TestGroupCommitIdleNoWait: a reading every 10 ms from one device (an
+// idle-ish source) is committed at once: the committer never waits for
+// company that is not coming.
+func TestGroupCommitIdleNoWait(t *testing.T) {
+	q := start(t, Options{})
+	ctx := tctx(t)
+	for range 20 {
+		if _, err := q.Append(ctx, entry("https://a.example/v2", "dev")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond) // the source's pace, not a wait for a result
+	}
+	if w := q.gc.waits.Load(); w != 0 {
+		t.Fatalf("committer waited %d times for readings 10 ms apart, want 0", w)
+	}
+	if s := q.gc.syncs.Load(); s != 20 {
+		t.Fatalf("%d syncs for 20 readings 10 ms apart, want 20", s)
+	}
+}
+
+// TestGroupCommitClosedLoop: one producer that sends its next reading only
+// once the previous one is committed cannot fill a wait; after a wait that
+// gained nothing the committer stops waiting for a while, so the producer
+// pays a pause now and then, not one per reading.
+func TestGroupCommitClosedLoop(t *testing.T) {
+	q := start(t, Options{})
+	ctx := tctx(t)
+	const n = 200
+	for range n {
+		if _, err := q.Append(ctx, entry("https://a.example/v2", "dev")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if w, g := q.gc.waits.Load(), q.gc.gained.Load(); w > n/skipAfterIdle+2 || g != 0 {
+		t.Fatalf("closed loop of %d: %d waits gaining %d readings, want at most %d waits gaining 0", n, w, g, n/skipAfterIdle+2)
+	}
+}
+
+// TestGroupCommitSharesSyncs: 50 devices at 1,500 readings/s together
+// (the moderate load where a sync carried 1.5–2 readings without waiting)
+// share syncs: at least 4 readings per sync, every Append answered.
+func TestGroupCommitSharesSyncs(t *testing.T) {
+	q := start(t, Options{})
+	ctx := tctx(t)
+	const devices, rate, each = 50, 1500, 20
+	period := time.Second * devices / rate
+	var wg sync.WaitGroup
+	for i := range devices {
+		wg.Go(func() {
+			next := time.Now().Add(period * time.Duration(i) / devices)
+			for range each {
+				time.Sleep(time.Until(next)) // the devices' pace
+				if _, err := q.Append(ctx, entry("https://a.example/v2", fmt.Sprintf("dev%d", i))); err != nil {
+					t.Error(err)
+					return
+				}
+				next = next.Add(period)
+			}
+		})
+	}
+	wg.Wait()
+	syncs := q.gc.syncs.Load()
+	if per := float64(devices*each) / float64(syncs); per < 4 {
+		t.Fatalf("%d readings in %d syncs (%.1f per sync), want at least 4 per sync", devices*each, syncs, per)
+	}
+	if st := q.Stats(); st.Depth != devices*each {
+		t.Fatalf("depth %d, want %d", st.Depth, devices*each)
+	}
+}
