@@ -213,9 +213,9 @@ func ParsePublicKeySet(raw []byte) (jwk.Set, error) {
 
 // KeysStatus is the key rollover's state, for `edgegate status`.
 type KeysStatus struct {
-	Pinned     []string  `json:"pinned"`               // kids in force
-	IssuedAt   time.Time `json:"issued_at,omitzero"`   // of the signed set pinned; zero: the pairing's
-	LastCheck  time.Time `json:"last_check,omitzero"`  // last fetch of the signed set
+	Pinned     []string  `json:"pinned"`                // kids in force
+	IssuedAt   time.Time `json:"issued_at,omitzero"`    // of the signed set pinned; zero: the pairing's
+	LastCheck  time.Time `json:"last_check,omitzero"`   // last fetch of the signed set
 	LastResult string    `json:"last_result,omitempty"` // pinned, not_modified, not_offered, refused: …, error: …
 	// RePair is set when the companion's keys cannot be followed any more:
 	// the operator must run edgegate pair --force.
@@ -276,7 +276,6 @@ func (s *Syncer) refreshKeys(ctx context.Context) (bool, error) {
 	if s.keysETag != "" {
 		req.Header.Set("If-None-Match", s.keysETag)
 	}
-	s.lastKeyFetch = s.now()
 	s.mu.Unlock()
 	result := func(r string) {
 		s.mu.Lock()

@@ -249,7 +249,7 @@ type Syncer struct {
 	anchor       string    // kids pinned at pairing (Options.Keys)
 	keysETag     string    // of the signed key set pinned
 	keysIssued   time.Time // issued_at of the signed key set pinned
-	lastKeyFetch time.Time
+	lastKeyFetch time.Time // last fetch an unknown kid triggered
 }
 
 // New checks the options and builds a Syncer. It does no I/O: call
@@ -499,7 +499,10 @@ func (s *Syncer) offer(ctx context.Context, raw []byte, via string) (string, err
 		// A kid we do not pin: the companion may have rotated. Follow its
 		// signed key set (at most once per keyFetchMinGap) and try again.
 		s.mu.Lock()
-		due := s.now().Sub(s.lastKeyFetch) >= keyFetchMinGap
+		due := s.lastKeyFetch.IsZero() || s.now().Sub(s.lastKeyFetch) >= keyFetchMinGap
+		if due {
+			s.lastKeyFetch = s.now()
+		}
 		s.mu.Unlock()
 		if due {
 			if changed, kerr := s.refreshKeys(ctx); changed {
