@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/edgegate/edgegate/internal/config"
 )
 
 // Defaults of Config.
@@ -153,6 +155,9 @@ type PlatformConfig struct {
 	// Brokers maps the platform's context broker names (elementDetails
 	// contextbroker) to the https base URI of that broker's filter.
 	Brokers map[string]string `yaml:"brokers"`
+	// MaxAnswer bounds each answer of the platform (512MiB, 2GB, …;
+	// default DefaultMaxAnswer). A larger answer refuses the round.
+	MaxAnswer config.ByteSize `yaml:"max_answer"`
 }
 
 // LoadConfig reads and checks a configuration file.
@@ -199,6 +204,12 @@ func (c *Config) Check() error {
 	}
 	if c.PolicyTTL < time.Minute {
 		return fmt.Errorf("policy_ttl %s must be at least 1m", c.PolicyTTL)
+	}
+	if c.Platform.MaxAnswer == 0 {
+		c.Platform.MaxAnswer = DefaultMaxAnswer
+	}
+	if c.Platform.MaxAnswer < 1<<20 {
+		return fmt.Errorf("platform.max_answer %d must be at least 1MiB", c.Platform.MaxAnswer)
 	}
 	if c.Concurrency < 1 || c.Concurrency > 64 {
 		return fmt.Errorf("concurrency must be 1..64: %d", c.Concurrency)
