@@ -214,7 +214,7 @@ func TestKeyRolloverOfflinePastOverlap(t *testing.T) {
 	g := e.startRollGateway(t, paired, e.api.URL, nil, false)
 	testkit.Eventually(t, 10*time.Second, "re-pair reported", func() bool {
 		k := g.syncer.Status().Keys
-		return k != nil && k.RePair && g.refused(t, centralsync.ReasonKeysRetired) >= 1
+		return k != nil && k.RePair && g.refused(t, centralsync.ReasonKeysRetired) >= 1 && g.refused(t, centralsync.ReasonUnknownKey) >= 1
 	})
 	if hasDevice(g, "th-1") || hasDevice(g, "th-2") {
 		t.Fatal("a bundle by an unpinned key was applied")
