@@ -89,6 +89,10 @@ type Config struct {
 	// account that uses it when BindOnFirstUse is set, else refused.
 	Gateways       map[string]string `yaml:"gateways"`
 	BindOnFirstUse bool              `yaml:"bind_on_first_use"`
+	// GatewayUsers maps a gateway id to its account's platform username
+	// (the usernameDelegated of a delegation to it): devices delegated to
+	// that user are in the gateway's bundle, with the owner's keys.
+	GatewayUsers map[string]string `yaml:"gateway_users"`
 
 	PolicyTTL    time.Duration `yaml:"policy_ttl"`
 	PollInterval time.Duration `yaml:"poll_interval"`
@@ -210,6 +214,11 @@ func (c *Config) Check() error {
 	}
 	if c.Platform.MaxAnswer < 1<<20 {
 		return fmt.Errorf("platform.max_answer %d must be at least 1MiB", c.Platform.MaxAnswer)
+	}
+	for gw, u := range c.GatewayUsers {
+		if !gatewayIDRE.MatchString(gw) || u == "" {
+			return fmt.Errorf("gateway_users: gateway %q must match %s and name a username", clip(gw), gatewayIDRE)
+		}
 	}
 	if c.Concurrency < 1 || c.Concurrency > 64 {
 		return fmt.Errorf("concurrency must be 1..64: %d", c.Concurrency)

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"slices"
@@ -55,6 +56,13 @@ type Snapshot struct {
 	// AppID rows carry (edgegate pair registers elementId = the gateway id,
 	// elementDetails.thumbprint; cmd/edgegate/pair.go).
 	AppPins map[string][]string
+	// Received maps a gateway of gateway_users to the delegations its
+	// account received (datamanager v2/username/{user}/delegated), and
+	// ReceivedFailed a gateway whose list could not be read to why.
+	Received       map[string][]DelegationRow
+	ReceivedFailed map[string]string
+	// Users is gateway_users (gateway → platform username).
+	Users map[string]string
 }
 
 // Platform reads the stock platform with the configured account.
@@ -63,7 +71,8 @@ type Platform struct {
 	hc       *http.Client
 	token    func(context.Context) (string, error)
 	conc     int
-	max      int64 // platform.max_answer
+	max      int64             // platform.max_answer
+	users    map[string]string // gateway_users
 }
 
 // NewPlatform is a platform client; token hands out the account's access
@@ -145,6 +154,21 @@ func (p *Platform) Snapshot(ctx context.Context) (*Snapshot, error) {
 		}()
 	}
 	wg.Wait()
+	// What each gateway's own account received (a RootAdmin may read any
+	// user's delegations, CredentialsServiceImpl.checkUsernameCredentials;
+	// the list, DelegationDAOImpl.getDelegationDelegatedByUsername, also
+	// holds the account's groups' delegations, which Build leaves out).
+	s.Received, s.ReceivedFailed, s.Users = map[string][]DelegationRow{}, map[string]string{}, p.users
+	for _, gw := range slices.Sorted(maps.Keys(p.users)) {
+		dl := []DelegationRow{}
+		u := p.dm + "/v2/username/" + url.PathEscape(p.users[gw]) + "/delegated?" +
+			url.Values{"sourceRequest": {sourceRequest}, "elementType": {"IOTID"}}.Encode()
+		if err := getArray(ctx, p, u, true, func(d DelegationRow) { dl = append(dl, d) }); err != nil {
+			s.ReceivedFailed[gw] = err.Error()
+			continue
+		}
+		s.Received[gw] = dl
+	}
 	return s, ctx.Err()
 }
 
