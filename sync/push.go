@@ -87,7 +87,7 @@ type pushLogin struct {
 // login returns the username, password and client id of the next session,
 // and whether they are the companion's credentials (else a token).
 func (s *Syncer) login(ctx context.Context, l *pushLogin) (user, pass, clientID string, creds bool, err error) {
-	if s.verifier != nil && s.o.CentralURL != "" && !l.tokenMode {
+	if s.o.Source == SourceBundle && s.o.CentralURL != "" && !l.tokenMode {
 		if l.creds == nil {
 			if b, ok, err := s.o.Store.GetState(StatePushCredentials); err == nil && ok {
 				var c PushCredentials
@@ -283,7 +283,7 @@ func (s *Syncer) onPush(_ paho.Client, msg paho.Message) {
 		s.Nudge()
 		return
 	}
-	if s.verifier == nil {
+	if s.o.Source != SourceBundle {
 		s.limited.Log(context.Background(), slog.LevelInfo, "push-bundle-ignored",
 			"pushed bundle ignored: the policy source is not bundle")
 		return

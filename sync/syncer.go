@@ -13,6 +13,7 @@ import (
 	"mime"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -181,6 +182,8 @@ type SyncStatus struct {
 	// gateway cannot serve yet (no entity type, delegated without keys),
 	// with the command that fixes each.
 	Unusable []UnusableDevice `json:"unusable,omitempty"`
+	// Keys is the companion key rollover (source bundle only).
+	Keys *KeysStatus `json:"keys,omitempty"`
 }
 
 // cachedPolicy is the StatePolicy record. It holds K1/K2: it lives only in
@@ -240,6 +243,13 @@ type Syncer struct {
 	cur         cachedPolicy // what this syncer last put in force (Document unused)
 	st          SyncStatus
 	pending     *pendingReceipt
+
+	// Key rollover (keyset.go). verifier is replaced under mu with
+	// applyMu held, so readers holding applyMu need no mu.
+	anchor       string    // kids pinned at pairing (Options.Keys)
+	keysETag     string    // of the signed key set pinned
+	keysIssued   time.Time // issued_at of the signed key set pinned
+	lastKeyFetch time.Time // last fetch an unknown kid triggered
 }
 
 // New checks the options and builds a Syncer. It does no I/O: call
@@ -281,6 +291,8 @@ func New(o Options) (*Syncer, error) {
 			return nil, fmt.Errorf("policy sync: %w", err)
 		}
 		s.verifier = v
+		s.anchor = strings.Join(keyIDs(o.Keys), ",")
+		s.st.Keys = &KeysStatus{Pinned: keyIDs(o.Keys)}
 	case SourceOwnership:
 		ow := o.Ownership
 		if err := checkHTTPS("ownership URL", ow.OwnershipURL); err != nil {
@@ -402,6 +414,9 @@ func (s *Syncer) loadCached() error {
 	if err := s.loadFloor(); err != nil {
 		return err
 	}
+	if err := s.loadPinnedKeys(); err != nil {
+		return err
+	}
 	b, ok, err := s.o.Store.GetState(StatePolicy)
 	if err != nil {
 		return fmt.Errorf("load cached policy: %w", err)
@@ -454,7 +469,7 @@ func (s *Syncer) setCurrent(c cachedPolicy, p *policy.Policy) {
 // policy in force unchanged and is returned as a *RefusalError (also
 // logged, counted and kept for status). via names the channel for status.
 func (s *Syncer) Offer(ctx context.Context, raw []byte, via string) error {
-	if s.verifier == nil {
+	if s.o.Source != SourceBundle {
 		return fmt.Errorf("policy sync: source %s takes no bundles", s.o.Source)
 	}
 	s.applyMu.Lock()
@@ -480,6 +495,31 @@ func (s *Syncer) offer(ctx context.Context, raw []byte, via string) (string, err
 	s.mu.Unlock()
 	vf, err := s.verifier.Verify(raw, floor)
 	var re *RefusalError
+	if errors.As(err, &re) && re.Reason == ReasonUnknownKey {
+		// A kid we do not pin: the companion may have rotated. Follow its
+		// signed key set (at most once per keyFetchMinGap) and try again.
+		s.mu.Lock()
+		due := s.lastKeyFetch.IsZero() || s.now().Sub(s.lastKeyFetch) >= keyFetchMinGap
+		if due {
+			s.lastKeyFetch = s.now()
+		}
+		s.mu.Unlock()
+		if due {
+			if changed, kerr := s.refreshKeys(ctx); changed {
+				vf, err = s.verifier.Verify(raw, floor)
+				re = nil
+			} else if kerr != nil && !errors.As(kerr, new(*RefusalError)) {
+				s.limited.Log(ctx, levelWarn, "keys-fetch", "companion key set not fetched", "err", kerr)
+			}
+		}
+		s.mu.Lock()
+		rePair := s.st.Keys != nil && s.st.Keys.RePair
+		s.mu.Unlock()
+		if errors.As(err, &re) && re.Reason == ReasonUnknownKey && rePair {
+			re = refuse(ReasonUnknownKey, "%s; the companion retired every key this gateway pins: pair again (edgegate pair --force)", re.Detail)
+			err = re
+		}
+	}
 	if errors.As(err, &re) && re.Reason == ReasonRollback && floor > 0 && cur.Source == SourceBundle {
 		// ES256 signatures are randomised: central serving the policy in
 		// force again gives other bytes with the same version. Same
@@ -622,6 +662,11 @@ func (s *Syncer) Status() SyncStatus {
 		st.LastRefusal = &r
 	}
 	st.Unusable = append([]UnusableDevice(nil), st.Unusable...)
+	if st.Keys != nil {
+		k := *st.Keys
+		k.Pinned = slices.Clone(k.Pinned)
+		st.Keys = &k
+	}
 	if st.Skipped != nil {
 		m := make(map[string]int, len(st.Skipped))
 		for k, v := range st.Skipped {
@@ -716,6 +761,11 @@ func (s *Syncer) gatewayURL(resource string) string {
 }
 
 func (s *Syncer) pollBundle(ctx context.Context) (string, error) {
+	// The key set first (a 304 mostly), so that a bundle by a new key
+	// verifies at once; a failure here leaves the pinned keys in force.
+	if _, err := s.refreshKeys(ctx); err != nil && !errors.As(err, new(*RefusalError)) && ctx.Err() == nil {
+		s.limited.Log(ctx, levelWarn, "keys-fetch", "companion key set not fetched; the pinned keys stay", "err", err)
+	}
 	hdr := http.Header{"Accept": {mediaJOSE}}
 	s.mu.Lock()
 	if s.etag != "" {

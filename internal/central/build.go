@@ -239,6 +239,7 @@ func (c *BuildCache) Build(s *Snapshot, brokers map[string]string, extra []strin
 			}
 		}
 	}
+	addReceived(s, brokers, get, inputs)
 	// The delegations and problems above come in map order: sorted, they
 	// are the same inputs in the same order every round.
 	var todo []*Built
@@ -416,3 +417,80 @@ func parseDetails(raw json.RawMessage) (map[string]any, error) {
 func detailString(m map[string]any, key string) string { return centralsync.DetailString(m, key) }
 
 func clip(s string) string { return logx.Clip(s, 120) }
+
+// addReceived adds to each gateway of gateway_users the devices delegated
+// to its account's username (not to its groups), with the owner's keys
+// from the owner's ownership row (the account reads every row as a
+// RootAdmin) and a delegation to the account, the way the gateway builds
+// its own policy from received delegations (sync/ownership.go). Each
+// device's registration goes into the gateway's build inputs.
+func addReceived(s *Snapshot, brokers map[string]string, get func(string) *Built, inputs map[string]hash.Hash) {
+	if len(s.Received) == 0 && len(s.ReceivedFailed) == 0 {
+		return
+	}
+	for gw, why := range s.ReceivedFailed {
+		b := get(gw)
+		b.Problems = append(b.Problems, fmt.Sprintf("delegations received by %s unreadable: %s", s.Users[gw], clip(why)))
+	}
+	live := map[string]OwnershipRow{}
+	for _, r := range s.Rows {
+		if !isSet(r.Deleted) && (r.ElementType == "" || r.ElementType == "IOTID") {
+			live[r.ElementID] = r
+		}
+	}
+	for gw, rows := range s.Received {
+		user := s.Users[gw]
+		b := get(gw)
+		in := inputs[gw]
+		have := map[string]bool{}
+		for _, d := range b.Doc.Devices {
+			have[d.ID] = true
+		}
+		for _, d := range rows {
+			if isSet(d.DeleteTime) || (d.ElementType != "" && d.ElementType != "IOTID") || !strings.EqualFold(d.UsernameDelegated, user) {
+				continue
+			}
+			parts := strings.SplitN(d.ElementID, ":", 3)
+			if len(parts) != 3 {
+				b.Problems = append(b.Problems, fmt.Sprintf("delegation to %s on %s: elementId not Organization:broker:id", user, clip(d.ElementID)))
+				continue
+			}
+			r, ok := live[d.ElementID]
+			if !ok {
+				continue // the device has no live row: it was deleted
+			}
+			dev, kind := parts[2], policy.Kind(d.Kind)
+			if !kind.Valid() {
+				b.Problems = append(b.Problems, fmt.Sprintf("delegation on %s: unknown kind %q", dev, clip(d.Kind)))
+				continue
+			}
+			b.Doc.Delegations = append(b.Doc.Delegations, policy.Delegation{Device: dev, User: d.UsernameDelegated, Kind: kind})
+			if have[dev] {
+				continue
+			}
+			have[dev] = true
+			det, err := parseDetails(r.ElementDetails)
+			if err != nil {
+				b.Problems = append(b.Problems, fmt.Sprintf("device %s delegated to %s: %v", dev, user, err))
+				continue
+			}
+			reg := policy.Registration{ID: dev, Owner: r.Username, K1: detailString(det, "k1"), K2: detailString(det, "k2"),
+				Signing: detailString(det, "signing"), PublicKeys: centralsync.DetailPublicKeys(det)}
+			cb := detailString(det, "contextbroker")
+			if cb == "" {
+				cb = parts[1]
+			}
+			if reg.Broker, ok = brokers[cb]; !ok {
+				b.Problems = append(b.Problems, fmt.Sprintf("device %s: context broker %q is not in platform.brokers", dev, clip(cb)))
+				continue
+			}
+			if reg.Type = s.Types[cb+"/"+dev]; reg.Type == "" {
+				b.Problems = append(b.Problems, fmt.Sprintf("device %s: the IoT Directory lists no entity type for it", dev))
+				continue
+			}
+			rb, _ := json.Marshal(reg)
+			fmt.Fprintf(in, "r%d:%s", len(rb), rb)
+			b.Doc.Devices = append(b.Doc.Devices, reg)
+		}
+	}
+}

@@ -105,6 +105,13 @@ func newEnv(t *testing.T, mut func(*Config)) *env {
 		switch f, _ := e.fault.Load().(string); {
 		case f == "datamanager-500" && strings.HasPrefix(r.URL.Path, "/datamanager/"):
 			http.Error(w, "Internal Server Error", http.StatusInternalServerError)
+		case (f == "ownership-truncated" && strings.HasPrefix(r.URL.Path, "/ownership-api/")) ||
+			(f == "directory-truncated" && strings.HasPrefix(r.URL.Path, "/iot-directory/")):
+			// The real answer, cut half-way (a connection lost mid-body).
+			rec := httptest.NewRecorder()
+			rp.ServeHTTP(rec, r)
+			w.Header().Set("Content-Type", "application/json")
+			w.Write(rec.Body.Bytes()[:rec.Body.Len()/2])
 		case f == "ownership-malformed" && strings.HasPrefix(r.URL.Path, "/ownership-api/"):
 			w.Header().Set("Content-Type", "application/json")
 			io.WriteString(w, `[{"username":"alice","elementId":"Organization:orion-1:th-1","elementType":"IOTID","elementDetails":"{\"k1\":"}]`)

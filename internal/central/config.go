@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/edgegate/edgegate/internal/config"
 )
 
 // Defaults of Config.
@@ -87,6 +89,10 @@ type Config struct {
 	// account that uses it when BindOnFirstUse is set, else refused.
 	Gateways       map[string]string `yaml:"gateways"`
 	BindOnFirstUse bool              `yaml:"bind_on_first_use"`
+	// GatewayUsers maps a gateway id to its account's platform username
+	// (the usernameDelegated of a delegation to it): devices delegated to
+	// that user are in the gateway's bundle, with the owner's keys.
+	GatewayUsers map[string]string `yaml:"gateway_users"`
 
 	PolicyTTL    time.Duration `yaml:"policy_ttl"`
 	PollInterval time.Duration `yaml:"poll_interval"`
@@ -153,6 +159,9 @@ type PlatformConfig struct {
 	// Brokers maps the platform's context broker names (elementDetails
 	// contextbroker) to the https base URI of that broker's filter.
 	Brokers map[string]string `yaml:"brokers"`
+	// MaxAnswer bounds each answer of the platform (512MiB, 2GB, …;
+	// default DefaultMaxAnswer). A larger answer refuses the round.
+	MaxAnswer config.ByteSize `yaml:"max_answer"`
 }
 
 // LoadConfig reads and checks a configuration file.
@@ -199,6 +208,17 @@ func (c *Config) Check() error {
 	}
 	if c.PolicyTTL < time.Minute {
 		return fmt.Errorf("policy_ttl %s must be at least 1m", c.PolicyTTL)
+	}
+	if c.Platform.MaxAnswer == 0 {
+		c.Platform.MaxAnswer = DefaultMaxAnswer
+	}
+	if c.Platform.MaxAnswer < 1<<20 {
+		return fmt.Errorf("platform.max_answer %d must be at least 1MiB", c.Platform.MaxAnswer)
+	}
+	for gw, u := range c.GatewayUsers {
+		if !gatewayIDRE.MatchString(gw) || u == "" {
+			return fmt.Errorf("gateway_users: gateway %q must match %s and name a username", clip(gw), gatewayIDRE)
+		}
 	}
 	if c.Concurrency < 1 || c.Concurrency > 64 {
 		return fmt.Errorf("concurrency must be 1..64: %d", c.Concurrency)

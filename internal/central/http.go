@@ -2,7 +2,9 @@ package central
 
 import (
 	"context"
+	"crypto/sha256"
 	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -38,6 +40,7 @@ const ContentTypeJOSE = "application/jose"
 func (s *Service) Handler(adminToken string) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET "+PolicyKeysPath, s.handlePolicyKeys)
+	mux.HandleFunc("GET "+centralsync.KeySetPath, s.handleSignedKeySet)
 	mux.HandleFunc("GET /edgegate/v1/gateways/{gw}/policy", s.handlePolicy)
 	mux.HandleFunc("POST /edgegate/v1/gateways/{gw}/receipts", s.handleReceipt)
 	mux.HandleFunc("GET /edgegate/v1/gateways/{gw}/push-credentials", s.handlePushCredentials) // pushext.go
@@ -71,6 +74,29 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 func (s *Service) handlePolicyKeys(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Cache-Control", "no-cache")
 	writeJSON(w, http.StatusOK, s.keys.Public(s.now()))
+}
+
+// handleSignedKeySet serves the published keys signed by each of them
+// (sync/keyset.go): how a paired gateway follows a rotation. Public like
+// the JWKS; ETag and If-None-Match, so a gateway checks it every round
+// for a 304.
+func (s *Service) handleSignedKeySet(w http.ResponseWriter, r *http.Request) {
+	b, err := s.keys.SignedKeySet(s.now())
+	if err != nil {
+		s.log.Error("signed key set", "err", err)
+		apiError(w, http.StatusInternalServerError, "internal", "the key set could not be signed")
+		return
+	}
+	sum := sha256.Sum256(b)
+	etag := `"` + hex.EncodeToString(sum[:16]) + `"`
+	w.Header().Set("Cache-Control", "no-cache")
+	w.Header().Set("ETag", etag)
+	if r.Header.Get("If-None-Match") == etag {
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	w.Header().Set("Content-Type", "application/jose+json")
+	_, _ = w.Write(b)
 }
 
 // gatewayRequest authenticates a gateway request and authorizes the token's

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -40,6 +41,11 @@ type KeyRing struct {
 	mu   sync.Mutex
 	mod  time.Time
 	keys []ringKey
+
+	// The last signed key set, its signers' kids and when it was signed.
+	setCache []byte
+	setKids  string
+	setAt    time.Time
 }
 
 type ringKey struct {
@@ -236,4 +242,79 @@ func (r *KeyRing) Sign(payload []byte) (string, error) {
 		return "", errors.New("sign: the signing key refused to sign")
 	}
 	return string(b), nil
+}
+
+// KeySetTTL is how long a signed key set is valid; it is re-signed at
+// half of it, so a gateway polling every few minutes always gets a live
+// one, and a captured old set cannot be replayed for long.
+const KeySetTTL = 24 * time.Hour
+
+// SignedKeySet is the published key set (Public at now) as a JWS in the
+// general JSON serialization, signed by every published key
+// (centralsync.KeySetPath, sync/keyset.go verifies it): a gateway that
+// pins any key still inside its overlap can follow a rotation without
+// pairing again. The answer is cached until the published keys change or
+// half of KeySetTTL passed, so its bytes (and ETag) are stable between.
+func (r *KeyRing) SignedKeySet(now time.Time) ([]byte, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var signers []jwk.Key
+	var kids []string
+	for _, rk := range r.keys {
+		if !rk.retireAt.IsZero() && !rk.retireAt.After(now) {
+			continue
+		}
+		signers = append(signers, rk.priv)
+		kids = append(kids, rk.priv.KeyID())
+	}
+	id := strings.Join(kids, ",")
+	if r.setCache != nil && r.setKids == id && now.Before(r.setAt.Add(KeySetTTL/2)) && !now.Before(r.setAt) {
+		return r.setCache, nil
+	}
+	if len(signers) == 0 {
+		return nil, errors.New("signed key set: no published key")
+	}
+	pubs := jwk.NewSet()
+	for _, k := range signers {
+		pub, err := jwk.PublicKeyOf(k)
+		if err != nil {
+			return nil, fmt.Errorf("signed key set: %w", err)
+		}
+		_ = pub.Set(jwk.KeyUsageKey, "sig")
+		_ = pubs.AddKey(pub)
+	}
+	keysJSON, err := json.Marshal(pubs)
+	if err != nil {
+		return nil, fmt.Errorf("signed key set: %w", err)
+	}
+	issued := now.UTC().Truncate(time.Second)
+	payload, err := json.Marshal(centralsync.KeySet{Keys: keysJSON, IssuedAt: issued, ExpiresAt: issued.Add(KeySetTTL)})
+	if err != nil {
+		return nil, fmt.Errorf("signed key set: %w", err)
+	}
+	var g centralsync.GeneralJWS
+	for _, k := range signers {
+		hdr := jws.NewHeaders()
+		for name, v := range map[string]any{jws.KeyIDKey: k.KeyID(), jws.TypeKey: centralsync.KeySetType} {
+			if err := hdr.Set(name, v); err != nil {
+				return nil, fmt.Errorf("signed key set: %w", err)
+			}
+		}
+		compact, err := jws.Sign(payload, jws.WithKey(jwa.ES256, k, jws.WithProtectedHeaders(hdr)))
+		if err != nil {
+			return nil, errors.New("signed key set: a signing key refused to sign")
+		}
+		parts := strings.Split(string(compact), ".")
+		if len(parts) != 3 {
+			return nil, errors.New("signed key set: unexpected JWS form")
+		}
+		g.Payload = parts[1] // the same payload bytes for every signature
+		g.Signatures = append(g.Signatures, centralsync.GeneralJWSig{Protected: parts[0], Signature: parts[2]})
+	}
+	out, err := json.Marshal(g)
+	if err != nil {
+		return nil, fmt.Errorf("signed key set: %w", err)
+	}
+	r.setCache, r.setKids, r.setAt = out, id, now
+	return out, nil
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"net/url"
 	"slices"
@@ -19,8 +20,14 @@ import (
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
-// maxPlatformBody bounds every platform answer.
-const maxPlatformBody = 64 << 20
+// DefaultMaxAnswer bounds every platform answer (platform.max_answer):
+// about 800,000 ownership rows. Answers are decoded row by row as they
+// arrive, so memory grows with the rows kept, not with the answer.
+const DefaultMaxAnswer = 256 << 20
+
+// ErrAnswerTooLarge: a platform answer went past platform.max_answer. The
+// round is refused (never truncated: a cut list would drop devices).
+var ErrAnswerTooLarge = errors.New("answer larger than platform.max_answer")
 
 // sourceRequest names us to the datamanager (its required sourceRequest
 // parameter, UserController).
@@ -49,6 +56,13 @@ type Snapshot struct {
 	// AppID rows carry (edgegate pair registers elementId = the gateway id,
 	// elementDetails.thumbprint; cmd/edgegate/pair.go).
 	AppPins map[string][]string
+	// Received maps a gateway of gateway_users to the delegations its
+	// account received (datamanager v2/username/{user}/delegated), and
+	// ReceivedFailed a gateway whose list could not be read to why.
+	Received       map[string][]DelegationRow
+	ReceivedFailed map[string]string
+	// Users is gateway_users (gateway → platform username).
+	Users map[string]string
 }
 
 // Platform reads the stock platform with the configured account.
@@ -56,17 +70,22 @@ type Platform struct {
 	base, dm string
 	hc       *http.Client
 	token    func(context.Context) (string, error)
-	dir      *centralsync.Directory
 	conc     int
+	max      int64             // platform.max_answer
+	users    map[string]string // gateway_users
 }
 
 // NewPlatform is a platform client; token hands out the account's access
 // token (a RootAdmin: the Ownership API lists every row for it,
 // list/index.php, and the datamanager lets it read any user's delegations,
 // CredentialsServiceImpl.checkUsernameCredentials).
-func NewPlatform(base, datamanager string, hc *http.Client, token func(context.Context) (string, error), concurrency int) *Platform {
+// maxAnswer bounds each answer (0: DefaultMaxAnswer).
+func NewPlatform(base, datamanager string, hc *http.Client, token func(context.Context) (string, error), concurrency int, maxAnswer int64) *Platform {
+	if maxAnswer <= 0 {
+		maxAnswer = DefaultMaxAnswer
+	}
 	return &Platform{base: strings.TrimRight(base, "/"), dm: strings.TrimRight(datamanager, "/"), hc: hc, token: token,
-		dir: centralsync.NewDirectory(base, hc, token), conc: max(1, concurrency)}
+		conc: max(1, concurrency), max: maxAnswer}
 }
 
 // Snapshot reads the ownership rows, the directory's device types and the
@@ -77,28 +96,29 @@ func (p *Platform) Snapshot(ctx context.Context) (*Snapshot, error) {
 	if err := p.checkRootAdmin(ctx); err != nil {
 		return nil, err
 	}
-	var rows []OwnershipRow
-	// All rows for a RootAdmin (list/index.php; onlyMine unset).
-	if err := p.getJSON(ctx, p.base+"/ownership-api/v1/list/?type=IOTID", &rows, false); err != nil {
+	// All rows for a RootAdmin (list/index.php; onlyMine unset), in one
+	// answer. Stock list/index.php pages with limit and offset, but its
+	// SELECT has no ORDER BY, and a row deleted between two pages shifts
+	// the offset: a device would be skipped silently. One answer is one
+	// query, one consistent read; it is decoded row by row instead.
+	rows := []OwnershipRow{}
+	if err := getArray(ctx, p, p.base+"/ownership-api/v1/list/?type=IOTID", false, func(r OwnershipRow) {
+		rows = append(rows, r)
+	}); err != nil {
 		return nil, fmt.Errorf("ownership list: %w", err)
-	}
-	if rows == nil {
-		return nil, errors.New("ownership list: answer is not a JSON array")
-	}
-	devs, err := p.dir.List(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("iot directory device list: %w", err)
 	}
 	s := &Snapshot{Rows: rows, Types: map[string]string{}, Given: map[string][]DelegationRow{}, Failed: map[string]string{},
 		AppPins: map[string][]string{}}
+	if err := p.deviceTypes(ctx, s.Types); err != nil {
+		return nil, fmt.Errorf("iot directory device list: %w", err)
+	}
 	var apps []OwnershipRow
 	// The AppID rows only pin receipt keys: when they cannot be read the
 	// round goes on, and receipts keep the pins they have.
-	if err := p.getJSON(ctx, p.base+"/ownership-api/v1/list/?type=AppID", &apps, false); err == nil {
+	if err := getArray(ctx, p, p.base+"/ownership-api/v1/list/?type=AppID", false, func(r OwnershipRow) {
+		apps = append(apps, r)
+	}); err == nil {
 		s.AppPins = appPins(apps)
-	}
-	for _, d := range devs {
-		s.Types[d.ContextBroker+"/"+d.ID] = d.Type
 	}
 	owners := map[string]bool{}
 	for _, r := range rows {
@@ -120,10 +140,10 @@ func (p *Platform) Snapshot(ctx context.Context) (*Snapshot, error) {
 		go func() {
 			defer wg.Done()
 			defer func() { <-sem }()
-			var dl []DelegationRow
+			dl := []DelegationRow{}
 			u := p.dm + "/v2/username/" + url.PathEscape(owner) + "/delegator?" +
 				url.Values{"sourceRequest": {sourceRequest}, "elementType": {"IOTID"}}.Encode()
-			err := p.getJSON(ctx, u, &dl, true)
+			err := getArray(ctx, p, u, true, func(d DelegationRow) { dl = append(dl, d) })
 			mu.Lock()
 			defer mu.Unlock()
 			if err != nil {
@@ -134,6 +154,21 @@ func (p *Platform) Snapshot(ctx context.Context) (*Snapshot, error) {
 		}()
 	}
 	wg.Wait()
+	// What each gateway's own account received (a RootAdmin may read any
+	// user's delegations, CredentialsServiceImpl.checkUsernameCredentials;
+	// the list, DelegationDAOImpl.getDelegationDelegatedByUsername, also
+	// holds the account's groups' delegations, which Build leaves out).
+	s.Received, s.ReceivedFailed, s.Users = map[string][]DelegationRow{}, map[string]string{}, p.users
+	for _, gw := range slices.Sorted(maps.Keys(p.users)) {
+		dl := []DelegationRow{}
+		u := p.dm + "/v2/username/" + url.PathEscape(p.users[gw]) + "/delegated?" +
+			url.Values{"sourceRequest": {sourceRequest}, "elementType": {"IOTID"}}.Encode()
+		if err := getArray(ctx, p, u, true, func(d DelegationRow) { dl = append(dl, d) }); err != nil {
+			s.ReceivedFailed[gw] = err.Error()
+			continue
+		}
+		s.Received[gw] = dl
+	}
 	return s, ctx.Err()
 }
 
@@ -191,41 +226,235 @@ func (p *Platform) checkRootAdmin(ctx context.Context) error {
 	return errors.New("the platform account is not a RootAdmin: the Ownership API would list only its own rows")
 }
 
-// getJSON GETs target with the account's token. allow204: the
-// datamanager answers 204 with no body for "no data" (UserController).
-func (p *Platform) getJSON(ctx context.Context, target string, v any, allow204 bool) error {
+// getArray GETs target with the account's token and decodes its JSON
+// array one element at a time, handing each to each: memory holds one
+// element and the decoder's buffer, not the answer. An answer over
+// platform.max_answer, cut short, or with anything after the array is an
+// error (the caller refuses the round). allow204: the datamanager answers
+// 204 with no body for "no data" (UserController).
+func getArray[T any](ctx context.Context, p *Platform, target string, allow204 bool, each func(T)) error {
+	resp, err := p.send(ctx, http.MethodGet, target, nil, "")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	switch {
+	case resp.StatusCode == http.StatusNoContent && allow204:
+		return nil
+	case resp.StatusCode != http.StatusOK:
+		return fmt.Errorf("GET %s: HTTP %d", redactQuery(target), resp.StatusCode)
+	}
+	dec := json.NewDecoder(&capReader{r: resp.Body, max: p.max})
+	if err := decodeArray(dec, each); err != nil {
+		return p.answerErr("GET", target, err)
+	}
+	return endOfAnswer(dec, "GET", target, p)
+}
+
+// send does one request with the account's token.
+func (p *Platform) send(ctx context.Context, method, target string, body io.Reader, contentType string) (*http.Response, error) {
+	tok, err := p.token(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("account token: %w", err)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, target, body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+tok)
+	req.Header.Set("Accept", "application/json")
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	resp, err := p.hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("%s %s: %w", method, redactQuery(target), errors.Unwrap(err))
+	}
+	return resp, nil
+}
+
+// decodeArray reads '[' element, ... ']' from dec.
+func decodeArray[T any](dec *json.Decoder, each func(T)) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if d, ok := tok.(json.Delim); !ok || d != '[' {
+		return errors.New("not a JSON array")
+	}
+	for dec.More() {
+		var v T
+		if err := dec.Decode(&v); err != nil {
+			return err
+		}
+		each(v)
+	}
+	_, err = dec.Token() // ']'
+	return err
+}
+
+// endOfAnswer checks that nothing but white space follows the value.
+func endOfAnswer(dec *json.Decoder, method, target string, p *Platform) error {
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		if err == nil || errors.Is(err, ErrAnswerTooLarge) {
+			return p.answerErr(method, target, cmpOr(err, errors.New("trailing data")))
+		}
+		return p.answerErr(method, target, err)
+	}
+	return nil
+}
+
+func cmpOr(err, def error) error {
+	if err != nil {
+		return err
+	}
+	return def
+}
+
+// answerErr says why an answer was refused without quoting it (rows
+// hold K1/K2).
+func (p *Platform) answerErr(method, target string, err error) error {
+	if errors.Is(err, ErrAnswerTooLarge) {
+		return fmt.Errorf("%s %s: %w (%d bytes): refused, not truncated; raise platform.max_answer", method, redactQuery(target), ErrAnswerTooLarge, p.max)
+	}
+	if errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) {
+		return fmt.Errorf("%s %s: malformed answer: cut short", method, redactQuery(target))
+	}
+	var se *json.SyntaxError
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &se) || errors.As(err, &te) || err.Error() == "not a JSON array" || err.Error() == "trailing data" {
+		return fmt.Errorf("%s %s: malformed answer: %s", method, redactQuery(target), jsonErr(err))
+	}
+	return fmt.Errorf("%s %s: reading the answer: %w", method, redactQuery(target), err)
+}
+
+// capReader reads up to max bytes, then fails with ErrAnswerTooLarge.
+type capReader struct {
+	r      io.Reader
+	n, max int64
+}
+
+func (c *capReader) Read(b []byte) (int, error) {
+	if c.n >= c.max {
+		// One byte more tells a body of exactly max from a longer one.
+		var one [1]byte
+		if k, _ := c.r.Read(one[:]); k > 0 {
+			return 0, ErrAnswerTooLarge
+		}
+	}
+	if rem := c.max - c.n; int64(len(b)) > rem {
+		b = b[:rem]
+	}
+	if len(b) == 0 {
+		return c.r.Read(b)
+	}
+	k, err := c.r.Read(b)
+	c.n += int64(k)
+	return k, err
+}
+
+// deviceTypes reads the IoT Directory's devices (device.php
+// action=get_all_device; POST form with nodered=yes and the token, as
+// sync/directory.go call explains) into types["broker/id"] = devicetype,
+// decoding its "data" array one device at a time. The answer is
+// format_result's object (device.php): status "ok", data the rows.
+func (p *Platform) deviceTypes(ctx context.Context, types map[string]string) error {
 	tok, err := p.token(ctx)
 	if err != nil {
 		return fmt.Errorf("account token: %w", err)
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, target, nil)
+	target := p.base + "/iot-directory/api/device.php"
+	form := url.Values{"action": {"get_all_device"}, "nodered": {"yes"}, "token": {tok}}
+	resp, err := p.send(ctx, http.MethodPost, target, strings.NewReader(form.Encode()), "application/x-www-form-urlencoded")
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Authorization", "Bearer "+tok)
-	req.Header.Set("Accept", "application/json")
-	resp, err := p.hc.Do(req)
-	if err != nil {
-		return fmt.Errorf("GET %s: %w", redactQuery(target), errors.Unwrap(err))
-	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxPlatformBody+1))
+	if resp.StatusCode/100 != 2 {
+		return fmt.Errorf("POST %s: HTTP %d", target, resp.StatusCode)
+	}
+	dec := json.NewDecoder(&capReader{r: resp.Body, max: p.max})
+	if tok, err := dec.Token(); err != nil {
+		return p.answerErr("POST", target, err)
+	} else if d, ok := tok.(json.Delim); !ok || d != '{' {
+		return fmt.Errorf("POST %s: malformed answer: not a JSON object", target)
+	}
+	var status, msg string
+	sawData := false
+	for dec.More() {
+		kt, err := dec.Token()
+		if err != nil {
+			return p.answerErr("POST", target, err)
+		}
+		switch kt {
+		case "data":
+			sawData = true
+			// An error answer carries "" as data (format_result with '').
+			if err := decodeArray(dec, func(r struct {
+				ID     phpText `json:"id"`
+				Type   phpText `json:"devicetype"`
+				Broker phpText `json:"contextBroker"`
+			}) {
+				types[string(r.Broker)+"/"+string(r.ID)] = string(r.Type)
+			}); err != nil {
+				if err.Error() == "not a JSON array" {
+					continue
+				}
+				return p.answerErr("POST", target, err)
+			}
+		case "status":
+			var v phpText
+			if err := dec.Decode(&v); err != nil {
+				return p.answerErr("POST", target, err)
+			}
+			status = string(v)
+		case "msg", "error_msg":
+			var v any
+			if err := dec.Decode(&v); err != nil {
+				return p.answerErr("POST", target, err)
+			}
+			if str, ok := v.(string); ok && msg == "" {
+				msg = clip(strings.ReplaceAll(str, tok, "[redacted]"))
+			}
+		default:
+			var skip json.RawMessage
+			if err := dec.Decode(&skip); err != nil {
+				return p.answerErr("POST", target, err)
+			}
+		}
+	}
+	if _, err := dec.Token(); err != nil { // '}'
+		return p.answerErr("POST", target, err)
+	}
+	if err := endOfAnswer(dec, "POST", target, p); err != nil {
+		return err
+	}
+	if status != "ok" || !sawData {
+		return fmt.Errorf("POST %s: the IoT Directory refused get_all_device (status %q): %s", target, clip(status), msg)
+	}
+	return nil
+}
+
+// phpText reads a string, a number or null (PHP's json_encode of mysqli
+// values) as text.
+type phpText string
+
+func (t *phpText) UnmarshalJSON(b []byte) error {
 	switch {
-	case err != nil:
-		return fmt.Errorf("GET %s: reading the answer: %w", redactQuery(target), err)
-	case len(body) > maxPlatformBody:
-		return fmt.Errorf("GET %s: answer larger than %d bytes", redactQuery(target), maxPlatformBody)
-	case resp.StatusCode == http.StatusNoContent && allow204:
-		return json.Unmarshal([]byte("[]"), v)
-	case resp.StatusCode != http.StatusOK:
-		return fmt.Errorf("GET %s: HTTP %d", redactQuery(target), resp.StatusCode)
-	}
-	dec := json.NewDecoder(bytes.NewReader(body))
-	if err := dec.Decode(v); err != nil {
-		return fmt.Errorf("GET %s: malformed answer: %s", redactQuery(target), jsonErr(err))
-	}
-	if dec.More() {
-		return fmt.Errorf("GET %s: malformed answer: trailing data", redactQuery(target))
+	case bytes.Equal(b, []byte("null")):
+		*t = ""
+	case len(b) > 0 && b[0] == '"':
+		var s string
+		if err := json.Unmarshal(b, &s); err != nil {
+			return err
+		}
+		*t = phpText(s)
+	default:
+		var n json.Number
+		if err := json.Unmarshal(b, &n); err != nil {
+			return errors.New("want a string or a number")
+		}
+		*t = phpText(n.String())
 	}
 	return nil
 }

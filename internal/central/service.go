@@ -111,7 +111,8 @@ func New(ctx context.Context, o Options) (*Service, error) {
 	cctx, stop := context.WithCancel(ctx)
 	s.stop = stop
 	s.tokens = newTokenVerifier(cctx, cfg.Platform.Issuer, hc)
-	s.platform = NewPlatform(cfg.Platform.URL, cfg.Platform.DataManagerURL, hc, token, cfg.Concurrency)
+	s.platform = NewPlatform(cfg.Platform.URL, cfg.Platform.DataManagerURL, hc, token, cfg.Concurrency, int64(cfg.Platform.MaxAnswer))
+	s.platform.users = cfg.GatewayUsers
 	if s.store == nil {
 		// The store key: systemd credential StoreKeyCredential, else a 0600
 		// file in the state directory generated on first use (keys.LoadStoreKey).

@@ -154,6 +154,18 @@ func (b *adminBackend) Status(ctx context.Context) admin.Status {
 		st.Stages = append(st.Stages, admin.StageStatus{Name: "central (policy sync)",
 			Healthy: !strings.HasPrefix(ss.LastFetchResult, "error"),
 			Detail:  syncDetail(ss)})
+		if k := ss.Keys; k != nil {
+			// Key rollover (sync/keyset.go): when the companion's keys can
+			// no longer be followed only pairing again helps; say so.
+			detail := fmt.Sprintf("%d pinned", len(k.Pinned))
+			if k.LastResult != "" {
+				detail += ", last check: " + k.LastResult
+			}
+			if k.RePair {
+				detail = "the companion retired every policy key this gateway pins: pair again (edgegate pair --force)"
+			}
+			st.Stages = append(st.Stages, admin.StageStatus{Name: "central policy keys", Healthy: !k.RePair, Detail: detail})
+		}
 		if b.d.cfg.Policy.PushURL != "" {
 			st.Stages = append(st.Stages, admin.StageStatus{Name: "central push channel", Healthy: ss.PushConnected,
 				Detail: map[bool]string{true: "connected", false: "not connected"}[ss.PushConnected]})
