@@ -429,20 +429,28 @@ func (d *Dynsec) want() (map[string]wantDevice, error) {
 	return out, nil
 }
 
-// deviceACLs: its own reading topic, nothing else, whatever the broker's
-// default ACL says (higher priority first).
+// deviceACLs: publish on its own reading topic, subscribe to and receive
+// its own command topics (the downlink, mosquitto_command.go), nothing
+// else, whatever the broker's default ACL says (higher priority first).
 func deviceACLs(t Topic, id string) []dynACL {
+	cmds := t.Command(id, "#")
 	return []dynACL{
 		{Type: "publishClientSend", Topic: t.For(id), Priority: 10, Allow: true},
+		{Type: "subscribePattern", Topic: cmds, Priority: 10, Allow: true},
+		{Type: "publishClientReceive", Topic: cmds, Priority: 10, Allow: true},
 		{Type: "publishClientSend", Topic: "#", Priority: 0, Allow: false},
 		{Type: "subscribePattern", Topic: "#", Priority: 0, Allow: false},
+		{Type: "publishClientReceive", Topic: "#", Priority: 0, Allow: false},
 	}
 }
 
+// ingestACLs: the gateway's account reads every device's readings and is
+// the one account that publishes commands.
 func ingestACLs(t Topic) []dynACL {
 	return []dynACL{
 		{Type: "publishClientReceive", Topic: t.Filter(), Priority: 0, Allow: true},
 		{Type: "subscribePattern", Topic: t.Filter(), Priority: 0, Allow: true},
+		{Type: "publishClientSend", Topic: t.commandFilter(), Priority: 0, Allow: true},
 	}
 }
 
@@ -606,6 +614,28 @@ func (d *Dynsec) plan(st *brokerState) ([]step, []string, error) {
 		// An ingest account the broker does not know is the administrator's
 		// to create (its password is not the gateway's to choose); the
 		// ingest client's login failure says so.
+	} else if c, ok := st.clients[d.opts.Username]; ok && d.opts.Username != "" {
+		// The administrator ingests, so it publishes the commands too
+		// (mosquitto_command.go); its admin role does not allow that.
+		// The grant goes on the role it holds (additive: nothing of the
+		// administrator's is removed). Mosquitto 2.0.11 disconnects the
+		// role's clients on addRoleACL, the gateway's own included: once,
+		// at the first reconciliation; both reconnect, and the ingest
+		// session is persistent, so no reading is lost.
+		grant := dynACL{Type: "publishClientSend", Topic: d.opts.Topic.commandFilter(), Priority: 0, Allow: true}
+		has := false
+		for _, r := range c.Roles {
+			if slices.ContainsFunc(st.roles[r.Name].ACLs, func(a dynACL) bool {
+				return a.Type == grant.Type && a.Topic == grant.Topic && a.Allow
+			}) {
+				has = true
+			}
+		}
+		if !has && len(c.Roles) > 0 {
+			steps = append(steps, step{"administrator " + d.opts.Username + ": role " + c.Roles[0].Name + " may not publish commands",
+				[]dynCmd{{"command": "addRoleACL", "rolename": c.Roles[0].Name, "acltype": grant.Type, "topic": grant.Topic,
+					"priority": grant.Priority, "allow": grant.Allow}}})
+		}
 	}
 	appSteps, notes, _, err := d.planApps(st, want)
 	if err != nil {

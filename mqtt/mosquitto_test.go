@@ -29,6 +29,7 @@ type dynsecEnv struct {
 	rec     *recorder
 	devs    map[string]policy.Registration
 	logs    *syncBuf
+	client  *Client // the gateway's ingest client
 }
 
 // newDynsecEnv: a real Mosquitto with the dynamic-security plugin whose
@@ -105,8 +106,8 @@ func newDynsecEnvWith(t *testing.T, ingestUser, ingestPW string, tune func(*Dyns
 		t.Fatalf("accounts never synced: %s\n%s\n%s", dyn.LastError(), logs.String(), b)
 	}
 	rec := &recorder{}
-	runClient(t, rec, ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest", Username: ingestUser, Password: ingestPW, Topic: topic})
-	return &dynsecEnv{m: mq, metrics: m, engine: engine, dyn: dyn, rec: rec, devs: devs, logs: logs}
+	cl := runClient(t, rec, ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest", Username: ingestUser, Password: ingestPW, Topic: topic})
+	return &dynsecEnv{m: mq, metrics: m, engine: engine, dyn: dyn, rec: rec, devs: devs, logs: logs, client: cl}
 }
 
 func (e *dynsecEnv) password(id string) string {
