@@ -667,6 +667,7 @@ func (d *Daemon) admin(st *state) supervise.Component {
 			paired:    cfg.Central.Credentials == config.CredentialsPaired || cfg.Central.ClientSecretFile != "",
 			mqttAddrs: strings.TrimSpace(st.mqttAddr + " " + st.mqttTLSAddr),
 			ready:     st.ready, ingestLive: st.ingestLive, accounts: st.accounts,
+			commands: st.commands, modbus: st.modbus,
 			reset: st.reset}
 		// Device registration while running (devices.go).
 		backend.devAdmin = &DeviceAdmin{Store: st.q, Registry: st.registry, Gateway: d.gateway,
