@@ -779,9 +779,20 @@ func (d *Dynsec) foreignGrants(st *brokerState) []string {
 		if !ok || r.Textname == managedMark {
 			continue
 		}
+		sort.Strings(holders[name])
 		for _, a := range r.ACLs {
 			if !a.Allow {
 				continue
+			}
+			if d.opts.Topic.commandOverlap(a.Topic) {
+				// Commands are the device's and the gateway's alone
+				// (mosquitto_command.go).
+				switch a.Type {
+				case "publishClientSend":
+					out = append(out, fmt.Sprintf("role %s (not the gateway's) lets %s publish commands to devices on %s", name, strings.Join(holders[name], ", "), a.Topic))
+				case "subscribePattern", "subscribeLiteral":
+					out = append(out, fmt.Sprintf("role %s (not the gateway's) lets %s read devices' commands on %s", name, strings.Join(holders[name], ", "), a.Topic))
+				}
 			}
 			if _, _, inside := d.opts.Topic.classifyFilter(a.Topic); !inside {
 				continue

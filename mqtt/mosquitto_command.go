@@ -39,6 +39,36 @@ func (t Topic) commandFilter() string {
 	return strings.Join(out, "/")
 }
 
+// commandOverlap reports whether an ACL topic filter can match a command
+// topic (prefix/{id}/cmd/{attr}): what a role the gateway does not manage
+// must not grant (Dynsec.Check).
+func (t Topic) commandOverlap(filter string) bool {
+	if strings.HasPrefix(filter, "$share/") {
+		rest := strings.TrimPrefix(filter, "$share/")
+		i := strings.IndexByte(rest, '/')
+		if i < 0 {
+			return false
+		}
+		filter = rest[i+1:]
+	}
+	want := append(append([]string(nil), t.levels[:t.device]...), "+", t.commandLevel(), "+")
+	levels := strings.Split(filter, "/")
+	for i, w := range want {
+		if i >= len(levels) {
+			return false
+		}
+		f := levels[i]
+		switch {
+		case f == "#":
+			return true
+		case f == "+", w == "+", f == w:
+		default:
+			return false
+		}
+	}
+	return len(levels) == len(want)
+}
+
 // heldCommands is what the client published retained and did not clear
 // yet, per device and attribute, so that a revocation can purge them:
 // Mosquitto offers no way to list retained messages. It is memory only;

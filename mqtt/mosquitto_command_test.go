@@ -112,3 +112,16 @@ func TestMosquittoCommands(t *testing.T) {
 		})
 	}
 }
+
+func TestCommandOverlap(t *testing.T) {
+	topic, _ := ParseTopic("devices/{device}/telemetry")
+	for f, want := range map[string]bool{
+		"devices/+/cmd/#": true, "devices/a1/cmd/power": true, "devices/+/+/+": true, "#": true, "devices/#": true,
+		"$share/g/devices/+/cmd/+": true, "devices/+/telemetry": false, "devices/a1/cmd": false, "other/+/cmd/+": false,
+		"devices/a1/cmd/power/x": false, "+/+/+": false,
+	} {
+		if got := topic.commandOverlap(f); got != want {
+			t.Errorf("commandOverlap(%q) = %v, want %v", f, got, want)
+		}
+	}
+}

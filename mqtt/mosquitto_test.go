@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -324,6 +325,17 @@ func TestMosquittoDynsecDoctorDrift(t *testing.T) {
 	}
 	if len(issues) != 1 || !strings.Contains(issues[0], "role legacy (not the gateway's) lets stray publish readings as devices on devices/+/telemetry") {
 		t.Fatalf("Check = %q, want the foreign grant to stray", issues)
+	}
+	// A grant on the command topics is named too.
+	ctrl("addRoleACL", "legacy", "subscribePattern", "devices/+/cmd/#", "allow")
+	issues, err = e.dyn.Check(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(issues) != 2 || !slices.ContainsFunc(issues, func(s string) bool {
+		return strings.Contains(s, "role legacy (not the gateway's) lets stray read devices' commands on devices/+/cmd/#")
+	}) {
+		t.Fatalf("Check = %q, want the command grant to stray named", issues)
 	}
 }
 

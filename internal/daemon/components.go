@@ -404,6 +404,13 @@ func (d *Daemon) openIngest(st *state, centralCAs *x509.CertPool) error {
 			Username: cfg.MQTT.External.Username, Password: password, TLS: tlsCfg,
 			Topic: topic, Inflight: cfg.MQTT.External.Inflight, Keepalive: cfg.MQTT.External.Keepalive,
 			Logger: log, Metrics: d.metrics,
+			// Back on Mosquitto: deliver the commands that waited for it
+			// (st.commands is set at start-up, before the client runs).
+			OnConnect: func() {
+				if st.commands != nil {
+					st.commands.Nudge()
+				}
+			},
 		})
 		apps := func() ([]mqtt.AppAccount, error) { return LoadApps(q) } // apps.go
 		if st.accounts, err = externalAccounts(cfg.MQTT.External, topic, engine, tlsCfg, password, st.red.Add, apps, d.metrics, log); err != nil {
