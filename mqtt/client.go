@@ -69,6 +69,8 @@ type Client struct {
 	settler  sync.Once
 
 	live       atomic.Bool   // connected and subscribed right now
+	conn       atomic.Value  // the paho.Client of Run, for the downlink (mosquitto_command.go)
+	cmds       heldCommands  // command topics holding a retained command
 	subscribed chan struct{} // closed at the first subscription
 	subOnce    sync.Once
 }
@@ -174,6 +176,7 @@ func (c *Client) Run(ctx context.Context) error {
 		c.limited.Log(c.ctx, slog.LevelWarn, "lost", "connection to the local broker lost; reconnecting", "err", err)
 	})
 	cl := paho.NewClient(po)
+	c.conn.Store(cl)
 	// With ConnectRetry, Connect returns a token that completes once
 	// connected; no wait needed here: ctx decides how long we try.
 	cl.Connect()

@@ -226,6 +226,11 @@ func (d *Dynsec) Run(ctx context.Context) error {
 		rctx, cancel := context.WithTimeout(ctx, 4*d.opts.Timeout)
 		n, err := d.Reconcile(rctx)
 		cancel()
+		if errors.Is(err, errKicked) {
+			d.log.Info("Mosquitto disconnected the gateway after the change to the administrator's role, as it does; reconnecting")
+			retry.Reset(time.Second)
+			continue
+		}
 		if err != nil {
 			msg := err.Error()
 			d.lastErr.Store(&msg)
@@ -429,20 +434,28 @@ func (d *Dynsec) want() (map[string]wantDevice, error) {
 	return out, nil
 }
 
-// deviceACLs: its own reading topic, nothing else, whatever the broker's
-// default ACL says (higher priority first).
+// deviceACLs: publish on its own reading topic, subscribe to and receive
+// its own command topics (the downlink, mosquitto_command.go), nothing
+// else, whatever the broker's default ACL says (higher priority first).
 func deviceACLs(t Topic, id string) []dynACL {
+	cmds := t.Command(id, "#")
 	return []dynACL{
 		{Type: "publishClientSend", Topic: t.For(id), Priority: 10, Allow: true},
+		{Type: "subscribePattern", Topic: cmds, Priority: 10, Allow: true},
+		{Type: "publishClientReceive", Topic: cmds, Priority: 10, Allow: true},
 		{Type: "publishClientSend", Topic: "#", Priority: 0, Allow: false},
 		{Type: "subscribePattern", Topic: "#", Priority: 0, Allow: false},
+		{Type: "publishClientReceive", Topic: "#", Priority: 0, Allow: false},
 	}
 }
 
+// ingestACLs: the gateway's account reads every device's readings and is
+// the one account that publishes commands.
 func ingestACLs(t Topic) []dynACL {
 	return []dynACL{
 		{Type: "publishClientReceive", Topic: t.Filter(), Priority: 0, Allow: true},
 		{Type: "subscribePattern", Topic: t.Filter(), Priority: 0, Allow: true},
+		{Type: "publishClientSend", Topic: t.commandFilter(), Priority: 0, Allow: true},
 	}
 }
 
@@ -488,6 +501,22 @@ type step struct {
 	issue string
 	cmds  []dynCmd
 }
+
+// kicks reports a step that changes a role the gateway does not manage:
+// the administrator's (planAdminGrant). Mosquitto disconnects the
+// gateway's own clients when it runs, so it is sent last, alone.
+func (s step) kicks() bool {
+	if len(s.cmds) == 0 || s.cmds[0]["command"] != "addRoleACL" {
+		return false
+	}
+	role, _ := s.cmds[0]["rolename"].(string)
+	return !strings.HasPrefix(role, "edgegate-")
+}
+
+// errKicked: the step that changes the administrator's role ran and
+// Mosquitto disconnected us before its response, as it does; the next
+// connection reconciles again and finds it done.
+var errKicked = errors.New("Mosquitto disconnected the gateway's clients after a change to the administrator's role; reconnecting")
 
 // kind is the step's metric label: what its first command does.
 func (s step) kind() string {
@@ -611,7 +640,39 @@ func (d *Dynsec) plan(st *brokerState) ([]step, []string, error) {
 	if err != nil {
 		return nil, nil, err
 	}
-	return append(steps, appSteps...), notes, nil
+	steps = append(steps, appSteps...)
+	if s, ok := d.planAdminGrant(st); ok {
+		steps = append(steps, s)
+	}
+	return steps, notes, nil
+}
+
+// planAdminGrant: when the administrator ingests, it publishes the
+// commands too (mosquitto_command.go), which its admin role (mosquitto_ctrl
+// dynsec init) does not allow. The grant goes on the role it holds,
+// additively: nothing of the administrator's is removed. Mosquitto
+// 2.0.11 disconnects a role's clients on addRoleACL, the gateway's own
+// included; so this runs once, last, alone (step.kicks); both clients
+// reconnect, and the ingest session is persistent, so no reading is lost.
+func (d *Dynsec) planAdminGrant(st *brokerState) (step, bool) {
+	if d.opts.Username == "" || (d.opts.IngestUser != "" && d.opts.IngestUser != d.opts.Username) {
+		return step{}, false
+	}
+	c, ok := st.clients[d.opts.Username]
+	if !ok || len(c.Roles) == 0 {
+		return step{}, false
+	}
+	grant := dynACL{Type: "publishClientSend", Topic: d.opts.Topic.commandFilter(), Priority: 0, Allow: true}
+	for _, r := range c.Roles {
+		if slices.ContainsFunc(st.roles[r.Name].ACLs, func(a dynACL) bool {
+			return a.Type == grant.Type && a.Topic == grant.Topic && a.Allow
+		}) {
+			return step{}, false
+		}
+	}
+	return step{issue: "administrator " + d.opts.Username + ": role " + c.Roles[0].Name + " may not publish commands",
+		cmds: []dynCmd{{"command": "addRoleACL", "rolename": c.Roles[0].Name, "acltype": grant.Type, "topic": grant.Topic,
+			"priority": grant.Priority, "allow": grant.Allow}}}, true
 }
 
 // Reconcile makes the broker's accounts equal to the policy; it returns how
@@ -632,11 +693,15 @@ func (d *Dynsec) Reconcile(ctx context.Context) (int, error) {
 	for i := 0; i < len(steps); {
 		j, n := i, 0
 		var cmds []dynCmd
-		for ; j < len(steps) && (j == i || n+len(steps[j].cmds) <= maxBatch); j++ {
+		for ; j < len(steps) && (j == i || (n+len(steps[j].cmds) <= maxBatch && !steps[j].kicks())); j++ {
 			cmds = append(cmds, steps[j].cmds...)
 			n += len(steps[j].cmds)
 		}
 		rs, err := d.do(ctx, cmds)
+		if err != nil && steps[i].kicks() {
+			d.log.Info("Mosquitto account updated", "change", steps[i].issue)
+			return i, errKicked
+		}
 		if err != nil {
 			return i, fmt.Errorf("%s: %w", steps[i].issue, err)
 		}
@@ -714,9 +779,20 @@ func (d *Dynsec) foreignGrants(st *brokerState) []string {
 		if !ok || r.Textname == managedMark {
 			continue
 		}
+		sort.Strings(holders[name])
 		for _, a := range r.ACLs {
 			if !a.Allow {
 				continue
+			}
+			if d.opts.Topic.commandOverlap(a.Topic) {
+				// Commands are the device's and the gateway's alone
+				// (mosquitto_command.go).
+				switch a.Type {
+				case "publishClientSend":
+					out = append(out, fmt.Sprintf("role %s (not the gateway's) lets %s publish commands to devices on %s", name, strings.Join(holders[name], ", "), a.Topic))
+				case "subscribePattern", "subscribeLiteral":
+					out = append(out, fmt.Sprintf("role %s (not the gateway's) lets %s read devices' commands on %s", name, strings.Join(holders[name], ", "), a.Topic))
+				}
 			}
 			if _, _, inside := d.opts.Topic.classifyFilter(a.Topic); !inside {
 				continue

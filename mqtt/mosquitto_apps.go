@@ -76,12 +76,14 @@ func appTextname(a AppAccount) string { return appMark + " pw:" + a.Fingerprint 
 // before the priority 0 denies), subscribe to the reading filter only,
 // publish nothing.
 func appACLs(t Topic, readable []string) []dynACL {
-	acls := make([]dynACL, 0, len(readable)+5)
+	acls := make([]dynACL, 0, len(readable)+6)
 	for _, id := range readable {
 		acls = append(acls, dynACL{Type: "publishClientReceive", Topic: t.For(id), Priority: 10, Allow: true})
 	}
 	return append(acls,
 		dynACL{Type: "publishClientReceive", Topic: t.Filter(), Priority: 0, Allow: false},
+		// Commands are the device's alone (mosquitto_command.go).
+		dynACL{Type: "publishClientReceive", Topic: t.commandFilter(), Priority: 0, Allow: false},
 		dynACL{Type: "subscribePattern", Topic: t.Filter(), Priority: 5, Allow: true},
 		dynACL{Type: "subscribePattern", Topic: "#", Priority: 0, Allow: false},
 		dynACL{Type: "publishClientSend", Topic: "#", Priority: 0, Allow: false},

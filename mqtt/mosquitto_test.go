@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -29,6 +30,7 @@ type dynsecEnv struct {
 	rec     *recorder
 	devs    map[string]policy.Registration
 	logs    *syncBuf
+	client  *Client // the gateway's ingest client
 }
 
 // newDynsecEnv: a real Mosquitto with the dynamic-security plugin whose
@@ -105,8 +107,8 @@ func newDynsecEnvWith(t *testing.T, ingestUser, ingestPW string, tune func(*Dyns
 		t.Fatalf("accounts never synced: %s\n%s\n%s", dyn.LastError(), logs.String(), b)
 	}
 	rec := &recorder{}
-	runClient(t, rec, ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest", Username: ingestUser, Password: ingestPW, Topic: topic})
-	return &dynsecEnv{m: mq, metrics: m, engine: engine, dyn: dyn, rec: rec, devs: devs, logs: logs}
+	cl := runClient(t, rec, ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest", Username: ingestUser, Password: ingestPW, Topic: topic})
+	return &dynsecEnv{m: mq, metrics: m, engine: engine, dyn: dyn, rec: rec, devs: devs, logs: logs, client: cl}
 }
 
 func (e *dynsecEnv) password(id string) string {
@@ -323,6 +325,17 @@ func TestMosquittoDynsecDoctorDrift(t *testing.T) {
 	}
 	if len(issues) != 1 || !strings.Contains(issues[0], "role legacy (not the gateway's) lets stray publish readings as devices on devices/+/telemetry") {
 		t.Fatalf("Check = %q, want the foreign grant to stray", issues)
+	}
+	// A grant on the command topics is named too.
+	ctrl("addRoleACL", "legacy", "subscribePattern", "devices/+/cmd/#", "allow")
+	issues, err = e.dyn.Check(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(issues) != 2 || !slices.ContainsFunc(issues, func(s string) bool {
+		return strings.Contains(s, "role legacy (not the gateway's) lets stray read devices' commands on devices/+/cmd/#")
+	}) {
+		t.Fatalf("Check = %q, want the command grant to stray named", issues)
 	}
 }
 

@@ -117,6 +117,7 @@ func TestRunStatusHumanAndJSON(t *testing.T) {
 		"Queue  2 readings, 3.0 MiB on disk of 512.0 MiB (0%)",
 		"https://b.example/v2  2  800 B  oldest 2m ago",
 		"th-kitchen  alice  5s ago",
+		"Commands  off (commands.enabled)",
 		"!! 1 problem:",
 		"not paired with the central service (run: edgegate pair)",
 	} {

@@ -3,6 +3,7 @@ package admin
 import (
 	"fmt"
 	"io"
+	"sort"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -66,6 +67,14 @@ func Problems(st Status) []string {
 		if len(d.MissingAttrs) > 0 {
 			out = append(out, fmt.Sprintf("device %s sends attributes its entity lacks, not stored: %s (add them to the device's model)",
 				d.ID, strings.Join(d.MissingAttrs, ", ")))
+		}
+	}
+	if st.Commands.Error != "" {
+		out = append(out, "commands: "+st.Commands.Error)
+	}
+	for _, m := range st.Modbus {
+		if m.LastOK.IsZero() && m.LastError != "" {
+			out = append(out, fmt.Sprintf("modbus device %s (%s unit %d) never answered: %s", m.Device, m.Line, m.Unit, m.LastError))
 		}
 	}
 	return out
@@ -190,6 +199,9 @@ func WriteStatus(w io.Writer, st Status) error {
 		}
 	}
 
+	writeCommands(&b, st.Commands)
+	writeModbus(&b, st.Modbus, now, mark)
+
 	if len(st.PendingNodes) > 0 {
 		fmt.Fprintf(&b, "\nRadio nodes waiting to be registered (%d)\n", len(st.PendingNodes))
 		tw = tabwriter.NewWriter(&b, 0, 0, 2, ' ', 0)
@@ -219,6 +231,49 @@ func WriteStatus(w io.Writer, st Status) error {
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
+}
+
+// writeCommands is the downlink's line: the records held by state, and
+// what the service counted since start.
+func writeCommands(b *strings.Builder, c CommandsStatus) {
+	if !c.Enabled {
+		b.WriteString("\nCommands  off (commands.enabled)\n")
+		return
+	}
+	fmt.Fprintf(b, "\nCommands  on: %d pending, %d sent, %d delivered, %d confirmed, %d expired, %d dropped\n",
+		c.Pending, c.Sent, c.Delivered, c.Confirmed, c.Expired, c.Dropped)
+	fmt.Fprintf(b, "   since start: %s learned, %s, %s\n", Count(int(c.Learned)),
+		Plural(int(c.SendErrors), "send error", "send errors"), Plural(int(c.PollErrors), "platform read error", "platform read errors"))
+	if c.Error != "" {
+		fmt.Fprintf(b, "%s commands: %s\n", problemMark, c.Error)
+	}
+}
+
+// writeModbus is one line per Modbus slave: polls, writes, errors by
+// cause, last success; a slave that never answered is marked.
+func writeModbus(b *strings.Builder, ms []ModbusStatus, now time.Time, mark func(bool) string) {
+	if len(ms) == 0 {
+		return
+	}
+	fmt.Fprintf(b, "\nModbus (%d)\n", len(ms))
+	tw := tabwriter.NewWriter(b, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "   DEVICE\tLINE/UNIT\tPOLLS\tWRITES\tERRORS\tLAST OK")
+	for _, m := range ms {
+		causes := make([]string, 0, len(m.Errors))
+		for c, n := range m.Errors {
+			if n > 0 {
+				causes = append(causes, fmt.Sprintf("%s %s", c, Count(int(n))))
+			}
+		}
+		sort.Strings(causes)
+		seen := "never"
+		if !m.LastOK.IsZero() {
+			seen = Ago(now.Sub(m.LastOK))
+		}
+		fmt.Fprintf(tw, "%s %s\t%s/%d\t%s\t%s\t%s\t%s\n", mark(m.LastOK.IsZero() && m.LastError != ""),
+			m.Device, m.Line, m.Unit, Count(int(m.Polls)), Count(int(m.Writes)), orDash(strings.Join(causes, ", ")), seen)
+	}
+	tw.Flush()
 }
 
 // Ago renders a past duration: "just now", "42s ago", "3m ago", "5h ago",

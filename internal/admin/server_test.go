@@ -609,3 +609,59 @@ func TestWriteStatusMissingAttributes(t *testing.T) {
 		t.Errorf("Problems = %q, want the missing attributes", Problems(st))
 	}
 }
+
+// The commands line and one Modbus line per slave: counts by state, errors
+// by cause, and a slave that never answered marked and listed as a problem.
+func TestWriteStatusCommandsAndModbus(t *testing.T) {
+	st := sampleStatus()
+	var b strings.Builder
+	if err := WriteStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(b.String(), "Commands  off (commands.enabled)") || strings.Contains(b.String(), "Modbus") {
+		t.Errorf("commands off, no Modbus:\n%s", b.String())
+	}
+	st.Commands = CommandsStatus{Enabled: true, Pending: 1, Sent: 2, Confirmed: 7, Expired: 1, Dropped: 3, Learned: 14, SendErrors: 2}
+	st.Modbus = []ModbusStatus{
+		{Device: "meter-1", Line: "/dev/ttyRS485", Unit: 1, Polls: 1234, Writes: 2, Errors: map[string]uint64{"timeout": 3, "crc": 1},
+			LastOK: testNow.Add(-5 * time.Second)},
+		{Device: "meter-2", Line: "/dev/ttyRS485", Unit: 7, Errors: map[string]uint64{"timeout": 40}, LastError: "timeout after 500ms"},
+	}
+	b.Reset()
+	if err := WriteStatus(&b, st); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	t.Log("\n" + out)
+	line := func(substr string) string {
+		for _, l := range strings.Split(out, "\n") {
+			if strings.Contains(l, substr) {
+				return l
+			}
+		}
+		t.Errorf("no line with %q in:\n%s", substr, out)
+		return ""
+	}
+	for _, c := range []struct{ line, want string }{
+		{"Commands", "on: 1 pending, 2 sent, 0 delivered, 7 confirmed, 1 expired, 3 dropped"},
+		{"since start", "14 learned, 2 send errors, 0 platform read errors"},
+		{"Modbus", "(2)"},
+		{"meter-1", "/dev/ttyRS485/1"},
+		{"meter-1", "1,234"},
+		{"meter-1", "crc 1, timeout 3"},
+		{"meter-1", "5s ago"},
+		{"meter-2", "timeout 40"},
+		{"meter-2", "never"},
+		{"   modbus device meter-2 (/dev/ttyRS485 unit 7) never answered: timeout after 500ms", "!!"},
+	} {
+		if l := line(c.line); !strings.Contains(l, c.want) {
+			t.Errorf("line %q lacks %q", l, c.want)
+		}
+	}
+	if l := line("meter-2"); !strings.HasPrefix(l, "!!") {
+		t.Errorf("a slave that never answered is not marked: %q", l)
+	}
+	if l := line("meter-1"); strings.HasPrefix(l, "!!") {
+		t.Errorf("a working slave is marked: %q", l)
+	}
+}

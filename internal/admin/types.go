@@ -113,6 +113,44 @@ type Status struct {
 	Queue        QueueStatus    `json:"queue"`
 	Devices      []DeviceStatus `json:"devices"`
 	PendingNodes []RadioNode    `json:"pending_radio_nodes"`
+	// Commands is the downlink (docs/actuators.md); Enabled false when
+	// commands.enabled is off.
+	Commands CommandsStatus `json:"commands"`
+	// Modbus lists the slaves of radio.modbus, in configuration order.
+	Modbus []ModbusStatus `json:"modbus,omitempty"`
+}
+
+// CommandsStatus counts the commands held now, by state, and what the
+// service did since the daemon started.
+type CommandsStatus struct {
+	Enabled bool `json:"enabled"`
+	// The records held, by state (pending, sent, delivered, confirmed,
+	// expired, dropped); the newest command of each device attribute.
+	Pending   int `json:"pending"`
+	Sent      int `json:"sent"`
+	Delivered int `json:"delivered"`
+	Confirmed int `json:"confirmed"`
+	Expired   int `json:"expired"`
+	Dropped   int `json:"dropped"`
+	// Since the daemon started.
+	Learned    uint64 `json:"learned"`
+	SendErrors uint64 `json:"send_errors"`
+	PollErrors uint64 `json:"poll_errors"`
+	// Error is set when the records could not be read.
+	Error string `json:"error,omitempty"`
+}
+
+// ModbusStatus is one Modbus slave: its polls and errors since start.
+type ModbusStatus struct {
+	Device string `json:"device"`
+	Line   string `json:"line"`
+	Unit   int    `json:"unit"`
+	Polls  uint64 `json:"polls"`
+	Writes uint64 `json:"writes"`
+	// Errors by cause: timeout, crc, exception, frame, io, dropped.
+	Errors    map[string]uint64 `json:"errors,omitempty"`
+	LastOK    time.Time         `json:"last_ok,omitzero"`
+	LastError string            `json:"last_error,omitempty"`
 }
 
 // PolicyStatus describes the ownership policy in force.

@@ -155,6 +155,9 @@ type env struct {
 	coils  *coils
 	// submitFails: see envOpt.
 	submitFails int
+	// route, when set, replaces the service's Route (an external broker's
+	// link, links_mosquitto_test.go).
+	route func(*policy.Device) command.Deliverer
 }
 
 // coils is the real Modbus master (radio/modbus) on a pseudo-terminal,
@@ -366,6 +369,9 @@ func (e *env) startService() {
 		Gateway: gwID, Store: e.q, Policy: e.engine, Tokens: simTokens{sim: e.sim, user: owner},
 		HTTPClient: uplink.NewHTTPClient(e.sim.CAPool(), 5*time.Second, 2), Submit: &flakySubmit{next: e.pipe, fails: e.submitFails},
 		Route: func(d *policy.Device) command.Deliverer {
+			if e.route != nil {
+				return e.route(d)
+			}
 			if d.ID == coilID {
 				return command.Modbus{Writer: e.coils.ms}
 			}

@@ -30,3 +30,32 @@ func TestValidateCommands(t *testing.T) {
 		}
 	}
 }
+
+// Local control needs the embedded broker: Mosquitto would deliver an
+// app's command before the gateway saw it.
+func TestLocalControlNeedsEmbedded(t *testing.T) {
+	keys := func(c Config) []string {
+		var out []string
+		err := c.Validate()
+		if err == nil {
+			return nil
+		}
+		for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
+			var fe *FieldError
+			if errors.As(e, &fe) {
+				out = append(out, fe.Key)
+			}
+		}
+		return out
+	}
+	c := Default()
+	c.Central = Central{TokenURL: "https://127.0.0.1:1/token", ClientID: "gw", ClientSecretFile: "/s"}
+	c.Commands.Enabled, c.Commands.LocalControl = true, true
+	if k := keys(c); slices.Contains(k, "commands.local_control") {
+		t.Fatalf("embedded mode: local_control refused (%q)", k)
+	}
+	c.MQTT.Mode = ModeExternal
+	if k := keys(c); !slices.Contains(k, "commands.local_control") {
+		t.Fatalf("external mode: local_control not refused (%q)", k)
+	}
+}

@@ -599,6 +599,12 @@ func (c *Config) validateCommands(p *problems) {
 	if k.AckTimeout < 100*time.Millisecond || k.AckTimeout > time.Minute {
 		p.bad("commands.ack_timeout", k.AckTimeout.String(), "must be in 100ms..1m")
 	}
+	if k.Enabled && k.LocalControl && c.MQTT.Mode == ModeExternal {
+		// Mosquitto delivers an app's publish to the topic's subscribers
+		// before the gateway could check, sign and keep it
+		// (docs/actuators.md): local control needs the embedded broker.
+		p.bad("commands.local_control", "true", "needs mqtt.mode embedded: with an external Mosquitto, applications cannot publish commands")
+	}
 	for _, d := range c.Devices {
 		switch d.Kind {
 		case "", "sensor", "actuator":

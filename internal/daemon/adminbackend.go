@@ -13,11 +13,13 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/admin"
+	"github.com/edgegate/edgegate/internal/command"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/uplink"
 	"github.com/edgegate/edgegate/mqtt"
 	"github.com/edgegate/edgegate/policy"
 	"github.com/edgegate/edgegate/radio"
+	"github.com/edgegate/edgegate/radio/modbus"
 	centralsync "github.com/edgegate/edgegate/sync"
 )
 
@@ -87,6 +89,10 @@ type adminBackend struct {
 	ready      *readiness
 	ingestLive func() bool
 	accounts   *mqtt.Dynsec
+	// The downlink (nil unless commands.enabled) and the Modbus master
+	// (nil without radio.modbus).
+	commands *command.Service
+	modbus   *modbus.Master
 }
 
 // The app endpoints (admin.AppBackend) are AppAdmin's.
@@ -218,7 +224,45 @@ func (b *adminBackend) Status(ctx context.Context) admin.Status {
 			Ingested: c.ingested, Refused: c.refused, MissingAttrs: missing[dv.ID].Attrs})
 	}
 	sort.Slice(st.Devices, func(i, j int) bool { return st.Devices[i].ID < st.Devices[j].ID })
+	st.Commands = commandsStatus(b.commands)
+	if b.modbus != nil {
+		for _, s := range b.modbus.Status() {
+			st.Modbus = append(st.Modbus, admin.ModbusStatus{Device: s.Device, Line: s.Line, Unit: s.Unit,
+				Polls: s.Polls, Writes: s.Writes, Errors: s.Errors, LastOK: s.LastOK, LastError: s.LastError})
+		}
+	}
 	return st
+}
+
+// commandsStatus counts the downlink's records by state
+// (command.Service.Commands) and its counters since start (Stats).
+func commandsStatus(svc *command.Service) admin.CommandsStatus {
+	if svc == nil {
+		return admin.CommandsStatus{}
+	}
+	ks := svc.Stats()
+	cs := admin.CommandsStatus{Enabled: true, Learned: ks.Learned + ks.Local, SendErrors: ks.SendErrors, PollErrors: ks.PollErrors}
+	recs, err := svc.Commands()
+	if err != nil {
+		cs.Error = err.Error()
+	}
+	for _, c := range recs {
+		switch c.State {
+		case command.Pending:
+			cs.Pending++
+		case command.Sent:
+			cs.Sent++
+		case command.Delivered:
+			cs.Delivered++
+		case command.Confirmed:
+			cs.Confirmed++
+		case command.Expired:
+			cs.Expired++
+		case command.Dropped:
+			cs.Dropped++
+		}
+	}
+	return cs
 }
 
 func syncDetail(ss centralsync.SyncStatus) string {

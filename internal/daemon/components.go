@@ -404,6 +404,13 @@ func (d *Daemon) openIngest(st *state, centralCAs *x509.CertPool) error {
 			Username: cfg.MQTT.External.Username, Password: password, TLS: tlsCfg,
 			Topic: topic, Inflight: cfg.MQTT.External.Inflight, Keepalive: cfg.MQTT.External.Keepalive,
 			Logger: log, Metrics: d.metrics,
+			// Back on Mosquitto: deliver the commands that waited for it
+			// (st.commands is set at start-up, before the client runs).
+			OnConnect: func() {
+				if st.commands != nil {
+					st.commands.Nudge()
+				}
+			},
 		})
 		apps := func() ([]mqtt.AppAccount, error) { return LoadApps(q) } // apps.go
 		if st.accounts, err = externalAccounts(cfg.MQTT.External, topic, engine, tlsCfg, password, st.red.Add, apps, d.metrics, log); err != nil {
@@ -463,8 +470,9 @@ func (d *Daemon) openRadio(st *state) error {
 
 // openCommands builds the downlink (commands.enabled): commands learned
 // from the platform through the filter, delivered on each device's bound
-// link (docs/actuators.md). A Modbus link joins Route once radio/modbus
-// offers a command.AttrWriter.
+// link (docs/actuators.md): a Modbus write, a MySensors set, or a publish
+// on the device's command topic of the embedded broker or of an external
+// Mosquitto whose accounts the gateway keeps (accounts: dynsec).
 func (d *Daemon) openCommands(st *state, brokerCAs *x509.CertPool) error {
 	cfg := d.cfg
 	if !cfg.Commands.Enabled {
@@ -494,8 +502,15 @@ func (d *Daemon) openCommands(st *state, brokerCAs *x509.CertPool) error {
 				return mysensors
 			case dev.Radio == nil && st.broker != nil:
 				return command.MQTT{Broker: st.broker}
+			case dev.Radio == nil && st.client != nil && st.accounts != nil:
+				// External Mosquitto: the ingest client publishes, the
+				// dynsec roles keep the topic the device's alone
+				// (mqtt/mosquitto_command.go).
+				return command.MQTT{Broker: st.client}
 			}
-			return nil // external Mosquitto: no command link yet
+			// External Mosquitto with accounts none: nothing keeps the
+			// command topics private, so nothing is published there.
+			return nil
 		},
 	})
 	if err != nil {
@@ -510,9 +525,12 @@ func (d *Daemon) openCommands(st *state, brokerCAs *x509.CertPool) error {
 		if st.broker != nil {
 			st.broker.PurgeCommands(gone)
 		}
+		if st.client != nil {
+			st.client.PurgeCommands(gone)
+		}
 	})
-	if st.broker == nil {
-		d.log.Warn("commands.enabled with mqtt.mode external: commands reach radio devices only")
+	if st.broker == nil && st.accounts == nil {
+		d.log.Warn("commands.enabled with mqtt.mode external and mqtt.external.accounts none: commands reach radio and Modbus devices only (nothing would keep the MQTT command topics private)")
 	}
 	if d.metrics != nil {
 		if err := d.metrics.Registry.Register(svc.Collector()); err != nil {
@@ -656,6 +674,7 @@ func (d *Daemon) admin(st *state) supervise.Component {
 			paired:    cfg.Central.Credentials == config.CredentialsPaired || cfg.Central.ClientSecretFile != "",
 			mqttAddrs: strings.TrimSpace(st.mqttAddr + " " + st.mqttTLSAddr),
 			ready:     st.ready, ingestLive: st.ingestLive, accounts: st.accounts,
+			commands: st.commands, modbus: st.modbus,
 			reset: st.reset}
 		// Device registration while running (devices.go).
 		backend.devAdmin = &DeviceAdmin{Store: st.q, Registry: st.registry, Gateway: d.gateway,

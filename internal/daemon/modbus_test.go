@@ -51,6 +51,8 @@ mqtt:
     listen: 127.0.0.1:0
 metrics:
   listen: ""
+commands:
+  enabled: true
 radio:
   modbus:
     - path: %s
@@ -101,5 +103,22 @@ radio:
 	}
 	if st.Devices[0].Refused != 0 {
 		t.Errorf("d1 readings refused: %+v", st.Devices[0])
+	}
+	// Status shows the slave (polls, no errors) and the downlink.
+	if len(st.Modbus) != 1 || st.Modbus[0].Device != "d1" || st.Modbus[0].Line != sim.Link() || st.Modbus[0].Unit != 5 ||
+		st.Modbus[0].Polls < 2 || st.Modbus[0].LastOK.IsZero() || len(st.Modbus[0].Errors) != 0 {
+		t.Errorf("status Modbus = %+v", st.Modbus)
+	}
+	if !st.Commands.Enabled || st.Commands.Pending+st.Commands.Sent != 0 || st.Commands.Error != "" {
+		t.Errorf("status Commands = %+v", st.Commands)
+	}
+	var out strings.Builder
+	if err := admin.WriteStatus(&out, st); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"Commands  on: 0 pending, 0 sent", "Modbus (1)", sim.Link() + "/5"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("status lacks %q:\n%s", want, out.String())
+		}
 	}
 }
