@@ -228,7 +228,7 @@ func (b *Broker) Run(ctx context.Context, ready func()) error {
 		}
 	}
 	b.hook.cancel()
-	err := b.srv.Close()
+	err := CloseServer(b.srv, "local", "tls")
 	// Readings handed to the queue are resolved before the queue stops.
 	if !b.hook.stopAckers(b.hook.timeout + 5*time.Second) {
 		b.log.Error("readings still being committed when the broker stopped; they stay unacknowledged")

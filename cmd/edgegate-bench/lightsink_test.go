@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"github.com/edgegate/edgegate/mqtt"
 	"net/http"
 	"strings"
 	"testing"
@@ -281,7 +282,7 @@ func TestFleetAckOrderMochi(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer srv.Close()
+	defer func() { _ = mqtt.CloseServer(srv, "bench") }()
 	f, err := connectFleet(url, makeDevices(3), false)
 	if err != nil {
 		t.Fatal(err)

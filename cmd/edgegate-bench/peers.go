@@ -7,6 +7,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"github.com/edgegate/edgegate/mqtt"
 	"io"
 	"math"
 	"net/http"
@@ -568,7 +569,7 @@ func runMochi([]string) error {
 	}
 	fmt.Println("MOCHI READY", url)
 	<-ctx.Done()
-	return srv.Close()
+	return mqtt.CloseServer(srv, "bench")
 }
 
 // peerRow is one line of the table: a system's figures, with its rate as

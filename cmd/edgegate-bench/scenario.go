@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/edgegate/edgegate/mqtt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -125,7 +126,7 @@ func runScenario(ctx context.Context, cfg config, sc scenario, bin, self, work s
 			return r, err
 		}
 		r.LimitRate, r.LimitClientsCPUPer1000, err = measureLimitCPU(ctx, cfg, url, devs)
-		srv.Close()
+		_ = mqtt.CloseServer(srv, "bench")
 		if err != nil {
 			return r, fmt.Errorf("embedded broker limit: %w", err)
 		}

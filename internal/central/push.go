@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
+	"github.com/edgegate/edgegate/mqtt"
 	"net"
 	"time"
 
@@ -64,7 +65,7 @@ type publisher interface {
 	close()
 }
 
-func (p *pushBroker) close() { p.srv.Close() }
+func (p *pushBroker) close() { _ = mqtt.CloseServer(p.srv, "central-push") }
 
 func (p *pushBroker) publish(gw, bundle string) error {
 	if err := p.srv.Publish(centralsync.PushTopic(gw), []byte(bundle), true, 1); err != nil {

@@ -3,6 +3,7 @@ package centralsim
 import (
 	"crypto/tls"
 	"fmt"
+	"github.com/edgegate/edgegate/mqtt"
 	"net"
 
 	centralsync "github.com/edgegate/edgegate/sync"
@@ -73,7 +74,7 @@ func (s *Server) startPushBroker(cert tls.Certificate) (*pushBroker, error) {
 	return p, nil
 }
 
-func (p *pushBroker) close() { p.srv.Close() }
+func (p *pushBroker) close() { _ = mqtt.CloseServer(p.srv, "central-push") }
 
 // MQTTURL is the push broker's URL, "tls://127.0.0.1:port"; empty when it
 // is not running.
