@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
+	"path/filepath"
 
 	"github.com/edgegate/edgegate/internal/atomicfile"
 )
@@ -56,6 +57,13 @@ func dynsecHash(pw string, salt []byte, iterations int) (string, error) {
 // overwrites the file on its next command. It returns how many accounts
 // were added and replaced.
 func ExportDynsecAccounts(stateDir, file string, gws []string) (added, replaced int, err error) {
+	// The passwords must be the companion's: a store key generated here
+	// (pushSecret generates a missing one) would give others.
+	_, credErr := os.Stat(filepath.Join(os.Getenv("CREDENTIALS_DIRECTORY"), StoreKeyCredential))
+	if _, err := os.Stat(filepath.Join(stateDir, "store.key")); err != nil && (os.Getenv("CREDENTIALS_DIRECTORY") == "" || credErr != nil) {
+		return 0, 0, fmt.Errorf("no store key (%s, or the systemd credential %s): export with the companion's own, or the passwords are not the ones it hands out: %w",
+			filepath.Join(stateDir, "store.key"), StoreKeyCredential, err)
+	}
 	secret, err := pushSecret(stateDir)
 	if err != nil {
 		return 0, 0, err

@@ -37,6 +37,12 @@ func TestExportDynsecAccounts(t *testing.T) {
 	if out, err := exec.Command("mosquitto_ctrl", "dynsec", "init", file, "admin", "admin-pw").CombinedOutput(); err != nil {
 		t.Fatalf("mosquitto_ctrl dynsec init: %v %s", err, out)
 	}
+	if _, _, err := ExportDynsecAccounts(dir, file, []string{"gw-a"}); err == nil || !strings.Contains(err.Error(), "no store key") {
+		t.Fatalf("export without the companion's store key: %v", err)
+	}
+	if _, err := pushSecret(dir); err != nil { // the companion's first start creates it
+		t.Fatal(err)
+	}
 	added, replaced, err := ExportDynsecAccounts(dir, file, []string{"gw-a", "gw-b"})
 	if err != nil || added != 2 || replaced != 0 {
 		t.Fatalf("export: added %d replaced %d err %v", added, replaced, err)

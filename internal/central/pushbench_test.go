@@ -150,6 +150,9 @@ func runPushApplied(tb testing.TB, n int, via string, seeded bool) pushFigures {
 	if seeded {
 		seed = func(file string) error {
 			t0 := time.Now()
+			if _, err := pushSecret(dir); err != nil { // creates the store key
+				return err
+			}
 			// The store key in dir is created here; the companion below
 			// derives the same passwords from it.
 			added, _, err := ExportDynsecAccounts(dir, file, ids)
