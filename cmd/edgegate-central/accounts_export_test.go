@@ -76,7 +76,18 @@ func TestPushAccountsExport(t *testing.T) {
 	if want := "admin/,edgegate-gw-gw-1/edgegate-gw-1,edgegate-gw-gw-2/edgegate-gw-2,edgegate-gw-gw-3/edgegate-gw-3"; strings.Join(got, ",") != want {
 		t.Fatalf("clients %v, want %s", got, want)
 	}
-	if out, err := cli("--dynsec-file", ds, "--gateway", "gw-3"); err != nil || !strings.Contains(out, "0 gateway accounts added, 1 replaced") {
+	// A packaged install's key is the credential file, given explicitly.
+	kf := filepath.Join(dir, "credentials-store-key")
+	if err := os.Rename(filepath.Join(dir, "store.key"), kf); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cli("--dynsec-file", ds, "--gateway", "gw-3"); err == nil || !strings.Contains(err.Error(), "no store key") {
+		t.Fatalf("export without the store key: %v", err)
+	}
+	if out, err := cli("--dynsec-file", ds, "--gateway", "gw-3", "--store-key-file", kf); err != nil || !strings.Contains(out, "0 gateway accounts added, 1 replaced") {
 		t.Fatalf("export again: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "store.key")); err == nil {
+		t.Fatal("the export generated a store key")
 	}
 }

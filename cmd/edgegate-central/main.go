@@ -25,6 +25,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
@@ -265,6 +266,8 @@ func accountsExport(args []string, stdout, stderr io.Writer) error {
 	list := fs.String("gateways-file", "", "file of gateway ids, one a line")
 	all := fs.Bool("all", false, "every gateway of the configuration's gateways map")
 	file := fs.String("dynsec-file", "", "the broker's dynamic-security file (plugin_opt_config_file), broker stopped")
+	keyFile := fs.String("store-key-file", "", "the companion's store key (default: the systemd credential "+
+		central.StoreKeyCredential+" when run under systemd, else {state_dir}/store.key)")
 	cfg, err := loadConfig(fs, args)
 	if err != nil {
 		return err
@@ -293,7 +296,17 @@ func accountsExport(args []string, stdout, stderr io.Writer) error {
 	if len(gws) == 0 {
 		return errors.New("push accounts-export: give --gateway ID, --gateways-file FILE or --all (with gateways configured)")
 	}
-	added, replaced, err := central.ExportDynsecAccounts(cfg.StateDir, *file, gws)
+	// The key the service itself loads (keys.LoadStoreKey): the
+	// credential, else the file in state_dir.
+	if *keyFile == "" {
+		*keyFile = filepath.Join(cfg.StateDir, "store.key")
+		if dir := os.Getenv("CREDENTIALS_DIRECTORY"); dir != "" {
+			if p := filepath.Join(dir, central.StoreKeyCredential); fileExists(p) {
+				*keyFile = p
+			}
+		}
+	}
+	added, replaced, err := central.ExportDynsecAccounts(*keyFile, *file, gws)
 	if err != nil {
 		return fmt.Errorf("push accounts-export: %w", err)
 	}
@@ -454,6 +467,8 @@ func health(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fmt.Fprintln(stdout, "ok")
 	return nil
 }
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
 type multi []string
 

@@ -10,9 +10,9 @@ import (
 	"fmt"
 	"io/fs"
 	"os"
-	"path/filepath"
 
 	"github.com/edgegate/edgegate/internal/atomicfile"
+	"github.com/edgegate/edgegate/internal/keys"
 )
 
 // Bulk provisioning of the push accounts (edgegate-central push
@@ -49,22 +49,24 @@ func dynsecHash(pw string, salt []byte, iterations int) (string, error) {
 }
 
 // ExportDynsecAccounts writes the push account of every gateway in gws
-// (role and client, with the password the companion derives from the
-// store key in stateDir) into the dynamic-security file, keeping every
-// other client, group and role in it (an operator's admin, the
-// companion's own account, the bridges) and replacing a gateway's
-// account already there. The broker must be stopped: a running plugin
-// overwrites the file on its next command. It returns how many accounts
-// were added and replaced.
-func ExportDynsecAccounts(stateDir, file string, gws []string) (added, replaced int, err error) {
-	// The passwords must be the companion's: a store key generated here
-	// (pushSecret generates a missing one) would give others.
-	_, credErr := os.Stat(filepath.Join(os.Getenv("CREDENTIALS_DIRECTORY"), StoreKeyCredential))
-	if _, err := os.Stat(filepath.Join(stateDir, "store.key")); err != nil && (os.Getenv("CREDENTIALS_DIRECTORY") == "" || credErr != nil) {
-		return 0, 0, fmt.Errorf("no store key (%s, or the systemd credential %s): export with the companion's own, or the passwords are not the ones it hands out: %w",
-			filepath.Join(stateDir, "store.key"), StoreKeyCredential, err)
+// (role and client, with the password the companion derives from its
+// store key, read from storeKeyFile, which must exist) into the
+// dynamic-security file, keeping every other client, group and role in
+// it (an operator's admin, the companion's own account, the bridges) and
+// replacing a gateway's account already there. The broker must be
+// stopped: a running plugin overwrites the file on its next command. It
+// returns how many accounts were added and replaced.
+func ExportDynsecAccounts(storeKeyFile, file string, gws []string) (added, replaced int, err error) {
+	// The passwords must be the companion's: LoadStoreKey would generate
+	// a missing key, and with it other passwords.
+	if _, err := os.Stat(storeKeyFile); err != nil {
+		return 0, 0, fmt.Errorf("no store key: export with the companion's own, or the passwords are not the ones it hands out: %w", err)
 	}
-	secret, err := pushSecret(stateDir)
+	key, _, err := keys.LoadStoreKey("", storeKeyFile, func(string) string { return "" })
+	if err != nil {
+		return 0, 0, err
+	}
+	secret, err := pushSecretOf(key)
 	if err != nil {
 		return 0, 0, err
 	}

@@ -37,17 +37,17 @@ func TestExportDynsecAccounts(t *testing.T) {
 	if out, err := exec.Command("mosquitto_ctrl", "dynsec", "init", file, "admin", "admin-pw").CombinedOutput(); err != nil {
 		t.Fatalf("mosquitto_ctrl dynsec init: %v %s", err, out)
 	}
-	if _, _, err := ExportDynsecAccounts(dir, file, []string{"gw-a"}); err == nil || !strings.Contains(err.Error(), "no store key") {
+	if _, _, err := ExportDynsecAccounts(filepath.Join(dir, "store.key"), file, []string{"gw-a"}); err == nil || !strings.Contains(err.Error(), "no store key") {
 		t.Fatalf("export without the companion's store key: %v", err)
 	}
 	if _, err := pushSecret(dir); err != nil { // the companion's first start creates it
 		t.Fatal(err)
 	}
-	added, replaced, err := ExportDynsecAccounts(dir, file, []string{"gw-a", "gw-b"})
+	added, replaced, err := ExportDynsecAccounts(filepath.Join(dir, "store.key"), file, []string{"gw-a", "gw-b"})
 	if err != nil || added != 2 || replaced != 0 {
 		t.Fatalf("export: added %d replaced %d err %v", added, replaced, err)
 	}
-	added, replaced, err = ExportDynsecAccounts(dir, file, []string{"gw-b", "gw-c"})
+	added, replaced, err = ExportDynsecAccounts(filepath.Join(dir, "store.key"), file, []string{"gw-b", "gw-c"})
 	if err != nil || added != 1 || replaced != 1 {
 		t.Fatalf("second export: added %d replaced %d err %v", added, replaced, err)
 	}
@@ -92,17 +92,17 @@ func TestExportDynsecAccounts(t *testing.T) {
 		t.Fatalf("the companion would not take the exported account as its own: %s", b)
 	}
 
-	if _, _, err := ExportDynsecAccounts(dir, file, []string{"gw/../x"}); err == nil || !strings.Contains(err.Error(), "gateway id") {
+	if _, _, err := ExportDynsecAccounts(filepath.Join(dir, "store.key"), file, []string{"gw/../x"}); err == nil || !strings.Contains(err.Error(), "gateway id") {
 		t.Fatalf("bad gateway id: %v", err)
 	}
-	if _, _, err := ExportDynsecAccounts(dir, filepath.Join(dir, "none.json"), []string{"gw-a"}); err == nil || !strings.Contains(err.Error(), "dynsec init") {
+	if _, _, err := ExportDynsecAccounts(filepath.Join(dir, "store.key"), filepath.Join(dir, "none.json"), []string{"gw-a"}); err == nil || !strings.Contains(err.Error(), "dynsec init") {
 		t.Fatalf("missing file: %v", err)
 	}
 	bad := filepath.Join(dir, "bad.json")
 	if err := os.WriteFile(bad, []byte(`{"clients":[{"textname":"x"}]}`), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if _, _, err := ExportDynsecAccounts(dir, bad, []string{"gw-a"}); err == nil || !strings.Contains(err.Error(), `clients[0] has no "username"`) {
+	if _, _, err := ExportDynsecAccounts(filepath.Join(dir, "store.key"), bad, []string{"gw-a"}); err == nil || !strings.Contains(err.Error(), `clients[0] has no "username"`) {
 		t.Fatalf("malformed file: %v", err)
 	}
 }

@@ -155,7 +155,7 @@ func runPushApplied(tb testing.TB, n int, via string, seeded bool) pushFigures {
 			}
 			// The store key in dir is created here; the companion below
 			// derives the same passwords from it.
-			added, _, err := ExportDynsecAccounts(dir, file, ids)
+			added, _, err := ExportDynsecAccounts(filepath.Join(dir, "store.key"), file, ids)
 			if err == nil && added != n {
 				err = fmt.Errorf("added %d accounts of %d", added, n)
 			}

@@ -119,6 +119,10 @@ func pushSecret(stateDir string) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	return pushSecretOf(key)
+}
+
+func pushSecretOf(key []byte) ([]byte, error) {
 	secret, err := hkdf.Key(sha256.New, key, nil, passwordLabel, 32)
 	if err != nil {
 		return nil, fmt.Errorf("derive the push password key: %w", err)
