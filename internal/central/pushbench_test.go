@@ -400,8 +400,9 @@ func runPushApplied(tb testing.TB, n int, via string, seeded bool) pushFigures {
 	return f
 }
 
-// BenchmarkPushApplied1000 prints the figures docs/central.md quotes.
-func BenchmarkPushApplied1000(b *testing.B) {
+// BenchmarkPushApplied prints the figures docs/central.md quotes
+// (BENCH_PUSH_GATEWAYS gateways, 1,000 by default).
+func BenchmarkPushApplied(b *testing.B) {
 	n := envInt("BENCH_PUSH_GATEWAYS", 1000)
 	for range b.N {
 		f := runPushApplied(b, n, os.Getenv("BENCH_PUSH_VIA"), os.Getenv("BENCH_PUSH_ACCOUNTS") != "control")
