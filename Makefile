@@ -115,7 +115,7 @@ bench-central:
 # syncers in one process (BENCH_PUSH_GATEWAYS); docs/central.md quotes it.
 .PHONY: bench-central-push
 bench-central-push:
-	$(GO) test -run '^$$' -bench '^BenchmarkPushApplied1000$$' -benchtime 1x -timeout 30m ./internal/central/
+	$(GO) test -run '^$$' -bench '^BenchmarkPushApplied$$' -benchtime 1x -timeout 30m ./internal/central/
 
 clean:
 	rm -rf bin dist

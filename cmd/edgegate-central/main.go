@@ -25,6 +25,8 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -45,6 +47,8 @@ const usage = `usage: edgegate-central <command> [flags]
 
   serve --config FILE                        run the service
   push  --config FILE --gateway ID | --all   rebuild from the platform now and push
+  push accounts-export --config FILE --dynsec-file FILE --gateway ID | --gateways-file FILE | --all
+                                             write gateways' push accounts into a stopped Mosquitto's dynamic-security file
   fleet --config FILE [--json]               which gateway runs which version since when
   keys rotate --config FILE [--overlap D] [--key-file FILE]
                                              add a signing key; the old one stays published for D
@@ -62,6 +66,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	case "serve":
 		return serve(ctx, rest, stderr)
 	case "push":
+		if len(rest) > 0 && rest[0] == "accounts-export" {
+			return accountsExport(rest[1:], stdout, stderr)
+		}
 		return push(ctx, rest, stdout, stderr)
 	case "fleet":
 		return fleet(ctx, rest, stdout, stderr)
@@ -247,6 +254,66 @@ func push(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	return nil
 }
 
+// accountsExport writes the push accounts of many gateways into a
+// Mosquitto dynamic-security file offline: the plugin rewrites its whole
+// file after every control command, so thousands of accounts created
+// live cost O(n²) (docs/central.md, "Push through an external broker").
+func accountsExport(args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("push accounts-export", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var gws multi
+	fs.Var(&gws, "gateway", "gateway id (repeatable)")
+	list := fs.String("gateways-file", "", "file of gateway ids, one a line")
+	all := fs.Bool("all", false, "every gateway of the configuration's gateways map")
+	file := fs.String("dynsec-file", "", "the broker's dynamic-security file (plugin_opt_config_file), broker stopped")
+	keyFile := fs.String("store-key-file", "", "the companion's store key (default: the systemd credential "+
+		central.StoreKeyCredential+" when run under systemd, else {state_dir}/store.key)")
+	cfg, err := loadConfig(fs, args)
+	if err != nil {
+		return err
+	}
+	if *file == "" {
+		return errors.New("push accounts-export: --dynsec-file is required")
+	}
+	if *list != "" {
+		b, err := os.ReadFile(*list)
+		if err != nil {
+			return fmt.Errorf("push accounts-export: --gateways-file: %w", err)
+		}
+		for line := range strings.Lines(string(b)) {
+			if id := strings.TrimSpace(line); id != "" && !strings.HasPrefix(id, "#") {
+				gws = append(gws, id)
+			}
+		}
+	}
+	if *all {
+		for gw := range cfg.Gateways {
+			gws = append(gws, gw)
+		}
+	}
+	slices.Sort(gws)
+	gws = slices.Compact(gws)
+	if len(gws) == 0 {
+		return errors.New("push accounts-export: give --gateway ID, --gateways-file FILE or --all (with gateways configured)")
+	}
+	// The key the service itself loads (keys.LoadStoreKey): the
+	// credential, else the file in state_dir.
+	if *keyFile == "" {
+		*keyFile = filepath.Join(cfg.StateDir, "store.key")
+		if dir := os.Getenv("CREDENTIALS_DIRECTORY"); dir != "" {
+			if p := filepath.Join(dir, central.StoreKeyCredential); fileExists(p) {
+				*keyFile = p
+			}
+		}
+	}
+	added, replaced, err := central.ExportDynsecAccounts(*keyFile, *file, gws)
+	if err != nil {
+		return fmt.Errorf("push accounts-export: %w", err)
+	}
+	fmt.Fprintf(stdout, "%s: %d gateway accounts added, %d replaced; start the broker now\n", *file, added, replaced)
+	return nil
+}
+
 func fleet(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("fleet", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -400,6 +467,8 @@ func health(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fmt.Fprintln(stdout, "ok")
 	return nil
 }
+
+func fileExists(p string) bool { _, err := os.Stat(p); return err == nil }
 
 type multi []string
 

@@ -16,11 +16,13 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/lestrrat-go/jwx/v2/jwk"
 
+	"github.com/edgegate/edgegate/internal/mosquittotest"
 	"github.com/edgegate/edgegate/internal/pki"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
@@ -39,8 +41,15 @@ import (
 // moment the companion started publishing that gateway's bundle.
 //
 //	make bench-central-push          # 1,000 gateways
-//	BENCH_PUSH_GATEWAYS=200 make bench-central-push
+//	BENCH_PUSH_GATEWAYS=10000 make bench-central-push
 //	BENCH_PUSH_VIA=leaf make bench-central-push   # gateways on a bridged leaf
+//	BENCH_PUSH_ACCOUNTS=control make bench-central-push
+//
+// The gateways' broker accounts are written into the dynamic-security
+// file before Mosquitto starts (ExportDynsecAccounts, as `edgegate-central
+// push accounts-export` does for an operator): created over the control
+// topic (BENCH_PUSH_ACCOUNTS=control, as a companion does for a new
+// gateway) they cost O(n²), ~25 min for 10,000.
 
 // memState is a gateway's state store in memory (the real one is the
 // encrypted badger queue; a thousand badgers in one process measure
@@ -73,13 +82,17 @@ func (staticToken) Invalidate(string)                       {}
 type pushFigures struct {
 	Gateways               int
 	Via                    string        // "" or "leaf"
-	Provision              time.Duration // sign, create the accounts and push every first bundle
+	Seeded                 bool          // accounts written into the dynamic-security file
+	Seed                   time.Duration // writing them (every broker's file)
+	Provision              time.Duration // sign, create the accounts (unless seeded) and push every first bundle
 	Connect                time.Duration // every gateway connected and on its first version
 	Sign                   time.Duration // the change signed for every gateway
 	Push                   time.Duration // the change published for every gateway
 	Fleet                  time.Duration // first publish to the last gateway applying
 	P50, P90, P99, Max     time.Duration // per gateway: publish start → applied
 	BundleBytes, HeapMiB   int
+	RSSMiB, PeakRSSMiB     int // the test process (companion + every gateway)
+	BrokerRSSMiB           []int
 	VersionFrom, VersionTo uint64
 	PollsDuringPush        int // answered 304
 }
@@ -90,11 +103,16 @@ func (f pushFigures) String() string {
 	if f.Via == "leaf" {
 		via = "a leaf broker bridged from it"
 	}
-	return fmt.Sprintf("gateways=%d on %s, bundle=%d bytes heap=%d MiB\n"+
+	accounts := "created over the control topic"
+	if f.Seeded {
+		accounts = fmt.Sprintf("written into the dynamic-security file in %s", r(f.Seed))
+	}
+	return fmt.Sprintf("gateways=%d on %s, bundle=%d bytes heap=%d MiB, process RSS %d MiB (peak %d), broker RSS %v MiB\n"+
+		"  accounts %s\n"+
 		"  first bundles: sign + create accounts + push: %s; all gateways connected and applied: %s\n"+
 		"  change (v%d -> v%d): sign all %s, push all %s, fleet (first publish -> last applied) %s\n"+
 		"  push->applied per gateway: p50 %s  p90 %s  p99 %s  max %s (polls answered 304 meanwhile: %d)",
-		f.Gateways, via, f.BundleBytes, f.HeapMiB, r(f.Provision), r(f.Connect), f.VersionFrom, f.VersionTo,
+		f.Gateways, via, f.BundleBytes, f.HeapMiB, f.RSSMiB, f.PeakRSSMiB, f.BrokerRSSMiB, accounts, r(f.Provision), r(f.Connect), f.VersionFrom, f.VersionTo,
 		r(f.Sign), r(f.Push), r(f.Fleet), r(f.P50), r(f.P90), r(f.P99), r(f.Max), f.PollsDuringPush)
 }
 
@@ -115,11 +133,39 @@ func pushAll(ctx context.Context, tb testing.TB, s *Service, ids []string, start
 
 // runPushApplied runs n gateways connected to the companion's broker, or
 // with via "leaf" to a Mosquitto bridged from it.
-func runPushApplied(tb testing.TB, n int, via string) pushFigures {
+// With seeded, the gateways' accounts are written into each broker's
+// dynamic-security file before it starts.
+func runPushApplied(tb testing.TB, n int, via string, seeded bool) pushFigures {
 	tb.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	f := pushFigures{Gateways: n, Via: via}
+	f := pushFigures{Gateways: n, Via: via, Seeded: seeded}
+	// One MQTT connection per gateway in this process and in Mosquitto
+	// (each its own process), plus the HTTPS connections of the burst of
+	// credential requests (both ends in this process) and badger's files.
+	raiseFDLimit(tb, n+4096)
+	dir := tb.TempDir()
+	ids := make([]string, n)
+	for i := range n {
+		ids[i] = fmt.Sprintf("gw-%05d", i)
+	}
+	var seed func(string) error
+	if seeded {
+		seed = func(file string) error {
+			t0 := time.Now()
+			if _, err := pushSecret(dir); err != nil { // creates the store key
+				return err
+			}
+			// The store key in dir is created here; the companion below
+			// derives the same passwords from it.
+			added, _, err := ExportDynsecAccounts(filepath.Join(dir, "store.key"), file, ids)
+			if err == nil && added != n {
+				err = fmt.Errorf("added %d accounts of %d", added, n)
+			}
+			f.Seed += time.Since(t0)
+			return err
+		}
+	}
 	sim, err := centralsim.New(centralsim.Options{Logger: slog.New(slog.DiscardHandler)})
 	if err != nil {
 		tb.Fatal(err)
@@ -132,7 +178,8 @@ func runPushApplied(tb testing.TB, n int, via string) pushFigures {
 	if err != nil {
 		tb.Fatal(err)
 	}
-	broker := startExtBroker(tb, ca, true)
+	broker := startExtBrokerSeeded(tb, ca, mosquittotest.FreePort(tb), seed, true)
+	brokers := []*extBroker{broker}
 	gatewayURL := broker.url
 	var leaves []string
 	if via == "leaf" {
@@ -144,16 +191,16 @@ func runPushApplied(tb testing.TB, n int, via string) pushFigures {
 		broker.Ctrl(tb, centralAdmin, "addRoleACL", "edgegate-bridge", "publishClientReceive", "edgegate/gateways/+/policy", "allow")
 		broker.Ctrl(tb, centralAdmin, "createClient", "edgegate-bridge", "-p", bridgePW)
 		broker.Ctrl(tb, centralAdmin, "addClientRole", "edgegate-bridge", "edgegate-bridge")
-		leaf := startExtBroker(tb, ca, false,
+		leaf := startExtBrokerSeeded(tb, ca, mosquittotest.FreePort(tb), seed, false,
 			"connection root", "address "+broker.Addr, "remote_username edgegate-bridge", "remote_password "+bridgePW,
 			"remote_clientid edgegate-bridge-bench", "topic edgegate/gateways/+/policy in 1", "cleansession true",
 			"bridge_protocol_version mqttv311", "restart_timeout 1")
 		gatewayURL, leaves = leaf.url, []string{leaf.url}
+		brokers = append(brokers, leaf)
 	}
 
 	// The companion: real keys, badger store, publish path, external push,
 	// HTTP API (push credentials, policy) with the SSO's token check.
-	dir := tb.TempDir()
 	caFile, pwFile := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "mqtt-password")
 	if err := os.WriteFile(caFile, ca.CertPEM, 0o644); err != nil {
 		tb.Fatal(err)
@@ -216,9 +263,7 @@ func runPushApplied(tb testing.TB, n int, via string) pushFigures {
 	tb.Cleanup(api.Close)
 
 	snap := scaleSnapshot(n, n) // one device per gateway
-	ids := make([]string, n)
 	for i := range n {
-		ids[i] = fmt.Sprintf("gw-%05d", i)
 		s.cfg.Gateways[ids[i]] = ids[i] + "-client"
 		polls[ids[i]] = &atomic.Int64{}
 	}
@@ -274,12 +319,15 @@ func runPushApplied(tb testing.TB, n int, via string) pushFigures {
 		gws[i], engines[i] = a, eng
 		wg.Go(func() { _ = syn.Run(gctx) })
 	}
+	// 2,000 gateways connected in 13 s on the shared 2-vCPU VM: allow
+	// ~25x that per gateway before calling it a failure.
+	bound := max(5*time.Minute, time.Duration(n)*150*time.Millisecond)
 	v1 := func(i int) uint64 { r, _, _ := s.store.Gateway(ctx, ids[i]); return r.Version }
 	first := make([]uint64, n)
 	for i := range n {
 		first[i] = v1(i)
 	}
-	testkit.Eventually(tb, 5*time.Minute, "every gateway on its first bundle, its startup polls answered", func() bool {
+	testkit.Eventually(tb, bound, "every gateway on its first bundle, its startup polls answered", func() bool {
 		for i, e := range engines {
 			if e.Current().Version != first[i] || polls[ids[i]].Load() < 2 {
 				return false
@@ -312,7 +360,7 @@ func runPushApplied(tb testing.TB, n int, via string) pushFigures {
 	start = time.Now()
 	pushAll(ctx, tb, s, ids, started)
 	f.Push = time.Since(start)
-	testkit.Eventually(tb, 5*time.Minute, "every gateway on the change", func() bool {
+	testkit.Eventually(tb, bound, "every gateway on the change", func() bool {
 		for i, e := range engines {
 			if e.Current().Version != want[i] {
 				return false
@@ -344,14 +392,20 @@ func runPushApplied(tb testing.TB, n int, via string) pushFigures {
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
 	f.HeapMiB = int(ms.HeapAlloc >> 20)
+	f.RSSMiB, f.PeakRSSMiB = procRSS(tb, os.Getpid())
+	for _, b := range brokers {
+		rss, _ := procRSS(tb, b.PID())
+		f.BrokerRSSMiB = append(f.BrokerRSSMiB, rss)
+	}
 	return f
 }
 
-// BenchmarkPushApplied1000 prints the figures docs/central.md quotes.
-func BenchmarkPushApplied1000(b *testing.B) {
+// BenchmarkPushApplied prints the figures docs/central.md quotes
+// (BENCH_PUSH_GATEWAYS gateways, 1,000 by default).
+func BenchmarkPushApplied(b *testing.B) {
 	n := envInt("BENCH_PUSH_GATEWAYS", 1000)
 	for range b.N {
-		f := runPushApplied(b, n, os.Getenv("BENCH_PUSH_VIA"))
+		f := runPushApplied(b, n, os.Getenv("BENCH_PUSH_VIA"), os.Getenv("BENCH_PUSH_ACCOUNTS") != "control")
 		fmt.Printf("edgegate-central push through Mosquitto (GOMAXPROCS=%d):\n%s\n", runtime.GOMAXPROCS(0), f)
 		b.ReportMetric(float64(f.P50)/float64(time.Millisecond), "p50-ms")
 		b.ReportMetric(float64(f.P99)/float64(time.Millisecond), "p99-ms")
@@ -360,13 +414,61 @@ func BenchmarkPushApplied1000(b *testing.B) {
 }
 
 // TestPushAppliedSmall runs the benchmark's path with 20 gateways on
-// every test run: every gateway gets its first bundle and the change.
+// every test run: every gateway gets its first bundle and the change,
+// with accounts created over the control topic and written beforehand.
 func TestPushAppliedSmall(t *testing.T) {
-	for _, via := range []string{"", "leaf"} {
-		f := runPushApplied(t, 20, via)
+	for _, c := range []struct {
+		via    string
+		seeded bool
+	}{{"", false}, {"leaf", false}, {"", true}, {"leaf", true}} {
+		f := runPushApplied(t, 20, c.via, c.seeded)
 		t.Logf("%s", f)
 		if f.P99 <= 0 || f.VersionTo <= f.VersionFrom {
 			t.Fatalf("figures: %+v", f)
 		}
 	}
+}
+
+// raiseFDLimit lifts the open-file limit to at least want (Mosquitto,
+// started after this, inherits it); raising the hard limit needs
+// CAP_SYS_RESOURCE.
+func raiseFDLimit(tb testing.TB, want int) {
+	tb.Helper()
+	var l syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		tb.Fatal(err)
+	}
+	if l.Cur >= uint64(want) {
+		return
+	}
+	l.Cur = max(l.Cur, uint64(want))
+	l.Max = max(l.Max, l.Cur)
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		tb.Fatalf("open-file limit %d needed for this many gateways: %v (raise ulimit -n)", want, err)
+	}
+}
+
+// procRSS is a process's resident memory and its peak, in MiB (Linux
+// /proc/PID/status VmRSS and VmHWM).
+func procRSS(tb testing.TB, pid int) (rss, peak int) {
+	tb.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		tb.Fatal(err)
+	}
+	for line := range strings.Lines(string(b)) {
+		k, v, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		var kb int
+		fmt.Sscanf(strings.TrimSpace(v), "%d", &kb)
+		switch k {
+		case "VmRSS":
+			rss = kb >> 10
+		case "VmHWM":
+			peak = kb >> 10
+		}
+	}
+	return rss, peak
 }

@@ -110,6 +110,26 @@ type brokerConn struct {
 	accounts map[string]bool
 }
 
+// pushSecret derives the key of the gateways' push passwords from the
+// store key: the same store key in every replica (required for
+// PostgreSQL) gives the same gateway passwords everywhere, and
+// ExportDynsecAccounts writes the same ones offline.
+func pushSecret(stateDir string) ([]byte, error) {
+	key, _, err := keys.LoadStoreKey(StoreKeyCredential, filepath.Join(stateDir, "store.key"), os.Getenv)
+	if err != nil {
+		return nil, err
+	}
+	return pushSecretOf(key)
+}
+
+func pushSecretOf(key []byte) ([]byte, error) {
+	secret, err := hkdf.Key(sha256.New, key, nil, passwordLabel, 32)
+	if err != nil {
+		return nil, fmt.Errorf("derive the push password key: %w", err)
+	}
+	return secret, nil
+}
+
 // StartExternalPush connects to push.brokers and push.leaf_brokers (and
 // keeps reconnecting with backoff until Close) and makes the first the
 // service's publisher. It returns at once; PushReady tells when every
@@ -135,15 +155,9 @@ func (s *Service) StartExternalPush(ctx context.Context) error {
 		}
 		tc.RootCAs = pool
 	}
-	// The same store key in every replica (required for PostgreSQL)
-	// gives the same gateway passwords everywhere.
-	key, _, err := keys.LoadStoreKey(StoreKeyCredential, filepath.Join(s.cfg.StateDir, "store.key"), os.Getenv)
+	secret, err := pushSecret(s.cfg.StateDir)
 	if err != nil {
 		return err
-	}
-	secret, err := hkdf.Key(sha256.New, key, nil, passwordLabel, 32)
-	if err != nil {
-		return fmt.Errorf("derive the push password key: %w", err)
 	}
 	log := s.log.With("component", "central-push")
 	rctx, cancel := context.WithCancel(ctx)

@@ -81,11 +81,18 @@ func startExtBroker(t testing.TB, ca *pki.CA, publish bool, conf ...string) *ext
 // startExtBrokerOn is startExtBroker with its TLS listener on port.
 func startExtBrokerOn(t testing.TB, ca *pki.CA, port int, publish bool, conf ...string) *extBroker {
 	t.Helper()
+	return startExtBrokerSeeded(t, ca, port, nil, publish, conf...)
+}
+
+// startExtBrokerSeeded is startExtBrokerOn with seed called on the
+// dynamic-security file before the broker starts (mosquittotest.StartSeeded).
+func startExtBrokerSeeded(t testing.TB, ca *pki.CA, port int, seed func(string) error, publish bool, conf ...string) *extBroker {
+	t.Helper()
 	certFile, keyFile := writePEMs(t, ca)
 	// set_tcp_nodelay as docs/central.md recommends: without it Nagle holds
 	// a PUBLISH behind an unacknowledged segment for the peer's delayed
 	// ACK (p90 push->applied ~25 ms instead of ~1.5 ms in the benchmark).
-	m := mosquittotest.Start(t, centralAdmin, append(append(conf, "set_tcp_nodelay true"), mosquittotest.TLSListener(port, certFile, keyFile)...)...)
+	m := mosquittotest.StartSeeded(t, centralAdmin, seed, append(append(conf, "set_tcp_nodelay true"), mosquittotest.TLSListener(port, certFile, keyFile)...)...)
 	m.Ctrl(t, centralAdmin, "createClient", centralUser, "-p", centralPW)
 	m.Ctrl(t, centralAdmin, "addClientRole", centralUser, "admin")
 	if publish {

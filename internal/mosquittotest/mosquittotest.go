@@ -34,6 +34,14 @@ const DynsecPlugin = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 // (password AdminPassword), made by mosquitto_ctrl dynsec init.
 func Start(t testing.TB, dynsecAdmin string, conf ...string) *Broker {
 	t.Helper()
+	return StartSeeded(t, dynsecAdmin, nil, conf...)
+}
+
+// StartSeeded is Start with seed called on the fresh dynamic-security
+// file before Mosquitto starts (the plugin reads it once at start): bulk
+// accounts without one control command, and one file rewrite, each.
+func StartSeeded(t testing.TB, dynsecAdmin string, seed func(dynsecFile string) error, conf ...string) *Broker {
+	t.Helper()
 	bin := "/usr/sbin/mosquitto"
 	if _, err := os.Stat(bin); err != nil {
 		t.Fatalf("mosquitto is required: apt-get install mosquitto mosquitto-clients (%v)", err)
@@ -44,6 +52,11 @@ func Start(t testing.TB, dynsecAdmin string, conf ...string) *Broker {
 		out, err := exec.Command("mosquitto_ctrl", "dynsec", "init", ds, dynsecAdmin, AdminPassword).CombinedOutput()
 		if err != nil {
 			t.Fatalf("mosquitto_ctrl dynsec init: %v %s", err, out)
+		}
+		if seed != nil {
+			if err := seed(ds); err != nil {
+				t.Fatalf("seed the dynamic-security file: %v", err)
+			}
 		}
 		conf = append([]string{"allow_anonymous false", "plugin " + DynsecPlugin, "plugin_opt_config_file " + ds}, conf...)
 	}
@@ -94,6 +107,9 @@ func Start(t testing.TB, dynsecAdmin string, conf ...string) *Broker {
 	})
 	return m
 }
+
+// PID is the broker process's id (to read its memory in /proc).
+func (m *Broker) PID() int { return m.cmd.Process.Pid }
 
 // Stop kills the broker now (a crash or an outage); the test's cleanup
 // finds it stopped.
