@@ -516,7 +516,7 @@ func (s step) kicks() bool {
 // errKicked: the step that changes the administrator's role ran and
 // Mosquitto disconnected us before its response, as it does; the next
 // connection reconciles again and finds it done.
-var errKicked = errors.New("Mosquitto disconnected the gateway's clients after a change to the administrator's role; reconnecting")
+var errKicked = errors.New("mosquitto disconnected the gateway's clients after a change to the administrator's role; reconnecting")
 
 // kind is the step's metric label: what its first command does.
 func (s step) kind() string {
