@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"fmt"
+	"github.com/edgegate/edgegate/internal/testkit"
 	"log/slog"
 	"net"
 	"os"
@@ -105,15 +106,10 @@ platform:
 		err := run(context.Background(), append(args, "--config", cfgPath), &out, &errb)
 		return out.String() + errb.String(), err
 	}
-	deadline := time.Now().Add(10 * time.Second)
+	// Until the service listens; a device bound to no gateway: no gateway
+	// yet, an empty round.
 	var out string
-	for {
-		// A device bound to no gateway: no gateway yet, an empty round.
-		if out, err = cli("push", "--all"); err == nil || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	testkit.Poll(10*time.Second, func() bool { out, err = cli("push", "--all"); return err == nil })
 	if err != nil || !strings.Contains(out, "gateways 0") {
 		t.Fatalf("push --all: %v\n%s\n%s", err, out, serveErr.String())
 	}

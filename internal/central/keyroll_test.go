@@ -123,11 +123,11 @@ func (e *env) rotate(t *testing.T, overlap time.Duration) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(20 * time.Millisecond) // a distinct mtime
 	kid, err := ring.Rotate(overlap, time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
+	bumpMtime(t, e.svc.cfg.KeyFile)
 	testkit.Eventually(t, 5*time.Second, "the service signs with the new key", func() bool {
 		return e.svc.Keys().ActiveKID() == kid
 	})
