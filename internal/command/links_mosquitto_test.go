@@ -182,7 +182,17 @@ func TestMQTTLightMosquitto(t *testing.T) {
 		return false
 	})
 	// Confirmed, the retained command is cleared: a fresh session gets only
-	// the next command.
+	// the next command. The clear (an empty retained publish) reaches the
+	// light's live subscription too; once it has, Mosquitto holds no
+	// retained command for a new session.
+	testkit.Eventually(t, wait, "the retained command cleared", func() bool {
+		for _, m := range light.messages() {
+			if m.topic == "devices/"+lightID+"/cmd/power" && len(m.payload) == 0 {
+				return true
+			}
+		}
+		return false
+	})
 	fresh := e.dialDeviceAt(mq.URL, lightID, "light-1-fresh")
 	if q := fresh.subscribe(t, "devices/"+lightID+"/cmd/#"); q != 1 {
 		t.Fatalf("fresh subscription: granted %#x", q)
