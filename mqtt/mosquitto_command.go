@@ -163,14 +163,23 @@ func (c *Client) PublishCommand(device, attr string, payload []byte) error {
 // ClearCommand drops the retained command of attr of device: an empty
 // retained publish [MQTT-3.3.1-10]. Best effort: a failure leaves the
 // topic held, and a later clear or purge tries again.
-func (c *Client) ClearCommand(device, attr string) {
+func (c *Client) ClearCommand(device, attr string) { _ = c.TryClearCommand(device, attr) }
+
+// TryClearCommand is ClearCommand reporting a clear Mosquitto did not
+// acknowledge (no connection yet, a timeout): the command service keeps
+// the topic marked held and tries again (internal/command confirm.go). A
+// topic that is held by nothing is cleared all the same: after a restart
+// the gateway clears what an earlier run left retained.
+func (c *Client) TryClearCommand(device, attr string) error {
 	topic, err := c.commandTopic(device, attr)
 	if err != nil {
-		return
+		return nil // no such topic: nothing can have been published there
 	}
-	if c.clear(topic) == nil {
-		c.cmds.set(device, attr, false)
+	if err := c.clear(topic); err != nil {
+		return fmt.Errorf("clear the command of %s: %w", clipName(device), err)
 	}
+	c.cmds.set(device, attr, false)
+	return nil
 }
 
 func (c *Client) clear(topic string) error {

@@ -227,6 +227,7 @@ type Service struct {
 	// sending: device → cancels the delivery attempt in progress (Forget).
 	sending map[string]context.CancelFunc
 	bo      *backoff.Backoff
+	cs      confirmState // confirm.go: confirmations read first, retained commands swept
 }
 
 // New checks the options; Run starts the work.
@@ -305,9 +306,7 @@ func (s *Service) Forget(devices []string) {
 			cancel()
 		}
 		s.mu.Unlock()
-		for _, a := range cleared {
-			s.clear(id, a)
-		}
+		s.sweepDevice(id, cleared) // confirm.go: every topic known, not only those sent since start
 	}
 }
 

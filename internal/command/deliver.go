@@ -83,23 +83,10 @@ func sameValue(x, y any) bool {
 	}
 }
 
-// clear tells the device's link to forget what it holds for attr.
-func (s *Service) clear(device, attr string) {
-	s.mu.Lock()
-	delete(s.holding, device+"/"+attr)
-	s.mu.Unlock()
-	d, ok := s.o.Policy.Current().Device(device)
-	if !ok || s.o.Route == nil {
-		return
-	}
-	if c, ok := s.o.Route(d).(Clearer); ok {
-		c.Clear(device, attr)
-	}
-}
-
 // deliverAll sends every open command of the devices in the policy,
 // oldest learned first; each attempt is bounded by the deliverer.
 func (s *Service) deliverAll(ctx context.Context) {
+	s.sweepRetained(ctx)
 	pol := s.o.Policy.Current()
 	for _, d := range pol.Devices() {
 		if ctx.Err() != nil {
@@ -122,7 +109,7 @@ func (s *Service) deliverAll(ctx context.Context) {
 		}
 		s.mu.Unlock()
 		for _, c := range unreported {
-			s.writeBack(ctx, d, c)
+			s.report(ctx, d, c)
 		}
 		for _, c := range sortBySeq(open) {
 			s.deliverOne(ctx, d, c)
@@ -146,7 +133,7 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 		if err := s.settle(d.ID, c.Attr, c.Seq, Expired, "not delivered within commands.ttl", false, now); err == nil {
 			s.count(func(st *Stats) { st.Expired++ })
 			s.log.Warn("command expired before it could be delivered; it will not be sent", "device", d.ID, "attr", c.Attr, "seq", c.Seq)
-			if c.State == Sent {
+			if c.State == Sent || s.held(d.ID, c.Attr) {
 				s.clear(d.ID, c.Attr)
 			}
 		}
@@ -186,6 +173,15 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 		_ = s.settle(d.ID, c.Attr, c.Seq, Dropped, "cannot sign: "+err.Error(), false, now)
 		s.count(func(st *Stats) { st.Dropped++ })
 		return
+	}
+	if _, ok := dl.(Clearer); ok {
+		// A link that holds what it is given (MQTT retained): marked held
+		// before the publish, so that no crash or failed clear can leave a
+		// retained command nobody will clear (confirm.go).
+		if err := s.hold(d.ID, c.Attr); err != nil {
+			s.limited.Log(ctx, slog.LevelError, "record:"+d.ID, "record a command held by its link", "device", d.ID, "err", err)
+			return
+		}
 	}
 	// The attempt ends at the command's expiry at the latest, and at once
 	// if the device is revoked or re-registered meanwhile (Forget).
@@ -263,11 +259,12 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 	s.log.Info("command delivered", "device", d.ID, "attr", c.Attr, "seq", c.Seq, "state", state)
 	if len(res.Reported) > 0 {
 		c.Reported, c.Source = res.Reported, res.Source
-		s.writeBack(ctx, d, c)
+		s.report(ctx, d, c)
 	}
 }
 
-// writeBack queues the device's confirmation as a reading: the pipeline
+// writeBack queues the device's confirmation as a reading (report checked
+// that no newer target is at the platform): the pipeline
 // signs it and the uplink writes it to the same attribute, where it
 // verifies, so the next read sees the reported state and no new target.
 // Until the pipeline queued it, it stays in the command's record and is

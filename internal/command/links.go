@@ -44,6 +44,20 @@ func (m MQTT) Deliver(_ context.Context, dev *policy.Device, cmd Signed) (Result
 // Clear drops the retained command.
 func (m MQTT) Clear(device, attr string) { m.Broker.ClearCommand(device, attr) }
 
+// TryClear drops the retained command and reports a clear the broker did
+// not take (an external Mosquitto not connected yet: mqtt.Client), so the
+// service tries again; a broker that cannot fail it (the embedded one)
+// just clears.
+func (m MQTT) TryClear(device, attr string) error {
+	if tc, ok := m.Broker.(interface {
+		TryClearCommand(device, attr string) error
+	}); ok {
+		return tc.TryClearCommand(device, attr)
+	}
+	m.Broker.ClearCommand(device, attr)
+	return nil
+}
+
 // Radio is what the MySensors link needs of the radio (radio.Manager).
 type Radio interface {
 	SendSet(ctx context.Context, path string, node, child int, attr string, value any, tries int, ackTimeout time.Duration) ([]byte, error)

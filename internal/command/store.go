@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"maps"
+	"slices"
 	"time"
 
 	"github.com/edgegate/edgegate/internal/reading"
@@ -23,10 +24,29 @@ type record struct {
 	// Marks are, per attribute, the platform's target last learned (see
 	// mark): the same target read again is not a new command.
 	Marks map[string]string `json:"marks,omitempty"`
+	// Held names the attributes whose command the device's link may still
+	// hold (an MQTT command published retained and not yet cleared). Set
+	// before the publish and removed only once a clear succeeded, so a
+	// crash, a restart or a broker that was unreachable at the clear leaves
+	// it set and the clear is tried again (confirm.go sweep): Mosquitto
+	// keeps retained messages across its and the gateway's restarts and
+	// cannot list them.
+	Held map[string]bool `json:"held,omitempty"`
+
+	// fresh: no record was stored for the device yet (not serialised);
+	// its first write adds it to the index.
+	fresh bool
 }
 
 const (
 	recordPrefix = "command/"
+	// indexRecord lists the devices that have a command record, so that
+	// one whose device left the policy while the gateway was down can
+	// still be found (and its retained commands cleared) at start: the
+	// store's state records cannot be listed.
+	indexRecord = "command-index"
+	// maxIndexBytes bounds the index (about 30k device ids).
+	maxIndexBytes = 1 << 20
 	// maxRecordBytes bounds one device's record (a few attributes).
 	maxRecordBytes = 256 << 10
 )
@@ -43,7 +63,7 @@ func (s *Service) record(device string) (*record, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read the commands of %s: %w", device, err)
 	}
-	r = &record{V: 1, Attrs: map[string]*Command{}, Marks: map[string]string{}}
+	r = &record{V: 1, Attrs: map[string]*Command{}, Marks: map[string]string{}, Held: map[string]bool{}, fresh: !ok}
 	if ok {
 		if len(b) > maxRecordBytes {
 			return nil, fmt.Errorf("the command record of %s is %d bytes, over %d", device, len(b), maxRecordBytes)
@@ -56,6 +76,9 @@ func (s *Service) record(device string) (*record, error) {
 		}
 		if r.Marks == nil {
 			r.Marks = map[string]string{}
+		}
+		if r.Held == nil {
+			r.Held = map[string]bool{}
 		}
 	}
 	s.mu.Lock()
@@ -79,7 +102,8 @@ func (s *Service) update(device string, fn func(r *record) bool) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	cur := s.recs[device]
-	next := &record{V: 1, Seq: cur.Seq, Attrs: make(map[string]*Command, len(cur.Attrs)), Marks: maps.Clone(cur.Marks)}
+	next := &record{V: 1, Seq: cur.Seq, Attrs: make(map[string]*Command, len(cur.Attrs)), Marks: maps.Clone(cur.Marks),
+		Held: maps.Clone(cur.Held)}
 	for k, c := range cur.Attrs {
 		cc := *c
 		next.Attrs[k] = &cc
@@ -93,6 +117,13 @@ func (s *Service) update(device string, fn func(r *record) bool) error {
 	}
 	if len(b) > maxRecordBytes {
 		return fmt.Errorf("the command record of %s would be %d bytes, over %d", device, len(b), maxRecordBytes)
+	}
+	if cur.fresh {
+		// Indexed before the record is: a crash in between leaves an
+		// index entry without a record (harmless), never the reverse.
+		if err := s.indexLocked(device); err != nil {
+			return err
+		}
 	}
 	if err := s.o.Store.PutState(recordPrefix+device, b); err != nil {
 		return fmt.Errorf("write the commands of %s: %w", device, err)
@@ -113,7 +144,10 @@ func (s *Service) learn(device, attr, typ string, value json.RawMessage, mark, o
 		if mark != "" {
 			r.Marks[attr] = mark
 		}
-		if old := r.Attrs[attr]; old != nil && old.State.open() {
+		if old := r.Attrs[attr]; old != nil && (old.State.open() || len(old.Reported) > 0) {
+			// An older command not delivered, or delivered with its
+			// confirmation still waiting to go up: that confirmation is
+			// dropped with it (confirm.go), the newer target wins.
 			s.stats.Superseded++
 		}
 		r.Seq++
@@ -179,4 +213,42 @@ func (s *Service) writtenBack(device, attr string, seq uint64) error {
 		c.Reported, c.Source = nil, reading.Source{}
 		return true
 	})
+}
+
+// indexed lists the devices the index holds (indexRecord).
+func (s *Service) indexed() ([]string, error) {
+	b, ok, err := s.o.Store.GetState(indexRecord)
+	if err != nil || !ok {
+		return nil, err
+	}
+	if len(b) > maxIndexBytes {
+		return nil, fmt.Errorf("the command index is %d bytes, over %d", len(b), maxIndexBytes)
+	}
+	var ids []string
+	if err := json.Unmarshal(b, &ids); err != nil {
+		return nil, fmt.Errorf("the command index is not valid JSON: %w", err)
+	}
+	return ids, nil
+}
+
+// indexLocked adds device to the index (s.mu held: updates are serialised).
+func (s *Service) indexLocked(device string) error {
+	ids, err := s.indexed()
+	if err != nil {
+		return err
+	}
+	if slices.Contains(ids, device) {
+		return nil
+	}
+	b, err := json.Marshal(append(ids, device))
+	if err != nil {
+		return err
+	}
+	if len(b) > maxIndexBytes {
+		return fmt.Errorf("the command index would be %d bytes, over %d", len(b), maxIndexBytes)
+	}
+	if err := s.o.Store.PutState(indexRecord, b); err != nil {
+		return fmt.Errorf("write the command index: %w", err)
+	}
+	return nil
 }
