@@ -354,11 +354,14 @@ func (s *Service) startSweep(ctx context.Context) {
 		s.limited.Log(ctx, slog.LevelWarn, "index", "read the command index; retained commands of devices gone from the policy are not swept", "err", err)
 		return
 	}
+	var gone []string
 	for _, id := range ids {
-		if listed[id] {
-			continue
+		if !listed[id] {
+			gone = append(gone, id)
 		}
-		d := &policy.Device{ID: id}
-		queue(d, s.knownAttrs(d, false, nil))
 	}
+	// Gone from the policy while the gateway was down: as a revocation,
+	// its open commands are dropped and what its link may hold cleared
+	// (a clear Mosquitto cannot take yet is retried).
+	s.Forget(gone)
 }

@@ -103,27 +103,12 @@ func TestExpiredRetainedCommandClearedAfterRestart(t *testing.T) {
 
 	// The restart: the command service runs before the new ingest client
 	// has a connection.
-	topic, err := mqtt.ParseTopic("devices/{device}/telemetry")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cl := mqtt.NewClient(e.pipe, mqtt.ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest-restarted", Username: "edgegate",
-		Password: mosquittotest.AdminPassword, Topic: topic, Logger: slog.New(slog.NewTextHandler(e.bus, nil))})
-	e.route = func(d *policy.Device) command.Deliverer {
-		if d.Radio != nil || d.ID == coilID {
-			return nil
-		}
-		return command.MQTT{Broker: cl}
-	}
-	e.startService()
+	cl := e.restartExternal(mq)
 	testkit.Eventually(t, wait, "the command expired", func() bool { return e.command(lightID, "power").State == command.Expired })
 	if got := e.svc.HeldAttrs(lightID); !slices.Equal(got, []string{"power"}) {
 		t.Fatalf("held before the broker is reachable = %q, want power (the clear is still to make)", got)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); _ = cl.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
+	runClient(t, cl)
 	testkit.Eventually(t, wait, "the retained command cleared", func() bool { return len(e.svc.HeldAttrs(lightID)) == 0 })
 
 	// The light connects after the restart: the expired command is not
@@ -146,5 +131,85 @@ func TestExpiredRetainedCommandClearedAfterRestart(t *testing.T) {
 	}
 	if c := commandOf(t, light.messages()[0]); c.Seq != 2 {
 		t.Fatalf("first message seq %d, want 2", c.Seq)
+	}
+}
+
+// A device that left the policy while the gateway was down has its
+// retained command cleared at the restart (the command record index): a
+// later registration of the same id never gets it.
+func TestGoneDeviceRetainedCommandClearedAfterRestart(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	mq, _ := e.external(owner, "app-password-0123456789")
+	if code, body := e.patch(owner, light2, `{"power":{"value":"dim","type":"Text"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the command published, retained", func() bool { return e.command(light2, "power").State == command.Sent })
+	e.stop()
+	// light-2 leaves the policy while the gateway is down: the restarted
+	// gateway starts with a policy that does not list it (no change event).
+	var regs []policy.Registration
+	for _, r := range e.regs {
+		if r.ID != light2 {
+			regs = append(regs, r)
+		}
+	}
+	pol, err := policy.New(1, "config", regs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The accounts stay as they were (Dynsec runs on the old engine): the
+	// light-2 account can still look at its command topic.
+	e.engine = policy.NewEngine(pol)
+	cl := e.restartExternal(mq)
+	runClient(t, cl)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("gateway:\n%s", e.bus.String())
+		}
+	})
+	testkit.Eventually(t, wait, "the gone device's retained command cleared", func() bool { return len(e.svc.HeldAttrs(light2)) == 0 })
+	d := e.dialDeviceAt(mq.URL, light2, "light-2-after-restart")
+	if q := d.subscribe(t, "devices/"+light2+"/cmd/#"); q != 1 {
+		t.Fatalf("subscribe: granted %#x", q)
+	}
+	if err := cl.PublishCommand(light2, "marker", []byte(`"marker"`)); err != nil {
+		t.Fatal(err)
+	}
+	testkit.Eventually(t, wait, "the marker", func() bool { return len(d.messages()) > 0 })
+	if m := d.messages()[0]; m.topic != "devices/"+light2+"/cmd/marker" {
+		t.Fatalf("light-2's first message after the restart: %s %s, want the marker (the old command cleared)", m.topic, m.payload)
+	}
+}
+
+// restartExternal stands for a gateway restart in external mode: a new
+// ingest client (not running yet: Run it with runClient) and a new command
+// service routed to it, started at once.
+func (e *env) restartExternal(mq *mosquittotest.Broker) *mqtt.Client {
+	e.t.Helper()
+	topic, err := mqtt.ParseTopic("devices/{device}/telemetry")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	cl := mqtt.NewClient(e.pipe, mqtt.ClientOptions{URL: mq.URL, ClientID: "edgegate-ingest-restarted", Username: "edgegate",
+		Password: mosquittotest.AdminPassword, Topic: topic, Logger: slog.New(slog.NewTextHandler(e.bus, nil))})
+	e.route = func(d *policy.Device) command.Deliverer {
+		if d.Radio != nil || d.ID == coilID {
+			return nil
+		}
+		return command.MQTT{Broker: cl}
+	}
+	e.startService()
+	return cl
+}
+
+func runClient(t *testing.T, cl *mqtt.Client) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = cl.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	select {
+	case <-cl.Subscribed():
+	case <-time.After(wait):
+		t.Fatal("the restarted ingest client never subscribed")
 	}
 }
