@@ -29,40 +29,8 @@ import (
 // cleared. Another device's account is refused the light's command topic
 // (SUBACK 0x80) and never receives it.
 func TestExternalModeCommands(t *testing.T) {
-	const admin = "edgegate"
-	mq := mosquittotest.Start(t, admin)
-	t.Cleanup(func() {
-		if t.Failed() {
-			b, _ := os.ReadFile(mq.LogFile)
-			t.Logf("mosquitto:\n%s", tail(string(b), 60))
-		}
-	})
-	light, other := dev("light-e2e", "alice"), dev("light-other", "alice")
-	light.Type, other.Type = "Light", "Light"
-	sim := startSimWith(t, func(o *centralsim.Options) {
-		for i := range o.Devices {
-			o.Devices[i].Attrs = []string{"power"}
-		}
-	}, light, other)
-	dir := t.TempDir()
-	if err := os.WriteFile(filepath.Join(dir, "mqtt-password"), []byte(mosquittotest.AdminPassword+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	mqttCfg := "mqtt:\n  mode: external\n  external:\n    url: " + mq.URL + "\n    client_id: edgegate-cmd\n    username: " + admin +
-		"\n    password_file: mqtt-password\n    accounts: dynsec\n"
-	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{MQTT: mqttCfg,
-		Extra: "commands:\n  enabled: true\n  ttl: 1m\n  poll_interval: 200ms\n"}, light, other)
-	// Both lights are actuators (writeGatewayConfig writes sensors).
-	devs, err := os.ReadFile(filepath.Join(dir, "devices.yaml"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	devs = []byte(strings.ReplaceAll(string(devs), "    broker: ", "    kind: actuator\n    broker: "))
-	if err := os.WriteFile(filepath.Join(dir, "devices.yaml"), devs, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	g := startGateway(t, cfg) // ready: the accounts are in line and the ingest subscribed
-
+	x := startExternalCommands(t, "1m")
+	mq, sim, g, light, other := x.mq, x.sim, x.g, x.light, x.other
 	cmdTopic := "devices/" + light.ID + "/cmd/power"
 	var mu sync.Mutex
 	var got, otherGot []paho.Message
@@ -179,6 +147,157 @@ func TestExternalModeCommands(t *testing.T) {
 	if strings.Contains(g.log.String(), mosquittotest.AdminPassword) {
 		t.Fatal("the Mosquitto administrator's password reached the log")
 	}
+}
+
+// externalCommands is a running daemon in external mode with dynsec
+// accounts and commands on, two MQTT lights (actuators) of alice.
+type externalCommands struct {
+	mq           *mosquittotest.Broker
+	sim          *centralsim.Server
+	g            *gateway
+	cfg          string
+	light, other testDevice
+}
+
+func startExternalCommands(t *testing.T, ttl string) externalCommands {
+	t.Helper()
+	const admin = "edgegate"
+	mq := mosquittotest.Start(t, admin)
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(mq.LogFile)
+			t.Logf("mosquitto:\n%s", tail(string(b), 60))
+		}
+	})
+	light, other := dev("light-e2e", "alice"), dev("light-other", "alice")
+	light.Type, other.Type = "Light", "Light"
+	sim := startSimWith(t, func(o *centralsim.Options) {
+		for i := range o.Devices {
+			o.Devices[i].Attrs = []string{"power"}
+		}
+	}, light, other)
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, "mqtt-password"), []byte(mosquittotest.AdminPassword+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	mqttCfg := "mqtt:\n  mode: external\n  external:\n    url: " + mq.URL + "\n    client_id: edgegate-cmd\n    username: " + admin +
+		"\n    password_file: mqtt-password\n    accounts: dynsec\n"
+	cfg := writeGatewayConfig(t, dir, sim, gatewayConfig{MQTT: mqttCfg,
+		Extra: "commands:\n  enabled: true\n  ttl: " + ttl + "\n  poll_interval: 200ms\n"}, light, other)
+	// Both lights are actuators (writeGatewayConfig writes sensors).
+	devs, err := os.ReadFile(filepath.Join(dir, "devices.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	devs = []byte(strings.ReplaceAll(string(devs), "    broker: ", "    kind: actuator\n    broker: "))
+	if err := os.WriteFile(filepath.Join(dir, "devices.yaml"), devs, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	g := startGateway(t, cfg) // ready: the accounts are in line and the ingest subscribed
+	return externalCommands{mq: mq, sim: sim, g: g, cfg: cfg, light: light, other: other}
+}
+
+// TestExternalModeStaleRetainedAfterRestart: a command published retained
+// on Mosquitto and not confirmed when the daemon is killed, whose TTL runs
+// out while it is down, is cleared by the restarted daemon: a device
+// session opened afterwards does not get it, only the next command.
+func TestExternalModeStaleRetainedAfterRestart(t *testing.T) {
+	x := startExternalCommands(t, "3s")
+	cmdTopic := "devices/" + x.light.ID + "/cmd/power"
+	live := &inbox{}
+	lc, err := connect(x.mq.URL, x.light.ID+"-live", x.light.ID, devicePassword(t, x.light), live.option)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer lc.Disconnect(50)
+	if q := subscribe(t, lc, "devices/"+x.light.ID+"/cmd/#"); q != 1 {
+		t.Fatalf("subscribe: granted %#x", q)
+	}
+	if code, body := ownerPatch(t, x.sim, "alice", x.light.ID, `{"power":{"value":"on","type":"Text"}}`); code != http.StatusNoContent {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, 20*time.Second, "the command at the light", func() bool { return len(live.commands(t)) > 0 })
+	first := live.commands(t)[0]
+	// The light never confirms; the daemon is killed with the command
+	// retained at Mosquitto, and stays down past its TTL.
+	x.g.kill()
+	testkit.Eventually(t, 20*time.Second, "the command's TTL run out", func() bool { return time.Now().After(first.Expires) })
+	startGateway(t, x.cfg)
+	testkit.Eventually(t, 20*time.Second, "the restarted daemon clearing the expired command", func() bool {
+		return live.cleared(cmdTopic)
+	})
+	fresh := &inbox{}
+	fc, err := connect(x.mq.URL, x.light.ID+"-fresh", x.light.ID, devicePassword(t, x.light), fresh.option)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fc.Disconnect(50)
+	if q := subscribe(t, fc, "devices/"+x.light.ID+"/cmd/#"); q != 1 {
+		t.Fatalf("subscribe: granted %#x", q)
+	}
+	if code, body := ownerPatch(t, x.sim, "alice", x.light.ID, `{"power":{"value":"off","type":"Text"}}`); code != http.StatusNoContent {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, 20*time.Second, "the next command on the fresh session", func() bool { return len(fresh.commands(t)) > 0 })
+	for _, c := range fresh.commands(t) {
+		if c.Seq != 2 || string(c.Value) != `"off"` {
+			t.Fatalf("the fresh session got seq %d %s, want only the next command (seq 2, off)", c.Seq, c.Value)
+		}
+	}
+}
+
+// inbox records what an MQTT session receives.
+type inbox struct {
+	mu  sync.Mutex
+	got []paho.Message
+}
+
+func (b *inbox) option(o *paho.ClientOptions) {
+	o.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
+		b.mu.Lock()
+		b.got = append(b.got, m)
+		b.mu.Unlock()
+	})
+}
+
+type commandMsg struct {
+	Device  string          `json:"device"`
+	Seq     uint64          `json:"seq"`
+	Attr    string          `json:"attr"`
+	Value   json.RawMessage `json:"value"`
+	Expires time.Time       `json:"expires"`
+	JWS     string          `json:"jws"`
+}
+
+// commands are the non-empty messages received, decoded.
+func (b *inbox) commands(t *testing.T) []commandMsg {
+	t.Helper()
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	var out []commandMsg
+	for _, m := range b.got {
+		if len(m.Payload()) == 0 {
+			continue
+		}
+		var c commandMsg
+		if err := json.Unmarshal(m.Payload(), &c); err != nil {
+			t.Fatalf("message on %s is not a command: %s", m.Topic(), m.Payload())
+		}
+		out = append(out, c)
+	}
+	return out
+}
+
+// cleared reports whether an empty (clearing) publish on topic arrived.
+func (b *inbox) cleared(topic string) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	for _, m := range b.got {
+		if m.Topic() == topic && len(m.Payload()) == 0 {
+			return true
+		}
+	}
+	return false
 }
 
 // subscribe returns the QoS Mosquitto granted (0x80: refused).
