@@ -20,7 +20,7 @@ import (
 // confirms T1 (on) while the gateway's link to the platform is down; the
 // owner writes T2 (off) at the filter meanwhile; once the link is back the
 // relay ends off and the entity shows off, signed — the gateway never
-// writes T1 after the owner's T2.
+// writes T1 after the owner's T2, a restart in between included.
 func TestStaleConfirmationNotWritten(t *testing.T) {
 	e := newEnv(t, time.Minute)
 	e.unplug()
@@ -41,6 +41,15 @@ func TestStaleConfirmationNotWritten(t *testing.T) {
 	}
 	if st := e.svc.Stats(); st.WriteBacks != 0 {
 		t.Errorf("%d write-backs queued while the platform could not be read", st.WriteBacks)
+	}
+	// The held confirmation is durable: a restart during the outage keeps
+	// it, still waiting for a read of the platform.
+	e.stop()
+	e.startService()
+	fails = e.svc.Stats().PollErrors
+	testkit.Eventually(t, wait, "reads failing after the restart", func() bool { return e.svc.Stats().PollErrors > fails+1 })
+	if c := e.command(relayID, "status"); c.State != command.Delivered || len(c.Reported) == 0 || e.svc.Stats().WriteBacks != 0 {
+		t.Errorf("after a restart during the outage the command is %+v, want delivered with its confirmation held", c)
 	}
 	// The owner's App writes T2 at the filter (the platform is up for it).
 	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
