@@ -263,10 +263,10 @@ func (s *Service) deliverOne(ctx context.Context, d *policy.Device, c Command) {
 	}
 }
 
-// writeBack queues the device's confirmation as a reading (report checked
-// that no newer target is at the platform): the pipeline
-// signs it and the uplink writes it to the same attribute, where it
-// verifies, so the next read sees the reported state and no new target.
+// writeBack queues the device's confirmation as a reading, once report
+// found no newer target at the platform: the pipeline signs it and the
+// uplink writes it to the same attribute, where it verifies, so the next
+// read sees the reported state and no new target.
 // Until the pipeline queued it, it stays in the command's record and is
 // tried again every round (a full store, a crash in between).
 func (s *Service) writeBack(ctx context.Context, d *policy.Device, c Command) {
