@@ -671,13 +671,16 @@ func (s *Server) orionPatchAttrs(c orionCall) {
 		s.orionAnswer(c, &orionFail{http.StatusNotFound, orionErrNotFound, orionNotFoundDesc})
 		return
 	}
+	snap := snapshotLocked(e, attrs)
 	res := updateExistingLocked(e, attrs)
 	var u *Update
 	if len(res.applied) > 0 {
 		u = s.newUpdate(c.id, c.user, res.applied, v)
 		s.recordLocked(u)
 	}
+	notifs := s.triggerLocked(t.service, e, snap.changedLocked(e)) // orion_subs.go
 	s.mu.Unlock()
+	s.notifyAsync(notifs)
 	if u != nil {
 		s.notify(*u)
 		s.log.Debug("update accepted", "device", u.Device, "user", u.User, "gateway", u.Gateway, "seq", u.Seq, "verdict", u.Verdict, "missing", len(res.missing))
