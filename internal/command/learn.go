@@ -56,8 +56,11 @@ func (s *Service) pollRound(ctx context.Context) error {
 		return nil
 	}
 	var devs []*policy.Device
+	now := s.o.Now()
 	for _, d := range s.o.Policy.Current().Devices() {
-		if d.Commandable() {
+		// A device with a live subscription is read only every safety
+		// interval (subscribe.go).
+		if d.Commandable() && (s.subs == nil || !s.subs.skipPoll(d.ID, now)) {
 			devs = append(devs, d)
 		}
 	}
@@ -72,6 +75,9 @@ func (s *Service) pollRound(ctx context.Context) error {
 	for i := 0; i < n; i++ {
 		d := devs[(start+i)%len(devs)]
 		err := s.poll(ctx, d)
+		if err == nil && s.subs != nil {
+			s.subs.polled(d.ID, now)
+		}
 		s.count(func(st *Stats) {
 			st.Polls++
 			if err != nil {
