@@ -209,6 +209,8 @@ func (m *subManager) learning() Learning {
 	transport := m.o.Transport.Live()
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	// The reason most devices share is the one shown.
+	whys := map[string]int{}
 	for _, d := range m.s.o.Policy.Current().Devices() {
 		if !d.Commandable() {
 			continue
@@ -219,8 +221,17 @@ func (m *subManager) learning() Learning {
 		case transport && ds != nil && ds.id != "" && now.Before(ds.expires):
 			l.Live++
 		case ds != nil && ds.why != "":
-			l.Why = ds.why
+			whys[ds.why]++
 		}
+	}
+	best := 0
+	for why, n := range whys {
+		if n > best || n == best && why < l.Why {
+			l.Why, best = why, n
+		}
+	}
+	if len(whys) > 1 {
+		l.Why += fmt.Sprintf(" (%d devices; other reasons for %d)", best, l.Devices-l.Live-best)
 	}
 	if !transport {
 		l.Why = "the notification " + m.o.Transport.Name() + " transport is not connected"
@@ -383,6 +394,15 @@ func (m *subManager) reconcile(ctx context.Context) time.Time {
 		}
 		budget--
 		m.subscribe(ctx, d, ds, now)
+		m.mu.Lock()
+		due = ds.next
+		if ds.id != "" {
+			due = ds.expires.Add(-renewAt)
+		}
+		m.mu.Unlock()
+		if due.Before(next) {
+			next = due
+		}
 	}
 	return next
 }

@@ -558,7 +558,7 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request, rest string, r
 		if !allow(http.MethodPost) {
 			return
 		}
-		if s.opts.NoSubscriptions {
+		if s.noSubs.Load() {
 			s.notSimulated(w, ref, "subscriptions")
 			return
 		}
@@ -581,7 +581,7 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request, rest string, r
 		if !allow(http.MethodDelete) {
 			return
 		}
-		if s.opts.NoSubscriptions {
+		if s.noSubs.Load() {
 			s.notSimulated(w, ref, "subscriptions")
 			return
 		}

@@ -99,6 +99,18 @@ type Subscription struct {
 	TimesSent   int64
 }
 
+// SetNoSubscriptions switches the broker's subscription routes to 501 (a
+// deploy that does not offer them, Options.NoSubscriptions) or back.
+func (s *Server) SetNoSubscriptions(off bool) { s.noSubs.Store(off) }
+
+// SetNotifyHTTPClient replaces Options.NotifyHTTPClient (e.g. one that
+// trusts a test's receiver).
+func (s *Server) SetNotifyHTTPClient(c *http.Client) {
+	s.mu.Lock()
+	s.opts.NotifyHTTPClient = c
+	s.mu.Unlock()
+}
+
 // Subscriptions lists the subscriptions Orion holds, by id.
 func (s *Server) Subscriptions() []Subscription {
 	s.mu.Lock()
@@ -928,7 +940,9 @@ func (s *Server) sendNotification(n pendingNotif) (int, error) {
 		req.Header.Set("Fiware-Service", n.service)
 	}
 	req.Header.Set("Fiware-ServicePath", n.path)
+	s.mu.Lock()
 	client := s.opts.NotifyHTTPClient
+	s.mu.Unlock()
 	if client == nil {
 		client = http.DefaultClient
 	}

@@ -310,6 +310,7 @@ type Server struct {
 
 	subs     map[string]*subscription // Orion's subscriptions, under mu (orion_subs.go)
 	notifier *subNotifier
+	noSubs   atomic.Bool // Options.NoSubscriptions, SetNoSubscriptions
 }
 
 var realmRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
@@ -364,6 +365,7 @@ func New(opts Options) (*Server, error) {
 			jtis:    make(map[string]time.Time),
 		},
 	}
+	s.noSubs.Store(opts.NoSubscriptions)
 	if err := s.initSyncState(); err != nil {
 		return nil, fmt.Errorf("centralsim: %w", err)
 	}
