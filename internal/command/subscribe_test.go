@@ -394,4 +394,3 @@ func TestSubscriptionNotifiesHTTP(t *testing.T) {
 		t.Errorf("GET on the endpoint = %d, want 405", resp.StatusCode)
 	}
 }
-

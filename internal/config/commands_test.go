@@ -116,7 +116,10 @@ func TestValidateNotify(t *testing.T) {
 			n.Mode = NotifyModeHTTP
 			n.HTTP = NotifyHTTP{Listen: ":1", PublicURL: "http://g:1/n", CertFile: "/c", KeyFile: "/k"}
 		}, "commands.notify.http.public_url"},
-		{"http cert", func(n *Notify) { n.Mode = NotifyModeHTTP; n.HTTP = NotifyHTTP{Listen: ":1", PublicURL: "https://g:1/n"} }, "commands.notify.http.cert_file"},
+		{"http cert", func(n *Notify) {
+			n.Mode = NotifyModeHTTP
+			n.HTTP = NotifyHTTP{Listen: ":1", PublicURL: "https://g:1/n"}
+		}, "commands.notify.http.cert_file"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
