@@ -449,8 +449,9 @@ func parseMQTTNotif(raw json.RawMessage) (*mqttNotif, *orionFail) {
 	if forbiddenChars(u) {
 		return nil, badRequest("forbidden characters in mqtt field /url/")
 	}
+	// common/string.cpp parseUrl takes http:, https: and mqtt: only.
 	pu, err := url.Parse(u)
-	if err != nil || pu.Host == "" {
+	if err != nil || pu.Host == "" || (pu.Scheme != "http" && pu.Scheme != "https" && pu.Scheme != "mqtt") {
 		return nil, badRequest("invalid mqtt /url/")
 	}
 	if pu.Scheme != "mqtt" {
