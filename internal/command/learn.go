@@ -31,12 +31,12 @@ import (
 // READ_WRITE or MODIFY delegation of (AccessTokenAuthenticationFilter
 // checkAuthorizationWithAccessToken).
 //
-// Why polling and not an Orion subscription: the filter does route POST
-// /v2/subscriptions, but a notification must reach the gateway, which sits
-// behind NAT on a home or site network, or an MQTT broker Orion was set up
-// to publish to (Orion's -mqtt* options, not part of a stock Snap4City
-// deploy). Polling needs nothing from the platform; its cost is bounded by
-// commands.poll_budget reads per commands.poll_interval.
+// Polling needs nothing from the platform; its cost is bounded by
+// commands.poll_budget reads per commands.poll_interval. Where the
+// platform offers an Orion subscription and a way for its notifications
+// to reach the gateway (behind NAT: an MQTT broker both reach, or an
+// HTTPS endpoint), subscribe.go learns sooner; a notification only makes
+// the gateway poll that device now.
 
 // maxEntityBytes bounds one entity read back.
 const maxEntityBytes = 1 << 20
