@@ -163,7 +163,7 @@ func TestSubscriptionNotifiesMQTT(t *testing.T) {
 
 	testkit.Eventually(t, wait, "a live subscription for each owned actuator", func() bool {
 		l := e.svc.Learning()
-		return l.Live == len(ownedCommandable) && l.Devices == len(ownedCommandable)+1
+		return l.Live == len(ownedCommandable) && l.Devices == len(ownedCommandable)+1 && e.svc.Stats().ProbeRefused > 0
 	})
 	l := e.svc.Learning()
 	if !strings.Contains(l.Why, "refused (401)") || !strings.Contains(l.String(), "subscription (mqtt) live for 4 of 5 devices") {
@@ -341,7 +341,9 @@ func TestSubscriptionDeletedOnRevocationAndStop(t *testing.T) {
 		t.Fatalf("Apply = %+v, %v", ch, err)
 	}
 	e.svc.Resubscribe() // as the daemon does on every policy change
-	testkit.Eventually(t, wait, "the revoked device's subscription deleted", func() bool { return len(e.subsFor(light2)) == 0 })
+	testkit.Eventually(t, wait, "the revoked device's subscription deleted", func() bool {
+		return len(e.subsFor(light2)) == 0 && e.svc.Stats().Unsubscribed == 1
+	})
 	if n := len(e.sim.Subscriptions()); n != len(ownedCommandable)-1 {
 		t.Errorf("%d subscriptions left, want %d", n, len(ownedCommandable)-1)
 	}
