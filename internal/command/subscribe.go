@@ -337,24 +337,10 @@ func (m *subManager) reconcile(ctx context.Context) time.Time {
 		}
 	}
 	// Deletions first: a device that left the policy or changed.
-	m.mu.Lock()
-	var drop []*devSub
-	for id, ds := range m.devs {
+	m.unsubscribeAll(ctx, m.take(func(id string, ds *devSub) bool {
 		d := want[id]
-		if d == nil || ds.gone || (ds.key != "" && ds.key != subKey(d)) {
-			if ds.id != "" {
-				drop = append(drop, ds)
-			}
-			delete(m.devs, id)
-		}
-	}
-	m.mu.Unlock()
-	for _, ds := range drop {
-		if ctx.Err() != nil {
-			break
-		}
-		m.unsubscribe(ctx, ds)
-	}
+		return d == nil || ds.gone || (ds.key != "" && ds.key != subKey(d))
+	}))
 	if !m.o.Transport.Live() {
 		// Nothing could arrive: subscribe once it is up (resync wakes us).
 		return next
@@ -530,16 +516,28 @@ func (m *subManager) unsubscribe(ctx context.Context, ds *devSub) {
 func (m *subManager) deleteAll() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
+	m.unsubscribeAll(ctx, m.take(func(string, *devSub) bool { return true }))
+}
+
+// take removes the devices drop selects and returns those holding a
+// subscription.
+func (m *subManager) take(drop func(id string, ds *devSub) bool) []*devSub {
 	m.mu.Lock()
-	var all []*devSub
+	defer m.mu.Unlock()
+	var out []*devSub
 	for id, ds := range m.devs {
-		if ds.id != "" {
-			all = append(all, ds)
+		if drop(id, ds) {
+			if ds.id != "" {
+				out = append(out, ds)
+			}
+			delete(m.devs, id)
 		}
-		delete(m.devs, id)
 	}
-	m.mu.Unlock()
-	for _, ds := range all {
+	return out
+}
+
+func (m *subManager) unsubscribeAll(ctx context.Context, subs []*devSub) {
+	for _, ds := range subs {
 		if ctx.Err() != nil {
 			return
 		}

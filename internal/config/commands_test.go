@@ -34,20 +34,7 @@ func TestValidateCommands(t *testing.T) {
 // Local control needs the embedded broker: Mosquitto would deliver an
 // app's command before the gateway saw it.
 func TestLocalControlNeedsEmbedded(t *testing.T) {
-	keys := func(c Config) []string {
-		var out []string
-		err := c.Validate()
-		if err == nil {
-			return nil
-		}
-		for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
-			var fe *FieldError
-			if errors.As(e, &fe) {
-				out = append(out, fe.Key)
-			}
-		}
-		return out
-	}
+	keys := problemKeys
 	c := Default()
 	c.Central = Central{TokenURL: "https://127.0.0.1:1/token", ClientID: "gw", ClientSecretFile: "/s"}
 	c.Commands.Enabled, c.Commands.LocalControl = true, true
@@ -62,20 +49,7 @@ func TestLocalControlNeedsEmbedded(t *testing.T) {
 
 // commands.notify: each bad value is named by its key.
 func TestValidateNotify(t *testing.T) {
-	keys := func(c Config) []string {
-		var out []string
-		err := c.Validate()
-		if err == nil {
-			return nil
-		}
-		for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
-			var fe *FieldError
-			if errors.As(e, &fe) {
-				out = append(out, fe.Key)
-			}
-		}
-		return out
-	}
+	keys := problemKeys
 	base := func() Config {
 		c := Default()
 		c.Central = Central{TokenURL: "https://127.0.0.1:1/token", ClientID: "gw", ClientSecretFile: "/s"}
@@ -130,4 +104,20 @@ func TestValidateNotify(t *testing.T) {
 			}
 		})
 	}
+}
+
+// problemKeys are the keys Validate names, in order.
+func problemKeys(c Config) []string {
+	var out []string
+	err := c.Validate()
+	if err == nil {
+		return nil
+	}
+	for _, e := range err.(interface{ Unwrap() []error }).Unwrap() {
+		var fe *FieldError
+		if errors.As(e, &fe) {
+			out = append(out, fe.Key)
+		}
+	}
+	return out
 }

@@ -507,17 +507,8 @@ func parseMQTTNotif(raw json.RawMessage) (*mqttNotif, *orionFail) {
 // orionCreateSubscription is POST /v2/subscriptions: 201 with Location
 // /v2/subscriptions/{id} (orion-api.md "Create Subscription").
 func (s *Server) orionCreateSubscription(c orionCall) {
-	t, f := tenantOf(c.r)
-	if f != nil {
-		s.orionAnswer(c, f)
-		return
-	}
-	body, f := readBody(c.w, c.r, maxUpdateBytes)
-	if f == nil {
-		f = orionContentType(c.r, len(body))
-	}
-	if f != nil {
-		s.orionAnswer(c, f)
+	t, body, ok := s.orionRequest(c)
+	if !ok {
 		return
 	}
 	sub, f := parseSubscription(body)
@@ -545,9 +536,8 @@ func (s *Server) orionCreateSubscription(c orionCall) {
 // orionDeleteSubscription is DELETE /v2/subscriptions/{id}: 204, or 404
 // (mongoUnsubscribeContext.cpp). The id must be one of the tenant's.
 func (s *Server) orionDeleteSubscription(c orionCall, id string) {
-	t, f := tenantOf(c.r)
-	if f != nil {
-		s.orionAnswer(c, f)
+	t, ok := s.orionTenant(c)
+	if !ok {
 		return
 	}
 	s.mu.Lock()
@@ -566,9 +556,8 @@ func (s *Server) orionDeleteSubscription(c orionCall, id string) {
 // orionGetSubscription is GET /v2/subscriptions/{id} ("" lists them all):
 // the passwd is always obfuscated (orion-api.md).
 func (s *Server) orionGetSubscription(c orionCall, id string) {
-	t, f := tenantOf(c.r)
-	if f != nil {
-		s.orionAnswer(c, f)
+	t, ok := s.orionTenant(c)
+	if !ok {
 		return
 	}
 	s.mu.Lock()
