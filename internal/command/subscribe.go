@@ -114,6 +114,9 @@ type Learning struct {
 
 // String is the status line's text.
 func (l Learning) String() string {
+	if l.Mode == "polling" && l.Why != "" {
+		return "polling (" + l.Why + ")"
+	}
 	if l.Mode == "polling" {
 		return "polling (commands.notify.mode none)"
 	}
@@ -198,7 +201,11 @@ func (s *Service) Resubscribe() {
 // Learning reports how commands are learned now.
 func (s *Service) Learning() Learning {
 	if s.subs == nil {
-		return Learning{Mode: "polling"}
+		l := Learning{Mode: "polling"}
+		if s.o.Notify != nil {
+			l.Why = "no platform account to subscribe with"
+		}
+		return l
 	}
 	return s.subs.learning()
 }
@@ -298,13 +305,7 @@ func (m *subManager) run(ctx context.Context) {
 	for {
 		next := m.reconcile(ctx)
 		wait := min(max(next.Sub(m.s.o.Now()), 10*time.Millisecond), time.Minute)
-		if !timer.Stop() {
-			select {
-			case <-timer.C:
-			default:
-			}
-		}
-		timer.Reset(wait)
+		timer.Reset(wait) // Go ≥ 1.23 timers: no stale tick after Reset
 		select {
 		case <-ctx.Done():
 			wg.Wait()
@@ -686,13 +687,7 @@ func (m *subManager) hintLoop(ctx context.Context) {
 			m.read(ctx, id, now)
 			wait = m.o.HintSpacing
 		}
-		if !timer.Stop() {
-			select {
-			case <-timer.C:
-			default:
-			}
-		}
-		timer.Reset(wait)
+		timer.Reset(wait) // Go ≥ 1.23 timers: no stale tick after Reset
 		select {
 		case <-ctx.Done():
 			return
