@@ -406,3 +406,25 @@ func TestSubscriptionNotifiesHTTP(t *testing.T) {
 		t.Errorf("GET on the endpoint = %d, want 405", resp.StatusCode)
 	}
 }
+
+// A failing platform (Orion answering 5xx behind the filter, which makes
+// them 500) is a failed probe, not a refusal: tried again after the
+// backoff, and live once the platform is back.
+func TestSubscriptionFailingPlatformRetried(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	b := notifyBroker(t)
+	e.sim.SetFault(centralsim.Fault{Mode: centralsim.FaultStatus, Target: centralsim.TargetOrion, Status: 503})
+	e.startNotifying(mqttTransport(b), 200*time.Millisecond, nil)
+	testkit.Eventually(t, wait, "the probes failed", func() bool { return e.svc.Stats().ProbeFailed >= uint64(len(ownedCommandable)) })
+	if l := e.svc.Learning(); l.Live != 0 || !strings.Contains(l.Why, "failed (500)") {
+		t.Errorf("Learning = %q, want none live, the 500 as the reason", l.String())
+	}
+	e.sim.ClearFault()
+	testkit.Eventually(t, wait, "subscriptions once the platform is back", func() bool {
+		return e.svc.Learning().Live == len(ownedCommandable)
+	})
+	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
+		t.Fatalf("PATCH: %d %s", code, body)
+	}
+	testkit.Eventually(t, wait, "the relay switched", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
+}
