@@ -158,7 +158,29 @@ type subManager struct {
 	lastHint map[string]time.Time
 	hintWake chan struct{}
 	why      string // last transport-wide reason
+	// held: the subscriptions made and not yet seen deleted, by id, as
+	// stored (heldKey). Only the run goroutine changes it.
+	held      map[string]heldSub
+	heldDirty bool // held changed since it was stored (flushHeld)
 }
+
+// heldSub is a subscription the gateway made and has not seen deleted.
+// They are kept in the store so that those a crash (or a failed DELETE)
+// left at Orion are deleted at the next start, instead of notifying
+// until they expire.
+type heldSub struct {
+	Device      string    `json:"device"`
+	Broker      string    `json:"broker"`
+	Service     string    `json:"service,omitempty"`
+	ServicePath string    `json:"service_path,omitempty"`
+	Expires     time.Time `json:"expires"`
+}
+
+const (
+	heldKey = "command-subscriptions"
+	// maxHeld bounds the record read back.
+	maxHeld = 100000
+)
 
 func newSubManager(s *Service, o NotifyOptions) *subManager {
 	if o.Expires <= 0 {
@@ -180,7 +202,67 @@ func newSubManager(s *Service, o NotifyOptions) *subManager {
 		o.HintSpacing = 50 * time.Millisecond
 	}
 	return &subManager{s: s, o: o, wake: make(chan struct{}, 1), hintWake: make(chan struct{}, 1),
-		devs: map[string]*devSub{}, lastPoll: map[string]time.Time{}, hints: map[string]bool{}, lastHint: map[string]time.Time{}}
+		devs: map[string]*devSub{}, lastPoll: map[string]time.Time{}, hints: map[string]bool{}, lastHint: map[string]time.Time{},
+		held: map[string]heldSub{}}
+}
+
+// loadHeld reads the subscriptions a previous run left and deletes those
+// not expired yet (bounded by ctx).
+func (m *subManager) loadHeld(ctx context.Context) {
+	b, ok, err := m.s.o.Store.GetState(heldKey)
+	if err != nil || !ok {
+		if err != nil {
+			m.s.log.Warn("read the Orion subscriptions of the last run", "err", err)
+		}
+		return
+	}
+	var held map[string]heldSub
+	if err := json.Unmarshal(b, &held); err != nil || len(held) > maxHeld {
+		m.s.log.Warn("the record of the last run's Orion subscriptions is unreadable; they lapse when they expire", "err", err)
+		m.persist(ctx)
+		return
+	}
+	now := m.s.o.Now()
+	m.held = map[string]heldSub{}
+	for id, h := range held {
+		if h.Expires.After(now) {
+			m.held[id] = h
+		}
+	}
+	ids := make([]string, 0, len(m.held))
+	for id := range m.held {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	for _, id := range ids {
+		if ctx.Err() != nil {
+			break
+		}
+		h := m.held[id]
+		m.unsubscribe(ctx, &devSub{id: id, broker: h.Broker, expires: h.Expires,
+			dev: &policy.Device{ID: h.Device, Broker: h.Broker, Service: h.Service, ServicePath: h.ServicePath}})
+	}
+	m.persist(ctx)
+}
+
+// flushHeld stores held if it changed: once per pass of reconcile (at
+// most probeBudget subscriptions made), not per subscription.
+func (m *subManager) flushHeld(ctx context.Context) {
+	if m.heldDirty {
+		m.persist(ctx)
+	}
+}
+
+// persist writes held to the store (one atomic record).
+func (m *subManager) persist(ctx context.Context) {
+	b, err := json.Marshal(m.held)
+	if err == nil {
+		err = m.s.o.Store.PutState(heldKey, b)
+	}
+	m.heldDirty = err != nil // tried again after the next pass
+	if err != nil {
+		m.s.limited.Log(ctx, slog.LevelWarn, "subscriptions-record", "could not record the Orion subscriptions held", "err", err)
+	}
 }
 
 func poke(c chan struct{}) {
@@ -300,10 +382,12 @@ func (m *subManager) run(ctx context.Context) {
 		}
 	}()
 	go func() { defer wg.Done(); m.hintLoop(ctx) }()
+	m.loadHeld(ctx)
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	for {
 		next := m.reconcile(ctx)
+		m.flushHeld(ctx)
 		wait := min(max(next.Sub(m.s.o.Now()), 10*time.Millisecond), time.Minute)
 		timer.Reset(wait) // Go ≥ 1.23 timers: no stale tick after Reset
 		select {
@@ -421,6 +505,8 @@ func (m *subManager) subscribe(ctx context.Context, d *policy.Device, ds *devSub
 	ds.id, ds.expires, ds.key, ds.broker, ds.dev, ds.why, ds.next = id, expires, subKey(d), d.Broker, d, "", time.Time{}
 	ds.bo.Reset()
 	m.mu.Unlock()
+	m.held[id] = heldSub{Device: d.ID, Broker: d.Broker, Service: d.Service, ServicePath: d.ServicePath, Expires: expires}
+	m.heldDirty = true
 	m.s.count(func(st *Stats) { st.Subscribed++ })
 	if old.id == "" {
 		m.s.log.Info("commands of the actuator are learned through an Orion subscription", "device", d.ID,
@@ -504,6 +590,10 @@ func (m *subManager) unsubscribe(ctx context.Context, ds *devSub) {
 	case err != nil:
 	case resp.StatusCode == http.StatusNoContent || resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusNotFound:
 		m.s.count(func(st *Stats) { st.Unsubscribed++ })
+		if _, ok := m.held[ds.id]; ok {
+			delete(m.held, ds.id)
+			m.heldDirty = true
+		}
 		return
 	default:
 		err = answerErr("DELETE /v2/subscriptions", resp.StatusCode, body)
@@ -518,6 +608,7 @@ func (m *subManager) deleteAll() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	m.unsubscribeAll(ctx, m.take(func(string, *devSub) bool { return true }))
+	m.flushHeld(ctx)
 }
 
 // take removes the devices drop selects and returns those holding a

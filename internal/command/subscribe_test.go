@@ -428,3 +428,37 @@ func TestSubscriptionFailingPlatformRetried(t *testing.T) {
 	}
 	testkit.Eventually(t, wait, "the relay switched", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
 }
+
+// Subscriptions a previous run could not delete (a crash, or here the
+// platform failing the DELETEs at stop) are kept in the store and
+// deleted at the next start, so they do not notify until they expire.
+func TestSubscriptionLeftoversDeletedAtStart(t *testing.T) {
+	e := newEnv(t, time.Minute)
+	b := notifyBroker(t)
+	e.startNotifying(mqttTransport(b), slowPoll, nil)
+	testkit.Eventually(t, wait, "live subscriptions", func() bool { return e.svc.Learning().Live == len(ownedCommandable) })
+	var old []string
+	for _, s := range e.sim.Subscriptions() {
+		old = append(old, s.ID)
+	}
+	e.sim.SetFault(centralsim.Fault{Mode: centralsim.FaultStatus, Target: centralsim.TargetBroker, Status: 503})
+	e.stop()
+	if n := len(e.sim.Subscriptions()); n != len(ownedCommandable) {
+		t.Fatalf("%d subscriptions after a stop whose DELETEs failed, want %d left", n, len(ownedCommandable))
+	}
+	e.sim.ClearFault()
+
+	e.startNotifying(mqttTransport(b), slowPoll, nil)
+	testkit.Eventually(t, wait, "the leftovers deleted and new subscriptions live", func() bool {
+		subs := e.sim.Subscriptions()
+		if len(subs) != len(ownedCommandable) || e.svc.Learning().Live != len(ownedCommandable) {
+			return false
+		}
+		for _, s := range subs {
+			if slices.Contains(old, s.ID) {
+				return false
+			}
+		}
+		return true
+	})
+}
