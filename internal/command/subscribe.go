@@ -538,6 +538,9 @@ func (m *subManager) create(ctx context.Context, d *policy.Device, expires time.
 	notif := m.o.Transport.Target(d.ID)
 	notif["attrs"] = []string{hintOnlyAttr}
 	notif["attrsFormat"] = "normalized"
+	// No throttling: Orion discards notifications inside the period
+	// (orion-api.md "subscription"), which would lose a hint; hintLoop
+	// limits the reads instead.
 	body, err := json.Marshal(map[string]any{
 		"description":  "edgegate " + m.s.o.Gateway + " command hints",
 		"subject":      subject,
