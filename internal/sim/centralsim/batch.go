@@ -133,7 +133,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 				addDesc(orionDoNotExist+name+" - [entity itself]", ", "+name+" [entity itself]")
 				continue
 			}
-			snap = snapshotLocked(e, be.attrs)
+			snap = s.snapshotLocked(e, be.attrs)
 			res = updateExistingLocked(e, be.attrs)
 			if len(res.missing) > 0 {
 				anyFailed = true
@@ -165,7 +165,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 				}
 				attrs = fresh
 			}
-			snap = snapshotLocked(e, attrs)
+			snap = s.snapshotLocked(e, attrs)
 			res = appendLocked(e, attrs)
 		}
 		notifs = append(notifs, s.triggerLocked(t.service, e, snap.changedLocked(e))...) // orion_subs.go

@@ -690,7 +690,7 @@ func (s *Server) orionPatchAttrs(c orionCall) {
 		s.orionAnswer(c, &orionFail{http.StatusNotFound, orionErrNotFound, orionNotFoundDesc})
 		return
 	}
-	snap := snapshotLocked(e, attrs)
+	snap := s.snapshotLocked(e, attrs)
 	res := updateExistingLocked(e, attrs)
 	var u *Update
 	if len(res.applied) > 0 {
