@@ -79,8 +79,10 @@ func (m *MQTTNotify) Run(ctx context.Context, hint func([]byte), resync func()) 
 	filter := m.TopicPrefix + "/+"
 	o := paho.NewClientOptions().AddBroker(m.URL).SetClientID(m.ClientID).SetCleanSession(true).
 		SetAutoReconnect(true).SetConnectRetry(true).SetConnectRetryInterval(2 * time.Second).
-		SetMaxReconnectInterval(30 * time.Second).SetConnectTimeout(10 * time.Second).SetKeepAlive(30 * time.Second).
-		SetOrderMatters(false)
+		SetMaxReconnectInterval(30 * time.Second).SetConnectTimeout(10 * time.Second).SetKeepAlive(30 * time.Second)
+	// Messages are handled in order on paho's goroutine: hint never
+	// blocks (a map under a lock and a non-blocking wake), so a flood
+	// costs no goroutine per message.
 	if m.Username != "" {
 		o.SetUsername(m.Username).SetPassword(m.Password)
 	}
