@@ -405,6 +405,16 @@ func TestSubscriptionNotifiesHTTP(t *testing.T) {
 	if resp.StatusCode != http.StatusMethodNotAllowed {
 		t.Errorf("GET on the endpoint = %d, want 405", resp.StatusCode)
 	}
+	// A body over 64 KiB is refused unread.
+	before := e.svc.Stats().Notifications
+	resp, err = c.Post("https://"+addr+"/notify", "application/json", strings.NewReader(`{"id":"`+strings.Repeat("x", 70<<10)+`"}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestEntityTooLarge || e.svc.Stats().Notifications != before {
+		t.Errorf("an oversized POST = %d (notifications %d → %d), want 413 and not taken in", resp.StatusCode, before, e.svc.Stats().Notifications)
+	}
 }
 
 // A failing platform (Orion answering 5xx behind the filter, which makes
