@@ -26,6 +26,7 @@ FUZZ_TARGETS := \
 	./mqtt:FuzzTopicMatch \
 	./mqtt:FuzzCommandTopic \
 	./internal/command:FuzzReadEntity \
+	./internal/command:FuzzNotifiedIDs \
 	./mqtt:FuzzBrokerPackets \
 	./radio:FuzzMySensors \
 	./radio:FuzzJSONLines \

@@ -244,6 +244,9 @@ func writeCommands(b *strings.Builder, c CommandsStatus) {
 		c.Pending, c.Sent, c.Delivered, c.Confirmed, c.Expired, c.Dropped)
 	fmt.Fprintf(b, "   since start: %s learned, %s, %s\n", Count(int(c.Learned)),
 		Plural(int(c.SendErrors), "send error", "send errors"), Plural(int(c.PollErrors), "platform read error", "platform read errors"))
+	if c.Learning != "" {
+		fmt.Fprintf(b, "   learning: %s\n", c.Learning)
+	}
 	if c.Error != "" {
 		fmt.Fprintf(b, "%s commands: %s\n", problemMark, c.Error)
 	}

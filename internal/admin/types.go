@@ -136,6 +136,9 @@ type CommandsStatus struct {
 	Learned    uint64 `json:"learned"`
 	SendErrors uint64 `json:"send_errors"`
 	PollErrors uint64 `json:"poll_errors"`
+	// Learning says how commands are learned: polling, or Orion
+	// subscriptions live for some devices (and why not for the others).
+	Learning string `json:"learning,omitempty"`
 	// Error is set when the records could not be read.
 	Error string `json:"error,omitempty"`
 }

@@ -193,8 +193,11 @@ type Options struct {
 	// MinBackoff, MaxBackoff bound the waits after a failed read of the
 	// platform (defaults 1s, 1m).
 	MinBackoff, MaxBackoff time.Duration
-	Logger                 *slog.Logger
-	Now                    func() time.Time
+	// Notify, when set, learns through Orion subscriptions where the
+	// platform offers them (subscribe.go); nil: polling only.
+	Notify *NotifyOptions
+	Logger *slog.Logger
+	Now    func() time.Time
 }
 
 // Stats counts what the service did since it started.
@@ -205,6 +208,12 @@ type Stats struct {
 	Sent, Delivered, Confirmed    uint64
 	Expired, Dropped, SendErrors  uint64
 	WriteBacks, WriteBackFailures uint64
+	// Subscriptions (subscribe.go): notifications taken in, those ignored
+	// (unparsable, no device of the policy), reads they caused (hints),
+	// subscriptions made and deleted, probes refused or failed.
+	Notifications, NotifyIgnored, Hints uint64
+	Subscribed, Unsubscribed            uint64
+	ProbeRefused, ProbeFailed           uint64
 }
 
 // Service learns and delivers commands. Run owns its goroutine.
@@ -228,6 +237,7 @@ type Service struct {
 	sending map[string]context.CancelFunc
 	bo      *backoff.Backoff
 	cs      confirmState // confirm.go: confirmations read first, retained commands swept
+	subs    *subManager  // nil unless Options.Notify
 }
 
 // New checks the options; Run starts the work.
@@ -265,6 +275,9 @@ func New(o Options) (*Service, error) {
 	}
 	s := &Service{o: o, log: log, limited: logx.NewLimiter(log, 30*time.Second), wake: make(chan struct{}, 1),
 		recs: map[string]*record{}, holding: map[string]bool{}, retry: map[string]retryAt{}, sending: map[string]context.CancelFunc{}, bo: backoff.New(o.MinBackoff, o.MaxBackoff)}
+	if o.Notify != nil && o.Notify.Transport != nil && o.Tokens != nil {
+		s.subs = newSubManager(s, *o.Notify)
+	}
 	return s, nil
 }
 
@@ -308,6 +321,9 @@ func (s *Service) Forget(devices []string) {
 		s.mu.Unlock()
 		s.sweepDevice(id, cleared) // confirm.go: every topic known, not only those sent since start
 	}
+	if s.subs != nil {
+		s.subs.forget(devices)
+	}
 }
 
 // Stats is a snapshot of the counters.
@@ -331,6 +347,14 @@ func (s *Service) Nudge() {
 func (s *Service) Run(ctx context.Context) error {
 	tick := time.NewTicker(s.o.PollInterval)
 	defer tick.Stop()
+	if s.subs != nil {
+		// Subscriptions beside the polling (subscribe.go); deleted on a
+		// clean stop before Run returns.
+		subCtx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { defer close(done); s.subs.run(subCtx) }()
+		defer func() { cancel(); <-done }()
+	}
 	var nextPoll time.Time
 	for {
 		if now := s.o.Now(); !now.Before(nextPoll) {

@@ -31,12 +31,12 @@ import (
 // READ_WRITE or MODIFY delegation of (AccessTokenAuthenticationFilter
 // checkAuthorizationWithAccessToken).
 //
-// Why polling and not an Orion subscription: the filter does route POST
-// /v2/subscriptions, but a notification must reach the gateway, which sits
-// behind NAT on a home or site network, or an MQTT broker Orion was set up
-// to publish to (Orion's -mqtt* options, not part of a stock Snap4City
-// deploy). Polling needs nothing from the platform; its cost is bounded by
-// commands.poll_budget reads per commands.poll_interval.
+// Polling needs nothing from the platform; its cost is bounded by
+// commands.poll_budget reads per commands.poll_interval. Where the
+// platform offers an Orion subscription and a way for its notifications
+// to reach the gateway (behind NAT: an MQTT broker both reach, or an
+// HTTPS endpoint), subscribe.go learns sooner; a notification only makes
+// the gateway poll that device now.
 
 // maxEntityBytes bounds one entity read back.
 const maxEntityBytes = 1 << 20
@@ -56,8 +56,11 @@ func (s *Service) pollRound(ctx context.Context) error {
 		return nil
 	}
 	var devs []*policy.Device
+	now := s.o.Now()
 	for _, d := range s.o.Policy.Current().Devices() {
-		if d.Commandable() {
+		// A device with a live subscription is read only every safety
+		// interval (subscribe.go).
+		if d.Commandable() && (s.subs == nil || !s.subs.skipPoll(d.ID, now)) {
 			devs = append(devs, d)
 		}
 	}
@@ -72,6 +75,9 @@ func (s *Service) pollRound(ctx context.Context) error {
 	for i := 0; i < n; i++ {
 		d := devs[(start+i)%len(devs)]
 		err := s.poll(ctx, d)
+		if err == nil && s.subs != nil {
+			s.subs.polled(d.ID, now)
+		}
 		s.count(func(st *Stats) {
 			st.Polls++
 			if err != nil {

@@ -7,7 +7,7 @@ import "github.com/prometheus/client_golang/prometheus"
 // and /metrics can never disagree with what Stats says.
 func (s *Service) Collector() prometheus.Collector {
 	return statsCollector{s: s, desc: prometheus.NewDesc("edgegate_commands_total",
-		"Commands to actuators by event: polls and poll errors of the platform, commands learned (platform, local), superseded, sent, delivered, confirmed, expired, dropped, send errors, write-backs and their failures.",
+		"Commands to actuators by event: polls and poll errors of the platform, commands learned (platform, local), superseded, sent, delivered, confirmed, expired, dropped, send errors, write-backs and their failures; Orion subscriptions: notifications (and those ignored), reads they caused, subscriptions made and deleted, probes refused or failed.",
 		[]string{"event"}, nil)}
 }
 
@@ -29,6 +29,9 @@ func (c statsCollector) Collect(ch chan<- prometheus.Metric) {
 		{"sent", st.Sent}, {"delivered", st.Delivered}, {"confirmed", st.Confirmed},
 		{"expired", st.Expired}, {"dropped", st.Dropped}, {"send_error", st.SendErrors},
 		{"write_back", st.WriteBacks}, {"write_back_failure", st.WriteBackFailures},
+		{"notification", st.Notifications}, {"notification_ignored", st.NotifyIgnored}, {"hint_read", st.Hints},
+		{"subscribed", st.Subscribed}, {"unsubscribed", st.Unsubscribed},
+		{"probe_refused", st.ProbeRefused}, {"probe_failed", st.ProbeFailed},
 	} {
 		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(e.v), e.name)
 	}

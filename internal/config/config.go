@@ -360,6 +360,58 @@ type Commands struct {
 	// LocalControl lets local-broker applications that the policy grants
 	// a write kind on a device (or own it) publish commands to it.
 	LocalControl bool `yaml:"local_control"`
+	// Notify learns commands through an Orion subscription where the
+	// platform offers one (docs/actuators.md): none (polling only), mqtt
+	// or http.
+	Notify Notify `yaml:"notify"`
+}
+
+// Notify modes (commands.notify.mode).
+const (
+	NotifyModeNone = "none"
+	NotifyModeMQTT = "mqtt"
+	NotifyModeHTTP = "http"
+)
+
+// Notify configures the Orion subscription that hints the gateway that an
+// actuator's entity changed; the gateway then reads the entity through
+// the filter (a notification is never a command by itself).
+type Notify struct {
+	Mode string `yaml:"mode"`
+	// Expires is the lifetime asked for each subscription; it is renewed
+	// (a new one, then the old one deleted) before it lapses.
+	Expires time.Duration `yaml:"expires"`
+	// SafetyInterval is how often a device with a live subscription is
+	// still read back (a lost notification costs at most this).
+	SafetyInterval time.Duration `yaml:"safety_interval"`
+	// Reprobe bounds the wait before a refused or failed subscription is
+	// tried again (jittered, doubling from 10s).
+	Reprobe time.Duration `yaml:"reprobe"`
+	MQTT    NotifyMQTT    `yaml:"mqtt"`
+	HTTP    NotifyHTTP    `yaml:"http"`
+}
+
+// NotifyMQTT: a broker both Orion and the gateway reach.
+type NotifyMQTT struct {
+	// URL is where the gateway subscribes: tcp://, ssl://, mqtt:// or mqtts://.
+	URL string `yaml:"url"`
+	// OrionURL is where Orion publishes: mqtt://host:port (Orion 3.12 has
+	// no MQTT over TLS); default: URL when that is mqtt:// or tcp://.
+	OrionURL    string `yaml:"orion_url"`
+	TopicPrefix string `yaml:"topic_prefix"`
+	// Username and PasswordFile log both in; the password goes to Orion in
+	// the subscription (which shows it masked) and never into a log.
+	Username     string `yaml:"username"`
+	PasswordFile string `yaml:"password_file"`
+	CAFile       string `yaml:"ca_file"` // for ssl:// or mqtts:// on the gateway's side
+}
+
+// NotifyHTTP: an HTTPS endpoint of the gateway that Orion posts to.
+type NotifyHTTP struct {
+	Listen    string `yaml:"listen"`
+	PublicURL string `yaml:"public_url"`
+	CertFile  string `yaml:"cert_file"`
+	KeyFile   string `yaml:"key_file"`
 }
 
 // Radio configures the serial radio links.
@@ -502,7 +554,9 @@ func Default() Config {
 		},
 		Pipeline: Pipeline{MaxClockSkew: 5 * time.Minute},
 		Commands: Commands{TTL: 10 * time.Minute, PollInterval: 5 * time.Second, PollBudget: 32,
-			Retries: 3, AckTimeout: 2 * time.Second},
+			Retries: 3, AckTimeout: 2 * time.Second,
+			Notify: Notify{Mode: NotifyModeNone, Expires: time.Hour, SafetyInterval: 5 * time.Minute, Reprobe: 10 * time.Minute,
+				MQTT: NotifyMQTT{TopicPrefix: "edgegate/notify"}}},
 		Policy: Policy{Source: PolicyConfig, PollInterval: 5 * time.Minute, ExpiryGrace: 24 * time.Hour,
 			Ownership: Ownership{MaxAge: 24 * time.Hour}},
 		Metrics: Metrics{Listen: "127.0.0.1:9464"},
@@ -650,6 +704,10 @@ func (c *Config) resolvePaths(dir string) {
 	abs(&c.DevicesFile)
 	abs(&c.Policy.KeysFile)
 	abs(&c.Admin.Socket)
+	abs(&c.Commands.Notify.MQTT.PasswordFile)
+	abs(&c.Commands.Notify.MQTT.CAFile)
+	abs(&c.Commands.Notify.HTTP.CertFile)
+	abs(&c.Commands.Notify.HTTP.KeyFile)
 }
 
 // KeyFile is the store key file in use: the configured one or
@@ -680,6 +738,9 @@ func (c *Config) urlSecrets() []error {
 		{"policy.push_url", c.Policy.PushURL},
 		{"policy.ownership.url", c.Policy.Ownership.URL},
 		{"policy.ownership.datamanager_url", c.Policy.Ownership.DataManagerURL},
+		{"commands.notify.mqtt.url", c.Commands.Notify.MQTT.URL},
+		{"commands.notify.mqtt.orion_url", c.Commands.Notify.MQTT.OrionURL},
+		{"commands.notify.http.public_url", c.Commands.Notify.HTTP.PublicURL},
 	}
 	names := make([]string, 0, len(c.Policy.Ownership.Brokers))
 	for name := range c.Policy.Ownership.Brokers {
@@ -870,6 +931,12 @@ func (c *Config) CheckSecretFiles(getenv func(string) string) error {
 	}
 	if c.MQTT.Mode == ModeExternal {
 		files = append(files, kf{"mqtt.external.password_file", c.MQTT.External.PasswordFile})
+	}
+	if c.Commands.Enabled && c.Commands.Notify.Mode == NotifyModeMQTT {
+		files = append(files, kf{"commands.notify.mqtt.password_file", c.Commands.Notify.MQTT.PasswordFile})
+	}
+	if c.Commands.Enabled && c.Commands.Notify.Mode == NotifyModeHTTP {
+		files = append(files, kf{"commands.notify.http.key_file", c.Commands.Notify.HTTP.KeyFile})
 	}
 	credential := false
 	if dir := getenv("CREDENTIALS_DIRECTORY"); dir != "" && c.Store.Credential != "" {

@@ -605,11 +605,79 @@ func (c *Config) validateCommands(p *problems) {
 		// (docs/actuators.md): local control needs the embedded broker.
 		p.bad("commands.local_control", "true", "needs mqtt.mode embedded: with an external Mosquitto, applications cannot publish commands")
 	}
+	c.validateNotify(p)
 	for _, d := range c.Devices {
 		switch d.Kind {
 		case "", "sensor", "actuator":
 		default:
 			p.bad("devices["+d.ID+"].kind", d.Kind, "must be sensor or actuator")
+		}
+	}
+}
+
+// validateNotify checks commands.notify.*.
+func (c *Config) validateNotify(p *problems) {
+	n := c.Commands.Notify
+	const k = "commands.notify."
+	switch n.Mode {
+	case NotifyModeNone:
+		return
+	case NotifyModeMQTT, NotifyModeHTTP:
+	default:
+		p.bad(k+"mode", n.Mode, "must be none, mqtt or http")
+		return
+	}
+	if n.Expires < 10*time.Second || n.Expires > 7*24*time.Hour {
+		p.bad(k+"expires", n.Expires.String(), "must be in 10s..168h")
+	}
+	if n.SafetyInterval < c.Commands.PollInterval || n.SafetyInterval > 24*time.Hour {
+		p.bad(k+"safety_interval", n.SafetyInterval.String(), "must be in commands.poll_interval..24h")
+	}
+	if n.Reprobe < 10*time.Second || n.Reprobe > 24*time.Hour {
+		p.bad(k+"reprobe", n.Reprobe.String(), "must be in 10s..24h")
+	}
+	if n.Mode == NotifyModeMQTT {
+		m := n.MQTT
+		u, err := url.Parse(m.URL)
+		switch {
+		case m.URL == "" || err != nil || u.Host == "":
+			p.bad(k+"mqtt.url", m.URL, "must be a broker URL: tcp://, ssl://, mqtt:// or mqtts://host:port")
+		case u.Scheme != "tcp" && u.Scheme != "ssl" && u.Scheme != "mqtt" && u.Scheme != "mqtts":
+			p.bad(k+"mqtt.url", m.URL, "scheme must be tcp, ssl, mqtt or mqtts")
+		case u.User != nil:
+			p.bad(k+"mqtt.url", "(redacted)", "must not carry credentials: use commands.notify.mqtt.username and password_file")
+		}
+		if m.OrionURL == "" && err == nil && u.Scheme != "tcp" && u.Scheme != "mqtt" {
+			p.bad(k+"mqtt.orion_url", "", "required when mqtt.url is TLS: Orion 3.12 publishes over plain mqtt:// only")
+		}
+		if m.OrionURL != "" {
+			ou, err := url.Parse(m.OrionURL)
+			if err != nil || ou.Scheme != "mqtt" || ou.Host == "" || (ou.Path != "" && ou.Path != "/") || ou.User != nil {
+				p.bad(k+"mqtt.orion_url", m.OrionURL, "must be mqtt://host:port, without a path or credentials (Orion's rule)")
+			}
+		}
+		if m.TopicPrefix == "" || strings.ContainsAny(m.TopicPrefix, "+#") || strings.HasSuffix(m.TopicPrefix, "/") || strings.ContainsAny(m.TopicPrefix, `<>"'=;()`) {
+			p.bad(k+"mqtt.topic_prefix", m.TopicPrefix, "must be a topic without + # or a trailing /, and none of < > \" ' = ; ( ) (Orion refuses them)")
+		}
+		if (m.Username == "") != (m.PasswordFile == "") {
+			p.bad(k+"mqtt.username", m.Username, "username and password_file go together (Orion takes user and passwd together)")
+		}
+	}
+	if n.Mode == NotifyModeHTTP {
+		h := n.HTTP
+		if _, _, err := net.SplitHostPort(h.Listen); h.Listen == "" || err != nil {
+			p.bad(k+"http.listen", h.Listen, "must be host:port")
+		}
+		if err := httpsURL(h.PublicURL); err != nil {
+			p.bad(k+"http.public_url", h.PublicURL, err.Error())
+		} else if strings.ContainsAny(h.PublicURL, `<>"'=;()`) {
+			p.bad(k+"http.public_url", h.PublicURL, "must hold none of < > \" ' = ; ( ) (Orion refuses them)")
+		}
+		if h.CertFile == "" {
+			p.bad(k+"http.cert_file", "", "required: Orion posts over https")
+		}
+		if h.KeyFile == "" {
+			p.bad(k+"http.key_file", "", "required: Orion posts over https")
 		}
 	}
 }

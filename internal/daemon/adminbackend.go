@@ -241,7 +241,8 @@ func commandsStatus(svc *command.Service) admin.CommandsStatus {
 		return admin.CommandsStatus{}
 	}
 	ks := svc.Stats()
-	cs := admin.CommandsStatus{Enabled: true, Learned: ks.Learned + ks.Local, SendErrors: ks.SendErrors, PollErrors: ks.PollErrors}
+	cs := admin.CommandsStatus{Enabled: true, Learned: ks.Learned + ks.Local, SendErrors: ks.SendErrors, PollErrors: ks.PollErrors,
+		Learning: svc.Learning().String()}
 	recs, err := svc.Commands()
 	if err != nil {
 		cs.Error = err.Error()

@@ -486,7 +486,12 @@ func (d *Daemon) openCommands(st *state, brokerCAs *x509.CertPool) error {
 		}
 	}
 	mysensors := command.MySensors{Radio: st.radio, Tries: c.Retries, AckTimeout: c.AckTimeout}
+	notify, err := notifyOptions(c, d.gateway, st.red.Add, d.log.With("component", "commands"))
+	if err != nil {
+		return fmt.Errorf("commands: %w", err)
+	}
 	svc, err := command.New(command.Options{
+		Notify:  notify,
 		Gateway: d.gateway, Store: st.q, Policy: st.engine, Tokens: st.tokens,
 		HTTPClient: uplink.NewHTTPClient(brokerCAs, cfg.Uplink.RequestTimeout, 2), Submit: st.pipe,
 		SignatureMeta: cfg.Uplink.SignatureAttribute, TTL: c.TTL, PollInterval: c.PollInterval, PollBudget: c.PollBudget,
@@ -522,6 +527,7 @@ func (d *Daemon) openCommands(st *state, brokerCAs *x509.CertPool) error {
 	st.engine.OnChange(func(ch policy.Change) {
 		gone := append(append([]string(nil), ch.Revoked...), ch.Rebound...)
 		svc.Forget(gone)
+		svc.Resubscribe() // devices added or changed: their Orion subscriptions (notify.go)
 		if st.broker != nil {
 			st.broker.PurgeCommands(gone)
 		}

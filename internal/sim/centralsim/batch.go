@@ -107,6 +107,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 		anyEntity  bool   // some entity existed (or was created)
 		anyApplied bool
 		anyFailed  bool
+		notifs     []pendingNotif
 	)
 	addDesc := func(first, next string) {
 		if desc == "" {
@@ -124,6 +125,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 		}
 		name := enStr(be.id, be.typ)
 		var res applyResult
+		var snap attrSnapshot
 		switch action {
 		case "update":
 			if !ok {
@@ -131,6 +133,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 				addDesc(orionDoNotExist+name+" - [entity itself]", ", "+name+" [entity itself]")
 				continue
 			}
+			snap = s.snapshotLocked(e, be.attrs)
 			res = updateExistingLocked(e, be.attrs)
 			if len(res.missing) > 0 {
 				anyFailed = true
@@ -162,8 +165,10 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 				}
 				attrs = fresh
 			}
+			snap = s.snapshotLocked(e, attrs)
 			res = appendLocked(e, attrs)
 		}
+		notifs = append(notifs, s.triggerLocked(t.service, e, snap.changedLocked(e))...) // orion_subs.go
 		anyEntity = true
 		if len(res.applied) > 0 {
 			anyApplied = true
@@ -173,6 +178,7 @@ func (s *Server) handleBatchUpdate(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.mu.Unlock()
+	s.notifyAsync(notifs)
 	for _, u := range ups {
 		s.notify(u)
 	}

@@ -535,7 +535,7 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request, rest string, r
 		}
 		// consumes = { "application/json" }: Spring answers 415 itself.
 		ct := r.Header.Get("Content-Type")
-		if mt, _, err := mime.ParseMediaType(ct); err != nil || mt != "application/json" {
+		if !isJSONType(ct) {
 			if ct == "" {
 				ct = "application/octet-stream"
 			}
@@ -553,13 +553,44 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request, rest string, r
 		}
 		s.orionPatchAttrs(c)
 	case len(seg) == 2 && seg[0] == "v2" && seg[1] == "subscriptions":
-		if allow(http.MethodPost) {
-			s.notSimulated(w, ref, "subscriptions")
+		// OC subscribeV2: consumes application/json, proxied with body and
+		// headers; Orion's 201 and its Location header come back as they are.
+		if !allow(http.MethodPost) {
+			return
 		}
+		if s.noSubs.Load() {
+			s.notSimulated(w, ref, "subscriptions")
+			return
+		}
+		if ct := r.Header.Get("Content-Type"); !isJSONType(ct) {
+			if ct == "" {
+				ct = "application/octet-stream"
+			}
+			s.springError(w, ref, http.StatusUnsupportedMediaType, "org.springframework.web.HttpMediaTypeNotSupportedException",
+				"Content type '"+ct+"' not supported", rest)
+			return
+		}
+		c := orionCall{w: w, r: r, ref: ref, user: ref.User}
+		if s.orionFaultBehindFilter(c) {
+			return
+		}
+		s.orionCreateSubscription(c)
 	case len(seg) == 3 && seg[0] == "v2" && seg[1] == "subscriptions":
-		if allow(http.MethodDelete) {
-			s.notSimulated(w, ref, "subscriptions")
+		// OC unsubscribeV2: the filter checked the elementid (any element
+		// the user may read); the subscription itself is not tied to it.
+		if !allow(http.MethodDelete) {
+			return
 		}
+		if s.noSubs.Load() {
+			s.notSimulated(w, ref, "subscriptions")
+			return
+		}
+		c := orionCall{w: w, r: r, ref: ref, user: ref.User}
+		if s.orionFaultBehindFilter(c) {
+			return
+		}
+		id, _ := url.PathUnescape(seg[2])
+		s.orionDeleteSubscription(c, id)
 	case len(seg) == 2 && seg[0] == "v1" && (seg[1] == "queryContext" || seg[1] == "updateContext" || seg[1] == "subscribeContext" || seg[1] == "unsubscribeContext"):
 		if allow(http.MethodPost) {
 			s.notSimulated(w, ref, "NGSIv1")
@@ -568,6 +599,12 @@ func (s *Server) dispatch(w http.ResponseWriter, r *http.Request, rest string, r
 		// e.g. POST /v2/op/update: the filter has no such mapping.
 		s.springError(w, ref, http.StatusNotFound, "", "No message available", rest)
 	}
+}
+
+// isJSONType: Spring's match of consumes = { "application/json" }.
+func isJSONType(ct string) bool {
+	mt, _, err := mime.ParseMediaType(ct)
+	return err == nil && mt == "application/json"
 }
 
 // notSimulated answers a route the filter proxies but the simulator does
@@ -619,6 +656,21 @@ func (s *Server) directRoutes(mux *http.ServeMux) {
 		s.orionGetEntity(orionCall{w: w, r: r, ref: ref, id: r.PathValue("id"), typ: q.Get("type"), attrs: q.Get("attrs")})
 	}))
 	mux.Handle("POST "+DirectPath+"/v2/op/update", wrap(s.handleBatchUpdate))
+	direct := func(r *http.Request, w http.ResponseWriter) orionCall {
+		return orionCall{w: w, r: r, ref: Refusal{Method: r.Method, Path: r.URL.Path}}
+	}
+	mux.Handle("POST "+DirectPath+"/v2/subscriptions", wrap(func(w http.ResponseWriter, r *http.Request) {
+		s.orionCreateSubscription(direct(r, w))
+	}))
+	mux.Handle("GET "+DirectPath+"/v2/subscriptions", wrap(func(w http.ResponseWriter, r *http.Request) {
+		s.orionGetSubscription(direct(r, w), "")
+	}))
+	mux.Handle("GET "+DirectPath+"/v2/subscriptions/{id}", wrap(func(w http.ResponseWriter, r *http.Request) {
+		s.orionGetSubscription(direct(r, w), r.PathValue("id"))
+	}))
+	mux.Handle("DELETE "+DirectPath+"/v2/subscriptions/{id}", wrap(func(w http.ResponseWriter, r *http.Request) {
+		s.orionDeleteSubscription(direct(r, w), r.PathValue("id"))
+	}))
 }
 
 // brokerRoutes mounts the filter (both prefixes) and the bare Orion.

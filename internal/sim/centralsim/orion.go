@@ -634,12 +634,22 @@ func (s *Server) orionAnswer(c orionCall, f *orionFail) {
 	s.refuseOrion(c.w, c.ref, f.status, f.code, f.desc)
 }
 
-// orionPatchAttrs is PATCH /v2/entities/{id}/attrs.
-func (s *Server) orionPatchAttrs(c orionCall) {
+// orionTenant reads the request's tenant, or answers Orion's 400.
+func (s *Server) orionTenant(c orionCall) (tenant, bool) {
 	t, f := tenantOf(c.r)
 	if f != nil {
 		s.orionAnswer(c, f)
-		return
+		return t, false
+	}
+	return t, true
+}
+
+// orionRequest reads the tenant and the body of a request that carries
+// one (size limit, Content-Type), or answers Orion's error.
+func (s *Server) orionRequest(c orionCall) (tenant, []byte, bool) {
+	t, ok := s.orionTenant(c)
+	if !ok {
+		return t, nil, false
 	}
 	body, f := readBody(c.w, c.r, maxUpdateBytes)
 	if f == nil {
@@ -647,6 +657,15 @@ func (s *Server) orionPatchAttrs(c orionCall) {
 	}
 	if f != nil {
 		s.orionAnswer(c, f)
+		return t, nil, false
+	}
+	return t, body, true
+}
+
+// orionPatchAttrs is PATCH /v2/entities/{id}/attrs.
+func (s *Server) orionPatchAttrs(c orionCall) {
+	t, body, ok := s.orionRequest(c)
+	if !ok {
 		return
 	}
 	if len(body) == 0 {
@@ -671,13 +690,16 @@ func (s *Server) orionPatchAttrs(c orionCall) {
 		s.orionAnswer(c, &orionFail{http.StatusNotFound, orionErrNotFound, orionNotFoundDesc})
 		return
 	}
+	snap := s.snapshotLocked(e, attrs)
 	res := updateExistingLocked(e, attrs)
 	var u *Update
 	if len(res.applied) > 0 {
 		u = s.newUpdate(c.id, c.user, res.applied, v)
 		s.recordLocked(u)
 	}
+	notifs := s.triggerLocked(t.service, e, snap.changedLocked(e)) // orion_subs.go
 	s.mu.Unlock()
+	s.notifyAsync(notifs)
 	if u != nil {
 		s.notify(*u)
 		s.log.Debug("update accepted", "device", u.Device, "user", u.User, "gateway", u.Gateway, "seq", u.Seq, "verdict", u.Verdict, "missing", len(res.missing))
@@ -707,9 +729,8 @@ func (s *Server) newUpdate(device, user string, applied map[string]json.RawMessa
 // orionGetEntity is GET /v2/entities/{id}[?type=&attrs=] in normalized
 // form; "attrs" limits the attributes rendered.
 func (s *Server) orionGetEntity(c orionCall) {
-	t, f := tenantOf(c.r)
-	if f != nil {
-		s.orionAnswer(c, f)
+	t, ok := s.orionTenant(c)
+	if !ok {
 		return
 	}
 	s.mu.Lock()

@@ -252,6 +252,17 @@ type Options struct {
 	// PlatformHTTPClient makes the calls to trusted third-party providers;
 	// default: one that trusts the system roots.
 	PlatformHTTPClient *http.Client
+	// Orion subscriptions (orion_subs.go)
+
+	// NoSubscriptions makes the broker answer POST and DELETE
+	// /v2/subscriptions 501, as a deploy that does not offer them (a
+	// gateway then falls back to polling).
+	NoSubscriptions bool
+	// NotifyHTTPClient sends Orion's HTTP notifications; default
+	// http.DefaultClient (Orion verifies the receiver's certificate unless
+	// started with -insecureNotif).
+	NotifyHTTPClient *http.Client
+
 	// Companion mounts the edgegate-only endpoints that stock Snap4City
 	// lacks (policy keys, signed bundles, receipts, the MQTT push broker,
 	// pairing's key pinning): they model the future edgegate-central
@@ -296,6 +307,10 @@ type Server struct {
 	ps   syncState    // policy-sync state, under mu
 	pair pairingState // pairing state, under its own lock (pairing.go)
 	push *pushBroker  // nil unless Options.MQTT
+
+	subs     map[string]*subscription // Orion's subscriptions, under mu (orion_subs.go)
+	notifier *subNotifier
+	noSubs   atomic.Bool // Options.NoSubscriptions, SetNoSubscriptions
 }
 
 var realmRE = regexp.MustCompile(`^[A-Za-z0-9._-]{1,64}$`)
@@ -340,6 +355,8 @@ func New(opts Options) (*Server, error) {
 		entities: make(map[string]*entity),
 		refresh:  make(map[string]refreshGrant),
 		seen:     make(map[seenKey]bool),
+		subs:     make(map[string]*subscription),
+		notifier: newSubNotifier(),
 		pair: pairingState{
 			codes:   make(map[string]*deviceCode),
 			users:   make(map[string]string),
@@ -348,6 +365,7 @@ func New(opts Options) (*Server, error) {
 			jtis:    make(map[string]time.Time),
 		},
 	}
+	s.noSubs.Store(opts.NoSubscriptions)
 	if err := s.initSyncState(); err != nil {
 		return nil, fmt.Errorf("centralsim: %w", err)
 	}
@@ -469,6 +487,7 @@ func (s *Server) Close() error {
 	if s.push != nil {
 		s.push.close()
 	}
+	defer s.closeNotifier()
 	if s.srv == nil {
 		return nil
 	}
