@@ -429,6 +429,16 @@ func Parse(payload []byte) (attrs []Attribute, observed time.Time, err error) {
 	if !utf8.Valid(payload) {
 		return nil, time.Time{}, &reasonError{ReasonBadUTF8, fmt.Sprintf("payload is not valid UTF-8 at byte %d", invalidUTF8At(payload))}
 	}
+	if attrs, observed, ok := parseFast(payload); ok {
+		return attrs, observed, nil
+	}
+	return parseStd(payload)
+}
+
+// parseStd is Parse through encoding/json: the reference the fast parser
+// (parse.go) is fuzzed against, and the path that words every refusal.
+// payload is within MaxPayloadBytes and valid UTF-8.
+func parseStd(payload []byte) (attrs []Attribute, observed time.Time, err error) {
 	var top map[string]json.RawMessage
 	if err := json.Unmarshal(payload, &top); err != nil {
 		return nil, time.Time{}, fmt.Errorf("%w: payload is not a JSON object: %v", ErrInvalid, err)
