@@ -127,6 +127,7 @@ type Key struct {
 	priv   crypto.Signer    // EdDSA, ES256: nil for a verification-only key
 	pub    crypto.PublicKey // EdDSA, ES256 (see keys.go)
 	hdr    string           // base64url of the protected header, rendered once per key
+	pads   *hmacPads        // HS256: the HMAC state after the key's pads (sealbody.go)
 }
 
 // DeriveHS256 derives the HS256 reading key of a device from its K1 and K2.
@@ -142,7 +143,11 @@ func DeriveHS256(deviceID, k1, k2 string) (Key, error) {
 	h.Write([]byte("edgegate/kid/v1"))
 	h.Write(secret)
 	kid := "hs256-" + base64.RawURLEncoding.EncodeToString(h.Sum(nil)[:9])
-	return Key{id: kid, alg: jwa.HS256, secret: secret, hdr: headerB64(string(jwa.HS256), kid)}, nil
+	pads, err := newHMACPads(secret)
+	if err != nil {
+		return Key{}, fmt.Errorf("derive key: %w", err)
+	}
+	return Key{id: kid, alg: jwa.HS256, secret: secret, hdr: headerB64(string(jwa.HS256), kid), pads: pads}, nil
 }
 
 // DeriveMQTTPassword derives a device's password on the local MQTT broker
@@ -211,41 +216,28 @@ func ClaimsOf(gateway string, seq uint64, r *reading.Reading) Claims {
 
 // Seal signs the claims and returns the compact JWS.
 //
-// The compact serialization is assembled here, in one buffer, around jwx's
-// HMAC signer (jws.NewSigner): the protected header is rendered once per
-// key and the claims by hand (encode.go). The result is exactly what
-// jws.Sign produces for the same header and payload; Open verifies it
-// through jwx.
+// The compact serialization is assembled here, in pooled scratch memory:
+// the protected header is rendered once per key, the claims by hand
+// (encode.go), and the signature computed with the standard library
+// (sealbody.go: HS256 from the key's precomputed HMAC pads, EdDSA, ES256).
+// The result is exactly what jws.Sign produces for the same header and
+// payload (TestSealVerifiesBothWays); Open verifies it through jwx too.
+// The gateway's per-reading path uses SealBody, which also renders the
+// NGSI body.
 func Seal(k Key, c Claims) (string, error) {
-	signKey := k.signingKey()
-	if signKey == nil {
+	if !k.CanSign() {
 		return "", errors.New("seal envelope: no key")
 	}
-	hdr := k.hdr
-	if hdr == "" {
-		hdr = headerB64(string(k.alg), k.id)
-	}
-	signer, err := jws.NewSigner(k.alg)
-	if err != nil {
+	s := getScratch()
+	defer putScratch(s)
+	var err error
+	if s.claims, err = appendClaims(s.claims[:0], &c); err != nil {
 		return "", fmt.Errorf("seal envelope: %w", err)
 	}
-	payload, err := appendClaims(make([]byte, 0, 256+64*len(c.Attrs)), &c)
-	if err != nil {
+	if s.jws, err = k.sign(s.jws[:0], s.claims, s); err != nil {
 		return "", fmt.Errorf("seal envelope: %w", err)
 	}
-	enc := base64.RawURLEncoding
-	const sigLen = 86 // base64url of a SHA-512 HMAC or a 64-byte EdDSA/ES256 signature
-	out := make([]byte, 0, len(hdr)+1+enc.EncodedLen(len(payload))+1+sigLen)
-	out = append(out, hdr...)
-	out = append(out, '.')
-	out = enc.AppendEncode(out, payload)
-	sig, err := signer.Sign(out, signKey)
-	if err != nil {
-		return "", fmt.Errorf("seal envelope: %w", err)
-	}
-	out = append(out, '.')
-	out = enc.AppendEncode(out, sig)
-	return string(out), nil
+	return string(s.jws), nil
 }
 
 // Open verifies a compact JWS with the given key, the algorithm pinned to the

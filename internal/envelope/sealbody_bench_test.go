@@ -22,6 +22,14 @@ func BenchmarkSealBodyPath(b *testing.B) {
 	es, _ := GenerateKey(AlgES256)
 	r := benchReading()
 	for _, k := range []Key{hs, ed, es} {
+		b.Run("SealBody-"+k.Alg(), func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				if _, err := SealBody(k, "gw-1", 7, r, ""); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 		b.Run(k.Alg(), func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {

@@ -1,0 +1,296 @@
+package envelope
+
+import (
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"hash"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/lestrrat-go/jwx/v2/jwa"
+	"github.com/lestrrat-go/jwx/v2/jws"
+
+	"github.com/edgegate/edgegate/internal/reading"
+)
+
+// The per-reading sealing path (issue 20). SealBody does what
+// ClaimsOf + Seal + Body do — byte for byte the same JWS and NGSI body
+// (TestSealBodyMatchesSealAndBody) — without the claims map, the sort of
+// its keys, the JWS string or the metadata buffer: the claims are rendered
+// from the reading's attributes, already sorted and unique (Validate), into
+// a pooled scratch buffer, signed there, and the body is rendered into the
+// same scratch and copied out once. An HS256 key carries its HMAC-SHA256
+// state after the key's inner and outer pad blocks (hmacPads, computed
+// once in DeriveHS256), so a reading costs no hmac.New and no pad blocks.
+
+// hmacPads is the SHA-256 state after the HMAC inner (key XOR ipad) and
+// outer (key XOR opad) blocks, as encoding.BinaryMarshaler renders it.
+type hmacPads struct {
+	inner, outer []byte
+}
+
+// newHMACPads precomputes the pads of an HMAC-SHA256 key (RFC 2104; the
+// key is at most one block, DeriveHS256's 32 bytes).
+func newHMACPads(secret []byte) (*hmacPads, error) {
+	if len(secret) > sha256.BlockSize {
+		return nil, errors.New("hmac key longer than a block")
+	}
+	var ipad, opad [sha256.BlockSize]byte
+	copy(ipad[:], secret)
+	copy(opad[:], secret)
+	for i := range ipad {
+		ipad[i] ^= 0x36
+		opad[i] ^= 0x5c
+	}
+	state := func(pad []byte) ([]byte, error) {
+		h := sha256.New()
+		h.Write(pad)
+		m, ok := h.(encoding.BinaryMarshaler)
+		if !ok {
+			return nil, errors.New("sha256 state cannot be saved")
+		}
+		return m.MarshalBinary()
+	}
+	in, err := state(ipad[:])
+	if err != nil {
+		return nil, err
+	}
+	out, err := state(opad[:])
+	if err != nil {
+		return nil, err
+	}
+	return &hmacPads{inner: in, outer: out}, nil
+}
+
+// scratch is the per-call working memory of SealBody and Seal, pooled:
+// it holds no state between calls (every field is reset before use), only
+// capacity, so concurrent sealers never share one.
+type scratch struct {
+	claims []byte // the claims JSON
+	jws    []byte // header.payload, then .signature
+	body   []byte // the NGSI body before its copy out
+	sum    [sha256.Size]byte
+	h      hash.Hash // a SHA-256 whose state is loaded from hmacPads
+}
+
+var scratchPool = sync.Pool{New: func() any { return &scratch{h: sha256.New()} }}
+
+// maxPooledScratch keeps a huge reading's buffers from staying pooled.
+const maxPooledScratch = 64 << 10
+
+func getScratch() *scratch { return scratchPool.Get().(*scratch) }
+
+func putScratch(s *scratch) {
+	if cap(s.claims) > maxPooledScratch || cap(s.jws) > maxPooledScratch || cap(s.body) > maxPooledScratch {
+		return
+	}
+	scratchPool.Put(s)
+}
+
+// sign appends the compact JWS of payload under k to dst: header,
+// payload and signature, base64url, dot-separated — what jws.Sign renders
+// for the header Seal uses. HS256 with precomputed pads, EdDSA and ES256
+// through the standard library; any other key through jwx.
+func (k Key) sign(dst []byte, payload []byte, s *scratch) ([]byte, error) {
+	if !k.CanSign() { // not signingKey() == nil: boxing the secret allocates
+		return nil, errors.New("no key")
+	}
+	hdr := k.hdr
+	if hdr == "" {
+		hdr = headerB64(string(k.alg), k.id)
+	}
+	enc := base64.RawURLEncoding
+	start := len(dst)
+	dst = append(dst, hdr...)
+	dst = append(dst, '.')
+	dst = enc.AppendEncode(dst, payload)
+	input := dst[start:]
+	var sig []byte
+	switch priv := k.priv.(type) {
+	case nil:
+		if k.alg == jwa.HS256 && k.pads != nil {
+			sig = k.pads.mac(s, input)
+		}
+	case ed25519.PrivateKey:
+		if k.alg == jwa.EdDSA {
+			sig = ed25519.Sign(priv, input)
+		}
+	case *ecdsa.PrivateKey:
+		if k.alg == jwa.ES256 {
+			// RFC 7518 §3.4: R and S, 32 bytes each, big endian.
+			digest := sha256.Sum256(input)
+			r, ss, err := ecdsa.Sign(rand.Reader, priv, digest[:])
+			if err != nil {
+				return nil, err
+			}
+			var rs [64]byte
+			r.FillBytes(rs[:32])
+			ss.FillBytes(rs[32:])
+			sig = rs[:]
+		}
+	}
+	if sig == nil {
+		signer, err := jws.NewSigner(k.alg)
+		if err != nil {
+			return nil, err
+		}
+		if sig, err = signer.Sign(input, k.signingKey()); err != nil {
+			return nil, err
+		}
+	}
+	dst = append(dst, '.')
+	return enc.AppendEncode(dst, sig), nil
+}
+
+// mac is HMAC-SHA256(input) from the saved pad states, into s.sum.
+func (p *hmacPads) mac(s *scratch, input []byte) []byte {
+	u := s.h.(encoding.BinaryUnmarshaler)
+	if u.UnmarshalBinary(p.inner) != nil {
+		return nil // sign falls back to jwx
+	}
+	s.h.Write(input)
+	inner := s.h.Sum(s.sum[:0])
+	if u.UnmarshalBinary(p.outer) != nil {
+		return nil
+	}
+	s.h.Write(inner)
+	return s.h.Sum(s.sum[:0])
+}
+
+// SealBody seals reading r as the gateway gw's reading seq under k and
+// renders its NGSI attribute update: the result is exactly
+// Body(ClaimsOf(gw, seq, r), Seal(k, that), sigMeta), in one allocation
+// for a reading of attributes sorted by name (Validate's rule); other
+// readings take that slower way.
+func SealBody(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) ([]byte, error) {
+	for i := 1; i < len(r.Attrs); i++ {
+		if r.Attrs[i-1].Name >= r.Attrs[i].Name {
+			return sealBodyMap(k, gw, seq, r, sigMeta)
+		}
+	}
+	if sigMeta == "" {
+		sigMeta = DefaultSignatureAttr
+	}
+	s := getScratch()
+	defer putScratch(s)
+	t := r.Time.UTC()
+	var err error
+	s.claims, err = appendReadingClaims(s.claims[:0], gw, r.Device, seq, t, r.Attrs)
+	if err != nil {
+		return nil, fmt.Errorf("seal envelope: %w", err)
+	}
+	if s.jws, err = k.sign(s.jws[:0], s.claims, s); err != nil {
+		return nil, fmt.Errorf("seal envelope: %w", err)
+	}
+	if err := checkBodyArgs(sigMeta, len(r.Attrs)); err != nil {
+		return nil, err
+	}
+	b := s.body[:0]
+	b = append(b, '{')
+	for i, a := range r.Attrs {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = appendString(b, a.Name)
+		b = append(b, `:{"type":`...)
+		b = appendString(b, a.Type)
+		b = append(b, `,"value":`...)
+		if b, err = appendValue(b, a.Value); err != nil {
+			return nil, fmt.Errorf("render NGSI body: %w", err)
+		}
+		b = appendMeta(b, t, sigMeta, s.jws)
+		if len(b) > MaxBodyBytes {
+			s.body = b
+			return nil, fmt.Errorf("render NGSI body: %w: more than %d bytes with the signature on each of %d attributes", reading.ErrTooLarge, MaxBodyBytes, len(r.Attrs))
+		}
+	}
+	b = append(b, '}')
+	s.body = b
+	return append(make([]byte, 0, len(b)), b...), nil
+}
+
+// sealBodyMap is SealBody the way it was, for attributes not in order.
+func sealBodyMap(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) ([]byte, error) {
+	c := ClaimsOf(gw, seq, r)
+	compact, err := Seal(k, c)
+	if err != nil {
+		return nil, err
+	}
+	return Body(c, compact, sigMeta)
+}
+
+// checkBodyArgs is Body's refusal of its arguments.
+func checkBodyArgs(sigMeta string, attrs int) error {
+	if sigMeta == TimeInstantMeta {
+		return fmt.Errorf("render NGSI body: %w: signature metadata name %q is the observation time's", reading.ErrInvalid, sigMeta)
+	}
+	if attrs == 0 {
+		return fmt.Errorf("render NGSI body: %w: no attributes", reading.ErrInvalid)
+	}
+	return nil
+}
+
+// appendMeta renders the metadata Body puts on every attribute, its keys
+// in json.Marshal's (sorted) order, and closes the attribute.
+func appendMeta(b []byte, t time.Time, sigMeta string, compact []byte) []byte {
+	sig := func(b []byte) []byte {
+		b = appendString(b, sigMeta)
+		b = append(b, `:{"type":"`+SignatureMetaType+`","value":"`...)
+		b = append(b, compact...) // base64url and dots: nothing to escape
+		return append(b, `"}`...)
+	}
+	ts := func(b []byte) []byte {
+		b = append(b, `"TimeInstant":{"type":"DateTime","value":"`...)
+		b = t.AppendFormat(b, timeInstantLayout) // digits, '-', ':', '.', 'T', 'Z'
+		return append(b, `"}`...)
+	}
+	b = append(b, `,"metadata":{`...)
+	if sigMeta < TimeInstantMeta {
+		b = append(sig(b), ',')
+		b = ts(b)
+	} else {
+		b = append(ts(b), ',')
+		b = sig(b)
+	}
+	return append(b, "}}"...)
+}
+
+// appendReadingClaims renders the claims of ClaimsOf(gw, seq, r) as
+// appendClaims does, from attributes sorted by name and unique.
+func appendReadingClaims(b []byte, gw, dev string, seq uint64, t time.Time, attrs []reading.Attribute) ([]byte, error) {
+	b = append(b, `{"v":`...)
+	b = strconv.AppendInt(b, Version, 10)
+	b = append(b, `,"gw":`...)
+	b = appendString(b, gw)
+	b = append(b, `,"dev":`...)
+	b = appendString(b, dev)
+	b = append(b, `,"seq":`...)
+	b = strconv.AppendUint(b, seq, 10)
+	b = append(b, `,"t":`...)
+	var err error
+	if b, err = appendTime(b, t); err != nil {
+		return nil, err
+	}
+	b = append(b, `,"attrs":{`...)
+	for i, a := range attrs {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = appendString(b, a.Name)
+		b = append(b, `:{"type":`...)
+		b = appendString(b, a.Type)
+		b = append(b, `,"value":`...)
+		if b, err = appendValue(b, a.Value); err != nil {
+			return nil, err
+		}
+		b = append(b, '}')
+	}
+	return append(b, "}}"...), nil
+}
