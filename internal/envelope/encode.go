@@ -175,6 +175,11 @@ func appendFloat(b []byte, f float64) []byte {
 	return b
 }
 
+// AppendJSONString appends s as json.Marshal renders a string, without
+// its allocations: for other encoders of the gateway's NGSI requests
+// (internal/uplink).
+func AppendJSONString(b []byte, s string) []byte { return appendString(b, s) }
+
 // appendString renders s as json.Marshal does: HTML-safe escaping,
 // invalid UTF-8 replaced by U+FFFD, U+2028 and U+2029 escaped (encoding/json
 // encode.go appendString, copied so that no string takes the reflection
