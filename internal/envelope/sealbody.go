@@ -73,9 +73,11 @@ func newHMACPads(secret []byte) (*hmacPads, error) {
 // it holds no state between calls (every field is reset before use), only
 // capacity, so concurrent sealers never share one.
 type scratch struct {
-	claims []byte // the claims JSON
-	jws    []byte // header.payload, then .signature
-	body   []byte // the NGSI body before its copy out
+	claims []byte   // the claims JSON
+	jws    []byte   // header.payload, then .signature
+	body   []byte   // the NGSI body before its copy out
+	meta   []byte   // the metadata every attribute of the body carries
+	spans  [][2]int // where each attribute's value is in claims
 	sum    [sha256.Size]byte
 	h      hash.Hash // a SHA-256 whose state is loaded from hmacPads
 }
@@ -88,7 +90,7 @@ const maxPooledScratch = 64 << 10
 func getScratch() *scratch { return scratchPool.Get().(*scratch) }
 
 func putScratch(s *scratch) {
-	if cap(s.claims) > maxPooledScratch || cap(s.jws) > maxPooledScratch || cap(s.body) > maxPooledScratch {
+	if cap(s.claims) > maxPooledScratch || cap(s.jws) > maxPooledScratch || cap(s.body) > maxPooledScratch || cap(s.meta) > maxPooledScratch {
 		return
 	}
 	scratchPool.Put(s)
@@ -182,7 +184,7 @@ func SealBody(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) 
 	defer putScratch(s)
 	t := r.Time.UTC()
 	var err error
-	s.claims, err = appendReadingClaims(s.claims[:0], gw, r.Device, seq, t, r.Attrs)
+	s.claims, s.spans, err = appendReadingClaims(s.claims[:0], s.spans[:0], gw, r.Device, seq, t, r.Attrs)
 	if err != nil {
 		return nil, fmt.Errorf("seal envelope: %w", err)
 	}
@@ -192,6 +194,9 @@ func SealBody(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) 
 	if err := checkBodyArgs(sigMeta, len(r.Attrs)); err != nil {
 		return nil, err
 	}
+	// The metadata are the same on every attribute, and each value is
+	// rendered in the claims already: both are copied, not rendered again.
+	s.meta = appendMeta(s.meta[:0], t, sigMeta, s.jws)
 	b := s.body[:0]
 	b = append(b, '{')
 	for i, a := range r.Attrs {
@@ -202,10 +207,8 @@ func SealBody(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) 
 		b = append(b, `:{"type":`...)
 		b = appendString(b, a.Type)
 		b = append(b, `,"value":`...)
-		if b, err = appendValue(b, a.Value); err != nil {
-			return nil, fmt.Errorf("render NGSI body: %w", err)
-		}
-		b = appendMeta(b, t, sigMeta, s.jws)
+		b = append(b, s.claims[s.spans[i][0]:s.spans[i][1]]...)
+		b = append(b, s.meta...)
 		if len(b) > MaxBodyBytes {
 			s.body = b
 			return nil, fmt.Errorf("render NGSI body: %w: more than %d bytes with the signature on each of %d attributes", reading.ErrTooLarge, MaxBodyBytes, len(r.Attrs))
@@ -238,7 +241,7 @@ func checkBodyArgs(sigMeta string, attrs int) error {
 }
 
 // appendMeta renders the metadata Body puts on every attribute, its keys
-// in json.Marshal's (sorted) order, and closes the attribute.
+// in json.Marshal's (sorted) order, and the end of the attribute.
 func appendMeta(b []byte, t time.Time, sigMeta string, compact []byte) []byte {
 	sig := func(b []byte) []byte {
 		b = appendString(b, sigMeta)
@@ -263,8 +266,9 @@ func appendMeta(b []byte, t time.Time, sigMeta string, compact []byte) []byte {
 }
 
 // appendReadingClaims renders the claims of ClaimsOf(gw, seq, r) as
-// appendClaims does, from attributes sorted by name and unique.
-func appendReadingClaims(b []byte, gw, dev string, seq uint64, t time.Time, attrs []reading.Attribute) ([]byte, error) {
+// appendClaims does, from attributes sorted by name and unique, and
+// appends to spans where each attribute's value is in b.
+func appendReadingClaims(b []byte, spans [][2]int, gw, dev string, seq uint64, t time.Time, attrs []reading.Attribute) ([]byte, [][2]int, error) {
 	b = append(b, `{"v":`...)
 	b = strconv.AppendInt(b, Version, 10)
 	b = append(b, `,"gw":`...)
@@ -276,7 +280,7 @@ func appendReadingClaims(b []byte, gw, dev string, seq uint64, t time.Time, attr
 	b = append(b, `,"t":`...)
 	var err error
 	if b, err = appendTime(b, t); err != nil {
-		return nil, err
+		return nil, spans, err
 	}
 	b = append(b, `,"attrs":{`...)
 	for i, a := range attrs {
@@ -287,10 +291,12 @@ func appendReadingClaims(b []byte, gw, dev string, seq uint64, t time.Time, attr
 		b = append(b, `:{"type":`...)
 		b = appendString(b, a.Type)
 		b = append(b, `,"value":`...)
+		start := len(b)
 		if b, err = appendValue(b, a.Value); err != nil {
-			return nil, err
+			return nil, spans, err
 		}
+		spans = append(spans, [2]int{start, len(b)})
 		b = append(b, '}')
 	}
-	return append(b, "}}"...), nil
+	return append(b, "}}"...), spans, nil
 }
