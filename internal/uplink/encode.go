@@ -3,6 +3,8 @@ package uplink
 import (
 	"bytes"
 	"fmt"
+	"net/url"
+	"strings"
 
 	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/queue"
@@ -46,4 +48,31 @@ func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
 		b = append(b, '}')
 	}
 	return append(b, "]}"...), nil
+}
+
+// patchURL is the filter's PATCH target of one reading,
+// {base}/v2/entities/{id}/attrs?elementid={id}&type={type} (see request),
+// rendered in one string: what url.Values{…}.Encode() renders (its keys
+// sorted: elementid, type), without the map, the sort and the
+// intermediate strings (TestPatchURLMatchesURLValues).
+func patchURL(base, device, typ string) string {
+	dev := url.PathEscape(device) // [A-Za-z0-9._-] (queue-checked): unchanged, no allocation
+	qdev := url.QueryEscape(device)
+	qtyp := url.QueryEscape(typ)
+	n := len(base) + len("/v2/entities/") + len(dev) + len("/attrs?elementid=") + len(qdev)
+	if typ != "" {
+		n += len("&type=") + len(qtyp)
+	}
+	var b strings.Builder // one allocation: String does not copy
+	b.Grow(n)
+	b.WriteString(base)
+	b.WriteString("/v2/entities/")
+	b.WriteString(dev)
+	b.WriteString("/attrs?elementid=")
+	b.WriteString(qdev)
+	if typ != "" {
+		b.WriteString("&type=")
+		b.WriteString(qtyp)
+	}
+	return b.String()
 }

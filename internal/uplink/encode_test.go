@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"sync"
 	"testing"
 	"time"
@@ -133,5 +134,25 @@ func TestBatchBodyEscapes(t *testing.T) {
 	}
 	if _, err := batchBody([]queue.Item{{Device: "d-1", Seq: 3, Body: []byte(`[1]`)}}, 0); err == nil {
 		t.Fatal("batchBody of a body that is not an object = nil error")
+	}
+}
+
+// TestPatchURLMatchesURLValues: patchURL renders the target the request
+// built through url.Values before (sorted keys, query escaping).
+func TestPatchURLMatchesURLValues(t *testing.T) {
+	for _, tc := range []struct{ dev, typ string }{
+		{"th-1", "Thermometer"}, {"x.y_z-2", ""}, {"d", "a b&c=d?e/f#g+h%i"}, {"d", "é\u2028<>"},
+	} {
+		q := url.Values{"elementid": {tc.dev}}
+		if tc.typ != "" {
+			q.Set("type", tc.typ)
+		}
+		want := "https://b.example/orion-filter/o1" + "/v2/entities/" + url.PathEscape(tc.dev) + "/attrs?" + q.Encode()
+		if got := patchURL("https://b.example/orion-filter/o1", tc.dev, tc.typ); got != want {
+			t.Errorf("patchURL(%q, %q) = %s, want %s", tc.dev, tc.typ, got, want)
+		}
+	}
+	if n := testing.AllocsPerRun(100, func() { _ = patchURL("https://b.example/o", "th-1", "Thermometer") }); n > 1 {
+		t.Errorf("patchURL: %.0f allocations, want 1", n)
 	}
 }
