@@ -264,17 +264,37 @@ func (p *fastParser) value(depth int) any {
 	case c == '"':
 		return p.str()
 	case c == '{':
+		// Straight into the map (a repeated key: the last one stays).
 		p.pos++
-		var small [8]objMember
-		members := p.members(small[:0], depth+1)
-		if p.fail {
-			return nil
+		obj := map[string]any{}
+		p.ws()
+		if p.eat('}') {
+			return obj
 		}
-		obj := make(map[string]any, len(members))
-		for _, m := range members {
-			obj[m.key] = m.val
+		for {
+			p.ws()
+			k := p.str()
+			p.ws()
+			if p.fail || !p.eat(':') {
+				p.fail = true
+				return nil
+			}
+			p.ws()
+			v := p.value(depth + 1)
+			if p.fail {
+				return nil
+			}
+			obj[k] = v
+			p.ws()
+			if p.eat(',') {
+				continue
+			}
+			if !p.eat('}') {
+				p.fail = true
+				return nil
+			}
+			return obj
 		}
-		return obj
 	case c == '[':
 		p.pos++
 		arr := []any{}
