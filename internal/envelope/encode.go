@@ -60,10 +60,7 @@ func appendClaims(b []byte, c *Claims) ([]byte, error) {
 			b = append(b, ',')
 		}
 		a := c.Attrs[name]
-		b = appendString(b, name)
-		b = append(b, `:{"type":`...)
-		b = appendString(b, a.Type)
-		b = append(b, `,"value":`...)
+		b = appendAttrHead(b, name, a.Type)
 		if b, err = appendValue(b, a.Value); err != nil {
 			return nil, err
 		}
@@ -75,6 +72,15 @@ func appendClaims(b []byte, c *Claims) ([]byte, error) {
 		b = appendString(b, c.Kind)
 	}
 	return append(b, '}'), nil
+}
+
+// appendAttrHead renders the start of an attribute, in the claims and in
+// the NGSI body alike: "name":{"type":"T","value": — the value follows.
+func appendAttrHead(b []byte, name, typ string) []byte {
+	b = appendString(b, name)
+	b = append(b, `:{"type":`...)
+	b = appendString(b, typ)
+	return append(b, `,"value":`...)
 }
 
 // appendTime renders t as time.Time.MarshalJSON does, into b.

@@ -101,10 +101,7 @@ func Body(c Claims, compact, sigMeta string) ([]byte, error) {
 			b = append(b, ',')
 		}
 		a := c.Attrs[name]
-		b = appendString(b, name)
-		b = append(b, `:{"type":`...)
-		b = appendString(b, a.Type)
-		b = append(b, `,"value":`...)
+		b = appendAttrHead(b, name, a.Type)
 		if b, err = appendValue(b, a.Value); err != nil {
 			return nil, fmt.Errorf("render NGSI body: %w", err)
 		}

@@ -82,6 +82,11 @@ type scratch struct {
 	h      hash.Hash // a SHA-256 whose state is loaded from hmacPads
 }
 
+// scratchPool is the package's one piece of shared state, and holds no
+// data between calls, only reusable capacity (as fmt's and encoding/json's
+// own buffer pools): the alternative, a Sealer object threaded through
+// every caller of Seal, would change the API of a package other services
+// import for the sake of a buffer.
 var scratchPool = sync.Pool{New: func() any { return &scratch{h: sha256.New()} }}
 
 // maxPooledScratch keeps a huge reading's buffers from staying pooled.
@@ -203,10 +208,7 @@ func SealBody(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) 
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = appendString(b, a.Name)
-		b = append(b, `:{"type":`...)
-		b = appendString(b, a.Type)
-		b = append(b, `,"value":`...)
+		b = appendAttrHead(b, a.Name, a.Type)
 		b = append(b, s.claims[s.spans[i][0]:s.spans[i][1]]...)
 		b = append(b, s.meta...)
 		if len(b) > MaxBodyBytes {
@@ -287,10 +289,7 @@ func appendReadingClaims(b []byte, spans [][2]int, gw, dev string, seq uint64, t
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = appendString(b, a.Name)
-		b = append(b, `:{"type":`...)
-		b = appendString(b, a.Type)
-		b = append(b, `,"value":`...)
+		b = appendAttrHead(b, a.Name, a.Type)
 		start := len(b)
 		if b, err = appendValue(b, a.Value); err != nil {
 			return nil, spans, err

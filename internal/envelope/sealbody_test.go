@@ -7,7 +7,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-	"unicode/utf8"
 
 	"github.com/lestrrat-go/jwx/v2/jws"
 
@@ -211,7 +210,7 @@ func FuzzSealBody(f *testing.F) {
 	k := testKey(f, "th-1", "k1-aaa", "k2-bbb")
 	f.Fuzz(func(t *testing.T, payload []byte, seq uint64) {
 		attrs, _, err := reading.Parse(payload)
-		if err != nil || !utf8.Valid(payload) {
+		if err != nil {
 			return
 		}
 		r := &reading.Reading{Device: "th-1", Time: time.Unix(int64(seq%4e9), int64(seq%1e9)).UTC(), Attrs: attrs}

@@ -37,13 +37,6 @@ type fastParser struct {
 	fail bool
 }
 
-// member is one top-level key and its parsed value, before the NGSI shape
-// and the time keys are sorted out.
-type member struct {
-	name string
-	attr Attribute
-}
-
 // parseFast returns ok false when parseStd must decide (see above).
 // payload is already known to be valid UTF-8 and within MaxPayloadBytes.
 func parseFast(payload []byte) (attrs []Attribute, observed time.Time, ok bool) {
@@ -176,10 +169,12 @@ func (p *fastParser) attr(name string) (Attribute, bool) {
 		return Attribute{Name: name, Type: inferType(v), Value: v}, !p.fail
 	}
 	// An object: NGSI-like only when its keys are among value, type and
-	// metadata and value is one of them. Parsed into its members first.
+	// metadata and value is one of them. Its members are kept in order
+	// (a repeated key: the last one counts) until that is known.
 	p.pos++
 	var small [4]objMember
-	members := p.members(small[:0], 1)
+	members := small[:0]
+	p.object(1, func(k string, v any) { members = append(members, objMember{k, v}) })
 	if p.fail {
 		return Attribute{}, false
 	}
@@ -221,35 +216,32 @@ type objMember struct {
 	val any
 }
 
-// members parses the members of an object whose '{' was consumed, up to
-// and including its '}'.
-func (p *fastParser) members(dst []objMember, depth int) []objMember {
+// object parses the members of an object whose '{' was consumed, up to
+// and including its '}', handing each to each in order.
+func (p *fastParser) object(depth int, each func(k string, v any)) {
 	p.ws()
 	if p.eat('}') {
-		return dst
+		return
 	}
-	for {
+	for !p.fail {
 		p.ws()
 		k := p.str()
 		p.ws()
 		if p.fail || !p.eat(':') {
 			p.fail = true
-			return dst
+			return
 		}
 		p.ws()
 		v := p.value(depth)
 		if p.fail {
-			return dst
+			return
 		}
-		dst = append(dst, objMember{k, v})
+		each(k, v)
 		p.ws()
-		if p.eat(',') {
-			continue
+		if !p.eat(',') {
+			p.fail = p.fail || !p.eat('}')
+			return
 		}
-		if !p.eat('}') {
-			p.fail = true
-		}
-		return dst
 	}
 }
 
@@ -267,34 +259,11 @@ func (p *fastParser) value(depth int) any {
 		// Straight into the map (a repeated key: the last one stays).
 		p.pos++
 		obj := map[string]any{}
-		p.ws()
-		if p.eat('}') {
-			return obj
+		p.object(depth+1, func(k string, v any) { obj[k] = v })
+		if p.fail {
+			return nil
 		}
-		for {
-			p.ws()
-			k := p.str()
-			p.ws()
-			if p.fail || !p.eat(':') {
-				p.fail = true
-				return nil
-			}
-			p.ws()
-			v := p.value(depth + 1)
-			if p.fail {
-				return nil
-			}
-			obj[k] = v
-			p.ws()
-			if p.eat(',') {
-				continue
-			}
-			if !p.eat('}') {
-				p.fail = true
-				return nil
-			}
-			return obj
-		}
+		return obj
 	case c == '[':
 		p.pos++
 		arr := []any{}
@@ -360,28 +329,28 @@ func (p *fastParser) number() any {
 		p.fail = true
 		return nil
 	}
-	if i < len(s) && s[i] == '.' {
-		i++
-		if i >= len(s) || s[i] < '0' || s[i] > '9' {
-			p.fail = true
-			return nil
+	// digits skips one or more digits at s[i:], or reports none.
+	digits := func(i int) (int, bool) {
+		j := i
+		for j < len(s) && s[j] >= '0' && s[j] <= '9' {
+			j++
 		}
-		for i < len(s) && s[i] >= '0' && s[i] <= '9' {
-			i++
-		}
+		return j, j > i
 	}
-	if i < len(s) && (s[i] == 'e' || s[i] == 'E') {
+	ok := true
+	if i < len(s) && s[i] == '.' {
+		i, ok = digits(i + 1)
+	}
+	if ok && i < len(s) && (s[i] == 'e' || s[i] == 'E') {
 		i++
 		if i < len(s) && (s[i] == '+' || s[i] == '-') {
 			i++
 		}
-		if i >= len(s) || s[i] < '0' || s[i] > '9' {
-			p.fail = true
-			return nil
-		}
-		for i < len(s) && s[i] >= '0' && s[i] <= '9' {
-			i++
-		}
+		i, ok = digits(i)
+	}
+	if !ok {
+		p.fail = true
+		return nil
 	}
 	f, err := strconv.ParseFloat(s[start:i], 64)
 	if err != nil {
@@ -457,57 +426,61 @@ func (p *fastParser) unescape(start, i int) string {
 			p.fail = true
 			return ""
 		}
-		switch e := s[i+1]; e {
-		case '"', '\\', '/':
-			b = append(b, e)
+		e := s[i+1]
+		if c, ok := unescapeByte(e); ok {
+			b = append(b, c)
 			i += 2
-		case 'b':
-			b = append(b, '\b')
-			i += 2
-		case 'f':
-			b = append(b, '\f')
-			i += 2
-		case 'n':
-			b = append(b, '\n')
-			i += 2
-		case 'r':
-			b = append(b, '\r')
-			i += 2
-		case 't':
-			b = append(b, '\t')
-			i += 2
-		case 'u':
-			r := hex4(s, i+2)
-			if r < 0 {
+			continue
+		}
+		if e != 'u' {
+			p.fail = true
+			return ""
+		}
+		r := hex4(s, i+2)
+		if r < 0 {
+			p.fail = true
+			return ""
+		}
+		i += 6
+		if utf16.IsSurrogate(r) {
+			r2 := rune(-1)
+			if i+1 < len(s) && s[i] == '\\' && s[i+1] == 'u' {
+				r2 = hex4(s, i+2)
+			}
+			// A lone surrogate becomes U+FFFD: parseStd's call.
+			if r = utf16.DecodeRune(r, r2); r == utf8.RuneError {
 				p.fail = true
 				return ""
 			}
 			i += 6
-			if utf16.IsSurrogate(r) {
-				r2 := rune(-1)
-				if i+1 < len(s) && s[i] == '\\' && s[i+1] == 'u' {
-					r2 = hex4(s, i+2)
-				}
-				d := utf16.DecodeRune(r, r2)
-				if d == utf8.RuneError {
-					p.fail = true // a lone surrogate: U+FFFD, parseStd's call
-					return ""
-				}
-				r = d
-				i += 6
-			}
-			if r == utf8.RuneError {
-				p.fail = true
-				return ""
-			}
-			b = utf8.AppendRune(b, r)
-		default:
+		}
+		if r == utf8.RuneError {
 			p.fail = true
 			return ""
 		}
+		b = utf8.AppendRune(b, r)
 	}
 	p.fail = true
 	return ""
+}
+
+// unescapeByte maps JSON's one-character escapes (\" \\ \/ \b \f \n \r \t).
+func unescapeByte(e byte) (byte, bool) {
+	switch e {
+	case '"', '\\', '/':
+		return e, true
+	case 'b':
+		return '\b', true
+	case 'f':
+		return '\f', true
+	case 'n':
+		return '\n', true
+	case 'r':
+		return '\r', true
+	case 't':
+		return '\t', true
+	}
+	return 0, false
 }
 
 // hex4 reads the four hex digits of a \u escape at s[i:], or -1.
@@ -532,14 +505,10 @@ func hex4(s string, i int) rune {
 	return r
 }
 
+// ws skips JSON's four white-space bytes.
 func (p *fastParser) ws() {
-	for p.pos < len(p.s) {
-		switch p.s[p.pos] {
-		case ' ', '\t', '\n', '\r':
-			p.pos++
-		default:
-			return
-		}
+	for p.pos < len(p.s) && (p.s[p.pos] == ' ' || p.s[p.pos] == '\n' || p.s[p.pos] == '\r' || p.s[p.pos] == '\t') {
+		p.pos++
 	}
 }
 

@@ -38,11 +38,11 @@ func TestBatchBodyOrion(t *testing.T) {
 			Attrs: []string{"label", "on", "pos", "temperature"}})
 	}
 	sim, err := centralsim.New(opts)
-	if err != nil {
-		t.Fatal(err)
+	if err == nil {
+		err = sim.Start("127.0.0.1:0")
 	}
-	if err := sim.Start("127.0.0.1:0"); err != nil {
-		t.Fatal(err)
+	if err != nil {
+		t.Fatalf("start the simulated Orion: %v", err)
 	}
 	t.Cleanup(func() { sim.Close() })
 
