@@ -1,7 +1,9 @@
 package reading
 
 import (
+	"encoding/json"
 	"errors"
+	"math"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -193,4 +195,22 @@ func clipQ(b []byte) string {
 		return string(b[:200]) + "…"
 	}
 	return string(b)
+}
+
+// TestValueOKAgreesWithCheckValue: Validate's allocation-free check
+// accepts exactly what checkValue (which words the errors) accepts.
+func TestValueOKAgreesWithCheckValue(t *testing.T) {
+	deep := any(1.0)
+	for range maxDepth + 1 {
+		deep = []any{deep}
+	}
+	for _, v := range []any{
+		nil, true, 1.5, "ok", []any{1.0, "a", nil}, map[string]any{"a": map[string]any{"b": []any{false}}},
+		math.NaN(), math.Inf(-1), "a<b", []any{1.0, "x'y"}, map[string]any{"k=": 1.0}, map[string]any{"k": math.Inf(1)},
+		deep, 42, json.Number("1"), []string{"a"},
+	} {
+		if ok, err := valueOK(v, 0), checkValue("attribute x", v, 0); ok != (err == nil) {
+			t.Errorf("valueOK(%#v) = %v, checkValue = %v", v, ok, err)
+		}
+	}
 }
