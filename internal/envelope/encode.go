@@ -189,7 +189,7 @@ func AppendJSONString(b []byte, s string) []byte { return appendString(b, s) }
 // appendString renders s as json.Marshal does: HTML-safe escaping,
 // invalid UTF-8 replaced by U+FFFD, U+2028 and U+2029 escaped (encoding/json
 // encode.go appendString, copied so that no string takes the reflection
-// path; TestAppendStringMatchesEncodingJSON and FuzzAppendString pin it).
+// path; TestEncodersMatchEncodingJSON and FuzzAppendString pin it).
 func appendString(b []byte, s string) []byte {
 	const hex = "0123456789abcdef"
 	b = append(b, '"')

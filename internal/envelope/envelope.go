@@ -127,7 +127,6 @@ type Key struct {
 	priv   crypto.Signer    // EdDSA, ES256: nil for a verification-only key
 	pub    crypto.PublicKey // EdDSA, ES256 (see keys.go)
 	hdr    string           // base64url of the protected header, rendered once per key
-	pads   *hmacPads        // HS256: the HMAC state after the key's pads (sealbody.go)
 }
 
 // DeriveHS256 derives the HS256 reading key of a device from its K1 and K2.
@@ -143,11 +142,7 @@ func DeriveHS256(deviceID, k1, k2 string) (Key, error) {
 	h.Write([]byte("edgegate/kid/v1"))
 	h.Write(secret)
 	kid := "hs256-" + base64.RawURLEncoding.EncodeToString(h.Sum(nil)[:9])
-	pads, err := newHMACPads(secret)
-	if err != nil {
-		return Key{}, fmt.Errorf("derive key: %w", err)
-	}
-	return Key{id: kid, alg: jwa.HS256, secret: secret, hdr: headerB64(string(jwa.HS256), kid), pads: pads}, nil
+	return Key{id: kid, alg: jwa.HS256, secret: secret, hdr: headerB64(string(jwa.HS256), kid)}, nil
 }
 
 // DeriveMQTTPassword derives a device's password on the local MQTT broker
@@ -219,7 +214,7 @@ func ClaimsOf(gateway string, seq uint64, r *reading.Reading) Claims {
 // The compact serialization is assembled here, in pooled scratch memory:
 // the protected header is rendered once per key, the claims by hand
 // (encode.go), and the signature computed with the standard library
-// (sealbody.go: HS256 from the key's precomputed HMAC pads, EdDSA, ES256).
+// (sealbody.go: HMAC-SHA256 on pooled hash state, EdDSA, ES256).
 // The result is exactly what jws.Sign produces for the same header and
 // payload (TestSealVerifiesBothWays); Open verifies it through jwx too.
 // The gateway's per-reading path uses SealBody, which also renders the

@@ -56,16 +56,11 @@ func openFast(compact string, keys []Key) (c Claims, ok bool, err error) {
 	input := compact[:j]
 	var valid bool
 	switch {
-	case k.alg == jwa.HS256 && k.pads != nil:
-		// The key's saved HMAC state (sealbody.go): no hmac.New per check.
+	case k.alg == jwa.HS256 && len(k.secret) > 0 && len(k.secret) <= sha256.BlockSize:
+		// On pooled hash state (sealbody.go): no hmac.New per check.
 		s := getScratch()
-		mac := k.pads.mac(s, []byte(input))
-		valid = mac != nil && hmac.Equal(mac, sig)
+		valid = hmac.Equal(hmacSHA256(s, k.secret, []byte(input)), sig)
 		putScratch(s)
-	case k.alg == jwa.HS256 && len(k.secret) > 0:
-		mac := hmac.New(sha256.New, k.secret)
-		mac.Write([]byte(input))
-		valid = hmac.Equal(mac.Sum(nil), sig)
 	case k.alg == jwa.EdDSA:
 		pub, isEd := k.pub.(ed25519.PublicKey)
 		if !isEd {

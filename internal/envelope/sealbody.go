@@ -5,7 +5,6 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -26,48 +25,9 @@ import (
 // its keys, the JWS string or the metadata buffer: the claims are rendered
 // from the reading's attributes, already sorted and unique (Validate), into
 // a pooled scratch buffer, signed there, and the body is rendered into the
-// same scratch and copied out once. An HS256 key carries its HMAC-SHA256
-// state after the key's inner and outer pad blocks (hmacPads, computed
-// once in DeriveHS256), so a reading costs no hmac.New and no pad blocks.
-
-// hmacPads is the SHA-256 state after the HMAC inner (key XOR ipad) and
-// outer (key XOR opad) blocks, as encoding.BinaryMarshaler renders it.
-type hmacPads struct {
-	inner, outer []byte
-}
-
-// newHMACPads precomputes the pads of an HMAC-SHA256 key (RFC 2104; the
-// key is at most one block, DeriveHS256's 32 bytes).
-func newHMACPads(secret []byte) (*hmacPads, error) {
-	if len(secret) > sha256.BlockSize {
-		return nil, errors.New("hmac key longer than a block")
-	}
-	var ipad, opad [sha256.BlockSize]byte
-	copy(ipad[:], secret)
-	copy(opad[:], secret)
-	for i := range ipad {
-		ipad[i] ^= 0x36
-		opad[i] ^= 0x5c
-	}
-	state := func(pad []byte) ([]byte, error) {
-		h := sha256.New()
-		h.Write(pad)
-		m, ok := h.(encoding.BinaryMarshaler)
-		if !ok {
-			return nil, errors.New("sha256 state cannot be saved")
-		}
-		return m.MarshalBinary()
-	}
-	in, err := state(ipad[:])
-	if err != nil {
-		return nil, err
-	}
-	out, err := state(opad[:])
-	if err != nil {
-		return nil, err
-	}
-	return &hmacPads{inner: in, outer: out}, nil
-}
+// same scratch and copied out once. HMAC-SHA256 runs on the scratch's
+// SHA-256 (hmacSHA256), so a reading costs no hmac.New and its five
+// allocations; nothing is kept per key (a gateway may hold 100k).
 
 // scratch is the per-call working memory of SealBody and Seal, pooled:
 // it holds no state between calls (every field is reset before use), only
@@ -79,7 +39,8 @@ type scratch struct {
 	meta   []byte   // the metadata every attribute of the body carries
 	spans  [][2]int // where each attribute's value is in claims
 	sum    [sha256.Size]byte
-	h      hash.Hash // a SHA-256 whose state is loaded from hmacPads
+	pad    [sha256.BlockSize]byte // the key XOR ipad, then XOR opad
+	h      hash.Hash              // the SHA-256 HMAC runs on
 }
 
 // scratchPool is the package's one piece of shared state, and holds no
@@ -122,8 +83,8 @@ func (k Key) sign(dst []byte, payload []byte, s *scratch) ([]byte, error) {
 	var sig []byte
 	switch priv := k.priv.(type) {
 	case nil:
-		if k.alg == jwa.HS256 && k.pads != nil {
-			sig = k.pads.mac(s, input)
+		if k.alg == jwa.HS256 && len(k.secret) > 0 && len(k.secret) <= sha256.BlockSize {
+			sig = hmacSHA256(s, k.secret, input)
 		}
 	case ed25519.PrivateKey:
 		if k.alg == jwa.EdDSA {
@@ -156,18 +117,26 @@ func (k Key) sign(dst []byte, payload []byte, s *scratch) ([]byte, error) {
 	return enc.AppendEncode(dst, sig), nil
 }
 
-// mac is HMAC-SHA256(input) from the saved pad states, into s.sum.
-func (p *hmacPads) mac(s *scratch, input []byte) []byte {
-	u := s.h.(encoding.BinaryUnmarshaler)
-	if u.UnmarshalBinary(p.inner) != nil {
-		return nil // sign falls back to jwx
+// hmacSHA256 is HMAC-SHA256 (RFC 2104) of input under secret (at most
+// one block, DeriveHS256's 32 bytes), computed on the scratch's SHA-256
+// and pad, into s.sum: what hmac.New(sha256.New, secret) computes, without
+// its allocations (TestHMACSHA256 holds them equal).
+func hmacSHA256(s *scratch, secret, input []byte) []byte {
+	clear(s.pad[:])
+	copy(s.pad[:], secret)
+	for i := range s.pad {
+		s.pad[i] ^= 0x36
 	}
+	s.h.Reset()
+	s.h.Write(s.pad[:])
 	s.h.Write(input)
 	inner := s.h.Sum(s.sum[:0])
-	if u.UnmarshalBinary(p.outer) != nil {
-		return nil
+	for i := range s.pad {
+		s.pad[i] ^= 0x36 ^ 0x5c
 	}
-	s.h.Write(inner)
+	s.h.Reset()
+	s.h.Write(s.pad[:])
+	s.h.Write(inner) // read before Sum below overwrites s.sum
 	return s.h.Sum(s.sum[:0])
 }
 

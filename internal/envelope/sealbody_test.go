@@ -1,6 +1,8 @@
 package envelope
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
 	"encoding/json"
 	"errors"
 	"math"
@@ -258,6 +260,24 @@ func sortAttrs(a []reading.Attribute) {
 	for i := 1; i < len(a); i++ {
 		for j := i; j > 0 && a[j].Name < a[j-1].Name; j-- {
 			a[j], a[j-1] = a[j-1], a[j]
+		}
+	}
+}
+
+// TestHMACSHA256 holds the pooled HMAC equal to crypto/hmac's, for keys
+// of every length up to a block and inputs around the block size.
+func TestHMACSHA256(t *testing.T) {
+	s := getScratch()
+	defer putScratch(s)
+	for _, kl := range []int{1, 31, 32, 63, 64} {
+		key := []byte(strings.Repeat("k", kl))
+		for _, il := range []int{0, 1, 55, 56, 64, 65, 1000} {
+			in := []byte(strings.Repeat("i", il))
+			m := hmac.New(sha256.New, key)
+			m.Write(in)
+			if got, want := hmacSHA256(s, key, in), m.Sum(nil); !hmac.Equal(got, want) {
+				t.Fatalf("key %d bytes, input %d: %x, crypto/hmac %x", kl, il, got, want)
+			}
 		}
 	}
 }
