@@ -67,11 +67,8 @@ func Body(c Claims, compact, sigMeta string) ([]byte, error) {
 	if sigMeta == "" {
 		sigMeta = DefaultSignatureAttr
 	}
-	if sigMeta == TimeInstantMeta {
-		return nil, fmt.Errorf("render NGSI body: %w: signature metadata name %q is the observation time's", reading.ErrInvalid, sigMeta)
-	}
-	if len(c.Attrs) == 0 {
-		return nil, fmt.Errorf("render NGSI body: %w: no attributes", reading.ErrInvalid)
+	if err := checkBodyArgs(sigMeta, len(c.Attrs)); err != nil {
+		return nil, err
 	}
 	// The metadata are the same on every attribute: render them once.
 	meta := make([]byte, 0, 128+len(compact))
