@@ -402,15 +402,17 @@ func checkID(raw map[string]json.RawMessage, c Claims) error {
 func verifyUpdate(raw map[string]json.RawMessage, keys []Key, sigMeta string) (Claims, error) {
 	var compact, unsigned string
 	names := make([]string, 0, len(raw))
+	attrs := make([]ngsiAttr, 0, len(raw)) // parsed once, checked below
 	for name, v := range raw {
 		if name == "id" || name == "type" {
 			continue
 		}
-		names = append(names, name)
 		var a ngsiAttr
 		if err := json.Unmarshal(v, &a); err != nil {
 			return Claims{}, fmt.Errorf("%w: attribute %q: %v", ErrMalformed, name, err)
 		}
+		names = append(names, name)
+		attrs = append(attrs, a)
 		sig, ok := a.Metadata[sigMeta]
 		if !ok {
 			unsigned = name
@@ -441,9 +443,8 @@ func verifyUpdate(raw map[string]json.RawMessage, keys []Key, sigMeta string) (C
 	if err := checkID(raw, c); err != nil {
 		return c, err
 	}
-	for _, name := range names {
-		var a ngsiAttr
-		_ = json.Unmarshal(raw[name], &a) // parsed above
+	for i, name := range names {
+		a := attrs[i]
 		want, ok := c.Attrs[name]
 		switch {
 		case !ok:

@@ -45,3 +45,25 @@ func BenchmarkSealBodyPath(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkVerifyAttrs: the broker-side check of one reading's body
+// (centralsim verifies every update with it).
+func BenchmarkVerifyAttrs(b *testing.B) {
+	k := testKey(b, "th-1", "k1-aaa", "k2-bbb")
+	r := benchReading()
+	c := ClaimsOf("gw-1", 7, r)
+	compact, err := Seal(k, c)
+	if err != nil {
+		b.Fatal(err)
+	}
+	body, err := Body(c, compact, "")
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := VerifyAttrs(body, k, ""); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
