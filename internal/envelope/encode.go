@@ -60,10 +60,7 @@ func appendClaims(b []byte, c *Claims) ([]byte, error) {
 			b = append(b, ',')
 		}
 		a := c.Attrs[name]
-		b = appendString(b, name)
-		b = append(b, `:{"type":`...)
-		b = appendString(b, a.Type)
-		b = append(b, `,"value":`...)
+		b = appendAttrHead(b, name, a.Type)
 		if b, err = appendValue(b, a.Value); err != nil {
 			return nil, err
 		}
@@ -77,13 +74,25 @@ func appendClaims(b []byte, c *Claims) ([]byte, error) {
 	return append(b, '}'), nil
 }
 
-// appendTime renders t as time.Time.MarshalJSON does.
+// appendAttrHead renders the start of an attribute, in the claims and in
+// the NGSI body alike: "name":{"type":"T","value": — the value follows.
+func appendAttrHead(b []byte, name, typ string) []byte {
+	b = appendString(b, name)
+	b = append(b, `:{"type":`...)
+	b = appendString(b, typ)
+	return append(b, `,"value":`...)
+}
+
+// appendTime renders t as time.Time.MarshalJSON does, into b.
 func appendTime(b []byte, t time.Time) ([]byte, error) {
-	tb, err := t.MarshalJSON() // validates the year range like json.Marshal
+	b = append(b, '"')
+	// AppendText is MarshalJSON's strict RFC 3339 without the quotes,
+	// and validates the year range like it.
+	b, err := t.AppendText(b)
 	if err != nil {
 		return nil, err
 	}
-	return append(b, tb...), nil
+	return append(b, '"'), nil
 }
 
 // sortedNames returns the keys of m plus extra (when not empty), sorted.
@@ -126,7 +135,8 @@ func appendValue(b []byte, v any) ([]byte, error) {
 		}
 		return append(b, ']'), nil
 	case map[string]any:
-		keys := make([]string, 0, len(x))
+		var small [8]string // most structured values are small: no allocation
+		keys := small[:0]
 		for k := range x {
 			keys = append(keys, k)
 		}
@@ -171,18 +181,63 @@ func appendFloat(b []byte, f float64) []byte {
 	return b
 }
 
-// appendString renders s as json.Marshal does (HTML-safe escaping, invalid
-// UTF-8 replaced by U+FFFD). Plain strings — ids, types, base64url — are
-// copied in one go; anything else goes through encoding/json.
+// AppendJSONString appends s as json.Marshal renders a string, without
+// its allocations: for other encoders of the gateway's NGSI requests
+// (internal/uplink).
+func AppendJSONString(b []byte, s string) []byte { return appendString(b, s) }
+
+// appendString renders s as json.Marshal does: HTML-safe escaping,
+// invalid UTF-8 replaced by U+FFFD, U+2028 and U+2029 escaped (encoding/json
+// encode.go appendString, copied so that no string takes the reflection
+// path; TestEncodersMatchEncodingJSON and FuzzAppendString pin it).
 func appendString(b []byte, s string) []byte {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c < 0x20 || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' || c >= utf8.RuneSelf {
-			mb, _ := json.Marshal(s) // a string always marshals
-			return append(b, mb...)
-		}
-	}
+	const hex = "0123456789abcdef"
 	b = append(b, '"')
-	b = append(b, s...)
+	start := 0
+	for i := 0; i < len(s); {
+		if c := s[i]; c < utf8.RuneSelf {
+			if c >= 0x20 && c != '"' && c != '\\' && c != '<' && c != '>' && c != '&' {
+				i++
+				continue
+			}
+			b = append(b, s[start:i]...)
+			switch c {
+			case '\\', '"':
+				b = append(b, '\\', c)
+			case '\b':
+				b = append(b, '\\', 'b')
+			case '\f':
+				b = append(b, '\\', 'f')
+			case '\n':
+				b = append(b, '\\', 'n')
+			case '\r':
+				b = append(b, '\\', 'r')
+			case '\t':
+				b = append(b, '\\', 't')
+			default:
+				b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xF])
+			}
+			i++
+			start = i
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b = append(b, s[start:i]...)
+			b = append(b, `\ufffd`...)
+			i += size
+			start = i
+			continue
+		}
+		if r == '\u2028' || r == '\u2029' {
+			b = append(b, s[start:i]...)
+			b = append(b, '\\', 'u', '2', '0', '2', hex[r&0xF])
+			i += size
+			start = i
+			continue
+		}
+		i += size
+	}
+	b = append(b, s[start:]...)
 	return append(b, '"')
 }

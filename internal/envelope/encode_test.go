@@ -5,26 +5,13 @@ import (
 	"math"
 	"testing"
 	"time"
-
-	"github.com/lestrrat-go/jwx/v2/jws"
 )
 
 // referenceSeal and referenceBody are the straightforward encoding/json and
 // jws.Sign implementations the hand-rolled encoders replace.
 func referenceSeal(t *testing.T, k Key, c Claims) string {
 	t.Helper()
-	payload, err := json.Marshal(c)
-	if err != nil {
-		t.Fatal(err)
-	}
-	hdr := jws.NewHeaders()
-	_ = hdr.Set(jws.KeyIDKey, k.id)
-	_ = hdr.Set(jws.TypeKey, "edgegate-reading+jws")
-	out, err := jws.Sign(payload, jws.WithKey(k.alg, k.secret, jws.WithProtectedHeaders(hdr)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return string(out)
+	return jwxSeal(t, k, c) // sealbody_test.go
 }
 
 func referenceBody(t *testing.T, c Claims, compact, sigAttr string) []byte {

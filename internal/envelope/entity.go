@@ -67,11 +67,8 @@ func Body(c Claims, compact, sigMeta string) ([]byte, error) {
 	if sigMeta == "" {
 		sigMeta = DefaultSignatureAttr
 	}
-	if sigMeta == TimeInstantMeta {
-		return nil, fmt.Errorf("render NGSI body: %w: signature metadata name %q is the observation time's", reading.ErrInvalid, sigMeta)
-	}
-	if len(c.Attrs) == 0 {
-		return nil, fmt.Errorf("render NGSI body: %w: no attributes", reading.ErrInvalid)
+	if err := checkBodyArgs(sigMeta, len(c.Attrs)); err != nil {
+		return nil, err
 	}
 	// The metadata are the same on every attribute: render them once.
 	meta := make([]byte, 0, 128+len(compact))
@@ -101,10 +98,7 @@ func Body(c Claims, compact, sigMeta string) ([]byte, error) {
 			b = append(b, ',')
 		}
 		a := c.Attrs[name]
-		b = appendString(b, name)
-		b = append(b, `:{"type":`...)
-		b = appendString(b, a.Type)
-		b = append(b, `,"value":`...)
+		b = appendAttrHead(b, name, a.Type)
 		if b, err = appendValue(b, a.Value); err != nil {
 			return nil, fmt.Errorf("render NGSI body: %w", err)
 		}

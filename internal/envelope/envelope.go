@@ -211,41 +211,28 @@ func ClaimsOf(gateway string, seq uint64, r *reading.Reading) Claims {
 
 // Seal signs the claims and returns the compact JWS.
 //
-// The compact serialization is assembled here, in one buffer, around jwx's
-// HMAC signer (jws.NewSigner): the protected header is rendered once per
-// key and the claims by hand (encode.go). The result is exactly what
-// jws.Sign produces for the same header and payload; Open verifies it
-// through jwx.
+// The compact serialization is assembled here, in pooled scratch memory:
+// the protected header is rendered once per key, the claims by hand
+// (encode.go), and the signature computed with the standard library
+// (sealbody.go: HMAC-SHA256 on pooled hash state, EdDSA, ES256).
+// The result is exactly what jws.Sign produces for the same header and
+// payload (TestSealVerifiesBothWays); Open verifies it through jwx too.
+// The gateway's per-reading path uses SealBody, which also renders the
+// NGSI body.
 func Seal(k Key, c Claims) (string, error) {
-	signKey := k.signingKey()
-	if signKey == nil {
+	if !k.CanSign() {
 		return "", errors.New("seal envelope: no key")
 	}
-	hdr := k.hdr
-	if hdr == "" {
-		hdr = headerB64(string(k.alg), k.id)
-	}
-	signer, err := jws.NewSigner(k.alg)
-	if err != nil {
+	s := getScratch()
+	defer putScratch(s)
+	var err error
+	if s.claims, err = appendClaims(s.claims[:0], &c); err != nil {
 		return "", fmt.Errorf("seal envelope: %w", err)
 	}
-	payload, err := appendClaims(make([]byte, 0, 256+64*len(c.Attrs)), &c)
-	if err != nil {
+	if s.jws, err = k.sign(s.jws[:0], s.claims, s); err != nil {
 		return "", fmt.Errorf("seal envelope: %w", err)
 	}
-	enc := base64.RawURLEncoding
-	const sigLen = 86 // base64url of a SHA-512 HMAC or a 64-byte EdDSA/ES256 signature
-	out := make([]byte, 0, len(hdr)+1+enc.EncodedLen(len(payload))+1+sigLen)
-	out = append(out, hdr...)
-	out = append(out, '.')
-	out = enc.AppendEncode(out, payload)
-	sig, err := signer.Sign(out, signKey)
-	if err != nil {
-		return "", fmt.Errorf("seal envelope: %w", err)
-	}
-	out = append(out, '.')
-	out = enc.AppendEncode(out, sig)
-	return string(out), nil
+	return string(s.jws), nil
 }
 
 // Open verifies a compact JWS with the given key, the algorithm pinned to the
@@ -415,15 +402,17 @@ func checkID(raw map[string]json.RawMessage, c Claims) error {
 func verifyUpdate(raw map[string]json.RawMessage, keys []Key, sigMeta string) (Claims, error) {
 	var compact, unsigned string
 	names := make([]string, 0, len(raw))
+	attrs := make([]ngsiAttr, 0, len(raw)) // parsed once, checked below
 	for name, v := range raw {
 		if name == "id" || name == "type" {
 			continue
 		}
-		names = append(names, name)
 		var a ngsiAttr
 		if err := json.Unmarshal(v, &a); err != nil {
 			return Claims{}, fmt.Errorf("%w: attribute %q: %v", ErrMalformed, name, err)
 		}
+		names = append(names, name)
+		attrs = append(attrs, a)
 		sig, ok := a.Metadata[sigMeta]
 		if !ok {
 			unsigned = name
@@ -454,9 +443,8 @@ func verifyUpdate(raw map[string]json.RawMessage, keys []Key, sigMeta string) (C
 	if err := checkID(raw, c); err != nil {
 		return c, err
 	}
-	for _, name := range names {
-		var a ngsiAttr
-		_ = json.Unmarshal(raw[name], &a) // parsed above
+	for i, name := range names {
+		a := attrs[i]
 		want, ok := c.Attrs[name]
 		switch {
 		case !ok:

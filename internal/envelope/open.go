@@ -56,10 +56,11 @@ func openFast(compact string, keys []Key) (c Claims, ok bool, err error) {
 	input := compact[:j]
 	var valid bool
 	switch {
-	case k.alg == jwa.HS256 && len(k.secret) > 0:
-		mac := hmac.New(sha256.New, k.secret)
-		mac.Write([]byte(input))
-		valid = hmac.Equal(mac.Sum(nil), sig)
+	case k.alg == jwa.HS256 && len(k.secret) > 0 && len(k.secret) <= sha256.BlockSize:
+		// On pooled hash state (sealbody.go): no hmac.New per check.
+		s := getScratch()
+		valid = hmac.Equal(hmacSHA256(s, k.secret, []byte(input)), sig)
+		putScratch(s)
 	case k.alg == jwa.EdDSA:
 		pub, isEd := k.pub.(ed25519.PublicKey)
 		if !isEd {

@@ -281,13 +281,10 @@ type gatewaySealed struct {
 
 // seal is the entry's Seal: the committer calls it with the reading's seq.
 func (g *gatewaySealed) seal(seq uint64) ([]byte, error) {
-	claims := envelope.ClaimsOf(g.p.gw, seq, &g.r)
-	jws, err := envelope.Seal(g.key, claims)
+	// SealBody is ClaimsOf + Seal + Body in one pass (issue 20).
+	body, err := envelope.SealBody(g.key, g.p.gw, seq, &g.r, g.p.sigAttr)
 	if err == nil {
-		var body []byte
-		if body, err = envelope.Body(claims, jws, g.p.sigAttr); err == nil {
-			return body, nil
-		}
+		return body, nil
 	}
 	g.sealErr = err
 	return nil, err

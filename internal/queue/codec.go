@@ -4,7 +4,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"time"
 )
 
@@ -51,11 +50,22 @@ var (
 // limited to 256 characters.
 const maxDeviceLen = 256
 
+// brokerHash is FNV-1a-64 of the broker URI (hash/fnv's New64a, the
+// key layout's contract), computed inline: it runs for every key of every
+// reading, and the loop needs no hash.Hash and no copy of the URI
+// (TestBrokerHashIsFNV1a pins the equality).
 func brokerHash(broker string) [8]byte {
-	h := fnv.New64a()
-	h.Write([]byte(broker))
+	const (
+		offset64 = 14695981039346656037
+		prime64  = 1099511628211
+	)
+	h := uint64(offset64)
+	for i := 0; i < len(broker); i++ {
+		h ^= uint64(broker[i])
+		h *= prime64
+	}
 	var out [8]byte
-	binary.BigEndian.PutUint64(out[:], h.Sum64())
+	binary.BigEndian.PutUint64(out[:], h)
 	return out
 }
 

@@ -161,13 +161,21 @@ func validName(s string) bool {
 		return false
 	}
 	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte(forbidden+"&?/#", c) >= 0 {
+		if !nameBytes[s[i]] {
 			return false
 		}
 	}
 	return true
 }
+
+// nameBytes is validName's byte test as a table (it runs for every
+// attribute's name and type, twice per reading).
+var nameBytes = func() (t [256]bool) {
+	for c := '!'; c < 0x7f; c++ {
+		t[c] = !strings.ContainsRune(forbidden+"&?/#", c)
+	}
+	return t
+}()
 
 // reserved are the attribute names NGSI v2 reserves (orion-api.md,
 // "Attribute names restrictions" and "Builtin Attributes"): id and type
@@ -360,14 +368,49 @@ func (r *Reading) Validate() error {
 		if numericType(a.Type) && !finiteNumber(a.Value) {
 			return &reasonError{DropNotFinite, fmt.Sprintf("attribute %s of type %s must be a finite JSON number", a.Name, clip(a.Type))}
 		}
-		if err := checkValue("attribute "+a.Name, a.Value, 0); err != nil {
-			return err
+		// The field name of an error is built only for a bad value: no
+		// allocation per attribute on the way through.
+		if !valueOK(a.Value, 0) {
+			if err := checkValue("attribute "+a.Name, a.Value, 0); err != nil {
+				return err
+			}
 		}
 	}
 	return nil
 }
 
 const maxDepth = 8
+
+// valueOK reports whether checkValue accepts v, without building the
+// field names checkValue words its errors with.
+func valueOK(v any, depth int) bool {
+	if depth > maxDepth {
+		return false
+	}
+	switch x := v.(type) {
+	case nil, bool:
+		return true
+	case float64:
+		return !math.IsNaN(x) && !math.IsInf(x, 0)
+	case string:
+		return !strings.ContainsAny(x, forbidden)
+	case []any:
+		for _, e := range x {
+			if !valueOK(e, depth+1) {
+				return false
+			}
+		}
+		return true
+	case map[string]any:
+		for k, e := range x {
+			if strings.ContainsAny(k, forbidden) || !valueOK(e, depth+1) {
+				return false
+			}
+		}
+		return true
+	}
+	return false
+}
 
 func checkValue(field string, v any, depth int) error {
 	if depth > maxDepth {
@@ -429,6 +472,16 @@ func Parse(payload []byte) (attrs []Attribute, observed time.Time, err error) {
 	if !utf8.Valid(payload) {
 		return nil, time.Time{}, &reasonError{ReasonBadUTF8, fmt.Sprintf("payload is not valid UTF-8 at byte %d", invalidUTF8At(payload))}
 	}
+	if attrs, observed, ok := parseFast(payload); ok {
+		return attrs, observed, nil
+	}
+	return parseStd(payload)
+}
+
+// parseStd is Parse through encoding/json: the reference the fast parser
+// (parse.go) is fuzzed against, and the path that words every refusal.
+// payload is within MaxPayloadBytes and valid UTF-8.
+func parseStd(payload []byte) (attrs []Attribute, observed time.Time, err error) {
 	var top map[string]json.RawMessage
 	if err := json.Unmarshal(payload, &top); err != nil {
 		return nil, time.Time{}, fmt.Errorf("%w: payload is not a JSON object: %v", ErrInvalid, err)

@@ -3,11 +3,9 @@ package uplink
 import (
 	"bytes"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/http"
-	"strconv"
 	"time"
 
 	"github.com/edgegate/edgegate/internal/queue"
@@ -203,42 +201,4 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 	}
 	setHeaders(req, tok, svc, svcPath)
 	return d.exchange(ctx, r, req, items, tok)
-}
-
-// batchBody renders the op/update body: each stored body (an NGSI
-// attribute object) becomes an entity with "id" and "type" spliced in front
-// of its attributes.
-func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
-	b := make([]byte, 0, sizeHint+64)
-	b = append(b, `{"actionType":"append","entities":[`...)
-	for i, it := range items {
-		body := bytes.TrimSpace(it.Body)
-		if len(body) < 2 || body[0] != '{' || body[len(body)-1] != '}' {
-			return nil, fmt.Errorf("reading %s/%d is not a JSON object", it.Device, it.Seq)
-		}
-		if i > 0 {
-			b = append(b, ',')
-		}
-		// Device ids are [A-Za-z0-9._-] (queue-checked); the type is
-		// quoted like any string.
-		b = append(b, `{"id":`...)
-		b = strconv.AppendQuote(b, it.Device)
-		if it.Type != "" {
-			b = append(b, `,"type":`...)
-			b = appendJSONString(b, it.Type)
-		}
-		inner := bytes.TrimSpace(body[1 : len(body)-1])
-		if len(inner) > 0 {
-			b = append(b, ',')
-			b = append(b, inner...)
-		}
-		b = append(b, '}')
-	}
-	return append(b, "]}"...), nil
-}
-
-// appendJSONString appends s as a JSON string.
-func appendJSONString(b []byte, s string) []byte {
-	q, _ := json.Marshal(s) // a string always marshals
-	return append(b, q...)
 }

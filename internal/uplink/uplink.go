@@ -709,12 +709,7 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 // broker reached directly. Nothing secret ever goes into the URL: no
 // k1/k2, which the filter ignores when a bearer token is sent.
 func (d *dispatcher) request(ctx context.Context, it queue.Item, tok string) (*http.Request, error) {
-	q := url.Values{"elementid": {it.Device}}
-	if it.Type != "" {
-		q.Set("type", it.Type)
-	}
-	target := d.base + "/v2/entities/" + url.PathEscape(it.Device) + "/attrs?" + q.Encode()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPatch, target, bytes.NewReader(it.Body))
+	req, err := http.NewRequestWithContext(ctx, http.MethodPatch, patchURL(d.base, it.Device, it.Type), bytes.NewReader(it.Body))
 	if err != nil {
 		return nil, fmt.Errorf("build request for device %q: %w", it.Device, err)
 	}
