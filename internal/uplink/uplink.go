@@ -83,9 +83,9 @@ type Options struct {
 	PerDevice int
 	// BatchLinger (batch mode): under load — another request of the
 	// broker in flight, or one started less than BatchLinger ago —
-	// readings of fewer than BatchSize/PerDevice devices wait at most this
-	// long for more before they are sent (default 10ms; negative: never
-	// wait). See batch.go.
+	// fewer than BatchSize ready readings wait at most this long for more
+	// before they are sent (default 100ms; negative: never wait). See
+	// batch.go.
 	BatchLinger time.Duration
 }
 
@@ -107,7 +107,7 @@ const (
 	defaultMinBackoff    = 200 * time.Millisecond
 	defaultMaxBackoff    = 30 * time.Second
 	defaultShutdownGrace = 2 * time.Second
-	defaultBatchLinger   = 10 * time.Millisecond
+	defaultBatchLinger   = 100 * time.Millisecond
 	// backstop: how often dispatchers look at the queue even without a
 	// Changed signal, in case one was missed.
 	backstop = 5 * time.Second
