@@ -44,6 +44,9 @@ type peersConfig struct {
 	Telegraf  string        // the binary `make telegraf` built
 	Flush     time.Duration // Telegraf's flush_interval
 	Rounds    int           // runs of every system (BENCH_PEERS_ROUNDS)
+	// Phases (BENCH_PEERS_PHASES: burst,paced,half) are the phases run;
+	// all when empty (half needs burst: it runs at half the burst's rate).
+	Phases []string
 	// ProfileDir (BENCH_PEERS_PROFILE) receives a CPU profile of the
 	// daemon for each phase of each gateway row, and its `pprof -top`.
 	ProfileDir string
@@ -159,6 +162,7 @@ func runPeers(args []string) error {
 	cfg.Readings = envInt("BENCH_PEERS_READINGS", cfg.Readings)
 	cfg.Rounds = envInt("BENCH_PEERS_ROUNDS", 1)
 	cfg.Only = splitComma(os.Getenv("BENCH_PEERS_ONLY"))
+	cfg.Phases = splitComma(os.Getenv("BENCH_PEERS_PHASES"))
 	cfg.ProfileDir = os.Getenv("BENCH_PEERS_PROFILE")
 	if cfg.ProfileDir != "" {
 		if err := os.MkdirAll(cfg.ProfileDir, 0o755); err != nil {
@@ -482,10 +486,15 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		p.BenchCPUPer1k = cpuPer1k(ms(self1-self0), p.Received)
 		return p
 	}
-	burst := phase("burst", cfg.Readings, 0, 5*time.Minute)
-	r.Phases = append(r.Phases, burst)
-	r.Phases = append(r.Phases, phase("paced", int(cfg.PacedRate*cfg.Paced.Seconds()), cfg.PacedRate, cfg.Paced+time.Minute))
-	if half := burst.Rate / 2; half > 0 {
+	var burst peerPhase
+	if selected("burst", cfg.Phases) {
+		burst = phase("burst", cfg.Readings, 0, 5*time.Minute)
+		r.Phases = append(r.Phases, burst)
+	}
+	if selected("paced", cfg.Phases) {
+		r.Phases = append(r.Phases, phase("paced", int(cfg.PacedRate*cfg.Paced.Seconds()), cfg.PacedRate, cfg.Paced+time.Minute))
+	}
+	if half := burst.Rate / 2; half > 0 && selected("half", cfg.Phases) {
 		r.Phases = append(r.Phases, phase("half", int(half*cfg.Paced.Seconds()), half, cfg.Paced+time.Minute))
 	}
 	hwm, _, _ := procMem(mainPID)
