@@ -87,8 +87,15 @@ func (d *dispatcher) fillBatches(start int) {
 	// readings/s ~100 requests/s, each with its Peek, TLS write, response
 	// and Delete (the uplink was 11 % of the daemon's CPU at that pace,
 	// docs/bench/profiles/pace-before-*).
+	//
+	// Full is BatchSize scaled by the share of the broker's lanes that are
+	// idle: under a burst most lanes are in requests on their way, and the
+	// few that come back must not wait for a whole batch of their own
+	// (that capped a 50-device burst at ~1,600/s); at a moderate pace every
+	// lane is idle between requests and the threshold is BatchSize.
 	ready := d.ready(idle)
-	if linger := d.u.opts.BatchLinger; linger > 0 && ready < d.u.opts.BatchSize {
+	full := max(1, d.u.opts.BatchSize*len(idle)/max(1, len(d.lanes)))
+	if linger := d.u.opts.BatchLinger; linger > 0 && ready < full {
 		// Under load — another request on its way, or one started less
 		// than linger ago — let more readings gather, up to linger, so
 		// that a moderate load does not become one request per handful
@@ -121,19 +128,9 @@ func (d *dispatcher) fillBatches(start int) {
 	}
 }
 
-// readyCounter is what a Source may also tell (queue.Queue does): how many
-// readings of lanes a batch could take now, at most perLane of each.
-type readyCounter interface {
-	Ready(lanes []queue.Lane, perLane int) int
-}
-
-// ready is readyCounter's answer, or, from a Source without it, one reading
-// per lane.
+// ready counts the readings of lanes a batch could take now.
 func (d *dispatcher) ready(lanes []queue.Lane) int {
-	if rc, ok := d.u.src.(readyCounter); ok {
-		return rc.Ready(lanes, d.u.opts.PerDevice)
-	}
-	return len(lanes)
+	return d.u.src.Ready(lanes, d.u.opts.PerDevice)
 }
 
 func (d *dispatcher) startBatch(lanes []queue.Lane, solo bool) {

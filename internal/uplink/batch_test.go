@@ -275,3 +275,52 @@ func TestBatchFullGoesAtOnce(t *testing.T) {
 		t.Fatalf("%d entities sent, want 33", entities)
 	}
 }
+
+// TestBatchLingerKeepsBurstRate: a backlog of 50 devices (a burst the
+// broker is behind on) drains as fast with the default linger as without
+// one: the linger gathers company for part-empty batches at a moderate
+// pace, it must not hold back lanes that come back from a request while
+// others are still on their way.
+func TestBatchLingerKeepsBurstRate(t *testing.T) {
+	took := map[string]time.Duration{}
+	for _, tc := range []struct {
+		name   string
+		linger time.Duration
+	}{{"linger=off", -1}, {"linger=default", 0}} {
+		b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+			time.Sleep(5 * time.Millisecond) // the broker's round trip
+			w.WriteHeader(http.StatusNoContent)
+		})
+		q := newFakeQueue()
+		const devices, each = 50, 20
+		for i := range devices {
+			q.add(b.URL, "dev-"+strconv.Itoa(i), each)
+		}
+		began := time.Now()
+		h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, BatchLinger: tc.linger})
+		stop := make(chan struct{})
+		feeding := make(chan struct{})
+		go func() { // the burst goes on: every device publishes on
+			defer close(feeding)
+			for k := 0; ; k++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(2 * time.Millisecond):
+				}
+				if k < 100 {
+					q.add(b.URL, "dev-"+strconv.Itoa(k%devices), 10)
+				}
+			}
+		}()
+		testkit.Eventually(t, 20*time.Second, "backlog drained", func() bool { return q.depth() == 0 })
+		took[tc.name] = time.Since(began)
+		close(stop)
+		<-feeding
+		h.stop(t)
+	}
+	t.Logf("drained in %v without the linger, %v with the default", took["linger=off"], took["linger=default"])
+	if took["linger=default"] > 2*took["linger=off"]+200*time.Millisecond {
+		t.Fatalf("with the default linger the burst drained in %v, without in %v", took["linger=default"], took["linger=off"])
+	}
+}

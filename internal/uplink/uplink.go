@@ -28,6 +28,9 @@ type Source interface {
 	Brokers() []string
 	// Lanes returns the non-empty lanes (one per device) of a broker.
 	Lanes(broker string) []queue.Lane
+	// Ready counts the readings of lanes, at most perLane of each (batch
+	// mode: how full a batch would be; batch.go).
+	Ready(lanes []queue.Lane, perLane int) int
 	// Peek returns up to max items of a lane, oldest first, without
 	// removing them.
 	Peek(l queue.Lane, max int) ([]queue.Item, error)
