@@ -155,7 +155,9 @@ func (c *Client) Run(ctx context.Context) error {
 		SetPingTimeout(10 * time.Second).
 		SetConnectTimeout(10 * time.Second).
 		SetWriteTimeout(10 * time.Second).
-		SetMessageChannelDepth(uint(c.opts.Inflight))
+		SetMessageChannelDepth(uint(c.opts.Inflight)).
+		// PUBACKs released together go out in one write (coalesce.go).
+		SetCustomOpenConnectionFn(openCoalesced)
 	if c.opts.TLS != nil {
 		po.SetTLSConfig(c.opts.TLS)
 	}

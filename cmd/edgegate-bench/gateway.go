@@ -50,6 +50,9 @@ type gwSpec struct {
 	// UplinkCAFile is the brokers' CA when it is not the central
 	// service's (the peers run's light sink); empty: CAFile.
 	UplinkCAFile string `json:"uplink_ca_file,omitempty"`
+	// ProfileDir, for a daemon built with -tags benchprofile, is where it
+	// writes the CPU profiles SIGUSR1/SIGUSR2 delimit.
+	ProfileDir string `json:"-"`
 }
 
 const (
@@ -166,7 +169,7 @@ state_dir: state
 store:
   max_batch: %d
   quota: 4GiB
-%s
+%s%s
 central:
   token_url: %s
   client_id: %s
@@ -180,15 +183,27 @@ uplink:
   min_backoff: 50ms
   max_backoff: 500ms
   request_timeout: 10s
-devices_file: devices.yaml
+%sdevices_file: devices.yaml
 metrics:
   listen: 127.0.0.1:0
 log:
   format: json
   level: info
-`, g.MaxBatch, mq, g.TokenURL, g.ClientID, g.CAFile, uplinkMode(g.Mode), g.MaxBatch, g.uplinkCA(), g.Concurrency)
+`, g.MaxBatch, knob("BENCH_COMMIT_DELAY", "commit_delay"), mq, g.TokenURL, g.ClientID, g.CAFile, uplinkMode(g.Mode), g.MaxBatch, g.uplinkCA(), g.Concurrency,
+		knob("BENCH_BATCH_LINGER", "batch_linger"))
 	p := filepath.Join(g.Dir, "edgegate.yaml")
 	return p, os.WriteFile(p, []byte(cfg), 0o600)
+}
+
+// knob is "  key: value\n" when the environment variable env is set (a
+// knob tried before it becomes a default: BENCH_COMMIT_DELAY=20ms sets
+// store.commit_delay, BENCH_BATCH_LINGER uplink.batch_linger).
+func knob(env, key string) string {
+	v := os.Getenv(env)
+	if v == "" {
+		return ""
+	}
+	return "  " + key + ": " + v + "\n"
 }
 
 func (g gwSpec) uplinkCA() string {
@@ -223,6 +238,9 @@ func startDaemon(bin string, g gwSpec) (*proc, error) {
 	}
 	cmd := exec.Command(bin, "run", "--config", cfg)
 	cmd.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
+	if g.ProfileDir != "" {
+		cmd.Env = append(cmd.Env, "EDGEGATE_BENCH_PROFILE_DIR="+g.ProfileDir)
+	}
 	if gcLog != nil {
 		cmd.Env = append(cmd.Env, "GODEBUG=gctrace=1")
 	}

@@ -201,10 +201,15 @@ func run() error {
 	return nil
 }
 
-// buildDaemon builds cmd/edgegate as it ships (static, stripped) into dir.
-func buildDaemon(dir string) (string, error) {
+// buildDaemon builds cmd/edgegate as it ships (static, stripped) into dir,
+// with the build tags given (benchprofile: BENCH_PEERS_PROFILE).
+func buildDaemon(dir string, tags ...string) (string, error) {
 	bin := filepath.Join(dir, "edgegate")
-	build := exec.Command("go", "build", "-trimpath", "-ldflags", "-s -w -buildid=", "-o", bin, "./cmd/edgegate")
+	args := []string{"build", "-trimpath", "-ldflags", "-s -w -buildid=", "-o", bin}
+	if len(tags) > 0 {
+		args = append(args, "-tags", strings.Join(tags, ","))
+	}
+	build := exec.Command("go", append(args, "./cmd/edgegate")...)
 	build.Env = append(os.Environ(), "CGO_ENABLED=0")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {

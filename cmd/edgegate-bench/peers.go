@@ -44,6 +44,12 @@ type peersConfig struct {
 	Telegraf  string        // the binary `make telegraf` built
 	Flush     time.Duration // Telegraf's flush_interval
 	Rounds    int           // runs of every system (BENCH_PEERS_ROUNDS)
+	// Phases (BENCH_PEERS_PHASES: burst,paced,half) are the phases run;
+	// all when empty (half needs burst: it runs at half the burst's rate).
+	Phases []string
+	// ProfileDir (BENCH_PEERS_PROFILE) receives a CPU profile of the
+	// daemon for each phase of each gateway row, and its `pprof -top`.
+	ProfileDir string
 }
 
 // peerSystem is one row of the table.
@@ -156,6 +162,13 @@ func runPeers(args []string) error {
 	cfg.Readings = envInt("BENCH_PEERS_READINGS", cfg.Readings)
 	cfg.Rounds = envInt("BENCH_PEERS_ROUNDS", 1)
 	cfg.Only = splitComma(os.Getenv("BENCH_PEERS_ONLY"))
+	cfg.Phases = splitComma(os.Getenv("BENCH_PEERS_PHASES"))
+	cfg.ProfileDir = os.Getenv("BENCH_PEERS_PROFILE")
+	if cfg.ProfileDir != "" {
+		if err := os.MkdirAll(cfg.ProfileDir, 0o755); err != nil {
+			return err
+		}
+	}
 	var systems []peerSystem
 	for _, sys := range peerSystems {
 		if selected(sys.Name, cfg.Only) {
@@ -190,7 +203,12 @@ func runPeers(args []string) error {
 		switch {
 		case sys.Kind == "edgegate" && bin == "":
 			step("build the daemon")
-			if bin, err = buildDaemon(work); err != nil {
+			var tags []string
+			if cfg.ProfileDir != "" {
+				// cmd/edgegate/benchprofile.go: profiles on SIGUSR1/2.
+				tags = append(tags, "benchprofile")
+			}
+			if bin, err = buildDaemon(work, tags...); err != nil {
 				return err
 			}
 		case sys.Kind == "telegraf" && res.TelegrafConf == "":
@@ -306,6 +324,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 	}
 	var ts *telegrafSink
 	var ls *lightSink
+	var prof *phaseProfiler
 	switch sys.Kind {
 	case "raw":
 		if sys.Broker == "embedded" {
@@ -388,12 +407,21 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		}
 		g := gwSpec{Dir: dir, Devices: devs, BrokerURL: broker, TokenURL: sim.TokenURL(), ClientID: benchClientID,
 			Secret: benchSecret, CAFile: ca, UplinkCAFile: upCA, Mode: sys.Mode, MaxBatch: 256, Concurrency: benchConcurrency(), ExternalURL: mqttURL}
+		if cfg.ProfileDir != "" {
+			g.ProfileDir = filepath.Join(dir, "profiles")
+			if err := os.MkdirAll(g.ProfileDir, 0o755); err != nil {
+				return r, err
+			}
+		}
 		p, err := startDaemon(bin, g)
 		if err != nil {
 			return r, err
 		}
 		stops = append(stops, p.stop)
 		mainPID = p.pid()
+		if g.ProfileDir != "" {
+			prof = &phaseProfiler{pid: mainPID, from: g.ProfileDir, to: cfg.ProfileDir, slug: profileSlug(sys)}
+		}
 		if mqttURL == "" {
 			mqttURL = p.MQTT
 		}
@@ -436,6 +464,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		if ls != nil {
 			ls.resetSample()
 		}
+		prof.start()
 		m0, b0, self0 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		start := time.Now()
 		pr := f.publish(ctx, total, rate, cfg.Window, maxDur)
@@ -443,6 +472,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		// 15 s (what is missing then is counted lost).
 		s.waitSettled(pr.Sent, 15*time.Second, 5*time.Minute)
 		m1, b1, self1 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
+		prof.stop(name)
 		st := s.stats()
 		p := peerPhase{Name: name, TargetRate: rate, LoadAvg: loadAvg(), CPUMainMS: ms(m1 - m0), CPUBrokerMS: ms(b1 - b0),
 			P50MS: ms(st.P50), P99MS: ms(st.P99), PublishFailed: pr.Failed, AcksOutOfOrder: pr.AcksOutOfOrder,
@@ -456,10 +486,15 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		p.BenchCPUPer1k = cpuPer1k(ms(self1-self0), p.Received)
 		return p
 	}
-	burst := phase("burst", cfg.Readings, 0, 5*time.Minute)
-	r.Phases = append(r.Phases, burst)
-	r.Phases = append(r.Phases, phase("paced", int(cfg.PacedRate*cfg.Paced.Seconds()), cfg.PacedRate, cfg.Paced+time.Minute))
-	if half := burst.Rate / 2; half > 0 {
+	var burst peerPhase
+	if selected("burst", cfg.Phases) {
+		burst = phase("burst", cfg.Readings, 0, 5*time.Minute)
+		r.Phases = append(r.Phases, burst)
+	}
+	if selected("paced", cfg.Phases) {
+		r.Phases = append(r.Phases, phase("paced", int(cfg.PacedRate*cfg.Paced.Seconds()), cfg.PacedRate, cfg.Paced+time.Minute))
+	}
+	if half := burst.Rate / 2; half > 0 && selected("half", cfg.Phases) {
 		r.Phases = append(r.Phases, phase("half", int(half*cfg.Paced.Seconds()), half, cfg.Paced+time.Minute))
 	}
 	hwm, _, _ := procMem(mainPID)
@@ -747,4 +782,69 @@ func loadRange(rs []peerResult) (lo, hi float64) {
 		lo = 0
 	}
 	return lo, hi
+}
+
+// phaseProfiler takes a CPU profile of the daemon (built with -tags
+// benchprofile: cmd/edgegate/benchprofile.go) over each phase of a gateway
+// row: SIGUSR1 before the phase, SIGUSR2 after it; the daemon writes
+// from/<n>.pprof, which is moved to to/<slug>-<phase>.pprof beside its
+// `go tool pprof -top` text. A nil profiler does nothing.
+type phaseProfiler struct {
+	pid      int
+	from, to string
+	slug     string
+	n        int
+}
+
+func profileSlug(sys peerSystem) string {
+	return sys.Broker + "-" + sys.Mode
+}
+
+func (p *phaseProfiler) start() {
+	if p == nil {
+		return
+	}
+	p.n++
+	if err := syscall.Kill(p.pid, syscall.SIGUSR1); err != nil {
+		fmt.Fprintln(os.Stderr, "  profile:", err)
+	}
+}
+
+func (p *phaseProfiler) stop(phase string) {
+	if p == nil {
+		return
+	}
+	if err := syscall.Kill(p.pid, syscall.SIGUSR2); err != nil {
+		fmt.Fprintln(os.Stderr, "  profile:", err)
+		return
+	}
+	src := filepath.Join(p.from, fmt.Sprintf("%d.pprof", p.n))
+	end := time.Now().Add(10 * time.Second)
+	for {
+		if _, err := os.Stat(src); err == nil {
+			break
+		}
+		if time.Now().After(end) {
+			fmt.Fprintf(os.Stderr, "  profile: %s not written within 10s\n", src)
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	dst := filepath.Join(p.to, p.slug+"-"+phase+".pprof")
+	b, err := os.ReadFile(src)
+	if err == nil {
+		err = os.WriteFile(dst, b, 0o644)
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "  profile:", err)
+		return
+	}
+	top, err := exec.Command("go", "tool", "pprof", "-top", "-nodecount=35", dst).Output()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "  profile: pprof -top:", err)
+		return
+	}
+	cum, _ := exec.Command("go", "tool", "pprof", "-top", "-cum", "-nodecount=60", dst).Output()
+	_ = os.WriteFile(strings.TrimSuffix(dst, ".pprof")+".top.txt", append(append(top, "\n--- cumulative ---\n"...), cum...), 0o644)
+	fmt.Fprintf(os.Stderr, "  profile: %s\n", dst)
 }

@@ -47,7 +47,7 @@ func TestGroupCommitClosedLoop(t *testing.T) {
 
 // TestGroupCommitSharesSyncs: 50 devices at 1,500 readings/s together
 // (the moderate load where a sync carried 1.5–2 readings without waiting)
-// share syncs: at least 4 readings per sync, every Append answered.
+// share syncs: at least 10 readings per sync, every Append answered.
 func TestGroupCommitSharesSyncs(t *testing.T) {
 	q := start(t, Options{})
 	ctx := tctx(t)
@@ -69,10 +69,39 @@ func TestGroupCommitSharesSyncs(t *testing.T) {
 	}
 	wg.Wait()
 	syncs := q.gc.syncs.Load()
-	if per := float64(devices*each) / float64(syncs); per < 4 {
-		t.Fatalf("%d readings in %d syncs (%.1f per sync), want at least 4 per sync", devices*each, syncs, per)
+	// 20 ms of arrivals at 1,500/s is 30 readings; 10 leaves room for a
+	// slow machine (5 ms made 7.9–9.4).
+	per := float64(devices*each) / float64(syncs)
+	if per < 10 {
+		t.Fatalf("%d readings in %d syncs (%.1f per sync), want at least 10 per sync", devices*each, syncs, per)
 	}
+	t.Logf("%.1f readings per sync", per)
 	if st := q.Stats(); st.Depth != devices*each {
 		t.Fatalf("depth %d, want %d", st.Depth, devices*each)
+	}
+}
+
+// TestReadyCounts: Ready counts each lane's synced readings up to perLane,
+// across brokers, and nothing for a lane that is empty or delivered.
+func TestReadyCounts(t *testing.T) {
+	q := start(t, Options{})
+	a, b := "https://a.example/v2", "https://b.example/v2"
+	for range 5 {
+		mustAppend(t, q, entry(a, "d1"))
+	}
+	mustAppend(t, q, entry(a, "d2"))
+	its := []Item{mustAppend(t, q, entry(b, "d1")), mustAppend(t, q, entry(b, "d1"))}
+	lanes := []Lane{{Broker: a, Device: "d1"}, {Broker: a, Device: "d2"}, {Broker: b, Device: "d1"}, {Broker: a, Device: "none"}}
+	if n := q.Ready(lanes, 3); n != 3+1+2 {
+		t.Fatalf("Ready(perLane 3) = %d, want 6", n)
+	}
+	if n := q.Ready(lanes, 32); n != 5+1+2 {
+		t.Fatalf("Ready(perLane 32) = %d, want 8", n)
+	}
+	if err := q.Delete(its); err != nil {
+		t.Fatal(err)
+	}
+	if n := q.Ready(lanes, 32); n != 6 {
+		t.Fatalf("Ready after the b lane was delivered = %d, want 6", n)
 	}
 }

@@ -51,7 +51,8 @@ const (
 
 // fillBatches starts batch jobs for idle lanes, round-robin from start,
 // spreading the idle lanes over the free request slots so that requests
-// overlap (pipelining) instead of one batch taking every lane.
+// overlap (pipelining) instead of one batch taking every lane, once a
+// full batch is ready or the linger is over.
 func (d *dispatcher) fillBatches(start int) {
 	n := len(d.lanes)
 	free := d.u.opts.Concurrency - d.inflight
@@ -77,15 +78,26 @@ func (d *dispatcher) fillBatches(start int) {
 		d.lingerUntil = time.Time{}
 		return
 	}
-	// Enough devices for a full batch: BatchSize/PerDevice lanes.
-	enough := max(1, d.u.opts.BatchSize/d.u.opts.PerDevice)
-	if linger := d.u.opts.BatchLinger; linger > 0 && len(idle) < enough {
+	// How full a batch of the idle lanes would be. Counted in readings,
+	// not lanes: at a moderate pace each device holds one or two readings,
+	// and "8 devices have something" (what this counted before) still made
+	// a request of ~10 readings every few milliseconds — at 1,500
+	// readings/s ~100 requests/s, each with its Peek, TLS write, response
+	// and Delete (the uplink was 11 % of the daemon's CPU at that pace,
+	// docs/bench/profiles/pace-before-*).
+	//
+	// Full is BatchSize scaled by the share of the broker's lanes that are
+	// idle: under a burst most lanes are in requests on their way, and the
+	// few that come back must not wait for a whole batch of their own
+	// (that capped a 50-device burst at ~1,600/s); at a moderate pace every
+	// lane is idle between requests and the threshold is BatchSize.
+	ready := d.ready(idle)
+	full := max(1, d.u.opts.BatchSize*len(idle)/max(1, len(d.lanes)))
+	if linger := d.u.opts.BatchLinger; linger > 0 && ready < full {
 		// Under load — another request on its way, or one started less
 		// than linger ago — let more readings gather, up to linger, so
-		// that a moderate load does not become one request per reading
-		// (on loopback a round trip is ~2 ms: waiting only for requests
-		// in flight still made batches of two). A quiet gateway's
-		// reading goes at once.
+		// that a moderate load does not become one request per handful
+		// of readings. A quiet gateway's reading goes at once.
 		now := time.Now()
 		if d.lingerUntil.IsZero() {
 			switch {
@@ -102,15 +114,21 @@ func (d *dispatcher) fillBatches(start int) {
 	d.lingerUntil = time.Time{}
 	d.lastBatch = time.Now()
 	// Spread the lanes over the free request slots so that requests
-	// overlap, but not into batches of fewer than enough lanes.
-	parts := min(free, max(1, len(idle)/enough))
-	per := min((len(idle)+parts-1)/parts, d.u.opts.BatchSize)
+	// overlap (a burst), but not into batches of fewer than BatchSize
+	// readings: what a linger gathered goes in one request.
+	parts := min(free, max(1, ready/d.u.opts.BatchSize))
+	per := (len(idle) + parts - 1) / parts
 	for len(idle) > 0 && free > 0 {
 		k := min(per, len(idle))
 		d.startBatch(idle[:k:k], false)
 		idle = idle[k:]
 		free--
 	}
+}
+
+// ready counts the readings of lanes a batch could take now.
+func (d *dispatcher) ready(lanes []queue.Lane) int {
+	return d.u.src.Ready(lanes, d.u.opts.PerDevice)
 }
 
 func (d *dispatcher) startBatch(lanes []queue.Lane, solo bool) {

@@ -205,6 +205,9 @@ func TestBatchLingerSharesRequests(t *testing.T) {
 		want   string
 	}{
 		{"linger=10ms", 10 * time.Millisecond, func(n, r int) bool { return r*4 <= n }, "at least 4 readings per request"},
+		// The default: at this pace (1,000/s) ~100 readings gather per
+		// request; 40 leaves room for a slow machine.
+		{"linger=default", 0, func(n, r int) bool { return r*40 <= n }, "at least 40 readings per request"},
 		// The same load without the linger, to show what it prevents.
 		{"linger=off", -1, func(n, r int) bool { return r*2 > n }, "fewer than 2 readings per request"},
 	} {
@@ -238,5 +241,86 @@ func TestBatchLingerSharesRequests(t *testing.T) {
 			}
 			t.Logf("%d readings in %d requests", readings, len(reqs))
 		})
+	}
+}
+
+// TestBatchFullGoesAtOnce: readings enough for a full batch do not wait
+// for the linger, even while another request is in flight: the linger only
+// gathers company for a batch that would go part-empty.
+func TestBatchFullGoesAtOnce(t *testing.T) {
+	b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+		time.Sleep(20 * time.Millisecond) // the broker's round trip
+		w.WriteHeader(http.StatusNoContent)
+	})
+	q := newFakeQueue()
+	const size = 16
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, BatchSize: size, PerDevice: 4, BatchLinger: time.Second})
+	q.add(b.URL, "dev-first", 1) // nothing in flight: it goes at once
+	testkit.Eventually(t, 5*time.Second, "first request sent", func() bool { return len(b.requests()) >= 1 || q.depth() == 0 })
+	start := time.Now()
+	for i := range 8 {
+		q.add(b.URL, "dev-"+strconv.Itoa(i), 4) // 32 readings: two full batches
+	}
+	testkit.Eventually(t, 5*time.Second, "queue drained", func() bool { return q.depth() == 0 })
+	if d := time.Since(start); d >= 700*time.Millisecond {
+		t.Fatalf("full batches took %v to deliver: they waited for the 1s linger", d)
+	}
+	h.stop(t)
+	entities := 0
+	for _, r := range b.requests() {
+		_, ents := decodeBatch(t, r.body)
+		entities += len(ents)
+	}
+	if entities != 33 {
+		t.Fatalf("%d entities sent, want 33", entities)
+	}
+}
+
+// TestBatchLingerKeepsBurstRate: a backlog of 50 devices (a burst the
+// broker is behind on) drains as fast with the default linger as without
+// one: the linger gathers company for part-empty batches at a moderate
+// pace, it must not hold back lanes that come back from a request while
+// others are still on their way.
+func TestBatchLingerKeepsBurstRate(t *testing.T) {
+	took := map[string]time.Duration{}
+	for _, tc := range []struct {
+		name   string
+		linger time.Duration
+	}{{"linger=off", -1}, {"linger=default", 0}} {
+		b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
+			time.Sleep(5 * time.Millisecond) // the broker's round trip
+			w.WriteHeader(http.StatusNoContent)
+		})
+		q := newFakeQueue()
+		const devices, each = 50, 20
+		for i := range devices {
+			q.add(b.URL, "dev-"+strconv.Itoa(i), each)
+		}
+		began := time.Now()
+		h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, BatchLinger: tc.linger})
+		stop := make(chan struct{})
+		feeding := make(chan struct{})
+		go func() { // the burst goes on: every device publishes on
+			defer close(feeding)
+			for k := 0; ; k++ {
+				select {
+				case <-stop:
+					return
+				case <-time.After(2 * time.Millisecond):
+				}
+				if k < 100 {
+					q.add(b.URL, "dev-"+strconv.Itoa(k%devices), 10)
+				}
+			}
+		}()
+		testkit.Eventually(t, 20*time.Second, "backlog drained", func() bool { return q.depth() == 0 })
+		took[tc.name] = time.Since(began)
+		close(stop)
+		<-feeding
+		h.stop(t)
+	}
+	t.Logf("drained in %v without the linger, %v with the default", took["linger=off"], took["linger=default"])
+	if took["linger=default"] > 2*took["linger=off"]+200*time.Millisecond {
+		t.Fatalf("with the default linger the burst drained in %v, without in %v", took["linger=default"], took["linger=off"])
 	}
 }

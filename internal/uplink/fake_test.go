@@ -88,6 +88,17 @@ func (q *fakeQueue) Lanes(broker string) []queue.Lane {
 	return out
 }
 
+// Ready is queue.Queue's: the readings of lanes, at most perLane each.
+func (q *fakeQueue) Ready(lanes []queue.Lane, perLane int) int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := 0
+	for _, l := range lanes {
+		n += min(len(q.lanes[l]), perLane)
+	}
+	return n
+}
+
 func (q *fakeQueue) Peek(l queue.Lane, n int) ([]queue.Item, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()

@@ -28,6 +28,9 @@ type Source interface {
 	Brokers() []string
 	// Lanes returns the non-empty lanes (one per device) of a broker.
 	Lanes(broker string) []queue.Lane
+	// Ready counts the readings of lanes, at most perLane of each (batch
+	// mode: how full a batch would be; batch.go).
+	Ready(lanes []queue.Lane, perLane int) int
 	// Peek returns up to max items of a lane, oldest first, without
 	// removing them.
 	Peek(l queue.Lane, max int) ([]queue.Item, error)
@@ -83,9 +86,9 @@ type Options struct {
 	PerDevice int
 	// BatchLinger (batch mode): under load — another request of the
 	// broker in flight, or one started less than BatchLinger ago —
-	// readings of fewer than BatchSize/PerDevice devices wait at most this
-	// long for more before they are sent (default 10ms; negative: never
-	// wait). See batch.go.
+	// fewer than BatchSize ready readings wait at most this long for more
+	// before they are sent (default 100ms; negative: never wait). See
+	// batch.go.
 	BatchLinger time.Duration
 }
 
@@ -107,7 +110,7 @@ const (
 	defaultMinBackoff    = 200 * time.Millisecond
 	defaultMaxBackoff    = 30 * time.Second
 	defaultShutdownGrace = 2 * time.Second
-	defaultBatchLinger   = 10 * time.Millisecond
+	defaultBatchLinger   = 100 * time.Millisecond
 	// backstop: how often dispatchers look at the queue even without a
 	// Changed signal, in case one was missed.
 	backstop = 5 * time.Second

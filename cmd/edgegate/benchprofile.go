@@ -1,0 +1,57 @@
+//go:build benchprofile
+
+package main
+
+// CPU profiles of the real daemon during one phase of `make bench-peers`
+// (BENCH_PEERS_PROFILE, cmd/edgegate-bench). Only a binary built with
+// `-tags benchprofile` has this file: the shipped daemon has no profiling
+// endpoint, signal or variable. With EDGEGATE_BENCH_PROFILE_DIR set,
+// SIGUSR1 starts a CPU profile and SIGUSR2 stops it and publishes it as
+// DIR/<n>.pprof (n = 1, 2, ...; written as .tmp, then renamed, so that a
+// reader never sees half a profile).
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime/pprof"
+	"syscall"
+)
+
+func init() {
+	dir := os.Getenv("EDGEGATE_BENCH_PROFILE_DIR")
+	if dir == "" {
+		return
+	}
+	sig := make(chan os.Signal, 4)
+	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
+	go func() {
+		var f *os.File
+		n := 0
+		for s := range sig {
+			switch {
+			case s == syscall.SIGUSR1 && f == nil:
+				n++
+				var err error
+				if f, err = os.Create(filepath.Join(dir, fmt.Sprintf("%d.pprof.tmp", n))); err != nil {
+					fmt.Fprintln(os.Stderr, "benchprofile:", err)
+					continue
+				}
+				if err := pprof.StartCPUProfile(f); err != nil {
+					fmt.Fprintln(os.Stderr, "benchprofile:", err)
+					f.Close()
+					f = nil
+				}
+			case s == syscall.SIGUSR2 && f != nil:
+				pprof.StopCPUProfile()
+				name := f.Name()
+				f.Close()
+				f = nil
+				if err := os.Rename(name, name[:len(name)-len(".tmp")]); err != nil {
+					fmt.Fprintln(os.Stderr, "benchprofile:", err)
+				}
+			}
+		}
+	}()
+}
