@@ -90,12 +90,7 @@ func (s *Service) report(ctx context.Context, d *policy.Device, c Command) {
 		return
 	}
 	body, err := s.get(ctx, d)
-	s.count(func(st *Stats) {
-		st.Polls++
-		if err != nil {
-			st.PollErrors++
-		}
-	})
+	s.countPoll(err)
 	var one errEntity
 	switch {
 	case err == nil:

@@ -364,22 +364,26 @@ func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 	return e
 }
 
+// routeOf is the link each test device is on: the coil on Modbus, the
+// relay on the MySensors radio, the rest on the embedded broker.
+func (e *env) routeOf(d *policy.Device) command.Deliverer {
+	if e.route != nil {
+		return e.route(d)
+	}
+	if d.ID == coilID {
+		return command.Modbus{Writer: e.coils.ms}
+	}
+	if d.Radio != nil {
+		return command.MySensors{Radio: e.radio, Tries: 3, AckTimeout: 300 * time.Millisecond}
+	}
+	return command.MQTT{Broker: e.broker}
+}
+
 func (e *env) startService() {
 	svc, err := command.New(command.Options{
 		Gateway: gwID, Store: e.q, Policy: e.engine, Tokens: simTokens{sim: e.sim, user: owner},
 		HTTPClient: uplink.NewHTTPClient(e.sim.CAPool(), 5*time.Second, 2), Submit: &flakySubmit{next: e.pipe, fails: e.submitFails},
-		Route: func(d *policy.Device) command.Deliverer {
-			if e.route != nil {
-				return e.route(d)
-			}
-			if d.ID == coilID {
-				return command.Modbus{Writer: e.coils.ms}
-			}
-			if d.Radio != nil {
-				return command.MySensors{Radio: e.radio, Tries: 3, AckTimeout: 300 * time.Millisecond}
-			}
-			return command.MQTT{Broker: e.broker}
-		},
+		Route:  e.routeOf,
 		Logger: slog.New(slog.NewTextHandler(e.bus, nil)),
 		TTL:    e.ttl, PollInterval: 100 * time.Millisecond, MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
 	})

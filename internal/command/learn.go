@@ -78,12 +78,7 @@ func (s *Service) pollRound(ctx context.Context) error {
 		if err == nil && s.subs != nil {
 			s.subs.polled(d.ID, now)
 		}
-		s.count(func(st *Stats) {
-			st.Polls++
-			if err != nil {
-				st.PollErrors++
-			}
-		})
+		s.countPoll(err)
 		var one errEntity
 		switch {
 		case err == nil:
@@ -295,3 +290,14 @@ func (s *Service) get(ctx context.Context, d *policy.Device) ([]byte, error) {
 }
 
 func clipBody(b []byte) string { return logx.Clip(strings.TrimSpace(string(b)), 200) }
+
+// countPoll counts one read of an entity through the filter, and whether it
+// failed: polls and the reads before a write-back are the same request.
+func (s *Service) countPoll(err error) {
+	s.count(func(st *Stats) {
+		st.Polls++
+		if err != nil {
+			st.PollErrors++
+		}
+	})
+}

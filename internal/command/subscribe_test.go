@@ -74,15 +74,7 @@ func (e *env) startNotifying(transport command.NotifyTransport, poll time.Durati
 	svc, err := command.New(command.Options{
 		Gateway: gwID, Store: e.q, Policy: e.engine, Tokens: simTokens{sim: e.sim, user: owner},
 		HTTPClient: uplink.NewHTTPClient(e.sim.CAPool(), 5*time.Second, 2), Submit: e.pipe,
-		Route: func(d *policy.Device) command.Deliverer {
-			if d.ID == coilID {
-				return command.Modbus{Writer: e.coils.ms}
-			}
-			if d.Radio != nil {
-				return command.MySensors{Radio: e.radio, Tries: 3, AckTimeout: 300 * time.Millisecond}
-			}
-			return command.MQTT{Broker: e.broker}
-		},
+		Route:  e.routeOf,
 		Logger: slog.New(slog.NewTextHandler(e.bus, nil)),
 		TTL:    e.ttl, PollInterval: poll, MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
 		Notify: no,
