@@ -52,8 +52,7 @@ func (q *Queue) pageOutLoop(ctx context.Context) {
 			return
 		case <-tick.C:
 		}
-		n := pageFaults() - last
-		if n == 0 || (n < pageOutFaults && time.Since(lastAt) < pageOutIdle) {
+		if !pageOutDue(pageFaults()-last, time.Since(lastAt)) {
 			continue
 		}
 		_, supported, err := pageOutStore(dir)
@@ -67,6 +66,12 @@ func (q *Queue) pageOutLoop(ctx context.Context) {
 		q.pageOuts.Add(1)
 		last, lastAt = pageFaults(), time.Now()
 	}
+}
+
+// pageOutDue tells whether a page-out is due, faults page faults and
+// since after the last one.
+func pageOutDue(faults int64, since time.Duration) bool {
+	return faults >= pageOutFaults || (faults > 0 && since >= pageOutIdle)
 }
 
 // pageFaults is the number of page faults this process took (minor and
