@@ -62,7 +62,7 @@ func badgerOptions(dir string, key []byte, logger *slog.Logger) badger.Options {
 		// compaction: 12 of the 27 MB badger held in a heap profile while
 		// draining a backlog. Tables hold keys and value pointers only;
 		// 1 MB ones made queuing and draining faster, not slower.
-		WithBaseTableSize(1 << 20).
+		WithBaseTableSize(512 << 10).
 		WithNumCompactors(2).
 		WithNumGoroutines(2).
 		WithCompression(options.Snappy).

@@ -28,9 +28,9 @@ import (
 // fault), or pageOutIdle after any fault; a process that took no fault
 // mapped nothing, and an idle gateway does no work at all.
 const (
-	pageOutBusy   = 50 * time.Millisecond
+	pageOutBusy   = 25 * time.Millisecond
 	pageOutIdle   = 250 * time.Millisecond
-	pageOutFaults = 64
+	pageOutFaults = 16
 )
 
 // pageOutLoop pages the store's mapped files out until ctx is done.
