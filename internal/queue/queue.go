@@ -70,6 +70,7 @@ type Queue struct {
 	gcEvery  time.Duration
 	gc       *groupCommit // committer-owned, but for its atomic counters
 	pageOuts atomic.Int64 // page-outs of the mapped files done (pageout_linux.go)
+	pageOut  pageOutState // pageout_linux.go
 
 	reqs     chan *request
 	stopping chan struct{} // closed when Run begins to stop
@@ -799,6 +800,7 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 	if err != nil {
 		return nil, fmt.Errorf("peek lane %s: %w", l.Device, err)
 	}
+	q.readBack(len(out)) // pageout_linux.go
 	return out, nil
 }
 
