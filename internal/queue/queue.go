@@ -770,6 +770,7 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 				return fmt.Errorf("decode %s/%d: %w", l.Device, seq, err)
 			}
 			out = append(out, item)
+			q.readBack(1) // each read may map 64 KB of value log: pageout_linux.go
 			seq++
 		}
 		if len(out) >= max || seq > visible {
@@ -794,13 +795,13 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 				return fmt.Errorf("decode %s/%d: %w", device, seq, err)
 			}
 			out = append(out, item)
+			q.readBack(1)
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("peek lane %s: %w", l.Device, err)
 	}
-	q.readBack(len(out)) // pageout_linux.go
 	return out, nil
 }
 
