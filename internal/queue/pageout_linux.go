@@ -21,8 +21,9 @@ import (
 //
 // Measured (docs/performance.md#memory): under a 50-device burst the
 // drain of a backlog maps value-log pages at up to ~45 MB/s — each read
-// fault maps the kernel's fault-around window (64 KB) of the page cache,
-// and in filter mode the 16 parallel lanes read at 16 places of the logs.
+// fault maps at least the kernel's fault-around window (64 KB) of the page
+// cache, a lane's readings are ~50 readings apart in the logs, and 16
+// lanes read at 16 places (filter mode).
 // Paged out four times a second, the value logs still reached 20-27 MB of
 // the daemon's peak RSS between two page-outs. So the loop looks every
 // pageOutBusy and pages out as soon as the process took pageOutFaults page
@@ -37,11 +38,14 @@ const (
 
 // pageOutReads is how many items read back from the store (Peek past the
 // recent readings: a backlog's drain) make the reader page the store out
-// itself, right behind its reads: each read may map a 64 KB fault-around
-// window, so this bounds what a drain maps (~4 MB) whatever the scheduling
-// delays of the loop on a busy machine. ~94 µs per 64 readings read back:
-// ~1.5 µs each, against ~25 µs of CPU to drain one.
-const pageOutReads = 64
+// itself, right behind its reads, whatever the scheduling delays of the
+// loop on a busy machine. Each read maps at least the kernel's fault-around
+// window (64 KB) and, on kernels that map a whole large folio per fault
+// (6.18 here: 1 MB per read of a log read back by readahead), up to 2 MB.
+// With the mappings listed at most every pageOutMapsAge a page-out costs
+// ~10 µs (`go test -run '^$' -bench PageOutStore ./internal/queue/`):
+// ~0.6 µs per reading read back, against ~25 µs of CPU to drain one.
+const pageOutReads = 16
 
 // pageOutState is the page-out's share of the Queue.
 type pageOutState struct {
@@ -50,7 +54,13 @@ type pageOutState struct {
 	off   atomic.Bool // the kernel cannot (pageOutStore)
 	once  sync.Once
 	dir   string // the store's resolved directory, as /proc/self/maps names it
+	// maps are the store's mappings as read at mapsAt (under mu).
+	maps   []mapping
+	mapsAt time.Time
 }
+
+// pageOutMapsAge is how long a list of the store's mappings is used.
+const pageOutMapsAge = 100 * time.Millisecond
 
 // pageOutNow pages the store out, unless another page-out is under way
 // or the kernel cannot; it reports whether it did.
@@ -71,7 +81,20 @@ func (q *Queue) pageOutNow() bool {
 		}
 	})
 	po.reads.Store(0)
-	_, supported, err := pageOutStore(po.dir)
+	// Reading /proc/self/maps is most of a page-out's cost: the list is
+	// read again at most every pageOutMapsAge (new logs are paged out from
+	// then on). A stale range is harmless: the advice never changes
+	// memory (see pageOutStore), and a range unmapped meanwhile is skipped.
+	var err error
+	if po.maps == nil || time.Since(po.mapsAt) >= pageOutMapsAge {
+		if po.maps, err = storeMappings(po.dir); err == nil {
+			po.mapsAt = time.Now()
+		}
+	}
+	var supported = true
+	if err == nil {
+		_, supported, err = adviseOut(po.maps)
+	}
 	if err != nil {
 		q.log.Debug("page out the store's mapped files", "err", err)
 	}
@@ -156,14 +179,26 @@ func pageFaults() int64 {
 // supports the advice (EINVAL before Linux 5.4; EPERM under a seccomp
 // filter without madvise).
 func pageOutStore(dir string) (advised int64, supported bool, err error) {
-	f, err := os.Open("/proc/self/maps")
+	maps, err := storeMappings(dir)
 	if err != nil {
 		return 0, true, err
 	}
-	defer f.Close()
-	type mapping struct {
-		lo, hi uintptr
+	return adviseOut(maps)
+}
+
+// mapping is an address range of a mapped store file.
+type mapping struct {
+	lo, hi uintptr
+}
+
+// storeMappings lists this process's shared mappings of the store's value
+// logs and tables (/proc/self/maps).
+func storeMappings(dir string) ([]mapping, error) {
+	f, err := os.Open("/proc/self/maps")
+	if err != nil {
+		return nil, err
 	}
+	defer f.Close()
 	var maps []mapping
 	prefix := filepath.Clean(dir) + "/"
 	sc := bufio.NewScanner(f)
@@ -199,9 +234,11 @@ func pageOutStore(dir string) (advised int64, supported bool, err error) {
 		}
 		maps = append(maps, mapping{lo: uintptr(l), hi: uintptr(h)})
 	}
-	if err := sc.Err(); err != nil {
-		return 0, true, err
-	}
+	return maps, sc.Err()
+}
+
+// adviseOut pages the given ranges out; see pageOutStore.
+func adviseOut(maps []mapping) (advised int64, supported bool, err error) {
 	for _, m := range maps {
 		// The log being written is paged out too: since the uplink reads
 		// fresh readings from memory (recent.go), its pages are not read
