@@ -36,24 +36,12 @@ const (
 	pageOutFaults = 16
 )
 
-// pageOutReads is how many items read back from the store (Peek past the
-// recent readings: a backlog's drain) make the reader page the store out
-// itself, right behind its reads, whatever the scheduling delays of the
-// loop on a busy machine. Each read maps at least the kernel's fault-around
-// window (64 KB) and, on kernels that map a whole large folio per fault
-// (6.18 here: 1 MB per read of a log read back by readahead), up to 2 MB.
-// With the mappings listed at most every pageOutMapsAge a page-out costs
-// ~10 µs (`go test -run '^$' -bench PageOutStore ./internal/queue/`):
-// ~0.6 µs per reading read back, against ~25 µs of CPU to drain one.
-const pageOutReads = 16
-
 // pageOutState is the page-out's share of the Queue.
 type pageOutState struct {
-	mu    sync.Mutex // one page-out at a time
-	reads atomic.Int64
-	off   atomic.Bool // the kernel cannot (pageOutStore)
-	once  sync.Once
-	dir   string // the store's resolved directory, as /proc/self/maps names it
+	mu   sync.Mutex  // one page-out at a time
+	off  atomic.Bool // the kernel cannot (pageOutStore)
+	once sync.Once
+	dir  string // the store's resolved directory, as /proc/self/maps names it
 	// maps are the store's mappings as read at mapsAt (under mu).
 	maps   []mapping
 	mapsAt time.Time
@@ -80,7 +68,6 @@ func (q *Queue) pageOutNow() bool {
 			}
 		}
 	})
-	po.reads.Store(0)
 	// Reading /proc/self/maps is most of a page-out's cost: the list is
 	// read again at most every pageOutMapsAge (new logs are paged out from
 	// then on). A stale range is harmless: the advice never changes
@@ -107,13 +94,11 @@ func (q *Queue) pageOutNow() bool {
 	return true
 }
 
-// readBack counts n items Peek read from the store and pages out every
-// pageOutReads of them.
-func (q *Queue) readBack(n int) {
-	if n > 0 && q.pageOut.reads.Add(int64(n)) >= pageOutReads {
-		q.pageOutNow()
-	}
-}
+// Not behind the drain's reads: paging out every 16 readings that Peek
+// read back from the store (one Peek of 256 readings of a lane, ~50
+// readings apart in the logs, mapped 16 MB at once) made BenchmarkPeekDelete
+// 2x slower (85 against 41-46 µs per reading): each page-out also drops
+// the pages the drain reads next, which come back from disk.
 
 // pageOutLoop pages the store's mapped files out until ctx is done.
 func (q *Queue) pageOutLoop(ctx context.Context) {

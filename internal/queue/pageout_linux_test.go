@@ -5,7 +5,6 @@ package queue
 import (
 	"bufio"
 	"context"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -228,24 +227,5 @@ func TestPageOutDue(t *testing.T) {
 		if got := pageOutDue(c.faults, c.since); got != c.want {
 			t.Errorf("pageOutDue(%d, %s) = %v, want %v", c.faults, c.since, got, c.want)
 		}
-	}
-}
-
-// TestPageOutBehindReads: a drain reading the store back pages it out
-// itself every pageOutReads items, without waiting for the loop.
-func TestPageOutBehindReads(t *testing.T) {
-	q := &Queue{dir: t.TempDir(), log: slog.New(slog.DiscardHandler)}
-	q.readBack(pageOutReads - 1)
-	if n := q.pageOuts.Load(); n != 0 {
-		t.Fatalf("%d page-outs after %d reads, want none yet", n, pageOutReads-1)
-	}
-	q.readBack(1)
-	if n := q.pageOuts.Load(); n != 1 {
-		t.Fatalf("%d page-outs after %d reads, want 1", n, pageOutReads)
-	}
-	q.readBack(0)
-	q.readBack(pageOutReads / 2)
-	if n := q.pageOuts.Load(); n != 1 {
-		t.Fatalf("%d page-outs, want still 1: the count starts again after a page-out", n)
 	}
 }

@@ -12,6 +12,3 @@ type pageOutState struct{}
 
 // pageOutLoop has nothing to do off Linux.
 func (q *Queue) pageOutLoop(context.Context) {}
-
-// readBack has nothing to do off Linux.
-func (q *Queue) readBack(int) {}

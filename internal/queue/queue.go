@@ -770,7 +770,6 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 				return fmt.Errorf("decode %s/%d: %w", l.Device, seq, err)
 			}
 			out = append(out, item)
-			q.readBack(1) // each read may map 64 KB of value log: pageout_linux.go
 			seq++
 		}
 		if len(out) >= max || seq > visible {
@@ -795,7 +794,6 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 				return fmt.Errorf("decode %s/%d: %w", device, seq, err)
 			}
 			out = append(out, item)
-			q.readBack(1)
 		}
 		return nil
 	})
