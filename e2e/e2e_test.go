@@ -28,8 +28,8 @@ func TestEmbeddedEndToEnd(t *testing.T) {
 	sim := startSim(t, a, b)
 	dir := t.TempDir()
 	g := startGateway(t, writeGatewayConfig(t, dir, sim, gatewayConfig{}, a, b))
-	if os.Getenv("GOMEMLIMIT") == "" && g.MemoryLimit != "48MiB" {
-		t.Errorf("the daemon runs with memory limit %q, want the default 48MiB", g.MemoryLimit)
+	if os.Getenv("GOMEMLIMIT") == "" && g.MemoryLimit != "40MiB" {
+		t.Errorf("the daemon runs with memory limit %q, want the default 40MiB", g.MemoryLimit)
 	}
 
 	const n = 50

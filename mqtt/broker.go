@@ -13,6 +13,7 @@ import (
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
@@ -53,7 +54,24 @@ type BrokerOptions struct {
 	OnDeny func(action, reason, who string)
 	// Now is the wall clock for token expiry (default time.Now).
 	Now func() time.Time
+	// InflightBytes bounds the payload bytes of all the readings handed
+	// to the queue and not yet acknowledged, across every connection
+	// (0: DefaultInflightBytes). Past it a publishing connection waits
+	// (is not read) until commits free some: backpressure, not buffering.
+	InflightBytes int64
 }
+
+// DefaultInflightBytes is the default of BrokerOptions.InflightBytes.
+// Limits.Inflight (64) readings per connection of up to
+// reading.MaxPayloadBytes (256 KiB) each would let 50 devices hold 800 MB
+// waiting for the disk; 8 MiB is ~27,000 readings of 300 bytes, far more
+// than group commit takes at once (store.max_batch), so it only ever holds
+// back large payloads.
+const DefaultInflightBytes = 8 << 20
+
+// inflightCost is what a held reading counts against InflightBytes: its
+// payload (cloned) and the inflight record around it.
+func inflightCost(payload []byte) int64 { return int64(len(payload)) + 512 }
 
 // Broker is the MQTT broker embedded in the daemon.
 type Broker struct {
@@ -77,6 +95,9 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	}
 	if opts.RetryInterval <= 0 {
 		opts.RetryInterval = time.Second
+	}
+	if opts.InflightBytes <= 0 {
+		opts.InflightBytes = DefaultInflightBytes
 	}
 	lim := opts.Limits.withDefaults()
 	caps := mochi.NewDefaultServerCapabilities()
@@ -107,7 +128,8 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	})
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
 		ackers: map[*mochi.Client]*acker{}, qos2: map[string]map[uint16]*inflight{},
-		limited: logx.NewLimiter(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now)}
+		limited: logx.NewLimiter(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now),
+		held: semaphore.NewWeighted(opts.InflightBytes), heldMax: opts.InflightBytes}
 	hook.ctx, hook.cancel = context.WithCancel(context.Background())
 	if st, ok := sub.(Starter); ok {
 		hook.starter, hook.srv = st, srv
@@ -263,6 +285,10 @@ type ingestHook struct {
 	// delivered locally only under the one it was taken under.
 	generation func(device string) uint64
 	wg         sync.WaitGroup
+	// held bounds the payload bytes of pipelined readings not yet settled
+	// (BrokerOptions.InflightBytes, heldMax).
+	held    *semaphore.Weighted
+	heldMax int64
 }
 
 func (h *ingestHook) ID() string { return "edgegate-ingest" }
@@ -313,7 +339,23 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 				return pk, packets.ErrRejectPacket
 			}
 		}
+		// Memory: wait (this connection is not read meanwhile, so the
+		// device waits for its PUBACKs) until the readings held across
+		// all connections leave room for this one. mochi itself holds
+		// nothing more per publish: it reads the next packet only after
+		// this hook returns.
+		cost := min(inflightCost(msg.Payload), h.heldMax)
+		if err := h.held.Acquire(h.ctx, cost); err != nil {
+			if it.qos == 2 {
+				h.qos2Failed(cl, it)
+			}
+			it.finish(false)
+			return pk, packets.ErrRejectPacket // shutting down: no PUBACK, the device resends
+		}
 		it.ctx, it.cancel = context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
+		// Released once the reading is settled (the acker cancels it.ctx
+		// after its PUBACK), given up, or at the latest after the timeout.
+		context.AfterFunc(it.ctx, func() { h.held.Release(cost) })
 		it.wait = h.starter.Start(it.ctx, msg)
 		if !h.ackerFor(cl).push(it) {
 			it.cancel()

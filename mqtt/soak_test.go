@@ -5,7 +5,7 @@ package mqtt
 // The hostile soak (make soak-hostile; not part of make test): the floods
 // of issue 17 against the real embedded broker, in process with the real
 // pipeline and badger queue, under the daemon's default limits and its
-// default memory_limit (48 MiB). Each flood runs for SOAK_FLOOD (default
+// default memory_limit (config.Default). Each flood runs for SOAK_FLOOD (default
 // 40s); the test prints the peak RSS and Go heap per flood, fails past the
 // unit's MemoryMax (256 MiB), and checks that another device is served
 // throughout and that the broker stops in bounded time afterwards.
@@ -24,6 +24,8 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+
+	"github.com/edgegate/edgegate/internal/config"
 )
 
 // memoryMax is the unit's MemoryMax (systemd/edgegate.service).
@@ -115,7 +117,7 @@ func soakDuration() time.Duration {
 }
 
 func TestSoakHostile(t *testing.T) {
-	debug.SetMemoryLimit(48 << 20) // the daemon's default memory_limit
+	debug.SetMemoryLimit(int64(config.Default().MemoryLimit)) // the daemon's default memory_limit
 	// Stopping after the floods is bounded (the issue saw minutes): the
 	// environment's cleanup stops the broker, its acks and the queue;
 	// cleanups run last-registered first, so these two bracket it.

@@ -530,7 +530,7 @@ const DeviceToken = "{device}"
 func Default() Config {
 	return Config{
 		StateDir:    "/var/lib/edgegate",
-		MemoryLimit: 48 << 20,
+		MemoryLimit: 40 << 20, // docs/performance.md#memory
 		Store: Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256,
 			CommitDelay: 20 * time.Millisecond},
 		MQTT: MQTT{

@@ -21,8 +21,8 @@ import (
 //	                                                   fresh readings from memory (recent.go)
 //	index cache (ristretto)                4 MB        IndexCacheSize, required with encryption
 //	L0 flush table builder                 ~2 MB       builds one table from a full memtable
-//	compactions: NumCompactors(2) x ~2 x   ~4 MB       each builds BaseTableSize(1 MB) tables,
-//	  BaseTableSize x ~2                               double-buffered
+//	compactions: NumCompactors(2) x ~2 x   ~2 MB       each builds BaseTableSize(512 KB) tables,
+//	  BaseTableSize x ~2                               double-buffered; see below
 //	write channel + our batch              ~1 MB       MaxBatch(256) x ~1 KB readings, twice
 //	----------------------------------------------------
 //	total                                  ~21 MB
@@ -55,14 +55,23 @@ func badgerOptions(dir string, key []byte, logger *slog.Logger) badger.Options {
 		WithNumLevelZeroTables(2).
 		WithNumLevelZeroTablesStall(4).
 		WithValueLogFileSize(8 << 20).
-		// Readings are a few hundred bytes: they stay inline in the LSM and
-		// never need value-log GC; only unusually large bodies go to the vlog.
+		// A sealed, encrypted reading is 1.2-2.8 KB (its signatures
+		// included), so readings go to the value log and the LSM holds
+		// keys and value pointers; inline (an 8 KB threshold) the
+		// anonymous memory was 108-117 MB (docs/bench/README.md).
 		WithValueThreshold(1 << 10).
 		// Table builders allocate twice the table size, several per
-		// compaction: 12 of the 27 MB badger held in a heap profile while
-		// draining a backlog. Tables hold keys and value pointers only;
-		// 1 MB ones made queuing and draining faster, not slower.
-		WithBaseTableSize(1 << 20).
+		// compaction (up to 8 + splits at once), and badger keeps up to 8
+		// used builders' buffers in its allocator pool for reuse, freeing
+		// one every 2 s (ristretto z.AllocatorPool): 12 of the 27 MB badger
+		// held in a heap profile while draining a backlog, and the live
+		// heap of a queuing backlog peaked at 32 MB with 1 MB tables
+		// (gctrace), so that a 32 MiB memory_limit ran the collector back
+		// to back (18 % of the CPU). Tables hold keys and value pointers
+		// only; 1 MB ones made queuing faster than 2 MB, and 512 KB ones
+		// kept the backlog's RSS within 10 % from 100k to 400k queued under
+		// memory_limit 40MiB (docs/performance.md#memory).
+		WithBaseTableSize(512 << 10).
 		WithNumCompactors(2).
 		WithNumGoroutines(2).
 		WithCompression(options.Snappy).

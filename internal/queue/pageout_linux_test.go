@@ -141,3 +141,91 @@ func testPageOut(t *testing.T, dir, real string) {
 		}
 	}
 }
+
+// BenchmarkPageOutStore is the cost of one page-out of a store with a few
+// value logs (the loop runs it up to 20 times a second under load).
+func BenchmarkPageOutStore(b *testing.B) {
+	dir := b.TempDir()
+	q := start(b, Options{Dir: dir, MaxBatch: 256})
+	body := []byte(strings.Repeat("x", 2000))
+	e := Entry{Broker: "https://a.example/v2", Device: "d1", Type: "Sensor",
+		Seal: func(uint64) ([]byte, error) { return body, nil }}
+	ctx := context.Background()
+	for i := 0; i < 12000; i++ { // three 8 MB value logs
+		w, err := q.Enqueue(ctx, e)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if i%256 == 255 {
+			if _, err := w(ctx); err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+	real, _ := filepath.EvalSymlinks(dir)
+	b.Run("maps+advise", func(b *testing.B) {
+		for range b.N {
+			if _, ok, err := pageOutStore(real); !ok || err != nil {
+				b.Fatal(ok, err)
+			}
+		}
+	})
+	b.Run("advise", func(b *testing.B) { // the mappings read within pageOutMapsAge
+		maps, err := storeMappings(real)
+		if err != nil || len(maps) == 0 {
+			b.Fatal(len(maps), err)
+		}
+		for range b.N {
+			if _, ok, err := adviseOut(maps); !ok || err != nil {
+				b.Fatal(ok, err)
+			}
+		}
+	})
+}
+
+// TestPageOutLoopIdle: the page-out loop works only while the process
+// takes page faults (something was mapped): an idle gateway does not read
+// /proc/self/maps 20 times a second.
+func TestPageOutLoopIdle(t *testing.T) {
+	q := start(t, Options{Dir: t.TempDir(), MaxBatch: 256})
+	body := []byte(strings.Repeat("x", 2000))
+	e := Entry{Broker: "https://a.example/v2", Device: "d1", Type: "Sensor",
+		Seal: func(uint64) ([]byte, error) { return body, nil }}
+	ctx := tctx(t)
+	for range 5 {
+		w, err := q.Enqueue(ctx, e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	testkit.Eventually(t, 5*time.Second, "a page-out after the writes", func() bool { return q.pageOuts.Load() > 0 })
+	// Busy, the loop pages out every 50 ms (20 a second); idle, at most
+	// once per stray fault of the test process and never more often than
+	// every 250 ms.
+	before := q.pageOuts.Load()
+	time.Sleep(2 * time.Second) // a span of idleness, not a wait for an event
+	if n := q.pageOuts.Load() - before; n > 5 {
+		t.Fatalf("%d page-outs in two idle seconds, want at most 5 (stray faults of the test process)", n)
+	}
+}
+
+func TestPageOutDue(t *testing.T) {
+	for _, c := range []struct {
+		faults int64
+		since  time.Duration
+		want   bool
+	}{
+		{0, time.Hour, false},                       // nothing mapped since
+		{1, pageOutBusy, false},                     // a stray fault: wait for the idle period
+		{1, pageOutIdle, true},                      // ... then page out
+		{pageOutFaults, pageOutBusy, true},          // busy: every tick
+		{pageOutFaults - 1, pageOutIdle - 1, false}, // below both
+	} {
+		if got := pageOutDue(c.faults, c.since); got != c.want {
+			t.Errorf("pageOutDue(%d, %s) = %v, want %v", c.faults, c.since, got, c.want)
+		}
+	}
+}

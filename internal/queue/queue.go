@@ -69,6 +69,8 @@ type Queue struct {
 	maxBatch int
 	gcEvery  time.Duration
 	gc       *groupCommit // committer-owned, but for its atomic counters
+	pageOuts atomic.Int64 // page-outs of the mapped files done (pageout_linux.go)
+	pageOut  pageOutState // pageout_linux.go
 
 	reqs     chan *request
 	stopping chan struct{} // closed when Run begins to stop
@@ -390,36 +392,20 @@ func (q *Queue) housekeep(ctx context.Context) {
 	defer size.Stop()
 	gc := time.NewTicker(q.gcEvery)
 	defer gc.Stop()
-	pageOut := true // until the kernel says it cannot (pageout_linux.go)
-	// /proc/self/maps names files by their absolute, resolved path.
-	mapDir := q.dir
-	if abs, err := filepath.Abs(q.dir); err == nil {
-		mapDir = abs
-		if real, err := filepath.EvalSymlinks(abs); err == nil {
-			mapDir = real
-		}
-	}
-	// A full 8 MB value log is written in under a second at full load:
-	// page the closed ones out four times a second (reading
-	// /proc/self/maps and a few madvise calls: tens of microseconds).
-	pageOutTick := time.NewTicker(250 * time.Millisecond)
-	defer pageOutTick.Stop()
+	// The store's mapped files are paged out by a loop of their own
+	// (pageout_linux.go), so that a long value-log GC below never stops it.
+	pageOutDone := make(chan struct{})
+	go func() {
+		defer close(pageOutDone)
+		q.pageOutLoop(ctx)
+	}()
+	defer func() { <-pageOutDone }()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-size.C:
 			q.refreshSize()
-		case <-pageOutTick.C:
-			if pageOut {
-				var err error
-				if _, pageOut, err = pageOutStore(mapDir); err != nil {
-					q.log.Debug("page out closed value logs", "err", err)
-				}
-				if !pageOut {
-					q.log.Info("paging out the store's mapped files is not available here (MADV_PAGEOUT needs Linux 5.4); the resident size will include them")
-				}
-			}
 		case <-gc.C:
 			q.runGC(ctx)
 			q.refreshSize()
