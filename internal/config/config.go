@@ -532,7 +532,7 @@ func Default() Config {
 		StateDir:    "/var/lib/edgegate",
 		MemoryLimit: 40 << 20, // docs/performance.md#memory
 		Store: Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256,
-			CommitDelay: 20 * time.Millisecond},
+			CommitDelay: 10 * time.Millisecond},
 		MQTT: MQTT{
 			Mode:  ModeEmbedded,
 			Topic: "devices/{device}/telemetry",
@@ -549,7 +549,7 @@ func Default() Config {
 				Accounts: AccountsNone, AccountsInterval: 5 * time.Minute},
 		},
 		Uplink: Uplink{
-			Mode: "filter", BatchSize: 256, BatchLinger: 100 * time.Millisecond, SignatureAttribute: "signature", RefusalWindow: 15 * time.Minute,
+			Mode: "filter", BatchSize: 256, BatchLinger: 25 * time.Millisecond, SignatureAttribute: "signature", RefusalWindow: 15 * time.Minute,
 			RequestTimeout: 15 * time.Second, MinBackoff: 200 * time.Millisecond, MaxBackoff: 30 * time.Second,
 		},
 		Pipeline: Pipeline{MaxClockSkew: 5 * time.Minute},

@@ -31,13 +31,16 @@ import (
 // DefaultCommitDelay is the longest the committer waits for more readings
 // before a sync (Options.CommitDelay).
 //
-// 20 ms: at 1,500 readings/s from 50 devices, 5 ms made ~200 syncs a
+// 10 ms: at 1,500 readings/s from 50 devices, 5 ms made ~200 syncs a
 // second, each two msyncs of badger's memory-mapped logs, and the syncs
 // were the largest single cost of the daemon at that pace (11 % of its CPU
-// in docs/bench/profiles/pace-before-embedded-batch-paced.top.txt); 20 ms
-// makes ~50. A device's PUBACK waits at most this long more, well under
-// its retry timeouts.
-const DefaultCommitDelay = 20 * time.Millisecond
+// in docs/bench/profiles/pace-before-embedded-batch-paced.top.txt). 20 ms
+// made ~50 but cost ~10 % of the burst rate in `make bench-peers`
+// (7,934 against 8,767 readings/s with the same linger, 2026-12-03); 10 ms
+// kept the burst rate (9,034/s) at 241 CPU ms per 1,000 paced readings,
+// against 273 with 5 ms. A device's PUBACK waits at most this long more,
+// well under its retry timeouts.
+const DefaultCommitDelay = 10 * time.Millisecond
 
 const (
 	// gapShift smooths arrival gaps: each new gap weighs 1/8.

@@ -205,9 +205,11 @@ func TestBatchLingerSharesRequests(t *testing.T) {
 		want   string
 	}{
 		{"linger=10ms", 10 * time.Millisecond, func(n, r int) bool { return r*4 <= n }, "at least 4 readings per request"},
-		// The default: at this pace (1,000/s) ~100 readings gather per
-		// request; 40 leaves room for a slow machine.
-		{"linger=default", 0, func(n, r int) bool { return r*40 <= n }, "at least 40 readings per request"},
+		// At this pace (1,000/s) ~100 readings gather per request in
+		// 100 ms; 40 leaves room for a slow machine.
+		{"linger=100ms", 100 * time.Millisecond, func(n, r int) bool { return r*40 <= n }, "at least 40 readings per request"},
+		// The default (25 ms): ~25 per request; 10 leaves room.
+		{"linger=default", 0, func(n, r int) bool { return r*10 <= n }, "at least 10 readings per request"},
 		// The same load without the linger, to show what it prevents.
 		{"linger=off", -1, func(n, r int) bool { return r*2 > n }, "fewer than 2 readings per request"},
 	} {

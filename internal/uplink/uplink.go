@@ -110,7 +110,7 @@ const (
 	defaultMinBackoff    = 200 * time.Millisecond
 	defaultMaxBackoff    = 30 * time.Second
 	defaultShutdownGrace = 2 * time.Second
-	defaultBatchLinger   = 100 * time.Millisecond
+	defaultBatchLinger   = 25 * time.Millisecond
 	// backstop: how often dispatchers look at the queue even without a
 	// Changed signal, in case one was missed.
 	backstop = 5 * time.Second
