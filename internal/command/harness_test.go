@@ -387,15 +387,7 @@ func (e *env) startService() {
 		Logger: slog.New(slog.NewTextHandler(e.bus, nil)),
 		TTL:    e.ttl, PollInterval: 100 * time.Millisecond, MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
 	})
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(e.ctx)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = svc.Run(ctx) }()
-	e.svc = svc
-	e.stop = func() { cancel(); <-done }
-	e.t.Cleanup(func() { e.stop() })
+	e.runService(svc, err)
 }
 
 // patch is an IoT App's write through the filter, as user.
@@ -530,4 +522,18 @@ func (e *env) connectApp(user string) *device {
 	}
 	e.t.Cleanup(func() { d.c.Disconnect(100) })
 	return d
+}
+
+// runService runs a service New made until the test ends (or e.stop).
+func (e *env) runService(svc *command.Service, err error) {
+	e.t.Helper()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(e.ctx)
+	done := make(chan struct{})
+	go func() { defer close(done); _ = svc.Run(ctx) }()
+	e.svc = svc
+	e.stop = func() { cancel(); <-done }
+	e.t.Cleanup(func() { e.stop() })
 }

@@ -1,7 +1,6 @@
 package command_test
 
 import (
-	"context"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
@@ -79,15 +78,7 @@ func (e *env) startNotifying(transport command.NotifyTransport, poll time.Durati
 		TTL:    e.ttl, PollInterval: poll, MinBackoff: 50 * time.Millisecond, MaxBackoff: 300 * time.Millisecond,
 		Notify: no,
 	})
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(e.ctx)
-	done := make(chan struct{})
-	go func() { defer close(done); _ = svc.Run(ctx) }()
-	e.svc = svc
-	e.stop = func() { cancel(); <-done }
-	e.t.Cleanup(func() { e.stop() })
+	e.runService(svc, err)
 }
 
 func mqttTransport(b *mosquittotest.Broker) *command.MQTTNotify {
