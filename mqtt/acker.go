@@ -54,6 +54,7 @@ type inflight struct {
 	wait    pipeline.Pending
 	ctx     context.Context
 	cancel  context.CancelFunc
+	cost    int64 // its share of BrokerOptions.InflightBytes, released by settled
 
 	// QoS 2 (qos2.go): done is closed once the reading is committed
 	// (committed true) or given up; dupOf, when set, makes this a resend
@@ -148,7 +149,7 @@ func (a *acker) settle(it *inflight) {
 		}
 		return
 	}
-	defer it.cancel()
+	defer h.settled(it)
 	out, err := it.wait(it.ctx)
 	// Later publishes of this connection wait behind a held one.
 	if out, err = h.hold(a.cl, it.msg, out, err); err != nil {
