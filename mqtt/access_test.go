@@ -40,7 +40,7 @@ type sso struct {
 	key jwk.Key
 }
 
-func newSSO(t *testing.T) *sso {
+func newSSO(t testing.TB) *sso {
 	t.Helper()
 	raw, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
@@ -65,7 +65,7 @@ func newSSO(t *testing.T) *sso {
 	return s
 }
 
-func (s *sso) token(t *testing.T, user string, mut func(jwt.Token), key ...jwk.Key) string {
+func (s *sso) token(t testing.TB, user string, mut func(jwt.Token), key ...jwk.Key) string {
 	t.Helper()
 	tok := jwt.New()
 	tok.Set(jwt.IssuerKey, s.srv.URL)
@@ -90,7 +90,7 @@ func (s *sso) token(t *testing.T, user string, mut func(jwt.Token), key ...jwk.K
 }
 
 type accessEnv struct {
-	t      *testing.T
+	t      testing.TB
 	engine *policy.Engine
 	broker *Broker
 	url    string
@@ -107,13 +107,13 @@ func reg(id, owner string) policy.Registration {
 // newAccessEnv runs the embedded broker with the real pipeline and queue;
 // alice owns a1 and a2, bob owns b1; carol reads a1 (READ_ACCESS), dave has
 // WRITE_ONLY on a1.
-func newAccessEnv(t *testing.T, tune ...func(*BrokerOptions)) *accessEnv {
+func newAccessEnv(t testing.TB, tune ...func(*BrokerOptions)) *accessEnv {
 	t.Helper()
 	return newAccessEnvWith(t, nil, tune...)
 }
 
 // newAccessEnvWith is newAccessEnv with the pipeline wrapped by wrap.
-func newAccessEnvWith(t *testing.T, wrap func(*pipeline.Pipeline) Submitter, tune ...func(*BrokerOptions)) *accessEnv {
+func newAccessEnvWith(t testing.TB, wrap func(*pipeline.Pipeline) Submitter, tune ...func(*BrokerOptions)) *accessEnv {
 	t.Helper()
 	devs := []policy.Registration{reg("a1", "alice"), reg("a2", "alice"), reg("b1", "bob")}
 	p, err := policy.Compile(policy.Document{Format: 1, Version: 1, IssuedAt: time.Now(), Devices: devs,
