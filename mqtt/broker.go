@@ -118,6 +118,12 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	caps.MaximumClients = int64(opts.MaxClients)
 	srv := mochi.New(&mochi.Options{
 		Capabilities: caps,
+		// $SYS is read by no one: OnACLCheck refuses every filter outside
+		// the device topic tree (access.go). mochi would still rebuild and
+		// retain its 20 $SYS topics every second (publishSysTopics,
+		// server.go of mochi-mqtt/server v2.7.9), with a stop-the-world
+		// runtime.ReadMemStats each time; once a day is enough.
+		SysTopicResendInterval: 24 * 60 * 60,
 		// The inline client publishes pipelined readings to local
 		// subscribers once they are committed.
 		InlineClient: true,
