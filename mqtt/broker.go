@@ -390,8 +390,13 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 }
 
 // settled ends a pipelined publish's wait and returns its bytes to the
-// InflightBytes budget; every pipelined publish passes here exactly once
-// (the acker's settle, or a failed push), as no other path drops one.
+// InflightBytes budget: once per pipelined publish, from the acker's
+// settle or after a failed push. A push never races the acker's end on
+// a disconnect: mochi calls OnDisconnect on the connection's own
+// goroutine once its reads end (attachClient, server.go of
+// mochi-mqtt/server v2.7.9), the one that runs OnPublish. Only
+// stopAckers, at shutdown, may strand a publish pushed at that moment
+// (unacknowledged, so the device resends it); the budget is moot then.
 func (h *ingestHook) settled(it *inflight) {
 	it.cancel()
 	h.held.Release(it.cost)
