@@ -288,13 +288,13 @@ func TestBatchLingerKeepsBurstRate(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		linger time.Duration
-	}{{"linger=off", -1}, {"linger=default", 0}} {
+	}{{"linger=off", -1}, {"linger=default", 0}, {"linger=100ms", 100 * time.Millisecond}} {
 		b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
 			time.Sleep(5 * time.Millisecond) // the broker's round trip
 			w.WriteHeader(http.StatusNoContent)
 		})
 		q := newFakeQueue()
-		const devices, each = 50, 20
+		const devices, each = 50, 200
 		for i := range devices {
 			q.add(b.URL, "dev-"+strconv.Itoa(i), each)
 		}
@@ -310,7 +310,7 @@ func TestBatchLingerKeepsBurstRate(t *testing.T) {
 					return
 				case <-time.After(2 * time.Millisecond):
 				}
-				if k < 100 {
+				if k < 400 {
 					q.add(b.URL, "dev-"+strconv.Itoa(k%devices), 10)
 				}
 			}
@@ -321,7 +321,7 @@ func TestBatchLingerKeepsBurstRate(t *testing.T) {
 		<-feeding
 		h.stop(t)
 	}
-	t.Logf("drained in %v without the linger, %v with the default", took["linger=off"], took["linger=default"])
+	t.Logf("drained in %v without the linger, %v with the default, %v with 100ms", took["linger=off"], took["linger=default"], took["linger=100ms"])
 	if took["linger=default"] > 2*took["linger=off"]+200*time.Millisecond {
 		t.Fatalf("with the default linger the burst drained in %v, without in %v", took["linger=default"], took["linger=off"])
 	}
