@@ -1,7 +1,9 @@
 package uplink
 
 import (
+	"bytes"
 	"encoding/json"
+	"io"
 	"net/http"
 	"strconv"
 	"strings"
@@ -278,51 +280,68 @@ func TestBatchFullGoesAtOnce(t *testing.T) {
 	}
 }
 
-// TestBatchLingerKeepsBurstRate: a backlog of 50 devices (a burst the
-// broker is behind on) drains as fast with the default linger as without
-// one: the linger gathers company for part-empty batches at a moderate
-// pace, it must not hold back lanes that come back from a request while
-// others are still on their way.
+// TestBatchLingerKeepsBurstRate: a burst the broker is behind on — 10
+// devices with a backlog that publish on, 40 that publish now and then —
+// drains as fast with a linger, even a long one, as without: the linger
+// gathers company for part-empty batches at a moderate pace; it must not
+// hold back lanes while a backlog waits (issue 20: 100 ms cut a 50-device
+// burst from ~9,000 to ~5,600 readings/s in make bench-peers). Before,
+// the few readings of the idle lanes lingered while the busy lanes' backlog
+// grew, and this took ~1.6 s with 100 ms against ~0.8 s without. The
+// broker applies each entity of an op/update in turn, so its answer takes
+// longer the fuller the batch, as Orion's does.
 func TestBatchLingerKeepsBurstRate(t *testing.T) {
 	took := map[string]time.Duration{}
-	for _, tc := range []struct {
+	cases := []struct {
 		name   string
 		linger time.Duration
-	}{{"linger=off", -1}, {"linger=default", 0}, {"linger=100ms", 100 * time.Millisecond}} {
+	}{{"linger=off", -1}, {"linger=default", 0}, {"linger=100ms", 100 * time.Millisecond}}
+	for _, tc := range cases {
 		b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
-			time.Sleep(5 * time.Millisecond) // the broker's round trip
+			body, _ := io.ReadAll(r.Body)
+			entities := bytes.Count(body, []byte(`"id":`))
+			time.Sleep(2*time.Millisecond + time.Duration(entities)*400*time.Microsecond)
 			w.WriteHeader(http.StatusNoContent)
 		})
 		q := newFakeQueue()
-		const devices, each = 50, 200
-		for i := range devices {
-			q.add(b.URL, "dev-"+strconv.Itoa(i), each)
+		// 10 busy devices with a backlog, 40 that publish now and then.
+		const heavy, light = 10, 40
+		for i := range heavy {
+			q.add(b.URL, "heavy-"+strconv.Itoa(i), 300)
 		}
 		began := time.Now()
 		h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: ModeBatch, Concurrency: 4, BatchLinger: tc.linger})
 		stop := make(chan struct{})
 		feeding := make(chan struct{})
-		go func() { // the burst goes on: every device publishes on
+		go func() { // the burst goes on
 			defer close(feeding)
-			for k := 0; ; k++ {
+			for k := 0; k < 300; k++ {
 				select {
 				case <-stop:
 					return
 				case <-time.After(2 * time.Millisecond):
 				}
-				if k < 400 {
-					q.add(b.URL, "dev-"+strconv.Itoa(k%devices), 10)
-				}
+				q.add(b.URL, "heavy-"+strconv.Itoa(k%heavy), 10)
+				q.add(b.URL, "light-"+strconv.Itoa(k%light), 1)
 			}
 		}()
-		testkit.Eventually(t, 20*time.Second, "backlog drained", func() bool { return q.depth() == 0 })
+		testkit.Eventually(t, 30*time.Second, "backlog drained", func() bool {
+			select {
+			case <-feeding:
+				return q.depth() == 0
+			default:
+				return false
+			}
+		})
 		took[tc.name] = time.Since(began)
 		close(stop)
-		<-feeding
 		h.stop(t)
 	}
-	t.Logf("drained in %v without the linger, %v with the default, %v with 100ms", took["linger=off"], took["linger=default"], took["linger=100ms"])
-	if took["linger=default"] > 2*took["linger=off"]+200*time.Millisecond {
-		t.Fatalf("with the default linger the burst drained in %v, without in %v", took["linger=default"], took["linger=off"])
+	t.Logf("drained in %v without the linger, %v with the default, %v with 100 ms", took["linger=off"], took["linger=default"], took["linger=100ms"])
+	for _, tc := range cases[1:] {
+		// The last readings, after the burst, may linger once.
+		if limit := took["linger=off"]*5/4 + max(tc.linger, defaultBatchLinger) + 100*time.Millisecond; took[tc.name] > limit {
+			t.Errorf("with %s the burst drained in %v, without a linger in %v", tc.name, took[tc.name], took["linger=off"])
+		}
 	}
 }
