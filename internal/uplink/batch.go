@@ -57,10 +57,13 @@ const (
 func (d *dispatcher) fillBatches(start int) {
 	n := len(d.lanes)
 	free := d.u.opts.Concurrency - d.inflight
-	var idle []queue.Lane
+	var idle, busy []queue.Lane
 	for i := 0; i < n; i++ {
 		l := d.lanes[(start+i)%n]
 		if d.busy[l] {
+			if !d.solo[l] {
+				busy = append(busy, l)
+			}
 			continue
 		}
 		if held, _ := d.refusalState(l, d.u.opts.Now()); held {
@@ -99,7 +102,7 @@ func (d *dispatcher) fillBatches(start int) {
 		ready += counts[i]
 	}
 	full := max(1, d.u.opts.BatchSize*len(idle)/max(1, len(d.lanes)))
-	if linger := d.u.opts.BatchLinger; linger > 0 && ready < full && d.waiting() < d.u.opts.BatchSize {
+	if linger := d.u.opts.BatchLinger; linger > 0 && ready < full && d.waiting(idle, busy) < d.u.opts.BatchSize {
 		// Under load — another request on its way, or one started less
 		// than linger ago — let more readings gather, up to linger, so
 		// that a moderate load does not become one request per handful
@@ -150,17 +153,18 @@ func (d *dispatcher) fillBatches(start int) {
 	}
 }
 
-// waiting estimates the broker's readings not in a request: all its
-// readings less those the requests in flight took (at most PerDevice of
-// each busy lane). One lock and a map lookup per lane, as ready.
-func (d *dispatcher) waiting() int {
-	var busy []queue.Lane
-	for _, l := range d.lanes {
-		if d.busy[l] {
-			busy = append(busy, l)
-		}
+// waiting estimates the broker's readings not in a request: all those of
+// the idle lanes, and those of the busy lanes less what their requests
+// took (at most PerDevice each). Lanes held by a refusal or sent one
+// reading at a time (solo) are left out: their backlog cannot go in a
+// batch now, and a refused device's must not end the linger of all the
+// others. One lock and a map lookup per lane, as ready.
+func (d *dispatcher) waiting(idle, busy []queue.Lane) int {
+	n := d.u.src.Ready(idle, math.MaxInt)
+	if len(busy) > 0 {
+		n += d.u.src.Ready(busy, math.MaxInt) - d.ready(busy)
 	}
-	return d.u.src.Ready(d.lanes, math.MaxInt) - d.ready(busy)
+	return n
 }
 
 // ready counts the readings of lanes a batch could take now.
