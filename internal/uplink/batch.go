@@ -51,9 +51,10 @@ const (
 )
 
 // fillBatches starts batch jobs for idle lanes, round-robin from start,
-// spreading the idle lanes over the free request slots so that requests
-// overlap (pipelining) instead of one batch taking every lane, once a
-// full batch is ready or the linger is over.
+// cutting them into batches of up to BatchSize readings over the free
+// request slots so that requests overlap (pipelining) instead of one batch
+// taking every lane, once a full batch is ready, the broker has a backlog
+// or the linger is over.
 func (d *dispatcher) fillBatches(start int) {
 	n := len(d.lanes)
 	free := d.u.opts.Concurrency - d.inflight
