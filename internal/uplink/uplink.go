@@ -87,8 +87,8 @@ type Options struct {
 	// BatchLinger (batch mode): under load — another request of the
 	// broker in flight, or one started less than BatchLinger ago —
 	// fewer than BatchSize ready readings wait at most this long for more
-	// before they are sent (default 100ms; negative: never wait). See
-	// batch.go.
+	// before they are sent, unless the broker's backlog is a batch or
+	// more (default 25ms; negative: never wait). See batch.go.
 	BatchLinger time.Duration
 }
 
