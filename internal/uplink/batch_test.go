@@ -260,9 +260,15 @@ func TestBatchFullGoesAtOnce(t *testing.T) {
 	q.add(b.URL, "dev-first", 1) // nothing in flight: it goes at once
 	testkit.Eventually(t, 5*time.Second, "first request sent", func() bool { return len(b.requests()) >= 1 || q.depth() == 0 })
 	start := time.Now()
-	for i := range 8 {
-		q.add(b.URL, "dev-"+strconv.Itoa(i), 4) // 32 readings: two full batches
+	// 32 readings, two full batches, queued at once (as one group commit
+	// makes them visible): added one device at a time, the dispatcher can
+	// send the first devices as they come and leave a remainder that
+	// rightly lingers, which made this test flaky.
+	devs := make([]string, 8)
+	for i := range devs {
+		devs[i] = "dev-" + strconv.Itoa(i)
 	}
+	q.addAll(b.URL, devs, 4)
 	testkit.Eventually(t, 5*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	if d := time.Since(start); d >= 700*time.Millisecond {
 		t.Fatalf("full batches took %v to deliver: they waited for the 1s linger", d)

@@ -44,9 +44,21 @@ func newFakeQueue() *fakeQueue {
 }
 
 // add queues n readings for a device, with consecutive seqs.
-func (q *fakeQueue) add(broker, device string, n int) {
+func (q *fakeQueue) add(broker, device string, n int) { q.addAll(broker, []string{device}, n) }
+
+// addAll queues n readings for each device under one lock and one change
+// signal, as one group commit makes them visible.
+func (q *fakeQueue) addAll(broker string, devices []string, n int) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	for _, device := range devices {
+		q.addLocked(broker, device, n)
+	}
+	close(q.changed)
+	q.changed = make(chan struct{})
+}
+
+func (q *fakeQueue) addLocked(broker, device string, n int) {
 	l := queue.Lane{Broker: broker, Device: device}
 	seen := false
 	for _, b := range q.brokers {
@@ -66,8 +78,6 @@ func (q *fakeQueue) add(broker, device string, n int) {
 			Body: fmt.Appendf(nil, `{"seq":{"type":"Integer","value":%d}}`, seq),
 		})
 	}
-	close(q.changed)
-	q.changed = make(chan struct{})
 }
 
 func (q *fakeQueue) Brokers() []string {
