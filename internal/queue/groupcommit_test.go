@@ -47,7 +47,7 @@ func TestGroupCommitClosedLoop(t *testing.T) {
 
 // TestGroupCommitSharesSyncs: 50 devices at 1,500 readings/s together
 // (the moderate load where a sync carried 1.5–2 readings without waiting)
-// share syncs: at least 10 readings per sync, every Append answered.
+// share syncs: at least 6 readings per sync, every Append answered.
 func TestGroupCommitSharesSyncs(t *testing.T) {
 	q := start(t, Options{})
 	ctx := tctx(t)
@@ -69,11 +69,12 @@ func TestGroupCommitSharesSyncs(t *testing.T) {
 	}
 	wg.Wait()
 	syncs := q.gc.syncs.Load()
-	// 20 ms of arrivals at 1,500/s is 30 readings; 10 leaves room for a
-	// slow machine (5 ms made 7.9–9.4).
+	// 10 ms (the default) of arrivals at 1,500/s is 15 readings; 6
+	// leaves room for a slow machine under -race (9.1 seen in CI), and
+	// without the wait a sync carries 1.2–2.0.
 	per := float64(devices*each) / float64(syncs)
-	if per < 10 {
-		t.Fatalf("%d readings in %d syncs (%.1f per sync), want at least 10 per sync", devices*each, syncs, per)
+	if per < 6 {
+		t.Fatalf("%d readings in %d syncs (%.1f per sync), want at least 6 per sync", devices*each, syncs, per)
 	}
 	t.Logf("%.1f readings per sync", per)
 	if st := q.Stats(); st.Depth != devices*each {
