@@ -8,11 +8,8 @@ import (
 	"testing"
 	"time"
 
-	paho "github.com/eclipse/paho.mqtt.golang"
-
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 	"github.com/edgegate/edgegate/internal/pipeline"
-	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // startRecorder is a Starter (as the real pipeline is): Start records the
@@ -64,32 +61,8 @@ func TestExternalAckOrderPipelined(t *testing.T) {
 		OnAck: func(_ string, p []byte) { ackMu.Lock(); acked = append(acked, string(p)); ackMu.Unlock() }})
 	pub := publisher(t, m.URL, "pub", "")
 	const devices, each = 50, 20
-	var want []string
-	var toks []paho.Token
-	for i := range each {
-		for d := range devices {
-			p := fmt.Sprintf("dev%d:%d", d, i)
-			want = append(want, p)
-			toks = append(toks, pub.Publish(fmt.Sprintf("devices/dev%d/telemetry", d), 1, false, p))
-		}
-	}
-	for _, tk := range toks {
-		if err := waitToken(tk, 20*time.Second); err != nil {
-			t.Fatalf("publish: %v", err)
-		}
-	}
-	testkit.Poll(30*time.Second, func() bool { _, ack := tap.snapshot(); return len(ack) >= len(want) }) // asserted below
-	pubIDs, ackIDs := tap.snapshot()
-	if len(pubIDs) != len(want) || !slices.Equal(pubIDs, ackIDs) {
-		first := -1
-		for i := range min(len(pubIDs), len(ackIDs)) {
-			if pubIDs[i] != ackIDs[i] {
-				first = i
-				break
-			}
-		}
-		t.Fatalf("%d PUBLISH, %d PUBACK; first out-of-order PUBACK at %d: the PUBACKs must follow the arrival order", len(pubIDs), len(ackIDs), first)
-	}
+	want := publishInterleaved(t, pub, devices, each)
+	tap.assertAckOrder(t, len(want))
 	rec.mu.Lock()
 	defer rec.mu.Unlock()
 	if rec.starts != len(want) || rec.n != len(want) {

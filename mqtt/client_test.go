@@ -198,32 +198,8 @@ func TestExternalAckOrder(t *testing.T) {
 		OnAck: func(_ string, p []byte) { ackMu.Lock(); ackOrder = append(ackOrder, string(p)); ackMu.Unlock() }})
 	pub := publisher(t, m.URL, "pub", "")
 	const devices, each = 12, 40
-	var want []string
-	var toks []paho.Token
-	for i := 0; i < each; i++ {
-		for d := 0; d < devices; d++ {
-			p := fmt.Sprintf("dev%d:%d", d, i)
-			want = append(want, p)
-			toks = append(toks, pub.Publish(fmt.Sprintf("devices/dev%d/telemetry", d), 1, false, p))
-		}
-	}
-	for _, tk := range toks {
-		if err := waitToken(tk, 20*time.Second); err != nil {
-			t.Fatalf("publish: %v", err)
-		}
-	}
-	testkit.Poll(30*time.Second, func() bool { _, ack := tap.snapshot(); return len(ack) >= len(want) }) // asserted below
-	pubIDs, ackIDs := tap.snapshot()
-	if len(pubIDs) != len(want) || !slices.Equal(pubIDs, ackIDs) {
-		first := -1
-		for i := range min(len(pubIDs), len(ackIDs)) {
-			if pubIDs[i] != ackIDs[i] {
-				first = i
-				break
-			}
-		}
-		t.Fatalf("%d PUBLISH, %d PUBACK; first out-of-order PUBACK at %d: the PUBACKs must follow the arrival order", len(pubIDs), len(ackIDs), first)
-	}
+	want := publishInterleaved(t, pub, devices, each)
+	tap.assertAckOrder(t, len(want))
 	ackMu.Lock()
 	if !slices.Equal(ackOrder, want) {
 		t.Errorf("acknowledged readings out of publish order")
@@ -316,5 +292,45 @@ func TestExternalRetainedCopyNotIngested(t *testing.T) {
 	var dm dto.Metric
 	if err := met.AccessDenied.WithLabelValues("deliver", "retained").Write(&dm); err != nil || dm.GetCounter().GetValue() != 1 {
 		t.Fatalf("retained copies counted = %v (%v), want 1", dm.GetCounter().GetValue(), err)
+	}
+}
+
+// publishInterleaved publishes each readings of devices devices, one of
+// each device in turn, waits for every PUBACK, and returns the payloads in
+// publish order.
+func publishInterleaved(t *testing.T, pub paho.Client, devices, each int) []string {
+	t.Helper()
+	var want []string
+	var toks []paho.Token
+	for i := range each {
+		for d := range devices {
+			p := fmt.Sprintf("dev%d:%d", d, i)
+			want = append(want, p)
+			toks = append(toks, pub.Publish(fmt.Sprintf("devices/dev%d/telemetry", d), 1, false, p))
+		}
+	}
+	for _, tk := range toks {
+		if err := waitToken(tk, 20*time.Second); err != nil {
+			t.Fatalf("publish: %v", err)
+		}
+	}
+	return want
+}
+
+// assertAckOrder waits until n PUBACKs crossed the tap and fails unless
+// they follow the order of the PUBLISHes on the wire (MQTT 3.1.1 §4.6).
+func (tp *mqttTap) assertAckOrder(t *testing.T, n int) {
+	t.Helper()
+	testkit.Poll(30*time.Second, func() bool { _, ack := tp.snapshot(); return len(ack) >= n }) // asserted below
+	pubIDs, ackIDs := tp.snapshot()
+	if len(pubIDs) != n || !slices.Equal(pubIDs, ackIDs) {
+		first := -1
+		for i := range min(len(pubIDs), len(ackIDs)) {
+			if pubIDs[i] != ackIDs[i] {
+				first = i
+				break
+			}
+		}
+		t.Fatalf("%d PUBLISH, %d PUBACK; first out-of-order PUBACK at %d: the PUBACKs must follow the arrival order", len(pubIDs), len(ackIDs), first)
 	}
 }

@@ -88,21 +88,5 @@ func (h *accessHook) onCommandPublish(cl *mochi.Client, pk packets.Packet) (pack
 // re-registered under another owner): a command held for one registration
 // is never delivered under another.
 func (b *Broker) PurgeCommands(devices []string) int {
-	if len(devices) == 0 {
-		return 0
-	}
-	set := make(map[string]bool, len(devices))
-	for _, d := range devices {
-		set[d] = true
-	}
-	n := 0
-	for topic := range b.srv.Topics.Retained.GetAll() {
-		if dev, ok := b.access.topic.MatchCommand(topic); ok && set[dev] {
-			b.srv.Topics.RetainMessage(packets.Packet{TopicName: topic,
-				FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}})
-			n++
-		}
-	}
-	atomic.StoreInt64(&b.srv.Info.Retained, int64(b.srv.Topics.Retained.Len()))
-	return n
+	return b.purgeRetained(devices, b.access.topic.MatchCommand, "dropped the retained command of a revoked or re-registered device")
 }

@@ -19,6 +19,13 @@ import (
 // PurgeRetained drops the retained messages of the given devices (revoked,
 // or re-registered) and returns how many were dropped.
 func (b *Broker) PurgeRetained(devices []string) int {
+	return b.purgeRetained(devices, b.access.topic.Match, "dropped the retained message of a revoked or re-registered device")
+}
+
+// purgeRetained clears every retained topic whose device, as match reads
+// it from the topic, is one of devices: the one pass behind PurgeRetained
+// (readings) and PurgeCommands (commands).
+func (b *Broker) purgeRetained(devices []string, match func(topic string) (string, bool), msg string) int {
 	if len(devices) == 0 {
 		return 0
 	}
@@ -28,16 +35,16 @@ func (b *Broker) PurgeRetained(devices []string) int {
 	}
 	n := 0
 	for topic := range b.srv.Topics.Retained.GetAll() {
-		dev, ok := b.access.topic.Match(topic)
+		dev, ok := match(topic)
 		if !ok || !set[dev] {
 			continue
 		}
 		// An empty retained payload clears the topic [MQTT-3.3.1-6].
 		b.srv.Topics.RetainMessage(packets.Packet{TopicName: topic,
 			FixedHeader: packets.FixedHeader{Type: packets.Publish, Retain: true}})
-		atomic.StoreInt64(&b.srv.Info.Retained, int64(b.srv.Topics.Retained.Len()))
 		n++
-		b.log.Info("dropped the retained message of a revoked or re-registered device", "device", clipName(dev))
+		b.log.Info(msg, "device", clipName(dev))
 	}
+	atomic.StoreInt64(&b.srv.Info.Retained, int64(b.srv.Topics.Retained.Len()))
 	return n
 }

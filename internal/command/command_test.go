@@ -42,9 +42,7 @@ func TestOwnerSwitchesRelay(t *testing.T) {
 		t.Errorf("command = %+v, want seq 1 from the platform, value true", c)
 	}
 	// Switched off again: a new command, sent once.
-	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the relay switched off", func() bool { return slices.Equal(e.relaySets(), []string{"1/2=1", "1/2=0"}) })
 	testkit.Eventually(t, wait, "off confirmed", func() bool {
 		c := e.command(relayID, "status")
@@ -107,9 +105,7 @@ func TestMQTTLight(t *testing.T) {
 	evil.c.Publish("devices/"+lightID+"/cmd/power", 1, false, `{"value":true}`).WaitTimeout(2 * time.Second)
 	testkit.Eventually(t, wait, "the hostile publisher disconnected", func() bool { return !evil.c.IsConnectionOpen() })
 
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"on","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the light's command", func() bool { return len(light.messages()) > 0 })
 	m := light.messages()[0]
 	if m.topic != "devices/"+lightID+"/cmd/power" {
@@ -154,18 +150,14 @@ func TestMQTTLight(t *testing.T) {
 	if q := fresh.subscribe(t, "devices/"+lightID+"/cmd/#"); q != 1 {
 		t.Fatalf("fresh subscription: granted %#x", q)
 	}
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"off","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"off","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the next command on the fresh session", func() bool { return len(fresh.messages()) > 0 })
 	if c := commandOf(t, fresh.messages()[0]); c.Attrs["power"].Value != "off" || c.Seq != 2 {
 		t.Fatalf("fresh session's first message: %+v, want the new command (seq 2, off)", c)
 	}
 
 	// The marker: light-2's own command reaches it; light-1's never did.
-	if code, body := e.patch(owner, light2, `{"power":{"value":"dim","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, light2, `{"power":{"value":"dim","type":"Text"}}`)
 	testkit.Eventually(t, wait, "light-2's own command", func() bool { return len(other.messages()) > 0 })
 	for _, m := range other.messages() {
 		if !strings.HasPrefix(m.topic, "devices/"+light2+"/") {
@@ -206,9 +198,7 @@ func TestOutageThenDelivery(t *testing.T) {
 	e.link.set(true)
 	before := e.svc.Stats().PollErrors
 	testkit.Eventually(t, wait, "the gateway's reads failing", func() bool { return e.svc.Stats().PollErrors > before+1 })
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	fails := e.svc.Stats().PollErrors
 	testkit.Eventually(t, wait, "more failed reads during the outage", func() bool { return e.svc.Stats().PollErrors > fails })
 	if got := e.relaySets(); len(got) != 0 {
@@ -230,9 +220,7 @@ func TestOutageThenDelivery(t *testing.T) {
 func TestExpiredNeverSent(t *testing.T) {
 	e := newEnv(t, 1500*time.Millisecond)
 	e.unplug()
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	e.learned(relayID, "status", 1)
 	testkit.Eventually(t, wait, "the command expired", func() bool { return e.command(relayID, "status").State == command.Expired })
 	if c := e.command(relayID, "status"); c.Attempts == 0 {
@@ -240,9 +228,7 @@ func TestExpiredNeverSent(t *testing.T) {
 	}
 	e.replug()
 	// The marker: a later command reaches the relay; the expired one never did.
-	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the later command", func() bool { return len(e.relaySets()) > 0 })
 	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0"}) {
 		t.Errorf("relay sets = %q, want only the later command", got)
@@ -258,9 +244,7 @@ func TestExpiredNeverSent(t *testing.T) {
 func TestRestartDeliversOnce(t *testing.T) {
 	e := newEnv(t, time.Minute)
 	e.unplug()
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	e.learned(relayID, "status", 1)
 	e.stop()
 	e.replug()
@@ -272,9 +256,7 @@ func TestRestartDeliversOnce(t *testing.T) {
 	}
 	e.stop()
 	e.startService()
-	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the next command", func() bool { return len(e.relaySets()) >= 2 })
 	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=1", "1/2=0"}) {
 		t.Errorf("relay sets = %q, want each command once", got)
@@ -289,13 +271,9 @@ func TestRestartDeliversOnce(t *testing.T) {
 func TestNewestWins(t *testing.T) {
 	e := newEnv(t, time.Minute)
 	e.unplug()
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	e.learned(relayID, "status", 1)
-	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`)
 	e.learned(relayID, "status", 2)
 	e.stop()
 	e.replug()
@@ -306,9 +284,7 @@ func TestNewestWins(t *testing.T) {
 		t.Errorf("relay sets = %q, want only the newest value", got)
 	}
 	// The marker: a new command goes out; the superseded one still never.
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the marker command", func() bool { return len(e.relaySets()) >= 2 })
 	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0", "1/2=1"}) {
 		t.Errorf("relay sets = %q", got)
@@ -319,9 +295,7 @@ func TestNewestWins(t *testing.T) {
 // it; the relay applies it once.
 func TestLostSetResent(t *testing.T) {
 	e := newEnv(t, time.Minute, envOpt{radio: func(o *radiosim.Options) { o.DropSets = 2 }})
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the relay switched", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
 	testkit.Eventually(t, wait, "confirmed", func() bool { return e.command(relayID, "status").State == command.Confirmed })
 	if st := e.rsim.Stats(); st.RelayDropped != 2 || len(st.RelaySets) != 1 {
@@ -390,9 +364,7 @@ func TestLocalControlOff(t *testing.T) {
 	app := e.connectApp(owner)
 	app.c.Publish("devices/"+lightID+"/cmd/power", 1, false, `"off"`).WaitTimeout(2 * time.Second)
 	testkit.Eventually(t, wait, "the application disconnected", func() bool { return !app.c.IsConnectionOpen() })
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"on","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the platform's command", func() bool { return len(light.messages()) > 0 })
 	if msgs := light.messages(); len(msgs) != 1 || commandOf(t, msgs[0]).Attrs["power"].Value != "on" {
 		t.Fatalf("light got %d messages: want only the platform's command", len(msgs))
@@ -404,9 +376,7 @@ func TestLocalControlOff(t *testing.T) {
 func TestReboundDropsCommands(t *testing.T) {
 	e := newEnv(t, time.Minute)
 	e.unplug()
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	e.learned(relayID, "status", 1)
 	regs := append([]policy.Registration(nil), e.regs...)
 	regs[0].Owner = "bob"
@@ -421,9 +391,7 @@ func TestReboundDropsCommands(t *testing.T) {
 		t.Fatalf("command after the re-registration = %+v, want dropped", c)
 	}
 	e.replug()
-	if code, body := e.patch(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":false,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the new registration's command", func() bool { return len(e.relaySets()) > 0 })
 	if got := e.relaySets(); !slices.Equal(got, []string{"1/2=0"}) {
 		t.Errorf("relay sets = %q, want only the command learned after the re-registration", got)
@@ -436,9 +404,7 @@ func TestReboundDropsCommands(t *testing.T) {
 // cannot take is dropped, not retried.
 func TestModbusCoil(t *testing.T) {
 	e := newEnv(t, time.Minute)
-	if code, body := e.patch(owner, coilID, `{"on":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, coilID, `{"on":{"value":true,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the coil written", func() bool { n, on := e.coils.writes(); return n == 1 && on })
 	testkit.Eventually(t, wait, "the coil's state at the platform, signed", func() bool {
 		v, verdict := e.attr(coilID, "on")
@@ -451,9 +417,7 @@ func TestModbusCoil(t *testing.T) {
 	if got := collectorEvent(t, reg, "confirmed"); got < 1 {
 		t.Errorf(`edgegate_commands_total{event="confirmed"} = %v, want ≥ 1`, got)
 	}
-	if code, body := e.patch(owner, coilID, `{"on":{"value":"half","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, coilID, `{"on":{"value":"half","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the bad value dropped", func() bool {
 		c := e.command(coilID, "on")
 		return c.Seq == 2 && c.State == command.Dropped
@@ -479,9 +443,7 @@ func TestCommandTopicAppsAndRebound(t *testing.T) {
 	if q := app.subscribe(t, "#"); q != 1 {
 		t.Fatalf("the owner's application on #: granted %#x", q)
 	}
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"on","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the command sent", func() bool { return e.command(lightID, "power").State == command.Sent })
 	// The marker: the light's own reading reaches the application (it may
 	// read it), the command published before it never did.
@@ -498,9 +460,7 @@ func TestCommandTopicAppsAndRebound(t *testing.T) {
 	// Re-registered (another owner) before a device took the retained
 	// command: it is dropped, and a session of the device gets only what
 	// is learned after.
-	if code, body := e.patch(owner, light2, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, light2, `{"power":{"value":"on","type":"Text"}}`)
 	testkit.Eventually(t, wait, "light-2's command sent", func() bool { return e.command(light2, "power").State == command.Sent })
 	regs := append([]policy.Registration(nil), e.regs...)
 	regs[2].Owner = "bob"
@@ -518,9 +478,7 @@ func TestCommandTopicAppsAndRebound(t *testing.T) {
 	if q := l2.subscribe(t, "devices/"+light2+"/cmd/#"); q != 1 {
 		t.Fatalf("subscribe: granted %#x", q)
 	}
-	if code, body := e.patch(owner, light2, `{"power":{"value":"off","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, light2, `{"power":{"value":"off","type":"Text"}}`)
 	testkit.Eventually(t, wait, "light-2's new command", func() bool { return len(l2.messages()) > 0 })
 	var msg struct {
 		Seq   uint64          `json:"seq"`
@@ -537,9 +495,7 @@ func TestCommandTopicAppsAndRebound(t *testing.T) {
 // a device that connects afterwards still gets the newest command.
 func TestMQTTRepublishAfterRestart(t *testing.T) {
 	e := newEnv(t, time.Minute)
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"on","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the command sent", func() bool { return e.command(lightID, "power").State == command.Sent })
 	e.stop()
 	e.broker.ClearCommand(lightID, "power") // what a restarted broker holds: nothing
@@ -559,9 +515,7 @@ func TestMQTTRepublishAfterRestart(t *testing.T) {
 // and the relay is not switched again.
 func TestWriteBackRetried(t *testing.T) {
 	e := newEnv(t, time.Minute, envOpt{submitFails: 2})
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the relay's state at the platform, signed", func() bool {
 		v, verdict := e.attr(relayID, "status")
 		return v == true && verdict == envelope.Verified

@@ -98,9 +98,7 @@ func TestStaleConfirmationNotWritten(t *testing.T) {
 func TestExpiredRetainedCommandClearedAfterRestart(t *testing.T) {
 	e := newEnv(t, 3*time.Second)
 	mq, _ := e.external(owner, "app-password-0123456789")
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"on","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the command published, retained", func() bool { return e.command(lightID, "power").State == command.Sent })
 	if got := e.svc.HeldAttrs(lightID); !slices.Equal(got, []string{"power"}) {
 		t.Fatalf("held = %q, want power", got)
@@ -126,9 +124,7 @@ func TestExpiredRetainedCommandClearedAfterRestart(t *testing.T) {
 	if q := light.subscribe(t, "devices/"+lightID+"/cmd/#"); q != 1 {
 		t.Fatalf("subscribe: granted %#x", q)
 	}
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"off","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"off","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the next command", func() bool { return len(light.messages()) > 0 })
 	for _, m := range light.messages() {
 		if len(m.payload) == 0 {
@@ -149,9 +145,7 @@ func TestExpiredRetainedCommandClearedAfterRestart(t *testing.T) {
 func TestGoneDeviceRetainedCommandClearedAfterRestart(t *testing.T) {
 	e := newEnv(t, time.Minute)
 	mq, _ := e.external(owner, "app-password-0123456789")
-	if code, body := e.patch(owner, light2, `{"power":{"value":"dim","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, light2, `{"power":{"value":"dim","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the command published, retained", func() bool { return e.command(light2, "power").State == command.Sent })
 	e.stop()
 	// light-2 leaves the policy while the gateway is down: the restarted
@@ -181,13 +175,7 @@ func TestGoneDeviceRetainedCommandClearedAfterRestart(t *testing.T) {
 	if q := d.subscribe(t, "devices/"+light2+"/cmd/#"); q != 1 {
 		t.Fatalf("subscribe: granted %#x", q)
 	}
-	if err := cl.PublishCommand(light2, "marker", []byte(`"marker"`)); err != nil {
-		t.Fatal(err)
-	}
-	testkit.Eventually(t, wait, "the marker", func() bool { return len(d.messages()) > 0 })
-	if m := d.messages()[0]; m.topic != "devices/"+light2+"/cmd/marker" {
-		t.Fatalf("light-2's first message after the restart: %s %s, want the marker (the old command cleared)", m.topic, m.payload)
-	}
+	markerFirst(t, cl, d, light2, "after the restart", "the old command cleared")
 }
 
 // restartExternal stands for a gateway restart in external mode: a new

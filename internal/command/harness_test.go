@@ -410,6 +410,15 @@ func (e *env) patch(user, device, body string) (int, string) {
 	return resp.StatusCode, string(b)
 }
 
+// write is an owner's (or App's) PATCH through the filter that must be
+// accepted (204).
+func (e *env) write(user, device, body string) {
+	e.t.Helper()
+	if code, resp := e.patch(user, device, body); code != 204 {
+		e.t.Fatalf("PATCH %s as %s: %d %s", device, user, code, resp)
+	}
+}
+
 // attr reads an attribute back from the simulated Orion and verifies it
 // with the device's keys.
 func (e *env) attr(device, name string) (value any, verdict envelope.Verdict) {
@@ -466,24 +475,7 @@ func (e *env) connectDevice(id string) *device { return e.connectDeviceAs(id, id
 
 func (e *env) connectDeviceAs(id, clientID string) *device {
 	e.t.Helper()
-	pw, err := envelope.DeriveMQTTPassword(id, devKeys[id][0], devKeys[id][1])
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	d := &device{}
-	o := paho.NewClientOptions().AddBroker("tcp://" + e.broker.Addr()).SetClientID(clientID).
-		SetUsername(id).SetPassword(pw).SetAutoReconnect(false).SetConnectTimeout(5 * time.Second)
-	o.SetDefaultPublishHandler(func(_ paho.Client, m paho.Message) {
-		d.mu.Lock()
-		d.got = append(d.got, mqttMsg{m.Topic(), append([]byte(nil), m.Payload()...)})
-		d.mu.Unlock()
-	})
-	d.c = paho.NewClient(o)
-	if tok := d.c.Connect(); !tok.WaitTimeout(5*time.Second) || tok.Error() != nil {
-		e.t.Fatalf("connect %s: %v", id, tok.Error())
-	}
-	e.t.Cleanup(func() { d.c.Disconnect(100) })
-	return d
+	return e.dialDeviceAt("tcp://"+e.broker.Addr(), id, clientID)
 }
 
 // subscribe returns the granted QoS (0x80: refused).

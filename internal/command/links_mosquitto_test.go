@@ -147,9 +147,7 @@ func TestMQTTLightMosquitto(t *testing.T) {
 			t.Fatalf("forged publish: %v", tok.Error())
 		}
 	}
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"on","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"on","type":"Text"}}`)
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("gateway:\n%s", e.bus.String())
@@ -197,18 +195,14 @@ func TestMQTTLightMosquitto(t *testing.T) {
 	if q := fresh.subscribe(t, "devices/"+lightID+"/cmd/#"); q != 1 {
 		t.Fatalf("fresh subscription: granted %#x", q)
 	}
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"off","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"off","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the next command on the fresh session", func() bool { return len(fresh.messages()) > 0 })
 	if c := commandOf(t, fresh.messages()[0]); c.Attrs["power"].Value != "off" || c.Seq != 2 {
 		t.Fatalf("fresh session's first message: %+v, want the new command (seq 2, off)", c)
 	}
 
 	// light-2's own command reaches it; it never got the light's.
-	if code, body := e.patch(owner, light2, `{"power":{"value":"dim","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, light2, `{"power":{"value":"dim","type":"Text"}}`)
 	testkit.Eventually(t, wait, "light-2's own command", func() bool { return len(other.messages()) > 0 })
 	for _, m := range other.messages() {
 		if !strings.HasPrefix(m.topic, "devices/"+light2+"/cmd/") {
@@ -259,11 +253,19 @@ func TestMQTTLightMosquitto(t *testing.T) {
 	if q := again.subscribe(t, "devices/"+light2+"/cmd/#"); q != 1 {
 		t.Fatalf("light-2 again: granted %#x", q)
 	}
-	if err := cl.PublishCommand(light2, "marker", []byte(`"marker"`)); err != nil {
+	markerFirst(t, cl, again, light2, "after the re-registration", "the old command purged")
+}
+
+// markerFirst publishes a marker command to dev through cl and fails
+// unless it is the first message d receives: nothing older (a retained
+// command that should be gone) came before it.
+func markerFirst(t *testing.T, cl *mqtt.Client, d *device, dev, when, why string) {
+	t.Helper()
+	if err := cl.PublishCommand(dev, "marker", []byte(`"marker"`)); err != nil {
 		t.Fatal(err)
 	}
-	testkit.Eventually(t, wait, "the marker", func() bool { return len(again.messages()) > 0 })
-	if m := again.messages()[0]; m.topic != "devices/"+light2+"/cmd/marker" {
-		t.Fatalf("light-2's first message after the re-registration: %s %s, want the marker (the old command purged)", m.topic, m.payload)
+	testkit.Eventually(t, wait, "the marker", func() bool { return len(d.messages()) > 0 })
+	if m := d.messages()[0]; m.topic != "devices/"+dev+"/cmd/marker" {
+		t.Fatalf("%s's first message %s: %s %s, want the marker (%s)", dev, when, m.topic, m.payload, why)
 	}
 }

@@ -181,9 +181,7 @@ func TestSubscriptionNotifiesMQTT(t *testing.T) {
 	for i := range 10 {
 		v := fmt.Sprintf(`"level-%d"`, i)
 		start := time.Now()
-		if code, body := e.patch(owner, lightID, `{"power":{"value":`+v+`,"type":"Text"}}`); code != 204 {
-			t.Fatalf("PATCH: %d %s", code, body)
-		}
+		e.write(owner, lightID, `{"power":{"value":`+v+`,"type":"Text"}}`)
 		testkit.Eventually(t, wait, "the command learned through the notification", func() bool {
 			return string(e.command(lightID, "power").Value) == v
 		})
@@ -230,9 +228,7 @@ func TestSubscriptionRefusedFallsBackToPolling(t *testing.T) {
 	if l := e.svc.Learning(); l.Live != 0 || !strings.Contains(l.Why, "refused (501)") {
 		t.Errorf("Learning = %q, want none live and the 501 as the reason", l.String())
 	}
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"off","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"off","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the command learned by polling", func() bool {
 		return string(e.command(lightID, "power").Value) == `"off"`
 	})
@@ -303,9 +299,7 @@ func TestSubscriptionRenewed(t *testing.T) {
 	}
 	// Past the first one's expiry: only the renewed one can notify.
 	testkit.Eventually(t, wait, "the first subscription's expiry passed", func() bool { return time.Now().After(first.Expires) })
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"dim","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"dim","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the command learned through the renewed subscription", func() bool {
 		return string(e.command(lightID, "power").Value) == `"dim"`
 	})
@@ -372,9 +366,7 @@ func TestSubscriptionNotifiesHTTP(t *testing.T) {
 	if s := e.subsFor(lightID)[0]; s.HTTPURL != "https://"+addr+"/notify" {
 		t.Errorf("subscription's http url = %q", s.HTTPURL)
 	}
-	if code, body := e.patch(owner, lightID, `{"power":{"value":"blink","type":"Text"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, lightID, `{"power":{"value":"blink","type":"Text"}}`)
 	testkit.Eventually(t, wait, "the command learned through the HTTP notification", func() bool {
 		return string(e.command(lightID, "power").Value) == `"blink"`
 	})
@@ -416,9 +408,7 @@ func TestSubscriptionFailingPlatformRetried(t *testing.T) {
 	testkit.Eventually(t, wait, "subscriptions once the platform is back", func() bool {
 		return e.svc.Learning().Live == len(ownedCommandable)
 	})
-	if code, body := e.patch(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`); code != 204 {
-		t.Fatalf("PATCH: %d %s", code, body)
-	}
+	e.write(owner, relayID, `{"status":{"value":true,"type":"Boolean"}}`)
 	testkit.Eventually(t, wait, "the relay switched", func() bool { return slices.Contains(e.relaySets(), "1/2=1") })
 }
 
