@@ -362,6 +362,11 @@ func (m *subManager) forget(ids []string) {
 		if ds := m.devs[id]; ds != nil {
 			ds.gone = true
 		}
+		// A revoked device's read times and pending hint go with it: the
+		// maps stay bounded by the devices in force.
+		delete(m.hints, id)
+		delete(m.lastHint, id)
+		delete(m.lastPoll, id)
 	}
 	m.mu.Unlock()
 	poke(m.wake)
