@@ -195,7 +195,12 @@ func (h *accessHook) disconnected(cl *mochi.Client, err error, expire bool) {
 	if h.claims[cl.ID] == cl {
 		delete(h.claims, cl.ID)
 	}
-	if expire && !cl.IsTakenOver() && h.owners[cl.ID] != "" {
+	// The id's owner is forgotten only when no other connection holds or
+	// is establishing its session: a same-principal reconnect can claim
+	// the id before mochi replaces this client in its list, and dropping
+	// the owner then refused that principal's next connection with 0x02
+	// (seen in FuzzBrokerPackets, whose check client reconnects each run).
+	if claim := h.claims[cl.ID]; expire && !cl.IsTakenOver() && h.owners[cl.ID] != "" && (claim == nil || claim.Closed()) {
 		if cur, ok := h.srvClient(cl.ID); !ok || cur == cl {
 			delete(h.owners, cl.ID)
 		}
