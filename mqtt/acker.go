@@ -9,6 +9,7 @@ import (
 
 	mochi "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/edgegate/edgegate/internal/pipeline"
 )
@@ -41,6 +42,9 @@ type acker struct {
 	// overflow is set once the session held too many unreleased QoS 2 ids
 	// (qos2.go): the connection closes after the acknowledgements before.
 	overflow atomic.Bool
+	// own is this connection's share of the in-flight byte budget
+	// (inflightShares in broker.go).
+	own *semaphore.Weighted
 }
 
 type inflight struct {
@@ -54,7 +58,9 @@ type inflight struct {
 	wait    pipeline.Pending
 	ctx     context.Context
 	cancel  context.CancelFunc
-	cost    int64 // its share of BrokerOptions.InflightBytes, released by settled
+	cost    int64               // its share of BrokerOptions.InflightBytes, released by settled
+	own     *semaphore.Weighted // its connection's share (acker.own), and
+	ownCost int64               // what it takes of it, released by settled
 
 	// QoS 2 (qos2.go): done is closed once the reading is committed
 	// (committed true) or given up; dupOf, when set, makes this a resend
@@ -83,7 +89,7 @@ func (h *ingestHook) ackerFor(cl *mochi.Client) *acker {
 	if a, ok := h.ackers[cl]; ok {
 		return a
 	}
-	a := &acker{h: h, cl: cl, q: make(chan *inflight, window), stop: make(chan struct{})}
+	a := &acker{h: h, cl: cl, q: make(chan *inflight, window), stop: make(chan struct{}), own: semaphore.NewWeighted(h.connMax)}
 	h.ackers[cl] = a
 	h.wg.Add(1)
 	go a.run()

@@ -58,8 +58,20 @@ type BrokerOptions struct {
 	// to the queue and not yet acknowledged, across every connection
 	// (0: DefaultInflightBytes). Past it a publishing connection waits
 	// (is not read) until commits free some: backpressure, not buffering.
+	// One connection holds at most an inflightShares-th of it (and at
+	// least one reading of the largest size), so that one device sending
+	// large payloads cannot take the whole budget from the others.
 	InflightBytes int64
 }
+
+// inflightShares: one connection's share of BrokerOptions.InflightBytes
+// is 1/inflightShares of it. The budget is a FIFO semaphore: without a
+// share, a device keeping Limits.Inflight (64) publishes of 256 KiB in
+// flight took all of the 8 MiB, and the next reading of every other
+// device waited behind its next large one (TestBrokerInflightShare).
+// An eighth (1 MiB by default) is ~3,500 readings of 300 bytes per
+// connection, far above what any device's window holds.
+const inflightShares = 8
 
 // DefaultInflightBytes is the default of BrokerOptions.InflightBytes.
 // Limits.Inflight (64) readings per connection of up to
@@ -135,7 +147,8 @@ func NewBroker(sub Submitter, opts BrokerOptions) (*Broker, error) {
 	hook := &ingestHook{sub: sub, topic: opts.Topic, log: log, timeout: opts.SubmitTimeout, retry: opts.RetryInterval,
 		ackers: map[*mochi.Client]*acker{}, qos2: map[string]map[uint16]*inflight{},
 		limited: logx.NewLimiter(log, 10*time.Second), pace: newDeviceLimiter(opts.DeviceRate, opts.DeviceBurst, time.Now),
-		held: semaphore.NewWeighted(opts.InflightBytes), heldMax: opts.InflightBytes}
+		held: semaphore.NewWeighted(opts.InflightBytes), heldMax: opts.InflightBytes,
+		connMax: max(opts.InflightBytes/inflightShares, inflightCost(nil)+reading.MaxPayloadBytes)}
 	hook.ctx, hook.cancel = context.WithCancel(context.Background())
 	if st, ok := sub.(Starter); ok {
 		hook.starter, hook.srv = st, srv
@@ -295,6 +308,9 @@ type ingestHook struct {
 	// (BrokerOptions.InflightBytes, heldMax).
 	held    *semaphore.Weighted
 	heldMax int64
+	// connMax is one connection's share of heldMax (inflightShares): each
+	// acker has a semaphore of that size.
+	connMax int64
 }
 
 func (h *ingestHook) ID() string { return "edgegate-ingest" }
@@ -353,14 +369,26 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		// all connections leave room for this one. mochi itself holds
 		// nothing more per publish: it reads the next packet only after
 		// this hook returns.
+		// First this connection's share, then the budget of all: a
+		// connection past its share waits on its own semaphore, not in
+		// the queue every connection waits in.
+		a := h.ackerFor(cl)
+		own := min(inflightCost(msg.Payload), h.connMax)
 		cost := min(inflightCost(msg.Payload), h.heldMax)
-		if err := h.held.Acquire(h.ctx, cost); err != nil {
+		err := a.own.Acquire(h.ctx, own)
+		if err == nil {
+			if err = h.held.Acquire(h.ctx, cost); err != nil {
+				a.own.Release(own)
+			}
+		}
+		if err != nil {
 			if it.qos == 2 {
 				h.qos2Failed(cl, it)
 			}
 			it.finish(false)
 			return pk, packets.ErrRejectPacket // shutting down: no PUBACK, the device resends
 		}
+		it.own, it.ownCost = a.own, own
 		it.ctx, it.cancel = context.WithTimeout(context.WithoutCancel(h.ctx), h.timeout)
 		// Released once the reading is settled (after its PUBACK) or given
 		// up (settled). Not with context.AfterFunc on it.ctx: that started
@@ -368,7 +396,7 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 		// readings/s (docs/bench/profiles/mochi-before-paced.top.txt).
 		it.cost = cost
 		it.wait = h.starter.Start(it.ctx, msg)
-		if !h.ackerFor(cl).push(it) {
+		if !a.push(it) {
 			h.settled(it)
 			if it.qos == 2 {
 				h.qos2Failed(cl, it)
@@ -400,6 +428,9 @@ func (h *ingestHook) OnPublish(cl *mochi.Client, pk packets.Packet) (packets.Pac
 func (h *ingestHook) settled(it *inflight) {
 	it.cancel()
 	h.held.Release(it.cost)
+	if it.own != nil {
+		it.own.Release(it.ownCost)
+	}
 }
 
 // submit makes one attempt to queue msg. An attempt in progress finishes

@@ -240,6 +240,9 @@ func startDaemon(bin string, g gwSpec) (*proc, error) {
 	cmd.Env = append(os.Environ(), "CREDENTIALS_DIRECTORY=")
 	if g.ProfileDir != "" {
 		cmd.Env = append(cmd.Env, "EDGEGATE_BENCH_PROFILE_DIR="+g.ProfileDir)
+		if os.Getenv("BENCH_PEERS_TRACE") == "1" {
+			cmd.Env = append(cmd.Env, "EDGEGATE_BENCH_TRACE=1")
+		}
 	}
 	if gcLog != nil {
 		cmd.Env = append(cmd.Env, "GODEBUG=gctrace=1")

@@ -71,10 +71,14 @@ var peerSystems = []peerSystem{
 
 // peerPhase is one load of one system: a burst, or a paced run.
 type peerPhase struct {
-	Name        string  `json:"name"`                  // burst | paced | half
-	TargetRate  float64 `json:"target_readings_per_s"` // 0: as fast as PUBACKs allow
-	Rate        float64 `json:"readings_per_s"`        // distinct readings received / (last receipt - first publish)
-	Seconds     float64 `json:"seconds"`
+	Name       string  `json:"name"`                  // burst | paced | half
+	TargetRate float64 `json:"target_readings_per_s"` // 0: as fast as PUBACKs allow
+	Rate       float64 `json:"readings_per_s"`        // distinct readings received / (last receipt - first publish)
+	Seconds    float64 `json:"seconds"`
+	// IngestRate is the published readings / the time until the last
+	// PUBACK: what the system took in. Above Rate, readings waited in
+	// the system (a queue, a broker's buffer) for their delivery.
+	IngestRate  float64 `json:"ingest_readings_per_s"`
 	CPUMainMS   float64 `json:"cpu_main_ms"`
 	CPUBrokerMS float64 `json:"cpu_broker_ms"`   // Mosquitto, when it is a separate process of the system
 	CPUPer1k    float64 `json:"cpu_ms_per_1000"` // (main + broker) per 1,000 readings received
@@ -254,8 +258,8 @@ func runPeers(args []string) error {
 			r.Error = err.Error()
 		}
 		for _, p := range r.Phases {
-			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms; main %.2f cores; bench process %.0f ms/1000), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d, acks out of order %d, signatures sampled %d valid %d invalid, load %.1f\n",
-				p.Name, p.TargetRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.MainCores, p.BenchCPUPer1k, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray,
+			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s taken in, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms; main %.2f cores; bench process %.0f ms/1000), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d, acks out of order %d, signatures sampled %d valid %d invalid, load %.1f\n",
+				p.Name, p.TargetRate, p.IngestRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.MainCores, p.BenchCPUPer1k, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray,
 				p.AcksOutOfOrder, p.SigVerified, p.SigInvalid, p.LoadAvg)
 			if p.SigWhy != "" {
 				fmt.Fprintf(os.Stderr, "        first invalid signature: %s\n", logx.Clip(p.SigWhy, 200))
@@ -478,6 +482,9 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 			P50MS: ms(st.P50), P99MS: ms(st.P99), PublishFailed: pr.Failed, AcksOutOfOrder: pr.AcksOutOfOrder,
 			SigVerified: st.Verified, SigInvalid: st.Invalid, SigWhy: st.InvalidWhy, seqCounts: s.tally(f.base, ids, pr.PerDevice)}
 		f.base += int64(total)
+		if pr.Acked > 0 && pr.Elapsed > 0 {
+			p.IngestRate = float64(pr.Acked) / pr.Elapsed.Seconds()
+		}
 		if wall := st.Last.Sub(start); p.Received > 0 && wall > 0 {
 			p.Rate, p.Seconds = float64(p.Received)/wall.Seconds(), wall.Seconds()
 			p.MainCores = (m1 - m0).Seconds() / wall.Seconds()
@@ -831,6 +838,15 @@ func (p *phaseProfiler) stop(phase string) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	dst := filepath.Join(p.to, p.slug+"-"+phase+".pprof")
+	// The trace (BENCH_PEERS_TRACE) is published before the profile.
+	if b, err := os.ReadFile(filepath.Join(p.from, fmt.Sprintf("%d.trace", p.n))); err == nil {
+		tr := strings.TrimSuffix(dst, ".pprof") + ".trace"
+		if err := os.WriteFile(tr, b, 0o644); err != nil {
+			fmt.Fprintln(os.Stderr, "  trace:", err)
+		} else {
+			fmt.Fprintf(os.Stderr, "  trace: %s\n", tr)
+		}
+	}
 	b, err := os.ReadFile(src)
 	if err == nil {
 		err = os.WriteFile(dst, b, 0o644)

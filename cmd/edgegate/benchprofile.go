@@ -8,7 +8,11 @@ package main
 // endpoint, signal or variable. With EDGEGATE_BENCH_PROFILE_DIR set,
 // SIGUSR1 starts a CPU profile and SIGUSR2 stops it and publishes it as
 // DIR/<n>.pprof (n = 1, 2, ...; written as .tmp, then renamed, so that a
-// reader never sees half a profile).
+// reader never sees half a profile). With EDGEGATE_BENCH_TRACE=1 as well,
+// the same span is also recorded as an execution trace, DIR/<n>.trace
+// (`go tool trace`; its -pprof=sync|sched|syscall views show where
+// goroutines waited, which a CPU profile cannot), published before the
+// profile.
 
 import (
 	"fmt"
@@ -16,6 +20,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime/pprof"
+	"runtime/trace"
 	"syscall"
 )
 
@@ -24,10 +29,11 @@ func init() {
 	if dir == "" {
 		return
 	}
+	traced := os.Getenv("EDGEGATE_BENCH_TRACE") == "1"
 	sig := make(chan os.Signal, 4)
 	signal.Notify(sig, syscall.SIGUSR1, syscall.SIGUSR2)
 	go func() {
-		var f *os.File
+		var f, tf *os.File
 		n := 0
 		for s := range sig {
 			switch {
@@ -38,13 +44,38 @@ func init() {
 					fmt.Fprintln(os.Stderr, "benchprofile:", err)
 					continue
 				}
+				if traced {
+					if tf, err = os.Create(filepath.Join(dir, fmt.Sprintf("%d.trace.tmp", n))); err == nil {
+						if err = trace.Start(tf); err != nil {
+							tf.Close()
+							tf = nil
+						}
+					}
+					if err != nil {
+						fmt.Fprintln(os.Stderr, "benchprofile:", err)
+					}
+				}
 				if err := pprof.StartCPUProfile(f); err != nil {
 					fmt.Fprintln(os.Stderr, "benchprofile:", err)
 					f.Close()
 					f = nil
+					if tf != nil {
+						trace.Stop()
+						tf.Close()
+						tf = nil
+					}
 				}
 			case s == syscall.SIGUSR2 && f != nil:
 				pprof.StopCPUProfile()
+				if tf != nil {
+					trace.Stop()
+					name := tf.Name()
+					tf.Close()
+					tf = nil
+					if err := os.Rename(name, name[:len(name)-len(".tmp")]); err != nil {
+						fmt.Fprintln(os.Stderr, "benchprofile:", err)
+					}
+				}
 				name := f.Name()
 				f.Close()
 				f = nil
