@@ -101,7 +101,7 @@ persistence true
 persistence_location %s/
 autosave_interval 1
 max_queued_messages 100000
-max_inflight_messages 64
+max_inflight_messages 512
 log_dest stderr
 log_type error
 log_type warning

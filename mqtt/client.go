@@ -11,6 +11,7 @@ import (
 	"time"
 
 	paho "github.com/eclipse/paho.mqtt.golang"
+	"golang.org/x/sync/semaphore"
 
 	"github.com/edgegate/edgegate/internal/logx"
 	"github.com/edgegate/edgegate/internal/metrics"
@@ -20,15 +21,22 @@ import (
 
 // ClientOptions configures the ingest client for an external broker.
 type ClientOptions struct {
-	URL       string // tls://host:8883, or tcp:// on loopback
-	ClientID  string // fixed: the persistent session is keyed by it
-	Username  string
-	Password  string
-	TLS       *tls.Config
-	Topic     Topic
-	Inflight  int           // readings held unacknowledged at once
-	Keepalive time.Duration // MQTT keepalive
-	Logger    *slog.Logger
+	URL      string // tls://host:8883, or tcp:// on loopback
+	ClientID string // fixed: the persistent session is keyed by it
+	Username string
+	Password string
+	TLS      *tls.Config
+	Topic    Topic
+	// Inflight is how many readings are held unacknowledged at once
+	// (default DefaultClientInflight). Match the broker's window for this
+	// client (Mosquitto's max_inflight_messages).
+	Inflight int
+	// InflightBytes bounds the payload bytes of those readings (default
+	// DefaultInflightBytes): past it paho's router waits, so the client
+	// reads no more from the broker until commits free room.
+	InflightBytes int64
+	Keepalive     time.Duration // MQTT keepalive
+	Logger        *slog.Logger
 	// SubmitTimeout bounds one attempt to queue a reading (default 30s).
 	SubmitTimeout time.Duration
 	// RetryInterval is the wait between attempts while the queue refuses.
@@ -66,6 +74,7 @@ type Client struct {
 	// waits for their commits in that order (see dispatch).
 	starter  Starter
 	inflight chan *started
+	held     *semaphore.Weighted // InflightBytes of the started readings
 	settler  sync.Once
 
 	live       atomic.Bool   // connected and subscribed right now
@@ -83,7 +92,10 @@ func NewClient(sub Submitter, opts ClientOptions) *Client {
 	}
 	log = log.With("component", "mqtt-ingest")
 	if opts.Inflight <= 0 {
-		opts.Inflight = 64
+		opts.Inflight = DefaultClientInflight
+	}
+	if opts.InflightBytes <= 0 {
+		opts.InflightBytes = DefaultInflightBytes
 	}
 	if opts.Keepalive <= 0 {
 		opts.Keepalive = 30 * time.Second
@@ -101,9 +113,23 @@ func NewClient(sub Submitter, opts ClientOptions) *Client {
 	if st, ok := sub.(Starter); ok {
 		c.starter = st
 		c.inflight = make(chan *started, opts.Inflight)
+		c.held = semaphore.NewWeighted(opts.InflightBytes)
 	}
 	return c
 }
+
+// DefaultClientInflight is the default of ClientOptions.Inflight
+// (mqtt.external.inflight), and the max_inflight_messages of the
+// packaged Mosquitto configuration.
+//
+// A reading is acknowledged once its group commit is synced, so the
+// broker's window for the gateway's session bounds how many readings
+// one commit can share: with 64, a burst through Mosquitto committed
+// batches of at most 64 readings (a sync, a badger write and their
+// wake-ups each), and the syncs alone were 12 % of the daemon's CPU
+// (docs/performance.md). 512 readings of ~300 bytes are ~150 KB held; the
+// InflightBytes budget bounds the worst case (large payloads).
+const DefaultClientInflight = 512
 
 // started is a reading handed to the pipeline, waiting for its commit.
 type started struct {
@@ -113,6 +139,7 @@ type started struct {
 	wait   pipeline.Pending
 	ctx    context.Context
 	cancel context.CancelFunc
+	cost   int64 // its share of InflightBytes, released once settled
 }
 
 // waitToken bounds every paho wait, then reports the token's error.
@@ -319,6 +346,13 @@ func (c *Client) start(device string, m paho.Message) {
 		Payload:  m.Payload(),
 		Received: time.Now(),
 	}}
+	// Memory: on paho's router, so while the budget is spent paho reads no
+	// more from the broker, which keeps the rest.
+	s.cost = min(inflightCost(m.Payload()), c.opts.InflightBytes)
+	if err := c.held.Acquire(c.ctx, s.cost); err != nil {
+		c.seq.done(s.sl, false) // shutting down: the broker redelivers it
+		return
+	}
 	// An attempt in progress finishes even during shutdown, so that what
 	// is committed gets its PUBACK.
 	s.ctx, s.cancel = context.WithTimeout(context.WithoutCancel(c.ctx), c.opts.SubmitTimeout)
@@ -327,6 +361,7 @@ func (c *Client) start(device string, m paho.Message) {
 	case c.inflight <- s:
 	case <-c.ctx.Done():
 		s.cancel()
+		c.held.Release(s.cost)
 		c.seq.done(s.sl, false)
 	}
 }
@@ -341,11 +376,13 @@ func (c *Client) settle() {
 		select {
 		case s := <-c.inflight:
 			c.seq.done(s.sl, c.outcome(s))
+			c.held.Release(s.cost)
 		case <-c.ctx.Done():
 			for {
 				select {
 				case s := <-c.inflight:
 					c.seq.done(s.sl, c.outcome(s))
+					c.held.Release(s.cost)
 				default:
 					return
 				}

@@ -4,12 +4,16 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	paho "github.com/eclipse/paho.mqtt.golang"
+
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 // startRecorder is a Starter (as the real pipeline is): Start records the
@@ -79,6 +83,66 @@ func TestExternalAckOrderPipelined(t *testing.T) {
 			if p != fmt.Sprintf("%s:%d", dev, i) {
 				t.Fatalf("%s queued %q at position %d: per-device order lost", dev, p, i)
 			}
+		}
+	}
+}
+
+// gatedStarter records each reading at Start and settles none until gate
+// closes: a disk that does not keep up.
+type gatedStarter struct {
+	recorder
+	gate chan struct{}
+}
+
+func (g *gatedStarter) Start(ctx context.Context, msg pipeline.Message) pipeline.Pending {
+	_, _ = g.recorder.Submit(ctx, msg)
+	return func(ctx context.Context) (pipeline.Outcome, error) {
+		select {
+		case <-g.gate:
+			return pipeline.Queued, nil
+		case <-ctx.Done():
+			return 0, ctx.Err()
+		}
+	}
+}
+
+// TestExternalInflightBytes: with a wide in-flight window, the readings
+// waiting for their commit still hold at most ClientOptions.InflightBytes
+// of payloads: past it the client reads no more from Mosquitto (which
+// keeps the rest), and every reading is queued and acknowledged once the
+// disk catches up.
+func TestExternalInflightBytes(t *testing.T) {
+	m := mosquittotest.Start(t, "", "allow_anonymous true")
+	topic, _ := ParseTopic("devices/{device}/telemetry")
+	payload := func(i int) string { return fmt.Sprintf(`{"blob": "%s", "i": %d}`, strings.Repeat("x", 4<<10), i) }
+	const room = 3
+	g := &gatedStarter{gate: make(chan struct{})}
+	runClient(t, g, ClientOptions{URL: m.URL, ClientID: "edgegate-bytes", Topic: topic, Inflight: 512,
+		InflightBytes: room*inflightCost([]byte(payload(0))) + 1})
+	pub := publisher(t, m.URL, "pub", "")
+	var toks []paho.Token
+	for i := range 10 {
+		toks = append(toks, pub.Publish("devices/d1/telemetry", 1, false, payload(i)))
+	}
+	for i, tk := range toks {
+		if err := waitToken(tk, 10*time.Second); err != nil {
+			t.Fatalf("publish %d to Mosquitto: %v", i, err)
+		}
+	}
+	testkit.Eventually(t, 10*time.Second, "the budget's room of readings started", func() bool { return g.count() >= room })
+	// Not more (a bounded look: 300 ms); Mosquitto holds the rest.
+	for deadline := time.Now().Add(300 * time.Millisecond); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		if n := g.count(); n > room {
+			t.Fatalf("%d readings held waiting for the disk, budget %d", n, room)
+		}
+	}
+	close(g.gate)
+	testkit.Eventually(t, 10*time.Second, "every reading queued once the disk caught up", func() bool { return g.count() == len(toks) })
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for i, p := range g.got["d1"] {
+		if p != payload(i) {
+			t.Fatalf("reading %d queued out of order", i)
 		}
 	}
 }

@@ -545,7 +545,7 @@ func Default() Config {
 					ConnectTimeout: 10 * time.Second, PendingConnects: 128, PendingConnectsPerHost: 16,
 					MaxKeepalive: 10 * time.Minute,
 				}},
-			External: External{ClientID: "edgegate", Inflight: 64, Keepalive: 30 * time.Second,
+			External: External{ClientID: "edgegate", Inflight: 512, Keepalive: 30 * time.Second,
 				Accounts: AccountsNone, AccountsInterval: 5 * time.Minute},
 		},
 		Uplink: Uplink{

@@ -73,7 +73,7 @@ func StartSeeded(t testing.TB, dynsecAdmin string, seed func(dynsecFile string) 
 		}
 		port := strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)
 		ln.Close()
-		text := fmt.Sprintf("listener %s 127.0.0.1\npersistence false\nmax_inflight_messages 64\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n%s\n",
+		text := fmt.Sprintf("listener %s 127.0.0.1\npersistence false\nmax_inflight_messages 512\nmax_queued_messages 100000\nlog_dest stderr\nlog_type error\nlog_type warning\nlog_type notice\n%s\n",
 			port, strings.Join(conf, "\n"))
 		cf := filepath.Join(dir, "mosquitto.conf")
 		if err := os.WriteFile(cf, []byte(text), 0o600); err != nil {
