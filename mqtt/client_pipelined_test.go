@@ -20,23 +20,29 @@ import (
 // reading at once — the order of Start calls is the commit order — and
 // its outcome arrives after a per-device delay, so readings settle out of
 // their arrival order.
+//
+// With gate set instead, no outcome arrives until gate is closed: a disk
+// that does not keep up.
 type startRecorder struct {
 	recorder
 	starts int
 	slow   func(device string) time.Duration
+	gate   chan struct{}
 }
 
 func (s *startRecorder) Start(ctx context.Context, msg pipeline.Message) pipeline.Pending {
-	ready := time.Now().Add(s.slow(msg.Device))
+	ready := s.gate
+	if ready == nil {
+		ready = make(chan struct{})
+		time.AfterFunc(s.slow(msg.Device), func() { close(ready) })
+	}
 	_, _ = s.recorder.Submit(ctx, msg)
 	s.mu.Lock()
 	s.starts++
 	s.mu.Unlock()
 	return func(ctx context.Context) (pipeline.Outcome, error) {
-		t := time.NewTimer(time.Until(ready))
-		defer t.Stop()
 		select {
-		case <-t.C:
+		case <-ready:
 			return pipeline.Queued, nil
 		case <-ctx.Done():
 			return 0, ctx.Err()
@@ -87,25 +93,6 @@ func TestExternalAckOrderPipelined(t *testing.T) {
 	}
 }
 
-// gatedStarter records each reading at Start and settles none until gate
-// closes: a disk that does not keep up.
-type gatedStarter struct {
-	recorder
-	gate chan struct{}
-}
-
-func (g *gatedStarter) Start(ctx context.Context, msg pipeline.Message) pipeline.Pending {
-	_, _ = g.recorder.Submit(ctx, msg)
-	return func(ctx context.Context) (pipeline.Outcome, error) {
-		select {
-		case <-g.gate:
-			return pipeline.Queued, nil
-		case <-ctx.Done():
-			return 0, ctx.Err()
-		}
-	}
-}
-
 // TestExternalInflightBytes: with a wide in-flight window, the readings
 // waiting for their commit still hold at most ClientOptions.InflightBytes
 // of payloads: past it the client reads no more from Mosquitto (which
@@ -116,7 +103,7 @@ func TestExternalInflightBytes(t *testing.T) {
 	topic, _ := ParseTopic("devices/{device}/telemetry")
 	payload := func(i int) string { return fmt.Sprintf(`{"blob": "%s", "i": %d}`, strings.Repeat("x", 4<<10), i) }
 	const room = 3
-	g := &gatedStarter{gate: make(chan struct{})}
+	g := &startRecorder{gate: make(chan struct{})}
 	runClient(t, g, ClientOptions{URL: m.URL, ClientID: "edgegate-bytes", Topic: topic, Inflight: 512,
 		InflightBytes: room*inflightCost([]byte(payload(0))) + 1})
 	pub := publisher(t, m.URL, "pub", "")

@@ -26,11 +26,7 @@ func BenchmarkAppend(b *testing.B) {
 			q := start(b, Options{CommitDelay: delay})
 			ctx := context.Background()
 			var wg sync.WaitGroup
-			work := make(chan struct{}, b.N)
-			for range b.N {
-				work <- struct{}{}
-			}
-			close(work)
+			work := workItems(b.N)
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := range appenders {
@@ -159,11 +155,7 @@ func BenchmarkAppendWindow(b *testing.B) {
 	body := bytes.Repeat([]byte("b"), 1500)
 	q := start(b, Options{})
 	ctx := context.Background()
-	work := make(chan struct{}, b.N)
-	for range b.N {
-		work <- struct{}{}
-	}
-	close(work)
+	work := workItems(b.N)
 	b.ReportAllocs()
 	b.ResetTimer()
 	var wg sync.WaitGroup
@@ -203,4 +195,15 @@ func BenchmarkAppendWindow(b *testing.B) {
 	b.StopTimer()
 	b.ReportMetric(float64(b.N)/b.Elapsed().Seconds(), "readings/s")
 	b.ReportMetric(float64(b.N)/float64(q.gc.syncs.Load()), "readings/sync")
+}
+
+// workItems is a closed channel of n items: the appenders of a benchmark
+// take from it until it is empty.
+func workItems(n int) chan struct{} {
+	work := make(chan struct{}, n)
+	for range n {
+		work <- struct{}{}
+	}
+	close(work)
+	return work
 }
