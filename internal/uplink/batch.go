@@ -259,6 +259,6 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
 		return r
 	}
-	setHeaders(req, tok, svc, svcPath)
+	d.setHeaders(req, tok, svc, svcPath)
 	return d.exchange(ctx, r, req, items, tok)
 }

@@ -32,6 +32,10 @@ type fakeQueue struct {
 	changed    chan struct{}
 	violations []string
 	peekErr    error
+	deletes    int // Delete calls
+	// deleteTime: how long a Delete takes (a badger transaction); set
+	// before the uplink starts.
+	deleteTime time.Duration
 }
 
 type deadItem struct {
@@ -131,8 +135,10 @@ func (q *fakeQueue) removeHead(it queue.Item) error {
 }
 
 func (q *fakeQueue) Delete(items []queue.Item) error {
+	time.Sleep(q.deleteTime)
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.deletes++
 	for _, it := range items {
 		if err := q.removeHead(it); err != nil {
 			return err

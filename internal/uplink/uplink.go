@@ -15,6 +15,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/edgegate/edgegate/internal/backoff"
@@ -263,6 +264,12 @@ type dispatcher struct {
 	lastWarn    time.Time         // broker-level retry warnings
 	warnSkipped int
 	laneWarn    map[queue.Lane]time.Time
+
+	// dels groups the Deletes of readings the broker accepted (settle.go).
+	dels *deleteGroup
+	// auth caches the Authorization value of the current token (bearer);
+	// shared by the workers.
+	auth atomic.Pointer[bearerValue]
 }
 
 type job struct {
@@ -329,6 +336,7 @@ func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
 		results:  make(chan result, u.opts.Concurrency),
 		laneWarn: make(map[queue.Lane]time.Time),
 		refusals: make(map[queue.Lane]*refusal),
+		dels:     newDeleteGroup(u.src.Delete),
 	}, nil
 }
 
@@ -648,9 +656,17 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 		r.v, r.err = verdict{kind: retry, reason: reason}, netError(err, secrets...)
 		return r
 	}
-	body, _ := io.ReadAll(io.LimitReader(resp.Body, maxBodyRead))
-	// Drain a little more so the connection can be reused, then let go.
-	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, maxBodyDrain))
+	var body []byte
+	if resp.ContentLength != 0 {
+		// Orion's success is 204 No Content (net/http hands over NoBody):
+		// nothing to read or allocate. Otherwise read what classify needs
+		// and drain a little more so the connection can be reused; one
+		// LimitedReader serves both.
+		lr := &io.LimitedReader{R: resp.Body, N: maxBodyRead}
+		body, _ = io.ReadAll(lr)
+		lr.N = maxBodyDrain
+		_, _ = io.Copy(io.Discard, lr)
+	}
 	resp.Body.Close()
 	now := u.opts.Now()
 	r.v = classify(resp.StatusCode, resp.Header, body, now)
@@ -667,7 +683,7 @@ func (d *dispatcher) exchange(ctx context.Context, r result, req *http.Request, 
 	switch r.v.kind {
 	case delivered:
 		u.observeRequest("delivered", start)
-		if err := u.src.Delete(items); err != nil {
+		if err := d.dels.delete(items); err != nil {
 			// Sent but still queued: sent again later (a duplicate the
 			// broker can recognise by seq), never lost.
 			r.v, r.err = verdict{kind: retry, reason: "store"}, fmt.Errorf("delete delivered readings: %w", err)
@@ -716,22 +732,44 @@ func (d *dispatcher) request(ctx context.Context, it queue.Item, tok string) (*h
 	if err != nil {
 		return nil, fmt.Errorf("build request for device %q: %w", it.Device, err)
 	}
-	setHeaders(req, tok, it.Service, it.ServicePath)
+	d.setHeaders(req, tok, it.Service, it.ServicePath)
 	return req, nil
 }
 
 // setHeaders sets the headers of every request to a broker: the bearer
-// token and the tenant of the readings carried.
-func setHeaders(req *http.Request, tok, service, servicePath string) {
-	req.Header.Set("Authorization", "Bearer "+tok)
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("User-Agent", "edgegate-uplink")
+// token and the tenant of the readings carried. The keys are written in
+// their canonical form (no Header.Set canonicalising them per request),
+// the three fixed values share one backing array (cap-limited, so no
+// append can reach the next), and the "Bearer …" value is built once per
+// token: a token is ~1 KB, and it was copied for every reading in filter
+// mode.
+func (d *dispatcher) setHeaders(req *http.Request, tok, service, servicePath string) {
+	v := [...]string{d.bearer(tok), "application/json", "edgegate-uplink"}
+	h := req.Header
+	h["Authorization"] = v[0:1:1]
+	h["Content-Type"] = v[1:2:2]
+	h["User-Agent"] = v[2:3:3]
 	if service != "" {
-		req.Header.Set("Fiware-Service", service)
+		h["Fiware-Service"] = []string{service}
 	}
 	if servicePath != "" {
-		req.Header.Set("Fiware-ServicePath", servicePath)
+		h["Fiware-Servicepath"] = []string{servicePath}
 	}
+}
+
+// bearerValue is an Authorization value and the token it carries.
+type bearerValue struct{ tok, value string }
+
+// bearer returns "Bearer "+tok, reusing the last one built while the
+// token is the same. Workers call it concurrently: the cache is one
+// atomic pointer, replaced whole when the token changes.
+func (d *dispatcher) bearer(tok string) string {
+	if c := d.auth.Load(); c != nil && c.tok == tok {
+		return c.value
+	}
+	c := &bearerValue{tok: tok, value: "Bearer " + tok}
+	d.auth.Store(c)
+	return c.value
 }
 
 // deadLetter moves a reading the broker refused for good aside, and
