@@ -123,4 +123,3 @@ func TestFilterSharesDeletes(t *testing.T) {
 	}
 	t.Logf("%d readings deleted in %d Deletes", devices*each, deletes)
 }
-
