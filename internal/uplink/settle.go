@@ -23,6 +23,10 @@ import (
 type deleteGroup struct {
 	del func([]queue.Item) error
 
+	// pool keeps calls and their channels for reuse: a call is put back
+	// by its own caller once answered, so nobody holds it then.
+	pool sync.Pool
+
 	mu      sync.Mutex
 	leading bool          // a caller is running a Delete
 	waiting []*deleteCall // calls for the next Delete
@@ -44,13 +48,20 @@ type deleteAnswer struct {
 }
 
 func newDeleteGroup(del func([]queue.Item) error) *deleteGroup {
-	return &deleteGroup{del: del}
+	g := &deleteGroup{del: del}
+	g.pool.New = func() any { return &deleteCall{done: make(chan deleteAnswer, 1)} }
+	return g
 }
 
 // delete deletes items, in one Delete with those of the calls that arrive
 // while another Delete runs.
 func (g *deleteGroup) delete(items []queue.Item) error {
-	c := &deleteCall{items: items, done: make(chan deleteAnswer, 1)}
+	c := g.pool.Get().(*deleteCall)
+	c.items = items
+	defer func() {
+		c.items = nil
+		g.pool.Put(c)
+	}()
 	g.mu.Lock()
 	g.waiting = append(g.waiting, c)
 	if g.leading {
