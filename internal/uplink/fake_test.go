@@ -33,6 +33,8 @@ type fakeQueue struct {
 	violations []string
 	peekErr    error
 	deletes    int // Delete calls
+	peeks      int // Peek calls
+	emptyPeeks int // Peek calls that found the lane empty
 	// deleteTime: how long a Delete takes (a badger transaction); set
 	// before the uplink starts.
 	deleteTime time.Duration
@@ -120,6 +122,10 @@ func (q *fakeQueue) Peek(l queue.Lane, n int) ([]queue.Item, error) {
 		return nil, q.peekErr
 	}
 	its := q.lanes[l]
+	q.peeks++
+	if len(its) == 0 {
+		q.emptyPeeks++
+	}
 	return append([]queue.Item(nil), its[:min(n, len(its))]...), nil
 }
 

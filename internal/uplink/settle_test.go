@@ -123,3 +123,35 @@ func TestFilterSharesDeletes(t *testing.T) {
 	}
 	t.Logf("%d readings deleted in %d Deletes", devices*each, deletes)
 }
+
+// TestFilterPacedNoEmptyAttempts: at a moderate pace every reading
+// empties its lane; the uplink learns that when it settles the reading and
+// does not send one more attempt (a job, a Peek, a result) per reading
+// only to find the lane empty. Every reading is still delivered, once.
+func TestFilterPacedNoEmptyAttempts(t *testing.T) {
+	b := newBroker(t, nil)
+	b.respond = nil
+	q := newFakeQueue()
+	h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: 16,
+		HTTPClient: NewHTTPClient(b.pool(), 5*time.Second, 16)})
+	const devices, rounds = 20, 10
+	for r := range rounds {
+		for d := range devices {
+			q.add(b.URL, "dev-"+strconv.Itoa(d), 1)
+		}
+		testkit.Eventually(t, 10*time.Second, fmt.Sprintf("round %d delivered", r), func() bool { return q.depth() == 0 })
+	}
+	h.stop(t)
+	if got := len(b.requests()); got != devices*rounds {
+		t.Fatalf("%d requests for %d readings", got, devices*rounds)
+	}
+	q.mu.Lock()
+	peeks, empty := q.peeks, q.emptyPeeks
+	q.mu.Unlock()
+	// A lane may still be looked at empty when a commit's refresh races
+	// a settle; not once per reading.
+	if empty > devices*rounds/10 {
+		t.Fatalf("%d of %d Peeks found the lane empty, for %d readings", empty, peeks, devices*rounds)
+	}
+	t.Logf("%d readings, %d Peeks, %d empty", devices*rounds, peeks, empty)
+}

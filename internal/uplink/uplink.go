@@ -297,6 +297,10 @@ type result struct {
 	job
 	v       verdict
 	empty   bool   // nothing was sent: every lane had nothing left
+	// drained (filter mode): the reading was settled and its lane had
+	// none left then, so the lane is dropped until a refresh brings it
+	// back, instead of a further attempt finding it empty.
+	drained bool
 	aborted bool   // cut off by shutdown: not a failure
 	token   string // the token refused, for invalidToken
 	item    queue.Item
@@ -462,7 +466,7 @@ func (d *dispatcher) handle(r result) {
 		return
 	}
 	empties := r.empties
-	if r.empty && r.lanes == nil {
+	if (r.empty || r.drained) && r.lanes == nil {
 		empties = []queue.Lane{r.lane}
 	}
 	// Unless the lanes were reloaded meanwhile: then trust the reload.
@@ -627,7 +631,15 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 		return r
 	}
 
-	return d.exchange(ctx, r, req, []queue.Item{it}, tok)
+	r = d.exchange(ctx, r, req, []queue.Item{it}, tok)
+	if (r.v.kind == delivered || r.v.kind == permanent) && r.err == nil {
+		// At a moderate pace each reading empties its lane: knowing it
+		// here (a lock and a map lookup) saves one more attempt per
+		// reading — a job, a Peek and a result through the dispatcher —
+		// that would only find the lane empty.
+		r.drained = u.src.Ready([]queue.Lane{j.lane}, 1) == 0
+	}
+	return r
 }
 
 // exchange sends one request carrying items (one reading, or a batch) and
