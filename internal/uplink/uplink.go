@@ -295,8 +295,8 @@ func (j job) allLanes() []queue.Lane {
 
 type result struct {
 	job
-	v       verdict
-	empty   bool   // nothing was sent: every lane had nothing left
+	v     verdict
+	empty bool // nothing was sent: every lane had nothing left
 	// drained (filter mode): the reading was settled and its lane had
 	// none left then, so the lane is dropped until a refresh brings it
 	// back, instead of a further attempt finding it empty.
