@@ -3,6 +3,7 @@ package queue
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sync"
 	"testing"
 )
@@ -62,5 +63,59 @@ func BenchmarkDeleteGrouped(b *testing.B) {
 			b.StopTimer()
 			b.ReportMetric(float64(processCPU()-cpu0)/1e6/float64(n)*1000, "cpu-ms/1k")
 		})
+	}
+}
+
+// TestDeleteHeadsOfManyLanes: the uplink deletes what settled together —
+// the heads of many lanes in one Delete (internal/uplink/settle.go). Each
+// lane then peeks its next reading, the counts follow, a repeated Delete
+// is harmless, and after a restart the deleted readings stay gone and
+// every undelivered one is there, in order.
+func TestDeleteHeadsOfManyLanes(t *testing.T) {
+	dir := t.TempDir()
+	q := start(t, Options{Dir: dir})
+	const broker, lanes, each = "https://a.example/v2", 16, 5
+	var ls []Lane
+	for d := range lanes {
+		l := Lane{Broker: broker, Device: fmt.Sprintf("dev%02d", d)}
+		ls = append(ls, l)
+		for range each {
+			mustAppend(t, q, entry(broker, l.Device))
+		}
+	}
+	for round := 1; round <= 3; round++ {
+		var heads []Item
+		for _, l := range ls {
+			items, err := q.Peek(l, 1)
+			if err != nil || len(items) != 1 {
+				t.Fatalf("round %d: Peek(%s) = %d items, %v", round, l.Device, len(items), err)
+			}
+			heads = append(heads, items[0])
+		}
+		if err := q.Delete(heads); err != nil {
+			t.Fatalf("round %d: Delete of %d heads = %v", round, len(heads), err)
+		}
+		if err := q.Delete(heads); err != nil { // a repeated Delete is harmless
+			t.Fatalf("round %d: repeated Delete = %v", round, err)
+		}
+		for _, l := range ls {
+			if got, want := seqs(peekAll(t, q.Queue, l)), upTo(each)[round:]; !slices.Equal(got, want) {
+				t.Fatalf("round %d: %s holds %v, want %v", round, l.Device, got, want)
+			}
+		}
+		if st := q.Stats(); st.Depth != lanes*(each-round) {
+			t.Fatalf("round %d: depth %d, want %d", round, st.Depth, lanes*(each-round))
+		}
+	}
+	q.stop(t)
+
+	q = start(t, Options{Dir: dir})
+	for _, l := range ls {
+		if got, want := seqs(peekAll(t, q.Queue, l)), upTo(each)[3:]; !slices.Equal(got, want) {
+			t.Fatalf("after restart %s holds %v, want %v", l.Device, got, want)
+		}
+	}
+	if st := q.Stats(); st.Depth != lanes*(each-3) {
+		t.Fatalf("after restart: depth %d, want %d", st.Depth, lanes*(each-3))
 	}
 }
