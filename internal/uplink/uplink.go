@@ -37,6 +37,10 @@ type Source interface {
 	Peek(l queue.Lane, max int) ([]queue.Item, error)
 	// Delete removes items the broker accepted (2xx).
 	Delete(items []queue.Item) error
+	// DeleteSettled is Delete for readings settled moments after they
+	// were peeked: it does not read back those still held in memory
+	// (queue.Queue.DeleteSettled); same semantics.
+	DeleteSettled(items []queue.Item) error
 	// DeadLetter moves an item the broker refused for good aside.
 	DeadLetter(it queue.Item, reason string) error
 	// Changed returns a channel closed at the next commit that adds items.
@@ -340,7 +344,7 @@ func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
 		results:  make(chan result, u.opts.Concurrency),
 		laneWarn: make(map[queue.Lane]time.Time),
 		refusals: make(map[queue.Lane]*refusal),
-		dels:     newDeleteGroup(u.src.Delete),
+		dels:     newDeleteGroup(u.src.DeleteSettled),
 	}, nil
 }
 
