@@ -18,28 +18,33 @@ import (
 func TestClientTimeoutBoundsRequest(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
-		hang     func(w http.ResponseWriter, r *http.Request)
+		hang     func(w http.ResponseWriter, r *http.Request, release <-chan struct{})
 		requests int
 	}{
-		{"no answer", func(w http.ResponseWriter, r *http.Request) {
-			<-r.Context().Done()
+		{"no answer", func(w http.ResponseWriter, r *http.Request, release <-chan struct{}) {
+			<-release
 		}, 2},
-		{"endless body", func(w http.ResponseWriter, r *http.Request) {
+		{"endless body", func(w http.ResponseWriter, r *http.Request, release <-chan struct{}) {
 			w.Header().Set("Content-Type", "application/json")
 			w.WriteHeader(http.StatusOK)
 			w.Write([]byte(`{"partial":`))
 			w.(http.Flusher).Flush()
-			<-r.Context().Done()
+			<-release
 		}, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			// The hanging handler is let go at the end (cleanups run last
+			// first: before the broker is closed), never by the client
+			// giving up.
+			release := make(chan struct{})
 			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) {
 				if n == 1 {
-					tc.hang(w, r)
+					tc.hang(w, r, release)
 					return
 				}
 				w.WriteHeader(http.StatusNoContent)
 			})
+			t.Cleanup(func() { close(release) })
 			q := newFakeQueue()
 			q.add(b.URL, "dev-1", 1)
 			const timeout = 300 * time.Millisecond
@@ -49,6 +54,10 @@ func TestClientTimeoutBoundsRequest(t *testing.T) {
 			el := time.Since(t0)
 			h.stop(t)
 			if n := len(b.requests()); n != tc.requests {
+				for _, r := range b.requests() {
+					t.Logf("request at %v", r.at.Sub(t0))
+				}
+				t.Logf("logs:\n%s", h.logs.String())
 				t.Fatalf("%d requests, want %d", n, tc.requests)
 			}
 			if el < timeout || el > 5*time.Second {

@@ -148,8 +148,9 @@ func TestFilterPacedNoEmptyAttempts(t *testing.T) {
 	q.mu.Lock()
 	peeks, empty := q.peeks, q.emptyPeeks
 	q.mu.Unlock()
-	// A lane may still be looked at empty when a commit's refresh races
-	// a settle; not once per reading.
+	// Not once per reading (200 of 400 Peeks without the drop); a lane
+	// may be looked at empty when a refresh re-adds it right before its
+	// reading is settled.
 	if empty > devices*rounds/10 {
 		t.Fatalf("%d of %d Peeks found the lane empty, for %d readings", empty, peeks, devices*rounds)
 	}

@@ -301,10 +301,9 @@ type result struct {
 	job
 	v     verdict
 	empty bool // nothing was sent: every lane had nothing left
-	// drained (filter mode): the reading was settled and its lane had
-	// none left then, so the lane is dropped until a refresh brings it
-	// back, instead of a further attempt finding it empty.
-	drained bool
+	// settled (filter mode): the reading left the queue (delivered or
+	// dead-lettered); handle drops the lane if it has none left.
+	settled bool
 	aborted bool   // cut off by shutdown: not a failure
 	token   string // the token refused, for invalidToken
 	item    queue.Item
@@ -470,12 +469,22 @@ func (d *dispatcher) handle(r result) {
 		return
 	}
 	empties := r.empties
-	if (r.empty || r.drained) && r.lanes == nil {
+	if r.empty && r.lanes == nil {
 		empties = []queue.Lane{r.lane}
 	}
 	// Unless the lanes were reloaded meanwhile: then trust the reload.
 	if len(empties) > 0 && r.gen == d.gen {
 		d.lanes = slices.DeleteFunc(d.lanes, func(l queue.Lane) bool { return slices.Contains(empties, l) })
+	}
+	if r.settled && d.u.src.Ready([]queue.Lane{r.lane}, 1) == 0 {
+		// At a moderate pace each reading empties its lane: dropping it
+		// now (a lock and a map lookup) saves one more attempt per
+		// reading — a job, a Peek and a result — that would only find it
+		// empty. Safe whatever was refreshed meanwhile: a commit after
+		// this look closes the Changed channel the dispatcher waits on
+		// (or one already closed, whose refresh is still to come), and
+		// the refresh brings the lane back.
+		d.lanes = slices.DeleteFunc(d.lanes, func(l queue.Lane) bool { return l == r.lane })
 	}
 	if r.empty {
 		return
@@ -638,13 +647,7 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 	}
 
 	r = d.exchange(ctx, r, req, []queue.Item{it}, tok)
-	if (r.v.kind == delivered || r.v.kind == permanent) && r.err == nil {
-		// At a moderate pace each reading empties its lane: knowing it
-		// here (a lock and a map lookup) saves one more attempt per
-		// reading — a job, a Peek and a result through the dispatcher —
-		// that would only find the lane empty.
-		r.drained = u.src.Ready([]queue.Lane{j.lane}, 1) == 0
-	}
+	r.settled = (r.v.kind == delivered || r.v.kind == permanent) && r.err == nil
 	return r
 }
 
