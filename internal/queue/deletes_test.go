@@ -1,14 +1,17 @@
 package queue
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"fmt"
 	"os"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -256,4 +259,160 @@ func TestDeleteSettled(t *testing.T) {
 
 	q = start(t, Options{Dir: dir})
 	check("after restart", want)
+}
+
+const settleCrashEnv = "EDGEGATE_QUEUE_SETTLE_CRASH_DIR"
+
+// TestHelperSettleCrash is the child of TestCrashDuringDeleteSettled: it
+// appends from several goroutines, printing "a device seq" for every
+// acknowledged Append, while a settler deletes the lanes' heads in shared
+// DeleteSettled calls, printing "p device seq" before each call and
+// "d device seq" once it returned, until the parent kills it.
+func TestHelperSettleCrash(t *testing.T) {
+	dir := os.Getenv(settleCrashEnv)
+	if dir == "" {
+		t.Skip("helper process for TestCrashDuringDeleteSettled")
+	}
+	q, err := Open(Options{Dir: dir, Key: testKey})
+	if err != nil {
+		t.Fatal(err)
+	}
+	go q.Run(context.Background()) // killed, never stopped
+	var mu sync.Mutex
+	out := bufio.NewWriter(os.Stdout)
+	print := func(kind, device string, seq uint64) {
+		mu.Lock()
+		defer mu.Unlock()
+		// Flushed before the call goes on: a printed line happened.
+		fmt.Fprintf(out, "%s %s %d\n", kind, device, seq)
+		out.Flush()
+	}
+	for _, d := range crashDevices {
+		go func() {
+			for {
+				it, err := q.Append(context.Background(), entry(crashBroker, d))
+				if err != nil {
+					fmt.Fprintln(os.Stderr, "append:", err)
+					os.Exit(3)
+				}
+				print("a", it.Device, it.Seq)
+			}
+		}()
+	}
+	for {
+		var heads []Item
+		for _, d := range crashDevices {
+			items, err := q.Peek(Lane{crashBroker, d}, 1)
+			if err != nil {
+				fmt.Fprintln(os.Stderr, "peek:", err)
+				os.Exit(3)
+			}
+			heads = append(heads, items...)
+		}
+		for _, it := range heads {
+			print("p", it.Device, it.Seq) // handed to a delete
+		}
+		if err := q.DeleteSettled(heads); err != nil {
+			fmt.Fprintln(os.Stderr, "delete:", err)
+			os.Exit(3)
+		}
+		for _, it := range heads {
+			print("d", it.Device, it.Seq)
+		}
+		// Slower than the appenders: a backlog builds up, so the kill
+		// finds undelivered readings behind the heads being deleted.
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// TestCrashDuringDeleteSettled: SIGKILL while readings are appended and
+// settled. After a restart every acknowledged reading that was never
+// handed to a delete is there, and each lane is gap-free from its head (a
+// delete is not synced: one lost in a crash would only bring its reading
+// back, to be delivered again; a process kill loses none, it counts them).
+func TestCrashDuringDeleteSettled(t *testing.T) {
+	dir := t.TempDir()
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperSettleCrash$", "-test.count=1")
+	cmd.Env = append(os.Environ(), settleCrashEnv+"="+dir)
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// handed: given to a DeleteSettled that may have returned before the
+	// kill; deleted: one that returned.
+	acked := map[string]map[uint64]bool{}
+	handed := map[string]map[uint64]bool{}
+	deleted := map[string]map[uint64]bool{}
+	for _, d := range crashDevices {
+		acked[d], handed[d], deleted[d] = map[uint64]bool{}, map[uint64]bool{}, map[uint64]bool{}
+	}
+	sc := bufio.NewScanner(stdout)
+	lines, dels, killed := 0, 0, false
+	timer := time.AfterFunc(60*time.Second, func() { cmd.Process.Kill() })
+	for sc.Scan() {
+		var kind, dev string
+		var seq uint64
+		if _, err := fmt.Sscanf(sc.Text(), "%s %s %d", &kind, &dev, &seq); err != nil || acked[dev] == nil {
+			continue
+		}
+		switch kind {
+		case "a":
+			acked[dev][seq] = true
+		case "p":
+			handed[dev][seq] = true
+		case "d":
+			deleted[dev][seq] = true
+			dels++
+		}
+		lines++
+		if lines == 3000 && !killed {
+			cmd.Process.Signal(syscall.SIGKILL)
+			killed = true
+		}
+	}
+	timer.Stop()
+	cmd.Wait()
+	if !killed || dels == 0 {
+		t.Fatalf("child stopped after %d lines (%d deletes) without being killed", lines, dels)
+	}
+	backlog := 0
+	for _, d := range crashDevices {
+		backlog += len(acked[d]) - len(deleted[d])
+	}
+	if backlog < 100 {
+		t.Fatalf("%d readings acknowledged and not deleted at the kill: the test needs a backlog", backlog)
+	}
+
+	q := start(t, Options{Dir: dir})
+	for _, d := range crashDevices {
+		got := seqs(peekAll(t, q.Queue, Lane{crashBroker, d}))
+		present := map[uint64]bool{}
+		for i, s := range got {
+			present[s] = true
+			if i > 0 && s != got[i-1]+1 {
+				t.Fatalf("%s: seqs not gap-free after the crash: %v", d, got)
+			}
+		}
+		var lost []uint64
+		for s := range acked[d] {
+			if !handed[d][s] && !present[s] {
+				lost = append(lost, s)
+			}
+		}
+		if len(lost) > 0 {
+			slices.Sort(lost)
+			t.Fatalf("%s: acknowledged, never handed to a delete, gone after the crash: %v", d, lost)
+		}
+		back := 0
+		for _, s := range got {
+			if deleted[d][s] {
+				back++
+			}
+		}
+		t.Logf("%s: %d acked, %d deleted, %d present after the crash (%d deleted ones back)", d, len(acked[d]), len(deleted[d]), len(got), back)
+	}
 }
