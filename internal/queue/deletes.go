@@ -12,16 +12,17 @@ import (
 //
 // Delete reads every item back (txn.Get) before deleting it, to learn that
 // it is still there and the size of its value for the lane's byte count.
-// In filter mode that read was ~70 % of a Delete, and a Delete ~27 % of
-// what the uplink's workers spent per reading at a paced 1,500/s
+// In filter mode that read was 40–70 % of a Delete, and a Delete 27–36 %
+// of what the uplink's workers spent per reading at a paced 1,500/s
 // (docs/bench/profiles/filter-before-paced.top.txt): badger looks the key
 // up in every memtable and, as the version asked is never the one stored,
 // in the tables of every level too. A reading settled within a second of
 // its commit is still held in memory (recent.go), and a held item is live
 // by that list's invariant; its value's size is what sealItem made of it.
 // So DeleteSettled deletes held items without reading them; the others go
-// the way of Delete. Paced 1,500/s in make bench-peers: 10–11 → 5–7 ms of
-// CPU per 1,000 readings deleted (docs/bench/profiles/filter-ab.txt).
+// the way of Delete. Paced 1,500/s in make bench-peers, with the deletes
+// shared (internal/uplink/settle.go): 10–17 → 3–7 ms of CPU per 1,000
+// readings deleted (docs/bench/profiles/filter-ab.txt).
 
 // DeleteSettled removes delivered items. Same semantics as Delete: items
 // already gone are skipped (a repeated call is harmless), a deleted item
