@@ -254,11 +254,13 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 		}
 		return r
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, d.base+"/v2/op/update", bytes.NewReader(body))
+	rctx, cancel := u.requestContext(ctx)
+	defer cancel()
+	req, err := http.NewRequestWithContext(rctx, http.MethodPost, d.base+"/v2/op/update", bytes.NewReader(body))
 	if err != nil {
 		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
 		return r
 	}
-	setHeaders(req, tok, svc, svcPath)
+	d.setHeaders(req, tok, svc, svcPath)
 	return d.exchange(ctx, r, req, items, tok)
 }

@@ -32,6 +32,12 @@ type fakeQueue struct {
 	changed    chan struct{}
 	violations []string
 	peekErr    error
+	deletes    int // Delete calls
+	peeks      int // Peek calls
+	emptyPeeks int // Peek calls that found the lane empty
+	// deleteTime: how long a Delete takes (a badger transaction); set
+	// before the uplink starts.
+	deleteTime time.Duration
 }
 
 type deadItem struct {
@@ -116,6 +122,10 @@ func (q *fakeQueue) Peek(l queue.Lane, n int) ([]queue.Item, error) {
 		return nil, q.peekErr
 	}
 	its := q.lanes[l]
+	q.peeks++
+	if len(its) == 0 {
+		q.emptyPeeks++
+	}
 	return append([]queue.Item(nil), its[:min(n, len(its))]...), nil
 }
 
@@ -131,8 +141,10 @@ func (q *fakeQueue) removeHead(it queue.Item) error {
 }
 
 func (q *fakeQueue) Delete(items []queue.Item) error {
+	time.Sleep(q.deleteTime)
 	q.mu.Lock()
 	defer q.mu.Unlock()
+	q.deletes++
 	for _, it := range items {
 		if err := q.removeHead(it); err != nil {
 			return err
@@ -140,6 +152,9 @@ func (q *fakeQueue) Delete(items []queue.Item) error {
 	}
 	return nil
 }
+
+// DeleteSettled is Delete (the queue's skips a read, same semantics).
+func (q *fakeQueue) DeleteSettled(items []queue.Item) error { return q.Delete(items) }
 
 func (q *fakeQueue) DeadLetter(it queue.Item, reason string) error {
 	q.mu.Lock()
