@@ -235,7 +235,7 @@ func faultLoop(t *testing.T, stop <-chan struct{}) {
 			t.Error(err)
 			return
 		}
-		time.Sleep(time.Millisecond) // ~16 faults per millisecond: a busy process
+		time.Sleep(100 * time.Microsecond) // 16 faults per pass: a busy process
 	}
 }
 
@@ -283,7 +283,7 @@ func TestPageOutKeepsUnderBudget(t *testing.T) {
 	write(under)
 	// The readings are on the value log's pages, mapped by the writes; a
 	// few looks of the loop later they are still there.
-	time.Sleep(10 * pageOutBusy) // a span the old rule paged out in, not a wait for an event
+	time.Sleep(250 * time.Millisecond) // a span the old rule paged out in (25 ms), not a wait for an event
 	if r := total(); r < pageOutBudget/4 {
 		t.Fatalf("under the budget, busy: %d bytes of value log resident, want the ~%d written", r, under*2000)
 	}
