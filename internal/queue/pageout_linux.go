@@ -52,7 +52,7 @@ const (
 	// RSS of the embedded row is ~33 MB anonymous + ~16 MB of binary, and
 	// issue 20 asks at most 64 MB in all. Measured (50k bursts, backlog to
 	// 400k): 4 MB kept the burst's peak at 51-53 MB against 56-58 with
-	// 8 MB, and the page-outs at ~1 % of the CPU: with the readings the
+	// 8 MB, and the page-outs at ~2 % of the CPU: with the readings the
 	// uplink reads held in memory (recent.go), what a burst maps is mostly
 	// the log being written, whose pages are not read again.
 	pageOutBudget = 4 << 20
@@ -138,9 +138,11 @@ func (q *Queue) pageOutLoop(ctx context.Context) {
 	timer := time.NewTimer(pageOutIdle)
 	defer timer.Stop()
 	last := pageFaults()
-	floor, _ := rss.read()
+	// floor 0: the first look pages out what opening the store mapped
+	// (badger replays the logs), and sets the floor.
+	var floor int64
 	// dirty: the process faulted since the last page-out, so store pages
-	// may be resident (at start: badger read its files to open).
+	// may be resident.
 	dirty := true
 	for {
 		select {

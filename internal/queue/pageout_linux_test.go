@@ -279,6 +279,9 @@ func TestPageOutKeepsUnderBudget(t *testing.T) {
 		}
 		return sum
 	}
+	// The first look pages out what opening the store mapped, and sets the
+	// floor the budget counts from.
+	testkit.Eventually(t, 5*time.Second, "the first page-out", func() bool { return q.pageOuts.Load() > 0 })
 	const under = pageOutBudget / 2 / 2000 // half the budget of readings
 	write(under)
 	// The readings are on the value log's pages, mapped by the writes; a
@@ -294,7 +297,7 @@ func TestPageOutKeepsUnderBudget(t *testing.T) {
 	testkit.Eventually(t, 5*time.Second, "the store's resident pages back within the budget", func() bool {
 		return total() < 2*pageOutBudget
 	})
-	if q.pageOuts.Load() == 0 {
+	if q.pageOuts.Load() < 2 {
 		t.Fatal("no page-out over the budget")
 	}
 }
