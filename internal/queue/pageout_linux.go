@@ -244,7 +244,7 @@ func pageFaults() int64 {
 	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
 		return 0
 	}
-	return ru.Minflt + ru.Majflt
+	return int64(ru.Minflt) + int64(ru.Majflt) // int32 on 32-bit ARM
 }
 
 // pageOutStore asks the kernel to reclaim this process's pages of the
