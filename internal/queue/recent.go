@@ -15,12 +15,13 @@ package queue
 // Invariant: a lane's recent list holds live, synced items in seq order,
 // and every live item of the lane above recent[0].Seq; an item that does
 // not fit, or is recentDepth ahead of the lane's head, ends the list (it
-// is cleared, and starts again with a later item), and a removal drops every held item up to the seq removed, so the
-// list is never missing an item it claims to cover. Past the budget (a
+// is cleared, and starts again with a later item), and a removal drops
+// every held item up to the seq removed, so the list is never missing an
+// item it claims to cover. Past the budget (a
 // backlog) items are read from the store as before; the budget bounds the
 // memory whatever the backlog.
 
-// recentBytes bounds the bodies held for all lanes: ~6,500 readings, the
+// recentBytes bounds the bodies held for all lanes: ~6,300 readings, the
 // uplink's lag in a 50-device burst of the embedded broker (p50 0.7-0.9 s
 // at 8k readings/s). With 2 MB the burst overflowed it, Peek read the
 // value log back (9 % of the daemon's CPU flat in page faults, 22 % in
@@ -28,7 +29,7 @@ package queue
 // (docs/performance.md#memory).
 const recentBytes = 8 << 20
 
-// recentDepth: an item more than this many seqs ahead of its lane's head
+// recentDepth: an item this many seqs or more ahead of its lane's head
 // is not held, and ends the lane's list. That lane has a backlog (the
 // uplink is down or far behind): the drain reads its head from the store
 // anyway, and holding its tail would keep recentBytes of heap live for as
