@@ -171,7 +171,9 @@ func (q *Queue) pageOutLoop(ctx context.Context) {
 		switch {
 		case pageOutDue(faults-last, cur, floor):
 			if q.pageOutNow() {
-				floor, _ = rss.read()
+				if after, err := rss.read(); err == nil {
+					floor = nextFloor(floor, after, faults == last)
+				}
 				dirty = false
 			}
 		case faults == last:
@@ -179,6 +181,25 @@ func (q *Queue) pageOutLoop(ctx context.Context) {
 		}
 		last = pageFaults()
 	}
+}
+
+// nextFloor is the floor after a page-out, after the file-backed bytes
+// resident right after it. While the process is busy the floor only goes
+// down: pages the kernel could not drop at that moment (read or written right then) would
+// otherwise raise it a little at each page-out, and the store's resident
+// pages with it (filter mode, 16 lanes reading the logs: 28-33 MB of
+// file-backed peak against 21-25 with the old rule, and 43-47 MB with
+// looks every 5 ms). A quiet page-out sets it as measured: the binary's
+// pages mapped since count from there. Until then, a busy process whose
+// binary mapped the budget's worth of new pages pages out at every look,
+// as the old rule did; letting a page-out that left the whole budget set
+// the floor instead gave back 58-70 MB peaks in filter mode (57.7-58.9
+// without, five runs each).
+func nextFloor(floor, after int64, quiet bool) int64 {
+	if quiet || floor == 0 {
+		return after
+	}
+	return min(floor, after)
 }
 
 // fileRSS reads the process's file-backed resident size from an open

@@ -321,6 +321,24 @@ func TestPageOutDue(t *testing.T) {
 	}
 }
 
+func TestNextFloor(t *testing.T) {
+	for _, c := range []struct {
+		floor, after int64
+		quiet        bool
+		want         int64
+	}{
+		{0, 20 << 20, false, 20 << 20},                      // the first page-out sets it
+		{20 << 20, 21 << 20, false, 20 << 20},               // busy: what could not be dropped does not raise it
+		{20 << 20, 19 << 20, false, 19 << 20},               // ... and it goes down
+		{20 << 20, 22 << 20, true, 22 << 20},                // quiet: as measured (the binary's pages mapped since)
+		{20 << 20, 20<<20 + pageOutBudget, false, 20 << 20}, // busy: not even the whole budget left (filter mode)
+	} {
+		if got := nextFloor(c.floor, c.after, c.quiet); got != c.want {
+			t.Errorf("nextFloor(%d, %d, quiet %v) = %d, want %d", c.floor, c.after, c.quiet, got, c.want)
+		}
+	}
+}
+
 func TestParseStatmShared(t *testing.T) {
 	page := int64(os.Getpagesize())
 	for _, c := range []struct {
