@@ -31,8 +31,8 @@ import (
 // process has mapped count in its RSS (and in what the OOM killer weighs)
 // until they are unmapped, and badger keeps every value-log file mapped
 // until value-log GC deletes it. So the value logs are small (8 MB: at most
-// that much of the file being written is resident), the closed ones are
-// paged out four times a second (pageout_linux.go), and GC runs every minute
+// that much of the file being written is resident), the store's mapped
+// pages are paged out past a budget (pageout_linux.go), and GC runs every minute
 // until nothing is worth rewriting (runGC). Measured with edgegate-bench
 // at full load: peak RSS 111 MB with 64 MB logs and 8 MB memtables, 46-53
 // MB now, of which ~14 MB is the daemon's own binary. The memtables hold

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/testkit"
+	"golang.org/x/sys/unix"
 )
 
 // vlogRSS sums the resident bytes of this process's mappings of the value
@@ -184,15 +185,15 @@ func BenchmarkPageOutStore(b *testing.B) {
 }
 
 // TestPageOutLoopIdle: the page-out loop works only while the process
-// takes page faults (something was mapped): an idle gateway does not read
-// /proc/self/maps 20 times a second.
+// takes page faults (something was mapped): an idle gateway neither reads
+// /proc/self/maps nor pages anything out.
 func TestPageOutLoopIdle(t *testing.T) {
 	q := start(t, Options{Dir: t.TempDir(), MaxBatch: 256})
 	body := []byte(strings.Repeat("x", 2000))
 	e := Entry{Broker: "https://a.example/v2", Device: "d1", Type: "Sensor",
 		Seal: func(uint64) ([]byte, error) { return body, nil }}
 	ctx := tctx(t)
-	for range 5 {
+	for range 200 { // 400 KB: above pageOutQuiet
 		w, err := q.Enqueue(ctx, e)
 		if err != nil {
 			t.Fatal(err)
@@ -201,31 +202,185 @@ func TestPageOutLoopIdle(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	testkit.Eventually(t, 5*time.Second, "a page-out after the writes", func() bool { return q.pageOuts.Load() > 0 })
-	// Busy, the loop pages out every 50 ms (20 a second); idle, at most
-	// once per stray fault of the test process and never more often than
-	// every 250 ms.
+	testkit.Eventually(t, 5*time.Second, "a page-out once the writes stopped", func() bool { return q.pageOuts.Load() > 0 })
+	// Idle, at most one page-out per stray burst of faults of the test
+	// process that mapped pageOutQuiet of the store: none is expected.
 	before := q.pageOuts.Load()
 	time.Sleep(2 * time.Second) // a span of idleness, not a wait for an event
-	if n := q.pageOuts.Load() - before; n > 5 {
-		t.Fatalf("%d page-outs in two idle seconds, want at most 5 (stray faults of the test process)", n)
+	if n := q.pageOuts.Load() - before; n > 2 {
+		t.Fatalf("%d page-outs in two idle seconds, want at most 2", n)
+	}
+}
+
+// faultLoop takes page faults until stop is closed, as a busy daemon does
+// (fresh anonymous pages, touched once), so the page-out loop never sees
+// the process quiet.
+func faultLoop(t *testing.T, stop <-chan struct{}) {
+	t.Helper()
+	for {
+		select {
+		case <-stop:
+			return
+		default:
+		}
+		m, err := unix.Mmap(-1, 0, 64<<10, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANON)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		for i := 0; i < len(m); i += 4096 {
+			m[i] = 1
+		}
+		if err := unix.Munmap(m); err != nil {
+			t.Error(err)
+			return
+		}
+		time.Sleep(100 * time.Microsecond) // 16 faults per pass: a busy process
+	}
+}
+
+// TestPageOutKeepsUnderBudget: while the process is busy (faulting) and
+// the store's resident pages are under pageOutBudget, the value-log pages
+// the drain reads next stay mapped; the rule before (a page-out every
+// 25 ms once the process took 16 faults) dropped them, and the drain read
+// them back from disk. Over the budget, they are paged out.
+func TestPageOutKeepsUnderBudget(t *testing.T) {
+	dir := t.TempDir()
+	real, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	q := start(t, Options{Dir: dir, MaxBatch: 256})
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() { defer close(done); faultLoop(t, stop) }()
+	defer func() { close(stop); <-done }()
+	body := []byte(strings.Repeat("x", 2000)) // above the value threshold: into the vlog
+	e := Entry{Broker: "https://a.example/v2", Device: "d1", Type: "Sensor",
+		Seal: func(uint64) ([]byte, error) { return body, nil }}
+	ctx := tctx(t)
+	write := func(n int) {
+		t.Helper()
+		for i := 0; i < n; i++ {
+			w, err := q.Enqueue(ctx, e)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if i%256 == 255 || i == n-1 {
+				if _, err := w(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+	total := func() (sum int64) {
+		for _, b := range vlogRSS(t, real) {
+			sum += b
+		}
+		return sum
+	}
+	// The first look pages out what opening the store mapped, and sets the
+	// floor the budget counts from.
+	testkit.Eventually(t, 5*time.Second, "the first page-out", func() bool { return q.pageOuts.Load() > 0 })
+	const under = pageOutBudget / 2 / 2000 // half the budget of readings
+	write(under)
+	// The readings are on the value log's pages, mapped by the writes; a
+	// few looks of the loop later they are still there.
+	time.Sleep(250 * time.Millisecond) // a span the old rule paged out in (25 ms), not a wait for an event
+	if r := total(); r < pageOutBudget/4 {
+		t.Fatalf("under the budget, busy: %d bytes of value log resident, want the ~%d written", r, under*2000)
+	}
+	// Over the budget: paged out, whatever the load. The rule weighs all
+	// the process's file-backed pages against the floor; the value logs
+	// alone are within the budget and what a look's interval maps.
+	write(4 * pageOutBudget / 2000)
+	testkit.Eventually(t, 5*time.Second, "the store's resident pages back within the budget", func() bool {
+		return total() < 2*pageOutBudget
+	})
+	if q.pageOuts.Load() < 2 {
+		t.Fatal("no page-out over the budget")
 	}
 }
 
 func TestPageOutDue(t *testing.T) {
+	const floor = 20 << 20
 	for _, c := range []struct {
-		faults int64
-		since  time.Duration
-		want   bool
+		faults, fileRSS int64
+		want            bool
 	}{
-		{0, time.Hour, false},                       // nothing mapped since
-		{1, pageOutBusy, false},                     // a stray fault: wait for the idle period
-		{1, pageOutIdle, true},                      // ... then page out
-		{pageOutFaults, pageOutBusy, true},          // busy: every tick
-		{pageOutFaults - 1, pageOutIdle - 1, false}, // below both
+		{16, floor + pageOutBudget - 1, false},    // busy, under the budget: the drain's pages stay
+		{1 << 20, floor + pageOutBudget/2, false}, // however many faults (the old rule paged out at 16)
+		{16, floor + pageOutBudget, true},         // over the budget
+		{0, floor + pageOutQuiet, true},           // quiet: what is resident goes
+		{0, floor + pageOutQuiet - 1, false},      // ... unless too little to be worth it
+		{0, floor - 1<<20, false},                 // below the floor (binary pages reclaimed)
 	} {
-		if got := pageOutDue(c.faults, c.since); got != c.want {
-			t.Errorf("pageOutDue(%d, %s) = %v, want %v", c.faults, c.since, got, c.want)
+		if got := pageOutDue(c.faults, c.fileRSS, floor); got != c.want {
+			t.Errorf("pageOutDue(%d, floor%+d) = %v, want %v", c.faults, c.fileRSS-floor, got, c.want)
+		}
+	}
+}
+
+func TestNextFloor(t *testing.T) {
+	for _, c := range []struct {
+		floor, after int64
+		quiet        bool
+		want         int64
+	}{
+		{0, 20 << 20, false, 20 << 20},                      // the first page-out sets it
+		{20 << 20, 21 << 20, false, 20 << 20},               // busy: what could not be dropped does not raise it
+		{20 << 20, 19 << 20, false, 19 << 20},               // ... and it goes down
+		{20 << 20, 22 << 20, true, 22 << 20},                // quiet: as measured (the binary's pages mapped since)
+		{20 << 20, 20<<20 + pageOutBudget, false, 20 << 20}, // busy: not even the whole budget left (filter mode)
+	} {
+		if got := nextFloor(c.floor, c.after, c.quiet); got != c.want {
+			t.Errorf("nextFloor(%d, %d, quiet %v) = %d, want %d", c.floor, c.after, c.quiet, got, c.want)
+		}
+	}
+}
+
+func TestParseStatmShared(t *testing.T) {
+	page := int64(os.Getpagesize())
+	for _, c := range []struct {
+		in   string
+		want int64
+		err  bool
+	}{
+		{"12345 4567 3890 4100 0 8000 0\n", 3890 * page, false},
+		{"1 2 0 3 0 4 0\n", 0, false},
+		{"1 2", 0, true},
+		{"1 2 x 4", 0, true},
+		{"", 0, true},
+	} {
+		got, err := parseStatmShared([]byte(c.in))
+		if (err != nil) != c.err || got != c.want {
+			t.Errorf("parseStatmShared(%q) = %d, %v; want %d, error %v", c.in, got, err, c.want, c.err)
+		}
+	}
+	// The real file, read twice through one descriptor.
+	r, err := openFileRSS()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	for range 2 {
+		if v, err := r.read(); err != nil || v <= 0 {
+			t.Fatalf("read() = %d, %v; want the binary's resident pages at least", v, err)
+		}
+	}
+}
+
+// BenchmarkFileRSS is the cost of one look at the file-backed resident
+// size (the page-out loop's, up to 40 a second while the process faults).
+func BenchmarkFileRSS(b *testing.B) {
+	r, err := openFileRSS()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer r.Close()
+	for range b.N {
+		if _, err := r.read(); err != nil {
+			b.Fatal(err)
 		}
 	}
 }

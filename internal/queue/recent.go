@@ -14,15 +14,29 @@ package queue
 //
 // Invariant: a lane's recent list holds live, synced items in seq order,
 // and every live item of the lane above recent[0].Seq; an item that does
-// not fit ends the list (it is cleared, and starts again with a later
-// item), and a removal drops every held item up to the seq removed, so the
-// list is never missing an item it claims to cover. Past the budget (a
+// not fit, or is recentDepth ahead of the lane's head, ends the list (it
+// is cleared, and starts again with a later item), and a removal drops
+// every held item up to the seq removed, so the list is never missing an
+// item it claims to cover. Past the budget (a
 // backlog) items are read from the store as before; the budget bounds the
 // memory whatever the backlog.
 
-// recentBytes bounds the bodies held for all lanes: ~1,700 readings, a
-// few hundred milliseconds of a full-rate burst.
-const recentBytes = 2 << 20
+// recentBytes bounds the bodies held for all lanes: ~6,300 readings, the
+// uplink's lag in a 50-device burst of the embedded broker (p50 0.7-0.9 s
+// at 8k readings/s). With 2 MB the burst overflowed it, Peek read the
+// value log back (9 % of the daemon's CPU flat in page faults, 22 % in
+// all) and the mapped log pages were most of the peak RSS
+// (docs/performance.md#memory).
+const recentBytes = 8 << 20
+
+// recentDepth: an item this many seqs or more ahead of its lane's head
+// is not held, and ends the lane's list. That lane has a backlog (the
+// uplink is down or far behind): the drain reads its head from the store
+// anyway, and holding its tail would keep recentBytes of heap live for as
+// long as the backlog lasts — under memory_limit 40 MiB, with badger's
+// compactions, that halved the backlog's ingest rate (GC). In a burst a
+// lane lags by 130-650 items (50 or 16 devices).
+const recentDepth = 1024
 
 // recentCost is what one held item counts against recentBytes.
 func recentCost(it *Item) int64 { return int64(len(it.Body)) + 128 }
@@ -30,6 +44,10 @@ func recentCost(it *Item) int64 { return int64(len(it.Body)) + 128 }
 // hold appends a just-published item to its lane's list, or clears the
 // list if it does not fit. Callers hold q.mu.
 func (q *Queue) hold(ls *laneState, it Item) {
+	if it.Seq > ls.head && it.Seq-ls.head >= recentDepth {
+		q.release(ls) // a backlog (recentDepth)
+		return
+	}
 	n := len(ls.recent)
 	if n > 0 && ls.recent[n-1].Seq >= it.Seq {
 		q.release(ls) // not in order: never expected; be safe

@@ -10,14 +10,18 @@ import (
 // TestRecentMatchesStore: what Peek serves from memory is what the store
 // holds — the same items a reopened queue (nothing in memory) reads back —
 // through deliveries, a dead letter in the middle and past the memory
-// budget (a backlog of 3 MB of bodies against 2 MB held).
+// budget and the depth held per lane (a backlog of 10 MB of bodies against
+// 8 MB held, 1,100 items per lane against recentDepth).
 func TestRecentMatchesStore(t *testing.T) {
 	dir := t.TempDir()
 	q := start(t, Options{Dir: dir})
 	ctx := tctx(t)
 	const broker = "https://a.example/v2"
-	big := bytes.Repeat([]byte("x"), 1500)
-	const n = 2000 // 3 MB of bodies: past recentBytes
+	big := bytes.Repeat([]byte("x"), 3000)
+	const n = 3300 // 10 MB of bodies: past recentBytes and recentDepth
+	if n*3000 <= recentBytes || n/3 <= recentDepth {
+		t.Fatalf("%d items of 3 KB do not pass the budgets", n)
+	}
 	for i := range n {
 		dev := fmt.Sprintf("dev%d", i%3)
 		e := entry(broker, dev)
@@ -108,5 +112,43 @@ func TestRecentServesFreshItems(t *testing.T) {
 	}
 	if st := q.Stats(); st.Depth != 2 || !st.Brokers[0].Oldest.Equal(items[3].Enqueued) {
 		t.Fatalf("stats %+v, want depth 2, oldest %v", st, items[3].Enqueued)
+	}
+}
+
+// TestRecentBacklogHoldsNothing: a lane whose head is recentDepth behind
+// (a backlog: the uplink is down) holds nothing, so the heap a backlog
+// keeps live does not grow by recentBytes for as long as it lasts; its
+// items read back from the store in order.
+func TestRecentBacklogHoldsNothing(t *testing.T) {
+	q := start(t, Options{})
+	ctx := tctx(t)
+	const broker = "https://a.example/v2"
+	var first Item
+	for i := range recentDepth + 10 {
+		it, err := q.Append(ctx, entry(broker, "dev"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if i == 0 {
+			first = it
+		}
+		if i == recentDepth-1 && q.held == 0 {
+			t.Fatalf("nothing held at %d items, under recentDepth", i+1)
+		}
+	}
+	q.mu.RLock()
+	held, n := q.held, len(q.lanes[string(lanePrefix(prefixQueue, broker, "dev"))].recent)
+	q.mu.RUnlock()
+	if held != 0 || n != 0 {
+		t.Fatalf("%d items (%d bytes) held %d items behind the head, want none", n, held, recentDepth+10)
+	}
+	got, err := q.Peek(Lane{Broker: broker, Device: "dev"}, recentDepth+10)
+	if err != nil || len(got) != recentDepth+10 || !reflect.DeepEqual(got[0], first) {
+		t.Fatalf("Peek = %d items, %v; want %d from the head", len(got), err, recentDepth+10)
+	}
+	for i := 1; i < len(got); i++ {
+		if got[i].Seq != got[i-1].Seq+1 {
+			t.Fatalf("item %d: seq %d after %d", i, got[i].Seq, got[i-1].Seq)
+		}
 	}
 }
