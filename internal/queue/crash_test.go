@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/hex"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"slices"
@@ -66,16 +67,7 @@ func TestCrashKeepsAckedItems(t *testing.T) {
 	dir := t.TempDir()
 	acked := make(map[string]uint64)
 	for round := range 2 { // the second round also proves seqs continue after a crash
-		cmd := exec.Command(os.Args[0], "-test.run=^TestHelperCrash$", "-test.count=1")
-		cmd.Env = append(os.Environ(), crashEnv+"="+dir, crashEnv+"_KEY="+hex.EncodeToString(testKey))
-		cmd.Stderr = os.Stderr
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
+		cmd, stdout := startChild(t, "TestHelperCrash", crashEnv+"="+dir, crashEnv+"_KEY="+hex.EncodeToString(testKey))
 		sc := bufio.NewScanner(stdout)
 		lines := 0
 		killAt := 1500 + round*700
@@ -122,4 +114,22 @@ func TestCrashKeepsAckedItems(t *testing.T) {
 		}
 		q.stop(t)
 	}
+}
+
+// startChild runs this test binary's test helper (a test that does its
+// work only with env set, then waits to be killed) and returns it with
+// its standard output.
+func startChild(t *testing.T, helper string, env ...string) (*exec.Cmd, io.ReadCloser) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^"+helper+"$", "-test.count=1")
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stderr = os.Stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return cmd, stdout
 }

@@ -102,8 +102,10 @@ func (q *Queue) heldSizes(items []Item) []int64 {
 	return sizes
 }
 
-// deleteSized is deleteTxn without the read of items whose size is known
-// (sizes[i] >= 0). Callers hold mutMu.
+// deleteSized deletes items in one transaction, or several if badger
+// finds it too big, and reports what it removed. The size of item i is
+// sizes[i] when that is known (>= 0); other items, and all when sizes is
+// nil, are read back for theirs. Callers hold mutMu.
 func (q *Queue) deleteSized(items []Item, sizes []int64) ([]removal, error) {
 	var removed []removal
 	err := q.db.Update(func(txn *badger.Txn) error {
@@ -113,7 +115,10 @@ func (q *Queue) deleteSized(items []Item, sizes []int64) ([]removal, error) {
 				continue
 			}
 			key := itemKey(prefixQueue, it.Broker, it.Device, it.Seq)
-			size := sizes[i]
+			size := int64(-1)
+			if sizes != nil {
+				size = sizes[i]
+			}
 			if size < 0 {
 				bi, err := txn.Get(key)
 				if errors.Is(err, badger.ErrKeyNotFound) {
@@ -133,11 +138,15 @@ func (q *Queue) deleteSized(items []Item, sizes []int64) ([]removal, error) {
 	})
 	if errors.Is(err, badger.ErrTxnTooBig) && len(items) > 1 {
 		h := len(items) / 2
-		a, err := q.deleteSized(items[:h], sizes[:h])
+		var lo, hi []int64
+		if sizes != nil {
+			lo, hi = sizes[:h], sizes[h:]
+		}
+		a, err := q.deleteSized(items[:h], lo)
 		if err != nil {
 			return a, err
 		}
-		b, err := q.deleteSized(items[h:], sizes[h:])
+		b, err := q.deleteSized(items[h:], hi)
 		return append(a, b...), err
 	}
 	if err != nil {

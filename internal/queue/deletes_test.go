@@ -6,7 +6,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -58,15 +57,7 @@ func BenchmarkDeleteSettled(b *testing.B) {
 			// flushed to tables on several levels, where a read that
 			// misses the memtables goes looking.
 			for r := range prefill / devices {
-				var wg sync.WaitGroup
-				for d := range devices {
-					wg.Go(func() {
-						if _, err := q.Append(context.Background(), entries[d]); err != nil {
-							b.Error(err)
-						}
-					})
-				}
-				wg.Wait()
+				appendEach(b, q, entries)
 				if r%16 == 15 {
 					for _, l := range lanes {
 						items, err := q.Peek(l, 16)
@@ -85,15 +76,7 @@ func BenchmarkDeleteSettled(b *testing.B) {
 			heads := make([]Item, 0, devices)
 			for n := 0; n < b.N; n += devices {
 				b.StopTimer()
-				var wg sync.WaitGroup
-				for d := range devices {
-					wg.Go(func() {
-						if _, err := q.Append(context.Background(), entries[d]); err != nil {
-							b.Error(err)
-						}
-					})
-				}
-				wg.Wait()
+				appendEach(b, q, entries)
 				heads = heads[:0]
 				for _, l := range lanes {
 					items, err := q.Peek(l, 1)
@@ -338,16 +321,7 @@ func TestHelperSettleCrash(t *testing.T) {
 // back, to be delivered again; a process kill loses none, it counts them).
 func TestCrashDuringDeleteSettled(t *testing.T) {
 	dir := t.TempDir()
-	cmd := exec.Command(os.Args[0], "-test.run=^TestHelperSettleCrash$", "-test.count=1")
-	cmd.Env = append(os.Environ(), settleCrashEnv+"="+dir)
-	cmd.Stderr = os.Stderr
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+	cmd, stdout := startChild(t, "TestHelperSettleCrash", settleCrashEnv+"="+dir)
 	// handed: given to a DeleteSettled that may have returned before the
 	// kill; deleted: one that returned.
 	acked := map[string]map[uint64]bool{}
@@ -421,4 +395,18 @@ func TestCrashDuringDeleteSettled(t *testing.T) {
 		}
 		t.Logf("%s: %d acked, %d deleted, %d present after the crash (%d deleted ones back)", d, len(acked[d]), len(deleted[d]), len(got), back)
 	}
+}
+
+// appendEach appends one reading of each entry, concurrently, so that
+// they share a group commit.
+func appendEach(b *testing.B, q *running, entries []Entry) {
+	var wg sync.WaitGroup
+	for _, e := range entries {
+		wg.Go(func() {
+			if _, err := q.Append(context.Background(), e); err != nil {
+				b.Error(err)
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -853,43 +853,10 @@ func (q *Queue) Delete(items []Item) error {
 }
 
 // deleteTxn deletes items in one transaction, or several if badger finds it
-// too big, and reports what it removed. Callers hold mutMu.
+// too big, and reports what it removed (deleteSized, reading every size
+// back). Callers hold mutMu.
 func (q *Queue) deleteTxn(items []Item) ([]removal, error) {
-	var removed []removal
-	err := q.db.Update(func(txn *badger.Txn) error {
-		removed = removed[:0]
-		for _, it := range items {
-			if !validDevice(it.Device) {
-				continue
-			}
-			key := itemKey(prefixQueue, it.Broker, it.Device, it.Seq)
-			bi, err := txn.Get(key)
-			if errors.Is(err, badger.ErrKeyNotFound) {
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			size := bi.ValueSize()
-			if err := txn.Delete(key); err != nil {
-				return err
-			}
-			removed = append(removed, removal{prefix: string(key[:len(key)-8]), seq: it.Seq, bytes: size})
-		}
-		return nil
-	})
-	if errors.Is(err, badger.ErrTxnTooBig) && len(items) > 1 {
-		a, err := q.deleteTxn(items[:len(items)/2])
-		if err != nil {
-			return a, err
-		}
-		b, err := q.deleteTxn(items[len(items)/2:])
-		return append(a, b...), err
-	}
-	if err != nil {
-		return nil, err // nothing of this transaction was committed
-	}
-	return removed, nil
+	return q.deleteSized(items, nil)
 }
 
 // unindex applies removals to the lane index and re-reads the oldest time of
