@@ -13,6 +13,7 @@ import (
 
 	paho "github.com/eclipse/paho.mqtt.golang"
 
+	"github.com/edgegate/edgegate/internal/command"
 	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/mosquittotest"
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
@@ -81,13 +82,7 @@ func TestExternalModeCommands(t *testing.T) {
 	if first.Topic() != cmdTopic {
 		t.Fatalf("command on %q, want %q", first.Topic(), cmdTopic)
 	}
-	var msg struct {
-		Device string          `json:"device"`
-		Seq    uint64          `json:"seq"`
-		Attr   string          `json:"attr"`
-		Value  json.RawMessage `json:"value"`
-		JWS    string          `json:"jws"`
-	}
+	var msg command.Wire
 	if err := json.Unmarshal(first.Payload(), &msg); err != nil {
 		t.Fatalf("command message %s: %v", first.Payload(), err)
 	}
@@ -159,6 +154,22 @@ type externalCommands struct {
 	light, other testDevice
 }
 
+// lightSession opens a session of the light (client id suffixed with
+// name), subscribed to its command topics, closed at the test's end.
+func (x externalCommands) lightSession(t *testing.T, name string) *inbox {
+	t.Helper()
+	in := &inbox{}
+	c, err := connect(x.mq.URL, x.light.ID+"-"+name, x.light.ID, devicePassword(t, x.light), in.option)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Disconnect(50) })
+	if q := subscribe(t, c, "devices/"+x.light.ID+"/cmd/#"); q != 1 {
+		t.Fatalf("subscribe: granted %#x", q)
+	}
+	return in
+}
+
 func startExternalCommands(t *testing.T, ttl string) externalCommands {
 	t.Helper()
 	const admin = "edgegate"
@@ -204,15 +215,7 @@ func startExternalCommands(t *testing.T, ttl string) externalCommands {
 func TestExternalModeStaleRetainedAfterRestart(t *testing.T) {
 	x := startExternalCommands(t, "3s")
 	cmdTopic := "devices/" + x.light.ID + "/cmd/power"
-	live := &inbox{}
-	lc, err := connect(x.mq.URL, x.light.ID+"-live", x.light.ID, devicePassword(t, x.light), live.option)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer lc.Disconnect(50)
-	if q := subscribe(t, lc, "devices/"+x.light.ID+"/cmd/#"); q != 1 {
-		t.Fatalf("subscribe: granted %#x", q)
-	}
+	live := x.lightSession(t, "live")
 	if code, body := ownerPatch(t, x.sim, "alice", x.light.ID, `{"power":{"value":"on","type":"Text"}}`); code != http.StatusNoContent {
 		t.Fatalf("PATCH: %d %s", code, body)
 	}
@@ -226,15 +229,7 @@ func TestExternalModeStaleRetainedAfterRestart(t *testing.T) {
 	testkit.Eventually(t, 20*time.Second, "the restarted daemon clearing the expired command", func() bool {
 		return live.cleared(cmdTopic)
 	})
-	fresh := &inbox{}
-	fc, err := connect(x.mq.URL, x.light.ID+"-fresh", x.light.ID, devicePassword(t, x.light), fresh.option)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer fc.Disconnect(50)
-	if q := subscribe(t, fc, "devices/"+x.light.ID+"/cmd/#"); q != 1 {
-		t.Fatalf("subscribe: granted %#x", q)
-	}
+	fresh := x.lightSession(t, "fresh")
 	if code, body := ownerPatch(t, x.sim, "alice", x.light.ID, `{"power":{"value":"off","type":"Text"}}`); code != http.StatusNoContent {
 		t.Fatalf("PATCH: %d %s", code, body)
 	}
@@ -260,26 +255,17 @@ func (b *inbox) option(o *paho.ClientOptions) {
 	})
 }
 
-type commandMsg struct {
-	Device  string          `json:"device"`
-	Seq     uint64          `json:"seq"`
-	Attr    string          `json:"attr"`
-	Value   json.RawMessage `json:"value"`
-	Expires time.Time       `json:"expires"`
-	JWS     string          `json:"jws"`
-}
-
 // commands are the non-empty messages received, decoded.
-func (b *inbox) commands(t *testing.T) []commandMsg {
+func (b *inbox) commands(t *testing.T) []command.Wire {
 	t.Helper()
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	var out []commandMsg
+	var out []command.Wire
 	for _, m := range b.got {
 		if len(m.Payload()) == 0 {
 			continue
 		}
-		var c commandMsg
+		var c command.Wire
 		if err := json.Unmarshal(m.Payload(), &c); err != nil {
 			t.Fatalf("message on %s is not a command: %s", m.Topic(), m.Payload())
 		}

@@ -109,18 +109,22 @@ type Signed struct {
 	JWS string `json:"jws"`
 }
 
-// Message is what the MQTT command topic carries: the command in clear
-// for simple devices, and its envelope for those that verify.
+// Wire is what the MQTT command topic carries (Signed.Message): the
+// command in clear for simple devices, and its envelope for those that
+// verify.
+type Wire struct {
+	Device  string          `json:"device"`
+	Seq     uint64          `json:"seq"`
+	Attr    string          `json:"attr"`
+	Type    string          `json:"type"`
+	Value   json.RawMessage `json:"value"`
+	Expires time.Time       `json:"expires"`
+	JWS     string          `json:"jws"`
+}
+
+// Message renders s as the MQTT command topic carries it (Wire).
 func (s Signed) Message() ([]byte, error) {
-	return json.Marshal(struct {
-		Device  string          `json:"device"`
-		Seq     uint64          `json:"seq"`
-		Attr    string          `json:"attr"`
-		Type    string          `json:"type"`
-		Value   json.RawMessage `json:"value"`
-		Expires time.Time       `json:"expires"`
-		JWS     string          `json:"jws"`
-	}{s.Device, s.Seq, s.Attr, s.Type, s.Value, s.Expires.UTC(), s.JWS})
+	return json.Marshal(Wire{s.Device, s.Seq, s.Attr, s.Type, s.Value, s.Expires.UTC(), s.JWS})
 }
 
 // Result is what a delivery achieved.

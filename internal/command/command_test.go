@@ -111,13 +111,7 @@ func TestMQTTLight(t *testing.T) {
 	if m.topic != "devices/"+lightID+"/cmd/power" {
 		t.Fatalf("command topic = %q", m.topic)
 	}
-	var msg struct {
-		Device string          `json:"device"`
-		Seq    uint64          `json:"seq"`
-		Attr   string          `json:"attr"`
-		Value  json.RawMessage `json:"value"`
-		JWS    string          `json:"jws"`
-	}
+	var msg command.Wire
 	if err := json.Unmarshal(m.payload, &msg); err != nil {
 		t.Fatalf("command message %s: %v", m.payload, err)
 	}
@@ -305,9 +299,7 @@ func TestLostSetResent(t *testing.T) {
 
 func commandOf(t *testing.T, m mqttMsg) envelope.Claims {
 	t.Helper()
-	var msg struct {
-		JWS string `json:"jws"`
-	}
+	var msg command.Wire
 	if err := json.Unmarshal(m.payload, &msg); err != nil {
 		t.Fatalf("command message %s: %v", m.payload, err)
 	}

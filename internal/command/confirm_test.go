@@ -150,16 +150,7 @@ func TestGoneDeviceRetainedCommandClearedAfterRestart(t *testing.T) {
 	e.stop()
 	// light-2 leaves the policy while the gateway is down: the restarted
 	// gateway starts with a policy that does not list it (no change event).
-	var regs []policy.Registration
-	for _, r := range e.regs {
-		if r.ID != light2 {
-			regs = append(regs, r)
-		}
-	}
-	pol, err := policy.New(1, "config", regs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pol := e.policyWithout(t, light2)
 	// The accounts stay as they were (Dynsec runs on the old engine): the
 	// light-2 account can still look at its command topic.
 	e.engine = policy.NewEngine(pol)

@@ -229,6 +229,23 @@ func (f *flakySubmit) Submit(ctx context.Context, m pipeline.Message) (pipeline.
 	return f.next.Submit(ctx, m)
 }
 
+// policyWithout is the env's policy without the device id (as a policy
+// that no longer lists it).
+func (e *env) policyWithout(t *testing.T, id string) *policy.Policy {
+	t.Helper()
+	var regs []policy.Registration
+	for _, r := range e.regs {
+		if r.ID != id {
+			regs = append(regs, r)
+		}
+	}
+	pol, err := policy.New(1, "config", regs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pol
+}
+
 func newEnv(t *testing.T, ttl time.Duration, opts ...envOpt) *env {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())

@@ -23,7 +23,6 @@ import (
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 	"github.com/edgegate/edgegate/internal/testkit"
 	"github.com/edgegate/edgegate/internal/uplink"
-	"github.com/edgegate/edgegate/policy"
 )
 
 // Learning through Orion subscriptions (subscribe.go), against real
@@ -313,16 +312,7 @@ func TestSubscriptionDeletedOnRevocationAndStop(t *testing.T) {
 	e.startNotifying(mqttTransport(b), slowPoll, nil)
 	testkit.Eventually(t, wait, "live subscriptions", func() bool { return e.svc.Learning().Live == len(ownedCommandable) })
 
-	var regs []policy.Registration
-	for _, r := range e.regs {
-		if r.ID != light2 {
-			regs = append(regs, r)
-		}
-	}
-	pol, err := policy.New(1, "config", regs)
-	if err != nil {
-		t.Fatal(err)
-	}
+	pol := e.policyWithout(t, light2)
 	ch, err := e.engine.Apply(pol, true)
 	if err != nil || !slices.Contains(ch.Revoked, light2) {
 		t.Fatalf("Apply = %+v, %v", ch, err)

@@ -3,50 +3,25 @@ package queue
 import (
 	"encoding/binary"
 	"errors"
-	"fmt"
 
 	"github.com/dgraph-io/badger/v4"
 )
 
-// Deletes of readings the uplink just settled (issue 20).
+// Deletes without reading back what is held in memory (issue 20).
 //
-// Delete reads every item back (txn.Get) before deleting it, to learn that
-// it is still there and the size of its value for the lane's byte count.
-// In filter mode that read was 40–70 % of a Delete, and a Delete 27–36 %
-// of what the uplink's workers spent per reading at a paced 1,500/s
-// (docs/bench/profiles/filter-before-paced.top.txt): badger looks the key
-// up in every memtable and, as the version asked is never the one stored,
-// in the tables of every level too. A reading settled within a second of
-// its commit is still held in memory (recent.go), and a held item is live
-// by that list's invariant; its value's size is what sealItem made of it.
-// So DeleteSettled deletes held items without reading them; the others go
-// the way of Delete. Paced 1,500/s in make bench-peers, with the deletes
-// shared (internal/uplink/settle.go): 10–17 → 3–7 ms of CPU per 1,000
-// readings deleted (docs/bench/profiles/filter-ab.txt).
-
-// DeleteSettled removes delivered items. Same semantics as Delete: items
-// already gone are skipped (a repeated call is harmless), a deleted item
-// never comes back from Peek, and the delete is not synced (one lost in a
-// crash only makes the item be delivered again).
-func (q *Queue) DeleteSettled(items []Item) error {
-	if len(items) == 0 {
-		return nil
-	}
-	q.mutMu.Lock()
-	defer q.mutMu.Unlock()
-	// Under mutMu no other remover runs, so what is held now is still
-	// live when the transaction below deletes it.
-	sizes := q.heldSizes(items)
-	removed, err := q.deleteSized(items, sizes)
-	// Index what was removed even on error, as Delete does.
-	if uerr := q.unindex(removed); err == nil {
-		err = uerr
-	}
-	if err != nil {
-		return fmt.Errorf("delete items: %w", err)
-	}
-	return nil
-}
+// Delete used to read every item back (txn.Get) before deleting it, to
+// learn that it is still there and the size of its value for the lane's
+// byte count. In filter mode that read was 40–70 % of a Delete, and a
+// Delete 27–36 % of what the uplink's workers spent per reading at a
+// paced 1,500/s (docs/bench/profiles/filter-before-paced.top.txt): badger
+// looks the key up in every memtable and, as the version asked is never
+// the one stored, in the tables of every level too. A reading settled
+// within a second of its commit is still held in memory (recent.go), and
+// a held item is live by that list's invariant; its value's size is what
+// sealItem made of it. So Delete reads back only the items not held.
+// Paced 1,500/s in make bench-peers, with the deletes shared
+// (internal/uplink/settle.go): 10–17 → 3–7 ms of CPU per 1,000 readings
+// deleted (docs/bench/profiles/filter-ab.txt).
 
 // heldSizes returns, for each item held in its lane's recent list, the size
 // of its stored value, and -1 for the others (and for a repeat of an item

@@ -15,36 +15,34 @@ import (
 	"time"
 )
 
-// BenchmarkDeleteSettled: what the uplink pays per delivered reading to
+// BenchmarkDeleteHeads: what the uplink pays per delivered reading to
 // delete it, in filter mode's pattern: each round commits one reading per
 // lane for 16 lanes, then deletes the 16 heads — one Delete per reading
-// (group=1) or one for all 16 (group=16), with Delete (reads each item
-// back) or DeleteSettled (not for items still held in memory). Only the
-// deletes are timed; cpu-ms/1k is the process's CPU during them.
-// BENCH_DELETE_PREFILL=n first delivers n readings, so that the deletes
-// run against a store with tables on disk, as a gateway's does.
+// (group=1) or one for all 16 (group=16), the heads still held in memory
+// as a settled reading is (held), or dropped from it first so that
+// Delete reads each back (readback: what every Delete did before
+// deletes.go). Only the deletes are timed; cpu-ms/1k is the process's CPU
+// during them. BENCH_DELETE_PREFILL=n first delivers n readings, so that
+// the deletes run against a store with tables on disk, as a gateway's
+// does.
 //
-//	go test -run '^$' -bench DeleteSettled -benchmem ./internal/queue/
-//	BENCH_DELETE_PREFILL=100000 go test -run '^$' -bench DeleteSettled -benchtime 8000x ./internal/queue/
-func BenchmarkDeleteSettled(b *testing.B) {
+//	go test -run '^$' -bench DeleteHeads -benchmem ./internal/queue/
+//	BENCH_DELETE_PREFILL=100000 go test -run '^$' -bench DeleteHeads -benchtime 8000x ./internal/queue/
+func BenchmarkDeleteHeads(b *testing.B) {
 	prefill := 0
 	if v, err := strconv.Atoi(os.Getenv("BENCH_DELETE_PREFILL")); err == nil {
 		prefill = v
 	}
 	for _, tc := range []struct {
-		group   int
-		settled bool
+		group int
+		held  bool
 	}{{1, false}, {16, false}, {1, true}, {16, true}} {
-		name := fmt.Sprintf("Delete/group=%d", tc.group)
-		if tc.settled {
-			name = fmt.Sprintf("DeleteSettled/group=%d", tc.group)
+		name := fmt.Sprintf("readback/group=%d", tc.group)
+		if tc.held {
+			name = fmt.Sprintf("held/group=%d", tc.group)
 		}
 		b.Run(name, func(b *testing.B) {
 			q := start(b, Options{})
-			del := q.Delete
-			if tc.settled {
-				del = q.DeleteSettled
-			}
 			const devices = 16
 			lanes := make([]Lane, devices)
 			entries := make([]Entry, devices)
@@ -85,10 +83,13 @@ func BenchmarkDeleteSettled(b *testing.B) {
 					}
 					heads = append(heads, items[0])
 				}
+				if !tc.held {
+					q.releaseAll()
+				}
 				b.StartTimer()
 				cpu0 := processCPU()
 				for i := 0; i < devices; i += tc.group {
-					if err := del(heads[i:min(i+tc.group, devices)]); err != nil {
+					if err := q.Delete(heads[i:min(i+tc.group, devices)]); err != nil {
 						b.Fatal(err)
 					}
 				}
@@ -154,7 +155,7 @@ func TestDeleteHeadsOfManyLanes(t *testing.T) {
 	}
 }
 
-// TestSealedSizeMatchesSealItem: DeleteSettled counts a held item's value
+// TestSealedSizeMatchesSealItem: Delete counts a held item's value
 // as sealedSize; it must be what sealItem stored, whatever the lengths
 // (one- and two-byte varint prefixes included).
 func TestSealedSizeMatchesSealItem(t *testing.T) {
@@ -173,12 +174,12 @@ func TestSealedSizeMatchesSealItem(t *testing.T) {
 	}
 }
 
-// TestDeleteSettled: the same outcome as Delete — deleted items never come
-// back from Peek, the lane counts and byte totals stay exact (held items
-// are deleted without a read, the others with one: a backlog larger than
+// TestDeleteHeldAndReadBack: deleted items never come back from Peek,
+// the lane counts and byte totals stay exact whether an item was held in
+// memory (deleted without a read) or not (read back: a backlog larger than
 // what is held), a repeated or duplicated item is deleted once, and after
 // a restart what was deleted stays gone and everything else is there.
-func TestDeleteSettled(t *testing.T) {
+func TestDeleteHeldAndReadBack(t *testing.T) {
 	dir := t.TempDir()
 	q := start(t, Options{Dir: dir})
 	const broker = "https://a.example/v2"
@@ -223,18 +224,18 @@ func TestDeleteSettled(t *testing.T) {
 	held := peekAll(t, q.Queue, lanes[0])
 	back := peekAll(t, q.Queue, lanes[1])
 	// Two heads of each lane, the held one given twice.
-	if err := q.DeleteSettled([]Item{held[0], back[0], held[1], held[0], back[1]}); err != nil {
-		t.Fatalf("DeleteSettled = %v", err)
+	if err := q.Delete([]Item{held[0], back[0], held[1], held[0], back[1]}); err != nil {
+		t.Fatalf("Delete = %v", err)
 	}
 	want = map[string][]uint64{"held": upTo(4)[2:], "backlog": upTo(40)[2:]}
-	check("after DeleteSettled", want)
-	if err := q.DeleteSettled([]Item{held[0], back[0]}); err != nil { // already gone
-		t.Fatalf("repeated DeleteSettled = %v", err)
+	check("after Delete", want)
+	if err := q.Delete([]Item{held[0], back[0]}); err != nil { // already gone
+		t.Fatalf("repeated Delete = %v", err)
 	}
-	check("after a repeated DeleteSettled", want)
+	check("after a repeated Delete", want)
 	// The newest of the backlog are held: settle them from the tail end.
-	if err := q.DeleteSettled(back[2:]); err != nil {
-		t.Fatalf("DeleteSettled of the backlog = %v", err)
+	if err := q.Delete(back[2:]); err != nil {
+		t.Fatalf("Delete of the backlog = %v", err)
 	}
 	want["backlog"] = nil
 	check("backlog drained", want)
@@ -246,15 +247,15 @@ func TestDeleteSettled(t *testing.T) {
 
 const settleCrashEnv = "EDGEGATE_QUEUE_SETTLE_CRASH_DIR"
 
-// TestHelperSettleCrash is the child of TestCrashDuringDeleteSettled: it
+// TestHelperSettleCrash is the child of TestCrashDuringDelete: it
 // appends from several goroutines, printing "a device seq" for every
 // acknowledged Append, while a settler deletes the lanes' heads in shared
-// DeleteSettled calls, printing "p device seq" before each call and
+// Delete calls, printing "p device seq" before each call and
 // "d device seq" once it returned, until the parent kills it.
 func TestHelperSettleCrash(t *testing.T) {
 	dir := os.Getenv(settleCrashEnv)
 	if dir == "" {
-		t.Skip("helper process for TestCrashDuringDeleteSettled")
+		t.Skip("helper process for TestCrashDuringDelete")
 	}
 	q, err := Open(Options{Dir: dir, Key: testKey})
 	if err != nil {
@@ -304,7 +305,7 @@ func TestHelperSettleCrash(t *testing.T) {
 			time.Sleep(time.Millisecond)
 			continue
 		}
-		if err := q.DeleteSettled(heads); err != nil {
+		if err := q.Delete(heads); err != nil {
 			fmt.Fprintln(os.Stderr, "delete:", err)
 			os.Exit(3)
 		}
@@ -314,15 +315,15 @@ func TestHelperSettleCrash(t *testing.T) {
 	}
 }
 
-// TestCrashDuringDeleteSettled: SIGKILL while readings are appended and
+// TestCrashDuringDelete: SIGKILL while readings are appended and
 // settled. After a restart every acknowledged reading that was never
 // handed to a delete is there, and each lane is gap-free from its head (a
 // delete is not synced: one lost in a crash would only bring its reading
 // back, to be delivered again; a process kill loses none, it counts them).
-func TestCrashDuringDeleteSettled(t *testing.T) {
+func TestCrashDuringDelete(t *testing.T) {
 	dir := t.TempDir()
 	cmd, stdout := startChild(t, "TestHelperSettleCrash", settleCrashEnv+"="+dir)
-	// handed: given to a DeleteSettled that may have returned before the
+	// handed: given to a Delete that may have returned before the
 	// kill; deleted: one that returned.
 	acked := map[string]map[uint64]bool{}
 	handed := map[string]map[uint64]bool{}
@@ -409,4 +410,14 @@ func appendEach(b *testing.B, q *running, entries []Entry) {
 		})
 	}
 	wg.Wait()
+}
+
+// releaseAll drops every lane's held items, as if none were settled soon
+// after its commit: Delete then reads each back.
+func (q *Queue) releaseAll() {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, ls := range q.lanes {
+		q.release(ls)
+	}
 }

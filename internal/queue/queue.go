@@ -840,7 +840,10 @@ func (q *Queue) Delete(items []Item) error {
 	}
 	q.mutMu.Lock()
 	defer q.mutMu.Unlock()
-	removed, err := q.deleteTxn(items)
+	// Under mutMu no other remover runs, so what is held in memory now is
+	// still live when the transaction deletes it: its size need not be
+	// read back (deletes.go).
+	removed, err := q.deleteSized(items, q.heldSizes(items))
 	// Index what was removed even on error: a split delete may have
 	// committed its first half.
 	if uerr := q.unindex(removed); err == nil {
@@ -850,13 +853,6 @@ func (q *Queue) Delete(items []Item) error {
 		return fmt.Errorf("delete items: %w", err)
 	}
 	return nil
-}
-
-// deleteTxn deletes items in one transaction, or several if badger finds it
-// too big, and reports what it removed (deleteSized, reading every size
-// back). Callers hold mutMu.
-func (q *Queue) deleteTxn(items []Item) ([]removal, error) {
-	return q.deleteSized(items, nil)
 }
 
 // unindex applies removals to the lane index and re-reads the oldest time of

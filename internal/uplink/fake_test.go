@@ -153,9 +153,6 @@ func (q *fakeQueue) Delete(items []queue.Item) error {
 	return nil
 }
 
-// DeleteSettled is Delete (the queue's skips a read, same semantics).
-func (q *fakeQueue) DeleteSettled(items []queue.Item) error { return q.Delete(items) }
-
 func (q *fakeQueue) DeadLetter(it queue.Item, reason string) error {
 	q.mu.Lock()
 	defer q.mu.Unlock()

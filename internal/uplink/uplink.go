@@ -35,12 +35,9 @@ type Source interface {
 	// Peek returns up to max items of a lane, oldest first, without
 	// removing them.
 	Peek(l queue.Lane, max int) ([]queue.Item, error)
-	// Delete removes items the broker accepted (2xx).
+	// Delete removes items the broker accepted (2xx), any number in one
+	// store transaction.
 	Delete(items []queue.Item) error
-	// DeleteSettled is Delete for readings settled moments after they
-	// were peeked: it does not read back those still held in memory
-	// (queue.Queue.DeleteSettled); same semantics.
-	DeleteSettled(items []queue.Item) error
 	// DeadLetter moves an item the broker refused for good aside.
 	DeadLetter(it queue.Item, reason string) error
 	// Changed returns a channel closed at the next commit that adds items.
@@ -343,7 +340,7 @@ func (u *Uplink) newDispatcher(broker string) (*dispatcher, error) {
 		results:  make(chan result, u.opts.Concurrency),
 		laneWarn: make(map[queue.Lane]time.Time),
 		refusals: make(map[queue.Lane]*refusal),
-		dels:     newDeleteGroup(u.src.DeleteSettled),
+		dels:     newDeleteGroup(u.src.Delete),
 	}, nil
 }
 
