@@ -259,8 +259,31 @@ func startDaemon(bin string, g gwSpec) (*proc, error) {
 }
 
 // queuedTotal reads edgegate_readings_queued_total from the daemon's
-// metrics endpoint (named in its ready line): readings durably committed.
+// metrics endpoint: readings durably committed.
 func (p *proc) queuedTotal() (int64, error) {
+	return p.metricSum("edgegate_readings_queued_total")
+}
+
+// syncsTotal reads how many group commits the daemon synced (the count of
+// edgegate_queue_commit_batch_size): readings per sync is the share of
+// one fsync each reading paid.
+func (p *proc) syncsTotal() (int64, error) {
+	return p.metricSum("edgegate_queue_commit_batch_size_count")
+}
+
+// syncs is syncsTotal for the bench's tables: 0 without a daemon or its
+// metrics (the figure is then left out, not failed).
+func (p *proc) syncs() int64 {
+	if p == nil {
+		return 0
+	}
+	n, _ := p.syncsTotal()
+	return n
+}
+
+// metricSum adds up every series of one metric (all label sets) on the
+// daemon's metrics endpoint, named in its ready line.
+func (p *proc) metricSum(name string) (int64, error) {
 	var rec map[string]any
 	if err := json.Unmarshal([]byte(p.ready), &rec); err != nil {
 		return 0, fmt.Errorf("ready line: %w", err)
@@ -278,11 +301,14 @@ func (p *proc) queuedTotal() (int64, error) {
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	var total float64
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "edgegate_readings_queued_total"); ok {
-			var f float64
-			if _, err := fmt.Sscan(strings.TrimSpace(v[strings.IndexByte(v, ' ')+1:]), &f); err == nil {
-				total += f
-			}
+		v, ok := strings.CutPrefix(sc.Text(), name)
+		// The name alone, or with labels: not a longer metric's prefix.
+		if !ok || (v != "" && v[0] != ' ' && v[0] != '{') {
+			continue
+		}
+		var f float64
+		if _, err := fmt.Sscan(strings.TrimSpace(v[strings.LastIndexByte(v, ' ')+1:]), &f); err == nil {
+			total += f
 		}
 	}
 	return int64(total), sc.Err()

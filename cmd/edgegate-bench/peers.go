@@ -105,6 +105,9 @@ type peerPhase struct {
 	// LoadAvg is the machine's 1-minute load average at the phase's end
 	// (/proc/loadavg): above the 2 cores, other work shared the machine.
 	LoadAvg float64 `json:"load_avg_1m"`
+	// Syncs is how many group commits the gateway synced in the phase
+	// (its metrics; 0 for the other systems).
+	Syncs int64 `json:"syncs,omitempty"`
 	seqCounts
 }
 
@@ -261,6 +264,9 @@ func runPeers(args []string) error {
 			fmt.Fprintf(os.Stderr, "  %-5s %6.0f/s target, %6.0f/s taken in, %6.0f/s received, CPU %5.0f ms/1000 (main %.0f + broker %.0f ms; main %.2f cores; bench process %.0f ms/1000), p50/p99 %.1f/%.1f ms, published %d received %d lost %d dup %d out-of-order %d stray %d, acks out of order %d, signatures sampled %d valid %d invalid, load %.1f\n",
 				p.Name, p.TargetRate, p.IngestRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.MainCores, p.BenchCPUPer1k, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray,
 				p.AcksOutOfOrder, p.SigVerified, p.SigInvalid, p.LoadAvg)
+			if p.Syncs > 0 {
+				fmt.Fprintf(os.Stderr, "        %d syncs, %.1f readings per sync\n", p.Syncs, float64(p.Published)/float64(p.Syncs))
+			}
 			if p.SigWhy != "" {
 				fmt.Fprintf(os.Stderr, "        first invalid signature: %s\n", logx.Clip(p.SigWhy, 200))
 			}
@@ -317,6 +323,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 	devs := makeDevices(cfg.Devices)
 	s := newSeqSink()
 	var mainPID, brokerPID int
+	var gw *proc // the gateway's daemon, for its metrics
 	var mqttURL string
 	if sys.Broker == "mosquitto" {
 		mq, err := startMosquitto(dir)
@@ -422,7 +429,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 			return r, err
 		}
 		stops = append(stops, p.stop)
-		mainPID = p.pid()
+		mainPID, gw = p.pid(), p
 		if g.ProfileDir != "" {
 			prof = &phaseProfiler{pid: mainPID, from: g.ProfileDir, to: cfg.ProfileDir, slug: profileSlug(sys)}
 		}
@@ -469,6 +476,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 			ls.resetSample()
 		}
 		prof.start()
+		syncs0 := gw.syncs()
 		m0, b0, self0 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		start := time.Now()
 		pr := f.publish(ctx, total, rate, cfg.Window, maxDur)
@@ -476,12 +484,14 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		// 15 s (what is missing then is counted lost).
 		s.waitSettled(pr.Sent, 15*time.Second, 5*time.Minute)
 		m1, b1, self1 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
+		syncs1 := gw.syncs()
 		prof.stop(name)
 		st := s.stats()
 		p := peerPhase{Name: name, TargetRate: rate, LoadAvg: loadAvg(), CPUMainMS: ms(m1 - m0), CPUBrokerMS: ms(b1 - b0),
 			P50MS: ms(st.P50), P99MS: ms(st.P99), PublishFailed: pr.Failed, AcksOutOfOrder: pr.AcksOutOfOrder,
 			SigVerified: st.Verified, SigInvalid: st.Invalid, SigWhy: st.InvalidWhy, seqCounts: s.tally(f.base, ids, pr.PerDevice)}
 		f.base += int64(total)
+		p.Syncs = syncs1 - syncs0
 		if pr.Acked > 0 && pr.Elapsed > 0 {
 			p.IngestRate = float64(pr.Acked) / pr.Elapsed.Seconds()
 		}

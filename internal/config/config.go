@@ -532,7 +532,7 @@ func Default() Config {
 		StateDir:    "/var/lib/edgegate",
 		MemoryLimit: 40 << 20, // docs/performance.md#memory
 		Store: Store{Credential: "store-key", Quota: 512 << 20, MinFree: 48 << 20, MaxBatch: 256,
-			CommitDelay: 10 * time.Millisecond},
+			CommitDelay: 20 * time.Millisecond},
 		MQTT: MQTT{
 			Mode:  ModeEmbedded,
 			Topic: "devices/{device}/telemetry",

@@ -1,6 +1,7 @@
 package queue
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"testing"
@@ -104,5 +105,70 @@ func TestReadyCounts(t *testing.T) {
 	}
 	if n := q.Ready(lanes, 32); n != 6 {
 		t.Fatalf("Ready after the b lane was delivered = %d, want 6", n)
+	}
+}
+
+// TestGroupCommitBunchedArrivals: readings forwarded by a broker come in
+// bunches a few milliseconds apart, from a source that does not wait for
+// their commits (the pipelined MQTT client). A pause between bunches is
+// not the end of the stream: syncs start at most once per commit delay,
+// so ~33 readings share each (a pause of four gaps ending the wait made
+// one sync per bunch: 10).
+func TestGroupCommitBunchedArrivals(t *testing.T) {
+	q := start(t, Options{CommitDelay: 20 * time.Millisecond})
+	ctx := tctx(t)
+	const bunches, size = 100, 10 // 10 readings every 6 ms: 1,667/s
+	var waits []func(context.Context) (Item, error)
+	next := time.Now()
+	for b := range bunches {
+		time.Sleep(time.Until(next)) // the source's pace
+		next = next.Add(6 * time.Millisecond)
+		for i := range size {
+			w, err := q.Enqueue(ctx, entry("https://a.example/v2", fmt.Sprintf("dev%d", (b*size+i)%50)))
+			if err != nil {
+				t.Fatal(err)
+			}
+			waits = append(waits, w)
+		}
+	}
+	for _, w := range waits {
+		if _, err := w(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	per := float64(bunches*size) / float64(q.gc.syncs.Load())
+	t.Logf("%.1f readings per sync", per)
+	if per < 18 {
+		t.Fatalf("%.1f readings per sync for bunches of %d every 6 ms, want at least 18 (a sync per 20 ms)", per, size)
+	}
+}
+
+// TestGroupCommitManyClosedLoops: 50 producers that each send their next
+// reading only once the previous one is committed all arrive at once after
+// a commit, then nothing can come; the committer notices that a wait's
+// later half gains nothing and stops waiting, so they are not held a
+// commit delay per reading.
+func TestGroupCommitManyClosedLoops(t *testing.T) {
+	q := start(t, Options{CommitDelay: 20 * time.Millisecond})
+	ctx := tctx(t)
+	const producers, each = 50, 40
+	var wg sync.WaitGroup
+	for i := range producers {
+		wg.Go(func() {
+			for range each {
+				if _, err := q.Append(ctx, entry("https://a.example/v2", fmt.Sprintf("dev%d", i))); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	syncs, waits := q.gc.syncs.Load(), q.gc.waits.Load()
+	t.Logf("%d syncs, %d waits", syncs, waits)
+	// Skips of 32, 64, … commits after each wait that paid nothing: a few
+	// waits; a wait per commit would be syncs.
+	if waits > 6 {
+		t.Fatalf("%d closed loops: %d waits in %d syncs, want at most 6", producers, waits, syncs)
 	}
 }

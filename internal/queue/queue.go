@@ -362,6 +362,7 @@ func (q *Queue) Run(ctx context.Context) error {
 			q.gc.observe(r)
 			batch = q.drain(append(batch[:0], r))
 			batch = q.fill(ctx, batch)
+			q.gc.begin(time.Now())
 			q.commit(batch)
 			clear(batch) // drop references to bodies
 		}
