@@ -63,9 +63,9 @@ const (
 	// gapShift smooths arrival gaps: each new gap weighs 1/8.
 	gapShift = 3
 	// skipAfterIdle is how long commits go without waiting after a wait
-	// that brought no reading; it doubles with each such wait
-	// in a row, up to maxSkip, so a steady closed loop waits ~1 % of the
-	// time.
+	// that brought no reading; it doubles with each such wait in a row,
+	// up to maxSkip, so one steady closed-loop producer spends ~1 % of its
+	// time waiting (20 ms per 1.6 s).
 	skipAfterIdle = 100 * time.Millisecond
 	maxSkip       = 1600 * time.Millisecond
 )
