@@ -25,6 +25,7 @@ import (
 	"github.com/edgegate/edgegate/internal/config"
 	"github.com/edgegate/edgegate/internal/keys"
 	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/procs"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/supervise"
 	"github.com/edgegate/edgegate/internal/uplink"
@@ -107,6 +108,10 @@ func (d *Daemon) Run(ctx context.Context) error {
 	// committer (it commits what they handed it), the network last. The
 	// network starts before the committer: no producer runs yet.
 	err = supervise.Supervise(ctx, d.log,
+		// One P while quiet, the runtime's default when busy.
+		supervise.Component{Name: "procs", Run: func(ctx context.Context) error {
+			return procs.Run(ctx, procs.Options{Log: d.log.With("component", "procs")})
+		}},
 		d.metricsHTTP(st), policySync(st), // network: stops last
 		supervise.Component{Name: "uplink", Run: st.up.Run},
 		supervise.Component{Name: "queue", Run: st.q.Run},
