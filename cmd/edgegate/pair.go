@@ -567,6 +567,11 @@ func registerApp(ctx context.Context, hc *http.Client, o *pairOpts, id *keys.Ide
 		}
 		return "", fmt.Errorf("pair: %w; nothing was saved", err)
 	}
+	if ctx.Err() != nil {
+		// Interrupted while the limits came back: no row is created only
+		// to be rolled back.
+		return "", errors.New("pair: interrupted; nothing was saved")
+	}
 	if *user == "" {
 		*user = lim.Username
 	}
