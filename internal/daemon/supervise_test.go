@@ -92,7 +92,7 @@ func TestRunStartFailureAndOrderedStop(t *testing.T) {
 	for _, m := range regexp.MustCompile(`msg="component stopped" component=(\S+)`).FindAllStringSubmatch(logs.String(), -1) {
 		stopped = append(stopped, m[1])
 	}
-	want := []string{"lifecycle", "admin", "mqtt-broker", "queue", "uplink", "metrics"}
+	want := []string{"lifecycle", "admin", "mqtt-broker", "queue", "uplink", "metrics", "procs"}
 	if !slices.Equal(stopped, want) {
 		t.Fatalf("stop order = %q, want %q\n%s", stopped, want, logs.String())
 	}

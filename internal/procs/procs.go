@@ -11,17 +11,24 @@
 // (GOMAXPROCS=1 cut the paced CPU 17 % in `make bench-peers`), but a burst
 // then runs at half speed, so one P is only for quiet times. The Go
 // runtime itself changes GOMAXPROCS while running (it follows cgroup CPU
-// limits); this goes back to that default, with its updates, when busy.
+// limits); this goes back to that default, with its updates, when busy:
+// when the process uses most of a core, or when one in twenty runnable
+// goroutines waits 5 ms or more for the P (the runtime's
+// /sched/latencies:seconds), which a machine whose other processes take
+// the cores shows before the process's own CPU does. 1 ms there brought
+// the default back at a steady 1,500 readings/s and saved nothing.
 //
 // An operator who sets GOMAXPROCS in the environment keeps it: nothing is
 // adapted then.
 package procs
 
 import (
+	"cmp"
 	"context"
 	"log/slog"
 	"os"
 	"runtime"
+	"runtime/metrics"
 	"syscall"
 	"time"
 )
@@ -36,6 +43,15 @@ const (
 	// DefaultHigh: this many cores over one interval with one P means the
 	// P is nearly full (syscalls run beside it): back to the default.
 	DefaultHigh = 0.8
+	// slowSched: a goroutine that waited this long to run, runnable,
+	// waited for the one P. When one in slowShare of those waits is that
+	// slow, the P is short even if the process's CPU stays under High (a
+	// machine whose other processes take the cores).
+	slowSched = 5 * time.Millisecond
+	slowShare = 20
+	// minSched: fewer scheduling events than this in an interval prove
+	// nothing either way.
+	minSched = 20
 )
 
 // Options tune Run; zero values take the defaults.
@@ -46,9 +62,9 @@ type Options struct {
 	High     float64       // cores
 	Log      *slog.Logger
 
-	// For tests: the process's CPU time so far, the runtime's current
+	// For tests: the process's load so far, the runtime's current
 	// setting, and the two changes. Nil: the real ones.
-	cpu        func() time.Duration
+	sample     func() load
 	current    func() int
 	setOne     func()
 	setDefault func()
@@ -59,7 +75,7 @@ type Options struct {
 // or the default is already one.
 func Run(ctx context.Context, opts Options) error {
 	opts = opts.withDefaults()
-	if v := os.Getenv("GOMAXPROCS"); v != "" && opts.cpu == nil {
+	if v := os.Getenv("GOMAXPROCS"); v != "" {
 		opts.Log.Info("GOMAXPROCS set in the environment: not adapted", "gomaxprocs", v)
 		return nil
 	}
@@ -71,21 +87,22 @@ func Run(ctx context.Context, opts Options) error {
 	t := time.NewTicker(opts.Interval)
 	defer t.Stop()
 	one := false
-	last := opts.cpu()
+	last := opts.sample()
 	var quietSince time.Time // zero: not quiet now
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
 		case now := <-t.C:
-			used := opts.cpu()
-			cores := float64(used-last) / float64(opts.Interval)
-			last = used
+			cur := opts.sample()
+			cores := float64(cur.cpu-last.cpu) / float64(opts.Interval)
+			slow, all := cur.slow-last.slow, cur.all-last.all
+			last = cur
 			switch {
-			case one && cores >= opts.High:
+			case one && (cores >= opts.High || (all >= minSched && slow*slowShare >= all)):
 				opts.setDefault()
 				one, quietSince = false, time.Time{}
-				opts.Log.Debug("busy: GOMAXPROCS back to the default", "cores", cores, "gomaxprocs", opts.current())
+				opts.Log.Debug("busy: GOMAXPROCS back to the default", "cores", cores, "slow_waits", slow, "waits", all, "gomaxprocs", opts.current())
 			case !one && cores < opts.Low:
 				if quietSince.IsZero() {
 					quietSince = now
@@ -102,23 +119,13 @@ func Run(ctx context.Context, opts Options) error {
 }
 
 func (o Options) withDefaults() Options {
-	if o.Interval <= 0 {
-		o.Interval = DefaultInterval
-	}
-	if o.Quiet <= 0 {
-		o.Quiet = DefaultQuiet
-	}
-	if o.Low <= 0 {
-		o.Low = DefaultLow
-	}
-	if o.High <= 0 {
-		o.High = DefaultHigh
-	}
-	if o.Log == nil {
-		o.Log = slog.New(slog.DiscardHandler)
-	}
-	if o.cpu == nil {
-		o.cpu = processCPU
+	o.Interval = cmp.Or(o.Interval, DefaultInterval)
+	o.Quiet = cmp.Or(o.Quiet, DefaultQuiet)
+	o.Low = cmp.Or(o.Low, DefaultLow)
+	o.High = cmp.Or(o.High, DefaultHigh)
+	o.Log = cmp.Or(o.Log, slog.New(slog.DiscardHandler))
+	if o.sample == nil {
+		o.sample = newSampler().read
 	}
 	if o.current == nil {
 		o.current = func() int { return runtime.GOMAXPROCS(0) }
@@ -132,11 +139,36 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
-// processCPU is the user and system time of every thread of the process.
-func processCPU() time.Duration {
+// load is what the process used so far: CPU time, and how many times a
+// runnable goroutine waited to run (slowly: slowSched or more).
+type load struct {
+	cpu       time.Duration
+	slow, all uint64
+}
+
+// sampler reads the load; its buffer is reused across reads.
+type sampler struct{ s []metrics.Sample }
+
+func newSampler() *sampler {
+	return &sampler{s: []metrics.Sample{{Name: "/sched/latencies:seconds"}}}
+}
+
+func (r *sampler) read() load {
+	var l load
 	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		return 0
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err == nil {
+		l.cpu = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+	metrics.Read(r.s)
+	if r.s[0].Value.Kind() != metrics.KindFloat64Histogram {
+		return l // not in this runtime: CPU alone decides
+	}
+	h := r.s[0].Value.Float64Histogram()
+	for i, n := range h.Counts {
+		l.all += n
+		if h.Buckets[i] >= slowSched.Seconds() {
+			l.slow += n
+		}
+	}
+	return l
 }
