@@ -264,20 +264,15 @@ func (p *proc) queuedTotal() (int64, error) {
 	return p.metricSum("edgegate_readings_queued_total")
 }
 
-// syncsTotal reads how many group commits the daemon synced (the count of
-// edgegate_queue_commit_batch_size): readings per sync is the share of
-// one fsync each reading paid.
-func (p *proc) syncsTotal() (int64, error) {
-	return p.metricSum("edgegate_queue_commit_batch_size_count")
-}
-
-// syncs is syncsTotal for the bench's tables: 0 without a daemon or its
-// metrics (the figure is then left out, not failed).
+// syncs is how many group commits the daemon synced so far (the count of
+// edgegate_queue_commit_batch_size): readings per sync is the share of one
+// fsync each reading paid. 0 without a daemon or its metrics: the figure
+// is then left out, not failed.
 func (p *proc) syncs() int64 {
 	if p == nil {
 		return 0
 	}
-	n, _ := p.syncsTotal()
+	n, _ := p.metricSum("edgegate_queue_commit_batch_size_count")
 	return n
 }
 

@@ -476,8 +476,8 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 			return centralsync.RevokeToken(ctx, hc, disc.RevocationEndpoint, cred.RefreshToken, "refresh_token", auth)
 		})
 	}
-	if err := ctx.Err(); err != nil {
-		return errors.New("pair: interrupted; nothing was saved")
+	if ctx.Err() != nil {
+		return errPairInterrupted
 	}
 
 	// Who approved: the name the Ownership API and the filter know the
@@ -500,8 +500,8 @@ func pairWith(ctx context.Context, env pairEnv, args []string, stdout, stderr io
 		return errors.New("pair: the platform did not say which account approved the gateway (no userinfo username and no Ownership API answer); nothing was saved")
 	}
 	cred.User = user
-	if err := ctx.Err(); err != nil {
-		return errors.New("pair: interrupted; nothing was saved")
+	if ctx.Err() != nil {
+		return errPairInterrupted
 	}
 
 	// Commit, everything at the end: the pinned keys, the store record,
@@ -552,25 +552,26 @@ Next steps:
 	return nil
 }
 
+// errPairInterrupted: the installer interrupted pairing (SIGINT) before
+// anything was saved; what was created on the platform is rolled back.
+var errPairInterrupted = errors.New("pair: interrupted; nothing was saved")
+
 // registerApp registers the gateway's AppID row when GET limits says the
 // account has a free AppID slot, and says plainly why not otherwise. It
 // fills user from the Ownership API when userinfo did not.
 func registerApp(ctx context.Context, hc *http.Client, o *pairOpts, id *keys.Identity, signer centralsync.AssertionSigner,
 	access string, user *string, rb *rollback) (string, error) {
 	lim, err := centralsync.FetchOwnershipLimits(ctx, hc, o.central, access, "AppID")
+	if ctx.Err() != nil {
+		// Interrupted while the limits were asked, even if they came back:
+		// no row is created only to be rolled back.
+		return "", errPairInterrupted
+	}
 	if err != nil {
-		if ctx.Err() != nil {
-			return "", errors.New("pair: interrupted; nothing was saved")
-		}
 		if errors.Is(err, centralsync.ErrNoOwnershipAPI) {
 			return "not registered: no Ownership API at " + o.central + "; the gateway works without its AppID row", nil
 		}
 		return "", fmt.Errorf("pair: %w; nothing was saved", err)
-	}
-	if ctx.Err() != nil {
-		// Interrupted while the limits came back: no row is created only
-		// to be rolled back.
-		return "", errors.New("pair: interrupted; nothing was saved")
 	}
 	if *user == "" {
 		*user = lim.Username

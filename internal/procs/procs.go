@@ -37,15 +37,15 @@ import (
 const (
 	DefaultInterval = 250 * time.Millisecond
 	DefaultQuiet    = 2 * time.Second
-	// DefaultLow: below this many cores over DefaultQuiet, one P is
-	// enough (it leaves room to double before DefaultHigh).
-	DefaultLow = 0.5
-	// DefaultHigh: this many cores over one interval with one P means the
+	// lowCores: below this many cores over Quiet, one P is enough (it
+	// leaves room to grow before highCores).
+	lowCores = 0.5
+	// highCores: this many cores over one interval with one P means the
 	// P is nearly full (syscalls run beside it): back to the default.
-	DefaultHigh = 0.8
+	highCores = 0.8
 	// slowSched: a goroutine that waited this long to run, runnable,
 	// waited for the one P. When one in slowShare of those waits is that
-	// slow, the P is short even if the process's CPU stays under High (a
+	// slow, the P is short even if the process's CPU stays under highCores (a
 	// machine whose other processes take the cores).
 	slowSched = 5 * time.Millisecond
 	slowShare = 20
@@ -57,9 +57,7 @@ const (
 // Options tune Run; zero values take the defaults.
 type Options struct {
 	Interval time.Duration // how often the process's CPU time is read
-	Quiet    time.Duration // how long the load stays under Low before one P
-	Low      float64       // cores
-	High     float64       // cores
+	Quiet    time.Duration // how long the load stays under lowCores before one P
 	Log      *slog.Logger
 
 	// For tests: the process's load so far, the runtime's current
@@ -99,11 +97,11 @@ func Run(ctx context.Context, opts Options) error {
 			slow, all := cur.slow-last.slow, cur.all-last.all
 			last = cur
 			switch {
-			case one && (cores >= opts.High || (all >= minSched && slow*slowShare >= all)):
+			case one && (cores >= highCores || (all >= minSched && slow*slowShare >= all)):
 				opts.setDefault()
 				one, quietSince = false, time.Time{}
 				opts.Log.Debug("busy: GOMAXPROCS back to the default", "cores", cores, "slow_waits", slow, "waits", all, "gomaxprocs", opts.current())
-			case !one && cores < opts.Low:
+			case !one && cores < lowCores:
 				if quietSince.IsZero() {
 					quietSince = now
 				} else if now.Sub(quietSince) >= opts.Quiet {
@@ -121,8 +119,6 @@ func Run(ctx context.Context, opts Options) error {
 func (o Options) withDefaults() Options {
 	o.Interval = cmp.Or(o.Interval, DefaultInterval)
 	o.Quiet = cmp.Or(o.Quiet, DefaultQuiet)
-	o.Low = cmp.Or(o.Low, DefaultLow)
-	o.High = cmp.Or(o.High, DefaultHigh)
 	o.Log = cmp.Or(o.Log, slog.New(slog.DiscardHandler))
 	if o.sample == nil {
 		o.sample = newSampler().read

@@ -20,6 +20,7 @@ type scripted struct {
 	slow     uint64  // slow scheduling waits per interval
 	all      uint64  // scheduling waits per interval
 	now      load
+	samples  atomic.Int64 // sample calls: Run's looks
 	procs    atomic.Int32
 	ones     atomic.Int32 // setOne calls
 	defaults atomic.Int32 // setDefault calls (Run's own at its end included)
@@ -32,12 +33,20 @@ func (s *scripted) set(cores float64, slow, all uint64) {
 }
 
 func (s *scripted) sample() load {
+	defer s.samples.Add(1)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.now.cpu += time.Duration(s.cores * float64(s.interval))
 	s.now.slow += s.slow
 	s.now.all += s.all
 	return s.now
+}
+
+// looks waits until Run has looked n more times at the load.
+func (s *scripted) looks(t *testing.T, n int64) {
+	t.Helper()
+	from := s.samples.Load()
+	testkit.Eventually(t, 5*time.Second, "Run's looks", func() bool { return s.samples.Load() >= from+n })
 }
 
 func (s *scripted) start(t *testing.T) (stop func()) {
@@ -68,7 +77,7 @@ func TestQuietThenBusy(t *testing.T) {
 	s := &scripted{interval: time.Millisecond}
 	s.set(0.6, 0, 0) // moderate: stays at the default
 	stop := s.start(t)
-	time.Sleep(40 * s.interval) // a negative look: nothing may change meanwhile
+	s.looks(t, 40) // longer than the quiet time (10 looks)
 	if n := s.ones.Load(); n != 0 {
 		t.Fatalf("at 0.6 cores GOMAXPROCS went to 1 (%d times)", n)
 	}
@@ -94,7 +103,7 @@ func TestStarvedGoesUp(t *testing.T) {
 	defer stop()
 	testkit.Eventually(t, 5*time.Second, "one P while quiet", func() bool { return s.procs.Load() == 1 })
 	s.set(0.5, 1, 100) // 1 % slow: not starved
-	time.Sleep(40 * s.interval)
+	s.looks(t, 40)
 	if p := s.procs.Load(); p != 1 {
 		t.Fatalf("1 slow wait in 100 raised GOMAXPROCS to %d", p)
 	}

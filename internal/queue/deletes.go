@@ -43,22 +43,10 @@ func (q *Queue) heldSizes(items []Item) []int64 {
 		}
 		p := lanePrefix(prefixQueue, it.Broker, it.Device)
 		ls := q.lanes[string(p)]
-		if ls == nil || len(ls.recent) == 0 || it.Seq < ls.recent[0].Seq {
+		if ls == nil {
 			continue
 		}
-		// Held seqs are ascending; a lane's seqs are dense, so the item is
-		// usually at its offset from the first.
-		var held *Item
-		if k := it.Seq - ls.recent[0].Seq; k < uint64(len(ls.recent)) && ls.recent[k].Seq == it.Seq {
-			held = &ls.recent[k]
-		} else {
-			for j := range ls.recent {
-				if ls.recent[j].Seq == it.Seq {
-					held = &ls.recent[j]
-					break
-				}
-			}
-		}
+		held := heldAt(ls, it.Seq)
 		if held == nil {
 			continue
 		}
@@ -79,8 +67,8 @@ func (q *Queue) heldSizes(items []Item) []int64 {
 
 // deleteSized deletes items in one transaction, or several if badger
 // finds it too big, and reports what it removed. The size of item i is
-// sizes[i] when that is known (>= 0); other items, and all when sizes is
-// nil, are read back for theirs. Callers hold mutMu.
+// sizes[i] when that is known (>= 0, heldSizes); other items are read back
+// for theirs. Callers hold mutMu.
 func (q *Queue) deleteSized(items []Item, sizes []int64) ([]removal, error) {
 	var removed []removal
 	err := q.db.Update(func(txn *badger.Txn) error {
@@ -90,10 +78,7 @@ func (q *Queue) deleteSized(items []Item, sizes []int64) ([]removal, error) {
 				continue
 			}
 			key := itemKey(prefixQueue, it.Broker, it.Device, it.Seq)
-			size := int64(-1)
-			if sizes != nil {
-				size = sizes[i]
-			}
+			size := sizes[i]
 			if size < 0 {
 				bi, err := txn.Get(key)
 				if errors.Is(err, badger.ErrKeyNotFound) {
@@ -113,15 +98,11 @@ func (q *Queue) deleteSized(items []Item, sizes []int64) ([]removal, error) {
 	})
 	if errors.Is(err, badger.ErrTxnTooBig) && len(items) > 1 {
 		h := len(items) / 2
-		var lo, hi []int64
-		if sizes != nil {
-			lo, hi = sizes[:h], sizes[h:]
-		}
-		a, err := q.deleteSized(items[:h], lo)
+		a, err := q.deleteSized(items[:h], sizes[:h])
 		if err != nil {
 			return a, err
 		}
-		b, err := q.deleteSized(items[h:], hi)
+		b, err := q.deleteSized(items[h:], sizes[h:])
 		return append(a, b...), err
 	}
 	if err != nil {

@@ -153,6 +153,7 @@ func (q *Queue) pageOutLoop(ctx context.Context) {
 		if q.pageOut.off.Load() {
 			return
 		}
+		q.pageOutLooks.Add(1)
 		faults := pageFaults()
 		if faults != last {
 			dirty = true

@@ -286,7 +286,10 @@ func TestPageOutKeepsUnderBudget(t *testing.T) {
 	write(under)
 	// The readings are on the value log's pages, mapped by the writes; a
 	// few looks of the loop later they are still there.
-	time.Sleep(250 * time.Millisecond) // a span the old rule paged out in (25 ms), not a wait for an event
+	looks := q.pageOutLooks.Load()
+	testkit.Eventually(t, 5*time.Second, "ten looks of the page-out loop (the old rule paged out at the first)", func() bool {
+		return q.pageOutLooks.Load() >= looks+10
+	})
 	if r := total(); r < pageOutBudget/4 {
 		t.Fatalf("under the budget, busy: %d bytes of value log resident, want the ~%d written", r, under*2000)
 	}

@@ -70,7 +70,10 @@ type Queue struct {
 	gcEvery  time.Duration
 	gc       *groupCommit // committer-owned, but for its atomic counters
 	pageOuts atomic.Int64 // page-outs of the mapped files done (pageout_linux.go)
-	pageOut  pageOutState // pageout_linux.go
+	// pageOutLooks counts the page-out loop's looks, for tests that must
+	// see several pass without a page-out.
+	pageOutLooks atomic.Int64
+	pageOut      pageOutState // pageout_linux.go
 
 	reqs     chan *request
 	stopping chan struct{} // closed when Run begins to stop

@@ -107,6 +107,24 @@ func peekHeld(ls *laneState, max int) (out []Item, ok bool) {
 	return append(make([]Item, 0, n), ls.recent[:n]...), true
 }
 
+// heldAt returns the held item of seq, or nil. Callers hold q.mu (R).
+func heldAt(ls *laneState, seq uint64) *Item {
+	if len(ls.recent) == 0 || seq < ls.recent[0].Seq {
+		return nil
+	}
+	// Held seqs are ascending; a lane's seqs are dense, so the item is
+	// usually at its offset from the first.
+	if k := seq - ls.recent[0].Seq; k < uint64(len(ls.recent)) && ls.recent[k].Seq == seq {
+		return &ls.recent[k]
+	}
+	for j := range ls.recent {
+		if ls.recent[j].Seq == seq {
+			return &ls.recent[j]
+		}
+	}
+	return nil
+}
+
 // dropLane removes a lane from the index with what it holds. Callers hold
 // q.mu.
 func (q *Queue) dropLane(p string, ls *laneState) {
