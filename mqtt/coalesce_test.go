@@ -3,10 +3,14 @@ package mqtt
 import (
 	"bytes"
 	"encoding/binary"
+	"fmt"
 	"io"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/eclipse/paho.mqtt.golang/packets"
 
 	"github.com/edgegate/edgegate/internal/testkit"
 )
@@ -140,5 +144,85 @@ func TestCoalescingConnBoundedAndFails(t *testing.T) {
 		}
 	case <-time.After(flushTimeout + 5*time.Second):
 		t.Fatal("writer still blocked after the peer went away")
+	}
+}
+
+// countingConn counts the reads that reach the socket.
+type countingConn struct {
+	net.Conn
+	reads atomic.Int64
+}
+
+func (c *countingConn) Read(p []byte) (int, error) {
+	c.reads.Add(1)
+	return c.Conn.Read(p)
+}
+
+// TestCoalescingConnFewerReads: 2,000 PUBLISH packets, one of them larger
+// than the read buffer, are read by paho's own packet reader complete and
+// in order, in far fewer socket reads than packets (paho alone reads each
+// packet in three or more).
+func TestCoalescingConnFewerReads(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const n = 2000
+	big := bytes.Repeat([]byte("x"), 3*readBuffer)
+	payloadOf := func(i int) []byte {
+		if i == n/2 {
+			return big
+		}
+		return fmt.Appendf(nil, `{"temperature":%d.5,"n":%d}`, 20+i%10, i)
+	}
+	sent := make(chan error, 1)
+	readerDone := make(chan struct{})
+	t.Cleanup(func() { close(readerDone) })
+	go func() {
+		peer, err := ln.Accept()
+		if err != nil {
+			sent <- err
+			return
+		}
+		defer peer.Close()
+		var out bytes.Buffer
+		for i := range n {
+			p := packets.NewControlPacket(packets.Publish).(*packets.PublishPacket)
+			p.TopicName, p.Qos, p.MessageID, p.Payload = "devices/th-1/telemetry", 1, uint16(i+1), payloadOf(i)
+			if err := p.Write(&out); err != nil {
+				sent <- err
+				return
+			}
+		}
+		_, err = peer.Write(out.Bytes())
+		sent <- err
+		<-readerDone // hold the connection open until the reader is done
+	}()
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	counted := &countingConn{Conn: c}
+	cc := newCoalescingConn(counted)
+	defer cc.Close()
+	_ = cc.SetDeadline(time.Now().Add(10 * time.Second))
+	for i := range n {
+		cp, err := packets.ReadPacket(cc)
+		if err != nil {
+			t.Fatalf("packet %d: %v", i, err)
+		}
+		p, ok := cp.(*packets.PublishPacket)
+		if !ok || p.MessageID != uint16(i+1) || !bytes.Equal(p.Payload, payloadOf(i)) {
+			t.Fatalf("packet %d: %v, want PUBLISH id %d with its payload", i, cp, i+1)
+		}
+	}
+	if err := <-sent; err != nil {
+		t.Fatal(err)
+	}
+	if r := counted.reads.Load(); r >= n/2 {
+		t.Fatalf("%d packets took %d socket reads, want fewer than %d", n, r, n/2)
+	} else {
+		t.Logf("%d packets in %d socket reads", n, r)
 	}
 }

@@ -17,7 +17,9 @@ import (
 	"github.com/edgegate/edgegate/internal/admin"
 	"github.com/edgegate/edgegate/internal/config"
 	"github.com/edgegate/edgegate/internal/daemon"
+	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/queue"
+	"github.com/edgegate/edgegate/internal/reading"
 )
 
 type cliBackend struct {
@@ -361,9 +363,24 @@ func TestExportThroughSocketRoundTrips(t *testing.T) {
 		q.Close()
 	}()
 	const canary = "CANARY-export-4411"
+	key, err := envelope.DeriveHS256("th-kitchen", "k1", "k2")
+	if err != nil {
+		t.Fatal(err)
+	}
 	for i := range 3 {
 		_, err := q.Append(cliCtx(t), queue.Entry{Broker: "https://b.example/v2", Device: "th-kitchen", Type: "Sensor",
 			Seal: func(seq uint64) ([]byte, error) {
+				if i == 1 {
+					// As the pipeline stores it: packed, the JWS once.
+					r := reading.Reading{Device: "th-kitchen", Time: time.Now(), Attrs: []reading.Attribute{
+						{Name: "note", Type: "Text", Value: canary}, {Name: "temperature", Type: "Number", Value: 21.0}}}
+					c := envelope.ClaimsOf("gw", seq, &r)
+					jws, err := envelope.Seal(key, c)
+					if err != nil {
+						return nil, err
+					}
+					return envelope.PackBody(c, jws, "")
+				}
 				return fmt.Appendf(nil, `{"temperature":{"type":"Number","value":%d},"note":{"value":%q}}`, 20+i, canary), nil
 			}})
 		if err != nil {
@@ -393,6 +410,12 @@ func TestExportThroughSocketRoundTrips(t *testing.T) {
 		var r queue.ExportRecord
 		if err := json.Unmarshal([]byte(l), &r); err != nil {
 			t.Fatalf("line %d: %v", i, err)
+		}
+		if i == 1 {
+			// The packed one is exported as the broker receives it.
+			if _, err := envelope.VerifyAttrs(r.Body, key, ""); err != nil {
+				t.Errorf("line %d: the exported body does not verify: %v (%s)", i, err, r.Body)
+			}
 		}
 		if r.Kind != "queued" || r.Seq != uint64(i+1) || !strings.Contains(string(r.Body), canary) ||
 			!strings.Contains(string(r.Body), fmt.Sprintf(`"value":%d`, 20+i)) {

@@ -64,6 +64,16 @@ type ngsiMeta struct {
 // pass claims with those attributes removed; the JWS is not re-read.
 // Attributes are in name order, as json.Marshal of a map renders them.
 func Body(c Claims, compact, sigMeta string) ([]byte, error) {
+	return renderBody(c, compact, sigMeta, false)
+}
+
+// PackBody is Body in the packed form the queue stores (packed.go):
+// AppendBody(nil, PackBody(...)) is Body(...).
+func PackBody(c Claims, compact, sigMeta string) ([]byte, error) {
+	return renderBody(c, compact, sigMeta, true)
+}
+
+func renderBody(c Claims, compact, sigMeta string, packed bool) ([]byte, error) {
 	if sigMeta == "" {
 		sigMeta = DefaultSignatureAttr
 	}
@@ -90,27 +100,24 @@ func Body(c Claims, compact, sigMeta string) ([]byte, error) {
 		meta = appendString(meta, c.Time.UTC().Format(timeInstantLayout))
 		meta = append(meta, "}}}"...)
 	}
-	b := make([]byte, 0, (len(meta)+96)*len(c.Attrs))
-	b = append(b, '{')
+	size := (len(meta) + 96) * len(c.Attrs)
+	if packed {
+		size = len(meta) + 128*len(c.Attrs)
+	}
+	w := newBodyWriter(make([]byte, 0, size), meta, packed)
 	var err error
-	for i, name := range sortedNames(c.Attrs, "") {
-		if i > 0 {
-			b = append(b, ',')
-		}
+	for _, name := range sortedNames(c.Attrs, "") {
 		a := c.Attrs[name]
-		b = appendAttrHead(b, name, a.Type)
-		if b, err = appendValue(b, a.Value); err != nil {
+		w.begin()
+		w.b = appendAttrHead(w.b, name, a.Type)
+		if w.b, err = appendValue(w.b, a.Value); err != nil {
 			return nil, fmt.Errorf("render NGSI body: %w", err)
 		}
-		b = append(b, meta...)
-		// The JWS repeats on every attribute: stop as soon as the body
-		// cannot fit Orion's request limit.
-		if len(b) > MaxBodyBytes {
-			return nil, fmt.Errorf("render NGSI body: %w: more than %d bytes with the signature on each of %d attributes", reading.ErrTooLarge, MaxBodyBytes, len(c.Attrs))
+		if err := w.end(); err != nil {
+			return nil, err
 		}
 	}
-	b = append(b, '}')
-	return b, nil
+	return w.finish(), nil
 }
 
 // MaxBodyBytes is the largest NGSI body Body renders: Orion refuses a

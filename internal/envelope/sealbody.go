@@ -146,9 +146,19 @@ func hmacSHA256(s *scratch, secret, input []byte) []byte {
 // for a reading of attributes sorted by name (Validate's rule); other
 // readings take that slower way.
 func SealBody(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) ([]byte, error) {
+	return sealRender(k, gw, seq, r, sigMeta, false)
+}
+
+// SealPacked is SealBody in the packed form the queue stores (packed.go):
+// AppendBody(nil, SealPacked(...)) is SealBody(...).
+func SealPacked(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) ([]byte, error) {
+	return sealRender(k, gw, seq, r, sigMeta, true)
+}
+
+func sealRender(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string, packed bool) ([]byte, error) {
 	for i := 1; i < len(r.Attrs); i++ {
 		if r.Attrs[i-1].Name >= r.Attrs[i].Name {
-			return sealBodyMap(k, gw, seq, r, sigMeta)
+			return sealBodyMap(k, gw, seq, r, sigMeta, packed)
 		}
 	}
 	if sigMeta == "" {
@@ -171,33 +181,28 @@ func SealBody(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) 
 	// The metadata are the same on every attribute, and each value is
 	// rendered in the claims already: both are copied, not rendered again.
 	s.meta = appendMeta(s.meta[:0], t, sigMeta, s.jws)
-	b := s.body[:0]
-	b = append(b, '{')
+	w := newBodyWriter(s.body[:0], s.meta, packed)
 	for i, a := range r.Attrs {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		b = appendAttrHead(b, a.Name, a.Type)
-		b = append(b, s.claims[s.spans[i][0]:s.spans[i][1]]...)
-		b = append(b, s.meta...)
-		if len(b) > MaxBodyBytes {
-			s.body = b
-			return nil, fmt.Errorf("render NGSI body: %w: more than %d bytes with the signature on each of %d attributes", reading.ErrTooLarge, MaxBodyBytes, len(r.Attrs))
+		w.begin()
+		w.b = appendAttrHead(w.b, a.Name, a.Type)
+		w.b = append(w.b, s.claims[s.spans[i][0]:s.spans[i][1]]...)
+		if err := w.end(); err != nil {
+			s.body = w.b
+			return nil, err
 		}
 	}
-	b = append(b, '}')
-	s.body = b
-	return append(make([]byte, 0, len(b)), b...), nil
+	s.body = w.finish()
+	return append(make([]byte, 0, len(s.body)), s.body...), nil
 }
 
 // sealBodyMap is SealBody the way it was, for attributes not in order.
-func sealBodyMap(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string) ([]byte, error) {
+func sealBodyMap(k Key, gw string, seq uint64, r *reading.Reading, sigMeta string, packed bool) ([]byte, error) {
 	c := ClaimsOf(gw, seq, r)
 	compact, err := Seal(k, c)
 	if err != nil {
 		return nil, err
 	}
-	return Body(c, compact, sigMeta)
+	return renderBody(c, compact, sigMeta, packed)
 }
 
 // checkBodyArgs is Body's refusal of its arguments.

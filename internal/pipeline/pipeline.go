@@ -281,8 +281,10 @@ type gatewaySealed struct {
 
 // seal is the entry's Seal: the committer calls it with the reading's seq.
 func (g *gatewaySealed) seal(seq uint64) ([]byte, error) {
-	// SealBody is ClaimsOf + Seal + Body in one pass (issue 20).
-	body, err := envelope.SealBody(g.key, g.p.gw, seq, &g.r, g.p.sigAttr)
+	// ClaimsOf + Seal + PackBody in one pass (issue 20). The queue stores
+	// the packed body: the JWS once, not once per attribute; the uplink
+	// renders it in full (envelope.AppendBody).
+	body, err := envelope.SealPacked(g.key, g.p.gw, seq, &g.r, g.p.sigAttr)
 	if err == nil {
 		return body, nil
 	}

@@ -3,6 +3,7 @@ package pipeline
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"strings"
@@ -31,6 +32,20 @@ func counter(t *testing.T, c prometheus.Collector) float64 {
 }
 
 // openQueue runs a real queue in a temp dir for the test.
+// peekSent is Peek with each body as the uplink sends it: the queue
+// stores it packed (envelope.SealPacked), the JWS once, and a packed body
+// is never valid JSON, so a test that forgot this would fail to parse.
+func peekSent(q *queue.Queue, l queue.Lane, n int) ([]queue.Item, error) {
+	items, err := q.Peek(l, n)
+	for i := range items {
+		if err != nil {
+			break
+		}
+		items[i].Body, err = envelope.AppendBody(nil, items[i].Body)
+	}
+	return items, err
+}
+
 func openQueue(t *testing.T, quota int64) *queue.Queue {
 	t.Helper()
 	q, err := queue.Open(queue.Options{Dir: t.TempDir(), Key: bytes.Repeat([]byte{7}, 32), QuotaBytes: quota})
@@ -72,7 +87,7 @@ func TestSubmit(t *testing.T) {
 		want                  Outcome
 		reason                string
 	}{
-		{"flat reading", "th-1", `{"temperature": 21.5}`, Queued, ""},
+		{"flat reading", "th-1", `{"temperature": 21.5, "humidity": 40, "on": true}`, Queued, ""},
 		{"ngsi-like reading", "th-1", `{"temperature": {"value": 22, "type": "Float"}, "TimeInstant": "2026-11-26T05:00:00Z"}`, Queued, ""},
 		{"unknown device", "rogue", `{"temperature": 1}`, Refused, policy.ReasonUnknownDevice},
 		{"not json", "th-1", `temperature=1`, Refused, ReasonInvalid},
@@ -100,7 +115,7 @@ func TestSubmit(t *testing.T) {
 	}
 
 	// What was queued is signed, in order, and verifiable with the key.
-	items, err := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
+	items, err := peekSent(q, queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -115,6 +130,28 @@ func TestSubmit(t *testing.T) {
 		}
 		if c.Seq != uint64(i+1) || c.Gateway != "gw-1" || it.Type != "T" {
 			t.Errorf("item %d: seq %d gateway %q type %q", i, c.Seq, c.Gateway, it.Type)
+		}
+	}
+	// Stored, the JWS is there once, however many attributes carry it
+	// when sent.
+	stored, err := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
+	if err != nil || len(stored) != len(items) {
+		t.Fatalf("Peek = %d items, %v", len(stored), err)
+	}
+	for i, it := range stored {
+		var sent map[string]struct {
+			Metadata struct {
+				Signature struct{ Value string } `json:"signature"`
+			} `json:"metadata"`
+		}
+		if err := json.Unmarshal(items[i].Body, &sent); err != nil {
+			t.Fatalf("item %d: %v", i, err)
+		}
+		for name, a := range sent {
+			jws := []byte(a.Metadata.Signature.Value)
+			if n, m := bytes.Count(it.Body, jws), bytes.Count(items[i].Body, jws); n != 1 || m != len(sent) {
+				t.Errorf("item %d, %s: the JWS is %d times in the stored body, %d times in the %d attributes sent", i, name, n, m, len(sent))
+			}
 		}
 	}
 	if c, _ := envelope.VerifyAttrs(items[1].Body, key, ""); !c.Time.Equal(time.Date(2026, 11, 26, 5, 0, 0, 0, time.UTC)) {
@@ -212,7 +249,7 @@ func TestSubmitInputRules(t *testing.T) {
 	if got, err := p.Submit(ctx, Message{Device: "th-1", Source: src, Payload: []byte(`{"t":{"value":"Inf","type":"Float"},"h":40}`), Received: time.Now()}); err != nil || got != Queued {
 		t.Fatalf("Submit(Inf beside a number) = %v, %v; want Queued", got, err)
 	}
-	items, err := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
+	items, err := peekSent(q, queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
 	if err != nil || len(items) != 1 || bytes.Contains(items[0].Body, []byte("Inf")) {
 		t.Fatalf("queued %d items (%v); want one, without the Inf value", len(items), err)
 	}

@@ -99,7 +99,7 @@ func (p *Pipeline) startDeviceSigned(ctx context.Context, msg Message, dev *poli
 		for _, a := range r.Attrs {
 			sent[a.Name] = claims.Attrs[a.Name]
 		}
-		claims.Attrs = sent // only for Body: compact is the device's, untouched
+		claims.Attrs = sent // only for PackBody: compact is the device's, untouched
 	}
 	if err := r.Validate(); err != nil {
 		p.refuse(ctx, reasonOf(err), msg, err.Error())
@@ -117,7 +117,7 @@ func (p *Pipeline) startDeviceSigned(ctx context.Context, msg Message, dev *poli
 		Seal: func(uint64) ([]byte, error) {
 			// The gateway's seq orders the queue; the signed seq is the
 			// device's own.
-			body, err := envelope.Body(claims, compact, p.sigAttr)
+			body, err := envelope.PackBody(claims, compact, p.sigAttr)
 			if err != nil {
 				sealErr = err
 			}

@@ -112,7 +112,7 @@ func TestDeviceSigned(t *testing.T) {
 			t.Errorf("edgegate_readings_refused_total{reason=%q} = 0", reason)
 		}
 	}
-	items, err := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 100)
+	items, err := peekSent(q, queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 100)
 	if err != nil || len(items) != 3 {
 		t.Fatalf("queued %d items (%v), want 3", len(items), err)
 	}
@@ -146,7 +146,7 @@ func TestDeviceSignedDropsAtRender(t *testing.T) {
 	if out, err := p.Submit(context.Background(), Message{Device: "th-1", Source: reading.Source{Kind: "mqtt"}, Payload: []byte(jws)}); err != nil || out != Queued {
 		t.Fatalf("Submit = %v, %v", out, err)
 	}
-	items, _ := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
+	items, _ := peekSent(q, queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
 	if len(items) != 1 {
 		t.Fatalf("%d items", len(items))
 	}
@@ -179,7 +179,7 @@ func TestGatewaySignedAsymmetric(t *testing.T) {
 	if out, err := p.Submit(ctx, msg); err != nil || out != Queued {
 		t.Fatalf("Submit = %v, %v", out, err)
 	}
-	items, _ := q.Peek(queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
+	items, _ := peekSent(q, queue.Lane{Broker: "https://broker.example/f", Device: "th-1"}, 10)
 	if len(items) != 1 {
 		t.Fatalf("%d items", len(items))
 	}

@@ -55,11 +55,15 @@ func badgerOptions(dir string, key []byte, logger *slog.Logger) badger.Options {
 		WithNumLevelZeroTables(2).
 		WithNumLevelZeroTablesStall(4).
 		WithValueLogFileSize(8 << 20).
-		// A sealed, encrypted reading is 1.2-2.8 KB (its signatures
-		// included), so readings go to the value log and the LSM holds
-		// keys and value pointers; inline (an 8 KB threshold) the
-		// anonymous memory was 108-117 MB (docs/bench/README.md).
-		WithValueThreshold(1 << 10).
+		// Readings go to the value log and the LSM holds keys and value
+		// pointers. A sealed reading is ~0.5-1 KB packed (its JWS once;
+		// envelope.SealPacked), 1.2-2.8 KB before packing. Inline, they
+		// cost memory (an 8 KB threshold: 108-117 MB anonymous,
+		// docs/bench/README.md) and every memtable flush and compaction
+		// rewrote them: packed readings under the old 1 KB threshold
+		// went inline and the embedded burst fell from 16.3k to 5.1k/s.
+		// s/ and k/ values (8-100 bytes) stay inline.
+		WithValueThreshold(256).
 		// Table builders allocate twice the table size, several per
 		// compaction (up to 8 + splits at once), and badger keeps up to 8
 		// used builders' buffers in its allocator pool for reuse, freeing

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
+
+	"github.com/edgegate/edgegate/internal/envelope"
 )
 
 // Data rights: what the store holds for one device, handed out (export) or
@@ -231,8 +233,9 @@ func eachOfDevice(txn *badger.Txn, fam []byte, device string, fn func(prefix []b
 	return nil
 }
 
-// ExportRecord is one line of ExportNDJSON. Body is the stored body
-// verbatim when it is JSON (an NGSI update is), else a JSON string.
+// ExportRecord is one line of ExportNDJSON. Body is the NGSI update the
+// broker receives (a packed body rendered in full: envelope.AppendBody),
+// else the stored bytes as a JSON string: an export never drops a reading.
 type ExportRecord struct {
 	Kind           string          `json:"kind"` // "queued" or "dead_letter"
 	Device         string          `json:"device"`
@@ -259,8 +262,8 @@ func (q *Queue) ExportNDJSON(ctx context.Context, device string, w io.Writer) (i
 		if h.Dead {
 			r.Kind, r.Reason, r.DeadLetteredAt = "dead_letter", h.Reason, h.At
 		}
-		if json.Valid(h.Body) {
-			r.Body = h.Body
+		if body, err := envelope.AppendBody(nil, h.Body); err == nil && json.Valid(body) {
+			r.Body = body
 		} else {
 			r.Body, _ = json.Marshal(string(h.Body))
 		}

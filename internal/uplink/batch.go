@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/queue"
 )
 
@@ -219,7 +220,14 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 			if it.Service != svc || it.ServicePath != svcPath {
 				break // another tenant: a later batch
 			}
-			add := len(it.Body) + len(it.Device) + len(it.Type) + 32
+			// The request carries the body rendered, not as stored
+			// (packed): its size is what counts against BatchBytes. A
+			// malformed one counts as stored; batchBody refuses it.
+			n, err := envelope.BodyLen(it.Body)
+			if err != nil {
+				n = len(it.Body)
+			}
+			add := n + len(it.Device) + len(it.Type) + 32
 			if len(items) > 0 && size+add > u.opts.BatchBytes {
 				break
 			}

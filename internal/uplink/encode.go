@@ -10,25 +10,22 @@ import (
 	"github.com/edgegate/edgegate/internal/queue"
 )
 
-// Request body encoding (issue 20). A PATCH carries the stored body as it
-// is (envelope.SealBody rendered it when the reading was queued); an
-// op/update splices the stored bodies into one array. Both are append-only
-// over bytes already rendered: no map, no sort, no encoding/json per
-// reading. TestBatchBodyOrion checks the result against the simulated
+// Request body encoding (issue 20). The queue stores a reading's body
+// packed, its metadata (the JWS) once (envelope.SealPacked); a PATCH
+// carries it rendered in full (envelope.AppendBody), and an op/update
+// renders the stored bodies into one array. Both are append-only over
+// bytes already rendered: no map, no sort, no encoding/json per reading. TestBatchBodyOrion checks the result against the simulated
 // Orion's parser (internal/sim/centralsim, after Orion 3.12's
 // parseBatchUpdate.cpp).
 
 // batchBody renders the op/update body: each stored body (an NGSI
-// attribute object) becomes an entity with "id" and "type" spliced in front
-// of its attributes.
+// attribute object, packed or not: envelope.AppendBody) becomes an entity
+// with "id" and "type" spliced in front of its attributes. The packed body
+// is rendered straight into the request: no copy of it in between.
 func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
 	b := make([]byte, 0, sizeHint+64)
 	b = append(b, `{"actionType":"append","entities":[`...)
 	for i, it := range items {
-		body := bytes.TrimSpace(it.Body)
-		if len(body) < 2 || body[0] != '{' || body[len(body)-1] != '}' {
-			return nil, fmt.Errorf("reading %s/%d is not a JSON object", it.Device, it.Seq)
-		}
 		if i > 0 {
 			b = append(b, ',')
 		}
@@ -40,10 +37,21 @@ func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
 			b = append(b, `,"type":`...)
 			b = envelope.AppendJSONString(b, it.Type)
 		}
+		mark := len(b)
+		var err error
+		if b, err = envelope.AppendBody(b, it.Body); err != nil {
+			return nil, fmt.Errorf("reading %s/%d: %w", it.Device, it.Seq, err)
+		}
+		// The body's own braces go: its attributes join the entity's.
+		body := bytes.TrimSpace(b[mark:])
+		if len(body) < 2 || body[0] != '{' || body[len(body)-1] != '}' {
+			return nil, fmt.Errorf("reading %s/%d is not a JSON object", it.Device, it.Seq)
+		}
 		inner := bytes.TrimSpace(body[1 : len(body)-1])
+		b = b[:mark]
 		if len(inner) > 0 {
 			b = append(b, ',')
-			b = append(b, inner...)
+			b = append(b, inner...) // copy within b, to an earlier place: safe
 		}
 		b = append(b, '}')
 	}

@@ -17,8 +17,9 @@ import (
 	"github.com/edgegate/edgegate/internal/sim/centralsim"
 )
 
-// TestBatchBodyOrion: an op/update built from bodies envelope.SealBody
-// rendered — several devices, several readings each, every value kind, a
+// TestBatchBodyOrion: an op/update built from stored bodies — packed
+// (envelope.SealPacked) and, as a store written before packing holds,
+// rendered (envelope.SealBody) — several devices, several readings each, every value kind, a
 // type that needs escaping — is what the simulated Orion (centralsim,
 // after Orion 3.12's parseBatchUpdate.cpp) parses, applies in order and
 // verifies: every entity a valid signature, each entity's last values
@@ -46,7 +47,7 @@ func TestBatchBodyOrion(t *testing.T) {
 	}
 	t.Cleanup(func() { sim.Close() })
 
-	var items []queue.Item
+	var items, fullItems []queue.Item
 	size := 0
 	const perDevice = 3
 	for _, d := range devs {
@@ -61,17 +62,31 @@ func TestBatchBodyOrion(t *testing.T) {
 				{Name: "pos", Type: "StructuredValue", Value: map[string]any{"lat": 43.7, "lon": []any{11.2, nil}}},
 				{Name: "temperature", Type: "Number", Value: 20 + float64(seq)/4},
 			}}
-			body, err := envelope.SealBody(k, "gw-1", seq, r, "")
+			full, err := envelope.SealBody(k, "gw-1", seq, r, "")
 			if err != nil {
 				t.Fatal(err)
 			}
+			packed, err := envelope.SealPacked(k, "gw-1", seq, r, "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A store upgraded in place holds both: readings queued
+			// before packing existed, rendered, and packed ones after.
+			body := packed
+			if seq == 2 {
+				body = full
+			}
 			items = append(items, queue.Item{Device: d.id, Type: d.typ, Seq: seq, Body: body})
-			size += len(body)
+			fullItems = append(fullItems, queue.Item{Device: d.id, Type: d.typ, Seq: seq, Body: full})
+			size += len(full)
 		}
 	}
 	body, err := batchBody(items, size)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if want, err := batchBody(fullItems, size); err != nil || !bytes.Equal(body, want) {
+		t.Fatalf("from packed bodies:\n%s\nfrom rendered ones (%v):\n%s", body, err, want)
 	}
 	if !json.Valid(body) {
 		t.Fatalf("batch body is not JSON: %s", body)

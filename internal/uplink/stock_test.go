@@ -356,7 +356,8 @@ func TestForbiddenAttributeDroppedRestDelivered(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		body, err := envelope.Body(c, jws, "")
+		// Stored packed, as the pipeline stores it: the PATCH renders it.
+		body, err := envelope.PackBody(c, jws, "")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -390,5 +391,30 @@ func TestForbiddenAttributeDroppedRestDelivered(t *testing.T) {
 	want := map[string]envelope.Verdict{"latitude": envelope.Unsigned, "label": envelope.Unsigned, "temperature": envelope.Verified}
 	if fmt.Sprint(got) != fmt.Sprint(want) {
 		t.Errorf("verdicts = %v, want %v", got, want)
+	}
+}
+
+// TestMalformedPackedBodyDeadLettered: a stored body that is packed but
+// cut short can never be rendered. It is dead-lettered with the reason,
+// in either mode, and never sent; the reading queued after it still goes.
+func TestMalformedPackedBodyDeadLettered(t *testing.T) {
+	for _, mode := range []string{ModeFilter, ModeBatch} {
+		t.Run(mode, func(t *testing.T) {
+			b := newBroker(t, func(w http.ResponseWriter, r *http.Request, n int) { w.WriteHeader(http.StatusNoContent) })
+			q := newFakeQueue()
+			q.addBody(b.URL, "th-1", "T", []byte{0x01, 0, 0, 0, 200, '}'})
+			q.addBody(b.URL, "th-1", "T", []byte(`{"t":{"type":"Number","value":1}}`))
+			h := start(t, q, &fakeTokens{}, b.pool(), Options{Mode: mode})
+			testkit.Eventually(t, 10*time.Second, "queue settled", func() bool { return q.depth() == 0 })
+			h.stop(t)
+			dl := q.deadLetters()
+			if len(dl) != 1 || dl[0].it.Body[0] != 0x01 || !strings.Contains(dl[0].reason, "malformed packed body") {
+				t.Fatalf("dead letters = %+v, want the first reading, as a malformed packed body", dl)
+			}
+			reqs := b.requests()
+			if len(reqs) != 1 || !strings.Contains(string(reqs[0].body), `"t":{"type":"Number","value":1}`) {
+				t.Fatalf("requests = %d (%v), want the second reading alone", len(reqs), reqs)
+			}
+		})
 	}
 }

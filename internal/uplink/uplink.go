@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/edgegate/edgegate/internal/backoff"
+	"github.com/edgegate/edgegate/internal/envelope"
 	"github.com/edgegate/edgegate/internal/metrics"
 	"github.com/edgegate/edgegate/internal/queue"
 	"github.com/edgegate/edgegate/internal/reading"
@@ -635,9 +636,19 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 		}
 		return r
 	}
+	body, err := envelope.AppendBody(nil, it.Body)
+	if err != nil {
+		// Never sendable (AEAD-checked, so a bug rather than an attack):
+		// dead-letter it with the reason, as a batch does.
+		r.v = verdict{kind: permanent, class: "4xx", reason: "stored body: " + err.Error()}
+		if err := d.u.deadLetter(it, r.v); err != nil {
+			r.v, r.err = verdict{kind: retry, reason: "store"}, err
+		}
+		return r
+	}
 	rctx, cancel := u.requestContext(ctx)
 	defer cancel()
-	req, err := d.request(rctx, it, tok)
+	req, err := d.request(rctx, it, body, tok)
 	if err != nil {
 		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
 		return r
@@ -768,8 +779,8 @@ func (u *Uplink) roundTrip(req *http.Request) (*http.Response, error) {
 // path. "type" is harmless there (dropped on forwarding) and used by a
 // broker reached directly. Nothing secret ever goes into the URL: no
 // k1/k2, which the filter ignores when a bearer token is sent.
-func (d *dispatcher) request(ctx context.Context, it queue.Item, tok string) (*http.Request, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPatch, patchURL(d.base, it.Device, it.Type), bytes.NewReader(it.Body))
+func (d *dispatcher) request(ctx context.Context, it queue.Item, body []byte, tok string) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPatch, patchURL(d.base, it.Device, it.Type), bytes.NewReader(body))
 	if err != nil {
 		return nil, fmt.Errorf("build request for device %q: %w", it.Device, err)
 	}

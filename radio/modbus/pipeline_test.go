@@ -56,9 +56,13 @@ func TestPolledValueBecomesASignedReading(t *testing.T) {
 		return err == nil && len(items) > 0
 	})
 	dev, _ := engine.Current().Device("meter-1")
-	claims, err := envelope.VerifyAttrs(items[0].Body, dev.Key(), envelope.DefaultSignatureAttr)
+	body, err := envelope.AppendBody(nil, items[0].Body) // as the uplink sends it
 	if err != nil {
-		t.Fatalf("the queued reading does not verify with meter-1's key: %v\n%s", err, items[0].Body)
+		t.Fatal(err)
+	}
+	claims, err := envelope.VerifyAttrs(body, dev.Key(), envelope.DefaultSignatureAttr)
+	if err != nil {
+		t.Fatalf("the queued reading does not verify with meter-1's key: %v\n%s", err, body)
 	}
 	if claims.Device != "meter-1" || claims.Gateway != "gw-1" {
 		t.Errorf("claims = %+v, want device meter-1 signed by gw-1", claims)
