@@ -217,8 +217,8 @@ func ClaimsOf(gateway string, seq uint64, r *reading.Reading) Claims {
 // (sealbody.go: HMAC-SHA256 on pooled hash state, EdDSA, ES256).
 // The result is exactly what jws.Sign produces for the same header and
 // payload (TestSealVerifiesBothWays); Open verifies it through jwx too.
-// The gateway's per-reading path uses SealBody, which also renders the
-// NGSI body.
+// The gateway's per-reading path uses SealPacked, which also renders the
+// NGSI body in the packed form the queue stores (packed.go).
 func Seal(k Key, c Claims) (string, error) {
 	if !k.CanSign() {
 		return "", errors.New("seal envelope: no key")

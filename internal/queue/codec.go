@@ -23,7 +23,10 @@ import (
 // prefix selects exactly one lane.
 //
 // Values are written as version 2 (bodies sealed with the device's data
-// key; see datakey.go). Version 1, below, is still read.
+// key; see datakey.go). Version 1, below, is still read. The queue does
+// not look inside a body: the pipeline stores readings packed
+// (envelope.SealPacked) and the uplink renders them (envelope.AppendBody).
+// Only the data export renders one here (rights.go).
 //
 // Queued value (version 1):
 //
