@@ -69,16 +69,19 @@ type Options struct {
 }
 
 // Run adapts GOMAXPROCS until ctx ends, then leaves the runtime's default
-// in force. It returns at once when GOMAXPROCS is set in the environment
-// or the default is already one.
+// in force. When GOMAXPROCS is set in the environment or the default is
+// already one (a single-core board), it changes nothing, and still returns
+// only when ctx ends: a supervised component that returns stops the daemon.
 func Run(ctx context.Context, opts Options) error {
 	opts = opts.withDefaults()
 	if v := os.Getenv("GOMAXPROCS"); v != "" {
 		opts.Log.Info("GOMAXPROCS set in the environment: not adapted", "gomaxprocs", v)
+		<-ctx.Done()
 		return nil
 	}
 	full := opts.current()
 	if full <= 1 {
+		<-ctx.Done()
 		return nil
 	}
 	defer opts.setDefault()

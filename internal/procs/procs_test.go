@@ -114,14 +114,46 @@ func TestStarvedGoesUp(t *testing.T) {
 // TestEnvironmentWins: GOMAXPROCS set by the operator is left alone.
 func TestEnvironmentWins(t *testing.T) {
 	t.Setenv("GOMAXPROCS", "2")
-	var set atomic.Int32
-	err := Run(context.Background(), Options{Interval: time.Millisecond,
-		sample:     func() load { return load{} },
-		current:    func() int { return 2 },
-		setOne:     func() { set.Add(1) },
-		setDefault: func() { set.Add(1) }})
-	if err != nil || set.Load() != 0 {
-		t.Fatalf("Run = %v with %d changes, want nil at once with none", err, set.Load())
+	runsUntilCancelled(t, 2)
+}
+
+// TestSingleCoreRunsIdle: on a single-core board there is nothing to
+// adapt, and Run still runs until cancelled.
+func TestSingleCoreRunsIdle(t *testing.T) {
+	t.Setenv("GOMAXPROCS", "")
+	runsUntilCancelled(t, 1)
+}
+
+// runsUntilCancelled: Run changes nothing, and returns nil only once its
+// context ends — a supervised component that returns on its own stops the
+// daemon (supervise.Component), which once made the daemon exit at start
+// whenever GOMAXPROCS was set.
+func runsUntilCancelled(t *testing.T, cores int) {
+	t.Helper()
+	var set, looks atomic.Int32
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, Options{Interval: time.Millisecond,
+			sample:     func() load { looks.Add(1); return load{} },
+			current:    func() int { return cores },
+			setOne:     func() { set.Add(1) },
+			setDefault: func() { set.Add(1) }})
+	}()
+	select {
+	case err := <-done:
+		cancel()
+		t.Fatalf("Run returned %v before its context ended", err)
+	case <-time.After(100 * time.Millisecond): // a hundred intervals
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil || set.Load() != 0 || looks.Load() != 0 {
+			t.Fatalf("Run = %v with %d changes and %d looks, want nil with none", err, set.Load(), looks.Load())
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return within 5s of its context ending")
 	}
 }
 
