@@ -261,7 +261,8 @@ func startDaemon(bin string, g gwSpec) (*proc, error) {
 // queuedTotal reads edgegate_readings_queued_total from the daemon's
 // metrics endpoint: readings durably committed.
 func (p *proc) queuedTotal() (int64, error) {
-	return p.metricSum("edgegate_readings_queued_total")
+	n, err := p.metricSum("edgegate_readings_queued_total")
+	return int64(n), err
 }
 
 // syncs is how many group commits the daemon synced so far (the count of
@@ -273,12 +274,38 @@ func (p *proc) syncs() int64 {
 		return 0
 	}
 	n, _ := p.metricSum("edgegate_queue_commit_batch_size_count")
-	return n
+	return int64(n)
+}
+
+// commitTimes is the seconds the daemon's commits took in all so far, and
+// how many took over 100 ms (edgegate_queue_commit_seconds): a stall of the
+// committer shows in the tail of a phase's latency.
+func (p *proc) commitTimes() (seconds float64, slow int64) {
+	if p == nil {
+		return 0, 0
+	}
+	seconds, _ = p.metricSum("edgegate_queue_commit_seconds_sum")
+	all, _ := p.metricSum("edgegate_queue_commit_seconds_count")
+	fast, _ := p.metricSum(`edgegate_queue_commit_seconds_bucket{le="0.1"}`)
+	return seconds, int64(all - fast)
+}
+
+// uplinkRequests is how many requests the daemon's uplink made so far and
+// the seconds they took in all (edgegate_uplink_request_seconds): readings
+// per request is what a request's fixed cost is shared by, and a mean
+// time that grows says the broker, or the cores it shares, is the limit.
+func (p *proc) uplinkRequests() (n int64, seconds float64) {
+	if p == nil {
+		return 0, 0
+	}
+	c, _ := p.metricSum("edgegate_uplink_request_seconds_count")
+	s, _ := p.metricSum("edgegate_uplink_request_seconds_sum")
+	return int64(c), s
 }
 
 // metricSum adds up every series of one metric (all label sets) on the
 // daemon's metrics endpoint, named in its ready line.
-func (p *proc) metricSum(name string) (int64, error) {
+func (p *proc) metricSum(name string) (float64, error) {
 	var rec map[string]any
 	if err := json.Unmarshal([]byte(p.ready), &rec); err != nil {
 		return 0, fmt.Errorf("ready line: %w", err)
@@ -306,7 +333,7 @@ func (p *proc) metricSum(name string) (int64, error) {
 			total += f
 		}
 	}
-	return int64(total), sc.Err()
+	return total, sc.Err()
 }
 
 // startInProcess runs this program's `gateway` subcommand: the daemon's

@@ -108,6 +108,14 @@ type peerPhase struct {
 	// Syncs is how many group commits the gateway synced in the phase
 	// (its metrics; 0 for the other systems).
 	Syncs int64 `json:"syncs,omitempty"`
+	// Requests and RequestSeconds are the gateway uplink's requests in the
+	// phase and the time they took in all (its metrics).
+	Requests       int64   `json:"uplink_requests,omitempty"`
+	RequestSeconds float64 `json:"uplink_request_seconds,omitempty"`
+	// CommitSeconds is the time the gateway's commits (write and sync)
+	// took in all in the phase, SlowCommits how many took over 100 ms.
+	CommitSeconds float64 `json:"commit_seconds,omitempty"`
+	SlowCommits   int64   `json:"slow_commits,omitempty"`
 	seqCounts
 }
 
@@ -265,7 +273,12 @@ func runPeers(args []string) error {
 				p.Name, p.TargetRate, p.IngestRate, p.Rate, p.CPUPer1k, p.CPUMainMS, p.CPUBrokerMS, p.MainCores, p.BenchCPUPer1k, p.P50MS, p.P99MS, p.Published, p.Received, p.Lost, p.Duplicates, p.OutOfOrder, p.Stray,
 				p.AcksOutOfOrder, p.SigVerified, p.SigInvalid, p.LoadAvg)
 			if p.Syncs > 0 {
-				fmt.Fprintf(os.Stderr, "        %d syncs, %.1f readings per sync\n", p.Syncs, float64(p.Published)/float64(p.Syncs))
+				fmt.Fprintf(os.Stderr, "        %d syncs, %.1f readings per sync, %.1f ms each on average, %d over 100 ms\n",
+					p.Syncs, float64(p.Published)/float64(p.Syncs), 1000*p.CommitSeconds/float64(p.Syncs), p.SlowCommits)
+			}
+			if p.Requests > 0 {
+				fmt.Fprintf(os.Stderr, "        %d uplink requests, %.1f readings per request, %.1f ms each on average\n",
+					p.Requests, float64(p.Published)/float64(p.Requests), 1000*p.RequestSeconds/float64(p.Requests))
 			}
 			if p.SigWhy != "" {
 				fmt.Fprintf(os.Stderr, "        first invalid signature: %s\n", logx.Clip(p.SigWhy, 200))
@@ -477,6 +490,8 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		}
 		prof.start()
 		syncs0 := gw.syncs()
+		req0, reqSec0 := gw.uplinkRequests()
+		commitSec0, slow0 := gw.commitTimes()
 		m0, b0, self0 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		start := time.Now()
 		pr := f.publish(ctx, total, rate, cfg.Window, maxDur)
@@ -485,6 +500,8 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		s.waitSettled(pr.Sent, 15*time.Second, 5*time.Minute)
 		m1, b1, self1 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		syncs1 := gw.syncs()
+		req1, reqSec1 := gw.uplinkRequests()
+		commitSec1, slow1 := gw.commitTimes()
 		prof.stop(name)
 		st := s.stats()
 		p := peerPhase{Name: name, TargetRate: rate, LoadAvg: loadAvg(), CPUMainMS: ms(m1 - m0), CPUBrokerMS: ms(b1 - b0),
@@ -492,6 +509,8 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 			SigVerified: st.Verified, SigInvalid: st.Invalid, SigWhy: st.InvalidWhy, seqCounts: s.tally(f.base, ids, pr.PerDevice)}
 		f.base += int64(total)
 		p.Syncs = syncs1 - syncs0
+		p.Requests, p.RequestSeconds = req1-req0, reqSec1-reqSec0
+		p.CommitSeconds, p.SlowCommits = commitSec1-commitSec0, slow1-slow0
 		if pr.Acked > 0 && pr.Elapsed > 0 {
 			p.IngestRate = float64(pr.Acked) / pr.Elapsed.Seconds()
 		}

@@ -23,6 +23,9 @@ type Metrics struct {
 	Queued prometheus.Counter
 	// CommitBatch observes how many readings one synced commit carried.
 	CommitBatch prometheus.Histogram
+	// CommitSeconds observes how long one commit took to write and sync:
+	// on an SD card, the first sign of a failing or worn-out card.
+	CommitSeconds prometheus.Histogram
 	// Delivered counts readings a broker accepted, by broker.
 	Delivered *prometheus.CounterVec
 	// Retried counts delivery attempts that will be retried, by reason.
@@ -87,6 +90,10 @@ func New() *Metrics {
 			Name: "edgegate_queue_commit_batch_size", Help: "Readings per synced queue commit.",
 			Buckets: []float64{1, 2, 4, 8, 16, 32, 64, 128, 256, 512},
 		}),
+		CommitSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "edgegate_queue_commit_seconds", Help: "Seconds one queue commit took to write and sync (fsync) its readings.",
+			Buckets: []float64{.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5},
+		}),
 		Delivered: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "edgegate_readings_delivered_total", Help: "Readings a broker accepted.",
 		}, []string{"broker"}),
@@ -141,7 +148,7 @@ func New() *Metrics {
 	r.MustRegister(m.AttrsDropped, m.MissingAttrs, m.LimitHits)
 	r.MustRegister(m.PolicyApplied, m.PolicyRefused, m.PolicyVersion, m.PolicyExpiry, m.AccessDenied)
 	r.MustRegister(m.MQTTAccountChanges, m.MQTTAccountSyncErrors)
-	r.MustRegister(m.Ingested, m.Refused, m.Queued, m.CommitBatch, m.Delivered, m.Retried,
+	r.MustRegister(m.Ingested, m.Refused, m.Queued, m.CommitBatch, m.CommitSeconds, m.Delivered, m.Retried,
 		m.DeadLettered, m.DeliveryLatency, m.RequestLatency, m.TokenRefreshes,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

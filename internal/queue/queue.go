@@ -549,6 +549,7 @@ func (q *Queue) commit(batch []*request) {
 		return
 	}
 
+	began := time.Now()
 	n, werr := q.write(recs)
 	if werr != nil {
 		werr = fmt.Errorf("append: commit batch: %w", mapDiskFull(werr))
@@ -592,6 +593,7 @@ func (q *Queue) commit(batch []*request) {
 	if q.met != nil {
 		q.met.Queued.Add(float64(len(done)))
 		q.met.CommitBatch.Observe(float64(len(done)))
+		q.met.CommitSeconds.Observe(time.Since(began).Seconds())
 	}
 }
 

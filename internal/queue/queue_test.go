@@ -15,6 +15,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/edgegate/edgegate/internal/metrics"
 )
 
 var testKey = bytes.Repeat([]byte{0x42}, 32)
@@ -728,5 +733,27 @@ func TestPeekAndHeadAcrossGaps(t *testing.T) {
 	}
 	if !oldest().Equal(items[5].Enqueued) {
 		t.Errorf("oldest = %v, want item 6's %v", oldest(), items[5].Enqueued)
+	}
+}
+
+// TestCommitMetrics: every synced commit is counted with its readings and
+// its time — the time an operator watches for a failing SD card.
+func TestCommitMetrics(t *testing.T) {
+	m := metrics.New()
+	q := start(t, Options{Metrics: m})
+	for range 5 {
+		mustAppend(t, q, entry("https://b.example/v2", "th-1"))
+	}
+	hist := func(h prometheus.Histogram) (uint64, float64) {
+		var d dto.Metric
+		if err := h.Write(&d); err != nil {
+			t.Fatal(err)
+		}
+		return d.GetHistogram().GetSampleCount(), d.GetHistogram().GetSampleSum()
+	}
+	commits, readings := hist(m.CommitBatch)
+	timed, seconds := hist(m.CommitSeconds)
+	if commits == 0 || readings != 5 || timed != commits || seconds <= 0 {
+		t.Fatalf("%d commits of %v readings, %d timed taking %vs; want every commit timed", commits, readings, timed, seconds)
 	}
 }
