@@ -96,30 +96,23 @@ func (w *bodyWriter) finish() []byte {
 }
 
 // AppendBody appends to dst the NGSI attribute update that stored holds:
-// a packed body rendered in full, any other body as it is.
+// a packed body rendered in full, any other body as it is. On an error
+// dst is returned as it was.
 func AppendBody(dst, stored []byte) ([]byte, error) {
 	if len(stored) == 0 || stored[0] != packedV1 {
 		return append(dst, stored...), nil
 	}
-	meta, rest, err := packedPart(stored, 1)
-	if err != nil {
-		return dst, err
-	}
-	if len(rest) == 0 {
-		return dst, fmt.Errorf("%w: no attribute after the metadata (%d bytes)", errPacked, len(stored))
-	}
 	mark := len(dst)
 	dst = append(dst, '{')
-	for i, off := 0, len(stored)-len(rest); len(rest) > 0; i, off = i+1, len(stored)-len(rest) {
-		var attr []byte
-		if attr, rest, err = packedPart(stored, off); err != nil {
-			return dst[:mark], err
-		}
+	err := eachAttr(stored, func(i int, meta, attr []byte) {
 		if i > 0 {
 			dst = append(dst, ',')
 		}
 		dst = append(dst, attr...)
 		dst = append(dst, meta...)
+	})
+	if err != nil {
+		return dst[:mark], err
 	}
 	return append(dst, '}'), nil
 }
@@ -130,25 +123,38 @@ func BodyLen(stored []byte) (int, error) {
 	if len(stored) == 0 || stored[0] != packedV1 {
 		return len(stored), nil
 	}
-	meta, rest, err := packedPart(stored, 1)
-	if err != nil {
-		return 0, err
-	}
-	if len(rest) == 0 {
-		return 0, fmt.Errorf("%w: no attribute after the metadata (%d bytes)", errPacked, len(stored))
-	}
-	n := 1 // '{'
-	for i, off := 0, len(stored)-len(rest); len(rest) > 0; i, off = i+1, len(stored)-len(rest) {
-		var attr []byte
-		if attr, rest, err = packedPart(stored, off); err != nil {
-			return 0, err
-		}
+	n := 2 // '{' and '}'
+	err := eachAttr(stored, func(i int, meta, attr []byte) {
 		if i > 0 {
 			n++ // ','
 		}
 		n += len(attr) + len(meta)
+	})
+	if err != nil {
+		return 0, err
 	}
-	return n + 1, nil // '}'
+	return n, nil
+}
+
+// eachAttr calls fn with each attribute of the packed body stored, in
+// order, and the metadata that follows every one, until the layout is
+// found broken: the caller drops what fn saw then.
+func eachAttr(stored []byte, fn func(i int, meta, attr []byte)) error {
+	meta, rest, err := packedPart(stored, 1)
+	if err != nil {
+		return err
+	}
+	if len(rest) == 0 {
+		return fmt.Errorf("%w: no attribute after the metadata (%d bytes)", errPacked, len(stored))
+	}
+	for i := 0; len(rest) > 0; i++ {
+		var attr []byte
+		if attr, rest, err = packedPart(stored, len(stored)-len(rest)); err != nil {
+			return err
+		}
+		fn(i, meta, attr)
+	}
+	return nil
 }
 
 // packedPart reads the length-prefixed part of stored at off, and returns
