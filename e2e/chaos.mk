@@ -23,6 +23,7 @@ FUZZ_TARGETS := \
 	./internal/envelope:FuzzOpen \
 	./internal/envelope:FuzzVerifyAttrs \
 	./internal/envelope:FuzzVerifyEntity \
+	./internal/envelope:FuzzAppendBody \
 	./mqtt:FuzzTopicMatch \
 	./mqtt:FuzzCommandTopic \
 	./internal/command:FuzzReadEntity \
