@@ -1,7 +1,9 @@
 package mqtt
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"log/slog"
 	"sync"
 	"sync/atomic"
@@ -12,6 +14,7 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"github.com/edgegate/edgegate/internal/pipeline"
+	"github.com/edgegate/edgegate/internal/queue"
 )
 
 // Starter is the pipelined side of the pipeline: hand a reading over now,
@@ -45,6 +48,56 @@ type acker struct {
 	// own is this connection's share of the in-flight byte budget
 	// (inflightShares in broker.go).
 	own *semaphore.Weighted
+	// out holds encoded acknowledgements not yet written: the ones of one
+	// group commit go in one write (flush), not one write each — mochi's
+	// WritePacket is a system call per packet, 13 % of the daemon's CPU
+	// in an embedded burst. Only the acker's goroutine touches it.
+	out bytes.Buffer
+	// acks and writes count acknowledgements and the writes that carried
+	// them (tests).
+	acks, writes atomic.Int64
+}
+
+// maxHeldAcks bounds the acknowledgements held before a write.
+const maxHeldAcks = 4 << 10
+
+// ack encodes a PUBACK (PUBREC for QoS 2) into out, to go with the next
+// flush.
+func (a *acker) ack(typ byte, id uint16) {
+	pk := packets.Packet{FixedHeader: packets.FixedHeader{Type: typ}, PacketID: id, ProtocolVersion: a.cl.Properties.ProtocolVersion}
+	var err error
+	if typ == packets.Pubrec {
+		err = pk.PubrecEncode(&a.out)
+	} else {
+		err = pk.PubackEncode(&a.out)
+	}
+	if err != nil {
+		a.h.limited.Log(a.h.ctx, slog.LevelDebug, "ack", "acknowledgement not encoded", "err", err)
+		return
+	}
+	a.acks.Add(1)
+	if a.out.Len() >= maxHeldAcks {
+		a.flush()
+	}
+}
+
+// flush writes the acknowledgements held, in one write, under the client's
+// lock as mochi's own writes are; a closed connection drops them (the
+// device resends what it has no PUBACK for).
+func (a *acker) flush() {
+	if a.out.Len() == 0 {
+		return
+	}
+	if !a.cl.Closed() && a.cl.Net.Conn != nil {
+		a.cl.Lock()
+		_, err := a.cl.Net.Conn.Write(a.out.Bytes())
+		a.cl.Unlock()
+		a.writes.Add(1)
+		if err != nil {
+			a.h.limited.Log(a.h.ctx, slog.LevelDebug, "ack", "acknowledgements not written", "err", err)
+		}
+	}
+	a.out.Reset()
 }
 
 type inflight struct {
@@ -120,6 +173,9 @@ func (a *acker) run() {
 		select {
 		case it := <-a.q:
 			a.settle(it)
+			if len(a.q) == 0 {
+				a.flush()
+			}
 		case <-a.stop:
 			// Resolve what was handed over, in order: what commits is
 			// acknowledged if the connection still takes it, the rest stays
@@ -129,6 +185,7 @@ func (a *acker) run() {
 				case it := <-a.q:
 					a.settle(it)
 				default:
+					a.flush()
 					return
 				}
 			}
@@ -139,10 +196,12 @@ func (a *acker) run() {
 func (a *acker) settle(it *inflight) {
 	h := a.h
 	if it.overflow != "" {
+		a.flush()
 		h.qos2Overflow(a.cl, it.overflow)
 		return
 	}
 	if it.dupOf != nil {
+		a.flush()
 		// A resend of a held QoS 2 publish (the first may belong to an
 		// earlier connection of the session): PUBREC once it is committed.
 		select {
@@ -156,7 +215,16 @@ func (a *acker) settle(it *inflight) {
 		return
 	}
 	defer h.settled(it)
-	out, err := it.wait(it.ctx)
+	// The acknowledgements held go out before this reading is waited for:
+	// only those of readings committed together share a write.
+	out, err := it.wait(queue.Poll(it.ctx))
+	if errors.Is(err, queue.ErrNotYet) {
+		a.flush()
+		out, err = it.wait(it.ctx)
+	}
+	if err != nil {
+		a.flush() // hold may wait long
+	}
 	// Later publishes of this connection wait behind a held one.
 	if out, err = h.hold(a.cl, it.msg, out, err); err != nil {
 		if it.qos == 2 {
@@ -171,10 +239,7 @@ func (a *acker) settle(it *inflight) {
 		if it.qos == 2 {
 			ackType = packets.Pubrec // [MQTT-4.3.3-8]; PUBCOMP answers the PUBREL
 		}
-		ack := packets.Packet{FixedHeader: packets.FixedHeader{Type: ackType}, PacketID: it.id}
-		if err := a.cl.WritePacket(ack); err != nil {
-			h.limited.Log(h.ctx, slog.LevelDebug, "ack", "acknowledgement not written", "device", it.msg.Device, "err", err)
-		}
+		a.ack(ackType, it.id)
 	}
 	if out == pipeline.Queued && h.srv != nil && (h.generation == nil || h.generation(it.msg.Device) == it.gen) &&
 		(it.retain || hasSubscribers(h.srv, it.topic)) {

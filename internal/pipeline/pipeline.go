@@ -172,7 +172,9 @@ func New(pol Decider, q Appender, opts Options) *Pipeline {
 	}
 }
 
-// Pending waits for the outcome of a message handed to Start.
+// Pending waits for the outcome of a message handed to Start. Called with
+// a queue.Poll context it does not wait: a reading not yet committed
+// answers queue.ErrNotYet, and the Pending may be called again.
 type Pending func(ctx context.Context) (Outcome, error)
 
 func done(out Outcome, err error) Pending {
@@ -295,6 +297,9 @@ func (g *gatewaySealed) seal(seq uint64) ([]byte, error) {
 // outcome is the Pending of Start.
 func (g *gatewaySealed) outcome(ctx context.Context) (Outcome, error) {
 	_, err := g.wait(ctx)
+	if errors.Is(err, queue.ErrNotYet) {
+		return 0, err // nothing settled: sealErr is the committer's still
+	}
 	return g.p.settle(ctx, g.msg, g.dev, &g.sealErr, err)
 }
 
@@ -306,6 +311,9 @@ func (p *Pipeline) enqueue(ctx context.Context, msg Message, dev *policy.Device,
 	}
 	return func(ctx context.Context) (Outcome, error) {
 		_, err := wait(ctx)
+		if errors.Is(err, queue.ErrNotYet) {
+			return 0, err // nothing settled: sealErr is the committer's still
+		}
 		// sealErr was written by the committer before it answered wait.
 		return p.settle(ctx, msg, dev, sealErr, err)
 	}

@@ -316,6 +316,14 @@ func (q *Queue) Enqueue(ctx context.Context, e Entry) (wait func(context.Context
 	}
 	q.closeMu.RUnlock()
 	return func(ctx context.Context) (Item, error) {
+		if ctx.Value(pollKey{}) != nil {
+			select {
+			case r := <-req.done:
+				return r.item, r.err
+			default:
+				return Item{}, ErrNotYet
+			}
+		}
 		select {
 		case r := <-req.done:
 			return r.item, r.err

@@ -10,6 +10,7 @@
 package queue
 
 import (
+	"context"
 	"errors"
 	"time"
 )
@@ -21,7 +22,19 @@ var (
 	ErrQuota = errors.New("queue: disk quota reached")
 	// ErrClosed: the queue is shutting down; the reading was not queued.
 	ErrClosed = errors.New("queue: closed")
+	// ErrNotYet: a wait called with a Poll context found its reading not
+	// committed yet; nothing was consumed, wait again.
+	ErrNotYet = errors.New("queue: not committed yet")
 )
+
+// pollKey marks a Poll context.
+type pollKey struct{}
+
+// Poll returns ctx marked so that a wait of Enqueue answers at once: the
+// reading's outcome when its commit is done, else ErrNotYet. An acker
+// polls the next reading before it blocks on it, to write what it holds
+// for the connection first (mqtt's acker: several PUBACKs, one write).
+func Poll(ctx context.Context) context.Context { return context.WithValue(ctx, pollKey{}, true) }
 
 // Entry is a reading on its way into the queue.
 type Entry struct {
