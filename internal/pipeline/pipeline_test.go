@@ -254,3 +254,39 @@ func TestSubmitInputRules(t *testing.T) {
 		t.Fatalf("queued %d items (%v); want one, without the Inf value", len(items), err)
 	}
 }
+
+// TestPendingPoll: polled while its commit waits, a reading's Pending
+// answers queue.ErrNotYet and settles nothing (not counted, not refused);
+// once committed it answers Queued, counted once.
+func TestPendingPoll(t *testing.T) {
+	q := openQueue(t, 0)
+	m := metrics.New()
+	p := New(testPolicy(t), q, Options{Gateway: "gw-1", Metrics: m})
+	ctx := context.Background()
+	// The committer is busy sealing this entry until release.
+	release := make(chan struct{})
+	blocker, err := q.Enqueue(ctx, queue.Entry{Broker: "https://broker.example/f", Device: "th-0", Type: "T",
+		Seal: func(uint64) ([]byte, error) { <-release; return []byte(`{"t":{"type":"Number","value":1}}`), nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := reading.Source{Kind: "mqtt", Topic: "devices/th-1/telemetry"}
+	pend := p.Start(ctx, Message{Device: "th-1", Source: src, Payload: []byte(`{"temperature": 21.5}`), Received: time.Now()})
+	if out, err := pend(queue.Poll(ctx)); !errors.Is(err, queue.ErrNotYet) || out != 0 {
+		close(release)
+		t.Fatalf("polled while the commit waits = %v, %v; want ErrNotYet", out, err)
+	}
+	if n := counter(t, m.Ingested.WithLabelValues("mqtt")); n != 0 {
+		t.Errorf("ingested = %v after a poll, want 0", n)
+	}
+	close(release)
+	if _, err := blocker(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := pend(ctx); err != nil || out != Queued {
+		t.Fatalf("Pending = %v, %v; want Queued", out, err)
+	}
+	if n := counter(t, m.Ingested.WithLabelValues("mqtt")); n != 1 {
+		t.Errorf("ingested = %v, want 1", n)
+	}
+}

@@ -757,3 +757,40 @@ func TestCommitMetrics(t *testing.T) {
 		t.Fatalf("%d commits of %v readings, %d timed taking %vs; want every commit timed", commits, readings, timed, seconds)
 	}
 }
+
+// TestPollDoesNotWait: a wait called with a Poll context answers at once —
+// ErrNotYet while the reading's commit runs, consuming nothing — and gives
+// the committed item once it is synced.
+func TestPollDoesNotWait(t *testing.T) {
+	q := start(t, Options{})
+	release := make(chan struct{})
+	e := entry("https://b.example/v2", "th-1")
+	seal := e.Seal
+	e.Seal = func(seq uint64) ([]byte, error) { <-release; return seal(seq) }
+	wait, err := q.Enqueue(tctx(t), e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	poll := Poll(tctx(t))
+	for range 3 {
+		if _, err := wait(poll); !errors.Is(err, ErrNotYet) {
+			close(release)
+			t.Fatalf("poll during the commit = %v, want ErrNotYet", err)
+		}
+	}
+	close(release)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		it, err := wait(poll)
+		if err == nil {
+			if it.Seq != 1 || it.Device != "th-1" {
+				t.Fatalf("polled item %+v", it)
+			}
+			return
+		}
+		if !errors.Is(err, ErrNotYet) || time.Now().After(deadline) {
+			t.Fatalf("poll after the commit = %v", err)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
