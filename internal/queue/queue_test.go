@@ -20,6 +20,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/edgegate/edgegate/internal/metrics"
+	"github.com/edgegate/edgegate/internal/testkit"
 )
 
 var testKey = bytes.Repeat([]byte{0x42}, 32)
@@ -751,6 +752,12 @@ func TestCommitMetrics(t *testing.T) {
 		}
 		return d.GetHistogram().GetSampleCount(), d.GetHistogram().GetSampleSum()
 	}
+	// The metrics are observed right after the waits are answered.
+	testkit.Eventually(t, 5*time.Second, "the last commit counted and timed", func() bool {
+		commits, readings := hist(m.CommitBatch)
+		timed, _ := hist(m.CommitSeconds)
+		return readings == 5 && timed == commits
+	})
 	commits, readings := hist(m.CommitBatch)
 	timed, seconds := hist(m.CommitSeconds)
 	if commits == 0 || readings != 5 || timed != commits || seconds <= 0 {
