@@ -89,10 +89,10 @@ func (a *acker) flush() {
 		return
 	}
 	if !a.cl.Closed() && a.cl.Net.Conn != nil {
+		a.writes.Add(1) // before the write: a test that read the PUBACKs sees it
 		a.cl.Lock()
 		_, err := a.cl.Net.Conn.Write(a.out.Bytes())
 		a.cl.Unlock()
-		a.writes.Add(1)
 		if err != nil {
 			a.h.limited.Log(a.h.ctx, slog.LevelDebug, "ack", "acknowledgements not written", "err", err)
 		}
