@@ -388,11 +388,18 @@ func TestMosquittoClientsQoS2AndRefusals(t *testing.T) {
 		out, err := exec.Command("mosquitto_pub", args...).CombinedOutput()
 		return string(out), err
 	}
-	for i, v := range []string{"mqttv311", "mqttv5"} {
-		if out, err := pub(v, "a1", "-q", "2"); err != nil {
-			t.Fatalf("%s QoS 2 publish: %v %s", v, err, out)
+	// Both acknowledgements the acker encodes itself (acker.ack), in both
+	// protocol versions: mosquitto_pub fails on a malformed one.
+	n := 0
+	for _, v := range []string{"mqttv311", "mqttv5"} {
+		for _, qos := range []string{"1", "2"} {
+			if out, err := pub(v, "a1", "-q", qos); err != nil {
+				t.Fatalf("%s QoS %s publish: %v %s", v, qos, err, out)
+			}
+			n++
+			want := n
+			eventually(t, v+" QoS "+qos+" reading", func() bool { return in.count(topicA1) == want })
 		}
-		eventually(t, v+" QoS 2 reading", func() bool { return in.count(topicA1) == i+1 })
 	}
 	// A persistent session of a1's, then b1 presenting its client id.
 	a1 := e.rawConnectPersistent(t, "a1-mosq")
@@ -411,8 +418,8 @@ func TestMosquittoClientsQoS2AndRefusals(t *testing.T) {
 			t.Errorf("%s: b1 with a will on a1's topic: %v %q, want not authorized", v.version, err, out)
 		}
 	}
-	if n := in.count(topicA1); n != 2 {
-		t.Fatalf("a1's topic received %d messages, want its 2 readings only", n)
+	if got := in.count(topicA1); got != n {
+		t.Fatalf("a1's topic received %d messages, want its %d readings only", got, n)
 	}
 }
 
