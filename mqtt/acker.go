@@ -56,6 +56,9 @@ type acker struct {
 	// acks and writes count acknowledgements and the writes that carried
 	// them (tests).
 	acks, writes atomic.Int64
+	// poll is a context already done: a wait given it answers at once
+	// (queue.ErrNotYet when the reading is not committed yet).
+	poll context.Context
 }
 
 // maxHeldAcks bounds the acknowledgements held before a write.
@@ -142,7 +145,9 @@ func (h *ingestHook) ackerFor(cl *mochi.Client) *acker {
 	if a, ok := h.ackers[cl]; ok {
 		return a
 	}
-	a := &acker{h: h, cl: cl, q: make(chan *inflight, window), stop: make(chan struct{}), own: semaphore.NewWeighted(h.connMax)}
+	poll, done := context.WithCancel(context.Background())
+	done()
+	a := &acker{h: h, cl: cl, q: make(chan *inflight, window), stop: make(chan struct{}), own: semaphore.NewWeighted(h.connMax), poll: poll}
 	h.ackers[cl] = a
 	h.wg.Add(1)
 	go a.run()
@@ -217,7 +222,7 @@ func (a *acker) settle(it *inflight) {
 	defer h.settled(it)
 	// The acknowledgements held go out before this reading is waited for:
 	// only those of readings committed together share a write.
-	out, err := it.wait(queue.Poll(it.ctx))
+	out, err := it.wait(a.poll)
 	if errors.Is(err, queue.ErrNotYet) {
 		a.flush()
 		out, err = it.wait(it.ctx)

@@ -172,9 +172,10 @@ func New(pol Decider, q Appender, opts Options) *Pipeline {
 	}
 }
 
-// Pending waits for the outcome of a message handed to Start. Called with
-// a queue.Poll context it does not wait: a reading not yet committed
-// answers queue.ErrNotYet, and the Pending may be called again.
+// Pending waits for the outcome of a message handed to Start. Its ctx done
+// before the reading was committed, it answers an error wrapping
+// queue.ErrNotYet, settles nothing, and may be called again; a ctx already
+// done makes it a poll.
 type Pending func(ctx context.Context) (Outcome, error)
 
 func done(out Outcome, err error) Pending {
@@ -297,9 +298,6 @@ func (g *gatewaySealed) seal(seq uint64) ([]byte, error) {
 // outcome is the Pending of Start.
 func (g *gatewaySealed) outcome(ctx context.Context) (Outcome, error) {
 	_, err := g.wait(ctx)
-	if errors.Is(err, queue.ErrNotYet) {
-		return 0, err // nothing settled: sealErr is the committer's still
-	}
 	return g.p.settle(ctx, g.msg, g.dev, &g.sealErr, err)
 }
 
@@ -311,15 +309,16 @@ func (p *Pipeline) enqueue(ctx context.Context, msg Message, dev *policy.Device,
 	}
 	return func(ctx context.Context) (Outcome, error) {
 		_, err := wait(ctx)
-		if errors.Is(err, queue.ErrNotYet) {
-			return 0, err // nothing settled: sealErr is the committer's still
-		}
-		// sealErr was written by the committer before it answered wait.
 		return p.settle(ctx, msg, dev, sealErr, err)
 	}
 }
 
 func (p *Pipeline) settle(ctx context.Context, msg Message, dev *policy.Device, sealErr *error, err error) (Outcome, error) {
+	if errors.Is(err, queue.ErrNotYet) {
+		// The committer has not answered: nothing to settle, and sealErr
+		// is its to write still (it is read only after an answer).
+		return 0, fmt.Errorf("queue reading of %s: %w", dev.ID, err)
+	}
 	if err != nil {
 		if *sealErr != nil {
 			p.refuse(ctx, reasonOf(*sealErr), msg, (*sealErr).Error())

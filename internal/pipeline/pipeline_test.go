@@ -255,8 +255,8 @@ func TestSubmitInputRules(t *testing.T) {
 	}
 }
 
-// TestPendingPoll: polled while its commit waits, a reading's Pending
-// answers queue.ErrNotYet and settles nothing (not counted, not refused);
+// TestPendingPoll: polled (a context already done) while its commit waits,
+// a reading's Pending answers queue.ErrNotYet and settles nothing (not counted, not refused);
 // once committed it answers Queued, counted once.
 func TestPendingPoll(t *testing.T) {
 	q := openQueue(t, 0)
@@ -272,7 +272,9 @@ func TestPendingPoll(t *testing.T) {
 	}
 	src := reading.Source{Kind: "mqtt", Topic: "devices/th-1/telemetry"}
 	pend := p.Start(ctx, Message{Device: "th-1", Source: src, Payload: []byte(`{"temperature": 21.5}`), Received: time.Now()})
-	if out, err := pend(queue.Poll(ctx)); !errors.Is(err, queue.ErrNotYet) || out != 0 {
+	poll, cancel := context.WithCancel(ctx)
+	cancel()
+	if out, err := pend(poll); !errors.Is(err, queue.ErrNotYet) || out != 0 {
 		close(release)
 		t.Fatalf("polled while the commit waits = %v, %v; want ErrNotYet", out, err)
 	}

@@ -281,9 +281,9 @@ func (q *Queue) Append(ctx context.Context, e Entry) (Item, error) {
 
 // Enqueue hands an entry to the committer and returns without waiting for
 // the commit; wait blocks until the batch that carried it was synced (or
-// failed). Entries enqueued by one goroutine are committed in that order,
-// so a source can keep several readings in flight and still acknowledge
-// them in order.
+// failed), or its ctx is done (ErrNotYet; a done ctx polls). Entries
+// enqueued by one goroutine are committed in that order, so a source can
+// keep several readings in flight and still acknowledge them in order.
 func (q *Queue) Enqueue(ctx context.Context, e Entry) (wait func(context.Context) (Item, error), err error) {
 	switch {
 	case e.Seal == nil:
@@ -316,13 +316,10 @@ func (q *Queue) Enqueue(ctx context.Context, e Entry) (wait func(context.Context
 	}
 	q.closeMu.RUnlock()
 	return func(ctx context.Context) (Item, error) {
-		if ctx.Value(pollKey{}) != nil {
-			select {
-			case r := <-req.done:
-				return r.item, r.err
-			default:
-				return Item{}, ErrNotYet
-			}
+		select { // an answer first, even to a context already done
+		case r := <-req.done:
+			return r.item, r.err
+		default:
 		}
 		select {
 		case r := <-req.done:
@@ -330,7 +327,7 @@ func (q *Queue) Enqueue(ctx context.Context, e Entry) (wait func(context.Context
 		case <-ctx.Done():
 			// The committer may still commit it: not acknowledged, so at
 			// worst a duplicate with its own seq later.
-			return Item{}, fmt.Errorf("append: %w", ctx.Err())
+			return Item{}, fmt.Errorf("append: %w: %w", ErrNotYet, ctx.Err())
 		}
 	}, nil
 }

@@ -765,9 +765,9 @@ func TestCommitMetrics(t *testing.T) {
 	}
 }
 
-// TestPollDoesNotWait: a wait called with a Poll context answers at once —
-// ErrNotYet while the reading's commit runs, consuming nothing — and gives
-// the committed item once it is synced.
+// TestPollDoesNotWait: a wait given a context already done answers at once
+// — ErrNotYet, wrapping the context's error, while the reading's commit
+// runs, consuming nothing — and gives the committed item once it is synced.
 func TestPollDoesNotWait(t *testing.T) {
 	q := start(t, Options{})
 	release := make(chan struct{})
@@ -778,26 +778,24 @@ func TestPollDoesNotWait(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	poll := Poll(tctx(t))
+	poll, done := context.WithCancel(context.Background())
+	done()
 	for range 3 {
-		if _, err := wait(poll); !errors.Is(err, ErrNotYet) {
+		if _, err := wait(poll); !errors.Is(err, ErrNotYet) || !errors.Is(err, context.Canceled) {
 			close(release)
-			t.Fatalf("poll during the commit = %v, want ErrNotYet", err)
+			t.Fatalf("poll during the commit = %v, want ErrNotYet and context.Canceled", err)
 		}
 	}
 	close(release)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		it, err := wait(poll)
-		if err == nil {
-			if it.Seq != 1 || it.Device != "th-1" {
-				t.Fatalf("polled item %+v", it)
-			}
-			return
-		}
-		if !errors.Is(err, ErrNotYet) || time.Now().After(deadline) {
+	var it Item
+	testkit.Eventually(t, 10*time.Second, "the polled item once committed", func() bool {
+		var err error
+		if it, err = wait(poll); err != nil && !errors.Is(err, ErrNotYet) {
 			t.Fatalf("poll after the commit = %v", err)
 		}
-		time.Sleep(time.Millisecond)
+		return err == nil
+	})
+	if it.Seq != 1 || it.Device != "th-1" {
+		t.Fatalf("polled item %+v", it)
 	}
 }

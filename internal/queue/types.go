@@ -10,7 +10,6 @@
 package queue
 
 import (
-	"context"
 	"errors"
 	"time"
 )
@@ -22,19 +21,15 @@ var (
 	ErrQuota = errors.New("queue: disk quota reached")
 	// ErrClosed: the queue is shutting down; the reading was not queued.
 	ErrClosed = errors.New("queue: closed")
-	// ErrNotYet: a wait called with a Poll context found its reading not
-	// committed yet; nothing was consumed, wait again.
+	// ErrNotYet: a wait of Enqueue returned before the committer answered,
+	// its context done (the error wraps ctx.Err() too). Nothing was
+	// consumed: the reading may still be committed, and a later wait gets
+	// its outcome. A wait given a context that is already done polls: it
+	// answers at once, the outcome if the commit is done, else ErrNotYet
+	// (mqtt's acker polls the next reading before it blocks on it, to
+	// write the PUBACKs it holds first).
 	ErrNotYet = errors.New("queue: not committed yet")
 )
-
-// pollKey marks a Poll context.
-type pollKey struct{}
-
-// Poll returns ctx marked so that a wait of Enqueue answers at once: the
-// reading's outcome when its commit is done, else ErrNotYet. An acker
-// polls the next reading before it blocks on it, to write what it holds
-// for the connection first (mqtt's acker: several PUBACKs, one write).
-func Poll(ctx context.Context) context.Context { return context.WithValue(ctx, pollKey{}, true) }
 
 // Entry is a reading on its way into the queue.
 type Entry struct {
