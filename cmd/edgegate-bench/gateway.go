@@ -261,79 +261,86 @@ func startDaemon(bin string, g gwSpec) (*proc, error) {
 // queuedTotal reads edgegate_readings_queued_total from the daemon's
 // metrics endpoint: readings durably committed.
 func (p *proc) queuedTotal() (int64, error) {
-	n, err := p.metricSum("edgegate_readings_queued_total")
-	return int64(n), err
+	v, err := p.metricSums("edgegate_readings_queued_total")
+	return int64(v[0]), err
 }
 
-// syncs is how many group commits the daemon synced so far (the count of
-// edgegate_queue_commit_batch_size): readings per sync is the share of one
-// fsync each reading paid. 0 without a daemon or its metrics: the figure
-// is then left out, not failed.
-func (p *proc) syncs() int64 {
+// gwCounters is what the daemon's metrics say of its commits and its
+// uplink so far; a phase's figures are the difference of two.
+type gwCounters struct {
+	// syncs: group commits synced (edgegate_queue_commit_batch_size):
+	// readings per sync is the share of one fsync each reading paid.
+	syncs int64
+	// commitSeconds: what they took in all; slowCommits: how many took
+	// over 100 ms (edgegate_queue_commit_seconds): a stall of the
+	// committer shows in the tail of a phase's latency.
+	commitSeconds float64
+	slowCommits   int64
+	// requests, requestSeconds: the uplink's requests and what they took
+	// (edgegate_uplink_request_seconds): readings per request is what a
+	// request's fixed cost is shared by, and a mean time that grows says
+	// the broker, or the cores it shares, is the limit.
+	requests       int64
+	requestSeconds float64
+}
+
+// counters reads gwCounters in one scrape. Zero without a daemon or its
+// metrics: the figures are then left out, not failed.
+func (p *proc) counters() gwCounters {
 	if p == nil {
-		return 0
+		return gwCounters{}
 	}
-	n, _ := p.metricSum("edgegate_queue_commit_batch_size_count")
-	return int64(n)
+	v, err := p.metricSums("edgegate_queue_commit_batch_size_count", "edgegate_queue_commit_seconds_sum",
+		"edgegate_queue_commit_seconds_count", `edgegate_queue_commit_seconds_bucket{le="0.1"}`,
+		"edgegate_uplink_request_seconds_count", "edgegate_uplink_request_seconds_sum")
+	if err != nil {
+		return gwCounters{}
+	}
+	return gwCounters{syncs: int64(v[0]), commitSeconds: v[1], slowCommits: int64(v[2] - v[3]),
+		requests: int64(v[4]), requestSeconds: v[5]}
 }
 
-// commitTimes is the seconds the daemon's commits took in all so far, and
-// how many took over 100 ms (edgegate_queue_commit_seconds): a stall of the
-// committer shows in the tail of a phase's latency.
-func (p *proc) commitTimes() (seconds float64, slow int64) {
-	if p == nil {
-		return 0, 0
-	}
-	seconds, _ = p.metricSum("edgegate_queue_commit_seconds_sum")
-	all, _ := p.metricSum("edgegate_queue_commit_seconds_count")
-	fast, _ := p.metricSum(`edgegate_queue_commit_seconds_bucket{le="0.1"}`)
-	return seconds, int64(all - fast)
+func (c gwCounters) sub(o gwCounters) gwCounters {
+	return gwCounters{syncs: c.syncs - o.syncs, commitSeconds: c.commitSeconds - o.commitSeconds,
+		slowCommits: c.slowCommits - o.slowCommits, requests: c.requests - o.requests,
+		requestSeconds: c.requestSeconds - o.requestSeconds}
 }
 
-// uplinkRequests is how many requests the daemon's uplink made so far and
-// the seconds they took in all (edgegate_uplink_request_seconds): readings
-// per request is what a request's fixed cost is shared by, and a mean
-// time that grows says the broker, or the cores it shares, is the limit.
-func (p *proc) uplinkRequests() (n int64, seconds float64) {
-	if p == nil {
-		return 0, 0
-	}
-	c, _ := p.metricSum("edgegate_uplink_request_seconds_count")
-	s, _ := p.metricSum("edgegate_uplink_request_seconds_sum")
-	return int64(c), s
-}
-
-// metricSum adds up every series of one metric (all label sets) on the
-// daemon's metrics endpoint, named in its ready line.
-func (p *proc) metricSum(name string) (float64, error) {
+// metricSums reads the daemon's metrics endpoint, named in its ready line,
+// once, and adds up every series (all label sets) of each name: a name
+// may carry a label set of its own (`name{le="0.1"}`) to pick that one.
+func (p *proc) metricSums(names ...string) ([]float64, error) {
+	sums := make([]float64, len(names))
 	var rec map[string]any
 	if err := json.Unmarshal([]byte(p.ready), &rec); err != nil {
-		return 0, fmt.Errorf("ready line: %w", err)
+		return sums, fmt.Errorf("ready line: %w", err)
 	}
 	addr, _ := rec["metrics"].(string)
 	if addr == "" {
-		return 0, errors.New("the daemon names no metrics address")
+		return sums, errors.New("the daemon names no metrics address")
 	}
 	resp, err := http.Get("http://" + addr + "/metrics")
 	if err != nil {
-		return 0, err
+		return sums, err
 	}
 	defer resp.Body.Close()
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	var total float64
 	for sc.Scan() {
-		v, ok := strings.CutPrefix(sc.Text(), name)
-		// The name alone, or with labels: not a longer metric's prefix.
-		if !ok || (v != "" && v[0] != ' ' && v[0] != '{') {
-			continue
-		}
-		var f float64
-		if _, err := fmt.Sscan(strings.TrimSpace(v[strings.LastIndexByte(v, ' ')+1:]), &f); err == nil {
-			total += f
+		line := sc.Text()
+		for i, name := range names {
+			v, ok := strings.CutPrefix(line, name)
+			// The name alone, or with labels: not a longer metric's prefix.
+			if !ok || (v != "" && v[0] != ' ' && v[0] != '{') {
+				continue
+			}
+			var f float64
+			if _, err := fmt.Sscan(strings.TrimSpace(v[strings.LastIndexByte(v, ' ')+1:]), &f); err == nil {
+				sums[i] += f
+			}
 		}
 	}
-	return total, sc.Err()
+	return sums, sc.Err()
 }
 
 // startInProcess runs this program's `gateway` subcommand: the daemon's

@@ -489,9 +489,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 			ls.resetSample()
 		}
 		prof.start()
-		syncs0 := gw.syncs()
-		req0, reqSec0 := gw.uplinkRequests()
-		commitSec0, slow0 := gw.commitTimes()
+		counters0 := gw.counters()
 		m0, b0, self0 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		start := time.Now()
 		pr := f.publish(ctx, total, rate, cfg.Window, maxDur)
@@ -499,18 +497,15 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		// 15 s (what is missing then is counted lost).
 		s.waitSettled(pr.Sent, 15*time.Second, 5*time.Minute)
 		m1, b1, self1 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
-		syncs1 := gw.syncs()
-		req1, reqSec1 := gw.uplinkRequests()
-		commitSec1, slow1 := gw.commitTimes()
+		c := gw.counters().sub(counters0)
 		prof.stop(name)
 		st := s.stats()
 		p := peerPhase{Name: name, TargetRate: rate, LoadAvg: loadAvg(), CPUMainMS: ms(m1 - m0), CPUBrokerMS: ms(b1 - b0),
 			P50MS: ms(st.P50), P99MS: ms(st.P99), PublishFailed: pr.Failed, AcksOutOfOrder: pr.AcksOutOfOrder,
 			SigVerified: st.Verified, SigInvalid: st.Invalid, SigWhy: st.InvalidWhy, seqCounts: s.tally(f.base, ids, pr.PerDevice)}
 		f.base += int64(total)
-		p.Syncs = syncs1 - syncs0
-		p.Requests, p.RequestSeconds = req1-req0, reqSec1-reqSec0
-		p.CommitSeconds, p.SlowCommits = commitSec1-commitSec0, slow1-slow0
+		p.Syncs, p.CommitSeconds, p.SlowCommits = c.syncs, c.commitSeconds, c.slowCommits
+		p.Requests, p.RequestSeconds = c.requests, c.requestSeconds
 		if pr.Acked > 0 && pr.Elapsed > 0 {
 			p.IngestRate = float64(pr.Acked) / pr.Elapsed.Seconds()
 		}
