@@ -1,6 +1,7 @@
 package envelope
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -32,6 +33,10 @@ const packedV1 = 0x01
 // is cut short or inconsistent (the store's AEAD makes that a bug, not an
 // attack, but it is never a panic).
 var errPacked = errors.New("malformed packed body")
+
+// errNotObject: a body stored in full that is not a JSON object, which no
+// broker accepts as an attribute update.
+var errNotObject = errors.New("stored body is not a JSON object")
 
 // bodyWriter renders an NGSI attribute update, in full or packed, from
 // attributes appended between begin and end: the one renderer of Body,
@@ -103,7 +108,26 @@ func AppendBody(dst, stored []byte) ([]byte, error) {
 		return append(dst, stored...), nil
 	}
 	mark := len(dst)
-	dst = append(dst, '{')
+	dst, err := AppendAttrs(append(dst, '{'), stored)
+	if err != nil {
+		return dst[:mark], err
+	}
+	return append(dst, '}'), nil
+}
+
+// AppendAttrs appends to dst the attributes of the update stored holds,
+// without the braces around them — what an op/update entity carries after
+// its id and type — rendered straight from a packed body, trimmed from a
+// body stored in full. On an error dst is returned as it was.
+func AppendAttrs(dst, stored []byte) ([]byte, error) {
+	if len(stored) == 0 || stored[0] != packedV1 {
+		body := bytes.TrimSpace(stored)
+		if len(body) < 2 || body[0] != '{' || body[len(body)-1] != '}' {
+			return dst, errNotObject
+		}
+		return append(dst, bytes.TrimSpace(body[1:len(body)-1])...), nil
+	}
+	mark := len(dst)
 	err := eachAttr(stored, func(i int, meta, attr []byte) {
 		if i > 0 {
 			dst = append(dst, ',')
@@ -114,7 +138,7 @@ func AppendBody(dst, stored []byte) ([]byte, error) {
 	if err != nil {
 		return dst[:mark], err
 	}
-	return append(dst, '}'), nil
+	return dst, nil
 }
 
 // BodyLen is the length of what AppendBody appends for stored, without

@@ -174,3 +174,30 @@ func FuzzAppendBody(f *testing.F) {
 		}
 	})
 }
+
+// TestAppendAttrs: the attributes without their braces, from a body stored
+// in full (trimmed) or packed (rendered); a stored body that is not an
+// object is an error and leaves dst as it was.
+func TestAppendAttrs(t *testing.T) {
+	for in, want := range map[string]string{`{"a":{"type":"Number","value":1}}`: `"a":{"type":"Number","value":1}`, ` { "x":1 } `: `"x":1`, `{}`: ``} {
+		got, err := AppendAttrs([]byte("dst"), []byte(in))
+		if err != nil || string(got) != "dst"+want {
+			t.Errorf("AppendAttrs(%q) = %q, %v; want %q", in, got, err, "dst"+want)
+		}
+	}
+	for _, in := range []string{``, `[1]`, `"s"`, `{`} {
+		if got, err := AppendAttrs([]byte("dst"), []byte(in)); !errors.Is(err, errNotObject) || string(got) != "dst" {
+			t.Errorf("AppendAttrs(%q) = %q, %v; want errNotObject", in, got, err)
+		}
+	}
+	k := testKey(t, "th-1", "k1-aaa", "k2-bbb")
+	packed, err := SealPacked(k, "gw-1", 7, sampleReading(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	full, _ := AppendBody(nil, packed)
+	attrs, err := AppendAttrs(nil, packed)
+	if err != nil || "{"+string(attrs)+"}" != string(full) {
+		t.Errorf("packed: attributes %s, %v; the body is %s", attrs, err, full)
+	}
+}

@@ -1,7 +1,6 @@
 package uplink
 
 import (
-	"bytes"
 	"fmt"
 	"net/url"
 	"strings"
@@ -19,9 +18,9 @@ import (
 // parseBatchUpdate.cpp).
 
 // batchBody renders the op/update body: each stored body (an NGSI
-// attribute object, packed or not: envelope.AppendBody) becomes an entity
-// with "id" and "type" spliced in front of its attributes. The packed body
-// is rendered straight into the request: no copy of it in between.
+// attribute object, packed or not) becomes an entity with "id" and "type"
+// in front of its attributes, rendered straight into the request
+// (envelope.AppendAttrs).
 func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
 	b := make([]byte, 0, sizeHint+64)
 	b = append(b, `{"actionType":"append","entities":[`...)
@@ -37,21 +36,14 @@ func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
 			b = append(b, `,"type":`...)
 			b = envelope.AppendJSONString(b, it.Type)
 		}
+		b = append(b, ',')
 		mark := len(b)
 		var err error
-		if b, err = envelope.AppendBody(b, it.Body); err != nil {
+		if b, err = envelope.AppendAttrs(b, it.Body); err != nil {
 			return nil, fmt.Errorf("reading %s/%d: %w", it.Device, it.Seq, err)
 		}
-		// The body's own braces go: its attributes join the entity's.
-		body := bytes.TrimSpace(b[mark:])
-		if len(body) < 2 || body[0] != '{' || body[len(body)-1] != '}' {
-			return nil, fmt.Errorf("reading %s/%d is not a JSON object", it.Device, it.Seq)
-		}
-		inner := bytes.TrimSpace(body[1 : len(body)-1])
-		b = b[:mark]
-		if len(inner) > 0 {
-			b = append(b, ',')
-			b = append(b, inner...) // copy within b, to an earlier place: safe
+		if len(b) == mark {
+			b = b[:mark-1] // no attributes: no comma
 		}
 		b = append(b, '}')
 	}
