@@ -42,7 +42,7 @@ func main() {
 		// Subcommands: the in-process gateway and the bare mochi broker
 		// run as child processes (their CPU and RSS are measured apart
 		// from the load generator's); `peers` is `make bench-peers`.
-		sub := map[string]func([]string) error{"gateway": runGateway, "mochi": runMochi, "peers": runPeers}[os.Args[1]]
+		sub := map[string]func([]string) error{"gateway": runGateway, "mochi": runMochi, "peers": runPeers, "profsplit": runProfSplit}[os.Args[1]]
 		if sub != nil {
 			if err := sub(os.Args[2:]); err != nil {
 				fmt.Fprintf(os.Stderr, "edgegate-bench %s: %v\n", os.Args[1], err)

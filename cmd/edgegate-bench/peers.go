@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -348,7 +349,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 	}
 	var ts *telegrafSink
 	var ls *lightSink
-	var prof *phaseProfiler
+	var prof phaseProfiler = noProfiler{}
 	switch sys.Kind {
 	case "raw":
 		if sys.Broker == "embedded" {
@@ -396,12 +397,23 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 	case "telegraf":
 		ts = startTelegrafSink(s)
 		stops = append(stops, func() error { ts.srv.Close(); return nil })
-		p, _, err := startTelegraf(cfg.Telegraf, dir, mqttURL, ts, cfg.Flush)
+		var pprofAddr string
+		if cfg.ProfileDir != "" {
+			port, err := freePort()
+			if err != nil {
+				return r, err
+			}
+			pprofAddr = fmt.Sprintf("127.0.0.1:%d", port)
+		}
+		p, _, err := startTelegraf(cfg.Telegraf, dir, mqttURL, ts, cfg.Flush, pprofAddr)
 		if err != nil {
 			return r, fmt.Errorf("telegraf: %w", err)
 		}
 		stops = append(stops, p.stop)
 		mainPID = p.pid()
+		if pprofAddr != "" {
+			prof = &httpProfiler{addr: pprofAddr, to: cfg.ProfileDir, slug: "telegraf", burst: telegrafBurstProfile, paced: cfg.Paced}
+		}
 	case "edgegate":
 		// centralsim issues the gateway's token; the readings go to the
 		// light sink (lightsink.go), which costs per reading what
@@ -444,7 +456,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		stops = append(stops, p.stop)
 		mainPID, gw = p.pid(), p
 		if g.ProfileDir != "" {
-			prof = &phaseProfiler{pid: mainPID, from: g.ProfileDir, to: cfg.ProfileDir, slug: profileSlug(sys)}
+			prof = &signalProfiler{pid: mainPID, from: g.ProfileDir, to: cfg.ProfileDir, slug: profileSlug(sys)}
 		}
 		if mqttURL == "" {
 			mqttURL = p.MQTT
@@ -488,7 +500,7 @@ func runPeer(ctx context.Context, cfg peersConfig, sys peerSystem, bin, self, wo
 		if ls != nil {
 			ls.resetSample()
 		}
-		prof.start()
+		prof.start(name)
 		counters0 := gw.counters()
 		m0, b0, self0 := cpuOf(mainPID), cpuOf(brokerPID), cpuOf(os.Getpid())
 		start := time.Now()
@@ -815,12 +827,27 @@ func loadRange(rs []peerResult) (lo, hi float64) {
 	return lo, hi
 }
 
-// phaseProfiler takes a CPU profile of the daemon (built with -tags
-// benchprofile: cmd/edgegate/benchprofile.go) over each phase of a gateway
-// row: SIGUSR1 before the phase, SIGUSR2 after it; the daemon writes
-// from/<n>.pprof, which is moved to to/<slug>-<phase>.pprof beside its
-// `go tool pprof -top` text. A nil profiler does nothing.
-type phaseProfiler struct {
+// phaseProfiler takes a CPU profile of a row's main process over each
+// phase (BENCH_PEERS_PROFILE): start before the phase, stop after it. The
+// profile lands in the profile directory as <slug>-<phase>.pprof, beside
+// its `go tool pprof -top` text (publishProfile).
+type phaseProfiler interface {
+	start(phase string)
+	stop(phase string)
+}
+
+// noProfiler is the profiler of a run without BENCH_PEERS_PROFILE, and of
+// the raw rows.
+type noProfiler struct{}
+
+func (noProfiler) start(string) {}
+func (noProfiler) stop(string)  {}
+
+// signalProfiler profiles the daemon (built with -tags benchprofile:
+// cmd/edgegate/benchprofile.go): SIGUSR1 before the phase, SIGUSR2 after
+// it; the daemon writes from/<n>.pprof (and <n>.trace with
+// BENCH_PEERS_TRACE).
+type signalProfiler struct {
 	pid      int
 	from, to string
 	slug     string
@@ -831,20 +858,14 @@ func profileSlug(sys peerSystem) string {
 	return sys.Broker + "-" + sys.Mode
 }
 
-func (p *phaseProfiler) start() {
-	if p == nil {
-		return
-	}
+func (p *signalProfiler) start(string) {
 	p.n++
 	if err := syscall.Kill(p.pid, syscall.SIGUSR1); err != nil {
 		fmt.Fprintln(os.Stderr, "  profile:", err)
 	}
 }
 
-func (p *phaseProfiler) stop(phase string) {
-	if p == nil {
-		return
-	}
+func (p *signalProfiler) stop(phase string) {
 	if err := syscall.Kill(p.pid, syscall.SIGUSR2); err != nil {
 		fmt.Fprintln(os.Stderr, "  profile:", err)
 		return
@@ -871,11 +892,72 @@ func (p *phaseProfiler) stop(phase string) {
 			fmt.Fprintf(os.Stderr, "  trace: %s\n", tr)
 		}
 	}
-	b, err := os.ReadFile(src)
-	if err == nil {
-		err = os.WriteFile(dst, b, 0o644)
+	// The allocations over the phase (benchprofile.go's writeAllocs):
+	// `go tool pprof -sample_index=alloc_space -base <x>.allocs0 <x>.allocs`.
+	for _, ext := range []string{".allocs0", ".allocs"} {
+		if b, err := os.ReadFile(filepath.Join(p.from, fmt.Sprintf("%d%s", p.n, ext))); err == nil {
+			_ = os.WriteFile(strings.TrimSuffix(dst, ".pprof")+ext, b, 0o644)
+		}
 	}
+	b, err := os.ReadFile(src)
 	if err != nil {
+		fmt.Fprintln(os.Stderr, "  profile:", err)
+		return
+	}
+	publishProfile(dst, b)
+}
+
+// telegrafBurstProfile is how much of a burst Telegraf is profiled for:
+// its endpoint takes a length up front, and a 50k burst lasts ~3 s here,
+// so the profile covers its first, steady, 2 s.
+const telegrafBurstProfile = 2 * time.Second
+
+// httpProfiler profiles Telegraf through its own pprof endpoint
+// (--pprof-addr: Go's net/http/pprof), which profiles for a length given
+// up front: a burst for its first part (burst), a paced or half phase for
+// its whole length (paced).
+type httpProfiler struct {
+	addr         string
+	to, slug     string
+	burst, paced time.Duration
+	got          chan []byte
+}
+
+func (p *httpProfiler) start(phase string) {
+	d := p.paced
+	if phase == "burst" {
+		d = p.burst
+	}
+	p.got = make(chan []byte, 1)
+	go func(got chan<- []byte) {
+		url := fmt.Sprintf("http://%s/debug/pprof/profile?seconds=%d", p.addr, int(d.Seconds()))
+		c := &http.Client{Timeout: d + 30*time.Second}
+		resp, err := c.Get(url)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "  profile:", err)
+			got <- nil
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			fmt.Fprintln(os.Stderr, "  profile: telegraf answered", resp.Status, err)
+			b = nil
+		}
+		got <- b
+	}(p.got)
+}
+
+func (p *httpProfiler) stop(phase string) {
+	if b := <-p.got; b != nil {
+		publishProfile(filepath.Join(p.to, p.slug+"-"+phase+".pprof"), b)
+	}
+}
+
+// publishProfile writes a CPU profile to dst, and its `go tool pprof -top`
+// (flat, then cumulative) beside it as .top.txt.
+func publishProfile(dst string, b []byte) {
+	if err := os.WriteFile(dst, b, 0o644); err != nil {
 		fmt.Fprintln(os.Stderr, "  profile:", err)
 		return
 	}
@@ -885,6 +967,14 @@ func (p *phaseProfiler) stop(phase string) {
 		return
 	}
 	cum, _ := exec.Command("go", "tool", "pprof", "-top", "-cum", "-nodecount=60", dst).Output()
-	_ = os.WriteFile(strings.TrimSuffix(dst, ".pprof")+".top.txt", append(append(top, "\n--- cumulative ---\n"...), cum...), 0o644)
+	var split bytes.Buffer
+	if shares, total, err := splitProfile(dst); err == nil {
+		split.WriteString("--- by part (edgegate-bench profsplit) ---\n")
+		formatSplit(&split, shares, total, 0)
+		split.WriteString("\n")
+	}
+	text := append(split.Bytes(), top...)
+	text = append(append(text, "\n--- cumulative ---\n"...), cum...)
+	_ = os.WriteFile(strings.TrimSuffix(dst, ".pprof")+".top.txt", text, 0o644)
 	fmt.Fprintf(os.Stderr, "  profile: %s\n", dst)
 }

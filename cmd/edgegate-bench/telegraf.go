@@ -193,8 +193,10 @@ func checkTelegraf(bin string) error {
 }
 
 // startTelegraf writes the configuration into dir and runs Telegraf until
-// its MQTT consumer has connected.
-func startTelegraf(bin, dir, mqttURL string, ts *telegrafSink, flush time.Duration) (*proc, string, error) {
+// its MQTT consumer has connected. A pprofAddr ("127.0.0.1:port") turns on
+// Telegraf's own pprof endpoint (its --pprof-addr flag), for
+// BENCH_PEERS_PROFILE.
+func startTelegraf(bin, dir, mqttURL string, ts *telegrafSink, flush time.Duration, pprofAddr string) (*proc, string, error) {
 	ca := filepath.Join(dir, "telegraf-sink-ca.pem")
 	if err := os.WriteFile(ca, ts.caPEM(), 0o600); err != nil {
 		return nil, "", err
@@ -204,7 +206,11 @@ func startTelegraf(bin, dir, mqttURL string, ts *telegrafSink, flush time.Durati
 	if err := os.WriteFile(cf, []byte(conf), 0o600); err != nil {
 		return nil, "", err
 	}
-	cmd := exec.Command(bin, "--config", cf)
+	args := []string{"--config", cf}
+	if pprofAddr != "" {
+		args = append(args, "--pprof-addr", pprofAddr)
+	}
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(), "HOME="+dir)
 	// mqtt_consumer logs "Connected [<servers>]" once subscribed
 	// (plugins/inputs/mqtt_consumer of Telegraf).

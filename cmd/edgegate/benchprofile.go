@@ -55,6 +55,7 @@ func init() {
 						fmt.Fprintln(os.Stderr, "benchprofile:", err)
 					}
 				}
+				writeAllocs(filepath.Join(dir, fmt.Sprintf("%d.allocs0", n)))
 				if err := pprof.StartCPUProfile(f); err != nil {
 					fmt.Fprintln(os.Stderr, "benchprofile:", err)
 					f.Close()
@@ -67,6 +68,7 @@ func init() {
 				}
 			case s == syscall.SIGUSR2 && f != nil:
 				pprof.StopCPUProfile()
+				writeAllocs(filepath.Join(dir, fmt.Sprintf("%d.allocs", n)))
 				if tf != nil {
 					trace.Stop()
 					name := tf.Name()
@@ -85,4 +87,21 @@ func init() {
 			}
 		}
 	}()
+}
+
+// writeAllocs writes the heap profile (allocations since the start, every
+// 512 KB sampled): the phase's allocations are the difference between the
+// one at SIGUSR1 and the one at SIGUSR2 (`go tool pprof
+// -sample_index=alloc_space -base <n>.allocs0 <n>.allocs`). Written before
+// the CPU profile is published, which is what the bench waits for.
+func writeAllocs(path string) {
+	f, err := os.Create(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "benchprofile:", err)
+		return
+	}
+	defer f.Close()
+	if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+		fmt.Fprintln(os.Stderr, "benchprofile:", err)
+	}
 }
