@@ -34,7 +34,7 @@ var profParts = []profPart{
 	{"queue: encrypt each reading (AES-GCM, device key)", regexp.MustCompile(`internal/queue\.(sealItem|sealInPlace)`)},
 	{"queue: badger write (value log, memtable, WAL)", regexp.MustCompile(`badger/v4\.\(\*DB\)\.doWrites`)},
 	{"queue: read back and delete", regexp.MustCompile(`internal/queue\.\(\*Queue\)\.(Peek|Delete|deleteSized)`)},
-	{"queue: compaction, value-log GC, page-out", regexp.MustCompile(`dgraph-io/badger|internal/queue\.`)},
+	{"queue: committer loop, memtable flush, compaction, page-out", regexp.MustCompile(`dgraph-io/badger|internal/queue\.`)},
 	{"parse the reading", regexp.MustCompile(`internal/reading\.|plugins/parsers/|influxdata/telegraf/metric\.`)},
 	{"uplink: render, HTTPS", regexp.MustCompile(`internal/uplink\.|plugins/outputs/|plugins/serializers/|net/http\.|crypto/tls\.`)},
 	{"MQTT: receive, acknowledge", regexp.MustCompile(`mochi-mqtt/|edgegate/mqtt\.|paho|inputs/mqtt_consumer`)},
@@ -151,19 +151,19 @@ func parsePprofValue(s string) (time.Duration, error) {
 // 1,000 readings when readings > 0 (the profile's share of the phase's
 // readings).
 func formatSplit(w io.Writer, shares []profShare, total time.Duration, readings int64) {
-	fmt.Fprintf(w, "%-54s %9s %6s", "part", "CPU", "share")
+	fmt.Fprintf(w, "%-62s %9s %6s", "part", "CPU", "share")
 	if readings > 0 {
 		fmt.Fprintf(w, " %12s", "ms / 1k")
 	}
 	fmt.Fprintln(w)
 	for _, s := range shares {
-		fmt.Fprintf(w, "%-54s %8.2fs %5.1f%%", s.Name, s.CPU.Seconds(), 100*s.CPU.Seconds()/total.Seconds())
+		fmt.Fprintf(w, "%-62s %8.2fs %5.1f%%", s.Name, s.CPU.Seconds(), 100*s.CPU.Seconds()/total.Seconds())
 		if readings > 0 {
 			fmt.Fprintf(w, " %12.1f", float64(s.CPU.Milliseconds())*1000/float64(readings))
 		}
 		fmt.Fprintln(w)
 	}
-	fmt.Fprintf(w, "%-54s %8.2fs\n", "sampled in all", total.Seconds())
+	fmt.Fprintf(w, "%-62s %8.2fs\n", "sampled in all", total.Seconds())
 }
 
 // runProfSplit is `edgegate-bench profsplit [-readings N] profile...`:
