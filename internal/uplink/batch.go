@@ -1,7 +1,6 @@
 package uplink
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -250,7 +249,9 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 		r.v, r.err = verdict{kind: retry, reason: "token"}, err
 		return r
 	}
-	body, err := batchBody(items, size)
+	sb := u.bodies.get(size + 64)
+	defer sb.release() // the sender's reference: after exchange read the answer
+	body, err := appendBatchBody(sb.buf, items)
 	if err != nil {
 		// A stored body that is not a JSON object: it will never be
 		// accepted; send it alone so that it is dead-lettered.
@@ -264,11 +265,19 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 	}
 	rctx, cancel := u.requestContext(ctx)
 	defer cancel()
-	req, err := http.NewRequestWithContext(rctx, http.MethodPost, d.base+"/v2/op/update", bytes.NewReader(body))
+	sb.buf = body // grown while rendering: the bigger one goes back
+	req, err := http.NewRequestWithContext(rctx, http.MethodPost, d.base+"/v2/op/update", nil)
 	if err != nil {
 		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
 		return r
 	}
+	// The transport closes the body when done with it, possibly after
+	// RoundTrip returned, and may open it again to retry (body.go).
+	if req.Body, err = sb.open(); err != nil {
+		r.v, r.err = verdict{kind: retry, reason: "request"}, err
+		return r
+	}
+	req.GetBody, req.ContentLength = sb.open, int64(len(body))
 	d.setHeaders(req, tok, svc, svcPath)
 	return d.exchange(ctx, r, req, items, tok)
 }

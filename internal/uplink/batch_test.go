@@ -97,6 +97,11 @@ func TestBatchRequestShapeAndOrder(t *testing.T) {
 	if v := counter(t, h.m.Delivered.WithLabelValues(b.URL)); v != devices*per {
 		t.Errorf("Delivered = %v, want %d", v, devices*per)
 	}
+	// Every request body, sent again over failures and retries, went back
+	// to the pool once the transport was done with it (body.go): the
+	// bodies above were whole and in order with the buffers reused.
+	sent := int64(len(b.requests()))
+	testkit.Eventually(t, 10*time.Second, "every body returned", func() bool { return h.u.bodies.returned.Load() == sent })
 }
 
 func TestBatchNoDeviceInTwoRequests(t *testing.T) {

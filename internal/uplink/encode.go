@@ -22,7 +22,12 @@ import (
 // in front of its attributes, rendered straight into the request
 // (envelope.AppendAttrs).
 func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
-	b := make([]byte, 0, sizeHint+64)
+	return appendBatchBody(make([]byte, 0, sizeHint+64), items)
+}
+
+// appendBatchBody appends batchBody's rendering to b (a pooled buffer:
+// body.go).
+func appendBatchBody(b []byte, items []queue.Item) ([]byte, error) {
 	b = append(b, `{"actionType":"append","entities":[`...)
 	for i, it := range items {
 		if i > 0 {

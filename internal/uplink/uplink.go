@@ -133,6 +133,7 @@ type Uplink struct {
 	opts    Options
 	log     *slog.Logger
 	missing *missingAttrs
+	bodies  bodyPool // batch mode's request bodies, reused (body.go)
 }
 
 // New builds an Uplink; it does not contact anything until Run. No device
