@@ -266,18 +266,10 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 	rctx, cancel := u.requestContext(ctx)
 	defer cancel()
 	sb.buf = body // grown while rendering: the bigger one goes back
-	req, err := http.NewRequestWithContext(rctx, http.MethodPost, d.base+"/v2/op/update", nil)
+	req, err := d.newRequest(rctx, http.MethodPost, d.base+"/v2/op/update", sb, tok, svc, svcPath)
 	if err != nil {
 		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
 		return r
 	}
-	// The transport closes the body when done with it, possibly after
-	// RoundTrip returned, and may open it again to retry (body.go).
-	if req.Body, err = sb.open(); err != nil {
-		r.v, r.err = verdict{kind: retry, reason: "request"}, err
-		return r
-	}
-	req.GetBody, req.ContentLength = sb.open, int64(len(body))
-	d.setHeaders(req, tok, svc, svcPath)
 	return d.exchange(ctx, r, req, items, tok)
 }

@@ -1,7 +1,6 @@
 package uplink
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"errors"
@@ -133,7 +132,7 @@ type Uplink struct {
 	opts    Options
 	log     *slog.Logger
 	missing *missingAttrs
-	bodies  bodyPool // batch mode's request bodies, reused (body.go)
+	bodies  bodyPool // request bodies, reused (body.go)
 }
 
 // New builds an Uplink; it does not contact anything until Run. No device
@@ -637,7 +636,13 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 		}
 		return r
 	}
-	body, err := envelope.AppendBody(nil, it.Body)
+	n, err := envelope.BodyLen(it.Body)
+	if err != nil {
+		n = len(it.Body)
+	}
+	sb := u.bodies.get(n)
+	defer sb.release() // the sender's reference: after exchange read the answer
+	body, err := envelope.AppendBody(sb.buf, it.Body)
 	if err != nil {
 		// Never sendable (AEAD-checked, so a bug rather than an attack):
 		// dead-letter it with the reason, as a batch does.
@@ -647,9 +652,10 @@ func (d *dispatcher) attempt(ctx context.Context, j job) result {
 		}
 		return r
 	}
+	sb.buf = body
 	rctx, cancel := u.requestContext(ctx)
 	defer cancel()
-	req, err := d.request(rctx, it, body, tok)
+	req, err := d.request(rctx, it, sb, tok)
 	if err != nil {
 		r.v, r.err = verdict{kind: retry, reason: "request"}, errors.New(scrub(err.Error(), tok))
 		return r
@@ -780,12 +786,28 @@ func (u *Uplink) roundTrip(req *http.Request) (*http.Response, error) {
 // path. "type" is harmless there (dropped on forwarding) and used by a
 // broker reached directly. Nothing secret ever goes into the URL: no
 // k1/k2, which the filter ignores when a bearer token is sent.
-func (d *dispatcher) request(ctx context.Context, it queue.Item, body []byte, tok string) (*http.Request, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPatch, patchURL(d.base, it.Device, it.Type), bytes.NewReader(body))
+func (d *dispatcher) request(ctx context.Context, it queue.Item, body *sharedBody, tok string) (*http.Request, error) {
+	req, err := d.newRequest(ctx, http.MethodPatch, patchURL(d.base, it.Device, it.Type), body, tok, it.Service, it.ServicePath)
 	if err != nil {
 		return nil, fmt.Errorf("build request for device %q: %w", it.Device, err)
 	}
-	d.setHeaders(req, tok, it.Service, it.ServicePath)
+	return req, nil
+}
+
+// newRequest builds a request to the broker carrying body, lent from the
+// pool (body.go): the transport closes it when done with it, possibly
+// after RoundTrip returned, and may open it again (GetBody) to retry on a
+// fresh connection.
+func (d *dispatcher) newRequest(ctx context.Context, method, url string, body *sharedBody, tok, service, servicePath string) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, method, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	if req.Body, err = body.open(); err != nil {
+		return nil, err
+	}
+	req.GetBody, req.ContentLength = body.open, int64(len(body.buf))
+	d.setHeaders(req, tok, service, servicePath)
 	return req, nil
 }
 

@@ -117,6 +117,11 @@ func TestPerDeviceOrderUnderConcurrencyAndRetries(t *testing.T) {
 	h := start(t, q, &fakeTokens{}, b.pool(), Options{Concurrency: 4, MinBackoff: time.Millisecond, MaxBackoff: 5 * time.Millisecond})
 	testkit.Eventually(t, 10*time.Second, "queue drained", func() bool { return q.depth() == 0 })
 	h.stop(t)
+	// Every PATCH body went back to the pool once the transport was done
+	// with it (body.go), and the bodies below were whole with the buffers
+	// reused.
+	sent := int64(len(b.requests()))
+	testkit.Eventually(t, 10*time.Second, "every body returned", func() bool { return h.u.bodies.returned.Load() == sent })
 
 	b.mu.Lock()
 	defer b.mu.Unlock()
@@ -519,6 +524,9 @@ func TestHTTP2(t *testing.T) {
 			t.Errorf("proto = HTTP/%d, want 2", r.proto)
 		}
 	}
+	// The HTTP/2 transport closes request bodies too (body.go).
+	sent := int64(len(b.requests()))
+	testkit.Eventually(t, 10*time.Second, "every body returned", func() bool { return h.u.bodies.returned.Load() == sent })
 }
 
 func TestRefusesUnverifiedAndPlainBrokers(t *testing.T) {
