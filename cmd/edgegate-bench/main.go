@@ -11,6 +11,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -230,4 +231,26 @@ func splitComma(s string) []string {
 		}
 	}
 	return out
+}
+
+// runProfSplit is `edgegate-bench profsplit [-readings N] profile...`:
+// each profile's CPU by part (profParts).
+func runProfSplit(args []string) error {
+	fs := flag.NewFlagSet("profsplit", flag.ContinueOnError)
+	readings := fs.Int64("readings", 0, "readings the profiled span handled: adds CPU ms per 1,000 readings")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() == 0 {
+		return errors.New("usage: edgegate-bench profsplit [-readings N] profile.pprof...")
+	}
+	for _, path := range fs.Args() {
+		shares, total, err := splitProfile(path)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("== %s\n", path)
+		formatSplit(os.Stdout, shares, total, *readings)
+	}
+	return nil
 }

@@ -4,10 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
-	"os"
 	"os/exec"
 	"regexp"
 	"strings"
@@ -164,26 +162,4 @@ func formatSplit(w io.Writer, shares []profShare, total time.Duration, readings 
 		fmt.Fprintln(w)
 	}
 	fmt.Fprintf(w, "%-62s %8.2fs\n", "sampled in all", total.Seconds())
-}
-
-// runProfSplit is `edgegate-bench profsplit [-readings N] profile...`:
-// each profile's CPU by part (profParts).
-func runProfSplit(args []string) error {
-	fs := flag.NewFlagSet("profsplit", flag.ContinueOnError)
-	readings := fs.Int64("readings", 0, "readings the profiled span handled: adds CPU ms per 1,000 readings")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() == 0 {
-		return errors.New("usage: edgegate-bench profsplit [-readings N] profile.pprof...")
-	}
-	for _, path := range fs.Args() {
-		shares, total, err := splitProfile(path)
-		if err != nil {
-			return err
-		}
-		fmt.Printf("== %s\n", path)
-		formatSplit(os.Stdout, shares, total, *readings)
-	}
-	return nil
 }
