@@ -8,8 +8,14 @@ import (
 )
 
 // BenchmarkDeliver measures readings/s through the uplink to a local TLS
-// broker that answers 204, across 16 devices with the default concurrency.
+// broker that answers 204, across 16 devices with the default concurrency:
+// filter mode (one PATCH per reading), and batch mode (op/update).
 func BenchmarkDeliver(b *testing.B) {
+	b.Run("filter", func(b *testing.B) { benchDeliver(b, Options{}) })
+	b.Run("batch", func(b *testing.B) { benchDeliver(b, Options{Mode: ModeBatch}) })
+}
+
+func benchDeliver(b *testing.B, opts Options) {
 	br := newBroker(b, nil)
 	br.respond = nil
 	q := newFakeQueue()
@@ -19,7 +25,8 @@ func BenchmarkDeliver(b *testing.B) {
 		q.add(br.URL, "dev-"+strconv.Itoa(d), per)
 	}
 	total := per * devices
-	u := New(q, &fakeTokens{}, Options{HTTPClient: NewHTTPClient(br.pool(), 5*time.Second, 8)})
+	opts.HTTPClient = NewHTTPClient(br.pool(), 5*time.Second, 8)
+	u := New(q, &fakeTokens{}, opts)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	b.ReportAllocs()
