@@ -242,7 +242,7 @@ func runProfSplit(args []string) error {
 		return err
 	}
 	if fs.NArg() == 0 {
-		return errors.New("usage: edgegate-bench profsplit [-readings N] profile.pprof...")
+		return errors.New("usage: edgegate-bench profsplit [-readings N] profile.pprof [more profiles]")
 	}
 	for _, path := range fs.Args() {
 		shares, total, err := splitProfile(path)
