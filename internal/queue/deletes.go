@@ -71,7 +71,7 @@ func (q *Queue) heldSizes(items []Item) []int64 {
 // for theirs. Callers hold mutMu.
 func (q *Queue) deleteSized(items []Item, sizes []int64) ([]removal, error) {
 	var removed []removal
-	err := q.db.Update(func(txn *badger.Txn) error {
+	err := q.update(func(txn *badger.Txn) error {
 		removed = removed[:0]
 		for i, it := range items {
 			if !validDevice(it.Device) {

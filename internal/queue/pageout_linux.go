@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,6 +32,11 @@ import (
 // whatever the kernel could not drop), or when the process went quiet (no
 // fault in the last look) with any of the store's pages resident, so an
 // idle gateway holds none.
+//
+// How: the value logs' pages are dropped from the process but kept in the
+// page cache when the store can be locked against unmapping them for a
+// moment (dropLogPages); otherwise they are reclaimed as the tables' are
+// (pageOutStore).
 //
 // Measured (docs/performance.md#memory, 50-device bursts of the embedded
 // row): the previous rule, a page-out every 25 ms once the process took 16
@@ -101,19 +107,39 @@ func (q *Queue) pageOutNow() bool {
 			}
 		}
 	})
-	// Reading /proc/self/maps is most of a page-out's cost: the list is
-	// read again at most every pageOutMapsAge (new logs are paged out from
-	// then on). A stale range is harmless: the advice never changes
-	// memory (see pageOutStore), and a range unmapped meanwhile is skipped.
 	var err error
-	if po.maps == nil || time.Since(po.mapsAt) >= pageOutMapsAge {
-		if po.maps, err = storeMappings(po.dir); err == nil {
-			po.mapsAt = time.Now()
+	supported := true
+	if q.lockForDrop() {
+		// No call that can unmap a value log is under way, and none starts
+		// until Unlock: the logs listed now stay what they are while their
+		// pages are dropped and kept in the page cache (dropLogPages,
+		// storecalls.go). The tables, which badger's compactions unmap on
+		// their own, are paged out as below.
+		var fresh []mapping
+		if fresh, err = storeMappings(po.dir); err == nil {
+			po.maps, po.mapsAt = fresh, time.Now()
+			supported, err = dropLogPages(fresh)
 		}
-	}
-	var supported = true
-	if err == nil {
-		_, supported, err = adviseOut(po.maps)
+		q.mapsMu.Unlock()
+		if err == nil && supported {
+			q.pageOutsKept.Add(1)
+			_, supported, err = adviseOut(slices.DeleteFunc(slices.Clone(fresh), func(m mapping) bool { return m.log }))
+		}
+	} else {
+		// The store stayed in use: page everything out, logs included.
+		// Reading /proc/self/maps is most of a page-out's cost: the list
+		// is read again at most every pageOutMapsAge (new logs are paged
+		// out from then on). A stale range is harmless: MADV_PAGEOUT never
+		// changes memory (see pageOutStore), and a range unmapped meanwhile
+		// is skipped.
+		if po.maps == nil || time.Since(po.mapsAt) >= pageOutMapsAge {
+			if po.maps, err = storeMappings(po.dir); err == nil {
+				po.mapsAt = time.Now()
+			}
+		}
+		if err == nil {
+			_, supported, err = adviseOut(po.maps)
+		}
 	}
 	if err != nil {
 		q.log.Debug("page out the store's mapped files", "err", err)
@@ -288,7 +314,9 @@ func pageFaults() int64 {
 // range reused by another mapping, that mapping's pages are at worst
 // reclaimed (written back or, for anonymous memory, swapped out if there
 // is swap) and read back on the next access. MADV_DONTNEED, which would
-// zero anonymous memory in that race, is deliberately not used.
+// zero anonymous memory in that race, is used only on the value logs and
+// only where the race cannot happen: under mapsMu held exclusively, with
+// the mappings listed under it (pageOutNow, dropLogPages, storecalls.go).
 //
 // It returns the bytes of address space advised and whether the kernel
 // supports the advice (EINVAL before Linux 5.4; EPERM under a seccomp
@@ -301,9 +329,11 @@ func pageOutStore(dir string) (advised int64, supported bool, err error) {
 	return adviseOut(maps)
 }
 
-// mapping is an address range of a mapped store file.
+// mapping is an address range of a mapped store file; log: a value log
+// (else a table).
 type mapping struct {
 	lo, hi uintptr
+	log    bool
 }
 
 // storeMappings lists this process's shared mappings of the store's value
@@ -347,9 +377,63 @@ func storeMappings(dir string) ([]mapping, error) {
 		if err1 != nil || err2 != nil || h <= l {
 			continue
 		}
-		maps = append(maps, mapping{lo: uintptr(l), hi: uintptr(h)})
+		maps = append(maps, mapping{lo: uintptr(l), hi: uintptr(h), log: isLog})
 	}
 	return maps, sc.Err()
+}
+
+// lockForDrop takes mapsMu exclusively without ever making a call into
+// the store wait for it: Lock would hold back every new call while it
+// waited for the calls under way (a view streaming an export to a slow
+// client is one), so it tries, again every pageOutLockRetry, for at most
+// pageOutLockWait. Under load there are gaps: the committer holds mapsMu
+// for its write, not for its sync, and the uplink's reads are short.
+func (q *Queue) lockForDrop() bool {
+	deadline := time.Now().Add(pageOutLockWait)
+	for {
+		if q.mapsMu.TryLock() {
+			return true
+		}
+		if time.Now().After(deadline) {
+			return false
+		}
+		time.Sleep(pageOutLockRetry)
+	}
+}
+
+const (
+	pageOutLockWait  = 10 * time.Millisecond
+	pageOutLockRetry = 500 * time.Microsecond
+)
+
+// dropLogPages drops this process's pages of the value logs among maps
+// (MADV_DONTNEED) and leaves the tables alone; see pageOutNow.
+//
+// Why not MADV_PAGEOUT for the logs: it reclaims the pages from the page
+// cache too, so a drain that reads a backlog bigger than the page-out
+// budget read them back from the disk, again for each lane whose
+// readings share a page: 1.2–1.3 GB read from the disk to drain a 40 MB
+// backlog in a 50k-reading filter-mode burst (docs/performance.md). On a
+// shared file mapping MADV_DONTNEED only unmaps: the next access maps the
+// page again from the page cache, and a dirty page stays dirty there until
+// the next msync writes it (the commit's sync covers the file, not the
+// mapping). It is safe only on a range that is still that mapping, which
+// the caller guarantees by holding mapsMu exclusively.
+func dropLogPages(maps []mapping) (supported bool, err error) {
+	for _, m := range maps {
+		if !m.log {
+			continue
+		}
+		_, _, errno := unix.Syscall(unix.SYS_MADVISE, m.lo, m.hi-m.lo, unix.MADV_DONTNEED)
+		switch {
+		case errno == 0:
+		case errno == unix.EPERM:
+			return false, nil // filtered by seccomp: stop trying
+		default:
+			return true, errors.New("madvise: " + errno.Error())
+		}
+	}
+	return true, nil
 }
 
 // adviseOut pages the given ranges out; see pageOutStore.

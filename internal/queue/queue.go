@@ -70,10 +70,17 @@ type Queue struct {
 	gcEvery  time.Duration
 	gc       *groupCommit // committer-owned, but for its atomic counters
 	pageOuts atomic.Int64 // page-outs of the mapped files done (pageout_linux.go)
+	// pageOutsKept counts the page-outs that dropped the value logs' pages
+	// and left them in the page cache (storecalls.go).
+	pageOutsKept atomic.Int64
 	// pageOutLooks counts the page-out loop's looks, for tests that must
 	// see several pass without a page-out.
 	pageOutLooks atomic.Int64
 	pageOut      pageOutState // pageout_linux.go
+	// mapsMu: held shared by every call into badger that can unmap a
+	// value log, exclusively by the page-out's MADV_DONTNEED of the logs
+	// (storecalls.go).
+	mapsMu sync.RWMutex
 
 	reqs     chan *request
 	stopping chan struct{} // closed when Run begins to stop
@@ -209,7 +216,7 @@ func Open(opts Options) (*Queue, error) {
 // of q/ and d/; it reads the clear header of one value per lane (the first)
 // to learn the broker URI and oldest time.
 func (q *Queue) rebuild() error {
-	return q.db.View(func(txn *badger.Txn) error {
+	return q.view(func(txn *badger.Txn) error {
 		if err := q.loadDataKeys(txn); err != nil {
 			return err
 		}
@@ -432,7 +439,7 @@ func (q *Queue) runGC(ctx context.Context) {
 		if ctx.Err() != nil || time.Now().After(deadline) {
 			return
 		}
-		err := q.db.RunValueLogGC(0.5)
+		err := q.storeCall(func() error { return q.db.RunValueLogGC(0.5) })
 		if err != nil {
 			// ErrBlockedWrites: EraseDevice is compacting; try next round.
 			if !errors.Is(err, badger.ErrNoRewrite) && !errors.Is(err, badger.ErrRejected) &&
@@ -638,6 +645,8 @@ func (q *Queue) write(recs []record) (int, error) {
 // the transaction of its first item: an item is never committed without
 // its key.
 func (q *Queue) writeTxn(recs []record) error {
+	q.mapsMu.RLock() // the write may rotate the value log (storecalls.go)
+	defer q.mapsMu.RUnlock()
 	txn := q.db.NewTransaction(true)
 	defer txn.Discard()
 	last := make(map[string]uint64)
@@ -781,7 +790,7 @@ func (q *Queue) Peek(l Lane, max int) ([]Item, error) {
 		return nil, nil
 	}
 	var out []Item
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.view(func(txn *badger.Txn) error {
 		// Lanes are dense (a device's seqs are consecutive and delivered
 		// from the head), so point reads from the head find the items
 		// without building an iterator over every table, which cost more
@@ -943,7 +952,7 @@ func (q *Queue) unindex(removed []removal) error {
 // laneHead is firstLive with a point read of from first: after a delivery
 // the next item is usually exactly there. Keys only: no value is read.
 func (q *Queue) laneHead(prefix []byte, from uint64) (uint64, error) {
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.view(func(txn *badger.Txn) error {
 		_, err := txn.Get(binary.BigEndian.AppendUint64(bytes.Clone(prefix), from))
 		return err
 	})
@@ -963,7 +972,7 @@ func (q *Queue) laneHead(prefix []byte, from uint64) (uint64, error) {
 func (q *Queue) firstLive(prefix []byte, from uint64, withTime bool) (uint64, time.Time, error) {
 	var t time.Time
 	var seq uint64
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.view(func(txn *badger.Txn) error {
 		io := badger.DefaultIteratorOptions
 		io.PrefetchValues = false
 		io.Prefix = prefix
@@ -998,7 +1007,7 @@ func (q *Queue) DeadLetter(it Item, reason string) error {
 	defer q.mutMu.Unlock()
 	key := itemKey(prefixQueue, it.Broker, it.Device, it.Seq)
 	var size int64
-	err := q.db.Update(func(txn *badger.Txn) error {
+	err := q.update(func(txn *badger.Txn) error {
 		bi, err := txn.Get(key)
 		if errors.Is(err, badger.ErrKeyNotFound) {
 			return ErrNotFound
@@ -1045,7 +1054,7 @@ func (q *Queue) DeadLetter(it Item, reason string) error {
 // DeadLetters calls fn for each dead letter, in key order (broker hash,
 // device, seq), until fn returns an error or ctx is done.
 func (q *Queue) DeadLetters(ctx context.Context, fn func(DeadLetter) error) error {
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.view(func(txn *badger.Txn) error {
 		io := badger.DefaultIteratorOptions
 		io.Prefix = prefixDead
 		it := txn.NewIterator(io)
@@ -1158,7 +1167,7 @@ func (q *Queue) storedSeq(device string) (last uint64, err error) {
 // readValue calls fn with the value stored under key; a missing key is no
 // error and no call.
 func (q *Queue) readValue(key []byte, fn func(v []byte) error) error {
-	return q.db.View(func(txn *badger.Txn) error {
+	return q.view(func(txn *badger.Txn) error {
 		bi, err := txn.Get(key)
 		if errors.Is(err, badger.ErrKeyNotFound) {
 			return nil
@@ -1186,7 +1195,7 @@ func (q *Queue) PurgeDevice(device string) (int, error) {
 	defer q.mutMu.Unlock()
 
 	var keys [][]byte
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.view(func(txn *badger.Txn) error {
 		return eachOfDevice(txn, prefixQueue, device, func(_ []byte, _ uint64, bi *badger.Item) error {
 			keys = append(keys, bi.KeyCopy(nil))
 			return nil
@@ -1195,14 +1204,17 @@ func (q *Queue) PurgeDevice(device string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("purge device %q: scan: %w", device, err)
 	}
-	wb := q.db.NewWriteBatch()
-	defer wb.Cancel()
-	for _, k := range keys {
-		if err := wb.Delete(k); err != nil {
-			return 0, fmt.Errorf("purge device %q: %w", device, err)
+	err = q.storeCall(func() error {
+		wb := q.db.NewWriteBatch()
+		defer wb.Cancel()
+		for _, k := range keys {
+			if err := wb.Delete(k); err != nil {
+				return err
+			}
 		}
-	}
-	if err := wb.Flush(); err != nil {
+		return wb.Flush()
+	})
+	if err != nil {
 		return 0, fmt.Errorf("purge device %q: %w", device, err)
 	}
 	// Drop records of the device waiting for a successful Sync too.

@@ -51,7 +51,7 @@ func (q *Queue) ExportDevice(ctx context.Context, device string, fn func(Held) e
 	if !validDevice(device) {
 		return fmt.Errorf("export device: invalid device id %q", device)
 	}
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.view(func(txn *badger.Txn) error {
 		for _, fam := range [][]byte{prefixQueue, prefixDead} {
 			err := eachOfDevice(txn, fam, device, func(_ []byte, seq uint64, bi *badger.Item) error {
 				if err := ctx.Err(); err != nil {
@@ -110,7 +110,7 @@ func (q *Queue) EraseDevice(device string) (EraseReport, error) {
 	defer q.mutMu.Unlock()
 
 	var keys, prefixes [][]byte
-	err := q.db.View(func(txn *badger.Txn) error {
+	err := q.view(func(txn *badger.Txn) error {
 		for _, fam := range [][]byte{prefixQueue, prefixDead} {
 			err := eachOfDevice(txn, fam, device, func(prefix []byte, _ uint64, bi *badger.Item) error {
 				if !slices.ContainsFunc(prefixes, func(p []byte) bool { return bytes.Equal(p, prefix) }) {
@@ -143,21 +143,24 @@ func (q *Queue) EraseDevice(device string) (EraseReport, error) {
 	// tombstoned and synced in any case.
 	compacted := true
 	if len(prefixes) > 0 {
-		if err := q.db.DropPrefix(prefixes...); err != nil {
+		if err := q.storeCall(func() error { return q.db.DropPrefix(prefixes...) }); err != nil {
 			q.log.Warn("erase: compacting the device's items failed; they are deleted and will be compacted later",
 				"device", device, "err", err)
 			compacted = false
 		}
 	}
 	if len(keys) > 0 {
-		wb := q.db.NewWriteBatch()
-		for _, k := range keys {
-			if err := wb.Delete(k); err != nil {
-				wb.Cancel()
-				return rep, fmt.Errorf("erase device %q: %w", device, err)
+		err := q.storeCall(func() error {
+			wb := q.db.NewWriteBatch()
+			defer wb.Cancel()
+			for _, k := range keys {
+				if err := wb.Delete(k); err != nil {
+					return err
+				}
 			}
-		}
-		if err := wb.Flush(); err != nil {
+			return wb.Flush()
+		})
+		if err != nil {
 			return rep, fmt.Errorf("erase device %q: %w", device, err)
 		}
 	}
@@ -177,7 +180,7 @@ func (q *Queue) EraseDevice(device string) (EraseReport, error) {
 	// 2. The data key.
 	kk := dataKeyKey(device)
 	var hasKey bool
-	if err := q.db.View(func(txn *badger.Txn) error {
+	if err := q.view(func(txn *badger.Txn) error {
 		_, err := txn.Get(kk)
 		if errors.Is(err, badger.ErrKeyNotFound) {
 			return nil
@@ -188,12 +191,12 @@ func (q *Queue) EraseDevice(device string) (EraseReport, error) {
 		return rep, fmt.Errorf("erase device %q: read data key: %w", device, err)
 	}
 	if hasKey {
-		if err := q.db.DropPrefix(kk); err != nil {
+		if err := q.storeCall(func() error { return q.db.DropPrefix(kk) }); err != nil {
 			q.log.Warn("erase: compacting the device's data key failed; it is deleted and will be compacted later",
 				"device", device, "err", err)
 			compacted = false
 		}
-		if err := q.db.Update(func(txn *badger.Txn) error { return txn.Delete(kk) }); err != nil {
+		if err := q.update(func(txn *badger.Txn) error { return txn.Delete(kk) }); err != nil {
 			return rep, fmt.Errorf("erase device %q: delete data key: %w", device, err)
 		}
 		if err := q.db.Sync(); err != nil {

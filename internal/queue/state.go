@@ -41,7 +41,7 @@ func (q *Queue) PutState(name string, value []byte) error {
 	// write then would fail with ErrBlockedWrites instead of waiting.
 	q.mutMu.Lock()
 	defer q.mutMu.Unlock()
-	if err := q.db.Update(func(txn *badger.Txn) error {
+	if err := q.update(func(txn *badger.Txn) error {
 		return txn.Set(stateKey(name), value)
 	}); err != nil {
 		return fmt.Errorf("write state %q: %w", name, mapDiskFull(err))
@@ -56,7 +56,7 @@ func (q *Queue) PutState(name string, value []byte) error {
 func (q *Queue) DeleteState(name string) error {
 	q.mutMu.Lock()
 	defer q.mutMu.Unlock()
-	if err := q.db.Update(func(txn *badger.Txn) error {
+	if err := q.update(func(txn *badger.Txn) error {
 		return txn.Delete(stateKey(name))
 	}); err != nil {
 		return fmt.Errorf("delete state %q: %w", name, err)
