@@ -268,6 +268,10 @@ func (q *Queue) rebuild() error {
 
 // Close closes the store. Call it after Run returned.
 func (q *Queue) Close() error {
+	// Exclusively: no page-out advises the logs while they are unmapped,
+	// even if Close came before Run returned (storecalls.go).
+	q.mapsMu.Lock()
+	defer q.mapsMu.Unlock()
 	if err := q.db.Close(); err != nil {
 		return fmt.Errorf("close queue: %w", err)
 	}

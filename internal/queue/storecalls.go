@@ -22,7 +22,8 @@ import (
 //   - DropPrefix and Close.
 //
 // So every such call holds mapsMu shared (view, update, and writeTxn, the
-// write batches, GC and DropPrefix where they are made), and the page-out
+// write batches, GC and DropPrefix where they are made; Close holds it
+// exclusively), and the page-out
 // takes it exclusively, with TryLock only, while it lists the mappings
 // afresh and advises them. It never waits: a page-out that finds the store
 // in use evicts the logs' pages as before (MADV_PAGEOUT, safe on any
