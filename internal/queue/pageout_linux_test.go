@@ -72,27 +72,9 @@ func TestPageOutOldLogs(t *testing.T) {
 // the page-out.
 func testPageOut(t *testing.T, dir, real string) {
 	q := start(t, Options{Dir: dir, MaxBatch: 256})
-	body := []byte(strings.Repeat("x", 2000)) // above the value threshold: into the vlog
-	e := Entry{Broker: "https://a.example/v2", Device: "d1", Type: "Sensor",
-		Seal: func(uint64) ([]byte, error) { return body, nil }}
 	const n = 12000 // ~24 MB: three 8 MB value logs
-	waits := make([]func(context.Context) (Item, error), 0, 256)
-	ctx := tctx(t)
-	for i := 0; i < n; i++ {
-		w, err := q.Enqueue(ctx, e)
-		if err != nil {
-			t.Fatal(err)
-		}
-		waits = append(waits, w)
-		if len(waits) == cap(waits) || i == n-1 {
-			for _, w := range waits {
-				if _, err := w(ctx); err != nil {
-					t.Fatal(err)
-				}
-			}
-			waits = waits[:0]
-		}
-	}
+	e := fillStore(t, q, "d1", n)
+	body, _ := e.Seal(0)
 	// The queue's housekeeping pages closed logs out four times a second: within
 	// a few seconds only the log being written stays resident.
 	closed := func(m map[string]int64) (sum int64, newest string) {

@@ -1208,17 +1208,7 @@ func (q *Queue) PurgeDevice(device string) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("purge device %q: scan: %w", device, err)
 	}
-	err = q.storeCall(func() error {
-		wb := q.db.NewWriteBatch()
-		defer wb.Cancel()
-		for _, k := range keys {
-			if err := wb.Delete(k); err != nil {
-				return err
-			}
-		}
-		return wb.Flush()
-	})
-	if err != nil {
+	if err := q.deleteKeys(keys); err != nil {
 		return 0, fmt.Errorf("purge device %q: %w", device, err)
 	}
 	// Drop records of the device waiting for a successful Sync too.

@@ -150,17 +150,7 @@ func (q *Queue) EraseDevice(device string) (EraseReport, error) {
 		}
 	}
 	if len(keys) > 0 {
-		err := q.storeCall(func() error {
-			wb := q.db.NewWriteBatch()
-			defer wb.Cancel()
-			for _, k := range keys {
-				if err := wb.Delete(k); err != nil {
-					return err
-				}
-			}
-			return wb.Flush()
-		})
-		if err != nil {
+		if err := q.deleteKeys(keys); err != nil {
 			return rep, fmt.Errorf("erase device %q: %w", device, err)
 		}
 	}

@@ -52,3 +52,18 @@ func (q *Queue) storeCall(fn func() error) error {
 	defer q.mapsMu.RUnlock()
 	return fn()
 }
+
+// deleteKeys deletes keys in one write batch (as many transactions as
+// badger needs), under mapsMu.
+func (q *Queue) deleteKeys(keys [][]byte) error {
+	return q.storeCall(func() error {
+		wb := q.db.NewWriteBatch()
+		defer wb.Cancel()
+		for _, k := range keys {
+			if err := wb.Delete(k); err != nil {
+				return err
+			}
+		}
+		return wb.Flush()
+	})
+}
