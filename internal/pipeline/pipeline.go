@@ -316,8 +316,10 @@ func (p *Pipeline) enqueue(ctx context.Context, msg Message, dev *policy.Device,
 func (p *Pipeline) settle(ctx context.Context, msg Message, dev *policy.Device, sealErr *error, err error) (Outcome, error) {
 	if errors.Is(err, queue.ErrNotYet) {
 		// The committer has not answered: nothing to settle, and sealErr
-		// is its to write still (it is read only after an answer).
-		return 0, fmt.Errorf("queue reading of %s: %w", dev.ID, err)
+		// is its to write still (it is read only after an answer). The
+		// queue's error as it is: a poll asks this of every reading, and
+		// its caller only tells "not yet" from an outcome.
+		return 0, err
 	}
 	if err != nil {
 		if *sealErr != nil {

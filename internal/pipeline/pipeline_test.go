@@ -31,7 +31,6 @@ func counter(t *testing.T, c prometheus.Collector) float64 {
 	return m.GetCounter().GetValue()
 }
 
-// openQueue runs a real queue in a temp dir for the test.
 // peekSent is Peek with each body as the uplink sends it: the queue
 // stores it packed (envelope.SealPacked), the JWS once, and a packed body
 // is never valid JSON, so a test that forgot this would fail to parse.
@@ -46,6 +45,7 @@ func peekSent(q *queue.Queue, l queue.Lane, n int) ([]queue.Item, error) {
 	return items, err
 }
 
+// openQueue runs a real queue in a temp dir for the test.
 func openQueue(t *testing.T, quota int64) *queue.Queue {
 	t.Helper()
 	q, err := queue.Open(queue.Options{Dir: t.TempDir(), Key: bytes.Repeat([]byte{7}, 32), QuotaBytes: quota})

@@ -338,9 +338,21 @@ func (q *Queue) Enqueue(ctx context.Context, e Entry) (wait func(context.Context
 		case <-ctx.Done():
 			// The committer may still commit it: not acknowledged, so at
 			// worst a duplicate with its own seq later.
-			return Item{}, fmt.Errorf("append: %w: %w", ErrNotYet, ctx.Err())
+			return Item{}, notYet(ctx.Err())
 		}
 	}, nil
+}
+
+// errPolled is notYet's answer to a poll (a context cancelled before the
+// wait): made once, since mqtt's acker polls every reading it acknowledges.
+var errPolled = fmt.Errorf("append: %w: %w", ErrNotYet, context.Canceled)
+
+// notYet is the error of a wait that ended before the committer answered.
+func notYet(cause error) error {
+	if cause == context.Canceled {
+		return errPolled
+	}
+	return fmt.Errorf("append: %w: %w", ErrNotYet, cause)
 }
 
 // Run is the committer loop, with value-log GC and size refresh on the side.

@@ -786,6 +786,12 @@ func TestPollDoesNotWait(t *testing.T) {
 			t.Fatalf("poll during the commit = %v, want ErrNotYet and context.Canceled", err)
 		}
 	}
+	// mqtt's acker polls every reading it acknowledges: a poll allocates
+	// nothing (no error formatted per reading).
+	if n := testing.AllocsPerRun(100, func() { _, _ = wait(poll) }); n != 0 {
+		close(release)
+		t.Fatalf("a poll during the commit allocates %v times, want 0", n)
+	}
 	close(release)
 	var it Item
 	testkit.Eventually(t, 10*time.Second, "the polled item once committed", func() bool {
