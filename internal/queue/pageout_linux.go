@@ -97,6 +97,15 @@ func (q *Queue) pageOutNow() bool {
 		return false
 	}
 	defer po.mu.Unlock()
+	return q.pageOutLocked()
+}
+
+// pageOutLocked is pageOutNow with q.pageOut.mu held.
+func (q *Queue) pageOutLocked() bool {
+	po := &q.pageOut
+	if po.off.Load() {
+		return false
+	}
 	po.once.Do(func() {
 		// /proc/self/maps names files by their absolute, resolved path.
 		po.dir = q.dir
@@ -394,6 +403,7 @@ func (q *Queue) lockForDrop() bool {
 		if q.mapsMu.TryLock() {
 			return true
 		}
+		q.pageOutLockMisses.Add(1)
 		if time.Now().After(deadline) {
 			return false
 		}

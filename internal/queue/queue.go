@@ -73,6 +73,9 @@ type Queue struct {
 	// pageOutsKept counts the page-outs that dropped the value logs' pages
 	// and left them in the page cache (storecalls.go).
 	pageOutsKept atomic.Int64
+	// pageOutLockMisses counts the page-out's tries of mapsMu that found
+	// the store in use (tests).
+	pageOutLockMisses atomic.Int64
 	// pageOutLooks counts the page-out loop's looks, for tests that must
 	// see several pass without a page-out.
 	pageOutLooks atomic.Int64

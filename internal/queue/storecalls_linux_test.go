@@ -121,6 +121,9 @@ func TestPageOutNeverHoldsBackTheStore(t *testing.T) {
 	q := start(t, Options{Dir: t.TempDir(), MaxBatch: 256})
 	fillStore(t, q, "d1", 3000)
 	inView, release := make(chan struct{}), make(chan struct{})
+	var released sync.Once
+	end := func() { released.Do(func() { close(release) }) }
+	defer end() // on a failure too: the store cannot close under an open view
 	viewDone := make(chan error, 1)
 	go func() {
 		viewDone <- q.view(func(*badger.Txn) error {
@@ -130,19 +133,18 @@ func TestPageOutNeverHoldsBackTheStore(t *testing.T) {
 		})
 	}()
 	<-inView
-	kept, outs := q.pageOutsKept.Load(), q.pageOuts.Load()
+	kept, outs, misses := q.pageOutsKept.Load(), q.pageOuts.Load(), q.pageOutLockMisses.Load()
+	// The loop's own page-outs wait while this test's runs (po.mu).
+	q.pageOut.mu.Lock()
 	paged := make(chan bool, 1)
 	go func() {
-		for !q.pageOutNow() { // the loop may hold po.mu for a moment
-			time.Sleep(time.Millisecond)
-		}
-		paged <- true
+		defer q.pageOut.mu.Unlock()
+		paged <- q.pageOutLocked()
 	}()
-	// A write while the page-out tries (it tries for pageOutLockWait, 10
-	// ms; 3 ms in, it is trying on any machine that runs this test): done
-	// without waiting for the view. With a plain Lock the page-out would
-	// be pending, and hold every new call back until the view ended.
-	time.Sleep(3 * time.Millisecond)
+	// A write while the page-out tries to lock: done without waiting for
+	// the view. With a plain Lock the page-out would be pending, and hold
+	// every new call back until the view ended.
+	testkit.Eventually(t, 5*time.Second, "the page-out trying to lock", func() bool { return q.pageOutLockMisses.Load() > misses })
 	wrote := make(chan error, 1)
 	go func() { wrote <- q.PutState("probe", []byte("1")) }()
 	select {
@@ -154,7 +156,10 @@ func TestPageOutNeverHoldsBackTheStore(t *testing.T) {
 		t.Fatal("a write waited behind the page-out while a view was open")
 	}
 	select {
-	case <-paged:
+	case ok := <-paged:
+		if !ok {
+			t.Fatal("the page-out was not done")
+		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("the page-out did not give up waiting for the view")
 	}
@@ -164,7 +169,7 @@ func TestPageOutNeverHoldsBackTheStore(t *testing.T) {
 	if q.pageOutsKept.Load() != kept {
 		t.Error("the logs' pages were dropped (MADV_DONTNEED) while a view was open")
 	}
-	close(release)
+	end()
 	if err := <-viewDone; err != nil {
 		t.Fatal(err)
 	}
@@ -182,7 +187,7 @@ func TestPageOutDuringRotationAndGC(t *testing.T) {
 	wg.Go(func() {
 		for ctx.Err() == nil {
 			q.pageOutNow()
-			time.Sleep(time.Millisecond)
+			time.Sleep(time.Millisecond) // the pace of the page-outs, not a wait for anything
 		}
 		kept = q.pageOutsKept.Load()
 	})

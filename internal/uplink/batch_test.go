@@ -183,7 +183,7 @@ func TestBatchBody(t *testing.T) {
 	q.add("https://b", "d1", 2)
 	its, _ := q.Peek(q.Lanes("https://b")[0], 2)
 	its[1].Type = `We"ird`
-	got, err := batchBody(its, 0)
+	got, err := appendBatchBody(nil, its)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -192,7 +192,7 @@ func TestBatchBody(t *testing.T) {
 		t.Errorf("batchBody = %s\nwant %s", got, want)
 	}
 	its[0].Body = []byte("[1]")
-	if _, err := batchBody(its, 0); err == nil {
+	if _, err := appendBatchBody(nil, its); err == nil {
 		t.Error("batchBody of a non-object = nil error")
 	}
 }

@@ -17,16 +17,10 @@ import (
 // Orion's parser (internal/sim/centralsim, after Orion 3.12's
 // parseBatchUpdate.cpp).
 
-// batchBody renders the op/update body: each stored body (an NGSI
-// attribute object, packed or not) becomes an entity with "id" and "type"
-// in front of its attributes, rendered straight into the request
-// (envelope.AppendAttrs).
-func batchBody(items []queue.Item, sizeHint int) ([]byte, error) {
-	return appendBatchBody(make([]byte, 0, sizeHint+64), items)
-}
-
-// appendBatchBody appends batchBody's rendering to b (a pooled buffer:
-// body.go).
+// appendBatchBody appends the op/update body to b (a pooled buffer:
+// body.go): each stored body (an NGSI attribute object, packed or not)
+// becomes an entity with "id" and "type" in front of its attributes,
+// rendered straight into the request (envelope.AppendAttrs).
 func appendBatchBody(b []byte, items []queue.Item) ([]byte, error) {
 	b = append(b, `{"actionType":"append","entities":[`...)
 	for i, it := range items {

@@ -16,9 +16,13 @@ func BenchmarkBatchBody(b *testing.B) {
 		items[i] = queue.Item{Device: "th-1", Type: "Thermometer", Seq: uint64(i + 1), Body: body}
 		size += len(body) + len("th-1") + len("Thermometer") + 32
 	}
+	// As attemptBatch does: into a buffer of the batch's size, reused
+	// (the pool of body.go).
+	buf := make([]byte, 0, size+64)
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := batchBody(items, size); err != nil {
+		var err error
+		if buf, err = appendBatchBody(buf[:0], items); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -48,7 +48,6 @@ func TestBatchBodyOrion(t *testing.T) {
 	t.Cleanup(func() { sim.Close() })
 
 	var items, fullItems []queue.Item
-	size := 0
 	const perDevice = 3
 	for _, d := range devs {
 		k, err := envelope.DeriveHS256(d.id, d.k1, d.k2)
@@ -78,14 +77,13 @@ func TestBatchBodyOrion(t *testing.T) {
 			}
 			items = append(items, queue.Item{Device: d.id, Type: d.typ, Seq: seq, Body: body})
 			fullItems = append(fullItems, queue.Item{Device: d.id, Type: d.typ, Seq: seq, Body: full})
-			size += len(full)
 		}
 	}
-	body, err := batchBody(items, size)
+	body, err := appendBatchBody(nil, items)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want, err := batchBody(fullItems, size); err != nil || !bytes.Equal(body, want) {
+	if want, err := appendBatchBody(nil, fullItems); err != nil || !bytes.Equal(body, want) {
 		t.Fatalf("from packed bodies:\n%s\nfrom rendered ones (%v):\n%s", body, err, want)
 	}
 	if !json.Valid(body) {
@@ -138,7 +136,7 @@ func TestBatchBodyOrion(t *testing.T) {
 // TestBatchBodyEscapes: the type is rendered as json.Marshal renders it.
 func TestBatchBodyEscapes(t *testing.T) {
 	items := []queue.Item{{Device: "d-1", Type: "T<&>\"\u2028é", Seq: 1, Body: []byte(` {"a":{"type":"Number","value":1}} `)}, {Device: "d-2", Seq: 2, Body: []byte(`{}`)}}
-	got, err := batchBody(items, 0)
+	got, err := appendBatchBody(nil, items)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -147,7 +145,7 @@ func TestBatchBodyEscapes(t *testing.T) {
 	if string(got) != want {
 		t.Fatalf("batchBody = %s\nwant %s", got, want)
 	}
-	if _, err := batchBody([]queue.Item{{Device: "d-1", Seq: 3, Body: []byte(`[1]`)}}, 0); err == nil {
+	if _, err := appendBatchBody(nil, []queue.Item{{Device: "d-1", Seq: 3, Body: []byte(`[1]`)}}); err == nil {
 		t.Fatal("batchBody of a body that is not an object = nil error")
 	}
 }
