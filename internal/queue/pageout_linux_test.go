@@ -4,7 +4,6 @@ package queue
 
 import (
 	"bufio"
-	"context"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -130,21 +129,7 @@ func testPageOut(t *testing.T, dir, real string) {
 func BenchmarkPageOutStore(b *testing.B) {
 	dir := b.TempDir()
 	q := start(b, Options{Dir: dir, MaxBatch: 256})
-	body := []byte(strings.Repeat("x", 2000))
-	e := Entry{Broker: "https://a.example/v2", Device: "d1", Type: "Sensor",
-		Seal: func(uint64) ([]byte, error) { return body, nil }}
-	ctx := context.Background()
-	for i := 0; i < 12000; i++ { // three 8 MB value logs
-		w, err := q.Enqueue(ctx, e)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if i%256 == 255 {
-			if _, err := w(ctx); err != nil {
-				b.Fatal(err)
-			}
-		}
-	}
+	fillStore(b, q, "d1", 12000) // three 8 MB value logs
 	real, _ := filepath.EvalSymlinks(dir)
 	b.Run("maps+advise", func(b *testing.B) {
 		for range b.N {
@@ -171,19 +156,7 @@ func BenchmarkPageOutStore(b *testing.B) {
 // /proc/self/maps nor pages anything out.
 func TestPageOutLoopIdle(t *testing.T) {
 	q := start(t, Options{Dir: t.TempDir(), MaxBatch: 256})
-	body := []byte(strings.Repeat("x", 2000))
-	e := Entry{Broker: "https://a.example/v2", Device: "d1", Type: "Sensor",
-		Seal: func(uint64) ([]byte, error) { return body, nil }}
-	ctx := tctx(t)
-	for range 200 { // 400 KB: above pageOutQuiet
-		w, err := q.Enqueue(ctx, e)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := w(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
+	fillStore(t, q, "d1", 200) // 400 KB: above pageOutQuiet
 	testkit.Eventually(t, 5*time.Second, "a page-out once the writes stopped", func() bool { return q.pageOuts.Load() > 0 })
 	// Idle, at most one page-out per stray burst of faults of the test
 	// process that mapped pageOutQuiet of the store: none is expected.

@@ -19,7 +19,7 @@ import (
 
 // fillStore commits n readings of device with a 2,000-byte body (above
 // the value threshold: into the value log) and returns the entry.
-func fillStore(t *testing.T, q *running, device string, n int) Entry {
+func fillStore(t testing.TB, q *running, device string, n int) Entry {
 	t.Helper()
 	body := []byte(strings.Repeat("x", 2000))
 	e := Entry{Broker: "https://a.example/v2", Device: device, Type: "Sensor",
