@@ -221,7 +221,7 @@ func (d *dispatcher) attemptBatch(ctx context.Context, j job) result {
 			}
 			// The request carries the body rendered, not as stored
 			// (packed): its size is what counts against BatchBytes. A
-			// malformed one counts as stored; batchBody refuses it.
+			// malformed one counts as stored; appendBatchBody refuses it.
 			n, err := envelope.BodyLen(it.Body)
 			if err != nil {
 				n = len(it.Body)
